@@ -1,0 +1,3 @@
+"""paysvc: the payment core of Cambodia's digital public services."""
+
+__version__ = "0.1.0"

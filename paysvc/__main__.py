@@ -1,0 +1,3 @@
+from paysvc.cli import main
+
+raise SystemExit(main())

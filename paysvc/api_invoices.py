@@ -1,0 +1,145 @@
+"""The invoicing API: thin views over ``paysvc.invoicing``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from paysvc import invoicing, qrimage
+from paysvc.errors import MalformedRequest, ValidationFailed
+from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
+from paysvc.web import POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json
+
+CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
+
+
+class InvoiceListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["open", "paid", "expired", "cancelled"] | None = None
+    reference: str | None = None
+    created_from: datetime | None = Field(None, description="inclusive, ISO 8601 with offset")
+    created_to: datetime | None = Field(None, description="exclusive, ISO 8601 with offset")
+    cursor: str | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+class KhqrCurrent(KhqrOut):
+    invoice_id: str
+    status: str
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise ValidationFailed("Idempotency-Key must be 1 to 255 printable characters",
+                               errors=[{"field": "Idempotency-Key", "message": "1 to 255 printable characters"}])
+    return key
+
+
+async def create(request: web.Request) -> web.Response:
+    p = await principal(request, "invoices:write")
+    agency_id = p.require_agency()
+    key = _idempotency_key(request)
+    raw = await read_json(request)
+    body = parse_model(InvoiceCreate, raw)
+    status, response, replayed = await invoicing.create_invoice(
+        request.app[POOL], request.app[CTX], agency_id=agency_id, agency_code=p.agency_code, body=body, raw=raw,
+        idempotency_key=key,
+    )
+    headers = {"Location": f"/v1/invoices/{response['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(response, status=status, headers=headers)
+
+
+async def get_one(request: web.Request) -> web.Response:
+    p = await principal(request, "invoices:read")
+    inv = await invoicing.get_invoice(request.app[POOL], request.app[CTX], agency_id=p.require_agency(),
+                                      invoice_id=request.match_info["id"])
+    return json_response(inv)
+
+
+async def list_(request: web.Request) -> web.Response:
+    p = await principal(request, "invoices:read")
+    q = parse_query(InvoiceListQuery, request)
+    for name in ("created_from", "created_to"):
+        v = getattr(q, name)
+        if v is not None and v.tzinfo is None:
+            raise ValidationFailed(f"{name} needs a UTC offset, e.g. 2026-01-31T00:00:00+07:00",
+                                   errors=[{"field": name, "message": "timezone offset required"}])
+    items, cursor = await invoicing.list_invoices(
+        request.app[POOL], request.app[CTX], agency_id=p.require_agency(), status=q.status, reference=q.reference,
+        created_from=q.created_from, created_to=q.created_to, cursor=q.cursor, limit=q.limit,
+    )
+    return json_response(InvoicePage(data=items, next_cursor=cursor))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    p = await principal(request, "invoices:write")
+    inv = await invoicing.cancel_invoice(request.app[POOL], request.app[CTX], agency_id=p.require_agency(),
+                                         invoice_id=request.match_info["id"])
+    return json_response(inv)
+
+
+async def khqr_current(request: web.Request) -> web.Response:
+    p = await principal(request, "invoices:read")
+    row, code = await invoicing.current_khqr(request.app[POOL], request.app[CTX], invoice_id=request.match_info["id"],
+                                             agency_id=p.require_agency())
+    return json_response(KhqrCurrent(invoice_id=row["id"], status="open", **code.model_dump()))
+
+
+async def _public_code(request: web.Request) -> KhqrOut:
+    _, code = await invoicing.current_khqr(request.app[POOL], request.app[CTX], invoice_id=request.match_info["id"],
+                                           agency_id=None)
+    return code
+
+
+def _image_headers(code: KhqrOut) -> dict[str, str]:
+    # The image changes when the code is refreshed: never let a cache serve an expired code.
+    return {"Cache-Control": "no-store", "X-Khqr-Md5": code.md5, "X-Khqr-Expires-At": code.expires_at.isoformat()}
+
+
+async def qr_png(request: web.Request) -> web.Response:
+    code = await _public_code(request)
+    try:
+        scale = int(request.query.get("scale", "8"))
+    except ValueError:
+        raise MalformedRequest("scale must be an integer from 2 to 20") from None
+    if not 2 <= scale <= 20:
+        raise MalformedRequest("scale must be an integer from 2 to 20")
+    png = qrimage.render_png(code.payload, box_size=scale)
+    return web.Response(body=png, content_type="image/png", headers=_image_headers(code))
+
+
+async def qr_svg(request: web.Request) -> web.Response:
+    code = await _public_code(request)
+    return web.Response(text=qrimage.render_svg(code.payload), content_type="image/svg+xml",
+                        headers=_image_headers(code))
+
+
+ROUTES = [
+    Route("POST", "/v1/invoices", create, "Create a fee invoice and its first KHQR code", scope="invoices:write",
+          body=InvoiceCreate, response=InvoiceOut, status=201, tags=("invoices",)),
+    Route("GET", "/v1/invoices", list_, "List invoices, newest first", scope="invoices:read",
+          query=InvoiceListQuery, response=InvoicePage, tags=("invoices",)),
+    Route("GET", "/v1/invoices/{id}", get_one, "One invoice with its payments", scope="invoices:read",
+          response=InvoiceOut, tags=("invoices",)),
+    Route("POST", "/v1/invoices/{id}/cancel", cancel, "Cancel an open invoice", scope="invoices:write",
+          response=InvoiceOut, tags=("invoices",)),
+    Route("GET", "/v1/invoices/{id}/khqr", khqr_current, "The current KHQR code (a fresh one if the last expired)",
+          scope="invoices:read", response=KhqrCurrent, tags=("invoices",)),
+    Route("GET", "/v1/invoices/{id}/qr.png", qr_png, "The current KHQR code as a PNG image (public)",
+          content_type="image/png", tags=("invoices",)),
+    Route("GET", "/v1/invoices/{id}/qr.svg", qr_svg, "The current KHQR code as an SVG image (public)",
+          content_type="image/svg+xml", tags=("invoices",)),
+]
+
+
+def setup(app: web.Application, ctx: invoicing.InvoiceContext) -> None:
+    app[CTX] = ctx
+    add_routes(app, ROUTES)

@@ -1,0 +1,97 @@
+"""The application factory: ``create_app(settings, dsn)`` returns an unstarted aiohttp app.
+
+Every resource (database pool, background tasks) is opened in a cleanup context, so nothing happens
+at import or construction time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import AsyncIterator
+
+import prometheus_client
+from aiohttp import web
+
+from paysvc import api_invoices, api_ledger, invoicing, pages
+from paysvc.auth import Authenticator
+from paysvc.background import run_periodically
+from paysvc.db import create_pool
+from paysvc.openapi import build_openapi
+from paysvc.pii import cipher_from_settings
+from paysvc.queries import Q
+from paysvc.settings import Settings
+from paysvc.web import AUTH, BACKGROUND, POOL, ROUTES, SETTINGS, Route, add_routes, json_response, request_middleware
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[POOL].fetchval("SELECT 1"), timeout=2)
+    except Exception as exc:  # any failure to answer means not ready
+        return json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, 503)
+    return json_response({"status": "ready", "database": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=prometheus_client.generate_latest(),
+                        headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(build_openapi(request.app[ROUTES], request.app[SETTINGS].base_url))
+
+
+OPS_ROUTES = [
+    Route("GET", "/healthz", healthz, "Liveness: the process answers", tags=("operations",)),
+    Route("GET", "/readyz", readyz, "Readiness: the database answers", tags=("operations",)),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain", tags=("operations",)),
+    Route("GET", "/openapi.json", openapi, "This document", tags=("operations",)),
+]
+
+
+def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.Application:
+    app = web.Application(middlewares=[request_middleware], client_max_size=1024**2)
+    app[SETTINGS] = settings
+    app[BACKGROUND] = background
+    ctx = invoicing.InvoiceContext(
+        cipher=cipher_from_settings(settings),
+        khqr_ttl=timedelta(minutes=settings.khqr_ttl_minutes),
+        base_url=settings.base_url,
+    )
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        pool = await create_pool(dsn, settings)
+        app[POOL] = pool
+        app[AUTH] = Authenticator(pool)
+        yield
+        await pool.close()
+
+    async def background_jobs(app: web.Application) -> AsyncIterator[None]:
+        tasks = []
+        if app[BACKGROUND]:
+            pool = app[POOL]
+            tasks.append(asyncio.create_task(run_periodically(
+                "expire-invoices", settings.expiry_interval_seconds, lambda: invoicing.expire_due(pool))))
+            tasks.append(asyncio.create_task(run_periodically(
+                "prune-idempotency-keys", 3600, lambda: _prune_idempotency(app))))
+        yield
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    app.cleanup_ctx.extend([database, background_jobs])
+    add_routes(app, OPS_ROUTES)
+    api_invoices.setup(app, ctx)
+    api_ledger.setup(app)
+    pages.setup(app)
+    return app
+
+
+async def _prune_idempotency(app: web.Application) -> str | None:
+    cutoff = invoicing.now_utc() - timedelta(hours=app[SETTINGS].idempotency_retention_hours)
+    status = await app[POOL].execute(Q.idempotency_prune, cutoff)
+    n = int(status.split()[-1])
+    return f"pruned {n} idempotency keys" if n else None

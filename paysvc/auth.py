@@ -1,0 +1,120 @@
+"""API keys: random, shown once, stored as a hash, compared in constant time, revocable.
+
+A key reads ``psk_<id>_<secret>``. The id finds the row; the secret's SHA-256 is compared with
+``hmac.compare_digest``. The secret has 256 bits of entropy, so a fast hash is enough (nothing to
+brute-force), and lookups stay cheap on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from paysvc.errors import Forbidden, Unauthenticated, ValidationFailed
+
+SCOPES = ("invoices:write", "invoices:read", "treasury", "admin")
+_CACHE_SECONDS = 5.0  # a revoked key stops working within this many seconds on every instance
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+    agency_id: int | None
+    agency_code: str | None
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes and "admin" not in self.scopes:
+            raise Forbidden(f"this API key needs the {scope!r} scope", required_scope=scope)
+
+    def require_agency(self) -> int:
+        if self.agency_id is None:
+            raise Forbidden("this action needs an agency's API key (create one with `paysvc keys create --agency CODE`)")
+        return self.agency_id
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_key() -> tuple[str, str, bytes]:
+    """Return (key id, full key to show once, hash to store)."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return key_id, f"psk_{key_id}_{secret}", _hash(secret)
+
+
+async def create_key(
+    conn: asyncpg.Connection, *, name: str, scopes: list[str], agency_code: str | None
+) -> tuple[str, str]:
+    bad = sorted(set(scopes) - set(SCOPES))
+    if bad or not scopes:
+        raise ValidationFailed(f"unknown scope(s) {bad}; choose from {list(SCOPES)}" if bad else "give at least one --scope")
+    agency_id = None
+    if agency_code is not None:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = $1", agency_code)
+        if agency_id is None:
+            raise ValidationFailed(f"no agency with code {agency_code!r}; add it first with `paysvc agencies add`")
+    if any(s.startswith("invoices:") for s in scopes) and agency_id is None:
+        raise ValidationFailed("invoices scopes belong to an agency's key: give --agency CODE")
+    key_id, full, digest = new_key()
+    await conn.execute(
+        "INSERT INTO api_keys (id, name, agency_id, scopes, secret_hash) VALUES ($1, $2, $3, $4, $5)",
+        key_id, name, agency_id, sorted(set(scopes)), digest,
+    )
+    return key_id, full
+
+
+async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
+    if key_id.startswith("psk_"):
+        key_id = key_id.split("_")[1]
+    status = await conn.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL", key_id
+    )
+    return status.endswith(" 1")
+
+
+class Authenticator:
+    """Resolves bearer keys to principals, with a short cache so a hot path costs no query."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._cache: dict[str, tuple[float, bytes, Principal | None]] = {}
+
+    async def authenticate(self, header: str | None) -> Principal:
+        if not header or not header.startswith("Bearer "):
+            raise Unauthenticated("send the API key as 'Authorization: Bearer psk_…'")
+        token = header[len("Bearer "):].strip()
+        parts = token.split("_", 2)
+        if len(parts) != 3 or parts[0] != "psk" or not parts[1] or not parts[2]:
+            raise Unauthenticated("the API key is malformed: it should look like psk_<id>_<secret>")
+        key_id, secret = parts[1], parts[2]
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is None or cached[0] < now:
+            row = await self._pool.fetchrow(
+                """SELECT k.id, k.name, k.scopes, k.secret_hash, k.agency_id, a.code
+                     FROM api_keys k LEFT JOIN agencies a ON a.id = k.agency_id
+                    WHERE k.id = $1 AND k.revoked_at IS NULL""",
+                key_id,
+            )
+            if row is None:
+                cached = (now + _CACHE_SECONDS, b"", None)
+            else:
+                principal = Principal(row["id"], row["name"], frozenset(row["scopes"]), row["agency_id"], row["code"])
+                cached = (now + _CACHE_SECONDS, bytes(row["secret_hash"]), principal)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[key_id] = cached
+        _, digest, principal = cached
+        # Always compare, even for an unknown id, so timing says nothing about which ids exist.
+        ok = hmac.compare_digest(_hash(secret), digest or b"\0" * 32)
+        if not ok or principal is None:
+            raise Unauthenticated("unknown or revoked API key")
+        return principal

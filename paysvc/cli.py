@@ -1,0 +1,220 @@
+"""The ``paysvc`` command line: serve, migrate, agencies, keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from typing import Iterator
+
+from paysvc.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("paysvc")
+
+
+class CliError(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[str]:
+    """The configured database, or the embedded one in the data folder (stopped on exit)."""
+    from paysvc.db import EmbeddedPostgres, database_dsn
+
+    dsn = database_dsn(settings)
+    if dsn is not None:
+        yield dsn
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    try:
+        yield embedded.uri
+    finally:
+        embedded.close()
+
+
+async def _migrate(dsn: str, settings: Settings | None = None) -> list[str]:
+    from paysvc.db import connect
+    from paysvc.migrate import migrate
+
+    async with connect(dsn) as conn:
+        return await migrate(conn, settings.migrations_dir if settings else None)
+
+
+def cmd_migrate(settings: Settings, args) -> int:
+    with database(settings) as dsn:
+        applied = asyncio.run(_migrate(dsn, settings))
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    return 0
+
+
+def cmd_serve(settings: Settings, args) -> int:
+    from aiohttp import web
+
+    from paysvc.app import create_app
+
+    with database(settings) as dsn:
+        applied = asyncio.run(_migrate(dsn, settings))
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+        app = create_app(settings, dsn)
+        print(f"paysvc listening on {settings.base_url}  (Ctrl-C to stop)", file=sys.stderr)
+        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
+
+
+async def _agencies_add(dsn: str, args) -> str:
+    from paysvc import agencies
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        return await agencies.add_agency(
+            conn, code=args.code, name=args.name, name_km=args.name_km, bakong_account=args.bakong_account,
+            merchant_id=args.merchant_id, acquiring_bank=args.acquiring_bank, mcc=args.mcc, city=args.city,
+        )
+
+
+def cmd_agencies_add(settings: Settings, args) -> int:
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        print(asyncio.run(_agencies_add(dsn, args)))
+    return 0
+
+
+async def _agencies_list(dsn: str) -> list:
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        return await conn.fetch("SELECT code, name, name_km, bakong_account, merchant_id, mcc, city FROM agencies ORDER BY code")
+
+
+def cmd_agencies_list(settings: Settings, args) -> int:
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        for r in asyncio.run(_agencies_list(dsn)):
+            tag = "30" if r["merchant_id"] else "29"
+            print(f"{r['code']}\t{r['name']}\t{r['name_km']}\t{r['bakong_account']}\ttag {tag}\tmcc {r['mcc']}\t{r['city']}")
+    return 0
+
+
+async def _keys_create(dsn: str, args) -> str:
+    from paysvc.auth import create_key
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        name = args.name or (f"{args.agency} portal" if args.agency else "key")
+        _, full = await create_key(conn, name=name, scopes=args.scope, agency_code=args.agency)
+        return full
+
+
+def cmd_keys_create(settings: Settings, args) -> int:
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        key = asyncio.run(_keys_create(dsn, args))
+    print(key)  # the key alone on stdout, so scripts can capture it
+    print("store this key now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+async def _keys_revoke(dsn: str, key_id: str) -> bool:
+    from paysvc.auth import revoke_key
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        return await revoke_key(conn, key_id)
+
+
+def cmd_keys_revoke(settings: Settings, args) -> int:
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        if not asyncio.run(_keys_revoke(dsn, args.key_id)):
+            raise CliError(f"no active key with id {args.key_id!r}")
+    print(f"revoked {args.key_id}", file=sys.stderr)
+    return 0
+
+
+async def _keys_list(dsn: str) -> list:
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        return await conn.fetch(
+            """SELECT k.id, k.name, k.scopes, a.code, k.created_at, k.revoked_at
+                 FROM api_keys k LEFT JOIN agencies a ON a.id = k.agency_id ORDER BY k.created_at""")
+
+
+def cmd_keys_list(settings: Settings, args) -> int:
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        for r in asyncio.run(_keys_list(dsn)):
+            state = f"revoked {r['revoked_at']:%Y-%m-%d}" if r["revoked_at"] else "active"
+            print(f"{r['id']}\t{r['name']}\t{r['code'] or '-'}\t{','.join(r['scopes'])}\t{state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="paysvc", description="Payment core: invoices, KHQR, ledger, reconciliation.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="migrate and run the HTTP service")
+    s.set_defaults(func=cmd_serve)
+    s = sub.add_parser("migrate", help="apply pending database migrations")
+    s.set_defaults(func=cmd_migrate)
+
+    ag = sub.add_parser("agencies", help="manage agencies").add_subparsers(dest="action", required=True)
+    a = ag.add_parser("add", help="add an agency (tag 29 without --merchant-id, tag 30 with one)")
+    a.add_argument("code", help="short upper-case code, e.g. MOI")
+    a.add_argument("--name", required=True, help="merchant name shown by bank apps (≤ 25 characters)")
+    a.add_argument("--name-km", required=True, help="Khmer name (≤ 25 characters)")
+    a.add_argument("--bakong-account", required=True, help="Bakong account id, name@bank")
+    a.add_argument("--merchant-id", help="corporate merchant id (makes codes use tag 30)")
+    a.add_argument("--acquiring-bank", help="acquiring bank (required with --merchant-id)")
+    a.add_argument("--mcc", default="9399", help="merchant category code (default 9399, government services)")
+    a.add_argument("--city", default="Phnom Penh", help="merchant city (≤ 15 characters)")
+    a.set_defaults(func=cmd_agencies_add)
+    a = ag.add_parser("list", help="list agencies")
+    a.set_defaults(func=cmd_agencies_list)
+
+    ks = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    k = ks.add_parser("create", help="create an API key; prints the key alone on standard output")
+    k.add_argument("--agency", help="agency code the key belongs to (portal keys)")
+    k.add_argument("--name", help="who uses the key, e.g. 'Passport portal' or 'Treasury desk'")
+    k.add_argument("--scope", action="append", required=True,
+                   help="invoices:write, invoices:read, treasury or admin (repeat for several)")
+    k.set_defaults(func=cmd_keys_create)
+    k = ks.add_parser("revoke", help="revoke a key (by its id or the whole key)")
+    k.add_argument("key_id")
+    k.set_defaults(func=cmd_keys_revoke)
+    k = ks.add_parser("list", help="list keys (ids, names, scopes; never the secrets)")
+    k.set_defaults(func=cmd_keys_list)
+
+    from paysvc import cli_ledger
+
+    cli_ledger.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from paysvc.logs import setup_logging
+
+    try:
+        settings = load_settings()
+        setup_logging(settings.log_level)
+        return args.func(settings, args)
+    except SettingsError as exc:
+        print(f"paysvc: {exc}", file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"paysvc: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from paysvc.errors import Problem
+        from paysvc.migrate import MigrationError
+
+        if isinstance(exc, (Problem, MigrationError)):
+            print(f"paysvc: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+            return 1
+        raise

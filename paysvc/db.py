@@ -1,0 +1,59 @@
+"""Database connection: a configured PostgreSQL, or an embedded one in the data folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+import asyncpg
+
+from paysvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class EmbeddedPostgres:
+    """The ``pgserver`` wheel's PostgreSQL, kept in ``<data_dir>/pg``; stopped by ``close``."""
+
+    def __init__(self, data_dir) -> None:
+        import pgserver  # imported here: only the no-configuration path needs it
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = pgserver.get_server(str((data_dir / "pg").resolve()), cleanup_mode="stop")
+        self.uri = self._server.get_uri()
+        log.info("embedded PostgreSQL running", extra={"data_dir": str(data_dir / "pg")})
+
+    def close(self) -> None:
+        self._server.cleanup()
+
+
+def database_dsn(settings: Settings) -> str | None:
+    return settings.database_url.get_secret_value() if settings.database_url else None
+
+
+async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        init=init_connection,
+        # PgBouncer-friendly and avoids surprises when migrations change types underneath us.
+        statement_cache_size=256,
+    )
+
+
+@asynccontextmanager
+async def connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    await init_connection(conn)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -1,0 +1,69 @@
+"""Domain errors with a stable type; one middleware turns them into RFC 9457 problem responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Problem(Exception):
+    """An error the caller can act on. ``slug`` is stable; ``detail`` says what to fix."""
+
+    status: int = 400
+    slug: str = "bad-request"
+    title: str = "Bad request"
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors
+        self.extra = extra
+
+    @property
+    def type_uri(self) -> str:
+        return f"urn:paysvc:problem:{self.slug}"
+
+    def to_dict(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if instance:
+            body["instance"] = instance
+        if self.errors:
+            body["errors"] = self.errors
+        body.update(self.extra)
+        return body
+
+
+def _problem(status: int, slug: str, title: str) -> type[Problem]:
+    return type(
+        "".join(p.capitalize() for p in slug.split("-")), (Problem,), {"status": status, "slug": slug, "title": title}
+    )
+
+
+MalformedRequest = _problem(400, "malformed-request", "Malformed request")
+ValidationFailed = _problem(422, "validation-error", "Request is not valid")
+Unauthenticated = _problem(401, "unauthenticated", "Missing or unknown API key")
+Forbidden = _problem(403, "forbidden", "API key lacks the scope for this action")
+NotFound = _problem(404, "not-found", "Not found")
+MethodNotAllowed = _problem(405, "method-not-allowed", "Method not allowed")
+Conflict = _problem(409, "conflict", "Conflict with the current state")
+IdempotencyInProgress = _problem(409, "idempotency-in-progress", "A request with this Idempotency-Key is still running")
+IdempotencyMismatch = _problem(
+    422, "idempotency-key-reused", "Idempotency-Key was already used with a different request"
+)
+InvalidState = _problem(409, "invalid-state", "Not allowed in the current state")
+PayloadTooLarge = _problem(413, "payload-too-large", "Request body too large")
+UnsupportedMediaType = _problem(415, "unsupported-media-type", "Unsupported content type")
+ServiceUnavailable = _problem(503, "unavailable", "Service unavailable")
+
+
+def pydantic_errors(exc) -> list[dict[str, Any]]:
+    """Per-field errors from a pydantic ``ValidationError``: a JSON pointer-ish field path and the message."""
+    out = []
+    for err in exc.errors(include_url=False, include_context=False):
+        loc = [str(p) for p in err["loc"]]
+        out.append({"field": ".".join(loc) or "(body)", "message": err["msg"], "code": err["type"]})
+    return out

@@ -1,0 +1,167 @@
+"""Invoices: the request and response shapes and the pure rules (amounts, states, KHQR content)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator, model_validator
+
+from paysvc import khqr
+
+Currency = Literal["KHR", "USD"]
+Status = Literal["open", "paid", "expired", "cancelled"]
+EXPONENT = {"KHR": 0, "USD": 2}
+MAX_EXPIRES_IN = 30 * 24 * 3600
+DEFAULT_EXPIRES_IN = 24 * 3600
+
+_Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+_PHONE = re.compile(r"^\+?[0-9 ]{6,20}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+def max_amount(currency: str) -> int:
+    """The largest amount whose KHQR form fits tag 54's 13 characters."""
+    return 10**13 - 1 if EXPONENT[currency] == 0 else 10**12 - 1
+
+
+class LineItem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    code: Annotated[_Text, StringConstraints(max_length=32)]
+    description: Annotated[_Text, StringConstraints(max_length=200)]
+    amount: Annotated[StrictInt, Field(gt=0)]
+
+
+class Payer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: Annotated[_Text, StringConstraints(max_length=200)] | None = None
+    phone: str | None = None
+    email: str | None = None
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, v: str | None) -> str | None:
+        if v is not None and not _PHONE.match(v):
+            raise ValueError("phone must be digits, optionally starting with +, e.g. +855 12 345 678")
+        return v
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 254 or not _EMAIL.match(v)):
+            raise ValueError("email must look like name@example.com")
+        return v
+
+
+class InvoiceCreate(BaseModel):
+    """Body of ``POST /v1/invoices``. Amounts are integers in the currency's minor unit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    reference: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")] = Field(
+        description="the portal's own reference, unique per agency (printable ASCII, no spaces)"
+    )
+    description: Annotated[_Text, StringConstraints(max_length=500)]
+    currency: Currency
+    amount: Annotated[StrictInt, Field(gt=0, description="minor units: riel for KHR, cents for USD")]
+    line_items: Annotated[list[LineItem], Field(max_length=100)] = []
+    payer: Payer | None = None
+    expires_in: Annotated[StrictInt, Field(ge=60, le=MAX_EXPIRES_IN)] = DEFAULT_EXPIRES_IN
+    metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=40)],
+                   Annotated[str, StringConstraints(max_length=500)]] = {}
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 20:
+            raise ValueError("metadata holds at most 20 keys")
+        return v
+
+    @model_validator(mode="after")
+    def _amounts(self) -> "InvoiceCreate":
+        if self.amount > max_amount(self.currency):
+            raise ValueError(f"amount is too large for {self.currency}: at most {max_amount(self.currency)}")
+        if self.line_items:
+            total = sum(li.amount for li in self.line_items)
+            if total != self.amount:
+                raise ValueError(f"line_items sum to {total} but amount is {self.amount}; they must be equal")
+        return self
+
+
+class KhqrOut(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    payload: str
+    md5: str
+    expires_at: datetime
+
+
+class PaymentOut(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str
+    provider: str
+    provider_transaction_id: str
+    amount: int
+    currency: Currency
+    paid_at: datetime
+    status: str
+
+
+class InvoiceOut(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str
+    status: Status
+    reference: str
+    description: str
+    currency: Currency
+    amount: int
+    amount_paid: int
+    line_items: list[LineItem]
+    metadata: dict[str, str]
+    bill_number: str
+    khqr: KhqrOut | None = Field(description="the current code; null once the invoice is no longer open")
+    qr_png_url: str
+    qr_svg_url: str
+    pay_url: str
+    expires_at: datetime
+    created_at: datetime
+    paid_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    expired_at: datetime | None = None
+    payer: Payer | None = None
+    payments: list[PaymentOut] | None = None
+
+
+class InvoicePage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    data: list[InvoiceOut]
+    next_cursor: str | None
+
+
+def khqr_window(now: datetime, invoice_expires_at: datetime, ttl: timedelta) -> datetime | None:
+    """When a code issued ``now`` expires: after ``ttl`` or with the invoice, whichever is first."""
+    end = min(now + ttl, invoice_expires_at)
+    return end if end > now else None
+
+
+def khqr_content(agency, *, currency: str, amount: int, bill: str, created_ms: int, expires_ms: int) -> khqr.KhqrData:
+    """The KHQR fields for one code of an invoice of ``agency`` (a row with the agency's columns)."""
+    return khqr.KhqrData(
+        point_of_initiation="12",
+        bakong_account_id=agency["bakong_account"],
+        merchant_id=agency["merchant_id"],
+        acquiring_bank=agency["acquiring_bank"],
+        merchant_category_code=agency["mcc"],
+        currency=currency,
+        amount=amount,
+        merchant_name=agency["name"],
+        merchant_city=agency["city"],
+        bill_number=bill,
+        language_preference="km",
+        merchant_name_alternate=agency["name_km"],
+        created_at_ms=created_ms,
+        expires_at_ms=expires_ms,
+    )
+
+
+def can_cancel(status: str) -> bool:
+    return status == "open"

@@ -1,0 +1,291 @@
+"""Invoice use cases: each runs in one transaction with its KHQR code and its outbox events."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from paysvc import khqr
+from paysvc.errors import Conflict, IdempotencyInProgress, IdempotencyMismatch, InvalidState, MalformedRequest, NotFound
+from paysvc.invoices import InvoiceCreate, InvoiceOut, KhqrOut, Payer, khqr_content, khqr_window
+from paysvc.outbox import add_event
+from paysvc.pii import PiiCipher
+from paysvc.queries import Q
+
+# A code with less than this left is not handed out again: the citizen needs time to scan and pay.
+KHQR_MIN_REMAINING = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class InvoiceContext:
+    """What the invoice use cases need from the running service."""
+
+    cipher: PiiCipher
+    khqr_ttl: timedelta
+    base_url: str
+
+
+def now_utc() -> datetime:
+    """Now, to the millisecond: KHQR timestamps carry milliseconds, so stored times match them exactly."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def new_invoice_id() -> str:
+    # 128 random bits: the id is the only secret guarding the public QR image and payment page.
+    return "inv_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
+
+
+def request_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+async def _issue_khqr(
+    conn: asyncpg.Connection, ctx: InvoiceContext, agency, invoice, now: datetime, after: datetime | None
+) -> KhqrOut | None:
+    """Issue a fresh code for an open invoice (caller holds the invoice row lock)."""
+    # Codes of one invoice differ by their creation millisecond; keep them strictly increasing.
+    created_ms = _ms(now)
+    if after is not None:
+        created_ms = max(created_ms, _ms(after) + 1)
+    created = _from_ms(created_ms)
+    expires = khqr_window(created, invoice["expires_at"], ctx.khqr_ttl)
+    if expires is None:
+        return None
+    for _ in range(5):
+        data = khqr_content(
+            agency,
+            currency=invoice["currency"],
+            amount=invoice["amount"],
+            bill=invoice["bill_number"],
+            created_ms=created_ms,
+            expires_ms=_ms(expires),
+        )
+        payload = khqr.encode(data)
+        digest = khqr.md5(payload)
+        inserted = await conn.fetchval(
+            Q.khqr_insert, digest, invoice["id"], payload, agency["bakong_account"], invoice["currency"],
+            invoice["amount"], _from_ms(created_ms), _from_ms(_ms(expires)),
+        )
+        if inserted:
+            await conn.execute(Q.invoice_set_khqr, invoice["id"], digest)
+            return KhqrOut(payload=payload, md5=digest, expires_at=_from_ms(_ms(expires)))
+        created_ms += 1  # same string already issued in this millisecond: move on by one
+    raise RuntimeError("could not issue a unique KHQR code")
+
+
+def _out(ctx: InvoiceContext, row, *, khqr_out: KhqrOut | None = None, with_payer: bool = False,
+         payments: list | None = None) -> InvoiceOut:
+    if khqr_out is None and row["status"] == "open" and row.get("khqr_payload"):
+        khqr_out = KhqrOut(payload=row["khqr_payload"], md5=row["current_khqr_md5"], expires_at=row["khqr_expires_at"])
+    if row["status"] != "open":
+        khqr_out = None
+    payer = None
+    if with_payer and row["payer_ciphertext"] is not None:
+        payer = Payer(**ctx.cipher.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"]))
+    base = ctx.base_url
+    return InvoiceOut(
+        id=row["id"],
+        status=row["status"],
+        reference=row["reference"],
+        description=row["description"],
+        currency=row["currency"],
+        amount=row["amount"],
+        amount_paid=row["amount_paid"],
+        line_items=row["line_items"],
+        metadata=row["metadata"],
+        bill_number=row["bill_number"],
+        khqr=khqr_out,
+        qr_png_url=f"{base}/v1/invoices/{row['id']}/qr.png",
+        qr_svg_url=f"{base}/v1/invoices/{row['id']}/qr.svg",
+        pay_url=f"{base}/pay/{row['id']}",
+        expires_at=row["expires_at"],
+        created_at=row["created_at"],
+        paid_at=row["paid_at"],
+        cancelled_at=row["cancelled_at"],
+        expired_at=row["expired_at"],
+        payer=payer,
+        payments=payments,
+    )
+
+
+def _event_data(row) -> dict[str, Any]:
+    return {
+        "invoice_id": row["id"],
+        "reference": row["reference"],
+        "bill_number": row["bill_number"],
+        "status": row["status"],
+        "currency": row["currency"],
+        "amount": row["amount"],
+        "amount_paid": row["amount_paid"],
+        "expires_at": row["expires_at"].isoformat(),
+    }
+
+
+async def create_invoice(
+    pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, agency_code: str, body: InvoiceCreate,
+    raw: Any, idempotency_key: str | None,
+) -> tuple[int, dict[str, Any], bool]:
+    """Create an invoice; return (status, response body, replayed)."""
+    now = now_utc()
+    async with pool.acquire() as conn, conn.transaction():
+        if idempotency_key is not None:
+            owner = agency_code
+            digest = request_hash(raw)
+            if not await conn.fetchval(Q.idempotency_lock, f"{owner}:{idempotency_key}"):
+                raise IdempotencyInProgress(
+                    "a request with this Idempotency-Key is still being processed; retry in a moment"
+                )
+            prior = await conn.fetchrow(Q.idempotency_get, owner, idempotency_key)
+            if prior is not None:
+                if prior["request_hash"] != digest:
+                    raise IdempotencyMismatch(
+                        "this Idempotency-Key was used with a different body; use a new key for a new request"
+                    )
+                return prior["status"], prior["response"], True
+
+        invoice_id = new_invoice_id()
+        key_id = blob = None
+        if body.payer is not None:
+            key_id, blob = ctx.cipher.encrypt(body.payer.model_dump(exclude_none=True), aad=invoice_id)
+        row = await conn.fetchrow(
+            Q.invoice_insert, invoice_id, agency_id, body.reference, body.description, body.currency, body.amount,
+            [li.model_dump() for li in body.line_items], body.metadata, key_id, blob,
+            now + timedelta(seconds=body.expires_in), now,
+        )
+        if row is None:
+            existing = await conn.fetchval(Q.invoice_reference_owner, agency_id, body.reference)
+            raise Conflict(
+                f"reference {body.reference!r} is already used by invoice {existing}; "
+                "references are unique per agency (send an Idempotency-Key to retry safely)",
+                invoice_id=existing,
+            )
+        agency = await conn.fetchrow(Q.agency_by_id, agency_id)
+        code = await _issue_khqr(conn, ctx, agency, row, now, None)
+        response = _out(ctx, row, khqr_out=code, with_payer=True).model_dump(mode="json")
+        if idempotency_key is not None:
+            await conn.execute(Q.idempotency_put, agency_code, idempotency_key, digest, 201, response)
+        await add_event(conn, agency_id=agency_id, type="invoice.created", data=_event_data(row), occurred_at=now)
+    return 201, response, False
+
+
+async def get_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, invoice_id: str) -> InvoiceOut:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(Q.invoice_get, invoice_id, agency_id)
+        if row is None:
+            raise NotFound(f"no invoice {invoice_id!r} for this agency")
+        payments = await _payments(conn, invoice_id)
+    return _out(ctx, row, with_payer=True, payments=payments)
+
+
+async def _payments(conn: asyncpg.Connection, invoice_id: str) -> list:
+    # The payments table arrives with provider capture; until then an invoice has none.
+    if await conn.fetchval("SELECT to_regclass('payments') IS NULL"):
+        return []
+    rows = await conn.fetch(Q.payments_of_invoice, invoice_id)
+    return [dict(r) for r in rows]
+
+
+def encode_cursor(created_at: datetime, invoice_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{invoice_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, _, iid = raw.partition("|")
+        return datetime.fromisoformat(ts), iid
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedRequest("cursor is not valid: pass back the next_cursor of the previous page unchanged") from None
+
+
+async def list_invoices(
+    pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, status: str | None, reference: str | None,
+    created_from: datetime | None, created_to: datetime | None, cursor: str | None, limit: int,
+) -> tuple[list[InvoiceOut], str | None]:
+    after_ts = after_id = None
+    if cursor:
+        after_ts, after_id = decode_cursor(cursor)
+    rows = await pool.fetch(
+        Q.invoice_list, agency_id, status, reference, created_from, created_to, after_ts, after_id, limit + 1
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return [_out(ctx, r) for r in rows], next_cursor
+
+
+async def cancel_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, invoice_id: str) -> InvoiceOut:
+    now = now_utc()
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q.invoice_lock, invoice_id, agency_id)
+        if row is None:
+            raise NotFound(f"no invoice {invoice_id!r} for this agency")
+        if row["status"] != "open":
+            raise InvalidState(f"invoice is {row['status']}; only an open invoice can be cancelled",
+                               invoice_status=row["status"])
+        row = await conn.fetchrow(Q.invoice_cancel, invoice_id, now)
+        # No money moved, so nothing is posted to the ledger.
+        await add_event(conn, agency_id=row["agency_id"], type="invoice.cancelled", data=_event_data(row),
+                        occurred_at=now)
+    return _out(ctx, row)
+
+
+async def current_khqr(
+    pool: asyncpg.Pool, ctx: InvoiceContext, *, invoice_id: str, agency_id: int | None
+) -> tuple[dict, KhqrOut]:
+    """The invoice's current code, issuing a new one when the last has expired or nearly so.
+
+    Returns (invoice summary, code). ``agency_id`` None is the public path (QR image, payment page).
+    """
+    now = now_utc()
+    row = await pool.fetchrow(Q.invoice_get, invoice_id, agency_id)
+    if row is None:
+        raise NotFound(f"no invoice {invoice_id!r}" + (" for this agency" if agency_id is not None else ""))
+    if row["status"] == "open" and row["khqr_payload"] and row["khqr_expires_at"] - now >= KHQR_MIN_REMAINING:
+        return dict(row), KhqrOut(payload=row["khqr_payload"], md5=row["current_khqr_md5"],
+                                  expires_at=row["khqr_expires_at"])
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q.invoice_lock, invoice_id, agency_id)
+        if row["status"] != "open" or row["expires_at"] <= now:
+            status = "expired" if row["status"] == "open" else row["status"]
+            raise InvalidState(f"invoice is {status}; it has no payable KHQR code", invoice_status=status)
+        last = await conn.fetchrow(Q.khqr_by_md5, row["current_khqr_md5"]) if row["current_khqr_md5"] else None
+        if last is not None and last["expires_at"] - now >= KHQR_MIN_REMAINING:
+            # another request refreshed it while we waited for the lock
+            return dict(row), KhqrOut(payload=last["payload"], md5=last["md5"], expires_at=last["expires_at"])
+        agency = await conn.fetchrow(Q.agency_by_id, row["agency_id"])
+        code = await _issue_khqr(conn, ctx, agency, row, now, last["created_at"] if last else None)
+        if code is None:
+            raise InvalidState("invoice is expired; it has no payable KHQR code", invoice_status="expired")
+    return dict(row), code
+
+
+async def expire_due(pool: asyncpg.Pool, *, batch: int = 500) -> int:
+    """Mark open invoices past their expiry as expired. Safe on several instances (SKIP LOCKED)."""
+    total = 0
+    while True:
+        now = now_utc()
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(Q.invoices_expire_due, now, batch)
+            for r in rows:
+                await add_event(conn, agency_id=r["agency_id"], type="invoice.expired", data=_event_data(r),
+                                occurred_at=now)
+        total += len(rows)
+        if len(rows) < batch:
+            return total

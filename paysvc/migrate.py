@@ -1,0 +1,96 @@
+"""Apply ``migrations/NNNN_name.sql`` in order, each in its own transaction.
+
+Each applied file is recorded with its SHA-256 in ``schema_migrations``; an applied file that has
+changed since stops the run. A session advisory lock makes concurrent runs wait for each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+_LOCK_KEY = 0x70617973  # "pays": one well-known advisory lock for the migration runner
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def migrations_dir() -> Path:
+    """The source tree's ``migrations/`` when run from a checkout, else the copy installed with the package."""
+    here = Path(__file__).resolve().parent.parent / "migrations"
+    if here.is_dir():
+        return here
+    return Path(str(importlib.resources.files("paysvc.migrations")))
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    directory = directory or migrations_dir()
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _NAME.match(path.name)
+        if not m:
+            raise MigrationError(f"{path.name}: migration files must be named NNNN_name.sql")
+        found.append(Migration(int(m.group(1)), m.group(2), path.read_text(encoding="utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError("two migration files share a version number")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply pending migrations; return the names applied. Safe to run concurrently."""
+    migrations = load_migrations(directory)
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY,
+                   name text NOT NULL,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = {
+            r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        }
+        for mig in migrations:
+            row = applied.get(mig.version)
+            if row is not None:
+                if row["checksum"] != mig.checksum:
+                    raise MigrationError(
+                        f"migration {mig.version:04d}_{mig.name}.sql was changed after it was applied "
+                        f"(recorded checksum {row['checksum'][:12]}…, file now {mig.checksum[:12]}…); "
+                        "restore the file and add a new migration instead"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    mig.version, mig.name, mig.checksum,
+                )
+            applied_now.append(f"{mig.version:04d}_{mig.name}")
+        unknown = sorted(set(applied) - {m.version for m in migrations})
+        if unknown:
+            raise MigrationError(f"database has migrations this code does not know: {unknown}; upgrade paysvc")
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    return applied_now

@@ -1,0 +1,108 @@
+"""Settings, read once from ``PAYSVC_*`` environment variables and validated at start."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable and what to fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYSVC_", extra="ignore", frozen=True)
+
+    # Where the service listens and how it names itself in links it hands out.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    public_url: str | None = None
+
+    # PostgreSQL. Without a URL, an embedded server is started in ``data_dir``.
+    database_url: SecretStr | None = None
+    data_dir: Path = Path("paysvc-data")
+    db_pool_min: int = Field(2, ge=1)
+    db_pool_max: int = Field(20, ge=1, le=500)
+    # Where the NNNN_name.sql files are; by default the checkout's migrations/ or the copy in the package.
+    migrations_dir: Path | None = None
+
+    # RabbitMQ. Without a URL, events wait in the outbox.
+    amqp_url: SecretStr | None = None
+
+    # Payer data encryption: "kid:base64(32 bytes)" entries, comma separated; the first is used to encrypt.
+    pii_keys: SecretStr | None = None
+
+    # KHQR codes live at most 10 minutes (NBC's rule); shorter is allowed.
+    khqr_ttl_minutes: float = Field(10, gt=0, le=10)
+    merchant_city_default: str = "Phnom Penh"
+
+    # Background work.
+    expiry_interval_seconds: float = Field(5, gt=0)
+    idempotency_retention_hours: int = Field(48, ge=24)
+
+    log_level: str = "INFO"
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("pii_keys")
+    @classmethod
+    def _check_pii_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_pii_keys(v.get_secret_value())
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, v: str) -> str:
+        v = v.upper()
+        if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return v
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+def parse_pii_keys(raw: str) -> dict[str, bytes]:
+    """Parse ``kid:base64key,...`` into an ordered mapping; the first key is the active one."""
+    keys: dict[str, bytes] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        kid, sep, b64 = part.partition(":")
+        if not sep or not kid:
+            raise ValueError("each entry must look like 'kid:base64key'")
+        try:
+            key = base64.b64decode(b64, validate=True)
+        except ValueError:
+            raise ValueError(f"key {kid!r} is not valid base64") from None
+        if len(key) != 32:
+            raise ValueError(f"key {kid!r} must decode to 32 bytes (AES-256), got {len(key)}")
+        keys[kid] = key
+    if not keys:
+        raise ValueError("no key given")
+    return keys
+
+
+def load_settings(**overrides) -> Settings:
+    """Build settings from the environment, raising ``SettingsError`` naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            lines.append(f"PAYSVC_{field.upper()}: {err['msg']}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

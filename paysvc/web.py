@@ -1,0 +1,158 @@
+"""HTTP plumbing shared by the API modules: typed app keys, a route table that also feeds
+``/openapi.json``, body and query parsing into pydantic models, and the error/logging middleware."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import asyncpg
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from paysvc.auth import Authenticator, Principal
+from paysvc.errors import (
+    MalformedRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Problem, ServiceUnavailable,
+    UnsupportedMediaType, ValidationFailed, pydantic_errors,
+)
+from paysvc.settings import Settings
+
+log = logging.getLogger("paysvc.http")
+
+SETTINGS = web.AppKey("settings", Settings)
+POOL = web.AppKey("pool", asyncpg.Pool)
+AUTH = web.AppKey("auth", Authenticator)
+BACKGROUND = web.AppKey("background", bool)  # False in tests that drive background jobs by hand
+ROUTES = web.AppKey("routes", list)
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
+MAX_JSON_BODY = 64 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint, as served and as documented."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    scope: str | None = None          # required API-key scope; None = public
+    body: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    query: type[BaseModel] | None = None
+    content_type: str = "application/json"
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    return web.Response(
+        body=json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(),
+        status=status, content_type="application/json", headers=headers,
+    )
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, with clear errors for the wrong type, size or syntax."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(f"send the body as application/json (got {request.content_type or 'none'})")
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise PayloadTooLarge(f"body is larger than {MAX_JSON_BODY} bytes")
+    raw = await request.content.read(MAX_JSON_BODY + 1)
+    if len(raw) > MAX_JSON_BODY:
+        raise PayloadTooLarge(f"body is larger than {MAX_JSON_BODY} bytes")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MalformedRequest(f"body is not valid JSON: {exc}") from None
+
+
+def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed("some fields are not valid; see errors", errors=pydantic_errors(exc)) from None
+
+
+def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise ValidationFailed("some query parameters are not valid; see errors", errors=pydantic_errors(exc)) from None
+
+
+async def principal(request: web.Request, scope: str) -> Principal:
+    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    p.require(scope)
+    request[PRINCIPAL] = p
+    return p
+
+
+def add_routes(app: web.Application, routes: list[Route]) -> None:
+    if ROUTES not in app:
+        app[ROUTES] = []
+    for r in routes:
+        app.router.add_route(r.method, r.path, r.handler)
+        app[ROUTES].append(r)
+
+
+def problem_response(problem: Problem, request: web.Request) -> web.Response:
+    return web.Response(
+        body=json.dumps(problem.to_dict(request.path), ensure_ascii=False).encode(),
+        status=problem.status, content_type="application/problem+json",
+    )
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, access log, and every error as an RFC 9457 problem (never a stack trace)."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    if len(request_id) > 100:
+        request_id = uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    started = time.perf_counter()
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                raise NotFound(f"no such resource: {request.method} {request.path}") from None
+            if exc.status == 405:
+                raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}") from None
+            if exc.status == 413:
+                raise PayloadTooLarge("request body too large") from None
+            if exc.status < 400:
+                raise
+            raise Problem(exc.reason or "request refused") from None
+        except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError, ConnectionError, OSError) as exc:
+            log.error("database unavailable: %s", exc)
+            raise ServiceUnavailable("the database is unavailable; retry later") from None
+    except Problem as problem:
+        response = problem_response(problem, request)
+    except web.HTTPException as exc:  # redirects and the like
+        response = exc
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request_id})
+        problem = Problem("an internal error occurred; it has been logged with request id " + request_id)
+        problem.status, problem.slug, problem.title = 500, "internal-error", "Internal error"
+        response = problem_response(problem, request)
+    response.headers["X-Request-Id"] = request_id
+    p: Principal | None = request.get(PRINCIPAL)
+    log.info(
+        "%s %s %s", request.method, request.path, response.status,
+        extra={
+            "request_id": request_id, "method": request.method, "path": request.path, "status": response.status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "key_id": p.key_id if p else None,
+        },
+    )
+    return response

@@ -1,0 +1,1 @@
+"""Payment provider plugins (banks and wallets). Imports nothing of ``paysvc`` or ``ledger``."""

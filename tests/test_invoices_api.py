@@ -1,0 +1,336 @@
+"""The invoicing API against a real PostgreSQL: the contract's status codes, idempotency, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from paysvc import khqr
+from paysvc.db import init_connection
+from paysvc.invoicing import expire_due
+
+
+async def test_create_returns_invoice_with_a_valid_dynamic_khqr(api, invoice_body):
+    h = await api.portal("MOI")
+    body = invoice_body(amount=50000, line_items=[
+        {"code": "PASS", "description": "Passport", "amount": 45000},
+        {"code": "SVC", "description": "Service", "amount": 5000},
+    ], payer={"name": "Sok Dara", "phone": "+855 12 345 678", "email": "dara@example.com"}, metadata={"case": "A1"})
+    r = await api.client.post("/v1/invoices", json=body, headers=h)
+    assert r.status == 201, await r.text()
+    inv = await r.json()
+    assert inv["id"].startswith("inv_") and len(inv["id"]) >= 30
+    assert r.headers["Location"] == f"/v1/invoices/{inv['id']}"
+    assert inv["status"] == "open" and inv["amount"] == 50000 and inv["amount_paid"] == 0
+    assert inv["currency"] == "KHR" and inv["reference"] == body["reference"]
+    assert inv["payer"] == body["payer"]
+    assert inv["pay_url"] == f"http://paysvc.test/pay/{inv['id']}"
+    assert inv["qr_png_url"].endswith(f"/v1/invoices/{inv['id']}/qr.png")
+
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    code = khqr.decode(inv["khqr"]["payload"], now_ms=now_ms)  # a bank app would accept it now
+    assert code.point_of_initiation == "12"
+    assert code.amount == 50000 and code.currency == "KHR"
+    assert code.bakong_account_id == "moi@nbcq" and code.merchant_id is None
+    assert code.merchant_category_code == "9399"
+    assert code.bill_number == inv["bill_number"]
+    assert code.merchant_name_alternate == "ក្រសួងមហាផ្ទៃ" and code.language_preference == "km"
+    assert khqr.md5(inv["khqr"]["payload"]) == inv["khqr"]["md5"]
+    assert code.expires_at_ms - code.created_at_ms == 10 * 60 * 1000
+
+
+async def test_usd_invoice_and_tag30_agency(api, invoice_body):
+    h = await api.portal("GDT", merchant_id="GDT001", acquiring_bank="ABA Bank")
+    r = await api.client.post("/v1/invoices", json=invoice_body(currency="USD", amount=1250), headers=h)
+    assert r.status == 201, await r.text()
+    code = khqr.decode((await r.json())["khqr"]["payload"])
+    assert code.currency == "USD" and code.amount == 1250 and code.merchant_id == "GDT001"
+    assert "540512.50" in (await r.json())["khqr"]["payload"]
+
+
+async def test_payer_data_is_encrypted_at_rest(api, invoice_body):
+    h = await api.portal("MOI")
+    r = await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok Dara", "phone": "012345678"}),
+                              headers=h)
+    inv = await r.json()
+    conn = await asyncpg.connect(api.dsn)
+    row = await conn.fetchrow("SELECT payer_key_id, payer_ciphertext, i::text AS whole FROM invoices i WHERE id=$1",
+                              inv["id"])
+    await conn.close()
+    assert row["payer_key_id"] == "t1"
+    assert b"Sok Dara" not in row["payer_ciphertext"] and "Sok Dara" not in row["whole"]
+    assert "012345678" not in row["whole"]
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"amount": 12.5}, "amount"),
+    ({"amount": "100"}, "amount"),
+    ({"amount": 0}, "amount"),
+    ({"currency": "EUR"}, "currency"),
+    ({"line_items": [{"code": "A", "description": "a", "amount": 10}]}, ""),
+    ({"expires_in": 31 * 86400}, "expires_in"),
+    ({"metadata": {f"k{i}": "v" for i in range(21)}}, "metadata"),
+    ({"payer": {"email": "not-an-email"}}, "payer.email"),
+    ({"unknown": 1}, "unknown"),
+    ({"reference": "has space"}, "reference"),
+    ({"currency": "USD", "amount": 10**12}, ""),
+])
+async def test_invalid_bodies_get_422_with_field_errors(api, invoice_body, patch, field):
+    h = await api.portal("MOI")
+    r = await api.client.post("/v1/invoices", json=invoice_body(**patch), headers=h)
+    assert r.status == 422, await r.text()
+    assert r.content_type == "application/problem+json"
+    p = await r.json()
+    assert p["type"] == "urn:paysvc:problem:validation-error" and p["detail"]
+    assert any(e["field"].startswith(field) for e in p["errors"]), p
+
+
+async def test_malformed_json_wrong_type_and_auth_errors(api, invoice_body):
+    h = await api.portal("MOI")
+    r = await api.client.post("/v1/invoices", data=b"{not json", headers={**h, "Content-Type": "application/json"})
+    assert r.status == 400 and (await r.json())["type"].endswith("malformed-request")
+    r = await api.client.post("/v1/invoices", data=b"a=b", headers={**h, "Content-Type": "text/plain"})
+    assert r.status == 415
+    r = await api.client.post("/v1/invoices", data=b"[" * 70000, headers={**h, "Content-Type": "application/json"})
+    assert r.status == 413
+    r = await api.client.post("/v1/invoices", json=invoice_body())
+    assert r.status == 401 and r.content_type == "application/problem+json"
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers={"Authorization": "Bearer psk_x_y"})
+    assert r.status == 401
+    read_only = {"Authorization": f"Bearer {await api.key('MOI', scopes=['invoices:read'])}"}
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers=read_only)
+    assert r.status == 403
+    r = await api.client.get("/v1/nothing-here")
+    assert r.status == 404 and r.content_type == "application/problem+json"
+    r = await api.client.delete("/v1/invoices")
+    assert r.status == 405
+
+
+async def test_duplicate_reference_is_409(api, invoice_body):
+    h = await api.portal("MOI")
+    body = invoice_body()
+    first = await (await api.client.post("/v1/invoices", json=body, headers=h)).json()
+    r = await api.client.post("/v1/invoices", json=invoice_body(reference=body["reference"]), headers=h)
+    assert r.status == 409
+    assert (await r.json())["invoice_id"] == first["id"]
+
+
+async def test_idempotency_replays_first_response_and_refuses_other_body(api, invoice_body):
+    h = await api.portal("MOI")
+    body = invoice_body()
+    hk = {**h, "Idempotency-Key": "abc-1"}
+    r1 = await api.client.post("/v1/invoices", json=body, headers=hk)
+    r2 = await api.client.post("/v1/invoices", json=body, headers=hk)
+    assert r1.status == r2.status == 201
+    assert await r1.json() == await r2.json()
+    assert r2.headers.get("Idempotent-Replayed") == "true"
+    r3 = await api.client.post("/v1/invoices", json=invoice_body(), headers=hk)
+    assert r3.status == 422 and (await r3.json())["type"].endswith("idempotency-key-reused")
+    # another agency's identical key is its own key space
+    h2 = await api.portal("GDT")
+    r4 = await api.client.post("/v1/invoices", json=body, headers={**h2, "Idempotency-Key": "abc-1"})
+    assert r4.status == 201 and (await r4.json())["id"] != (await r1.json())["id"]
+
+
+async def test_twenty_identical_requests_at_once_make_one_invoice(api, invoice_body):
+    h = await api.portal("MOI")
+    body = invoice_body()
+    hk = {**h, "Idempotency-Key": "burst"}
+    responses = await asyncio.gather(*(api.client.post("/v1/invoices", json=body, headers=hk) for _ in range(20)))
+    statuses = sorted(r.status for r in responses)
+    ids = {(await r.json())["id"] for r in responses if r.status == 201}
+    assert set(statuses) <= {201, 409} and statuses.count(201) >= 1, statuses
+    assert len(ids) == 1
+    for r in responses:
+        if r.status == 409:
+            assert (await r.json())["type"].endswith("idempotency-in-progress")
+    conn = await asyncpg.connect(api.dsn)
+    assert await conn.fetchval("SELECT count(*) FROM invoices") == 1
+    await conn.close()
+
+
+async def test_in_progress_request_gets_409(api, invoice_body):
+    """While the first request holds the key (its transaction is open), a second one is told to wait."""
+    h = await api.portal("MOI")
+    conn = await asyncpg.connect(api.dsn)
+    tx = conn.transaction()
+    await tx.start()
+    assert await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))", "MOI:slow")
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers={**h, "Idempotency-Key": "slow"})
+    assert r.status == 409
+    await tx.rollback()
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers={**h, "Idempotency-Key": "slow"})
+    assert r.status == 201
+    await conn.close()
+
+
+async def test_agency_never_sees_another_agencys_invoice(api, invoice_body):
+    moi = await api.portal("MOI")
+    gdt = await api.portal("GDT")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=moi)).json()
+    for method, path in [("GET", f"/v1/invoices/{inv['id']}"), ("POST", f"/v1/invoices/{inv['id']}/cancel"),
+                         ("GET", f"/v1/invoices/{inv['id']}/khqr")]:
+        r = await api.client.request(method, path, headers=gdt)
+        assert r.status == 404, (method, path, r.status)
+    listed = await (await api.client.get("/v1/invoices", headers=gdt)).json()
+    assert listed["data"] == []
+    assert (await api.client.get(f"/v1/invoices/{inv['id']}", headers=moi)).status == 200
+
+
+async def test_revoked_key_stops_working(api, invoice_body):
+    from paysvc.auth import revoke_key
+
+    await api.agency("MOI")
+    key = await api.key("MOI")
+    h = {"Authorization": f"Bearer {key}"}
+    assert (await api.client.get("/v1/invoices", headers=h)).status == 200
+    conn = await asyncpg.connect(api.dsn)
+    assert await revoke_key(conn, key)
+    await conn.close()
+    from paysvc.web import AUTH
+
+    api.client.app[AUTH]._cache.clear()  # the cache keeps a key for at most 5 s; skip the wait
+    assert (await api.client.get("/v1/invoices", headers=h)).status == 401
+
+
+async def test_list_filters_and_cursor_pagination(api, invoice_body):
+    h = await api.portal("MOI")
+    ids = []
+    for i in range(7):
+        inv = await (await api.client.post("/v1/invoices", json=invoice_body(reference=f"R{i}"), headers=h)).json()
+        ids.append(inv["id"])
+    await api.client.post(f"/v1/invoices/{ids[0]}/cancel", headers=h)
+    seen, cursor = [], None
+    while True:
+        q = {"limit": "3"} | ({"cursor": cursor} if cursor else {})
+        page = await (await api.client.get("/v1/invoices", params=q, headers=h)).json()
+        seen += [i["id"] for i in page["data"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(ids))  # newest first, each once
+    page = await (await api.client.get("/v1/invoices", params={"status": "cancelled"}, headers=h)).json()
+    assert [i["id"] for i in page["data"]] == [ids[0]]
+    page = await (await api.client.get("/v1/invoices", params={"reference": "R3"}, headers=h)).json()
+    assert [i["id"] for i in page["data"]] == [ids[3]]
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    page = await (await api.client.get("/v1/invoices", params={"created_from": future}, headers=h)).json()
+    assert page["data"] == []
+    r = await api.client.get("/v1/invoices", params={"limit": "201"}, headers=h)
+    assert r.status == 422
+    r = await api.client.get("/v1/invoices", params={"cursor": "!!!"}, headers=h)
+    assert r.status == 400
+    r = await api.client.get("/v1/invoices", params={"status": "bogus"}, headers=h)
+    assert r.status == 422
+
+
+async def test_cancel_open_then_refuse_second_cancel(api, invoice_body):
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+    r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
+    assert r.status == 200
+    out = await r.json()
+    assert out["status"] == "cancelled" and out["khqr"] is None and out["cancelled_at"]
+    r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
+    assert r.status == 409 and (await r.json())["invoice_status"] == "cancelled"
+    r = await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)
+    assert r.status == 409
+    assert (await api.client.get(f"/v1/invoices/{inv['id']}/qr.png")).status == 409
+
+
+async def test_expired_code_is_replaced_by_a_new_one(api, invoice_body):
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+    same = await (await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)).json()
+    assert same["md5"] == inv["khqr"]["md5"]
+    conn = await asyncpg.connect(api.dsn)
+    # Let the current code run out (as if ten minutes had passed).
+    await conn.execute("UPDATE khqr_codes SET created_at = created_at - interval '11 minutes', "
+                       "expires_at = expires_at - interval '10 minutes' WHERE invoice_id = $1", inv["id"])
+    fresh = await (await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)).json()
+    assert fresh["md5"] != inv["khqr"]["md5"]
+    decoded = khqr.decode(fresh["payload"], now_ms=int(datetime.now(UTC).timestamp() * 1000))
+    assert decoded.bill_number == inv["bill_number"]
+    assert await conn.fetchval("SELECT count(*) FROM khqr_codes WHERE invoice_id=$1", inv["id"]) == 2
+    assert await conn.fetchval("SELECT current_khqr_md5 FROM invoices WHERE id=$1", inv["id"]) == fresh["md5"]
+    await conn.close()
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
+    assert got["khqr"]["md5"] == fresh["md5"]
+
+
+async def test_code_never_outlives_the_invoice(api, invoice_body):
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(expires_in=120), headers=h)).json()
+    assert inv["khqr"]["expires_at"] == inv["expires_at"]
+
+
+async def test_concurrent_refreshes_issue_distinct_codes(api, invoice_body):
+    h = await api.portal("MOI")
+    invs = [await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json() for _ in range(5)]
+    conn = await asyncpg.connect(api.dsn)
+    await conn.execute("UPDATE khqr_codes SET created_at = created_at - interval '11 minutes', "
+                       "expires_at = expires_at - interval '10 minutes'")
+    await conn.close()
+    got = await asyncio.gather(*(api.client.get(f"/v1/invoices/{i['id']}/khqr", headers=h)
+                                 for i in invs for _ in range(4)))
+    bodies = [await r.json() for r in got]
+    assert all(r.status == 200 for r in got)
+    per_invoice = {}
+    for b in bodies:
+        per_invoice.setdefault(b["invoice_id"], set()).add(b["md5"])
+    assert all(len(v) == 1 for v in per_invoice.values())  # one refresh each, not four
+    assert len({b["md5"] for b in bodies}) == 5
+
+
+async def test_background_expiry_marks_overdue_invoices_and_emits_events(api, invoice_body):
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(expires_in=60), headers=h)).json()
+    keep = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+    conn = await asyncpg.connect(api.dsn)
+    await conn.execute("UPDATE invoices SET expires_at = now() - interval '1 second', "
+                       "created_at = created_at - interval '2 minutes' WHERE id=$1", inv["id"])
+    pool = await asyncpg.create_pool(api.dsn, min_size=2, max_size=2, init=init_connection)
+    # Two instances at once: each overdue invoice expires exactly once.
+    counts = await asyncio.gather(expire_due(pool), expire_due(pool))
+    await pool.close()
+    assert sorted(counts) == [0, 1]
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
+    assert got["status"] == "expired" and got["khqr"] is None and got["expired_at"]
+    assert (await (await api.client.get(f"/v1/invoices/{keep['id']}", headers=h)).json())["status"] == "open"
+    r = await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)
+    assert r.status == 409
+    types = [r["type"] for r in await conn.fetch("SELECT type FROM outbox_events ORDER BY seq")]
+    assert types == ["invoice.created", "invoice.created", "invoice.expired"]
+    seqs = [r["seq"] for r in await conn.fetch("SELECT seq FROM outbox_events ORDER BY seq")]
+    assert seqs == [1, 2, 3]
+    await conn.close()
+
+
+async def test_health_ready_metrics(api):
+    assert (await api.client.get("/healthz")).status == 200
+    r = await api.client.get("/readyz")
+    assert r.status == 200 and (await r.json())["database"] == "ok"
+    r = await api.client.get("/metrics")
+    assert r.status == 200 and "python_info" in await r.text()
+    r = await api.client.get("/healthz", headers={"X-Request-Id": "req-123"})
+    assert r.headers["X-Request-Id"] == "req-123"
+
+
+async def test_openapi_matches_the_real_routes(api):
+    spec = await (await api.client.get("/openapi.json")).json()
+    documented = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    served = set()
+    for res in api.client.app.router.resources():
+        info = res.get_info()
+        path = info.get("path") or info.get("formatter")
+        for route in res:
+            if route.method != "HEAD":
+                served.add((route.method, path))
+    assert documented == served
+    create = spec["paths"]["/v1/invoices"]["post"]
+    schema_ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    name = schema_ref.rsplit("/", 1)[1]
+    assert {"reference", "currency", "amount"} <= set(spec["components"]["schemas"][name]["required"])

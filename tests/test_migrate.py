@@ -1,0 +1,86 @@
+"""The migration runner: order, checksums, one transaction per file, concurrent runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from paysvc.migrate import MigrationError, load_migrations, migrate, migrations_dir
+from tests.conftest import TEST_PII_KEYS
+
+
+@pytest.fixture
+def mig_dir(tmp_path):
+    (tmp_path / "0001_a.sql").write_text("CREATE TABLE a (x int);")
+    (tmp_path / "0002_b.sql").write_text("CREATE TABLE b (x int); INSERT INTO a VALUES (1);")
+    return tmp_path
+
+
+@pytest.fixture
+async def empty_db(db_dsn):
+    conn = await asyncpg.connect(db_dsn)
+    await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    yield conn
+    await conn.close()
+
+
+async def test_applies_in_order_and_records_checksums(empty_db, mig_dir):
+    assert await migrate(empty_db, mig_dir) == ["0001_a", "0002_b"]
+    rows = await empty_db.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+    assert [(r["version"], r["name"]) for r in rows] == [(1, "a"), (2, "b")]
+    assert all(len(r["checksum"]) == 64 for r in rows)
+    assert await migrate(empty_db, mig_dir) == []
+
+
+async def test_refuses_a_changed_applied_file(empty_db, mig_dir):
+    await migrate(empty_db, mig_dir)
+    (mig_dir / "0001_a.sql").write_text("CREATE TABLE a (x bigint);")
+    with pytest.raises(MigrationError, match="0001_a.sql was changed"):
+        await migrate(empty_db, mig_dir)
+
+
+async def test_each_file_in_its_own_transaction(empty_db, mig_dir):
+    (mig_dir / "0003_bad.sql").write_text("CREATE TABLE c (x int); SELECT 1/0;")
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await migrate(empty_db, mig_dir)
+    applied = [r["version"] for r in await empty_db.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+    assert applied == [1, 2]
+    assert await empty_db.fetchval("SELECT to_regclass('c')") is None
+
+
+async def test_concurrent_runs_are_safe(db_dsn, mig_dir):
+    admin = await asyncpg.connect(db_dsn)
+    await admin.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    conns = [await asyncpg.connect(db_dsn) for _ in range(4)]
+    results = await asyncio.gather(*(migrate(c, mig_dir) for c in conns))
+    assert sorted(len(r) for r in results) == [0, 0, 0, 2]
+    assert await admin.fetchval("SELECT count(*) FROM a") == 1
+    for c in conns + [admin]:
+        await c.close()
+
+
+def test_bad_file_name_is_refused(tmp_path):
+    (tmp_path / "1_x.sql").write_text("")
+    with pytest.raises(MigrationError, match="NNNN_name.sql"):
+        load_migrations(tmp_path)
+
+
+def test_project_migrations_are_numbered_from_one():
+    versions = [m.version for m in load_migrations(migrations_dir())]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+def test_cli_migrate_and_bad_setting(db_dsn):
+    env = {**os.environ, "PAYSVC_DATABASE_URL": db_dsn, "PAYSVC_PII_KEYS": TEST_PII_KEYS}
+    out = subprocess.run([sys.executable, "-m", "paysvc", "migrate"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "up to date" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "paysvc", "migrate"], env={**env, "PAYSVC_PORT": "eighty"},
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "PAYSVC_PORT" in bad.stderr and "Traceback" not in bad.stderr
