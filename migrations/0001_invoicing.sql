@@ -32,9 +32,7 @@ CREATE TABLE invoices (
     id               text PRIMARY KEY,
     number           bigint NOT NULL UNIQUE DEFAULT nextval('invoice_number_seq'),
     -- the short number a citizen's bank app shows (KHQR tag 62.01, at most 25 characters)
-    bill_number      text NOT NULL UNIQUE GENERATED ALWAYS AS (
-                         'PS' || CASE WHEN number < 100000000 THEN lpad(number::text, 8, '0') ELSE number::text END
-                     ) STORED,
+    bill_number      text NOT NULL UNIQUE CHECK (bill_number ~ '^PS[0-9]{8,23}$'),
     agency_id        bigint NOT NULL REFERENCES agencies(id),
     reference        text NOT NULL,
     description      text NOT NULL,

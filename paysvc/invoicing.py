@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+import time
+import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -30,6 +33,8 @@ class InvoiceContext:
     cipher: PiiCipher
     khqr_ttl: timedelta
     base_url: str
+    numbers: NumberAllocator = field(default_factory=lambda: NumberAllocator())
+    agencies: AgencyCache = field(default_factory=lambda: AgencyCache())
 
 
 def now_utc() -> datetime:
@@ -90,12 +95,11 @@ async def _issue_khqr(
 
 
 def _out(ctx: InvoiceContext, row, *, khqr_out: KhqrOut | None = None, with_payer: bool = False,
-         payments: list | None = None) -> InvoiceOut:
+         payments: list | None = None, payer: Payer | None = None) -> InvoiceOut:
     if khqr_out is None and row["status"] == "open" and row.get("khqr_payload"):
         khqr_out = KhqrOut(payload=row["khqr_payload"], md5=row["current_khqr_md5"], expires_at=row["khqr_expires_at"])
     if row["status"] != "open":
         khqr_out = None
-    payer = None
     if with_payer and row["payer_ciphertext"] is not None:
         payer = Payer(**ctx.cipher.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"]))
     base = ctx.base_url
@@ -137,50 +141,115 @@ def _event_data(row) -> dict[str, Any]:
     }
 
 
+class NumberAllocator:
+    """Invoice numbers taken from the database sequence in blocks, so a new invoice costs no extra round
+    trip. Numbers are unique, not gapless (a restart skips the rest of a block), like any sequence."""
+
+    def __init__(self, block: int = 64) -> None:
+        self._block = block
+        self._free: list[int] = []
+        self._lock = asyncio.Lock()
+
+    async def next(self, conn: asyncpg.Connection) -> int:
+        if not self._free:
+            async with self._lock:
+                if not self._free:
+                    rows = await conn.fetch(Q.invoice_numbers, self._block)
+                    self._free = [r["n"] for r in reversed(rows)]
+        return self._free.pop()
+
+
+class AgencyCache:
+    """Agency rows by id: read on every invoice and KHQR code, changed almost never."""
+
+    def __init__(self, ttl: float = 60.0) -> None:
+        self._ttl = ttl
+        self._rows: dict[int, tuple[float, Any]] = {}
+
+    async def get(self, conn: asyncpg.Connection, agency_id: int):
+        now = time.monotonic()
+        hit = self._rows.get(agency_id)
+        if hit is None or hit[0] < now:
+            row = await conn.fetchrow(Q.agency_by_id, agency_id)
+            hit = (now + self._ttl, row)
+            self._rows[agency_id] = hit
+        return hit[1]
+
+
+def bill_number(number: int) -> str:
+    """The short number a citizen's bank app shows for the invoice (KHQR tag 62.01)."""
+    return f"PS{number:08d}"
+
+
 async def create_invoice(
     pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, agency_code: str, body: InvoiceCreate,
     raw: Any, idempotency_key: str | None,
 ) -> tuple[int, dict[str, Any], bool]:
-    """Create an invoice; return (status, response body, replayed)."""
+    """Create an invoice with its first code; return (status, response body, replayed)."""
+    for attempt in range(2):
+        try:
+            return await _create_once(pool, ctx, agency_id=agency_id, agency_code=agency_code, body=body,
+                                      raw=raw, idempotency_key=idempotency_key)
+        except asyncpg.UniqueViolationError as exc:
+            # Our idempotency record lost to a request that committed after our first look: replay it.
+            if attempt or exc.constraint_name != "idempotency_keys_pkey":
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _create_once(
+    pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, agency_code: str, body: InvoiceCreate,
+    raw: Any, idempotency_key: str | None,
+) -> tuple[int, dict[str, Any], bool]:
     now = now_utc()
+    digest = request_hash(raw) if idempotency_key is not None else None
     async with pool.acquire() as conn, conn.transaction():
         if idempotency_key is not None:
-            owner = agency_code
-            digest = request_hash(raw)
-            if not await conn.fetchval(Q.idempotency_lock, f"{owner}:{idempotency_key}"):
+            claim = await conn.fetchrow(Q.idempotency_claim, agency_code, idempotency_key)
+            if not claim["locked"]:
                 raise IdempotencyInProgress(
                     "a request with this Idempotency-Key is still being processed; retry in a moment"
                 )
-            prior = await conn.fetchrow(Q.idempotency_get, owner, idempotency_key)
-            if prior is not None:
-                if prior["request_hash"] != digest:
+            if claim["request_hash"] is not None:
+                if claim["request_hash"] != digest:
                     raise IdempotencyMismatch(
                         "this Idempotency-Key was used with a different body; use a new key for a new request"
                     )
-                return prior["status"], prior["response"], True
+                return claim["status"], claim["response"], True
 
+        agency = await ctx.agencies.get(conn, agency_id)
+        number = await ctx.numbers.next(conn)
         invoice_id = new_invoice_id()
+        bill = bill_number(number)
+        expires_at = now + timedelta(seconds=body.expires_in)
+        code_expires = khqr_window(now, expires_at, ctx.khqr_ttl)
+        payload = khqr.encode(khqr_content(agency, currency=body.currency, amount=body.amount, bill=bill,
+                                           created_ms=_ms(now), expires_ms=_ms(code_expires)))
+        code = KhqrOut(payload=payload, md5=khqr.md5(payload), expires_at=code_expires)
         key_id = blob = None
         if body.payer is not None:
             key_id, blob = ctx.cipher.encrypt(body.payer.model_dump(exclude_none=True), aad=invoice_id)
-        row = await conn.fetchrow(
-            Q.invoice_insert, invoice_id, agency_id, body.reference, body.description, body.currency, body.amount,
-            [li.model_dump() for li in body.line_items], body.metadata, key_id, blob,
-            now + timedelta(seconds=body.expires_in), now,
+        row = {
+            "id": invoice_id, "status": "open", "reference": body.reference, "description": body.description,
+            "currency": body.currency, "amount": body.amount, "amount_paid": 0,
+            "line_items": [li.model_dump() for li in body.line_items], "metadata": body.metadata,
+            "bill_number": bill, "expires_at": expires_at, "created_at": now, "paid_at": None,
+            "cancelled_at": None, "expired_at": None,
+        }
+        response = _out(ctx, row, khqr_out=code, payer=body.payer).model_dump(mode="json")
+        result = await conn.fetchrow(
+            Q.invoice_create, invoice_id, number, bill, agency_id, body.reference, body.description, body.currency,
+            body.amount, row["line_items"], body.metadata, key_id, blob, expires_at, now, code.md5, payload,
+            agency["bakong_account"], code_expires, agency_code, idempotency_key, digest, response, uuid.uuid4(),
+            _event_data(row),
         )
-        if row is None:
+        if not result["created"]:
             existing = await conn.fetchval(Q.invoice_reference_owner, agency_id, body.reference)
             raise Conflict(
                 f"reference {body.reference!r} is already used by invoice {existing}; "
                 "references are unique per agency (send an Idempotency-Key to retry safely)",
                 invoice_id=existing,
             )
-        agency = await conn.fetchrow(Q.agency_by_id, agency_id)
-        code = await _issue_khqr(conn, ctx, agency, row, now, None)
-        response = _out(ctx, row, khqr_out=code, with_payer=True).model_dump(mode="json")
-        if idempotency_key is not None:
-            await conn.execute(Q.idempotency_put, agency_code, idempotency_key, digest, 201, response)
-        await add_event(conn, agency_id=agency_id, type="invoice.created", data=_event_data(row), occurred_at=now)
     return 201, response, False
 
 
@@ -269,7 +338,7 @@ async def current_khqr(
         if last is not None and last["expires_at"] - now >= KHQR_MIN_REMAINING:
             # another request refreshed it while we waited for the lock
             return dict(row), KhqrOut(payload=last["payload"], md5=last["md5"], expires_at=last["expires_at"])
-        agency = await conn.fetchrow(Q.agency_by_id, row["agency_id"])
+        agency = await ctx.agencies.get(conn, row["agency_id"])
         code = await _issue_khqr(conn, ctx, agency, row, now, last["created_at"] if last else None)
         if code is None:
             raise InvalidState("invoice is expired; it has no payable KHQR code", invoice_status="expired")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import qrcode
@@ -19,6 +20,9 @@ def _matrix(payload: str, *, box_size: int, border: int) -> qrcode.QRCode:
     return qr
 
 
+# Choosing the mask pattern is most of the cost (~10 ms in pure Python), and one code is drawn again
+# for every page view and refresh during its life of at most ten minutes: keep recent ones.
+@functools.lru_cache(maxsize=1024)
 def render_png(payload: str, *, box_size: int = 8, border: int = 4) -> bytes:
     """PNG bytes of ``payload`` as a QR code (error correction M), ``box_size`` pixels per module and
     ``border`` modules of quiet zone (4 is the minimum the QR standard asks for)."""
@@ -28,6 +32,7 @@ def render_png(payload: str, *, box_size: int = 8, border: int = 4) -> bytes:
     return out.getvalue()
 
 
+@functools.lru_cache(maxsize=1024)
 def render_svg(payload: str) -> str:
     """A standalone SVG document of ``payload`` as a QR code (error correction M), one path, scalable."""
     image = _matrix(payload, box_size=10, border=4).make_image(image_factory=SvgPathImage)

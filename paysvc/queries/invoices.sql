@@ -2,12 +2,38 @@
 SELECT id, code, name, name_km, bakong_account, merchant_id, acquiring_bank, mcc, city
   FROM agencies WHERE id = $1
 
--- name: invoice_insert
-INSERT INTO invoices (id, agency_id, reference, description, currency, amount,
-                      line_items, metadata, payer_key_id, payer_ciphertext, expires_at, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-ON CONFLICT (agency_id, reference) DO NOTHING
-RETURNING *
+-- name: invoice_numbers
+SELECT nextval('invoice_number_seq') AS n FROM generate_series(1, $1)
+
+-- name: invoice_create
+-- One round trip: the invoice, its first KHQR code, its idempotency record (when a key was sent) and its
+-- invoice.created event. Nothing is written when the reference is taken (created = 0).
+WITH inv AS (
+    INSERT INTO invoices (id, number, bill_number, agency_id, reference, description, currency, amount,
+                          line_items, metadata, payer_key_id, payer_ciphertext, expires_at, created_at,
+                          current_khqr_md5)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+    ON CONFLICT (agency_id, reference) DO NOTHING
+    RETURNING id, agency_id
+), code AS (
+    INSERT INTO khqr_codes (md5, invoice_id, payload, to_account, currency, amount, created_at, expires_at)
+    SELECT $15, inv.id, $16, $17, $7, $8, $14, $18 FROM inv
+    RETURNING md5
+), idem AS (
+    INSERT INTO idempotency_keys (owner, key, request_hash, status, response)
+    SELECT $19, $20, $21, 201, $22 FROM inv WHERE $20::text IS NOT NULL
+    RETURNING key
+), seq AS (
+    INSERT INTO agency_event_seq AS s (agency_id, last_seq) SELECT agency_id, 1 FROM inv
+    ON CONFLICT (agency_id) DO UPDATE SET last_seq = s.last_seq + 1
+    RETURNING agency_id, last_seq
+), ev AS (
+    INSERT INTO outbox_events (id, agency_id, seq, type, occurred_at, data)
+    SELECT $23, seq.agency_id, seq.last_seq, 'invoice.created', $14, $24 FROM seq
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM inv) AS created, (SELECT count(*) FROM code) AS codes,
+       (SELECT count(*) FROM ev) AS events, (SELECT count(*) FROM idem) AS idem
 
 -- name: invoice_reference_owner
 SELECT id FROM invoices WHERE agency_id = $1 AND reference = $2
@@ -63,14 +89,12 @@ UPDATE invoices i SET status = 'expired', expired_at = $1
   FROM due WHERE i.id = due.id
 RETURNING i.*
 
--- name: idempotency_lock
-SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))
-
--- name: idempotency_get
-SELECT request_hash, status, response FROM idempotency_keys WHERE owner = $1 AND key = $2
-
--- name: idempotency_put
-INSERT INTO idempotency_keys (owner, key, request_hash, status, response) VALUES ($1, $2, $3, $4, $5)
+-- name: idempotency_claim
+-- The lock is held to the end of the transaction. A request that committed after this statement's
+-- snapshot is not seen here; the insert of our own record then fails on the key, and we retry.
+SELECT l.locked, k.request_hash, k.status, k.response
+  FROM (SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 7)) AS locked) l
+  LEFT JOIN idempotency_keys k ON k.owner = $1 AND k.key = $2
 
 -- name: idempotency_prune
 DELETE FROM idempotency_keys WHERE created_at < $1

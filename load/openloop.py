@@ -1,0 +1,96 @@
+"""An open-loop load generator: requests leave at a fixed rate whatever the server does.
+
+Latency is measured from each request's *scheduled* send time, so a server that falls behind cannot
+hide its queue (no coordinated omission).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import aiohttp
+
+
+@dataclass
+class RunResult:
+    rate: float
+    duration: float
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    latencies_ms: list[float] = field(default_factory=list)
+    late_starts: int = 0  # requests the generator itself could not send on time (> 5 ms late)
+
+    def pct(self, p: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        xs = sorted(self.latencies_ms)
+        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+    @property
+    def achieved(self) -> float:
+        return self.ok / self.duration
+
+    def line(self) -> str:
+        errs = ", ".join(f"{k}×{v}" for k, v in sorted(self.errors.items())) or "none"
+        return (f"rate {self.rate:7.0f}/s  ok {self.ok:7d}  achieved {self.achieved:7.1f}/s  "
+                f"p50 {self.pct(50):7.1f} ms  p90 {self.pct(90):7.1f} ms  p99 {self.pct(99):7.1f} ms  "
+                f"max {self.pct(100):7.1f} ms  generator-late {self.late_starts}  errors {errs}")
+
+
+Request = Callable[[aiohttp.ClientSession, int], Awaitable[int]]
+
+
+async def run(request: Request, *, rate: float, duration: float, warmup: float = 2.0,
+              max_in_flight: int = 5000) -> RunResult:
+    """Send ``request(session, i)`` at ``rate`` per second for ``duration`` seconds (after a warm-up)."""
+    result = RunResult(rate=rate, duration=duration)
+    connector = aiohttp.TCPConnector(limit=max_in_flight, ttl_dns_cache=3600)
+    timeout = aiohttp.ClientTimeout(total=30)
+    counter = itertools.count()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int, scheduled: float, measured: bool) -> None:
+            try:
+                status = await request(session, i)
+                key = None if 200 <= status < 300 else f"HTTP {status}"
+            except Exception as exc:  # count every failure kind; a load test must not stop on one
+                key = type(exc).__name__
+            if not measured:
+                return
+            if key is None:
+                result.ok += 1
+                result.latencies_ms.append((loop.time() - scheduled) * 1000)
+            else:
+                result.errors[key] = result.errors.get(key, 0) + 1
+
+        total = warmup + duration
+        start = loop.time() + 0.05
+        interval = 1.0 / rate
+        n = int(total * rate)
+        for k in range(n):
+            scheduled = start + k * interval
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.005:
+                result.late_starts += 1
+            measured = k * interval >= warmup
+            if measured:
+                result.sent += 1
+            t = asyncio.create_task(one(next(counter), scheduled, measured))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks, timeout=35)
+    return result
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000

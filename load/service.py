@@ -1,0 +1,96 @@
+"""Start paysvc service processes against a scratch database, for benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from typing import Iterator
+
+import asyncpg
+
+ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PII_KEYS = "bench:" + base64.b64encode(os.urandom(32)).decode()
+SANDBOX_SECRET = "bench-sandbox-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    name = f"paysvc_bench_{uuid.uuid4().hex[:8]}"
+    base = ADMIN_DSN.rpartition("/")[0]
+
+    async def create():
+        c = await asyncpg.connect(ADMIN_DSN)
+        await c.execute(f'CREATE DATABASE "{name}"')
+        await c.close()
+
+    async def drop():
+        c = await asyncpg.connect(ADMIN_DSN)
+        await c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await c.close()
+
+    asyncio.run(create())
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(drop())
+
+
+def service_env(dsn: str, port: int, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "PAYSVC_DATABASE_URL": dsn, "PAYSVC_PII_KEYS": PII_KEYS, "PAYSVC_PORT": str(port),
+           "PAYSVC_SANDBOX_SECRET": SANDBOX_SECRET, "PAYSVC_LOG_LEVEL": "WARNING"}
+    env.update(extra)
+    return env
+
+
+def cli(dsn: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "paysvc", *args], env=service_env(dsn, 8080), capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def services(dsn: str, count: int, **extra: str) -> Iterator[list[str]]:
+    """``count`` independent ``paysvc serve`` processes on one database; yields their base URLs."""
+    cli(dsn, "migrate")
+    procs, urls = [], []
+    try:
+        for _ in range(count):
+            port = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "paysvc", "serve"],
+                                          env=service_env(dsn, port, **extra), stdout=subprocess.DEVNULL))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url in urls:
+            wait_ready(url)
+        yield urls
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=20)
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready")
