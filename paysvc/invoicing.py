@@ -37,6 +37,14 @@ class InvoiceContext:
     agencies: AgencyCache = field(default_factory=lambda: AgencyCache())
 
 
+def still_current(code_expires: datetime, invoice_expires: datetime, now: datetime) -> bool:
+    """Whether to hand out the last code again rather than issue a new one: it has time left for a
+    citizen to scan and pay, or no new code could outlive it (it already ends with the invoice)."""
+    if code_expires <= now:
+        return False
+    return code_expires - now >= KHQR_MIN_REMAINING or code_expires >= invoice_expires
+
+
 def now_utc() -> datetime:
     """Now, to the millisecond: KHQR timestamps carry milliseconds, so stored times match them exactly."""
     now = datetime.now(UTC)
@@ -326,7 +334,7 @@ async def current_khqr(
     row = await pool.fetchrow(Q.invoice_get, invoice_id, agency_id)
     if row is None:
         raise NotFound(f"no invoice {invoice_id!r}" + (" for this agency" if agency_id is not None else ""))
-    if row["status"] == "open" and row["khqr_payload"] and row["khqr_expires_at"] - now >= KHQR_MIN_REMAINING:
+    if row["status"] == "open" and row["khqr_payload"] and still_current(row["khqr_expires_at"], row["expires_at"], now):
         return dict(row), KhqrOut(payload=row["khqr_payload"], md5=row["current_khqr_md5"],
                                   expires_at=row["khqr_expires_at"])
     async with pool.acquire() as conn, conn.transaction():
@@ -335,7 +343,7 @@ async def current_khqr(
             status = "expired" if row["status"] == "open" else row["status"]
             raise InvalidState(f"invoice is {status}; it has no payable KHQR code", invoice_status=status)
         last = await conn.fetchrow(Q.khqr_by_md5, row["current_khqr_md5"]) if row["current_khqr_md5"] else None
-        if last is not None and last["expires_at"] - now >= KHQR_MIN_REMAINING:
+        if last is not None and still_current(last["expires_at"], row["expires_at"], now):
             # another request refreshed it while we waited for the lock
             return dict(row), KhqrOut(payload=last["payload"], md5=last["md5"], expires_at=last["expires_at"])
         agency = await ctx.agencies.get(conn, row["agency_id"])

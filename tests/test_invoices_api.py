@@ -334,3 +334,19 @@ async def test_openapi_matches_the_real_routes(api):
     schema_ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     name = schema_ref.rsplit("/", 1)[1]
     assert {"reference", "currency", "amount"} <= set(spec["components"]["schemas"][name]["required"])
+
+
+async def test_last_code_of_an_invoice_is_not_reissued_on_every_request(api, invoice_body):
+    """In an invoice's last seconds its code ends with the invoice; asking again must not mint new ones."""
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(expires_in=60), headers=h)).json()
+    conn = await asyncpg.connect(api.dsn)
+    end = datetime.now(UTC) + timedelta(seconds=10)
+    await conn.execute("UPDATE invoices SET expires_at = $2 WHERE id = $1", inv["id"], end)
+    await conn.execute("UPDATE khqr_codes SET expires_at = $2 WHERE invoice_id = $1", inv["id"], end)
+    for _ in range(5):
+        r = await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)
+        assert r.status == 200
+        assert (await r.json())["md5"] == inv["khqr"]["md5"]
+    assert await conn.fetchval("SELECT count(*) FROM khqr_codes WHERE invoice_id = $1", inv["id"]) == 1
+    await conn.close()

@@ -64,17 +64,18 @@ def test_png_box_size_and_border_set_the_pixel_size():
 def test_svg_is_an_svg_document_drawing_the_same_code(payload):
     root = ET.fromstring(render_svg(payload))
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
-    # Draw the path's unit squares onto a bitmap and scan it: the SVG holds the same code as the PNG.
+    # Draw the path's runs of dark modules onto a bitmap and scan it: the SVG holds the same code as the PNG.
     size = int(float(root.get("viewBox").split()[2]))
     path = root.find("{http://www.w3.org/2000/svg}path").get("d")
-    squares = re.findall(r"M(\d+),(\d+)H\d+V\d+H\d+z", path)
-    assert squares and len("".join(f"M{x},{y}H{int(x) + 1}V{int(y) + 1}H{x}z" for x, y in squares)) == len(path)
+    runs = re.findall(r"M(\d+) (\d+)h(\d+)v1h-(\d+)z", path)
+    assert runs and all(w == back for _, _, w, back in runs)
+    assert len("".join(f"M{x} {y}h{w}v1h-{w}z" for x, y, w, _ in runs)) == len(path)  # nothing else drawn
     scale = 6
     bitmap = Image.new("L", (size * scale, size * scale), 255)
     draw = ImageDraw.Draw(bitmap)
-    for x, y in squares:
+    for x, y, w, _ in runs:
         left, top = int(x) * scale, int(y) * scale
-        draw.rectangle((left, top, left + scale - 1, top + scale - 1), fill=0)
+        draw.rectangle((left, top, left + int(w) * scale - 1, top + scale - 1), fill=0)
     code = scan(bitmap)
     assert code.bytes == payload.encode("utf-8")
     assert code.text == payload

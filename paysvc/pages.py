@@ -1,0 +1,190 @@
+"""The citizen's payment page: ``GET /pay/{id}`` (HTML) and the small public JSON it polls.
+
+Both are public: the invoice id (128 random bits) is the only secret, so neither ever shows payer data,
+the portal's reference or metadata. The page is one self-contained response (style and script inline,
+nothing from another host): citizens pay from phones on weak connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import importlib.resources
+import re
+import string
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from paysvc import invoicing
+from paysvc.api_invoices import CTX
+from paysvc.errors import InvalidState, NotFound
+from paysvc.invoices import Currency, KhqrOut, Status
+from paysvc.queries import Q
+from paysvc.web import POOL, Route, add_routes, json_response
+
+# Ids are "inv_" + base32; anything else cannot be an invoice, so it never reaches the database.
+_INVOICE_ID = re.compile(r"^inv_[a-z2-7]{1,60}$")
+DEFAULT_POLL_SECONDS = 5
+_SIGN = {"KHR": "៛", "USD": "$"}
+
+
+class PayAgency(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    name_km: str
+
+
+class PayState(BaseModel):
+    """What the public payment page shows and polls: no payer data."""
+
+    model_config = ConfigDict(frozen=True)
+    invoice_id: str
+    status: Status
+    currency: Currency
+    amount: int = Field(description="minor units: riel for KHR, cents for USD")
+    amount_display: str = Field(description="the amount as a citizen reads it: '50,000 ៛' or '$12.50'")
+    agency: PayAgency
+    description: str
+    khqr: KhqrOut | None = Field(description="the code to pay now; null once the invoice is no longer open")
+    qr_svg_url: str | None = Field(description="relative URL of the current code's image; null when not open")
+    server_time: datetime = Field(description="the server's clock, so a countdown does not trust the phone's")
+
+
+def amount_display(currency: str, amount: int) -> str:
+    """``50,000 ៛`` for riel, ``$12.50`` for dollars (amount in minor units)."""
+    if currency == "KHR":
+        return f"{amount:,} ៛"
+    return f"${amount // 100:,}.{amount % 100:02d}"
+
+
+def _mmss(seconds: float) -> str:
+    s = max(0, int(seconds + 0.999))
+    return f"{s // 60:02d}:{s % 60:02d}"
+
+
+async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
+    """The public state of an invoice and its bill number; raises NotFound."""
+    if not _INVOICE_ID.match(invoice_id):
+        raise NotFound(f"no invoice {invoice_id!r}")
+    row = await request.app[POOL].fetchrow(Q.pay_page_invoice, invoice_id)
+    if row is None:
+        raise NotFound(f"no invoice {invoice_id!r}")
+    status, code = row["status"], None
+    if status == "open" and row["expires_at"] <= invoicing.now_utc():
+        status = "expired"  # the background sweep has not marked it yet; the page must not offer a code
+    if status == "open":
+        try:
+            _, code = await invoicing.current_khqr(request.app[POOL], request.app[CTX], invoice_id=invoice_id,
+                                                   agency_id=None)
+        except InvalidState as exc:  # paid, cancelled or run out since we read it
+            status = exc.extra.get("invoice_status", "expired")
+    return PayState(
+        invoice_id=invoice_id,
+        status=status,
+        currency=row["currency"],
+        amount=row["amount"],
+        amount_display=amount_display(row["currency"], row["amount"]),
+        agency=PayAgency(name=row["agency_name"], name_km=row["agency_name_km"]),
+        description=row["description"],
+        khqr=code,
+        qr_svg_url=f"/v1/invoices/{invoice_id}/qr.svg" if code is not None else None,
+        server_time=invoicing.now_utc(),
+    ), row["bill_number"]
+
+
+@dataclass(frozen=True)
+class _Page:
+    template: string.Template
+    css: str
+    js: str
+    headers: dict[str, str]
+
+
+PAGE = web.AppKey("pay_page", _Page)
+
+
+def _load_page() -> _Page:
+    static = importlib.resources.files("paysvc") / "static"
+    css = (static / "pay.css").read_text(encoding="utf-8")
+    js = (static / "pay.js").read_text(encoding="utf-8")
+    if "</" in css or "</script" in js.lower():
+        raise RuntimeError("pay.css and pay.js are inlined in <style>/<script>: they must not contain '</'")
+
+    def sha(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    # The browser refuses anything but our own inline style and script, and talks to no other host.
+    csp = (f"default-src 'none'; script-src {sha(js)}; style-src {sha(css)}; img-src 'self' data: blob:; "
+           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    headers = {
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": csp,
+        "Referrer-Policy": "no-referrer",  # the URL holds the invoice id, which is the page's only secret
+        "X-Content-Type-Options": "nosniff",
+        "X-Robots-Tag": "noindex, nofollow",
+    }
+    return _Page(string.Template((static / "pay.html").read_text(encoding="utf-8")), css, js, headers)
+
+
+def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) -> str:
+    values = dict(status="notfound", invoice_id="", md5="", expires_at="", server_time="", poll=str(poll),
+                  agency_name="", agency_name_km="", amount_display="", currency="", currency_sign="",
+                  description="", bill_number="", qr_src="data:,", countdown="00:00",
+                  title="រកមិនឃើញវិក្កយបត្រ · Invoice not found")
+    if state is not None:
+        values.update(
+            status=state.status, invoice_id=state.invoice_id, server_time=state.server_time.isoformat(),
+            agency_name=state.agency.name, agency_name_km=state.agency.name_km,
+            amount_display=state.amount_display, currency=state.currency, currency_sign=_SIGN[state.currency],
+            description=state.description, bill_number=bill_number,
+            title=f"ទូទាត់ · Pay {state.amount_display} · {state.agency.name}",
+        )
+        if state.khqr is not None:
+            values.update(
+                md5=state.khqr.md5, expires_at=state.khqr.expires_at.isoformat(), qr_src=state.qr_svg_url,
+                countdown=_mmss((state.khqr.expires_at - state.server_time).total_seconds()),
+            )
+    escaped = {k: html.escape(v) for k, v in values.items()}
+    return page.template.substitute(escaped, css=page.css, js=page.js)
+
+
+def _poll_seconds(request: web.Request) -> int:
+    try:
+        return min(60, max(1, int(request.query.get("poll", DEFAULT_POLL_SECONDS))))
+    except ValueError:
+        return DEFAULT_POLL_SECONDS
+
+
+async def pay_page(request: web.Request) -> web.Response:
+    page = request.app[PAGE]
+    try:
+        state, bill = await _state(request, request.match_info["id"])
+        status = 200
+    except NotFound:
+        state, bill, status = None, "", 404
+    resp = web.Response(text=_render(page, state, bill, _poll_seconds(request)), status=status,
+                        content_type="text/html", headers=page.headers)
+    resp.enable_compression()
+    return resp
+
+
+async def pay_state(request: web.Request) -> web.Response:
+    state, _ = await _state(request, request.match_info["id"])
+    return json_response(state, headers={"Cache-Control": "no-store", "X-Robots-Tag": "noindex"})
+
+
+ROUTES = [
+    Route("GET", "/pay/{id}", pay_page, "The citizen's payment page: KHQR card in Khmer and English (public)",
+          content_type="text/html", tags=("pages",)),
+    Route("GET", "/pay/{id}/state", pay_state, "What the payment page polls: status and current KHQR (public)",
+          response=PayState, tags=("pages",)),
+]
+
+
+def setup(app: web.Application) -> None:
+    app[PAGE] = _load_page()
+    add_routes(app, ROUTES)

@@ -1,0 +1,307 @@
+"""The citizen's payment page: plain HTTP checks, then a real headless Chromium at a phone's size."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import io
+import os
+import re
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from paysvc import khqr
+from paysvc.pages import amount_display
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = "/tmp/pay_page.png"
+STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_display", "agency", "description", "khqr",
+                "qr_svg_url", "server_time"}
+
+
+async def open_invoice(api, invoice_body, h: dict | None = None, **kw) -> tuple[dict, dict]:
+    h = h or await api.portal("MOI")
+    r = await api.client.post("/v1/invoices", json=invoice_body(**kw), headers=h)
+    assert r.status == 201, await r.text()
+    return await r.json(), h
+
+
+async def sql(api, query: str, *args) -> None:
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        await conn.execute(query, *args)
+    finally:
+        await conn.close()
+
+
+# --- plain HTTP ---------------------------------------------------------------------------------------------
+
+def test_amounts_read_the_way_citizens_write_them():
+    assert amount_display("KHR", 50000) == "50,000 ៛"
+    assert amount_display("KHR", 500) == "500 ៛"
+    assert amount_display("USD", 1250) == "$12.50"
+    assert amount_display("USD", 5) == "$0.05"
+    assert amount_display("USD", 123456789) == "$1,234,567.89"
+
+
+async def test_page_for_an_open_invoice_shows_the_khqr_card(api, invoice_body):
+    inv, _ = await open_invoice(api, invoice_body, amount=50000)
+    r = await api.client.get(f"/pay/{inv['id']}")
+    assert r.status == 200 and r.content_type == "text/html"
+    page = await r.text()
+    assert "MOI Fees Office" in page and "ក្រសួងមហាផ្ទៃ" in page
+    assert "50,000 ៛" in page and ">KHR<" in page
+    assert "ស្កេន" in page and '<html lang="km">' in page and 'lang="en"' in page
+    assert f'data-md5="{inv["khqr"]["md5"]}"' in page and 'data-status="open"' in page
+    assert f'src="/v1/invoices/{inv["id"]}/qr.svg"' in page and 'alt="' in page
+    assert 'aria-live="polite"' in page
+    assert re.search(r'role="timer">(0\d|10):\d\d<', page)
+    assert inv["bill_number"] in page
+    assert r.headers["Cache-Control"] == "no-store"
+    assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+    assert r.headers["Referrer-Policy"] == "no-referrer"
+    assert len(page.encode()) < 30 * 1024
+
+
+async def test_usd_amount_is_written_with_a_dollar_sign(api, invoice_body):
+    inv, _ = await open_invoice(api, invoice_body, currency="USD", amount=1250)
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert "$12.50" in page and ">USD<" in page
+
+
+async def test_page_and_its_assets_reach_no_other_host(api, invoice_body):
+    inv, _ = await open_invoice(api, invoice_body)
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    static = importlib.resources.files("paysvc") / "static"
+    for name, text in [("page", page)] + [(n, (static / n).read_text(encoding="utf-8"))
+                                          for n in ("pay.html", "pay.js", "pay.css")]:
+        # The only absolute URL allowed is the SVG namespace, which is a name, never fetched.
+        urls = set(re.findall(r"https?://[^\s\"'<>)]+", text)) - {"http://www.w3.org/2000/svg"}
+        assert not urls, (name, urls)
+        assert not re.search(r"""(src|href|url)\s*[=(]\s*["']?//""", text), name
+        assert "@import" not in text and 'rel="stylesheet"' not in text and "<script src" not in text, name
+
+
+async def test_state_json_is_public_small_and_without_payer_data(api, invoice_body):
+    inv, _ = await open_invoice(api, invoice_body, payer={"name": "Sok Dara", "phone": "+855 12 345 678"},
+                                metadata={"case": "SECRET-CASE"})
+    r = await api.client.get(f"/pay/{inv['id']}/state")  # no Authorization header: public
+    assert r.status == 200 and r.content_type == "application/json"
+    assert r.headers["Cache-Control"] == "no-store"
+    text = await r.text()
+    for private in ("Sok Dara", "345 678", "SECRET-CASE", inv["reference"]):
+        assert private not in text
+    s = await r.json()
+    assert set(s) == STATE_FIELDS
+    assert s["invoice_id"] == inv["id"] and s["status"] == "open"
+    assert (s["currency"], s["amount"], s["amount_display"]) == ("KHR", 50000, "50,000 ៛")
+    assert s["agency"] == {"name": "MOI Fees Office", "name_km": "ក្រសួងមហាផ្ទៃ"}
+    assert s["description"] == "Passport fee"
+    assert s["khqr"] == inv["khqr"]
+    assert s["qr_svg_url"] == f"/v1/invoices/{inv['id']}/qr.svg"
+    assert s["server_time"].endswith("Z") or "+00:00" in s["server_time"]
+
+
+async def test_state_hands_out_a_fresh_code_when_the_last_ran_out(api, invoice_body):
+    inv, _ = await open_invoice(api, invoice_body)
+    await sql(api, "UPDATE khqr_codes SET created_at = now() - interval '11 minutes', "
+                   "expires_at = now() - interval '1 minute' WHERE invoice_id = $1", inv["id"])
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["status"] == "open" and s["khqr"]["md5"] != inv["khqr"]["md5"]
+    svg = await api.client.get(s["qr_svg_url"])
+    assert svg.headers["X-Khqr-Md5"] == s["khqr"]["md5"]
+
+
+async def test_unknown_invoice_gets_a_friendly_html_404(api):
+    for path in ("/pay/inv_aaaaaaaaaaaaaaaaaaaaaaaaaa", "/pay/not-an-id", "/pay/%3Cscript%3Ealert(1)%3C%2Fscript%3E"):
+        r = await api.client.get(path)
+        assert r.status == 404 and r.content_type == "text/html", path
+        page = await r.text()
+        assert "Invoice not found" in page and "រកមិនឃើញវិក្កយបត្រ" in page
+        assert 'data-status="notfound"' in page and "alert(1)" not in page  # the id is never echoed
+    r = await api.client.get("/pay/inv_aaaaaaaaaaaaaaaaaaaaaaaaaa/state")
+    assert r.status == 404 and r.content_type == "application/problem+json"
+
+
+async def test_cancelled_invoice_shows_its_state_and_no_code(api, invoice_body):
+    inv, h = await open_invoice(api, invoice_body)
+    assert (await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)).status == 200
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["status"] == "cancelled" and s["khqr"] is None and s["qr_svg_url"] is None
+    r = await api.client.get(f"/pay/{inv['id']}")
+    page = await r.text()
+    assert r.status == 200 and 'data-status="cancelled"' in page and "qr.svg" not in page
+    assert 'data-md5=""' in page and "This invoice was cancelled" in page
+
+
+async def test_paid_and_overdue_invoices_show_their_state(api, invoice_body):
+    paid, h = await open_invoice(api, invoice_body)
+    await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", paid["id"])
+    s = await (await api.client.get(f"/pay/{paid['id']}/state")).json()
+    assert s["status"] == "paid" and s["khqr"] is None
+    assert 'data-status="paid"' in await (await api.client.get(f"/pay/{paid['id']}")).text()
+
+    # Past its expiry but not yet swept by the background job: the page already says expired.
+    late, _ = await open_invoice(api, invoice_body, h)
+    await sql(api, "UPDATE invoices SET expires_at = now() - interval '1 second' WHERE id=$1", late["id"])
+    await sql(api, "UPDATE khqr_codes SET created_at = now() - interval '5 minutes', expires_at = now() "
+                   "- interval '1 second' WHERE invoice_id=$1", late["id"])
+    s = await (await api.client.get(f"/pay/{late['id']}/state")).json()
+    assert s["status"] == "expired" and s["khqr"] is None
+
+
+async def test_openapi_documents_the_state(api):
+    spec = await (await api.client.get("/openapi.json")).json()
+    op = spec["paths"]["/pay/{id}/state"]["get"]
+    ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert STATE_FIELDS <= set(schema["properties"])
+    assert "text/html" in spec["paths"]["/pay/{id}"]["get"]["responses"]["200"]["content"]
+
+
+# --- a real browser at a phone's size ----------------------------------------------------------------------
+
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest_asyncio.fixture
+async def phone(browser, api):
+    """A fresh phone-sized page that records every request and console error."""
+    ctx = await browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                    is_mobile=True, has_touch=True, locale="km-KH")
+    page = await ctx.new_page()
+    page.requests, page.errors = [], []
+    page.on("request", lambda req: page.requests.append(req.url))
+    page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    try:
+        yield page
+    finally:
+        await ctx.close()
+
+
+async def open_pay_page(api, phone, invoice_id: str):
+    url = str(api.client.make_url(f"/pay/{invoice_id}?poll=1"))
+    resp = await phone.goto(url)
+    assert resp.status == 200
+    await phone.evaluate("window.sameDocument = true")  # gone if the page reloads
+    return url
+
+
+async def countdown_seconds(phone) -> int:
+    text = await phone.locator("#countdown").inner_text()
+    assert re.fullmatch(r"\d\d:\d\d", text), text
+    return int(text[:2]) * 60 + int(text[3:])
+
+
+async def eventually(phone, js: str, timeout: float = 10) -> None:
+    """Wait until the JS expression is true. (Playwright's wait_for_function evaluates strings with eval,
+    which the page's Content-Security-Policy rightly refuses; evaluate() is not subject to it.)"""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await phone.evaluate(js):
+        assert asyncio.get_running_loop().time() < deadline, f"not true within {timeout} s: {js}"
+        await asyncio.sleep(0.1)
+
+
+async def codes_on_screen(phone) -> list[str]:
+    """The md5 of every QR code a phone camera would read off the screen."""
+    import zxingcpp
+    from PIL import Image
+
+    shot = await phone.screenshot(full_page=True)
+    return [khqr.md5(b.text) for b in zxingcpp.read_barcodes(Image.open(io.BytesIO(shot)))]
+
+
+def assert_only_own_host(api, phone):
+    own = str(api.client.make_url("/"))
+    assert all(u.startswith((own, "blob:" + own, "data:")) for u in phone.requests), phone.requests
+    assert phone.errors == []  # includes Content-Security-Policy refusals
+
+
+@needs_chromium
+async def test_citizen_sees_the_card_then_the_cancellation_without_reload(api, invoice_body, phone):
+    inv, h = await open_invoice(api, invoice_body, amount=50000)
+    await open_pay_page(api, phone, inv["id"])
+
+    assert await phone.get_by_text("50,000 ៛").is_visible()
+    assert await phone.get_by_text("MOI Fees Office").is_visible()
+    assert await phone.get_by_text("ក្រសួងមហាផ្ទៃ").is_visible()
+    qr = phone.locator("#qr")
+    assert await qr.is_visible()
+    await eventually(phone, "document.getElementById('qr').complete")
+    assert await qr.evaluate("img => img.naturalWidth") > 0
+    box = await qr.bounding_box()
+    assert box["width"] >= 180 and box["height"] >= 180 and box["x"] >= 0 and box["x"] + box["width"] <= 390
+    assert (await qr.get_attribute("alt")).strip()
+
+    first = await countdown_seconds(phone)
+    assert 9 * 60 <= first <= 10 * 60
+    await asyncio.sleep(2.2)
+    assert await countdown_seconds(phone) < first
+    await phone.screenshot(path=SCREENSHOT, full_page=True)
+    assert await codes_on_screen(phone) == [inv["khqr"]["md5"]]  # the mark in the middle does not spoil it
+
+    assert (await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)).status == 200
+    await phone.locator("#card[data-status=cancelled]").wait_for(state="attached", timeout=10_000)
+    assert await phone.get_by_text("This invoice was cancelled", exact=True).is_visible()
+    assert not await qr.is_visible()
+    await eventually(phone, "document.getElementById('live').textContent.includes('cancelled')")
+    assert await phone.evaluate("window.sameDocument === true")
+    await phone.screenshot(path="/tmp/pay_page_cancelled.png")
+    assert_only_own_host(api, phone)
+
+
+@needs_chromium
+async def test_page_swaps_to_a_new_code_when_the_old_one_runs_out(api, invoice_body, phone):
+    inv, _ = await open_invoice(api, invoice_body)
+    await open_pay_page(api, phone, inv["id"])
+    card = phone.locator("#card")
+    assert await card.get_attribute("data-md5") == inv["khqr"]["md5"]
+
+    await sql(api, "UPDATE khqr_codes SET expires_at = now() + interval '3 seconds', "
+                   "created_at = now() - interval '1 minute' WHERE invoice_id = $1", inv["id"])
+    await eventually(phone, f"document.getElementById('card').dataset.md5 !== {inv['khqr']['md5']!r}")
+    new_md5 = await card.get_attribute("data-md5")
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT current_khqr_md5 FROM invoices WHERE id=$1", inv["id"]) == new_md5
+    finally:
+        await conn.close()
+    await eventually(phone, "document.getElementById('qr').src.startsWith('blob:')")
+    assert await phone.locator("#qr").evaluate("img => img.complete && img.naturalWidth > 0")
+    assert await countdown_seconds(phone) >= 9 * 60  # the countdown restarted for the new code
+    assert await codes_on_screen(phone) == [new_md5]
+    assert await phone.evaluate("window.sameDocument === true")
+    assert_only_own_host(api, phone)
+
+
+@needs_chromium
+async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
+    inv, _ = await open_invoice(api, invoice_body)
+    await open_pay_page(api, phone, inv["id"])
+    # Payments arrive with provider capture (another issue); here the invoice is marked paid directly.
+    await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", inv["id"])
+    await phone.locator("#card[data-status=paid]").wait_for(state="attached", timeout=10_000)
+    assert await phone.get_by_text("Paid", exact=True).is_visible()
+    assert await phone.get_by_text("បានបង់ប្រាក់រួចរាល់", exact=True).is_visible()
+    assert not await phone.locator("#qr").is_visible()
+    assert not await phone.locator("#countdown").is_visible()
+    assert await phone.evaluate("window.sameDocument === true")
+    await phone.screenshot(path="/tmp/pay_page_paid.png")
+    assert_only_own_host(api, phone)
