@@ -1,0 +1,221 @@
+"""Bakong (National Bank of Cambodia's open API): a **pull** provider. Bakong sends no callbacks.
+
+Polling
+    ``poll(pending)`` POSTs ``{base_url}/check_transaction_by_md5_list`` with a bare JSON array of at most
+    50 md5 per call (a longer list is split, calls made one after another), ``Authorization: Bearer
+    <token>``. Envelope ``{"responseCode", "responseMessage", "errorCode", "data"}``; with
+    ``responseCode 0``, ``data`` is ``[{"md5", "status", "data"}]``: ``SUCCESS`` becomes a confirmed
+    :class:`PaymentNotice` (``transaction_id`` = ``data.hash``, ``amount`` = ``data.amount`` — a JSON number
+    in major units, converted exactly — ``to_account`` = ``toAccountId``, ``from_account`` =
+    ``fromAccountId``, ``paid_at`` = ``acknowledgedDateMs``, else ``createdDateMs``); ``NOT_FOUND`` and
+    ``STATIC_QR`` give nothing. ``responseCode 1`` with ``errorCode`` 1 (not found) or 3 (failed) gives
+    nothing; with ``errorCode 6``, or HTTP 401/403, :class:`ProviderAuthError`. HTTP 429 is
+    :class:`RateLimited` (with ``Retry-After``), 5xx, timeouts and any answer not of the documented shape
+    :class:`ProviderUnavailable`. The plugin reports what Bakong said; it does not compare amounts or
+    accounts with what was issued (the service does).
+
+Settlement CSV (a bank's export of Bakong transactions)
+    UTF-8 (optional BOM), header exactly
+    ``hash,md5,from_account,to_account,amount,currency,created_date_ms,fee``: ``hash`` the Bakong
+    transaction hash (required, becomes ``transaction_id``), ``md5`` the KHQR md5 (may be empty),
+    ``from_account``/``to_account`` Bakong account ids (checked present, not carried: a settlement line
+    has no account fields), ``amount`` and ``fee`` decimal text in major units (``12.50``, ``25000``; at
+    most the currency's decimals; ``fee`` may be empty: 0), ``currency`` KHR or USD,
+    ``created_date_ms`` Unix epoch milliseconds (13 digits). The header is line 1.
+
+Config: ``{"token": "...", "base_url": "https://api-bakong.nbc.gov.kh/v1", "timeout": 10, "batch_size": 50}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from providers import settlement_csv
+from providers.base import Pattern, ProviderBase
+from providers.errors import (AmountError, ProviderAuthError, ProviderConfigError, ProviderUnavailable, RateLimited,
+                              SettlementFormatError)
+from providers.models import EXPONENT, PaymentNotice, PendingKhqr, SettlementLine, json_safe, loads_exact, to_minor
+from providers.transport import HttpAnswer, JsonClient, retry_after_seconds
+
+NAME = "bakong"
+DEFAULT_BASE_URL = "https://api-bakong.nbc.gov.kh/v1"
+MAX_MD5_PER_CALL = 50
+SETTLEMENT_HEADER = ("hash", "md5", "from_account", "to_account", "amount", "currency", "created_date_ms", "fee")
+_QUIET_ERROR_CODES = {1, 3}  # not found, failed transaction: nothing was paid
+_AUTH_ERROR_CODE = 6
+
+
+class BakongConfig(BaseModel):
+    """Bakong's settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    token: SecretStr = Field(min_length=1)
+    base_url: str = DEFAULT_BASE_URL
+    timeout: float = Field(10.0, gt=0, le=120)
+    batch_size: int = Field(MAX_MD5_PER_CALL, ge=1, le=MAX_MD5_PER_CALL)
+
+
+class BakongProvider(ProviderBase):
+    """Pull: ask Bakong about open KHQR md5s, ≤ 50 a call."""
+
+    name = NAME
+    pattern: Pattern = "pull"
+
+    def __init__(self, config: BakongConfig) -> None:
+        self._token = config.token
+        self.base_url = config.base_url.rstrip("/")
+        self.batch_size = config.batch_size
+        self._http = JsonClient(NAME, timeout=config.timeout)
+
+    async def poll(self, pending: Sequence[PendingKhqr]) -> list[PaymentNotice]:
+        """Confirmed notices for the codes Bakong reports paid (``SUCCESS``); one call per 50 md5."""
+        md5s = list(dict.fromkeys(p.md5 for p in pending))
+        notices: list[PaymentNotice] = []
+        for start in range(0, len(md5s), self.batch_size):
+            notices.extend(await self._check_batch(md5s[start:start + self.batch_size]))
+        return notices
+
+    async def _check_batch(self, md5s: list[str]) -> list[PaymentNotice]:
+        answer = await self._http.post_json(
+            f"{self.base_url}/check_transaction_by_md5_list", md5s,
+            headers={"Authorization": f"Bearer {self._token.get_secret_value()}"})
+        return parse_md5_list_answer(answer, asked=md5s)
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        await self._http.aclose()
+
+    def parse_settlement(self, data: bytes) -> Iterator[SettlementLine]:
+        """The lines of a Bakong settlement CSV (see the module docstring), lazily."""
+        for line_no, f in settlement_csv.rows(data, SETTLEMENT_HEADER, provider=NAME):
+            tx_hash, md5, from_account, to_account, amount, currency, created_ms, fee = (x.strip() for x in f)
+            if not tx_hash:
+                raise SettlementFormatError(line_no, "hash is empty", provider=NAME)
+            if not from_account or not to_account:
+                raise SettlementFormatError(line_no, "from_account and to_account are required", provider=NAME)
+            if currency not in EXPONENT:
+                raise SettlementFormatError(line_no, f"currency {currency!r} is not KHR or USD", provider=NAME)
+            if len(created_ms) != 13:
+                raise SettlementFormatError(line_no, "created_date_ms must be 13 digits (epoch milliseconds)",
+                                            provider=NAME)
+            ms = settlement_csv.int_field(line_no, "created_date_ms", created_ms, provider=NAME)
+            try:
+                minor = to_minor(currency, amount)
+                fee_minor = to_minor(currency, fee) if fee else 0
+                yield SettlementLine(line_no=line_no, transaction_id=tx_hash, md5=md5 or None, amount=minor,
+                                     currency=currency,  # type: ignore[arg-type]
+                                     paid_at=_from_ms(ms), fee=fee_minor)
+            except AmountError as exc:
+                raise SettlementFormatError(line_no, exc.detail, provider=NAME) from None
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                raise SettlementFormatError(line_no, f"{'.'.join(map(str, err['loc']))}: {err['msg']}",
+                                            provider=NAME) from None
+
+
+def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> list[PaymentNotice]:
+    """Read one ``check_transaction_by_md5_list`` answer exactly as Bakong documents it (pure)."""
+    status = answer.status
+    if status == 429:
+        raise RateLimited("Bakong answered 429 Too Many Requests", provider=NAME,
+                          retry_after=retry_after_seconds(answer.headers))
+    if status in (401, 403):
+        raise ProviderAuthError(f"Bakong refused the token (HTTP {status}; 403 also means a request from "
+                                "outside Cambodia)", provider=NAME)
+    if status >= 500:
+        raise ProviderUnavailable(f"Bakong answered HTTP {status}", provider=NAME,
+                                  retry_after=retry_after_seconds(answer.headers))
+    if status != 200:
+        raise ProviderUnavailable(f"Bakong answered HTTP {status}: {_snippet(answer.body)}", provider=NAME)
+    try:
+        doc = loads_exact(answer.body)
+    except (ValueError, RecursionError):
+        raise _shape(f"answer is not JSON: {_snippet(answer.body)}") from None
+    if not isinstance(doc, dict) or "responseCode" not in doc:
+        raise _shape("answer is not a Bakong envelope (no responseCode)")
+    code, error_code = doc.get("responseCode"), doc.get("errorCode")
+    if code == 1:
+        if error_code == _AUTH_ERROR_CODE:
+            raise ProviderAuthError(f"Bakong: {doc.get('responseMessage') or 'unauthorized'} (errorCode 6)",
+                                    provider=NAME)
+        if error_code in _QUIET_ERROR_CODES:
+            return []
+        raise ProviderUnavailable(f"Bakong error {error_code}: {doc.get('responseMessage')!r}", provider=NAME)
+    if code != 0:
+        raise _shape(f"responseCode {code!r} is neither 0 nor 1")
+    items = doc.get("data")
+    if not isinstance(items, list):
+        raise _shape("data is not a list")
+    wanted = set(asked)
+    notices = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("md5"), str):
+            raise _shape(f"data[{i}] has no md5")
+        if item["md5"].lower() not in wanted:
+            raise _shape(f"data[{i}] answers md5 {item['md5']!r}, which was not asked")
+        state = item.get("status")
+        if state == "SUCCESS":
+            notices.append(_notice(item["md5"].lower(), item.get("data"), i))
+        elif state not in ("NOT_FOUND", "STATIC_QR"):
+            raise _shape(f"data[{i}].status {state!r} is not SUCCESS, NOT_FOUND or STATIC_QR")
+    return notices
+
+
+def _notice(md5: str, data: Any, i: int) -> PaymentNotice:
+    where = f"data[{i}].data"
+    if not isinstance(data, dict):
+        raise _shape(f"{where} is missing for a SUCCESS item")
+    for key in ("hash", "toAccountId", "currency"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise _shape(f"{where}.{key} is missing")
+    if data["currency"] not in EXPONENT:
+        raise _shape(f"{where}.currency {data['currency']!r} is not KHR or USD")
+    amount = data.get("amount")
+    if isinstance(amount, bool) or not isinstance(amount, (int, Decimal)):
+        raise _shape(f"{where}.amount is not a number")
+    try:
+        minor = to_minor(data["currency"], amount)
+    except AmountError as exc:
+        raise _shape(f"{where}.amount: {exc.detail}") from None
+    ms = data.get("acknowledgedDateMs")
+    if ms is None:
+        ms = data.get("createdDateMs")
+    if isinstance(ms, bool) or not isinstance(ms, int) or not 0 < ms < 10**14:
+        raise _shape(f"{where} has no acknowledgedDateMs or createdDateMs")
+    from_account = data.get("fromAccountId")
+    try:
+        return PaymentNotice(
+            provider=NAME, transaction_id=data["hash"], md5=md5, amount=minor, currency=data["currency"],
+            to_account=data["toAccountId"], from_account=from_account if isinstance(from_account, str) else None,
+            paid_at=_from_ms(ms), confirmed=True, raw=json_safe({"md5": md5, "status": "SUCCESS", "data": data}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise _shape(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
+def _from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms // 1000, tz=timezone.utc) + timedelta(milliseconds=ms % 1000)
+
+
+def _shape(reason: str) -> ProviderUnavailable:
+    return ProviderUnavailable(f"Bakong answer not in the documented shape: {reason}", provider=NAME)
+
+
+def _snippet(body: bytes) -> str:
+    return body[:200].decode("utf-8", "replace")
+
+
+def create(config: Mapping[str, Any]) -> BakongProvider:
+    """Entry point ``bakong``: build the provider from ``{"token", "base_url", "timeout"}``."""
+    try:
+        return BakongProvider(BakongConfig.model_validate(dict(config)))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ProviderConfigError(f"bad bakong config: {'.'.join(map(str, err['loc']))}: {err['msg']}",
+                                  provider=NAME) from None

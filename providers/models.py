@@ -1,0 +1,196 @@
+"""What every provider answers with: frozen models and the money rules they follow.
+
+Money is an ``int`` in the currency's minor unit (KHR riel, exponent 0; USD cents, exponent 2) plus its
+currency. Providers speak major units (Bakong's ``amount`` is a JSON number, PayWay's ``12.50``);
+:func:`to_minor` converts exactly, through :class:`~decimal.Decimal`, never through ``float``.
+
+A :class:`PaymentNotice` is either **confirmed** (its content can be trusted: a verified signed push, a
+pull result, or a push confirmed with the provider's API) or a **hint** (``confirmed=False``: an unsigned
+push, e.g. PayWay's callback). A hint carries what the push said and may lack ``amount``, ``currency``
+and ``paid_at``; the service must pass it to ``Provider.confirm`` and book only what comes back. A
+confirmed notice always has all three.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from providers.errors import AmountError
+
+Currency = Literal["KHR", "USD"]
+EXPONENT: dict[str, int] = {"KHR": 0, "USD": 2}
+
+_DECIMAL_TEXT = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?", re.ASCII)
+_MD5 = re.compile(r"[0-9a-f]{32}", re.ASCII)
+
+
+def to_minor(currency: str, value: str | int | Decimal) -> int:
+    """Convert a major-unit amount (``"12.50"``, ``12``, ``Decimal("12.5")``) to integer minor units.
+
+    Exact: digits beyond the currency's exponent must be zeros (``"12.505"`` USD and ``"1.5"`` KHR are
+    refused; ``"25000.0"`` KHR is 25000). ``float`` and ``bool`` are refused outright: parse JSON with
+    ``parse_float=Decimal`` (see :func:`loads_exact`). Raises :class:`AmountError`.
+    """
+    if currency not in EXPONENT:
+        raise AmountError(f"unsupported currency {currency!r}; only KHR and USD")
+    if isinstance(value, bool) or isinstance(value, float):
+        raise AmountError(f"amount {value!r} is a {type(value).__name__}; give decimal text, int or Decimal")
+    if isinstance(value, int):
+        dec = Decimal(value)
+    elif isinstance(value, Decimal):
+        if not value.is_finite():
+            raise AmountError(f"amount {value} is not a finite number")
+        dec = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if not _DECIMAL_TEXT.fullmatch(text):
+            raise AmountError(f"amount {value!r} is not a decimal number like 12.50")
+        try:
+            dec = Decimal(text)
+        except InvalidOperation as exc:  # pragma: no cover - the pattern already excludes this
+            raise AmountError(f"amount {value!r} is not a decimal number") from exc
+    else:
+        raise AmountError(f"amount of type {type(value).__name__} is not supported")
+    scaled = dec.scaleb(EXPONENT[currency])
+    if scaled != scaled.to_integral_value():
+        raise AmountError(f"{currency} amount {dec} has more than {EXPONENT[currency]} decimal places")
+    return int(scaled)
+
+
+def from_minor(currency: str, minor: int) -> str:
+    """Write minor units as major-unit text: USD 1250 → ``"12.50"``, KHR 25000 → ``"25000"``."""
+    if currency not in EXPONENT:
+        raise AmountError(f"unsupported currency {currency!r}; only KHR and USD")
+    if isinstance(minor, bool) or not isinstance(minor, int):
+        raise AmountError(f"minor amount must be an int, not {type(minor).__name__}")
+    exp = EXPONENT[currency]
+    return str(Decimal(minor).scaleb(-exp).quantize(Decimal(1).scaleb(-exp)))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def loads_exact(data: bytes | str) -> Any:
+    """``json.loads`` with every fractional number as :class:`~decimal.Decimal` and NaN/Infinity refused.
+
+    Raises ``ValueError`` (``json.JSONDecodeError`` or ``UnicodeDecodeError`` are subclasses) on bad input.
+    """
+    return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def json_safe(value: Any) -> Any:
+    """A copy of parsed JSON with each Decimal turned into its exact text (``12.50`` → ``"12.50"``)."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must be timezone-aware")
+    return value.astimezone(timezone.utc)
+
+
+def _md5(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.lower()
+    if not _MD5.fullmatch(value):
+        raise ValueError("must be 32 hexadecimal characters")
+    return value
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PaymentNotice(_Frozen):
+    """Money a provider reports as moved (``confirmed=True``), or a hint that it may have (``False``)."""
+
+    provider: str = Field(min_length=1, max_length=64)
+    transaction_id: str = Field(min_length=1, max_length=200)   # the provider's unique id for the movement
+    md5: str | None = None                                       # KHQR md5, when known
+    bill_number: str | None = Field(default=None, max_length=100)
+    amount: int | None = Field(default=None, gt=0)               # minor units; None only on a hint
+    currency: Currency | None = None                             # None only on a hint
+    to_account: str | None = Field(default=None, max_length=200)
+    from_account: str | None = Field(default=None, max_length=200)
+    paid_at: datetime | None = None                              # UTC; None only on a hint
+    confirmed: bool
+    raw: dict[str, Any] = Field(default_factory=dict)           # the provider's own fields, JSON-safe
+
+    @field_validator("md5")
+    @classmethod
+    def _check_md5(cls, v: str | None) -> str | None:
+        return _md5(v)
+
+    @field_validator("paid_at")
+    @classmethod
+    def _check_paid_at(cls, v: datetime | None) -> datetime | None:
+        return _utc(v)
+
+    @model_validator(mode="after")
+    def _confirmed_is_complete(self) -> PaymentNotice:
+        if self.confirmed:
+            missing = [f for f in ("amount", "currency", "paid_at") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"a confirmed notice needs {', '.join(missing)}")
+        return self
+
+
+class PendingKhqr(_Frozen):
+    """A KHQR code the service issued and still waits on: what a pull provider is asked about."""
+
+    md5: str
+    bill_number: str | None = None
+    currency: Currency
+    amount: int = Field(gt=0)                                    # minor units
+    to_account: str
+    expires_at: datetime
+
+    @field_validator("md5")
+    @classmethod
+    def _check_md5(cls, v: str) -> str:
+        return _md5(v)  # type: ignore[return-value]
+
+    @field_validator("expires_at")
+    @classmethod
+    def _check_expires_at(cls, v: datetime) -> datetime:
+        return _utc(v)  # type: ignore[return-value]
+
+
+class SettlementLine(_Frozen):
+    """One line of a provider's settlement file; ``line_no`` is its physical line (the header is line 1)."""
+
+    line_no: int = Field(ge=1)
+    transaction_id: str | None = None
+    md5: str | None = None
+    bill_number: str | None = None
+    amount: int = Field(gt=0)                                    # minor units
+    currency: Currency
+    paid_at: datetime | None = None
+    fee: int = Field(default=0, ge=0)                            # minor units, same currency
+    reference: str | None = None
+
+    @field_validator("md5")
+    @classmethod
+    def _check_md5(cls, v: str | None) -> str | None:
+        return _md5(v)
+
+    @field_validator("paid_at")
+    @classmethod
+    def _check_paid_at(cls, v: datetime | None) -> datetime | None:
+        return _utc(v)
