@@ -13,7 +13,10 @@ from typing import AsyncIterator
 import prometheus_client
 from aiohttp import web
 
-from paysvc import api_invoices, api_ledger, invoicing, pages
+from paysvc import api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
+from paysvc.poller import Poller, PollPolicy
+from paysvc.provider_settings import provider_config
+from providers import load_providers
 from paysvc.auth import Authenticator
 from paysvc.background import run_periodically
 from paysvc.db import create_pool
@@ -21,7 +24,7 @@ from paysvc.openapi import build_openapi
 from paysvc.pii import cipher_from_settings
 from paysvc.queries import Q
 from paysvc.settings import Settings
-from paysvc.web import AUTH, BACKGROUND, POOL, ROUTES, SETTINGS, Route, add_routes, json_response, request_middleware
+from paysvc.web import AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, json_response, request_middleware
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
@@ -69,10 +72,28 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         yield
         await pool.close()
 
+    config = provider_config(settings)
+
+    async def payment_providers(app: web.Application) -> AsyncIterator[None]:
+        providers = load_providers(config)
+        app[PROVIDERS] = providers
+        yield
+        for p in providers.values():
+            await p.aclose()
+
     async def background_jobs(app: web.Application) -> AsyncIterator[None]:
         tasks = []
         if app[BACKGROUND]:
             pool = app[POOL]
+            providers = app[PROVIDERS]
+            tasks.append(asyncio.create_task(run_periodically(
+                "inbox", settings.inbox_interval_seconds,
+                lambda: inbox.work(pool, providers, lease=timedelta(seconds=settings.inbox_lease_seconds)))))
+            policy = PollPolicy(grace=timedelta(minutes=settings.bakong_grace_minutes))
+            for p in providers.values():
+                if p.pattern == "pull":
+                    poller = Poller(pool, p, policy, settings.bakong_poll_interval_seconds)
+                    tasks.append(asyncio.create_task(poller.run()))
             tasks.append(asyncio.create_task(run_periodically(
                 "expire-invoices", settings.expiry_interval_seconds, lambda: invoicing.expire_due(pool))))
             tasks.append(asyncio.create_task(run_periodically(
@@ -82,10 +103,12 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    app.cleanup_ctx.extend([database, background_jobs])
+    app.cleanup_ctx.extend([database, payment_providers, background_jobs])
     add_routes(app, OPS_ROUTES)
     api_invoices.setup(app, ctx)
     api_ledger.setup(app)
+    api_providers.setup(app)
+    api_reconciliation.setup(app)
     pages.setup(app)
     return app
 

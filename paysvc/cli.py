@@ -188,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     k = ks.add_parser("list", help="list keys (ids, names, scopes; never the secrets)")
     k.set_defaults(func=cmd_keys_list)
 
-    from paysvc import cli_ledger
+    from paysvc import cli_ledger, cli_sandbox
 
     cli_ledger.register(sub)
+    cli_sandbox.register(sub)
     return p
 
 

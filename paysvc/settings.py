@@ -43,6 +43,20 @@ class Settings(BaseSettings):
     expiry_interval_seconds: float = Field(5, gt=0)
     idempotency_retention_hours: int = Field(48, ge=24)
 
+    # Payment providers enabled on this instance (comma separated), each configured below.
+    providers: str = "sandbox"
+    sandbox_secret: SecretStr | None = None           # comma separated: the first signs, any verifies
+    bakong_token: SecretStr | None = None
+    bakong_base_url: str = "https://api-bakong.nbc.gov.kh/v1"
+    bakong_poll_interval_seconds: float = Field(5, gt=0)
+    bakong_grace_minutes: float = Field(30, ge=0)
+    aba_merchant_id: str | None = None
+    aba_api_key: SecretStr | None = None
+    aba_base_url: str = "https://checkout.payway.com.kh"
+    inbox_interval_seconds: float = Field(2, gt=0)
+    # A callback being processed is left alone this long; after it (a crashed process), the worker takes it.
+    inbox_lease_seconds: float = Field(60, gt=0)
+
     log_level: str = "INFO"
 
     @field_validator("public_url")
@@ -68,6 +82,18 @@ class Settings(BaseSettings):
         if v not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return v
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, v: str) -> str:
+        names = [n.strip() for n in v.split(",") if n.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError("a provider is listed twice")
+        return ",".join(names)
+
+    @property
+    def provider_names(self) -> list[str]:
+        return [n for n in self.providers.split(",") if n]
 
     @property
     def base_url(self) -> str:

@@ -28,6 +28,7 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 AUTH = web.AppKey("auth", Authenticator)
 BACKGROUND = web.AppKey("background", bool)  # False in tests that drive background jobs by hand
 ROUTES = web.AppKey("routes", list)
+PROVIDERS = web.AppKey("providers", dict)  # name -> providers.Provider, the ones enabled by settings
 REQUEST_ID = web.RequestKey("request_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 MAX_JSON_BODY = 64 * 1024

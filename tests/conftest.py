@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
+from typing import AsyncIterator
 
 import asyncpg
 import pytest
@@ -20,6 +22,7 @@ from paysvc.settings import Settings
 
 ADMIN_DSN = os.environ.get("PAYSVC_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_PII_KEYS = "t1:" + base64.b64encode(b"k" * 32).decode()
+TEST_SANDBOX_SECRET = "sandbox-test-secret"
 
 
 def dsn_for(dbname: str) -> str:
@@ -62,6 +65,7 @@ async def db(db_dsn):
 
 def make_settings(dsn: str, **overrides) -> Settings:
     values = dict(database_url=dsn, pii_keys=TEST_PII_KEYS, public_url="http://paysvc.test", db_pool_min=1,
+                  sandbox_secret=TEST_SANDBOX_SECRET,
                   db_pool_max=30)
     values.update(overrides)
     return Settings(**values)
@@ -96,15 +100,22 @@ class Api:
         return {"Authorization": f"Bearer {await self.key(code)}"}
 
 
-@pytest_asyncio.fixture
-async def api(db_dsn):
-    app = create_app(make_settings(db_dsn), db_dsn, background=False)
+@contextlib.asynccontextmanager
+async def running_api(dsn: str, **overrides) -> AsyncIterator[Api]:
+    """The service on a local port, with settings changed by ``overrides`` (background jobs off)."""
+    app = create_app(make_settings(dsn, **overrides), dsn, background=False)
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
-        yield Api(client, db_dsn)
+        yield Api(client, dsn)
     finally:
         await client.close()
+
+
+@pytest_asyncio.fixture
+async def api(db_dsn):
+    async with running_api(db_dsn) as a:
+        yield a
 
 
 @pytest.fixture

@@ -1,0 +1,81 @@
+"""Provider callbacks: store first, answer 2xx only once stored, then verify and capture."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from aiohttp import web
+
+from paysvc import inbox
+from paysvc.errors import NotFound, PayloadTooLarge, Problem
+from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, json_response
+from providers import NotConfirmed, SignatureError
+
+MAX_CALLBACK_BODY = 64 * 1024
+
+
+class CallbackRejected(Problem):
+    status = 400
+    slug = "callback-rejected"
+    title = "Callback refused"
+
+
+class BadSignature(Problem):
+    status = 401
+    slug = "bad-signature"
+    title = "Callback signature not valid"
+
+
+class WrongContentType(Problem):
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported content type"
+
+
+async def callback(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    providers = request.app[PROVIDERS]
+    if name not in providers:
+        raise NotFound(f"no provider named {name!r} is enabled; enabled: {sorted(providers)}")
+    if request.content_length is not None and request.content_length > MAX_CALLBACK_BODY:
+        raise PayloadTooLarge(f"callback body is larger than {MAX_CALLBACK_BODY} bytes")
+    body = await request.content.read(MAX_CALLBACK_BODY + 1)
+    if len(body) > MAX_CALLBACK_BODY:
+        raise PayloadTooLarge(f"callback body is larger than {MAX_CALLBACK_BODY} bytes")
+    pool = request.app[POOL]
+    if request.content_type != "application/json":
+        # Kept as evidence like every other callback, but never processed.
+        await inbox.store(pool, name, request.headers, body,
+                          rejected=f"content type {request.content_type or 'none'} is not application/json")
+        raise WrongContentType("send callbacks as application/json")
+    inbox_id = await inbox.store(pool, name, request.headers, body,
+                                 lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds))
+    # Stored and committed: from here on nothing is lost, whatever happens to this process.
+    try:
+        outcome = await inbox.process(pool, providers, inbox_id)
+    except Exception:
+        request.app.logger.exception("processing inbox row %s failed; the inbox worker will retry", inbox_id)
+        return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)
+    if outcome.state == "rejected" and isinstance(outcome.error, NotConfirmed):
+        # Heard and checked: the provider's own API says this payment did not go through.
+        return json_response({"status": "not_confirmed", "inbox_id": inbox_id, "detail": outcome.reason})
+    if outcome.state == "rejected":
+        cls = BadSignature if isinstance(outcome.error, SignatureError) else CallbackRejected
+        raise cls(outcome.reason or "callback refused", inbox_id=inbox_id)
+    if outcome.state == "deferred":
+        return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)
+    return json_response({
+        "status": "processed", "inbox_id": inbox_id,
+        "payments": [{"payment_id": r.payment_id, "new": r.created, "invoice_id": r.invoice_id,
+                      "exception": r.reason} for r in outcome.results],
+    })
+
+
+ROUTES = [
+    Route("POST", "/v1/providers/{name}/callbacks", callback,
+          "Provider push notification; stored before it is verified, captured exactly once", tags=("providers",)),
+]
+
+
+def setup(app: web.Application) -> None:
+    add_routes(app, ROUTES)

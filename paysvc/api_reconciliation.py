@@ -1,0 +1,92 @@
+"""Reconciliation exceptions for treasury: money that could not be booked as a plain invoice payment."""
+
+from __future__ import annotations
+
+import base64
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from paysvc.errors import MalformedRequest
+from paysvc.web import POOL, Route, add_routes, json_response, parse_query, principal
+from paysvc.queries import Q
+
+Reason = Literal["unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
+                 "duplicate_payment", "underpaid", "overpaid", "amount_mismatch", "missing_in_ledger",
+                 "missing_in_settlement", "duplicate_in_settlement"]
+
+
+class ExceptionQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: str | None = None
+    business_date: date | None = None
+    reason: Reason | None = None
+    state: Literal["open", "resolved"] | None = None
+    cursor: str | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+class ExceptionOut(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str
+    reason: Reason
+    state: Literal["open", "resolved"]
+    provider: str
+    payment_id: str | None
+    invoice_id: str | None
+    agency: str | None
+    currency: Literal["KHR", "USD"]
+    amount: int
+    business_date: date | None
+    evidence: dict[str, Any]
+    opened_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+    resolution: str | None
+    resolution_note: str | None
+
+
+class ExceptionPage(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    data: list[ExceptionOut]
+    next_cursor: str | None
+
+
+def _cursor(opened_at: datetime, exc_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{opened_at.isoformat()}|{exc_id}".encode()).decode().rstrip("=")
+
+
+def _uncursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        ts, _, exc_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition("|")
+        return datetime.fromisoformat(ts), exc_id
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedRequest("cursor is not valid: pass back the next_cursor of the previous page unchanged") from None
+
+
+async def list_exceptions(request: web.Request) -> web.Response:
+    await principal(request, "treasury")
+    q = parse_query(ExceptionQuery, request)
+    after_ts = after_id = None
+    if q.cursor:
+        after_ts, after_id = _uncursor(q.cursor)
+    rows = await request.app[POOL].fetch(Q.exceptions_list, q.provider, q.business_date, q.reason, q.state,
+                                         after_ts, after_id, q.limit + 1)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return json_response(ExceptionPage(
+        data=[ExceptionOut(**dict(r)) for r in rows],
+        next_cursor=_cursor(rows[-1]["opened_at"], rows[-1]["id"]) if more else None,
+    ))
+
+
+ROUTES = [
+    Route("GET", "/v1/reconciliation/exceptions", list_exceptions, "Reconciliation exceptions, newest first",
+          scope="treasury", query=ExceptionQuery, response=ExceptionPage, tags=("reconciliation",)),
+]
+
+
+def setup(app: web.Application) -> None:
+    add_routes(app, ROUTES)

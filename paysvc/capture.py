@@ -1,0 +1,190 @@
+"""Capture: turn one confirmed payment notice into a payment, exactly once.
+
+In one transaction: the payment row (unique on provider + transaction id, and on the KHQR code it
+paid), the invoice's new state, the journal entry, the reconciliation exception when something is off,
+and the outbox events. The service checks amount, currency and receiving account against the code it
+issued; a provider is never trusted on those.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+import ledger
+from paysvc.outbox import add_event
+from paysvc.queries import Q
+from providers import PaymentNotice
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How a payment is booked: ``applied`` to the invoice, ``suspense`` held for treasury."""
+
+    applied: int
+    suspense: int
+    reason: str | None          # why some or all went to suspense; None when all is well
+    pays_invoice: bool
+
+
+def decide(notice: PaymentNotice, invoice: dict | None, code: dict | None) -> Decision:
+    """The pure rule: given what the provider reported and what we issued, where does the money go."""
+    whole = Decision(0, notice.amount, None, False)
+    if invoice is None:
+        return Decision(0, notice.amount, "unknown_khqr", False)
+    if notice.currency != invoice["currency"]:
+        return Decision(0, notice.amount, "currency_mismatch", False)
+    expected_account = code["to_account"] if code is not None else invoice["bakong_account"]
+    if notice.to_account is not None and notice.to_account != expected_account:
+        return Decision(0, notice.amount, "account_mismatch", False)
+    status = invoice["status"]
+    if status == "cancelled":
+        return Decision(0, notice.amount, "invoice_cancelled", False)
+    if status == "paid":
+        return Decision(0, notice.amount, "duplicate_payment", False)
+    if status == "expired" and notice.paid_at > invoice["expires_at"]:
+        # Paid after the invoice closed. A payment made in time but reported late still pays it.
+        return Decision(0, notice.amount, "invoice_expired", False)
+    owed = invoice["amount"] - invoice["amount_paid"]
+    if notice.amount < owed:
+        # Dynamic codes carry the exact amount: less than owed is not a normal partial payment.
+        return Decision(0, notice.amount, "underpaid", False)
+    if notice.amount > owed:
+        return Decision(owed, notice.amount - owed, "overpaid", True)
+    assert whole.suspense == notice.amount
+    return Decision(owed, 0, None, True)
+
+
+def journal_draft(notice: PaymentNotice, decision: Decision, *, agency_code: str | None, payment_id: str,
+                  invoice_id: str | None, effective_at: datetime) -> ledger.EntryDraft:
+    cur = notice.currency
+    postings = [ledger.Posting(account=f"provider:{notice.provider}:clearing:{cur}", side="debit",
+                               amount=notice.amount, currency=cur)]
+    if decision.applied:
+        postings.append(ledger.Posting(account=f"agency:{agency_code}:revenue:{cur}", side="credit",
+                                       amount=decision.applied, currency=cur))
+    if decision.suspense:
+        postings.append(ledger.Posting(account=f"suspense:unmatched:{cur}", side="credit",
+                                       amount=decision.suspense, currency=cur))
+    kind = "payment_captured" if decision.reason is None else "payment_suspense"
+    return ledger.EntryDraft(
+        kind=kind,
+        description=f"{notice.provider} payment {notice.transaction_id}"
+        + (f" for invoice {invoice_id}" if invoice_id else "") + (f" ({decision.reason})" if decision.reason else ""),
+        effective_at=effective_at,
+        postings=postings,
+        idempotency_key=f"payment:{payment_id}",
+        invoice_id=invoice_id,
+        payment_id=payment_id,
+    )
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_" + base64.b32encode(secrets.token_bytes(15)).decode().lower()
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    payment_id: str
+    created: bool                # False: this money was already captured (a duplicate notice)
+    reason: str | None
+    invoice_id: str | None
+
+
+async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
+                  inbox_id: int | None = None, flag: str | None = None) -> CaptureResult:
+    """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction and KHQR code.
+
+    ``flag`` adds an exception reason even when the money matches (settlement uses it for
+    ``missing_in_ledger``: captured late, from the settlement line).
+    """
+    if not notice.confirmed:
+        raise ValueError("only confirmed notices are captured")
+    code = None
+    if notice.md5:
+        code = await conn.fetchrow(Q.khqr_for_capture, notice.md5)
+    invoice = None
+    if code is not None:
+        invoice = await conn.fetchrow(Q.invoice_for_capture, code["invoice_id"])
+    elif notice.bill_number:
+        invoice = await conn.fetchrow(Q.invoice_for_capture_by_bill, notice.bill_number)
+    # Checked after the invoice lock: a concurrent capture of the same notice has committed by now.
+    prior = await conn.fetchrow(Q.payment_by_provider_tx, notice.provider, notice.transaction_id)
+    if prior is not None:
+        return CaptureResult(prior["id"], False, None, prior["invoice_id"])
+    if code is not None:
+        same = await conn.fetchrow(Q.payment_by_khqr, code["md5"])
+        if (same is not None and same["provider"] != notice.provider and same["amount"] == notice.amount
+                and same["currency"] == notice.currency):
+            # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
+            return CaptureResult(same["id"], False, None, same["invoice_id"])
+        if same is not None:
+            code = None  # other money on an already-paid code: a second payment, booked on its own
+
+    decision = decide(notice, dict(invoice) if invoice else None, dict(code) if code else None)
+    if flag is not None and decision.reason is None:
+        decision = Decision(decision.applied, decision.suspense, flag, decision.pays_invoice)
+    payment_id = new_id("pay")
+    agency_id = invoice["agency_id"] if invoice else None
+    agency_code = invoice["agency_code"] if invoice else None
+    invoice_id = invoice["id"] if invoice else None
+    entry = await ledger.post_entry(conn, journal_draft(
+        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id,
+        effective_at=notice.paid_at))
+    evidence: dict[str, Any] = {"notice": notice.model_dump(mode="json"), "source": source}
+    inserted = await conn.fetchval(
+        Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
+        code["md5"] if code else None, notice.bill_number, notice.currency, notice.amount, decision.applied,
+        decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id,
+        entry.id, evidence,
+    )
+    if inserted is None:
+        # A concurrent capture of the same money committed first; this transaction must not book it again.
+        raise DuplicateCapture(notice.provider, notice.transaction_id)
+
+    if decision.pays_invoice:
+        row = await conn.fetchrow(Q.invoice_mark_paid, invoice_id, decision.applied, notice.paid_at)
+        await add_event(conn, agency_id=agency_id, type="invoice.paid", occurred_at=now, data={
+            "invoice_id": invoice_id, "reference": row["reference"], "bill_number": row["bill_number"],
+            "status": row["status"], "currency": row["currency"], "amount": row["amount"],
+            "amount_paid": row["amount_paid"], "paid_at": notice.paid_at.isoformat(), "payment_id": payment_id,
+            "provider": notice.provider,
+        })
+    if decision.reason is not None:
+        exc_id = new_id("exc")
+        await conn.execute(
+            Q.exception_insert, exc_id, decision.reason, notice.provider, payment_id, invoice_id, agency_id,
+            notice.currency, decision.suspense if decision.suspense else notice.amount, None,
+            {"payment_id": payment_id, "notice": notice.model_dump(mode="json"),
+             "invoice": _invoice_evidence(invoice), "khqr_md5": notice.md5},
+            now,
+        )
+        if agency_id is not None:
+            await add_event(conn, agency_id=agency_id, type="reconciliation.exception_opened", occurred_at=now,
+                            data={"exception_id": exc_id, "reason": decision.reason, "payment_id": payment_id,
+                                  "invoice_id": invoice_id, "currency": notice.currency,
+                                  "amount": decision.suspense or notice.amount})
+    if agency_id is not None and decision.applied:
+        await add_event(conn, agency_id=agency_id, type="journal.posted", occurred_at=now, data={
+            "entry_id": str(entry.id), "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
+            "postings": [{"account": p.account, "side": p.side, "amount": p.amount, "currency": p.currency}
+                         for p in entry.postings if p.account.startswith(f"agency:{agency_code}:")],
+        })
+    return CaptureResult(payment_id, True, decision.reason, invoice_id)
+
+
+def _invoice_evidence(invoice) -> dict | None:
+    if invoice is None:
+        return None
+    return {"id": invoice["id"], "status": invoice["status"], "currency": invoice["currency"],
+            "amount": invoice["amount"], "amount_paid": invoice["amount_paid"],
+            "expires_at": invoice["expires_at"].isoformat()}
+
+
+class DuplicateCapture(Exception):
+    """Raised when a concurrent transaction captured the same money first; the caller rolls back."""

@@ -1,0 +1,80 @@
+"""``paysvc sandbox pay``: pay an invoice's current KHQR code as a citizen's bank would.
+
+It reads the code the payment page shows, decodes it like a bank app (refusing an expired or
+malformed code), and sends the sandbox provider's signed callback to the running service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+
+from paysvc.settings import Settings
+
+
+class SandboxError(Exception):
+    pass
+
+
+async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url: str) -> dict:
+    import aiohttp
+
+    from paysvc import khqr
+    from paysvc.provider_settings import sandbox_secrets
+    from providers.sandbox import sign
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        async with http.get(f"{base_url}/pay/{invoice_id}/state") as r:
+            state = await r.json(content_type=None)
+            if r.status != 200:
+                raise SandboxError(f"cannot read invoice {invoice_id}: {state.get('detail', r.status)}")
+        if state.get("status") != "open" or not state.get("khqr"):
+            raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay")
+        payload = state["khqr"]["payload"]
+        try:
+            code = khqr.decode(payload, now_ms=int(time.time() * 1000))
+        except khqr.KhqrError as exc:
+            raise SandboxError(f"a bank app would refuse this code: {exc.reason}") from None
+        body = json.dumps({
+            "transaction_id": "sbx_" + uuid.uuid4().hex,
+            "md5": khqr.md5(payload),
+            "bill_number": code.bill_number,
+            "amount": amount if amount is not None else code.amount,
+            "currency": code.currency,
+            "to_account": code.bakong_account_id,
+            "paid_at": datetime.now(UTC).isoformat(),
+        }).encode()
+        headers = {"Content-Type": "application/json",
+                   "Sandbox-Signature": sign(sandbox_secrets(settings)[0], body, int(time.time()))}
+        async with http.post(f"{base_url}/v1/providers/sandbox/callbacks", data=body, headers=headers) as r:
+            out = await r.json(content_type=None)
+            if r.status >= 300:
+                raise SandboxError(f"the service refused the callback ({r.status}): {out.get('detail')}")
+            return out
+
+
+def cmd_pay(settings: Settings, args) -> int:
+    base = (args.url or settings.base_url).rstrip("/")
+    try:
+        out = asyncio.run(pay(settings, args.invoice_id, args.amount, base))
+    except SandboxError as exc:
+        print(f"paysvc sandbox: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"paysvc sandbox: cannot reach {base}: {exc}; is `paysvc serve` running?", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    sb = sub.add_parser("sandbox", help="the sandbox bank simulator").add_subparsers(dest="action", required=True)
+    p = sb.add_parser("pay", help="pay an invoice's current KHQR as a citizen's bank would (signed callback)")
+    p.add_argument("invoice_id")
+    p.add_argument("--amount", type=int, help="pay this many minor units instead of the code's amount")
+    p.add_argument("--url", help="the service's base URL (default: PAYSVC_PUBLIC_URL or http://HOST:PORT)")
+    p.set_defaults(func=cmd_pay)

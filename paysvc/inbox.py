@@ -1,0 +1,130 @@
+"""The provider inbox: every callback is stored raw before anything else, then processed on its own.
+
+A callback's row commits before the provider gets its 2xx. Processing (verify, parse, confirm with the
+provider when the pattern asks for it, capture) runs in its own transaction; if the process dies in
+between, the row is still ``received`` and the inbox worker picks it up once its lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Mapping
+
+import asyncpg
+from multidict import CIMultiDict
+
+from paysvc.capture import CaptureResult, DuplicateCapture, capture
+from paysvc.invoicing import now_utc
+from paysvc.queries import Q
+from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
+
+log = logging.getLogger(__name__)
+
+# While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
+LEASE = timedelta(seconds=60)
+MAX_BACKOFF = timedelta(hours=1)
+
+
+@dataclass
+class Outcome:
+    state: str                          # processed | rejected | deferred
+    reason: str | None = None
+    error: ProviderError | None = None
+    results: list[CaptureResult] = field(default_factory=list)
+
+
+async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], body: bytes,
+                *, rejected: str | None = None, lease: timedelta = LEASE) -> int:
+    """Write the callback as received; commit before returning. Returns the inbox row id.
+
+    The row is leased to the caller, who processes it at once; the worker takes it after ``lease``.
+    """
+    now = now_utc()
+    return await pool.fetchval(
+        Q.inbox_insert, provider, now, {k: v for k, v in headers.items()}, body,
+        "rejected" if rejected else "received", rejected, now + lease,
+    )
+
+
+async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, source: str,
+                          inbox_id: int | None = None) -> list[CaptureResult]:
+    """Capture each notice in its own transaction (a concurrent duplicate is retried and found)."""
+    results = []
+    for notice in notices:
+        for attempt in range(3):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    results.append(await capture(conn, notice, source=source, now=now_utc(), inbox_id=inbox_id))
+                break
+            except DuplicateCapture:
+                if attempt == 2:
+                    raise
+            except asyncpg.DeadlockDetectedError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+    return results
+
+
+async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_id: int) -> Outcome:
+    """Verify, parse, confirm and capture one inbox row. Safe to run more than once for a row."""
+    row = await pool.fetchrow(Q.inbox_get, inbox_id)
+    if row is None or row["state"] != "received":
+        return Outcome(row["state"] if row else "missing")
+    provider = providers.get(row["provider"])
+    if provider is None:
+        return await _defer(pool, row, f"provider {row['provider']!r} is not enabled on this instance")
+    headers = CIMultiDict(row["headers"])
+    body = bytes(row["body"])
+    try:
+        # The signature's time window is judged at arrival, so a row recovered after a crash still verifies.
+        provider.verify_callback(headers, body, now=row["received_at"])
+        notices = provider.parse_callback(headers, body)
+    except ProviderError as exc:
+        await pool.execute(Q.inbox_reject, inbox_id, f"{exc.code}: {exc}")
+        return Outcome("rejected", str(exc), exc)
+    if provider.pattern == "push_confirm":
+        confirmed = []
+        for n in notices:
+            try:
+                confirmed.append(await provider.confirm(n))
+            except PaymentPending as exc:
+                # Not approved *yet*: ask again later rather than drop a payment that is on its way.
+                return await _defer(pool, row, f"{exc.code}: {exc}")
+            except NotConfirmed as exc:
+                await pool.execute(Q.inbox_reject, inbox_id, f"{exc.code}: {exc}")
+                return Outcome("rejected", str(exc), exc)
+            except ProviderUnavailable as exc:
+                return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
+        notices = confirmed
+    results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id)
+    await pool.execute(Q.inbox_processed, inbox_id, now_utc())
+    return Outcome("processed", results=results)
+
+
+async def _defer(pool: asyncpg.Pool, row, reason: str, retry_after: float | None = None) -> Outcome:
+    wait = timedelta(seconds=retry_after) if retry_after else min(timedelta(seconds=2 ** min(row["attempts"], 12)),
+                                                                   MAX_BACKOFF)
+    await pool.execute(Q.inbox_defer, row["id"], now_utc() + wait, reason)
+    log.warning("inbox row %s deferred: %s", row["id"], reason, extra={"inbox_id": row["id"]})
+    return Outcome("deferred", reason)
+
+
+async def work(pool: asyncpg.Pool, providers: Mapping[str, Provider], *, batch: int = 100,
+               lease: timedelta = LEASE) -> str | None:
+    """Process due inbox rows (new ones whose request died, and deferred ones). Safe on several instances."""
+    now = now_utc()
+    ids = [r["id"] for r in await pool.fetch(Q.inbox_claim, batch, now, now + lease)]
+    done = 0
+    for inbox_id in ids:
+        try:
+            out = await process(pool, providers, inbox_id)
+            done += out.state == "processed"
+        except Exception:
+            log.exception("inbox row %s failed; it will be retried", inbox_id, extra={"inbox_id": inbox_id})
+    return f"processed {done} of {len(ids)} inbox rows" if ids else None
+
+

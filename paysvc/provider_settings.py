@@ -1,0 +1,47 @@
+"""Each enabled provider's configuration, taken from settings."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from paysvc.settings import Settings, SettingsError
+
+
+def sandbox_secrets(settings: Settings) -> list[str]:
+    """The sandbox signing secrets; without any, a secret kept in the data folder (demo use only)."""
+    if settings.sandbox_secret is not None:
+        return [s.strip() for s in settings.sandbox_secret.get_secret_value().split(",") if s.strip()]
+    if settings.database_url is not None:
+        raise SettingsError("PAYSVC_SANDBOX_SECRET: required when the sandbox provider is enabled with "
+                            "PAYSVC_DATABASE_URL (or remove sandbox from PAYSVC_PROVIDERS)")
+    path: Path = settings.data_dir / "sandbox.secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return [path.read_text().strip()]
+
+
+def provider_config(settings: Settings) -> dict[str, dict]:
+    config: dict[str, dict] = {}
+    for name in settings.provider_names:
+        if name == "sandbox":
+            config[name] = {"secrets": sandbox_secrets(settings)}
+        elif name == "bakong":
+            if settings.bakong_token is None:
+                raise SettingsError("PAYSVC_BAKONG_TOKEN: required when bakong is in PAYSVC_PROVIDERS")
+            config[name] = {"token": settings.bakong_token.get_secret_value(), "base_url": settings.bakong_base_url}
+        elif name == "aba_payway":
+            if settings.aba_merchant_id is None or settings.aba_api_key is None:
+                raise SettingsError("PAYSVC_ABA_MERCHANT_ID and PAYSVC_ABA_API_KEY: required when aba_payway is "
+                                    "in PAYSVC_PROVIDERS")
+            config[name] = {"merchant_id": settings.aba_merchant_id,
+                            "api_key": settings.aba_api_key.get_secret_value(), "base_url": settings.aba_base_url}
+        else:
+            # A third-party plugin: it reads PAYSVC_<NAME>_<KEY> variables itself.
+            prefix = f"PAYSVC_{name.upper()}_"
+            config[name] = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+    return config

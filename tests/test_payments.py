@@ -1,0 +1,227 @@
+"""Payments through the sandbox provider: capture exactly once, and every odd case kept and raised."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from paysvc import inbox
+from paysvc.db import init_connection
+from paysvc.web import POOL, PROVIDERS
+from tests.payments_helpers import pay, sandbox_body, sandbox_headers
+
+
+@pytest.fixture
+async def portal(api):
+    return await api.portal("MOI")
+
+
+@pytest.fixture
+async def treasury(api):
+    return {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'], name='Treasury desk')}"}
+
+
+async def new_invoice(api, portal, invoice_body, **kw):
+    r = await api.client.post("/v1/invoices", json=invoice_body(**kw), headers=portal)
+    assert r.status == 201, await r.text()
+    return await r.json()
+
+
+async def balances(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    rows = await conn.fetch("""SELECT a.code, sum(CASE WHEN p.side = 'debit' THEN p.amount ELSE -p.amount END) AS net
+                                 FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+                                GROUP BY a.code""")
+    await conn.close()
+    return {r["code"]: int(r["net"]) for r in rows}
+
+
+async def test_signed_callback_pays_the_invoice_and_books_revenue(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    r = await pay(api.client, inv)
+    assert r.status == 200, await r.text()
+    out = await r.json()
+    assert out["status"] == "processed" and out["payments"][0]["exception"] is None
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "paid" and got["amount_paid"] == 50000 and got["paid_at"]
+    assert [p["amount"] for p in got["payments"]] == [50000]
+    assert await balances(api.dsn) == {"provider:sandbox:clearing:KHR": 50000, "agency:MOI:revenue:KHR": -50000}
+    conn = await asyncpg.connect(api.dsn)
+    types = [r["type"] for r in await conn.fetch("SELECT type FROM outbox_events ORDER BY seq")]
+    await conn.close()
+    assert types == ["invoice.created", "invoice.paid", "journal.posted"]
+
+
+async def test_fifty_identical_callbacks_make_one_payment(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv, txid="TX-SAME")
+    headers = sandbox_headers(body)
+    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+                                for _ in range(50)))
+    assert all(r.status in (200, 202) for r in rs), [r.status for r in rs]
+    await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # anything deferred
+    conn = await asyncpg.connect(api.dsn)
+    assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    assert await conn.fetchval("SELECT count(*) FROM provider_inbox") == 50
+    assert await conn.fetchval("SELECT count(*) FROM provider_inbox WHERE state = 'processed'") == 50
+    assert await conn.fetchval("SELECT count(*) FROM reconciliation_exceptions") == 0
+    await conn.close()
+
+
+@pytest.mark.parametrize("case, reason, suspense", [
+    ("underpaid", "underpaid", 40000),
+    ("overpaid", "overpaid", 10000),
+    ("currency", "currency_mismatch", 50000),
+    ("account", "account_mismatch", 50000),
+    ("unknown", "unknown_khqr", 50000),
+    ("cancelled", "invoice_cancelled", 50000),
+    ("expired", "invoice_expired", 50000),
+    ("twice", "duplicate_payment", 50000),
+])
+async def test_odd_payments_are_kept_in_suspense_and_raised(api, portal, treasury, invoice_body, case, reason,
+                                                             suspense):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    kw: dict = {}
+    if case == "underpaid":
+        kw["amount"] = 40000
+    elif case == "overpaid":
+        kw["amount"] = 60000
+    elif case == "currency":
+        kw["currency"] = "USD"
+    elif case == "account":
+        kw["to_account"] = "someone@else"
+    elif case == "unknown":
+        kw["md5"] = "0" * 32
+        inv = {**inv, "bill_number": "PS99999999"}
+    elif case == "cancelled":
+        await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=portal)
+    elif case == "expired":
+        conn = await asyncpg.connect(api.dsn)
+        await conn.execute("UPDATE invoices SET status='expired', expired_at=now(), expires_at=now() - interval '1 s',"
+                           " created_at = created_at - interval '1 hour' WHERE id=$1", inv["id"])
+        await conn.close()
+    elif case == "twice":
+        assert (await pay(api.client, inv)).status == 200
+    r = await pay(api.client, inv, **kw)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["payments"][0]["exception"] == reason
+
+    listed = await (await api.client.get("/v1/reconciliation/exceptions", params={"reason": reason},
+                                         headers=treasury)).json()
+    assert len(listed["data"]) == 1
+    exc = listed["data"][0]
+    assert exc["state"] == "open" and exc["provider"] == "sandbox" and exc["amount"] == suspense
+    assert exc["evidence"]["notice"]["transaction_id"]
+    cur = kw.get("currency", "KHR")
+    b = await balances(api.dsn)
+    assert b[f"suspense:unmatched:{cur}"] == -suspense
+    assert sum(v for k, v in b.items() if k.endswith(cur)) == 0
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json() if case != "unknown" else None
+    if case == "overpaid":
+        assert got["status"] == "paid" and got["amount_paid"] == 50000 and b["agency:MOI:revenue:KHR"] == -50000
+    elif case == "underpaid":
+        assert got["status"] == "open" and got["amount_paid"] == 0
+
+
+async def test_payment_made_in_time_but_reported_after_expiry_still_pays(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    paid_at = datetime.now(UTC)
+    conn = await asyncpg.connect(api.dsn)
+    await conn.execute("UPDATE invoices SET status='expired', expired_at=now(), expires_at=$2 WHERE id=$1",
+                       inv["id"], paid_at + timedelta(milliseconds=1))
+    await conn.close()
+    r = await pay(api.client, inv, paid_at=paid_at)
+    assert (await r.json())["payments"][0]["exception"] is None
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "paid"
+
+
+async def test_exceptions_need_a_treasury_key(api, portal):
+    r = await api.client.get("/v1/reconciliation/exceptions", headers=portal)
+    assert r.status == 403
+
+
+@pytest.mark.parametrize("case, status", [
+    ("bad_signature", 401), ("stale", 401), ("future", 401), ("malformed_json", 400), ("content_type", 415),
+    ("oversize", 413), ("missing_signature", 401), ("unknown_provider", 404),
+])
+async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoice_body, case, status):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    headers = sandbox_headers(body)
+    url = "/v1/providers/sandbox/callbacks"
+    if case == "bad_signature":
+        headers = sandbox_headers(body, secret="not-the-secret")
+    elif case == "stale":
+        headers = sandbox_headers(body, t=int(time.time()) - 301)
+    elif case == "future":
+        headers = sandbox_headers(body, t=int(time.time()) + 301)
+    elif case == "malformed_json":
+        body = b'{"transaction_id": '
+        headers = sandbox_headers(body)
+    elif case == "content_type":
+        headers = {**headers, "Content-Type": "text/plain"}
+    elif case == "oversize":
+        body = b'{"x": "' + b"a" * 70000 + b'"}'
+        headers = sandbox_headers(body)
+    elif case == "missing_signature":
+        headers = {"Content-Type": "application/json"}
+    elif case == "unknown_provider":
+        url = "/v1/providers/nobank/callbacks"
+    r = await api.client.post(url, data=body, headers=headers)
+    assert r.status == status, await r.text()
+    assert r.content_type == "application/problem+json"
+    assert (await r.json())["detail"]
+    conn = await asyncpg.connect(api.dsn)
+    assert await conn.fetchval("SELECT count(*) FROM payments") == 0
+    kept = await conn.fetch("SELECT state, reason FROM provider_inbox")
+    await conn.close()
+    if case in ("bad_signature", "stale", "future", "malformed_json", "content_type", "missing_signature"):
+        assert [k["state"] for k in kept] == ["rejected"] and kept[0]["reason"]
+    else:
+        assert kept == []
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "open"
+
+
+async def test_replayed_callback_is_refused_once_its_window_passed(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    old = sandbox_headers(body, t=int(time.time()) - 400)  # captured earlier, sent again now
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=old)
+    assert r.status == 401
+
+
+async def test_a_stored_callback_whose_request_died_is_processed_by_the_worker(api, portal, invoice_body):
+    """As if the process died right after the inbox commit: the worker finds the row and captures it."""
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    pool = api.client.app[POOL]
+    inbox_id = await inbox.store(pool, "sandbox", sandbox_headers(body), body)
+    conn = await asyncpg.connect(api.dsn)
+    await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second' WHERE id = $1", inbox_id)  # lease over
+    assert await inbox.work(pool, api.client.app[PROVIDERS]) == "processed 1 of 1 inbox rows"
+    assert await inbox.work(pool, api.client.app[PROVIDERS]) is None
+    assert await conn.fetchval("SELECT state FROM provider_inbox WHERE id=$1", inbox_id) == "processed"
+    assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    await conn.close()
+
+
+async def test_database_refuses_a_second_payment_row_for_one_transaction(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    await pay(api.client, inv, txid="TX1")
+    conn = await asyncpg.connect(api.dsn)
+    row = await conn.fetchrow("SELECT * FROM payments")
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(
+            "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount,"
+            " suspense_amount, paid_at, source, journal_entry_id) VALUES ('pay_x', 'sandbox', 'TX1', 'KHR', 1, 0, 1,"
+            " now(), 'callback', 1)")
+    await conn.close()
+    assert row["provider_transaction_id"] == "TX1"
