@@ -36,7 +36,6 @@ CREATE TABLE payments (
     captured_at              timestamptz NOT NULL DEFAULT now(),
     source                   text NOT NULL CHECK (source IN ('callback', 'poll', 'settlement')),
     inbox_id                 bigint REFERENCES provider_inbox(id),
-    journal_entry_id         bigint NOT NULL,
     evidence                 jsonb NOT NULL DEFAULT '{}',
     UNIQUE (provider, provider_transaction_id),
     CHECK (applied_amount + suspense_amount = amount),

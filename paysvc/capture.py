@@ -133,15 +133,11 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     agency_id = invoice["agency_id"] if invoice else None
     agency_code = invoice["agency_code"] if invoice else None
     invoice_id = invoice["id"] if invoice else None
-    entry = await ledger.post_entry(conn, journal_draft(
-        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id,
-        effective_at=notice.paid_at))
     evidence: dict[str, Any] = {"notice": notice.model_dump(mode="json"), "source": source}
     inserted = await conn.fetchval(
         Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
         code["md5"] if code else None, notice.bill_number, notice.currency, notice.amount, decision.applied,
-        decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id,
-        entry.id, evidence,
+        decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id, evidence,
     )
     if inserted is None:
         # A concurrent capture of the same money committed first; this transaction must not book it again.
@@ -169,9 +165,15 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                             data={"exception_id": exc_id, "reason": decision.reason, "payment_id": payment_id,
                                   "invoice_id": invoice_id, "currency": notice.currency,
                                   "amount": decision.suspense or notice.amount})
+    # The journal entry goes last: it locks the balance rows of busy accounts (the provider's clearing,
+    # the agency's revenue) until commit, so the less that follows it, the less other captures wait.
+    entry = await ledger.post_entry(conn, journal_draft(
+        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id,
+        effective_at=notice.paid_at))
     if agency_id is not None and decision.applied:
         await add_event(conn, agency_id=agency_id, type="journal.posted", occurred_at=now, data={
-            "entry_id": str(entry.id), "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
+            "entry_id": entry.id, "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
+            "effective_at": entry.effective_at.isoformat(),
             "postings": [{"account": p.account, "side": p.side, "amount": p.amount, "currency": p.currency}
                          for p in entry.postings if p.account.startswith(f"agency:{agency_code}:")],
         })

@@ -24,8 +24,8 @@ SELECT i.id, i.agency_id, a.code AS agency_code, a.bakong_account, i.status, i.c
 -- name: payment_insert
 INSERT INTO payments (id, provider, provider_transaction_id, invoice_id, agency_id, khqr_md5, bill_number,
                       currency, amount, applied_amount, suspense_amount, to_account, from_account, paid_at,
-                      captured_at, source, inbox_id, journal_entry_id, evidence)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+                      captured_at, source, inbox_id, evidence)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
 ON CONFLICT DO NOTHING
 RETURNING id
 
