@@ -1,0 +1,28 @@
+"""The double-entry ledger: accounts, immutable journal entries, postings, balances, hash chain, verification.
+
+A library with a small API, used inside the caller's transaction (asyncpg connection). It imports nothing
+of ``paysvc`` or ``providers``. See docs/ledger.md.
+"""
+
+from ledger.accounts import AccountSpec, account_spec
+from ledger.balances import (
+    Account, CurrencyTotal, StatementLine, TrialBalance, TrialBalanceLine, balance, get_account, list_accounts,
+    statement, trial_balance,
+)
+from ledger.canonical import canonical_content, chain_hash, content_hash
+from ledger.chain import seal, seal_all
+from ledger.errors import AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, LedgerError
+from ledger.journal import (
+    get_entries, get_entry, list_entries, post_entries, post_entry, reversal_draft, reverse_entry,
+)
+from ledger.postings import EntryDraft, PostedEntry, Posting
+from ledger.verify import BalanceMismatch, EntryProblem, VerifyReport, verify
+
+__all__ = [
+    "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "BalanceMismatch", "CurrencyTotal",
+    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "LedgerError", "PostedEntry", "Posting",
+    "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport", "account_spec", "balance",
+    "canonical_content", "chain_hash", "content_hash", "get_account", "get_entries", "get_entry",
+    "list_accounts", "list_entries", "post_entries", "post_entry", "reversal_draft", "reverse_entry", "seal",
+    "seal_all", "statement", "trial_balance", "verify",
+]

@@ -1,0 +1,135 @@
+"""Balances: one account now (O(1), from the maintained row) or as of a time, the trial balance, statements."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+from ledger.accounts import signed
+from ledger.errors import AccountNotFound
+from ledger.sql import Q
+
+
+class Account(BaseModel):
+    """An account with its totals. ``balance`` is signed in the account's normal side."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    code: str
+    type: Literal["asset", "liability", "revenue", "expense", "equity"]
+    currency: Literal["KHR", "USD"]
+    normal_side: Literal["debit", "credit"]
+    debits: int
+    credits: int
+    balance: int
+    postings: int
+
+
+class StatementLine(BaseModel):
+    """One posting on an account's statement."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    entry_id: int
+    line: int
+    side: Literal["debit", "credit"]
+    amount: int
+    kind: str
+    description: str
+    effective_at: datetime
+    recorded_at: datetime
+
+
+class TrialBalanceLine(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    account: str
+    type: str
+    currency: Literal["KHR", "USD"]
+    debits: int
+    credits: int
+    balance: int
+
+
+class CurrencyTotal(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    currency: Literal["KHR", "USD"]
+    debits: int
+    credits: int
+    balanced: bool
+
+
+class TrialBalance(BaseModel):
+    """Every account's debits and credits; per currency, total debits equal total credits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    as_of: datetime | None
+    lines: list[TrialBalanceLine]
+    totals: list[CurrencyTotal]
+    balanced: bool
+
+
+def _account(r: asyncpg.Record) -> Account:
+    return Account(code=r["code"], type=r["type"], currency=r["currency"], normal_side=r["normal_side"],
+                   debits=r["debits"], credits=r["credits"], postings=r["postings"],
+                   balance=signed(r["normal_side"], r["debits"], r["credits"]))
+
+
+async def get_account(conn: asyncpg.Connection, code: str, *, as_of: datetime | None = None) -> Account:
+    """An account and its totals (now, or from entries effective at or before ``as_of``)."""
+    r = await conn.fetchrow(Q.account, code)
+    if r is None:
+        raise AccountNotFound(f"no account {code!r}: accounts exist once something is posted to them")
+    if as_of is None:
+        return _account(r)
+    t = await conn.fetchrow(Q.account_totals_as_of, r["id"], as_of)
+    return _account({**dict(r), "debits": t["debits"], "credits": t["credits"], "postings": t["postings"]})
+
+
+async def balance(conn: asyncpg.Connection, account_code: str, *, as_of: datetime | None = None) -> int:
+    """Balance signed in the account's normal side: O(1) now; as of a time, summed from its postings."""
+    return (await get_account(conn, account_code, as_of=as_of)).balance
+
+
+async def list_accounts(
+    conn: asyncpg.Connection, *, prefix: str | None = None, currency: str | None = None,
+    after_code: str | None = None, limit: int = 100,
+) -> tuple[list[Account], str | None]:
+    """Accounts in code order with their balances; returns the page and the next ``after_code`` (or None)."""
+    rows = await conn.fetch(Q.accounts_page, prefix, currency, after_code, limit + 1)
+    more = len(rows) > limit
+    page = [_account(r) for r in rows[:limit]]
+    return page, (page[-1].code if more else None)
+
+
+async def trial_balance(conn: asyncpg.Connection, *, as_of: datetime | None = None,
+                        prefix: str | None = None) -> TrialBalance:
+    """Debits and credits of every account (now, or as of an effective time), with per-currency totals.
+
+    ``prefix`` restricts the lines to accounts whose code starts with it (the totals then need not balance).
+    """
+    rows = (await conn.fetch(Q.trial_balance_now, prefix) if as_of is None
+            else await conn.fetch(Q.trial_balance_as_of, as_of, prefix))
+    lines = [TrialBalanceLine(account=r["code"], type=r["type"], currency=r["currency"], debits=r["debits"],
+                              credits=r["credits"], balance=signed(r["normal_side"], r["debits"], r["credits"]))
+             for r in rows]
+    totals = []
+    for cur in sorted({ln.currency for ln in lines}):
+        dr = sum(ln.debits for ln in lines if ln.currency == cur)
+        cr = sum(ln.credits for ln in lines if ln.currency == cur)
+        totals.append(CurrencyTotal(currency=cur, debits=dr, credits=cr, balanced=dr == cr))
+    return TrialBalance(as_of=as_of, lines=lines, totals=totals, balanced=all(t.balanced for t in totals))
+
+
+async def statement(
+    conn: asyncpg.Connection, account_code: str, *, before: tuple[int, int] | None = None, limit: int = 50,
+) -> tuple[list[StatementLine], tuple[int, int] | None]:
+    """An account's postings newest first; ``before`` is the (entry id, line) cursor of the next page."""
+    r = await conn.fetchrow(Q.account, account_code)
+    if r is None:
+        raise AccountNotFound(f"no account {account_code!r}")
+    b_entry, b_line = before if before else (None, None)
+    rows = await conn.fetch(Q.statement_page, r["id"], b_entry, b_line, limit + 1)
+    more = len(rows) > limit
+    lines = [StatementLine(**dict(x)) for x in rows[:limit]]
+    return lines, ((lines[-1].entry_id, lines[-1].line) if more else None)

@@ -1,0 +1,53 @@
+-- Balances, trial balance, statements and the account list.
+
+-- name: account
+SELECT a.id, a.code, a.type, a.currency, a.normal_side, a.created_at,
+       coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits, coalesce(b.postings, 0) AS postings
+  FROM ledger_accounts a LEFT JOIN ledger_balances b ON b.account_id = a.id
+ WHERE a.code = $1
+
+-- name: account_totals_as_of
+-- Debits and credits of one account from entries effective at or before $2.
+SELECT coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS debits,
+       coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits,
+       count(*) AS postings
+  FROM ledger_postings p JOIN ledger_entries e ON e.id = p.entry_id
+ WHERE p.account_id = $1 AND e.effective_at <= $2
+
+-- name: accounts_page
+-- $1 code prefix (NULL = all), $2 currency, $3 after this code (cursor), $4 limit.
+SELECT a.id, a.code, a.type, a.currency, a.normal_side, a.created_at,
+       coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits, coalesce(b.postings, 0) AS postings
+  FROM ledger_accounts a LEFT JOIN ledger_balances b ON b.account_id = a.id
+ WHERE ($1::text IS NULL OR starts_with(a.code, $1))
+   AND ($2::text IS NULL OR a.currency = $2)
+   AND ($3::text IS NULL OR a.code > $3)
+ ORDER BY a.code
+ LIMIT $4
+
+-- name: trial_balance_now
+SELECT a.code, a.type, a.currency, a.normal_side,
+       coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits
+  FROM ledger_accounts a LEFT JOIN ledger_balances b ON b.account_id = a.id
+ WHERE ($1::text IS NULL OR starts_with(a.code, $1))
+ ORDER BY a.currency, a.code
+
+-- name: trial_balance_as_of
+SELECT a.code, a.type, a.currency, a.normal_side,
+       coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS debits,
+       coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits
+  FROM ledger_accounts a
+  JOIN ledger_postings p ON p.account_id = a.id
+  JOIN ledger_entries e ON e.id = p.entry_id AND e.effective_at <= $1
+ WHERE ($2::text IS NULL OR starts_with(a.code, $2))
+ GROUP BY a.code, a.type, a.currency, a.normal_side
+ ORDER BY a.currency, a.code
+
+-- name: statement_page
+-- One account's postings, newest first; cursor ($2, $3) = the last (entry id, line) of the previous page.
+SELECT p.entry_id, p.line, p.side, p.amount, e.kind, e.description, e.effective_at, e.recorded_at
+  FROM ledger_postings p JOIN ledger_entries e ON e.id = p.entry_id
+ WHERE p.account_id = $1
+   AND ($2::bigint IS NULL OR (p.entry_id, p.line) < ($2, $3::smallint))
+ ORDER BY p.entry_id DESC, p.line DESC
+ LIMIT $4

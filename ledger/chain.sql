@@ -1,0 +1,56 @@
+-- The sealer and the verifier.
+
+-- name: seal_lock
+-- One sealer at a time across every instance; released when the transaction ends.
+SELECT pg_try_advisory_xact_lock(7306012877355101540)
+
+-- name: last_seal
+SELECT s.position, s.chain_hash, e.txid::text AS txid, e.id
+  FROM ledger_seals s JOIN ledger_entries e ON e.id = s.entry_id
+ ORDER BY s.position DESC
+ LIMIT 1
+
+-- name: sealable
+-- Entries after the last seal in (txid, id) order, written by transactions older than the oldest one
+-- still running: no entry can ever appear before them in that order any more.
+SELECT e.id, e.content_hash
+  FROM ledger_entries e
+ WHERE (e.txid, e.id) > ($1::text::xid8, $2::bigint)
+   AND e.txid < pg_snapshot_xmin(pg_current_snapshot())
+ ORDER BY e.txid, e.id
+ LIMIT $3
+
+-- name: seal_insert
+INSERT INTO ledger_seals (position, entry_id, prev_hash, chain_hash)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])
+
+-- name: verify_sealed_page
+SELECT s.position, s.prev_hash, s.chain_hash, e.id, e.kind, e.description, e.effective_at,
+       e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id, e.reverses, e.content_hash
+  FROM ledger_seals s JOIN ledger_entries e ON e.id = s.entry_id
+ WHERE s.position > $1
+ ORDER BY s.position
+ LIMIT $2
+
+-- name: verify_unsealed_page
+SELECT NULL::bigint AS position, NULL::bytea AS prev_hash, NULL::bytea AS chain_hash, e.id, e.kind,
+       e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
+       e.reverses, e.content_hash,
+       ((e.txid, e.id) < ($3::text::xid8, $4::bigint)) AS behind_seal
+  FROM ledger_entries e
+ WHERE e.id > $1 AND NOT EXISTS (SELECT 1 FROM ledger_seals s WHERE s.entry_id = e.id)
+ ORDER BY e.id
+ LIMIT $2
+
+-- name: verify_balances
+-- Every account whose maintained balance differs from the sum of its postings.
+SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits,
+       coalesce(s.debits, 0) AS sum_debits, coalesce(s.credits, 0) AS sum_credits
+  FROM ledger_accounts a
+  LEFT JOIN ledger_balances b ON b.account_id = a.id
+  LEFT JOIN (SELECT account_id,
+                    coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0)::bigint AS debits,
+                    coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0)::bigint AS credits
+               FROM ledger_postings GROUP BY account_id) s ON s.account_id = a.id
+ WHERE coalesce(b.debits, 0) <> coalesce(s.debits, 0) OR coalesce(b.credits, 0) <> coalesce(s.credits, 0)
+ ORDER BY a.code

@@ -1,0 +1,33 @@
+"""Errors the ledger raises. Each has a stable ``code``; the service maps them to its own problems."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base class of every ledger error."""
+
+    code = "ledger-error"
+
+
+class InvalidAccount(LedgerError, ValueError):
+    """An account code with no known type, a malformed code, or a currency that does not match."""
+
+    code = "invalid-account"
+
+
+class AccountNotFound(LedgerError):
+    """No account with this code (accounts exist once something was posted to them)."""
+
+    code = "account-not-found"
+
+
+class EntryNotFound(LedgerError):
+    """No journal entry with this id."""
+
+    code = "entry-not-found"
+
+
+class AlreadyReversed(LedgerError):
+    """The entry already has a reversing entry; an entry is reversed at most once."""
+
+    code = "already-reversed"

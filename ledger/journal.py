@@ -1,0 +1,150 @@
+"""Posting, reversing and reading journal entries, inside the caller's transaction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Sequence
+
+import asyncpg
+
+from ledger.accounts import account_spec
+from ledger.canonical import content_hash
+from ledger.errors import AlreadyReversed, EntryNotFound
+from ledger.postings import EntryDraft, PostedEntry, Posting
+from ledger.sql import Q
+
+
+async def post_entry(conn: asyncpg.Connection, draft: EntryDraft) -> PostedEntry:
+    """Post one balanced entry in the caller's transaction (one round trip).
+
+    The database re-checks balance at commit. If the idempotency key was used before, the first entry is
+    returned with ``replayed=True`` and nothing is written. Raises ``AlreadyReversed`` when ``reverses``
+    names an entry that already has its reversal.
+    """
+    return (await post_entries(conn, [draft]))[0]
+
+
+async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft]) -> list[PostedEntry]:
+    """Post a micro-batch of entries with one statement; results in the order of ``drafts``.
+
+    Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` draft raises after the
+    others were written in the caller's transaction: roll it back, or post reversals one by one.
+    """
+    if not drafts:
+        return []
+    hashes = [content_hash(d) for d in drafts]
+    p_entry, p_line, p_account, p_side, p_amount, p_currency = [], [], [], [], [], []
+    accounts: dict[str, None] = {}
+    for i, d in enumerate(drafts, start=1):
+        for line, p in enumerate(d.postings, start=1):
+            p_entry.append(i)
+            p_line.append(line)
+            p_account.append(p.account)
+            p_side.append(p.side)
+            p_amount.append(p.amount)
+            p_currency.append(p.currency)
+            accounts[p.account] = None
+    specs = [account_spec(code) for code in accounts]
+    rows = await conn.fetch(
+        Q.post,
+        [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
+        [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts], [d.payment_id for d in drafts],
+        [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes,
+        p_entry, p_line, p_account, p_side, p_amount, p_currency,
+        [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs],
+    )
+    out: list[PostedEntry | None] = [None] * len(drafts)
+    replayed: dict[int, int] = {}
+    for r in rows:
+        i = r["o_ord"] - 1
+        if r["o_status"] == "already_reversed":
+            raise AlreadyReversed(f"entry {drafts[i].reverses} has already been reversed; "
+                                  "an entry is reversed at most once")
+        if r["o_status"] == "replayed":
+            replayed[i] = r["o_id"]
+            continue
+        d = drafts[i]
+        out[i] = PostedEntry(
+            id=r["o_id"], recorded_at=r["o_recorded_at"], content_hash=hashes[i].hex(),
+            **d.model_dump(include={"kind", "description", "effective_at", "idempotency_key", "invoice_id",
+                                    "payment_id", "settlement_id", "reverses"}),
+            postings=d.postings,
+        )
+    if replayed:
+        firsts = await get_entries(conn, list(set(replayed.values())))
+        for i, entry_id in replayed.items():
+            out[i] = firsts[entry_id].model_copy(update={"replayed": True})
+    return out  # type: ignore[return-value]
+
+
+async def get_entries(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, PostedEntry]:
+    """The entries with these ids (missing ids are absent from the result), keyed by id."""
+    rows = await conn.fetch(Q.entries_by_id, list(ids))
+    lines = await conn.fetch(Q.postings_of_entries, list(ids))
+    postings: dict[int, list[Posting]] = {}
+    for p in lines:
+        postings.setdefault(p["entry_id"], []).append(
+            Posting(account=p["account"], side=p["side"], amount=p["amount"], currency=p["currency"]))
+    return {r["id"]: _entry(r, postings.get(r["id"], [])) for r in rows}
+
+
+async def get_entry(conn: asyncpg.Connection, entry_id: int) -> PostedEntry:
+    """One entry with its postings and seal; raises ``EntryNotFound``."""
+    found = await get_entries(conn, [entry_id])
+    if entry_id not in found:
+        raise EntryNotFound(f"no journal entry {entry_id}")
+    return found[entry_id]
+
+
+def _entry(r: asyncpg.Record, postings: list[Posting]) -> PostedEntry:
+    return PostedEntry(
+        id=r["id"], kind=r["kind"], description=r["description"], effective_at=r["effective_at"],
+        recorded_at=r["recorded_at"], postings=tuple(postings), idempotency_key=r["idempotency_key"],
+        invoice_id=r["invoice_id"], payment_id=r["payment_id"], settlement_id=r["settlement_id"],
+        reverses=r["reverses"], content_hash=bytes(r["content_hash"]).hex(), seal_position=r["seal_position"],
+        chain_hash=bytes(r["chain_hash"]).hex() if r["chain_hash"] is not None else None,
+    )
+
+
+def reversal_draft(entry: PostedEntry, *, description: str, effective_at: datetime,
+                   idempotency_key: str | None = None) -> EntryDraft:
+    """The entry that undoes ``entry``: the same postings with sides swapped, naming what it reverses."""
+    flipped = tuple(p.model_copy(update={"side": "credit" if p.side == "debit" else "debit"})
+                    for p in entry.postings)
+    return EntryDraft(
+        kind="reversal", description=description, effective_at=effective_at, postings=flipped,
+        idempotency_key=idempotency_key, invoice_id=entry.invoice_id, payment_id=entry.payment_id,
+        settlement_id=entry.settlement_id, reverses=entry.id,
+    )
+
+
+async def reverse_entry(conn: asyncpg.Connection, entry_id: int, *, description: str, effective_at: datetime,
+                        idempotency_key: str | None = None) -> PostedEntry:
+    """Post the reversing entry of ``entry_id`` in the caller's transaction.
+
+    Raises ``EntryNotFound``, or ``AlreadyReversed`` if it was reversed before (the database's UNIQUE
+    constraint decides, so two concurrent reversals cannot both succeed). With an idempotency key already
+    used, returns that first entry.
+    """
+    original = await get_entry(conn, entry_id)
+    return await post_entry(conn, reversal_draft(original, description=description, effective_at=effective_at,
+                                                 idempotency_key=idempotency_key))
+
+
+async def list_entries(
+    conn: asyncpg.Connection, *, account_prefix: str | None = None, account: str | None = None,
+    kind: str | None = None, invoice_id: str | None = None, payment_id: str | None = None,
+    settlement_id: str | None = None, effective_from: datetime | None = None,
+    effective_to: datetime | None = None, before_id: int | None = None, limit: int = 50,
+) -> tuple[list[PostedEntry], int | None]:
+    """Entries newest first, filtered; returns the page and the ``before_id`` of the next page (or None).
+
+    ``account_prefix`` keeps entries touching an account whose code starts with it (e.g. ``agency:MOI:``).
+    """
+    ids = [r["id"] for r in await conn.fetch(
+        Q.entries_page, account_prefix, kind, invoice_id, payment_id, settlement_id, effective_from,
+        effective_to, account, before_id, limit + 1)]
+    more = len(ids) > limit
+    ids = ids[:limit]
+    found = await get_entries(conn, ids)
+    return [found[i] for i in ids], (ids[-1] if more else None)

@@ -1,0 +1,44 @@
+-- Writing and reading journal entries.
+
+-- name: post
+SELECT o_ord, o_id, o_status, o_recorded_at
+  FROM ledger_post($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[],
+                   $8::bigint[], $9::bytea[], $10::int[], $11::smallint[], $12::text[], $13::text[],
+                   $14::bigint[], $15::text[], $16::text[], $17::text[], $18::text[])
+
+-- name: entries_by_id
+SELECT e.id, e.kind, e.description, e.effective_at, e.recorded_at, e.idempotency_key, e.invoice_id,
+       e.payment_id, e.settlement_id, e.reverses, e.content_hash, s.position AS seal_position, s.chain_hash
+  FROM ledger_entries e LEFT JOIN ledger_seals s ON s.entry_id = e.id
+ WHERE e.id = ANY($1::bigint[])
+
+-- name: postings_of_entries
+SELECT p.entry_id, p.line, a.code AS account, p.side, p.amount, p.currency
+  FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE p.entry_id = ANY($1::bigint[])
+ ORDER BY p.entry_id, p.line
+
+-- name: reversal_of
+SELECT id FROM ledger_entries WHERE reverses = $1
+
+-- name: entries_page
+-- Newest first. $1: only entries touching an account whose code starts with this prefix (NULL = all);
+-- $2 kind, $3 invoice, $4 payment, $5 settlement, $6 effective from (incl.), $7 effective to (excl.),
+-- $8 account code, $9 before this id (cursor), $10 limit.
+SELECT e.id
+  FROM ledger_entries e
+ WHERE ($1::text IS NULL OR EXISTS (
+            SELECT 1 FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+             WHERE p.entry_id = e.id AND starts_with(a.code, $1)))
+   AND ($2::text IS NULL OR e.kind = $2)
+   AND ($3::text IS NULL OR e.invoice_id = $3)
+   AND ($4::text IS NULL OR e.payment_id = $4)
+   AND ($5::text IS NULL OR e.settlement_id = $5)
+   AND ($6::timestamptz IS NULL OR e.effective_at >= $6)
+   AND ($7::timestamptz IS NULL OR e.effective_at < $7)
+   AND ($8::text IS NULL OR EXISTS (
+            SELECT 1 FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+             WHERE p.entry_id = e.id AND a.code = $8))
+   AND ($9::bigint IS NULL OR e.id < $9)
+ ORDER BY e.id DESC
+ LIMIT $10

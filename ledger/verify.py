@@ -1,0 +1,131 @@
+"""Verification: recompute every entry's content hash, the hash chain and every balance from the postings."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import asyncpg
+from pydantic import BaseModel, ConfigDict
+
+from ledger.canonical import GENESIS, chain_hash, content_hash
+from ledger.postings import Posting
+from ledger.sql import Q
+
+_PAGE = 2000
+
+
+class EntryProblem(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    entry_id: int
+    seal_position: int | None
+    problem: str
+
+
+class BalanceMismatch(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    account: str
+    maintained_debits: int
+    maintained_credits: int
+    posted_debits: int
+    posted_credits: int
+
+
+class VerifyReport(BaseModel):
+    """What ``verify`` found. ``first_bad_entry`` is the first entry, in chain order, where anything differs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    entries: int
+    sealed: int
+    unsealed: int
+    first_bad_entry: int | None
+    entry_problems: list[EntryProblem]
+    balance_mismatches: list[BalanceMismatch]
+
+    @property
+    def ok(self) -> bool:
+        return not self.entry_problems and not self.balance_mismatches
+
+
+class _Entry:  # the shape content_hash reads
+    def __init__(self, r: asyncpg.Record, postings: list[Posting]) -> None:
+        self.kind, self.description, self.effective_at = r["kind"], r["description"], r["effective_at"]
+        self.idempotency_key, self.invoice_id = r["idempotency_key"], r["invoice_id"]
+        self.payment_id, self.settlement_id, self.reverses = r["payment_id"], r["settlement_id"], r["reverses"]
+        self.postings = postings
+
+
+async def _postings(conn: asyncpg.Connection, ids: list[int]) -> dict[int, list[Posting]]:
+    out: dict[int, list[Posting]] = defaultdict(list)
+    for p in await conn.fetch(Q.postings_of_entries, ids):
+        # model_construct: a tampered row must be reported, not rejected by validation
+        out[p["entry_id"]].append(Posting.model_construct(
+            account=p["account"], side=p["side"], amount=p["amount"], currency=p["currency"]))
+    return out
+
+
+def _check(r: asyncpg.Record, postings: list[Posting]) -> list[str]:
+    found = []
+    if content_hash(_Entry(r, postings)).hex() != bytes(r["content_hash"]).hex():
+        found.append("content differs from its recorded hash (entry or postings changed)")
+    net: dict[str, int] = defaultdict(int)
+    for p in postings:
+        net[p.currency] += p.amount if p.side == "debit" else -p.amount
+    if len(postings) < 2 or any(net.values()):
+        found.append("postings do not balance per currency")
+    return found
+
+
+async def verify(conn: asyncpg.Connection) -> VerifyReport:
+    """Recompute the chain and every balance; run it in a REPEATABLE READ transaction for one consistent view.
+
+    Checks, in chain order then for unsealed entries: each entry's content hash, that it balances, each
+    seal's link to the previous one and its hash; an unsealed entry that the sealer has already passed;
+    and every account's maintained balance against the sum of its postings.
+    """
+    problems: list[EntryProblem] = []
+    entries = sealed = 0
+    prev, position = GENESIS, 0
+    last_txid, last_id = "0", 0
+    while True:
+        rows = await conn.fetch(Q.verify_sealed_page, position, _PAGE)
+        if not rows:
+            break
+        postings = await _postings(conn, [r["id"] for r in rows])
+        for r in rows:
+            entries += 1
+            sealed += 1
+            found = _check(r, postings[r["id"]])
+            if r["position"] != position + 1:
+                found.append(f"seal position {r['position']} follows {position}: the chain has a gap")
+            if bytes(r["prev_hash"]) != prev:
+                found.append("seal does not link to the previous seal's hash")
+            expected = chain_hash(prev, r["position"], r["id"], bytes(r["content_hash"]))
+            if bytes(r["chain_hash"]) != expected:
+                found.append("seal hash does not match its position, entry and content hash")
+            problems += [EntryProblem(entry_id=r["id"], seal_position=r["position"], problem=f) for f in found]
+            prev, position = bytes(r["chain_hash"]), r["position"]
+    if position:
+        last = await conn.fetchrow(Q.last_seal)
+        last_txid, last_id = last["txid"], last["id"]
+    after = 0
+    unsealed = 0
+    while True:
+        rows = await conn.fetch(Q.verify_unsealed_page, after, _PAGE, last_txid, last_id)
+        if not rows:
+            break
+        postings = await _postings(conn, [r["id"] for r in rows])
+        for r in rows:
+            entries += 1
+            unsealed += 1
+            found = _check(r, postings[r["id"]])
+            if r["behind_seal"]:
+                found.append("unsealed, but the sealer has already passed it (chain order broken)")
+            problems += [EntryProblem(entry_id=r["id"], seal_position=None, problem=f) for f in found]
+            after = r["id"]
+    mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
+                                  maintained_credits=m["credits"], posted_debits=m["sum_debits"],
+                                  posted_credits=m["sum_credits"])
+                  for m in await conn.fetch(Q.verify_balances)]
+    return VerifyReport(entries=entries, sealed=sealed, unsealed=unsealed,
+                        first_bad_entry=problems[0].entry_id if problems else None,
+                        entry_problems=problems, balance_mismatches=mismatches)

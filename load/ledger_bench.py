@@ -1,0 +1,261 @@
+"""Ledger write benchmark: ``python -m load.ledger_bench`` (from the repository root).
+
+Creates its own scratch databases on PostgreSQL (``PAYSVC_BENCH_DATABASE_URL``, default
+postgresql://postgres@127.0.0.1:5432/postgres), runs each scenario with 16 concurrent asyncpg writers, checks
+the trial balance and every maintained balance after each run, runs pgbench (TPC-B-like) for the same
+duration on its own scratch database, prints a table and drops everything it created.
+
+Scenarios (balanced 2-posting entries, balances maintained in the same transaction):
+  a  one entry per transaction, 10,000 accounts            target >= 5,000 entries/s, p99 < 20 ms
+  b  one entry per transaction, every entry on 2 hot accounts  target >= 1,500 entries/s
+  c  micro-batches: one statement posts a batch of entries  target >= 15,000 entries/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+import asyncpg
+
+import ledger
+from ledger import EntryDraft, Posting
+from paysvc.migrate import migrate
+
+ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+WRITERS = 16
+N_ACCOUNTS = 10_000
+
+
+def dsn_for(name: str) -> str:
+    base, _, _ = ADMIN_DSN.rpartition("/")
+    return f"{base}/{name}"
+
+
+@dataclass
+class Result:
+    name: str
+    target: str
+    entries: int = 0
+    commits: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    deadlocks: int = 0
+    errors: int = 0
+    trial_balance: str = "?"
+    balances_exact: bool = False
+
+    @property
+    def rate(self) -> float:
+        return self.entries / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        s = sorted(self.latencies)
+        return s[min(len(s) - 1, int(q * len(s)))] * 1000
+
+
+def _draft(debit: str, credit: str, amount: int, n: int) -> EntryDraft:
+    return EntryDraft(
+        kind="payment.captured", description=f"bench payment {n}", effective_at=datetime.now(timezone.utc),
+        postings=(Posting(account=debit, side="debit", amount=amount, currency="KHR"),
+                  Posting(account=credit, side="credit", amount=amount, currency="KHR")),
+    )
+
+
+def _accounts() -> tuple[list[str], list[str]]:
+    debit = [f"provider:p{i:05d}:clearing:KHR" for i in range(N_ACCOUNTS // 2)]
+    credit = [f"agency:A{i:05d}:revenue:KHR" for i in range(N_ACCOUNTS // 2)]
+    return debit, credit
+
+
+async def _seed(dsn: str) -> None:
+    """Create the 10,000 accounts (and their balance rows) up front, as a running service would have them."""
+    debit, credit = _accounts()
+    conn = await asyncpg.connect(dsn)
+    try:
+        for i in range(0, len(debit), 500):
+            async with conn.transaction():
+                await ledger.post_entries(conn, [_draft(d, c, 1, 0) for d, c in zip(debit[i:i + 500],
+                                                                                 credit[i:i + 500])])
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def _check(dsn: str, r: Result) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        tb = await ledger.trial_balance(conn)
+        r.trial_balance = ", ".join(f"{t.currency} {t.debits - t.credits:+d}" for t in tb.totals) or "empty"
+        mismatched = await conn.fetchval(
+            """SELECT count(*) FROM ledger_balances b
+                 LEFT JOIN (SELECT account_id, sum(amount) FILTER (WHERE side = 'debit') AS d,
+                                   sum(amount) FILTER (WHERE side = 'credit') AS c
+                              FROM ledger_postings GROUP BY account_id) s ON s.account_id = b.account_id
+                WHERE b.debits <> coalesce(s.d, 0) OR b.credits <> coalesce(s.c, 0)""")
+        r.balances_exact = mismatched == 0 and tb.balanced
+    finally:
+        await conn.close()
+
+
+async def _run(dsn: str, r: Result, seconds: float, make_batch) -> None:
+    conns = [await asyncpg.connect(dsn) for _ in range(WRITERS)]
+    stop = time.perf_counter() + seconds
+    rng = random.Random(7)
+
+    async def writer(conn: asyncpg.Connection, w: int) -> None:
+        n = 0
+        while time.perf_counter() < stop:
+            batch = make_batch(rng, n)
+            n += 1
+            t0 = time.perf_counter()
+            try:
+                async with conn.transaction():
+                    if len(batch) == 1:
+                        await ledger.post_entry(conn, batch[0])
+                    else:
+                        await ledger.post_entries(conn, batch)
+            except asyncpg.DeadlockDetectedError:
+                r.deadlocks += 1
+                continue
+            except asyncpg.PostgresError as exc:
+                r.errors += 1
+                print(f"writer {w}: {exc!r}", file=sys.stderr)
+                continue
+            r.latencies.append(time.perf_counter() - t0)
+            r.commits += 1
+            r.entries += len(batch)
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(writer(c, i) for i, c in enumerate(conns)))
+    finally:
+        r.seconds = time.perf_counter() - started
+        for c in conns:
+            await c.close()
+
+
+async def _scenario(name: str, target: str, seconds: float, make_batch) -> Result:
+    db = f"ledger_bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'CREATE DATABASE "{db}"')
+    try:
+        dsn = dsn_for(db)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        await _seed(dsn)
+        r = Result(name, target)
+        before = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
+        await _run(dsn, r, seconds, make_batch)
+        await _check(dsn, r)
+        after = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
+        r.deadlocks = max(r.deadlocks, (after or 0) - (before or 0))
+        return r
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        await admin.close()
+
+
+def _pgbench(seconds: float, scale: int) -> tuple[float, str]:
+    exe = shutil.which("pgbench")
+    if exe is None:
+        return float("nan"), "pgbench not found"
+    u = urlparse(ADMIN_DSN)
+    env = dict(os.environ, PGHOST=u.hostname or "127.0.0.1", PGPORT=str(u.port or 5432),
+               PGUSER=u.username or "postgres")
+    if u.password:
+        env["PGPASSWORD"] = u.password
+    db = f"ledger_bench_pgb_{uuid.uuid4().hex[:8]}"
+    subprocess.run(["createdb", db], env=env, check=True)
+    try:
+        subprocess.run([exe, "-i", "-q", "-s", str(scale), db], env=env, check=True, capture_output=True)
+        out = subprocess.run([exe, "-c", str(WRITERS), "-j", "2", "-T", str(int(seconds)), db], env=env,
+                             check=True, capture_output=True, text=True).stdout
+        m = re.search(r"tps = ([\d.]+)", out)
+        lat = re.search(r"latency average = ([\d.]+) ms", out)
+        return (float(m.group(1)) if m else float("nan")), (f"avg latency {lat.group(1)} ms" if lat else "")
+    finally:
+        subprocess.run(["dropdb", "--force", db], env=env, check=False)
+
+
+def _table(results: list[Result], pgb_tps: float, pgb_note: str, scale: int) -> str:
+    head = (f"{'scenario':<44} {'entries/s':>10} {'commits/s':>10} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+            f"{'deadlk':>6} {'errors':>6} {'trial balance':>14} {'balances':>9} {'x pgbench':>9}  target")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(
+            f"{r.name:<44} {r.rate:>10,.0f} {r.commits / r.seconds:>10,.0f} {r.pct(.50):>7.2f} {r.pct(.95):>7.2f} "
+            f"{r.pct(.99):>7.2f} {r.deadlocks:>6} {r.errors:>6} {r.trial_balance:>14} "
+            f"{'exact' if r.balances_exact else 'WRONG':>9} {r.rate / pgb_tps:>9.2f}  {r.target}")
+    lines.append(f"{'pgbench TPC-B-like, -c 16 -j 2, scale ' + str(scale):<44} {pgb_tps:>10,.0f}  tx/s ({pgb_note})")
+    return "\n".join(lines)
+
+
+async def _settings() -> str:
+    conn = await asyncpg.connect(ADMIN_DSN)
+    try:
+        rows = await conn.fetch("""SELECT name, setting FROM pg_settings WHERE name IN
+            ('synchronous_commit', 'fsync', 'shared_buffers', 'max_connections', 'wal_level', 'server_version')""")
+        return ", ".join(f"{r['name']}={r['setting']}" for r in rows)
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10, help="duration of each scenario (default 10)")
+    ap.add_argument("--batch", type=int, default=100, help="entries per statement in scenario c (default 100)")
+    ap.add_argument("--pgbench-scale", type=int, default=16, help="pgbench -i -s (default 16: one branch per client)")
+    ap.add_argument("--only", default="abc", help="scenarios to run, e.g. 'ac' (default abc)")
+    args = ap.parse_args(argv)
+
+    debit, credit = _accounts()
+
+    def spread(rng: random.Random, n: int) -> list[EntryDraft]:
+        return [_draft(rng.choice(debit), rng.choice(credit), rng.randint(100, 500_000), n)]
+
+    def hot(rng: random.Random, n: int) -> list[EntryDraft]:
+        return [_draft(debit[0], credit[0], rng.randint(100, 500_000), n)]
+
+    def batch(rng: random.Random, n: int) -> list[EntryDraft]:
+        return [_draft(rng.choice(debit), rng.choice(credit), rng.randint(100, 500_000), n)
+                for _ in range(args.batch)]
+
+    scenarios = {
+        "a": (f"a) 1 entry/tx, {N_ACCOUNTS:,} accounts", ">= 5,000/s, p99 < 20 ms", spread),
+        "b": ("b) 1 entry/tx, 2 hot accounts", ">= 1,500/s", hot),
+        "c": (f"c) micro-batch {args.batch} entries/statement", ">= 15,000/s", batch),
+    }
+    print(f"ledger benchmark: {WRITERS} writers, {args.seconds:.0f} s per scenario, {os.cpu_count()} cores; "
+          f"PostgreSQL {asyncio.run(_settings())}", flush=True)
+    results = []
+    for key in args.only:
+        name, target, make = scenarios[key]
+        print(f"running {name} ...", flush=True)
+        results.append(asyncio.run(_scenario(name, target, args.seconds, make)))
+    print(f"running pgbench for {args.seconds:.0f} s ...", flush=True)
+    pgb_tps, pgb_note = _pgbench(args.seconds, args.pgbench_scale)
+    print()
+    print(_table(results, pgb_tps, pgb_note, args.pgbench_scale))
+    ok = all(r.balances_exact and r.deadlocks == 0 and r.errors == 0 for r in results)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``paysvc ledger verify`` and ``paysvc ledger seal``."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+
+async def _verify(dsn: str):
+    import ledger
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            return await ledger.verify(conn)
+
+
+def cmd_verify(settings, args) -> int:
+    from paysvc.cli import database
+
+    with database(settings) as dsn:
+        report = asyncio.run(_verify(dsn))
+    print(f"entries: {report.entries} ({report.sealed} sealed, {report.unsealed} not sealed yet)")
+    if report.ok:
+        print("ledger verified: every entry matches its hash, the chain is unbroken, every balance is exact")
+        return 0
+    if report.first_bad_entry is not None:
+        print(f"FIRST BAD ENTRY: {report.first_bad_entry}")
+    for p in report.entry_problems[:50]:
+        where = f"seal {p.seal_position}" if p.seal_position else "unsealed"
+        print(f"  entry {p.entry_id} ({where}): {p.problem}")
+    if len(report.entry_problems) > 50:
+        print(f"  … and {len(report.entry_problems) - 50} more")
+    for m in report.balance_mismatches:
+        print(f"  balance of {m.account}: maintained debits {m.maintained_debits} credits {m.maintained_credits}, "
+              f"postings sum to debits {m.posted_debits} credits {m.posted_credits}")
+    print("ledger verification FAILED", file=sys.stderr)
+    return 1
+
+
+async def _seal(dsn: str, batch: int) -> int:
+    import ledger
+    from paysvc.db import connect
+
+    async with connect(dsn) as conn:
+        return await ledger.seal_all(conn, batch=batch)
+
+
+def cmd_seal(settings, args) -> int:
+    from paysvc.cli import _migrate, database
+
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn))
+        n = asyncio.run(_seal(dsn, args.batch))
+    print(f"sealed {n} journal entries")
+    return 0
+
+
+def register(sub) -> None:
+    lg = sub.add_parser("ledger", help="ledger: verify the hash chain and balances, seal entries")
+    actions = lg.add_subparsers(dest="action", required=True)
+    v = actions.add_parser("verify", help="recompute the hash chain and every balance; exit 1 on any difference")
+    v.set_defaults(func=cmd_verify)
+    s = actions.add_parser("seal", help="chain committed entries into the hash chain now")
+    s.add_argument("--batch", type=int, default=5000, help="entries per sealing transaction (default 5000)")
+    s.set_defaults(func=cmd_seal)

@@ -1,0 +1,136 @@
+"""The ledger's HTTP reads: agency isolation (404), treasury sees all, trial balance, pagination."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from urllib.parse import quote
+
+import ledger
+from ledger import entries
+from paysvc.db import connect
+
+T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
+
+
+async def book(api, agency: str, n: int, amount: int = 10_000, at: datetime = T0) -> None:
+    async with connect(api.dsn) as conn:
+        async with conn.transaction():
+            await ledger.post_entries(conn, [entries.payment_captured(
+                provider="sandbox", agency=agency, amount=amount, currency="KHR", effective_at=at + timedelta(minutes=i),
+                invoice_id=f"inv_{agency}_{i}", payment_id=f"pay_{agency}_{i}") for i in range(n)])
+
+
+async def setup(api):
+    moi = await api.portal("MOI")
+    await api.portal("MEF")
+    treasury = {"Authorization": f"Bearer {await api.key(agency=None, scopes=('treasury',))}"}
+    await book(api, "MOI", 5)
+    await book(api, "MEF", 2, amount=7_000)
+    return moi, treasury
+
+
+async def test_agency_sees_only_its_accounts(api):
+    moi, _ = await setup(api)
+    r = await api.client.get("/v1/ledger/accounts", headers=moi)
+    assert r.status == 200
+    assert [a["code"] for a in (await r.json())["data"]] == ["agency:MOI:revenue:KHR"]
+    r = await api.client.get("/v1/ledger/accounts?prefix=agency:", headers=moi)  # cannot widen its view
+    assert [a["code"] for a in (await r.json())["data"]] == ["agency:MOI:revenue:KHR"]
+    for other in ("agency:MEF:revenue:KHR", "provider:sandbox:clearing:KHR", "agency:MOI:revenue:USD"):
+        r = await api.client.get(f"/v1/ledger/accounts/{quote(other)}", headers=moi)
+        assert r.status == 404
+        assert (await r.json())["type"] == "urn:paysvc:problem:not-found"
+    r = await api.client.get("/v1/ledger/accounts/agency:MOI:revenue:KHR", headers=moi)
+    body = await r.json()
+    assert r.status == 200 and body["account"]["balance"] == 50_000 and len(body["postings"]) == 5
+    r = await api.client.get("/v1/ledger/entries", headers=moi)
+    data = (await r.json())["data"]
+    assert len(data) == 5 and all(e["invoice_id"].startswith("inv_MOI") for e in data)
+    r = await api.client.get("/v1/ledger/entries?account=agency:MEF:revenue:KHR", headers=moi)
+    assert r.status == 404
+    tb = await (await api.client.get("/v1/ledger/trial-balance", headers=moi)).json()
+    assert [ln["account"] for ln in tb["lines"]] == ["agency:MOI:revenue:KHR"]
+
+
+async def test_treasury_sees_everything_and_the_trial_balance_balances(api):
+    _, treasury = await setup(api)
+    r = await api.client.get("/v1/ledger/accounts", headers=treasury)
+    assert {a["code"] for a in (await r.json())["data"]} == {
+        "agency:MEF:revenue:KHR", "agency:MOI:revenue:KHR", "provider:sandbox:clearing:KHR"}
+    r = await api.client.get("/v1/ledger/accounts/provider:sandbox:clearing:KHR", headers=treasury)
+    assert (await r.json())["account"]["balance"] == 64_000
+    tb = await (await api.client.get("/v1/ledger/trial-balance", headers=treasury)).json()
+    assert tb["balanced"] and tb["totals"] == [{"currency": "KHR", "debits": 64_000, "credits": 64_000,
+                                                "balanced": True}]
+    as_of = quote((T0 + timedelta(minutes=1, seconds=30)).isoformat())
+    tb = await (await api.client.get(f"/v1/ledger/trial-balance?as_of={as_of}", headers=treasury)).json()
+    assert tb["totals"][0]["debits"] == 2 * 10_000 + 2 * 7_000
+    r = await api.client.get("/v1/ledger/trial-balance?as_of=2026-03-01T00:00:00", headers=treasury)
+    assert r.status == 422
+    r = await api.client.get("/v1/ledger/entries?invoice_id=inv_MEF_1", headers=treasury)
+    [e] = (await r.json())["data"]
+    assert e["seal_position"] is None and len(e["postings"]) == 2
+
+
+async def test_keys_without_the_scope_are_refused(api):
+    await setup(api)
+    writer_only = {"Authorization": f"Bearer {await api.key('MOI', scopes=('invoices:write',))}"}
+    assert (await api.client.get("/v1/ledger/accounts", headers=writer_only)).status == 403
+    assert (await api.client.get("/v1/ledger/accounts")).status == 401
+
+
+async def test_pagination_walks_every_posting_and_entry_once(api):
+    _, treasury = await setup(api)
+    seen, url = [], "/v1/ledger/accounts/provider:sandbox:clearing:KHR?limit=3"
+    while url:
+        body = await (await api.client.get(url, headers=treasury)).json()
+        seen += [p["entry_id"] for p in body["postings"]]
+        url = (f"/v1/ledger/accounts/provider:sandbox:clearing:KHR?limit=3&cursor={body['next_cursor']}"
+               if body["next_cursor"] else None)
+    assert len(seen) == 7 and seen == sorted(seen, reverse=True)
+    ids, url = [], "/v1/ledger/entries?limit=2"
+    while url:
+        body = await (await api.client.get(url, headers=treasury)).json()
+        ids += [e["id"] for e in body["data"]]
+        url = f"/v1/ledger/entries?limit=2&cursor={body['next_cursor']}" if body["next_cursor"] else None
+    assert len(ids) == len(set(ids)) == 7
+    codes, url = [], "/v1/ledger/accounts?limit=1"
+    while url:
+        body = await (await api.client.get(url, headers=treasury)).json()
+        codes += [a["code"] for a in body["data"]]
+        url = f"/v1/ledger/accounts?limit=1&cursor={body['next_cursor']}" if body["next_cursor"] else None
+    assert len(codes) == 3
+    assert (await api.client.get("/v1/ledger/entries?cursor=!!", headers=treasury)).status == 400
+
+
+async def test_openapi_documents_the_ledger_routes(api):
+    spec = await (await api.client.get("/openapi.json")).json()
+    for path in ("/v1/ledger/accounts", "/v1/ledger/accounts/{code}", "/v1/ledger/trial-balance",
+                 "/v1/ledger/entries"):
+        assert "get" in spec["paths"][path]
+    params = {p["name"] for p in spec["paths"]["/v1/ledger/trial-balance"]["get"]["parameters"]}
+    assert "as_of" in params
+
+
+async def test_the_service_seals_in_the_background(db_dsn):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from paysvc.app import create_app
+    from tests.conftest import make_settings
+
+    async with connect(db_dsn) as conn:
+        async with conn.transaction():
+            await ledger.post_entry(conn, entries.payment_captured(
+                provider="sandbox", agency="MOI", amount=1, currency="KHR", effective_at=T0, invoice_id="i",
+                payment_id="p"))
+        client = TestClient(TestServer(create_app(make_settings(db_dsn), db_dsn, background=True)))
+        await client.start_server()
+        try:
+            for _ in range(200):
+                if await conn.fetchval("SELECT count(*) FROM ledger_seals"):
+                    break
+                await asyncio.sleep(0.1)
+            assert await conn.fetchval("SELECT count(*) FROM ledger_seals") == 1
+        finally:
+            await client.close()

@@ -1,0 +1,272 @@
+"""The ledger against a real PostgreSQL: posting, idempotency, reversal, immutability, sealing, verification."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import ledger
+from ledger import EntryDraft, Posting, entries
+from paysvc.db import connect
+from tests.conftest import TEST_PII_KEYS
+
+T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
+CLEARING, REVENUE = "provider:sandbox:clearing:KHR", "agency:MOI:revenue:KHR"
+
+
+def capture(n: int, amount: int = 50_000, at: datetime = T0) -> EntryDraft:
+    return entries.payment_captured(provider="sandbox", agency="MOI", amount=amount, currency="KHR",
+                                    effective_at=at, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
+
+
+async def seal_everything(conn, timeout: float = 20.0) -> int:
+    """Seal until every committed entry is sealed. The sealer waits for every older transaction in the
+    cluster to end, and other databases on a shared test server keep some open briefly: retry."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    total = 0
+    while True:
+        total += await ledger.seal_all(conn)
+        if not await conn.fetchval("SELECT count(*) FROM ledger_entries e WHERE NOT EXISTS "
+                                   "(SELECT 1 FROM ledger_seals s WHERE s.entry_id = e.id)"):
+            return total
+        assert asyncio.get_running_loop().time() < deadline, "entries left unsealed"
+        await asyncio.sleep(0.05)
+
+
+async def post(db, draft):
+    async with db.transaction():
+        return await ledger.post_entry(db, draft)
+
+
+async def test_posting_creates_accounts_and_keeps_balances(db):
+    e = await post(db, capture(1))
+    await post(db, capture(2, 20_000, T0 + timedelta(hours=1)))
+    assert e.id > 0 and e.seal_position is None
+    assert await ledger.balance(db, CLEARING) == 70_000
+    assert await ledger.balance(db, REVENUE) == 70_000  # credit-normal: positive
+    assert await ledger.balance(db, REVENUE, as_of=T0 + timedelta(minutes=30)) == 50_000
+    acct = await ledger.get_account(db, CLEARING)
+    assert (acct.type, acct.currency, acct.debits, acct.credits) == ("asset", "KHR", 70_000, 0)
+    tb = await ledger.trial_balance(db)
+    assert tb.balanced and tb.totals[0].debits == tb.totals[0].credits == 70_000
+    tb_then = await ledger.trial_balance(db, as_of=T0)
+    assert tb_then.totals[0].debits == 50_000
+    with pytest.raises(ledger.AccountNotFound):
+        await ledger.balance(db, "agency:MEF:revenue:KHR")
+
+
+async def test_same_idempotency_key_returns_the_first_entry_and_writes_nothing(db):
+    first = await post(db, capture(1))
+    again = await post(db, capture(1, amount=999))  # same key (payment id), other content
+    assert again.replayed and again.id == first.id and again.postings[0].amount == 50_000
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    assert await ledger.balance(db, CLEARING) == 50_000
+    batch = [capture(2), capture(2), capture(3)]  # a key repeated inside one batch
+    async with db.transaction():
+        posted = await ledger.post_entries(db, batch)
+    assert [x.replayed for x in posted] == [False, True, False] and posted[0].id == posted[1].id
+    assert await ledger.balance(db, CLEARING) == 150_000
+
+
+async def test_concurrent_posts_with_one_key_write_once(db_dsn):
+    async def one():
+        async with connect(db_dsn) as c:
+            return await post(c, capture(7))
+    results = await asyncio.gather(*(one() for _ in range(8)))
+    assert len({r.id for r in results}) == 1 and sum(not r.replayed for r in results) == 1
+    async with connect(db_dsn) as c:
+        assert await ledger.balance(c, CLEARING) == 50_000
+
+
+async def test_an_entry_is_reversed_once(db):
+    e = await post(db, capture(1))
+    async with db.transaction():
+        r = await ledger.reverse_entry(db, e.id, description="posted in error", effective_at=T0)
+    assert r.reverses == e.id and [x.side for x in r.postings] == ["credit", "debit"]
+    assert await ledger.balance(db, CLEARING) == 0
+    with pytest.raises(ledger.AlreadyReversed):
+        async with db.transaction():
+            await ledger.reverse_entry(db, e.id, description="again", effective_at=T0)
+    with pytest.raises(ledger.EntryNotFound):
+        await ledger.reverse_entry(db, 999_999, description="none", effective_at=T0)
+    # the database itself refuses a second reversal written by hand
+    raw = ledger.reversal_draft(e, description="raw", effective_at=T0)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await db.execute("INSERT INTO ledger_entries (kind, description, effective_at, reverses, content_hash) "
+                         "VALUES ('reversal', 'raw', now(), $1, $2)", raw.reverses, bytes(32))
+
+
+async def test_journal_rows_cannot_be_updated_or_deleted_even_by_the_owner(db):
+    e = await post(db, capture(1))
+    for sql in ("UPDATE ledger_postings SET amount = 1 WHERE entry_id = $1",
+                "DELETE FROM ledger_postings WHERE entry_id = $1",
+                "UPDATE ledger_entries SET description = 'x' WHERE id = $1",
+                "DELETE FROM ledger_entries WHERE id = $1"):
+        with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="append-only"):
+            await db.execute(sql, e.id)
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError, match="append-only"):
+        await db.execute("TRUNCATE ledger_postings, ledger_entries CASCADE")
+    assert await ledger.balance(db, CLEARING) == 50_000
+
+
+async def test_the_service_role_may_append_but_not_rewrite(db):
+    e = await post(db, capture(1))
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        await ledger.post_entry(db, capture(2))  # the role can post
+    for sql in ("UPDATE ledger_postings SET amount = 1 WHERE entry_id = $1",
+                "DELETE FROM ledger_entries WHERE id = $1",
+                "UPDATE ledger_balances SET debits = 0 WHERE account_id = $1"):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            async with db.transaction():
+                await db.execute("SET LOCAL ROLE paysvc_app")
+                await db.execute(sql, e.id)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.execute("TRUNCATE ledger_postings")
+    assert await ledger.balance(db, CLEARING) == 100_000
+
+
+async def raw_entry(db, postings: list[tuple[str, str, int, str]]) -> None:
+    """Write an entry bypassing Python, as a careless script would."""
+    async with db.transaction():
+        await db.execute("INSERT INTO ledger_accounts (code, type, currency, normal_side) VALUES "
+                         "($1, 'asset', 'KHR', 'debit'), ($2, 'revenue', 'KHR', 'credit'), "
+                         "($3, 'revenue', 'USD', 'credit') ON CONFLICT DO NOTHING",
+                         CLEARING, REVENUE, "agency:MOI:revenue:USD")
+    async with db.transaction():
+        eid = await db.fetchval("INSERT INTO ledger_entries (kind, description, effective_at, content_hash) "
+                                "VALUES ('raw', 'by hand', now(), $1) RETURNING id", bytes(32))
+        for line, (code, side, amount, cur) in enumerate(postings, start=1):
+            await db.execute(
+                "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                "SELECT $1, $2, id, $3, $4, $5 FROM ledger_accounts WHERE code = $6", eid, line, side, amount, cur,
+                code)
+
+
+async def test_the_database_refuses_an_unbalanced_entry_at_commit(db):
+    with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
+        await raw_entry(db, [(CLEARING, "debit", 100, "KHR"), (REVENUE, "credit", 99, "KHR")])
+    with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
+        await raw_entry(db, [(CLEARING, "debit", 100, "KHR")])
+    await raw_entry(db, [(CLEARING, "debit", 100, "KHR"), (REVENUE, "credit", 100, "KHR")])  # balanced: fine
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+
+
+async def test_the_database_refuses_a_posting_in_another_currency_than_its_account(db):
+    with pytest.raises(asyncpg.ForeignKeyViolationError):
+        await raw_entry(db, [(CLEARING, "debit", 100, "USD"), ("agency:MOI:revenue:USD", "credit", 100, "USD")])
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("INSERT INTO ledger_accounts (code, type, currency, normal_side) "
+                         "VALUES ('wallet:x:KHR', 'asset', 'KHR', 'debit')")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("INSERT INTO ledger_accounts (code, type, currency, normal_side) "
+                         "VALUES ('agency:MOI:revenue:KHR', 'revenue', 'USD', 'credit')")
+
+
+async def test_postings_cannot_be_added_to_a_committed_entry(db):
+    e = await post(db, capture(1))
+    with pytest.raises(asyncpg.CheckViolationError, match="transaction that writes their entry"):
+        await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                         "SELECT $1, 3, id, 'debit', 5, 'KHR' FROM ledger_accounts WHERE code = $2", e.id, CLEARING)
+
+
+async def test_sealer_chains_committed_entries_and_never_skips_a_late_commit(db, db_dsn):
+    first = await post(db, capture(1))
+    async with connect(db_dsn) as slow:
+        tx = slow.transaction()
+        await tx.start()
+        other = entries.payment_captured(provider="bakong", agency="MEF", amount=5, currency="KHR",
+                                         effective_at=T0, invoice_id="inv_2", payment_id="pay_2")
+        late = await ledger.post_entry(slow, other)  # written, not committed yet (other accounts: no wait)
+        after = await post(db, capture(3))  # commits before the earlier-started one
+        assert late.id < after.id
+        for _ in range(20):  # only the first can be sealed: the later ones wait for the open transaction
+            await ledger.seal_all(db)
+            await asyncio.sleep(0.05)
+        assert await db.fetchval("SELECT array_agg(entry_id) FROM ledger_seals") in (None, [first.id])
+        await tx.commit()
+    await seal_everything(db)
+    got = await ledger.get_entries(db, [first.id, late.id, after.id])
+    assert sorted(g.seal_position for g in got.values()) == [1, 2, 3]
+    assert got[first.id].seal_position == 1
+    report = await ledger.verify(db)
+    assert report.ok and report.sealed == 3 and report.unsealed == 0
+
+
+async def test_two_sealers_do_not_fork_the_chain(db_dsn):
+    async with connect(db_dsn) as c:
+        async with c.transaction():
+            await ledger.post_entries(c, [capture(n) for n in range(200)])
+
+    async def sealer():
+        async with connect(db_dsn) as c:
+            return await ledger.seal_all(c, batch=7)
+    counts = await asyncio.gather(*(sealer() for _ in range(4)))
+    async with connect(db_dsn) as c:
+        await seal_everything(c)
+        assert await c.fetchval("SELECT count(*) FROM ledger_seals") == 200
+        assert await c.fetchval("SELECT max(position) FROM ledger_seals") == 200
+        assert (await ledger.verify(c)).ok
+    assert sum(counts) <= 200
+
+
+async def tamper(db_dsn, sql: str, *args) -> None:
+    """Change a row behind the ledger's back, as a superuser who switches the triggers off."""
+    async with connect(db_dsn) as c:
+        async with c.transaction():
+            await c.execute("SET LOCAL session_replication_role = replica")
+            await c.execute(sql, *args)
+
+
+async def test_verify_names_the_entry_whose_posting_was_edited(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    assert (await ledger.verify(db)).ok
+    victim = posted[2]
+    await tamper(db_dsn, "UPDATE ledger_postings SET amount = amount + 1000 WHERE entry_id = $1 AND line = 1",
+                 victim.id)
+    report = await ledger.verify(db)
+    assert not report.ok and report.first_bad_entry == victim.id
+    assert {p.entry_id for p in report.entry_problems} == {victim.id}
+    assert {m.account for m in report.balance_mismatches} == {CLEARING}
+
+
+async def test_verify_detects_a_rewritten_seal_and_an_edited_unsealed_entry(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    unsealed = await post(db, capture(9))
+    await tamper(db_dsn, "UPDATE ledger_entries SET description = 'nothing to see' WHERE id = $1", unsealed.id)
+    await tamper(db_dsn, "UPDATE ledger_seals SET chain_hash = $2 WHERE entry_id = $1", posted[1].id, bytes(32))
+    report = await ledger.verify(db)
+    bad = [p.entry_id for p in report.entry_problems]
+    assert report.first_bad_entry == posted[1].id
+    assert posted[2].id in bad  # its link to the forged seal no longer holds
+    assert unsealed.id in bad
+
+
+def run_cli(dsn: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PAYSVC_DATABASE_URL=dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
+    return subprocess.run([sys.executable, "-m", "paysvc", "ledger", *args], env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).parent.parent, timeout=60)
+
+
+async def test_cli_seal_and_verify_exit_codes(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(3)]
+    done = await asyncio.to_thread(run_cli, db_dsn, "seal")
+    assert done.returncode == 0, done.stderr
+    assert "sealed 3" in done.stdout
+    ok = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    await tamper(db_dsn, "UPDATE ledger_postings SET amount = 1 WHERE entry_id = $1", posted[1].id)
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"FIRST BAD ENTRY: {posted[1].id}" in bad.stdout
