@@ -20,7 +20,7 @@ import ledger
 from paysvc.auth import Principal
 from paysvc.background import run_periodically
 from paysvc.errors import MalformedRequest, NotFound, ValidationFailed
-from paysvc.web import AUTH, BACKGROUND, POOL, Route, add_routes, json_response, parse_query
+from paysvc.web import AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query
 
 log = logging.getLogger(__name__)
 SEAL_INTERVAL_SECONDS = 1.0
@@ -107,7 +107,7 @@ def _aware(name: str, v: datetime | None) -> None:
 async def _viewer(request: web.Request) -> tuple[Principal, str | None]:
     """The caller and the account-code prefix it is limited to (None: sees everything)."""
     p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
-    request["principal"] = p
+    request[PRINCIPAL] = p
     if p.agency_id is not None:
         p.require("invoices:read")
         return p, f"agency:{p.agency_code}:"

@@ -50,7 +50,7 @@ def test_unknown_name_lists_what_is_available():
     with pytest.raises(UnknownProvider) as err:
         load_providers({"wing": {}})
     message = str(err.value)
-    assert "'wing'" in message and "aba_payway, bakong, sandbox" in message
+    assert "'wing'" in message and all(name in message for name in ("aba_payway", "bakong", "sandbox"))
     assert isinstance(err.value, LookupError) and err.value.code == "provider_unknown"
 
 
