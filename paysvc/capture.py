@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 
 import ledger
+import ledger.entries
 from paysvc.outbox import add_event
 from paysvc.queries import Q
 from providers import PaymentNotice
@@ -34,7 +35,6 @@ class Decision:
 
 def decide(notice: PaymentNotice, invoice: dict | None, code: dict | None) -> Decision:
     """The pure rule: given what the provider reported and what we issued, where does the money go."""
-    whole = Decision(0, notice.amount, None, False)
     if invoice is None:
         return Decision(0, notice.amount, "unknown_khqr", False)
     if notice.currency != invoice["currency"]:
@@ -56,32 +56,21 @@ def decide(notice: PaymentNotice, invoice: dict | None, code: dict | None) -> De
         return Decision(0, notice.amount, "underpaid", False)
     if notice.amount > owed:
         return Decision(owed, notice.amount - owed, "overpaid", True)
-    assert whole.suspense == notice.amount
     return Decision(owed, 0, None, True)
 
 
 def journal_draft(notice: PaymentNotice, decision: Decision, *, agency_code: str | None, payment_id: str,
-                  invoice_id: str | None, effective_at: datetime) -> ledger.EntryDraft:
-    cur = notice.currency
-    postings = [ledger.Posting(account=f"provider:{notice.provider}:clearing:{cur}", side="debit",
-                               amount=notice.amount, currency=cur)]
-    if decision.applied:
-        postings.append(ledger.Posting(account=f"agency:{agency_code}:revenue:{cur}", side="credit",
-                                       amount=decision.applied, currency=cur))
-    if decision.suspense:
-        postings.append(ledger.Posting(account=f"suspense:unmatched:{cur}", side="credit",
-                                       amount=decision.suspense, currency=cur))
-    kind = "payment_captured" if decision.reason is None else "payment_suspense"
-    return ledger.EntryDraft(
-        kind=kind,
-        description=f"{notice.provider} payment {notice.transaction_id}"
-        + (f" for invoice {invoice_id}" if invoice_id else "") + (f" ({decision.reason})" if decision.reason else ""),
-        effective_at=effective_at,
-        postings=postings,
-        idempotency_key=f"payment:{payment_id}",
-        invoice_id=invoice_id,
-        payment_id=payment_id,
-    )
+                  invoice_id: str | None) -> ledger.EntryDraft:
+    """DESIGN's posting table: all owed → the agency's revenue; what is not owed → suspense."""
+    if decision.suspense == 0:
+        return ledger.entries.payment_captured(
+            provider=notice.provider, agency=agency_code, amount=notice.amount, currency=notice.currency,
+            effective_at=notice.paid_at, invoice_id=invoice_id, payment_id=payment_id)
+    return ledger.entries.payment_to_suspense(
+        provider=notice.provider, amount=notice.amount, currency=notice.currency, effective_at=notice.paid_at,
+        payment_id=payment_id, invoice_id=invoice_id, owed=decision.applied,
+        agency=agency_code if decision.applied else None,
+        description=f"payment {payment_id} held in suspense: {decision.reason}")
 
 
 def new_id(prefix: str) -> str:
@@ -168,8 +157,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     # The journal entry goes last: it locks the balance rows of busy accounts (the provider's clearing,
     # the agency's revenue) until commit, so the less that follows it, the less other captures wait.
     entry = await ledger.post_entry(conn, journal_draft(
-        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id,
-        effective_at=notice.paid_at))
+        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id))
     if agency_id is not None and decision.applied:
         await add_event(conn, agency_id=agency_id, type="journal.posted", occurred_at=now, data={
             "entry_id": entry.id, "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
