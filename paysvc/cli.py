@@ -60,7 +60,11 @@ def cmd_serve(settings: Settings, args) -> int:
             log.info("migrations applied: %s", ", ".join(applied))
         app = create_app(settings, dsn)
         print(f"paysvc listening on {settings.base_url}  (Ctrl-C to stop)", file=sys.stderr)
-        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+        try:
+            web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+        except OSError as exc:
+            raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; "
+                           "set PAYSVC_PORT to a free port") from None
     return 0
 
 
@@ -188,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     k = ks.add_parser("list", help="list keys (ids, names, scopes; never the secrets)")
     k.set_defaults(func=cmd_keys_list)
 
-    from paysvc import cli_ledger, cli_sandbox
+    from paysvc import cli_events, cli_ledger, cli_sandbox
 
     cli_ledger.register(sub)
+    cli_events.register(sub)
     cli_sandbox.register(sub)
     return p
 

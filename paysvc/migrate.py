@@ -38,7 +38,7 @@ def migrations_dir() -> Path:
     here = Path(__file__).resolve().parent.parent / "migrations"
     if here.is_dir():
         return here
-    return Path(str(importlib.resources.files("paysvc.migrations")))
+    return Path(str(importlib.resources.files("paysvc") / "migrations"))
 
 
 def load_migrations(directory: Path | None = None) -> list[Migration]:
@@ -49,6 +49,8 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
         if not m:
             raise MigrationError(f"{path.name}: migration files must be named NNNN_name.sql")
         found.append(Migration(int(m.group(1)), m.group(2), path.read_text(encoding="utf-8")))
+    if not found:
+        raise MigrationError(f"no migration files found in {directory}; set PAYSVC_MIGRATIONS_DIR to the migrations/ folder")
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError("two migration files share a version number")

@@ -84,3 +84,29 @@ def test_cli_migrate_and_bad_setting(db_dsn):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "PAYSVC_PORT" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_empty_migrations_folder_is_an_error_not_an_empty_schema(tmp_path):
+    with pytest.raises(MigrationError, match="no migration files"):
+        load_migrations(tmp_path)
+
+
+def test_installed_package_carries_its_migrations(tmp_path):
+    """A wheel built from the project holds the migrations, and the runner finds them there."""
+    import zipfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), root],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next(tmp_path.glob("paysvc-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(n for n in names if n.startswith("paysvc/migrations/") and n.endswith(".sql"))
+    assert [n.rsplit("/", 1)[1] for n in shipped] == sorted(p.name for p in migrations_dir().glob("*.sql"))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = subprocess.run(
+        [sys.executable, "-c", "from paysvc.migrate import load_migrations; print(len(load_migrations()))"],
+        capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(site)})
+    assert probe.returncode == 0, probe.stderr
+    assert int(probe.stdout) == len(shipped)
