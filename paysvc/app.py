@@ -13,7 +13,7 @@ from typing import AsyncIterator
 import prometheus_client
 from aiohttp import web
 
-from paysvc import api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
+from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
 from providers import load_providers
@@ -107,6 +107,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     add_routes(app, OPS_ROUTES)
     api_invoices.setup(app, ctx)
     api_ledger.setup(app)
+    api_events.setup(app)
     api_providers.setup(app)
     api_reconciliation.setup(app)
     pages.setup(app)

@@ -31,6 +31,18 @@ class Settings(BaseSettings):
 
     # RabbitMQ. Without a URL, events wait in the outbox.
     amqp_url: SecretStr | None = None
+    # Events (docs/events.md). Exchange and queue names are settings so tests and staging can share a broker.
+    events_exchange: str = Field("paysvc.events", min_length=1)
+    events_queue_prefix: str = Field("agency.", min_length=1)
+    # Ed25519 seeds "kid:base64(32 bytes)", comma separated; the first signs, all are published.
+    event_signing_keys: SecretStr | None = None
+    events_retention_days: int = Field(35, ge=30)
+    relay_batch_size: int = Field(2000, ge=1, le=50_000)
+    relay_poll_interval_seconds: float = Field(0.05, gt=0)
+    webhooks_allow_insecure_localhost: bool = False
+    webhook_timeout_seconds: float = Field(10, gt=0, le=60)
+    webhook_concurrency_per_endpoint: int = Field(4, ge=1, le=100)
+    webhook_interval_seconds: float = Field(1, gt=0)
 
     # Payer data encryption: "kid:base64(32 bytes)" entries, comma separated; the first is used to encrypt.
     pii_keys: SecretStr | None = None
@@ -73,6 +85,15 @@ class Settings(BaseSettings):
     def _check_pii_keys(cls, v: SecretStr | None) -> SecretStr | None:
         if v is not None:
             parse_pii_keys(v.get_secret_value())
+        return v
+
+    @field_validator("event_signing_keys")
+    @classmethod
+    def _check_event_signing_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            from paysvc.event_keys import parse_signing_keys  # here: event_keys imports this module
+
+            parse_signing_keys(v.get_secret_value())
         return v
 
     @field_validator("log_level")

@@ -1,0 +1,77 @@
+"""The reference consumer (``paysvc events tail``): what an agency's own consumer has to do, and no more.
+
+1. Fetch the public keys from ``/v1/keys/events`` (again when a message names a key not seen yet: rotation).
+2. For each message of the agency's queue, verify the Ed25519 signature in ``paysvc-signature`` over the exact
+   body bytes, with the key named by ``paysvc-key-id``.
+3. Verified: skip it if its ``message_id`` was already handled (delivery is at least once), else handle it
+   (here: print the body, one JSON object per line), then ack.
+4. Not verified: print ``VERIFY FAILED …`` on standard error, leave the message in the queue (it is not acked)
+   and exit with status 3. Handling later messages would skip one and break the agency's seq order; an operator
+   looks at it, fetches the genuine event from ``GET /v1/events``, and removes the bad message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import sys
+from typing import TextIO
+
+import aio_pika
+import aiohttp
+
+from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, verify
+
+VERIFY_FAILED_EXIT = 3
+
+
+async def fetch_keys(url: str) -> dict[str, bytes]:
+    """``key_id`` -> raw 32-byte Ed25519 public key, from ``GET /v1/keys/events``."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(url) as response:
+            response.raise_for_status()
+            document = await response.json()
+    return {k["key_id"]: base64.b64decode(k["public_key"]) for k in document["keys"] if k["algorithm"] == "Ed25519"}
+
+
+def _header(message: aio_pika.abc.AbstractIncomingMessage, name: str) -> str | None:
+    value = (message.headers or {}).get(name)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def tail(amqp_url: str, queue_name: str, keys_url: str, *, max_messages: int | None = None,
+               idle_exit: float | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    keys = await fetch_keys(keys_url)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=100)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        arrivals: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(arrivals.put)
+        seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent message ids, for dedup
+        printed = 0
+        while max_messages is None or printed < max_messages:
+            try:
+                message = await asyncio.wait_for(arrivals.get(), idle_exit)
+            except asyncio.TimeoutError:
+                return 0
+            key_id, signature = _header(message, KEY_ID_HEADER), _header(message, SIGNATURE_HEADER)
+            if key_id is not None and key_id not in keys:
+                keys = await fetch_keys(keys_url)  # a key rotated in since we started
+            problem = verify(keys, key_id, signature, message.body)
+            if problem is not None:
+                print(f"VERIFY FAILED message_id={message.message_id} routing_key={message.routing_key} "
+                      f"key_id={key_id}: {problem}; the message is left in {queue_name}", file=err, flush=True)
+                return VERIFY_FAILED_EXIT
+            if message.message_id not in seen:
+                print(message.body.decode(), file=out, flush=True)
+                printed += 1
+                seen[message.message_id] = None
+                if len(seen) > 100_000:
+                    seen.popitem(last=False)
+            await message.ack()
+        return 0
+    finally:
+        await connection.close()

@@ -1,0 +1,49 @@
+-- name: relay_claim_agencies
+-- Agencies with unpublished events, in random order (so several relays spread over them), each taken only if
+-- no other relay holds it: the transaction-scoped advisory lock is this relay's claim until it commits.
+-- Namespace 1919249529 ("rely") keeps these locks apart from every other advisory lock. $1 = how many.
+SELECT c.agency_id
+  FROM (SELECT s.agency_id
+          FROM agency_event_seq s
+         WHERE EXISTS (SELECT 1 FROM outbox_events o WHERE o.agency_id = s.agency_id AND o.published_at IS NULL)
+         ORDER BY random()) c
+ WHERE pg_try_advisory_xact_lock(1919249529, c.agency_id::integer)
+ LIMIT $1
+
+-- name: relay_unpublished
+-- The claimed agencies' unpublished events in seq order, at most $2 per agency. Run after the claim, in a
+-- statement of its own: its snapshot then sees whatever the previous holder of the lock committed.
+SELECT o.id, o.agency_id, a.code AS agency, o.seq, o.type, o.schema_version, o.occurred_at, o.data
+  FROM unnest($1::bigint[]) AS c(agency_id)
+  JOIN agencies a ON a.id = c.agency_id
+ CROSS JOIN LATERAL (
+        SELECT * FROM outbox_events o
+         WHERE o.agency_id = c.agency_id AND o.published_at IS NULL
+         ORDER BY o.seq
+         LIMIT $2) o
+ ORDER BY o.agency_id, o.seq
+
+-- name: relay_mark_published
+UPDATE outbox_events SET published_at = now() WHERE id = ANY($1::uuid[]) AND published_at IS NULL
+
+-- name: relay_backlog
+SELECT count(*) FROM outbox_events WHERE published_at IS NULL
+
+-- name: events_prune
+-- Published events older than the retention, a slice at a time. Unpublished events are never pruned.
+DELETE FROM outbox_events
+ WHERE id IN (SELECT id FROM outbox_events
+               WHERE occurred_at < $1 AND published_at IS NOT NULL
+               LIMIT $2)
+
+-- name: events_agency_by_code
+SELECT id, code FROM agencies WHERE code = $1
+
+-- name: events_feed
+-- One agency's events after a seq, published or not, in seq order.
+SELECT o.id, o.agency_id, a.code AS agency, o.seq, o.type, o.schema_version, o.occurred_at, o.data
+  FROM outbox_events o
+  JOIN agencies a ON a.id = o.agency_id
+ WHERE o.agency_id = $1 AND o.seq > $2
+ ORDER BY o.seq
+ LIMIT $3

@@ -1,0 +1,230 @@
+"""The outbox relay: committed events to the RabbitMQ topic exchange, signed, in order per agency.
+
+One pass: in one transaction, claim agencies with unpublished events (a transaction-scoped advisory lock
+per agency, skipped when another relay holds it), read each claimed agency's next unpublished events in
+seq order, publish them on one channel with publisher confirms, wait for every confirm, then mark them
+published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
+sees what the previous one committed, and a crash anywhere before the commit only means the same rows
+are published again (consumers dedupe on ``message_id``). When the broker is unreachable the relay logs
+and retries with backoff; the outbox keeps growing meanwhile and drains when the broker returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Mapping
+
+import aio_pika
+import aiormq
+import asyncpg
+
+from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, EventSigner
+from paysvc.queries import Q
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXCHANGE = "paysvc.events"
+DEFAULT_QUEUE_PREFIX = "agency."
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+def envelope(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The event as agencies see it, from an outbox row joined with its agency's code."""
+    occurred: datetime = row["occurred_at"]
+    return {
+        "event_id": str(row["id"]),
+        "type": row["type"],
+        "schema_version": row["schema_version"],
+        "agency": row["agency"],
+        "seq": row["seq"],
+        "occurred_at": occurred.astimezone(timezone.utc).isoformat(),
+        "data": row["data"],
+    }
+
+
+def message_body(row: Mapping[str, Any]) -> bytes:
+    """The exact bytes that are sent and signed: compact UTF-8 JSON of the envelope."""
+    return json.dumps(envelope(row), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def routing_key(agency_code: str, event_type: str) -> str:
+    return f"{agency_code}.{event_type}"
+
+
+def queue_name(code: str, prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
+    return f"{prefix}{code}"
+
+
+async def _declare_on(connection: aio_pika.abc.AbstractConnection, code: str, *, exchange: str,
+                      queue_prefix: str) -> str:
+    """Exchange, the agency's durable queue (quorum when the broker has them) and its ``{code}.#`` binding."""
+    name = queue_name(code, queue_prefix)
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        try:
+            queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        except aiormq.exceptions.ChannelClosed:
+            # No quorum queues here, or the queue already exists as a classic one: a classic queue it is.
+            # The refused declaration closed the channel, so open another.
+            channel = await connection.channel(publisher_confirms=False)
+            queue = await channel.declare_queue(name, durable=True)
+            log.info("declared classic queue %s (the broker refused a quorum queue)", name)
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        await queue.bind(ex, routing_key=f"{code}.#")
+    finally:
+        await channel.close()
+    return name
+
+
+async def declare_agency_queue(amqp_url: str, code: str, *, exchange: str = DEFAULT_EXCHANGE,
+                               queue_prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
+    """Declare the events exchange and ``agency.{code}`` bound to ``{code}.#``; return the queue's name.
+
+    Idempotent: an agency can start consuming at once, before its first event.
+    """
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    try:
+        return await _declare_on(connection, code, exchange=exchange, queue_prefix=queue_prefix)
+    finally:
+        await connection.close()
+
+
+async def prune_outbox(pool: asyncpg.Pool, *, retention: timedelta, now: datetime, slice_size: int = 5000) -> int:
+    """Delete published events that occurred before ``now - retention``; unpublished ones stay."""
+    cutoff = now - retention
+    total = 0
+    while True:
+        status = await pool.execute(Q.events_prune, cutoff, slice_size)
+        n = int(status.split()[-1])
+        total += n
+        if n < slice_size:
+            return total
+
+
+class Relay:
+    """Publishes the outbox to RabbitMQ. Safe to run in several processes at once."""
+
+    def __init__(self, pool: asyncpg.Pool, amqp_url: str, signer: EventSigner, *,
+                 exchange: str = DEFAULT_EXCHANGE, queue_prefix: str = DEFAULT_QUEUE_PREFIX,
+                 batch_size: int = 2000, max_agencies: int = 16, poll_interval: float = 0.05,
+                 publish_timeout: float = 30.0, backoff_initial: float = 0.5, backoff_max: float = 30.0,
+                 retention: timedelta | None = timedelta(days=35)) -> None:
+        self._pool = pool
+        self._url = amqp_url
+        self._signer = signer
+        self._exchange_name = exchange
+        self._queue_prefix = queue_prefix
+        self._batch_size = batch_size
+        self._max_agencies = max_agencies
+        self._poll_interval = poll_interval
+        self._publish_timeout = publish_timeout
+        self._backoff = (backoff_initial, backoff_max)
+        self._retention = retention
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._declared: set[str] = set()
+        self.published = 0  # events confirmed and marked by this relay, for logs and benchmarks
+
+    async def connect(self) -> None:
+        if self._connection is not None and not self._connection.is_closed:
+            return
+        self._connection = await aio_pika.connect(self._url, timeout=10)
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._exchange = await channel.declare_exchange(self._exchange_name, aio_pika.ExchangeType.TOPIC,
+                                                        durable=True)
+        self._declared.clear()
+
+    async def close(self) -> None:
+        connection, self._connection, self._exchange = self._connection, None, None
+        if connection is not None:
+            try:
+                await connection.close()
+            except Exception:  # closing a broken connection may fail; it is gone either way
+                pass
+
+    async def publish_pass(self) -> int:
+        """Publish one batch for the agencies this relay can claim; return how many were published."""
+        await self.connect()
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                claimed = [r["agency_id"] for r in await conn.fetch(Q.relay_claim_agencies, self._max_agencies)]
+                if not claimed:
+                    return 0
+                per_agency = max(1, self._batch_size // len(claimed))
+                rows = await conn.fetch(Q.relay_unpublished, claimed, per_agency)
+                if not rows:
+                    return 0
+                await self._publish(rows)
+                await conn.execute(Q.relay_mark_published, [r["id"] for r in rows])
+        self.published += len(rows)
+        return len(rows)
+
+    async def _publish(self, rows: list[asyncpg.Record]) -> None:
+        assert self._connection is not None and self._exchange is not None
+        for code in {r["agency"] for r in rows} - self._declared:
+            await _declare_on(self._connection, code, exchange=self._exchange_name, queue_prefix=self._queue_prefix)
+            self._declared.add(code)
+        channel = await self._exchange.channel.get_underlay_channel()
+        sign, key_id = self._signer.sign, self._signer.active_key_id
+        publishes = []
+        for r in rows:
+            body = message_body(r)
+            properties = aiormq.spec.Basic.Properties(
+                message_id=str(r["id"]), content_type="application/json", delivery_mode=2, message_type=r["type"],
+                headers={SIGNATURE_HEADER: sign(body), KEY_ID_HEADER: key_id},
+            )
+            # aiormq sends publishes on one channel in call order (a FIFO lock), so each agency's messages
+            # reach its queue in seq order. wait=False skips a socket drain per message; the broker's
+            # confirm is still awaited for every one.
+            publishes.append(channel.basic_publish(body, exchange=self._exchange_name,
+                                                   routing_key=routing_key(r["agency"], r["type"]),
+                                                   properties=properties, wait=False))
+        results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), self._publish_timeout)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            if not isinstance(result, aiormq.spec.Basic.Ack):
+                raise aiormq.exceptions.DeliveryError(None, result)  # a nack: the broker did not take it
+
+    async def drain(self) -> int:
+        """Publish until nothing this relay can claim is left; return how many it published."""
+        total = 0
+        while n := await self.publish_pass():
+            total += n
+        return total
+
+    async def run(self) -> None:
+        """Publish forever; on any failure log, back off (with jitter) and carry on. Cancel to stop."""
+        delay = self._backoff[0]
+        next_prune = time.monotonic() + 60
+        try:
+            while True:
+                try:
+                    await self.connect()
+                    if delay != self._backoff[0]:
+                        log.info("relay: connected to the broker again; publishing the outbox")
+                    delay = self._backoff[0]
+                    while True:
+                        if not await self.publish_pass():
+                            await asyncio.sleep(self._poll_interval)
+                        if self._retention is not None and time.monotonic() >= next_prune:
+                            next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+                            n = await prune_outbox(self._pool, retention=self._retention,
+                                                   now=datetime.now(timezone.utc))
+                            if n:
+                                log.info("relay: pruned %d published events older than %s", n, self._retention)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("relay: publishing failed (%s: %s); events stay in the outbox, retrying in %.1fs",
+                                type(exc).__name__, exc, delay)
+                    await self.close()
+                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, self._backoff[1])
+        finally:
+            await self.close()

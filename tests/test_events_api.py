@@ -1,0 +1,158 @@
+"""Public keys, the replay feed, and the reference consumer refusing a tampered message."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+
+import aio_pika
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from paysvc.app import create_app
+from paysvc.settings import SettingsError
+from tests.conftest import make_settings, running_api
+from tests.test_events_support import SEED_1, SEED_2, Broker, broker, close_relay, make_relay  # noqa: F401
+
+
+def raw_public(seed_b64: str) -> str:
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(seed_b64)).public_key()
+    return base64.b64encode(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
+
+
+async def test_keys_lists_every_configured_public_key_and_no_private_one(db_dsn):
+    async with running_api(db_dsn, event_signing_keys=f"new:{SEED_2},old:{SEED_1}") as api:
+        r = await api.client.get("/v1/keys/events")  # public: no Authorization
+        assert r.status == 200
+        text = await r.text()
+    assert json.loads(text) == {"keys": [
+        {"key_id": "new", "algorithm": "Ed25519", "public_key": raw_public(SEED_2), "status": "active"},
+        {"key_id": "old", "algorithm": "Ed25519", "public_key": raw_public(SEED_1), "status": "retiring"},
+    ]}
+    assert SEED_1 not in text and SEED_2 not in text
+
+
+async def test_signing_keys_are_required_with_a_shared_database_and_a_broker(db_dsn):
+    with pytest.raises(SettingsError, match="PAYSVC_EVENT_SIGNING_KEYS"):
+        create_app(make_settings(db_dsn, amqp_url="amqp://guest:guest@127.0.0.1:5672/"), db_dsn)
+    async with running_api(db_dsn) as api:  # no broker: nothing signs, nothing to list
+        r = await api.client.get("/v1/keys/events")
+        assert await r.json() == {"keys": []}
+
+
+async def test_replay_pages_through_one_agencys_events_only(db_dsn, invoice_body):
+    async with running_api(db_dsn) as api:
+        moi = await api.portal("MOI")
+        mpwt = await api.portal("MPWT")
+        treasury = {"Authorization": f"Bearer {await api.key(None, scopes=('treasury',))}"}
+        moi_invoices = []
+        for _ in range(5):
+            r = await api.client.post("/v1/invoices", json=invoice_body(), headers=moi)
+            moi_invoices.append((await r.json())["id"])
+        for _ in range(2):
+            await api.client.post("/v1/invoices", json=invoice_body(), headers=mpwt)
+        await api.client.post(f"/v1/invoices/{moi_invoices[1]}/cancel", headers=moi)
+
+        pages, after = [], 0
+        while True:
+            r = await api.client.get("/v1/events", params={"after": after, "limit": 2}, headers=moi)
+            assert r.status == 200, await r.text()
+            page = await r.json()
+            pages.append([e["seq"] for e in page["data"]])
+            after = page["next_after"]
+            if not page["has_more"]:
+                break
+        assert pages == [[1, 2], [3, 4], [5, 6]]
+        r = await api.client.get("/v1/events", params={"after": 4}, headers=moi)
+        page = await r.json()
+        assert page["agency"] == "MOI"
+        assert [(e["seq"], e["type"]) for e in page["data"]] == [(5, "invoice.created"), (6, "invoice.cancelled")]
+        assert page["data"][1]["data"]["invoice_id"] == moi_invoices[1]
+        assert set(page["data"][0]) == {"event_id", "type", "schema_version", "agency", "seq", "occurred_at", "data"}
+        r = await api.client.get("/v1/events", params={"after": 6}, headers=moi)
+        assert await r.json() == {"agency": "MOI", "data": [], "next_after": 6, "has_more": False}
+
+        r = await api.client.get("/v1/events", headers=mpwt)
+        assert [(e["agency"], e["seq"]) for e in (await r.json())["data"]] == [("MPWT", 1), ("MPWT", 2)]
+        r = await api.client.get("/v1/events", params={"agency": "MPWT"}, headers=moi)
+        assert r.status == 403
+        r = await api.client.get("/v1/events", headers=treasury)
+        assert r.status == 422
+        r = await api.client.get("/v1/events", params={"agency": "MPWT"}, headers=treasury)
+        assert [e["agency"] for e in (await r.json())["data"]] == ["MPWT", "MPWT"]
+        r = await api.client.get("/v1/events")
+        assert r.status == 401
+        write_only = {"Authorization": f"Bearer {await api.key('MOI', scopes=('invoices:write',))}"}
+        assert (await api.client.get("/v1/events", headers=write_only)).status == 403
+
+
+async def _tail(broker: Broker, keys_url: str, *extra: str) -> tuple[int, str, str]:
+    env = broker.env("unused")
+    del env["PAYSVC_DATABASE_URL"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "paysvc", "events", "tail", "--agency", "MOI", "--keys-url", keys_url, *extra,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_tail_prints_verified_events_and_refuses_a_tampered_one(db_dsn, broker: Broker, invoice_body):
+    async with running_api(db_dsn, **broker.settings()) as api:
+        headers = await api.portal("MOI")
+        keys_url = str(api.client.make_url("/v1/keys/events"))
+        relay = await make_relay(db_dsn, broker)
+        try:
+            for _ in range(2):
+                await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+            assert await relay.drain() == 2
+
+            code, out, err = await _tail(broker, keys_url, "--max-messages", "2")
+            assert code == 0, err
+            printed = [json.loads(line) for line in out.splitlines()]
+            assert [(e["agency"], e["seq"], e["type"]) for e in printed] == [("MOI", 1, "invoice.created"),
+                                                                            ("MOI", 2, "invoice.created")]
+
+            # Someone with access to the broker changes an event on its way: the amount of invoice 3.
+            await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=headers)
+            assert await relay.drain() == 1
+        finally:
+            await close_relay(relay)
+        connection = await aio_pika.connect(broker.url)
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(broker.queue("MOI"), passive=True)
+            genuine = await queue.get(timeout=5)
+            await genuine.ack()
+            forged = genuine.body.replace(b'"amount":50000', b'"amount":5')
+            assert forged != genuine.body
+            await channel.default_exchange.publish(
+                aio_pika.Message(forged, headers=genuine.headers, message_id=genuine.message_id,
+                                 content_type="application/json"), routing_key=broker.queue("MOI"))
+
+            code, out, err = await _tail(broker, keys_url, "--idle-exit", "2")
+            assert code == 3
+            assert out == ""
+            assert f"VERIFY FAILED message_id={genuine.message_id}" in err
+            assert "signature does not match the body" in err
+            await asyncio.sleep(0.2)
+            left = await channel.declare_queue(broker.queue("MOI"), passive=True)
+            assert left.declaration_result.message_count == 1, "the bad message stays for an operator"
+        finally:
+            await connection.close()
+
+    # The genuine one still verifies: the refusal is about the change, not the consumer.
+    async with running_api(db_dsn, **broker.settings()) as api:
+        connection = await aio_pika.connect(broker.url)
+        channel = await connection.channel()
+        queue = await channel.declare_queue(broker.queue("MOI"), passive=True)
+        await queue.purge()
+        await channel.default_exchange.publish(
+            aio_pika.Message(genuine.body, headers=genuine.headers, message_id=genuine.message_id),
+            routing_key=broker.queue("MOI"))
+        await connection.close()
+        code, out, err = await _tail(broker, str(api.client.make_url("/v1/keys/events")), "--idle-exit", "1")
+        assert code == 0, err
+        assert json.loads(out)["event_id"] == genuine.message_id

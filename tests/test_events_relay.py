@@ -1,0 +1,334 @@
+"""The outbox relay against the real RabbitMQ and PostgreSQL: every committed event arrives, signed and in
+order per agency, through two relays at once, a broker outage and a killed relay."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import sys
+from datetime import datetime, timezone
+
+import aio_pika
+import aiormq
+import pytest
+
+from paysvc.db import connect
+from paysvc.event_keys import verify
+from paysvc.outbox import add_event
+from paysvc.relay import declare_agency_queue
+from tests.conftest import running_api
+from tests.test_events_support import (AMQP_URL, Broker, broker, close_relay, make_relay, signer,  # noqa: F401
+                                       wait_until)
+
+
+class Rollback(Exception):
+    pass
+
+
+async def outbox_ids(dsn: str, code: str | None = None) -> list[str]:
+    async with connect(dsn) as conn:
+        rows = await conn.fetch(
+            "SELECT o.id FROM outbox_events o JOIN agencies a ON a.id = o.agency_id "
+            "WHERE $1::text IS NULL OR a.code = $1 ORDER BY o.agency_id, o.seq", code)
+    return [str(r["id"]) for r in rows]
+
+
+def seqs_after_dedup(received) -> dict[str, list[int]]:
+    seen, out = set(), {}
+    for m in received:
+        if m.message_id in seen:
+            continue
+        seen.add(m.message_id)
+        e = m.event
+        out.setdefault(e["agency"], []).append(e["seq"])
+    return out
+
+
+async def test_every_committed_event_arrives_signed_and_a_rolled_back_one_never(db_dsn, broker: Broker, invoice_body):
+    async with running_api(db_dsn, **broker.settings()) as api:
+        headers = await api.portal("MOI")
+        got = await broker.consume("MOI")
+        created = []
+        for _ in range(3):
+            r = await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+            assert r.status == 201, await r.text()
+            created.append((await r.json())["id"])
+        r = await api.client.post(f"/v1/invoices/{created[0]}/cancel", headers=headers)
+        assert r.status == 200, await r.text()
+        async with connect(db_dsn) as conn:
+            agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+            with pytest.raises(Rollback):
+                async with conn.transaction():
+                    rolled_back = await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"x": 1},
+                                                  occurred_at=datetime.now(timezone.utc))
+                    raise Rollback
+        relay = await make_relay(db_dsn, broker)
+        try:
+            assert await relay.drain() == 4
+        finally:
+            await close_relay(relay)
+        committed = await outbox_ids(db_dsn)
+        await wait_until(lambda: len(got) >= 4, 10, "4 messages")
+        await asyncio.sleep(0.2)  # anything extra would show up now
+
+    assert [m.message_id for m in got] == committed
+    assert str(rolled_back) not in {m.message_id for m in got}
+    events = [m.event for m in got]
+    assert [e["type"] for e in events] == ["invoice.created"] * 3 + ["invoice.cancelled"]
+    assert [e["seq"] for e in events] == [1, 2, 3, 4]
+    assert [e["data"]["invoice_id"] for e in events] == created + [created[0]]
+    keys = {k.key_id: base64.b64decode(k.public_key) for k in signer().public_keys().keys}
+    for m in got:
+        assert set(m.event) == {"event_id", "type", "schema_version", "agency", "seq", "occurred_at", "data"}
+        assert m.event["event_id"] == m.message_id and m.event["agency"] == "MOI"
+        assert m.routing_key == f"MOI.{m.event['type']}"
+        assert m.content_type == "application/json" and m.delivery_mode == 2
+        assert verify(keys, m.headers["paysvc-key-id"], m.headers["paysvc-signature"], m.body) is None
+    async with connect(db_dsn) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0
+
+
+async def test_two_relays_at_once_keep_each_agencys_order(db_dsn, broker: Broker):
+    async with running_api(db_dsn) as api:
+        for code in ("MOI", "MPWT", "GDCE"):
+            await api.agency(code)
+    got = {code: await broker.consume(code) for code in ("MOI", "MPWT", "GDCE")}
+    async with connect(db_dsn) as conn:
+        ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
+
+    async def writer(code: str, n: int) -> None:
+        async with connect(db_dsn) as conn:
+            for i in range(n):
+                async with conn.transaction():
+                    await add_event(conn, agency_id=ids[code], type="invoice.paid", data={"i": i},
+                                    occurred_at=datetime.now(timezone.utc))
+
+    # Small batches and one agency per pass: the two relays take turns on every agency, many times over.
+    relays = [await make_relay(db_dsn, broker, batch_size=7, max_agencies=1, poll_interval=0.01) for _ in range(2)]
+    tasks = [asyncio.create_task(r.run()) for r in relays]
+    try:
+        await asyncio.gather(writer("MOI", 300), writer("MPWT", 300), writer("GDCE", 300))
+        await wait_until(lambda: sum(len(g) for g in got.values()) >= 900, 20, "900 messages")
+        await asyncio.sleep(0.3)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for r in relays:
+            await close_relay(r)
+
+    assert all(r.published > 0 for r in relays), [r.published for r in relays]
+    assert sum(r.published for r in relays) == 900
+    for code, received in got.items():
+        ids_ = [m.message_id for m in received]
+        assert len(ids_) == len(set(ids_)) == 300, f"{code}: no event published twice without a failure"
+        assert [m.event["seq"] for m in received] == list(range(1, 301)), f"{code} out of order"
+
+
+class Proxy:
+    """A TCP proxy to RabbitMQ that the test can cut (every connection dropped, none accepted) and restore."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+
+async def test_broker_outage_while_invoices_are_written_loses_nothing(db_dsn, broker: Broker, invoice_body):
+    proxy = Proxy(5672)
+    await proxy.start()
+    async with running_api(db_dsn, **broker.settings()) as api:
+        headers = await api.portal("MOI")
+        got = await broker.consume("MOI")  # straight to the broker, not through the proxy
+        relay = await make_relay(db_dsn, broker, url=proxy.url, batch_size=5, poll_interval=0.01,
+                                 backoff_initial=0.1, backoff_max=0.5, publish_timeout=3)
+        task = asyncio.create_task(relay.run())
+        writing = True
+        statuses: list[int] = []
+
+        async def write() -> None:
+            while writing:
+                r = await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+                statuses.append(r.status)
+                inv = await r.json()
+                if len(statuses) % 3 == 0:
+                    r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=headers)
+                    statuses.append(r.status)
+
+        writer = asyncio.create_task(write())
+        try:
+            await wait_until(lambda: len(got) >= 10, 10, "the first events before the outage")
+            await proxy.cut()
+            during = len(statuses)
+            await asyncio.sleep(1.5)
+            async with connect(db_dsn) as conn:
+                backlog = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
+            assert len(statuses) - during > 5, "the service kept taking invoices during the outage"
+            assert backlog > 0, "events waited in the outbox"
+            await proxy.start()  # the broker is back
+            await asyncio.sleep(0.5)
+            writing = False
+            await writer
+            committed = await outbox_ids(db_dsn)
+            await wait_until(lambda: set(committed) <= {m.message_id for m in got}, 20, "every event after the outage")
+        finally:
+            writing = False
+            task.cancel()
+            await asyncio.gather(task, writer, return_exceptions=True)
+            await close_relay(relay)
+            await proxy.cut()
+
+    assert set(statuses) <= {200, 201}
+    unique = {m.message_id for m in got}
+    assert unique == set(committed), "exactly the committed events, each once after dedup"
+    assert seqs_after_dedup(got)["MOI"] == list(range(1, len(committed) + 1))
+
+
+async def test_a_relay_killed_mid_batch_loses_nothing(db_dsn, broker: Broker):
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    got = await broker.consume("MOI")
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+        async with conn.transaction():
+            for i in range(3000):
+                await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"i": i},
+                                occurred_at=datetime.now(timezone.utc))
+    env = broker.env(db_dsn) | {"PAYSVC_RELAY_BATCH_SIZE": "100"}
+    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", env=env,
+                                                 stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_until(lambda: len(got) >= 250, 20, "the relay to be publishing")
+    finally:
+        relay.send_signal(signal.SIGKILL)
+        await relay.wait()
+    async with connect(db_dsn) as conn:
+        published = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NOT NULL")
+    assert 0 < published < 3000, "killed part-way"
+    again = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", "--once", env=env,
+                                                 stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(again.communicate(), 30)
+    assert again.returncode == 0, err.decode()
+    committed = await outbox_ids(db_dsn)
+    await wait_until(lambda: set(committed) <= {m.message_id for m in got}, 20, "every event after the restart")
+    assert {m.message_id for m in got} == set(committed)
+    assert seqs_after_dedup(got)["MOI"] == list(range(1, 3001))
+    async with connect(db_dsn) as conn:
+        assert await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0
+
+
+async def test_declare_makes_a_quorum_queue_bound_to_the_agencys_events(broker: Broker):
+    env = broker.env("unused")
+    del env["PAYSVC_DATABASE_URL"]  # declaring needs the broker only
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "events", "declare", "--agency", "MOI",
+                                                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().strip() == broker.queue("MOI")
+    # Idempotent, also from the function the agencies CLI calls.
+    assert await declare_agency_queue(AMQP_URL, "MOI", exchange=broker.exchange,
+                                      queue_prefix=broker.prefix) == broker.queue("MOI")
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(broker.exchange)
+        await exchange.publish(aio_pika.Message(b"{}"), "MOI.invoice.paid")
+        await exchange.publish(aio_pika.Message(b"{}"), "MPWT.invoice.paid")
+        queue = await channel.declare_queue(broker.queue("MOI"), passive=True)
+        await asyncio.sleep(0.2)
+        assert (await channel.declare_queue(broker.queue("MOI"), passive=True)).declaration_result.message_count == 1
+        # It is a quorum queue: declaring it as a classic one is refused as inequivalent.
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+            other = await connection.channel()
+            await other.declare_queue(broker.queue("MOI"), durable=True, arguments={"x-queue-type": "classic"})
+        del queue
+    finally:
+        await connection.close()
+
+
+async def test_the_service_runs_the_relay_in_the_background(db_dsn, broker: Broker, invoice_body):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from paysvc.app import create_app
+    from tests.conftest import Api, make_settings
+
+    app = create_app(make_settings(db_dsn, **broker.settings()), db_dsn, background=True)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        api = Api(client, db_dsn)
+        headers = await api.portal("MOI")
+        got = await broker.consume("MOI")
+        r = await client.post("/v1/invoices", json=invoice_body(), headers=headers)
+        assert r.status == 201
+        await wait_until(lambda: len(got) == 1, 10, "the event, published by the service itself")
+        assert got[0].event["data"]["invoice_id"] == (await r.json())["id"]
+    finally:
+        await client.close()
+
+
+async def test_prune_deletes_only_published_events_past_the_retention(db_dsn):
+    from datetime import timedelta
+
+    from paysvc.db import create_pool
+    from paysvc.relay import prune_outbox
+    from paysvc.settings import Settings
+
+    with pytest.raises(ValueError):
+        Settings(events_retention_days=29)  # history is kept at least 30 days
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    now = datetime.now(timezone.utc)
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+        ids = {}
+        for name, age in (("old_published", 40), ("old_unpublished", 40), ("recent_published", 20)):
+            ids[name] = await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": name},
+                                        occurred_at=now - timedelta(days=age))
+        await conn.execute("UPDATE outbox_events SET published_at = now() WHERE id = ANY($1::uuid[])",
+                           [ids["old_published"], ids["recent_published"]])
+    pool = await create_pool(db_dsn, Settings(database_url=db_dsn, db_pool_min=1, db_pool_max=2))
+    try:
+        assert await prune_outbox(pool, retention=timedelta(days=35), now=now) == 1
+    finally:
+        await pool.close()
+    async with connect(db_dsn) as conn:
+        left = {r["id"] for r in await conn.fetch("SELECT id FROM outbox_events")}
+    assert left == {ids["old_unpublished"], ids["recent_published"]}
