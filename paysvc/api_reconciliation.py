@@ -7,10 +7,12 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from paysvc.errors import MalformedRequest
-from paysvc.web import POOL, Route, add_routes, json_response, parse_query, principal
+from paysvc.errors import Conflict, MalformedRequest, NotFound, ValidationFailed
+from paysvc.invoicing import now_utc
+from paysvc.settlement_resolve import AlreadyResolved, ResolutionRefused, resolve
+from paysvc.web import POOL, SETTINGS, Route, add_routes, json_response, parse_model, parse_query, principal, read_json
 from paysvc.queries import Q
 
 Reason = Literal["unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
@@ -82,9 +84,56 @@ async def list_exceptions(request: web.Request) -> web.Response:
     ))
 
 
+class ResolveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    action: Literal["match_to_invoice", "refund_due", "write_off"]
+    note: Annotated[str, Field(min_length=1, max_length=2000)]
+    invoice_id: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+
+    @field_validator("note")
+    @classmethod
+    def _note(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("note must say why: it cannot be blank")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _invoice(self) -> "ResolveBody":
+        if self.action == "match_to_invoice" and not self.invoice_id:
+            raise ValueError("match_to_invoice needs invoice_id")
+        return self
+
+
+async def resolve_exception(exc_id: str, body: ResolveBody, *, pool, bank_account: str, by: str) -> dict:
+    """Resolve in one transaction; maps the rule's refusals to problems (shared by the API and the pages)."""
+    try:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                return await resolve(conn, exc_id, action=body.action, note=body.note, invoice_id=body.invoice_id,
+                                     by=by, now=now_utc(), bank_account=bank_account)
+    except LookupError:
+        raise NotFound(f"no reconciliation exception {exc_id!r}") from None
+    except AlreadyResolved:
+        raise Conflict(f"exception {exc_id} is already resolved; a resolution is final") from None
+    except ResolutionRefused as exc:
+        raise ValidationFailed(exc.detail, errors=[{"field": "action", "message": exc.detail,
+                                                    "code": "not_applicable"}]) from None
+
+
+async def resolve_one(request: web.Request) -> web.Response:
+    who = await principal(request, "treasury")
+    body = parse_model(ResolveBody, await read_json(request))
+    out = await resolve_exception(request.match_info["id"], body, pool=request.app[POOL],
+                                  bank_account=request.app[SETTINGS].treasury_bank_account, by=who.name)
+    return json_response(out)
+
+
 ROUTES = [
     Route("GET", "/v1/reconciliation/exceptions", list_exceptions, "Reconciliation exceptions, newest first",
           scope="treasury", query=ExceptionQuery, response=ExceptionPage, tags=("reconciliation",)),
+    Route("POST", "/v1/reconciliation/exceptions/{id}/resolve", resolve_one,
+          "Resolve an open exception: match_to_invoice, refund_due or write_off, with a note (posts its entry)",
+          scope="treasury", body=ResolveBody, tags=("reconciliation",)),
 ]
 
 

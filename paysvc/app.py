@@ -14,6 +14,7 @@ import prometheus_client
 from aiohttp import web
 
 from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
+from paysvc import api_settlements, treasury_pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
 from providers import load_providers
@@ -110,6 +111,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     api_events.setup(app)
     api_providers.setup(app)
     api_reconciliation.setup(app)
+    api_settlements.setup(app)
+    treasury_pages.setup(app)
     pages.setup(app)
     return app
 

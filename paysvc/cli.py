@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ledger.register(sub)
     cli_events.register(sub)
     cli_sandbox.register(sub)
+    from paysvc import cli_settlements
+
+    cli_settlements.register(sub)
     return p
 
 

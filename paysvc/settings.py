@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     # A callback being processed is left alone this long; after it (a crashed process), the worker takes it.
     inbox_lease_seconds: float = Field(60, gt=0)
 
+    # Settlement and reconciliation (docs/settlement.md). Business days are Asia/Phnom_Penh days ending at the
+    # cut-off (local time); a payment unsettled after the grace (business days) becomes an exception.
+    business_day_cutoff: str = "23:59:59.999"
+    settlement_grace_days: int = Field(2, ge=0, le=60)
+    treasury_bank_account: str = Field("nbc-treasury", pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    settlement_max_bytes: int = Field(512 * 1024**2, ge=1024)
+    treasury_session_hours: float = Field(8, gt=0, le=24)
+
     log_level: str = "INFO"
 
     @field_validator("public_url")
@@ -95,6 +103,14 @@ class Settings(BaseSettings):
 
             parse_signing_keys(v.get_secret_value())
         return v
+
+    @field_validator("business_day_cutoff")
+    @classmethod
+    def _check_cutoff(cls, v: str) -> str:
+        from paysvc.settlement_days import parse_cutoff
+
+        parse_cutoff(v)
+        return v.strip()
 
     @field_validator("log_level")
     @classmethod

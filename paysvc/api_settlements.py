@@ -1,0 +1,211 @@
+"""Treasury's settlement API: upload a provider's file for a business day, read its report (JSON, CSV), list.
+
+``provider`` names whose payments the file settles (the name they were captured under); ``format`` picks
+the parser (a registered provider plugin's ``parse_settlement``), by default the provider's own. A bank
+statement for sandbox payments is ``provider=sandbox, format=camt053``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import date, datetime
+from typing import Annotated, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
+from paysvc.invoicing import now_utc
+from paysvc.settings import Settings
+from paysvc.settlement_days import business_date, parse_cutoff
+from paysvc.settlement_import import Imported, Rules, SettlementConflict, file_digest, import_settlement
+from paysvc.settlement_report import report, report_csv
+from paysvc.queries import Q
+from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, json_response, parse_query, principal
+from providers import ProviderError, SettlementFormatError, available_providers, load_providers
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class SettlementFileInvalid(Problem):
+    status = 422
+    slug = "settlement-file-invalid"
+    title = "Settlement file is not valid"
+
+
+def rules_of(settings: Settings) -> Rules:
+    return Rules(cutoff=parse_cutoff(settings.business_day_cutoff), grace_days=settings.settlement_grace_days,
+                 bank_account=settings.treasury_bank_account)
+
+
+def parser_for(enabled: dict, fmt: str):
+    """The plugin that reads ``fmt``: an enabled provider, or a registered one that needs no configuration."""
+    if fmt in enabled:
+        return enabled[fmt]
+    if fmt not in available_providers():
+        raise ValidationFailed(f"no settlement format {fmt!r}; available: {', '.join(available_providers())}",
+                               errors=[{"field": "format", "message": "unknown format", "code": "unknown"}])
+    try:
+        return load_providers({fmt: {}})[fmt]
+    except ProviderError as exc:
+        raise ValidationFailed(f"format {fmt!r} needs its provider enabled on this instance: {exc}") from None
+
+
+class UploadForm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: Annotated[str, Field(pattern=_NAME.pattern)]
+    business_date: date
+    format: Annotated[str, Field(pattern=_NAME.pattern)] | None = None
+
+
+async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, fmt: str | None, day: date,
+                     data: bytes, file_name: str | None, imported_by: str,
+                     timings: dict | None = None) -> Imported:
+    """Parse and import in one transaction; a malformed file raises ``SettlementFileInvalid`` (nothing kept)."""
+    fmt = fmt or provider
+    parser = parser_for(enabled, fmt)
+    rules = rules_of(settings)
+    try:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                return await import_settlement(
+                    conn, parser.parse_settlement(data), data_sha256=file_digest(data), file_size=len(data),
+                    provider=provider, fmt=fmt, business_date=day, file_name=file_name, imported_by=imported_by,
+                    now=now_utc(), rules=rules, timings=timings)
+    except SettlementFormatError as exc:
+        raise SettlementFileInvalid(f"line {exc.line_no}: {exc.reason}; nothing was imported", line=exc.line_no,
+                                    reason=exc.reason) from None
+    except SettlementConflict as exc:
+        raise Conflict(exc.detail, settlement_id=exc.settlement_id) from None
+
+
+async def upload(request: web.Request) -> web.Response:
+    who = await principal(request, "treasury")
+    settings = request.app[SETTINGS]
+    if not request.content_type.startswith("multipart/"):
+        raise MalformedRequest("send multipart/form-data with the fields file, provider, business_date (and "
+                               "optionally format)")
+    fields: dict[str, str] = {}
+    data: bytes | None = None
+    file_name = None
+    reader = await request.multipart()
+    async for part in reader:
+        if part.name == "file":
+            file_name = part.filename
+            chunks, size = [], 0
+            while chunk := await part.read_chunk(1024**2):
+                size += len(chunk)
+                if size > settings.settlement_max_bytes:
+                    raise PayloadTooLarge(f"the file is larger than {settings.settlement_max_bytes} bytes")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        elif part.name in ("provider", "business_date", "format"):
+            fields[part.name] = (await part.text()).strip()
+        else:
+            raise ValidationFailed(f"unknown form field {part.name!r}")
+    if data is None:
+        raise ValidationFailed("the settlement file is missing: send it as the form field 'file'",
+                               errors=[{"field": "file", "message": "required", "code": "missing"}])
+    try:
+        form = UploadForm.model_validate(fields)
+    except ValidationError as exc:
+        raise ValidationFailed("some form fields are not valid; see errors", errors=pydantic_errors(exc)) from None
+    done = await run_import(request.app[POOL], request.app[PROVIDERS], settings, provider=form.provider,
+                            fmt=form.format, day=form.business_date, data=data, file_name=file_name,
+                            imported_by=who.name)
+    body = await _report(request, done.settlement_id)
+    body["replayed"] = not done.created
+    return json_response(body, status=201 if done.created else 200,
+                         headers={"Location": f"/v1/settlements/{done.settlement_id}"})
+
+
+async def _report(request: web.Request, settlement_id: str, **kw) -> dict[str, Any]:
+    settings = request.app[SETTINGS]
+    rules = rules_of(settings)
+    async with request.app[POOL].acquire() as conn:
+        out = await report(conn, settlement_id, rules=rules, today=business_date(now_utc(), rules.cutoff), **kw)
+    if out is None:
+        raise NotFound(f"no settlement {settlement_id!r}")
+    return out
+
+
+class ReportQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lines_limit: Annotated[int, Field(ge=0, le=5000)] = 200
+    after_line: Annotated[int, Field(ge=0)] = 0
+
+
+async def get_settlement(request: web.Request) -> web.Response:
+    await principal(request, "treasury")
+    q = parse_query(ReportQuery, request)
+    return json_response(await _report(request, request.match_info["id"], lines_limit=q.lines_limit,
+                                       after_line=q.after_line))
+
+
+async def stream_csv(request: web.Request, settlement_id: str) -> web.StreamResponse:
+    rules = rules_of(request.app[SETTINGS])
+    async with request.app[POOL].acquire() as conn:
+        if await conn.fetchval("SELECT 1 FROM settlements WHERE id = $1", settlement_id) is None:
+            raise NotFound(f"no settlement {settlement_id!r}")
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/csv; charset=utf-8", "Cache-Control": "no-store",
+            "Content-Disposition": f'attachment; filename="settlement-{settlement_id}.csv"'})
+        await resp.prepare(request)
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            async for chunk in report_csv(conn, settlement_id, rules=rules):
+                await resp.write(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def get_csv(request: web.Request) -> web.StreamResponse:
+    await principal(request, "treasury")
+    return await stream_csv(request, request.match_info["id"])
+
+
+class ListQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    provider: str | None = None
+    business_date: date | None = None
+    cursor: str | None = None
+    limit: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+async def list_settlements(request: web.Request) -> web.Response:
+    await principal(request, "treasury")
+    q = parse_query(ListQuery, request)
+    after_ts = after_id = None
+    if q.cursor:
+        try:
+            ts, _, after_id = base64.urlsafe_b64decode(q.cursor + "=" * (-len(q.cursor) % 4)).decode().partition("|")
+            after_ts = datetime.fromisoformat(ts)
+        except (ValueError, UnicodeDecodeError):
+            raise MalformedRequest("cursor is not valid: pass back next_cursor unchanged") from None
+    rows = await request.app[POOL].fetch(Q.settlements_list, q.provider, q.business_date, after_ts, after_id,
+                                         q.limit + 1)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    last = rows[-1] if rows else None
+    return json_response({
+        "times_time_zone": "UTC", "business_date_time_zone": "Asia/Phnom_Penh",
+        "data": [{**dict(r), "business_date": r["business_date"].isoformat(),
+                  "imported_at": r["imported_at"].isoformat()} for r in rows],
+        "next_cursor": base64.urlsafe_b64encode(f"{last['imported_at'].isoformat()}|{last['id']}".encode())
+        .decode().rstrip("=") if more and last else None})
+
+
+ROUTES = [
+    Route("POST", "/v1/settlements", upload, "Import a settlement file (multipart: file, provider, business_date, "
+          "format) and reconcile the day", scope="treasury", status=201, tags=("settlements",)),
+    Route("GET", "/v1/settlements", list_settlements, "Imported settlements, newest first", scope="treasury",
+          query=ListQuery, tags=("settlements",)),
+    Route("GET", "/v1/settlements/{id}", get_settlement, "A settlement's reconciliation report", scope="treasury",
+          query=ReportQuery, tags=("settlements",)),
+    Route("GET", "/v1/settlements/{id}/report.csv", get_csv, "A settlement's report as CSV (every line)",
+          scope="treasury", content_type="text/csv", tags=("settlements",)),
+]
+
+
+def setup(app: web.Application) -> None:
+    add_routes(app, ROUTES)

@@ -1,0 +1,127 @@
+"""``paysvc settlements``: import a provider's settlement file, re-check overdue payments, print a report."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import sys
+from datetime import date
+from pathlib import Path
+
+from paysvc.settings import Settings
+
+
+async def _import(settings: Settings, dsn: str, args) -> dict:
+    from paysvc.api_settlements import SettlementFileInvalid, rules_of, run_import
+    from paysvc.db import create_pool
+    from paysvc.invoicing import now_utc
+    from paysvc.settlement_days import business_date
+    from paysvc.settlement_report import report
+
+    from paysvc.provider_settings import provider_config
+    from providers import ProviderError, load_providers
+
+    data = Path(args.file).read_bytes()
+    try:
+        enabled = load_providers(provider_config(settings))
+    except (ProviderError, Exception):  # a parser needing no configuration still loads on its own
+        enabled = {}
+    pool = await create_pool(dsn, settings)
+    try:
+        try:
+            done = await run_import(pool, enabled, settings, provider=args.provider, fmt=args.format, day=args.date,
+                                    data=data, file_name=Path(args.file).name,
+                                    imported_by=f"cli:{getpass.getuser()}"[:100])
+        except SettlementFileInvalid as exc:
+            raise SystemExit(f"paysvc settlements: {exc.detail}") from None
+        rules = rules_of(settings)
+        async with pool.acquire() as conn:
+            out = await report(conn, done.settlement_id, rules=rules, today=business_date(now_utc(), rules.cutoff),
+                               lines_limit=0)
+        out["replayed"] = not done.created
+        return out
+    finally:
+        await pool.close()
+
+
+async def _recheck(settings: Settings, dsn: str, args) -> int:
+    from paysvc.api_settlements import rules_of
+    from paysvc.db import connect
+    from paysvc.invoicing import now_utc
+    from paysvc.settlement_days import business_date
+    from paysvc.settlement_import import raise_overdue
+
+    rules = rules_of(settings)
+    now = now_utc()
+    async with connect(dsn) as conn:
+        async with conn.transaction():
+            return await raise_overdue(conn, provider=args.provider, today=args.today or business_date(now, rules.cutoff),
+                                       rules=rules, now=now)
+
+
+async def _report(settings: Settings, dsn: str, args) -> dict | None:
+    from paysvc.api_settlements import rules_of
+    from paysvc.db import connect
+    from paysvc.invoicing import now_utc
+    from paysvc.settlement_days import business_date
+    from paysvc.settlement_report import report_csv, report
+
+    rules = rules_of(settings)
+    async with connect(dsn) as conn:
+        if args.csv:
+            async with conn.transaction(readonly=True):
+                async for chunk in report_csv(conn, args.settlement_id, rules=rules):
+                    sys.stdout.buffer.write(chunk)
+            return None
+        return await report(conn, args.settlement_id, rules=rules, today=business_date(now_utc(), rules.cutoff))
+
+
+def _run(settings: Settings, fn, args):
+    from paysvc.cli import _migrate, database
+
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        return asyncio.run(fn(settings, dsn, args))
+
+
+def cmd_import(settings: Settings, args) -> int:
+    out = _run(settings, _import, args)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_recheck(settings: Settings, args) -> int:
+    n = _run(settings, _recheck, args)
+    print(f"raised {n} missing_in_settlement exception(s)")
+    return 0
+
+
+def cmd_report(settings: Settings, args) -> int:
+    out = _run(settings, _report, args)
+    if out is None and not args.csv:
+        print(f"paysvc settlements: no settlement {args.settlement_id!r}", file=sys.stderr)
+        return 1
+    if out is not None:
+        print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    st = sub.add_parser("settlements", help="settlement files and reconciliation").add_subparsers(
+        dest="action", required=True)
+    p = st.add_parser("import", help="import a provider's settlement file for a business day; prints the report")
+    p.add_argument("--provider", required=True, help="whose payments the file settles (e.g. sandbox, bakong)")
+    p.add_argument("--date", required=True, type=date.fromisoformat,
+                   help="business date YYYY-MM-DD (an Asia/Phnom_Penh day)")
+    p.add_argument("--format", help="parser: a provider plugin name such as camt053 (default: the provider's own)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_import)
+    p = st.add_parser("recheck", help="raise missing_in_settlement for payments unsettled after the grace days")
+    p.add_argument("--provider", help="only this provider")
+    p.add_argument("--today", type=date.fromisoformat, help="the business day to check as (default: today)")
+    p.set_defaults(func=cmd_recheck)
+    p = st.add_parser("report", help="print a settlement's report (JSON, or --csv)")
+    p.add_argument("settlement_id")
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_report)

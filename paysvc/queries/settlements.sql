@@ -1,0 +1,331 @@
+-- Settlement import and matching: set-based, over a temporary staging table filled by COPY.
+-- $tz/$cutoff parameters carry the business-day rule of paysvc/settlement_days.py into SQL.
+
+-- name: settlement_claim
+-- The file is its SHA-256: the second import of the same bytes finds the first settlement.
+INSERT INTO settlements (id, provider, format, business_date, file_sha256, file_name, file_size, imported_at,
+                         imported_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (file_sha256) DO NOTHING
+RETURNING id
+
+-- name: settlement_by_sha
+SELECT id, provider, format, business_date FROM settlements WHERE file_sha256 = $1
+
+-- name: staging_create
+CREATE TEMP TABLE settlement_staging (LIKE settlement_staging_shape) ON COMMIT DROP
+
+-- name: staging_analyze
+ANALYZE settlement_staging
+
+-- name: match_by_transaction_id
+UPDATE settlement_staging s
+   SET payment_id = p.id, matched_by = 'transaction_id'
+  FROM payments p
+ WHERE p.provider = $1 AND p.provider_transaction_id = s.transaction_id
+
+-- name: match_by_md5
+-- A KHQR code is paid once: the first line with its md5 and the payment's amount takes the payment.
+WITH c AS (
+    SELECT DISTINCT ON (p.id) s.line_no, p.id
+      FROM settlement_staging s
+      JOIN payments p ON p.khqr_md5 = s.md5 AND p.provider = $1 AND p.amount = s.amount AND p.currency = s.currency
+     WHERE s.payment_id IS NULL AND s.md5 IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM settlement_staging x WHERE x.payment_id = p.id)
+       AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
+                        WHERE sl.payment_id = p.id AND sl.category <> 'duplicate_in_settlement')
+     ORDER BY p.id, s.line_no)
+UPDATE settlement_staging s SET payment_id = c.id, matched_by = 'md5' FROM c WHERE s.line_no = c.line_no
+
+-- name: match_by_bill_number
+-- Several payments may carry one bill number: lines and payments with the same bill number and amount are
+-- paired in order (the n-th line with the n-th payment), so none is taken twice.
+WITH l AS (
+    SELECT line_no, bill_number, amount, currency,
+           row_number() OVER (PARTITION BY bill_number, amount, currency ORDER BY line_no) AS n
+      FROM settlement_staging
+     WHERE payment_id IS NULL AND bill_number IS NOT NULL),
+p AS (
+    SELECT p.id, p.bill_number, p.amount, p.currency,
+           row_number() OVER (PARTITION BY p.bill_number, p.amount, p.currency ORDER BY p.paid_at, p.id) AS n
+      FROM payments p
+     WHERE p.provider = $1 AND p.bill_number IN (SELECT bill_number FROM l)
+       AND NOT EXISTS (SELECT 1 FROM settlement_staging x WHERE x.payment_id = p.id)
+       AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
+                        WHERE sl.payment_id = p.id AND sl.category <> 'duplicate_in_settlement'))
+UPDATE settlement_staging s SET payment_id = p.id, matched_by = 'bill_number'
+  FROM l JOIN p USING (bill_number, amount, currency, n)
+ WHERE s.line_no = l.line_no
+
+-- name: categorize
+-- Every line gets exactly one category. A payment is settled by its first line; a later line for it, or a
+-- line for a payment an earlier file settled, is a duplicate; so is a repeated unknown transaction id.
+WITH r AS (
+    SELECT s.line_no,
+           CASE
+             WHEN s.payment_id IS NOT NULL AND (
+                      row_number() OVER (PARTITION BY s.payment_id ORDER BY s.line_no) > 1
+                      OR EXISTS (SELECT 1 FROM settlement_lines sl
+                                  WHERE sl.payment_id = s.payment_id AND sl.category <> 'duplicate_in_settlement'))
+               THEN 'duplicate_in_settlement'
+             WHEN s.payment_id IS NOT NULL AND p.amount = s.amount AND p.currency = s.currency THEN 'matched'
+             WHEN s.payment_id IS NOT NULL THEN 'amount_mismatch'
+             WHEN s.transaction_id IS NOT NULL
+                  AND row_number() OVER (PARTITION BY s.transaction_id, (s.payment_id IS NULL) ORDER BY s.line_no) > 1
+               THEN 'duplicate_in_settlement'
+             ELSE 'missing_in_ledger'
+           END AS category,
+           CASE WHEN s.payment_id IS NOT NULL
+                THEN first_value(s.line_no) OVER (PARTITION BY s.payment_id ORDER BY s.line_no)
+                WHEN s.transaction_id IS NOT NULL
+                THEN first_value(s.line_no) OVER (PARTITION BY s.transaction_id, (s.payment_id IS NULL)
+                                                  ORDER BY s.line_no) END AS first_line
+      FROM settlement_staging s LEFT JOIN payments p ON p.id = s.payment_id)
+UPDATE settlement_staging s
+   SET category = r.category,
+       duplicate_of = CASE WHEN r.category = 'duplicate_in_settlement' AND r.first_line <> s.line_no
+                           THEN r.first_line END
+  FROM r
+ WHERE s.line_no = r.line_no
+
+-- name: staging_missing
+SELECT line_no, transaction_id, md5, bill_number, amount, currency, paid_at, fee, reference
+  FROM settlement_staging WHERE category = 'missing_in_ledger' ORDER BY line_no
+
+-- name: staging_set_captured
+-- After capture: each missing line names its new payment (or, when the money was already captured under
+-- another channel, becomes a duplicate of that payment).
+UPDATE settlement_staging s
+   SET payment_id = c.payment_id, matched_by = 'captured',
+       category = CASE WHEN c.created THEN 'missing_in_ledger' ELSE 'duplicate_in_settlement' END,
+       exception_id = (SELECT e.id FROM reconciliation_exceptions e WHERE e.payment_id = c.payment_id
+                        ORDER BY e.opened_at LIMIT 1)
+  FROM unnest($1::int[], $2::text[], $3::bool[]) AS c (line_no, payment_id, created)
+ WHERE s.line_no = c.line_no
+
+-- name: staging_duplicates_follow
+-- A repeated unknown transaction id duplicates the payment its first line was captured as.
+UPDATE settlement_staging s
+   SET payment_id = f.payment_id
+  FROM settlement_staging f
+ WHERE s.category = 'duplicate_in_settlement' AND s.payment_id IS NULL AND s.duplicate_of = f.line_no
+
+-- name: staging_exception_ids
+UPDATE settlement_staging
+   SET exception_id = 'exc_' || replace(gen_random_uuid()::text, '-', '')
+ WHERE category IN ('amount_mismatch', 'duplicate_in_settlement') AND exception_id IS NULL
+
+-- name: exceptions_from_staging
+-- $1 settlement, $2 provider, $3 business date, $4 now
+INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
+                                       business_date, evidence, opened_at)
+SELECT s.exception_id, s.category, $2, s.payment_id, p.invoice_id, p.agency_id, s.currency,
+       CASE WHEN s.category = 'amount_mismatch' AND p.currency = s.currency THEN abs(s.amount - p.amount)
+            ELSE s.amount END,
+       $3,
+       jsonb_build_object(
+           'settlement_id', $1::text, 'line_no', s.line_no,
+           'line', jsonb_build_object('transaction_id', s.transaction_id, 'md5', s.md5,
+                                      'bill_number', s.bill_number, 'amount', s.amount, 'currency', s.currency,
+                                      'fee', s.fee, 'paid_at', s.paid_at, 'reference', s.reference),
+           'payment', CASE WHEN p.id IS NULL THEN NULL ELSE jsonb_build_object(
+                          'id', p.id, 'provider_transaction_id', p.provider_transaction_id, 'amount', p.amount,
+                          'currency', p.currency, 'paid_at', p.paid_at) END,
+           'duplicate_of_line', s.duplicate_of,
+           'settled_by', (SELECT jsonb_build_object('settlement_id', sl.settlement_id, 'line_no', sl.line_no)
+                            FROM settlement_lines sl
+                           WHERE sl.payment_id = s.payment_id AND sl.category <> 'duplicate_in_settlement')),
+       $4
+  FROM settlement_staging s LEFT JOIN payments p ON p.id = s.payment_id
+ WHERE s.category IN ('amount_mismatch', 'duplicate_in_settlement')
+
+-- name: lines_from_staging
+INSERT INTO settlement_lines (settlement_id, line_no, transaction_id, md5, bill_number, amount, currency, paid_at,
+                              fee, reference, category, matched_by, payment_id, exception_id)
+SELECT $1, line_no, transaction_id, md5, bill_number, amount, currency, paid_at, fee, reference, category,
+       matched_by, payment_id, exception_id
+  FROM settlement_staging
+
+-- name: staging_posting_totals
+-- What the settlement entry posts: the lines whose money the ledger holds in clearing (matched, and the
+-- missing ones captured just now).
+SELECT currency, sum(amount)::bigint AS gross, sum(fee)::bigint AS fees, count(*) AS lines
+  FROM settlement_staging
+ WHERE category IN ('matched', 'missing_in_ledger')
+ GROUP BY currency ORDER BY currency
+
+-- name: staging_agency_totals
+SELECT p.agency_id, s.currency, count(*) AS payments, sum(s.amount)::bigint AS amount,
+       sum(s.fee)::bigint AS fees
+  FROM settlement_staging s JOIN payments p ON p.id = s.payment_id
+ WHERE s.category IN ('matched', 'missing_in_ledger') AND p.agency_id IS NOT NULL
+ GROUP BY p.agency_id, s.currency ORDER BY p.agency_id, s.currency
+
+-- name: staging_summary
+SELECT category, currency, count(*) AS lines, sum(amount)::bigint AS amount, sum(fee)::bigint AS fees
+  FROM settlement_staging GROUP BY category, currency ORDER BY category, currency
+
+-- name: settlement_finish
+UPDATE settlements SET line_count = $2, journal_entry_id = $3, summary = $4 WHERE id = $1
+
+-- name: day_exceptions_date
+-- Exceptions raised at capture for the day's payments take the day's business date.
+UPDATE reconciliation_exceptions e
+   SET business_date = $4
+  FROM payments p
+ WHERE e.payment_id = p.id AND e.business_date IS NULL AND e.state = 'open'
+   AND p.provider = $1 AND p.paid_at > $2 AND p.paid_at <= $3
+
+-- name: raise_missing_in_settlement
+-- Payments captured on or before $2 (the end of the last business day past its grace) and settled by no
+-- line are raised once. $1 provider or NULL for all; $3 time zone; $4 cut-off; $5 now.
+INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
+                                       business_date, evidence, opened_at)
+SELECT 'exc_' || replace(gen_random_uuid()::text, '-', ''), 'missing_in_settlement', p.provider, p.id,
+       p.invoice_id, p.agency_id, p.currency, p.amount,
+       CASE WHEN (p.paid_at AT TIME ZONE $3)::time > $4::time THEN (p.paid_at AT TIME ZONE $3)::date + 1
+            ELSE (p.paid_at AT TIME ZONE $3)::date END,
+       jsonb_build_object('payment', jsonb_build_object(
+           'id', p.id, 'provider_transaction_id', p.provider_transaction_id, 'amount', p.amount,
+           'currency', p.currency, 'paid_at', p.paid_at, 'applied_amount', p.applied_amount,
+           'suspense_amount', p.suspense_amount), 'raised_after_grace_until', $2::timestamptz),
+       $5
+  FROM payments p
+ WHERE ($1::text IS NULL OR p.provider = $1) AND p.paid_at <= $2
+   AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
+                    WHERE sl.payment_id = p.id AND sl.category <> 'duplicate_in_settlement')
+ON CONFLICT (payment_id) WHERE reason = 'missing_in_settlement' DO NOTHING
+RETURNING id
+
+-- name: business_date_sql
+-- The SQL twin of settlement_days.business_date (a test checks they agree).
+SELECT CASE WHEN ($1::timestamptz AT TIME ZONE $2)::time > $3::time THEN ($1::timestamptz AT TIME ZONE $2)::date + 1
+            ELSE ($1::timestamptz AT TIME ZONE $2)::date END
+
+-- name: settlement_get
+SELECT s.id, s.provider, s.format, s.business_date, encode(s.file_sha256, 'hex') AS file_sha256, s.file_name,
+       s.file_size, s.line_count, s.imported_at, s.imported_by, s.journal_entry_id, s.summary
+  FROM settlements s WHERE s.id = $1
+
+-- name: settlements_list
+SELECT s.id, s.provider, s.format, s.business_date, s.line_count, s.imported_at, s.imported_by
+  FROM settlements s
+ WHERE ($1::text IS NULL OR s.provider = $1) AND ($2::date IS NULL OR s.business_date = $2)
+   AND ($3::timestamptz IS NULL OR (s.imported_at, s.id) < ($3, $4::text))
+ ORDER BY s.imported_at DESC, s.id DESC
+ LIMIT $5
+
+-- name: settlement_line_totals
+SELECT category, currency, count(*) AS lines, sum(amount)::bigint AS amount, sum(fee)::bigint AS fees
+  FROM settlement_lines WHERE settlement_id = $1 GROUP BY category, currency ORDER BY category, currency
+
+-- name: settlement_lines_page
+SELECT l.line_no, l.transaction_id, l.md5, l.bill_number, l.amount, l.currency, l.paid_at, l.fee, l.reference,
+       l.category, l.matched_by, l.payment_id, l.exception_id, e.state AS exception_state
+  FROM settlement_lines l LEFT JOIN reconciliation_exceptions e ON e.id = l.exception_id
+ WHERE l.settlement_id = $1 AND l.line_no > $2
+ ORDER BY l.line_no
+ LIMIT $3
+
+-- name: day_payment_states
+-- The day's captured payments of the provider ($2 < paid_at <= $3), each in one state: settled with its
+-- line's category, or not settled: raised (missing_in_settlement) or still expected.
+SELECT state, currency, count(*) AS payments, sum(amount)::bigint AS amount FROM (
+    SELECT p.currency, p.amount,
+           coalesce(l.category,
+                    CASE WHEN e.id IS NOT NULL THEN 'missing_in_settlement' ELSE 'expected' END) AS state
+      FROM payments p
+      LEFT JOIN settlement_lines l ON l.payment_id = p.id AND l.category <> 'duplicate_in_settlement'
+      LEFT JOIN reconciliation_exceptions e ON e.payment_id = p.id AND e.reason = 'missing_in_settlement'
+     WHERE p.provider = $1 AND p.paid_at > $2 AND p.paid_at <= $3) d
+ GROUP BY state, currency ORDER BY state, currency
+
+-- name: day_unsettled_payments
+SELECT p.id, p.provider_transaction_id, p.bill_number, p.amount, p.currency, p.paid_at, e.id AS exception_id,
+       e.state AS exception_state
+  FROM payments p
+  LEFT JOIN reconciliation_exceptions e ON e.payment_id = p.id AND e.reason = 'missing_in_settlement'
+ WHERE p.provider = $1 AND p.paid_at > $2 AND p.paid_at <= $3
+   AND NOT EXISTS (SELECT 1 FROM settlement_lines l
+                    WHERE l.payment_id = p.id AND l.category <> 'duplicate_in_settlement')
+ ORDER BY p.paid_at, p.id
+
+-- name: day_open_exceptions
+SELECT e.id, e.reason, e.payment_id, e.invoice_id, e.currency, e.amount, e.evidence, e.opened_at
+  FROM reconciliation_exceptions e
+ WHERE e.provider = $1 AND e.business_date = $2 AND e.state = 'open'
+ ORDER BY e.opened_at, e.id
+
+-- name: day_remaining
+-- What the day leaves in the provider's clearing account, and why: money captured for the day's payments
+-- that no posted line settled (expected, missing in settlement, amount mismatch) and whose exception, if
+-- any, is still open.
+SELECT why, currency, count(*) AS payments, sum(amount)::bigint AS amount FROM (
+    SELECT p.currency, p.amount,
+           CASE WHEN l.category = 'amount_mismatch' THEN 'amount_mismatch'
+                WHEN e.id IS NOT NULL THEN 'missing_in_settlement' ELSE 'expected' END AS why,
+           coalesce(xm.state, e.state, 'open') AS open_state
+      FROM payments p
+      LEFT JOIN settlement_lines l ON l.payment_id = p.id AND l.category <> 'duplicate_in_settlement'
+      LEFT JOIN reconciliation_exceptions xm ON xm.id = l.exception_id AND l.category = 'amount_mismatch'
+      LEFT JOIN reconciliation_exceptions e ON e.payment_id = p.id AND e.reason = 'missing_in_settlement'
+     WHERE p.provider = $1 AND p.paid_at > $2 AND p.paid_at <= $3
+       AND (l.category IS NULL OR l.category = 'amount_mismatch')) d
+ WHERE open_state = 'open'
+ GROUP BY why, currency ORDER BY why, currency
+
+-- name: day_grid
+-- Business days × providers from $1 to $2: which have a settlement, and how many exceptions are open.
+WITH days AS (SELECT d::date AS business_date FROM generate_series($1::date, $2::date, interval '1 day') d),
+provs AS (SELECT unnest($3::text[]) AS provider UNION SELECT DISTINCT provider FROM settlements
+          WHERE business_date BETWEEN $1 AND $2)
+SELECT d.business_date, v.provider,
+       (SELECT count(*) FROM settlements s WHERE s.business_date = d.business_date AND s.provider = v.provider)
+           AS settlements,
+       (SELECT count(*) FROM reconciliation_exceptions e
+         WHERE e.business_date = d.business_date AND e.provider = v.provider AND e.state = 'open') AS open_exceptions
+  FROM days d CROSS JOIN provs v
+ ORDER BY d.business_date DESC, v.provider
+
+-- name: settlements_of_day
+SELECT id, format, file_name, line_count, imported_at, imported_by
+  FROM settlements WHERE provider = $1 AND business_date = $2 ORDER BY imported_at, id
+
+-- name: settlement_entry_postings
+SELECT a.code AS account, p.side, p.amount, p.currency
+  FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE p.entry_id = $1 ORDER BY p.line
+
+-- name: exception_for_resolve
+SELECT e.id, e.reason, e.state, e.provider, e.payment_id, e.invoice_id, e.currency, e.amount, e.business_date,
+       e.evidence
+  FROM reconciliation_exceptions e WHERE e.id = $1 FOR UPDATE
+
+-- name: payment_for_resolve
+SELECT p.id, p.provider, p.invoice_id, p.amount, p.currency, p.applied_amount, p.suspense_amount,
+       a.code AS agency_code
+  FROM payments p LEFT JOIN agencies a ON a.id = p.agency_id WHERE p.id = $1
+
+-- name: line_of_exception
+SELECT settlement_id, line_no, amount, currency, fee FROM settlement_lines WHERE exception_id = $1
+
+-- name: invoice_for_resolve
+SELECT i.id, i.agency_id, a.code AS agency_code, i.status, i.currency, i.amount, i.amount_paid, i.reference,
+       i.bill_number
+  FROM invoices i JOIN agencies a ON a.id = i.agency_id WHERE i.id = $1 FOR UPDATE OF i
+
+-- name: invoice_apply_resolution
+UPDATE invoices
+   SET amount_paid = amount_paid + $2,
+       status = CASE WHEN amount_paid + $2 >= amount THEN 'paid' ELSE status END,
+       paid_at = CASE WHEN amount_paid + $2 >= amount AND paid_at IS NULL THEN $3 ELSE paid_at END
+ WHERE id = $1 AND status IN ('open', 'expired')
+RETURNING id, status, amount, amount_paid, currency, reference, bill_number
+
+-- name: exception_resolve
+-- The state change is guarded here: only an open exception is resolved, once.
+UPDATE reconciliation_exceptions
+   SET state = 'resolved', resolved_at = $2, resolved_by = $3, resolution = $4, resolution_note = $5,
+       resolution_entry_id = $6, invoice_id = coalesce($7, invoice_id)
+ WHERE id = $1 AND state = 'open'
+RETURNING id

@@ -1,0 +1,207 @@
+"""Importing a settlement file: parse → COPY into a staging table → match with joins → capture what we never
+captured → post the settlement entry → raise exceptions → outbox events. One transaction, the caller's.
+
+Matching is set-based (the SQL blocks in queries/settlements.sql): by provider transaction id, then by KHQR
+md5 with the amount, then by bill number with the amount. Only the lines we never captured are handled one
+by one, through ``capture`` (they are few; each needs the invoice rules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from itertools import islice
+
+import asyncpg
+
+import ledger
+from ledger import accounts
+from paysvc.capture import DuplicateCapture, capture, new_id
+from paysvc.outbox import add_event
+from paysvc.queries import Q
+from paysvc.settlement_days import TIME_ZONE_NAME, last_day_in_grace, window
+from providers import PaymentNotice, SettlementLine
+
+COPY_CHUNK = 20_000
+STAGING_COLUMNS = ("line_no", "transaction_id", "md5", "bill_number", "amount", "currency", "paid_at", "fee",
+                   "reference")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The settings reconciliation follows."""
+
+    cutoff: time
+    grace_days: int
+    bank_account: str
+
+
+@dataclass(frozen=True)
+class Imported:
+    settlement_id: str
+    created: bool               # False: this file had been imported before; nothing changed
+
+
+class SettlementConflict(Exception):
+    """The same file was imported before for another provider or day."""
+
+    def __init__(self, detail: str, settlement_id: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.settlement_id = settlement_id
+
+
+def file_digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _records(lines: Iterable[SettlementLine]) -> Iterator[tuple]:
+    for ln in lines:
+        yield (ln.line_no, ln.transaction_id, ln.md5, ln.bill_number, ln.amount, ln.currency, ln.paid_at, ln.fee,
+               ln.reference)
+
+
+async def import_settlement(conn: asyncpg.Connection, lines: Iterable[SettlementLine], *, data_sha256: bytes,
+                            file_size: int, provider: str, fmt: str, business_date: date,
+                            file_name: str | None, imported_by: str, now: datetime, rules: Rules,
+                            timings: dict[str, float] | None = None) -> Imported:
+    """Import one parsed file inside the caller's transaction (``lines`` is consumed lazily).
+
+    A ``SettlementFormatError`` raised while ``lines`` is read propagates: the caller's rollback leaves
+    nothing behind. Returns the existing settlement when this file (by SHA-256) was imported before.
+    """
+    clock = _Clock(timings)
+    settlement_id = new_id("stl")
+    claimed = await conn.fetchval(Q.settlement_claim, settlement_id, provider, fmt, business_date, data_sha256,
+                                  file_name, file_size, now, imported_by)
+    if claimed is None:
+        first = await conn.fetchrow(Q.settlement_by_sha, data_sha256)
+        if (first["provider"], first["business_date"]) != (provider, business_date):
+            raise SettlementConflict(
+                f"this file was already imported as settlement {first['id']} for provider {first['provider']} "
+                f"on {first['business_date']}; the same file cannot settle another provider or day",
+                first["id"])
+        return Imported(first["id"], False)
+
+    await conn.execute(Q.staging_create)
+    records = _records(lines)
+    count = 0
+    while chunk := list(islice(records, COPY_CHUNK)):
+        await conn.copy_records_to_table("settlement_staging", records=chunk, columns=STAGING_COLUMNS)
+        count += len(chunk)
+    await conn.execute(Q.staging_analyze)
+    clock.lap("parse_and_copy")
+
+    await conn.execute(Q.match_by_transaction_id, provider)
+    await conn.execute(Q.match_by_md5, provider)
+    await conn.execute(Q.match_by_bill_number, provider)
+    await conn.execute(Q.categorize)
+    clock.lap("match")
+
+    start, end = window(business_date, rules.cutoff)
+    missing = await conn.fetch(Q.staging_missing)
+    line_nos, payment_ids, created = [], [], []
+    for row in missing:
+        notice = PaymentNotice(
+            provider=provider,
+            transaction_id=row["transaction_id"] or f"{settlement_id}:{row['line_no']}",
+            md5=row["md5"], bill_number=row["bill_number"], amount=row["amount"], currency=row["currency"],
+            paid_at=row["paid_at"] or end, confirmed=True,
+            raw={"settlement_id": settlement_id, "line_no": row["line_no"], "reference": row["reference"],
+                 "fee": row["fee"]})
+        try:
+            result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger")
+        except DuplicateCapture:
+            raise SettlementConflict("a payment in this file was captured concurrently; import the file again",
+                                     settlement_id) from None
+        line_nos.append(row["line_no"])
+        payment_ids.append(result.payment_id)
+        created.append(result.created)
+    if missing:
+        await conn.execute(Q.staging_set_captured, line_nos, payment_ids, created)
+        await conn.execute(Q.staging_duplicates_follow)
+    clock.lap("capture_missing")
+
+    await conn.execute(Q.staging_exception_ids)
+    await conn.execute(Q.exceptions_from_staging, settlement_id, provider, business_date, now)
+    await conn.execute(Q.lines_from_staging, settlement_id)
+    clock.lap("store_lines")
+
+    totals = await conn.fetch(Q.staging_posting_totals)
+    entry_id = None
+    draft = settlement_draft(settlement_id, provider, business_date, [dict(t) for t in totals],
+                             bank_account=rules.bank_account, effective_at=end)
+    if draft is not None:
+        entry_id = (await ledger.post_entry(conn, draft)).id
+    clock.lap("post")
+
+    await conn.execute(Q.day_exceptions_date, provider, start, end, business_date)
+    await raise_overdue(conn, provider=provider, today=_today(now, rules), rules=rules, now=now)
+    summary = [dict(r) for r in await conn.fetch(Q.staging_summary)]
+    await conn.execute(Q.settlement_finish, settlement_id, count, entry_id,
+                       {"lines": summary, "posted": [dict(t) for t in totals]})
+    for r in await conn.fetch(Q.staging_agency_totals):
+        await add_event(conn, agency_id=r["agency_id"], type="settlement.reconciled", occurred_at=now, data={
+            "settlement_id": settlement_id, "provider": provider, "business_date": business_date.isoformat(),
+            "business_date_time_zone": TIME_ZONE_NAME, "currency": r["currency"], "payments": r["payments"],
+            "amount": r["amount"], "fees": r["fees"]})
+    clock.lap("report_and_events")
+    return Imported(settlement_id, True)
+
+
+def settlement_draft(settlement_id: str, provider: str, business_date: date, totals: list[dict], *,
+                     bank_account: str, effective_at: datetime) -> ledger.EntryDraft | None:
+    """DESIGN.md's settlement entry, per currency: debit bank (net) and provider fees, credit clearing (gross)."""
+    postings = []
+    for t in totals:
+        cur, gross, fees = t["currency"], t["gross"], t["fees"]
+        if gross <= 0:
+            continue
+        if fees > gross:
+            raise ValueError(f"settlement fees {fees} exceed the settled amount {gross} {cur}")
+        if gross - fees:
+            postings.append(ledger.Posting(account=accounts.treasury_bank(bank_account, cur), side="debit",
+                                           amount=gross - fees, currency=cur))
+        if fees:
+            postings.append(ledger.Posting(account=accounts.provider_fees(provider, cur), side="debit",
+                                           amount=fees, currency=cur))
+        postings.append(ledger.Posting(account=accounts.provider_clearing(provider, cur), side="credit",
+                                       amount=gross, currency=cur))
+    if not postings:
+        return None
+    return ledger.EntryDraft(
+        kind="settlement", description=f"{provider} settlement of {business_date.isoformat()} ({settlement_id})",
+        effective_at=effective_at, postings=postings, idempotency_key=f"settlement:{settlement_id}",
+        settlement_id=settlement_id)
+
+
+def _today(now: datetime, rules: Rules) -> date:
+    from paysvc.settlement_days import business_date
+
+    return business_date(now, rules.cutoff)
+
+
+async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today: date, rules: Rules,
+                        now: datetime) -> int:
+    """Raise ``missing_in_settlement`` for payments still unsettled after the grace; returns how many."""
+    _, until = window(last_day_in_grace(today, rules.grace_days), rules.cutoff)
+    rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now)
+    return len(rows)
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        import time as _time
+
+        self._now = _time.perf_counter
+        self._timings = timings
+        self._last = self._now()
+
+    def lap(self, name: str) -> None:
+        t = self._now()
+        if self._timings is not None:
+            self._timings[name] = self._timings.get(name, 0.0) + (t - self._last)
+        self._last = t
+

@@ -1,0 +1,138 @@
+"""The reconciliation report of a settlement (JSON and CSV) and the treasury's day grid.
+
+Every time in a report is UTC and says so; business dates are Asia/Phnom_Penh days and say so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+
+from paysvc.queries import Q
+from paysvc.settlement_days import TIME_ZONE_NAME, grace_over, window
+from paysvc.settlement_import import Rules
+
+LINE_CATEGORIES = ("matched", "amount_mismatch", "missing_in_ledger", "duplicate_in_settlement")
+PAYMENT_STATES = ("matched", "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "expected")
+
+
+def _totals(rows, key: str, names: tuple[str, ...], count_field: str) -> dict[str, Any]:
+    out: dict[str, Any] = {n: {"count": 0, "amounts": {}} for n in names}
+    for r in rows:
+        slot = out.setdefault(r[key], {"count": 0, "amounts": {}})
+        slot["count"] += r[count_field]
+        slot["amounts"][r["currency"]] = slot["amounts"].get(r["currency"], 0) + r["amount"]
+    return out
+
+
+async def report(conn: asyncpg.Connection, settlement_id: str, *, rules: Rules, today: date,
+                 lines_limit: int = 200, after_line: int = 0) -> dict[str, Any] | None:
+    """The settlement's report as it stands now, or None when there is no such settlement."""
+    s = await conn.fetchrow(Q.settlement_get, settlement_id)
+    if s is None:
+        return None
+    day: date = s["business_date"]
+    start, end = window(day, rules.cutoff)
+    line_rows = await conn.fetch(Q.settlement_line_totals, settlement_id)
+    pay_rows = await conn.fetch(Q.day_payment_states, s["provider"], start, end)
+    remaining = await conn.fetch(Q.day_remaining, s["provider"], start, end)
+    posted = await conn.fetch(Q.settlement_entry_postings, s["journal_entry_id"]) if s["journal_entry_id"] else []
+    lines = await conn.fetch(Q.settlement_lines_page, settlement_id, after_line, lines_limit + 1)
+    unsettled = await conn.fetch(Q.day_unsettled_payments, s["provider"], start, end)
+    open_exc = await conn.fetch(Q.day_open_exceptions, s["provider"], day)
+    line_totals = _totals(line_rows, "category", LINE_CATEGORIES, "lines")
+    for r in line_rows:
+        slot = line_totals[r["category"]]
+        slot.setdefault("fees", {})[r["currency"]] = slot.get("fees", {}).get(r["currency"], 0) + r["fees"]
+    return {
+        "id": s["id"], "provider": s["provider"], "format": s["format"],
+        "business_date": day.isoformat(), "business_date_time_zone": TIME_ZONE_NAME, "times_time_zone": "UTC",
+        "business_day_window_utc": {"after": start.isoformat(), "until": end.isoformat()},
+        "file": {"sha256": s["file_sha256"], "name": s["file_name"], "size": s["file_size"],
+                 "lines": s["line_count"]},
+        "imported_at": s["imported_at"].isoformat(), "imported_by": s["imported_by"],
+        "lines_by_category": line_totals,
+        "payments_of_the_day": _totals(pay_rows, "state", PAYMENT_STATES, "payments"),
+        "grace_days": rules.grace_days,
+        "grace_over": grace_over(day, today, rules.grace_days),
+        "settlement_entry": {"id": s["journal_entry_id"], "postings": [dict(p) for p in posted]},
+        "clearing_remaining": _totals(remaining, "why", ("expected", "missing_in_settlement", "amount_mismatch"),
+                                      "payments"),
+        "clean": not open_exc and not remaining,
+        "open_exceptions": [{**dict(e), "opened_at": e["opened_at"].isoformat()} for e in open_exc],
+        "lines": [_line_json(r) for r in lines[:lines_limit]],
+        "next_after_line": lines[lines_limit - 1]["line_no"] if len(lines) > lines_limit else None,
+        "unsettled_payments": [{**dict(u), "paid_at": u["paid_at"].isoformat()} for u in unsettled[:lines_limit]],
+        "summary_at_import": s["summary"],
+    }
+
+
+def _line_json(r) -> dict[str, Any]:
+    d = dict(r)
+    d["paid_at"] = r["paid_at"].isoformat() if r["paid_at"] else None
+    return d
+
+
+CSV_HEADER = ("settlement_id", "provider", "business_date_asia_phnom_penh", "record", "line_no", "transaction_id",
+              "md5", "bill_number", "amount_minor", "currency", "fee_minor", "paid_at_utc", "reference", "category",
+              "matched_by", "payment_id", "exception_id", "exception_state")
+
+
+async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rules,
+                     chunk: int = 5000) -> AsyncIterator[bytes]:
+    """The report as CSV, streamed: every line of the file, then the day's payments no line settled.
+
+    Runs inside a transaction (server-side cursor). Times are UTC (``paid_at_utc``); the business date is
+    an Asia/Phnom_Penh day.
+    """
+    s = await conn.fetchrow(Q.settlement_get, settlement_id)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    day = s["business_date"].isoformat()
+
+    def utc(t: datetime | None) -> str:
+        return t.astimezone(timezone.utc).isoformat() if t else ""
+
+    after = 0
+    while True:
+        rows = await conn.fetch(Q.settlement_lines_page, settlement_id, after, chunk)
+        for r in rows:
+            w.writerow((s["id"], s["provider"], day, "line", r["line_no"], r["transaction_id"] or "", r["md5"] or "",
+                        r["bill_number"] or "", r["amount"], r["currency"], r["fee"], utc(r["paid_at"]),
+                        r["reference"] or "", r["category"], r["matched_by"] or "", r["payment_id"] or "",
+                        r["exception_id"] or "", r["exception_state"] or ""))
+        yield buf.getvalue().encode()
+        buf.seek(0)
+        buf.truncate()
+        if len(rows) < chunk:
+            break
+        after = rows[-1]["line_no"]
+    start, end = window(s["business_date"], rules.cutoff)
+    for u in await conn.fetch(Q.day_unsettled_payments, s["provider"], start, end):
+        state = "missing_in_settlement" if u["exception_id"] else "expected"
+        w.writerow((s["id"], s["provider"], day, "payment", "", u["provider_transaction_id"], "",
+                    u["bill_number"] or "", u["amount"], u["currency"], 0, utc(u["paid_at"]), "", state, "",
+                    u["id"], u["exception_id"] or "", u["exception_state"] or ""))
+    yield buf.getvalue().encode()
+
+
+async def day_grid(conn: asyncpg.Connection, *, today: date, days: int, providers: list[str]) -> list[dict]:
+    """Business days × providers, newest first, each ``matched``, ``exceptions open`` or ``not received``."""
+    rows = await conn.fetch(Q.day_grid, today - timedelta(days=days - 1), today, providers)
+    out = []
+    for r in rows:
+        if r["settlements"] == 0:
+            state = "not received"
+        elif r["open_exceptions"]:
+            state = "exceptions open"
+        else:
+            state = "matched"
+        out.append({"business_date": r["business_date"].isoformat(), "provider": r["provider"], "state": state,
+                    "settlements": r["settlements"], "open_exceptions": r["open_exceptions"]})
+    return out

@@ -1,0 +1,249 @@
+"""Resolving a reconciliation exception: what each action means for each kind of exception, and its entry.
+
+The rule (``plan``) is pure; ``resolve`` applies it in the caller's transaction. Where the money in question
+sits decides what an action can do:
+
+* **in suspense** (exceptions raised at capture: unknown_khqr, overpaid, …):
+  ``match_to_invoice`` debit ``suspense:unmatched``, credit ``agency:{a}:revenue`` (the invoice's
+  ``amount_paid`` grows; it is paid when complete); ``refund_due`` debit ``suspense:unmatched``, credit
+  ``suspense:refunds-due`` (a liability: owed back to the payer until treasury pays it out);
+  ``write_off`` debit ``suspense:unmatched``, credit ``equity:written-off`` (unclaimed money kept).
+* **applied to an invoice** (``missing_in_ledger`` whose late capture paid its invoice): only
+  ``match_to_invoice`` to that invoice, which acknowledges it; no money moves, no entry.
+* **at the bank, not yet in the ledger** (``duplicate_in_settlement``): ``match_to_invoice`` and
+  ``refund_due`` bring it in (debit ``treasury:bank`` net + ``expense:provider-fees`` fee) and credit the
+  agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
+  arrived, no entry.
+* **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
+  L − fee and fees, credit clearing C — and places the difference D = L − C: when the provider paid more
+  (D > 0) credit agency revenue (``match_to_invoice``), ``suspense:refunds-due`` (``refund_due``) or
+  ``equity:written-off`` (``write_off``); when it paid less (D < 0) only ``write_off``: debit
+  ``expense:write-offs:{p}``.
+* **missing_in_settlement** (captured C, never settled): ``write_off`` debit ``expense:write-offs:{p}``,
+  credit clearing C (the provider will not pay it); ``refund_due`` says the provider returned it to the payer:
+  debit what the payment credited (agency revenue and/or suspense), credit clearing C (DESIGN.md's refund
+  row; the invoice is not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
+
+Every entry leaves the provider's clearing account where the day's story says it should be: after every
+exception of a day is resolved, its clearing balance is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+
+import ledger
+from ledger import accounts
+from paysvc.outbox import add_event
+from paysvc.queries import Q
+
+Action = Literal["match_to_invoice", "refund_due", "write_off"]
+CAPTURE_REASONS = ("unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
+                   "duplicate_payment", "underpaid", "overpaid")
+
+
+class ResolutionRefused(Exception):
+    """The action does not make sense for this exception; ``detail`` says which would."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class AlreadyResolved(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the rule needs to know about the exception and the money around it."""
+
+    reason: str
+    provider: str
+    currency: str
+    amount: int
+    payment_amount: int | None = None
+    payment_applied: int = 0
+    payment_suspense: int = 0
+    payment_agency: str | None = None
+    payment_invoice: str | None = None
+    line_amount: int | None = None
+    line_fee: int = 0
+    line_currency: str | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The invoice money is matched to (``match_to_invoice``)."""
+
+    invoice_id: str
+    agency_code: str
+    currency: str
+    owed: int
+    status: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    postings: tuple[tuple[str, str, int], ...]   # (account, side, amount), in the exception's currency
+    invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
+
+
+def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) -> Plan:
+    """The postings of resolving an exception with ``action`` (pure). Raises ``ResolutionRefused``."""
+    cur = f.currency
+    clearing = accounts.provider_clearing(f.provider, cur)
+    bank = accounts.treasury_bank(bank_account, cur)
+    fees = accounts.provider_fees(f.provider, cur)
+    refunds = f"suspense:refunds-due:{cur}"
+    written_off = f"equity:written-off:{cur}"
+    losses = f"expense:write-offs:{f.provider}:{cur}"
+
+    def to_invoice(amount: int) -> tuple[str, int]:
+        if target is None:
+            raise ResolutionRefused("match_to_invoice needs invoice_id")
+        if target.currency != cur:
+            raise ResolutionRefused(f"invoice {target.invoice_id} is in {target.currency}, the money in {cur}")
+        if target.status not in ("open", "expired"):
+            raise ResolutionRefused(f"invoice {target.invoice_id} is {target.status}: it owes nothing")
+        if amount > target.owed:
+            raise ResolutionRefused(f"invoice {target.invoice_id} owes {target.owed}, less than the {amount} "
+                                    "in question; choose refund_due for the money or another invoice")
+        return accounts.agency_revenue(target.agency_code, cur), amount
+
+    def bank_in(gross: int, fee: int) -> list[tuple[str, str, int]]:
+        out = []
+        if gross - fee > 0:
+            out.append((bank, "debit", gross - fee))
+        if fee:
+            out.append((fees, "debit", fee))
+        return out
+
+    if f.reason in CAPTURE_REASONS:
+        a = f.payment_suspense or f.amount
+        if action == "match_to_invoice":
+            acct, n = to_invoice(a)
+            return Plan(((accounts.suspense(cur), "debit", a), (acct, "credit", n)), invoice_amount=n)
+        credit = refunds if action == "refund_due" else written_off
+        return Plan(((accounts.suspense(cur), "debit", a), (credit, "credit", a)))
+
+    if f.reason == "missing_in_ledger":
+        if f.payment_suspense:
+            a = f.payment_suspense
+            if action == "match_to_invoice":
+                acct, n = to_invoice(a)
+                return Plan(((accounts.suspense(cur), "debit", a), (acct, "credit", n)), invoice_amount=n)
+            credit = refunds if action == "refund_due" else written_off
+            return Plan(((accounts.suspense(cur), "debit", a), (credit, "credit", a)))
+        if action != "match_to_invoice" or target is None or target.invoice_id != f.payment_invoice:
+            raise ResolutionRefused(f"this payment was captured late and already paid invoice {f.payment_invoice}; "
+                                    "acknowledge it with match_to_invoice to that invoice (a refund of a paid "
+                                    "invoice is not a reconciliation action)")
+        return Plan(())
+
+    if f.reason == "duplicate_in_settlement":
+        gross, fee = f.line_amount or f.amount, f.line_fee
+        if action == "write_off":
+            return Plan(())
+        if action == "match_to_invoice":
+            acct, n = to_invoice(gross)
+            return Plan((*bank_in(gross, fee), (acct, "credit", n)), invoice_amount=n)
+        return Plan((*bank_in(gross, fee), (refunds, "credit", gross)))
+
+    if f.reason == "amount_mismatch":
+        if f.line_amount is None or f.payment_amount is None:
+            raise ResolutionRefused("this amount mismatch has lost its line or payment")
+        if f.line_currency != cur:
+            raise ResolutionRefused("the line and the payment are in different currencies; no action can "
+                                    "balance them here (FX is outside the service)")
+        diff = f.line_amount - f.payment_amount
+        base = [*bank_in(f.line_amount, f.line_fee), (clearing, "credit", f.payment_amount)]
+        if diff < 0:
+            if action != "write_off":
+                raise ResolutionRefused(f"the provider settled {-diff} less than was captured: only write_off "
+                                        "(a loss) applies")
+            return Plan((*base, (losses, "debit", -diff)))
+        if diff == 0:
+            return Plan(tuple(base))
+        if action == "match_to_invoice":
+            acct, n = to_invoice(diff)
+            return Plan((*base, (acct, "credit", n)), invoice_amount=n)
+        return Plan((*base, (refunds if action == "refund_due" else written_off, "credit", diff)))
+
+    if f.reason == "missing_in_settlement":
+        a = f.payment_amount or f.amount
+        if action == "write_off":
+            return Plan(((losses, "debit", a), (clearing, "credit", a)))
+        if action == "refund_due":
+            out = []
+            if f.payment_applied:
+                out.append((accounts.agency_revenue(f.payment_agency, cur), "debit", f.payment_applied))
+            if f.payment_suspense:
+                out.append((accounts.suspense(cur), "debit", f.payment_suspense))
+            return Plan((*out, (clearing, "credit", a)))
+        raise ResolutionRefused("a payment missing in settlement is settled by a later file's line; resolve it "
+                                "with write_off (the provider will not pay) or refund_due (it returned the money)")
+    raise ResolutionRefused(f"no resolution rule for reason {f.reason!r}")
+
+
+async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action, note: str,
+                  invoice_id: str | None, by: str, now: datetime, bank_account: str) -> dict:
+    """Resolve one open exception in the caller's transaction; raises LookupError, AlreadyResolved,
+    ResolutionRefused."""
+    e = await conn.fetchrow(Q.exception_for_resolve, exception_id)
+    if e is None:
+        raise LookupError(exception_id)
+    if e["state"] != "open":
+        raise AlreadyResolved(exception_id)
+    pay = await conn.fetchrow(Q.payment_for_resolve, e["payment_id"]) if e["payment_id"] else None
+    line = await conn.fetchrow(Q.line_of_exception, exception_id)
+    facts = Facts(
+        reason=e["reason"], provider=e["provider"], currency=e["currency"], amount=e["amount"],
+        payment_amount=pay["amount"] if pay else None, payment_applied=pay["applied_amount"] if pay else 0,
+        payment_suspense=pay["suspense_amount"] if pay else 0, payment_agency=pay["agency_code"] if pay else None,
+        payment_invoice=pay["invoice_id"] if pay else None,
+        line_amount=line["amount"] if line else None, line_fee=line["fee"] if line else 0,
+        line_currency=line["currency"] if line else None)
+    if facts.reason == "amount_mismatch" and pay is not None:
+        facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
+    target = None
+    inv = None
+    if action == "match_to_invoice":
+        if not invoice_id:
+            raise ResolutionRefused("match_to_invoice needs invoice_id")
+        inv = await conn.fetchrow(Q.invoice_for_resolve, invoice_id)
+        if inv is None:
+            raise ResolutionRefused(f"no invoice {invoice_id!r}")
+        target = Target(inv["id"], inv["agency_code"], inv["currency"], inv["amount"] - inv["amount_paid"],
+                        inv["status"])
+    p = plan(facts, action, target, bank_account=bank_account)
+    entry_id = None
+    if p.postings:
+        draft = ledger.EntryDraft(
+            kind="exception_resolved",
+            description=f"{e['reason']} {exception_id} resolved: {action}"[:500],
+            effective_at=now,
+            postings=[ledger.Posting(account=a, side=s, amount=n, currency=facts.currency) for a, s, n in p.postings],
+            idempotency_key=f"resolution:{exception_id}", payment_id=e["payment_id"],
+            invoice_id=invoice_id if action == "match_to_invoice" else e["invoice_id"],
+            settlement_id=line["settlement_id"] if line else None)
+        entry_id = (await ledger.post_entry(conn, draft)).id
+    if p.invoice_amount and inv is not None:
+        row = await conn.fetchrow(Q.invoice_apply_resolution, inv["id"], p.invoice_amount, now)
+        if row is not None and row["status"] == "paid":
+            await add_event(conn, agency_id=inv["agency_id"], type="invoice.paid", occurred_at=now, data={
+                "invoice_id": row["id"], "reference": row["reference"], "bill_number": row["bill_number"],
+                "status": row["status"], "currency": row["currency"], "amount": row["amount"],
+                "amount_paid": row["amount_paid"], "paid_at": now.isoformat(), "exception_id": exception_id})
+    done = await conn.fetchval(Q.exception_resolve, exception_id, now, by, action, note,
+                               str(entry_id) if entry_id else None,
+                               invoice_id if action == "match_to_invoice" else None)
+    if done is None:
+        raise AlreadyResolved(exception_id)
+    return {"id": exception_id, "state": "resolved", "resolution": action, "resolved_by": by,
+            "resolved_at": now.isoformat(), "resolution_note": note, "resolution_entry_id": entry_id,
+            "postings": [{"account": a, "side": s, "amount": n, "currency": facts.currency} for a, s, n in p.postings]}

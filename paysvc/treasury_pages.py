@@ -1,0 +1,324 @@
+"""Treasury pages: log in with a treasury API key, see business days × providers, open a day's report,
+resolve exceptions, download the CSV.
+
+The key is exchanged once for a session cookie (HttpOnly, SameSite=Strict, Secure when PAYSVC_PUBLIC_URL is
+https, path /treasury). Sessions live server-side (``treasury_sessions``: only the token's SHA-256) until
+they expire or the key is revoked. Every POST must come from our own origin (``Origin`` header) and, once
+logged in, carry the session's CSRF token in a hidden field. Pages are self-contained like the payment page:
+inline style under a hash-pinned CSP, no script at all.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import html
+import importlib.resources
+import secrets
+import string
+from datetime import date, timedelta
+from urllib.parse import quote, urlsplit
+
+from aiohttp import web
+
+from paysvc.api_reconciliation import ResolveBody, resolve_exception
+from paysvc.api_settlements import rules_of, stream_csv
+from paysvc.errors import Problem
+from paysvc.invoicing import now_utc
+from paysvc.pages import amount_display
+from paysvc.queries import Q
+from paysvc.settlement_days import TIME_ZONE_NAME, business_date
+from paysvc.settlement_report import day_grid, report
+from paysvc.web import AUTH, POOL, PROVIDERS, SETTINGS, Route, add_routes
+from pydantic import ValidationError
+
+COOKIE = "paysvc_treasury"
+GRID_DAYS = 14
+TEMPLATE = web.AppKey("treasury_template", tuple)
+FORM = web.RequestKey("treasury_form", object)
+
+
+def _see_other(location: str) -> web.Response:
+    return web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+
+
+def _load() -> tuple[string.Template, str, dict[str, str]]:
+    static = importlib.resources.files("paysvc") / "static"
+    css = (static / "treasury.css").read_text(encoding="utf-8")
+    if "</" in css:
+        raise RuntimeError("treasury.css is inlined in <style>: it must not contain '</'")
+    digest = base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
+    headers = {
+        "Content-Security-Policy": f"default-src 'none'; style-src 'sha256-{digest}'; img-src 'self' data:; "
+                                   "form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        "Cache-Control": "no-store", "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+    }
+    return string.Template((static / "treasury.html").read_text(encoding="utf-8")), css, headers
+
+
+def _e(v) -> str:
+    return html.escape("" if v is None else str(v))
+
+
+def _page(request: web.Request, title: str, body: str, *, session: dict | None = None, status: int = 200,
+          headers: dict[str, str] | None = None) -> web.Response:
+    template, css, base = request.app[TEMPLATE]
+    account = ""
+    if session is not None:
+        account = (f'<form method="post" action="/treasury/logout">{_csrf(session)}<span>{_e(session["key_name"])}'
+                   f'</span> <button type="submit">Log out</button></form>')
+    text = template.substitute(title=_e(title), css=css, body=body, account=account)
+    return web.Response(text=text, status=status, content_type="text/html", headers={**base, **(headers or {})})
+
+
+def _csrf(session: dict) -> str:
+    return f'<input type="hidden" name="csrf" value="{_e(session["csrf_token"])}">'
+
+
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if not origin or origin == "null":
+        return False
+    allowed = {f"{request.scheme}://{request.host}"}
+    public = request.app[SETTINGS].public_url
+    if public:
+        parts = urlsplit(public)
+        allowed.add(f"{parts.scheme}://{parts.netloc}")
+    return origin in allowed
+
+
+def _forbidden(request: web.Request, why: str) -> web.Response:
+    return _page(request, "Refused", f'<p class="error">{_e(why)}</p>', status=403)
+
+
+async def _session(request: web.Request) -> dict | None:
+    token = request.cookies.get(COOKIE)
+    if not token or len(token) > 100:
+        return None
+    row = await request.app[POOL].fetchrow(Q.treasury_session_get, _token_hash(token), now_utc())
+    return dict(row) if row else None
+
+
+async def _require(request: web.Request, *, post: bool = False) -> dict | web.Response:
+    """The session, or the response to send instead (login redirect, 403 for a forged POST)."""
+    if post and not _same_origin(request):
+        return _forbidden(request, "This form must be sent from the treasury pages themselves (Origin check).")
+    session = await _session(request)
+    if session is None:
+        if post:
+            return _forbidden(request, "Your session has ended: log in again.")
+        return _see_other("/treasury/login")
+    if post:
+        form = await request.post()
+        sent = form.get("csrf")
+        if not isinstance(sent, str) or not hmac.compare_digest(sent, session["csrf_token"]):
+            return _forbidden(request, "The form's security token is missing or wrong: reload the page and retry.")
+        request[FORM] = form
+    return session
+
+
+async def login_form(request: web.Request, error: str | None = None, status: int = 200) -> web.Response:
+    msg = f'<p class="error">{_e(error)}</p>' if error else ""
+    body = (f'<div class="login"><h1>Log in</h1>{msg}<form method="post" action="/treasury/login">'
+            '<label for="key">Treasury API key</label>'
+            '<input id="key" name="key" type="password" autocomplete="off" required>'
+            '<button type="submit">Log in</button></form>'
+            '<p class="note">Your key is exchanged for a session that ends after a few hours.</p></div>')
+    return _page(request, "Log in", body, status=status)
+
+
+async def login(request: web.Request) -> web.Response:
+    if not _same_origin(request):
+        return _forbidden(request, "Log in from the treasury login page (Origin check).")
+    form = await request.post()
+    key = form.get("key")
+    try:
+        p = await request.app[AUTH].authenticate(f"Bearer {key}" if isinstance(key, str) else None)
+        p.require("treasury")
+    except Problem:
+        return await login_form(request, "That key is not a valid treasury key.", status=401)
+    settings = request.app[SETTINGS]
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    now = now_utc()
+    expires = now + timedelta(hours=settings.treasury_session_hours)
+    async with request.app[POOL].acquire() as conn:
+        await conn.execute(Q.treasury_sessions_prune, now)
+        await conn.execute(Q.treasury_session_create, _token_hash(token), p.key_id, p.name, csrf, now, expires)
+    resp = _see_other("/treasury")
+    resp.set_cookie(COOKIE, token, path="/treasury", httponly=True, samesite="Strict",
+                    secure=(settings.public_url or "").startswith("https://"),
+                    max_age=int(settings.treasury_session_hours * 3600))
+    return resp
+
+
+async def logout(request: web.Request) -> web.Response:
+    session = await _require(request, post=True)
+    if isinstance(session, web.Response):
+        return session
+    await request.app[POOL].execute(Q.treasury_session_delete, _token_hash(request.cookies[COOKIE]))
+    resp = _see_other("/treasury/login")
+    resp.del_cookie(COOKIE, path="/treasury")
+    return resp
+
+
+def _today(request: web.Request) -> date:
+    return business_date(now_utc(), rules_of(request.app[SETTINGS]).cutoff)
+
+
+async def grid(request: web.Request) -> web.Response:
+    session = await _require(request)
+    if isinstance(session, web.Response):
+        return session
+    providers = sorted(request.app[PROVIDERS])
+    async with request.app[POOL].acquire() as conn:
+        cells = await day_grid(conn, today=_today(request), days=GRID_DAYS, providers=providers)
+    names = sorted({c["provider"] for c in cells})
+    by = {(c["business_date"], c["provider"]): c for c in cells}
+    days = sorted({c["business_date"] for c in cells}, reverse=True)
+    head = "".join(f"<th>{_e(n)}</th>" for n in names)
+    rows = []
+    for d in days:
+        tds = []
+        for n in names:
+            c = by[(d, n)]
+            cls = "state-" + c["state"].replace(" ", "-")
+            label = f'<span class="state {cls}">{_e(c["state"])}</span>'
+            if c["settlements"]:
+                label = f'<a href="/treasury/days/{d}/{quote(n)}">{label}</a>'
+            extra = f' <span class="note">{c["open_exceptions"]} open</span>' if c["open_exceptions"] else ""
+            tds.append(f'<td data-day="{d}" data-provider="{_e(n)}">{label}{extra}</td>')
+        rows.append(f"<tr><th>{d}</th>{''.join(tds)}</tr>")
+    body = (f"<h1>Business days</h1><p class=\"note\">Business days are {TIME_ZONE_NAME} days; the last "
+            f"{GRID_DAYS} are shown.</p><table id=\"grid\"><thead><tr><th>Business day</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+    return _page(request, "Business days", body, session=session)
+
+
+def _amounts(amounts: dict) -> str:
+    return ", ".join(amount_display(cur, n) for cur, n in sorted(amounts.items())) or "—"
+
+
+async def day(request: web.Request) -> web.Response:
+    session = await _require(request)
+    if isinstance(session, web.Response):
+        return session
+    try:
+        d = date.fromisoformat(request.match_info["date"])
+    except ValueError:
+        raise web.HTTPNotFound() from None
+    provider = request.match_info["provider"]
+    rules = rules_of(request.app[SETTINGS])
+    async with request.app[POOL].acquire() as conn:
+        settlements = await conn.fetch(Q.settlements_of_day, provider, d)
+        reports = [await report(conn, s["id"], rules=rules, today=_today(request), lines_limit=500)
+                   for s in settlements]
+    if not reports:
+        raise web.HTTPNotFound()
+    flash = request.query.get("msg")
+    parts = [f"<h1>{_e(provider)} · {d} <span class=\"note\">({TIME_ZONE_NAME} business day)</span></h1>"]
+    if flash:
+        parts.append(f'<p class="note" id="flash">{_e(flash)}</p>')
+    first = reports[0]
+    for r in reports:
+        cats = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{v['count']}</td><td class=\"num\">"
+                       f"{_e(_amounts(v['amounts']))}</td></tr>" for k, v in r["lines_by_category"].items())
+        pays = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{v['count']}</td><td class=\"num\">"
+                       f"{_e(_amounts(v['amounts']))}</td></tr>" for k, v in r["payments_of_the_day"].items())
+        parts.append(
+            f"<h2>Settlement {_e(r['id'])}</h2><p class=\"note\">{_e(r['format'])} file {_e(r['file']['name'])}, "
+            f"{r['file']['lines']} lines, imported {_e(r['imported_at'])} (UTC) by {_e(r['imported_by'])}. "
+            f"<a id=\"csv-{_e(r['id'])}\" href=\"/treasury/settlements/{_e(r['id'])}/report.csv\">Download CSV</a></p>"
+            f"<table class=\"totals\"><thead><tr><th>Lines</th><th>Count</th><th>Amount</th></tr></thead>"
+            f"<tbody>{cats}</tbody></table>")
+    r = first
+    parts.append(f"<h2>Payments of the day</h2><table><thead><tr><th>State</th><th>Count</th><th>Amount</th></tr>"
+                 f"</thead><tbody>{pays}</tbody></table>")
+    remaining = "".join(f"<li>{_e(k)}: {_e(_amounts(v['amounts']))}</li>"
+                        for k, v in r["clearing_remaining"].items() if v["count"])
+    parts.append("<h2>Left in clearing</h2>" + (f"<ul>{remaining}</ul>" if remaining else
+                                                 '<p id="clean">Nothing: the day is clean.</p>'))
+    exc_rows = []
+    for e in r["open_exceptions"]:
+        exc_rows.append(
+            f"<tr id=\"exc-{_e(e['id'])}\"><td>{_e(e['reason'])}</td><td>{_e(e['payment_id'])}</td>"
+            f"<td class=\"num\">{_e(amount_display(e['currency'], e['amount']))}</td><td>"
+            f"<form class=\"resolve\" method=\"post\" action=\"/treasury/exceptions/{_e(e['id'])}/resolve\">"
+            f"{_csrf(session)}<input type=\"hidden\" name=\"back\" value=\"/treasury/days/{d}/{_e(quote(provider))}\">"
+            "<select name=\"action\"><option value=\"match_to_invoice\">match to invoice</option>"
+            "<option value=\"refund_due\">refund due</option><option value=\"write_off\">write off</option></select>"
+            f"<input name=\"invoice_id\" placeholder=\"invoice id\" value=\"{_e(e['invoice_id'])}\">"
+            "<textarea name=\"note\" placeholder=\"why (required)\" required></textarea>"
+            "<button type=\"submit\">Resolve</button></form></td></tr>")
+    parts.append("<h2>Open exceptions</h2>" + (
+        "<table id=\"exceptions\"><thead><tr><th>Reason</th><th>Payment</th><th>Amount</th><th>Resolve</th></tr>"
+        f"</thead><tbody>{''.join(exc_rows)}</tbody></table>" if exc_rows else '<p id="no-exceptions">None.</p>'))
+    line_rows = "".join(
+        f"<tr><td class=\"num\">{ln['line_no']}</td><td>{_e(ln['transaction_id'])}</td>"
+        f"<td class=\"num\">{_e(amount_display(ln['currency'], ln['amount']))}</td><td>{_e(ln['paid_at'])}</td>"
+        f"<td>{_e(ln['category'])}</td><td>{_e(ln['payment_id'])}</td></tr>" for ln in r["lines"])
+    parts.append("<h2>Lines</h2><p class=\"note\">Times are UTC. The first 500 lines; the CSV has them all.</p>"
+                 "<table id=\"lines\"><thead><tr><th>Line</th><th>Transaction</th><th>Amount</th><th>Paid at (UTC)</th>"
+                 f"<th>Category</th><th>Payment</th></tr></thead><tbody>{line_rows}</tbody></table>")
+    return _page(request, f"{provider} {d}", "".join(parts), session=session)
+
+
+async def resolve_form(request: web.Request) -> web.Response:
+    session = await _require(request, post=True)
+    if isinstance(session, web.Response):
+        return session
+    form = request[FORM]
+    back = form.get("back") if isinstance(form.get("back"), str) else "/treasury"
+    if not back.startswith("/treasury/"):
+        back = "/treasury"
+    fields = {k: form.get(k) for k in ("action", "note", "invoice_id") if form.get(k)}
+    try:
+        body = ResolveBody.model_validate(fields)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"] for e in exc.errors())
+        return _page(request, "Not resolved", f'<p class="error">{_e(msg)}</p><p><a href="{_e(back)}">Back</a></p>',
+                     session=session, status=422)
+    try:
+        await resolve_exception(request.match_info["id"], body, pool=request.app[POOL],
+                                bank_account=request.app[SETTINGS].treasury_bank_account, by=session["key_name"])
+    except Problem as p:
+        return _page(request, "Not resolved", f'<p class="error">{_e(p.detail)}</p><p><a href="{_e(back)}">Back</a></p>',
+                     session=session, status=p.status)
+    return _see_other(f"{back}?msg={quote('Exception ' + request.match_info['id'] + ' resolved')}")
+
+
+async def csv_download(request: web.Request) -> web.StreamResponse:
+    session = await _require(request)
+    if isinstance(session, web.Response):
+        return session
+    return await stream_csv(request, request.match_info["id"])
+
+
+async def index(request: web.Request) -> web.Response:
+    return _see_other("/treasury")
+
+
+ROUTES = [
+    Route("GET", "/treasury/login", login_form, "Treasury login page", content_type="text/html", tags=("pages",)),
+    Route("POST", "/treasury/login", login, "Exchange a treasury key for a session cookie", content_type="text/html",
+          tags=("pages",)),
+    Route("POST", "/treasury/logout", logout, "End the session", content_type="text/html", tags=("pages",)),
+    Route("GET", "/treasury", grid, "Business days × providers", content_type="text/html", tags=("pages",)),
+    Route("GET", "/treasury/", index, "Business days × providers", content_type="text/html", tags=("pages",)),
+    Route("GET", "/treasury/days/{date}/{provider}", day, "A day's reconciliation", content_type="text/html",
+          tags=("pages",)),
+    Route("POST", "/treasury/exceptions/{id}/resolve", resolve_form, "Resolve an exception (form)",
+          content_type="text/html", tags=("pages",)),
+    Route("GET", "/treasury/settlements/{id}/report.csv", csv_download, "A settlement's report as CSV",
+          content_type="text/csv", tags=("pages",)),
+]
+
+
+def setup(app: web.Application) -> None:
+    app[TEMPLATE] = _load()
+    add_routes(app, ROUTES)

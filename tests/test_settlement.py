@@ -1,0 +1,283 @@
+"""Daily settlement: a provider's file for a business day is matched against what we captured, every line
+and payment lands in one category, matched money is posted, and treasury resolves the rest."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, date, datetime, timedelta
+
+import asyncpg
+import pytest
+
+import ledger
+from paysvc.db import connect
+from paysvc.settlement_days import business_date, parse_cutoff
+from providers import SettlementLine
+from providers.camt053 import write_statement
+from providers.sandbox import write_settlement_csv
+from tests.payments_helpers import pay
+
+DAY = date(2025, 6, 2)                                   # a Monday, long past: its grace is over
+AT = datetime(2025, 6, 2, 3, 0, tzinfo=UTC)              # 10:00 in Phnom Penh
+
+
+@pytest.fixture
+async def portal(api):
+    return await api.portal("MOI")
+
+
+@pytest.fixture
+async def treasury(api):
+    return {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'], name='Treasury desk')}"}
+
+
+async def new_invoice(api, portal, invoice_body, **kw):
+    r = await api.client.post("/v1/invoices", json=invoice_body(**kw), headers=portal)
+    assert r.status == 201, await r.text()
+    return await r.json()
+
+
+async def paid(api, portal, invoice_body, txid: str, *, at: datetime = AT, amount: int = 50000) -> dict:
+    inv = await new_invoice(api, portal, invoice_body, amount=amount)
+    r = await pay(api.client, inv, txid=txid, paid_at=at)
+    assert r.status == 200, await r.text()
+    return inv
+
+
+def line(txid: str | None, amount: int, *, fee: int = 0, md5=None, bill=None, at: datetime = AT) -> SettlementLine:
+    return SettlementLine(line_no=1, transaction_id=txid, md5=md5, bill_number=bill, amount=amount, currency="KHR",
+                          paid_at=at, fee=fee)
+
+
+async def upload(api, headers, data: bytes, *, provider="sandbox", day: date = DAY, fmt: str | None = None,
+                 name="settlement.csv"):
+    from aiohttp import FormData
+
+    form = FormData()
+    form.add_field("provider", provider)
+    form.add_field("business_date", day.isoformat())
+    if fmt:
+        form.add_field("format", fmt)
+    form.add_field("file", data, filename=name, content_type="text/csv")
+    return await api.client.post("/v1/settlements", data=form, headers=headers)
+
+
+async def clearing(dsn: str, provider: str = "sandbox", cur: str = "KHR") -> int:
+    async with connect(dsn) as conn:
+        try:
+            return await ledger.balance(conn, f"provider:{provider}:clearing:{cur}")
+        except ledger.AccountNotFound:
+            return 0
+
+
+async def count(dsn: str, sql: str, *args) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def resolve(api, headers, exc_id: str, action: str, note: str = "checked with the bank", **kw):
+    return await api.client.post(f"/v1/reconciliation/exceptions/{exc_id}/resolve",
+                                 json={"action": action, "note": note, **kw}, headers=headers)
+
+
+async def test_a_day_with_every_category_reconciles_and_clears_to_zero(api, portal, treasury, invoice_body):
+    inv1 = await paid(api, portal, invoice_body, "TX-1")
+    await paid(api, portal, invoice_body, "TX-2")
+    await paid(api, portal, invoice_body, "TX-3")                    # the provider settles 1,000 less
+    await paid(api, portal, invoice_body, "TX-4")                    # never settled
+    inv5 = await paid(api, portal, invoice_body, "TX-5")             # the bank knows it by another reference
+    inv6 = await new_invoice(api, portal, invoice_body)              # paid, but its callback never reached us
+    assert await clearing(api.dsn) == 250000
+
+    data = write_settlement_csv([
+        line("TX-1", 50000, fee=100),
+        line("TX-2", 50000, fee=100),
+        line("TX-3", 49000, fee=100),
+        line("BANKREF-5", 50000, fee=100, bill=inv5["bill_number"]),
+        line("TX-1", 50000, fee=100),                                 # listed twice
+        line("TX-6", 50000, fee=100, md5=inv6["khqr"]["md5"], bill=inv6["bill_number"]),
+        line("TX-7", 7000),                                           # nobody issued this
+    ])
+    r = await upload(api, treasury, data)
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    assert rep["business_date"] == "2025-06-02" and rep["business_date_time_zone"] == "Asia/Phnom_Penh"
+    assert rep["times_time_zone"] == "UTC"
+    cats = {k: (v["count"], v["amounts"].get("KHR", 0)) for k, v in rep["lines_by_category"].items()}
+    assert cats == {"matched": (3, 150000), "amount_mismatch": (1, 49000), "duplicate_in_settlement": (1, 50000),
+                    "missing_in_ledger": (2, 57000)}
+    pays = {k: v["count"] for k, v in rep["payments_of_the_day"].items()}
+    assert pays == {"matched": 3, "amount_mismatch": 1, "missing_in_ledger": 2, "missing_in_settlement": 1,
+                    "expected": 0}
+    by_line = {ln["line_no"]: ln for ln in rep["lines"]}
+    assert by_line[5]["matched_by"] == "bill_number" and by_line[5]["category"] == "matched"
+    # Settlement entry: matched and newly captured lines, net of fees, into the treasury's bank account.
+    postings = {(p["account"], p["side"]): p["amount"] for p in rep["settlement_entry"]["postings"]}
+    assert postings == {("treasury:bank:nbc-treasury:KHR", "debit"): 206600,
+                        ("expense:provider-fees:sandbox:KHR", "debit"): 400,
+                        ("provider:sandbox:clearing:KHR", "credit"): 207000}
+    # What remains in clearing is what the report says, and why.
+    assert await clearing(api.dsn) == 100000
+    assert {k: v["amounts"] for k, v in rep["clearing_remaining"].items() if v["count"]} == {
+        "amount_mismatch": {"KHR": 50000}, "missing_in_settlement": {"KHR": 50000}}
+    # The invoice paid only through the file is paid now; agencies hear about the reconciled day.
+    got = await (await api.client.get(f"/v1/invoices/{inv6['id']}", headers=portal)).json()
+    assert got["status"] == "paid"
+    events = await count(api.dsn, "SELECT count(*) FROM outbox_events WHERE type = 'settlement.reconciled'")
+    assert events == 1
+
+    r = await api.client.get("/v1/reconciliation/exceptions", params={"business_date": "2025-06-02",
+                                                                      "state": "open"}, headers=treasury)
+    open_ = {e["reason"]: e for e in (await r.json())["data"]}
+    assert set(open_) == {"amount_mismatch", "duplicate_in_settlement", "missing_in_ledger", "unknown_khqr",
+                          "missing_in_settlement"}
+    assert (await resolve(api, treasury, open_["amount_mismatch"]["id"], "refund_due")).status == 422
+    for reason, action, kw in [("amount_mismatch", "write_off", {}), ("missing_in_settlement", "write_off", {}),
+                               ("duplicate_in_settlement", "write_off", {}),
+                               ("missing_in_ledger", "match_to_invoice", {"invoice_id": inv6["id"]}),
+                               ("unknown_khqr", "refund_due", {})]:
+        r = await resolve(api, treasury, open_[reason]["id"], action, **kw)
+        assert r.status == 200, (reason, await r.text())
+        assert (await r.json())["resolved_by"] == "Treasury desk"
+    assert await clearing(api.dsn) == 0
+    async with connect(api.dsn) as conn:
+        assert await ledger.balance(conn, "suspense:unmatched:KHR") == 0
+        assert await ledger.balance(conn, "suspense:refunds-due:KHR") == 7000
+        assert await ledger.balance(conn, "expense:write-offs:sandbox:KHR") == 51000
+        assert (await ledger.verify(conn)).ok
+    rep = await (await api.client.get(f"/v1/settlements/{rep['id']}", headers=treasury)).json()
+    assert rep["clean"] and rep["open_exceptions"] == []
+    assert inv1
+
+
+async def test_resolving_twice_is_refused_and_a_note_is_required(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 40000)]))
+    assert r.status == 201
+    exc = (await r.json())["open_exceptions"][0]
+    assert (await resolve(api, treasury, exc["id"], "write_off", note="   ")).status == 422
+    assert (await resolve(api, treasury, exc["id"], "write_off")).status == 200
+    r = await resolve(api, treasury, exc["id"], "write_off")
+    assert r.status == 409
+    assert await count(api.dsn, "SELECT count(*) FROM ledger_entries WHERE kind = 'exception_resolved'") == 1
+    # The database refuses a second resolution even when the application's check is bypassed.
+    conn = await asyncpg.connect(api.dsn)
+    with pytest.raises(asyncpg.IntegrityConstraintViolationError):
+        await conn.execute("UPDATE reconciliation_exceptions SET resolution_note = 'again' WHERE id = $1", exc["id"])
+    await conn.close()
+
+
+async def test_same_file_twice_is_one_settlement(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    data = write_settlement_csv([line("TX-1", 50000, fee=50)])
+    first = await upload(api, treasury, data)
+    again = await upload(api, treasury, data)
+    assert first.status == 201 and again.status == 200
+    a, b = await first.json(), await again.json()
+    assert a["id"] == b["id"] and b["replayed"] is True
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 1
+    assert await count(api.dsn, "SELECT count(*) FROM ledger_entries WHERE kind = 'settlement'") == 1
+    other_day = await upload(api, treasury, data, day=DAY + timedelta(days=1))
+    assert other_day.status == 409
+
+
+async def test_two_files_for_one_day_reconcile_on_their_union(api, portal, treasury, invoice_body):
+    today = business_date(datetime.now(UTC), parse_cutoff("23:59:59.999"))
+    now = datetime.now(UTC)
+    await paid(api, portal, invoice_body, "TX-A", at=now)
+    await paid(api, portal, invoice_body, "TX-B", at=now)
+    r1 = await upload(api, treasury, write_settlement_csv([line("TX-A", 50000, at=now)]), day=today)
+    rep1 = await r1.json()
+    assert rep1["payments_of_the_day"]["expected"]["count"] == 1        # within its grace: not yet an exception
+    assert rep1["open_exceptions"] == []
+    r2 = await upload(api, treasury, write_settlement_csv([line("TX-B", 50000, at=now), line("TX-A", 50000, at=now)]),
+                      day=today)
+    rep2 = await r2.json()
+    assert r2.status == 201
+    assert rep2["lines_by_category"]["matched"]["count"] == 1
+    assert rep2["lines_by_category"]["duplicate_in_settlement"]["count"] == 1   # TX-A was settled by file 1
+    assert rep2["payments_of_the_day"]["matched"]["count"] == 2
+    assert await clearing(api.dsn) == 0
+    r = await api.client.get("/v1/settlements", params={"business_date": today.isoformat()}, headers=treasury)
+    assert len((await r.json())["data"]) == 2
+
+
+@pytest.mark.parametrize("fmt", ["sandbox", "camt053"])
+async def test_a_malformed_file_is_rejected_whole(api, portal, treasury, invoice_body, fmt):
+    inv = await new_invoice(api, portal, invoice_body)
+    good = [line("TX-9", 50000, md5=inv["khqr"]["md5"])] + [line(f"TX-{i}", 1000 + i) for i in range(5)]
+    if fmt == "sandbox":
+        data = write_settlement_csv(good).replace(b",1003,", b",10x3,")
+        where = 6  # header, TX-9, TX-0, TX-1, TX-2, then TX-3
+    else:
+        data = write_statement(good)
+        bad_at = data.index(b">1003<")
+        data = data[:bad_at] + b">10.03.5<" + data[bad_at + 6:]
+        where = data[:data.index(b"<TxDtls>", bad_at)].count(b"\n") + 1  # where its TxDtls starts
+    entries = await count(api.dsn, "SELECT count(*) FROM ledger_entries")
+    r = await upload(api, treasury, data, fmt=None if fmt == "sandbox" else fmt)
+    assert r.status == 422, await r.text()
+    problem = await r.json()
+    assert problem["line"] == where and problem["reason"]
+    assert r.content_type == "application/problem+json"
+    # Nothing half-imported: no settlement, no payment captured from the good first line, no entry.
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 0
+    assert await count(api.dsn, "SELECT count(*) FROM ledger_entries") == entries
+
+
+async def test_a_bank_statement_settles_sandbox_payments(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1", amount=12345)
+    r = await upload(api, treasury, write_statement([line("TX-1", 12345, fee=45)]), fmt="camt053", name="stmt.xml")
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    assert rep["format"] == "camt053" and rep["provider"] == "sandbox"
+    assert rep["lines_by_category"]["matched"]["count"] == 1
+    assert await clearing(api.dsn) == 0
+
+
+async def test_overdue_payments_are_raised_by_the_recheck(api, portal, treasury, invoice_body):
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    await paid(api, portal, invoice_body, "TX-1")                    # 2 June, never settled
+    rules = rules_of(api.client.app[SETTINGS])
+    async with connect(api.dsn) as conn:
+        assert await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=2), rules=rules,
+                                   now=datetime.now(UTC)) == 0        # Wednesday: still in its grace
+        assert await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=3), rules=rules,
+                                   now=datetime.now(UTC)) == 1        # Thursday: overdue
+        assert await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=9), rules=rules,
+                                   now=datetime.now(UTC)) == 0        # raised once
+        row = await conn.fetchrow("SELECT business_date, amount FROM reconciliation_exceptions")
+    assert row["business_date"] == DAY and row["amount"] == 50000
+
+
+async def test_treasury_scope_is_required(api, portal, invoice_body):
+    r = await upload(api, portal, write_settlement_csv([line("TX-1", 1)]))
+    assert r.status == 403
+
+
+async def test_the_csv_report_has_every_line_and_says_its_time_zone(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    await paid(api, portal, invoice_body, "TX-2")
+    rep = await (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000), line("TX-1", 50000)]))).json()
+    r = await api.client.get(f"/v1/settlements/{rep['id']}/report.csv", headers=treasury)
+    assert r.status == 200 and r.content_type == "text/csv"
+    rows = (await r.text()).splitlines()
+    assert rows[0].split(",")[2] == "business_date_asia_phnom_penh" and "paid_at_utc" in rows[0]
+    cats = [row.split(",")[13] for row in rows[1:]]
+    assert cats == ["matched", "duplicate_in_settlement", "missing_in_settlement"]
+
+
+async def test_concurrent_imports_of_one_file_make_one_settlement(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    data = write_settlement_csv([line("TX-1", 50000)])
+    rs = await asyncio.gather(*(upload(api, treasury, data) for _ in range(4)))
+    assert sorted(r.status for r in rs) == [200, 200, 200, 201]
+    assert len({(await r.json())["id"] for r in rs}) == 1
+    assert await count(api.dsn, "SELECT count(*) FROM settlement_lines") == 1

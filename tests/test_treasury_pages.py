@@ -1,0 +1,163 @@
+"""Treasury pages: a treasury key exchanged for a session cookie, CSRF-safe forms, and the whole flow in a
+real (headless) Chromium: log in, see the day grid, open a day, resolve an exception, download the CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from paysvc.settlement_days import business_date, parse_cutoff
+from providers.sandbox import write_settlement_csv
+from tests.conftest import running_api
+from tests.test_settlement import AT, DAY, line, paid, upload
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+async def portal(api):
+    return await api.portal("MOI")
+
+
+@pytest.fixture
+async def treasury_key(api):
+    return await api.key(None, scopes=["treasury"], name="Treasury desk")
+
+
+def origin(api) -> str:
+    return str(api.client.make_url("")).rstrip("/")
+
+
+async def login(api, key: str):
+    return await api.client.post("/treasury/login", data={"key": key}, headers={"Origin": origin(api)},
+                                 allow_redirects=False)
+
+
+async def a_day_with_one_exception(api, portal, treasury_key, invoice_body, day=DAY, at=AT) -> str:
+    await paid(api, portal, invoice_body, "TX-1", at=at)
+    await paid(api, portal, invoice_body, "TX-2", at=at)
+    r = await upload(api, {"Authorization": f"Bearer {treasury_key}"}, day=day, data=write_settlement_csv(
+        [line("TX-1", 50000, fee=100, at=at), line("TX-2", 49000, fee=100, at=at)]))
+    assert r.status == 201
+    return (await r.json())["id"]
+
+
+async def test_login_sets_a_strict_http_only_session_cookie(api, treasury_key):
+    r = await login(api, treasury_key)
+    assert r.status == 303 and r.headers["Location"] == "/treasury"
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/treasury" in cookie
+    assert "Secure" not in cookie                              # PAYSVC_PUBLIC_URL is http here
+    conn = await asyncpg.connect(api.dsn)
+    row = await conn.fetchrow("SELECT key_name, expires_at > now() AS live FROM treasury_sessions")
+    await conn.close()
+    assert row["key_name"] == "Treasury desk" and row["live"]
+    assert treasury_key.split("_")[2] not in cookie             # the key is never the cookie
+
+
+async def test_the_cookie_is_secure_behind_https(db_dsn):
+    async with running_api(db_dsn, public_url="https://paysvc.example") as api:
+        key = await api.key(None, scopes=["treasury"], name="Treasury desk")
+        r = await api.client.post("/treasury/login", data={"key": key}, allow_redirects=False,
+                                  headers={"Origin": "https://paysvc.example"})
+        assert r.status == 303 and "Secure" in r.headers["Set-Cookie"]
+
+
+async def test_only_treasury_keys_log_in(api, portal, treasury_key):
+    r = await login(api, portal["Authorization"].split()[1])
+    assert r.status == 401 and "paysvc_treasury" not in r.headers.get("Set-Cookie", "")
+    r = await api.client.get("/treasury", allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/treasury/login"
+
+
+async def test_login_from_another_origin_is_refused(api, treasury_key):
+    r = await api.client.post("/treasury/login", data={"key": treasury_key}, allow_redirects=False,
+                              headers={"Origin": "https://evil.example"})
+    assert r.status == 403
+
+
+async def test_forms_need_the_session_token_and_our_origin(api, portal, treasury_key, invoice_body):
+    await a_day_with_one_exception(api, portal, treasury_key, invoice_body)
+    assert (await login(api, treasury_key)).status == 303
+    page = await (await api.client.get(f"/treasury/days/{DAY}/sandbox")).text()
+    exc_id = page.split('id="exc-')[1].split('"')[0]
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    form = {"action": "write_off", "note": "short-paid by the provider", "back": f"/treasury/days/{DAY}/sandbox"}
+    url = f"/treasury/exceptions/{exc_id}/resolve"
+    r = await api.client.post(url, data=form, headers={"Origin": origin(api)}, allow_redirects=False)
+    assert r.status == 403                                      # no token
+    r = await api.client.post(url, data={**form, "csrf": "x" * 43}, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 403                                      # wrong token
+    r = await api.client.post(url, data={**form, "csrf": csrf}, headers={"Origin": "https://evil.example"},
+                              allow_redirects=False)
+    assert r.status == 403                                      # right token, wrong origin
+    r = await api.client.post(url, data={**form, "csrf": csrf}, allow_redirects=False)
+    assert r.status == 403                                      # no Origin at all
+    conn = await asyncpg.connect(api.dsn)
+    assert await conn.fetchval("SELECT state FROM reconciliation_exceptions WHERE id = $1", exc_id) == "open"
+    r = await api.client.post(url, data={**form, "csrf": csrf}, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 303
+    row = await conn.fetchrow("SELECT state, resolved_by, resolution FROM reconciliation_exceptions WHERE id = $1",
+                              exc_id)
+    await conn.close()
+    assert tuple(row) == ("resolved", "Treasury desk", "write_off")
+
+
+async def test_pages_carry_a_strict_content_security_policy(api, treasury_key):
+    r = await api.client.get("/treasury/login")
+    csp = r.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "form-action 'self'" in csp and "script-src" not in csp
+    assert "<script" not in await r.text()
+
+
+async def test_treasury_staff_reconcile_a_day_in_the_browser(api, portal, treasury_key, invoice_body, tmp_path):
+    from playwright.async_api import async_playwright
+
+    now = datetime.now(UTC)
+    today = business_date(now, parse_cutoff("23:59:59.999"))             # the grid shows the last 14 days
+    settlement_id = await a_day_with_one_exception(api, portal, treasury_key, invoice_body, day=today, at=now)
+    base = origin(api)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(accept_downloads=True)
+            await page.goto(f"{base}/treasury")
+            assert page.url.endswith("/treasury/login")
+            await page.fill("#key", treasury_key)
+            await page.click("button[type=submit]")
+            await page.wait_for_url(f"{base}/treasury")
+            assert await page.locator("#grid tbody tr").count() == 14
+            cell = page.locator(f'td[data-day="{today}"][data-provider="sandbox"]')
+            assert "exceptions open" in await cell.inner_text()
+            yesterday = page.locator(f'td[data-day="{today - timedelta(days=1)}"][data-provider="sandbox"]')
+            assert "not received" in await yesterday.inner_text()
+            await cell.locator("a").click()
+            await page.wait_for_selector("#exceptions")
+            assert await page.locator("#exceptions tbody tr").count() == 1
+            assert "amount_mismatch" in await page.locator("#exceptions").inner_text()
+            await page.select_option("select[name=action]", "write_off")
+            await page.fill("textarea[name=note]", "NBC statement shows 49,000: short-paid")
+            await page.click("#exceptions button[type=submit]")
+            await page.wait_for_selector("#flash")
+            assert await page.locator("#no-exceptions").count() == 1
+            assert await page.locator("#clean").count() == 1
+            async with page.expect_download() as info:
+                await page.click(f"#csv-{settlement_id}")
+            download = await info.value
+            path = tmp_path / "report.csv"
+            await download.save_as(path)
+        finally:
+            await browser.close()
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    assert [r["category"] for r in rows] == ["matched", "amount_mismatch"]
+    assert rows[1]["exception_state"] == "resolved"
+    conn = await asyncpg.connect(api.dsn)
+    assert await conn.fetchval("SELECT resolved_by FROM reconciliation_exceptions") == "Treasury desk"
+    await conn.close()
