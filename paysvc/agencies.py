@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, 
 
 from paysvc import khqr
 from paysvc.errors import Conflict, ValidationFailed, pydantic_errors
+from paysvc.queries import Q
 
 
 class AgencyIn(BaseModel):
@@ -45,11 +46,13 @@ async def add_agency(conn: asyncpg.Connection, **fields) -> str:
     except khqr.KhqrError as exc:
         raise ValidationFailed(f"the agency's KHQR fields are not valid: {exc.reason}") from None
     try:
-        await conn.execute(
-            """INSERT INTO agencies (code, name, name_km, bakong_account, merchant_id, acquiring_bank, mcc, city)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-            a.code, a.name, a.name_km, a.bakong_account, a.merchant_id, a.acquiring_bank, a.mcc, a.city,
-        )
+        async with conn.transaction():
+            agency_id = await conn.fetchval(
+                """INSERT INTO agencies (code, name, name_km, bakong_account, merchant_id, acquiring_bank, mcc, city)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id""",
+                a.code, a.name, a.name_km, a.bakong_account, a.merchant_id, a.acquiring_bank, a.mcc, a.city,
+            )
+            await conn.execute(Q.agency_event_seq_init, agency_id)
     except asyncpg.UniqueViolationError:
         raise Conflict(f"agency {a.code} already exists") from None
     tag = "30 (corporate)" if a.merchant_id else "29 (individual)"

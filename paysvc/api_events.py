@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from paysvc import api_invoices
+from paysvc import api_invoices, outbox
 from paysvc.errors import Forbidden, NotFound, ValidationFailed
 from paysvc.event_keys import EventSigner, KeySet, signer_from_settings
 from paysvc.outbox import EVENT_TYPES
@@ -131,7 +131,9 @@ async def feed(request: web.Request) -> web.Response:
         if row is None:
             raise NotFound(f"no agency with code {q.agency!r}")
         agency_id, code = row["id"], row["code"]
-    rows = await pool.fetch(Q.events_feed, agency_id, q.after, q.limit + 1)
+    async with pool.acquire() as conn:
+        await outbox.sequence(conn, [agency_id])  # so a reader sees what committed a moment ago
+        rows = await conn.fetch(Q.events_feed, agency_id, q.after, q.limit + 1)
     page = [envelope(r) for r in rows[:q.limit]]
     return json_response({"agency": code, "data": page, "next_after": page[-1]["seq"] if page else q.after,
                           "has_more": len(rows) > q.limit})

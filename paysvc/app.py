@@ -14,7 +14,7 @@ import prometheus_client
 from aiohttp import web
 
 from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
-from paysvc import api_settlements, treasury_pages
+from paysvc import api_settlements, outbox, treasury_pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
 from providers import load_providers
@@ -87,6 +87,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         if app[BACKGROUND]:
             pool = app[POOL]
             providers = app[PROVIDERS]
+            tasks.append(asyncio.create_task(run_periodically(
+                "event-sequencer", settings.relay_poll_interval_seconds, lambda: outbox.sequence_pending(pool))))
             tasks.append(asyncio.create_task(run_periodically(
                 "inbox", settings.inbox_interval_seconds,
                 lambda: inbox.work(pool, providers, lease=timedelta(seconds=settings.inbox_lease_seconds)))))

@@ -23,6 +23,7 @@ import aio_pika
 import aiormq
 import asyncpg
 
+from paysvc import outbox
 from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, EventSigner
 from paysvc.queries import Q
 
@@ -155,6 +156,9 @@ class Relay:
                 claimed = [r["agency_id"] for r in await conn.fetch(Q.relay_claim_agencies, self._max_agencies)]
                 if not claimed:
                     return 0
+                # Number what the claimed agencies committed since the last pass (the sequencer's job,
+                # done here too so a relay alone needs nothing else), then read in that order.
+                await outbox.sequence(conn, claimed)
                 per_agency = max(1, self._batch_size // len(claimed))
                 rows = await conn.fetch(Q.relay_unpublished, claimed, per_agency)
                 if not rows:

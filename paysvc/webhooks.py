@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 
+from paysvc import outbox
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
 from paysvc.relay import message_body
@@ -86,6 +87,8 @@ async def create_endpoint(conn: asyncpg.Connection, cipher: PiiCipher, *, agency
     endpoint_id = uuid.uuid4()
     secret = new_secret()
     key_id, blob = cipher.encrypt({"secret": secret}, aad=_aad(endpoint_id))
+    # Number what has committed so far: the endpoint starts after it.
+    await outbox.sequence(conn, [agency_id])
     row = await conn.fetchrow(Q.webhooks_create, endpoint_id, agency_id, url, event_types, description, key_id, blob,
                               now)
     return row, secret
@@ -120,6 +123,8 @@ class WebhookWorker:
 
     async def fan_out(self, now: datetime) -> int:
         """Create deliveries for new events; return how many were created."""
+        async with self._pool.acquire() as conn:
+            await outbox.sequence(conn)  # deliveries follow the agency's seq: number what just committed
         created = 0
         while True:
             row = await self._pool.fetchrow(Q.webhooks_fanout, now, FANOUT_STEP, MAX_ATTEMPTS)

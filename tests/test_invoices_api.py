@@ -302,10 +302,15 @@ async def test_background_expiry_marks_overdue_invoices_and_emits_events(api, in
     assert (await (await api.client.get(f"/v1/invoices/{keep['id']}", headers=h)).json())["status"] == "open"
     r = await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)
     assert r.status == 409
-    types = [r["type"] for r in await conn.fetch("SELECT type FROM outbox_events ORDER BY seq")]
-    assert types == ["invoice.created", "invoice.created", "invoice.expired"]
-    seqs = [r["seq"] for r in await conn.fetch("SELECT seq FROM outbox_events ORDER BY seq")]
-    assert seqs == [1, 2, 3]
+    from paysvc.outbox import sequence
+
+    assert await conn.fetchval("SELECT count(*) FROM outbox_events WHERE seq IS NULL") == 3  # not numbered yet
+    await init_connection(conn)
+    assert await sequence(conn) == 3
+    rows = await conn.fetch("SELECT type, seq FROM outbox_events ORDER BY seq")
+    assert [(r["type"], r["seq"]) for r in rows] == [
+        ("invoice.created", 1), ("invoice.created", 2), ("invoice.expired", 3)]
+    assert await sequence(conn) == 0  # numbered once
     await conn.close()
 
 

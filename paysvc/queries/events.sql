@@ -18,7 +18,7 @@ SELECT o.id, o.agency_id, a.code AS agency, o.seq, o.type, o.schema_version, o.o
   JOIN agencies a ON a.id = c.agency_id
  CROSS JOIN LATERAL (
         SELECT * FROM outbox_events o
-         WHERE o.agency_id = c.agency_id AND o.published_at IS NULL
+         WHERE o.agency_id = c.agency_id AND o.published_at IS NULL AND o.seq IS NOT NULL
          ORDER BY o.seq
          LIMIT $2) o
  ORDER BY o.agency_id, o.seq

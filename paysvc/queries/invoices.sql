@@ -23,13 +23,9 @@ WITH inv AS (
     INSERT INTO idempotency_keys (owner, key, request_hash, status, response)
     SELECT $19, $20, $21, 201, $22 FROM inv WHERE $20::text IS NOT NULL
     RETURNING key
-), seq AS (
-    INSERT INTO agency_event_seq AS s (agency_id, last_seq) SELECT agency_id, 1 FROM inv
-    ON CONFLICT (agency_id) DO UPDATE SET last_seq = s.last_seq + 1
-    RETURNING agency_id, last_seq
 ), ev AS (
-    INSERT INTO outbox_events (id, agency_id, seq, type, occurred_at, data)
-    SELECT $23, seq.agency_id, seq.last_seq, 'invoice.created', $14, $24 FROM seq
+    INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
+    SELECT $23, inv.agency_id, 'invoice.created', $14, $24 FROM inv
     RETURNING id
 )
 SELECT (SELECT count(*) FROM inv) AS created, (SELECT count(*) FROM code) AS codes,

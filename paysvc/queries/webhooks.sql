@@ -34,8 +34,8 @@ SELECT (SELECT count(*) FROM e) AS deleted, (SELECT count(*) FROM d) AS cancelle
 -- name: webhooks_fanout
 -- Deliveries for events after each endpoint's cursor, the cursor then moved past them (whatever their type).
 -- Each endpoint row is locked (SKIP LOCKED), so several workers never fan out the same events twice; the
--- UNIQUE (endpoint_id, event_id) makes it harmless anyway. Committed seqs of an agency are gap-free and
--- committed in order (the counter row is locked until commit), so nothing below the cursor can appear later.
+-- UNIQUE (endpoint_id, event_id) makes it harmless anyway. An agency's seqs are given after commit by the
+-- sequencer, gap-free and committed with the counter, so nothing below the cursor can appear later.
 -- $1 now, $2 events per endpoint per step, $3 attempts a delivery gets
 WITH ep AS (
     SELECT e.id, e.agency_id, e.event_types, e.fanout_seq
