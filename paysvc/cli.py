@@ -83,6 +83,20 @@ def cmd_agencies_add(settings: Settings, args) -> int:
     with database(settings) as dsn:
         asyncio.run(_migrate(dsn, settings))
         print(asyncio.run(_agencies_add(dsn, args)))
+    if settings.amqp_url is None:
+        print("no PAYSVC_AMQP_URL: the agency's queue will be declared by `paysvc events declare` or the relay",
+              file=sys.stderr)
+        return 0
+    from paysvc.relay import declare_agency_queue
+
+    try:
+        queue = asyncio.run(declare_agency_queue(
+            settings.amqp_url.get_secret_value(), args.code, exchange=settings.events_exchange,
+            queue_prefix=settings.events_queue_prefix))
+    except Exception as exc:  # the agency exists; the queue can be declared later
+        raise CliError(f"agency added, but its queue could not be declared ({exc}); "
+                       f"run `paysvc events declare --agency {args.code}` when the broker is reachable") from None
+    print(f"queue {queue} bound to {args.code}.# on exchange {settings.events_exchange}", file=sys.stderr)
     return 0
 
 

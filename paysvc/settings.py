@@ -49,7 +49,6 @@ class Settings(BaseSettings):
 
     # KHQR codes live at most 10 minutes (NBC's rule); shorter is allowed.
     khqr_ttl_minutes: float = Field(10, gt=0, le=10)
-    merchant_city_default: str = "Phnom Penh"
 
     # Background work.
     expiry_interval_seconds: float = Field(5, gt=0)

@@ -156,3 +156,39 @@ async def test_tail_prints_verified_events_and_refuses_a_tampered_one(db_dsn, br
         code, out, err = await _tail(broker, str(api.client.make_url("/v1/keys/events")), "--idle-exit", "1")
         assert code == 0, err
         assert json.loads(out)["event_id"] == genuine.message_id
+
+
+async def test_agencies_add_declares_the_agency_queue(db_dsn):
+    """`paysvc agencies add` with a broker configured leaves a durable queue bound to CODE.# ready to consume."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import aio_pika
+
+    from tests.conftest import TEST_PII_KEYS
+
+    suffix = uuid.uuid4().hex[:8]
+    exchange, prefix = f"paysvc.test.{suffix}", f"agency.{suffix}."
+    env = {**os.environ, "PAYSVC_DATABASE_URL": db_dsn, "PAYSVC_PII_KEYS": TEST_PII_KEYS,
+           "PAYSVC_AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/", "PAYSVC_EVENTS_EXCHANGE": exchange,
+           "PAYSVC_EVENTS_QUEUE_PREFIX": prefix, "PAYSVC_SANDBOX_SECRET": "x"}
+    out = subprocess.run([sys.executable, "-m", "paysvc", "agencies", "add", "MOI", "--name", "MOI Fees Office",
+                          "--name-km", "ក្រសួងមហាផ្ទៃ", "--bakong-account", "moi@nbcq"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"{prefix}MOI", passive=True)  # raises if it does not exist
+        ex = await channel.get_exchange(exchange, ensure=True)
+        await ex.publish(aio_pika.Message(b"{}"), routing_key="MOI.invoice.created")
+        await asyncio.sleep(0.3)
+        message = await queue.get(no_ack=True, fail=False)
+        assert message is not None and message.body == b"{}"
+    finally:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{prefix}MOI")
+        await channel.exchange_delete(exchange)
+        await connection.close()
