@@ -6,7 +6,8 @@ of ``paysvc`` or ``providers``. See docs/ledger.md.
 
 from ledger.accounts import AccountSpec, account_spec
 from ledger.balances import (
-    Account, CurrencyTotal, StatementLine, TrialBalance, TrialBalanceLine, balance, get_account, list_accounts,
+    Account, CurrencyTotal, StatementLine, TrialBalance, TrialBalanceLine, balance, fold_pending, get_account,
+    list_accounts,
     statement, trial_balance,
 )
 from ledger.canonical import canonical_content, chain_hash, content_hash
@@ -22,7 +23,7 @@ __all__ = [
     "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "BalanceMismatch", "CurrencyTotal",
     "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "LedgerError", "PostedEntry", "Posting",
     "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport", "account_spec", "balance",
-    "canonical_content", "chain_hash", "content_hash", "get_account", "get_entries", "get_entry",
+    "canonical_content", "chain_hash", "content_hash", "fold_pending", "get_account", "get_entries", "get_entry",
     "list_accounts", "list_entries", "post_entries", "post_entry", "reversal_draft", "reverse_entry", "seal",
     "seal_all", "statement", "trial_balance", "verify",
 ]

@@ -60,7 +60,7 @@ def signed(normal_side: str, debits: int, credits: int) -> int:
     return debits - credits if normal_side == "debit" else credits - debits
 
 
-# Codes of DESIGN.md's posting table.
+# Codes of the posting table (docs/ledger.md).
 def provider_clearing(provider: str, currency: str) -> str:
     """``provider:{p}:clearing:{cur}``: money a provider has received for us and not yet settled."""
     return f"provider:{provider}:clearing:{currency}"

@@ -86,6 +86,17 @@ async def get_account(conn: asyncpg.Connection, code: str, *, as_of: datetime | 
     return _account({**dict(r), "debits": t["debits"], "credits": t["credits"], "postings": t["postings"]})
 
 
+async def fold_pending(conn: asyncpg.Connection) -> None:
+    """Fold this transaction's postings into the balances now rather than at commit.
+
+    Balances change when the writing transaction commits (so busy balance rows are held only during
+    the commit); a caller that must read, inside the same transaction, balances that include what it
+    just posted calls this first. Later postings in the transaction are still folded at commit.
+    """
+    await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances IMMEDIATE")
+    await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances DEFERRED")
+
+
 async def balance(conn: asyncpg.Connection, account_code: str, *, as_of: datetime | None = None) -> int:
     """Balance signed in the account's normal side: O(1) now; as of a time, summed from its postings."""
     return (await get_account(conn, account_code, as_of=as_of)).balance

@@ -1,4 +1,4 @@
-"""Entry drafts for the service's events (DESIGN.md's posting table). Pure: no IO."""
+"""Entry drafts for the service's events (the posting table in docs/ledger.md). Pure: no IO."""
 
 from __future__ import annotations
 

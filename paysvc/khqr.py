@@ -1,4 +1,4 @@
-"""KHQR: EMVCo merchant-presented QR with the National Bank of Cambodia's rules (see KHQR.md).
+"""KHQR: EMVCo merchant-presented QR with the National Bank of Cambodia's rules (KHQR SDK and content guideline).
 
 Pure: stdlib and pydantic only. ``encode`` refuses to write a code a bank app would refuse, and
 ``decode`` checks a string the way a bank app does before it lets anyone pay. Both raise
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 
 class KhqrError(ValueError):
-    """A KHQR string or KhqrData breaks a rule of KHQR.md.
+    """A KHQR string or KhqrData breaks a rule of NBC's KHQR specification.
 
     ``code`` is stable for machines, ``reason`` says which rule in a sentence, ``tag`` names the
     field ("59", "62.01") when one is at fault.
@@ -144,7 +144,7 @@ def parse_amount(currency: str, text: str) -> int:
 
 
 def encode(data: KhqrData) -> str:
-    """The KHQR string for ``data``, ending in "6304" + CRC. Raises KhqrError if any rule of KHQR.md is broken."""
+    """The KHQR string for ``data``, ending in "6304" + CRC. Raises KhqrError if any KHQR rule is broken."""
     _validate(data)
     fields = [("00", "01"), ("01", data.point_of_initiation)]
     if data.upi_account is not None:
@@ -240,7 +240,7 @@ def decode(payload: str, *, now_ms: int | None = None) -> KhqrData:
 
 
 def _validate(data: KhqrData) -> None:
-    """Every KHQR.md rule that KhqrData's types do not already enforce."""
+    """Every KHQR rule that KhqrData's types do not already enforce."""
     account_tag = "29" if data.merchant_id is None else "30"
     _text(data.bakong_account_id, f"{account_tag}.00", 32, required=True)
     if "@" not in data.bakong_account_id:

@@ -153,7 +153,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
 
 def settlement_draft(settlement_id: str, provider: str, business_date: date, totals: list[dict], *,
                      bank_account: str, effective_at: datetime) -> ledger.EntryDraft | None:
-    """DESIGN.md's settlement entry, per currency: debit bank (net) and provider fees, credit clearing (gross)."""
+    """The ledger's settlement entry, per currency: debit bank (net) and provider fees, credit clearing (gross)."""
     postings = []
     for t in totals:
         cur, gross, fees = t["currency"], t["gross"], t["fees"]

@@ -21,7 +21,7 @@ sits decides what an action can do:
   ``expense:write-offs:{p}``.
 * **missing_in_settlement** (captured C, never settled): ``write_off`` debit ``expense:write-offs:{p}``,
   credit clearing C (the provider will not pay it); ``refund_due`` says the provider returned it to the payer:
-  debit what the payment credited (agency revenue and/or suspense), credit clearing C (DESIGN.md's refund
+  debit what the payment credited (agency revenue and/or suspense), credit clearing C (the ledger's refund
   row; the invoice is not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
 
 Every entry leaves the provider's clearing account where the day's story says it should be: after every

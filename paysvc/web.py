@@ -139,8 +139,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise ServiceUnavailable("the database is unavailable; retry later") from None
     except Problem as problem:
         response = problem_response(problem, request)
-    except web.HTTPException as exc:  # redirects and the like
-        response = exc
+    except web.HTTPException as exc:  # redirects and the like: aiohttp sends them; we add the request id
+        exc.headers["X-Request-Id"] = request_id
+        log.info("%s %s %s", request.method, request.path, exc.status,
+                 extra={"request_id": request_id, "method": request.method, "path": request.path,
+                        "status": exc.status, "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+        raise
     except Exception:
         log.exception("unhandled error", extra={"request_id": request_id})
         problem = Problem("an internal error occurred; it has been logged with request id " + request_id)

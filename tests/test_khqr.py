@@ -1,4 +1,4 @@
-"""KHQR strings are written and read exactly as KHQR.md says, and anything else is refused with a reason."""
+"""KHQR strings are written and read exactly as NBC's KHQR rules say, and anything else is refused with a reason."""
 
 from __future__ import annotations
 
@@ -304,7 +304,7 @@ def maybe(strategy: st.SearchStrategy[str]) -> st.SearchStrategy[str | None]:
 
 @st.composite
 def khqr_data(draw: st.DrawFn) -> KhqrData:
-    """Any KhqrData that KHQR.md allows, including templates filled to their 99-character limit."""
+    """Any KhqrData that the KHQR rules allow, including templates filled to their 99-character limit."""
     account = draw(text(31))
     at = draw(st.integers(0, len(account)))
     fields: dict[str, object] = {"bakong_account_id": account[:at] + "@" + account[at:]}

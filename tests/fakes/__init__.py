@@ -1,4 +1,5 @@
-"""Real local HTTP servers that answer as the providers' APIs do (documented in /work/shared/KHQR.md).
+"""Real local HTTP servers that answer as the providers' APIs do, as NBC's Bakong Open API document and
+ABA PayWay's API documentation describe them.
 
 Each fake is an ``aiohttp`` application on 127.0.0.1 with an ephemeral port, with a request log and a
 queue of scripted answers (429, 500, garbage) that are served before normal handling.

@@ -1,0 +1,54 @@
+"""Balances are folded in at commit: exactly once per posting, never for a rolled-back entry."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import ledger
+from ledger import entries
+
+T0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
+
+
+def capture(n: int, amount: int) -> ledger.EntryDraft:
+    return entries.payment_captured(provider="sandbox", agency="MOI", amount=amount, currency="KHR",
+                                    effective_at=T0, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
+
+
+async def test_balances_follow_commit_and_rollback(db):
+    async with db.transaction():
+        await ledger.post_entry(db, capture(1, 100))
+        await ledger.post_entry(db, capture(2, 200))
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 300
+    tx = db.transaction()
+    await tx.start()
+    await ledger.post_entry(db, capture(3, 999))
+    await tx.rollback()
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 300
+    assert await ledger.balance(db, "provider:sandbox:clearing:KHR") == 300
+
+
+async def test_entries_written_after_constraints_were_checked_early_still_count_once(db):
+    async with db.transaction():
+        await ledger.post_entry(db, capture(1, 100))
+        await db.execute("SET CONSTRAINTS ALL IMMEDIATE")  # folds entry 1 now
+        await db.execute("SET CONSTRAINTS ALL DEFERRED")
+        await ledger.post_entry(db, capture(2, 20))
+        await ledger.post_entries(db, [capture(3, 3), capture(4, 4)])
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 127
+    report = await ledger.verify(db)
+    assert not report.balance_mismatches
+    row = await db.fetchrow("SELECT b.postings FROM ledger_balances b JOIN ledger_accounts a ON a.id = b.account_id "
+                            "WHERE a.code = 'agency:MOI:revenue:KHR'")
+    assert row["postings"] == 4
+
+
+async def test_fold_pending_shows_this_transactions_postings_without_counting_them_twice(db):
+    async with db.transaction():
+        await ledger.post_entry(db, capture(1, 100))
+        with_commit_pending = await db.fetchval("SELECT count(*) FROM ledger_balances")
+        await ledger.fold_pending(db)
+        assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 100
+        await ledger.post_entry(db, capture(2, 5))
+    assert with_commit_pending == 0  # nothing folded before commit or fold_pending
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 105
