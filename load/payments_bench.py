@@ -95,11 +95,11 @@ async def bakong_poll_cost(dsn: str, pending: int = 10_000) -> None:
 
 
 async def main_async(args, urls, key) -> None:
-    request = make_request(urls, key)
     print(f"\n== step up the rate, {args.duration:.0f} s each; held = p99 < 200 ms and no errors")
     best = None
     for rate in args.rates:
-        r = await openloop.run(request, rate=rate, duration=args.duration)
+        # Fresh references per run, so no invoice of an earlier run is met again.
+        r = await openloop.run(make_request(urls, key), rate=rate, duration=args.duration)
         held = r.pct(99) < 200 and not r.errors and r.ok == r.sent
         print(r.line() + ("   HELD" if held else "   not held"))
         if held:

@@ -48,11 +48,12 @@ async def callback(request: web.Request) -> web.Response:
         await inbox.store(pool, name, request.headers, body,
                           rejected=f"content type {request.content_type or 'none'} is not application/json")
         raise WrongContentType("send callbacks as application/json")
-    inbox_id = await inbox.store(pool, name, request.headers, body,
-                                 lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds))
+    stored = await inbox.store(pool, name, request.headers, body,
+                               lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds))
+    inbox_id = stored.id
     # Stored and committed: from here on nothing is lost, whatever happens to this process.
     try:
-        outcome = await inbox.process(pool, providers, inbox_id)
+        outcome = await inbox.process(pool, providers, inbox_id, stored)
     except Exception:
         request.app.logger.exception("processing inbox row %s failed; the inbox worker will retry", inbox_id)
         return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)

@@ -18,7 +18,7 @@ import asyncpg
 
 import ledger
 import ledger.entries
-from paysvc.outbox import add_event
+from paysvc.outbox import add_events
 from paysvc.queries import Q
 from providers import PaymentNotice
 
@@ -94,26 +94,22 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     """
     if not notice.confirmed:
         raise ValueError("only confirmed notices are captured")
-    code = None
-    if notice.md5:
-        code = await conn.fetchrow(Q.khqr_for_capture, notice.md5)
-    invoice = None
-    if code is not None:
-        invoice = await conn.fetchrow(Q.invoice_for_capture, code["invoice_id"])
-    elif notice.bill_number:
-        invoice = await conn.fetchrow(Q.invoice_for_capture_by_bill, notice.bill_number)
+    # The code and its invoice (or the invoice by bill number), the invoice row locked: one round trip.
+    target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number)
+    invoice = target if target is not None and target["id"] is not None else None
+    code = target if target is not None and target["md5"] is not None else None
     # Checked after the invoice lock: a concurrent capture of the same notice has committed by now.
-    prior = await conn.fetchrow(Q.payment_by_provider_tx, notice.provider, notice.transaction_id)
-    if prior is not None:
-        return CaptureResult(prior["id"], False, None, prior["invoice_id"])
-    if code is not None:
-        same = await conn.fetchrow(Q.payment_by_khqr, code["md5"])
-        if (same is not None and same["provider"] != notice.provider and same["amount"] == notice.amount
-                and same["currency"] == notice.currency):
+    prior = await conn.fetch(Q.capture_prior, notice.provider, notice.transaction_id, code["md5"] if code else None)
+    for p in prior:
+        if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
+            return CaptureResult(p["id"], False, None, p["invoice_id"])
+    same = prior[0] if prior else None  # a payment already on this code
+    if same is not None:
+        if same["provider"] != notice.provider and same["amount"] == notice.amount \
+                and same["currency"] == notice.currency:
             # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
             return CaptureResult(same["id"], False, None, same["invoice_id"])
-        if same is not None:
-            code = None  # other money on an already-paid code: a second payment, booked on its own
+        code = None  # other money on an already-paid code: a second payment, booked on its own
 
     decision = decide(notice, dict(invoice) if invoice else None, dict(code) if code else None)
     if flag is not None and decision.reason is None:
@@ -123,23 +119,25 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     agency_code = invoice["agency_code"] if invoice else None
     invoice_id = invoice["id"] if invoice else None
     evidence: dict[str, Any] = {"notice": notice.model_dump(mode="json"), "source": source}
-    inserted = await conn.fetchval(
+    # The payment and, when it pays, the invoice's new state: one statement.
+    written = await conn.fetchrow(
         Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
         code["md5"] if code else None, notice.bill_number, notice.currency, notice.amount, decision.applied,
         decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id, evidence,
+        decision.pays_invoice,
     )
-    if inserted is None:
+    if written is None:
         # A concurrent capture of the same money committed first; this transaction must not book it again.
         raise DuplicateCapture(notice.provider, notice.transaction_id)
 
+    events: list[tuple[int, str, dict]] = []
     if decision.pays_invoice:
-        row = await conn.fetchrow(Q.invoice_mark_paid, invoice_id, decision.applied, notice.paid_at)
-        await add_event(conn, agency_id=agency_id, type="invoice.paid", occurred_at=now, data={
-            "invoice_id": invoice_id, "reference": row["reference"], "bill_number": row["bill_number"],
-            "status": row["status"], "currency": row["currency"], "amount": row["amount"],
-            "amount_paid": row["amount_paid"], "paid_at": notice.paid_at.isoformat(), "payment_id": payment_id,
+        events.append((agency_id, "invoice.paid", {
+            "invoice_id": invoice_id, "reference": written["reference"], "bill_number": written["bill_number"],
+            "status": written["status"], "currency": written["currency"], "amount": written["amount"],
+            "amount_paid": written["amount_paid"], "paid_at": notice.paid_at.isoformat(), "payment_id": payment_id,
             "provider": notice.provider,
-        })
+        }))
     if decision.reason is not None:
         exc_id = new_id("exc")
         await conn.execute(
@@ -150,21 +148,19 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             now,
         )
         if agency_id is not None:
-            await add_event(conn, agency_id=agency_id, type="reconciliation.exception_opened", occurred_at=now,
-                            data={"exception_id": exc_id, "reason": decision.reason, "payment_id": payment_id,
-                                  "invoice_id": invoice_id, "currency": notice.currency,
-                                  "amount": decision.suspense or notice.amount})
-    # The journal entry goes last: it locks the balance rows of busy accounts (the provider's clearing,
-    # the agency's revenue) until commit, so the less that follows it, the less other captures wait.
+            events.append((agency_id, "reconciliation.exception_opened", {
+                "exception_id": exc_id, "reason": decision.reason, "payment_id": payment_id,
+                "invoice_id": invoice_id, "currency": notice.currency, "amount": decision.suspense or notice.amount}))
     entry = await ledger.post_entry(conn, journal_draft(
         notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id))
     if agency_id is not None and decision.applied:
-        await add_event(conn, agency_id=agency_id, type="journal.posted", occurred_at=now, data={
+        events.append((agency_id, "journal.posted", {
             "entry_id": entry.id, "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
             "effective_at": entry.effective_at.isoformat(),
             "postings": [{"account": p.account, "side": p.side, "amount": p.amount, "currency": p.currency}
                          for p in entry.postings if p.account.startswith(f"agency:{agency_code}:")],
-        })
+        }))
+    await add_events(conn, events, occurred_at=now)
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Mapping
 
 import asyncpg
@@ -36,28 +36,53 @@ class Outcome:
     results: list[CaptureResult] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Stored:
+    """An inbox row as written: what processing needs, so it need not read the row back."""
+
+    id: int
+    provider: str
+    received_at: datetime
+    headers: dict[str, str]
+    body: bytes
+    state: str = "received"
+    attempts: int = 0
+
+    def __getitem__(self, key: str):  # read like a database row
+        return getattr(self, key)
+
+
 async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], body: bytes,
-                *, rejected: str | None = None, lease: timedelta = LEASE) -> int:
-    """Write the callback as received; commit before returning. Returns the inbox row id.
+                *, rejected: str | None = None, lease: timedelta = LEASE) -> Stored:
+    """Write the callback as received; commit before returning.
 
     The row is leased to the caller, who processes it at once; the worker takes it after ``lease``.
     """
     now = now_utc()
-    return await pool.fetchval(
-        Q.inbox_insert, provider, now, {k: v for k, v in headers.items()}, body,
-        "rejected" if rejected else "received", rejected, now + lease,
+    kept = {k: v for k, v in headers.items()}
+    inbox_id = await pool.fetchval(
+        Q.inbox_insert, provider, now, kept, body, "rejected" if rejected else "received", rejected, now + lease,
     )
+    return Stored(inbox_id, provider, now, kept, body, "rejected" if rejected else "received")
 
 
 async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, source: str,
                           inbox_id: int | None = None) -> list[CaptureResult]:
-    """Capture each notice in its own transaction (a concurrent duplicate is retried and found)."""
+    """Capture each notice in its own transaction (a concurrent duplicate is retried and found).
+
+    With ``inbox_id``, the last transaction also marks that inbox row processed: the row is done exactly
+    when its payments are, and no extra commit is spent on it.
+    """
     results = []
-    for notice in notices:
+    for i, notice in enumerate(notices):
+        last = i == len(notices) - 1
         for attempt in range(3):
             try:
                 async with pool.acquire() as conn, conn.transaction():
-                    results.append(await capture(conn, notice, source=source, now=now_utc(), inbox_id=inbox_id))
+                    now = now_utc()
+                    results.append(await capture(conn, notice, source=source, now=now, inbox_id=inbox_id))
+                    if last and inbox_id is not None:
+                        await conn.execute(Q.inbox_processed, inbox_id, now)
                 break
             except DuplicateCapture:
                 if attempt == 2:
@@ -66,12 +91,18 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
                 if attempt == 2:
                     raise
                 await asyncio.sleep(0.01 * (attempt + 1))
+    if not notices and inbox_id is not None:
+        await pool.execute(Q.inbox_processed, inbox_id, now_utc())
     return results
 
 
-async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_id: int) -> Outcome:
-    """Verify, parse, confirm and capture one inbox row. Safe to run more than once for a row."""
-    row = await pool.fetchrow(Q.inbox_get, inbox_id)
+async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_id: int,
+                  stored: Stored | None = None) -> Outcome:
+    """Verify, parse, confirm and capture one inbox row. Safe to run more than once for a row.
+
+    ``stored`` is the row just written by this process (not read back); the worker passes only the id.
+    """
+    row = stored if stored is not None else await pool.fetchrow(Q.inbox_get, inbox_id)
     if row is None or row["state"] != "received":
         return Outcome(row["state"] if row else "missing")
     provider = providers.get(row["provider"])
@@ -101,7 +132,6 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
         notices = confirmed
     results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id)
-    await pool.execute(Q.inbox_processed, inbox_id, now_utc())
     return Outcome("processed", results=results)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -34,6 +35,20 @@ async def add_event(
     event_id = uuid.uuid4()
     await conn.execute(Q.outbox_add_event, event_id, agency_id, type, occurred_at, data)
     return event_id
+
+
+async def add_events(conn: asyncpg.Connection, events: list[tuple[int, str, dict[str, Any]]], *,
+                     occurred_at: datetime) -> list[uuid.UUID]:
+    """Append several events ``(agency_id, type, data)`` in one statement; like :func:`add_event`."""
+    if not events:
+        return []
+    for _, type, _ in events:
+        if type not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {type!r}")
+    ids = [uuid.uuid4() for _ in events]
+    await conn.execute(Q.outbox_add_events, ids, [a for a, _, _ in events], [t for _, t, _ in events], occurred_at,
+                       [json.dumps(d) for _, _, d in events])
+    return ids
 
 
 async def sequence(conn: asyncpg.Connection, agency_ids: list[int] | None = None) -> int:

@@ -203,7 +203,7 @@ async def test_a_stored_callback_whose_request_died_is_processed_by_the_worker(a
     inv = await new_invoice(api, portal, invoice_body)
     body = sandbox_body(inv)
     pool = api.client.app[POOL]
-    inbox_id = await inbox.store(pool, "sandbox", sandbox_headers(body), body)
+    inbox_id = (await inbox.store(pool, "sandbox", sandbox_headers(body), body)).id
     conn = await asyncpg.connect(api.dsn)
     await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second' WHERE id = $1", inbox_id)  # lease over
     assert await inbox.work(pool, api.client.app[PROVIDERS]) == "processed 1 of 1 inbox rows"
