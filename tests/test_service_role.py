@@ -1,0 +1,50 @@
+"""The service runs as a member of paysvc_app: it can do its work, and cannot rewrite the journal."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from tests.conftest import ADMIN_DSN, running_api
+from tests.payments_helpers import pay
+
+
+@pytest.fixture
+async def app_login(db_dsn):
+    """A login role that is a member of paysvc_app, and a DSN for the test database as that role."""
+    name = f"paysvc_login_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'CREATE ROLE "{name}" LOGIN IN ROLE paysvc_app')
+    try:
+        base, _, dbname = db_dsn.rpartition("/")
+        yield f"{base.replace('postgres@', f'{name}@')}/{dbname}"
+    finally:
+        await admin.execute(f'DROP OWNED BY "{name}"')
+        await admin.execute(f'DROP ROLE "{name}"')
+        await admin.close()
+
+
+async def test_invoices_payments_and_events_work_as_the_service_role(db_dsn, app_login, invoice_body):
+    async with running_api(db_dsn) as setup:          # agencies and keys are made by an operator
+        h = await setup.portal("MOI")
+    async with running_api(app_login) as api:          # the service itself, as paysvc_app
+        r = await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+        assert r.status == 201, await r.text()
+        inv = await r.json()
+        r = await pay(api.client, inv)
+        assert r.status == 200, await r.text()
+        got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
+        assert got["status"] == "paid"
+        assert (await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)).status == 409
+        feed = await (await api.client.get("/v1/events", params={"after": "0"}, headers=h)).json()
+        assert [e["type"] for e in feed["data"]] == ["invoice.created", "invoice.paid", "journal.posted"]
+    conn = await asyncpg.connect(app_login)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE ledger_postings SET amount = amount + 1")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE ledger_balances SET debits = 0")
+    finally:
+        await conn.close()
