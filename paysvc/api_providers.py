@@ -7,8 +7,8 @@ from datetime import timedelta
 from aiohttp import web
 
 from paysvc import inbox
-from paysvc.errors import NotFound, PayloadTooLarge, Problem
-from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, json_response
+from paysvc.errors import NotFound, Problem
+from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, json_response, read_body
 from providers import NotConfirmed, SignatureError
 
 MAX_CALLBACK_BODY = 64 * 1024
@@ -37,11 +37,7 @@ async def callback(request: web.Request) -> web.Response:
     providers = request.app[PROVIDERS]
     if name not in providers:
         raise NotFound(f"no provider named {name!r} is enabled; enabled: {sorted(providers)}")
-    if request.content_length is not None and request.content_length > MAX_CALLBACK_BODY:
-        raise PayloadTooLarge(f"callback body is larger than {MAX_CALLBACK_BODY} bytes")
-    body = await request.content.read(MAX_CALLBACK_BODY + 1)
-    if len(body) > MAX_CALLBACK_BODY:
-        raise PayloadTooLarge(f"callback body is larger than {MAX_CALLBACK_BODY} bytes")
+    body = await read_body(request, MAX_CALLBACK_BODY)
     pool = request.app[POOL]
     if request.content_type != "application/json":
         # Kept as evidence like every other callback, but never processed.

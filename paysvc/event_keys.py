@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict
 
-from paysvc.settings import Settings, SettingsError
+from paysvc.settings import Settings, SettingsError, parse_keyring
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +44,7 @@ class KeySet(BaseModel):
 
 def parse_signing_keys(raw: str) -> dict[str, bytes]:
     """``kid:base64(seed),...`` to an ordered mapping; the first is the active key."""
-    keys: dict[str, bytes] = {}
-    for part in raw.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        kid, sep, b64 = part.partition(":")
-        if not sep or not kid:
-            raise ValueError("each entry must look like 'kid:base64(32-byte Ed25519 seed)'")
-        if kid in keys:
-            raise ValueError(f"key id {kid!r} is listed twice")
-        try:
-            seed = base64.b64decode(b64, validate=True)
-        except (ValueError, binascii.Error):
-            raise ValueError(f"key {kid!r} is not valid base64") from None
-        if len(seed) != 32:
-            raise ValueError(f"key {kid!r} must decode to a 32-byte Ed25519 seed, got {len(seed)} bytes")
-        keys[kid] = seed
-    if not keys:
-        raise ValueError("no key given")
-    return keys
+    return parse_keyring(raw, "Ed25519 seed")
 
 
 class EventSigner:

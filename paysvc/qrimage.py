@@ -7,7 +7,6 @@ import io
 
 import qrcode
 from qrcode.constants import ERROR_CORRECT_M
-from qrcode.image.svg import SvgPathImage
 
 
 def _matrix(payload: str, *, box_size: int, border: int) -> qrcode.QRCode:

@@ -136,8 +136,11 @@ class Settings(BaseSettings):
         return self.public_url or f"http://{self.host}:{self.port}"
 
 
-def parse_pii_keys(raw: str) -> dict[str, bytes]:
-    """Parse ``kid:base64key,...`` into an ordered mapping; the first key is the active one."""
+def parse_keyring(raw: str, what: str) -> dict[str, bytes]:
+    """Parse ``kid:base64(32 bytes),...`` into an ordered mapping; the first key is the active one.
+
+    ``what`` names the key in messages, e.g. "AES-256 key" or "Ed25519 seed".
+    """
     keys: dict[str, bytes] = {}
     for part in raw.split(","):
         part = part.strip()
@@ -145,17 +148,24 @@ def parse_pii_keys(raw: str) -> dict[str, bytes]:
             continue
         kid, sep, b64 = part.partition(":")
         if not sep or not kid:
-            raise ValueError("each entry must look like 'kid:base64key'")
+            raise ValueError(f"each entry must look like 'kid:base64(32-byte {what})'")
+        if kid in keys:
+            raise ValueError(f"key id {kid!r} is listed twice")
         try:
             key = base64.b64decode(b64, validate=True)
-        except ValueError:
+        except ValueError:  # binascii.Error is a ValueError
             raise ValueError(f"key {kid!r} is not valid base64") from None
         if len(key) != 32:
-            raise ValueError(f"key {kid!r} must decode to 32 bytes (AES-256), got {len(key)}")
+            raise ValueError(f"key {kid!r} must decode to a 32-byte {what}, got {len(key)} bytes")
         keys[kid] = key
     if not keys:
         raise ValueError("no key given")
     return keys
+
+
+def parse_pii_keys(raw: str) -> dict[str, bytes]:
+    """The payer-data keys (AES-256-GCM): the first encrypts, all decrypt."""
+    return parse_keyring(raw, "AES-256 key")
 
 
 def load_settings(**overrides) -> Settings:

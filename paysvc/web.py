@@ -62,15 +62,21 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    return raw
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, with clear errors for the wrong type, size or syntax."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"send the body as application/json (got {request.content_type or 'none'})")
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise PayloadTooLarge(f"body is larger than {MAX_JSON_BODY} bytes")
-    raw = await request.content.read(MAX_JSON_BODY + 1)
-    if len(raw) > MAX_JSON_BODY:
-        raise PayloadTooLarge(f"body is larger than {MAX_JSON_BODY} bytes")
+    raw = await read_body(request, MAX_JSON_BODY)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 import ledger
-from ledger import EntryDraft, Posting, entries
+from ledger import EntryDraft, entries
 from paysvc.db import connect
 from tests.conftest import TEST_PII_KEYS
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +10,6 @@ import asyncpg
 import pytest
 
 from paysvc import inbox
-from paysvc.db import init_connection
 from paysvc.web import POOL, PROVIDERS
 from tests.payments_helpers import pay, sandbox_body, sandbox_headers
 
