@@ -147,7 +147,7 @@ async def work(pool: asyncpg.Pool, providers: Mapping[str, Provider], *, batch: 
                lease: timedelta = LEASE) -> str | None:
     """Process due inbox rows (new ones whose request died, and deferred ones). Safe on several instances."""
     now = now_utc()
-    ids = [r["id"] for r in await pool.fetch(Q.inbox_claim, batch, now, now + lease)]
+    ids = [r["id"] for r in await pool.fetch(Q.inbox_claim, batch, now, lease)]
     done = 0
     for inbox_id in ids:
         try:

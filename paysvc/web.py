@@ -77,6 +77,8 @@ async def read_json(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"send the body as application/json (got {request.content_type or 'none'})")
     raw = await read_body(request, MAX_JSON_BODY)
+    if b"\\u0000" in raw:
+        raise MalformedRequest("text must not contain NUL characters (\\u0000)")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -129,6 +131,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     started = time.perf_counter()
     try:
         try:
+            if "\x00" in request.path or "\x00" in request.query_string:
+                raise MalformedRequest("the URL must not contain NUL characters (%00)")
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status == 404:
@@ -140,6 +144,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             if exc.status < 400:
                 raise
             raise Problem(exc.reason or "request refused") from None
+        except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError, UnicodeEncodeError):
+            # Refused before anything was written: input the database cannot store as text.
+            raise MalformedRequest("the request holds characters that cannot be stored as text (NUL or an "
+                                   "unpaired UTF-16 surrogate); remove them") from None
         except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError, ConnectionError, OSError) as exc:
             log.error("database unavailable: %s", exc)
             raise ServiceUnavailable("the database is unavailable; retry later") from None

@@ -113,6 +113,16 @@ def _md5(value: str | None) -> str | None:
     return value
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -141,6 +151,15 @@ class PaymentNotice(_Frozen):
     @classmethod
     def _check_paid_at(cls, v: datetime | None) -> datetime | None:
         return _utc(v)
+
+    @model_validator(mode="after")
+    def _storable_text(self) -> PaymentNotice:
+        # A NUL cannot be stored as text (PostgreSQL refuses it): refuse it here, so such a notice is
+        # rejected as malformed instead of failing at every processing attempt.
+        if _has_nul([self.provider, self.transaction_id, self.bill_number, self.to_account, self.from_account,
+                     self.raw]):
+            raise ValueError("text fields must not contain NUL characters")
+        return self
 
     @model_validator(mode="after")
     def _confirmed_is_complete(self) -> PaymentNotice:

@@ -355,3 +355,16 @@ async def test_last_code_of_an_invoice_is_not_reissued_on_every_request(api, inv
         assert (await r.json())["md5"] == inv["khqr"]["md5"]
     assert await conn.fetchval("SELECT count(*) FROM khqr_codes WHERE invoice_id = $1", inv["id"]) == 1
     await conn.close()
+
+
+async def test_text_the_database_cannot_store_is_a_400_not_a_500(api, invoice_body):
+    h = await api.portal("MOI")
+    r = await api.client.get("/v1/invoices/inv_%00x", headers=h)
+    assert r.status == 400 and "NUL" in (await r.json())["detail"]
+    body = b'{"reference": "N1", "description": "a\\u0000b", "currency": "KHR", "amount": 100}'
+    r = await api.client.post("/v1/invoices", data=body, headers={**h, "Content-Type": "application/json"})
+    assert r.status == 400 and "NUL" in (await r.json())["detail"]
+    body = b'{"reference": "N2", "description": "a\\ud800b", "currency": "KHR", "amount": 100}'
+    r = await api.client.post("/v1/invoices", data=body, headers={**h, "Content-Type": "application/json"})
+    assert r.status in (400, 422) and r.content_type == "application/problem+json"  # validation may see it first
+    assert (await r.json())["detail"]

@@ -223,3 +223,14 @@ async def test_database_refuses_a_second_payment_row_for_one_transaction(api, po
             " now(), 'callback')")
     await conn.close()
     assert row["provider_transaction_id"] == "TX1"
+
+
+async def test_a_callback_with_text_the_database_cannot_store_is_refused_and_kept(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv, txid="TX\x00NUL")
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=sandbox_headers(body))
+    assert r.status == 400, await r.text()
+    conn = await asyncpg.connect(api.dsn)
+    assert await conn.fetchval("SELECT state FROM provider_inbox") == "rejected"
+    assert await conn.fetchval("SELECT count(*) FROM payments") == 0
+    await conn.close()

@@ -16,7 +16,10 @@ UPDATE provider_inbox SET state = 'processed', processed_at = $2, reason = NULL 
 UPDATE provider_inbox SET next_attempt_at = $2, reason = $3 WHERE id = $1 AND state = 'received'
 
 -- name: inbox_claim
-UPDATE provider_inbox SET attempts = attempts + 1, next_attempt_at = $3
+-- The lease grows with each attempt (to an hour at most): a row that keeps failing is retried ever more
+-- slowly but never dropped; its attempts and reason show it to operators.
+UPDATE provider_inbox SET attempts = attempts + 1,
+       next_attempt_at = $2 + least($3::interval * (2 ^ least(attempts, 6))::int, interval '1 hour')
  WHERE id IN (SELECT id FROM provider_inbox
                WHERE state = 'received' AND next_attempt_at <= $2
                ORDER BY id LIMIT $1
