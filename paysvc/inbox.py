@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Mapping
 
 import asyncpg
+import prometheus_client
 from multidict import CIMultiDict
 
 from paysvc.capture import CaptureResult, DuplicateCapture, capture
@@ -22,6 +23,10 @@ from paysvc.queries import Q
 from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
 
 log = logging.getLogger(__name__)
+
+CAPTURED = prometheus_client.Counter(
+    "paysvc_payments_captured_total", "Payments captured, by provider, source and outcome (an exception "
+    "reason, or 'captured')", ["provider", "source", "outcome"])
 
 # While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
 LEASE = timedelta(seconds=60)
@@ -80,9 +85,12 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     now = now_utc()
-                    results.append(await capture(conn, notice, source=source, now=now, inbox_id=inbox_id))
+                    result = await capture(conn, notice, source=source, now=now, inbox_id=inbox_id)
                     if last and inbox_id is not None:
                         await conn.execute(Q.inbox_processed, inbox_id, now)
+                results.append(result)
+                if result.created:  # counted once committed
+                    CAPTURED.labels(notice.provider, source, result.reason or "captured").inc()
                 break
             except DuplicateCapture:
                 if attempt == 2:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import asyncpg
+import prometheus_client
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -121,6 +122,20 @@ def problem_response(problem: Problem, request: web.Request) -> web.Response:
     )
 
 
+HTTP_REQUESTS = prometheus_client.Counter(
+    "paysvc_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
+HTTP_SECONDS = prometheus_client.Histogram(
+    "paysvc_http_request_duration_seconds", "Time to answer an HTTP request", ["method", "route"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+
+
+def _route_label(request: web.Request) -> str:
+    """The route's template (``/v1/invoices/{id}``), so metrics do not grow a series per invoice id."""
+    route = request.match_info.route
+    resource = getattr(route, "resource", None)
+    return resource.canonical if resource is not None else "unmatched"
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, access log, and every error as an RFC 9457 problem (never a stack trace)."""
@@ -148,7 +163,12 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # Refused before anything was written: input the database cannot store as text.
             raise MalformedRequest("the request holds characters that cannot be stored as text (NUL or an "
                                    "unpaired UTF-16 surrogate); remove them") from None
-        except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError, ConnectionError, OSError) as exc:
+        except ConnectionResetError:
+            # The client hung up (aiohttp raises this while reading its body): nobody to answer.
+            log.info("client went away: %s %s", request.method, request.path, extra={"request_id": request_id})
+            raise
+        except (asyncpg.PostgresConnectionError, asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError,
+                asyncpg.AdminShutdownError, OSError) as exc:
             log.error("database unavailable: %s", exc)
             raise ServiceUnavailable("the database is unavailable; retry later") from None
     except Problem as problem:
@@ -165,12 +185,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         problem.status, problem.slug, problem.title = 500, "internal-error", "Internal error"
         response = problem_response(problem, request)
     response.headers["X-Request-Id"] = request_id
+    elapsed = time.perf_counter() - started
+    route = _route_label(request)
+    HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+    HTTP_SECONDS.labels(request.method, route).observe(elapsed)
     p: Principal | None = request.get(PRINCIPAL)
     log.info(
         "%s %s %s", request.method, request.path, response.status,
         extra={
             "request_id": request_id, "method": request.method, "path": request.path, "status": response.status,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            "duration_ms": round(elapsed * 1000, 2),
             "key_id": p.key_id if p else None,
         },
     )

@@ -318,8 +318,13 @@ async def test_health_ready_metrics(api):
     assert (await api.client.get("/healthz")).status == 200
     r = await api.client.get("/readyz")
     assert r.status == 200 and (await r.json())["database"] == "ok"
+    await api.client.get("/v1/invoices/inv_nope", headers={"Authorization": "Bearer psk_x_y"})
     r = await api.client.get("/metrics")
-    assert r.status == 200 and "python_info" in await r.text()
+    text = await r.text()
+    assert r.status == 200 and "python_info" in text
+    # Requests are counted per route template, not per invoice id.
+    assert 'paysvc_http_requests_total{method="GET",route="/v1/invoices/{id}",status="401"}' in text
+    assert "paysvc_http_request_duration_seconds_bucket" in text
     r = await api.client.get("/healthz", headers={"X-Request-Id": "req-123"})
     assert r.headers["X-Request-Id"] == "req-123"
 

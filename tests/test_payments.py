@@ -40,9 +40,14 @@ async def balances(dsn: str) -> dict[str, int]:
 
 
 async def test_signed_callback_pays_the_invoice_and_books_revenue(api, portal, invoice_body):
+    import prometheus_client
+
+    labels = {"provider": "sandbox", "source": "callback", "outcome": "captured"}
+    before = prometheus_client.REGISTRY.get_sample_value("paysvc_payments_captured_total", labels) or 0
     inv = await new_invoice(api, portal, invoice_body, amount=50000)
     r = await pay(api.client, inv)
     assert r.status == 200, await r.text()
+    assert prometheus_client.REGISTRY.get_sample_value("paysvc_payments_captured_total", labels) == before + 1
     out = await r.json()
     assert out["status"] == "processed" and out["payments"][0]["exception"] is None
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
