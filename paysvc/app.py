@@ -100,7 +100,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
             tasks.append(asyncio.create_task(run_periodically(
                 "expire-invoices", settings.expiry_interval_seconds, lambda: invoicing.expire_due(pool))))
             tasks.append(asyncio.create_task(run_periodically(
-                "prune-idempotency-keys", 3600, lambda: _prune_idempotency(app))))
+                "prune-idempotency-keys", 3600, lambda: invoicing.prune_idempotency_keys(
+                    pool, retention=timedelta(hours=settings.idempotency_retention_hours)))))
         yield
         for t in tasks:
             t.cancel()
@@ -117,10 +118,3 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     treasury_pages.setup(app)
     pages.setup(app)
     return app
-
-
-async def _prune_idempotency(app: web.Application) -> str | None:
-    cutoff = invoicing.now_utc() - timedelta(hours=app[SETTINGS].idempotency_retention_hours)
-    status = await app[POOL].execute(Q.idempotency_prune, cutoff)
-    n = int(status.split()[-1])
-    return f"pruned {n} idempotency keys" if n else None

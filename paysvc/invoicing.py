@@ -366,3 +366,10 @@ async def expire_due(pool: asyncpg.Pool, *, batch: int = 500) -> int:
         total += len(rows)
         if len(rows) < batch:
             return total
+
+
+async def prune_idempotency_keys(pool: asyncpg.Pool, *, retention: timedelta) -> str | None:
+    """Forget Idempotency-Keys older than ``retention`` (at least 24 h by settings)."""
+    status = await pool.execute(Q.idempotency_prune, now_utc() - retention)
+    n = int(status.split()[-1])
+    return f"pruned {n} idempotency keys" if n else None

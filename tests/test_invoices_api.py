@@ -373,3 +373,24 @@ async def test_text_the_database_cannot_store_is_a_400_not_a_500(api, invoice_bo
     r = await api.client.post("/v1/invoices", data=body, headers={**h, "Content-Type": "application/json"})
     assert r.status in (400, 422) and r.content_type == "application/problem+json"  # validation may see it first
     assert (await r.json())["detail"]
+
+
+async def test_idempotency_keys_are_kept_for_the_retention_then_forgotten(api, invoice_body):
+    from paysvc.invoicing import prune_idempotency_keys
+
+    h = await api.portal("MOI")
+    body = invoice_body()
+    first = await (await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": "k-old"})).json()
+    conn = await asyncpg.connect(api.dsn)
+    pool = await asyncpg.create_pool(api.dsn, min_size=1, max_size=1, init=init_connection)
+    try:
+        await conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '47 hours'")
+        assert await prune_idempotency_keys(pool, retention=timedelta(hours=48)) is None  # still kept
+        r = await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": "k-old"})
+        assert (await r.json())["id"] == first["id"]
+        await conn.execute("UPDATE idempotency_keys SET created_at = now() - interval '49 hours'")
+        assert await prune_idempotency_keys(pool, retention=timedelta(hours=48)) == "pruned 1 idempotency keys"
+        assert await conn.fetchval("SELECT count(*) FROM idempotency_keys") == 0
+    finally:
+        await pool.close()
+        await conn.close()
