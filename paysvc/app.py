@@ -23,7 +23,6 @@ from paysvc.background import run_periodically
 from paysvc.db import create_pool
 from paysvc.openapi import build_openapi
 from paysvc.pii import cipher_from_settings
-from paysvc.queries import Q
 from paysvc.settings import Settings
 from paysvc.web import AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, json_response, request_middleware
 
