@@ -52,3 +52,18 @@ async def test_fold_pending_shows_this_transactions_postings_without_counting_th
         await ledger.post_entry(db, capture(2, 5))
     assert with_commit_pending == 0  # nothing folded before commit or fold_pending
     assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 105
+
+
+async def test_no_posting_can_slip_in_after_an_entry_was_checked(db):
+    import asyncpg
+    import pytest
+
+    async with db.transaction():
+        entry = await ledger.post_entry(db, capture(1, 100))
+        await db.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the entry is checked and folded now
+        account = await db.fetchval("SELECT id FROM ledger_accounts WHERE code = 'agency:MOI:revenue:KHR'")
+        with pytest.raises(asyncpg.CheckViolationError, match="already checked"):
+            async with db.transaction():
+                await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                                 "VALUES ($1, 3, $2, 'credit', 5, 'KHR')", entry.id, account)
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 100
