@@ -11,9 +11,10 @@ import re
 _HEADER = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
 
 
-def _load() -> dict[str, str]:
+def load_blocks(package: str) -> dict[str, str]:
+    """Every ``-- name:`` block of the ``.sql`` files in ``package`` (a block name may appear once)."""
     blocks: dict[str, str] = {}
-    for res in importlib.resources.files(__package__).iterdir():
+    for res in importlib.resources.files(package).iterdir():
         if not res.name.endswith(".sql"):
             continue
         parts = _HEADER.split(res.read_text(encoding="utf-8"))
@@ -24,9 +25,11 @@ def _load() -> dict[str, str]:
     return blocks
 
 
-class _Queries:
-    def __init__(self) -> None:
-        self._blocks = _load()
+class NamedQueries:
+    """``NamedQueries(package).block_name`` is the text of that block."""
+
+    def __init__(self, package: str) -> None:
+        self._blocks = load_blocks(package)
 
     def __getattr__(self, name: str) -> str:
         try:
@@ -35,4 +38,4 @@ class _Queries:
             raise AttributeError(f"no SQL block named {name!r}") from None
 
 
-Q = _Queries()
+Q = NamedQueries(__package__)

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict
 
-from paysvc.settings import Settings, SettingsError, parse_keyring
+from paysvc.settings import Settings, SettingsError, demo_secret, parse_keyring
 
-log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "paysvc-signature"
 KEY_ID_HEADER = "paysvc-key-id"
@@ -98,11 +95,6 @@ def signer_from_settings(settings: Settings) -> EventSigner | None:
             raise SettingsError("PAYSVC_EVENT_SIGNING_KEYS: required when PAYSVC_DATABASE_URL and PAYSVC_AMQP_URL "
                                 "are set (e.g. 'e1:<base64 of a 32-byte random seed>')")
         return None
-    path: Path = settings.data_dir / "event-signing.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("local:" + base64.b64encode(os.urandom(32)).decode())
-        log.warning("PAYSVC_EVENT_SIGNING_KEYS is not set: generated an event signing key in %s", path)
-    return EventSigner(parse_signing_keys(path.read_text().strip()))
+    return EventSigner(parse_signing_keys(demo_secret(
+        settings, "event-signing.key", lambda: "local:" + base64.b64encode(os.urandom(32)).decode(),
+        "PAYSVC_EVENT_SIGNING_KEYS")))

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import os
-from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from paysvc.settings import Settings, SettingsError, parse_pii_keys
+from paysvc.settings import Settings, SettingsError, demo_secret, parse_pii_keys
 
-log = logging.getLogger(__name__)
 
 
 class PiiCipher:
@@ -46,11 +43,5 @@ def cipher_from_settings(settings: Settings) -> PiiCipher:
     if settings.database_url is not None:
         # Several instances on a shared database must share keys: a key made here would be this host's alone.
         raise SettingsError("PAYSVC_PII_KEYS: required when PAYSVC_DATABASE_URL is set (e.g. 'k1:<base64 of 32 bytes>')")
-    path: Path = settings.data_dir / "pii.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write("local:" + base64.b64encode(os.urandom(32)).decode())
-        log.warning("PAYSVC_PII_KEYS is not set: generated a payer-data key in %s", path)
-    return PiiCipher(parse_pii_keys(path.read_text().strip()))
+    return PiiCipher(parse_pii_keys(demo_secret(
+        settings, "pii.key", lambda: "local:" + base64.b64encode(os.urandom(32)).decode(), "PAYSVC_PII_KEYS")))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 
-from paysvc.settings import Settings, SettingsError
+from paysvc.settings import Settings, SettingsError, demo_secret
 
 
 def sandbox_secrets(settings: Settings) -> list[str]:
@@ -16,13 +15,7 @@ def sandbox_secrets(settings: Settings) -> list[str]:
     if settings.database_url is not None:
         raise SettingsError("PAYSVC_SANDBOX_SECRET: required when the sandbox provider is enabled with "
                             "PAYSVC_DATABASE_URL (or remove sandbox from PAYSVC_PROVIDERS)")
-    path: Path = settings.data_dir / "sandbox.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return [path.read_text().strip()]
+    return [demo_secret(settings, "sandbox.secret", lambda: secrets.token_hex(32), "PAYSVC_SANDBOX_SECRET")]
 
 
 def provider_config(settings: Settings) -> dict[str, dict]:

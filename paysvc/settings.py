@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import base64
+import logging
+import os
 from pathlib import Path
+from typing import Callable
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(Exception):
@@ -166,6 +172,26 @@ def parse_keyring(raw: str, what: str) -> dict[str, bytes]:
 def parse_pii_keys(raw: str) -> dict[str, bytes]:
     """The payer-data keys (AES-256-GCM): the first encrypts, all decrypt."""
     return parse_keyring(raw, "AES-256 key")
+
+
+def demo_secret(settings: Settings, filename: str, make: Callable[[], str], what: str) -> str:
+    """A secret kept in the data folder, made once (mode 0600): for running without configuration only.
+
+    Several instances must share their keys, so callers use this only when no database URL is set.
+    """
+    path = settings.data_dir / filename
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(make())
+            log.warning("%s is not configured: generated one in %s (fine for a demo, not for production)",
+                        what, path)
+    return path.read_text().strip()
 
 
 def load_settings(**overrides) -> Settings:

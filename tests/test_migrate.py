@@ -110,3 +110,4 @@ def test_installed_package_carries_its_migrations(tmp_path):
         capture_output=True, text=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(site)})
     assert probe.returncode == 0, probe.stderr
     assert int(probe.stdout) == len(shipped)
+

@@ -1,38 +1,9 @@
 """Named SQL blocks, loaded from the ``.sql`` files beside this module.
 
-A file holds blocks introduced by ``-- name: block_name``; ``Q.block_name`` is its text.
+A file holds blocks introduced by ``-- name: block_name``; ``Q.block_name`` is its text. The loader is
+the ledger's (the service may use the ledger; the ledger uses nothing of the service).
 """
 
-from __future__ import annotations
+from ledger.sql import NamedQueries
 
-import importlib.resources
-import re
-
-_HEADER = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.M)
-
-
-def _load() -> dict[str, str]:
-    blocks: dict[str, str] = {}
-    for res in importlib.resources.files(__name__).iterdir():
-        if not res.name.endswith(".sql"):
-            continue
-        parts = _HEADER.split(res.read_text(encoding="utf-8"))
-        for name, body in zip(parts[1::2], parts[2::2]):
-            if name in blocks:
-                raise RuntimeError(f"SQL block {name} defined twice")
-            blocks[name] = body.strip()
-    return blocks
-
-
-class _Queries:
-    def __init__(self) -> None:
-        self._blocks = _load()
-
-    def __getattr__(self, name: str) -> str:
-        try:
-            return self._blocks[name]
-        except KeyError:
-            raise AttributeError(f"no SQL block named {name!r}") from None
-
-
-Q = _Queries()
+Q = NamedQueries(__name__)

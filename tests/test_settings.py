@@ -1,0 +1,35 @@
+"""Settings: validated at start, and the secrets made once in demo mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from paysvc.settings import SettingsError, load_settings
+
+
+def test_a_bad_variable_is_named_with_what_to_fix(monkeypatch):
+    monkeypatch.setenv("PAYSVC_PII_KEYS", "k1:not-base64!")
+    monkeypatch.setenv("PAYSVC_KHQR_TTL_MINUTES", "15")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    text = str(err.value)
+    assert "PAYSVC_PII_KEYS" in text and "base64" in text
+    assert "PAYSVC_KHQR_TTL_MINUTES" in text and "10" in text
+
+
+def test_demo_mode_makes_each_secret_once_and_keeps_it(tmp_path):
+    """Without configuration, the payer-data key, the event signing key and the sandbox secret are made
+    once in the data folder (owner-only) and reused, so a restart can still read what it wrote."""
+    from paysvc.event_keys import signer_from_settings
+    from paysvc.pii import cipher_from_settings
+    from paysvc.provider_settings import sandbox_secrets
+    from paysvc.settings import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    blob = cipher_from_settings(settings).encrypt({"name": "Sok"}, aad="inv_1")
+    again = cipher_from_settings(settings)
+    assert again.decrypt(*blob, aad="inv_1") == {"name": "Sok"}
+    assert signer_from_settings(settings).active_key_id == signer_from_settings(settings).active_key_id
+    assert sandbox_secrets(settings) == sandbox_secrets(settings)
+    for name in ("pii.key", "event-signing.key", "sandbox.secret"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
