@@ -17,9 +17,9 @@ import json
 import re
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from providers.errors import AmountError
 
@@ -113,6 +113,11 @@ def _md5(value: str | None) -> str | None:
     return value
 
 
+# A KHQR md5 (32 hex, lower-cased) and a time converted to UTC (naive refused), shared by the models.
+Md5 = Annotated[str | None, AfterValidator(_md5)]
+UtcTime = Annotated[datetime | None, AfterValidator(_utc)]
+
+
 def _has_nul(value: Any) -> bool:
     if isinstance(value, str):
         return "\x00" in value
@@ -132,25 +137,15 @@ class PaymentNotice(_Frozen):
 
     provider: str = Field(min_length=1, max_length=64)
     transaction_id: str = Field(min_length=1, max_length=200)   # the provider's unique id for the movement
-    md5: str | None = None                                       # KHQR md5, when known
+    md5: Md5 = None                                              # KHQR md5, when known
     bill_number: str | None = Field(default=None, max_length=100)
     amount: int | None = Field(default=None, gt=0)               # minor units; None only on a hint
     currency: Currency | None = None                             # None only on a hint
     to_account: str | None = Field(default=None, max_length=200)
     from_account: str | None = Field(default=None, max_length=200)
-    paid_at: datetime | None = None                              # UTC; None only on a hint
+    paid_at: UtcTime = None                                      # UTC; None only on a hint
     confirmed: bool
     raw: dict[str, Any] = Field(default_factory=dict)           # the provider's own fields, JSON-safe
-
-    @field_validator("md5")
-    @classmethod
-    def _check_md5(cls, v: str | None) -> str | None:
-        return _md5(v)
-
-    @field_validator("paid_at")
-    @classmethod
-    def _check_paid_at(cls, v: datetime | None) -> datetime | None:
-        return _utc(v)
 
     @model_validator(mode="after")
     def _storable_text(self) -> PaymentNotice:
@@ -196,20 +191,11 @@ class SettlementLine(_Frozen):
 
     line_no: int = Field(ge=1)
     transaction_id: str | None = None
-    md5: str | None = None
+    md5: Md5 = None
     bill_number: str | None = None
     amount: int = Field(gt=0)                                    # minor units
     currency: Currency
-    paid_at: datetime | None = None
+    paid_at: UtcTime = None
     fee: int = Field(default=0, ge=0)                            # minor units, same currency
     reference: str | None = None
 
-    @field_validator("md5")
-    @classmethod
-    def _check_md5(cls, v: str | None) -> str | None:
-        return _md5(v)
-
-    @field_validator("paid_at")
-    @classmethod
-    def _check_paid_at(cls, v: datetime | None) -> datetime | None:
-        return _utc(v)
