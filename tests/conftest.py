@@ -118,6 +118,18 @@ async def api(db_dsn):
         yield a
 
 
+@pytest_asyncio.fixture
+async def portal(api):
+    """Authorization headers of agency MOI's portal key."""
+    return await api.portal("MOI")
+
+
+@pytest_asyncio.fixture
+async def treasury(api):
+    """Authorization headers of a treasury key."""
+    return {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'], name='Treasury desk')}"}
+
+
 @pytest.fixture
 def invoice_body():
     def make(**kw):

@@ -37,3 +37,10 @@ def sandbox_headers(body: bytes, *, secret: str = TEST_SANDBOX_SECRET, t: int | 
 async def pay(client, invoice: dict, **kw):
     body = sandbox_body(invoice, **kw)
     return await client.post("/v1/providers/sandbox/callbacks", data=body, headers=sandbox_headers(body))
+
+
+async def new_invoice(api, portal, invoice_body, **kw) -> dict:
+    """Create an invoice through the API as the portal would; fail the test unless it is created."""
+    r = await api.client.post("/v1/invoices", json=invoice_body(**kw), headers=portal)
+    assert r.status == 201, await r.text()
+    return await r.json()

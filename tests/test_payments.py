@@ -11,23 +11,7 @@ import pytest
 
 from paysvc import inbox
 from paysvc.web import POOL, PROVIDERS
-from tests.payments_helpers import pay, sandbox_body, sandbox_headers
-
-
-@pytest.fixture
-async def portal(api):
-    return await api.portal("MOI")
-
-
-@pytest.fixture
-async def treasury(api):
-    return {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'], name='Treasury desk')}"}
-
-
-async def new_invoice(api, portal, invoice_body, **kw):
-    r = await api.client.post("/v1/invoices", json=invoice_body(**kw), headers=portal)
-    assert r.status == 201, await r.text()
-    return await r.json()
+from tests.payments_helpers import new_invoice, pay, sandbox_body, sandbox_headers
 
 
 async def balances(dsn: str) -> dict[str, int]:

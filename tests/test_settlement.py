@@ -15,26 +15,10 @@ from paysvc.settlement_days import business_date, parse_cutoff
 from providers import SettlementLine
 from providers.camt053 import write_statement
 from providers.sandbox import write_settlement_csv
-from tests.payments_helpers import pay
+from tests.payments_helpers import new_invoice, pay
 
 DAY = date(2025, 6, 2)                                   # a Monday, long past: its grace is over
 AT = datetime(2025, 6, 2, 3, 0, tzinfo=UTC)              # 10:00 in Phnom Penh
-
-
-@pytest.fixture
-async def portal(api):
-    return await api.portal("MOI")
-
-
-@pytest.fixture
-async def treasury(api):
-    return {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'], name='Treasury desk')}"}
-
-
-async def new_invoice(api, portal, invoice_body, **kw):
-    r = await api.client.post("/v1/invoices", json=invoice_body(**kw), headers=portal)
-    assert r.status == 201, await r.text()
-    return await r.json()
 
 
 async def paid(api, portal, invoice_body, txid: str, *, at: datetime = AT, amount: int = 50000) -> dict:

@@ -20,11 +20,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture
-async def portal(api):
-    return await api.portal("MOI")
-
-
-@pytest.fixture
 async def treasury_key(api):
     return await api.key(None, scopes=["treasury"], name="Treasury desk")
 
