@@ -8,6 +8,7 @@ a liability, ``treasury:bank:{acct}:{cur}`` an asset, ``expense:provider-fees:{p
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -40,6 +41,7 @@ class AccountSpec(BaseModel):
     normal_side: Side
 
 
+@lru_cache(maxsize=65_536)  # every posting asks; a service uses a few thousand codes (errors aren't cached)
 def account_spec(code: str) -> AccountSpec:
     """Derive type, currency and normal side from an account code; raise ``InvalidAccount`` if it has none."""
     if len(code) > 200 or not _CODE.match(code):

@@ -64,11 +64,12 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft]) -
             replayed[i] = r["o_id"]
             continue
         d = drafts[i]
-        out[i] = PostedEntry(
-            id=r["o_id"], recorded_at=r["o_recorded_at"], content_hash=hashes[i].hex(),
-            **d.model_dump(include={"kind", "description", "effective_at", "idempotency_key", "invoice_id",
-                                    "payment_id", "settlement_id", "reverses"}),
-            postings=d.postings,
+        # built without re-validating: every field comes from a validated draft or from the database
+        out[i] = PostedEntry.model_construct(
+            id=r["o_id"], kind=d.kind, description=d.description, effective_at=d.effective_at,
+            recorded_at=r["o_recorded_at"], postings=d.postings, idempotency_key=d.idempotency_key,
+            invoice_id=d.invoice_id, payment_id=d.payment_id, settlement_id=d.settlement_id, reverses=d.reverses,
+            content_hash=hashes[i].hex(), seal_position=None, chain_hash=None, replayed=False,
         )
     if replayed:
         firsts = await get_entries(conn, list(set(replayed.values())))

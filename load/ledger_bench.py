@@ -1,12 +1,16 @@
 """Ledger write benchmark: ``python -m load.ledger_bench`` (from the repository root).
 
-Creates its own scratch databases on PostgreSQL (``PAYSVC_BENCH_DATABASE_URL``, default
-postgresql://postgres@127.0.0.1:5432/postgres), runs each scenario with 16 concurrent asyncpg writers, checks
+Creates its own scratch databases on PostgreSQL (``PAYSVC_BENCH_DATABASE_URL``; default: the local server's
+Unix socket in /var/run/postgresql if there is one, else postgresql://postgres@127.0.0.1:5432/postgres; pgbench
+connects the same way), runs each scenario with 16 concurrent asyncpg writers, checks
 the trial balance and every maintained balance after each run, runs pgbench (TPC-B-like) for the same
 duration on its own scratch database, prints a table and drops everything it created.
 
-Scenarios (balanced 2-posting entries, balances maintained in the same transaction):
+Scenarios (balanced 2-posting entries, balances maintained in the same transaction). Each transaction is
+one ``ledger.post_entries`` statement sent outside a transaction block, so it commits on its own in one
+round trip; scenario x shows the same work wrapped in BEGIN ... COMMIT (three round trips) for reference.
   a  one entry per transaction, 10,000 accounts            target >= 5,000 entries/s, p99 < 20 ms
+  x  as a, inside BEGIN ... COMMIT                          (reference)
   b  one entry per transaction, every entry on 2 hot accounts  target >= 1,500 entries/s
   c  micro-batches: one statement posts a batch of entries  target >= 15,000 entries/s
 """
@@ -25,7 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import asyncpg
 
@@ -33,14 +37,19 @@ import ledger
 from ledger import EntryDraft, Posting
 from paysvc.migrate import migrate
 
-ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+_SOCKET_DIR = "/var/run/postgresql"
+# PostgreSQL's Unix socket when it is on this machine (as it is beside the service), else TCP. On this
+# machine a TCP round trip over loopback costs the client about twice the CPU of a Unix-socket one.
+_DEFAULT_DSN = (f"postgresql://postgres@/postgres?host={_SOCKET_DIR}"
+                if os.path.exists(f"{_SOCKET_DIR}/.s.PGSQL.5432") else "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", _DEFAULT_DSN)
 WRITERS = 16
 N_ACCOUNTS = 10_000
 
 
 def dsn_for(name: str) -> str:
-    base, _, _ = ADMIN_DSN.rpartition("/")
-    return f"{base}/{name}"
+    """ADMIN_DSN with its database replaced (keeps a ``?host=/socket/dir`` query)."""
+    return urlparse(ADMIN_DSN)._replace(path=f"/{name}").geturl()
 
 
 @dataclass
@@ -55,6 +64,7 @@ class Result:
     errors: int = 0
     trial_balance: str = "?"
     balances_exact: bool = False
+    client_cpu: float = 0.0  # CPU seconds the benchmark's own process used while writing
 
     @property
     def rate(self) -> float:
@@ -111,7 +121,7 @@ async def _check(dsn: str, r: Result) -> None:
         await conn.close()
 
 
-async def _run(dsn: str, r: Result, seconds: float, make_batch) -> None:
+async def _run(dsn: str, r: Result, seconds: float, make_batch, explicit: bool) -> None:
     conns = [await asyncpg.connect(dsn) for _ in range(WRITERS)]
     stop = time.perf_counter() + seconds
     rng = random.Random(7)
@@ -123,11 +133,13 @@ async def _run(dsn: str, r: Result, seconds: float, make_batch) -> None:
             n += 1
             t0 = time.perf_counter()
             try:
-                async with conn.transaction():
-                    if len(batch) == 1:
-                        await ledger.post_entry(conn, batch[0])
-                    else:
+                if explicit:
+                    async with conn.transaction():
                         await ledger.post_entries(conn, batch)
+                else:
+                    # one statement outside a transaction block is a transaction of its own: the entries,
+                    # their postings and the balance fold commit together in one round trip
+                    await ledger.post_entries(conn, batch)
             except asyncpg.DeadlockDetectedError:
                 r.deadlocks += 1
                 continue
@@ -139,16 +151,17 @@ async def _run(dsn: str, r: Result, seconds: float, make_batch) -> None:
             r.commits += 1
             r.entries += len(batch)
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), time.process_time()
     try:
         await asyncio.gather(*(writer(c, i) for i, c in enumerate(conns)))
     finally:
         r.seconds = time.perf_counter() - started
+        r.client_cpu = time.process_time() - cpu0
         for c in conns:
             await c.close()
 
 
-async def _scenario(name: str, target: str, seconds: float, make_batch) -> Result:
+async def _scenario(name: str, target: str, seconds: float, make_batch, explicit: bool) -> Result:
     db = f"ledger_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{db}"')
@@ -162,7 +175,7 @@ async def _scenario(name: str, target: str, seconds: float, make_batch) -> Resul
         await _seed(dsn)
         r = Result(name, target)
         before = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
-        await _run(dsn, r, seconds, make_batch)
+        await _run(dsn, r, seconds, make_batch, explicit)
         await _check(dsn, r)
         after = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
         r.deadlocks = max(r.deadlocks, (after or 0) - (before or 0))
@@ -177,7 +190,8 @@ def _pgbench(seconds: float, scale: int) -> tuple[float, str]:
     if exe is None:
         return float("nan"), "pgbench not found"
     u = urlparse(ADMIN_DSN)
-    env = dict(os.environ, PGHOST=u.hostname or "127.0.0.1", PGPORT=str(u.port or 5432),
+    socket_dir = parse_qs(u.query).get("host", [None])[0]
+    env = dict(os.environ, PGHOST=socket_dir or u.hostname or "127.0.0.1", PGPORT=str(u.port or 5432),
                PGUSER=u.username or "postgres")
     if u.password:
         env["PGPASSWORD"] = u.password
@@ -196,13 +210,14 @@ def _pgbench(seconds: float, scale: int) -> tuple[float, str]:
 
 def _table(results: list[Result], pgb_tps: float, pgb_note: str, scale: int) -> str:
     head = (f"{'scenario':<44} {'entries/s':>10} {'commits/s':>10} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
-            f"{'deadlk':>6} {'errors':>6} {'trial balance':>14} {'balances':>9} {'x pgbench':>9}  target")
+            f"{'deadlk':>6} {'errors':>6} {'trial balance':>14} {'balances':>9} {'x pgbench':>9} {'client':>6}  target")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
             f"{r.name:<44} {r.rate:>10,.0f} {r.commits / r.seconds:>10,.0f} {r.pct(.50):>7.2f} {r.pct(.95):>7.2f} "
             f"{r.pct(.99):>7.2f} {r.deadlocks:>6} {r.errors:>6} {r.trial_balance:>14} "
-            f"{'exact' if r.balances_exact else 'WRONG':>9} {r.rate / pgb_tps:>9.2f}  {r.target}")
+            f"{'exact' if r.balances_exact else 'WRONG':>9} {r.rate / pgb_tps:>9.2f} {r.client_cpu / r.seconds:>6.2f}  "
+            f"{r.target}")
     lines.append(f"{'pgbench TPC-B-like, -c 16 -j 2, scale ' + str(scale):<44} {pgb_tps:>10,.0f}  tx/s ({pgb_note})")
     return "\n".join(lines)
 
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10, help="duration of each scenario (default 10)")
     ap.add_argument("--batch", type=int, default=100, help="entries per statement in scenario c (default 100)")
     ap.add_argument("--pgbench-scale", type=int, default=16, help="pgbench -i -s (default 16: one branch per client)")
-    ap.add_argument("--only", default="abc", help="scenarios to run, e.g. 'ac' (default abc)")
+    ap.add_argument("--only", default="axbc", help="scenarios to run, e.g. 'ac' (default axbc)")
     args = ap.parse_args(argv)
 
     debit, credit = _accounts()
@@ -238,17 +253,18 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.batch)]
 
     scenarios = {
-        "a": (f"a) 1 entry/tx, {N_ACCOUNTS:,} accounts", ">= 5,000/s, p99 < 20 ms", spread),
-        "b": ("b) 1 entry/tx, 2 hot accounts", ">= 1,500/s", hot),
-        "c": (f"c) micro-batch {args.batch} entries/statement", ">= 15,000/s", batch),
+        "a": (f"a) 1 entry/tx, {N_ACCOUNTS:,} accounts", ">= 5,000/s, p99 < 20 ms", spread, False),
+        "x": ("x) as a), BEGIN + post + COMMIT", "(reference: 3 round trips)", spread, True),
+        "b": ("b) 1 entry/tx, 2 hot accounts", ">= 1,500/s", hot, False),
+        "c": (f"c) micro-batch {args.batch} entries/statement", ">= 15,000/s", batch, False),
     }
     print(f"ledger benchmark: {WRITERS} writers, {args.seconds:.0f} s per scenario, {os.cpu_count()} cores; "
-          f"PostgreSQL {asyncio.run(_settings())}", flush=True)
+          f"PostgreSQL {asyncio.run(_settings())}; connecting to {ADMIN_DSN}", flush=True)
     results = []
     for key in args.only:
-        name, target, make = scenarios[key]
+        name, target, make, explicit = scenarios[key]
         print(f"running {name} ...", flush=True)
-        results.append(asyncio.run(_scenario(name, target, args.seconds, make)))
+        results.append(asyncio.run(_scenario(name, target, args.seconds, make, explicit)))
     print(f"running pgbench for {args.seconds:.0f} s ...", flush=True)
     pgb_tps, pgb_note = _pgbench(args.seconds, args.pgbench_scale)
     print()
