@@ -1,9 +1,12 @@
 -- Balances, trial balance, statements and the account list.
 
 -- name: account
-SELECT a.id, a.code, a.type, a.currency, a.normal_side, a.created_at,
-       coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits, coalesce(b.postings, 0) AS postings
-  FROM ledger_accounts a LEFT JOIN ledger_balances b ON b.account_id = a.id
+-- An account's balance is the sum of its slot rows (at most 16; see migrations/0013).
+SELECT a.id, a.code, a.type, a.currency, a.normal_side, a.created_at, b.debits, b.credits, b.postings
+  FROM ledger_accounts a
+ CROSS JOIN LATERAL (SELECT coalesce(sum(s.debits), 0)::bigint AS debits, coalesce(sum(s.credits), 0)::bigint AS credits,
+                            coalesce(sum(s.postings), 0)::bigint AS postings
+                       FROM ledger_balance_slots s WHERE s.account_id = a.id) b
  WHERE a.code = $1
 
 -- name: account_totals_as_of
@@ -16,9 +19,11 @@ SELECT coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS deb
 
 -- name: accounts_page
 -- $1 code prefix (NULL = all), $2 currency, $3 after this code (cursor), $4 limit.
-SELECT a.id, a.code, a.type, a.currency, a.normal_side, a.created_at,
-       coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits, coalesce(b.postings, 0) AS postings
-  FROM ledger_accounts a LEFT JOIN ledger_balances b ON b.account_id = a.id
+SELECT a.id, a.code, a.type, a.currency, a.normal_side, a.created_at, b.debits, b.credits, b.postings
+  FROM ledger_accounts a
+ CROSS JOIN LATERAL (SELECT coalesce(sum(s.debits), 0)::bigint AS debits, coalesce(sum(s.credits), 0)::bigint AS credits,
+                            coalesce(sum(s.postings), 0)::bigint AS postings
+                       FROM ledger_balance_slots s WHERE s.account_id = a.id) b
  WHERE ($1::text IS NULL OR starts_with(a.code, $1))
    AND ($2::text IS NULL OR a.currency = $2)
    AND ($3::text IS NULL OR a.code > $3)

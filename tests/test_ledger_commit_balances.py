@@ -46,7 +46,7 @@ async def test_entries_written_after_constraints_were_checked_early_still_count_
 async def test_fold_pending_shows_this_transactions_postings_without_counting_them_twice(db):
     async with db.transaction():
         await ledger.post_entry(db, capture(1, 100))
-        with_commit_pending = await db.fetchval("SELECT count(*) FROM ledger_balances")
+        with_commit_pending = await db.fetchval("SELECT count(*) FROM ledger_balance_slots")
         await ledger.fold_pending(db)
         assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 100
         await ledger.post_entry(db, capture(2, 5))
@@ -67,3 +67,21 @@ async def test_no_posting_can_slip_in_after_an_entry_was_checked(db):
                 await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
                                  "VALUES ($1, 3, $2, 'credit', 5, 'KHR')", entry.id, account)
     assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 100
+
+
+async def test_a_hot_account_is_spread_over_slots_and_read_as_one_balance(db):
+    for n in range(1, 41):  # forty transactions: forty transaction ids, so several of the 16 slots
+        await ledger.post_entry(db, capture(n, n))  # outside a block: each statement is its own transaction
+    slots = await db.fetch(
+        "SELECT s.slot, s.credits, s.postings FROM ledger_balance_slots s JOIN ledger_accounts a ON a.id = s.account_id"
+        " WHERE a.code = 'agency:MOI:revenue:KHR' ORDER BY s.slot")
+    assert 1 < len(slots) <= 16  # the slot is the transaction id mod 16: forty transactions use several
+    assert sum(r["credits"] for r in slots) == sum(range(1, 41))
+    assert sum(r["postings"] for r in slots) == 40
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == sum(range(1, 41))
+    acct = await ledger.get_account(db, "agency:MOI:revenue:KHR")
+    assert (acct.credits, acct.postings) == (sum(range(1, 41)), 40)
+    row = await db.fetchrow("SELECT b.credits, b.postings FROM ledger_balances b JOIN ledger_accounts a "
+                            "ON a.id = b.account_id WHERE a.code = 'agency:MOI:revenue:KHR'")
+    assert (row["credits"], row["postings"]) == (sum(range(1, 41)), 40)
+    assert not (await ledger.verify(db)).balance_mismatches

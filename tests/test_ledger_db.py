@@ -123,7 +123,7 @@ async def test_the_service_role_may_append_but_not_rewrite(db):
         await ledger.post_entry(db, capture(2))  # the role can post
     for sql in ("UPDATE ledger_postings SET amount = 1 WHERE entry_id = $1",
                 "DELETE FROM ledger_entries WHERE id = $1",
-                "UPDATE ledger_balances SET debits = 0 WHERE account_id = $1"):
+                "UPDATE ledger_balance_slots SET debits = 0 WHERE account_id = $1"):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             async with db.transaction():
                 await db.execute("SET LOCAL ROLE paysvc_app")

@@ -45,6 +45,6 @@ async def test_invoices_payments_and_events_work_as_the_service_role(db_dsn, app
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("UPDATE ledger_postings SET amount = amount + 1")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await conn.execute("UPDATE ledger_balances SET debits = 0")
+            await conn.execute("UPDATE ledger_balance_slots SET debits = 0")
     finally:
         await conn.close()
