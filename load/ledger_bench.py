@@ -35,21 +35,11 @@ import asyncpg
 
 import ledger
 from ledger import EntryDraft, Posting
+from load.service import ADMIN_DSN, dsn_for
 from paysvc.migrate import migrate
 
-_SOCKET_DIR = "/var/run/postgresql"
-# PostgreSQL's Unix socket when it is on this machine (as it is beside the service), else TCP. On this
-# machine a TCP round trip over loopback costs the client about twice the CPU of a Unix-socket one.
-_DEFAULT_DSN = (f"postgresql://postgres@/postgres?host={_SOCKET_DIR}"
-                if os.path.exists(f"{_SOCKET_DIR}/.s.PGSQL.5432") else "postgresql://postgres@127.0.0.1:5432/postgres")
-ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", _DEFAULT_DSN)
 WRITERS = 16
 N_ACCOUNTS = 10_000
-
-
-def dsn_for(name: str) -> str:
-    """ADMIN_DSN with its database replaced (keeps a ``?host=/socket/dir`` query)."""
-    return urlparse(ADMIN_DSN)._replace(path=f"/{name}").geturl()
 
 
 @dataclass

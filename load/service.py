@@ -12,10 +12,22 @@ import sys
 import time
 import uuid
 from typing import Iterator
+from urllib.parse import urlparse
 
 import asyncpg
 
-ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+_SOCKET_DIR = "/var/run/postgresql"
+# PostgreSQL's Unix socket when the server is on this machine (as it is beside the service here), else TCP.
+# Measured on this machine: a round trip over loopback TCP costs the client about twice the CPU of one over
+# the Unix socket, and the service makes several per request.
+_DEFAULT_DSN = (f"postgresql://postgres@/postgres?host={_SOCKET_DIR}"
+                if os.path.exists(f"{_SOCKET_DIR}/.s.PGSQL.5432") else "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", _DEFAULT_DSN)
+
+
+def dsn_for(name: str) -> str:
+    """ADMIN_DSN with its database replaced (keeps a ``?host=/socket/dir`` query)."""
+    return urlparse(ADMIN_DSN)._replace(path=f"/{name}").geturl()
 PII_KEYS = "bench:" + base64.b64encode(os.urandom(32)).decode()
 SANDBOX_SECRET = "bench-sandbox-secret"
 
@@ -29,7 +41,6 @@ def free_port() -> int:
 @contextlib.contextmanager
 def scratch_database() -> Iterator[str]:
     name = f"paysvc_bench_{uuid.uuid4().hex[:8]}"
-    base = ADMIN_DSN.rpartition("/")[0]
 
     async def create():
         c = await asyncpg.connect(ADMIN_DSN)
@@ -43,7 +54,7 @@ def scratch_database() -> Iterator[str]:
 
     asyncio.run(create())
     try:
-        yield f"{base}/{name}"
+        yield dsn_for(name)
     finally:
         asyncio.run(drop())
 

@@ -38,12 +38,27 @@ def database_dsn(settings: Settings) -> str | None:
     return settings.database_url.get_secret_value() if settings.database_url else None
 
 
+class PoolConnection(asyncpg.Connection):
+    """A pooled connection released without asyncpg's reset query.
+
+    By default asyncpg sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release: one more round trip per request (measured: ~6% of a service process's time under the payments
+    benchmark). The service keeps no session state on pooled connections, only transaction-scoped state
+    (``SET LOCAL``, ``pg_try_advisory_xact_lock``, cursors inside a transaction), which ends with the
+    transaction; asyncpg still rolls back a transaction left open before the connection is reused.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
         init=init_connection,
+        connection_class=PoolConnection,
         # PgBouncer-friendly and avoids surprises when migrations change types underneath us.
         statement_cache_size=256,
     )

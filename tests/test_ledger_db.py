@@ -270,3 +270,17 @@ async def test_cli_seal_and_verify_exit_codes(db, db_dsn):
     bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
     assert bad.returncode == 1
     assert f"FIRST BAD ENTRY: {posted[1].id}" in bad.stdout
+
+
+async def test_an_entry_cannot_claim_another_transactions_id(db):
+    # An entry written with an old transaction's txid would escape the commit-time balance check, which
+    # finds this transaction's entries by txid; the database refuses it, alone or inside a batch.
+    old = await db.fetchval("SELECT pg_current_xact_id()::text")
+    for sql in ("INSERT INTO ledger_entries (kind, description, effective_at, content_hash, txid) "
+                "VALUES ('raw', 'forged', now(), $1, $2::text::xid8)",
+                "INSERT INTO ledger_entries (kind, description, effective_at, content_hash, txid) "
+                "VALUES ('raw', 'honest', now(), $1, pg_current_xact_id()), "
+                "('raw', 'forged', now(), $1, $2::text::xid8)"):
+        with pytest.raises(asyncpg.CheckViolationError, match="txid must be the writing transaction's"):
+            await db.execute(sql, bytes(32), old)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
