@@ -37,7 +37,34 @@ def canonical_content(
     idempotency_key: str | None, invoice_id: str | None, payment_id: str | None, settlement_id: str | None,
     reverses: int | None,
 ) -> bytes:
-    """The canonical byte string of an entry's content (postings in line order)."""
+    """The canonical byte string of an entry's content (postings in line order).
+
+    Written out key by key in sorted order; the bytes are exactly those of ``reference_canonical_content``
+    (``json.dumps`` with sorted keys), which a property test checks, at a third of its cost.
+    """
+    s, n = _str, _opt
+    lines = ",".join(f'{{"account":{s(p.account)},"amount":{int(p.amount)},"currency":{s(p.currency)},'
+                     f'"side":{s(p.side)}}}' for p in postings)
+    doc = (f'{{"description":{s(description)},"effective_at_us":{_micros(effective_at)},'
+           f'"idempotency_key":{n(idempotency_key)},"invoice_id":{n(invoice_id)},"kind":{s(kind)},'
+           f'"payment_id":{n(payment_id)},"postings":[{lines}],'
+           f'"reverses":{"null" if reverses is None else int(reverses)},"settlement_id":{n(settlement_id)}}}')
+    return CONTENT_PREFIX + doc.encode()
+
+
+_str = json.JSONEncoder(ensure_ascii=False).encode  # one JSON string, as json.dumps writes it
+
+
+def _opt(v: str | None) -> str:
+    return "null" if v is None else _str(v)
+
+
+def reference_canonical_content(
+    *, kind: str, description: str, effective_at: datetime, postings: Iterable[_PostingLike],
+    idempotency_key: str | None, invoice_id: str | None, payment_id: str | None, settlement_id: str | None,
+    reverses: int | None,
+) -> bytes:
+    """The definition of the canonical content: the JSON document below with sorted keys, no whitespace."""
     doc: dict[str, Any] = {
         "kind": kind,
         "description": description,

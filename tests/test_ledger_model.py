@@ -8,6 +8,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import ledger
@@ -118,3 +120,25 @@ def test_entry_builders_follow_the_posting_table():
                        payment_id="pay_3", refund_id="rf_1")
     assert [(x.account, x.side) for x in r.postings] == [("agency:MOI:revenue:USD", "debit"),
                                                          ("provider:sandbox:clearing:USD", "credit")]
+
+
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)  # any Unicode but lone surrogates
+
+
+@settings(max_examples=300)
+@given(kind=_text, description=_text, micros=st.integers(-2**62, 2**62), reverses=st.none() | st.integers(1, 2**62),
+       keys=st.tuples(*[st.none() | _text] * 4),
+       postings=st.lists(st.tuples(_text, st.sampled_from(["debit", "credit"]), st.integers(1, 10**15),
+                                   st.sampled_from(["KHR", "USD"])), max_size=5))
+def test_the_fast_canonical_encoding_writes_exactly_the_reference_bytes(kind, description, micros, reverses, keys,
+                                                                       postings):
+    from types import SimpleNamespace
+
+    from ledger.canonical import reference_canonical_content
+
+    fields = dict(
+        kind=kind, description=description, effective_at=datetime(1970, 1, 1, tzinfo=timezone.utc)
+        + timedelta(microseconds=micros % (2**53)), reverses=reverses,
+        idempotency_key=keys[0], invoice_id=keys[1], payment_id=keys[2], settlement_id=keys[3],
+        postings=[SimpleNamespace(account=a, side=s, amount=n, currency=c) for a, s, n, c in postings])
+    assert ledger.canonical_content(**fields) == reference_canonical_content(**fields)
