@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from paysvc.auth import Authenticator, Principal
 from paysvc.errors import (
-    MalformedRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Problem, ServiceUnavailable,
+    ClientClosedRequest, MalformedRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Problem, ServiceUnavailable,
     UnsupportedMediaType, ValidationFailed, pydantic_errors,
 )
 from paysvc.settings import Settings
@@ -67,10 +67,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """The raw body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
+    # read(n) returns what has arrived so far, not n bytes: a body split over several TCP segments needs
+    # several reads (one read took only the first segment of a slow or large body).
+    buf = bytearray()
+    while len(buf) <= limit:
+        chunk = await request.content.read(limit + 1 - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    if len(buf) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes")
-    return raw
+    if request.content_length is not None and len(buf) < request.content_length:
+        raise ClientClosedRequest(f"the connection closed after {len(buf)} of the {request.content_length} "
+                                  "bytes announced by Content-Length")
+    return bytes(buf)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -164,9 +174,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise MalformedRequest("the request holds characters that cannot be stored as text (NUL or an "
                                    "unpaired UTF-16 surrogate); remove them") from None
         except ConnectionResetError:
-            # The client hung up (aiohttp raises this while reading its body): nobody to answer.
-            log.info("client went away: %s %s", request.method, request.path, extra={"request_id": request_id})
-            raise
+            # The client hung up (aiohttp raises this while reading its body): nothing was done for it.
+            raise ClientClosedRequest("the connection closed before the request was read") from None
         except (asyncpg.PostgresConnectionError, asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError,
                 asyncpg.AdminShutdownError, OSError) as exc:
             log.error("database unavailable: %s", exc)

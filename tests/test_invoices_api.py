@@ -394,3 +394,66 @@ async def test_idempotency_keys_are_kept_for_the_retention_then_forgotten(api, i
     finally:
         await pool.close()
         await conn.close()
+
+
+async def test_a_client_that_hangs_up_mid_body_is_counted_not_reported_as_an_internal_error(api, caplog):
+    import asyncio
+    import re
+
+    from aiohttp import web
+
+    from paysvc.app import create_app
+    from tests.conftest import make_settings
+
+    headers = await api.portal()
+    # Served as in production: aiohttp's test server cancels a handler whose client left, the real server
+    # lets it run on and its body read fails.
+    runner = web.AppRunner(create_app(make_settings(api.dsn), api.dsn, background=False))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+
+    async def count(status: str) -> float:
+        text = await (await api.client.get("/metrics")).text()  # one registry per process
+        m = re.search(r'paysvc_http_requests_total\{method="POST",route="/v1/invoices",status="%s"\} ([\d.e+]+)'
+                      % status, text)
+        return float(m.group(1)) if m else 0.0
+
+    try:
+        before_499, before_500 = await count("499"), await count("500")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write((f"POST /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"refer").encode())
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # gone before the 1,000 announced bytes arrived
+        for _ in range(100):
+            if await count("499") > before_499:
+                break
+            await asyncio.sleep(0.02)
+        assert await count("499") == before_499 + 1
+        assert await count("500") == before_500
+        assert not [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole(api):
+    import asyncio
+    import json as _json
+
+    headers = await api.portal()
+    body = _json.dumps({"reference": "SLOW-1", "description": "Passport fee, sent slowly", "currency": "KHR",
+                        "amount": 50_000}).encode()
+    reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+    writer.write((f"POST /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                  ).encode() + body[:20])
+    await writer.drain()
+    await asyncio.sleep(0.1)  # the rest comes in a later segment
+    writer.write(body[20:])
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 201"), status_line
