@@ -13,6 +13,7 @@ import pytest
 from paysvc.settlement_days import business_date, parse_cutoff
 from providers.sandbox import write_settlement_csv
 from tests.conftest import running_api
+from tests.test_pay_page import CHROMIUM, needs_chromium
 from tests.test_settlement import AT, DAY, line, paid, upload
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -112,6 +113,7 @@ async def test_pages_carry_a_strict_content_security_policy(api, treasury_key):
     assert "<script" not in await r.text()
 
 
+@needs_chromium
 async def test_treasury_staff_reconcile_a_day_in_the_browser(api, portal, treasury_key, invoice_body, tmp_path):
     from playwright.async_api import async_playwright
 
@@ -120,7 +122,7 @@ async def test_treasury_staff_reconcile_a_day_in_the_browser(api, portal, treasu
     settlement_id = await a_day_with_one_exception(api, portal, treasury_key, invoice_body, day=today, at=now)
     base = origin(api)
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = await browser.new_page(accept_downloads=True)
             await page.goto(f"{base}/treasury")
