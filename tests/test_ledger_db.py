@@ -284,3 +284,21 @@ async def test_an_entry_cannot_claim_another_transactions_id(db):
         with pytest.raises(asyncpg.CheckViolationError, match="txid must be the writing transaction's"):
             await db.execute(sql, bytes(32), old)
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+
+
+async def test_the_database_accepts_every_kind_the_rule_allows(db):
+    for kind in ("payment.captured", "a", "x" * 64, "settlement_2-b.c", "z9"):
+        tx = db.transaction()
+        await tx.start()
+        try:  # the CHECK runs at INSERT; rolled back before the commit-time balance check
+            await db.execute("INSERT INTO ledger_entries (kind, description, effective_at, content_hash) "
+                             "VALUES ($1, 'k', now(), $2)", kind, bytes(32))
+        finally:
+            await tx.rollback()
+
+
+async def test_an_entry_kind_outside_the_rule_is_refused_by_the_database(db):
+    for kind in ("", "Payment", "1st", "a" * 65, "pay ment", "paiement\u00e9", "a/b", "ក"):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await db.execute("INSERT INTO ledger_entries (kind, description, effective_at, content_hash) "
+                             "VALUES ($1, 'k', now(), $2)", kind, bytes(32))
