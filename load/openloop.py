@@ -24,6 +24,7 @@ class RunResult:
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     late_starts: int = 0  # requests the generator itself could not send on time (> 5 ms late)
+    ok_with_warmup: int = 0  # successful requests including the warm-up's (for costs per request)
 
     def pct(self, p: float) -> float:
         if not self.latencies_ms:
@@ -62,6 +63,8 @@ async def run(request: Request, *, rate: float, duration: float, warmup: float =
                 key = None if 200 <= status < 300 else f"HTTP {status}"
             except Exception as exc:  # count every failure kind; a load test must not stop on one
                 key = type(exc).__name__
+            if key is None:
+                result.ok_with_warmup += 1
             if not measured:
                 return
             if key is None:

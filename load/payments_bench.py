@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import resource
 import time
 import uuid
@@ -23,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from load import openloop
-from load.service import SANDBOX_SECRET, cli, scratch_database, services
+from load.service import SANDBOX_SECRET, cli, cpu_seconds_by_role, scratch_database, services
 
 
 def make_request(urls: list[str], key: str):
@@ -99,9 +100,17 @@ async def main_async(args, urls, key) -> None:
     best = None
     for rate in args.rates:
         # Fresh references per run, so no invoice of an earlier run is met again.
+        cpu0 = cpu_seconds_by_role()
         r = await openloop.run(make_request(urls, key), rate=rate, duration=args.duration)
+        cpu1 = cpu_seconds_by_role()
         held = r.pct(99) < 200 and not r.errors and r.ok == r.sent
         print(r.line() + ("   HELD" if held else "   not held"))
+        if r.ok_with_warmup:
+            # Over the whole step, warm-up included; background work (expiry, sealing, outbox) counts too.
+            per = {k: (cpu1[k] - cpu0[k]) * 1000 / r.ok_with_warmup for k in cpu0}
+            print(f"           CPU per payment: PostgreSQL {per['postgresql']:.1f} ms, service processes "
+                  f"{per['service']:.1f} ms, load generator {per['generator']:.1f} ms; "
+                  f"total {sum(per.values()):.1f} ms of the machine's {os.cpu_count()} cores")
         if held:
             best = rate
         else:

@@ -105,3 +105,27 @@ def wait_ready(url: str, timeout: float = 30) -> None:
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not become ready")
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this machine's PostgreSQL processes, ``paysvc serve`` processes and this
+    process (the load generator), read from /proc (Linux). Processes that exit in between are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"postgresql": 0.0, "service": 0.0, "generator": 0.0}
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        used = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        if int(pid) == me:
+            out["generator"] += used
+        elif cmd.startswith("postgres") or "/bin/postgres" in cmd.split(" ", 1)[0]:
+            out["postgresql"] += used
+        elif "paysvc serve" in cmd:
+            out["service"] += used
+    return out
