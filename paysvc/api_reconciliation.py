@@ -46,8 +46,9 @@ class ExceptionOut(BaseModel):
     opened_at: datetime
     resolved_at: datetime | None
     resolved_by: str | None
-    resolution: str | None
+    resolution: Literal["match_to_invoice", "refund_due", "write_off", "settled_late"] | None
     resolution_note: str | None
+    resolution_entry_id: int | None  # the journal entry that moved the money, when one did
 
 
 class ExceptionPage(BaseModel):

@@ -135,6 +135,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
                              bank_account=rules.bank_account, effective_at=end)
     if draft is not None:
         entry_id = (await ledger.post_entry(conn, draft)).id
+    await conn.execute(Q.close_missing_settled_late, settlement_id, now, str(entry_id) if entry_id else None)
     clock.lap("post")
 
     await conn.execute(Q.day_exceptions_date, provider, start, end, business_date)

@@ -265,3 +265,53 @@ async def test_concurrent_imports_of_one_file_make_one_settlement(api, portal, t
     assert sorted(r.status for r in rs) == [200, 200, 200, 201]
     assert len({(await r.json())["id"] for r in rs}) == 1
     assert await count(api.dsn, "SELECT count(*) FROM settlement_lines") == 1
+
+
+async def test_a_late_line_resolves_the_missing_in_settlement_exception_it_settles(api, portal, treasury,
+                                                                                   invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    await paid(api, portal, invoice_body, "TX-2")                     # left out of the first day's file
+    await paid(api, portal, invoice_body, "TX-3")                     # left out too; settled late for less
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]))
+    assert r.status == 201, await r.text()
+    raised = await (await api.client.get("/v1/reconciliation/exceptions",
+                                         params={"reason": "missing_in_settlement", "state": "open"},
+                                         headers=treasury)).json()
+    assert len(raised["data"]) == 2                                   # the day's grace is long over
+    assert await clearing(api.dsn) == 100000
+
+    # The next day's file carries both late payments.
+    r = await upload(api, treasury, write_settlement_csv([line("TX-2", 50000, fee=100), line("TX-3", 49000)]),
+                     day=DAY + timedelta(days=1))
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    got = {e["id"]: e for e in (await (await api.client.get(
+        "/v1/reconciliation/exceptions", params={"reason": "missing_in_settlement"}, headers=treasury)).json())["data"]}
+    assert {e["state"] for e in got.values()} == {"resolved"}
+    assert {e["resolution"] for e in got.values()} == {"settled_late"}
+    assert {e["resolved_by"] for e in got.values()} == {f"settlement:{rep['id']}"}
+    by_payment = {e["payment_id"]: e for e in got.values()}
+    tx2, tx3 = (await payment_ids(api.dsn, "TX-2", "TX-3"))
+    assert by_payment[tx2]["resolution_entry_id"] == rep["settlement_entry"]["id"]  # that entry settled it
+    assert by_payment[tx3]["resolution_entry_id"] is None                         # the mismatch carries it
+    # Clearing holds only TX-3's 50,000, now under the amount_mismatch exception treasury still owns.
+    assert await clearing(api.dsn) == 50000
+    still_open = (await (await api.client.get("/v1/reconciliation/exceptions", params={"state": "open"},
+                                              headers=treasury)).json())["data"]
+    assert [e["reason"] for e in still_open] == ["amount_mismatch"]
+    assert still_open[0]["id"] in by_payment[tx3]["resolution_note"]
+    # Resolving a settled exception again is refused: a resolution is final.
+    assert (await resolve(api, treasury, by_payment[tx2]["id"], "write_off")).status == 409
+    assert (await resolve(api, treasury, still_open[0]["id"], "write_off")).status == 200
+    assert await clearing(api.dsn) == 0
+
+
+async def payment_ids(dsn: str, *txids: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT provider_transaction_id, id FROM payments "
+                                "WHERE provider_transaction_id = ANY($1::text[])", list(txids))
+    finally:
+        await conn.close()
+    ids = {r["provider_transaction_id"]: r["id"] for r in rows}
+    return [ids[t] for t in txids]

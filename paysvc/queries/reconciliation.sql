@@ -1,6 +1,7 @@
 -- name: exceptions_list
 SELECT e.id, e.reason, e.state, e.provider, e.payment_id, e.invoice_id, a.code AS agency, e.currency, e.amount,
-       e.business_date, e.evidence, e.opened_at, e.resolved_at, e.resolved_by, e.resolution, e.resolution_note
+       e.business_date, e.evidence, e.opened_at, e.resolved_at, e.resolved_by, e.resolution, e.resolution_note,
+       e.resolution_entry_id::bigint AS resolution_entry_id
   FROM reconciliation_exceptions e LEFT JOIN agencies a ON a.id = e.agency_id
  WHERE ($1::text IS NULL OR e.provider = $1)
    AND ($2::date IS NULL OR e.business_date = $2)

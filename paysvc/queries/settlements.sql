@@ -329,3 +329,20 @@ UPDATE reconciliation_exceptions
        resolution_entry_id = $6, invoice_id = coalesce($7, invoice_id)
  WHERE id = $1 AND state = 'open'
 RETURNING id
+
+-- name: close_missing_settled_late
+-- Payments raised as missing_in_settlement that a line of this file now settles, resolved by this
+-- settlement. A matched line: this settlement's entry ($3, text) credited their clearing. A line for
+-- another amount: the line's amount_mismatch exception now carries the payment (no entry of its own yet).
+-- $1 settlement, $2 now.
+UPDATE reconciliation_exceptions e
+   SET state = 'resolved', resolved_at = $2, resolved_by = 'settlement:' || $1, resolution = 'settled_late',
+       resolution_note = CASE s.category
+           WHEN 'matched' THEN format('settled late: line %s of settlement %s', s.line_no, $1)
+           ELSE format('settled late for another amount: line %s of settlement %s; exception %s carries it',
+                       s.line_no, $1, s.exception_id) END,
+       resolution_entry_id = CASE s.category WHEN 'matched' THEN $3 END
+  FROM settlement_staging s
+ WHERE e.payment_id = s.payment_id AND e.reason = 'missing_in_settlement' AND e.state = 'open'
+   AND s.category IN ('matched', 'amount_mismatch')
+RETURNING e.id
