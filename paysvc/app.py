@@ -24,7 +24,10 @@ from paysvc.db import create_pool
 from paysvc.openapi import build_openapi
 from paysvc.pii import cipher_from_settings
 from paysvc.settings import Settings
-from paysvc.web import AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, json_response, request_middleware
+from paysvc.web import (
+    AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, admission_middleware, json_response,
+    request_middleware,
+)
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
@@ -56,7 +59,10 @@ OPS_ROUTES = [
 
 
 def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.Application:
-    app = web.Application(middlewares=[request_middleware], client_max_size=1024**2)
+    app = web.Application(
+        middlewares=[request_middleware,
+                     admission_middleware(settings.max_concurrent_requests, settings.request_queue_seconds)],
+        client_max_size=1024**2)
     app[SETTINGS] = settings
     app[BACKGROUND] = background
     ctx = invoicing.InvoiceContext(

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     public_url: str | None = None
+    # Admission: requests running at once per instance, and how long one may wait for a slot before it is
+    # answered 503 busy (with Retry-After) instead of queueing without bound.
+    max_concurrent_requests: int = Field(64, ge=1, le=10_000)
+    request_queue_seconds: float = Field(2, gt=0, le=60)
 
     # PostgreSQL. Without a URL, an embedded server is started in ``data_dir``.
     database_url: SecretStr | None = None

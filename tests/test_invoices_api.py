@@ -457,3 +457,34 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole(api):
     status_line = await reader.readline()
     writer.close()
     assert status_line.startswith(b"HTTP/1.1 201"), status_line
+
+
+async def test_an_instance_past_its_capacity_sheds_requests_with_retry_after(db_dsn):
+    import asyncio
+
+    from tests.conftest import running_api
+
+    async with running_api(db_dsn, max_concurrent_requests=1, request_queue_seconds=0.2) as api:
+        headers = await api.portal()
+        # One request holds the only slot: its body is still on its way.
+        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+        writer.write((f"POST /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        r = await api.client.get("/v1/invoices", headers=headers)
+        assert r.status == 503
+        assert r.headers["Retry-After"] == "1"
+        problem = await r.json()
+        assert problem["type"] == "urn:paysvc:problem:busy" and "retry in 1 s" in problem["detail"]
+        assert (await api.client.get("/healthz")).status == 200       # health is never queued
+        assert (await api.client.get("/readyz")).status == 200
+        writer.close()                                                # the slot frees when that request ends
+        for _ in range(50):
+            r = await api.client.get("/v1/invoices", headers=headers)
+            if r.status != 503:
+                break
+            await asyncio.sleep(0.05)
+        assert r.status == 200
+        metrics = await (await api.client.get("/metrics")).text()
+        assert "paysvc_http_requests_shed_total" in metrics
