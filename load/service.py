@@ -28,6 +28,8 @@ ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", _DEFAULT_DSN)
 def dsn_for(name: str) -> str:
     """ADMIN_DSN with its database replaced (keeps a ``?host=/socket/dir`` query)."""
     return urlparse(ADMIN_DSN)._replace(path=f"/{name}").geturl()
+
+
 PII_KEYS = "bench:" + base64.b64encode(os.urandom(32)).decode()
 SANDBOX_SECRET = "bench-sandbox-secret"
 

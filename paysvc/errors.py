@@ -58,7 +58,8 @@ InvalidState = _problem(409, "invalid-state", "Not allowed in the current state"
 PayloadTooLarge = _problem(413, "payload-too-large", "Request body too large")
 UnsupportedMediaType = _problem(415, "unsupported-media-type", "Unsupported content type")
 ServiceUnavailable = _problem(503, "unavailable", "Service unavailable")
-# Too many requests in flight on this instance for too long: nothing was done; retry after ``retry_after``.
+# Too many requests in flight on this instance for too long: nothing was done; the problem's
+# ``retry_after_seconds`` (also the Retry-After header) says when to try again.
 Busy = _problem(503, "busy", "Service busy")
 # The client hung up before its request was read (the status nginx uses); never delivered, but logged and
 # counted as what it was rather than as an internal error.
