@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from providers.base import Pattern, ProviderBase
 from providers.errors import (AmountError, MalformedCallback, NotConfirmed, PaymentPending, ProviderAuthError,
                               ProviderConfigError, ProviderUnavailable, RateLimited)
-from providers.models import EXPONENT, PaymentNotice, json_safe, loads_exact, to_minor
+from providers.models import EXPONENT, PaymentNotice, callback_object, json_safe, loads_exact, to_minor
 from providers.transport import HttpAnswer, JsonClient, retry_after_seconds
 
 NAME = "aba_payway"
@@ -123,12 +123,7 @@ class PayWayProvider(ProviderBase):
 
 
 def _read_callback(body: bytes) -> dict[str, Any]:
-    try:
-        doc = loads_exact(body)
-    except (ValueError, TypeError, RecursionError) as exc:
-        raise MalformedCallback(f"body is not JSON: {exc}", provider=NAME) from None
-    if not isinstance(doc, dict):
-        raise MalformedCallback("body must be a JSON object", provider=NAME)
+    doc = callback_object(body, NAME)
     tran_id = doc.get("tran_id")
     if not isinstance(tran_id, str) or not _TRAN_ID.fullmatch(tran_id):
         raise MalformedCallback("tran_id must be 1-50 letters, digits, '.', '_' or '-'", provider=NAME)

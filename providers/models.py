@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from providers.errors import AmountError
+from providers.errors import AmountError, MalformedCallback
 
 Currency = Literal["KHR", "USD"]
 EXPONENT: dict[str, int] = {"KHR": 0, "USD": 2}
@@ -83,6 +83,17 @@ def loads_exact(data: bytes | str) -> Any:
     Raises ``ValueError`` (``json.JSONDecodeError`` or ``UnicodeDecodeError`` are subclasses) on bad input.
     """
     return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def callback_object(body: bytes, provider: str) -> dict[str, Any]:
+    """A callback body parsed with :func:`loads_exact`; :class:`MalformedCallback` unless it is a JSON object."""
+    try:
+        doc = loads_exact(body)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise MalformedCallback(f"body is not JSON: {exc}", provider=provider) from None
+    if not isinstance(doc, dict):
+        raise MalformedCallback("body must be a JSON object", provider=provider)
+    return doc
 
 
 def json_safe(value: Any) -> Any:

@@ -42,7 +42,7 @@ from providers import settlement_csv
 from providers.base import Pattern, ProviderBase, header
 from providers.errors import (MalformedCallback, ProviderConfigError, SettlementFormatError, SignatureError,
                               StaleTimestamp)
-from providers.models import EXPONENT, PaymentNotice, SettlementLine, loads_exact
+from providers.models import EXPONENT, PaymentNotice, SettlementLine, callback_object
 
 NAME = "sandbox"
 SIGNATURE_HEADER = "Sandbox-Signature"
@@ -136,12 +136,7 @@ class SandboxProvider(ProviderBase):
 
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> list[PaymentNotice]:
         """The one confirmed notice a (verified) sandbox callback carries; :class:`MalformedCallback` if bad."""
-        try:
-            doc = loads_exact(body)
-        except (ValueError, TypeError, RecursionError) as exc:
-            raise MalformedCallback(f"body is not JSON: {exc}", provider=NAME) from None
-        if not isinstance(doc, dict):
-            raise MalformedCallback("body must be a JSON object", provider=NAME)
+        doc = callback_object(body, NAME)
         unknown = sorted(set(doc) - set(_REQUIRED) - set(_OPTIONAL))
         if unknown:
             raise MalformedCallback(f"unknown fields: {', '.join(unknown)}", provider=NAME)
