@@ -9,6 +9,7 @@ import json
 import secrets
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -211,7 +212,9 @@ async def _create_once(
 ) -> tuple[int, dict[str, Any], bool]:
     now = now_utc()
     digest = request_hash(raw) if idempotency_key is not None else None
-    async with pool.acquire() as conn, conn.transaction():
+    # Without an Idempotency-Key the work is one statement (invoice, code and event, all or nothing), so it
+    # commits on its own: no BEGIN and COMMIT round trips. A key's claim must be held until the record commits.
+    async with pool.acquire() as conn, (conn.transaction() if idempotency_key is not None else nullcontext()):
         if idempotency_key is not None:
             claim = await conn.fetchrow(Q.idempotency_claim, agency_code, idempotency_key)
             if not claim["locked"]:
