@@ -18,7 +18,7 @@ import asyncpg
 
 import ledger
 import ledger.entries
-from paysvc.outbox import add_events
+from paysvc.outbox import events_args
 from paysvc.queries import Q
 from providers import PaymentNotice
 
@@ -86,28 +86,34 @@ class CaptureResult:
 
 
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
-                  inbox_id: int | None = None, flag: str | None = None) -> CaptureResult:
+                  inbox_id: int | None = None, flag: str | None = None,
+                  completes_inbox: bool = False) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction and KHQR code.
 
     ``flag`` adds an exception reason even when the money matches (settlement uses it for
-    ``missing_in_ledger``: captured late, from the settlement line).
+    ``missing_in_ledger``: captured late, from the settlement line). ``completes_inbox`` also marks the
+    inbox row ``inbox_id`` processed, in the same transaction (and the same statement as the events).
     """
+    done_inbox = inbox_id if completes_inbox else None
     if not notice.confirmed:
         raise ValueError("only confirmed notices are captured")
-    # The code and its invoice (or the invoice by bill number), the invoice row locked: one round trip.
-    target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number)
-    invoice = target if target is not None and target["id"] is not None else None
-    code = target if target is not None and target["md5"] is not None else None
-    # Checked after the invoice lock: a concurrent capture of the same notice has committed by now.
-    prior = await conn.fetch(Q.capture_prior, notice.provider, notice.transaction_id, code["md5"] if code else None)
+    # The code and its invoice (or the invoice by bill number), the invoice row locked, and the payments
+    # already captured for this money: one round trip.
+    target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number, notice.provider,
+                                 notice.transaction_id)
+    invoice = target if target["id"] is not None else None
+    code = target if target["md5"] is not None else None
+    prior = target["prior"]
     for p in prior:
         if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
+            await _finish(conn, [], now, done_inbox)
             return CaptureResult(p["id"], False, None, p["invoice_id"])
     same = prior[0] if prior else None  # a payment already on this code
     if same is not None:
         if same["provider"] != notice.provider and same["amount"] == notice.amount \
                 and same["currency"] == notice.currency:
             # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
+            await _finish(conn, [], now, done_inbox)
             return CaptureResult(same["id"], False, None, same["invoice_id"])
         code = None  # other money on an already-paid code: a second payment, booked on its own
 
@@ -160,8 +166,16 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             "postings": [{"account": p.account, "side": p.side, "amount": p.amount, "currency": p.currency}
                          for p in entry.postings if p.account.startswith(f"agency:{agency_code}:")],
         }))
-    await add_events(conn, events, occurred_at=now)
+    await _finish(conn, events, now, done_inbox)
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
+
+
+async def _finish(conn: asyncpg.Connection, events: list[tuple[int, str, dict]], now: datetime,
+                  inbox_id: int | None) -> None:
+    """Write the outbox events and mark the inbox row processed: one statement, or none when neither applies."""
+    if events or inbox_id is not None:
+        ids, agencies, types, data = events_args(events)
+        await conn.execute(Q.capture_events, ids, agencies, types, now, data, inbox_id)
 
 
 def _invoice_evidence(invoice) -> dict | None:

@@ -42,13 +42,18 @@ async def add_events(conn: asyncpg.Connection, events: list[tuple[int, str, dict
     """Append several events ``(agency_id, type, data)`` in one statement; like :func:`add_event`."""
     if not events:
         return []
+    args = events_args(events)
+    await conn.execute(Q.outbox_add_events, *args[:3], occurred_at, args[3])
+    return args[0]
+
+
+def events_args(events: list[tuple[int, str, dict[str, Any]]]) -> tuple[list[uuid.UUID], list[int], list[str], list[str]]:
+    """Ids, agencies, types and JSON bodies of ``events`` as the arrays an ``unnest`` insert takes; types checked."""
     for _, type, _ in events:
         if type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type!r}")
-    ids = [uuid.uuid4() for _ in events]
-    await conn.execute(Q.outbox_add_events, ids, [a for a, _, _ in events], [t for _, t, _ in events], occurred_at,
-                       [json.dumps(d) for _, _, d in events])
-    return ids
+    return ([uuid.uuid4() for _ in events], [a for a, _, _ in events], [t for _, t, _ in events],
+            [json.dumps(d) for _, _, d in events])
 
 
 async def sequence(conn: asyncpg.Connection, agency_ids: list[int] | None = None) -> int:

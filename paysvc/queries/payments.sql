@@ -1,21 +1,31 @@
 -- name: capture_target
--- The KHQR code the notice names and its invoice, or else the invoice with the notice's bill number;
--- the invoice row is locked, so captures for one invoice queue. Columns are NULL for what was not found.
-SELECT k.md5, k.to_account, i.id, i.agency_id, a.code AS agency_code, a.bakong_account, i.status, i.currency,
-       i.amount, i.amount_paid, i.expires_at
-  FROM invoices i
-  JOIN agencies a ON a.id = i.agency_id
-  LEFT JOIN khqr_codes k ON k.md5 = $1 AND k.invoice_id = i.id
- WHERE i.id = coalesce((SELECT invoice_id FROM khqr_codes WHERE md5 = $1),
-                       (SELECT id FROM invoices WHERE bill_number = $2))
-   FOR UPDATE OF i
-
--- name: capture_prior
--- Payments already captured for this provider transaction, or on this KHQR code (that one first).
-SELECT id, provider, provider_transaction_id, invoice_id, amount, currency
-  FROM payments
- WHERE (provider = $1 AND provider_transaction_id = $2) OR khqr_md5 = $3
- ORDER BY (khqr_md5 IS NOT DISTINCT FROM $3) DESC
+-- One round trip: the KHQR code the notice names and its invoice, or else the invoice with the notice's bill
+-- number, the invoice row locked so captures for one invoice queue (its columns NULL when none is found);
+-- and in `prior` the payments already captured for this provider transaction ($3, $4) or on this code, that
+-- one first. `prior` is read with the statement's snapshot, taken before any wait for the lock: a concurrent
+-- capture of the same money that commits while this one waits is not in it, but its row is in the unique
+-- indexes, so this transaction's payment insert writes nothing and the capture is retried, and finds it.
+WITH target AS (
+    SELECT k.md5, k.to_account, i.id, i.agency_id, a.code AS agency_code, a.bakong_account, i.status, i.currency,
+           i.amount, i.amount_paid, i.expires_at
+      FROM invoices i
+      JOIN agencies a ON a.id = i.agency_id
+      LEFT JOIN khqr_codes k ON k.md5 = $1 AND k.invoice_id = i.id
+     WHERE i.id = coalesce((SELECT invoice_id FROM khqr_codes WHERE md5 = $1),
+                           (SELECT id FROM invoices WHERE bill_number = $2))
+       FOR UPDATE OF i
+)
+SELECT t.*,
+       coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider,
+                                                     'provider_transaction_id', p.provider_transaction_id,
+                                                     'invoice_id', p.invoice_id, 'amount', p.amount,
+                                                     'currency', p.currency)
+                                  ORDER BY p.khqr_md5 IS NOT DISTINCT FROM $1 DESC)
+                   FROM payments p
+                  WHERE (p.provider = $3 AND p.provider_transaction_id = $4) OR p.khqr_md5 = $1),
+                '[]'::jsonb) AS prior
+  FROM (SELECT) AS one
+  LEFT JOIN target t ON true
 
 -- name: payment_insert
 -- The payment, and when it pays its invoice ($19), the invoice's new amount and state. No row back when the
@@ -37,6 +47,17 @@ WITH pay AS (
     RETURNING i.reference, i.bill_number, i.status, i.currency, i.amount, i.amount_paid
 )
 SELECT pay.id, inv.* FROM pay LEFT JOIN inv ON true
+
+-- name: capture_events
+-- The capture's outbox events (as outbox_add_events) and, when $6 is set, its inbox row marked processed:
+-- the row is done exactly when its payment is, in the same statement.
+WITH ev AS (
+    INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
+    SELECT id, agency_id, type, $4, data
+      FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::jsonb[]) AS e (id, agency_id, type, data)
+)
+UPDATE provider_inbox SET state = 'processed', processed_at = $4, reason = NULL
+ WHERE $6::bigint IS NOT NULL AND id = $6 AND state = 'received'
 
 -- name: exception_insert
 INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
