@@ -85,3 +85,34 @@ async def test_a_hot_account_is_spread_over_slots_and_read_as_one_balance(db):
                             "ON a.id = b.account_id WHERE a.code = 'agency:MOI:revenue:KHR'")
     assert (row["credits"], row["postings"]) == (sum(range(1, 41)), 40)
     assert not (await ledger.verify(db)).balance_mismatches
+
+
+async def test_a_connection_that_first_posted_on_an_empty_ledger_reads_only_its_own_rows_later(db_dsn):
+    """The ledger's functions keep one plan per connection, made at its first call. On a new database that
+    is when the tables are empty; a posting made much later on that connection must still read only its own
+    rows (by key), not scan what everyone else has written since. Counted in PostgreSQL's own table
+    statistics: rows read by sequential scans plus rows fetched through indexes."""
+    from paysvc.db import connect
+
+    def spread(n: int) -> ledger.EntryDraft:  # 500 agency accounts, as many agencies would have
+        return entries.payment_captured(provider="sandbox", agency=f"A{n % 500}", amount=10, currency="KHR",
+                                        effective_at=T0, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
+
+    async def rows_read(conn) -> int:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return await conn.fetchval(
+            "SELECT sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0))::bigint FROM pg_stat_user_tables "
+            "WHERE relname IN ('ledger_entries', 'ledger_postings', 'ledger_accounts', 'ledger_balance_slots')")
+
+    async with connect(db_dsn) as early, connect(db_dsn) as others:
+        await ledger.post_entry(early, spread(0))  # its plans are made now, on an almost empty ledger
+        for b in range(30):
+            await ledger.post_entries(others, [spread(n) for n in range(1 + 100 * b, 101 + 100 * b)])
+        await others.execute("SELECT pg_stat_force_next_flush()")
+        before = await rows_read(others)
+        await ledger.post_entry(early, spread(5000))
+        await early.execute("SELECT pg_stat_force_next_flush()")  # its counters reach the view when it idles
+        after = await rows_read(others)
+    # One entry, two postings, two accounts, two balance slots, a few index probes: a few dozen rows at most.
+    # A plan that scans grows with the 3,000 entries, 6,000 postings and 500 accounts written since.
+    assert after - before < 100, f"posting one entry read {after - before} rows"
