@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -164,3 +164,38 @@ async def test_payway_outage_or_pending_is_retried_by_the_worker(payway, invoice
     await conn.close()
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
     assert got["status"] == "paid"
+
+
+async def test_a_capture_marks_its_code_and_the_poll_claim_reads_only_unpaid_codes(bakong, invoice_body):
+    """Nearly every code is paid within minutes, but stays in the poll window (validity plus grace) for long
+    after. The claim must not read those: what a poll reads follows what is left to poll, not the payment
+    rate. Counted in PostgreSQL's table statistics (rows read by scans and fetched through indexes)."""
+    from paysvc.queries import Q
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    n_paid = 150
+    for _ in range(n_paid):
+        inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+        assert (await pay(api.client, inv)).status == 200
+    unpaid = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE captured_at IS NOT NULL") == n_paid
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes k JOIN payments p ON p.khqr_md5 = k.md5 "
+                                "WHERE k.captured_at = p.captured_at") == n_paid
+
+    async def rows_read(conn) -> int:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        return await conn.fetchval("SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) "
+                                   "FROM pg_stat_user_tables WHERE relname = 'khqr_codes'")
+
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        before = await rows_read(conn)
+        now = datetime.now(UTC)
+        claimed = await conn.fetch(Q.poll_claim, now, now - timedelta(minutes=30), now, 50, now + timedelta(minutes=1))
+        await conn.execute("SELECT pg_stat_force_next_flush()")  # its counters reach the view when it idles
+        after = await rows_read(conn)
+    finally:
+        await conn.close()
+    assert [r["md5"] for r in claimed] == [unpaid["khqr"]["md5"]]
+    assert after - before < 20, f"the claim read {after - before} codes for 1 unpaid and {n_paid} paid"

@@ -28,15 +28,18 @@ SELECT t.*,
   LEFT JOIN target t ON true
 
 -- name: payment_insert
--- The payment, and when it pays its invoice ($19), the invoice's new amount and state. No row back when the
--- same money was captured first by a concurrent transaction (either unique index).
+-- The payment, its code marked captured, and when it pays its invoice ($19), the invoice's new amount and
+-- state. No row back when the same money was captured first by a concurrent transaction (either unique index).
 WITH pay AS (
     INSERT INTO payments (id, provider, provider_transaction_id, invoice_id, agency_id, khqr_md5, bill_number,
                           currency, amount, applied_amount, suspense_amount, to_account, from_account, paid_at,
                           captured_at, source, inbox_id, evidence)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
     ON CONFLICT DO NOTHING
-    RETURNING id, invoice_id, applied_amount, paid_at
+    RETURNING id, invoice_id, khqr_md5, applied_amount, paid_at, captured_at
+), code AS (
+    -- The code is paid: the Bakong poller stops asking about it.
+    UPDATE khqr_codes k SET captured_at = pay.captured_at FROM pay WHERE k.md5 = pay.khqr_md5
 ), inv AS (
     UPDATE invoices i
        SET amount_paid = i.amount_paid + pay.applied_amount,

@@ -3,7 +3,8 @@
 UPDATE khqr_codes k SET poll_lease_until = $5
  WHERE k.md5 IN (
         SELECT c.md5 FROM khqr_codes c
-         WHERE c.expires_at > $2
+         WHERE c.captured_at IS NULL
+           AND c.expires_at > $2
            AND c.created_at <= $1
            AND (c.poll_lease_until IS NULL OR c.poll_lease_until < $1)
            AND (c.last_polled_at IS NULL OR c.last_polled_at <= $3)
