@@ -97,43 +97,51 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     done_inbox = inbox_id if completes_inbox else None
     if not notice.confirmed:
         raise ValueError("only confirmed notices are captured")
-    # The code and its invoice (or the invoice by bill number), the invoice row locked, and the payments
-    # already captured for this money: one round trip.
-    target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number, notice.provider,
-                                 notice.transaction_id)
-    invoice = target if target["id"] is not None else None
-    code = target if target["md5"] is not None else None
-    prior = target["prior"]
-    for p in prior:
-        if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
-            await _finish(conn, [], now, done_inbox)
-            return CaptureResult(p["id"], False, None, p["invoice_id"])
-    same = prior[0] if prior else None  # a payment already on this code
-    if same is not None:
-        if same["provider"] != notice.provider and same["amount"] == notice.amount \
-                and same["currency"] == notice.currency:
-            # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
-            await _finish(conn, [], now, done_inbox)
-            return CaptureResult(same["id"], False, None, same["invoice_id"])
-        code = None  # other money on an already-paid code: a second payment, booked on its own
+    for _ in range(2):
+        # The code and its invoice (or the invoice by bill number), the invoice row locked, and the payments
+        # already captured for this money: one round trip.
+        target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number, notice.provider,
+                                     notice.transaction_id)
+        invoice = target if target["id"] is not None else None
+        code = target if target["md5"] is not None else None
+        prior = target["prior"]
+        for p in prior:
+            if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
+                await _finish(conn, [], now, done_inbox)
+                return CaptureResult(p["id"], False, None, p["invoice_id"])
+        same = prior[0] if prior else None  # a payment already on this code
+        if same is not None:
+            if same["provider"] != notice.provider and same["amount"] == notice.amount \
+                    and same["currency"] == notice.currency:
+                # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
+                await _finish(conn, [], now, done_inbox)
+                return CaptureResult(same["id"], False, None, same["invoice_id"])
+            code = None  # other money on an already-paid code: a second payment, booked on its own
 
-    decision = decide(notice, dict(invoice) if invoice else None, dict(code) if code else None)
-    if flag is not None and decision.reason is None:
-        decision = Decision(decision.applied, decision.suspense, flag, decision.pays_invoice)
-    payment_id = new_id("pay")
-    agency_id = invoice["agency_id"] if invoice else None
-    agency_code = invoice["agency_code"] if invoice else None
-    invoice_id = invoice["id"] if invoice else None
-    evidence: dict[str, Any] = {"notice": notice.model_dump(mode="json"), "source": source}
-    # The payment and, when it pays, the invoice's new state: one statement.
-    written = await conn.fetchrow(
-        Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
-        code["md5"] if code else None, notice.bill_number, notice.currency, notice.amount, decision.applied,
-        decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id, evidence,
-        decision.pays_invoice,
-    )
-    if written is None:
-        # A concurrent capture of the same money committed first; this transaction must not book it again.
+        decision = decide(notice, dict(invoice) if invoice else None, dict(code) if code else None)
+        if flag is not None and decision.reason is None:
+            decision = Decision(decision.applied, decision.suspense, flag, decision.pays_invoice)
+        payment_id = new_id("pay")
+        agency_id = invoice["agency_id"] if invoice else None
+        agency_code = invoice["agency_code"] if invoice else None
+        invoice_id = invoice["id"] if invoice else None
+        evidence: dict[str, Any] = {"notice": notice.model_dump(mode="json"), "source": source}
+        # The payment, its code marked, and when it pays, the invoice's new state: one statement.
+        written = await conn.fetchrow(
+            Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
+            code["md5"] if code else None, notice.bill_number, notice.currency, notice.amount, decision.applied,
+            decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id,
+            evidence, decision.pays_invoice,
+        )
+        if written is not None:
+            break
+        # Nothing was written (the insert met a unique index). The payments above were read with the
+        # statement's snapshot, taken before its wait for the invoice lock, so a capture of this money that
+        # committed during that wait was not among them. This transaction holds the lock now, and a new
+        # statement sees that commit: decide again from a fresh read.
+    else:
+        # Still in the way after a fresh read. Not expected: an insert that meets another transaction's row
+        # waits for it to commit, so the second read sees it. The caller rolls back and retries.
         raise DuplicateCapture(notice.provider, notice.transaction_id)
 
     events: list[tuple[int, str, dict]] = []

@@ -120,7 +120,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
         payment_ids.append(result.payment_id)
         created.append(result.created)
     if missing:
-        await conn.execute(Q.staging_set_captured, line_nos, payment_ids, created)
+        await conn.execute(Q.staging_set_captured, line_nos, payment_ids, created, provider)
         await conn.execute(Q.staging_duplicates_follow)
     clock.lap("capture_missing")
 

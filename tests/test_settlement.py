@@ -10,9 +10,10 @@ import asyncpg
 import pytest
 
 import ledger
+from paysvc.capture import capture
 from paysvc.db import connect
 from paysvc.settlement_days import business_date, parse_cutoff
-from providers import SettlementLine
+from providers import PaymentNotice, SettlementLine
 from providers.camt053 import write_statement
 from providers.sandbox import write_settlement_csv
 from tests.payments_helpers import new_invoice, pay
@@ -315,3 +316,68 @@ async def payment_ids(dsn: str, *txids: str) -> list[str]:
         await conn.close()
     ids = {r["provider_transaction_id"]: r["id"] for r in rows}
     return [ids[t] for t in txids]
+
+
+async def _until_waiting_on_a_lock(dsn: str) -> None:
+    """Return once some session of this test's database waits on a row lock (or fail after 10 s)."""
+    for _ in range(200):
+        if await count(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'"):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("nothing came to wait on the lock")
+
+
+def _notice(inv: dict, txid: str) -> PaymentNotice:
+    return PaymentNotice(provider="sandbox", transaction_id=txid, md5=inv["khqr"]["md5"],
+                         bill_number=inv["bill_number"], amount=inv["amount"], currency="KHR", paid_at=AT,
+                         confirmed=True)
+
+
+async def test_a_line_whose_callback_commits_while_the_import_waits_for_it_is_matched(api, portal, treasury,
+                                                                                     invoice_body):
+    """A callback's capture holds the invoice while a file with the same payment is imported. The import
+    waits for that transaction, then must find its payment and match the line: neither book the money a
+    second time nor refuse the file."""
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    async with connect(api.dsn) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert (await capture(conn, _notice(inv, "TX-R"), source="callback", now=datetime.now(UTC))).created
+        importing = asyncio.create_task(
+            upload(api, treasury, write_settlement_csv([line("TX-R", 50000, md5=inv["khqr"]["md5"])])))
+        await _until_waiting_on_a_lock(api.dsn)
+        await tx.commit()
+    r = await importing
+    assert r.status == 201, await r.text()
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 1
+    assert await count(api.dsn, "SELECT count(*) FROM ledger_entries WHERE kind = 'payment.captured'") == 1
+    assert await count(api.dsn, "SELECT count(*) FROM reconciliation_exceptions") == 0
+    assert await clearing(api.dsn) == 0  # captured once, settled once
+
+
+async def test_the_poll_does_not_wait_for_an_import_holding_its_codes(api, portal, treasury, invoice_body):
+    """An import captures the payments missing from the ledger, and each capture marks its code; the
+    transaction holds those codes until the whole file is done. The poller's release of its lease must not
+    wait for it: it used to, and with two codes taken in opposite orders the two deadlocked."""
+    from paysvc.queries import Q
+
+    a = await new_invoice(api, portal, invoice_body, amount=50000)
+    b = await new_invoice(api, portal, invoice_body, amount=50000)
+    async with connect(api.dsn) as importer, connect(api.dsn) as poller:
+        tx = importer.transaction()
+        await tx.start()
+        await capture(importer, _notice(a, "S-A"), source="settlement", now=datetime.now(UTC),
+                      flag="missing_in_ledger")
+        polled_at = datetime.now(UTC)
+        await asyncio.wait_for(poller.execute(Q.poll_release, [b["khqr"]["md5"], a["khqr"]["md5"]], polled_at), 10)
+        await capture(importer, _notice(b, "S-B"), source="settlement", now=datetime.now(UTC),
+                      flag="missing_in_ledger")
+        await tx.commit()
+        rows = {r["md5"]: r for r in await poller.fetch(
+            "SELECT md5, last_polled_at, captured_at FROM khqr_codes WHERE md5 = ANY($1::text[])",
+            [a["khqr"]["md5"], b["khqr"]["md5"]])}
+    assert rows[b["khqr"]["md5"]]["last_polled_at"] == polled_at  # released
+    assert rows[a["khqr"]["md5"]]["last_polled_at"] is None       # skipped: it was being captured
+    assert all(r["captured_at"] is not None for r in rows.values())
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 2

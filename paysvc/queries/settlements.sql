@@ -94,13 +94,27 @@ SELECT line_no, transaction_id, md5, bill_number, amount, currency, paid_at, fee
 
 -- name: staging_set_captured
 -- After capture: each missing line names its new payment (or, when the money was already captured under
--- another channel, becomes a duplicate of that payment).
+-- another channel, becomes a duplicate of that payment). A line whose own payment (this provider, this
+-- transaction id) was captured while the import ran, after the matching had looked, is matched to it as the
+-- matching would have done. $4 provider.
+WITH c AS (
+    SELECT c.line_no, c.payment_id, c.created, p.amount, p.currency,
+           NOT c.created AND p.provider = $4 AND p.provider_transaction_id IS NOT DISTINCT FROM l.transaction_id
+               AS own
+      FROM unnest($1::int[], $2::text[], $3::bool[]) AS c (line_no, payment_id, created)
+      JOIN payments p ON p.id = c.payment_id
+      JOIN settlement_staging l ON l.line_no = c.line_no)
 UPDATE settlement_staging s
-   SET payment_id = c.payment_id, matched_by = 'captured',
-       category = CASE WHEN c.created THEN 'missing_in_ledger' ELSE 'duplicate_in_settlement' END,
-       exception_id = (SELECT e.id FROM reconciliation_exceptions e WHERE e.payment_id = c.payment_id
-                        ORDER BY e.opened_at LIMIT 1)
-  FROM unnest($1::int[], $2::text[], $3::bool[]) AS c (line_no, payment_id, created)
+   SET payment_id = c.payment_id,
+       matched_by = CASE WHEN c.own THEN 'transaction_id' ELSE 'captured' END,
+       category = CASE WHEN c.created THEN 'missing_in_ledger'
+                       WHEN c.own AND c.amount = s.amount AND c.currency = s.currency THEN 'matched'
+                       WHEN c.own THEN 'amount_mismatch'
+                       ELSE 'duplicate_in_settlement' END,
+       exception_id = CASE WHEN c.own THEN NULL
+                           ELSE (SELECT e.id FROM reconciliation_exceptions e WHERE e.payment_id = c.payment_id
+                                  ORDER BY e.opened_at LIMIT 1) END
+  FROM c
  WHERE s.line_no = c.line_no
 
 -- name: staging_duplicates_follow
