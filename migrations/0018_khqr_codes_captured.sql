@@ -9,6 +9,9 @@
 -- A code now records when a payment on it was captured (set by the capture's own statement, in the same
 -- transaction), and a partial index holds the codes not yet captured. The claim still checks payments
 -- too, so a code is never polled after its payment, whichever way it was written.
+--
+-- On a large database, run it at a quiet hour: it writes every paid code's row once and builds the index
+-- inside the migration's transaction, and until it commits, invoice creation, capture and polling wait.
 
 ALTER TABLE khqr_codes ADD COLUMN captured_at timestamptz;
 
