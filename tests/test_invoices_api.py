@@ -198,10 +198,13 @@ async def test_revoked_key_stops_working(api, invoice_body):
 
 async def test_list_filters_and_cursor_pagination(api, invoice_body):
     h = await api.portal("MOI")
-    ids = []
+    ids, created = [], []
     for i in range(7):
         inv = await (await api.client.post("/v1/invoices", json=invoice_body(reference=f"R{i}"), headers=h)).json()
         ids.append(inv["id"])
+        created.append((datetime.fromisoformat(inv["created_at"]), inv["id"]))
+        if i == 4:
+            await asyncio.sleep(0.002)  # times are kept to the millisecond: R5 and R6 are surely newer
     await api.client.post(f"/v1/invoices/{ids[0]}/cancel", headers=h)
     seen, cursor = [], None
     while True:
@@ -211,7 +214,10 @@ async def test_list_filters_and_cursor_pagination(api, invoice_body):
         cursor = page["next_cursor"]
         if not cursor:
             break
-    assert seen == list(reversed(ids))  # newest first, each once
+    # Newest first, each once. Invoices made within the same millisecond (times are kept to the millisecond,
+    # as KHQR carries them) come in id order, the documented tie-break.
+    assert seen == [i for _, i in sorted(created, reverse=True)]
+    assert seen[:2] == [ids[6], ids[5]]
     page = await (await api.client.get("/v1/invoices", params={"status": "cancelled"}, headers=h)).json()
     assert [i["id"] for i in page["data"]] == [ids[0]]
     page = await (await api.client.get("/v1/invoices", params={"reference": "R3"}, headers=h)).json()
