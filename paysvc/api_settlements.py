@@ -55,7 +55,7 @@ def parser_for(enabled: dict, fmt: str):
 class UploadForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: Annotated[str, Field(pattern=_NAME.pattern)]
-    business_date: date
+    business_date: Annotated[date, Field(ge=date(2000, 1, 1), le=date(2099, 12, 31))]
     format: Annotated[str, Field(pattern=_NAME.pattern)] | None = None
 
 
@@ -89,21 +89,25 @@ async def upload(request: web.Request) -> web.Response:
     fields: dict[str, str] = {}
     data: bytes | None = None
     file_name = None
-    reader = await request.multipart()
-    async for part in reader:
-        if part.name == "file":
-            file_name = part.filename
-            chunks, size = [], 0
-            while chunk := await part.read_chunk(1024**2):
-                size += len(chunk)
-                if size > settings.settlement_max_bytes:
-                    raise PayloadTooLarge(f"the file is larger than {settings.settlement_max_bytes} bytes")
-                chunks.append(chunk)
-            data = b"".join(chunks)
-        elif part.name in ("provider", "business_date", "format"):
-            fields[part.name] = (await part.text()).strip()
-        else:
-            raise ValidationFailed(f"unknown form field {part.name!r}")
+    try:
+        reader = await request.multipart()
+        async for part in reader:
+            if part.name == "file":
+                file_name = part.filename
+                chunks, size = [], 0
+                while chunk := await part.read_chunk(1024**2):
+                    size += len(chunk)
+                    if size > settings.settlement_max_bytes:
+                        raise PayloadTooLarge(f"the file is larger than {settings.settlement_max_bytes} bytes")
+                    chunks.append(chunk)
+                data = b"".join(chunks)
+            elif part.name in ("provider", "business_date", "format"):
+                fields[part.name] = (await part.text()).strip()
+            else:
+                raise ValidationFailed(f"unknown form field {part.name!r}")
+    except (ValueError, UnicodeDecodeError) as exc:  # no or a wrong boundary, a field that is not UTF-8
+        raise MalformedRequest(f"the multipart/form-data body cannot be read ({exc}); send the fields file, "
+                               "provider and business_date as a browser or curl -F would") from None
     if data is None:
         raise ValidationFailed("the settlement file is missing: send it as the form field 'file'",
                                errors=[{"field": "file", "message": "required", "code": "missing"}])

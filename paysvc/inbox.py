@@ -64,11 +64,20 @@ async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], b
     The row is leased to the caller, who processes it at once; the worker takes it after ``lease``.
     """
     now = now_utc()
-    kept = {k: v for k, v in headers.items()}
+    kept = {_storable(k): _storable(v) for k, v in headers.items()}
     inbox_id = await pool.fetchval(
-        Q.inbox_insert, provider, now, kept, body, "rejected" if rejected else "received", rejected, now + lease,
+        Q.inbox_insert, provider, now, kept, body, "rejected" if rejected else "received",
+        _storable(rejected) if rejected else None, now + lease,
     )
     return Stored(inbox_id, provider, now, kept, body, "rejected" if rejected else "received")
+
+
+def _storable(text: str) -> str:
+    """Header text as PostgreSQL can store it: bytes that were not UTF-8 (kept by aiohttp as surrogates)
+    written as ``\\xNN`` escapes, NUL as ``\\x00``. The body is stored as the exact bytes received."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
 
 
 async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, source: str,
@@ -122,7 +131,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
         provider.verify_callback(headers, body, now=row["received_at"])
         notices = provider.parse_callback(headers, body)
     except ProviderError as exc:
-        await pool.execute(Q.inbox_reject, inbox_id, f"{exc.code}: {exc}")
+        await pool.execute(Q.inbox_reject, inbox_id, _storable(f"{exc.code}: {exc}"))
         return Outcome("rejected", str(exc), exc)
     if provider.pattern == "push_confirm":
         confirmed = []
@@ -133,7 +142,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 # Not approved *yet*: ask again later rather than drop a payment that is on its way.
                 return await _defer(pool, row, f"{exc.code}: {exc}")
             except NotConfirmed as exc:
-                await pool.execute(Q.inbox_reject, inbox_id, f"{exc.code}: {exc}")
+                await pool.execute(Q.inbox_reject, inbox_id, _storable(f"{exc.code}: {exc}"))
                 return Outcome("rejected", str(exc), exc)
             except ProviderUnavailable as exc:
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
@@ -145,7 +154,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
 async def _defer(pool: asyncpg.Pool, row, reason: str, retry_after: float | None = None) -> Outcome:
     wait = timedelta(seconds=retry_after) if retry_after else min(timedelta(seconds=2 ** min(row["attempts"], 12)),
                                                                    MAX_BACKOFF)
-    await pool.execute(Q.inbox_defer, row["id"], now_utc() + wait, reason)
+    await pool.execute(Q.inbox_defer, row["id"], now_utc() + wait, _storable(reason))
     log.warning("inbox row %s deferred: %s", row["id"], reason, extra={"inbox_id": row["id"]})
     return Outcome("deferred", reason)
 

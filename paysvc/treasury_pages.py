@@ -97,6 +97,19 @@ def _forbidden(request: web.Request, why: str) -> web.Response:
     return _page(request, "Refused", f'<p class="error">{_e(why)}</p>', status=403)
 
 
+async def _read_form(request: web.Request):
+    """The posted form, or None when it cannot be read (a broken multipart boundary, text that is not UTF-8)."""
+    try:
+        return await request.post()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _unreadable_form(request: web.Request) -> web.Response:
+    return _page(request, "Refused", '<p class="error">The form could not be read: send it again from the page.</p>',
+                 status=400)
+
+
 async def _session(request: web.Request) -> dict | None:
     token = request.cookies.get(COOKIE)
     if not token or len(token) > 100:
@@ -115,7 +128,9 @@ async def _require(request: web.Request, *, post: bool = False) -> dict | web.Re
             return _forbidden(request, "Your session has ended: log in again.")
         return _see_other("/treasury/login")
     if post:
-        form = await request.post()
+        form = await _read_form(request)
+        if form is None:
+            return _unreadable_form(request)
         sent = form.get("csrf")
         if not isinstance(sent, str) or not hmac.compare_digest(sent, session["csrf_token"]):
             return _forbidden(request, "The form's security token is missing or wrong: reload the page and retry.")
@@ -136,7 +151,9 @@ async def login_form(request: web.Request, error: str | None = None, status: int
 async def login(request: web.Request) -> web.Response:
     if not _same_origin(request):
         return _forbidden(request, "Log in from the treasury login page (Origin check).")
-    form = await request.post()
+    form = await _read_form(request)
+    if form is None:
+        return _unreadable_form(request)
     key = form.get("key")
     try:
         p = await request.app[AUTH].authenticate(f"Bearer {key}" if isinstance(key, str) else None)
@@ -274,8 +291,8 @@ async def resolve_form(request: web.Request) -> web.Response:
         return session
     form = request[FORM]
     back = form.get("back") if isinstance(form.get("back"), str) else "/treasury"
-    if not back.startswith("/treasury/"):
-        back = "/treasury"
+    if not back.startswith("/treasury/") or not back.isprintable() or not back.isascii():
+        back = "/treasury"  # our own pages only; no control characters (they would break the redirect)
     fields = {k: form.get(k) for k in ("action", "note", "invoice_id") if form.get(k)}
     try:
         body = ResolveBody.model_validate(fields)

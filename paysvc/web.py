@@ -95,6 +95,10 @@ async def read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedRequest("body is nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer literal of thousands of digits (Python's int_max_str_digits)
+        raise MalformedRequest(f"body cannot be read: {exc}") from None
 
 
 def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
@@ -176,6 +180,15 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # Refused before anything was written: input the database cannot store as text.
             raise MalformedRequest("the request holds characters that cannot be stored as text (NUL or an "
                                    "unpaired UTF-16 surrogate); remove them") from None
+        except asyncpg.DataError as exc:
+            # A value the database cannot hold or compare (a number past 64 bits, a date past its range, text
+            # it cannot read): refused by the statement, so nothing of it was written.
+            log.warning("request refused by the database as out of range: %s", exc, extra={"request_id": request_id})
+            raise MalformedRequest(f"a value in this request is out of range ({exc}); numbers must fit in 64 "
+                                   "bits and dates must be real dates, years 1 to 9999 in UTC") from None
+        except OverflowError as exc:
+            log.warning("request refused as out of range: %s", exc, extra={"request_id": request_id})
+            raise MalformedRequest(f"a date or number in this request is out of range ({exc})") from None
         except ConnectionResetError:
             # The client hung up (aiohttp raises this while reading its body): nothing was done for it.
             raise ClientClosedRequest("the connection closed before the request was read") from None

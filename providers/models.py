@@ -112,7 +112,10 @@ def _utc(value: datetime | None) -> datetime | None:
         return None
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("must be timezone-aware")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
 
 
 def _md5(value: str | None) -> str | None:
@@ -123,6 +126,10 @@ def _md5(value: str | None) -> str | None:
         raise ValueError("must be 32 hexadecimal characters")
     return value
 
+
+# The largest amount in minor units a notice or settlement line may carry: the ledger's own limit per posting,
+# which keeps every balance sum inside a signed 64-bit integer.
+MAX_AMOUNT = 10**15
 
 # A KHQR md5 (32 hex, lower-cased) and a time converted to UTC (naive refused), shared by the models.
 Md5 = Annotated[str | None, AfterValidator(_md5)]
@@ -150,7 +157,7 @@ class PaymentNotice(_Frozen):
     transaction_id: str = Field(min_length=1, max_length=200)   # the provider's unique id for the movement
     md5: Md5 = None                                              # KHQR md5, when known
     bill_number: str | None = Field(default=None, max_length=100)
-    amount: int | None = Field(default=None, gt=0)               # minor units; None only on a hint
+    amount: int | None = Field(default=None, gt=0, le=MAX_AMOUNT)  # minor units; None only on a hint
     currency: Currency | None = None                             # None only on a hint
     to_account: str | None = Field(default=None, max_length=200)
     from_account: str | None = Field(default=None, max_length=200)
@@ -201,12 +208,18 @@ class SettlementLine(_Frozen):
     """One line of a provider's settlement file; ``line_no`` is its physical line (the header is line 1)."""
 
     line_no: int = Field(ge=1)
-    transaction_id: str | None = None
+    transaction_id: str | None = Field(default=None, min_length=1, max_length=200)
     md5: Md5 = None
-    bill_number: str | None = None
-    amount: int = Field(gt=0)                                    # minor units
+    bill_number: str | None = Field(default=None, max_length=100)
+    amount: int = Field(gt=0, le=MAX_AMOUNT)                     # minor units
     currency: Currency
     paid_at: UtcTime = None
-    fee: int = Field(default=0, ge=0)                            # minor units, same currency
-    reference: str | None = None
+    fee: int = Field(default=0, ge=0, le=MAX_AMOUNT)             # minor units, same currency
+    reference: str | None = Field(default=None, max_length=500)
+
+    @model_validator(mode="after")
+    def _fee_within_amount(self) -> SettlementLine:
+        if self.fee > self.amount:
+            raise ValueError(f"fee {self.fee} is larger than the amount {self.amount}")
+        return self
 

@@ -106,6 +106,30 @@ async def test_forms_need_the_session_token_and_our_origin(api, portal, treasury
     assert tuple(row) == ("resolved", "Treasury desk", "write_off")
 
 
+async def test_a_back_link_with_control_characters_sends_back_to_the_treasury_home(api, portal, treasury_key,
+                                                                                   invoice_body):
+    """The resolution is written, then the redirect goes to a page of ours: a ``back`` holding CR/LF would
+    otherwise break the answer after the work was done (found by fuzzing)."""
+    await a_day_with_one_exception(api, portal, treasury_key, invoice_body)
+    assert (await login(api, treasury_key)).status == 303
+    page = await (await api.client.get(f"/treasury/days/{DAY}/sandbox")).text()
+    exc_id = page.split('id="exc-')[1].split('"')[0]
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    form = {"action": "write_off", "note": "short-paid by the provider", "csrf": csrf,
+            "back": "/treasury/x\r\nX-Injected: 1"}
+    r = await api.client.post(f"/treasury/exceptions/{exc_id}/resolve", data=form, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].startswith("/treasury?msg=")
+    assert "X-Injected" not in r.headers
+
+
+async def test_a_form_that_cannot_be_read_is_400(api, treasury_key):
+    assert (await login(api, treasury_key)).status == 303
+    r = await api.client.post("/treasury/login", data=b"--x\r\n", allow_redirects=False,
+                              headers={"Origin": origin(api), "Content-Type": "multipart/form-data"})
+    assert r.status == 400 and "could not be read" in await r.text()
+
+
 async def test_pages_carry_a_strict_content_security_policy(api, treasury_key):
     r = await api.client.get("/treasury/login")
     csp = r.headers["Content-Security-Policy"]

@@ -1,0 +1,145 @@
+"""Input out of every range a field can hold gets a clear 4xx, never a 500; a callback is kept whatever its
+headers hold. Cases found by fuzzing the API (schemathesis) and by hand."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import asyncpg
+import pytest
+
+from tests.payments_helpers import new_invoice, sandbox_body, sandbox_headers
+from tests.test_settlement import upload
+
+YEAR_1 = "0001-01-01T00:00:00+14:00"       # before year 1 once in UTC
+YEAR_9999 = "9999-12-31T23:59:59-14:00"    # after year 9999 once in UTC
+HUGE = "99999999999999999999999"           # past 64 bits
+
+
+def b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+async def expect_4xx(r, status: int = 400) -> dict:
+    body = await r.json()
+    assert r.status == status, body
+    assert body["detail"] and "internal" not in body["type"], body
+    return body
+
+
+@pytest.mark.parametrize("path, params", [
+    ("/v1/invoices", {"created_from": YEAR_1}),
+    ("/v1/invoices", {"created_to": YEAR_9999}),
+    ("/v1/invoices", {"cursor": b64(f"{YEAR_1}|inv_x")}),
+    ("/v1/events", {"after": HUGE}),
+])
+async def test_out_of_range_query_values_on_portal_endpoints(api, portal, path, params):
+    r = await api.client.get(path, params=params, headers=portal)
+    assert r.status in (400, 422), await r.text()
+
+
+@pytest.mark.parametrize("path, params", [
+    ("/v1/ledger/trial-balance", {"as_of": YEAR_9999}),
+    ("/v1/ledger/entries", {"effective_from": YEAR_1}),
+    ("/v1/ledger/entries", {"cursor": b64(HUGE)}),
+    ("/v1/reconciliation/exceptions", {"cursor": b64(f"{YEAR_1}|exc_x")}),
+    ("/v1/settlements", {"cursor": b64(f"{YEAR_9999}|stl_x")}),
+])
+async def test_out_of_range_query_values_on_treasury_endpoints(api, treasury, path, params):
+    r = await api.client.get(path, params=params, headers=treasury)
+    assert r.status in (400, 422), await r.text()
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b"[" * 1000 + b"]" * 1000, "nested"),
+    (b'{"amount": ' + b"9" * 5000 + b"}", "cannot be read"),
+])
+async def test_json_bodies_python_cannot_read_are_400(api, portal, raw, says):
+    r = await api.client.post("/v1/invoices", data=raw, headers={**portal, "Content-Type": "application/json"})
+    assert says in (await expect_4xx(r))["detail"]
+
+
+async def test_text_the_database_cannot_store_is_400_and_nothing_is_written(api, portal, invoice_body):
+    raw = ('{"reference": "R-1", "description": "Passport", "currency": "KHR", "amount": 5000, '
+           '"payer": {"email": "a\\udc80@b.cc"}}').encode()
+    r = await api.client.post("/v1/invoices", data=raw, headers={**portal, "Content-Type": "application/json"})
+    await expect_4xx(r, r.status if r.status == 422 else 400)
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM invoices") == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_callback_with_header_bytes_that_are_not_utf8_is_still_kept(api, portal, invoice_body):
+    import asyncio
+
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    head = "".join(f"{k}: {v}\r\n" for k, v in sandbox_headers(body).items())
+    # Sent as raw bytes: an HTTP client library would not send a header that is not valid text.
+    raw = (f"POST /v1/providers/sandbox/callbacks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{head}"
+           f"Content-Length: {len(body)}\r\n").encode() + b"X-Bank-Note: caf\xc3\xa9 \xff\r\n\r\n" + body
+    url = api.client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(raw)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        kept = await conn.fetchval("SELECT headers FROM provider_inbox")
+    finally:
+        await conn.close()
+    # UTF-8 read as such; the byte that is not, written as an escape
+    assert json.loads(kept)["X-Bank-Note"] == "caf\u00e9 \\xff"
+
+
+async def test_a_signed_callback_with_a_time_out_of_range_is_refused_not_retried(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = body_with(sandbox_body(inv), paid_at=YEAR_1)
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=sandbox_headers(body))
+    assert r.status == 400, await r.text()
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT state FROM provider_inbox") == "rejected"
+    finally:
+        await conn.close()
+
+
+def body_with(body: bytes, **changes) -> bytes:
+    doc = json.loads(body)
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+async def test_a_multipart_body_without_a_boundary_is_400(api, treasury):
+    r = await api.client.post("/v1/settlements", data=b"--x\r\n\r\n",
+                              headers={**treasury, "Content-Type": "multipart/form-data"})
+    await expect_4xx(r)
+
+
+async def test_a_business_date_out_of_range_is_422(api, treasury):
+    from providers.sandbox import write_settlement_csv
+
+    from datetime import date
+    r = await upload(api, treasury, write_settlement_csv([]), day=date(1, 1, 1))
+    await expect_4xx(r, 422)
+
+
+@pytest.mark.parametrize("line, says", [
+    ("TX-1,,,1000000000000001,KHR,2025-06-02T03:00:00Z,0", "amount"),
+    ("TX-1,,,5000,KHR,2025-06-02T03:00:00Z,6000", "fee"),
+    ("T" * 201 + ",,,5000,KHR,2025-06-02T03:00:00Z,0", "transaction_id"),
+    ("TX-1,,,5000,KHR," + YEAR_1 + ",0", "paid_at"),
+])
+async def test_settlement_lines_out_of_range_are_refused_with_their_line_number(api, treasury, line, says):
+    from providers.sandbox import write_settlement_csv
+
+    header = write_settlement_csv([]).decode().splitlines()[0]
+    r = await upload(api, treasury, f"{header}\n{line}\n".encode())
+    body = await r.json()
+    assert r.status in (400, 422), body
+    assert "line 2" in body["detail"] and says in body["detail"], body
