@@ -132,10 +132,12 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
 
 def problem_response(problem: Problem, request: web.Request) -> web.Response:
     retry_after = problem.extra.get("retry_after_seconds")
+    headers = dict(getattr(problem, "headers", None) or {})
+    if retry_after:
+        headers["Retry-After"] = str(retry_after)
     return web.Response(
         body=json.dumps(problem.to_dict(request.path), ensure_ascii=False).encode(),
-        status=problem.status, content_type="application/problem+json",
-        headers={"Retry-After": str(retry_after)} if retry_after else None,
+        status=problem.status, content_type="application/problem+json", headers=headers or None,
     )
 
 
@@ -170,7 +172,11 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             if exc.status == 404:
                 raise NotFound(f"no such resource: {request.method} {request.path}") from None
             if exc.status == 405:
-                raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}") from None
+                allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
+                problem = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; allowed: "
+                                           f"{', '.join(allowed) or 'none'}")
+                problem.headers = {"Allow": ", ".join(allowed)}  # RFC 9110: a 405 says what is allowed
+                raise problem from None
             if exc.status == 413:
                 raise PayloadTooLarge("request body too large") from None
             if exc.status < 400:
