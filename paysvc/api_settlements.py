@@ -105,7 +105,9 @@ async def upload(request: web.Request) -> web.Response:
                 fields[part.name] = (await part.text()).strip()
             else:
                 raise ValidationFailed(f"unknown form field {part.name!r}")
-    except (ValueError, UnicodeDecodeError) as exc:  # no or a wrong boundary, a field that is not UTF-8
+    except (ValueError, LookupError, RuntimeError) as exc:
+        # No or a wrong boundary, a field not in its charset (UnicodeDecodeError is a ValueError), an unknown
+        # charset (LookupError) or Content-Transfer-Encoding (aiohttp raises RuntimeError)
         raise MalformedRequest(f"the multipart/form-data body cannot be read ({exc}); send the fields file, "
                                "provider and business_date as a browser or curl -F would") from None
     if data is None:

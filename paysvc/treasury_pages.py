@@ -98,10 +98,11 @@ def _forbidden(request: web.Request, why: str) -> web.Response:
 
 
 async def _read_form(request: web.Request):
-    """The posted form, or None when it cannot be read (a broken multipart boundary, text that is not UTF-8)."""
+    """The posted form, or None when it cannot be read: a broken multipart boundary, text not in its charset
+    (ValueError), an unknown charset (LookupError) or Content-Transfer-Encoding (RuntimeError, from aiohttp)."""
     try:
         return await request.post()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError, RuntimeError):
         return None
 
 

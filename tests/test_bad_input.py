@@ -121,6 +121,19 @@ async def test_a_multipart_body_without_a_boundary_is_400(api, treasury):
     await expect_4xx(r)
 
 
+@pytest.mark.parametrize("part_headers", [
+    b"Content-Type: text/plain; charset=nonexistent\r\n",
+    b"Content-Type: text/plain; charset=rot13\r\n",
+    b"Content-Transfer-Encoding: weird\r\n",
+])
+async def test_a_form_field_in_an_unknown_encoding_is_400(api, treasury, part_headers):
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"provider\"\r\n" + part_headers + b"\r\nsandbox\r\n"
+            b"--B--\r\n")
+    r = await api.client.post("/v1/settlements", data=body,
+                              headers={**treasury, "Content-Type": "multipart/form-data; boundary=B"})
+    await expect_4xx(r)
+
+
 async def test_a_business_date_out_of_range_is_422(api, treasury):
     from providers.sandbox import write_settlement_csv
 

@@ -125,9 +125,12 @@ async def test_a_back_link_with_control_characters_sends_back_to_the_treasury_ho
 
 async def test_a_form_that_cannot_be_read_is_400(api, treasury_key):
     assert (await login(api, treasury_key)).status == 303
-    r = await api.client.post("/treasury/login", data=b"--x\r\n", allow_redirects=False,
-                              headers={"Origin": origin(api), "Content-Type": "multipart/form-data"})
-    assert r.status == 400 and "could not be read" in await r.text()
+    for content_type, data in [("multipart/form-data", b"--x\r\n"),
+                               ("application/x-www-form-urlencoded; charset=nonexistent", b"key=abc"),
+                               ("application/x-www-form-urlencoded; charset=rot13", b"key=abc")]:
+        r = await api.client.post("/treasury/login", data=data, allow_redirects=False,
+                                  headers={"Origin": origin(api), "Content-Type": content_type})
+        assert r.status == 400 and "could not be read" in await r.text(), content_type
 
 
 async def test_pages_carry_a_strict_content_security_policy(api, treasury_key):
