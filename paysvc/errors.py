@@ -12,10 +12,12 @@ class Problem(Exception):
     slug: str = "bad-request"
     title: str = "Bad request"
 
-    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None, **extra: Any) -> None:
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.errors = errors
+        self.headers = headers or {}  # HTTP headers the answer carries (Allow on a 405, say)
         self.extra = extra
 
     @property

@@ -132,7 +132,7 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
 
 def problem_response(problem: Problem, request: web.Request) -> web.Response:
     retry_after = problem.extra.get("retry_after_seconds")
-    headers = dict(getattr(problem, "headers", None) or {})
+    headers = dict(problem.headers)
     if retry_after:
         headers["Retry-After"] = str(retry_after)
     return web.Response(
@@ -173,10 +173,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 raise NotFound(f"no such resource: {request.method} {request.path}") from None
             if exc.status == 405:
                 allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
-                problem = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; allowed: "
-                                           f"{', '.join(allowed) or 'none'}")
-                problem.headers = {"Allow": ", ".join(allowed)}  # RFC 9110: a 405 says what is allowed
-                raise problem from None
+                # RFC 9110: a 405 says what is allowed.
+                raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; allowed: "
+                                       f"{', '.join(allowed) or 'none'}", headers={"Allow": ", ".join(allowed)}) from None
             if exc.status == 413:
                 raise PayloadTooLarge("request body too large") from None
             if exc.status < 400:
