@@ -22,7 +22,8 @@ from paysvc.settlement_days import business_date, parse_cutoff
 from paysvc.settlement_import import Imported, Rules, SettlementConflict, file_digest, import_settlement
 from paysvc.settlement_report import report, report_csv
 from paysvc.queries import Q
-from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, json_response, parse_query, principal
+from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
+                        principal)
 from providers import ProviderError, SettlementFormatError, available_providers, load_providers
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -105,9 +106,7 @@ async def upload(request: web.Request) -> web.Response:
                 fields[part.name] = (await part.text()).strip()
             else:
                 raise ValidationFailed(f"unknown form field {part.name!r}")
-    except (ValueError, LookupError, RuntimeError) as exc:
-        # No or a wrong boundary, a field not in its charset (UnicodeDecodeError is a ValueError), an unknown
-        # charset (LookupError) or Content-Transfer-Encoding (aiohttp raises RuntimeError)
+    except UNREADABLE_FORM as exc:
         raise MalformedRequest(f"the multipart/form-data body cannot be read ({exc}); send the fields file, "
                                "provider and business_date as a browser or curl -F would") from None
     if data is None:

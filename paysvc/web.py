@@ -84,6 +84,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(buf)
 
 
+# What aiohttp raises for a form body it cannot read: a missing or wrong multipart boundary, text not in its
+# charset (UnicodeDecodeError is a ValueError), an unknown charset (LookupError), an unknown
+# Content-Transfer-Encoding (RuntimeError). Caught around form parsing only, where nothing else raises them.
+UNREADABLE_FORM = (ValueError, LookupError, RuntimeError)
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, with clear errors for the wrong type, size or syntax."""
     if request.content_type != "application/json":
@@ -175,7 +181,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
                 allowed = sorted(getattr(exc, "allowed_methods", ()) or ())
                 # RFC 9110: a 405 says what is allowed.
                 raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}; allowed: "
-                                       f"{', '.join(allowed) or 'none'}", headers={"Allow": ", ".join(allowed)}) from None
+                                       f"{', '.join(allowed) or 'none'}",
+                                       headers={"Allow": ", ".join(allowed)}) from None
             if exc.status == 413:
                 raise PayloadTooLarge("request body too large") from None
             if exc.status < 400:
