@@ -131,7 +131,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
         provider.verify_callback(headers, body, now=row["received_at"])
         notices = provider.parse_callback(headers, body)
     except ProviderError as exc:
-        await pool.execute(Q.inbox_reject, inbox_id, _storable(f"{exc.code}: {exc}"))
+        await _reject(pool, inbox_id, exc)
         return Outcome("rejected", str(exc), exc)
     if provider.pattern == "push_confirm":
         confirmed = []
@@ -142,13 +142,17 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 # Not approved *yet*: ask again later rather than drop a payment that is on its way.
                 return await _defer(pool, row, f"{exc.code}: {exc}")
             except NotConfirmed as exc:
-                await pool.execute(Q.inbox_reject, inbox_id, _storable(f"{exc.code}: {exc}"))
+                await _reject(pool, inbox_id, exc)
                 return Outcome("rejected", str(exc), exc)
             except ProviderUnavailable as exc:
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
         notices = confirmed
     results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id)
     return Outcome("processed", results=results)
+
+
+async def _reject(pool: asyncpg.Pool, inbox_id: int, exc: ProviderError) -> None:
+    await pool.execute(Q.inbox_reject, inbox_id, _storable(f"{exc.code}: {exc}"))
 
 
 async def _defer(pool: asyncpg.Pool, row, reason: str, retry_after: float | None = None) -> Outcome:

@@ -42,9 +42,9 @@ async def add_events(conn: asyncpg.Connection, events: list[tuple[int, str, dict
     """Append several events ``(agency_id, type, data)`` in one statement; like :func:`add_event`."""
     if not events:
         return []
-    args = events_args(events)
-    await conn.execute(Q.outbox_add_events, *args[:3], occurred_at, args[3])
-    return args[0]
+    ids, agencies, types, data = events_args(events)
+    await conn.execute(Q.outbox_add_events, ids, agencies, types, occurred_at, data)
+    return ids
 
 
 def events_args(events: list[tuple[int, str, dict[str, Any]]]) -> tuple[list[uuid.UUID], list[int], list[str], list[str]]:
