@@ -3,12 +3,15 @@ headers hold. Cases found by fuzzing the API (schemathesis) and by hand."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from datetime import date
 
 import asyncpg
 import pytest
 
+from providers.sandbox import write_settlement_csv
 from tests.payments_helpers import new_invoice, sandbox_body, sandbox_headers
 from tests.test_settlement import upload
 
@@ -73,8 +76,6 @@ async def test_text_the_database_cannot_store_is_400_and_nothing_is_written(api,
 
 
 async def test_a_callback_with_header_bytes_that_are_not_utf8_is_still_kept(api, portal, invoice_body):
-    import asyncio
-
     inv = await new_invoice(api, portal, invoice_body)
     body = sandbox_body(inv)
     head = "".join(f"{k}: {v}\r\n" for k, v in sandbox_headers(body).items())
@@ -135,9 +136,6 @@ async def test_a_form_field_in_an_unknown_encoding_is_400(api, treasury, part_he
 
 
 async def test_a_business_date_out_of_range_is_422(api, treasury):
-    from providers.sandbox import write_settlement_csv
-
-    from datetime import date
     r = await upload(api, treasury, write_settlement_csv([]), day=date(1, 1, 1))
     await expect_4xx(r, 422)
 
@@ -149,8 +147,6 @@ async def test_a_business_date_out_of_range_is_422(api, treasury):
     ("TX-1,,,5000,KHR," + YEAR_1 + ",0", "paid_at"),
 ])
 async def test_settlement_lines_out_of_range_are_refused_with_their_line_number(api, treasury, line, says):
-    from providers.sandbox import write_settlement_csv
-
     header = write_settlement_csv([]).decode().splitlines()[0]
     r = await upload(api, treasury, f"{header}\n{line}\n".encode())
     body = await r.json()
