@@ -274,15 +274,35 @@ async def test_cli_seal_and_verify_exit_codes(db, db_dsn):
 
 async def test_an_entry_cannot_claim_another_transactions_id(db):
     # An entry written with an old transaction's txid would escape the commit-time balance check, which
-    # finds this transaction's entries by txid; the database refuses it, alone or inside a batch.
+    # finds this transaction's entries by txid; the database refuses to commit it, alone or beside a
+    # balanced entry posted in the same transaction (which the balance check alone would let through).
     old = await db.fetchval("SELECT pg_current_xact_id()::text")
-    for sql in ("INSERT INTO ledger_entries (kind, description, effective_at, content_hash, txid) "
-                "VALUES ('raw', 'forged', now(), $1, $2::text::xid8)",
-                "INSERT INTO ledger_entries (kind, description, effective_at, content_hash, txid) "
-                "VALUES ('raw', 'honest', now(), $1, pg_current_xact_id()), "
-                "('raw', 'forged', now(), $1, $2::text::xid8)"):
+    forge = ("INSERT INTO ledger_entries (kind, description, effective_at, content_hash, txid) "
+             "VALUES ('raw', 'forged', now(), $1, $2::text::xid8)")
+    with pytest.raises(asyncpg.CheckViolationError, match="txid must be the writing transaction's"):
+        await db.execute(forge, bytes(32), old)
+    for forged_first in (False, True):
         with pytest.raises(asyncpg.CheckViolationError, match="txid must be the writing transaction's"):
-            await db.execute(sql, bytes(32), old)
+            async with db.transaction():
+                if forged_first:
+                    await db.execute(forge, bytes(32), old)
+                await ledger.post_entry(db, capture(1))
+                if not forged_first:
+                    await db.execute(forge, bytes(32), old)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+    assert await db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 0
+
+
+async def test_an_entry_slipped_in_below_a_checked_window_is_refused(db):
+    # After SET CONSTRAINTS ... IMMEDIATE checked this transaction's entries up to some id, an entry
+    # inserted with a lower explicit id would be outside every later window: the database refuses it.
+    with pytest.raises(asyncpg.CheckViolationError, match="below entries this transaction already checked"):
+        async with db.transaction():
+            first = await ledger.post_entry(db, capture(1))
+            await ledger.fold_pending(db)
+            await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash) "
+                             "OVERRIDING SYSTEM VALUE VALUES ($1, 'raw', 'sneaky', now(), $2)",
+                             first.id - 1 if first.id > 1 else 0, bytes(32))
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
 
 
