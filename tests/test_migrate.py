@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -111,3 +112,18 @@ def test_installed_package_carries_its_migrations(tmp_path):
     assert probe.returncode == 0, probe.stderr
     assert int(probe.stdout) == len(shipped)
 
+
+
+async def test_event_data_stored_as_a_json_string_is_turned_back_into_its_object(db):
+    # Migration 0020 repairs events that a capture wrote double-encoded; run its SQL again on such a row.
+    from paysvc.agencies import add_agency
+
+    await add_agency(db, code="MOI", name="Interior", name_km="មហាផ្ទៃ", bakong_account="moi@nbcq")
+    agency = await db.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+    body = {"invoice_id": "inv_1", "status": "paid"}
+    for data in (json.dumps(body), body):  # a string holding the object (what the bug wrote), and the object
+        await db.execute("INSERT INTO outbox_events (id, agency_id, type, occurred_at, data) "
+                         "VALUES (gen_random_uuid(), $1, 'invoice.paid', now(), $2)", agency, data)
+    await db.execute((migrations_dir() / "0020_outbox_event_data_as_objects.sql").read_text())
+    rows = await db.fetch("SELECT jsonb_typeof(data) AS t, data FROM outbox_events ORDER BY pos")
+    assert [(r["t"], r["data"]) for r in rows] == [("object", body), ("object", body)]

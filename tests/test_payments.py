@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -39,9 +40,20 @@ async def test_signed_callback_pays_the_invoice_and_books_revenue(api, portal, i
     assert [p["amount"] for p in got["payments"]] == [50000]
     assert await balances(api.dsn) == {"provider:sandbox:clearing:KHR": 50000, "agency:MOI:revenue:KHR": -50000}
     conn = await asyncpg.connect(api.dsn)
-    types = [r["type"] for r in await conn.fetch("SELECT type FROM outbox_events ORDER BY seq")]
+    events = await conn.fetch("SELECT type, data FROM outbox_events ORDER BY seq")
+    entry = await conn.fetchrow("SELECT e.id, e.kind, e.effective_at FROM ledger_entries e "
+                                "JOIN payments p ON p.id = e.payment_id WHERE p.invoice_id = $1", inv["id"])
     await conn.close()
-    assert types == ["invoice.created", "invoice.paid", "journal.posted"]
+    assert [e["type"] for e in events] == ["invoice.created", "invoice.paid", "journal.posted"]
+    # The agency's view of the entry, with the id the ledger gave it in the same statement.
+    # Each event's data is a JSON object, as agencies read it (not a JSON string holding one).
+    paid, posted = json.loads(events[1]["data"]), json.loads(events[2]["data"])
+    assert paid["invoice_id"] == inv["id"] and paid["status"] == "paid" and paid["amount_paid"] == 50000
+    assert posted["entry_id"] == entry["id"] and posted["kind"] == entry["kind"] == "payment.captured"
+    assert posted["invoice_id"] == inv["id"] and posted["payment_id"] == out["payments"][0]["payment_id"]
+    assert datetime.fromisoformat(posted["effective_at"]) == entry["effective_at"]
+    assert posted["postings"] == [{"account": "agency:MOI:revenue:KHR", "side": "credit", "amount": 50000,
+                                   "currency": "KHR"}]
 
 
 async def test_fifty_identical_callbacks_make_one_payment(api, portal, invoice_body):

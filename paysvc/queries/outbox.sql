@@ -4,8 +4,8 @@ INSERT INTO outbox_events (id, agency_id, type, occurred_at, data) VALUES ($1, $
 
 -- name: outbox_add_events
 INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
-SELECT id, agency_id, type, $4, data
-  FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::jsonb[]) AS e (id, agency_id, type, data)
+SELECT id, agency_id, type, $4, data::jsonb
+  FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::text[]) AS e (id, agency_id, type, data)
 
 -- name: outbox_sequence
 -- Number the committed events that have none yet, per agency, in the order they were written (pos),

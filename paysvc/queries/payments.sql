@@ -56,8 +56,8 @@ SELECT pay.id, inv.* FROM pay LEFT JOIN inv ON true
 -- the row is done exactly when its payment is, in the same statement.
 WITH ev AS (
     INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
-    SELECT id, agency_id, type, $4, data
-      FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::jsonb[]) AS e (id, agency_id, type, data)
+    SELECT id, agency_id, type, $4, data::jsonb
+      FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::text[]) AS e (id, agency_id, type, data)
 )
 UPDATE provider_inbox SET state = 'processed', processed_at = $4, reason = NULL
  WHERE $6::bigint IS NOT NULL AND id = $6 AND state = 'received'
