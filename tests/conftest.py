@@ -45,6 +45,25 @@ async def template_db():
         await admin.close()
 
 
+async def _no_double_encoded_json(dsn: str) -> None:
+    """Every JSON value the service stores is an object or an array, never a string holding one: a body
+    passed already encoded through the connection's JSON codec is encoded twice (it happened once, to the
+    capture's events). Checked after every test, over every json/jsonb column."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        cols = await conn.fetch("SELECT table_name, column_name FROM information_schema.columns "
+                                "WHERE table_schema = 'public' AND data_type IN ('json', 'jsonb') "
+                                "AND table_name IN (SELECT table_name FROM information_schema.tables "
+                                "WHERE table_schema = 'public' AND table_type = 'BASE TABLE')")
+        for c in cols:
+            bad = await conn.fetchval(
+                f'SELECT left("{c["column_name"]}"::text, 200) FROM "{c["table_name"]}" '
+                f'WHERE jsonb_typeof("{c["column_name"]}"::jsonb) = \'string\' LIMIT 1')
+            assert bad is None, f"{c['table_name']}.{c['column_name']} holds a JSON string, not an object: {bad}"
+    finally:
+        await conn.close()
+
+
 @pytest_asyncio.fixture
 async def db_dsn(template_db):
     name = f"paysvc_t_{uuid.uuid4().hex[:12]}"
@@ -52,6 +71,7 @@ async def db_dsn(template_db):
     try:
         await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
         yield dsn_for(name)
+        await _no_double_encoded_json(dsn_for(name))
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
