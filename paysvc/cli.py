@@ -61,11 +61,24 @@ def cmd_serve(settings: Settings, args) -> int:
         app = create_app(settings, dsn)
         print(f"paysvc listening on {settings.base_url}  (Ctrl-C to stop)", file=sys.stderr)
         try:
-            web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+            web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None,
+                        loop=_event_loop(settings))
         except OSError as exc:
             raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; "
                            "set PAYSVC_PORT to a free port") from None
     return 0
+
+
+def _event_loop(settings: Settings) -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (Linux and macOS), else asyncio's own."""
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("uvloop is not installed; serving on asyncio's own event loop")
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 async def _agencies_add(dsn: str, args) -> str:

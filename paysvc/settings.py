@@ -6,7 +6,7 @@ import base64
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     # answered 503 busy (with Retry-After) instead of queueing without bound.
     max_concurrent_requests: int = Field(64, ge=1, le=10_000)
     request_queue_seconds: float = Field(2, gt=0, le=60)
+    # The server's event loop: uvloop (installed with the service on Linux and macOS) or asyncio's own.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     # PostgreSQL. Without a URL, an embedded server is started in ``data_dir``.
     database_url: SecretStr | None = None

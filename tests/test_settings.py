@@ -33,3 +33,22 @@ def test_demo_mode_makes_each_secret_once_and_keeps_it(tmp_path):
     assert sandbox_secrets(settings) == sandbox_secrets(settings)
     for name in ("pii.key", "event-signing.key", "sandbox.secret"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_the_server_runs_on_uvloop_unless_told_otherwise(monkeypatch):
+    import asyncio
+
+    import uvloop
+
+    from paysvc.cli import _event_loop
+    from paysvc.settings import Settings
+
+    for setting, kind in (("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = _event_loop(Settings(event_loop=setting))
+        try:
+            assert isinstance(loop, kind) and (setting == "uvloop") == isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()
+    monkeypatch.setenv("PAYSVC_EVENT_LOOP", "trio")
+    with pytest.raises(SettingsError, match="PAYSVC_EVENT_LOOP"):
+        load_settings()
