@@ -37,16 +37,6 @@ async def add_event(
     return event_id
 
 
-async def add_events(conn: asyncpg.Connection, events: list[tuple[int, str, dict[str, Any]]], *,
-                     occurred_at: datetime) -> list[uuid.UUID]:
-    """Append several events ``(agency_id, type, data)`` in one statement; like :func:`add_event`."""
-    if not events:
-        return []
-    ids, agencies, types, data = events_args(events)
-    await conn.execute(Q.outbox_add_events, ids, agencies, types, occurred_at, data)
-    return ids
-
-
 def events_args(events: list[tuple[int, str, dict[str, Any]]]) -> tuple[list[uuid.UUID], list[int], list[str], list[str]]:
     """Ids, agencies, types and JSON bodies of ``events`` as the arrays an ``unnest`` insert takes; types checked."""
     for _, type, _ in events:

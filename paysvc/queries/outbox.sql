@@ -2,11 +2,6 @@
 -- No sequence number here: the sequencer gives it after commit, so writers never queue on a counter.
 INSERT INTO outbox_events (id, agency_id, type, occurred_at, data) VALUES ($1, $2, $3, $4, $5)
 
--- name: outbox_add_events
-INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
-SELECT id, agency_id, type, $4, data::jsonb
-  FROM unnest($1::uuid[], $2::bigint[], $3::text[], $5::text[]) AS e (id, agency_id, type, data)
-
 -- name: outbox_sequence
 -- Number the committed events that have none yet, per agency, in the order they were written (pos),
 -- continuing from the agency's counter. An agency whose counter another sequencer holds is skipped

@@ -52,8 +52,9 @@ WITH pay AS (
 SELECT pay.id, inv.* FROM pay LEFT JOIN inv ON true
 
 -- name: capture_events
--- The capture's outbox events (as outbox_add_events) and, when $6 is set, its inbox row marked processed:
--- the row is done exactly when its payment is, in the same statement.
+-- The capture's outbox events (arrays as outbox.events_args gives them; bodies as text, cast here so no
+-- connection codec encodes them twice) and, when $6 is set, its inbox row marked processed: the row is done
+-- exactly when its payment is, in the same statement.
 WITH ev AS (
     INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
     SELECT id, agency_id, type, $4, data::jsonb
