@@ -42,12 +42,11 @@ from providers import settlement_csv
 from providers.base import Pattern, ProviderBase, header
 from providers.errors import (MalformedCallback, ProviderConfigError, SettlementFormatError, SignatureError,
                               StaleTimestamp)
-from providers.models import EXPONENT, PaymentNotice, SettlementLine, callback_object
+from providers.models import EXPONENT, MAX_AMOUNT, PaymentNotice, SettlementLine, callback_object
 
 NAME = "sandbox"
 SIGNATURE_HEADER = "Sandbox-Signature"
 SETTLEMENT_HEADER = ("transaction_id", "md5", "bill_number", "amount", "currency", "paid_at", "fee")
-MAX_AMOUNT = 10**15
 
 _TIMESTAMP = re.compile(r"[0-9]{1,12}", re.ASCII)
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}", re.ASCII)
