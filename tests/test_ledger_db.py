@@ -379,3 +379,105 @@ async def test_a_writer_waiting_for_a_new_account_holds_no_idempotency_key(db_ds
     finally:
         await t1.close()
         await t2.close()
+
+
+async def _account_ids(db) -> list[int]:
+    return [await db.fetchval("SELECT id FROM ledger_accounts WHERE code = $1", c) for c in (CLEARING, REVENUE)]
+
+
+async def test_a_temporary_table_cannot_stand_in_for_the_journal(db):
+    # The commit-time check runs as the ledger's owner; a TEMP TABLE named like the journal's postings,
+    # made by the service's role, must not be what it reads (the session's temporary schema comes first in
+    # a search_path that does not name it).
+    await post(db, capture(0))
+    debit, credit = await _account_ids(db)
+    with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.execute("CREATE TEMP TABLE ledger_postings (entry_id bigint, line smallint, account_id bigint, "
+                             "side text, amount bigint, currency text)")
+            e = await db.fetchval("INSERT INTO public.ledger_entries (kind, description, effective_at, content_hash) "
+                                  "VALUES ('raw', 'one-sided', now(), $1) RETURNING id", bytes(32))
+            await db.execute("INSERT INTO public.ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                             "VALUES ($1, 1, $2, 'debit', 1000000, 'KHR')", e, debit)
+            await db.execute("INSERT INTO pg_temp.ledger_postings VALUES ($1, 1, $2, 'debit', 5, 'KHR'), "
+                             "($1, 2, $3, 'credit', 5, 'KHR')", e, debit, credit)
+    assert await db.fetchval("SELECT count(*) FROM public.ledger_entries") == 1
+    assert (await ledger.trial_balance(db)).balanced
+
+
+async def test_postings_cannot_be_added_to_a_checked_entry_whatever_the_session_sets(db):
+    # Once an entry's commit-time check has run (here early, by fold_pending), no posting may join it: the
+    # check will not run again. The mark of what was checked is not a setting the session can reset.
+    await post(db, capture(0))
+    debit, _ = await _account_ids(db)
+    with pytest.raises(asyncpg.CheckViolationError, match="already checked"):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            e = await ledger.post_entry(db, capture(1))
+            await ledger.fold_pending(db)
+            await db.execute("SET LOCAL ledger.balanced_upto = '0'")
+            await db.execute("SET LOCAL ledger.balanced_from = '0'")
+            await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                             "VALUES ($1, 3, $2, 'debit', 7, 'KHR')", e.id, debit)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+
+
+@pytest.mark.parametrize("forged", ["0", "9223372036854775807"])
+async def test_balances_stay_equal_to_postings_whatever_the_session_sets(db, forged):
+    # A mark set lower would fold the first entry twice, higher would fold the second not at all.
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        await ledger.post_entry(db, capture(1))
+        await ledger.fold_pending(db)
+        await db.execute(f"SET LOCAL ledger.balanced_upto = '{forged}'")
+        await db.execute(f"SET LOCAL ledger.balanced_from = '{forged}'")
+        await ledger.post_entry(db, capture(2, 20_000))
+    assert await ledger.balance(db, CLEARING) == 70_000
+    assert await ledger.balance(db, REVENUE) == 70_000
+    assert await db.fetchval("SELECT sum(amount) FROM ledger_postings WHERE side = 'debit'") == 70_000
+
+
+async def test_a_fold_mark_made_by_the_session_is_refused(db):
+    await db.execute("SET ROLE paysvc_app")
+    await db.execute("CREATE TEMP TABLE ledger_fold_mark (txid xid8 NOT NULL, lo bigint NOT NULL, upto bigint NOT NULL)")
+    await db.execute("INSERT INTO pg_temp.ledger_fold_mark VALUES (pg_current_xact_id(), 0, 0)")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="made by this session"):
+        await post(db, capture(1))
+    await db.execute("DROP TABLE pg_temp.ledger_fold_mark")
+    await post(db, capture(2))  # the ledger makes its own
+    assert await ledger.balance(db, CLEARING) == 50_000
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await db.execute("UPDATE pg_temp.ledger_fold_mark SET upto = 0")
+
+
+async def test_concurrent_serializable_writers_do_not_conflict_over_the_fold_mark(db_dsn):
+    # The mark is a temporary table, outside serializable transactions' predicate locks: two SERIALIZABLE
+    # transactions posting to different accounts at the same time both commit.
+    def on(agency: str, n: int) -> EntryDraft:
+        return capture(n).model_copy(update={"postings": tuple(
+            p.model_copy(update={"account": p.account.replace("MOI", agency).replace("sandbox", agency.lower())})
+            for p in capture(n).postings)})
+
+    c1, c2 = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    try:
+        await ledger.post_entry(c1, on("AAA", 0))
+        await ledger.post_entry(c2, on("BBB", 100))
+        failures = 0
+        for n in range(1, 11):
+            t1, t2 = c1.transaction(isolation="serializable"), c2.transaction(isolation="serializable")
+            await t1.start()
+            await t2.start()
+            await asyncio.wait_for(ledger.post_entry(c1, on("AAA", n)), 10)
+            await asyncio.wait_for(ledger.post_entry(c2, on("BBB", 100 + n)), 10)
+            for c, t in ((c1, t1), (c2, t2)):
+                try:
+                    await asyncio.wait_for(t.commit(), 10)
+                except asyncpg.SerializationError:
+                    failures += 1
+                    await t.rollback()
+        assert failures == 0
+        assert await ledger.balance(c1, "agency:AAA:revenue:KHR") == 11 * 50_000
+    finally:
+        await c1.close()
+        await c2.close()
