@@ -21,8 +21,16 @@ T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 CLEARING, REVENUE = "provider:sandbox:clearing:KHR", "agency:MOI:revenue:KHR"
 
 
-def capture(n: int, amount: int = 50_000, at: datetime = T0) -> EntryDraft:
-    return entries.payment_captured(provider="sandbox", agency="MOI", amount=amount, currency="KHR",
+# Tests of the known hole in docs/ledger.md: strict, so they fail the suite once the hole is closed.
+FORGEABLE_MARK = pytest.mark.xfail(
+    strict=True, raises=(AssertionError, pytest.fail.Exception),
+    reason="known hole: the fold mark is the session setting ledger.balanced_upto, which the session can reset "
+           "(docs/ledger.md)")
+
+
+def capture(n: int, amount: int = 50_000, at: datetime = T0, *, provider: str = "sandbox",
+            agency: str = "MOI") -> EntryDraft:
+    return entries.payment_captured(provider=provider, agency=agency, amount=amount, currency="KHR",
                                     effective_at=at, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
 
 
@@ -43,6 +51,11 @@ async def seal_everything(conn, timeout: float = 20.0) -> int:
 async def post(db, draft):
     async with db.transaction():
         return await ledger.post_entry(db, draft)
+
+
+async def _account_ids(db) -> list[int]:
+    """The ids of the accounts capture() posts to: its provider's clearing and its agency's revenue."""
+    return [await db.fetchval("SELECT id FROM ledger_accounts WHERE code = $1", c) for c in (CLEARING, REVENUE)]
 
 
 async def test_posting_creates_accounts_and_keeps_balances(db):
@@ -332,7 +345,7 @@ async def test_an_unbalanced_entry_cannot_commit_whatever_the_session_sets(db):
             entry = await db.fetchval("INSERT INTO ledger_entries (kind, description, effective_at, content_hash) "
                                       "VALUES ('raw', 'forged mark', now(), $1) RETURNING id", bytes(32))
             await ledger.post_entry(db, capture(1))  # creates the two accounts
-            ids = [await db.fetchval("SELECT id FROM ledger_accounts WHERE code = $1", c) for c in (CLEARING, REVENUE)]
+            ids = await _account_ids(db)
             await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
                              "VALUES ($1, 1, $2, 'debit', 1000, 'KHR'), ($1, 2, $3, 'credit', 1, 'KHR')",
                              entry, *ids)
@@ -358,8 +371,7 @@ async def test_a_writer_waiting_for_a_new_account_holds_no_idempotency_key(db_ds
     # T2 creates an account in an open transaction; T1 posts key K1 on that account and waits for it;
     # T2 then posts K1 too. T1 must not hold K1 while it waits, or the two deadlock.
     def keyed(agency: str, key: str) -> EntryDraft:
-        return capture(0).model_copy(update={"idempotency_key": key, "postings": tuple(
-            p.model_copy(update={"account": p.account.replace("MOI", agency)}) for p in capture(0).postings)})
+        return capture(0, agency=agency).model_copy(update={"idempotency_key": key})
 
     t1, t2 = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
     try:
@@ -379,10 +391,6 @@ async def test_a_writer_waiting_for_a_new_account_holds_no_idempotency_key(db_ds
     finally:
         await t1.close()
         await t2.close()
-
-
-async def _account_ids(db) -> list[int]:
-    return [await db.fetchval("SELECT id FROM ledger_accounts WHERE code = $1", c) for c in (CLEARING, REVENUE)]
 
 
 async def test_a_temporary_table_cannot_stand_in_for_the_journal(db):
@@ -406,7 +414,7 @@ async def test_a_temporary_table_cannot_stand_in_for_the_journal(db):
     assert (await ledger.trial_balance(db)).balanced
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, pytest.fail.Exception), reason="known hole: the fold mark is the session setting ledger.balanced_upto, which the session can reset (docs/ledger.md)")
+@FORGEABLE_MARK
 async def test_postings_cannot_be_added_to_a_checked_entry_whatever_the_session_sets(db):
     # Once an entry's commit-time check has run (here early, by fold_pending), no posting may join it: the
     # check will not run again. The mark of what was checked is not a setting the session can reset.
@@ -424,20 +432,24 @@ async def test_postings_cannot_be_added_to_a_checked_entry_whatever_the_session_
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
 
 
-@pytest.mark.parametrize("forged", ["0", "9223372036854775807"])
-@pytest.mark.xfail(strict=True, raises=(AssertionError, pytest.fail.Exception), reason="known hole: the fold mark is the session setting ledger.balanced_upto, which the session can reset (docs/ledger.md)")
-async def test_balances_stay_equal_to_postings_whatever_the_session_sets(db, forged):
-    # A mark set lower folds the first entry twice, one set higher folds the second not at all.
+@pytest.mark.parametrize("forged, before_second", [
+    ("0", True),                     # lower, before the second entry: the first is folded again with it
+    ("9223372036854775807", False),  # higher, after it: the second is taken for folded already
+])
+@FORGEABLE_MARK
+async def test_balances_stay_equal_to_postings_whatever_the_session_sets(db, forged, before_second):
+    async def forge() -> None:
+        await db.execute(f"SET LOCAL ledger.balanced_upto = '{forged}'")
+
     async with db.transaction():
         await db.execute("SET LOCAL ROLE paysvc_app")
         await ledger.post_entry(db, capture(1))
         await ledger.fold_pending(db)
-        if forged == "0":  # before the second entry: the first would be folded again with it
-            await db.execute(f"SET LOCAL ledger.balanced_upto = '{forged}'")
-            await db.execute(f"SET LOCAL ledger.balanced_from = '{forged}'")
+        if before_second:
+            await forge()
         await ledger.post_entry(db, capture(2, 20_000))
-        if forged != "0":  # after it: the second would be taken for folded already
-            await db.execute(f"SET LOCAL ledger.balanced_upto = '{forged}'")
+        if not before_second:
+            await forge()
     assert await ledger.balance(db, CLEARING) == 70_000
     assert await ledger.balance(db, REVENUE) == 70_000
     assert await db.fetchval("SELECT sum(amount) FROM ledger_postings WHERE side = 'debit'") == 70_000
@@ -447,9 +459,7 @@ async def test_concurrent_serializable_writers_both_commit(db_dsn):
     # Two SERIALIZABLE transactions posting to different accounts at the same time both commit: whatever
     # keeps the commit-time fold's state must not make them conflict (a shared table of marks did).
     def on(agency: str, n: int) -> EntryDraft:
-        return capture(n).model_copy(update={"postings": tuple(
-            p.model_copy(update={"account": p.account.replace("MOI", agency).replace("sandbox", agency.lower())})
-            for p in capture(n).postings)})
+        return capture(n, provider=agency.lower(), agency=agency)
 
     c1, c2 = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
     try:
