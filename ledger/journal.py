@@ -49,7 +49,7 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft]) -
         Q.post,
         [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
         [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts], [d.payment_id for d in drafts],
-        [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes,
+        [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes, [len(d.postings) for d in drafts],
         p_entry, p_line, p_account, p_side, p_amount, p_currency,
         [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs],
     )

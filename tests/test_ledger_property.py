@@ -144,8 +144,8 @@ class LedgerMachine(RuleBasedStateMachine):
         async def raw():  # and by the database, when Python is bypassed
             async with self.conn.transaction():
                 eid = await self.conn.fetchval(
-                    "INSERT INTO ledger_entries (kind, description, effective_at, content_hash) "
-                    "VALUES ('raw', '', now(), $1) RETURNING id", bytes(32))
+                    "INSERT INTO ledger_entries (kind, description, effective_at, content_hash, posting_count) "
+                    "VALUES ('raw', '', now(), $1, $2) RETURNING id", bytes(32), len(postings))
                 for line, (code, side, amount, cur) in enumerate(postings, start=1):
                     await self.conn.execute(
                         "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "

@@ -1,0 +1,304 @@
+-- Two holes of the commit-time check closed with facts the session cannot forge (see docs/ledger.md).
+--
+-- The check remembers which of the transaction's entries it already checked and folded in session settings
+-- (ledger.balanced_upto, ledger.balanced_from), and any session can set those itself. Two things followed:
+--
+-- 1. An unbalanced entry could commit. After an early check (SET CONSTRAINTS ... IMMEDIATE, which
+--    ledger.fold_pending runs), a session that reset ledger.balanced_upto could add a posting to an entry
+--    already checked, and that entry's check never runs again. Now every entry declares how many postings
+--    it has (ledger_entries.posting_count, written by ledger_post); a posting's line must lie in
+--    1..posting_count, and the check requires exactly posting_count postings. A checked entry therefore
+--    has every line taken, and the primary key (entry_id, line) refuses any further posting, whatever the
+--    session has set. An entry that declares no count takes no posting (entries written before this
+--    migration have none; they belong to ended transactions, to which postings were refused already).
+-- 2. A balance could be folded twice. With the mark reset below entries already folded, the next window
+--    folded them again. Each balance slot row now also records the transaction that last folded into it
+--    (folded_by) and the highest entry it folded there (folded_upto). A transaction holds the row lock
+--    from its first fold until it ends, and its legitimate windows only move up, so a window that reaches
+--    down to an entry this transaction already folded into a row is refused, and the transaction with it.
+--
+-- Still open: a session that sets the mark above entries not yet folded (or writes an entry with an explicit
+-- id into a gap of a window already folded) gets them checked but not folded. It chooses which entries, so it
+-- can move an account's maintained net balance either way, away from the sum of its postings (a folded debit
+-- without its credit, say); `paysvc ledger verify` recomputes every balance and reports it.
+
+ALTER TABLE ledger_entries ADD COLUMN posting_count smallint;
+ALTER TABLE ledger_balance_slots ADD COLUMN folded_by xid8, ADD COLUMN folded_upto bigint;
+
+CREATE OR REPLACE FUNCTION ledger_apply_postings() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
+SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    done bigint := coalesce(nullif(current_setting('ledger.balanced_upto', true), ''), '0')::bigint;
+    r record;
+BEGIN
+    SELECT CASE WHEN e.id IS NULL THEN 'entry'
+                WHEN a.id IS NULL THEN 'account'
+                WHEN e.txid <> pg_current_xact_id() THEN 'txid'
+                WHEN p.entry_id <= done THEN 'checked'
+                WHEN e.posting_count IS NULL OR p.line > e.posting_count THEN 'line'
+           END AS problem,
+           p.entry_id, p.line, p.account_id, p.currency, e.posting_count
+      INTO r
+      FROM new_postings p
+      LEFT JOIN ledger_entries e ON e.id = p.entry_id
+      LEFT JOIN ledger_accounts a ON a.id = p.account_id AND a.currency = p.currency
+     WHERE e.id IS NULL OR a.id IS NULL OR e.txid <> pg_current_xact_id() OR e.posting_count IS NULL
+        OR p.line > e.posting_count OR p.entry_id <= done
+     LIMIT 1;
+    IF r.problem = 'entry' THEN
+        RAISE EXCEPTION 'posting to entry %, which does not exist', r.entry_id
+            USING ERRCODE = 'foreign_key_violation';
+    ELSIF r.problem = 'account' THEN
+        RAISE EXCEPTION 'posting to account % in %: no such account in that currency', r.account_id, r.currency
+            USING ERRCODE = 'foreign_key_violation';
+    ELSIF r.problem = 'txid' THEN
+        RAISE EXCEPTION 'postings can only be added by the transaction that writes their entry'
+            USING ERRCODE = 'check_violation';
+    ELSIF r.problem = 'line' THEN
+        RAISE EXCEPTION 'posting line % of journal entry %: the entry declares % postings (posting_count); '
+                        'lines run from 1 to posting_count', r.line, r.entry_id, coalesce(r.posting_count::text, 'no')
+            USING ERRCODE = 'check_violation';
+    ELSIF r.problem = 'checked' THEN
+        RAISE EXCEPTION 'postings cannot be added to an entry whose balance was already checked and folded'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION ledger_apply_balances() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
+SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    done bigint := coalesce(nullif(current_setting('ledger.balanced_upto', true), ''), '0')::bigint;
+    r record;
+    n_postings bigint;
+    n_unbalanced bigint;
+BEGIN
+    IF NEW.txid <> pg_current_xact_id() THEN
+        RAISE EXCEPTION 'journal entry %: txid must be the writing transaction''s', NEW.id
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF NEW.id <= done THEN
+        IF NEW.id < coalesce(nullif(current_setting('ledger.balanced_from', true), ''), '0')::bigint THEN
+            RAISE EXCEPTION 'journal entry %: its id is below entries this transaction already checked; '
+                            'let the sequence choose entry ids', NEW.id
+                USING ERRCODE = 'check_violation';
+        END IF;
+        -- Most likely checked by an earlier firing's window. The mark is a session setting, which a session
+        -- can set itself, and an id can fall in a gap of the window: this entry is checked on its own.
+        SELECT coalesce(sum(per.n), 0), count(*) FILTER (WHERE per.net <> 0) INTO n_postings, n_unbalanced
+          FROM (SELECT count(*) AS n, sum(CASE side WHEN 'debit' THEN amount ELSE -amount END) AS net
+                  FROM ledger_postings WHERE entry_id = NEW.id GROUP BY currency) per;
+        IF n_postings < 2 OR n_unbalanced > 0 THEN
+            RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
+                NEW.id, n_postings, n_unbalanced
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF n_postings IS DISTINCT FROM NEW.posting_count THEN
+            RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
+                NEW.id, n_postings, coalesce(NEW.posting_count::text, 'none')
+                USING ERRCODE = 'check_violation';
+        END IF;
+        RETURN NULL;
+    END IF;
+
+    -- This entry is not checked yet, so the window of the transaction's unchecked entries holds at least it.
+    -- Rows are created or locked and updated one by one in the order of the sorted SELECT: account order.
+    WITH w AS MATERIALIZED (
+        SELECT min(id) AS lo, max(id) AS upto
+          FROM ledger_entries WHERE txid = pg_current_xact_id() AND id > done
+    ), mine AS MATERIALIZED (
+        SELECT e.id, e.posting_count, p.entry_id, p.account_id, p.side, p.amount, p.currency
+          FROM w CROSS JOIN ledger_entries e LEFT JOIN ledger_postings p ON p.entry_id = e.id
+         WHERE e.txid = pg_current_xact_id() AND e.id BETWEEN w.lo AND w.upto
+    ), bad AS MATERIALIZED (
+        -- Every entry: at least two postings, exactly as many as it declares, debits equal credits in each
+        -- currency.
+        SELECT per.id, per.declared, sum(per.n) AS n, count(*) FILTER (WHERE per.net <> 0) AS unbalanced
+          FROM (SELECT id, posting_count AS declared, currency, count(entry_id) AS n,
+                       coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) AS net
+                  FROM mine GROUP BY id, posting_count, currency) per
+         GROUP BY per.id, per.declared
+        HAVING sum(per.n) < 2 OR count(*) FILTER (WHERE per.net <> 0) > 0
+            OR sum(per.n) IS DISTINCT FROM per.declared
+         ORDER BY per.id
+         LIMIT 1
+    ), fold AS (
+        -- A row this transaction already folded into (folded_by) takes only entries above those it took
+        -- (folded_upto); the transaction holds the row's lock since, so nobody else has changed either.
+        INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id,
+                                               folded_by, folded_upto)
+        SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
+               coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
+               coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
+               count(*), max(entry_id), pg_current_xact_id(), max(entry_id)
+          FROM mine
+         WHERE entry_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM bad)
+         GROUP BY account_id
+         ORDER BY account_id
+        ON CONFLICT (account_id, slot) DO UPDATE
+           SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
+               postings = b.postings + EXCLUDED.postings,
+               last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id),
+               folded_by = EXCLUDED.folded_by, folded_upto = EXCLUDED.folded_upto
+         WHERE b.folded_by IS DISTINCT FROM EXCLUDED.folded_by OR b.folded_upto < (SELECT lo FROM w)
+        RETURNING b.account_id
+    )
+    SELECT set_config('ledger.balanced_from', w.lo::text, true) AS lo,
+           set_config('ledger.balanced_upto', w.upto::text, true) AS upto,
+           bad.id AS bad_id, bad.n AS bad_n, bad.unbalanced AS bad_unbalanced, bad.declared AS bad_declared,
+           (SELECT count(*) FROM fold) AS n_folded,
+           (SELECT count(DISTINCT account_id) FROM mine) AS n_accounts
+      INTO r
+      FROM w LEFT JOIN bad ON true;
+    IF r.bad_id IS NOT NULL THEN
+        IF r.bad_n >= 2 AND r.bad_unbalanced = 0 THEN
+            RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
+                r.bad_id, r.bad_n, coalesce(r.bad_declared::text, 'none')
+                USING ERRCODE = 'check_violation';
+        END IF;
+        RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
+            r.bad_id, r.bad_n, r.bad_unbalanced
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF r.n_folded <> r.n_accounts THEN
+        RAISE EXCEPTION 'journal entries % to % reach down to entries this transaction already folded into '
+                        'balances: the mark ledger.balanced_upto was set by hand', r.lo, r.upto
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION ledger_post(
+    e_kind text[], e_description text[], e_effective_at timestamptz[], e_idempotency_key text[],
+    e_invoice_id text[], e_payment_id text[], e_settlement_id text[], e_reverses bigint[],
+    e_content_hash bytea[], e_posting_count smallint[],
+    p_entry int[], p_line smallint[], p_account text[], p_side text[], p_amount bigint[], p_currency text[],
+    a_code text[], a_type text[], a_currency text[]
+) RETURNS TABLE (o_ord int, o_id bigint, o_status text, o_recorded_at timestamptz)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+AS $$
+DECLARE
+    n int := cardinality(e_kind);
+    ids bigint[];
+    inserted bigint[];
+    n_expected bigint := 0;
+    n_written bigint := 0;
+BEGIN
+    IF EXISTS (SELECT 1 FROM unnest(a_code) AS a (code)
+                WHERE NOT EXISTS (SELECT 1 FROM ledger_accounts x WHERE x.code = a.code)) THEN
+        -- Before any entry is written: a writer waiting here for another's new account holds no key yet.
+        INSERT INTO ledger_accounts (code, type, currency, normal_side)
+        SELECT a.code, a.type, a.currency, CASE WHEN a.type IN ('asset', 'expense') THEN 'debit' ELSE 'credit' END
+          FROM unnest(a_code, a_type, a_currency) AS a (code, type, currency)
+         WHERE NOT EXISTS (SELECT 1 FROM ledger_accounts x WHERE x.code = a.code)
+         ORDER BY a.code
+        ON CONFLICT (code) DO NOTHING;
+    END IF;
+
+    FOR i IN 1 .. n LOOP
+        ids[i] := nextval('ledger_entries_id_seq');
+    END LOOP;
+
+    IF array_remove(e_idempotency_key, NULL) = '{}' AND array_remove(e_reverses, NULL) = '{}' THEN
+        -- No idempotency key and no reversal: nothing to conflict with (ids come from the sequence), so a
+        -- plain INSERT, without ON CONFLICT's check of every unique index before each row.
+        INSERT INTO ledger_entries (id, kind, description, effective_at, invoice_id, payment_id, settlement_id,
+                                    content_hash, posting_count)
+        SELECT ids[e.ord], e.kind, e.description, e.effective_at, e.invoice_id, e.payment_id, e.settlement_id,
+               e.content_hash, e.posting_count
+          FROM unnest(e_kind, e_description, e_effective_at, e_invoice_id, e_payment_id, e_settlement_id,
+                      e_content_hash, e_posting_count)
+               WITH ORDINALITY AS e (kind, description, effective_at, invoice_id, payment_id, settlement_id,
+                                     content_hash, posting_count, ord)
+         ORDER BY e.ord;
+        inserted := ids;
+    ELSE
+        WITH ins AS (
+            INSERT INTO ledger_entries (id, kind, description, effective_at, idempotency_key, invoice_id,
+                                        payment_id, settlement_id, reverses, content_hash, posting_count)
+            SELECT ids[e.ord], e.kind, e.description, e.effective_at, e.idem, e.invoice_id, e.payment_id,
+                   e.settlement_id, e.reverses, e.content_hash, e.posting_count
+              FROM unnest(e_kind, e_description, e_effective_at, e_idempotency_key, e_invoice_id, e_payment_id,
+                          e_settlement_id, e_reverses, e_content_hash, e_posting_count)
+                   WITH ORDINALITY AS e (kind, description, effective_at, idem, invoice_id, payment_id,
+                                         settlement_id, reverses, content_hash, posting_count, ord)
+             ORDER BY e.ord
+            ON CONFLICT DO NOTHING
+            RETURNING id)
+        SELECT coalesce(array_agg(id), '{}') INTO inserted FROM ins;
+    END IF;
+
+    IF cardinality(inserted) = n THEN
+        -- every entry written (the usual case)
+        INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency)
+        SELECT ids[p.entry], p.line, a.id, p.side, p.amount, p.currency
+          FROM unnest(p_entry, p_line, p_account, p_side, p_amount, p_currency)
+               AS p (entry, line, account, side, amount, currency)
+          JOIN ledger_accounts a ON a.code = p.account;
+        GET DIAGNOSTICS n_written = ROW_COUNT;
+        n_expected := cardinality(p_entry);
+    ELSIF cardinality(inserted) > 0 THEN
+        INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency)
+        SELECT ids[p.entry], p.line, a.id, p.side, p.amount, p.currency
+          FROM unnest(p_entry, p_line, p_account, p_side, p_amount, p_currency)
+               AS p (entry, line, account, side, amount, currency)
+          JOIN unnest(inserted) AS i (id) ON i.id = ids[p.entry]
+          JOIN ledger_accounts a ON a.code = p.account;
+        GET DIAGNOSTICS n_written = ROW_COUNT;
+        SELECT count(*) INTO n_expected
+          FROM unnest(p_entry) AS p (entry) JOIN unnest(inserted) AS i (id) ON i.id = ids[p.entry];
+    END IF;
+
+    IF n_written <> n_expected THEN
+        RAISE EXCEPTION 'ledger_post: % of % postings found their account', n_written, n_expected
+            USING ERRCODE = 'foreign_key_violation';
+    END IF;
+
+    IF cardinality(inserted) = n THEN
+        FOR i IN 1 .. n LOOP
+            o_ord := i;
+            o_id := ids[i];
+            o_status := 'posted';
+            o_recorded_at := now();
+            RETURN NEXT;
+        END LOOP;
+        RETURN;
+    END IF;
+    RETURN QUERY
+    SELECT e.ord::int,
+           coalesce(i.id, x.id),
+           CASE WHEN i.id IS NOT NULL THEN 'posted' WHEN x.id IS NOT NULL THEN 'replayed'
+                ELSE 'already_reversed' END,
+           CASE WHEN i.id IS NOT NULL THEN now() ELSE x.recorded_at END
+      FROM unnest(e_idempotency_key) WITH ORDINALITY AS e (idem, ord)
+      LEFT JOIN unnest(inserted) AS i (id) ON i.id = ids[e.ord]
+      LEFT JOIN ledger_entries x ON i.id IS NULL AND x.idempotency_key = e.idem
+     ORDER BY e.ord;
+END $$;
+
+
+GRANT EXECUTE ON FUNCTION ledger_post(text[], text[], timestamptz[], text[], text[], text[], text[], bigint[], bytea[],
+                                      smallint[], int[], smallint[], text[], text[], bigint[], text[], text[], text[],
+                                      text[]) TO paysvc_app;
+
+-- ledger_post writes each entry's posting_count: one more argument. The old signature stays, counting the
+-- postings itself, so that code from before this migration keeps posting during a rolling deploy.
+CREATE OR REPLACE FUNCTION ledger_post(
+    e_kind text[], e_description text[], e_effective_at timestamptz[], e_idempotency_key text[],
+    e_invoice_id text[], e_payment_id text[], e_settlement_id text[], e_reverses bigint[],
+    e_content_hash bytea[],
+    p_entry int[], p_line smallint[], p_account text[], p_side text[], p_amount bigint[], p_currency text[],
+    a_code text[], a_type text[], a_currency text[]
+) RETURNS TABLE (o_ord int, o_id bigint, o_status text, o_recorded_at timestamptz)
+LANGUAGE sql AS $$
+    SELECT * FROM ledger_post(
+        e_kind, e_description, e_effective_at, e_idempotency_key, e_invoice_id, e_payment_id, e_settlement_id,
+        e_reverses, e_content_hash,
+        (SELECT array_agg((SELECT count(*) FROM unnest(p_entry) AS p (entry) WHERE p.entry = o)::smallint ORDER BY o)
+           FROM generate_series(1, cardinality(e_kind)) AS o),
+        p_entry, p_line, p_account, p_side, p_amount, p_currency, a_code, a_type, a_currency)
+$$;
