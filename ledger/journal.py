@@ -9,26 +9,36 @@ import asyncpg
 
 from ledger.accounts import account_spec
 from ledger.canonical import content_hash
-from ledger.errors import AlreadyReversed, EntryNotFound
+from ledger.errors import AlreadyReversed, EntryNotFound, LedgerError
 from ledger.postings import EntryDraft, PostedEntry, Posting
 from ledger.sql import Q
 
 
-async def post_entry(conn: asyncpg.Connection, draft: EntryDraft) -> PostedEntry:
+async def post_entry(conn: asyncpg.Connection, draft: EntryDraft, *, fold_now: bool = False) -> PostedEntry:
     """Post one balanced entry in the caller's transaction (one round trip).
 
     The database re-checks balance at commit. If the idempotency key was used before, the first entry is
     returned with ``replayed=True`` and nothing is written. Raises ``AlreadyReversed`` when ``reverses``
-    names an entry that already has its reversal.
+    names an entry that already has its reversal. ``fold_now``: see ``post_entries``.
     """
-    return (await post_entries(conn, [draft]))[0]
+    return (await post_entries(conn, [draft], fold_now=fold_now))[0]
 
 
-async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft]) -> list[PostedEntry]:
+async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *,
+                       fold_now: bool = False) -> list[PostedEntry]:
     """Post a micro-batch of entries with one statement; results in the order of ``drafts``.
 
     Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` draft raises after the
     others were written in the caller's transaction: roll it back, or post reversals one by one.
+
+    By default the database checks the transaction's entries and folds them into the balances when the
+    transaction commits, all at once in account order, however many times it posted. With ``fold_now`` it
+    does both in this statement instead, which costs less, but then this must be the transaction's only
+    posting: the database refuses any other entry in the same transaction (balance rows locked now and
+    others later could deadlock with another transaction). The balance rows stay locked until the commit:
+    keep the rest of such a transaction short, and take any other row lock it needs before posting, not
+    after (a transaction that holds that row and folds at commit into the same balance slot would
+    otherwise deadlock with this one).
     """
     if not drafts:
         return []
@@ -51,7 +61,7 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft]) -
         [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts], [d.payment_id for d in drafts],
         [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes, [len(d.postings) for d in drafts],
         p_entry, p_line, p_account, p_side, p_amount, p_currency,
-        [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs],
+        [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
     )
     out: list[PostedEntry | None] = [None] * len(drafts)
     replayed: dict[int, int] = {}
@@ -60,6 +70,10 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft]) -
         if r["o_status"] == "already_reversed":
             raise AlreadyReversed(f"entry {drafts[i].reverses} has already been reversed; "
                                   "an entry is reversed at most once")
+        if r["o_status"] == "id_taken":
+            raise LedgerError("the entry id drawn from the sequence was taken by an entry written with an explicit "
+                              "id; nothing was written for this draft: post it again (and let the sequence "
+                              "choose entry ids)")
         if r["o_status"] == "replayed":
             replayed[i] = r["o_id"]
             continue

@@ -4,7 +4,7 @@
 SELECT o_ord, o_id, o_status, o_recorded_at
   FROM ledger_post($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[], $7::text[],
                    $8::bigint[], $9::bytea[], $10::smallint[], $11::int[], $12::smallint[], $13::text[],
-                   $14::text[], $15::bigint[], $16::text[], $17::text[], $18::text[], $19::text[])
+                   $14::text[], $15::bigint[], $16::text[], $17::text[], $18::text[], $19::text[], $20::boolean)
 
 -- name: entries_by_id
 SELECT e.id, e.kind, e.description, e.effective_at, e.recorded_at, e.idempotency_key, e.invoice_id,

@@ -9,6 +9,9 @@ duration on its own scratch database, prints a table and drops everything it cre
 Scenarios (balanced 2-posting entries, balances maintained in the same transaction). Each transaction is
 one ``ledger.post_entries`` statement sent outside a transaction block, so it commits on its own in one
 round trip; scenario x shows the same work wrapped in BEGIN ... COMMIT (three round trips) for reference.
+Each transaction posts once, so it posts with ``fold_now=True`` (checked and folded in the posting statement);
+``--fold-at-commit`` measures the default instead (checked and folded by the commit-time trigger). The
+writers run on uvloop where it is installed, as the service does.
   a  one entry per transaction, 10,000 accounts            target >= 5,000 entries/s, p99 < 20 ms
   x  as a, inside BEGIN ... COMMIT                          (reference)
   b  one entry per transaction, every entry on 2 hot accounts  target >= 1,500 entries/s
@@ -111,7 +114,7 @@ async def _check(dsn: str, r: Result) -> None:
         await conn.close()
 
 
-async def _run(dsn: str, r: Result, seconds: float, make_batch, explicit: bool) -> None:
+async def _run(dsn: str, r: Result, seconds: float, make_batch, explicit: bool, fold_now: bool) -> None:
     conns = [await asyncpg.connect(dsn) for _ in range(WRITERS)]
     stop = time.perf_counter() + seconds
     rng = random.Random(7)
@@ -125,11 +128,11 @@ async def _run(dsn: str, r: Result, seconds: float, make_batch, explicit: bool) 
             try:
                 if explicit:
                     async with conn.transaction():
-                        await ledger.post_entries(conn, batch)
+                        await ledger.post_entries(conn, batch, fold_now=fold_now)
                 else:
                     # one statement outside a transaction block is a transaction of its own: the entries,
                     # their postings and the balance fold commit together in one round trip
-                    await ledger.post_entries(conn, batch)
+                    await ledger.post_entries(conn, batch, fold_now=fold_now)
             except asyncpg.DeadlockDetectedError:
                 r.deadlocks += 1
                 continue
@@ -151,7 +154,7 @@ async def _run(dsn: str, r: Result, seconds: float, make_batch, explicit: bool) 
             await c.close()
 
 
-async def _scenario(name: str, target: str, seconds: float, make_batch, explicit: bool) -> Result:
+async def _scenario(name: str, target: str, seconds: float, make_batch, explicit: bool, fold_now: bool) -> Result:
     db = f"ledger_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{db}"')
@@ -165,7 +168,7 @@ async def _scenario(name: str, target: str, seconds: float, make_batch, explicit
         await _seed(dsn)
         r = Result(name, target)
         before = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
-        await _run(dsn, r, seconds, make_batch, explicit)
+        await _run(dsn, r, seconds, make_batch, explicit, fold_now)
         await _check(dsn, r)
         after = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
         r.deadlocks = max(r.deadlocks, (after or 0) - (before or 0))
@@ -222,12 +225,27 @@ async def _settings() -> str:
         await conn.close()
 
 
+try:
+    import uvloop
+    _LOOP = "uvloop"
+except ImportError:  # not installed (Windows): asyncio's own loop
+    uvloop = None
+    _LOOP = "asyncio"
+
+
+def _arun(coro):
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        return runner.run(coro)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10, help="duration of each scenario (default 10)")
     ap.add_argument("--batch", type=int, default=100, help="entries per statement in scenario c (default 100)")
     ap.add_argument("--pgbench-scale", type=int, default=16, help="pgbench -i -s (default 16: one branch per client)")
     ap.add_argument("--only", default="axbc", help="scenarios to run, e.g. 'ac' (default axbc)")
+    ap.add_argument("--fold-at-commit", action="store_true",
+                    help="post without fold_now: balances checked and folded by the commit-time trigger")
     args = ap.parse_args(argv)
 
     debit, credit = _accounts()
@@ -248,13 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         "b": ("b) 1 entry/tx, 2 hot accounts", ">= 1,500/s", hot, False),
         "c": (f"c) micro-batch {args.batch} entries/statement", ">= 15,000/s", batch, False),
     }
-    print(f"ledger benchmark: {WRITERS} writers, {args.seconds:.0f} s per scenario, {os.cpu_count()} cores; "
-          f"PostgreSQL {asyncio.run(_settings())}; connecting to {ADMIN_DSN}", flush=True)
+    fold_now = not args.fold_at_commit
+    print(f"ledger benchmark: {WRITERS} writers on {_LOOP}, {args.seconds:.0f} s per scenario, {os.cpu_count()} "
+          f"cores; balances folded {'in the posting statement (fold_now)' if fold_now else 'at commit'}; "
+          f"PostgreSQL {_arun(_settings())}; connecting to {ADMIN_DSN}", flush=True)
     results = []
     for key in args.only:
         name, target, make, explicit = scenarios[key]
         print(f"running {name} ...", flush=True)
-        results.append(asyncio.run(_scenario(name, target, args.seconds, make, explicit)))
+        results.append(_arun(_scenario(name, target, args.seconds, make, explicit, fold_now)))
     print(f"running pgbench for {args.seconds:.0f} s ...", flush=True)
     pgb_tps, pgb_note = _pgbench(args.seconds, args.pgbench_scale)
     print()

@@ -25,6 +25,19 @@
 ALTER TABLE ledger_entries ADD COLUMN posting_count smallint;
 ALTER TABLE ledger_balance_slots ADD COLUMN folded_by xid8, ADD COLUMN folded_upto bigint;
 
+-- 3. ledger_post can check and fold a transaction's entries at once, in its own statement (fold_now), instead of
+--    at commit: for a transaction that posts once, the same work without the commit-time trigger's firing and
+--    its second reading of the entries and postings. Such entries are written with folded = true, and the
+--    commit-time trigger skips them (WHEN). Only the ledger's owner can write folded: ledger_post becomes
+--    SECURITY DEFINER, and the service role may insert every other column of an entry, not that one.
+ALTER TABLE ledger_entries ADD COLUMN folded boolean NOT NULL DEFAULT false;
+REVOKE INSERT ON ledger_entries FROM paysvc_app;
+GRANT INSERT (id, txid, kind, description, effective_at, recorded_at, idempotency_key, invoice_id, payment_id,
+              settlement_id, reverses, content_hash, posting_count) ON ledger_entries TO paysvc_app;
+DROP TRIGGER ledger_entries_apply_balances ON ledger_entries;
+CREATE CONSTRAINT TRIGGER ledger_entries_apply_balances AFTER INSERT ON ledger_entries
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NOT NEW.folded) EXECUTE FUNCTION ledger_apply_balances();
+
 CREATE OR REPLACE FUNCTION ledger_apply_postings() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
@@ -108,7 +121,7 @@ BEGIN
     -- This entry is not checked yet, so the window of the transaction's unchecked entries holds at least it.
     -- Rows are created or locked and updated one by one in the order of the sorted SELECT: account order.
     WITH w AS MATERIALIZED (
-        SELECT min(id) AS lo, max(id) AS upto
+        SELECT min(id) AS lo, max(id) AS upto, bool_or(folded) AS mixed
           FROM ledger_entries WHERE txid = pg_current_xact_id() AND id > done
     ), mine AS MATERIALIZED (
         SELECT e.id, e.posting_count, p.entry_id, p.account_id, p.side, p.amount, p.currency
@@ -151,9 +164,15 @@ BEGIN
            set_config('ledger.balanced_upto', w.upto::text, true) AS upto,
            bad.id AS bad_id, bad.n AS bad_n, bad.unbalanced AS bad_unbalanced, bad.declared AS bad_declared,
            (SELECT count(*) FROM fold) AS n_folded,
-           (SELECT count(DISTINCT account_id) FROM mine) AS n_accounts
+           (SELECT count(DISTINCT account_id) FROM mine) AS n_accounts, w.mixed
       INTO r
       FROM w LEFT JOIN bad ON true;
+    IF r.mixed THEN
+        RAISE EXCEPTION 'journal entries % to %: this transaction also posted entries folded at once (ledger_post '
+                        'with fold_now); post all of a transaction''s entries in one such call, or fold them all '
+                        'at commit', r.lo, r.upto
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     IF r.bad_id IS NOT NULL THEN
         IF r.bad_n >= 2 AND r.bad_unbalanced = 0 THEN
             RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
@@ -177,9 +196,11 @@ CREATE FUNCTION ledger_post(
     e_invoice_id text[], e_payment_id text[], e_settlement_id text[], e_reverses bigint[],
     e_content_hash bytea[], e_posting_count smallint[],
     p_entry int[], p_line smallint[], p_account text[], p_side text[], p_amount bigint[], p_currency text[],
-    a_code text[], a_type text[], a_currency text[]
+    a_code text[], a_type text[], a_currency text[], fold_now boolean
 ) RETURNS TABLE (o_ord int, o_id bigint, o_status text, o_recorded_at timestamptz)
-LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan SET enable_hashjoin = off SET enable_mergejoin = off
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
+SET enable_hashjoin = off SET enable_mergejoin = off
 AS $$
 DECLARE
     n int := cardinality(e_kind);
@@ -187,7 +208,18 @@ DECLARE
     inserted bigint[];
     n_expected bigint := 0;
     n_written bigint := 0;
+    r record;
 BEGIN
+    IF fold_now IS NULL THEN
+        RAISE EXCEPTION 'ledger_post: fold_now must be true or false' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF fold_now AND EXISTS (SELECT 1 FROM ledger_entries WHERE txid = pg_current_xact_id()) THEN
+        -- Balance rows locked here and others locked later (at commit, or by a second call) could deadlock
+        -- with another transaction doing the same in the other order.
+        RAISE EXCEPTION 'ledger_post with fold_now: this transaction has already written journal entries; post '
+                        'all of a transaction''s entries in one call, or fold them at commit'
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
     IF EXISTS (SELECT 1 FROM unnest(a_code) AS a (code)
                 WHERE NOT EXISTS (SELECT 1 FROM ledger_accounts x WHERE x.code = a.code)) THEN
         -- Before any entry is written: a writer waiting here for another's new account holds no key yet.
@@ -207,9 +239,9 @@ BEGIN
         -- No idempotency key and no reversal: nothing to conflict with (ids come from the sequence), so a
         -- plain INSERT, without ON CONFLICT's check of every unique index before each row.
         INSERT INTO ledger_entries (id, kind, description, effective_at, invoice_id, payment_id, settlement_id,
-                                    content_hash, posting_count)
+                                    content_hash, posting_count, folded)
         SELECT ids[e.ord], e.kind, e.description, e.effective_at, e.invoice_id, e.payment_id, e.settlement_id,
-               e.content_hash, e.posting_count
+               e.content_hash, e.posting_count, fold_now
           FROM unnest(e_kind, e_description, e_effective_at, e_invoice_id, e_payment_id, e_settlement_id,
                       e_content_hash, e_posting_count)
                WITH ORDINALITY AS e (kind, description, effective_at, invoice_id, payment_id, settlement_id,
@@ -219,9 +251,9 @@ BEGIN
     ELSE
         WITH ins AS (
             INSERT INTO ledger_entries (id, kind, description, effective_at, idempotency_key, invoice_id,
-                                        payment_id, settlement_id, reverses, content_hash, posting_count)
+                                        payment_id, settlement_id, reverses, content_hash, posting_count, folded)
             SELECT ids[e.ord], e.kind, e.description, e.effective_at, e.idem, e.invoice_id, e.payment_id,
-                   e.settlement_id, e.reverses, e.content_hash, e.posting_count
+                   e.settlement_id, e.reverses, e.content_hash, e.posting_count, fold_now
               FROM unnest(e_kind, e_description, e_effective_at, e_idempotency_key, e_invoice_id, e_payment_id,
                           e_settlement_id, e_reverses, e_content_hash, e_posting_count)
                    WITH ORDINALITY AS e (kind, description, effective_at, idem, invoice_id, payment_id,
@@ -258,6 +290,59 @@ BEGIN
             USING ERRCODE = 'foreign_key_violation';
     END IF;
 
+    IF fold_now AND cardinality(inserted) > 0 THEN
+        -- Checked and folded now, in this statement, by the same rules as the commit-time check and over the
+        -- rows just written: each entry with its stored posting_count and its postings, if any (an entry
+        -- given no postings is refused here like any other). The entries were written with folded = true,
+        -- which only the ledger's owner can write, so the commit-time trigger skips them; no posting can join
+        -- them later (each has exactly the posting_count it declares, and the postings trigger allows only
+        -- lines 1..posting_count). Balance rows are locked in account order, as at commit.
+        WITH mine AS MATERIALIZED (
+            SELECT e.id, e.posting_count, p.entry_id, p.account_id, p.side, p.amount, p.currency
+              FROM unnest(inserted) AS i (id)
+              JOIN ledger_entries e ON e.id = i.id
+              LEFT JOIN ledger_postings p ON p.entry_id = e.id
+        ), bad AS MATERIALIZED (
+            SELECT per.id AS entry_id, per.declared, sum(per.n) AS n,
+                   count(*) FILTER (WHERE per.net <> 0) AS unbalanced
+              FROM (SELECT id, posting_count AS declared, currency, count(entry_id) AS n,
+                           coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) AS net
+                      FROM mine GROUP BY id, posting_count, currency) per
+             GROUP BY per.id, per.declared
+            HAVING sum(per.n) < 2 OR count(*) FILTER (WHERE per.net <> 0) > 0
+                OR sum(per.n) IS DISTINCT FROM per.declared
+             ORDER BY per.id
+             LIMIT 1
+        ), fold AS (
+            INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id,
+                                                   folded_by, folded_upto)
+            SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
+                   coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
+                   coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
+                   count(*), max(entry_id), pg_current_xact_id(), max(entry_id)
+              FROM mine
+             WHERE entry_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM bad)
+             GROUP BY account_id
+             ORDER BY account_id
+            ON CONFLICT (account_id, slot) DO UPDATE
+               SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
+                   postings = b.postings + EXCLUDED.postings,
+                   last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id),
+                   folded_by = EXCLUDED.folded_by, folded_upto = EXCLUDED.folded_upto
+        )
+        SELECT bad.entry_id, bad.n, bad.unbalanced, bad.declared INTO r FROM (SELECT) AS one LEFT JOIN bad ON true;
+        IF r.entry_id IS NOT NULL THEN
+            IF r.n >= 2 AND r.unbalanced = 0 THEN
+                RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
+                    r.entry_id, r.n, coalesce(r.declared::text, 'none')
+                    USING ERRCODE = 'check_violation';
+            END IF;
+            RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
+                r.entry_id, r.n, r.unbalanced
+                USING ERRCODE = 'check_violation';
+        END IF;
+    END IF;
+
     IF cardinality(inserted) = n THEN
         FOR i IN 1 .. n LOOP
             o_ord := i;
@@ -272,7 +357,8 @@ BEGIN
     SELECT e.ord::int,
            coalesce(i.id, x.id),
            CASE WHEN i.id IS NOT NULL THEN 'posted' WHEN x.id IS NOT NULL THEN 'replayed'
-                ELSE 'already_reversed' END,
+                WHEN EXISTS (SELECT 1 FROM ledger_entries rv WHERE rv.reverses = e_reverses[e.ord]) THEN 'already_reversed'
+                ELSE 'id_taken' END,
            CASE WHEN i.id IS NOT NULL THEN now() ELSE x.recorded_at END
       FROM unnest(e_idempotency_key) WITH ORDINALITY AS e (idem, ord)
       LEFT JOIN unnest(inserted) AS i (id) ON i.id = ids[e.ord]
@@ -281,9 +367,17 @@ BEGIN
 END $$;
 
 
+-- Found by review: PUBLIC could also run the two SECURITY DEFINER trigger functions, from a trigger on a
+-- table of its own, and learn from their errors which entry ids exist. A trigger needs no EXECUTE to fire.
+REVOKE EXECUTE ON FUNCTION ledger_apply_postings(), ledger_apply_balances() FROM PUBLIC;
+
+-- It runs as the ledger's owner now: only the service's role (and the owner) may call it, not PUBLIC.
+REVOKE EXECUTE ON FUNCTION ledger_post(text[], text[], timestamptz[], text[], text[], text[], text[], bigint[],
+                                       bytea[], smallint[], int[], smallint[], text[], text[], bigint[], text[],
+                                       text[], text[], text[], boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION ledger_post(text[], text[], timestamptz[], text[], text[], text[], text[], bigint[], bytea[],
                                       smallint[], int[], smallint[], text[], text[], bigint[], text[], text[], text[],
-                                      text[]) TO paysvc_app;
+                                      text[], boolean) TO paysvc_app;
 
 -- ledger_post writes each entry's posting_count: one more argument. The old signature stays, counting the
 -- postings itself, so that code from before this migration keeps posting during a rolling deploy.
@@ -300,5 +394,5 @@ LANGUAGE sql AS $$
         e_reverses, e_content_hash,
         (SELECT array_agg((SELECT count(*) FROM unnest(p_entry) AS p (entry) WHERE p.entry = o)::smallint ORDER BY o)
            FROM generate_series(1, cardinality(e_kind)) AS o),
-        p_entry, p_line, p_account, p_side, p_amount, p_currency, a_code, a_type, a_currency)
+        p_entry, p_line, p_account, p_side, p_amount, p_currency, a_code, a_type, a_currency, false)
 $$;

@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 import asyncpg
+import pytest
 
 import ledger
 from ledger import EntryDraft, Posting
@@ -31,7 +32,8 @@ def random_entry(rng: random.Random) -> EntryDraft:
                       postings=tuple(postings))
 
 
-async def test_sixteen_writers_on_hot_accounts(db_dsn):
+@pytest.mark.parametrize("fold_now", [False, True], ids=["folded_at_commit", "folded_at_once"])
+async def test_sixteen_writers_on_hot_accounts(db_dsn, fold_now):
     expected: Counter[str] = Counter()  # debits minus credits per account
     failures: list[BaseException] = []
     stop = asyncio.get_running_loop().time() + 3.0
@@ -44,7 +46,7 @@ async def test_sixteen_writers_on_hot_accounts(db_dsn):
                 batch = [random_entry(rng) for _ in range(rng.choice([1, 1, 1, 5]))]
                 try:
                     async with conn.transaction():
-                        await ledger.post_entries(conn, batch)
+                        await ledger.post_entries(conn, batch, fold_now=fold_now)
                 except asyncpg.PostgresError as exc:  # a deadlock would land here
                     failures.append(exc)
                     continue

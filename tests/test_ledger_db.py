@@ -562,3 +562,143 @@ async def test_the_ledger_post_of_before_posting_counts_still_posts(db):
     counts = await db.fetch("SELECT posting_count FROM ledger_entries ORDER BY id")
     assert [r["posting_count"] for r in counts] == [2, 3]
     assert await ledger.balance(db, CLEARING) == 40 and await ledger.balance(db, REVENUE) == 40
+
+
+async def test_fold_now_checks_and_folds_in_the_posting_statement(db):
+    # The balances are there before the commit, and nothing is folded again at commit.
+    async with db.transaction():
+        posted = await ledger.post_entries(db, [capture(1), capture(2, 20_000)], fold_now=True)
+        assert await ledger.balance(db, CLEARING) == 70_000  # without fold_pending
+        assert await db.fetchval("SELECT bool_and(folded) FROM ledger_entries") is True
+    assert [p.id for p in posted] == sorted(p.id for p in posted)
+    assert await ledger.balance(db, CLEARING) == 70_000 and await ledger.balance(db, REVENUE) == 70_000
+    assert (await ledger.verify(db)).ok
+
+
+async def test_fold_now_replays_an_idempotency_key_without_folding_again(db):
+    keyed = capture(1).model_copy(update={"idempotency_key": "k-1"})
+    first = await ledger.post_entry(db, keyed, fold_now=True)
+    again = await ledger.post_entry(db, keyed, fold_now=True)
+    assert again.replayed and again.id == first.id
+    assert await ledger.balance(db, CLEARING) == 50_000
+
+
+@pytest.mark.parametrize("fold_now_first", [True, False])
+async def test_fold_now_must_be_the_transactions_only_posting(db, fold_now_first):
+    # Rows locked by one posting and others by a later one could deadlock with another transaction doing
+    # the same in the other order: a fold_now posting is a transaction's only one.
+    with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError, match="fold_now"):
+        async with db.transaction():
+            await ledger.post_entry(db, capture(1), fold_now=fold_now_first)
+            await ledger.post_entry(db, capture(2), fold_now=not fold_now_first)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+    assert await db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 0
+
+
+async def test_fold_now_refuses_what_the_commit_time_check_refuses(db):
+    # Called directly, bypassing Python's checks: refused in the statement itself, not at commit.
+    await post(db, capture(0))
+    call = ("SELECT * FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], ARRAY[NULL::text], "
+            "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], ARRAY[$1::bytea], $2::smallint[], "
+            "ARRAY[1, 1], ARRAY[1, 2]::smallint[], ARRAY[$3, $4], ARRAY['debit', 'credit'], $5::bigint[], "
+            "ARRAY['KHR', 'KHR'], ARRAY[$3, $4], ARRAY['asset', 'revenue'], ARRAY['KHR', 'KHR'], true)")
+    tx = db.transaction()
+    await tx.start()
+    try:
+        with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
+            await db.execute(call, bytes(32), [2], CLEARING, REVENUE, [100, 99])
+    finally:
+        await tx.rollback()
+    tx = db.transaction()
+    await tx.start()
+    try:
+        with pytest.raises(asyncpg.CheckViolationError, match="declares 3"):
+            await db.execute(call, bytes(32), [3], CLEARING, REVENUE, [100, 100])
+    finally:
+        await tx.rollback()
+    await db.execute(call, bytes(32), [2], CLEARING, REVENUE, [100, 100])
+    assert await ledger.balance(db, CLEARING) == 50_100
+
+
+@pytest.mark.parametrize("counts, p_entry", [
+    ("{2}", "{}"),           # an entry given no postings at all
+    ("{2,2}", "{1,1}"),      # beside one that has its postings
+    ("[0:1]={3,2}", "{1,1}"),  # counts indexed from 0: the check must use the count the entry is stored with
+], ids=["alone", "in_a_batch", "counts_from_0"])
+async def test_fold_now_checks_the_entries_it_wrote_not_its_arguments(db, counts, p_entry):
+    # Found by review: the check once read the arguments, so an entry without postings skipped it and took
+    # postings later, and counts given from index 0 were checked against another entry's.
+    await post(db, capture(0))
+    debit, _ = await _account_ids(db)
+    n = len(counts.split("=")[-1].strip("{}").split(","))
+    lines = [i + 1 for i in range(len(p_entry.strip("{}").split(",")))] if p_entry != "{}" else []
+    with pytest.raises(asyncpg.CheckViolationError):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            rows = await db.fetch(
+                "SELECT * FROM ledger_post($1::text[], $1::text[], $2::timestamptz[], $3::text[], $3::text[], "
+                "$3::text[], $3::text[], $4::bigint[], $5::bytea[], $6::text::smallint[], $7::text::int[], $8::smallint[], "
+                "$9::text[], $10::text[], $11::bigint[], $12::text[], $9::text[], $13::text[], $12::text[], true)",
+                ["raw"] * n, [T0] * n, [None] * n, [None] * n, [bytes(32)] * n, counts, p_entry, lines,
+                [CLEARING, REVENUE][:len(lines)], ["debit", "credit"][:len(lines)], [5, 5][:len(lines)],
+                ["KHR", "KHR"][:len(lines)], ["asset", "revenue"][:len(lines)])
+            last = rows[-1]["o_id"]
+            await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                             "VALUES ($1, 1, $2, 'debit', 1000000, 'KHR')", last, debit)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    assert (await ledger.verify(db)).ok
+
+
+async def test_only_the_service_role_may_call_the_ledgers_owner_rights_function(db):
+    # ledger_post runs as the ledger's owner: PUBLIC may not call it.
+    sig = ("ledger_post(text[], text[], timestamptz[], text[], text[], text[], text[], bigint[], bytea[], "
+           "smallint[], int[], smallint[], text[], text[], bigint[], text[], text[], text[], text[], boolean)")
+    assert await db.fetchval("SELECT prosecdef FROM pg_proc WHERE oid = $1::regprocedure", sig)
+    assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", sig)
+    assert await db.fetchval("SELECT has_function_privilege('paysvc_app', $1, 'EXECUTE')", sig)
+    for trigger_function in ("ledger_apply_postings()", "ledger_apply_balances()"):  # they fire without it
+        assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", trigger_function)
+
+
+async def test_only_the_ledger_writes_an_entry_folded(db):
+    # An entry written folded skips the commit-time check; the service's role cannot write one itself.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.execute("INSERT INTO ledger_entries (kind, description, effective_at, content_hash, "
+                             "posting_count, folded) VALUES ('raw', 'folded?', now(), $1, 2, true)", bytes(32))
+    async with db.transaction():  # every other column it may write
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        await ledger.post_entry(db, capture(1), fold_now=True)
+    assert await ledger.balance(db, CLEARING) == 50_000
+
+
+async def test_no_posting_joins_an_entry_folded_at_once(db):
+    await post(db, capture(0))
+    debit, _ = await _account_ids(db)
+    for line, error in ((3, asyncpg.CheckViolationError), (1, asyncpg.UniqueViolationError)):
+        with pytest.raises(error):
+            async with db.transaction():
+                await db.execute("SET LOCAL ROLE paysvc_app")
+                e = await ledger.post_entry(db, capture(1), fold_now=True)
+                await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                                 "VALUES ($1, $2, $3, 'debit', 7, 'KHR')", e.id, line, debit)
+    assert (await ledger.trial_balance(db)).balanced and (await ledger.verify(db)).ok
+
+
+async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
+    # Found by review: an entry written by hand with the id the sequence gives next made a keyed posting
+    # report "already reversed" for a draft that reverses nothing. Nothing is written; the error says why.
+    await post(db, capture(0))
+    taken = await db.fetchval("SELECT nextval('ledger_entries_id_seq')") + 1
+    debit, credit = await _account_ids(db)
+    async with db.transaction():
+        await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash, posting_count) "
+                         "VALUES ($1, 'raw', 'explicit id', now(), $2, 2)", taken, bytes(32))
+        await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                         "VALUES ($1, 1, $2, 'debit', 5, 'KHR'), ($1, 2, $3, 'credit', 5, 'KHR')", taken, debit, credit)
+    keyed = capture(1).model_copy(update={"idempotency_key": "after-the-taken-id"})
+    with pytest.raises(ledger.LedgerError, match="taken by an entry written with an explicit id") as info:
+        await post(db, keyed)
+    assert not isinstance(info.value, ledger.AlreadyReversed)
+    assert (await post(db, keyed)).id > taken  # posted again: the next id
