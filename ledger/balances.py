@@ -91,7 +91,9 @@ async def fold_pending(conn: asyncpg.Connection) -> None:
 
     Balances change when the writing transaction commits (so busy balance rows are held only during
     the commit); a caller that must read, inside the same transaction, balances that include what it
-    just posted calls this first. Later postings in the transaction are still folded at commit.
+    just posted calls this first. Later postings in the transaction are still folded at commit; a
+    transaction that does both locks balance rows in two rounds and can deadlock with another such
+    transaction (PostgreSQL aborts one of them): retry it, or post everything before folding.
     """
     await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances IMMEDIATE")
     await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances DEFERRED")
