@@ -1,35 +1,40 @@
--- Two holes of the commit-time check closed with facts the session cannot forge (see docs/ledger.md).
+-- The commit-time check no longer depends on anything the session can set (see docs/ledger.md).
 --
--- The check remembers which of the transaction's entries it already checked and folded in session settings
--- (ledger.balanced_upto, ledger.balanced_from), and any session can set those itself. Two things followed:
+-- Until now it remembered which of the transaction's entries it had already checked and folded in session
+-- settings (ledger.balanced_upto, ledger.balanced_from), which any session can set itself. Three holes
+-- followed, all reproduced by tests:
+--   * an unbalanced entry could commit: after an early check (SET CONSTRAINTS ... IMMEDIATE, which
+--     ledger.fold_pending runs), reset the mark and add a posting to the entry already checked, whose
+--     check never runs again;
+--   * a posting could be folded twice: reset the mark lower, and the next window folded old entries again;
+--   * an entry could be checked but never folded: set the mark higher (or write an entry with an explicit id
+--     into a gap of a window already folded). The session chose which, so it could move an account's
+--     maintained balance either way away from its postings.
 --
--- 1. An unbalanced entry could commit. After an early check (SET CONSTRAINTS ... IMMEDIATE, which
---    ledger.fold_pending runs), a session that reset ledger.balanced_upto could add a posting to an entry
---    already checked, and that entry's check never runs again. Now every entry declares how many postings
---    it has (ledger_entries.posting_count, written by ledger_post); a posting's line must lie in
---    1..posting_count, and the check requires exactly posting_count postings. A checked entry therefore
---    has every line taken, and the primary key (entry_id, line) refuses any further posting, whatever the
---    session has set. An entry that declares no count takes no posting (entries written before this
---    migration have none; they belong to ended transactions, to which postings were refused already).
--- 2. A balance could be folded twice. With the mark reset below entries already folded, the next window
---    folded them again. Each balance slot row now also records the transaction that last folded into it
---    (folded_by) and the highest entry it folded there (folded_upto). A transaction holds the row lock
---    from its first fold until it ends, and its legitimate windows only move up, so a window that reaches
---    down to an entry this transaction already folded into a row is refused, and the transaction with it.
---
--- Still open: a session that sets the mark above entries not yet folded (or writes an entry with an explicit
--- id into a gap of a window already folded) gets them checked but not folded. It chooses which entries, so it
--- can move an account's maintained net balance either way, away from the sum of its postings (a folded debit
--- without its credit, say); `paysvc ledger verify` recomputes every balance and reports it.
+-- 1. Every entry declares how many postings it has (ledger_entries.posting_count, written by ledger_post).
+--    A posting's line must lie in 1..posting_count and the check requires exactly posting_count postings,
+--    so a checked entry has every line taken, and the primary key (entry_id, line) refuses any further
+--    posting. An entry that declares no count takes no posting (entries written before this migration have
+--    none; they belong to ended transactions, to which postings were refused already).
+-- 2. Each entry's own firing of the commit-time trigger checks and folds that entry, and only it.
+--    PostgreSQL queues one event per inserted entry and fires it once (an early fold marks it done; a
+--    rolled-back savepoint rolls the fold back with it and fires it again), so each posting is folded
+--    exactly once. The mark now only spares later firings of a round the locking step: the first firing
+--    of a round with several entries locks (creating the missing ones) the balance rows of all of them in
+--    account order, so the one-by-one folds that follow never wait out of that order. A session that sets
+--    the mark can change the order rows are locked in, never what is checked or folded. Locking out of
+--    order can deadlock it with another transaction, and PostgreSQL may abort either one, as with a
+--    transaction that folds early (ledger.fold_pending) and posts again; the balances stay exact.
+--    Cost: a multi-entry transaction now runs one upsert per entry at commit instead of one for all (a
+--    100-entry batch posted at commit is about a quarter slower); single entries cost the same.
+-- 3. ledger_post can check and fold a transaction's entries at once, in its own statement (fold_now),
+--    instead of at commit: for a transaction that posts once, the same work without the commit-time
+--    trigger's firings. Such entries are written with folded = true, and the commit-time trigger skips them
+--    (WHEN). Only the ledger's owner can write folded: ledger_post becomes SECURITY DEFINER, and the service
+--    role may insert every other column of an entry, not that one.
 
 ALTER TABLE ledger_entries ADD COLUMN posting_count smallint;
-ALTER TABLE ledger_balance_slots ADD COLUMN folded_by xid8, ADD COLUMN folded_upto bigint;
 
--- 3. ledger_post can check and fold a transaction's entries at once, in its own statement (fold_now), instead of
---    at commit: for a transaction that posts once, the same work without the commit-time trigger's firing and
---    its second reading of the entries and postings. Such entries are written with folded = true, and the
---    commit-time trigger skips them (WHEN). Only the ledger's owner can write folded: ledger_post becomes
---    SECURITY DEFINER, and the service role may insert every other column of an entry, not that one.
 ALTER TABLE ledger_entries ADD COLUMN folded boolean NOT NULL DEFAULT false;
 REVOKE INSERT ON ledger_entries FROM paysvc_app;
 GRANT INSERT (id, txid, kind, description, effective_at, recorded_at, idempotency_key, invoice_id, payment_id,
@@ -43,13 +48,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
 SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
-    done bigint := coalesce(nullif(current_setting('ledger.balanced_upto', true), ''), '0')::bigint;
     r record;
 BEGIN
     SELECT CASE WHEN e.id IS NULL THEN 'entry'
                 WHEN a.id IS NULL THEN 'account'
                 WHEN e.txid <> pg_current_xact_id() THEN 'txid'
-                WHEN p.entry_id <= done THEN 'checked'
                 WHEN e.posting_count IS NULL OR p.line > e.posting_count THEN 'line'
            END AS problem,
            p.entry_id, p.line, p.account_id, p.currency, e.posting_count
@@ -58,7 +61,7 @@ BEGIN
       LEFT JOIN ledger_entries e ON e.id = p.entry_id
       LEFT JOIN ledger_accounts a ON a.id = p.account_id AND a.currency = p.currency
      WHERE e.id IS NULL OR a.id IS NULL OR e.txid <> pg_current_xact_id() OR e.posting_count IS NULL
-        OR p.line > e.posting_count OR p.entry_id <= done
+        OR p.line > e.posting_count
      LIMIT 1;
     IF r.problem = 'entry' THEN
         RAISE EXCEPTION 'posting to entry %, which does not exist', r.entry_id
@@ -73,9 +76,6 @@ BEGIN
         RAISE EXCEPTION 'posting line % of journal entry %: the entry declares % postings (posting_count); '
                         'lines run from 1 to posting_count', r.line, r.entry_id, coalesce(r.posting_count::text, 'no')
             USING ERRCODE = 'check_violation';
-    ELSIF r.problem = 'checked' THEN
-        RAISE EXCEPTION 'postings cannot be added to an entry whose balance was already checked and folded'
-            USING ERRCODE = 'check_violation';
     END IF;
     RETURN NULL;
 END $$;
@@ -86,106 +86,77 @@ SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generi
 SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     done bigint := coalesce(nullif(current_setting('ledger.balanced_upto', true), ''), '0')::bigint;
+    win record;
     r record;
-    n_postings bigint;
-    n_unbalanced bigint;
 BEGIN
     IF NEW.txid <> pg_current_xact_id() THEN
         RAISE EXCEPTION 'journal entry %: txid must be the writing transaction''s', NEW.id
             USING ERRCODE = 'check_violation';
     END IF;
-    IF NEW.id <= done THEN
-        IF NEW.id < coalesce(nullif(current_setting('ledger.balanced_from', true), ''), '0')::bigint THEN
-            RAISE EXCEPTION 'journal entry %: its id is below entries this transaction already checked; '
-                            'let the sequence choose entry ids', NEW.id
-                USING ERRCODE = 'check_violation';
+
+    IF NEW.id > done THEN
+        -- The first firing of a round (the commit, or an early fold): when the round has several entries, lock
+        -- the balance rows of all of them first, creating the missing ones, in account order, so that folding
+        -- them one by one below never waits for a row out of that order. The mark only saves later firings
+        -- this step; a session that sets it can change the order rows are locked in, never what is folded.
+        WITH w AS MATERIALIZED (
+            SELECT min(id) AS lo, max(id) AS upto, bool_or(folded) AS mixed
+              FROM ledger_entries WHERE txid = pg_current_xact_id() AND id > done
+        ), locked AS (
+            INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings)
+            SELECT DISTINCT p.account_id, (pg_current_xact_id()::text::bigint % 16)::smallint, 0, 0, 0
+              FROM w
+              JOIN ledger_entries e ON e.txid = pg_current_xact_id() AND e.id BETWEEN w.lo AND w.upto
+              JOIN ledger_postings p ON p.entry_id = e.id
+             WHERE w.lo < w.upto AND NOT w.mixed
+             ORDER BY 1
+            ON CONFLICT (account_id, slot) DO UPDATE SET postings = b.postings
+        )
+        SELECT w.lo, w.upto, w.mixed, set_config('ledger.balanced_upto', w.upto::text, true) AS mark
+          INTO win FROM w;
+        IF win.mixed THEN
+            RAISE EXCEPTION 'journal entries % to %: this transaction also posted entries folded at once '
+                            '(ledger_post with fold_now); post all of a transaction''s entries in one such call, '
+                            'or fold them all at commit', win.lo, win.upto
+                USING ERRCODE = 'object_not_in_prerequisite_state';
         END IF;
-        -- Most likely checked by an earlier firing's window. The mark is a session setting, which a session
-        -- can set itself, and an id can fall in a gap of the window: this entry is checked on its own.
-        SELECT coalesce(sum(per.n), 0), count(*) FILTER (WHERE per.net <> 0) INTO n_postings, n_unbalanced
-          FROM (SELECT count(*) AS n, sum(CASE side WHEN 'debit' THEN amount ELSE -amount END) AS net
-                  FROM ledger_postings WHERE entry_id = NEW.id GROUP BY currency) per;
-        IF n_postings < 2 OR n_unbalanced > 0 THEN
-            RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
-                NEW.id, n_postings, n_unbalanced
-                USING ERRCODE = 'check_violation';
-        END IF;
-        IF n_postings IS DISTINCT FROM NEW.posting_count THEN
-            RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
-                NEW.id, n_postings, coalesce(NEW.posting_count::text, 'none')
-                USING ERRCODE = 'check_violation';
-        END IF;
-        RETURN NULL;
     END IF;
 
-    -- This entry is not checked yet, so the window of the transaction's unchecked entries holds at least it.
-    -- Rows are created or locked and updated one by one in the order of the sorted SELECT: account order.
-    WITH w AS MATERIALIZED (
-        SELECT min(id) AS lo, max(id) AS upto, bool_or(folded) AS mixed
-          FROM ledger_entries WHERE txid = pg_current_xact_id() AND id > done
-    ), mine AS MATERIALIZED (
-        SELECT e.id, e.posting_count, p.entry_id, p.account_id, p.side, p.amount, p.currency
-          FROM w CROSS JOIN ledger_entries e LEFT JOIN ledger_postings p ON p.entry_id = e.id
-         WHERE e.txid = pg_current_xact_id() AND e.id BETWEEN w.lo AND w.upto
-    ), bad AS MATERIALIZED (
-        -- Every entry: at least two postings, exactly as many as it declares, debits equal credits in each
-        -- currency.
-        SELECT per.id, per.declared, sum(per.n) AS n, count(*) FILTER (WHERE per.net <> 0) AS unbalanced
-          FROM (SELECT id, posting_count AS declared, currency, count(entry_id) AS n,
-                       coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) AS net
-                  FROM mine GROUP BY id, posting_count, currency) per
-         GROUP BY per.id, per.declared
-        HAVING sum(per.n) < 2 OR count(*) FILTER (WHERE per.net <> 0) > 0
-            OR sum(per.n) IS DISTINCT FROM per.declared
-         ORDER BY per.id
-         LIMIT 1
+    -- This entry: at least two postings, exactly as many as it declares, debits equal credits in each
+    -- currency; then its postings are folded into the balances. Each entry's firing runs once (PostgreSQL
+    -- queues one event per inserted entry, and an early fold marks it done), so each posting is folded
+    -- exactly once, whatever the session sets.
+    WITH mine AS MATERIALIZED (
+        SELECT account_id, side, amount, currency FROM ledger_postings WHERE entry_id = NEW.id
+    ), per AS MATERIALIZED (
+        SELECT count(*) AS n, sum(CASE side WHEN 'debit' THEN amount ELSE -amount END) AS net
+          FROM mine GROUP BY currency
+    ), verdict AS MATERIALIZED (
+        SELECT coalesce(sum(n), 0) AS n, count(*) FILTER (WHERE net <> 0) AS unbalanced FROM per
     ), fold AS (
-        -- A row this transaction already folded into (folded_by) takes only entries above those it took
-        -- (folded_upto); the transaction holds the row's lock since, so nobody else has changed either.
-        INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id,
-                                               folded_by, folded_upto)
+        INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id)
         SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
                coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
                coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
-               count(*), max(entry_id), pg_current_xact_id(), max(entry_id)
+               count(*), NEW.id
           FROM mine
-         WHERE entry_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM bad)
+         WHERE (SELECT n >= 2 AND unbalanced = 0 AND n = NEW.posting_count FROM verdict)
          GROUP BY account_id
          ORDER BY account_id
         ON CONFLICT (account_id, slot) DO UPDATE
            SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
                postings = b.postings + EXCLUDED.postings,
-               last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id),
-               folded_by = EXCLUDED.folded_by, folded_upto = EXCLUDED.folded_upto
-         WHERE b.folded_by IS DISTINCT FROM EXCLUDED.folded_by OR b.folded_upto < (SELECT lo FROM w)
-        RETURNING b.account_id
+               last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id)
     )
-    SELECT set_config('ledger.balanced_from', w.lo::text, true) AS lo,
-           set_config('ledger.balanced_upto', w.upto::text, true) AS upto,
-           bad.id AS bad_id, bad.n AS bad_n, bad.unbalanced AS bad_unbalanced, bad.declared AS bad_declared,
-           (SELECT count(*) FROM fold) AS n_folded,
-           (SELECT count(DISTINCT account_id) FROM mine) AS n_accounts, w.mixed
-      INTO r
-      FROM w LEFT JOIN bad ON true;
-    IF r.mixed THEN
-        RAISE EXCEPTION 'journal entries % to %: this transaction also posted entries folded at once (ledger_post '
-                        'with fold_now); post all of a transaction''s entries in one such call, or fold them all '
-                        'at commit', r.lo, r.upto
-            USING ERRCODE = 'object_not_in_prerequisite_state';
-    END IF;
-    IF r.bad_id IS NOT NULL THEN
-        IF r.bad_n >= 2 AND r.bad_unbalanced = 0 THEN
-            RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
-                r.bad_id, r.bad_n, coalesce(r.bad_declared::text, 'none')
-                USING ERRCODE = 'check_violation';
-        END IF;
+    SELECT n, unbalanced INTO r FROM verdict;
+    IF r.n < 2 OR r.unbalanced > 0 THEN
         RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
-            r.bad_id, r.bad_n, r.bad_unbalanced
+            NEW.id, r.n, r.unbalanced
             USING ERRCODE = 'check_violation';
     END IF;
-    IF r.n_folded <> r.n_accounts THEN
-        RAISE EXCEPTION 'journal entries % to % reach down to entries this transaction already folded into '
-                        'balances: the mark ledger.balanced_upto was set by hand', r.lo, r.upto
+    IF r.n IS DISTINCT FROM NEW.posting_count THEN
+        RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
+            NEW.id, r.n, coalesce(NEW.posting_count::text, 'none')
             USING ERRCODE = 'check_violation';
     END IF;
     RETURN NULL;
@@ -314,12 +285,11 @@ BEGIN
              ORDER BY per.id
              LIMIT 1
         ), fold AS (
-            INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id,
-                                                   folded_by, folded_upto)
+            INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id)
             SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
                    coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
                    coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
-                   count(*), max(entry_id), pg_current_xact_id(), max(entry_id)
+                   count(*), max(entry_id)
               FROM mine
              WHERE entry_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM bad)
              GROUP BY account_id
@@ -327,8 +297,7 @@ BEGIN
             ON CONFLICT (account_id, slot) DO UPDATE
                SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
                    postings = b.postings + EXCLUDED.postings,
-                   last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id),
-                   folded_by = EXCLUDED.folded_by, folded_upto = EXCLUDED.folded_upto
+                   last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id)
         )
         SELECT bad.entry_id, bad.n, bad.unbalanced, bad.declared INTO r FROM (SELECT) AS one LEFT JOIN bad ON true;
         IF r.entry_id IS NOT NULL THEN

@@ -62,7 +62,7 @@ async def test_no_posting_can_slip_in_after_an_entry_was_checked(db):
         entry = await ledger.post_entry(db, capture(1, 100))
         await db.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the entry is checked and folded now
         account = await db.fetchval("SELECT id FROM ledger_accounts WHERE code = 'agency:MOI:revenue:KHR'")
-        with pytest.raises(asyncpg.CheckViolationError, match="already checked"):
+        with pytest.raises(asyncpg.CheckViolationError, match="declares 2 postings"):
             async with db.transaction():
                 await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
                                  "VALUES ($1, 3, $2, 'credit', 5, 'KHR')", entry.id, account)

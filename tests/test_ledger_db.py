@@ -21,13 +21,6 @@ T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 CLEARING, REVENUE = "provider:sandbox:clearing:KHR", "agency:MOI:revenue:KHR"
 
 
-# Tests of the known hole in docs/ledger.md: strict, so they fail the suite once the hole is closed.
-FORGEABLE_MARK = pytest.mark.xfail(
-    strict=True, raises=(AssertionError, pytest.fail.Exception),
-    reason="known hole: the fold mark is the session setting ledger.balanced_upto, which the session can set "
-           "above entries not yet folded (docs/ledger.md)")
-
-
 def capture(n: int, amount: int = 50_000, at: datetime = T0, *, provider: str = "sandbox",
             agency: str = "MOI") -> EntryDraft:
     return entries.payment_captured(provider=provider, agency=agency, amount=amount, currency="KHR",
@@ -307,17 +300,30 @@ async def test_an_entry_cannot_claim_another_transactions_id(db):
     assert await db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 0
 
 
-async def test_an_entry_slipped_in_below_a_checked_window_is_refused(db):
-    # After SET CONSTRAINTS ... IMMEDIATE checked this transaction's entries up to some id, an entry
-    # inserted with a lower explicit id would be outside every later window: the database refuses it.
-    with pytest.raises(asyncpg.CheckViolationError, match="below entries this transaction already checked"):
-        async with db.transaction():
-            first = await ledger.post_entry(db, capture(1))
-            await ledger.fold_pending(db)
-            await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash) "
-                             "OVERRIDING SYSTEM VALUE VALUES ($1, 'raw', 'sneaky', now(), $2)",
-                             first.id - 1 if first.id > 1 else 0, bytes(32))
-    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+async def test_an_entry_written_below_a_folded_round_is_checked_and_folded_on_its_own(db):
+    # After SET CONSTRAINTS ... IMMEDIATE folded this transaction's entries, an entry inserted with a lower
+    # explicit id is still checked and folded by its own firing at commit.
+    await post(db, capture(0))
+    debit, credit = await _account_ids(db)
+    for postings, ok in ((0, False), (2, True)):
+        async def write():
+            async with db.transaction():
+                below = await db.fetchval("SELECT nextval('ledger_entries_id_seq')")
+                await ledger.post_entry(db, capture(1))
+                await ledger.fold_pending(db)
+                await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash, "
+                                 "posting_count) VALUES ($1, 'raw', 'below', now(), $2, 2)", below, bytes(32))
+                if postings:
+                    await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                                     "VALUES ($1, 1, $2, 'debit', 5, 'KHR'), ($1, 2, $3, 'credit', 5, 'KHR')",
+                                     below, debit, credit)
+        if ok:
+            await write()
+        else:
+            with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
+                await write()
+    assert await ledger.balance(db, CLEARING) == 100_005
+    assert not (await ledger.verify(db)).balance_mismatches  # (its hash is made up: only balances are compared)
 
 
 async def test_the_database_accepts_every_kind_the_rule_allows(db):
@@ -465,18 +471,29 @@ async def test_an_entry_must_have_exactly_the_postings_it_declares(db):
     assert await ledger.balance(db, CLEARING) == 50_000 + 20
 
 
-async def test_a_forged_mark_cannot_fold_an_entry_twice(db):
-    # With the mark reset below an entry already folded, the next window would fold it again; the balance
-    # rows remember what this transaction folded into them, and the commit is refused.
-    with pytest.raises(asyncpg.CheckViolationError, match="already folded"):
-        async with db.transaction():
-            await db.execute("SET LOCAL ROLE paysvc_app")
-            await ledger.post_entry(db, capture(1))
-            await ledger.fold_pending(db)
-            await db.execute("SET LOCAL ledger.balanced_upto = '0'")
-            await ledger.post_entry(db, capture(2, 20_000))
-    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
-    assert await db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 0
+@pytest.mark.parametrize("forged, before_second", [
+    ("0", True),                     # lower, before the second entry: the first must not be folded again
+    ("9223372036854775807", False),  # higher, after it: the second must still be folded
+    ("9223372036854775807", True),   # higher, before it
+])
+async def test_balances_stay_equal_to_postings_whatever_the_session_sets(db, forged, before_second):
+    # The mark only spares later firings the locking step; each entry's own firing checks and folds it once.
+    async def forge() -> None:
+        await db.execute(f"SET LOCAL ledger.balanced_upto = '{forged}'")
+        await db.execute(f"SET LOCAL ledger.balanced_from = '{forged}'")
+
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        await ledger.post_entry(db, capture(1))
+        await ledger.fold_pending(db)
+        if before_second:
+            await forge()
+        await ledger.post_entry(db, capture(2, 20_000))
+        if not before_second:
+            await forge()
+    assert await ledger.balance(db, CLEARING) == 70_000
+    assert await ledger.balance(db, REVENUE) == 70_000
+    assert (await ledger.verify(db)).ok
 
 
 async def test_folding_in_several_windows_folds_each_entry_once(db):
@@ -501,20 +518,6 @@ async def test_folding_in_several_windows_folds_each_entry_once(db):
     assert await ledger.balance(db, REVENUE) == 73_000
     assert await ledger.balance(db, "agency:MEF:revenue:KHR") == 1_000
     assert (await ledger.verify(db)).ok
-
-
-@FORGEABLE_MARK
-async def test_balances_stay_equal_to_postings_whatever_the_session_sets(db):
-    # Set above entries not yet folded, the mark has their checks pass without a fold.
-    async with db.transaction():
-        await db.execute("SET LOCAL ROLE paysvc_app")
-        await ledger.post_entry(db, capture(1))
-        await ledger.fold_pending(db)
-        await ledger.post_entry(db, capture(2, 20_000))
-        await db.execute("SET LOCAL ledger.balanced_upto = '9223372036854775807'")
-    assert await ledger.balance(db, CLEARING) == 70_000
-    assert await ledger.balance(db, REVENUE) == 70_000
-    assert await db.fetchval("SELECT sum(amount) FROM ledger_postings WHERE side = 'debit'") == 70_000
 
 
 async def test_concurrent_serializable_writers_both_commit(db_dsn):
