@@ -605,20 +605,14 @@ async def test_fold_now_refuses_what_the_commit_time_check_refuses(db):
             "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], ARRAY[$1::bytea], $2::smallint[], "
             "ARRAY[1, 1], ARRAY[1, 2]::smallint[], ARRAY[$3, $4], ARRAY['debit', 'credit'], $5::bigint[], "
             "ARRAY['KHR', 'KHR'], ARRAY[$3, $4], ARRAY['asset', 'revenue'], ARRAY['KHR', 'KHR'], true)")
-    tx = db.transaction()
-    await tx.start()
-    try:
-        with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
-            await db.execute(call, bytes(32), [2], CLEARING, REVENUE, [100, 99])
-    finally:
-        await tx.rollback()
-    tx = db.transaction()
-    await tx.start()
-    try:
-        with pytest.raises(asyncpg.CheckViolationError, match="declares 3"):
-            await db.execute(call, bytes(32), [3], CLEARING, REVENUE, [100, 100])
-    finally:
-        await tx.rollback()
+    for declared, amounts, error in (([2], [100, 99], "does not balance"), ([3], [100, 100], "declares 3")):
+        tx = db.transaction()
+        await tx.start()
+        try:  # inside an open transaction: the statement itself raises, before any commit
+            with pytest.raises(asyncpg.CheckViolationError, match=error):
+                await db.execute(call, bytes(32), declared, CLEARING, REVENUE, amounts)
+        finally:
+            await tx.rollback()
     await db.execute(call, bytes(32), [2], CLEARING, REVENUE, [100, 100])
     assert await ledger.balance(db, CLEARING) == 50_100
 
