@@ -17,9 +17,10 @@ from ledger.sql import Q
 async def post_entry(conn: asyncpg.Connection, draft: EntryDraft, *, fold_now: bool = False) -> PostedEntry:
     """Post one balanced entry in the caller's transaction (one round trip).
 
-    The database re-checks balance at commit. If the idempotency key was used before, the first entry is
-    returned with ``replayed=True`` and nothing is written. Raises ``AlreadyReversed`` when ``reverses``
-    names an entry that already has its reversal. ``fold_now``: see ``post_entries``.
+    The database checks the entry again at commit (with ``fold_now``, in this statement). If the
+    idempotency key was used before, the first entry is returned with ``replayed=True`` and nothing is
+    written. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal.
+    ``fold_now``: see ``post_entries``.
     """
     return (await post_entries(conn, [draft], fold_now=fold_now))[0]
 
@@ -31,8 +32,9 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
     Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` draft raises after the
     others were written in the caller's transaction: roll it back, or post reversals one by one.
 
-    By default the database checks the transaction's entries and folds them into the balances when the
-    transaction commits, all at once in account order, however many times it posted. With ``fold_now`` it
+    By default the database checks each of the transaction's entries and folds it into the balances when
+    the transaction commits, with all the balance rows it needs locked first in account order, however many
+    times it posted. With ``fold_now`` it
     does both in this statement instead, which costs less, but then this must be the transaction's only
     posting: the database refuses any other entry in the same transaction (balance rows locked now and
     others later could deadlock with another transaction). The balance rows stay locked until the commit:
