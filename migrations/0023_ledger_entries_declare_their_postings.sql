@@ -80,6 +80,64 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- The rules every entry must meet, and the fold of its postings into the balances: one function for both
+-- ways an entry is checked, by its own commit-time firing and by ledger_post with fold_now. It checks the
+-- rows as written (each entry with its stored posting_count and its postings, if any): at least two
+-- postings, exactly as many as the entry declares, debits equal to credits in each currency; it raises on
+-- the first entry that fails, and otherwise folds their postings into the balance slot of the transaction,
+-- rows in account order. Callers run as the ledger's owner; nobody else may call it (it would fold again).
+CREATE FUNCTION ledger_check_and_fold(ids bigint[]) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
+SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+DECLARE
+    r record;
+BEGIN
+    WITH mine AS MATERIALIZED (
+        SELECT e.id, e.posting_count, p.entry_id, p.account_id, p.side, p.amount, p.currency
+          FROM unnest(ids) AS i (id)
+          JOIN ledger_entries e ON e.id = i.id
+          LEFT JOIN ledger_postings p ON p.entry_id = e.id
+    ), bad AS MATERIALIZED (
+        SELECT per.id AS entry_id, per.declared, sum(per.n) AS n,
+               count(*) FILTER (WHERE per.net <> 0) AS unbalanced
+          FROM (SELECT id, posting_count AS declared, currency, count(entry_id) AS n,
+                       coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) AS net
+                  FROM mine GROUP BY id, posting_count, currency) per
+         GROUP BY per.id, per.declared
+        HAVING sum(per.n) < 2 OR count(*) FILTER (WHERE per.net <> 0) > 0
+            OR sum(per.n) IS DISTINCT FROM per.declared
+         ORDER BY per.id
+         LIMIT 1
+    ), fold AS (
+        INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id)
+        SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
+               coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
+               coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
+               count(*), max(entry_id)
+          FROM mine
+         WHERE entry_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM bad)
+         GROUP BY account_id
+         ORDER BY account_id
+        ON CONFLICT (account_id, slot) DO UPDATE
+           SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
+               postings = b.postings + EXCLUDED.postings,
+               last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id)
+    )
+    SELECT bad.entry_id, bad.n, bad.unbalanced, bad.declared INTO r FROM (SELECT) AS one LEFT JOIN bad ON true;
+    IF r.entry_id IS NOT NULL THEN
+        IF r.n >= 2 AND r.unbalanced = 0 THEN
+            RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
+                r.entry_id, r.n, coalesce(r.declared::text, 'none')
+                USING ERRCODE = 'check_violation';
+        END IF;
+        RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
+            r.entry_id, r.n, r.unbalanced
+            USING ERRCODE = 'check_violation';
+    END IF;
+END $$;
+REVOKE EXECUTE ON FUNCTION ledger_check_and_fold(bigint[]) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION ledger_apply_balances() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public, pg_temp SET plan_cache_mode = force_generic_plan
@@ -87,7 +145,6 @@ SET enable_hashjoin = off SET enable_mergejoin = off AS $$
 DECLARE
     done bigint := coalesce(nullif(current_setting('ledger.balanced_upto', true), ''), '0')::bigint;
     win record;
-    r record;
 BEGIN
     IF NEW.txid <> pg_current_xact_id() THEN
         RAISE EXCEPTION 'journal entry %: txid must be the writing transaction''s', NEW.id
@@ -122,43 +179,9 @@ BEGIN
         END IF;
     END IF;
 
-    -- This entry: at least two postings, exactly as many as it declares, debits equal credits in each
-    -- currency; then its postings are folded into the balances. Each entry's firing runs once (PostgreSQL
-    -- queues one event per inserted entry, and an early fold marks it done), so each posting is folded
-    -- exactly once, whatever the session sets.
-    WITH mine AS MATERIALIZED (
-        SELECT account_id, side, amount, currency FROM ledger_postings WHERE entry_id = NEW.id
-    ), per AS MATERIALIZED (
-        SELECT count(*) AS n, sum(CASE side WHEN 'debit' THEN amount ELSE -amount END) AS net
-          FROM mine GROUP BY currency
-    ), verdict AS MATERIALIZED (
-        SELECT coalesce(sum(n), 0) AS n, count(*) FILTER (WHERE net <> 0) AS unbalanced FROM per
-    ), fold AS (
-        INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id)
-        SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
-               coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
-               coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
-               count(*), NEW.id
-          FROM mine
-         WHERE (SELECT n >= 2 AND unbalanced = 0 AND n = NEW.posting_count FROM verdict)
-         GROUP BY account_id
-         ORDER BY account_id
-        ON CONFLICT (account_id, slot) DO UPDATE
-           SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
-               postings = b.postings + EXCLUDED.postings,
-               last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id)
-    )
-    SELECT n, unbalanced INTO r FROM verdict;
-    IF r.n < 2 OR r.unbalanced > 0 THEN
-        RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
-            NEW.id, r.n, r.unbalanced
-            USING ERRCODE = 'check_violation';
-    END IF;
-    IF r.n IS DISTINCT FROM NEW.posting_count THEN
-        RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
-            NEW.id, r.n, coalesce(NEW.posting_count::text, 'none')
-            USING ERRCODE = 'check_violation';
-    END IF;
+    -- This entry, and only it. Each entry's firing runs once (PostgreSQL queues one event per inserted entry,
+    -- and an early fold marks it done), so each posting is folded exactly once, whatever the session sets.
+    PERFORM ledger_check_and_fold(ARRAY[NEW.id]);
     RETURN NULL;
 END $$;
 
@@ -179,7 +202,6 @@ DECLARE
     inserted bigint[];
     n_expected bigint := 0;
     n_written bigint := 0;
-    r record;
 BEGIN
     IF fold_now IS NULL THEN
         RAISE EXCEPTION 'ledger_post: fold_now must be true or false' USING ERRCODE = 'null_value_not_allowed';
@@ -268,48 +290,7 @@ BEGIN
         -- which only the ledger's owner can write, so the commit-time trigger skips them; no posting can join
         -- them later (each has exactly the posting_count it declares, and the postings trigger allows only
         -- lines 1..posting_count). Balance rows are locked in account order, as at commit.
-        WITH mine AS MATERIALIZED (
-            SELECT e.id, e.posting_count, p.entry_id, p.account_id, p.side, p.amount, p.currency
-              FROM unnest(inserted) AS i (id)
-              JOIN ledger_entries e ON e.id = i.id
-              LEFT JOIN ledger_postings p ON p.entry_id = e.id
-        ), bad AS MATERIALIZED (
-            SELECT per.id AS entry_id, per.declared, sum(per.n) AS n,
-                   count(*) FILTER (WHERE per.net <> 0) AS unbalanced
-              FROM (SELECT id, posting_count AS declared, currency, count(entry_id) AS n,
-                           coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) AS net
-                      FROM mine GROUP BY id, posting_count, currency) per
-             GROUP BY per.id, per.declared
-            HAVING sum(per.n) < 2 OR count(*) FILTER (WHERE per.net <> 0) > 0
-                OR sum(per.n) IS DISTINCT FROM per.declared
-             ORDER BY per.id
-             LIMIT 1
-        ), fold AS (
-            INSERT INTO ledger_balance_slots AS b (account_id, slot, debits, credits, postings, last_entry_id)
-            SELECT account_id, (pg_current_xact_id()::text::bigint % 16)::smallint,
-                   coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0),
-                   coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0),
-                   count(*), max(entry_id)
-              FROM mine
-             WHERE entry_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM bad)
-             GROUP BY account_id
-             ORDER BY account_id
-            ON CONFLICT (account_id, slot) DO UPDATE
-               SET debits = b.debits + EXCLUDED.debits, credits = b.credits + EXCLUDED.credits,
-                   postings = b.postings + EXCLUDED.postings,
-                   last_entry_id = greatest(b.last_entry_id, EXCLUDED.last_entry_id)
-        )
-        SELECT bad.entry_id, bad.n, bad.unbalanced, bad.declared INTO r FROM (SELECT) AS one LEFT JOIN bad ON true;
-        IF r.entry_id IS NOT NULL THEN
-            IF r.n >= 2 AND r.unbalanced = 0 THEN
-                RAISE EXCEPTION 'journal entry % has % postings but declares % (posting_count)',
-                    r.entry_id, r.n, coalesce(r.declared::text, 'none')
-                    USING ERRCODE = 'check_violation';
-            END IF;
-            RAISE EXCEPTION 'journal entry % does not balance per currency (% postings, % unbalanced currencies)',
-                r.entry_id, r.n, r.unbalanced
-                USING ERRCODE = 'check_violation';
-        END IF;
+        PERFORM ledger_check_and_fold(inserted);
     END IF;
 
     IF cardinality(inserted) = n THEN

@@ -655,6 +655,10 @@ async def test_only_the_service_role_may_call_the_ledgers_owner_rights_function(
     assert await db.fetchval("SELECT has_function_privilege('paysvc_app', $1, 'EXECUTE')", sig)
     for trigger_function in ("ledger_apply_postings()", "ledger_apply_balances()"):  # they fire without it
         assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", trigger_function)
+    # the shared check-and-fold would fold an entry again if anyone but the ledger's functions could call it
+    for role in ("public", "paysvc_app"):
+        assert not await db.fetchval("SELECT has_function_privilege($1, 'ledger_check_and_fold(bigint[])', "
+                                     "'EXECUTE')", role)
 
 
 async def test_only_the_ledger_writes_an_entry_folded(db):
