@@ -87,15 +87,12 @@ class CaptureResult:
 
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
-                  completes_inbox: bool = False, only_posting: bool = False) -> CaptureResult:
+                  completes_inbox: bool = False) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction and KHQR code.
 
     ``flag`` adds an exception reason even when the money matches (settlement uses it for
     ``missing_in_ledger``: captured late, from the settlement line). ``completes_inbox`` also marks the
     inbox row ``inbox_id`` processed, in the same transaction (and the same statement as the events).
-    ``only_posting``: the caller's transaction posts nothing else to the ledger, so the entry is checked and
-    folded into the balances as it is posted (``fold_now``) rather than at commit, which costs less; the
-    balance rows then stay locked for the rest of the transaction, which is one more statement.
     """
     done_inbox = inbox_id if completes_inbox else None
     if not notice.confirmed:
@@ -169,8 +166,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                 "exception_id": exc_id, "reason": decision.reason, "payment_id": payment_id,
                 "invoice_id": invoice_id, "currency": notice.currency, "amount": decision.suspense or notice.amount}))
     entry = await ledger.post_entry(conn, journal_draft(
-        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id),
-        fold_now=only_posting)
+        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id))
     if agency_id is not None and decision.applied:
         events.append((agency_id, "journal.posted", {
             "entry_id": entry.id, "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,

@@ -94,9 +94,8 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
             try:
                 async with pool.acquire() as conn, conn.transaction():
                     now = now_utc()
-                    # one capture per transaction: its entry is the only posting, folded as it is posted
                     result = await capture(conn, notice, source=source, now=now, inbox_id=inbox_id,
-                                           completes_inbox=last and inbox_id is not None, only_posting=True)
+                                           completes_inbox=last and inbox_id is not None)
                 results.append(result)
                 if result.created:  # counted once committed
                     CAPTURED.labels(notice.provider, source, result.reason or "captured").inc()
