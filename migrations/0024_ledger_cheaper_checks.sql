@@ -97,7 +97,7 @@ BEGIN
         -- No idempotency key and no reversal: nothing to conflict with (ids come from the sequence), so a
         -- plain INSERT, without ON CONFLICT's check of every unique index before each row; the entries and
         -- their postings in one statement (the postings' trigger runs after it, and sees the entries).
-        WITH e AS (
+        WITH written AS (
             INSERT INTO ledger_entries (id, kind, description, effective_at, invoice_id, payment_id, settlement_id,
                                         content_hash, posting_count, folded)
             SELECT ids[e.ord], e.kind, e.description, e.effective_at, e.invoice_id, e.payment_id, e.settlement_id,
