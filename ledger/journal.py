@@ -34,13 +34,12 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
 
     By default the database checks each of the transaction's entries and folds it into the balances when
     the transaction commits, with all the balance rows it needs locked first in account order, however many
-    times it posted. With ``fold_now`` it
-    does both in this statement instead, which costs less, but then this must be the transaction's only
-    posting: the database refuses any other entry in the same transaction (balance rows locked now and
-    others later could deadlock with another transaction). The balance rows stay locked until the commit:
-    keep the rest of such a transaction short, and take any other row lock it needs before posting, not
-    after (a transaction that holds that row and folds at commit into the same balance slot would
-    otherwise deadlock with this one).
+    times it posted. With ``fold_now`` it does both in this statement instead, which costs less, but then
+    this must be the transaction's only posting: the database refuses any other entry in the same
+    transaction (balance rows locked now and others later could deadlock with another transaction). The
+    balance rows stay locked until the commit: keep the rest of such a transaction short, and take any other
+    row lock it needs before posting, not after (a transaction that holds that row and folds at commit into
+    the same balance slot would otherwise deadlock with this one).
     """
     if not drafts:
         return []

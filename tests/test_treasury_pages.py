@@ -53,7 +53,7 @@ async def test_login_sets_a_strict_http_only_session_cookie(api, treasury_key):
     row = await conn.fetchrow("SELECT key_name, expires_at > now() AS live FROM treasury_sessions")
     await conn.close()
     assert row["key_name"] == "Treasury desk" and row["live"]
-    assert treasury_key.split("_", 2)[2] not in cookie             # the key is never the cookie
+    assert treasury_key.split("_", 2)[2] not in cookie  # the key is never the cookie
 
 
 async def test_the_cookie_is_secure_behind_https(db_dsn):
