@@ -138,6 +138,7 @@ def main() -> None:
     args = p.parse_args()
     if args.service_nice:
         try:
+            # This process first: the service processes it starts inherit its priority.
             os.setpriority(os.PRIO_PROCESS, 0, args.service_nice)
         except PermissionError:
             p.error(f"--service-nice {args.service_nice}: a priority below 0 needs root or CAP_SYS_NICE")
@@ -147,7 +148,7 @@ def main() -> None:
             "--bakong-account", "tax@nbcq")
         key = cli(dsn, "keys", "create", "--agency", "TAX", "--scope", "invoices:write", "--scope", "invoices:read")
         if not args.skip_http:
-            with services(dsn, args.processes, nice=args.service_nice, PAYSVC_PROVIDERS="sandbox") as urls:
+            with services(dsn, args.processes, PAYSVC_PROVIDERS="sandbox") as urls:
                 asyncio.run(main_async(args, urls, key))
         asyncio.run(bakong_poll_cost(dsn))
     print(f"\nbenchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -75,24 +75,15 @@ def cli(dsn: str, *args: str) -> str:
 
 
 @contextlib.contextmanager
-def services(dsn: str, count: int, *, nice: int = 0, **extra: str) -> Iterator[list[str]]:
-    """``count`` independent ``paysvc serve`` processes on one database; yields their base URLs.
-
-    ``nice``: the processes' CPU priority (``setpriority``; below 0 needs root or CAP_SYS_NICE).
-    """
+def services(dsn: str, count: int, **extra: str) -> Iterator[list[str]]:
+    """``count`` independent ``paysvc serve`` processes on one database; yields their base URLs."""
     cli(dsn, "migrate")
     procs, urls = [], []
     try:
         for _ in range(count):
             port = free_port()
-            try:
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "paysvc", "serve"], env=service_env(dsn, port, **extra),
-                    stdout=subprocess.DEVNULL,
-                    preexec_fn=(lambda: os.setpriority(os.PRIO_PROCESS, 0, nice)) if nice else None))
-            except subprocess.SubprocessError as exc:
-                raise SystemExit(f"cannot start the service at nice {nice} ({exc}); a priority below 0 needs "
-                                 "root or CAP_SYS_NICE") from None
+            procs.append(subprocess.Popen([sys.executable, "-m", "paysvc", "serve"],
+                                          env=service_env(dsn, port, **extra), stdout=subprocess.DEVNULL))
             urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
             wait_ready(url)
