@@ -2,7 +2,7 @@
 
     python -m load.payments_bench                 # 60 s per rate, as the target asks
     python -m load.payments_bench --duration 15   # a quicker look
-    python -m load.payments_bench --processes 2   # two service processes instead of one
+    python -m load.payments_bench --processes 1   # one service process instead of two
     python -m load.payments_bench --service-nice -10   # the service at a higher CPU priority (root)
 
 Each scheduled payment is one ``POST /v1/invoices`` then one signed ``POST /v1/providers/sandbox/
@@ -125,9 +125,9 @@ async def main_async(args, urls, key) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=60)
-    p.add_argument("--processes", type=int, default=1,
-                   help="paysvc serve processes (default 1: on this 2-core machine, shared with PostgreSQL and the "
-                        "load generator, one process cost less CPU per payment than two; see README)")
+    p.add_argument("--processes", type=int, default=2,
+                   help="paysvc serve processes (default 2; on this 2-core machine one cost less CPU per payment "
+                        "at moderate rates, but two held higher rates; see README)")
     p.add_argument("--service-nice", type=int, default=0, metavar="N",
                    help="run the service processes, and this load generator (which stands in for clients on other "
                         "machines), at this CPU priority, e.g. -10 (below 0 needs root): beside PostgreSQL's "
