@@ -131,8 +131,8 @@ def main() -> None:
     p.add_argument("--service-nice", type=int, default=0, metavar="N",
                    help="run the service processes, and this load generator (which stands in for clients on other "
                         "machines), at this CPU priority, e.g. -10 (below 0 needs root): beside PostgreSQL's "
-                        "backends on the same cores, a higher priority kept the service from being starved near "
-                        "its limit (see README)")
+                        "backends on the same cores it shortened a single service process's tail near its limit "
+                        "(see README)")
     p.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[200, 300, 400, 500, 600, 700])
     p.add_argument("--skip-http", action="store_true", help="only measure the Bakong poller")
     args = p.parse_args()
