@@ -98,8 +98,10 @@ async def bakong_poll_cost(dsn: str, pending: int = 10_000) -> None:
 
 
 async def main_async(args, urls, key) -> None:
-    print(f"\n== {len(urls)} service process(es) at nice {args.service_nice} on {os.cpu_count()} cores; step up "
-          f"the rate, {args.duration:.0f} s each; held = p99 < 200 ms and no errors")
+    # The priority this process runs at, which the service processes inherited (--service-nice, or the shell's).
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    print(f"\n== {len(urls)} service process(es) at nice {nice} on {os.cpu_count()} cores; step up the rate, "
+          f"{args.duration:.0f} s each; held = p99 < 200 ms and no errors")
     best = None
     for rate in args.rates:
         # Fresh references per run, so no invoice of an earlier run is met again.
