@@ -126,7 +126,8 @@ async def feed(request: web.Request) -> web.Response:
     else:
         if q.agency is None:
             raise ValidationFailed("give agency=CODE: a treasury key reads one agency's feed at a time",
-                                   errors=[{"field": "agency", "message": "required for treasury and admin keys"}])
+                                   errors=[{"field": "agency", "message": "required for treasury and admin keys",
+                                            "code": "missing"}])
         row = await pool.fetchrow(Q.events_agency_by_code, q.agency)
         if row is None:
             raise NotFound(f"no agency with code {q.agency!r}")
@@ -159,7 +160,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     body: WebhookIn = parse_model(WebhookIn, await read_json(request))  # type: ignore[assignment]
     problem = url_problem(body.url, allow_insecure_localhost=request.app[SETTINGS].webhooks_allow_insecure_localhost)
     if problem:
-        raise ValidationFailed(problem, errors=[{"field": "url", "message": problem}])
+        raise ValidationFailed(problem, errors=[{"field": "url", "message": problem, "code": "value_error"}])
     async with request.app[POOL].acquire() as conn:
         row, secret = await create_endpoint(conn, request.app[api_invoices.CTX].cipher, agency_id=agency_id,
                                             url=body.url, event_types=sorted(set(body.event_types)),

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from paysvc import invoicing, qrimage
 from paysvc.errors import MalformedRequest, ValidationFailed
 from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
-from paysvc.web import POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json
+from paysvc.web import (POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
+                        require_offset)
 
 CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
 
@@ -32,12 +33,18 @@ class KhqrCurrent(KhqrOut):
 
 
 def _idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
+    keys = request.headers.getall("Idempotency-Key", ())
+    if not keys:
         return None
+    if len(keys) > 1:
+        raise ValidationFailed("send one Idempotency-Key header, not several",
+                               errors=[{"field": "Idempotency-Key", "message": "sent more than once",
+                                        "code": "repeated"}])
+    key = keys[0]
     if not 1 <= len(key) <= 255 or not key.isprintable():
         raise ValidationFailed("Idempotency-Key must be 1 to 255 printable characters",
-                               errors=[{"field": "Idempotency-Key", "message": "1 to 255 printable characters"}])
+                               errors=[{"field": "Idempotency-Key", "message": "1 to 255 printable characters",
+                                        "code": "value_error"}])
     return key
 
 
@@ -68,10 +75,7 @@ async def list_(request: web.Request) -> web.Response:
     p = await principal(request, "invoices:read")
     q = parse_query(InvoiceListQuery, request)
     for name in ("created_from", "created_to"):
-        v = getattr(q, name)
-        if v is not None and v.tzinfo is None:
-            raise ValidationFailed(f"{name} needs a UTC offset, e.g. 2026-01-31T00:00:00+07:00",
-                                   errors=[{"field": name, "message": "timezone offset required"}])
+        require_offset(name, getattr(q, name))
     items, cursor = await invoicing.list_invoices(
         request.app[POOL], request.app[CTX], agency_id=p.require_agency(), status=q.status, reference=q.reference,
         created_from=q.created_from, created_to=q.created_to, cursor=q.cursor, limit=q.limit,

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 import ledger
 from paysvc.auth import Principal
 from paysvc.background import run_periodically
-from paysvc.errors import MalformedRequest, NotFound, ValidationFailed
-from paysvc.web import AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query
+from paysvc.errors import MalformedRequest, NotFound
+from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query,
+                        require_offset)
 
 log = logging.getLogger(__name__)
 SEAL_INTERVAL_SECONDS = 1.0
@@ -98,10 +99,6 @@ def _int_cursor(cursor: str, parts: int) -> list[int]:
         raise MalformedRequest("cursor is not valid: pass back the next_cursor of the previous page unchanged") from None
 
 
-def _aware(name: str, v: datetime | None) -> None:
-    if v is not None and v.tzinfo is None:
-        raise ValidationFailed(f"{name} needs a UTC offset, e.g. 2026-01-31T00:00:00+07:00",
-                               errors=[{"field": name, "message": "timezone offset required"}])
 
 
 async def _viewer(request: web.Request) -> tuple[Principal, str | None]:
@@ -136,7 +133,7 @@ async def accounts(request: web.Request) -> web.Response:
 async def account(request: web.Request) -> web.Response:
     _, limit_to = await _viewer(request)
     q = parse_query(AccountQuery, request)
-    _aware("as_of", q.as_of)
+    require_offset("as_of", q.as_of)
     code = request.match_info["code"]
     if not _visible(code, limit_to):
         raise NotFound(f"no ledger account {code!r}")
@@ -154,7 +151,7 @@ async def account(request: web.Request) -> web.Response:
 async def trial_balance(request: web.Request) -> web.Response:
     _, limit_to = await _viewer(request)
     q = parse_query(TrialBalanceQuery, request)
-    _aware("as_of", q.as_of)
+    require_offset("as_of", q.as_of)
     async with request.app[POOL].acquire() as conn:
         tb = await ledger.trial_balance(conn, as_of=q.as_of, prefix=limit_to)
     return json_response(tb)
@@ -163,8 +160,8 @@ async def trial_balance(request: web.Request) -> web.Response:
 async def entries(request: web.Request) -> web.Response:
     _, limit_to = await _viewer(request)
     q = parse_query(EntryListQuery, request)
-    _aware("effective_from", q.effective_from)
-    _aware("effective_to", q.effective_to)
+    require_offset("effective_from", q.effective_from)
+    require_offset("effective_to", q.effective_to)
     if q.account is not None and not _visible(q.account, limit_to):
         raise NotFound(f"no ledger account {q.account!r}")
     before = _int_cursor(q.cursor, 1)[0] if q.cursor else None

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from paysvc import inbox
 from paysvc.errors import NotFound, Problem
-from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, json_response, read_body
+from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, body_encoding, json_response, read_body
 from providers import NotConfirmed, SignatureError
 
 MAX_CALLBACK_BODY = 64 * 1024
@@ -44,6 +44,10 @@ async def callback(request: web.Request) -> web.Response:
         await inbox.store(pool, name, request.headers, body,
                           rejected=f"content type {request.content_type or 'none'} is not application/json")
         raise WrongContentType("send callbacks as application/json")
+    if (encoding := body_encoding(request)) is not None:
+        # Stored as received (still compressed), never processed.
+        await inbox.store(pool, name, request.headers, body, rejected=f"content encoding {encoding} is not accepted")
+        raise WrongContentType(f"send callbacks uncompressed: Content-Encoding {encoding!r} is not accepted")
     stored = await inbox.store(pool, name, request.headers, body,
                                lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds))
     inbox_id = stored.id

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from paysvc.errors import Conflict, MalformedRequest, NotFound, ValidationFailed
+from paysvc.errors import Conflict, FieldValueError, MalformedRequest, NotFound, ValidationFailed
 from paysvc.invoicing import now_utc
 from paysvc.settlement_resolve import AlreadyResolved, ResolutionRefused, resolve
 from paysvc.web import POOL, SETTINGS, Route, add_routes, json_response, parse_model, parse_query, principal, read_json
@@ -101,7 +101,7 @@ class ResolveBody(BaseModel):
     @model_validator(mode="after")
     def _invoice(self) -> "ResolveBody":
         if self.action == "match_to_invoice" and not self.invoice_id:
-            raise ValueError("match_to_invoice needs invoice_id")
+            raise FieldValueError("invoice_id", "match_to_invoice needs invoice_id")
         return self
 
 

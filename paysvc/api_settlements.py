@@ -23,7 +23,7 @@ from paysvc.settlement_import import Imported, Rules, SettlementConflict, file_d
 from paysvc.settlement_report import report, report_csv
 from paysvc.queries import Q
 from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
-                        principal)
+                        principal, refuse_encoded_body)
 from providers import ProviderError, SettlementFormatError, available_providers, load_providers
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -40,13 +40,16 @@ def rules_of(settings: Settings) -> Rules:
                  bank_account=settings.treasury_bank_account)
 
 
-def parser_for(enabled: dict, fmt: str):
-    """The plugin that reads ``fmt``: an enabled provider, or a registered one that needs no configuration."""
+def parser_for(enabled: dict, fmt: str, field: str = "format"):
+    """The plugin that reads ``fmt``: an enabled provider, or a registered one that needs no configuration.
+
+    ``field`` is the form field that named it: ``provider`` when no ``format`` was given."""
     if fmt in enabled:
         return enabled[fmt]
     if fmt not in available_providers():
-        raise ValidationFailed(f"no settlement format {fmt!r}; available: {', '.join(available_providers())}",
-                               errors=[{"field": "format", "message": "unknown format", "code": "unknown"}])
+        raise ValidationFailed(f"no settlement format for {field} {fmt!r}; available: "
+                               f"{', '.join(available_providers())}",
+                               errors=[{"field": field, "message": "unknown format", "code": "unknown"}])
     try:
         return load_providers({fmt: {}})[fmt]
     except ProviderError as exc:
@@ -64,8 +67,9 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
                      data: bytes, file_name: str | None, imported_by: str,
                      timings: dict | None = None) -> Imported:
     """Parse and import in one transaction; a malformed file raises ``SettlementFileInvalid`` (nothing kept)."""
+    field = "format" if fmt else "provider"  # the form field that named the format, for the error
     fmt = fmt or provider
-    parser = parser_for(enabled, fmt)
+    parser = parser_for(enabled, fmt, field)
     rules = rules_of(settings)
     try:
         async with pool.acquire() as conn:
@@ -87,6 +91,7 @@ async def upload(request: web.Request) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         raise MalformedRequest("send multipart/form-data with the fields file, provider, business_date (and "
                                "optionally format)")
+    refuse_encoded_body(request)
     fields: dict[str, str] = {}
     data: bytes | None = None
     file_name = None
@@ -94,6 +99,8 @@ async def upload(request: web.Request) -> web.Response:
         reader = await request.multipart()
         async for part in reader:
             if part.name == "file":
+                if data is not None:
+                    raise ValidationFailed("form field 'file' is sent twice; send one settlement file")
                 file_name = part.filename
                 chunks, size = [], 0
                 while chunk := await part.read_chunk(1024**2):
@@ -103,6 +110,8 @@ async def upload(request: web.Request) -> web.Response:
                     chunks.append(chunk)
                 data = b"".join(chunks)
             elif part.name in ("provider", "business_date", "format"):
+                if part.name in fields:
+                    raise ValidationFailed(f"form field {part.name!r} is sent twice; send it once")
                 fields[part.name] = (await part.text()).strip()
             else:
                 raise ValidationFailed(f"unknown form field {part.name!r}")

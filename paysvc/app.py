@@ -62,7 +62,9 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     app = web.Application(
         middlewares=[request_middleware,
                      admission_middleware(settings.max_concurrent_requests, settings.request_queue_seconds)],
-        client_max_size=1024**2)
+        client_max_size=1024**2,
+        # Bodies are read exactly as sent: a compressed one is refused (see web.body_encoding).
+        handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[BACKGROUND] = background
     ctx = invoicing.InvoiceContext(

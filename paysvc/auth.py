@@ -88,9 +88,10 @@ class Authenticator:
         self._cache: dict[str, tuple[float, bytes, Principal | None]] = {}
 
     async def authenticate(self, header: str | None) -> Principal:
-        if not header or not header.startswith("Bearer "):
+        scheme, _, token = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # RFC 9110: the scheme is case-insensitive
             raise Unauthenticated("send the API key as 'Authorization: Bearer psk_…'")
-        token = header[len("Bearer "):].strip()
+        token = token.strip()
         parts = token.split("_", 2)
         if len(parts) != 3 or parts[0] != "psk" or not parts[1] or not parts[2]:
             raise Unauthenticated("the API key is malformed: it should look like psk_<id>_<secret>")

@@ -68,10 +68,29 @@ Busy = _problem(503, "busy", "Service busy")
 ClientClosedRequest = _problem(499, "client-closed-request", "Client closed the request")
 
 
+class FieldValueError(ValueError):
+    """A rule checked on the whole model whose error belongs to one field: reported under that field's name
+    (a model validator's error has no field of its own)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def pydantic_errors(exc) -> list[dict[str, Any]]:
-    """Per-field errors from a pydantic ``ValidationError``: a JSON pointer-ish field path and the message."""
+    """Per-field errors from a pydantic ``ValidationError``: a dotted field path, the message and its code.
+
+    A validator's own ``ValueError`` is given in its words (without pydantic's "Value error, " prefix)."""
     out = []
-    for err in exc.errors(include_url=False, include_context=False):
+    for err in exc.errors(include_url=False):
         loc = [str(p) for p in err["loc"]]
-        out.append({"field": ".".join(loc) or "(body)", "message": err["msg"], "code": err["type"]})
+        message = err["msg"]
+        cause = err.get("ctx", {}).get("error")
+        if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            message = "must be a JSON object"  # not pydantic's "... or instance of InvoiceCreate"
+        elif isinstance(cause, ValueError):
+            message = str(cause)
+            if isinstance(cause, FieldValueError):
+                loc.append(cause.field)
+        out.append({"field": ".".join(loc) or "(body)", "message": message, "code": err["type"]})
     return out

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator, model_validator
 
 from paysvc import khqr
+from paysvc.errors import FieldValueError
 
 Currency = Literal["KHR", "USD"]
 Status = Literal["open", "paid", "expired", "cancelled"]
@@ -80,11 +81,13 @@ class InvoiceCreate(BaseModel):
     @model_validator(mode="after")
     def _amounts(self) -> "InvoiceCreate":
         if self.amount > max_amount(self.currency):
-            raise ValueError(f"amount is too large for {self.currency}: at most {max_amount(self.currency)}")
+            raise FieldValueError("amount", f"amount is too large for {self.currency}: at most "
+                                            f"{max_amount(self.currency)}")
         if self.line_items:
             total = sum(li.amount for li in self.line_items)
             if total != self.amount:
-                raise ValueError(f"line_items sum to {total} but amount is {self.amount}; they must be equal")
+                raise FieldValueError("line_items", f"line_items sum to {total} but amount is {self.amount}; "
+                                                    "they must be equal")
         return self
 
 

@@ -30,7 +30,7 @@ from paysvc.pages import amount_display
 from paysvc.queries import Q
 from paysvc.settlement_days import TIME_ZONE_NAME, business_date
 from paysvc.settlement_report import day_grid, report
-from paysvc.web import AUTH, POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes
+from paysvc.web import AUTH, POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, body_encoding
 from pydantic import ValidationError
 
 COOKIE = "paysvc_treasury"
@@ -98,7 +98,9 @@ def _forbidden(request: web.Request, why: str) -> web.Response:
 
 
 async def _read_form(request: web.Request):
-    """The posted form, or None when it cannot be read (see ``UNREADABLE_FORM``)."""
+    """The posted form, or None when it cannot be read (see ``UNREADABLE_FORM``) or comes compressed."""
+    if body_encoding(request) is not None:
+        return None
     try:
         return await request.post()
     except UNREADABLE_FORM:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Awaitable, Callable
 
 import asyncpg
@@ -22,6 +24,7 @@ from paysvc.errors import (
     UnsupportedMediaType, ValidationFailed, pydantic_errors,
 )
 from paysvc.settings import Settings
+from providers.models import DuplicateKey, unique_keys
 
 log = logging.getLogger("paysvc.http")
 
@@ -64,6 +67,22 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
+def body_encoding(request: web.Request) -> str | None:
+    """The request body's Content-Encoding when it is not ``identity``.
+
+    The server reads every body as sent and never decompresses it (``auto_decompress`` is off in
+    ``create_app``): a compressed body is refused, so no endpoint has to reason about sizes before and after
+    decompression, or about a small body that expands without bound.
+    """
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    return encoding if encoding and encoding != "identity" else None
+
+
+def refuse_encoded_body(request: web.Request) -> None:
+    if (encoding := body_encoding(request)) is not None:
+        raise UnsupportedMediaType(f"send the body uncompressed: Content-Encoding {encoding!r} is not accepted")
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The raw body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
     if request.content_length is not None and request.content_length > limit:
@@ -94,17 +113,22 @@ async def read_json(request: web.Request) -> Any:
     """The request body as JSON, with clear errors for the wrong type, size or syntax."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"send the body as application/json (got {request.content_type or 'none'})")
+    refuse_encoded_body(request)
     raw = await read_body(request, MAX_JSON_BODY)
     if b"\\u0000" in raw:
         raise MalformedRequest("text must not contain NUL characters (\\u0000)")
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=unique_keys)
+    except DuplicateKey as exc:
+        raise MalformedRequest(f"body is ambiguous: {exc}; send each key once") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"body is not valid JSON: {exc}") from None
     except RecursionError:
         raise MalformedRequest("body is nested too deeply to read") from None
-    except ValueError as exc:  # e.g. an integer literal of thousands of digits (Python's int_max_str_digits)
-        raise MalformedRequest(f"body cannot be read: {exc}") from None
+    except ValueError as exc:  # an integer literal of thousands of digits (Python's int_max_str_digits)
+        log.info("JSON body refused: %s", exc)
+        raise MalformedRequest(f"body cannot be read: a number in it has more than {sys.get_int_max_str_digits()} "
+                               "digits") from None
 
 
 def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
@@ -115,10 +139,23 @@ def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
 
 
 def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
+    repeated = sorted({k for k in request.query.keys() if len(request.query.getall(k)) > 1})
+    if repeated:
+        raise ValidationFailed(f"query parameter {repeated[0]!r} is given more than once; give it once",
+                               errors=[{"field": k, "message": "given more than once", "code": "repeated"}
+                                       for k in repeated])
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
         raise ValidationFailed("some query parameters are not valid; see errors", errors=pydantic_errors(exc)) from None
+
+
+def require_offset(name: str, value: datetime | None) -> None:
+    """Refuse a time without a UTC offset: which instant it means would depend on the server's zone."""
+    if value is not None and value.tzinfo is None:
+        raise ValidationFailed(f"{name} needs a UTC offset, e.g. 2026-01-31T00:00:00+07:00",
+                               errors=[{"field": name, "message": "timezone offset required",
+                                        "code": "timezone_aware"}])
 
 
 async def principal(request: web.Request, scope: str) -> Principal:
@@ -196,8 +233,8 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # A value the database cannot hold or compare (a number past 64 bits, a date past its range, text
             # it cannot read): refused by the statement, so nothing of it was written.
             log.warning("request refused by the database as out of range: %s", exc, extra={"request_id": request_id})
-            raise MalformedRequest(f"a value in this request is out of range ({exc}); numbers must fit in 64 "
-                                   "bits and dates must be real dates, years 1 to 9999 in UTC") from None
+            raise MalformedRequest("a value in this request is out of range: numbers must fit in 64 bits and dates "
+                                   "must be real dates, years 1 to 9999 once in UTC") from None
         except OverflowError as exc:
             log.warning("request refused as out of range: %s", exc, extra={"request_id": request_id})
             raise MalformedRequest(f"a date or number in this request is out of range ({exc})") from None

@@ -77,12 +77,31 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names the same key twice: which value was meant is ambiguous, so it is refused."""
+
+    def __init__(self, key: str):
+        super().__init__(f"the key {key!r} appears twice in one object")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json.loads``: the object as a dict, :class:`DuplicateKey` if a key repeats
+    (plain ``json.loads`` keeps the last value silently, where another reader might keep the first)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))  # type: ignore[func-returns-value]
+    return obj
+
+
 def loads_exact(data: bytes | str) -> Any:
-    """``json.loads`` with every fractional number as :class:`~decimal.Decimal` and NaN/Infinity refused.
+    """``json.loads`` with every fractional number as :class:`~decimal.Decimal`, NaN/Infinity refused and a
+    key repeated in one object refused (:class:`DuplicateKey`).
 
     Raises ``ValueError`` (``json.JSONDecodeError`` or ``UnicodeDecodeError`` are subclasses) on bad input.
     """
-    return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant)
+    return json.loads(data, parse_float=Decimal, parse_constant=_reject_constant, object_pairs_hook=unique_keys)
 
 
 def callback_object(body: bytes, provider: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from datetime import datetime
 from providers.errors import SettlementFormatError
 
 _INT = re.compile(r"[0-9]{1,18}", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+_NEGATIVE = re.compile(r"-[0-9]+", re.ASCII)
 
 
 def rows(data: bytes, header: Sequence[str], *, provider: str) -> Iterator[tuple[int, list[str]]]:
@@ -70,7 +72,13 @@ def int_field(line_no: int, name: str, text: str, *, provider: str, optional: bo
     if optional and text == "":
         return 0
     if not _INT.fullmatch(text):
-        raise SettlementFormatError(line_no, f"{name} {text!r} is not a whole number", provider=provider)
+        if _NEGATIVE.fullmatch(text):
+            why = "is negative; it must be 0 or more"
+        elif _DIGITS.fullmatch(text):
+            why = "is too large (more than 18 digits)"
+        else:
+            why = "is not a whole number (digits only, e.g. 5000)"
+        raise SettlementFormatError(line_no, f"{name} {text!r} {why}", provider=provider)
     return int(text)
 
 

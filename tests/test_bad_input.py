@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 from datetime import date
 
@@ -56,7 +57,7 @@ async def test_out_of_range_query_values_on_treasury_endpoints(api, treasury, pa
 
 @pytest.mark.parametrize("raw, says", [
     (b"[" * 1000 + b"]" * 1000, "nested"),
-    (b'{"amount": ' + b"9" * 5000 + b"}", "cannot be read"),
+    (b'{"amount": ' + b"9" * 5000 + b"}", "more than 4300 digits"),
 ])
 async def test_json_bodies_python_cannot_read_are_400(api, portal, raw, says):
     r = await api.client.post("/v1/invoices", data=raw, headers={**portal, "Content-Type": "application/json"})
@@ -152,3 +153,116 @@ async def test_settlement_lines_out_of_range_are_refused_with_their_line_number(
     body = await r.json()
     assert r.status in (400, 422), body
     assert "line 2" in body["detail"] and says in body["detail"], body
+
+
+@pytest.mark.parametrize("encoding, raw", [
+    ("gzip", gzip.compress(b'{"reference": "R-1", "description": "Passport", "currency": "KHR", "amount": 5000}')),
+    ("gzip", b'{"reference": "R-1"}'),      # says gzip, is not
+    ("deflate", b"\x00\x01not deflate"),
+    ("br", b"\x0b\x02\x80"),
+    ("zstd", b"\x28\xb5\x2f\xfd"),
+])
+async def test_a_compressed_json_body_is_415_and_nothing_is_written(api, portal, encoding, raw):
+    r = await api.client.post("/v1/invoices", data=raw, headers={
+        **portal, "Content-Type": "application/json", "Content-Encoding": encoding})
+    assert f"Content-Encoding '{encoding}'" in (await expect_4xx(r, 415))["detail"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM invoices") == 0
+    finally:
+        await conn.close()
+
+
+async def test_a_compressed_settlement_upload_is_415(api, treasury):
+    form = (b"--B\r\nContent-Disposition: form-data; name=\"provider\"\r\n\r\nsandbox\r\n--B--\r\n")
+    r = await api.client.post("/v1/settlements", data=gzip.compress(form), headers={
+        **treasury, "Content-Type": "multipart/form-data; boundary=B", "Content-Encoding": "gzip"})
+    await expect_4xx(r, 415)
+
+
+@pytest.mark.parametrize("field", ["provider", "business_date", "file"])
+async def test_a_settlement_form_field_sent_twice_is_refused(api, treasury, field):
+    from aiohttp import FormData
+
+    form = FormData()
+    form.add_field("provider", "sandbox")
+    form.add_field("business_date", "2026-11-24")
+    form.add_field("file", write_settlement_csv([]), filename="s.csv", content_type="text/csv")
+    if field == "file":
+        form.add_field("file", write_settlement_csv([]), filename="t.csv", content_type="text/csv")
+    else:
+        form.add_field(field, "again")
+    r = await api.client.post("/v1/settlements", data=form, headers=treasury)
+    assert f"'{field}' is sent twice" in (await expect_4xx(r, 422))["detail"]
+
+
+@pytest.mark.parametrize("line, says", [
+    ("TX-1,,,-10,KHR,2025-06-02T03:00:00Z,0", "amount '-10' is negative"),
+    ("TX-1,,,99999999999999999999,KHR,2025-06-02T03:00:00Z,0", "amount '99999999999999999999' is too large"),
+    ("TX-1,,,5000,KHR,2025-06-02T03:00:00Z,-1", "fee '-1' is negative"),
+    ("TX-1,,,50.5,KHR,2025-06-02T03:00:00Z,0", "amount '50.5' is not a whole number"),
+])
+async def test_settlement_numbers_say_what_is_wrong_with_them(api, treasury, line, says):
+    header = write_settlement_csv([]).decode().splitlines()[0]
+    r = await upload(api, treasury, f"{header}\n{line}\n".encode())
+    body = await r.json()
+    assert r.status in (400, 422) and says in body["detail"], body
+
+
+async def test_an_unknown_provider_is_named_as_the_provider_field(api, treasury):
+    r = await upload(api, treasury, write_settlement_csv([]), provider="nope")
+    body = await expect_4xx(r, 422)
+    assert "provider 'nope'" in body["detail"] and body["errors"][0]["field"] == "provider", body
+
+
+async def test_a_json_key_given_twice_is_refused(api, portal):
+    raw = b'{"reference": "R-1", "description": "Passport", "currency": "KHR", "amount": 5, "amount": 6}'
+    r = await api.client.post("/v1/invoices", data=raw, headers={**portal, "Content-Type": "application/json"})
+    assert "'amount' appears twice" in (await expect_4xx(r))["detail"]
+
+
+async def test_two_idempotency_keys_are_refused(api, portal, invoice_body):
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict(portal)
+    headers.add("Idempotency-Key", "k1")
+    headers.add("Idempotency-Key", "k2")
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+    body = await expect_4xx(r, 422)
+    assert body["errors"] == [{"field": "Idempotency-Key", "message": "sent more than once", "code": "repeated"}]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM invoices") == 0
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("query", ["status=paid&status=open", "limit=1&limit=2"])
+async def test_a_query_parameter_given_twice_is_refused(api, portal, query):
+    r = await api.client.get(f"/v1/invoices?{query}", headers=portal)
+    body = await expect_4xx(r, 422)
+    assert body["errors"][0]["code"] == "repeated", body
+
+
+@pytest.mark.parametrize("change, field, says", [
+    ({"amount": 10**16}, "amount", "amount is too large for KHR"),
+    ({"amount": 5000, "line_items": [{"code": "A", "description": "a", "amount": 1}]}, "line_items",
+     "line_items sum to 1 but amount is 5000"),
+    ({"payer": "Sok"}, "payer", "must be a JSON object"),
+])
+async def test_rules_on_several_fields_name_the_field_they_are_about(api, portal, invoice_body, change, field, says):
+    r = await api.client.post("/v1/invoices", json=invoice_body(**change), headers=portal)
+    errors = (await expect_4xx(r, 422))["errors"]
+    assert any(e["field"] == field and e["message"].startswith(says) for e in errors), errors
+
+
+async def test_a_body_that_is_not_an_object_says_so(api, portal):
+    r = await api.client.post("/v1/invoices", json=[], headers=portal)
+    errors = (await expect_4xx(r, 422))["errors"]
+    assert errors == [{"field": "(body)", "message": "must be a JSON object", "code": "model_type"}], errors
+
+
+async def test_a_lowercase_bearer_scheme_is_accepted(api, portal, invoice_body):
+    key = portal["Authorization"].split(" ", 1)[1]
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers={"Authorization": f"bearer {key}"})
+    assert r.status == 201, await r.text()

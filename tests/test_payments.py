@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -148,7 +149,7 @@ async def test_exceptions_need_a_treasury_key(api, portal):
 
 @pytest.mark.parametrize("case, status", [
     ("bad_signature", 401), ("stale", 401), ("future", 401), ("malformed_json", 400), ("content_type", 415),
-    ("oversize", 413), ("missing_signature", 401), ("unknown_provider", 404),
+    ("oversize", 413), ("missing_signature", 401), ("unknown_provider", 404), ("compressed", 415),
 ])
 async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoice_body, case, status):
     inv = await new_invoice(api, portal, invoice_body)
@@ -173,16 +174,21 @@ async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoic
         headers = {"Content-Type": "application/json"}
     elif case == "unknown_provider":
         url = "/v1/providers/nobank/callbacks"
+    elif case == "compressed":
+        body = gzip.compress(body)
+        headers = {**sandbox_headers(body), "Content-Encoding": "gzip"}
     r = await api.client.post(url, data=body, headers=headers)
     assert r.status == status, await r.text()
     assert r.content_type == "application/problem+json"
     assert (await r.json())["detail"]
     conn = await asyncpg.connect(api.dsn)
     assert await conn.fetchval("SELECT count(*) FROM payments") == 0
-    kept = await conn.fetch("SELECT state, reason FROM provider_inbox")
+    kept = await conn.fetch("SELECT state, reason, body FROM provider_inbox")
     await conn.close()
-    if case in ("bad_signature", "stale", "future", "malformed_json", "content_type", "missing_signature"):
+    if case in ("bad_signature", "stale", "future", "malformed_json", "content_type", "missing_signature",
+                "compressed"):
         assert [k["state"] for k in kept] == ["rejected"] and kept[0]["reason"]
+        assert bytes(kept[0]["body"]) == body  # the bytes as they came, compressed ones included
     else:
         assert kept == []
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
