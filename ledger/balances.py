@@ -56,17 +56,21 @@ class CurrencyTotal(BaseModel):
     currency: Literal["KHR", "USD"]
     debits: int
     credits: int
-    balanced: bool
+    balanced: bool | None  # None for a part of the ledger (see ``TrialBalance.scope``)
 
 
 class TrialBalance(BaseModel):
-    """Every account's debits and credits; per currency, total debits equal total credits."""
+    """Every account's debits and credits; per currency, total debits equal total credits.
+
+    ``scope``: the account-code prefix the lines are limited to (an agency's own accounts), or None for the
+    whole ledger. Only the whole ledger has to balance: for a part, ``balanced`` is None."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     as_of: datetime | None
+    scope: str | None = None
     lines: list[TrialBalanceLine]
     totals: list[CurrencyTotal]
-    balanced: bool
+    balanced: bool | None
 
 
 def _account(r: asyncpg.Record) -> Account:
@@ -119,7 +123,8 @@ async def trial_balance(conn: asyncpg.Connection, *, as_of: datetime | None = No
                         prefix: str | None = None) -> TrialBalance:
     """Debits and credits of every account (now, or as of an effective time), with per-currency totals.
 
-    ``prefix`` restricts the lines to accounts whose code starts with it (the totals then need not balance).
+    ``prefix`` restricts the lines to accounts whose code starts with it: a part of the ledger, whose totals
+    need not balance, so ``balanced`` is then None (not false) and ``scope`` names the part.
     """
     rows = (await conn.fetch(Q.trial_balance_now, prefix) if as_of is None
             else await conn.fetch(Q.trial_balance_as_of, as_of, prefix))
@@ -130,19 +135,24 @@ async def trial_balance(conn: asyncpg.Connection, *, as_of: datetime | None = No
     for cur in sorted({ln.currency for ln in lines}):
         dr = sum(ln.debits for ln in lines if ln.currency == cur)
         cr = sum(ln.credits for ln in lines if ln.currency == cur)
-        totals.append(CurrencyTotal(currency=cur, debits=dr, credits=cr, balanced=dr == cr))
-    return TrialBalance(as_of=as_of, lines=lines, totals=totals, balanced=all(t.balanced for t in totals))
+        totals.append(CurrencyTotal(currency=cur, debits=dr, credits=cr, balanced=dr == cr if prefix is None else None))
+    return TrialBalance(as_of=as_of, scope=prefix, lines=lines, totals=totals,
+                        balanced=all(t.balanced for t in totals) if prefix is None else None)
 
 
 async def statement(
     conn: asyncpg.Connection, account_code: str, *, before: tuple[int, int] | None = None, limit: int = 50,
+    as_of: datetime | None = None,
 ) -> tuple[list[StatementLine], tuple[int, int] | None]:
-    """An account's postings newest first; ``before`` is the (entry id, line) cursor of the next page."""
+    """An account's postings newest first; ``before`` is the (entry id, line) cursor of the next page.
+
+    With ``as_of``, only the postings of entries effective at or before it: the lines behind ``balance(...,
+    as_of=...)``."""
     r = await conn.fetchrow(Q.account, account_code)
     if r is None:
         raise AccountNotFound(f"no account {account_code!r}")
     b_entry, b_line = before if before else (None, None)
-    rows = await conn.fetch(Q.statement_page, r["id"], b_entry, b_line, limit + 1)
+    rows = await conn.fetch(Q.statement_page, r["id"], b_entry, b_line, limit + 1, as_of)
     more = len(rows) > limit
     lines = [StatementLine(**dict(x)) for x in rows[:limit]]
     return lines, ((lines[-1].entry_id, lines[-1].line) if more else None)

@@ -49,10 +49,12 @@ SELECT a.code, a.type, a.currency, a.normal_side,
  ORDER BY a.currency, a.code
 
 -- name: statement_page
--- One account's postings, newest first; cursor ($2, $3) = the last (entry id, line) of the previous page.
+-- One account's postings, newest first; cursor ($2, $3) = the last (entry id, line) of the previous page;
+-- with $5, only entries effective at or before it.
 SELECT p.entry_id, p.line, p.side, p.amount, e.kind, e.description, e.effective_at, e.recorded_at
   FROM ledger_postings p JOIN ledger_entries e ON e.id = p.entry_id
  WHERE p.account_id = $1
    AND ($2::bigint IS NULL OR (p.entry_id, p.line) < ($2, $3::smallint))
+   AND ($5::timestamptz IS NULL OR e.effective_at <= $5)
  ORDER BY p.entry_id DESC, p.line DESC
  LIMIT $4

@@ -38,7 +38,8 @@ class AccountListQuery(BaseModel):
 
 class AccountQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    as_of: datetime | None = Field(None, description="balance from entries effective at or before this time")
+    as_of: datetime | None = Field(None, description="balance and postings of entries effective at or before "
+                                                     "this time")
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
 
@@ -141,7 +142,8 @@ async def account(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         try:
             acct = await ledger.get_account(conn, code, as_of=q.as_of)
-            lines, nxt = await ledger.statement(conn, code, before=before, limit=q.limit)  # type: ignore[arg-type]
+            lines, nxt = await ledger.statement(conn, code, before=before, limit=q.limit,  # type: ignore[arg-type]
+                                                as_of=q.as_of)
         except ledger.AccountNotFound:
             raise NotFound(f"no ledger account {code!r}") from None
     return json_response(AccountDetail(account=acct, as_of=q.as_of, postings=lines,

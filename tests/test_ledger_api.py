@@ -51,6 +51,9 @@ async def test_agency_sees_only_its_accounts(api):
     assert r.status == 404
     tb = await (await api.client.get("/v1/ledger/trial-balance", headers=moi)).json()
     assert [ln["account"] for ln in tb["lines"]] == ["agency:MOI:revenue:KHR"]
+    # a part of the ledger need not balance: neither "balanced" nor "unbalanced", and it says which part
+    assert tb["scope"] == "agency:MOI:" and tb["balanced"] is None
+    assert tb["totals"] == [{"currency": "KHR", "debits": 0, "credits": 50_000, "balanced": None}]
 
 
 async def test_treasury_sees_everything_and_the_trial_balance_balances(api):
@@ -61,7 +64,7 @@ async def test_treasury_sees_everything_and_the_trial_balance_balances(api):
     r = await api.client.get("/v1/ledger/accounts/provider:sandbox:clearing:KHR", headers=treasury)
     assert (await r.json())["account"]["balance"] == 64_000
     tb = await (await api.client.get("/v1/ledger/trial-balance", headers=treasury)).json()
-    assert tb["balanced"] and tb["totals"] == [{"currency": "KHR", "debits": 64_000, "credits": 64_000,
+    assert tb["balanced"] is True and tb["scope"] is None and tb["totals"] == [{"currency": "KHR", "debits": 64_000, "credits": 64_000,
                                                 "balanced": True}]
     as_of = quote((T0 + timedelta(minutes=1, seconds=30)).isoformat())
     tb = await (await api.client.get(f"/v1/ledger/trial-balance?as_of={as_of}", headers=treasury)).json()
@@ -134,3 +137,26 @@ async def test_the_service_seals_in_the_background(db_dsn):
             assert await conn.fetchval("SELECT count(*) FROM ledger_seals") == 1
         finally:
             await client.close()
+
+
+async def test_an_account_as_of_a_time_lists_only_the_postings_behind_that_balance(api):
+    moi, treasury = await setup(api)  # MOI: five entries of 10,000 at T0, T0+1 min, ... T0+4 min
+    as_of = quote((T0 + timedelta(minutes=1, seconds=30)).isoformat())
+    for headers in (moi, treasury):
+        body = await (await api.client.get(f"/v1/ledger/accounts/agency:MOI:revenue:KHR?as_of={as_of}",
+                                           headers=headers)).json()
+        assert body["account"]["balance"] == 20_000
+        assert [p["amount"] for p in body["postings"]] == [10_000, 10_000]
+        assert [datetime.fromisoformat(p["effective_at"]) for p in body["postings"]] == [
+            T0 + timedelta(minutes=1), T0]
+    before = quote((T0 - timedelta(days=1)).isoformat())
+    body = await (await api.client.get(f"/v1/ledger/accounts/agency:MOI:revenue:KHR?as_of={before}",
+                                       headers=moi)).json()
+    assert body["account"]["balance"] == 0 and body["postings"] == []
+    # paging through an as_of statement stays inside it
+    r = await api.client.get(f"/v1/ledger/accounts/agency:MOI:revenue:KHR?as_of={as_of}&limit=1", headers=moi)
+    page = await r.json()
+    r = await api.client.get(f"/v1/ledger/accounts/agency:MOI:revenue:KHR?as_of={as_of}&limit=1"
+                             f"&cursor={page['next_cursor']}", headers=moi)
+    last = await r.json()
+    assert len(page["postings"]) == len(last["postings"]) == 1 and last["next_cursor"] is None
