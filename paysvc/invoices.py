@@ -109,7 +109,9 @@ class PaymentOut(BaseModel):
     status: str
 
 
-class InvoiceOut(BaseModel):
+class InvoiceSummary(BaseModel):
+    """An invoice as listed: everything but its payer and payments (read one invoice for those)."""
+
     model_config = ConfigDict(frozen=True)
     id: str
     status: Status
@@ -130,13 +132,18 @@ class InvoiceOut(BaseModel):
     paid_at: datetime | None = None
     cancelled_at: datetime | None = None
     expired_at: datetime | None = None
+
+
+class InvoiceOut(InvoiceSummary):
+    """One invoice, with its payer (decrypted) and every payment captured for it."""
+
     payer: Payer | None = None
-    payments: list[PaymentOut] | None = None
+    payments: list[PaymentOut]
 
 
 class InvoicePage(BaseModel):
     model_config = ConfigDict(frozen=True)
-    data: list[InvoiceOut]
+    data: list[InvoiceSummary]
     next_cursor: str | None
 
 

@@ -18,7 +18,7 @@ import asyncpg
 
 from paysvc import khqr
 from paysvc.errors import Conflict, IdempotencyInProgress, IdempotencyMismatch, InvalidState, MalformedRequest, NotFound
-from paysvc.invoices import InvoiceCreate, InvoiceOut, KhqrOut, Payer, khqr_content, khqr_window
+from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoiceSummary, KhqrOut, Payer, khqr_content, khqr_window
 from paysvc.outbox import add_event
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
@@ -103,16 +103,14 @@ async def _issue_khqr(
     raise RuntimeError("could not issue a unique KHQR code")
 
 
-def _out(ctx: InvoiceContext, row, *, khqr_out: KhqrOut | None = None, with_payer: bool = False,
-         payments: list | None = None, payer: Payer | None = None) -> InvoiceOut:
+def _fields(ctx: InvoiceContext, row, khqr_out: KhqrOut | None = None) -> dict[str, Any]:
+    """What a listed invoice and a single one have in common, from its row."""
     if khqr_out is None and row["status"] == "open" and row.get("khqr_payload"):
         khqr_out = KhqrOut(payload=row["khqr_payload"], md5=row["current_khqr_md5"], expires_at=row["khqr_expires_at"])
     if row["status"] != "open":
         khqr_out = None
-    if with_payer and row["payer_ciphertext"] is not None:
-        payer = Payer(**ctx.cipher.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"]))
     base = ctx.base_url
-    return InvoiceOut(
+    return dict(
         id=row["id"],
         status=row["status"],
         reference=row["reference"],
@@ -132,9 +130,19 @@ def _out(ctx: InvoiceContext, row, *, khqr_out: KhqrOut | None = None, with_paye
         paid_at=row["paid_at"],
         cancelled_at=row["cancelled_at"],
         expired_at=row["expired_at"],
-        payer=payer,
-        payments=payments,
     )
+
+
+def _summary(ctx: InvoiceContext, row) -> InvoiceSummary:
+    return InvoiceSummary(**_fields(ctx, row))
+
+
+def _out(ctx: InvoiceContext, row, *, payments: list, khqr_out: KhqrOut | None = None,
+         payer: Payer | None = None) -> InvoiceOut:
+    """One invoice in full: its payer (``payer``, else decrypted from ``row``) and its ``payments``."""
+    if payer is None and row.get("payer_ciphertext") is not None:
+        payer = Payer(**ctx.cipher.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"]))
+    return InvoiceOut(**_fields(ctx, row, khqr_out), payer=payer, payments=payments)
 
 
 def _event_data(row) -> dict[str, Any]:
@@ -247,7 +255,7 @@ async def _create_once(
             "bill_number": bill, "expires_at": expires_at, "created_at": now, "paid_at": None,
             "cancelled_at": None, "expired_at": None,
         }
-        response = _out(ctx, row, khqr_out=code, payer=body.payer).model_dump(mode="json")
+        response = _out(ctx, row, khqr_out=code, payer=body.payer, payments=[]).model_dump(mode="json")
         result = await conn.fetchrow(
             Q.invoice_create, invoice_id, number, bill, agency_id, body.reference, body.description, body.currency,
             body.amount, row["line_items"], body.metadata, key_id, blob, expires_at, now, code.md5, payload,
@@ -270,15 +278,11 @@ async def get_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int
         if row is None:
             raise NotFound(f"no invoice {invoice_id!r} for this agency")
         payments = await _payments(conn, invoice_id)
-    return _out(ctx, row, with_payer=True, payments=payments)
+    return _out(ctx, row, payments=payments)
 
 
 async def _payments(conn: asyncpg.Connection, invoice_id: str) -> list:
-    # The payments table arrives with provider capture; until then an invoice has none.
-    if await conn.fetchval("SELECT to_regclass('payments') IS NULL"):
-        return []
-    rows = await conn.fetch(Q.payments_of_invoice, invoice_id)
-    return [dict(r) for r in rows]
+    return [dict(r) for r in await conn.fetch(Q.payments_of_invoice, invoice_id)]
 
 
 def encode_cursor(created_at: datetime, invoice_id: str) -> str:
@@ -297,7 +301,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 async def list_invoices(
     pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, status: str | None, reference: str | None,
     created_from: datetime | None, created_to: datetime | None, cursor: str | None, limit: int,
-) -> tuple[list[InvoiceOut], str | None]:
+) -> tuple[list[InvoiceSummary], str | None]:
     after_ts = after_id = None
     if cursor:
         after_ts, after_id = decode_cursor(cursor)
@@ -307,7 +311,7 @@ async def list_invoices(
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
-    return [_out(ctx, r) for r in rows], next_cursor
+    return [_summary(ctx, r) for r in rows], next_cursor
 
 
 async def cancel_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, invoice_id: str) -> InvoiceOut:
@@ -323,7 +327,8 @@ async def cancel_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: 
         # No money moved, so nothing is posted to the ledger.
         await add_event(conn, agency_id=row["agency_id"], type="invoice.cancelled", data=_event_data(row),
                         occurred_at=now)
-    return _out(ctx, row)
+        payments = await _payments(conn, invoice_id)  # held in suspense, if any was paid short
+    return _out(ctx, row, payments=payments)
 
 
 async def current_khqr(

@@ -236,11 +236,12 @@ async def test_list_filters_and_cursor_pagination(api, invoice_body):
 
 async def test_cancel_open_then_refuse_second_cancel(api, invoice_body):
     h = await api.portal("MOI")
-    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok Dara"}), headers=h)).json()
     r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
     assert r.status == 200
     out = await r.json()
     assert out["status"] == "cancelled" and out["khqr"] is None and out["cancelled_at"]
+    assert out["payer"]["name"] == "Sok Dara" and out["payments"] == []  # the whole invoice, as GET gives it
     r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
     assert r.status == 409 and (await r.json())["invoice_status"] == "cancelled"
     r = await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)
@@ -495,3 +496,21 @@ async def test_an_instance_past_its_capacity_sheds_requests_with_retry_after(db_
         assert r.status == 200
         metrics = await (await api.client.get("/metrics")).text()
         assert "paysvc_http_requests_shed_total" in metrics
+
+
+async def test_one_invoice_carries_payer_and_payments_and_a_listed_one_neither(api, invoice_body):
+    """A list does not decrypt every payer or read every invoice's payments; it leaves both fields out rather
+    than show null, which would read as "no payer" and "no payments"."""
+    from tests.payments_helpers import pay
+
+    h = await api.portal("MOI")
+    created = await (await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok Dara"}),
+                                           headers=h)).json()
+    assert created["payer"]["name"] == "Sok Dara" and created["payments"] == []
+    r = await pay(api.client, created)
+    assert r.status == 200, await r.text()
+    one = await (await api.client.get(f"/v1/invoices/{created['id']}", headers=h)).json()
+    assert one["payer"]["name"] == "Sok Dara" and len(one["payments"]) == 1
+    [listed] = (await (await api.client.get("/v1/invoices", headers=h)).json())["data"]
+    assert listed["id"] == created["id"] and listed["status"] == "paid"
+    assert "payer" not in listed and "payments" not in listed
