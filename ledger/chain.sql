@@ -5,8 +5,9 @@
 SELECT pg_try_advisory_xact_lock(7306012877355101540)
 
 -- name: last_seal
-SELECT s.position, s.chain_hash, e.txid::text AS txid, e.id
-  FROM ledger_seals s JOIN ledger_entries e ON e.id = s.entry_id
+-- The seal at the highest position, whether or not its entry still exists (txid and id are then NULL).
+SELECT s.position, s.chain_hash, s.entry_id, e.txid::text AS txid, e.id
+  FROM ledger_seals s LEFT JOIN ledger_entries e ON e.id = s.entry_id
  ORDER BY s.position DESC
  LIMIT 1
 

@@ -47,11 +47,16 @@ async def _seal(dsn: str, batch: int) -> int:
 
 
 def cmd_seal(settings, args) -> int:
+    import ledger
     from paysvc.cli import _migrate, database
 
     with database(settings) as dsn:
         asyncio.run(_migrate(dsn))
-        n = asyncio.run(_seal(dsn, args.batch))
+        try:
+            n = asyncio.run(_seal(dsn, args.batch))
+        except ledger.LedgerTampered as e:
+            print(f"ledger seal REFUSED: {e}", file=sys.stderr)
+            return 1
     print(f"sealed {n} journal entries")
     return 0
 

@@ -841,3 +841,21 @@ async def test_verify_reports_postings_that_name_no_entry(db, db_dsn):
     bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
     assert bad.returncode == 1
     assert f"FIRST BAD ENTRY: {ghost}" in bad.stdout
+
+
+async def test_the_sealer_refuses_to_extend_a_chain_whose_last_entry_was_deleted(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    victim = posted[-1]
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", victim.id)
+    refusal = f"seal 3, the last one, names entry {victim.id}, which is missing"
+    with pytest.raises(ledger.LedgerTampered, match=refusal):
+        await ledger.seal(db)
+    await post(db, capture(7))
+    with pytest.raises(ledger.LedgerTampered, match=refusal):
+        await ledger.seal_all(db)  # neither reuses position 3 nor chains past the deleted entry
+    assert await db.fetchval("SELECT count(*) FROM ledger_seals") == 3
+    refused = await asyncio.to_thread(run_cli, db_dsn, "seal")
+    assert refused.returncode == 1
+    assert f"entry {victim.id}" in refused.stderr and "Traceback" not in refused.stderr
+    assert await db.fetchval("SELECT count(*) FROM ledger_seals") == 3
