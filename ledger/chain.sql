@@ -56,17 +56,20 @@ SELECT o.entry_id, o.postings, s.position
  ORDER BY o.entry_id
 
 -- name: verify_balances
--- Every account whose maintained debits or credits differ from those of its postings
+-- Every account whose maintained debits, credits or posting count differ from those of its postings
 -- (only postings whose entry exists count: an orphaned posting is reported by verify_orphan_postings).
 SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits,
-       coalesce(s.debits, 0) AS sum_debits, coalesce(s.credits, 0) AS sum_credits
+       coalesce(b.postings, 0) AS postings, coalesce(s.debits, 0) AS sum_debits,
+       coalesce(s.credits, 0) AS sum_credits, coalesce(s.postings, 0) AS sum_postings
   FROM ledger_accounts a
   LEFT JOIN ledger_balances b ON b.account_id = a.id
   LEFT JOIN (SELECT p.account_id,
                     coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS debits,
-                    coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits
+                    coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits,
+                    count(*) AS postings
                FROM ledger_postings p
               WHERE EXISTS (SELECT 1 FROM ledger_entries e WHERE e.id = p.entry_id)
               GROUP BY p.account_id) s ON s.account_id = a.id
  WHERE coalesce(b.debits, 0) <> coalesce(s.debits, 0) OR coalesce(b.credits, 0) <> coalesce(s.credits, 0)
+    OR coalesce(b.postings, 0) <> coalesce(s.postings, 0)
  ORDER BY a.code

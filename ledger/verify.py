@@ -26,8 +26,10 @@ class BalanceMismatch(BaseModel):
     account: str
     maintained_debits: int
     maintained_credits: int
+    maintained_postings: int
     posted_debits: int
     posted_credits: int
+    posted_postings: int
 
 
 class VerifyReport(BaseModel):
@@ -85,7 +87,7 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
     Checks, in chain order then for unsealed entries: each entry's content hash, that it balances, each
     seal's link to the previous one and its hash; a seal whose entry row is gone; an unsealed entry that
     the sealer has already passed; postings whose entry row is gone; and every account's maintained
-    debits and credits against those of its postings (postings of existing entries only).
+    debits, credits and posting count against those of its postings (postings of existing entries only).
     ``first_bad_entry`` is the first problem in chain order (then unsealed, by entry id).
     """
     problems: list[EntryProblem] = []
@@ -136,8 +138,9 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
                  for o in await conn.fetch(Q.verify_orphan_postings)]
     problems.sort(key=_chain_order)  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
-                                  maintained_credits=m["credits"], posted_debits=m["sum_debits"],
-                                  posted_credits=m["sum_credits"])
+                                  maintained_credits=m["credits"], maintained_postings=m["postings"],
+                                  posted_debits=m["sum_debits"], posted_credits=m["sum_credits"],
+                                  posted_postings=m["sum_postings"])
                   for m in await conn.fetch(Q.verify_balances)]
     return VerifyReport(entries=entries, sealed=sealed, unsealed=unsealed,
                         first_bad_entry=problems[0].entry_id if problems else None,

@@ -843,6 +843,24 @@ async def test_verify_reports_postings_that_name_no_entry(db, db_dsn):
     assert f"FIRST BAD ENTRY: {ghost}" in bad.stdout
 
 
+async def test_verify_compares_the_maintained_posting_counts(db, db_dsn):
+    [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    debit, _ = await _account_ids(db)
+    await tamper(db_dsn, "UPDATE ledger_balance_slots SET postings = postings + 7 WHERE account_id = $1", debit)
+    assert (await ledger.get_account(db, CLEARING)).postings != 3  # what the API shows is now wrong
+    report = await ledger.verify(db)
+    assert not report.ok and not report.entry_problems
+    [m] = report.balance_mismatches
+    assert m.account == CLEARING and m.posted_postings == 3
+    assert m.maintained_postings - m.posted_postings == 7 * await db.fetchval(
+        "SELECT count(*) FROM ledger_balance_slots WHERE account_id = $1", debit)
+    assert (m.maintained_debits, m.maintained_credits) == (m.posted_debits, m.posted_credits)
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"balance of {CLEARING}:" in bad.stdout and "3 postings" in bad.stdout
+
+
 async def test_the_sealer_refuses_to_extend_a_chain_whose_last_entry_was_deleted(db, db_dsn):
     posted = [await post(db, capture(n)) for n in range(3)]
     await seal_everything(db)
