@@ -12,7 +12,9 @@ from ledger.balances import (
 )
 from ledger.canonical import canonical_content, chain_hash, content_hash
 from ledger.chain import seal, seal_all
-from ledger.errors import AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, LedgerError
+from ledger.errors import (
+    AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, LedgerError, LedgerTampered,
+)
 from ledger.journal import (
     get_entries, get_entry, list_entries, post_entries, post_entry, reversal_draft, reverse_entry,
 )
@@ -21,7 +23,8 @@ from ledger.verify import BalanceMismatch, EntryProblem, VerifyReport, verify
 
 __all__ = [
     "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "BalanceMismatch", "CurrencyTotal",
-    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "LedgerError", "PostedEntry", "Posting",
+    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "LedgerError", "LedgerTampered",
+    "PostedEntry", "Posting",
     "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport", "account_spec", "balance",
     "canonical_content", "chain_hash", "content_hash", "fold_pending", "get_account", "get_entries", "get_entry",
     "list_accounts", "list_entries", "post_entries", "post_entry", "reversal_draft", "reverse_entry", "seal",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncpg
 
 from ledger.canonical import GENESIS, chain_hash
+from ledger.errors import LedgerTampered
 from ledger.sql import Q
 
 
@@ -18,12 +19,19 @@ async def seal(conn: asyncpg.Connection, *, batch: int = 5000) -> int:
     """Seal up to ``batch`` committed entries in their own transaction; return how many were sealed.
 
     Safe with several service instances: a transaction-level advisory lock lets one sealer work at a
-    time; the others return 0 at once.
+    time; the others return 0 at once. Raises ``LedgerTampered`` (and seals nothing) when the last seal's
+    entry row is gone: the chain cannot be continued from an entry that no longer exists, and going on
+    would bury the deletion under new seals.
     """
     async with conn.transaction():
         if not await conn.fetchval(Q.seal_lock):
             return 0
         last = await conn.fetchrow(Q.last_seal)
+        if last and last["id"] is None:
+            raise LedgerTampered(
+                f"seal {last['position']}, the last one, names entry {last['entry_id']}, which is missing: "
+                "the entry row was deleted behind the ledger's back; refusing to seal until that is resolved "
+                "(paysvc ledger verify lists what differs)")
         position, prev, txid, last_id = (last["position"], bytes(last["chain_hash"]), last["txid"], last["id"]) \
             if last else (0, GENESIS, "0", 0)
         rows = await conn.fetch(Q.sealable, txid, last_id, batch)

@@ -5,8 +5,9 @@
 SELECT pg_try_advisory_xact_lock(7306012877355101540)
 
 -- name: last_seal
-SELECT s.position, s.chain_hash, e.txid::text AS txid, e.id
-  FROM ledger_seals s JOIN ledger_entries e ON e.id = s.entry_id
+-- The seal at the highest position, whether or not its entry still exists (txid and id are then NULL).
+SELECT s.position, s.chain_hash, s.entry_id, e.txid::text AS txid, e.id
+  FROM ledger_seals s LEFT JOIN ledger_entries e ON e.id = s.entry_id
  ORDER BY s.position DESC
  LIMIT 1
 
@@ -25,9 +26,11 @@ INSERT INTO ledger_seals (position, entry_id, prev_hash, chain_hash)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])
 
 -- name: verify_sealed_page
-SELECT s.position, s.prev_hash, s.chain_hash, e.id, e.kind, e.description, e.effective_at,
-       e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id, e.reverses, e.content_hash
-  FROM ledger_seals s JOIN ledger_entries e ON e.id = s.entry_id
+-- Every seal, including one whose entry row is gone (missing = true, the entry's columns NULL).
+SELECT s.position, s.prev_hash, s.chain_hash, s.entry_id AS id, e.id IS NULL AS missing, e.txid::text AS txid,
+       e.kind, e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
+       e.reverses, e.content_hash
+  FROM ledger_seals s LEFT JOIN ledger_entries e ON e.id = s.entry_id
  WHERE s.position > $1
  ORDER BY s.position
  LIMIT $2
@@ -42,15 +45,31 @@ SELECT NULL::bigint AS position, NULL::bytea AS prev_hash, NULL::bytea AS chain_
  ORDER BY e.id
  LIMIT $2
 
+-- name: verify_orphan_postings
+-- Postings whose entry row is gone, per entry id, with the seal that names that entry if there is one.
+SELECT o.entry_id, o.postings, s.position
+  FROM (SELECT p.entry_id, count(*) AS postings
+          FROM ledger_postings p
+         WHERE NOT EXISTS (SELECT 1 FROM ledger_entries e WHERE e.id = p.entry_id)
+         GROUP BY p.entry_id) o
+  LEFT JOIN ledger_seals s ON s.entry_id = o.entry_id
+ ORDER BY o.entry_id
+
 -- name: verify_balances
--- Every account whose maintained balance differs from the sum of its postings.
+-- Every account whose maintained debits, credits or posting count differ from those of its postings
+-- (only postings whose entry exists count: an orphaned posting is reported by verify_orphan_postings).
 SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credits,
-       coalesce(s.debits, 0) AS sum_debits, coalesce(s.credits, 0) AS sum_credits
+       coalesce(b.postings, 0) AS postings, coalesce(s.debits, 0) AS sum_debits,
+       coalesce(s.credits, 0) AS sum_credits, coalesce(s.postings, 0) AS sum_postings
   FROM ledger_accounts a
   LEFT JOIN ledger_balances b ON b.account_id = a.id
-  LEFT JOIN (SELECT account_id,
-                    coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0)::bigint AS debits,
-                    coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0)::bigint AS credits
-               FROM ledger_postings GROUP BY account_id) s ON s.account_id = a.id
+  LEFT JOIN (SELECT p.account_id,
+                    coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS debits,
+                    coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits,
+                    count(*) AS postings
+               FROM ledger_postings p
+              WHERE EXISTS (SELECT 1 FROM ledger_entries e WHERE e.id = p.entry_id)
+              GROUP BY p.account_id) s ON s.account_id = a.id
  WHERE coalesce(b.debits, 0) <> coalesce(s.debits, 0) OR coalesce(b.credits, 0) <> coalesce(s.credits, 0)
+    OR coalesce(b.postings, 0) <> coalesce(s.postings, 0)
  ORDER BY a.code

@@ -31,3 +31,9 @@ class AlreadyReversed(LedgerError):
     """The entry already has a reversing entry; an entry is reversed at most once."""
 
     code = "already-reversed"
+
+
+class LedgerTampered(LedgerError):
+    """The ledger's tables were changed behind its back (say an entry row deleted); the sealer will not go on."""
+
+    code = "ledger-tampered"

@@ -26,8 +26,10 @@ class BalanceMismatch(BaseModel):
     account: str
     maintained_debits: int
     maintained_credits: int
+    maintained_postings: int
     posted_debits: int
     posted_credits: int
+    posted_postings: int
 
 
 class VerifyReport(BaseModel):
@@ -75,12 +77,18 @@ def _check(r: asyncpg.Record, postings: list[Posting]) -> list[str]:
     return found
 
 
+def _chain_order(p: EntryProblem) -> tuple[int, int]:
+    return (0, p.seal_position) if p.seal_position is not None else (1, p.entry_id)
+
+
 async def verify(conn: asyncpg.Connection) -> VerifyReport:
     """Recompute the chain and every balance; run it in a REPEATABLE READ transaction for one consistent view.
 
     Checks, in chain order then for unsealed entries: each entry's content hash, that it balances, each
-    seal's link to the previous one and its hash; an unsealed entry that the sealer has already passed;
-    and every account's maintained balance against the sum of its postings.
+    seal's link to the previous one and its hash; a seal whose entry row is gone; an unsealed entry that
+    the sealer has already passed; postings whose entry row is gone; and every account's maintained
+    debits, credits and posting count against those of its postings (postings of existing entries only).
+    ``first_bad_entry`` is the first problem in chain order (then unsealed, by entry id).
     """
     problems: list[EntryProblem] = []
     entries = sealed = 0
@@ -92,21 +100,23 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
             break
         postings = await _postings(conn, [r["id"] for r in rows])
         for r in rows:
-            entries += 1
-            sealed += 1
-            found = _check(r, postings[r["id"]])
+            if r["missing"]:  # nothing to recompute: its content hash went with it
+                found = [f"seal {r['position']} names entry {r['id']}, which is missing "
+                         "(the entry row was deleted)"]
+            else:
+                entries += 1
+                sealed += 1
+                found = _check(r, postings[r["id"]])
+                last_txid, last_id = r["txid"], r["id"]
             if r["position"] != position + 1:
                 found.append(f"seal position {r['position']} follows {position}: the chain has a gap")
             if bytes(r["prev_hash"]) != prev:
                 found.append("seal does not link to the previous seal's hash")
-            expected = chain_hash(prev, r["position"], r["id"], bytes(r["content_hash"]))
-            if bytes(r["chain_hash"]) != expected:
+            if not r["missing"] and bytes(r["chain_hash"]) != chain_hash(
+                    prev, r["position"], r["id"], bytes(r["content_hash"])):
                 found.append("seal hash does not match its position, entry and content hash")
             problems += [EntryProblem(entry_id=r["id"], seal_position=r["position"], problem=f) for f in found]
             prev, position = bytes(r["chain_hash"]), r["position"]
-    if position:
-        last = await conn.fetchrow(Q.last_seal)
-        last_txid, last_id = last["txid"], last["id"]
     after = 0
     unsealed = 0
     while True:
@@ -122,9 +132,15 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
                 found.append("unsealed, but the sealer has already passed it (chain order broken)")
             problems += [EntryProblem(entry_id=r["id"], seal_position=None, problem=f) for f in found]
             after = r["id"]
+    problems += [EntryProblem(entry_id=o["entry_id"], seal_position=o["position"],
+                              problem=f"{o['postings']} postings name this entry, which is missing "
+                                      "(the entry row was deleted)")
+                 for o in await conn.fetch(Q.verify_orphan_postings)]
+    problems.sort(key=_chain_order)  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
-                                  maintained_credits=m["credits"], posted_debits=m["sum_debits"],
-                                  posted_credits=m["sum_credits"])
+                                  maintained_credits=m["credits"], maintained_postings=m["postings"],
+                                  posted_debits=m["sum_debits"], posted_credits=m["sum_credits"],
+                                  posted_postings=m["sum_postings"])
                   for m in await conn.fetch(Q.verify_balances)]
     return VerifyReport(entries=entries, sealed=sealed, unsealed=unsealed,
                         first_bad_entry=problems[0].entry_id if problems else None,

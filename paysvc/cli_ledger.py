@@ -32,8 +32,9 @@ def cmd_verify(settings, args) -> int:
     if len(report.entry_problems) > 50:
         print(f"  … and {len(report.entry_problems) - 50} more")
     for m in report.balance_mismatches:
-        print(f"  balance of {m.account}: maintained debits {m.maintained_debits} credits {m.maintained_credits}, "
-              f"postings sum to debits {m.posted_debits} credits {m.posted_credits}")
+        print(f"  balance of {m.account}: maintained debits {m.maintained_debits} credits {m.maintained_credits} "
+              f"({m.maintained_postings} postings), postings sum to debits {m.posted_debits} "
+              f"credits {m.posted_credits} ({m.posted_postings} postings)")
     print("ledger verification FAILED", file=sys.stderr)
     return 1
 
@@ -47,11 +48,16 @@ async def _seal(dsn: str, batch: int) -> int:
 
 
 def cmd_seal(settings, args) -> int:
+    import ledger
     from paysvc.cli import _migrate, database
 
     with database(settings) as dsn:
         asyncio.run(_migrate(dsn))
-        n = asyncio.run(_seal(dsn, args.batch))
+        try:
+            n = asyncio.run(_seal(dsn, args.batch))
+        except ledger.LedgerTampered as e:
+            print(f"ledger seal REFUSED: {e}", file=sys.stderr)
+            return 1
     print(f"sealed {n} journal entries")
     return 0
 

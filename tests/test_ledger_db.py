@@ -732,3 +732,148 @@ async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
         await post(db, keyed)
     assert not isinstance(info.value, ledger.AlreadyReversed)
     assert (await post(db, keyed)).id > taken  # posted again: the next id
+
+
+# Found by review: verify read the seals through an inner join on ledger_entries and summed every posting,
+# so rows whose entry had been deleted were invisible to it; and it never compared the posting counts.
+
+def _problems_of(report, entry_id: int) -> list:
+    return [p for p in report.entry_problems if p.entry_id == entry_id]
+
+
+async def test_verify_reports_a_deleted_last_sealed_entry(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(4)]
+    await seal_everything(db)
+    victim = posted[-1]
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", victim.id)  # postings and seal stay
+    report = await ledger.verify(db)
+    assert not report.ok and report.first_bad_entry == victim.id
+    found = _problems_of(report, victim.id)
+    assert found and all(p.seal_position == 4 for p in found)
+    assert any("seal 4 names entry" in p.problem and "missing" in p.problem for p in found)
+    assert any("2 postings name this entry" in p.problem for p in found)
+    assert {p.entry_id for p in report.entry_problems} == {victim.id}
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"FIRST BAD ENTRY: {victim.id}" in bad.stdout
+    assert f"entry {victim.id} (seal 4): seal 4 names entry {victim.id}" in bad.stdout
+
+
+async def test_verify_reports_a_deleted_last_unsealed_entry(db, db_dsn):
+    [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    victim = await post(db, capture(9, 7_000))
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", victim.id)  # its postings stay
+    report = await ledger.verify(db)
+    assert not report.ok and report.first_bad_entry == victim.id
+    assert {p.entry_id for p in report.entry_problems} == {victim.id}
+    assert any("2 postings name this entry" in p.problem and "missing" in p.problem
+               for p in _problems_of(report, victim.id))
+    # the maintained balances hold the orphaned postings; the postings of existing entries do not
+    assert {m.account: m.maintained_debits - m.posted_debits for m in report.balance_mismatches} == \
+        {CLEARING: 7_000, REVENUE: 0}
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"FIRST BAD ENTRY: {victim.id}" in bad.stdout
+
+
+async def test_verify_reports_the_seal_left_by_an_entry_deleted_with_its_postings(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(4)]
+    await seal_everything(db)
+    victim = posted[-1]
+    # a careful forger: take the entry's postings out of the balances, then delete the postings and the entry
+    await tamper(db_dsn, "UPDATE ledger_balance_slots b "
+                         "SET debits = b.debits - CASE p.side WHEN 'debit' THEN p.amount ELSE 0 END, "
+                         "    credits = b.credits - CASE p.side WHEN 'credit' THEN p.amount ELSE 0 END, "
+                         "    postings = b.postings - 1 "
+                         "FROM ledger_postings p JOIN ledger_entries e ON e.id = p.entry_id "
+                         "WHERE p.entry_id = $1 AND b.account_id = p.account_id "
+                         "  AND b.slot = e.txid::text::bigint % 16", victim.id)
+    await tamper(db_dsn, "DELETE FROM ledger_postings WHERE entry_id = $1", victim.id)
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", victim.id)
+    report = await ledger.verify(db)
+    assert not report.balance_mismatches  # the balances were made to agree: only the seal tells
+    assert not report.ok and report.first_bad_entry == victim.id
+    assert [(p.entry_id, p.seal_position) for p in report.entry_problems] == [(victim.id, 4)]
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"FIRST BAD ENTRY: {victim.id}" in bad.stdout
+    assert f"entry {victim.id} (seal 4): seal 4 names entry {victim.id}" in bad.stdout
+
+
+async def test_verify_blames_a_deleted_mid_chain_entry_not_its_neighbour(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    victim = posted[2]
+    position = (await ledger.get_entry(db, victim.id)).seal_position
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", victim.id)
+    report = await ledger.verify(db)
+    assert not report.ok and report.first_bad_entry == victim.id
+    assert {p.entry_id for p in report.entry_problems} == {victim.id}
+    assert {p.seal_position for p in report.entry_problems} == {position}
+    assert not any("gap" in p.problem for p in report.entry_problems)
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"FIRST BAD ENTRY: {victim.id}" in bad.stdout
+    assert f"entry {victim.id} (seal {position}): seal {position} names entry {victim.id}" in bad.stdout
+
+
+async def test_verify_reports_postings_that_name_no_entry(db, db_dsn):
+    [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    debit, credit = await _account_ids(db)
+    ghost = 10_000_000
+    # postings of an entry that never existed, with the balances raised to match them
+    await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                         "VALUES ($1, 1, $2, 'debit', 900, 'KHR'), ($1, 2, $3, 'credit', 900, 'KHR')",
+                 ghost, debit, credit)
+    await tamper(db_dsn, "UPDATE ledger_balance_slots SET debits = debits + 900, postings = postings + 1 "
+                         "WHERE account_id = $1 AND slot = (SELECT min(slot) FROM ledger_balance_slots "
+                         "WHERE account_id = $1)", debit)
+    await tamper(db_dsn, "UPDATE ledger_balance_slots SET credits = credits + 900, postings = postings + 1 "
+                         "WHERE account_id = $1 AND slot = (SELECT min(slot) FROM ledger_balance_slots "
+                         "WHERE account_id = $1)", credit)
+    report = await ledger.verify(db)
+    assert not report.ok and report.first_bad_entry == ghost
+    assert [(p.entry_id, p.seal_position) for p in report.entry_problems] == [(ghost, None)]
+    assert "2 postings name this entry" in report.entry_problems[0].problem
+    assert {m.account for m in report.balance_mismatches} == {CLEARING, REVENUE}  # not counted as posted
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"FIRST BAD ENTRY: {ghost}" in bad.stdout
+
+
+async def test_verify_compares_the_maintained_posting_counts(db, db_dsn):
+    [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    debit, _ = await _account_ids(db)
+    await tamper(db_dsn, "UPDATE ledger_balance_slots SET postings = postings + 7 WHERE account_id = $1", debit)
+    assert (await ledger.get_account(db, CLEARING)).postings != 3  # what the API shows is now wrong
+    report = await ledger.verify(db)
+    assert not report.ok and not report.entry_problems
+    [m] = report.balance_mismatches
+    assert m.account == CLEARING and m.posted_postings == 3
+    assert m.maintained_postings - m.posted_postings == 7 * await db.fetchval(
+        "SELECT count(*) FROM ledger_balance_slots WHERE account_id = $1", debit)
+    assert (m.maintained_debits, m.maintained_credits) == (m.posted_debits, m.posted_credits)
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify")
+    assert bad.returncode == 1
+    assert f"balance of {CLEARING}:" in bad.stdout and "3 postings" in bad.stdout
+
+
+async def test_the_sealer_refuses_to_extend_a_chain_whose_last_entry_was_deleted(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    victim = posted[-1]
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", victim.id)
+    refusal = f"seal 3, the last one, names entry {victim.id}, which is missing"
+    with pytest.raises(ledger.LedgerTampered, match=refusal):
+        await ledger.seal(db)
+    await post(db, capture(7))
+    with pytest.raises(ledger.LedgerTampered, match=refusal):
+        await ledger.seal_all(db)  # neither reuses position 3 nor chains past the deleted entry
+    assert await db.fetchval("SELECT count(*) FROM ledger_seals") == 3
+    refused = await asyncio.to_thread(run_cli, db_dsn, "seal")
+    assert refused.returncode == 1
+    assert f"entry {victim.id}" in refused.stderr and "Traceback" not in refused.stderr
+    assert await db.fetchval("SELECT count(*) FROM ledger_seals") == 3
