@@ -7,7 +7,6 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, AsyncIterator, Literal
 
-import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,9 +19,11 @@ from paysvc.relay import Relay, envelope
 from paysvc.auth import Principal
 from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, SETTINGS, Route, add_routes, json_response, parse_model, parse_query,
                         principal, read_json)
+from paysvc.webhook_targets import Destinations, client_session, destinations_from_settings
 from paysvc.webhooks import WebhookWorker, create_endpoint, url_problem
 
 EVENT_SIGNER = web.AppKey("event_signer", object)  # EventSigner, or None when nothing signs (no broker)
+WEBHOOK_DESTINATIONS = web.AppKey("webhook_destinations", Destinations)
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
 _FEED_SCOPE = "invoices:read (own agency) or treasury with agency=CODE"
 
@@ -158,7 +159,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     p = await principal(request, "invoices:write")
     agency_id = p.require_agency()
     body: WebhookIn = parse_model(WebhookIn, await read_json(request))  # type: ignore[assignment]
-    problem = url_problem(body.url, allow_insecure_localhost=request.app[SETTINGS].webhooks_allow_insecure_localhost)
+    problem = url_problem(body.url, request.app[WEBHOOK_DESTINATIONS])
     if problem:
         raise ValidationFailed(problem, errors=[{"field": "url", "message": problem, "code": "value_error"}])
     async with request.app[POOL].acquire() as conn:
@@ -237,6 +238,7 @@ ROUTES = [
 def setup(app: web.Application) -> None:
     settings = app[SETTINGS]
     app[EVENT_SIGNER] = signer_from_settings(settings)  # a missing required key fails here, at start
+    app[WEBHOOK_DESTINATIONS] = destinations = destinations_from_settings(settings)
     add_routes(app, ROUTES)
 
     async def background(app: web.Application) -> AsyncIterator[None]:
@@ -244,8 +246,8 @@ def setup(app: web.Application) -> None:
             yield
             return
         tasks = []
-        session = aiohttp.ClientSession(headers={"User-Agent": "paysvc-webhooks/1"})
-        worker = WebhookWorker(app[POOL], app[api_invoices.CTX].cipher, session,
+        session = client_session(destinations)  # its resolver keeps deliveries off non-public addresses
+        worker = WebhookWorker(app[POOL], app[api_invoices.CTX].cipher, session, destinations=destinations,
                                timeout=settings.webhook_timeout_seconds,
                                per_endpoint=settings.webhook_concurrency_per_endpoint)
         tasks.append(asyncio.create_task(worker.run(settings.webhook_interval_seconds)))

@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     events_retention_days: int = Field(35, ge=30)
     relay_batch_size: int = Field(2000, ge=1, le=50_000)
     relay_poll_interval_seconds: float = Field(0.05, gt=0)
-    webhooks_allow_insecure_localhost: bool = False
+    webhooks_allow_insecure_localhost: bool = False   # also lets deliveries reach loopback addresses
+    # Webhooks go only to public internet addresses; these CIDR networks (comma separated) are allowed too,
+    # e.g. a government private network where agencies' receivers sit. Never the cloud metadata 169.254.0.0/16.
+    webhooks_allowed_networks: str = ""
     webhook_timeout_seconds: float = Field(10, gt=0, le=60)
     webhook_concurrency_per_endpoint: int = Field(4, ge=1, le=100)
     webhook_interval_seconds: float = Field(1, gt=0)
@@ -114,6 +117,13 @@ class Settings(BaseSettings):
 
             parse_signing_keys(v.get_secret_value())
         return v
+
+    @field_validator("webhooks_allowed_networks")
+    @classmethod
+    def _check_networks(cls, v: str) -> str:
+        from paysvc.webhook_targets import parse_networks
+
+        return ",".join(str(n) for n in parse_networks(v))
 
     @field_validator("business_day_cutoff")
     @classmethod

@@ -8,6 +8,9 @@ an endpoint: a slow one ties up only its own few in-flight deliveries.
 Signature: ``Paysvc-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`` (the sandbox
 callback scheme). Retries after 1 min, 5 min, 30 min, 2 h, 6 h, 12 h, 12 h: 8 attempts over ~32.6 hours,
 then ``failed``; ``replay`` sends once more by hand.
+
+Destinations: only public internet addresses (paysvc/webhook_targets.py), checked at registration and, since a
+name can resolve anywhere, again at every delivery.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from paysvc import outbox
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
 from paysvc.relay import message_body
+from paysvc.webhook_targets import Blocked, Destinations, host_refusal
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,9 @@ def next_attempt(attempts_made: int, now: datetime) -> datetime:
     return now + RETRY_SCHEDULE[min(attempts_made, len(RETRY_SCHEDULE)) - 1]
 
 
-def url_problem(url: str, *, allow_insecure_localhost: bool) -> str | None:
-    """Why ``url`` cannot be a webhook endpoint, or ``None``."""
+def url_problem(url: str, destinations: Destinations) -> str | None:
+    """Why ``url`` cannot be a webhook endpoint, or ``None``. ``http://`` to the local host only when
+    ``destinations`` allow loopback (``PAYSVC_WEBHOOKS_ALLOW_INSECURE_LOCALHOST``)."""
     try:
         parts = urlsplit(url)
         host = parts.hostname
@@ -66,11 +71,14 @@ def url_problem(url: str, *, allow_insecure_localhost: bool) -> str | None:
         return "url needs a host"
     if parts.username or parts.password:
         return "url must not carry credentials"
-    if parts.scheme == "https":
-        return None
-    if parts.scheme == "http" and allow_insecure_localhost and host in LOCAL_HOSTS:
-        return None
-    return "url must start with https:// (deliveries carry payment data)"
+    if parts.scheme != "https" and not (parts.scheme == "http" and destinations.allow_loopback
+                                        and host in LOCAL_HOSTS):
+        return "url must start with https:// (deliveries carry payment data)"
+    why = host_refusal(url, destinations)
+    if why:
+        return (f"url refused: {why}. Webhooks go only to public internet addresses: give your receiver's "
+                "public https name (for a receiver on a private network, ask the operator to allow that network)")
+    return None
 
 
 def new_secret() -> str:
@@ -110,8 +118,12 @@ class WebhookWorker:
     """Fans events out to endpoints and sends due deliveries. Safe on several instances at once."""
 
     def __init__(self, pool: asyncpg.Pool, cipher: PiiCipher, session: aiohttp.ClientSession, *,
-                 timeout: float = 10.0, per_endpoint: int = 4, max_in_flight: int = 200) -> None:
+                 destinations: Destinations = Destinations(), timeout: float = 10.0, per_endpoint: int = 4,
+                 max_in_flight: int = 200) -> None:
+        """``session`` should come from ``webhook_targets.client_session(destinations)``: its resolver keeps
+        names from reaching other addresses; IP literals are checked here against ``destinations``."""
         self._pool = pool
+        self._destinations = destinations
         self._cipher = cipher
         self._session = session
         self._timeout = timeout
@@ -155,17 +167,25 @@ class WebhookWorker:
         status_code: int | None = None
         error: str | None = None
         started = time.perf_counter()
-        try:
-            async with self._session.post(row["url"], data=body, headers=headers, allow_redirects=False,
-                                          timeout=aiohttp.ClientTimeout(total=self._timeout)) as response:
-                status_code = response.status
-                await response.content.read(1024)  # a little of the answer; the rest is not ours to keep
-            if not 200 <= status_code < 300:
-                error = f"HTTP {status_code}"
-        except asyncio.TimeoutError:
-            error = f"no answer within {self._timeout:g} s"
-        except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"[:500]
+        # aiohttp connects to an IP literal without asking the resolver, so the host is judged here too.
+        refused = host_refusal(row["url"], self._destinations)
+        if refused:
+            error = f"not sent: {refused}; webhooks go only to public internet addresses"[:500]
+        else:
+            try:
+                async with self._session.post(row["url"], data=body, headers=headers, allow_redirects=False,
+                                              timeout=aiohttp.ClientTimeout(total=self._timeout)) as response:
+                    status_code = response.status
+                    await response.content.read(1024)  # a little of the answer; the rest is not ours to keep
+                if not 200 <= status_code < 300:
+                    error = f"HTTP {status_code}"
+            except asyncio.TimeoutError:
+                error = f"no answer within {self._timeout:g} s"
+            except aiohttp.ClientConnectorError as exc:
+                blocked = isinstance(exc.os_error, Blocked)  # the resolver found only forbidden addresses
+                error = (exc.os_error.strerror if blocked else f"{type(exc).__name__}: {exc}")[:500]
+            except aiohttp.ClientError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:500]
         latency_ms = int((time.perf_counter() - started) * 1000)
         ok = error is None
         attempted_at = now + timedelta(milliseconds=latency_ms)

@@ -11,16 +11,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from paysvc import api_invoices
 from paysvc.web import POOL
+from paysvc.webhook_targets import Destinations, client_session
 from paysvc.webhooks import WebhookWorker
 from tests.conftest import running_api
 
 INSECURE_OK = dict(webhooks_allow_insecure_localhost=True)
+LOOPBACK_OK = Destinations(allow_loopback=True)  # what INSECURE_OK gives the service's worker: receivers here are local
 
 
 @dataclass
@@ -57,10 +58,11 @@ def verify_hmac(secret: str, header: str, body: bytes) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def worker_for(api, timeout: float = 5.0):
-    async with aiohttp.ClientSession() as session:
+async def worker_for(api, timeout: float = 5.0, destinations: Destinations = LOOPBACK_OK, resolver=None):
+    async with client_session(destinations, resolver=resolver) as session:
         app = api.client.app
-        yield WebhookWorker(app[POOL], app[api_invoices.CTX].cipher, session, timeout=timeout)
+        yield WebhookWorker(app[POOL], app[api_invoices.CTX].cipher, session, destinations=destinations,
+                            timeout=timeout)
 
 
 async def register(api, headers, url: str, types=("invoice.created", "invoice.cancelled")) -> dict:
