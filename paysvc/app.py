@@ -17,13 +17,13 @@ from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reco
 from paysvc import api_settlements, outbox, treasury_pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
-from providers import load_providers
+from providers import ProviderError, UnknownProvider, load_providers
 from paysvc.auth import Authenticator
 from paysvc.background import run_periodically
 from paysvc.db import create_pool
 from paysvc.openapi import build_openapi
 from paysvc.pii import cipher_from_settings
-from paysvc.settings import Settings
+from paysvc.settings import Settings, SettingsError
 from paysvc.web import (
     AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, admission_middleware, json_response,
     request_middleware,
@@ -83,7 +83,13 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     config = provider_config(settings)
 
     async def payment_providers(app: web.Application) -> AsyncIterator[None]:
-        providers = load_providers(config)
+        try:
+            providers = load_providers(config)
+        except UnknownProvider as exc:
+            raise SettingsError(f"PAYSVC_PROVIDERS: {exc}") from None
+        except ProviderError as exc:
+            where = f" (PAYSVC_{exc.provider.upper()}_…)" if exc.provider else ""
+            raise SettingsError(f"payment provider settings{where}: {exc}") from None
         app[PROVIDERS] = providers
         yield
         for p in providers.values():

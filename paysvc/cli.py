@@ -59,9 +59,12 @@ def cmd_serve(settings: Settings, args) -> int:
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
         app = create_app(settings, dsn)
-        print(f"paysvc listening on {settings.base_url}  (Ctrl-C to stop)", file=sys.stderr)
+
+        def listening(_aiohttp_message: str) -> None:  # called once the port is bound and startup is done
+            print(f"paysvc listening on {settings.base_url}  (Ctrl-C to stop)", file=sys.stderr)
+
         try:
-            web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None,
+            web.run_app(app, host=settings.host, port=settings.port, print=listening, access_log=None,
                         loop=_event_loop(settings))
         except OSError as exc:
             raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
 import uuid
@@ -16,8 +17,23 @@ from datetime import UTC, datetime
 from paysvc.settings import Settings
 
 
+INVOICE_ID = re.compile(r"inv_[A-Za-z0-9_-]{1,100}")
+
+
 class SandboxError(Exception):
     pass
+
+
+async def _json(r) -> dict:
+    """The answer's JSON object; SandboxError when it is not one (another server on that address, say)."""
+    try:
+        doc = await r.json(content_type=None)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise SandboxError(f"{r.url} answered HTTP {r.status} with something other than paysvc's JSON: is --url "
+                           "the paysvc service?")
+    return doc
 
 
 async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url: str) -> dict:
@@ -27,11 +43,13 @@ async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url:
     from paysvc.provider_settings import sandbox_secrets
     from providers.sandbox import sign
 
+    if not INVOICE_ID.fullmatch(invoice_id):
+        raise SandboxError(f"{invoice_id!r} is not an invoice id (they look like inv_ followed by letters and digits)")
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
         async with http.get(f"{base_url}/pay/{invoice_id}/state") as r:
-            state = await r.json(content_type=None)
+            state = await _json(r)
             if r.status != 200:
-                raise SandboxError(f"cannot read invoice {invoice_id}: {state.get('detail', r.status)}")
+                raise SandboxError(f"cannot read invoice {invoice_id}: {state.get('detail', f'HTTP {r.status}')}")
         if state.get("status") != "open" or not state.get("khqr"):
             raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay")
         payload = state["khqr"]["payload"]
@@ -51,21 +69,24 @@ async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url:
         headers = {"Content-Type": "application/json",
                    "Sandbox-Signature": sign(sandbox_secrets(settings)[0], body, int(time.time()))}
         async with http.post(f"{base_url}/v1/providers/sandbox/callbacks", data=body, headers=headers) as r:
-            out = await r.json(content_type=None)
+            out = await _json(r)
             if r.status >= 300:
                 raise SandboxError(f"the service refused the callback ({r.status}): {out.get('detail')}")
             return out
 
 
 def cmd_pay(settings: Settings, args) -> int:
+    import aiohttp
+
     base = (args.url or settings.base_url).rstrip("/")
     try:
         out = asyncio.run(pay(settings, args.invoice_id, args.amount, base))
     except SandboxError as exc:
         print(f"paysvc sandbox: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"paysvc sandbox: cannot reach {base}: {exc}; is `paysvc serve` running?", file=sys.stderr)
+    except (OSError, aiohttp.ClientError) as exc:
+        print(f"paysvc sandbox: cannot reach {base}: {exc}; is `paysvc serve` running, and is --url its base URL "
+              "(e.g. http://127.0.0.1:8080)?", file=sys.stderr)
         return 1
     print(json.dumps(out, indent=2))
     return 0

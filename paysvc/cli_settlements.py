@@ -22,7 +22,7 @@ async def _import(settings: Settings, dsn: str, args) -> dict:
     from paysvc.provider_settings import provider_config
     from providers import ProviderError, load_providers
 
-    data = Path(args.file).read_bytes()
+    data = args.data
     try:
         enabled = load_providers(provider_config(settings))
     except (ProviderError, Exception):  # a parser needing no configuration still loads on its own
@@ -86,6 +86,12 @@ def _run(settings: Settings, fn, args):
 
 
 def cmd_import(settings: Settings, args) -> int:
+    from paysvc.cli import CliError
+
+    try:  # before the database starts: a wrong path is the commonest mistake
+        args.data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read the settlement file {args.file!r}: {exc.strerror or exc}") from None
     out = _run(settings, _import, args)
     print(json.dumps(out, indent=2, default=str))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -23,10 +24,14 @@ class EmbeddedPostgres:
     """The ``pgserver`` wheel's PostgreSQL, kept in ``<data_dir>/pg``; stopped by ``close``."""
 
     def __init__(self, data_dir) -> None:
-        import pgserver  # imported here: only the no-configuration path needs it
-
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(str((data_dir / "pg").resolve()), cleanup_mode="stop")
+        with warnings.catch_warnings():
+            # Without XDG_RUNTIME_DIR (a root shell, a container) platformdirs warns that it uses /tmp/runtime-<uid>
+            # for pgserver's lock files: expected there, and not the user's to act on.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import pgserver  # imported here: only the no-configuration path needs it
+
+            self._server = pgserver.get_server(str((data_dir / "pg").resolve()), cleanup_mode="stop")
         self.uri = self._server.get_uri()
         log.info("embedded PostgreSQL running", extra={"data_dir": str(data_dir / "pg")})
 

@@ -33,3 +33,6 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we log requests ourselves, with the id
+    # The embedded PostgreSQL's library logs every pg_ctl command line at INFO: noise around a CLI command's
+    # output (a new API key, say). Its warnings and errors still show; paysvc.db logs the one line that matters.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)

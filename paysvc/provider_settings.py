@@ -11,7 +11,11 @@ from paysvc.settings import Settings, SettingsError, demo_secret
 def sandbox_secrets(settings: Settings) -> list[str]:
     """The sandbox signing secrets; without any, a secret kept in the data folder (demo use only)."""
     if settings.sandbox_secret is not None:
-        return [s.strip() for s in settings.sandbox_secret.get_secret_value().split(",") if s.strip()]
+        given = [s.strip() for s in settings.sandbox_secret.get_secret_value().split(",") if s.strip()]
+        if not given:
+            raise SettingsError("PAYSVC_SANDBOX_SECRET: give at least one secret (several, comma separated, while "
+                                "rotating)")
+        return given
     if settings.database_url is not None:
         raise SettingsError("PAYSVC_SANDBOX_SECRET: required when the sandbox provider is enabled with "
                             "PAYSVC_DATABASE_URL (or remove sandbox from PAYSVC_PROVIDERS)")

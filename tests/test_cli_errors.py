@@ -1,0 +1,61 @@
+"""Command-line mistakes end with one line saying what to fix and a non-zero exit, never a traceback; the
+service says it is listening only once it is."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.service_process import free_port, service_env
+
+
+def run(dsn: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "paysvc", *args], env=service_env(dsn, free_port(), **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_failure(out: subprocess.CompletedProcess, code: int, *says: str) -> None:
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    for s in says:
+        assert s in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"PAYSVC_PROVIDERS": "sandbox,nope"}, ("PAYSVC_PROVIDERS", "'nope'")),
+    ({"PAYSVC_SANDBOX_SECRET": ","}, ("PAYSVC_SANDBOX_SECRET", "at least one secret")),
+])
+def test_serve_with_bad_provider_settings_names_the_variable_and_never_says_listening(db_dsn, env, says):
+    out = run(db_dsn, "serve", **env)
+    assert_clean_failure(out, 2, *says)
+    assert "listening" not in out.stderr
+
+
+def test_serve_on_a_busy_port_does_not_claim_to_be_listening(db_dsn):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "paysvc", "serve"], env=service_env(db_dsn, port),
+                             capture_output=True, text=True, timeout=60)
+    assert_clean_failure(out, 1, "cannot listen", "PAYSVC_PORT")
+    assert "listening" not in out.stderr
+
+
+def test_importing_a_settlement_file_that_is_not_there(db_dsn, tmp_path):
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", "2026-11-24",
+              str(tmp_path / "missing.csv"))
+    assert_clean_failure(out, 1, "cannot read the settlement file", "No such file")
+
+
+@pytest.mark.parametrize("args, says", [
+    (("inv_x?y",), "is not an invoice id"),
+    (("../../etc",), "is not an invoice id"),
+    (("inv_abc", "--url", "notaurl"), "cannot reach notaurl"),
+])
+def test_sandbox_pay_refuses_what_it_cannot_pay(db_dsn, args, says):
+    out = run(db_dsn, "sandbox", "pay", *args)
+    assert_clean_failure(out, 1, says)
