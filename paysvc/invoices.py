@@ -27,6 +27,8 @@ def max_amount(currency: str) -> int:
     return 10**13 - 1 if EXPONENT[currency] == 0 else 10**12 - 1
 
 
+_REFERENCE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+
 class LineItem(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     code: Annotated[_Text, StringConstraints(max_length=32)]
@@ -59,8 +61,9 @@ class InvoiceCreate(BaseModel):
     """Body of ``POST /v1/invoices``. Amounts are integers in the currency's minor unit."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    reference: Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")] = Field(
-        description="the portal's own reference, unique per agency (printable ASCII, no spaces)"
+    reference: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="the portal's own reference, unique per agency (printable ASCII, no spaces)",
+        json_schema_extra={"pattern": f"^{_REFERENCE.pattern}$"},
     )
     description: Annotated[_Text, StringConstraints(max_length=500)]
     currency: Currency
@@ -70,6 +73,13 @@ class InvoiceCreate(BaseModel):
     expires_in: Annotated[StrictInt, Field(ge=60, le=MAX_EXPIRES_IN)] = DEFAULT_EXPIRES_IN
     metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=40)],
                    Annotated[str, StringConstraints(max_length=500)]] = {}
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str) -> str:
+        if not _REFERENCE.fullmatch(v):
+            raise ValueError("reference must be printable ASCII without spaces, e.g. PP-2026-000123")
+        return v
 
     @field_validator("metadata")
     @classmethod

@@ -266,3 +266,10 @@ async def test_a_lowercase_bearer_scheme_is_accepted(api, portal, invoice_body):
     key = portal["Authorization"].split(" ", 1)[1]
     r = await api.client.post("/v1/invoices", json=invoice_body(), headers={"Authorization": f"bearer {key}"})
     assert r.status == 201, await r.text()
+
+
+async def test_a_reference_with_a_space_says_what_a_reference_may_hold(api, portal, invoice_body):
+    r = await api.client.post("/v1/invoices", json=invoice_body(reference="PP 2026"), headers=portal)
+    [error] = (await expect_4xx(r, 422))["errors"]
+    assert error["field"] == "reference" and error["message"].startswith("reference must be printable ASCII without "
+                                                                         "spaces"), error
