@@ -8,16 +8,35 @@ from typing import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF_SECONDS = 60.0
+
 
 async def run_periodically(name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
-    """Run ``job`` every ``interval`` seconds until cancelled; a failing run is logged, not fatal."""
+    """Run ``job`` every ``interval`` seconds until cancelled; a failing run is logged, not fatal.
+
+    While it keeps failing the same way (the database down, a ledger that was tampered with), it waits twice
+    as long after each failure, up to a minute, and logs the traceback once, then one line per failure.
+    """
+    failures, last = 0, None
     while True:
+        delay = interval
         try:
             result = await job()
+            if failures:
+                log.info("%s recovered after %d failed runs", name, failures, extra={"job": name})
+            failures, last = 0, None
             if result:
                 log.info("%s: %s", name, result, extra={"job": name})
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("%s failed; retrying in %ss", name, interval, extra={"job": name})
-        await asyncio.sleep(interval)
+        except Exception as exc:
+            failures += 1
+            delay = min(interval * 2 ** failures, max(interval, MAX_BACKOFF_SECONDS))
+            same = repr(exc) == last
+            last = repr(exc)
+            if same:
+                log.error("%s still failing (%d runs): %s; retrying in %.0fs", name, failures, exc, delay,
+                          extra={"job": name})
+            else:
+                log.exception("%s failed; retrying in %.0fs", name, delay, extra={"job": name})
+        await asyncio.sleep(delay)
