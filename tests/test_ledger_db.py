@@ -732,3 +732,13 @@ async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
         await post(db, keyed)
     assert not isinstance(info.value, ledger.AlreadyReversed)
     assert (await post(db, keyed)).id > taken  # posted again: the next id
+
+
+def test_ledger_entries_is_there_after_a_plain_import_ledger():
+    # docs/ledger.md shows `ledger.entries.payment_captured(...)` after `import ledger`; a user that imports
+    # nothing else (no paysvc, no test module importing ledger.entries) must find it.
+    code = "import ledger; print(ledger.entries.payment_captured.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "payment_captured"
