@@ -734,6 +734,40 @@ async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
     assert (await post(db, keyed)).id > taken  # posted again: the next id
 
 
+def _p(account: str, side: str, amount: int) -> ledger.Posting:
+    return ledger.Posting(account=account, side=side, amount=amount, currency=account[-3:])
+
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+async def test_a_reversal_of_an_entry_that_does_not_exist_is_entry_not_found(db, fold_now):
+    # Found by review: asyncpg's ForeignKeyViolationError leaked out of the library.
+    draft = EntryDraft(kind="reversal", description="of nothing", effective_at=T0, reverses=888888,
+                       postings=(_p(CLEARING, "credit", 1), _p(REVENUE, "debit", 1)))
+    with pytest.raises(ledger.EntryNotFound, match="888888"):
+        await ledger.post_entry(db, draft, fold_now=fold_now)
+    with pytest.raises(ledger.EntryNotFound, match="888888"):  # in a batch, beside an ordinary entry
+        await ledger.post_entries(db, [capture(1), draft], fold_now=fold_now)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+
+
+async def test_an_entry_id_taken_by_hand_is_reported_as_such_without_a_key_too(db):
+    # The plain insert (no idempotency key, no reversal) met the explicit id with asyncpg's
+    # UniqueViolationError; it now says what happened, like the keyed path.
+    await post(db, capture(0))
+    taken = await db.fetchval("SELECT nextval('ledger_entries_id_seq')") + 1
+    debit, credit = await _account_ids(db)
+    async with db.transaction():
+        await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash, posting_count) "
+                         "VALUES ($1, 'raw', 'explicit id', now(), $2, 2)", taken, bytes(32))
+        await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                         "VALUES ($1, 1, $2, 'debit', 5, 'KHR'), ($1, 2, $3, 'credit', 5, 'KHR')", taken, debit, credit)
+    plain = capture(1).model_copy(update={"idempotency_key": None})
+    with pytest.raises(ledger.LedgerError, match="taken by an entry written with an explicit id") as info:
+        await post(db, plain)
+    assert not isinstance(info.value, asyncpg.PostgresError)
+    assert (await post(db, plain)).id > taken  # posted again: the next id
+    assert await ledger.balance(db, CLEARING) == 100_005  # capture(0), the 5 by hand, the plain one
+
+
 def test_ledger_entries_is_there_after_a_plain_import_ledger():
     # docs/ledger.md shows `ledger.entries.payment_captured(...)` after `import ledger`; a user that imports
     # nothing else (no paysvc, no test module importing ledger.entries) must find it.
