@@ -12,7 +12,9 @@ from ledger.balances import (
 )
 from ledger.canonical import canonical_content, chain_hash, content_hash
 from ledger.chain import seal, seal_all
-from ledger.errors import AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, LedgerError
+from ledger.errors import (
+    AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, InvalidReversal, LedgerError,
+)
 from ledger.journal import (
     get_entries, get_entry, list_entries, post_entries, post_entry, reversal_draft, reverse_entry,
 )
@@ -24,7 +26,7 @@ from ledger import entries
 
 __all__ = [
     "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "BalanceMismatch", "CurrencyTotal",
-    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "LedgerError",
+    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "InvalidReversal", "LedgerError",
     "PostedEntry", "Posting", "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport", "account_spec",
     "balance", "canonical_content", "chain_hash", "content_hash", "entries", "fold_pending", "get_account",
     "get_entries", "get_entry", "list_accounts", "list_entries", "post_entries", "post_entry", "reversal_draft",

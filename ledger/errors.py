@@ -31,3 +31,10 @@ class AlreadyReversed(LedgerError):
     """The entry already has a reversing entry; an entry is reversed at most once."""
 
     code = "already-reversed"
+
+
+class InvalidReversal(LedgerError):
+    """An entry names an entry it reverses (``reverses``) but is not that entry undone: a reversing entry has
+    exactly the postings of the entry it names, each side swapped, and kind ``reversal``."""
+
+    code = "invalid-reversal"

@@ -10,7 +10,7 @@ import asyncpg
 
 from ledger.accounts import account_spec
 from ledger.canonical import content_hash
-from ledger.errors import AlreadyReversed, EntryNotFound, LedgerError
+from ledger.errors import AlreadyReversed, EntryNotFound, InvalidReversal, LedgerError
 from ledger.postings import EntryDraft, PostedEntry, Posting
 from ledger.sql import Q
 
@@ -21,7 +21,11 @@ async def post_entry(conn: asyncpg.Connection, draft: EntryDraft, *, fold_now: b
     The database checks the entry again at commit (with ``fold_now``, in this statement). If the
     idempotency key was used before, the first entry is returned with ``replayed=True`` and nothing is
     written. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal,
-    ``EntryNotFound`` when it names no entry.
+    ``EntryNotFound`` when it names no entry, and ``InvalidReversal`` when the draft is not that entry undone
+    (its postings with each side swapped, kind ``reversal``: use ``reversal_draft`` or ``reverse_entry``).
+    Without ``fold_now``, inside a transaction block, the database checks the last at commit: the caller's
+    COMMIT then raises asyncpg's ``CheckViolationError`` (its ``constraint_name`` is
+    ``ledger_reversal_mirrors_its_entry``).
     ``fold_now``: see ``post_entries``.
     """
     return (await post_entries(conn, [draft], fold_now=fold_now))[0]
@@ -103,13 +107,18 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
 
 
 _ID_TAKEN = "the entry id drawn from the sequence was taken by an entry written with an explicit id; "
+_REVERSAL_RULE = "ledger_reversal_mirrors_its_entry"  # migration 0025
 _MISSING_KEY = re.compile(r"\(reverses\)=\((\d+)\)")
 
 
 def ledger_error(exc: asyncpg.PostgresError) -> LedgerError | None:
-    """The typed ledger error for what the database refused in a posting statement, recognised by the
-    constraint name the database gives; None for any other error (raised as it is)."""
+    """The typed ledger error for what the database refused in a posting statement (or in ``fold_pending``),
+    recognised by the constraint name the database gives; None for any other error (raised as it is)."""
     name = getattr(exc, "constraint_name", None)
+    if isinstance(exc, asyncpg.CheckViolationError) and name == _REVERSAL_RULE:
+        return InvalidReversal(f"{exc.args[0] if exc.args else exc}. It cannot commit: post instead the entry "
+                               "ledger.reversal_draft builds from the entry it reverses (ledger.reverse_entry "
+                               "does both)")
     if isinstance(exc, asyncpg.ForeignKeyViolationError) and name == "ledger_entries_reverses_fkey":
         found = _MISSING_KEY.search(getattr(exc, "detail", None) or "")
         which = f"journal entry {found.group(1)}" if found else "the journal entry"
