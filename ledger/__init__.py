@@ -13,7 +13,8 @@ from ledger.balances import (
 from ledger.canonical import canonical_content, chain_hash, content_hash
 from ledger.chain import seal, seal_all
 from ledger.errors import (
-    AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, LedgerError, LedgerTampered,
+    AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, InvalidReversal, LedgerError,
+    LedgerTampered,
 )
 from ledger.journal import (
     get_entries, get_entry, list_entries, post_entries, post_entry, reversal_draft, reverse_entry,
@@ -21,12 +22,14 @@ from ledger.journal import (
 from ledger.postings import EntryDraft, PostedEntry, Posting
 from ledger.verify import BalanceMismatch, EntryProblem, VerifyReport, verify
 
+# A submodule the docs use as ``ledger.entries.payment_captured(...)`` after a plain ``import ledger``.
+from ledger import entries
+
 __all__ = [
     "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "BalanceMismatch", "CurrencyTotal",
-    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "LedgerError", "LedgerTampered",
-    "PostedEntry", "Posting",
-    "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport", "account_spec", "balance",
-    "canonical_content", "chain_hash", "content_hash", "fold_pending", "get_account", "get_entries", "get_entry",
-    "list_accounts", "list_entries", "post_entries", "post_entry", "reversal_draft", "reverse_entry", "seal",
-    "seal_all", "statement", "trial_balance", "verify",
+    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "InvalidReversal", "LedgerError",
+    "LedgerTampered", "PostedEntry", "Posting", "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport",
+    "account_spec", "balance", "canonical_content", "chain_hash", "content_hash", "entries", "fold_pending",
+    "get_account", "get_entries", "get_entry", "list_accounts", "list_entries", "post_entries", "post_entry",
+    "reversal_draft", "reverse_entry", "seal", "seal_all", "statement", "trial_balance", "verify",
 ]

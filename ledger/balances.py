@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ledger.accounts import signed
 from ledger.errors import AccountNotFound
+from ledger.journal import ledger_error
 from ledger.sql import Q
 
 
@@ -99,7 +100,13 @@ async def fold_pending(conn: asyncpg.Connection) -> None:
     transaction that does both locks balance rows in two rounds and can deadlock with another such
     transaction (PostgreSQL aborts one of them): retry it, or post everything before folding.
     """
-    await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances IMMEDIATE")
+    try:
+        await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances IMMEDIATE")
+    except asyncpg.PostgresError as exc:  # the entries' checks run here: e.g. InvalidReversal
+        typed = ledger_error(exc)
+        if typed is None:
+            raise
+        raise typed from exc
     await conn.execute("SET CONSTRAINTS ledger_entries_apply_balances DEFERRED")
 
 

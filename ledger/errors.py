@@ -37,3 +37,10 @@ class LedgerTampered(LedgerError):
     """The ledger's tables were changed behind its back (say an entry row deleted); the sealer will not go on."""
 
     code = "ledger-tampered"
+
+
+class InvalidReversal(LedgerError):
+    """An entry names an entry it reverses (``reverses``) but is not that entry undone: a reversing entry has
+    exactly the postings of the entry it names, each side swapped, and kind ``reversal``."""
+
+    code = "invalid-reversal"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Sequence
 
@@ -9,7 +10,7 @@ import asyncpg
 
 from ledger.accounts import account_spec
 from ledger.canonical import content_hash
-from ledger.errors import AlreadyReversed, EntryNotFound, LedgerError
+from ledger.errors import AlreadyReversed, EntryNotFound, InvalidReversal, LedgerError
 from ledger.postings import EntryDraft, PostedEntry, Posting
 from ledger.sql import Q
 
@@ -19,7 +20,12 @@ async def post_entry(conn: asyncpg.Connection, draft: EntryDraft, *, fold_now: b
 
     The database checks the entry again at commit (with ``fold_now``, in this statement). If the
     idempotency key was used before, the first entry is returned with ``replayed=True`` and nothing is
-    written. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal.
+    written. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal,
+    ``EntryNotFound`` when it names no entry, and ``InvalidReversal`` when the draft is not that entry undone
+    (its postings with each side swapped, kind ``reversal``: use ``reversal_draft`` or ``reverse_entry``).
+    Without ``fold_now``, inside a transaction block, the database checks the last at commit: the caller's
+    COMMIT then raises asyncpg's ``CheckViolationError`` (its ``constraint_name`` is
+    ``ledger_reversal_mirrors_its_entry``).
     ``fold_now``: see ``post_entries``.
     """
     return (await post_entries(conn, [draft], fold_now=fold_now))[0]
@@ -30,7 +36,8 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
     """Post a micro-batch of entries with one statement; results in the order of ``drafts``.
 
     Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` draft raises after the
-    others were written in the caller's transaction: roll it back, or post reversals one by one.
+    others were written in the caller's transaction: roll it back, or post reversals one by one. Any other
+    error refuses the whole statement.
 
     By default the database checks each of the transaction's entries and folds it into the balances when
     the transaction commits, with all the balance rows it needs locked first in account order, however many
@@ -56,14 +63,21 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
             p_currency.append(p.currency)
             accounts[p.account] = None
     specs = [account_spec(code) for code in accounts]
-    rows = await conn.fetch(
-        Q.post,
-        [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
-        [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts], [d.payment_id for d in drafts],
-        [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes, [len(d.postings) for d in drafts],
-        p_entry, p_line, p_account, p_side, p_amount, p_currency,
-        [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
-    )
+    try:
+        rows = await conn.fetch(
+            Q.post,
+            [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
+            [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts], [d.payment_id for d in drafts],
+            [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes,
+            [len(d.postings) for d in drafts],
+            p_entry, p_line, p_account, p_side, p_amount, p_currency,
+            [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
+        )
+    except asyncpg.PostgresError as exc:  # costs nothing when nothing is raised
+        typed = ledger_error(exc)
+        if typed is None:
+            raise
+        raise typed from exc
     out: list[PostedEntry | None] = [None] * len(drafts)
     replayed: dict[int, int] = {}
     for r in rows:
@@ -72,9 +86,8 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
             raise AlreadyReversed(f"entry {drafts[i].reverses} has already been reversed; "
                                   "an entry is reversed at most once")
         if r["o_status"] == "id_taken":
-            raise LedgerError("the entry id drawn from the sequence was taken by an entry written with an explicit "
-                              "id; nothing was written for this draft: post it again (and let the sequence "
-                              "choose entry ids)")
+            raise LedgerError(_ID_TAKEN + "nothing was written for this draft: post it again (and let the "
+                              "sequence choose entry ids)")
         if r["o_status"] == "replayed":
             replayed[i] = r["o_id"]
             continue
@@ -91,6 +104,32 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
         for i, entry_id in replayed.items():
             out[i] = firsts[entry_id].model_copy(update={"replayed": True})
     return out  # type: ignore[return-value]
+
+
+_ID_TAKEN = "the entry id drawn from the sequence was taken by an entry written with an explicit id; "
+_REVERSAL_RULE = "ledger_reversal_mirrors_its_entry"  # migration 0025
+_MISSING_KEY = re.compile(r"\(reverses\)=\((\d+)\)")
+
+
+def ledger_error(exc: asyncpg.PostgresError) -> LedgerError | None:
+    """The typed ledger error for what the database refused in a posting statement (or in ``fold_pending``),
+    recognised by the constraint name the database gives; None for any other error (raised as it is)."""
+    name = getattr(exc, "constraint_name", None)
+    if isinstance(exc, asyncpg.CheckViolationError) and name == _REVERSAL_RULE:
+        return InvalidReversal(f"{exc.args[0] if exc.args else exc}. It cannot commit: post instead the entry "
+                               "ledger.reversal_draft builds from the entry it reverses (ledger.reverse_entry "
+                               "does both)")
+    if isinstance(exc, asyncpg.ForeignKeyViolationError) and name == "ledger_entries_reverses_fkey":
+        found = _MISSING_KEY.search(getattr(exc, "detail", None) or "")
+        which = f"journal entry {found.group(1)}" if found else "the journal entry"
+        return EntryNotFound(f"{which}, named in `reverses`, does not exist; nothing was written: name an "
+                             "existing entry (ledger.reverse_entry takes its id)")
+    if isinstance(exc, asyncpg.UniqueViolationError) and name in ("ledger_entries_pkey", "ledger_postings_pkey"):
+        # Only an entry id can collide in ledger_post (lines are numbered per draft), and only in its plain
+        # insert, without ON CONFLICT (entries without idempotency key or reversal): the whole statement failed.
+        return LedgerError(_ID_TAKEN + "nothing of this call was written (inside a transaction block, roll it "
+                           "back): post again (and let the sequence choose entry ids)")
+    return None
 
 
 async def get_entries(conn: asyncpg.Connection, ids: Sequence[int]) -> dict[int, PostedEntry]:

@@ -688,6 +688,9 @@ async def test_only_the_service_role_may_call_the_ledgers_owner_rights_function(
     for role in ("public", "paysvc_app"):
         assert not await db.fetchval("SELECT has_function_privilege($1, 'ledger_check_and_fold(bigint[])', "
                                      "'EXECUTE')", role)
+        # nor the reversal check it runs first (migration 0025): it reads the journal as its caller
+        assert not await db.fetchval("SELECT has_function_privilege($1, 'ledger_check_reversals(bigint[])', "
+                                     "'EXECUTE')", role)
 
 
 async def test_only_the_ledger_writes_an_entry_folded(db):
@@ -877,3 +880,186 @@ async def test_the_sealer_refuses_to_extend_a_chain_whose_last_entry_was_deleted
     assert refused.returncode == 1
     assert f"entry {victim.id}" in refused.stderr and "Traceback" not in refused.stderr
     assert await db.fetchval("SELECT count(*) FROM ledger_seals") == 3
+
+
+# --- Reversals: an entry that names what it reverses must be exactly that entry undone (migration 0025) ----
+
+USD_CLEARING, USD_REVENUE = "provider:sandbox:clearing:USD", "agency:MOI:revenue:USD"
+
+
+def _p(account: str, side: str, amount: int) -> ledger.Posting:
+    return ledger.Posting(account=account, side=side, amount=amount, currency=account[-3:])
+
+
+def five_postings(n: int = 1) -> EntryDraft:
+    """An entry of 5 postings in two currencies: 100 KHR (60 + 40 against 100) and 5 USD."""
+    return EntryDraft(kind="payment.captured", description=f"five postings {n}", effective_at=T0,
+                      idempotency_key=f"five:{n}", postings=(
+                          _p(CLEARING, "debit", 60), _p(CLEARING, "debit", 40), _p(REVENUE, "credit", 100),
+                          _p(USD_CLEARING, "debit", 5), _p(USD_REVENUE, "credit", 5)))
+
+
+def _flip(postings) -> tuple[ledger.Posting, ...]:
+    return tuple(p.model_copy(update={"side": "credit" if p.side == "debit" else "debit"}) for p in postings)
+
+
+BAD_REVERSALS = {
+    # the reviewer's case: another kind, one posting pair of 1 KHR
+    "one_pair_as_a_capture": lambda e: ("payment.captured", (_p(CLEARING, "debit", 1), _p(REVENUE, "credit", 1))),
+    "one_pair": lambda e: ("reversal", (_p(CLEARING, "credit", 1), _p(REVENUE, "debit", 1))),
+    "sides_not_swapped": lambda e: ("reversal", e.postings),
+    "one_currency_only": lambda e: ("reversal", _flip(e.postings[:3])),
+    "lines_merged": lambda e: ("reversal", (_p(CLEARING, "credit", 100), _p(REVENUE, "debit", 100),
+                                            _p(USD_CLEARING, "credit", 5), _p(USD_REVENUE, "debit", 5))),
+    "one_pair_more": lambda e: ("reversal", _flip(e.postings) + (_p(CLEARING, "debit", 1), _p(REVENUE, "credit", 1))),
+    "exact_but_another_kind": lambda e: ("refund", _flip(e.postings)),
+}
+
+
+async def _balances(db) -> dict[str, int]:
+    return {code: await ledger.balance(db, code) for code in (CLEARING, REVENUE, USD_CLEARING, USD_REVENUE)}
+
+
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+@pytest.mark.parametrize("bad", sorted(BAD_REVERSALS))
+async def test_a_reversal_that_is_not_its_entry_undone_is_refused(db, bad, fold_now):
+    # Found by review: any balanced entry could name any entry in `reverses` and was accepted; the entry it
+    # named could then never be reversed properly (AlreadyReversed). Posted as the service's role, through the
+    # library, outside a transaction block (so the commit-time check runs inside this statement too).
+    original = await ledger.post_entry(db, five_postings())
+    before = await _balances(db)
+    kind, postings = BAD_REVERSALS[bad](original)
+    draft = EntryDraft(kind=kind, description="not a mirror", effective_at=T0, postings=postings,
+                       reverses=original.id)
+    await db.execute("SET ROLE paysvc_app")
+    try:
+        with pytest.raises(ledger.InvalidReversal, match=f"reverses entry {original.id}") as info:
+            await ledger.post_entry(db, draft, fold_now=fold_now)
+        assert "reversal_draft" in str(info.value)  # says what to do instead
+    finally:
+        await db.execute("RESET ROLE")
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    assert await _balances(db) == before
+    # the original can still be reversed, properly
+    r = await ledger.reverse_entry(db, original.id, description="posted in error", effective_at=T0)
+    assert r.reverses == original.id and r.kind == "reversal"
+    assert set((await _balances(db)).values()) == {0}
+    assert (await ledger.verify(db)).ok
+
+
+async def test_a_bad_reversal_inside_a_transaction_block_is_refused_at_commit(db):
+    # Folded at commit, the check runs when the caller's transaction commits: asyncpg's error, with the rule's name.
+    original = await ledger.post_entry(db, five_postings())
+    draft = EntryDraft(kind="reversal", description="one pair", effective_at=T0, reverses=original.id,
+                       postings=(_p(CLEARING, "credit", 1), _p(REVENUE, "debit", 1)))
+    with pytest.raises(asyncpg.CheckViolationError, match="reverses entry") as info:
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await ledger.post_entry(db, draft)
+    assert info.value.constraint_name == "ledger_reversal_mirrors_its_entry"
+    # fold_pending runs the same check early, inside the transaction: the typed error
+    with pytest.raises(ledger.InvalidReversal):
+        async with db.transaction():
+            await ledger.post_entry(db, draft)
+            await ledger.fold_pending(db)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries WHERE reverses IS NOT NULL") == 0
+
+
+async def _raw_reversal(db, reverses: int, kind: str, postings: list[tuple[str, str, int]], *,
+                        role: str | None, early: bool = False) -> None:
+    """An entry naming `reverses`, written by hand (no ledger_post), in one transaction."""
+    async with db.transaction():
+        if role:
+            await db.execute(f"SET LOCAL ROLE {role}")
+        eid = await db.fetchval("INSERT INTO ledger_entries (kind, description, effective_at, content_hash, "
+                                "posting_count, reverses) VALUES ($1, 'by hand', now(), $2, $3, $4) RETURNING id",
+                                kind, bytes(32), len(postings), reverses)
+        for line, (code, side, amount) in enumerate(postings, start=1):
+            await db.execute(
+                "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                "SELECT $1, $2, id, $3, $4, currency FROM ledger_accounts WHERE code = $5", eid, line, side, amount,
+                code)
+        if early:
+            await db.execute("SET CONSTRAINTS ALL IMMEDIATE")
+
+
+@pytest.mark.parametrize("role, early", [("paysvc_app", False), (None, False), (None, True)],
+                         ids=["service_role", "superuser", "superuser_checked_early"])
+async def test_the_database_refuses_a_reversal_written_by_hand_that_is_not_its_entry_undone(db, role, early):
+    original = await ledger.post_entry(db, five_postings())
+    mirror = [(p.account, "credit" if p.side == "debit" else "debit", p.amount) for p in original.postings]
+    for kind, postings in (("reversal", mirror[:3]),                                 # the KHR part only
+                           ("reversal", [(CLEARING, "credit", 50), (CLEARING, "credit", 50),  # same totals,
+                                         *mirror[2:]]),                                        # other lines
+                           ("raw", mirror)):                                        # undone, but not a 'reversal'
+        with pytest.raises(asyncpg.CheckViolationError, match=f"reverses entry {original.id}") as info:
+            await _raw_reversal(db, original.id, kind, postings, role=role, early=early)
+        assert info.value.constraint_name == "ledger_reversal_mirrors_its_entry"
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    # the entry undone, lines in another order, is let in
+    await _raw_reversal(db, original.id, "reversal", mirror[::-1], role=role, early=early)
+    assert set((await _balances(db)).values()) == {0}
+
+
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+async def test_a_multi_currency_entry_is_reversed_whatever_the_order_of_its_lines(db, fold_now):
+    original = await ledger.post_entry(db, five_postings(1))
+    r = await ledger.reverse_entry(db, original.id, description="undo", effective_at=T0)
+    assert r.reverses == original.id and [p.side for p in r.postings] == ["credit"] * 2 + ["debit", "credit", "debit"]
+    assert set((await _balances(db)).values()) == {0}
+    # the reversal's lines need not be in the original's order (a multiset, not a sequence)
+    second = await ledger.post_entry(db, five_postings(2))
+    draft = ledger.reversal_draft(second, description="undo", effective_at=T0)
+    shuffled = draft.model_copy(update={"postings": draft.postings[::-1]})
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        assert (await ledger.post_entry(db, shuffled, fold_now=fold_now)).reverses == second.id
+    assert set((await _balances(db)).values()) == {0}
+    # a reversal of a reversal puts the entry back
+    again = await ledger.post_entry(db, ledger.reversal_draft(r, description="redo", effective_at=T0),
+                                    fold_now=fold_now)
+    assert again.reverses == r.id and await ledger.balance(db, CLEARING) == 100
+    with pytest.raises(ledger.AlreadyReversed):
+        await ledger.reverse_entry(db, original.id, description="twice", effective_at=T0)
+    assert (await ledger.verify(db)).ok
+
+
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+async def test_a_reversal_of_an_entry_that_does_not_exist_is_entry_not_found(db, fold_now):
+    # Found by review: asyncpg's ForeignKeyViolationError leaked out of the library.
+    draft = EntryDraft(kind="reversal", description="of nothing", effective_at=T0, reverses=888888,
+                       postings=(_p(CLEARING, "credit", 1), _p(REVENUE, "debit", 1)))
+    with pytest.raises(ledger.EntryNotFound, match="888888"):
+        await ledger.post_entry(db, draft, fold_now=fold_now)
+    with pytest.raises(ledger.EntryNotFound, match="888888"):  # in a batch, beside an ordinary entry
+        await ledger.post_entries(db, [capture(1), draft], fold_now=fold_now)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+
+
+async def test_an_entry_id_taken_by_hand_is_reported_as_such_without_a_key_too(db):
+    # The plain insert (no idempotency key, no reversal) met the explicit id with asyncpg's
+    # UniqueViolationError; it now says what happened, like the keyed path.
+    await post(db, capture(0))
+    taken = await db.fetchval("SELECT nextval('ledger_entries_id_seq')") + 1
+    debit, credit = await _account_ids(db)
+    async with db.transaction():
+        await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash, posting_count) "
+                         "VALUES ($1, 'raw', 'explicit id', now(), $2, 2)", taken, bytes(32))
+        await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
+                         "VALUES ($1, 1, $2, 'debit', 5, 'KHR'), ($1, 2, $3, 'credit', 5, 'KHR')", taken, debit, credit)
+    plain = capture(1).model_copy(update={"idempotency_key": None})
+    with pytest.raises(ledger.LedgerError, match="taken by an entry written with an explicit id") as info:
+        await post(db, plain)
+    assert not isinstance(info.value, asyncpg.PostgresError)
+    assert (await post(db, plain)).id > taken  # posted again: the next id
+    assert await ledger.balance(db, CLEARING) == 100_005  # capture(0), the 5 by hand, the plain one
+
+
+def test_ledger_entries_is_there_after_a_plain_import_ledger():
+    # docs/ledger.md shows `ledger.entries.payment_captured(...)` after `import ledger`; a user that imports
+    # nothing else (no paysvc, no test module importing ledger.entries) must find it.
+    code = "import ledger; print(ledger.entries.payment_captured.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "payment_captured"

@@ -135,6 +135,33 @@ class LedgerMachine(RuleBasedStateMachine):
         with pytest.raises(ledger.AlreadyReversed):
             self.run(go())
 
+    @precondition(lambda self: self.reversible)
+    @rule(data=st.data(), fold_now=st.booleans())
+    def mismatched_reversal_is_refused(self, data, fold_now):
+        # An entry naming one in `reverses` must be that entry undone (migration 0025), in either posting path;
+        # a refused one leaves the entry reversible (the `reverse` rule may still pick it).
+        entry_id = data.draw(st.sampled_from(self.reversible))
+        original = self.run(ledger.get_entry(self.conn, entry_id))
+        mirror = ledger.reversal_draft(original, description="undo", effective_at=T0).postings
+        how = data.draw(st.sampled_from(["other_entry", "other_kind", "extra_pair"]))
+        kind, postings = "reversal", mirror
+        if how == "other_entry":
+            postings = data.draw(balanced_entries()).postings
+        elif how == "other_kind":
+            kind = data.draw(st.sampled_from(["prop", "refund", "payment.captured"]))
+        else:
+            code = data.draw(st.sampled_from(ACCOUNTS["KHR"]))
+            amount = data.draw(st.integers(1, 10**6))
+            postings = mirror + (Posting(account=code, side="debit", amount=amount, currency="KHR"),
+                                 Posting(account=code, side="credit", amount=amount, currency="KHR"))
+        draft = EntryDraft(kind=kind, description="not the entry undone", effective_at=T0, postings=postings,
+                           reverses=entry_id)
+        undone = Counter((p.account, p.currency, p.amount, p.side) for p in mirror)
+        if kind == "reversal" and Counter((p.account, p.currency, p.amount, p.side) for p in postings) == undone:
+            return  # drew the entry undone after all: not a mismatch
+        with pytest.raises(ledger.InvalidReversal):  # outside a transaction block: one statement, its own commit
+            self.run(ledger.post_entry(self.conn, draft, fold_now=fold_now))
+
     @rule(postings=unbalanced_postings())
     def unbalanced_is_refused(self, postings):
         with pytest.raises(ValidationError):  # by Python
