@@ -16,6 +16,12 @@ writers run on uvloop where it is installed, as the service does.
   x  as a, inside BEGIN ... COMMIT                          (reference)
   b  one entry per transaction, every entry on 2 hot accounts  target >= 1,500 entries/s
   c  micro-batches: one statement posts a batch of entries  target >= 15,000 entries/s
+  p  as a, but posted by pgbench (C) calling ledger_post    (reference: the database's own limit for a)
+
+Scenario p sends scenario a's statement (the same function, arguments and fold) from pgbench's 16 clients
+instead of Python's: the gap between a and p is what the Python client costs on the shared cores. Its
+entries carry a placeholder content hash (pgbench cannot compute the canonical hash), so its scratch
+database would fail ``paysvc ledger verify``; it is dropped after the run like the others.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import asyncio
 import os
 import random
 import re
+import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -57,7 +65,7 @@ class Result:
     errors: int = 0
     trial_balance: str = "?"
     balances_exact: bool = False
-    client_cpu: float = 0.0  # CPU seconds the benchmark's own process used while writing
+    client_cpu: float = 0.0  # CPU seconds the client (this process, or pgbench in p) used while writing
 
     @property
     def rate(self) -> float:
@@ -114,6 +122,24 @@ async def _check(dsn: str, r: Result) -> None:
         await conn.close()
 
 
+# One single-entry ledger_post per transaction, scenario a's accounts drawn at random, as pgbench's script.
+# pgbench reads every ':name' in a command as a variable, string literals included, so the account codes are
+# spelled with ';' and translated to ':' by the server.
+_DEBIT = "translate('provider;p' || lpad(:d::text, 5, '0') || ';clearing;KHR', ';', chr(58))"
+_CREDIT = "translate('agency;A' || lpad(:c::text, 5, '0') || ';revenue;KHR', ';', chr(58))"
+_PGBENCH_POST = f"""\\set d random(0, {N_ACCOUNTS // 2 - 1})
+\\set c random(0, {N_ACCOUNTS // 2 - 1})
+\\set amount random(100, 500000)
+SELECT * FROM ledger_post(ARRAY['payment.captured'], ARRAY['bench payment'], ARRAY[now()], ARRAY[NULL::text],
+  ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint],
+  ARRAY[sha256(random()::text::bytea)], ARRAY[2::smallint], ARRAY[1, 1], ARRAY[1, 2]::smallint[],
+  ARRAY[{_DEBIT}, {_CREDIT}],
+  ARRAY['debit', 'credit'], ARRAY[:amount::bigint, :amount::bigint], ARRAY['KHR', 'KHR'],
+  ARRAY[{_DEBIT}, {_CREDIT}],
+  ARRAY['asset', 'revenue'], ARRAY['KHR', 'KHR'], :fold_now::boolean);
+"""
+
+
 async def _run(dsn: str, r: Result, seconds: float, make_batch, explicit: bool, fold_now: bool) -> None:
     conns = [await asyncpg.connect(dsn) for _ in range(WRITERS)]
     stop = time.perf_counter() + seconds
@@ -168,7 +194,10 @@ async def _scenario(name: str, target: str, seconds: float, make_batch, explicit
         await _seed(dsn)
         r = Result(name, target)
         before = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
-        await _run(dsn, r, seconds, make_batch, explicit, fold_now)
+        if make_batch is None:
+            await asyncio.to_thread(_pgbench_post, db, r, seconds, fold_now)
+        else:
+            await _run(dsn, r, seconds, make_batch, explicit, fold_now)
         await _check(dsn, r)
         after = await admin.fetchval("SELECT deadlocks FROM pg_stat_database WHERE datname = $1", db)
         r.deadlocks = max(r.deadlocks, (after or 0) - (before or 0))
@@ -178,16 +207,53 @@ async def _scenario(name: str, target: str, seconds: float, make_batch, explicit
         await admin.close()
 
 
-def _pgbench(seconds: float, scale: int) -> tuple[float, str]:
-    exe = shutil.which("pgbench")
-    if exe is None:
-        return float("nan"), "pgbench not found"
+def _pgbench_env() -> dict[str, str]:
     u = urlparse(ADMIN_DSN)
     socket_dir = parse_qs(u.query).get("host", [None])[0]
     env = dict(os.environ, PGHOST=socket_dir or u.hostname or "127.0.0.1", PGPORT=str(u.port or 5432),
                PGUSER=u.username or "postgres")
     if u.password:
         env["PGPASSWORD"] = u.password
+    return env
+
+
+def _pgbench_post(db: str, r: Result, seconds: float, fold_now: bool) -> None:
+    """Scenario p: pgbench's clients call ledger_post as scenario a's writers do; fills ``r`` from its logs."""
+    exe = shutil.which("pgbench")
+    if exe is None:
+        r.errors = 1
+        print("scenario p: pgbench not found", file=sys.stderr)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "post.sql")
+        with open(script, "w") as f:
+            f.write(_PGBENCH_POST)
+        # -n: no vacuum of pgbench's own tables (there are none here); -M prepared, as asyncpg prepares
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(
+            [exe, "-n", "-M", "extended", "-f", script, "-D", f"fold_now={'true' if fold_now else 'false'}",
+             "-c", str(WRITERS), "-j", "2", "-T", str(int(seconds)), "-l", "--log-prefix", os.path.join(tmp, "log"),
+             db], env=_pgbench_env(), capture_output=True, text=True)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r.client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+        if out.returncode != 0:
+            r.errors = 1
+            print(f"scenario p: pgbench exited {out.returncode}: {out.stderr.strip()[-500:]}", file=sys.stderr)
+        m = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
+        r.entries = r.commits = int(m.group(1)) if m else 0
+        r.seconds = int(seconds)
+        for name in os.listdir(tmp):
+            if name.startswith("log"):
+                with open(os.path.join(tmp, name)) as f:
+                    # client, transaction number, latency in µs, script, epoch seconds, µs
+                    r.latencies.extend(int(line.split()[2]) / 1e6 for line in f)
+
+
+def _pgbench(seconds: float, scale: int) -> tuple[float, str]:
+    exe = shutil.which("pgbench")
+    if exe is None:
+        return float("nan"), "pgbench not found"
+    env = _pgbench_env()
     db = f"ledger_bench_pgb_{uuid.uuid4().hex[:8]}"
     subprocess.run(["createdb", db], env=env, check=True)
     try:
@@ -243,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10, help="duration of each scenario (default 10)")
     ap.add_argument("--batch", type=int, default=100, help="entries per statement in scenario c (default 100)")
     ap.add_argument("--pgbench-scale", type=int, default=16, help="pgbench -i -s (default 16: one branch per client)")
-    ap.add_argument("--only", default="axbc", help="scenarios to run, e.g. 'ac' (default axbc)")
+    ap.add_argument("--only", default="axbcp", help="scenarios to run, e.g. 'ac' (default axbcp)")
     ap.add_argument("--fold-at-commit", action="store_true",
                     help="post without fold_now: balances checked and folded by the commit-time trigger")
     args = ap.parse_args(argv)
@@ -265,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "x": ("x) as a), BEGIN + post + COMMIT", "(reference: 3 round trips)", spread, True),
         "b": ("b) 1 entry/tx, 2 hot accounts", ">= 1,500/s", hot, False),
         "c": (f"c) micro-batch {args.batch} entries/statement", ">= 15,000/s", batch, False),
+        "p": ("p) as a), posted by pgbench calling ledger_post", "(reference: without Python)", None, False),
     }
     fold_now = not args.fold_at_commit
     print(f"ledger benchmark: {WRITERS} writers on {_LOOP}, {args.seconds:.0f} s per scenario, {os.cpu_count()} "
