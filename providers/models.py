@@ -150,9 +150,25 @@ def _md5(value: str | None) -> str | None:
 # which keeps every balance sum inside a signed 64-bit integer.
 MAX_AMOUNT = 10**15
 
-# A KHQR md5 (32 hex, lower-cased) and a time converted to UTC (naive refused), shared by the models.
+# The times a payment or a settlement line may carry: 2000-01-01 to the end of 2099, in UTC (the range of
+# business dates settlement accepts). A time outside it is no payment's: 9999-12-31T23:59:59.999999Z is
+# Python's datetime.max, which PostgreSQL stores as `infinity` and which no later reader can compare.
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(2100, 1, 1, tzinfo=timezone.utc)   # excluded
+
+
+def _in_range(value: datetime | None) -> datetime | None:
+    if value is not None and not EARLIEST_TIME <= value < LATEST_TIME:
+        raise ValueError(f"{value.isoformat()} is out of range: a payment time must lie between 2000-01-01 "
+                         "and 2099-12-31 (UTC)")
+    return value
+
+
+# A KHQR md5 (32 hex, lower-cased) and a time converted to UTC (naive refused), shared by the models;
+# PaymentTime is such a time within [EARLIEST_TIME, LATEST_TIME).
 Md5 = Annotated[str | None, AfterValidator(_md5)]
 UtcTime = Annotated[datetime | None, AfterValidator(_utc)]
+PaymentTime = Annotated[datetime | None, AfterValidator(_utc), AfterValidator(_in_range)]
 
 
 def _has_nul(value: Any) -> bool:
@@ -180,7 +196,7 @@ class PaymentNotice(_Frozen):
     currency: Currency | None = None                             # None only on a hint
     to_account: str | None = Field(default=None, max_length=200)
     from_account: str | None = Field(default=None, max_length=200)
-    paid_at: UtcTime = None                                      # UTC; None only on a hint
+    paid_at: PaymentTime = None                                  # UTC, 2000..2099; None only on a hint
     confirmed: bool
     raw: dict[str, Any] = Field(default_factory=dict)           # the provider's own fields, JSON-safe
 
@@ -232,7 +248,7 @@ class SettlementLine(_Frozen):
     bill_number: str | None = Field(default=None, max_length=100)
     amount: int = Field(gt=0, le=MAX_AMOUNT)                     # minor units
     currency: Currency
-    paid_at: UtcTime = None
+    paid_at: PaymentTime = None                                  # UTC, 2000..2099
     fee: int = Field(default=0, ge=0, le=MAX_AMOUNT)             # minor units, same currency
     reference: str | None = Field(default=None, max_length=500)
 

@@ -146,6 +146,9 @@ def _signed(body: bytes) -> dict[str, str]:
     (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"2025-06-01T09:30:00Z","md5":"zz"}', "md5"),
     (b'{"transaction_id":7,"amount":5,"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}', "must be a string"),
     (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"2025-06-01T09:30:00Z","fee":1}', "unknown"),
+    (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"9999-12-31T23:59:59.999999+00:00"}',
+     "paid_at: .*out of range"),
+    (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"1999-12-31T23:59:59+00:00"}', "out of range"),
 ])
 def test_malformed_body_after_a_valid_signature_is_malformed_callback(sandbox, body, reason):
     headers = _signed(body)
