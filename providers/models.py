@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -73,8 +74,12 @@ def from_minor(currency: str, minor: int) -> str:
     return str(Decimal(minor).scaleb(-exp).quantize(Decimal(1).scaleb(-exp)))
 
 
+class NotANumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in JSON: not a number any amount can be."""
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
+    raise NotANumber(f"{name} is not a number")
 
 
 class DuplicateKey(ValueError):
@@ -105,11 +110,22 @@ def loads_exact(data: bytes | str) -> Any:
 
 
 def callback_object(body: bytes, provider: str) -> dict[str, Any]:
-    """A callback body parsed with :func:`loads_exact`; :class:`MalformedCallback` unless it is a JSON object."""
+    """A callback body parsed with :func:`loads_exact`; :class:`MalformedCallback` unless it is a JSON object.
+
+    Each refusal says what is wrong in the sender's terms: not JSON, a key given twice, nested too deeply, or
+    an integer of more digits than Python reads (``sys.get_int_max_str_digits()``, 4300 by default).
+    """
     try:
         doc = loads_exact(body)
-    except (ValueError, TypeError, RecursionError) as exc:
+    except DuplicateKey as exc:
+        raise MalformedCallback(f"body is ambiguous: {exc}; send each key once", provider=provider) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, NotANumber, TypeError) as exc:
         raise MalformedCallback(f"body is not JSON: {exc}", provider=provider) from None
+    except RecursionError:
+        raise MalformedCallback("body is nested too deeply to read", provider=provider) from None
+    except ValueError:  # an integer literal of thousands of digits (Python's int_max_str_digits)
+        raise MalformedCallback(f"body cannot be read: a number in it has more than "
+                                f"{sys.get_int_max_str_digits()} digits", provider=provider) from None
     if not isinstance(doc, dict):
         raise MalformedCallback("body must be a JSON object", provider=provider)
     return doc

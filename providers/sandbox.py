@@ -149,8 +149,11 @@ class SandboxProvider(ProviderBase):
         if isinstance(amount, Decimal):
             raise MalformedCallback(f"amount {amount} must be a whole number of minor units, not a fraction",
                                     provider=NAME)
-        if type(amount) is not int or not 0 < amount < MAX_AMOUNT:
+        if type(amount) is not int or amount <= 0:
             raise MalformedCallback("amount must be a positive JSON integer (minor units)", provider=NAME)
+        if amount > MAX_AMOUNT:
+            raise MalformedCallback(f"amount {amount} is more than {MAX_AMOUNT} minor units, the most one payment "
+                                    "may carry", provider=NAME)
         if doc["currency"] not in EXPONENT:
             raise MalformedCallback(f"currency {doc['currency']!r} is not KHR or USD", provider=NAME)
         try:

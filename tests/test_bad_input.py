@@ -118,6 +118,18 @@ async def test_a_signed_callback_with_a_time_out_of_range_is_refused_not_retried
     assert got["status"] == "open"
 
 
+@pytest.mark.parametrize("raw, says", [
+    (b'{"transaction_id": "x", "amount": ' + b"9" * 5000 + b', "currency": "KHR", "paid_at": "2026-01-01T00:00:00Z"}',
+     "more than 4300 digits"),
+    (b'{"transaction_id": "x", "amount": 5, "amount": 6, "currency": "KHR", "paid_at": "2026-01-01T00:00:00Z"}',
+     "the key 'amount' appears twice"),
+])
+async def test_a_signed_callback_python_cannot_read_says_why(api, raw, says):
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=raw, headers=sandbox_headers(raw))
+    detail = (await expect_4xx(r))["detail"]
+    assert says in detail and "sys." not in detail and "not JSON" not in detail, detail
+
+
 def body_with(body: bytes, **changes) -> bytes:
     doc = json.loads(body)
     doc.update(changes)

@@ -149,12 +149,33 @@ def _signed(body: bytes) -> dict[str, str]:
     (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"9999-12-31T23:59:59.999999+00:00"}',
      "paid_at: .*out of range"),
     (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"1999-12-31T23:59:59+00:00"}', "out of range"),
+    (b'{"transaction_id":"x","amount":' + b"9" * 5000 + b',"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}',
+     "a number in it has more than 4300 digits"),
+    (b'{"transaction_id":"x","amount":5,"amount":6,"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}',
+     "ambiguous: the key 'amount' appears twice"),
+    (b'[' * 5000 + b']' * 5000, "nested too deeply"),
+    (b'{"transaction_id":"x","amount":1000000000000001,"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}',
+     "more than 1000000000000000 minor units"),
 ])
 def test_malformed_body_after_a_valid_signature_is_malformed_callback(sandbox, body, reason):
     headers = _signed(body)
     sandbox.verify_callback(headers, body, now=NOW)  # the signature is fine: the content is not
     with pytest.raises(MalformedCallback, match=reason):
         sandbox.parse_callback(headers, body)
+
+
+def test_no_refusal_tells_the_sender_to_change_python_settings(sandbox):
+    body = b'{"transaction_id":"x","amount":' + b"9" * 5000 + b',"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}'
+    with pytest.raises(MalformedCallback) as err:
+        sandbox.parse_callback(_signed(body), body)
+    assert "sys." not in str(err.value) and "not JSON" not in str(err.value)
+
+
+def test_the_largest_amount_a_payment_may_carry_is_accepted(sandbox):
+    body = build_callback(transaction_id="sbx-max", amount=10**15, currency="KHR",
+                          paid_at=datetime(2025, 6, 1, 2, 30, tzinfo=timezone.utc))
+    [n] = sandbox.parse_callback(_signed(body), body)
+    assert n.amount == 10**15
 
 
 def test_usd_callback_keeps_cents_and_optional_fields_may_be_null(sandbox):
