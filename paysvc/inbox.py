@@ -81,11 +81,12 @@ def _storable(text: str) -> str:
 
 
 async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, source: str,
-                          inbox_id: int | None = None) -> list[CaptureResult]:
+                          inbox_id: int | None = None, received_at: datetime | None = None) -> list[CaptureResult]:
     """Capture each notice in its own transaction (a concurrent duplicate is retried and found).
 
     With ``inbox_id``, the last transaction also marks that inbox row processed: the row is done exactly
-    when its payments are, and no extra commit is spent on it.
+    when its payments are, and no extra commit is spent on it. ``received_at`` is when the notices reached
+    us (the callback's arrival; default: the time of capture).
     """
     results = []
     for i, notice in enumerate(notices):
@@ -95,7 +96,7 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
                 async with pool.acquire() as conn, conn.transaction():
                     now = now_utc()
                     result = await capture(conn, notice, source=source, now=now, inbox_id=inbox_id,
-                                           completes_inbox=last and inbox_id is not None)
+                                           completes_inbox=last and inbox_id is not None, received_at=received_at)
                 results.append(result)
                 if result.created:  # counted once committed
                     CAPTURED.labels(notice.provider, source, result.reason or "captured").inc()
@@ -147,7 +148,8 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
             except ProviderUnavailable as exc:
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
         notices = confirmed
-    results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id)
+    results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id,
+                                    received_at=row["received_at"])
     return Outcome("processed", results=results)
 
 

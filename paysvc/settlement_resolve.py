@@ -3,7 +3,7 @@
 The rule (``plan``) is pure; ``resolve`` applies it in the caller's transaction. Where the money in question
 sits decides what an action can do:
 
-* **in suspense** (exceptions raised at capture: unknown_khqr, overpaid, …):
+* **in suspense** (exceptions raised at capture: unknown_khqr, overpaid, paid_at_implausible, …):
   ``match_to_invoice`` debit ``suspense:unmatched``, credit ``agency:{a}:revenue`` (the invoice's
   ``amount_paid`` grows; it is paid when complete); ``refund_due`` debit ``suspense:unmatched``, credit
   ``suspense:refunds-due`` (a liability: owed back to the payer until treasury pays it out);
@@ -43,7 +43,7 @@ from paysvc.queries import Q
 
 Action = Literal["match_to_invoice", "refund_due", "write_off"]
 CAPTURE_REASONS = ("unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
-                   "duplicate_payment", "underpaid", "overpaid")
+                   "duplicate_payment", "underpaid", "overpaid", "paid_at_implausible")
 
 
 class ResolutionRefused(Exception):

@@ -241,3 +241,94 @@ async def test_a_callback_with_text_the_database_cannot_store_is_refused_and_kep
     assert await conn.fetchval("SELECT state FROM provider_inbox") == "rejected"
     assert await conn.fetchval("SELECT count(*) FROM payments") == 0
     await conn.close()
+
+
+async def exceptions(api, treasury, **params) -> list[dict]:
+    r = await api.client.get("/v1/reconciliation/exceptions", params=params, headers=treasury)
+    assert r.status == 200, await r.text()
+    return (await r.json())["data"]
+
+
+async def test_a_payment_after_expiry_is_late_even_before_the_expiry_job_marks_the_invoice(api, portal, treasury,
+                                                                                         invoice_body):
+    answers = []
+    for job_ran in (False, True):
+        inv = await new_invoice(api, portal, invoice_body, amount=50000)
+        conn = await asyncpg.connect(api.dsn)
+        await conn.execute("UPDATE invoices SET expires_at = now() - interval '1 hour', created_at = created_at - "
+                           "interval '2 hours' WHERE id = $1", inv["id"])
+        if job_ran:
+            await conn.execute("UPDATE invoices SET status = 'expired', expired_at = now() WHERE id = $1", inv["id"])
+        await conn.close()
+        r = await pay(api.client, inv)
+        assert r.status == 200, await r.text()
+        answers.append((await r.json())["payments"][0]["exception"])
+        got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+        assert got["status"] == ("expired" if job_ran else "open") and got["amount_paid"] == 0
+    assert answers == ["invoice_expired", "invoice_expired"]
+    assert len(await exceptions(api, treasury, reason="invoice_expired")) == 2
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -100000
+
+
+@pytest.mark.parametrize("paid_at, job_ran", [
+    (datetime(2020, 1, 1, tzinfo=UTC), True),                  # long before the invoice existed
+    (datetime(2000, 1, 1, tzinfo=UTC), False),
+    (datetime.now(UTC) + timedelta(hours=1), False),           # after it reached us
+])
+async def test_a_payment_time_that_cannot_be_true_is_held_for_treasury_and_booked_when_received(
+        api, portal, treasury, invoice_body, paid_at, job_ran):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    if job_ran:
+        conn = await asyncpg.connect(api.dsn)
+        await conn.execute("UPDATE invoices SET status='expired', expired_at=now(), expires_at=now() - interval '1 s'"
+                           " WHERE id=$1", inv["id"])
+        await conn.close()
+    before = datetime.now(UTC)
+    r = await pay(api.client, inv, paid_at=paid_at)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["payments"][0]["exception"] == "paid_at_implausible"
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == ("expired" if job_ran else "open") and got["amount_paid"] == 0
+    [exc] = await exceptions(api, treasury, reason="paid_at_implausible")
+    assert exc["amount"] == 50000 and exc["invoice_id"] == inv["id"]
+    assert datetime.fromisoformat(exc["evidence"]["times"]["paid_at"]) == paid_at
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -50000
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        entry = await conn.fetchrow("SELECT e.effective_at, p.paid_at FROM ledger_entries e "
+                                    "JOIN payments p ON p.id = e.payment_id")
+    finally:
+        await conn.close()
+    # The journal is dated when the money reached us; the payment keeps what the provider said, as evidence.
+    assert before - timedelta(seconds=5) <= entry["effective_at"] <= datetime.now(UTC)
+    assert entry["paid_at"] == paid_at
+    # Treasury can still give it to the invoice once checked.
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury, json={
+        "action": "match_to_invoice", "invoice_id": inv["id"], "note": "bank confirms it was paid today"})
+    assert r.status == 200, await r.text()
+    assert (await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json())["status"] == "paid"
+
+
+async def test_a_code_we_never_issued_is_unknown_even_when_its_bill_number_names_an_invoice(api, portal, treasury,
+                                                                                          invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    r = await pay(api.client, inv, md5="f" * 32)
+    assert r.status == 200, await r.text()
+    out = (await r.json())["payments"][0]
+    assert out["exception"] == "unknown_khqr" and out["invoice_id"] is None
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "open" and got["amount_paid"] == 0 and got["payments"] == []
+    [exc] = await exceptions(api, treasury, reason="unknown_khqr")
+    assert exc["amount"] == 50000 and exc["evidence"]["khqr_md5"] == "f" * 32
+    assert exc["evidence"]["invoice_by_bill_number"]["id"] == inv["id"]  # for treasury to match it, if right
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -50000
+
+
+async def test_a_notice_without_an_md5_is_still_matched_by_its_bill_number(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    body = json.loads(sandbox_body(inv))
+    body["md5"] = None
+    raw = json.dumps(body).encode()
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=raw, headers=sandbox_headers(raw))
+    assert (await r.json())["payments"][0]["exception"] is None
+    assert (await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json())["status"] == "paid"

@@ -5,9 +5,11 @@
 -- one first. `prior` is read with the statement's snapshot, taken before any wait for the lock: a concurrent
 -- capture of the same money that commits while this one waits is not in it, but its row is in the unique
 -- indexes, so this transaction's payment insert writes nothing and the capture is retried, and finds it.
+-- `md5` is NULL when $1 names no code of the invoice found (none, or one we never issued).
 WITH target AS (
-    SELECT k.md5, k.to_account, i.id, i.agency_id, a.code AS agency_code, a.bakong_account, i.status, i.currency,
-           i.amount, i.amount_paid, i.expires_at
+    SELECT k.md5, k.to_account, k.created_at AS code_created_at, i.id, i.agency_id, a.code AS agency_code,
+           a.bakong_account, i.status, i.currency, i.amount, i.amount_paid, i.expires_at,
+           i.created_at AS invoice_created_at
       FROM invoices i
       JOIN agencies a ON a.id = i.agency_id
       LEFT JOIN khqr_codes k ON k.md5 = $1 AND k.invoice_id = i.id
