@@ -9,6 +9,8 @@ issued; a provider is never trusted on those.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -147,8 +149,16 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         prior = target["prior"]
         for p in prior:
             if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
-                await _finish(conn, [], now, done_inbox)
-                return CaptureResult(p["id"], False, None, p["invoice_id"])
+                # This money is captured already. A notice that says the same is a retry; one that says
+                # something else is raised to treasury (once per distinct notice), and nothing is booked. A
+                # settlement line is not compared here: the import's own categories (amount_mismatch…) say
+                # how the file differs from what was captured.
+                events: list[tuple[int, str, dict]] = []
+                differs = _differences(p, notice) if source != "settlement" else []
+                if differs:
+                    await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events)
+                await _finish(conn, events, now, done_inbox)
+                return CaptureResult(p["id"], False, "conflicting_notice" if differs else None, p["invoice_id"])
         same = prior[0] if prior else None  # a payment already on this code
         pay_md5 = code["md5"] if code else None
         if same is not None:
@@ -191,7 +201,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         # waits for it to commit, so the second read sees it. The caller rolls back and retries.
         raise DuplicateCapture(notice.provider, notice.transaction_id)
 
-    events: list[tuple[int, str, dict]] = []
+    events = []
     if decision.pays_invoice:
         events.append((agency_id, "invoice.paid", {
             "invoice_id": invoice_id, "reference": written["reference"], "bill_number": written["bill_number"],
@@ -245,6 +255,45 @@ def _code_of(target) -> dict | None:
     if target["md5"] is None:
         return None
     return {"md5": target["md5"], "to_account": target["to_account"], "created_at": target["code_created_at"]}
+
+
+# What two notices of one provider transaction must agree on. md5, bill number and accounts only when both
+# report them (a provider may leave them out); the rest is always set on a confirmed notice.
+ALWAYS_COMPARED = ("amount", "currency", "paid_at")
+COMPARED_WHEN_REPORTED = ("md5", "bill_number", "to_account", "from_account")
+
+
+def _differences(prior: dict, notice: PaymentNotice) -> list[str]:
+    """The fields in which ``notice`` contradicts the notice the payment ``prior`` was captured from."""
+    first = prior.get("notice")
+    new = notice.model_dump(mode="json")
+    if not isinstance(first, dict):  # a payment written without its notice: compare what the row holds
+        first = {"amount": prior["amount"], "currency": prior["currency"]}
+        return [f for f in ("amount", "currency") if first[f] != new[f]]
+    out = [f for f in ALWAYS_COMPARED if f in first and first[f] != new[f]]
+    out += [f for f in COMPARED_WHEN_REPORTED if first.get(f) is not None and new[f] is not None
+            and first[f] != new[f]]
+    return out
+
+
+async def _raise_conflict(conn: asyncpg.Connection, prior: dict, notice: PaymentNotice, differs: list[str], *,
+                          source: str, now: datetime, events: list) -> None:
+    """Open a ``conflicting_notice`` exception for treasury, once per distinct conflicting notice.
+
+    Its id is derived from the payment and what the notice says, so the same notice again (a retry, or a
+    concurrent copy) finds it opened already and opens nothing."""
+    said = notice.model_dump(mode="json", include={"transaction_id", *ALWAYS_COMPARED, *COMPARED_WHEN_REPORTED})
+    digest = hashlib.sha256(f"{prior['id']}|{json.dumps(said, sort_keys=True)}".encode()).digest()
+    exc_id = "exc_" + base64.b32encode(digest[:15]).decode().lower()
+    evidence = {"payment_id": prior["id"], "fields": differs, "captured_notice": prior.get("notice"),
+                "notice": notice.model_dump(mode="json"), "source": source, "khqr_md5": notice.md5}
+    opened = await conn.fetchval(Q.exception_insert_once, exc_id, "conflicting_notice", notice.provider, prior["id"],
+                                 prior["invoice_id"], prior.get("agency_id"), notice.currency, notice.amount, None,
+                                 evidence, now)
+    if opened is not None and prior.get("agency_id") is not None:
+        events.append((prior["agency_id"], "reconciliation.exception_opened", {
+            "exception_id": exc_id, "reason": "conflicting_notice", "payment_id": prior["id"],
+            "invoice_id": prior["invoice_id"], "currency": notice.currency, "amount": notice.amount}))
 
 
 async def _finish(conn: asyncpg.Connection, events: list[tuple[int, str, dict]], now: datetime,

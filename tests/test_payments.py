@@ -332,3 +332,44 @@ async def test_a_notice_without_an_md5_is_still_matched_by_its_bill_number(api, 
     r = await api.client.post("/v1/providers/sandbox/callbacks", data=raw, headers=sandbox_headers(raw))
     assert (await r.json())["payments"][0]["exception"] is None
     assert (await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json())["status"] == "paid"
+
+
+async def test_a_second_notice_that_contradicts_a_captured_one_is_raised_once_and_booked_never(api, portal, treasury,
+                                                                                             invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    at = datetime.now(UTC)
+    first = await pay(api.client, inv, txid="TX-C", paid_at=at)
+    assert (await first.json())["payments"][0]["new"] is True
+    ledger_before = await balances(api.dsn)
+    answers = []
+    for amount in (999999, 999999, 50000, 777):   # a conflicting notice, the same again, a plain retry, another
+        r = await pay(api.client, inv, txid="TX-C", amount=amount, paid_at=at)
+        assert r.status == 200, await r.text()
+        answers.append((await r.json())["payments"][0])
+    assert [a["new"] for a in answers] == [False] * 4
+    assert [a["exception"] for a in answers] == ["conflicting_notice", "conflicting_notice", None,
+                                                 "conflicting_notice"]
+    assert {a["payment_id"] for a in answers} == {(await first.json())["payments"][0]["payment_id"]}
+    assert await balances(api.dsn) == ledger_before  # nothing booked twice
+    raised = await exceptions(api, treasury, reason="conflicting_notice")
+    assert sorted(e["evidence"]["notice"]["amount"] for e in raised) == [777, 999999]  # once per distinct notice
+    for e in raised:
+        assert e["evidence"]["captured_notice"]["amount"] == 50000 and e["evidence"]["fields"] == ["amount"]
+        assert e["payment_id"] == answers[0]["payment_id"] and e["invoice_id"] == inv["id"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+        assert await conn.fetchval("SELECT count(*) FROM outbox_events WHERE type = "
+                                   "'reconciliation.exception_opened'") == 2
+    finally:
+        await conn.close()
+    # Nothing of it was booked, so nothing can be moved: treasury closes it once checked.
+    e = raised[0]
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{e['id']}/resolve", headers=treasury,
+                              json={"action": "refund_due", "note": "x"})
+    assert r.status == 422
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{e['id']}/resolve", headers=treasury,
+                              json={"action": "write_off", "note": "provider confirms 50,000"})
+    assert r.status == 200, await r.text()
+    assert (await r.json())["postings"] == []
+    assert await balances(api.dsn) == ledger_before
