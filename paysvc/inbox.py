@@ -48,7 +48,7 @@ class Stored:
     id: int
     provider: str
     received_at: datetime
-    headers: dict[str, str]
+    headers: dict[str, str | list[str]]   # as stored: see keep_headers
     body: bytes
     state: str = "received"
     attempts: int = 0
@@ -64,12 +64,37 @@ async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], b
     The row is leased to the caller, who processes it at once; the worker takes it after ``lease``.
     """
     now = now_utc()
-    kept = {_storable(k): _storable(v) for k, v in headers.items()}
+    kept = keep_headers(headers)
     inbox_id = await pool.fetchval(
         Q.inbox_insert, provider, now, kept, body, "rejected" if rejected else "received",
         _storable(rejected) if rejected else None, now + lease,
     )
     return Stored(inbox_id, provider, now, kept, body, "rejected" if rejected else "received")
+
+
+def keep_headers(headers: Mapping[str, str]) -> dict[str, str | list[str]]:
+    """Every header as received, as a JSON object: a name sent once maps to its value, a name sent more than
+    once (same spelling) to the list of its values in order. Rows stored before repetitions were kept hold
+    only strings, and read the same way (:func:`header_multidict`)."""
+    kept: dict[str, str | list[str]] = {}
+    for k, v in headers.items():  # a multidict yields each repetition
+        k, v = _storable(k), _storable(v)
+        if k not in kept:
+            kept[k] = v
+        elif isinstance(kept[k], list):
+            kept[k].append(v)  # type: ignore[union-attr]
+        else:
+            kept[k] = [kept[k], v]  # type: ignore[list-item]
+    return kept
+
+
+def header_multidict(stored: Mapping[str, str | list[str]]) -> CIMultiDict:
+    """The stored headers as the provider reads them: case-insensitive, every repetition kept."""
+    out: CIMultiDict = CIMultiDict()
+    for k, v in stored.items():
+        for one in v if isinstance(v, list) else [v]:
+            out.add(k, one)
+    return out
 
 
 def _storable(text: str) -> str:
@@ -125,7 +150,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
     provider = providers.get(row["provider"])
     if provider is None:
         return await _defer(pool, row, f"provider {row['provider']!r} is not enabled on this instance")
-    headers = CIMultiDict(row["headers"])
+    headers = header_multidict(row["headers"])
     body = bytes(row["body"])
     try:
         # The signature's time window is judged at arrival, so a row recovered after a crash still verifies.

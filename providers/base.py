@@ -97,3 +97,15 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
         if key.lower() == lowered:
             return val
     return None
+
+
+def header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a header, by case-insensitive name, in the order received: a header may be repeated.
+
+    aiohttp's ``CIMultiDict`` keeps each repetition (``getall``); a plain dict can hold one per spelling.
+    """
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    lowered = name.lower()
+    return [val for key, val in headers.items() if key.lower() == lowered]

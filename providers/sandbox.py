@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from providers import settlement_csv
-from providers.base import Pattern, ProviderBase, header
+from providers.base import Pattern, ProviderBase, header_values
 from providers.errors import (MalformedCallback, ProviderConfigError, SettlementFormatError, SignatureError,
                               StaleTimestamp)
 from providers.models import EXPONENT, MAX_AMOUNT, PaymentNotice, SettlementLine, callback_object
@@ -115,10 +115,14 @@ class SandboxProvider(ProviderBase):
             raise ValueError("now must be timezone-aware")
         if not isinstance(body, (bytes, bytearray)):
             raise MalformedCallback("callback body must be bytes", provider=NAME)
-        value = header(headers, SIGNATURE_HEADER)
-        if value is None:
+        values = header_values(headers, SIGNATURE_HEADER)
+        if not values:
             raise SignatureError(f"no {SIGNATURE_HEADER} header", provider=NAME)
-        t_text, candidates = _parse_signature_header(value)
+        if len(values) > 1:
+            # Which one counts would depend on who reads the headers: send one (it may carry several v1=).
+            raise SignatureError(f"{SIGNATURE_HEADER} header is given {len(values)} times; send it once",
+                                 provider=NAME)
+        t_text, candidates = _parse_signature_header(values[0])
         signed = t_text.encode() + b"." + bytes(body)
         matched = False
         for secret in self._secrets:

@@ -373,3 +373,47 @@ async def test_a_second_notice_that_contradicts_a_captured_one_is_raised_once_an
     assert r.status == 200, await r.text()
     assert (await r.json())["postings"] == []
     assert await balances(api.dsn) == ledger_before
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+async def test_a_signature_header_sent_twice_is_refused_and_both_values_are_kept(api, portal, invoice_body,
+                                                                                 valid_first):
+    from multidict import CIMultiDict
+
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    valid = sandbox_headers(body)["Sandbox-Signature"]
+    invalid = sandbox_headers(body, secret="not-the-secret")["Sandbox-Signature"]
+    sent = [valid, invalid] if valid_first else [invalid, valid]
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    for v in sent:
+        headers.add("Sandbox-Signature", v)
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+    assert r.status == 401, await r.text()
+    assert "given 2 times" in (await r.json())["detail"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        row = await conn.fetchrow("SELECT state, reason, headers FROM provider_inbox")
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 0
+    finally:
+        await conn.close()
+    assert row["state"] == "rejected" and "given 2 times" in row["reason"]
+    assert json.loads(row["headers"])["Sandbox-Signature"] == sent  # every value, in the order received
+    assert json.loads(row["headers"])["Content-Type"] == "application/json"  # one value: a string, as before
+
+
+async def test_a_row_stored_before_repeated_headers_were_kept_is_still_processed(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        # The old form: one string per header name.
+        inbox_id = await conn.fetchval(
+            "INSERT INTO provider_inbox (provider, received_at, headers, body, next_attempt_at) "
+            "VALUES ('sandbox', now(), $1::text::jsonb, $2, now() - interval '1 second') RETURNING id",
+            json.dumps(sandbox_headers(body)), body)
+        assert await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS]) == "processed 1 of 1 inbox rows"
+        assert await conn.fetchval("SELECT state FROM provider_inbox WHERE id = $1", inbox_id) == "processed"
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    finally:
+        await conn.close()

@@ -67,6 +67,24 @@ def test_a_signature_made_with_another_secret_fails(sandbox):
         sandbox.verify_callback({SIGNATURE_HEADER: sign("not-our-secret", GOLDEN_BODY, T)}, GOLDEN_BODY, now=NOW)
 
 
+@pytest.mark.parametrize("order", ["valid first", "invalid first", "both valid"])
+def test_a_signature_header_given_twice_is_refused_whatever_the_order(sandbox, order):
+    from multidict import CIMultiDict
+
+    wrong = sign("not-our-secret", GOLDEN_BODY, T)
+    values = {"valid first": [GOLDEN_HEADER, wrong], "invalid first": [wrong, GOLDEN_HEADER],
+              "both valid": [GOLDEN_HEADER, GOLDEN_HEADER]}[order]
+    headers = CIMultiDict()
+    for v in values:
+        headers.add(SIGNATURE_HEADER, v)
+    with pytest.raises(SignatureError, match="given 2 times"):
+        sandbox.verify_callback(headers, GOLDEN_BODY, now=NOW)
+    # Two spellings of the name in a plain mapping are the same header too.
+    with pytest.raises(SignatureError, match="given 2 times"):
+        sandbox.verify_callback({SIGNATURE_HEADER: values[0], SIGNATURE_HEADER.lower(): values[1]}, GOLDEN_BODY,
+                                now=NOW)
+
+
 def test_missing_header_fails(sandbox):
     with pytest.raises(SignatureError, match="no Sandbox-Signature"):
         sandbox.verify_callback({}, GOLDEN_BODY, now=NOW)
