@@ -8,6 +8,7 @@ between, the row is still ``received`` and the inbox worker picks it up once its
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,6 +22,7 @@ from paysvc.capture import CaptureResult, DuplicateCapture, capture
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
+from providers.base import header_values
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +54,45 @@ class Stored:
     body: bytes
     state: str = "received"
     attempts: int = 0
+    replay_of: int | None = None          # set when refused as a replay: the row first received
 
     def __getitem__(self, key: str):  # read like a database row
         return getattr(self, key)
 
 
 async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], body: bytes,
-                *, rejected: str | None = None, lease: timedelta = LEASE) -> Stored:
+                *, rejected: str | None = None, lease: timedelta = LEASE, replay_key: bytes | None = None) -> Stored:
     """Write the callback as received; commit before returning.
 
-    The row is leased to the caller, who processes it at once; the worker takes it after ``lease``.
+    The row is leased to the caller, who processes it at once; the worker takes it after ``lease``. With
+    ``replay_key`` (see :func:`replay_key`), a callback whose key is already in the inbox is stored as
+    rejected, naming the row first received (``Stored.replay_of``), and is never processed.
     """
     now = now_utc()
     kept = keep_headers(headers)
-    inbox_id = await pool.fetchval(
-        Q.inbox_insert, provider, now, kept, body, "rejected" if rejected else "received",
-        _storable(rejected) if rejected else None, now + lease,
-    )
-    return Stored(inbox_id, provider, now, kept, body, "rejected" if rejected else "received")
+    state = "rejected" if rejected else "received"
+    reason = _storable(rejected) if rejected else None
+    key = None if rejected else replay_key
+    inbox_id = await pool.fetchval(Q.inbox_insert, provider, now, kept, body, state, reason, now + lease, key)
+    if inbox_id is not None:
+        return Stored(inbox_id, provider, now, kept, body, state)
+    first = await pool.fetchval(Q.inbox_replayed, provider, key)
+    reason = f"replayed: the same signature and body were already received as inbox row {first}"
+    inbox_id = await pool.fetchval(Q.inbox_insert, provider, now, kept, body, "rejected", reason, now + lease, None)
+    return Stored(inbox_id, provider, now, kept, body, "rejected", replay_of=first)
+
+
+def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes) -> bytes | None:
+    """SHA-256 over a signed callback's signature header and body: equal for a byte-identical replay, new for
+    a provider's retry (which signs anew, with a new timestamp). ``None`` when the provider declares no
+    signature header or the callback does not carry it exactly once (verification refuses it then)."""
+    name = getattr(provider, "signature_header", None)
+    if not name or provider.pattern != "signed_push":
+        return None
+    values = header_values(headers, name)
+    if len(values) != 1:
+        return None
+    return hashlib.sha256(values[0].encode("utf-8", "surrogateescape") + b"\n" + bytes(body)).digest()
 
 
 def keep_headers(headers: Mapping[str, str]) -> dict[str, str | list[str]]:

@@ -61,6 +61,10 @@ class ProviderBase:
 
     name: str = ""
     pattern: Pattern
+    # A signed_push provider names the header its signature travels in. The service then refuses a callback
+    # whose value of that header and body repeat one already received (a replay: a provider's own retry
+    # signs anew). None: no such check.
+    signature_header: str | None = None
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Refuse: this provider sends no callbacks."""

@@ -100,6 +100,7 @@ class SandboxProvider(ProviderBase):
 
     name = NAME
     pattern: Pattern = "signed_push"
+    signature_header = SIGNATURE_HEADER
 
     def __init__(self, config: SandboxConfig) -> None:
         self._secrets = [s.get_secret_value().encode() for s in config.secrets]

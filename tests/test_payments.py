@@ -60,9 +60,11 @@ async def test_signed_callback_pays_the_invoice_and_books_revenue(api, portal, i
 async def test_fifty_identical_callbacks_make_one_payment(api, portal, invoice_body):
     inv = await new_invoice(api, portal, invoice_body)
     body = sandbox_body(inv, txid="TX-SAME")
-    headers = sandbox_headers(body)
-    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
-                                for _ in range(50)))
+    # A provider's retries: the same body, each signed anew when sent (the same signature again is a replay).
+    now = int(time.time())
+    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body,
+                                                headers=sandbox_headers(body, t=now - i))
+                                for i in range(50)))
     assert all(r.status in (200, 202) for r in rs), [r.status for r in rs]
     await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # anything deferred
     conn = await asyncpg.connect(api.dsn)
@@ -150,6 +152,7 @@ async def test_exceptions_need_a_treasury_key(api, portal):
 @pytest.mark.parametrize("case, status", [
     ("bad_signature", 401), ("stale", 401), ("future", 401), ("malformed_json", 400), ("content_type", 415),
     ("oversize", 413), ("missing_signature", 401), ("unknown_provider", 404), ("compressed", 415),
+    ("replayed", 409), ("signature_twice", 401),
 ])
 async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoice_body, case, status):
     inv = await new_invoice(api, portal, invoice_body)
@@ -177,18 +180,33 @@ async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoic
     elif case == "compressed":
         body = gzip.compress(body)
         headers = {**sandbox_headers(body), "Content-Encoding": "gzip"}
+    elif case == "replayed":
+        # The same signed bytes are in the inbox already (their first request is still processing them).
+        await inbox.store(api.client.app[POOL], "sandbox", headers, body, lease=timedelta(hours=1),
+                          replay_key=inbox.replay_key(api.client.app[PROVIDERS]["sandbox"], headers, body))
+    elif case == "signature_twice":
+        from multidict import CIMultiDict
+
+        headers = CIMultiDict(headers)
+        headers.add("Sandbox-Signature", sandbox_headers(body, t=int(time.time()) - 1)["Sandbox-Signature"])
     r = await api.client.post(url, data=body, headers=headers)
     assert r.status == status, await r.text()
     assert r.content_type == "application/problem+json"
     assert (await r.json())["detail"]
     conn = await asyncpg.connect(api.dsn)
     assert await conn.fetchval("SELECT count(*) FROM payments") == 0
-    kept = await conn.fetch("SELECT state, reason, body FROM provider_inbox")
+    kept = await conn.fetch("SELECT id, state, reason, body FROM provider_inbox ORDER BY id")
     await conn.close()
     if case in ("bad_signature", "stale", "future", "malformed_json", "content_type", "missing_signature",
-                "compressed"):
+                "compressed", "signature_twice"):
         assert [k["state"] for k in kept] == ["rejected"] and kept[0]["reason"]
         assert bytes(kept[0]["body"]) == body  # the bytes as they came, compressed ones included
+    elif case == "replayed":
+        assert [k["state"] for k in kept] == ["received", "rejected"]
+        assert f"inbox row {kept[0]['id']}" in kept[1]["reason"] and bytes(kept[1]["body"]) == body
+        problem = await r.json()
+        assert problem["first_inbox_id"] == kept[0]["id"] and problem["inbox_id"] == kept[1]["id"]
+        assert f"already received as inbox row {kept[0]['id']}" in problem["detail"]
     else:
         assert kept == []
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
@@ -342,8 +360,11 @@ async def test_a_second_notice_that_contradicts_a_captured_one_is_raised_once_an
     assert (await first.json())["payments"][0]["new"] is True
     ledger_before = await balances(api.dsn)
     answers = []
-    for amount in (999999, 999999, 50000, 777):   # a conflicting notice, the same again, a plain retry, another
-        r = await pay(api.client, inv, txid="TX-C", amount=amount, paid_at=at)
+    # A conflicting notice, the same again, a plain retry, another: each signed anew, as a provider retries.
+    for i, amount in enumerate((999999, 999999, 50000, 777), start=1):
+        body = sandbox_body(inv, txid="TX-C", amount=amount, paid_at=at)
+        r = await api.client.post("/v1/providers/sandbox/callbacks", data=body,
+                                  headers=sandbox_headers(body, t=int(time.time()) - i))
         assert r.status == 200, await r.text()
         answers.append((await r.json())["payments"][0])
     assert [a["new"] for a in answers] == [False] * 4
@@ -417,3 +438,59 @@ async def test_a_row_stored_before_repeated_headers_were_kept_is_still_processed
         assert await conn.fetchval("SELECT count(*) FROM payments") == 1
     finally:
         await conn.close()
+
+
+async def test_a_replayed_callback_is_refused_and_kept_and_a_retry_signed_anew_is_processed(api, portal, treasury,
+                                                                                            invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    body = sandbox_body(inv, txid="TX-R")
+    now = int(time.time())
+    headers = sandbox_headers(body, t=now)
+    first = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+    assert first.status == 200, await first.text()
+    first_id = (await first.json())["inbox_id"]
+    again = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)  # inside 300 s
+    assert again.status == 409 and again.content_type == "application/problem+json"
+    problem = await again.json()
+    assert problem["type"] == "urn:paysvc:problem:callback-replayed" and problem["first_inbox_id"] == first_id
+    retry = await api.client.post("/v1/providers/sandbox/callbacks", data=body,
+                                  headers=sandbox_headers(body, t=now + 1))   # the provider's own retry
+    assert retry.status == 200, await retry.text()
+    assert (await retry.json())["payments"][0]["new"] is False
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        rows = await conn.fetch("SELECT id, state, reason FROM provider_inbox ORDER BY id")
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    finally:
+        await conn.close()
+    assert [r["state"] for r in rows] == ["processed", "rejected", "processed"]
+    assert rows[1]["id"] == problem["inbox_id"] and f"inbox row {first_id}" in rows[1]["reason"]
+    assert await exceptions(api, treasury) == []
+
+
+async def test_of_identical_signed_callbacks_sent_at_once_exactly_one_is_processed(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    headers = sandbox_headers(body)
+    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+                                for _ in range(12)))
+    assert sorted(r.status for r in rs) == [200] + [409] * 11, [r.status for r in rs]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        states = [r["state"] for r in await conn.fetch("SELECT state FROM provider_inbox ORDER BY id")]
+        assert sorted(states) == ["processed"] + ["rejected"] * 11
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    finally:
+        await conn.close()
+
+
+async def test_finding_a_replay_is_one_index_probe(api):
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        await conn.execute("SET enable_seqscan = off")  # a plan that can avoid the table must not need it
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) SELECT id FROM provider_inbox "
+                                   "WHERE provider = 'sandbox' AND replay_key = '\\x00'::bytea")
+    finally:
+        await conn.close()
+    assert "provider_inbox_replay" in json.dumps(plan)
