@@ -139,6 +139,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     done_inbox = inbox_id if completes_inbox else None
     if not notice.confirmed:
         raise ValueError("only confirmed notices are captured")
+    events: list[tuple[int, str, dict]] = []
     for _ in range(2):
         # The code and its invoice (or the invoice by bill number), the invoice row locked, and the payments
         # already captured for this money: one round trip.
@@ -153,7 +154,6 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                 # something else is raised to treasury (once per distinct notice), and nothing is booked. A
                 # settlement line is not compared here: the import's own categories (amount_mismatch…) say
                 # how the file differs from what was captured.
-                events: list[tuple[int, str, dict]] = []
                 differs = _differences(p, notice) if source != "settlement" else []
                 if differs:
                     await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events)
@@ -201,7 +201,6 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         # waits for it to commit, so the second read sees it. The caller rolls back and retries.
         raise DuplicateCapture(notice.provider, notice.transaction_id)
 
-    events = []
     if decision.pays_invoice:
         events.append((agency_id, "invoice.paid", {
             "invoice_id": invoice_id, "reference": written["reference"], "bill_number": written["bill_number"],
