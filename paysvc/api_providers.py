@@ -26,6 +26,12 @@ class BadSignature(Problem):
     title = "Callback signature not valid"
 
 
+class Replayed(Problem):
+    status = 409
+    slug = "callback-replayed"
+    title = "Callback already received"
+
+
 class WrongContentType(Problem):
     status = 415
     slug = "unsupported-media-type"
@@ -48,9 +54,17 @@ async def callback(request: web.Request) -> web.Response:
         # Stored as received (still compressed), never processed.
         await inbox.store(pool, name, request.headers, body, rejected=f"content encoding {encoding} is not accepted")
         raise WrongContentType(f"send callbacks uncompressed: Content-Encoding {encoding!r} is not accepted")
+    provider = providers[name]
     stored = await inbox.store(pool, name, request.headers, body,
-                               lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds))
+                               lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds),
+                               replay_key=inbox.replay_key(provider, request.headers, body))
     inbox_id = stored.id
+    if stored.replay_of is not None:
+        # The same signed message again (a provider's own retry signs anew): kept, never processed.
+        raise Replayed(f"this callback was already received as inbox row {stored.replay_of} (the same "
+                       f"{provider.signature_header} and body); it is kept as inbox row {inbox_id} and not "
+                       "processed again. To retry, sign the body anew with the current time",
+                       inbox_id=inbox_id, first_inbox_id=stored.replay_of)
     # Stored and committed: from here on nothing is lost, whatever happens to this process.
     try:
         outcome = await inbox.process(pool, providers, inbox_id, stored)

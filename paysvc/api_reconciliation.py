@@ -16,8 +16,8 @@ from paysvc.web import POOL, SETTINGS, Route, add_routes, json_response, parse_m
 from paysvc.queries import Q
 
 Reason = Literal["unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
-                 "duplicate_payment", "underpaid", "overpaid", "amount_mismatch", "missing_in_ledger",
-                 "missing_in_settlement", "duplicate_in_settlement"]
+                 "duplicate_payment", "underpaid", "overpaid", "paid_at_implausible", "conflicting_notice",
+                 "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "duplicate_in_settlement"]
 
 
 class ExceptionQuery(BaseModel):

@@ -9,9 +9,11 @@ issued; a provider is never trusted on those.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,43 +33,80 @@ class Decision:
     suspense: int
     reason: str | None          # why some or all went to suspense; None when all is well
     pays_invoice: bool
+    time_trusted: bool = True   # False: the reported paid_at is implausible; book at the time received
 
 
-def decide(notice: PaymentNotice, invoice: dict | None, code: dict | None) -> Decision:
-    """The pure rule: given what the provider reported and what we issued, where does the money go."""
-    if invoice is None:
-        return Decision(0, notice.amount, "unknown_khqr", False)
+# How far a provider's clock may be from ours: a payment reported as made up to this long before its code
+# was issued, or after it reached us, is still believed.
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def paid_at_plausible(notice: PaymentNotice, invoice: dict | None, code: dict | None,
+                      received_at: datetime | None) -> bool:
+    """False when ``notice.paid_at`` cannot be true: before the code it paid (or, without one, its invoice)
+    was issued, or after the notice reached us (``received_at``), give or take ``CLOCK_SKEW``."""
+    issued = (code or {}).get("created_at") or (invoice or {}).get("created_at")
+    if issued is not None and notice.paid_at < issued - CLOCK_SKEW:
+        return False
+    return received_at is None or notice.paid_at <= received_at + CLOCK_SKEW
+
+
+def decide(notice: PaymentNotice, invoice: dict | None, code: dict | None, *,
+           received_at: datetime | None = None) -> Decision:
+    """The pure rule: given what the provider reported and what we issued, where does the money go.
+
+    ``code`` is the KHQR code the notice's md5 names, ``None`` when it names none or one we never issued;
+    ``invoice`` is that code's invoice, or else the invoice of the notice's bill number. ``received_at``
+    is when the notice reached us (``None``: not checked against it).
+    """
+    trusted = paid_at_plausible(notice, invoice, code, received_at)
+
+    def to_suspense(reason: str) -> Decision:
+        return Decision(0, notice.amount, reason, False, trusted)
+
+    if invoice is None or (notice.md5 is not None and code is None):
+        # No invoice, or an md5 that names no code we issued: whatever invoice its bill number names, this
+        # is not a payment on anything of ours.
+        return to_suspense("unknown_khqr")
     if notice.currency != invoice["currency"]:
-        return Decision(0, notice.amount, "currency_mismatch", False)
+        return to_suspense("currency_mismatch")
     expected_account = code["to_account"] if code is not None else invoice["bakong_account"]
     if notice.to_account is not None and notice.to_account != expected_account:
-        return Decision(0, notice.amount, "account_mismatch", False)
+        return to_suspense("account_mismatch")
     status = invoice["status"]
     if status == "cancelled":
-        return Decision(0, notice.amount, "invoice_cancelled", False)
+        return to_suspense("invoice_cancelled")
     if status == "paid":
-        return Decision(0, notice.amount, "duplicate_payment", False)
-    if status == "expired" and notice.paid_at > invoice["expires_at"]:
-        # Paid after the invoice closed. A payment made in time but reported late still pays it.
-        return Decision(0, notice.amount, "invoice_expired", False)
+        return to_suspense("duplicate_payment")
+    if not trusted:
+        # The time cannot say whether it was paid in time: treasury decides.
+        return to_suspense("paid_at_implausible")
+    if notice.paid_at > invoice["expires_at"]:
+        # Paid after the invoice closed, whether or not the expiry job has marked it yet. A payment made in
+        # time but reported late still pays it.
+        return to_suspense("invoice_expired")
     owed = invoice["amount"] - invoice["amount_paid"]
     if notice.amount < owed:
         # Dynamic codes carry the exact amount: less than owed is not a normal partial payment.
-        return Decision(0, notice.amount, "underpaid", False)
+        return to_suspense("underpaid")
     if notice.amount > owed:
         return Decision(owed, notice.amount - owed, "overpaid", True)
     return Decision(owed, 0, None, True)
 
 
 def journal_draft(notice: PaymentNotice, decision: Decision, *, agency_code: str | None, payment_id: str,
-                  invoice_id: str | None) -> ledger.EntryDraft:
-    """DESIGN's posting table: all owed → the agency's revenue; what is not owed → suspense."""
+                  invoice_id: str | None, effective_at: datetime | None = None) -> ledger.EntryDraft:
+    """DESIGN's posting table: all owed → the agency's revenue; what is not owed → suspense.
+
+    ``effective_at`` defaults to the notice's paid_at; the caller passes the time it received the notice
+    when that paid_at is not to be believed."""
+    effective_at = effective_at or notice.paid_at
     if decision.suspense == 0:
         return ledger.entries.payment_captured(
             provider=notice.provider, agency=agency_code, amount=notice.amount, currency=notice.currency,
-            effective_at=notice.paid_at, invoice_id=invoice_id, payment_id=payment_id)
+            effective_at=effective_at, invoice_id=invoice_id, payment_id=payment_id)
     return ledger.entries.payment_to_suspense(
-        provider=notice.provider, amount=notice.amount, currency=notice.currency, effective_at=notice.paid_at,
+        provider=notice.provider, amount=notice.amount, currency=notice.currency, effective_at=effective_at,
         payment_id=payment_id, invoice_id=invoice_id, owed=decision.applied,
         agency=agency_code if decision.applied else None,
         description=f"payment {payment_id} held in suspense: {decision.reason}")
@@ -87,40 +126,58 @@ class CaptureResult:
 
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
-                  completes_inbox: bool = False) -> CaptureResult:
+                  completes_inbox: bool = False, received_at: datetime | None = None) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction and KHQR code.
 
     ``flag`` adds an exception reason even when the money matches (settlement uses it for
     ``missing_in_ledger``: captured late, from the settlement line). ``completes_inbox`` also marks the
     inbox row ``inbox_id`` processed, in the same transaction (and the same statement as the events).
+    ``received_at`` is when the notice reached us (its callback's arrival; default ``now``): a paid_at later
+    than that is not believed, and a payment whose paid_at is not believed is booked at that time.
     """
+    received_at = received_at or now
     done_inbox = inbox_id if completes_inbox else None
     if not notice.confirmed:
         raise ValueError("only confirmed notices are captured")
+    events: list[tuple[int, str, dict]] = []
     for _ in range(2):
         # The code and its invoice (or the invoice by bill number), the invoice row locked, and the payments
         # already captured for this money: one round trip.
         target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number, notice.provider,
                                      notice.transaction_id)
-        invoice = target if target["id"] is not None else None
-        code = target if target["md5"] is not None else None
+        invoice = _invoice_of(target)
+        code = _code_of(target)
         prior = target["prior"]
         for p in prior:
             if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
-                await _finish(conn, [], now, done_inbox)
-                return CaptureResult(p["id"], False, None, p["invoice_id"])
+                # This money is captured already. A notice that says the same is a retry; one that says
+                # something else is raised to treasury (once per distinct notice), and nothing is booked. A
+                # settlement line is not compared here: the import's own categories (amount_mismatch…) say
+                # how the file differs from what was captured.
+                differs = _differences(p, notice) if source != "settlement" else []
+                if differs:
+                    await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events)
+                await _finish(conn, events, now, done_inbox)
+                return CaptureResult(p["id"], False, "conflicting_notice" if differs else None, p["invoice_id"])
         same = prior[0] if prior else None  # a payment already on this code
+        pay_md5 = code["md5"] if code else None
         if same is not None:
             if same["provider"] != notice.provider and same["amount"] == notice.amount \
                     and same["currency"] == notice.currency:
                 # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
                 await _finish(conn, [], now, done_inbox)
                 return CaptureResult(same["id"], False, None, same["invoice_id"])
-            code = None  # other money on an already-paid code: a second payment, booked on its own
+            pay_md5 = None  # other money on an already-paid code: a second payment, booked on its own
 
-        decision = decide(notice, dict(invoice) if invoice else None, dict(code) if code else None)
+        decision = decide(notice, invoice, code, received_at=received_at)
         if flag is not None and decision.reason is None:
-            decision = Decision(decision.applied, decision.suspense, flag, decision.pays_invoice)
+            decision = Decision(decision.applied, decision.suspense, flag, decision.pays_invoice, decision.time_trusted)
+        named_by_bill = None
+        if decision.reason == "unknown_khqr" and invoice is not None:
+            # The md5 names no code we issued; its bill number names an invoice. The money is not that
+            # invoice's on a bill number alone: it is held unattached, and treasury is told which invoice.
+            named_by_bill, invoice = invoice, None
+        booked_at = notice.paid_at if decision.time_trusted else received_at
         payment_id = new_id("pay")
         agency_id = invoice["agency_id"] if invoice else None
         agency_code = invoice["agency_code"] if invoice else None
@@ -129,7 +186,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         # The payment, its code marked, and when it pays, the invoice's new state: one statement.
         written = await conn.fetchrow(
             Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
-            code["md5"] if code else None, notice.bill_number, notice.currency, notice.amount, decision.applied,
+            pay_md5, notice.bill_number, notice.currency, notice.amount, decision.applied,
             decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id,
             evidence, decision.pays_invoice,
         )
@@ -144,7 +201,6 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         # waits for it to commit, so the second read sees it. The caller rolls back and retries.
         raise DuplicateCapture(notice.provider, notice.transaction_id)
 
-    events: list[tuple[int, str, dict]] = []
     if decision.pays_invoice:
         events.append((agency_id, "invoice.paid", {
             "invoice_id": invoice_id, "reference": written["reference"], "bill_number": written["bill_number"],
@@ -154,19 +210,26 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         }))
     if decision.reason is not None:
         exc_id = new_id("exc")
+        exc_evidence: dict[str, Any] = {"payment_id": payment_id, "notice": notice.model_dump(mode="json"),
+                                        "invoice": _invoice_evidence(invoice), "khqr_md5": notice.md5}
+        if named_by_bill is not None:
+            exc_evidence["invoice_by_bill_number"] = _invoice_evidence(named_by_bill)
+        if not decision.time_trusted:
+            issued = (code or {}).get("created_at") or (invoice or named_by_bill or {}).get("created_at")
+            exc_evidence["times"] = {"paid_at": notice.paid_at.isoformat(), "received_at": received_at.isoformat(),
+                                     "issued_at": issued.isoformat() if issued else None,
+                                     "booked_at": booked_at.isoformat()}
         await conn.execute(
             Q.exception_insert, exc_id, decision.reason, notice.provider, payment_id, invoice_id, agency_id,
-            notice.currency, decision.suspense if decision.suspense else notice.amount, None,
-            {"payment_id": payment_id, "notice": notice.model_dump(mode="json"),
-             "invoice": _invoice_evidence(invoice), "khqr_md5": notice.md5},
-            now,
+            notice.currency, decision.suspense if decision.suspense else notice.amount, None, exc_evidence, now,
         )
         if agency_id is not None:
             events.append((agency_id, "reconciliation.exception_opened", {
                 "exception_id": exc_id, "reason": decision.reason, "payment_id": payment_id,
                 "invoice_id": invoice_id, "currency": notice.currency, "amount": decision.suspense or notice.amount}))
     entry = await ledger.post_entry(conn, journal_draft(
-        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id))
+        notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id,
+        effective_at=booked_at))
     if agency_id is not None and decision.applied:
         events.append((agency_id, "journal.posted", {
             "entry_id": entry.id, "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
@@ -176,6 +239,60 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         }))
     await _finish(conn, events, now, done_inbox)
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
+
+
+def _invoice_of(target) -> dict | None:
+    if target["id"] is None:
+        return None
+    return {"id": target["id"], "agency_id": target["agency_id"], "agency_code": target["agency_code"],
+            "bakong_account": target["bakong_account"], "status": target["status"], "currency": target["currency"],
+            "amount": target["amount"], "amount_paid": target["amount_paid"], "expires_at": target["expires_at"],
+            "created_at": target["invoice_created_at"]}
+
+
+def _code_of(target) -> dict | None:
+    if target["md5"] is None:
+        return None
+    return {"md5": target["md5"], "to_account": target["to_account"], "created_at": target["code_created_at"]}
+
+
+# What two notices of one provider transaction must agree on. md5, bill number and accounts only when both
+# report them (a provider may leave them out); the rest is always set on a confirmed notice.
+ALWAYS_COMPARED = ("amount", "currency", "paid_at")
+COMPARED_WHEN_REPORTED = ("md5", "bill_number", "to_account", "from_account")
+
+
+def _differences(prior: dict, notice: PaymentNotice) -> list[str]:
+    """The fields in which ``notice`` contradicts the notice the payment ``prior`` was captured from."""
+    first = prior.get("notice")
+    new = notice.model_dump(mode="json")
+    if not isinstance(first, dict):  # a payment written without its notice: compare what the row holds
+        first = {"amount": prior["amount"], "currency": prior["currency"]}
+        return [f for f in ("amount", "currency") if first[f] != new[f]]
+    out = [f for f in ALWAYS_COMPARED if f in first and first[f] != new[f]]
+    out += [f for f in COMPARED_WHEN_REPORTED if first.get(f) is not None and new[f] is not None
+            and first[f] != new[f]]
+    return out
+
+
+async def _raise_conflict(conn: asyncpg.Connection, prior: dict, notice: PaymentNotice, differs: list[str], *,
+                          source: str, now: datetime, events: list) -> None:
+    """Open a ``conflicting_notice`` exception for treasury, once per distinct conflicting notice.
+
+    Its id is derived from the payment and what the notice says, so the same notice again (a retry, or a
+    concurrent copy) finds it opened already and opens nothing."""
+    said = notice.model_dump(mode="json", include={"transaction_id", *ALWAYS_COMPARED, *COMPARED_WHEN_REPORTED})
+    digest = hashlib.sha256(f"{prior['id']}|{json.dumps(said, sort_keys=True)}".encode()).digest()
+    exc_id = "exc_" + base64.b32encode(digest[:15]).decode().lower()
+    evidence = {"payment_id": prior["id"], "fields": differs, "captured_notice": prior.get("notice"),
+                "notice": notice.model_dump(mode="json"), "source": source, "khqr_md5": notice.md5}
+    opened = await conn.fetchval(Q.exception_insert_once, exc_id, "conflicting_notice", notice.provider, prior["id"],
+                                 prior["invoice_id"], prior.get("agency_id"), notice.currency, notice.amount, None,
+                                 evidence, now)
+    if opened is not None and prior.get("agency_id") is not None:
+        events.append((prior["agency_id"], "reconciliation.exception_opened", {
+            "exception_id": exc_id, "reason": "conflicting_notice", "payment_id": prior["id"],
+            "invoice_id": prior["invoice_id"], "currency": notice.currency, "amount": notice.amount}))
 
 
 async def _finish(conn: asyncpg.Connection, events: list[tuple[int, str, dict]], now: datetime,

@@ -8,6 +8,7 @@ between, the row is still ``received`` and the inbox worker picks it up once its
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,6 +22,7 @@ from paysvc.capture import CaptureResult, DuplicateCapture, capture
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
+from providers.base import header_values
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +50,74 @@ class Stored:
     id: int
     provider: str
     received_at: datetime
-    headers: dict[str, str]
+    headers: dict[str, str | list[str]]   # as stored: see keep_headers
     body: bytes
     state: str = "received"
     attempts: int = 0
+    replay_of: int | None = None          # set when refused as a replay: the row first received
 
     def __getitem__(self, key: str):  # read like a database row
         return getattr(self, key)
 
 
 async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], body: bytes,
-                *, rejected: str | None = None, lease: timedelta = LEASE) -> Stored:
+                *, rejected: str | None = None, lease: timedelta = LEASE, replay_key: bytes | None = None) -> Stored:
     """Write the callback as received; commit before returning.
 
-    The row is leased to the caller, who processes it at once; the worker takes it after ``lease``.
+    The row is leased to the caller, who processes it at once; the worker takes it after ``lease``. With
+    ``replay_key`` (see :func:`replay_key`), a callback whose key is already in the inbox is stored as
+    rejected, naming the row first received (``Stored.replay_of``), and is never processed.
     """
     now = now_utc()
-    kept = {_storable(k): _storable(v) for k, v in headers.items()}
-    inbox_id = await pool.fetchval(
-        Q.inbox_insert, provider, now, kept, body, "rejected" if rejected else "received",
-        _storable(rejected) if rejected else None, now + lease,
-    )
-    return Stored(inbox_id, provider, now, kept, body, "rejected" if rejected else "received")
+    kept = keep_headers(headers)
+    state = "rejected" if rejected else "received"
+    reason = _storable(rejected) if rejected else None
+    key = None if rejected else replay_key
+    inbox_id = await pool.fetchval(Q.inbox_insert, provider, now, kept, body, state, reason, now + lease, key)
+    if inbox_id is not None:
+        return Stored(inbox_id, provider, now, kept, body, state)
+    first = await pool.fetchval(Q.inbox_replayed, provider, key)
+    reason = f"replayed: the same signature and body were already received as inbox row {first}"
+    inbox_id = await pool.fetchval(Q.inbox_insert, provider, now, kept, body, "rejected", reason, now + lease, None)
+    return Stored(inbox_id, provider, now, kept, body, "rejected", replay_of=first)
+
+
+def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes) -> bytes | None:
+    """SHA-256 over a signed callback's signature header and body: equal for a byte-identical replay, new for
+    a provider's retry (which signs anew, with a new timestamp). ``None`` when the provider declares no
+    signature header or the callback does not carry it exactly once (verification refuses it then)."""
+    name = getattr(provider, "signature_header", None)
+    if not name or provider.pattern != "signed_push":
+        return None
+    values = header_values(headers, name)
+    if len(values) != 1:
+        return None
+    return hashlib.sha256(values[0].encode("utf-8", "surrogateescape") + b"\n" + bytes(body)).digest()
+
+
+def keep_headers(headers: Mapping[str, str]) -> dict[str, str | list[str]]:
+    """Every header as received, as a JSON object: a name sent once maps to its value, a name sent more than
+    once (same spelling) to the list of its values in order. Rows stored before repetitions were kept hold
+    only strings, and read the same way (:func:`header_multidict`)."""
+    kept: dict[str, str | list[str]] = {}
+    for k, v in headers.items():  # a multidict yields each repetition
+        k, v = _storable(k), _storable(v)
+        if k not in kept:
+            kept[k] = v
+        elif isinstance(kept[k], list):
+            kept[k].append(v)  # type: ignore[union-attr]
+        else:
+            kept[k] = [kept[k], v]  # type: ignore[list-item]
+    return kept
+
+
+def header_multidict(stored: Mapping[str, str | list[str]]) -> CIMultiDict:
+    """The stored headers as the provider reads them: case-insensitive, every repetition kept."""
+    out: CIMultiDict = CIMultiDict()
+    for k, v in stored.items():
+        for one in v if isinstance(v, list) else [v]:
+            out.add(k, one)
+    return out
 
 
 def _storable(text: str) -> str:
@@ -81,11 +129,12 @@ def _storable(text: str) -> str:
 
 
 async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, source: str,
-                          inbox_id: int | None = None) -> list[CaptureResult]:
+                          inbox_id: int | None = None, received_at: datetime | None = None) -> list[CaptureResult]:
     """Capture each notice in its own transaction (a concurrent duplicate is retried and found).
 
     With ``inbox_id``, the last transaction also marks that inbox row processed: the row is done exactly
-    when its payments are, and no extra commit is spent on it.
+    when its payments are, and no extra commit is spent on it. ``received_at`` is when the notices reached
+    us (the callback's arrival; default: the time of capture).
     """
     results = []
     for i, notice in enumerate(notices):
@@ -95,7 +144,7 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
                 async with pool.acquire() as conn, conn.transaction():
                     now = now_utc()
                     result = await capture(conn, notice, source=source, now=now, inbox_id=inbox_id,
-                                           completes_inbox=last and inbox_id is not None)
+                                           completes_inbox=last and inbox_id is not None, received_at=received_at)
                 results.append(result)
                 if result.created:  # counted once committed
                     CAPTURED.labels(notice.provider, source, result.reason or "captured").inc()
@@ -124,7 +173,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
     provider = providers.get(row["provider"])
     if provider is None:
         return await _defer(pool, row, f"provider {row['provider']!r} is not enabled on this instance")
-    headers = CIMultiDict(row["headers"])
+    headers = header_multidict(row["headers"])
     body = bytes(row["body"])
     try:
         # The signature's time window is judged at arrival, so a row recovered after a crash still verifies.
@@ -147,7 +196,8 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
             except ProviderUnavailable as exc:
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
         notices = confirmed
-    results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id)
+    results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id,
+                                    received_at=row["received_at"])
     return Outcome("processed", results=results)
 
 

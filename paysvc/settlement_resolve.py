@@ -3,7 +3,7 @@
 The rule (``plan``) is pure; ``resolve`` applies it in the caller's transaction. Where the money in question
 sits decides what an action can do:
 
-* **in suspense** (exceptions raised at capture: unknown_khqr, overpaid, …):
+* **in suspense** (exceptions raised at capture: unknown_khqr, overpaid, paid_at_implausible, …):
   ``match_to_invoice`` debit ``suspense:unmatched``, credit ``agency:{a}:revenue`` (the invoice's
   ``amount_paid`` grows; it is paid when complete); ``refund_due`` debit ``suspense:unmatched``, credit
   ``suspense:refunds-due`` (a liability: owed back to the payer until treasury pays it out);
@@ -14,6 +14,8 @@ sits decides what an action can do:
   ``refund_due`` bring it in (debit ``treasury:bank`` net + ``expense:provider-fees`` fee) and credit the
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
   arrived, no entry.
+* **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
+  booked): only ``write_off``, which records that treasury checked it: no entry.
 * **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
   L − fee and fees, credit clearing C — and places the difference D = L − C: when the provider paid more
   (D > 0) credit agency revenue (``match_to_invoice``), ``suspense:refunds-due`` (``refund_due``) or
@@ -43,7 +45,7 @@ from paysvc.queries import Q
 
 Action = Literal["match_to_invoice", "refund_due", "write_off"]
 CAPTURE_REASONS = ("unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
-                   "duplicate_payment", "underpaid", "overpaid")
+                   "duplicate_payment", "underpaid", "overpaid", "paid_at_implausible")
 
 
 class ResolutionRefused(Exception):
@@ -173,6 +175,14 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             acct, n = to_invoice(diff)
             return Plan((*base, (acct, "credit", n)), invoice_amount=n)
         return Plan((*base, (refunds if action == "refund_due" else written_off, "credit", diff)))
+
+    if f.reason == "conflicting_notice":
+        # A second notice for captured money that says otherwise: nothing of it was booked.
+        if action == "write_off":
+            return Plan(())
+        raise ResolutionRefused("nothing was booked for a conflicting notice: the payment captured from the first "
+                                "notice stands. Resolve it with write_off once checked with the provider; if the "
+                                "provider did move other money, its settlement line raises it")
 
     if f.reason == "missing_in_settlement":
         a = f.payment_amount or f.amount

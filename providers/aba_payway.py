@@ -206,7 +206,10 @@ def _transaction_date(value: Any) -> datetime:
         raise _shape(f"data.transaction_date {value!r} is not YYYY-MM-DD HH:MM:SS") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=PHNOM_PENH)
-    return parsed.astimezone(timezone.utc)
+    try:
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # e.g. 0001-01-01 00:00:00 read as UTC+7 falls before year 1
+        raise _shape(f"data.transaction_date {value!r} is out of range") from None
 
 
 def _shape(reason: str) -> ProviderUnavailable:

@@ -61,6 +61,10 @@ class ProviderBase:
 
     name: str = ""
     pattern: Pattern
+    # A signed_push provider names the header its signature travels in. The service then refuses a callback
+    # whose value of that header and body repeat one already received (a replay: a provider's own retry
+    # signs anew). None: no such check.
+    signature_header: str | None = None
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Refuse: this provider sends no callbacks."""
@@ -97,3 +101,15 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
         if key.lower() == lowered:
             return val
     return None
+
+
+def header_values(headers: Mapping[str, str], name: str) -> list[str]:
+    """Every value of a header, by case-insensitive name, in the order received: a header may be repeated.
+
+    aiohttp's ``CIMultiDict`` keeps each repetition (``getall``); a plain dict can hold one per spelling.
+    """
+    getall = getattr(headers, "getall", None)
+    if getall is not None:
+        return list(getall(name, []))
+    lowered = name.lower()
+    return [val for key, val in headers.items() if key.lower() == lowered]

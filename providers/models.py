@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
@@ -73,8 +74,12 @@ def from_minor(currency: str, minor: int) -> str:
     return str(Decimal(minor).scaleb(-exp).quantize(Decimal(1).scaleb(-exp)))
 
 
+class NotANumber(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` in JSON: not a number any amount can be."""
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
+    raise NotANumber(f"{name} is not a number")
 
 
 class DuplicateKey(ValueError):
@@ -105,11 +110,22 @@ def loads_exact(data: bytes | str) -> Any:
 
 
 def callback_object(body: bytes, provider: str) -> dict[str, Any]:
-    """A callback body parsed with :func:`loads_exact`; :class:`MalformedCallback` unless it is a JSON object."""
+    """A callback body parsed with :func:`loads_exact`; :class:`MalformedCallback` unless it is a JSON object.
+
+    Each refusal says what is wrong in the sender's terms: not JSON, a key given twice, nested too deeply, or
+    an integer of more digits than Python reads (``sys.get_int_max_str_digits()``, 4300 by default).
+    """
     try:
         doc = loads_exact(body)
-    except (ValueError, TypeError, RecursionError) as exc:
+    except DuplicateKey as exc:
+        raise MalformedCallback(f"body is ambiguous: {exc}; send each key once", provider=provider) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, NotANumber, TypeError) as exc:
         raise MalformedCallback(f"body is not JSON: {exc}", provider=provider) from None
+    except RecursionError:
+        raise MalformedCallback("body is nested too deeply to read", provider=provider) from None
+    except ValueError:  # an integer literal of thousands of digits (Python's int_max_str_digits)
+        raise MalformedCallback(f"body cannot be read: a number in it has more than "
+                                f"{sys.get_int_max_str_digits()} digits", provider=provider) from None
     if not isinstance(doc, dict):
         raise MalformedCallback("body must be a JSON object", provider=provider)
     return doc
@@ -150,9 +166,25 @@ def _md5(value: str | None) -> str | None:
 # which keeps every balance sum inside a signed 64-bit integer.
 MAX_AMOUNT = 10**15
 
-# A KHQR md5 (32 hex, lower-cased) and a time converted to UTC (naive refused), shared by the models.
+# The times a payment or a settlement line may carry: 2000-01-01 to the end of 2099, in UTC (the range of
+# business dates settlement accepts). A time outside it is no payment's: 9999-12-31T23:59:59.999999Z is
+# Python's datetime.max, which PostgreSQL stores as `infinity` and which no later reader can compare.
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(2100, 1, 1, tzinfo=timezone.utc)   # excluded
+
+
+def _in_range(value: datetime | None) -> datetime | None:
+    if value is not None and not EARLIEST_TIME <= value < LATEST_TIME:
+        raise ValueError(f"{value.isoformat()} is out of range: a payment time must lie between 2000-01-01 "
+                         "and 2099-12-31 (UTC)")
+    return value
+
+
+# A KHQR md5 (32 hex, lower-cased) and a time converted to UTC (naive refused), shared by the models;
+# PaymentTime is such a time within [EARLIEST_TIME, LATEST_TIME).
 Md5 = Annotated[str | None, AfterValidator(_md5)]
 UtcTime = Annotated[datetime | None, AfterValidator(_utc)]
+PaymentTime = Annotated[datetime | None, AfterValidator(_utc), AfterValidator(_in_range)]
 
 
 def _has_nul(value: Any) -> bool:
@@ -180,7 +212,7 @@ class PaymentNotice(_Frozen):
     currency: Currency | None = None                             # None only on a hint
     to_account: str | None = Field(default=None, max_length=200)
     from_account: str | None = Field(default=None, max_length=200)
-    paid_at: UtcTime = None                                      # UTC; None only on a hint
+    paid_at: PaymentTime = None                                  # UTC, 2000..2099; None only on a hint
     confirmed: bool
     raw: dict[str, Any] = Field(default_factory=dict)           # the provider's own fields, JSON-safe
 
@@ -232,7 +264,7 @@ class SettlementLine(_Frozen):
     bill_number: str | None = Field(default=None, max_length=100)
     amount: int = Field(gt=0, le=MAX_AMOUNT)                     # minor units
     currency: Currency
-    paid_at: UtcTime = None
+    paid_at: PaymentTime = None                                  # UTC, 2000..2099
     fee: int = Field(default=0, ge=0, le=MAX_AMOUNT)             # minor units, same currency
     reference: str | None = Field(default=None, max_length=500)
 

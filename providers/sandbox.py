@@ -39,7 +39,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from providers import settlement_csv
-from providers.base import Pattern, ProviderBase, header
+from providers.base import Pattern, ProviderBase, header_values
 from providers.errors import (MalformedCallback, ProviderConfigError, SettlementFormatError, SignatureError,
                               StaleTimestamp)
 from providers.models import EXPONENT, MAX_AMOUNT, PaymentNotice, SettlementLine, callback_object
@@ -100,6 +100,7 @@ class SandboxProvider(ProviderBase):
 
     name = NAME
     pattern: Pattern = "signed_push"
+    signature_header = SIGNATURE_HEADER
 
     def __init__(self, config: SandboxConfig) -> None:
         self._secrets = [s.get_secret_value().encode() for s in config.secrets]
@@ -115,10 +116,14 @@ class SandboxProvider(ProviderBase):
             raise ValueError("now must be timezone-aware")
         if not isinstance(body, (bytes, bytearray)):
             raise MalformedCallback("callback body must be bytes", provider=NAME)
-        value = header(headers, SIGNATURE_HEADER)
-        if value is None:
+        values = header_values(headers, SIGNATURE_HEADER)
+        if not values:
             raise SignatureError(f"no {SIGNATURE_HEADER} header", provider=NAME)
-        t_text, candidates = _parse_signature_header(value)
+        if len(values) > 1:
+            # Which one counts would depend on who reads the headers: send one (it may carry several v1=).
+            raise SignatureError(f"{SIGNATURE_HEADER} header is given {len(values)} times; send it once",
+                                 provider=NAME)
+        t_text, candidates = _parse_signature_header(values[0])
         signed = t_text.encode() + b"." + bytes(body)
         matched = False
         for secret in self._secrets:
@@ -149,8 +154,11 @@ class SandboxProvider(ProviderBase):
         if isinstance(amount, Decimal):
             raise MalformedCallback(f"amount {amount} must be a whole number of minor units, not a fraction",
                                     provider=NAME)
-        if type(amount) is not int or not 0 < amount < MAX_AMOUNT:
+        if type(amount) is not int or amount <= 0:
             raise MalformedCallback("amount must be a positive JSON integer (minor units)", provider=NAME)
+        if amount > MAX_AMOUNT:
+            raise MalformedCallback(f"amount {amount} is more than {MAX_AMOUNT} minor units, the most one payment "
+                                    "may carry", provider=NAME)
         if doc["currency"] not in EXPONENT:
             raise MalformedCallback(f"currency {doc['currency']!r} is not KHR or USD", provider=NAME)
         try:

@@ -99,16 +99,35 @@ async def test_a_callback_with_header_bytes_that_are_not_utf8_is_still_kept(api,
     assert json.loads(kept)["X-Bank-Note"] == "caf\u00e9 \\xff"
 
 
-async def test_a_signed_callback_with_a_time_out_of_range_is_refused_not_retried(api, portal, invoice_body):
+@pytest.mark.parametrize("paid_at", [YEAR_1, "9999-12-31T23:59:59.999999+00:00", "1999-12-31T23:59:59+00:00",
+                                     "2100-01-01T00:00:00+00:00"])
+async def test_a_signed_callback_with_a_time_out_of_range_is_refused_not_retried(api, portal, invoice_body, paid_at):
     inv = await new_invoice(api, portal, invoice_body)
-    body = body_with(sandbox_body(inv), paid_at=YEAR_1)
+    body = body_with(sandbox_body(inv), paid_at=paid_at)
     r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=sandbox_headers(body))
     assert r.status == 400, await r.text()
+    assert "paid_at" in (await r.json())["detail"]
     conn = await asyncpg.connect(api.dsn)
     try:
         assert await conn.fetchval("SELECT state FROM provider_inbox") == "rejected"
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 0
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 0
     finally:
         await conn.close()
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "open"
+
+
+@pytest.mark.parametrize("raw, says", [
+    (b'{"transaction_id": "x", "amount": ' + b"9" * 5000 + b', "currency": "KHR", "paid_at": "2026-01-01T00:00:00Z"}',
+     "more than 4300 digits"),
+    (b'{"transaction_id": "x", "amount": 5, "amount": 6, "currency": "KHR", "paid_at": "2026-01-01T00:00:00Z"}',
+     "the key 'amount' appears twice"),
+])
+async def test_a_signed_callback_python_cannot_read_says_why(api, raw, says):
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=raw, headers=sandbox_headers(raw))
+    detail = (await expect_4xx(r))["detail"]
+    assert says in detail and "sys." not in detail and "not JSON" not in detail, detail
 
 
 def body_with(body: bytes, **changes) -> bytes:

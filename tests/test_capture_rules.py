@@ -62,3 +62,52 @@ def test_the_reasons():
 def test_provider_silent_on_account_is_not_a_mismatch():
     # PayWay reports no Bakong account; amount and currency are still checked.
     assert decide(notice(to_account=None), invoice(), CODE).reason is None
+
+
+def test_a_payment_after_expiry_is_late_whether_or_not_the_expiry_job_has_run():
+    # The expiry job marks invoices every few seconds; the answer must not depend on whether it has yet.
+    lapsed = dict(expires_at=T0 - timedelta(hours=1))
+    assert decide(notice(), invoice(status="open", **lapsed), CODE).reason == "invoice_expired"
+    assert decide(notice(), invoice(status="expired", **lapsed), CODE).reason == "invoice_expired"
+    late = decide(notice(), invoice(status="open", **lapsed), CODE)
+    assert (late.applied, late.suspense, late.pays_invoice) == (0, 50000, False)
+    # Made in time, reported after the invoice closed: it still pays, marked expired or not.
+    for status in ("open", "expired"):
+        assert decide(notice(), invoice(status=status, expires_at=T0), CODE).reason is None
+
+
+def test_a_notice_naming_a_code_we_never_issued_is_unknown_even_when_its_bill_number_matches():
+    # capture passes code=None when the md5 matches no code we issued, and the invoice its bill number names.
+    assert decide(notice(md5="a" * 32), invoice(), None).reason == "unknown_khqr"
+    # A provider that sends no md5 (ABA) is matched by bill number, as before.
+    assert decide(notice(md5=None), invoice(), None).reason is None
+    assert decide(notice(md5="a" * 32), invoice(), {**CODE, "md5": "a" * 32}).reason is None
+
+
+def test_a_paid_at_that_cannot_be_true_does_not_decide_whether_it_was_paid_in_time():
+    issued = {**CODE, "created_at": T0 - timedelta(minutes=1)}
+    assert decide(notice(), invoice(), issued, received_at=T0).reason is None
+    assert decide(notice(), invoice(), issued, received_at=T0).time_trusted
+    cases = [
+        # paid before its code was issued (more than the clock skew allowed)
+        (notice(paid_at=datetime(2020, 1, 1, tzinfo=UTC)), invoice(), issued, T0),
+        (notice(paid_at=T0 - timedelta(minutes=7)), invoice(), issued, T0),
+        # no code: the invoice's creation bounds it
+        (notice(paid_at=T0 - timedelta(hours=2)), invoice(created_at=T0 - timedelta(hours=1)), None, T0),
+        # paid after it reached us
+        (notice(paid_at=T0 + timedelta(minutes=6)), invoice(), issued, T0),
+        # on an expired invoice it does not say "late": it says the time is not to be believed
+        (notice(paid_at=datetime(2020, 1, 1, tzinfo=UTC)), invoice(status="expired", expires_at=T0 - timedelta(hours=1)),
+         issued, T0),
+    ]
+    for n, inv, code, received in cases:
+        d = decide(n, inv, code, received_at=received)
+        assert (d.reason, d.applied, d.suspense, d.pays_invoice, d.time_trusted) == \
+            ("paid_at_implausible", 0, n.amount, False, False), (n.paid_at, inv, code)
+    # A few minutes of clock skew either way are allowed.
+    assert decide(notice(paid_at=T0 - timedelta(minutes=5)), invoice(), {**CODE, "created_at": T0},
+                  received_at=T0).reason is None
+    assert decide(notice(paid_at=T0 + timedelta(minutes=5)), invoice(), issued, received_at=T0).reason is None
+    # Where the time does not matter the reason stays what it was, but the time is still not trusted.
+    d = decide(notice(paid_at=datetime(2020, 1, 1, tzinfo=UTC)), invoice(status="cancelled"), issued, received_at=T0)
+    assert (d.reason, d.time_trusted) == ("invoice_cancelled", False)

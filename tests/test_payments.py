@@ -60,9 +60,11 @@ async def test_signed_callback_pays_the_invoice_and_books_revenue(api, portal, i
 async def test_fifty_identical_callbacks_make_one_payment(api, portal, invoice_body):
     inv = await new_invoice(api, portal, invoice_body)
     body = sandbox_body(inv, txid="TX-SAME")
-    headers = sandbox_headers(body)
-    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
-                                for _ in range(50)))
+    # A provider's retries: the same body, each signed anew when sent (the same signature again is a replay).
+    now = int(time.time())
+    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body,
+                                                headers=sandbox_headers(body, t=now - i))
+                                for i in range(50)))
     assert all(r.status in (200, 202) for r in rs), [r.status for r in rs]
     await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # anything deferred
     conn = await asyncpg.connect(api.dsn)
@@ -150,6 +152,7 @@ async def test_exceptions_need_a_treasury_key(api, portal):
 @pytest.mark.parametrize("case, status", [
     ("bad_signature", 401), ("stale", 401), ("future", 401), ("malformed_json", 400), ("content_type", 415),
     ("oversize", 413), ("missing_signature", 401), ("unknown_provider", 404), ("compressed", 415),
+    ("replayed", 409), ("signature_twice", 401),
 ])
 async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoice_body, case, status):
     inv = await new_invoice(api, portal, invoice_body)
@@ -177,18 +180,33 @@ async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoic
     elif case == "compressed":
         body = gzip.compress(body)
         headers = {**sandbox_headers(body), "Content-Encoding": "gzip"}
+    elif case == "replayed":
+        # The same signed bytes are in the inbox already (their first request is still processing them).
+        await inbox.store(api.client.app[POOL], "sandbox", headers, body, lease=timedelta(hours=1),
+                          replay_key=inbox.replay_key(api.client.app[PROVIDERS]["sandbox"], headers, body))
+    elif case == "signature_twice":
+        from multidict import CIMultiDict
+
+        headers = CIMultiDict(headers)
+        headers.add("Sandbox-Signature", sandbox_headers(body, t=int(time.time()) - 1)["Sandbox-Signature"])
     r = await api.client.post(url, data=body, headers=headers)
     assert r.status == status, await r.text()
     assert r.content_type == "application/problem+json"
     assert (await r.json())["detail"]
     conn = await asyncpg.connect(api.dsn)
     assert await conn.fetchval("SELECT count(*) FROM payments") == 0
-    kept = await conn.fetch("SELECT state, reason, body FROM provider_inbox")
+    kept = await conn.fetch("SELECT id, state, reason, body FROM provider_inbox ORDER BY id")
     await conn.close()
     if case in ("bad_signature", "stale", "future", "malformed_json", "content_type", "missing_signature",
-                "compressed"):
+                "compressed", "signature_twice"):
         assert [k["state"] for k in kept] == ["rejected"] and kept[0]["reason"]
         assert bytes(kept[0]["body"]) == body  # the bytes as they came, compressed ones included
+    elif case == "replayed":
+        assert [k["state"] for k in kept] == ["received", "rejected"]
+        assert f"inbox row {kept[0]['id']}" in kept[1]["reason"] and bytes(kept[1]["body"]) == body
+        problem = await r.json()
+        assert problem["first_inbox_id"] == kept[0]["id"] and problem["inbox_id"] == kept[1]["id"]
+        assert f"already received as inbox row {kept[0]['id']}" in problem["detail"]
     else:
         assert kept == []
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
@@ -241,3 +259,238 @@ async def test_a_callback_with_text_the_database_cannot_store_is_refused_and_kep
     assert await conn.fetchval("SELECT state FROM provider_inbox") == "rejected"
     assert await conn.fetchval("SELECT count(*) FROM payments") == 0
     await conn.close()
+
+
+async def exceptions(api, treasury, **params) -> list[dict]:
+    r = await api.client.get("/v1/reconciliation/exceptions", params=params, headers=treasury)
+    assert r.status == 200, await r.text()
+    return (await r.json())["data"]
+
+
+async def test_a_payment_after_expiry_is_late_even_before_the_expiry_job_marks_the_invoice(api, portal, treasury,
+                                                                                         invoice_body):
+    answers = []
+    for job_ran in (False, True):
+        inv = await new_invoice(api, portal, invoice_body, amount=50000)
+        conn = await asyncpg.connect(api.dsn)
+        await conn.execute("UPDATE invoices SET expires_at = now() - interval '1 hour', created_at = created_at - "
+                           "interval '2 hours' WHERE id = $1", inv["id"])
+        if job_ran:
+            await conn.execute("UPDATE invoices SET status = 'expired', expired_at = now() WHERE id = $1", inv["id"])
+        await conn.close()
+        r = await pay(api.client, inv)
+        assert r.status == 200, await r.text()
+        answers.append((await r.json())["payments"][0]["exception"])
+        got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+        assert got["status"] == ("expired" if job_ran else "open") and got["amount_paid"] == 0
+    assert answers == ["invoice_expired", "invoice_expired"]
+    assert len(await exceptions(api, treasury, reason="invoice_expired")) == 2
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -100000
+
+
+@pytest.mark.parametrize("paid_at, job_ran", [
+    (datetime(2020, 1, 1, tzinfo=UTC), True),                  # long before the invoice existed
+    (datetime(2000, 1, 1, tzinfo=UTC), False),
+    (datetime.now(UTC) + timedelta(hours=1), False),           # after it reached us
+])
+async def test_a_payment_time_that_cannot_be_true_is_held_for_treasury_and_booked_when_received(
+        api, portal, treasury, invoice_body, paid_at, job_ran):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    if job_ran:
+        conn = await asyncpg.connect(api.dsn)
+        await conn.execute("UPDATE invoices SET status='expired', expired_at=now(), expires_at=now() - interval '1 s'"
+                           " WHERE id=$1", inv["id"])
+        await conn.close()
+    before = datetime.now(UTC)
+    r = await pay(api.client, inv, paid_at=paid_at)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["payments"][0]["exception"] == "paid_at_implausible"
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == ("expired" if job_ran else "open") and got["amount_paid"] == 0
+    [exc] = await exceptions(api, treasury, reason="paid_at_implausible")
+    assert exc["amount"] == 50000 and exc["invoice_id"] == inv["id"]
+    assert datetime.fromisoformat(exc["evidence"]["times"]["paid_at"]) == paid_at
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -50000
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        entry = await conn.fetchrow("SELECT e.effective_at, p.paid_at FROM ledger_entries e "
+                                    "JOIN payments p ON p.id = e.payment_id")
+    finally:
+        await conn.close()
+    # The journal is dated when the money reached us; the payment keeps what the provider said, as evidence.
+    assert before - timedelta(seconds=5) <= entry["effective_at"] <= datetime.now(UTC)
+    assert entry["paid_at"] == paid_at
+    # Treasury can still give it to the invoice once checked.
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury, json={
+        "action": "match_to_invoice", "invoice_id": inv["id"], "note": "bank confirms it was paid today"})
+    assert r.status == 200, await r.text()
+    assert (await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json())["status"] == "paid"
+
+
+async def test_a_code_we_never_issued_is_unknown_even_when_its_bill_number_names_an_invoice(api, portal, treasury,
+                                                                                          invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    r = await pay(api.client, inv, md5="f" * 32)
+    assert r.status == 200, await r.text()
+    out = (await r.json())["payments"][0]
+    assert out["exception"] == "unknown_khqr" and out["invoice_id"] is None
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "open" and got["amount_paid"] == 0 and got["payments"] == []
+    [exc] = await exceptions(api, treasury, reason="unknown_khqr")
+    assert exc["amount"] == 50000 and exc["evidence"]["khqr_md5"] == "f" * 32
+    assert exc["evidence"]["invoice_by_bill_number"]["id"] == inv["id"]  # for treasury to match it, if right
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -50000
+
+
+async def test_a_notice_without_an_md5_is_still_matched_by_its_bill_number(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    body = json.loads(sandbox_body(inv))
+    body["md5"] = None
+    raw = json.dumps(body).encode()
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=raw, headers=sandbox_headers(raw))
+    assert (await r.json())["payments"][0]["exception"] is None
+    assert (await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json())["status"] == "paid"
+
+
+async def test_a_second_notice_that_contradicts_a_captured_one_is_raised_once_and_booked_never(api, portal, treasury,
+                                                                                             invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    at = datetime.now(UTC)
+    first = await pay(api.client, inv, txid="TX-C", paid_at=at)
+    assert (await first.json())["payments"][0]["new"] is True
+    ledger_before = await balances(api.dsn)
+    answers = []
+    # A conflicting notice, the same again, a plain retry, another: each signed anew, as a provider retries.
+    for i, amount in enumerate((999999, 999999, 50000, 777), start=1):
+        body = sandbox_body(inv, txid="TX-C", amount=amount, paid_at=at)
+        r = await api.client.post("/v1/providers/sandbox/callbacks", data=body,
+                                  headers=sandbox_headers(body, t=int(time.time()) - i))
+        assert r.status == 200, await r.text()
+        answers.append((await r.json())["payments"][0])
+    assert [a["new"] for a in answers] == [False] * 4
+    assert [a["exception"] for a in answers] == ["conflicting_notice", "conflicting_notice", None,
+                                                 "conflicting_notice"]
+    assert {a["payment_id"] for a in answers} == {(await first.json())["payments"][0]["payment_id"]}
+    assert await balances(api.dsn) == ledger_before  # nothing booked twice
+    raised = await exceptions(api, treasury, reason="conflicting_notice")
+    assert sorted(e["evidence"]["notice"]["amount"] for e in raised) == [777, 999999]  # once per distinct notice
+    for e in raised:
+        assert e["evidence"]["captured_notice"]["amount"] == 50000 and e["evidence"]["fields"] == ["amount"]
+        assert e["payment_id"] == answers[0]["payment_id"] and e["invoice_id"] == inv["id"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+        assert await conn.fetchval("SELECT count(*) FROM outbox_events WHERE type = "
+                                   "'reconciliation.exception_opened'") == 2
+    finally:
+        await conn.close()
+    # Nothing of it was booked, so nothing can be moved: treasury closes it once checked.
+    e = raised[0]
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{e['id']}/resolve", headers=treasury,
+                              json={"action": "refund_due", "note": "x"})
+    assert r.status == 422
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{e['id']}/resolve", headers=treasury,
+                              json={"action": "write_off", "note": "provider confirms 50,000"})
+    assert r.status == 200, await r.text()
+    assert (await r.json())["postings"] == []
+    assert await balances(api.dsn) == ledger_before
+
+
+@pytest.mark.parametrize("valid_first", [True, False])
+async def test_a_signature_header_sent_twice_is_refused_and_both_values_are_kept(api, portal, invoice_body,
+                                                                                 valid_first):
+    from multidict import CIMultiDict
+
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    valid = sandbox_headers(body)["Sandbox-Signature"]
+    invalid = sandbox_headers(body, secret="not-the-secret")["Sandbox-Signature"]
+    sent = [valid, invalid] if valid_first else [invalid, valid]
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    for v in sent:
+        headers.add("Sandbox-Signature", v)
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+    assert r.status == 401, await r.text()
+    assert "given 2 times" in (await r.json())["detail"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        row = await conn.fetchrow("SELECT state, reason, headers FROM provider_inbox")
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 0
+    finally:
+        await conn.close()
+    assert row["state"] == "rejected" and "given 2 times" in row["reason"]
+    assert json.loads(row["headers"])["Sandbox-Signature"] == sent  # every value, in the order received
+    assert json.loads(row["headers"])["Content-Type"] == "application/json"  # one value: a string, as before
+
+
+async def test_a_row_stored_before_repeated_headers_were_kept_is_still_processed(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        # The old form: one string per header name.
+        inbox_id = await conn.fetchval(
+            "INSERT INTO provider_inbox (provider, received_at, headers, body, next_attempt_at) "
+            "VALUES ('sandbox', now(), $1::text::jsonb, $2, now() - interval '1 second') RETURNING id",
+            json.dumps(sandbox_headers(body)), body)
+        assert await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS]) == "processed 1 of 1 inbox rows"
+        assert await conn.fetchval("SELECT state FROM provider_inbox WHERE id = $1", inbox_id) == "processed"
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    finally:
+        await conn.close()
+
+
+async def test_a_replayed_callback_is_refused_and_kept_and_a_retry_signed_anew_is_processed(api, portal, treasury,
+                                                                                            invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    body = sandbox_body(inv, txid="TX-R")
+    now = int(time.time())
+    headers = sandbox_headers(body, t=now)
+    first = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+    assert first.status == 200, await first.text()
+    first_id = (await first.json())["inbox_id"]
+    again = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)  # inside 300 s
+    assert again.status == 409 and again.content_type == "application/problem+json"
+    problem = await again.json()
+    assert problem["type"] == "urn:paysvc:problem:callback-replayed" and problem["first_inbox_id"] == first_id
+    retry = await api.client.post("/v1/providers/sandbox/callbacks", data=body,
+                                  headers=sandbox_headers(body, t=now + 1))   # the provider's own retry
+    assert retry.status == 200, await retry.text()
+    assert (await retry.json())["payments"][0]["new"] is False
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        rows = await conn.fetch("SELECT id, state, reason FROM provider_inbox ORDER BY id")
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    finally:
+        await conn.close()
+    assert [r["state"] for r in rows] == ["processed", "rejected", "processed"]
+    assert rows[1]["id"] == problem["inbox_id"] and f"inbox row {first_id}" in rows[1]["reason"]
+    assert await exceptions(api, treasury) == []
+
+
+async def test_of_identical_signed_callbacks_sent_at_once_exactly_one_is_processed(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    headers = sandbox_headers(body)
+    rs = await asyncio.gather(*(api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+                                for _ in range(12)))
+    assert sorted(r.status for r in rs) == [200] + [409] * 11, [r.status for r in rs]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        states = [r["state"] for r in await conn.fetch("SELECT state FROM provider_inbox ORDER BY id")]
+        assert sorted(states) == ["processed"] + ["rejected"] * 11
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    finally:
+        await conn.close()
+
+
+async def test_finding_a_replay_is_one_index_probe(api):
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        await conn.execute("SET enable_seqscan = off")  # a plan that can avoid the table must not need it
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) SELECT id FROM provider_inbox "
+                                   "WHERE provider = 'sandbox' AND replay_key = '\\x00'::bytea")
+    finally:
+        await conn.close()
+    assert "provider_inbox_replay" in json.dumps(plan)

@@ -186,6 +186,12 @@ async def test_timeout_is_unavailable(fake):
     b'{"status":{"code":"00"},"data":{"payment_status":"APPROVED","payment_amount":0,'
     b'"payment_currency":"USD","transaction_date":"2025-06-01 10:00:00"}}',
     b'{"status":{"code":"99","message":"Service busy"}}',
+    b'{"status":{"code":"00"},"data":{"payment_status":"APPROVED","payment_amount":1,'
+    b'"payment_currency":"USD","transaction_date":"0001-01-01 00:00:00"}}',     # before year 1 once in UTC
+    b'{"status":{"code":"00"},"data":{"payment_status":"APPROVED","payment_amount":1,'
+    b'"payment_currency":"USD","transaction_date":"9999-12-31 23:59:59"}}',
+    b'{"status":{"code":"00"},"data":{"payment_status":"APPROVED","payment_amount":1,'
+    b'"payment_currency":"USD","transaction_date":"1999-12-31 23:59:59"}}',
 ])
 async def test_an_answer_not_in_the_documented_shape_is_unavailable(fake, aba, body):
     fake.fail_next(200, body)

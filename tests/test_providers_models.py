@@ -81,3 +81,25 @@ def test_pending_and_settlement_line_validate():
                     expires_at=datetime(2025, 6, 1, tzinfo=timezone.utc))
     with pytest.raises(ValidationError):
         SettlementLine(line_no=2, amount=5, currency="USD", fee=-1)
+
+
+@pytest.mark.parametrize("paid_at", [
+    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),   # datetime.max: `infinity` in PostgreSQL
+    datetime(2100, 1, 1, tzinfo=timezone.utc),
+    datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc),
+    datetime(1, 1, 1, tzinfo=timezone.utc),
+    datetime(2000, 1, 1, 6, 59, tzinfo=ICT),                            # 1999 once in UTC
+])
+def test_a_time_no_payment_can_have_is_refused(paid_at):
+    with pytest.raises(ValidationError, match="out of range"):
+        PaymentNotice(provider="x", transaction_id="t", amount=1, currency="KHR", confirmed=True, paid_at=paid_at)
+    with pytest.raises(ValidationError, match="out of range"):
+        SettlementLine(line_no=2, amount=5, currency="KHR", paid_at=paid_at)
+
+
+def test_the_edges_of_the_payment_time_range_are_accepted():
+    for paid_at in (datetime(2000, 1, 1, tzinfo=timezone.utc),
+                    datetime(2099, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)):
+        n = PaymentNotice(provider="x", transaction_id="t", amount=1, currency="KHR", confirmed=True, paid_at=paid_at)
+        assert n.paid_at == paid_at
+        assert SettlementLine(line_no=2, amount=5, currency="KHR", paid_at=paid_at).paid_at == paid_at

@@ -67,6 +67,24 @@ def test_a_signature_made_with_another_secret_fails(sandbox):
         sandbox.verify_callback({SIGNATURE_HEADER: sign("not-our-secret", GOLDEN_BODY, T)}, GOLDEN_BODY, now=NOW)
 
 
+@pytest.mark.parametrize("order", ["valid first", "invalid first", "both valid"])
+def test_a_signature_header_given_twice_is_refused_whatever_the_order(sandbox, order):
+    from multidict import CIMultiDict
+
+    wrong = sign("not-our-secret", GOLDEN_BODY, T)
+    values = {"valid first": [GOLDEN_HEADER, wrong], "invalid first": [wrong, GOLDEN_HEADER],
+              "both valid": [GOLDEN_HEADER, GOLDEN_HEADER]}[order]
+    headers = CIMultiDict()
+    for v in values:
+        headers.add(SIGNATURE_HEADER, v)
+    with pytest.raises(SignatureError, match="given 2 times"):
+        sandbox.verify_callback(headers, GOLDEN_BODY, now=NOW)
+    # Two spellings of the name in a plain mapping are the same header too.
+    with pytest.raises(SignatureError, match="given 2 times"):
+        sandbox.verify_callback({SIGNATURE_HEADER: values[0], SIGNATURE_HEADER.lower(): values[1]}, GOLDEN_BODY,
+                                now=NOW)
+
+
 def test_missing_header_fails(sandbox):
     with pytest.raises(SignatureError, match="no Sandbox-Signature"):
         sandbox.verify_callback({}, GOLDEN_BODY, now=NOW)
@@ -146,12 +164,36 @@ def _signed(body: bytes) -> dict[str, str]:
     (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"2025-06-01T09:30:00Z","md5":"zz"}', "md5"),
     (b'{"transaction_id":7,"amount":5,"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}', "must be a string"),
     (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"2025-06-01T09:30:00Z","fee":1}', "unknown"),
+    (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"9999-12-31T23:59:59.999999+00:00"}',
+     "paid_at: .*out of range"),
+    (b'{"transaction_id":"x","amount":5,"currency":"USD","paid_at":"1999-12-31T23:59:59+00:00"}', "out of range"),
+    (b'{"transaction_id":"x","amount":' + b"9" * 5000 + b',"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}',
+     "a number in it has more than 4300 digits"),
+    (b'{"transaction_id":"x","amount":5,"amount":6,"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}',
+     "ambiguous: the key 'amount' appears twice"),
+    (b'[' * 5000 + b']' * 5000, "nested too deeply"),
+    (b'{"transaction_id":"x","amount":1000000000000001,"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}',
+     "more than 1000000000000000 minor units"),
 ])
 def test_malformed_body_after_a_valid_signature_is_malformed_callback(sandbox, body, reason):
     headers = _signed(body)
     sandbox.verify_callback(headers, body, now=NOW)  # the signature is fine: the content is not
     with pytest.raises(MalformedCallback, match=reason):
         sandbox.parse_callback(headers, body)
+
+
+def test_no_refusal_tells_the_sender_to_change_python_settings(sandbox):
+    body = b'{"transaction_id":"x","amount":' + b"9" * 5000 + b',"currency":"USD","paid_at":"2025-06-01T09:30:00Z"}'
+    with pytest.raises(MalformedCallback) as err:
+        sandbox.parse_callback(_signed(body), body)
+    assert "sys." not in str(err.value) and "not JSON" not in str(err.value)
+
+
+def test_the_largest_amount_a_payment_may_carry_is_accepted(sandbox):
+    body = build_callback(transaction_id="sbx-max", amount=10**15, currency="KHR",
+                          paid_at=datetime(2025, 6, 1, 2, 30, tzinfo=timezone.utc))
+    [n] = sandbox.parse_callback(_signed(body), body)
+    assert n.amount == 10**15
 
 
 def test_usd_callback_keeps_cents_and_optional_fields_may_be_null(sandbox):

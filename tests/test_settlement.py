@@ -22,8 +22,21 @@ DAY = date(2025, 6, 2)                                   # a Monday, long past: 
 AT = datetime(2025, 6, 2, 3, 0, tzinfo=UTC)              # 10:00 in Phnom Penh
 
 
+async def issued_before(dsn: str, inv: dict, at: datetime) -> dict:
+    """Date the invoice and its code an hour before ``at``, as if issued then: a payment reported as made
+    before its code was issued is not believed (it is raised as paid_at_implausible)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE invoices SET created_at = $2 WHERE id = $1", inv["id"], at - timedelta(hours=1))
+        await conn.execute("UPDATE khqr_codes SET created_at = $2 WHERE invoice_id = $1", inv["id"],
+                           at - timedelta(hours=1))
+    finally:
+        await conn.close()
+    return inv
+
+
 async def paid(api, portal, invoice_body, txid: str, *, at: datetime = AT, amount: int = 50000) -> dict:
-    inv = await new_invoice(api, portal, invoice_body, amount=amount)
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=amount), at)
     r = await pay(api.client, inv, txid=txid, paid_at=at)
     assert r.status == 200, await r.text()
     return inv
@@ -74,7 +87,8 @@ async def test_a_day_with_every_category_reconciles_and_clears_to_zero(api, port
     await paid(api, portal, invoice_body, "TX-3")                    # the provider settles 1,000 less
     await paid(api, portal, invoice_body, "TX-4")                    # never settled
     inv5 = await paid(api, portal, invoice_body, "TX-5")             # the bank knows it by another reference
-    inv6 = await new_invoice(api, portal, invoice_body)              # paid, but its callback never reached us
+    # Paid, but its callback never reached us.
+    inv6 = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body), AT)
     assert await clearing(api.dsn) == 250000
 
     data = write_settlement_csv([
@@ -339,7 +353,7 @@ async def test_a_line_whose_callback_commits_while_the_import_waits_for_it_is_ma
     """A callback's capture holds the invoice while a file with the same payment is imported. The import
     waits for that transaction, then must find its payment and match the line: neither book the money a
     second time nor refuse the file."""
-    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
     async with connect(api.dsn) as conn:
         tx = conn.transaction()
         await tx.start()
@@ -362,8 +376,8 @@ async def test_the_poll_does_not_wait_for_an_import_holding_its_codes(api, porta
     wait for it: it used to, and with two codes taken in opposite orders the two deadlocked."""
     from paysvc.queries import Q
 
-    a = await new_invoice(api, portal, invoice_body, amount=50000)
-    b = await new_invoice(api, portal, invoice_body, amount=50000)
+    a = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    b = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
     async with connect(api.dsn) as importer, connect(api.dsn) as poller:
         tx = importer.transaction()
         await tx.start()

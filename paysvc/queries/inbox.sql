@@ -1,7 +1,13 @@
 -- name: inbox_insert
-INSERT INTO provider_inbox (provider, received_at, headers, body, state, reason, next_attempt_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+-- No row back when $8 (a replay key) is already in the inbox: the same signed message was received before.
+-- An insert that meets a concurrent copy waits for it to commit, so of identical copies exactly one is stored.
+INSERT INTO provider_inbox (provider, received_at, headers, body, state, reason, next_attempt_at, replay_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (provider, replay_key) WHERE replay_key IS NOT NULL DO NOTHING
 RETURNING id
+
+-- name: inbox_replayed
+SELECT id FROM provider_inbox WHERE provider = $1 AND replay_key = $2
 
 -- name: inbox_get
 SELECT id, provider, received_at, headers, body, state, attempts FROM provider_inbox WHERE id = $1

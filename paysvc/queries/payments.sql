@@ -5,9 +5,12 @@
 -- one first. `prior` is read with the statement's snapshot, taken before any wait for the lock: a concurrent
 -- capture of the same money that commits while this one waits is not in it, but its row is in the unique
 -- indexes, so this transaction's payment insert writes nothing and the capture is retried, and finds it.
+-- `md5` is NULL when $1 names no code of the invoice found (none, or one we never issued); each prior payment
+-- carries the notice it was captured from, to tell a provider's retry from a notice that contradicts it.
 WITH target AS (
-    SELECT k.md5, k.to_account, i.id, i.agency_id, a.code AS agency_code, a.bakong_account, i.status, i.currency,
-           i.amount, i.amount_paid, i.expires_at
+    SELECT k.md5, k.to_account, k.created_at AS code_created_at, i.id, i.agency_id, a.code AS agency_code,
+           a.bakong_account, i.status, i.currency, i.amount, i.amount_paid, i.expires_at,
+           i.created_at AS invoice_created_at
       FROM invoices i
       JOIN agencies a ON a.id = i.agency_id
       LEFT JOIN khqr_codes k ON k.md5 = $1 AND k.invoice_id = i.id
@@ -18,8 +21,11 @@ WITH target AS (
 SELECT t.*,
        coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider,
                                                      'provider_transaction_id', p.provider_transaction_id,
-                                                     'invoice_id', p.invoice_id, 'amount', p.amount,
-                                                     'currency', p.currency)
+                                                     'invoice_id', p.invoice_id, 'agency_id', p.agency_id,
+                                                     'amount', p.amount, 'currency', p.currency,
+                                                     'notice', CASE WHEN p.provider = $3
+                                                                     AND p.provider_transaction_id = $4
+                                                                    THEN p.evidence -> 'notice' END)
                                   ORDER BY p.khqr_md5 IS NOT DISTINCT FROM $1 DESC)
                    FROM payments p
                   WHERE (p.provider = $3 AND p.provider_transaction_id = $4) OR p.khqr_md5 = $1),
@@ -67,6 +73,14 @@ UPDATE provider_inbox SET state = 'processed', processed_at = $4, reason = NULL
 INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
                                        business_date, evidence, opened_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+
+-- name: exception_insert_once
+-- An exception whose id is derived from what it is about: opened once, however often that is reported.
+INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
+                                       business_date, evidence, opened_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (id) DO NOTHING
+RETURNING id
 
 -- name: payments_of_invoice
 SELECT id, provider, provider_transaction_id, amount, currency, paid_at,

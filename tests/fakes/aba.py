@@ -18,12 +18,15 @@ import hashlib
 import hmac
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from aiohttp import web
 
 from tests.fakes import FakeServer
 from tests.fakes.bakong import _raw_number, dumps
+
+PHNOM_PENH = timezone(timedelta(hours=7))
 
 PATH = "/api/payment-gateway/v1/payments/check-transaction-2"
 STATUS_CODES = {"APPROVED": 0, "PRE-AUTH": 0, "PENDING": 2, "DECLINED": 3, "REFUNDED": 4, "CANCELLED": 7}
@@ -39,9 +42,13 @@ class FakePayWay(FakeServer):
         self.transactions: dict[str, dict[str, Any]] = {}
 
     def add_transaction(self, tran_id: str, *, status: str = "APPROVED", amount: int | str = "12.50",
-                        currency: str = "USD", transaction_date: str = "2025-06-01 16:30:05",
+                        currency: str = "USD", transaction_date: str | None = None,
                         apv: str = "619195") -> dict[str, Any]:
-        """Record a transaction; ``amount`` is major units as PayWay writes it (a JSON number)."""
+        """Record a transaction; ``amount`` is major units as PayWay writes it (a JSON number).
+
+        Made now (Phnom Penh time, as PayWay writes it) unless ``transaction_date`` says when."""
+        if transaction_date is None:
+            transaction_date = datetime.now(PHNOM_PENH).strftime("%Y-%m-%d %H:%M:%S")
         num = _raw_number(amount)
         data = {"payment_status_code": STATUS_CODES[status], "total_amount": num, "original_amount": num,
                 "refund_amount": 0, "discount_amount": 0, "payment_amount": num, "payment_currency": currency,

@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -52,10 +53,17 @@ class FakeBakong(FakeServer):
         return self.url + "/v1"
 
     def add_payment(self, md5: str, *, amount: int | str, currency: str, to_account: str = "fees@devb",
-                    from_account: str = "citizen@aba", tx_hash: str | None = None, created_ms: int = 1748745000000,
-                    acknowledged_ms: int | None = 1748745001000, description: str = "",
+                    from_account: str = "citizen@aba", tx_hash: str | None = None, created_ms: int | None = None,
+                    acknowledged_ms: int | None | Literal["created+1s"] = "created+1s", description: str = "",
                     external_ref: str = "100FT3333") -> dict[str, Any]:
-        """Record a payment on the code ``md5``; ``amount`` is major units (``12.5``-style text or an int)."""
+        """Record a payment on the code ``md5``; ``amount`` is major units (``12.5``-style text or an int).
+
+        Made now unless ``created_ms`` says when (the service does not believe a payment made before its
+        code was issued), and acknowledged a second later unless ``acknowledged_ms`` says otherwise."""
+        if created_ms is None:
+            created_ms = int(time.time() * 1000)
+        if acknowledged_ms == "created+1s":
+            acknowledged_ms = created_ms + 1000
         data = {"hash": tx_hash or (md5 * 2), "fromAccountId": from_account, "toAccountId": to_account,
                 "currency": currency, "amount": _raw_number(amount), "description": description,
                 "createdDateMs": created_ms, "acknowledgedDateMs": acknowledged_ms, "externalRef": external_ref}
