@@ -2,23 +2,34 @@
 
 Codes are claimed with a short lease under ``FOR UPDATE SKIP LOCKED``, so several service instances
 never ask about the same md5 at once. A provider that answers 429 or 5xx makes the poller back off.
+
+An item of an answer that cannot be read is not an outage: the provider skips it and reports it, the poller
+logs it at ERROR (with its md5 and why) and counts it each time it is seen, and the code stays open, asked
+about again on every pass until its grace period ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import asyncpg
+import prometheus_client
 
 from paysvc.inbox import capture_notices
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
-from providers import PendingKhqr, Provider, ProviderUnavailable
+from providers import PendingKhqr, Provider, ProviderUnavailable, UnreadableItem
 
 log = logging.getLogger(__name__)
+
+UNREADABLE = prometheus_client.Counter(
+    "paysvc_poll_unreadable_items_total", "Items of a pull provider's answer that could not be read and were "
+    "skipped, by provider and whether the provider said the code was paid (paid=yes: money moved that the "
+    "poll could not book)", ["provider", "paid"])
 
 LEASE = timedelta(seconds=60)
 
@@ -41,12 +52,23 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
                            to_account=r["to_account"], expires_at=r["expires_at"]) for r in rows]
     md5s = [r["md5"] for r in rows]
     try:
-        notices = await provider.poll(pending)
+        result = await provider.poll(pending)
     finally:
         # Asked or not, the lease ends now; a failed pass is retried after min_interval.
         await pool.execute(Q.poll_release, md5s, now_utc())
-    results = await capture_notices(pool, notices, source="poll")
+    _report_unreadable(provider.name, result.unreadable)
+    results = await capture_notices(pool, result.notices, source="poll")
     return len(rows), sum(r.created for r in results)
+
+
+def _report_unreadable(provider: str, items: Sequence[UnreadableItem]) -> None:
+    for item in items:
+        UNREADABLE.labels(provider, "yes" if item.paid else "no").inc()
+        log.error("%s: skipped an answer item for md5 %s%s: %s", provider, item.md5 or "(none)",
+                  " that says it was paid (money moved that this poll cannot book; the code stays open and is "
+                  "asked again)" if item.paid else "", item.reason,
+                  extra={"provider": provider, "md5": item.md5, "paid": item.paid,
+                         "transaction_id": item.transaction_id})
 
 
 class Poller:

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 
 from providers.errors import Unsupported
-from providers.models import PaymentNotice, PendingKhqr, SettlementLine
+from providers.models import PaymentNotice, PendingKhqr, PollResult, SettlementLine
 
 Pattern = Literal["pull", "push_confirm", "signed_push"]
 
@@ -43,8 +43,10 @@ class Provider(Protocol):
         """Ask the provider's API about a hint: a confirmed notice, or ``NotConfirmed``/``ProviderUnavailable``."""
         ...
 
-    async def poll(self, pending: Sequence[PendingKhqr]) -> list[PaymentNotice]:
-        """Ask the provider which of these codes were paid; confirmed notices for those that were."""
+    async def poll(self, pending: Sequence[PendingKhqr]) -> PollResult:
+        """Ask the provider which of these codes were paid: confirmed notices for those that were, and each
+        item of the answer that could not be read (skipped; the rest of the answer still counts). An answer
+        that cannot be read as a whole (not the documented envelope, 429, 5xx, auth) raises."""
         ...
 
     def parse_settlement(self, data: bytes) -> Iterator[SettlementLine]:
@@ -75,7 +77,7 @@ class ProviderBase:
         raise Unsupported(f"{self.name} ({self.pattern}) has nothing to confirm: its notices are already "
                           "trusted or come from poll()", provider=self.name)
 
-    async def poll(self, pending: Sequence[PendingKhqr]) -> list[PaymentNotice]:
+    async def poll(self, pending: Sequence[PendingKhqr]) -> PollResult:
         """Refuse: only ``pull`` providers are polled."""
         raise Unsupported(f"{self.name} ({self.pattern}) is not polled; it pushes callbacks", provider=self.name)
 

@@ -68,9 +68,9 @@ async def test_callback_and_poll_for_the_same_payment_make_one_payment(bakong, i
         # The poller skips a code that is already paid; make it ask anyway, as a race would.
         await provider.poll([])  # no-op call keeps the session warm
         from providers import PendingKhqr
-        notices = await provider.poll([PendingKhqr(md5=inv["khqr"]["md5"], currency="KHR", amount=50000,
-                                                   to_account="moi@nbcq", expires_at=inv["khqr"]["expires_at"])])
-        await inbox.capture_notices(pool, notices, source="poll")
+        result = await provider.poll([PendingKhqr(md5=inv["khqr"]["md5"], currency="KHR", amount=50000,
+                                                  to_account="moi@nbcq", expires_at=inv["khqr"]["expires_at"])])
+        await inbox.capture_notices(pool, result.notices, source="poll")
     else:
         await poll_once(pool, provider, NOW_POLICY)
         assert (await pay(api.client, inv)).status == 200
@@ -199,3 +199,55 @@ async def test_a_capture_marks_its_code_and_the_poll_claim_reads_only_unpaid_cod
         await conn.close()
     assert [r["md5"] for r in claimed] == [unpaid["khqr"]["md5"]]
     assert after - before < 20, f"the claim read {after - before} codes for 1 unpaid and {n_paid} paid"
+
+
+# --- one bad item, a failing later call, two slow pollers -------------------------------------------
+
+
+async def test_an_unreadable_item_is_skipped_and_logged_while_the_good_ones_are_captured(bakong, invoice_body,
+                                                                                          caplog):
+    """Two paid codes in one answer: A as Bakong documents it, D with 50000.5 KHR (riel have no decimals).
+    A is captured at once; D is skipped, logged at ERROR on every pass with its md5 and why, and counted;
+    the poller keeps its pace (an item is not an outage: no backoff)."""
+    import logging
+
+    import prometheus_client
+
+    from paysvc.poller import Poller
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    a = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    d = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    md5_a, md5_d = a["khqr"]["md5"], d["khqr"]["md5"]
+    fake.add_payment(md5_d, amount="50000.5", currency="KHR", to_account="moi@nbcq", tx_hash="d" * 64)
+    fake.add_payment(md5_a, amount="50000", currency="KHR", to_account="moi@nbcq", tx_hash="a" * 64)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    labels = {"provider": "bakong", "paid": "yes"}
+    counted_before = prometheus_client.REGISTRY.get_sample_value("paysvc_poll_unreadable_items_total", labels) or 0
+    caplog.set_level(logging.INFO)
+    poller = Poller(pool, provider, NOW_POLICY, interval=0.05)
+    task = asyncio.create_task(poller.run())
+    try:
+        async def asked_about_d() -> int:
+            return sum(md5_d in json.loads(r.body) for r in fake.requests)
+        for _ in range(200):
+            if await asked_about_d() >= 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    passes = sum(md5_d in json.loads(r.body) for r in fake.requests)
+    assert passes >= 3, "polling stopped or slowed down after the bad item"
+    got_a = await (await api.client.get(f"/v1/invoices/{a['id']}", headers=h)).json()
+    assert got_a["status"] == "paid" and got_a["payments"][0]["provider"] == "bakong"
+    assert (await (await api.client.get(f"/v1/invoices/{d['id']}", headers=h)).json())["status"] == "open"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and md5_d in r.getMessage()]
+    assert len(errors) >= passes - 1  # every pass that finished says it again
+    assert "decimal places" in errors[0].getMessage() and "paid" in errors[0].getMessage()
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage() or "poll failed" in r.getMessage()]
+    assert poller._failures == 0
+    counted = prometheus_client.REGISTRY.get_sample_value("paysvc_poll_unreadable_items_total", labels)
+    assert counted is not None and counted - counted_before >= len(errors)
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 1
