@@ -2,8 +2,9 @@
 
 Polling
     ``poll(pending)`` POSTs ``{base_url}/check_transaction_by_md5_list`` with a bare JSON array of at most
-    ``batch_size`` (≤ 50) md5 per call (a longer list is split, calls made one after another),
-    ``Authorization: Bearer <token>``. Envelope
+    ``batch_size`` (≤ 50) md5 per call, ``Authorization: Bearer <token>``. The service passes at most
+    ``poll_batch_size`` (= ``batch_size``) codes per ``poll``, so one poll is one call; a longer list is
+    split, calls made one after another, and a failing call raises for the whole poll. Envelope
     ``{"responseCode", "responseMessage", "errorCode", "data"}``; with ``responseCode 0``, ``data`` is
     ``[{"md5", "status", "data"}]``: ``SUCCESS`` becomes a confirmed :class:`PaymentNotice`
     (``transaction_id`` = ``data.hash``, ``amount`` = ``data.amount`` — a JSON number in major units,
@@ -75,12 +76,12 @@ class BakongProvider(ProviderBase):
     def __init__(self, config: BakongConfig) -> None:
         self._token = config.token
         self.base_url = config.base_url.rstrip("/")
-        self.batch_size = config.batch_size
+        self.batch_size = self.poll_batch_size = config.batch_size
         self._http = JsonClient(NAME, timeout=config.timeout)
 
     async def poll(self, pending: Sequence[PendingKhqr]) -> PollResult:
         """Confirmed notices for the codes Bakong reports paid (``SUCCESS``), and the items it could not read;
-        one call per ``batch_size`` md5."""
+        one call per ``batch_size`` md5 (the service passes no more, so one poll is one call)."""
         md5s = list(dict.fromkeys(p.md5 for p in pending))
         notices: list[PaymentNotice] = []
         unreadable: list[UnreadableItem] = []

@@ -2,7 +2,9 @@
 
 Three patterns (``pattern``) say which methods matter:
 
-- ``pull`` (Bakong): the service calls :meth:`Provider.poll` with the codes it waits on;
+- ``pull`` (Bakong): the service calls :meth:`Provider.poll` with the codes it waits on, at most
+  ``poll_batch_size`` at a time (one request to the provider), and captures each call's notices before
+  the next call;
 - ``push_confirm`` (ABA PayWay): a callback is only a hint; the service stores it, calls
   ``verify_callback`` and ``parse_callback`` (hints, ``confirmed=False``), then :meth:`Provider.confirm`
   on each and books what comes back;
@@ -30,6 +32,7 @@ class Provider(Protocol):
 
     name: str
     pattern: Pattern
+    poll_batch_size: int  # pull: the most codes one request asks about; the service passes no more per poll()
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Check a push over its raw bytes; raise ``SignatureError``/``MalformedCallback``, else return."""
@@ -63,6 +66,7 @@ class ProviderBase:
 
     name: str = ""
     pattern: Pattern
+    poll_batch_size: int = 1  # a pull provider sets its own
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Refuse: this provider sends no callbacks."""
