@@ -1,52 +1,132 @@
 """Polling pull providers (Bakong): ask about every code still payable or recently expired.
 
-Codes are claimed with a short lease under ``FOR UPDATE SKIP LOCKED``, so several service instances
-never ask about the same md5 at once. A provider that answers 429 or 5xx makes the poller back off.
+A pass claims up to ``PollPolicy.batch`` due codes with a lease (``FOR NO KEY UPDATE SKIP LOCKED``, leased
+codes skipped), then asks about them one provider call at a time, at most ``provider.poll_batch_size``
+codes a call (≤ 50 for Bakong), each call cut off after ``PollPolicy.call_timeout``. Before a call that
+would start with less than half the lease left, the lease of every code the pass still holds is renewed,
+so a lease always outlasts the call made under it and the capture of its answer: several service
+instances never ask about the same md5 at once, however slow the provider. Renewal and release touch only
+the caller's own lease (the expiry its claim or last renewal set), never one another instance took over;
+a code whose lease was lost is dropped from the pass.
+
+What a call reported is captured, and its codes released, before the next call is made, so a later call
+that fails (429, 5xx, a timeout) costs nothing already learned; the codes not yet asked are freed without
+being marked asked. A provider that answers 429 or 5xx, or cannot be read at all, makes the poller back
+off. An item of an answer that cannot be read is not an outage: the provider skips it and reports it, the
+poller logs it at ERROR (with its md5 and why) and counts it each time it is seen, and the code stays open,
+asked about again on every pass until its grace period ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
+import prometheus_client
 
 from paysvc.inbox import capture_notices
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
-from providers import PendingKhqr, Provider, ProviderUnavailable
+from providers import PendingKhqr, Provider, ProviderUnavailable, UnreadableItem
 
 log = logging.getLogger(__name__)
 
-LEASE = timedelta(seconds=60)
+UNREADABLE = prometheus_client.Counter(
+    "paysvc_poll_unreadable_items_total", "Items of a pull provider's answer that could not be read and were "
+    "skipped, by provider and whether the provider said the code was paid (paid=yes: money moved that the "
+    "poll could not book)", ["provider", "paid"])
 
 
 @dataclass(frozen=True)
 class PollPolicy:
-    grace: timedelta = timedelta(minutes=30)        # keep asking this long after a code expired
-    min_interval: timedelta = timedelta(seconds=5)  # don't ask about one code more often than this
-    batch: int = 500                                # codes claimed per pass (asked ≤ 50 per API call)
+    grace: timedelta = timedelta(minutes=30)         # keep asking this long after a code expired
+    min_interval: timedelta = timedelta(seconds=5)   # don't ask about one code more often than this
+    batch: int = 500                                 # codes claimed per pass (asked ≤ poll_batch_size a call)
+    lease: timedelta = timedelta(seconds=60)         # a claim's hold on its codes; renewed before a call that
+                                                     # would start with less than half of it left
+    call_timeout: timedelta = timedelta(seconds=20)  # one provider.poll() call is given up after this
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError("PollPolicy.batch must be at least 1")
+        # A call starts with at least half the lease left; it must end, and its answer be captured, within it.
+        if not timedelta(0) < self.call_timeout < self.lease / 2:
+            raise ValueError("PollPolicy.call_timeout must be positive and less than half the lease")
 
 
 async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) -> tuple[int, int]:
-    """One pass: claim due codes, ask the provider, capture what it reports. Returns (asked, captured)."""
+    """One pass: claim due codes, then per call ask, capture and release. Returns (asked, captured).
+
+    A call that fails raises (``ProviderUnavailable`` and its kind) once the pass's codes are released;
+    what earlier calls reported is already captured.
+    """
     now = now_utc()
+    lease_until = now + policy.lease
     rows = await pool.fetch(Q.poll_claim, now, now - policy.grace, now - policy.min_interval, policy.batch,
-                            now + LEASE)
+                            lease_until)
     if not rows:
         return 0, 0
-    pending = [PendingKhqr(md5=r["md5"], bill_number=r["bill_number"], currency=r["currency"], amount=r["amount"],
-                           to_account=r["to_account"], expires_at=r["expires_at"]) for r in rows]
-    md5s = [r["md5"] for r in rows]
+    queue = [PendingKhqr(md5=r["md5"], bill_number=r["bill_number"], currency=r["currency"], amount=r["amount"],
+                         to_account=r["to_account"], expires_at=r["expires_at"]) for r in rows]
+    per_call = max(1, provider.poll_batch_size)
+    asked = captured = 0
     try:
-        notices = await provider.poll(pending)
+        while queue:
+            if lease_until - now_utc() < policy.lease / 2:
+                queue, lease_until = await _renew(pool, provider.name, queue, lease_until, policy.lease)
+                if not queue:
+                    break
+            call, queue = queue[:per_call], queue[per_call:]
+            captured += await _ask(pool, provider, call, lease_until, policy.call_timeout)
+            asked += len(call)
     finally:
-        # Asked or not, the lease ends now; a failed pass is retried after min_interval.
-        await pool.execute(Q.poll_release, md5s, now_utc())
-    results = await capture_notices(pool, notices, source="poll")
-    return len(rows), sum(r.created for r in results)
+        if queue:  # a call failed (or the task was cancelled): free the codes not asked, keeping their turn
+            await pool.execute(Q.poll_release, [p.md5 for p in queue], None, lease_until)
+    return asked, captured
+
+
+async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], lease_until: datetime,
+               call_timeout: timedelta) -> int:
+    """One provider call: ask, capture what it reported, release its codes. Returns the payments created."""
+    try:
+        deadline = call_timeout.total_seconds()
+        try:
+            result = await asyncio.wait_for(provider.poll(call), deadline)
+        except TimeoutError:
+            raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
+                                      "deadline, so that the codes' lease outlasts the call)",
+                                      provider=provider.name) from None
+        _report_unreadable(provider.name, result.unreadable)
+        results = await capture_notices(pool, result.notices, source="poll")
+    finally:
+        # Asked, or tried to: these codes are due again after min_interval (where the lease is still ours).
+        await pool.execute(Q.poll_release, [p.md5 for p in call], now_utc(), lease_until)
+    return sum(r.created for r in results)
+
+
+async def _renew(pool: asyncpg.Pool, provider: str, queue: list[PendingKhqr], lease_until: datetime,
+                 lease: timedelta) -> tuple[list[PendingKhqr], datetime]:
+    """Extend the lease of the codes the pass still holds; drop any whose lease is no longer ours."""
+    renewed_until = now_utc() + lease
+    kept = {r["md5"] for r in await pool.fetch(Q.poll_renew, [p.md5 for p in queue], lease_until, renewed_until)}
+    if len(kept) < len(queue):
+        log.warning("%s poll: %d of %d claimed codes are no longer leased to this pass; not asking about them",
+                    provider, len(queue) - len(kept), len(queue))
+    return [p for p in queue if p.md5 in kept], renewed_until
+
+
+def _report_unreadable(provider: str, items: Sequence[UnreadableItem]) -> None:
+    for item in items:
+        UNREADABLE.labels(provider, "yes" if item.paid else "no").inc()
+        log.error("%s: skipped an answer item for md5 %s%s: %s", provider, item.md5 or "(none)",
+                  " that says it was paid (money moved that this poll cannot book; the code stays open and is "
+                  "asked again)" if item.paid else "", item.reason,
+                  extra={"provider": provider, "md5": item.md5, "paid": item.paid,
+                         "transaction_id": item.transaction_id})
 
 
 class Poller:

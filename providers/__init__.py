@@ -8,14 +8,14 @@ from providers.base import Pattern, Provider, ProviderBase
 from providers.errors import (AmountError, MalformedCallback, NotConfirmed, PaymentPending, ProviderAuthError,
                               ProviderConfigError, ProviderError, ProviderUnavailable, RateLimited,
                               SettlementFormatError, SignatureError, StaleTimestamp, UnknownProvider, Unsupported)
-from providers.models import (EXPONENT, Currency, PaymentNotice, PendingKhqr, SettlementLine, from_minor,
-                              loads_exact, to_minor)
+from providers.models import (EXPONENT, Currency, PaymentNotice, PendingKhqr, PollResult, SettlementLine,
+                              UnreadableItem, from_minor, loads_exact, to_minor)
 from providers.registry import GROUP, available_providers, load_providers
 
 __all__ = [
     "EXPONENT", "GROUP", "AmountError", "Currency", "MalformedCallback", "NotConfirmed", "Pattern", "PaymentNotice",
-    "PaymentPending", "PendingKhqr", "Provider", "ProviderAuthError", "ProviderBase", "ProviderConfigError",
-    "ProviderError", "ProviderUnavailable", "RateLimited", "SettlementFormatError", "SettlementLine",
-    "SignatureError", "StaleTimestamp", "UnknownProvider", "Unsupported", "available_providers", "from_minor",
-    "load_providers", "loads_exact", "to_minor",
+    "PaymentPending", "PendingKhqr", "PollResult", "Provider", "ProviderAuthError", "ProviderBase",
+    "ProviderConfigError", "ProviderError", "ProviderUnavailable", "RateLimited", "SettlementFormatError",
+    "SettlementLine", "SignatureError", "StaleTimestamp", "UnknownProvider", "UnreadableItem", "Unsupported",
+    "available_providers", "from_minor", "load_providers", "loads_exact", "to_minor",
 ]

@@ -2,15 +2,20 @@
 
 Polling
     ``poll(pending)`` POSTs ``{base_url}/check_transaction_by_md5_list`` with a bare JSON array of at most
-    50 md5 per call (a longer list is split, calls made one after another), ``Authorization: Bearer
-    <token>``. Envelope ``{"responseCode", "responseMessage", "errorCode", "data"}``; with
-    ``responseCode 0``, ``data`` is ``[{"md5", "status", "data"}]``: ``SUCCESS`` becomes a confirmed
-    :class:`PaymentNotice` (``transaction_id`` = ``data.hash``, ``amount`` = ``data.amount`` — a JSON number
-    in major units, converted exactly — ``to_account`` = ``toAccountId``, ``from_account`` =
-    ``fromAccountId``, ``paid_at`` = ``acknowledgedDateMs``, else ``createdDateMs``); ``NOT_FOUND`` and
-    ``STATIC_QR`` give nothing. ``responseCode 1`` with ``errorCode`` 1 (not found) or 3 (failed) gives
-    nothing; with ``errorCode 6``, or HTTP 401/403, :class:`ProviderAuthError`. HTTP 429 is
-    :class:`RateLimited` (with ``Retry-After``), 5xx, timeouts and any answer not of the documented shape
+    ``batch_size`` (≤ 50) md5 per call, ``Authorization: Bearer <token>``. The service passes at most
+    ``poll_batch_size`` (= ``batch_size``) codes per ``poll``, so one poll is one call; a longer list is
+    split, calls made one after another, and a failing call raises for the whole poll. Envelope
+    ``{"responseCode", "responseMessage", "errorCode", "data"}``; with ``responseCode 0``, ``data`` is
+    ``[{"md5", "status", "data"}]``: ``SUCCESS`` becomes a confirmed :class:`PaymentNotice`
+    (``transaction_id`` = ``data.hash``, ``amount`` = ``data.amount`` — a JSON number in major units,
+    converted exactly — ``to_account`` = ``toAccountId``, ``from_account`` = ``fromAccountId``, ``paid_at``
+    = ``acknowledgedDateMs``, else ``createdDateMs``); ``NOT_FOUND`` and ``STATIC_QR`` give nothing.
+    Each item stands alone: one not in that shape (no md5, an md5 that was not asked, another status, a
+    ``SUCCESS`` whose payment cannot be read exactly, e.g. ``50000.5`` KHR) is skipped and reported as an
+    :class:`UnreadableItem` with its md5 and the reason, and the other items of the answer still count.
+    ``responseCode 1`` with ``errorCode`` 1 (not found) or 3 (failed) gives nothing; with ``errorCode 6``,
+    or HTTP 401/403, :class:`ProviderAuthError`. HTTP 429 is :class:`RateLimited` (with ``Retry-After``);
+    5xx, timeouts and an answer that is not a Bakong envelope with a ``data`` list
     :class:`ProviderUnavailable`. The plugin reports what Bakong said; it does not compare amounts or
     accounts with what was issued (the service does).
 
@@ -39,7 +44,8 @@ from providers import settlement_csv
 from providers.base import Pattern, ProviderBase
 from providers.errors import (AmountError, ProviderAuthError, ProviderConfigError, ProviderUnavailable, RateLimited,
                               SettlementFormatError)
-from providers.models import EXPONENT, PaymentNotice, PendingKhqr, SettlementLine, json_safe, loads_exact, to_minor
+from providers.models import (EXPONENT, PaymentNotice, PendingKhqr, PollResult, SettlementLine, UnreadableItem,
+                              json_safe, loads_exact, to_minor)
 from providers.transport import HttpAnswer, JsonClient, retry_after_seconds
 
 NAME = "bakong"
@@ -70,18 +76,22 @@ class BakongProvider(ProviderBase):
     def __init__(self, config: BakongConfig) -> None:
         self._token = config.token
         self.base_url = config.base_url.rstrip("/")
-        self.batch_size = config.batch_size
+        self.batch_size = self.poll_batch_size = config.batch_size
         self._http = JsonClient(NAME, timeout=config.timeout)
 
-    async def poll(self, pending: Sequence[PendingKhqr]) -> list[PaymentNotice]:
-        """Confirmed notices for the codes Bakong reports paid (``SUCCESS``); one call per 50 md5."""
+    async def poll(self, pending: Sequence[PendingKhqr]) -> PollResult:
+        """Confirmed notices for the codes Bakong reports paid (``SUCCESS``), and the items it could not read;
+        one call per ``batch_size`` md5 (the service passes no more, so one poll is one call)."""
         md5s = list(dict.fromkeys(p.md5 for p in pending))
         notices: list[PaymentNotice] = []
+        unreadable: list[UnreadableItem] = []
         for start in range(0, len(md5s), self.batch_size):
-            notices.extend(await self._check_batch(md5s[start:start + self.batch_size]))
-        return notices
+            result = await self._check_batch(md5s[start:start + self.batch_size])
+            notices.extend(result.notices)
+            unreadable.extend(result.unreadable)
+        return PollResult(notices=notices, unreadable=unreadable)
 
-    async def _check_batch(self, md5s: list[str]) -> list[PaymentNotice]:
+    async def _check_batch(self, md5s: list[str]) -> PollResult:
         answer = await self._http.post_json(
             f"{self.base_url}/check_transaction_by_md5_list", md5s,
             headers={"Authorization": f"Bearer {self._token.get_secret_value()}"})
@@ -119,8 +129,12 @@ class BakongProvider(ProviderBase):
                                             provider=NAME) from None
 
 
-def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> list[PaymentNotice]:
-    """Read one ``check_transaction_by_md5_list`` answer exactly as Bakong documents it (pure)."""
+def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> PollResult:
+    """Read one ``check_transaction_by_md5_list`` answer exactly as Bakong documents it (pure).
+
+    The envelope is all or nothing (it raises); each item of ``data`` stands alone: one that cannot be read
+    is skipped and reported in ``unreadable``, and the others are kept.
+    """
     status = answer.status
     if status == 429:
         raise RateLimited("Bakong answered 429 Too Many Requests", provider=NAME,
@@ -145,7 +159,7 @@ def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> list[P
             raise ProviderAuthError(f"Bakong: {doc.get('responseMessage') or 'unauthorized'} (errorCode 6)",
                                     provider=NAME)
         if error_code in _QUIET_ERROR_CODES:
-            return []
+            return PollResult()
         raise ProviderUnavailable(f"Bakong error {error_code}: {doc.get('responseMessage')!r}", provider=NAME)
     if code != 0:
         raise _shape(f"responseCode {code!r} is neither 0 nor 1")
@@ -153,41 +167,75 @@ def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> list[P
     if not isinstance(items, list):
         raise _shape("data is not a list")
     wanted = set(asked)
-    notices = []
+    notices: list[PaymentNotice] = []
+    unreadable: list[UnreadableItem] = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("md5"), str):
-            raise _shape(f"data[{i}] has no md5")
-        if item["md5"].lower() not in wanted:
-            raise _shape(f"data[{i}] answers md5 {item['md5']!r}, which was not asked")
-        state = item.get("status")
-        if state == "SUCCESS":
-            notices.append(_notice(item["md5"].lower(), item.get("data"), i))
-        elif state not in ("NOT_FOUND", "STATIC_QR"):
-            raise _shape(f"data[{i}].status {state!r} is not SUCCESS, NOT_FOUND or STATIC_QR")
-    return notices
+        try:
+            notice = _item(item, i, wanted)
+        except _ItemError as exc:
+            unreadable.append(_unreadable(item, exc.reason))
+            continue
+        if notice is not None:
+            notices.append(notice)
+    return PollResult(notices=notices, unreadable=unreadable)
+
+
+class _ItemError(Exception):
+    """One item of the answer is not in the documented shape (the rest of the answer may well be)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _item(item: Any, i: int, wanted: set[str]) -> PaymentNotice | None:
+    if not isinstance(item, dict):
+        raise _ItemError(f"data[{i}] is not an object")
+    if not isinstance(item.get("md5"), str):
+        raise _ItemError(f"data[{i}] has no md5")
+    md5 = item["md5"].lower()
+    if md5 not in wanted:
+        raise _ItemError(f"data[{i}] answers md5 {item['md5']!r}, which was not asked")
+    state = item.get("status")
+    if state == "SUCCESS":
+        return _notice(md5, item.get("data"), i)
+    if state in ("NOT_FOUND", "STATIC_QR"):
+        return None
+    raise _ItemError(f"data[{i}].status {state!r} is not SUCCESS, NOT_FOUND or STATIC_QR")
+
+
+def _unreadable(item: Any, reason: str) -> UnreadableItem:
+    md5 = item.get("md5") if isinstance(item, dict) else None
+    data = item.get("data") if isinstance(item, dict) else None
+    tx_hash = data.get("hash") if isinstance(data, dict) else None
+    return UnreadableItem(
+        provider=NAME, md5=md5.lower()[:100] if isinstance(md5, str) else None,
+        paid=isinstance(item, dict) and item.get("status") == "SUCCESS",
+        reason=f"Bakong answer item not in the documented shape: {reason}",
+        transaction_id=tx_hash[:200] if isinstance(tx_hash, str) and tx_hash else None, raw=json_safe(item))
 
 
 def _notice(md5: str, data: Any, i: int) -> PaymentNotice:
     where = f"data[{i}].data"
     if not isinstance(data, dict):
-        raise _shape(f"{where} is missing for a SUCCESS item")
+        raise _ItemError(f"{where} is missing for a SUCCESS item")
     for key in ("hash", "toAccountId", "currency"):
         if not isinstance(data.get(key), str) or not data[key]:
-            raise _shape(f"{where}.{key} is missing")
+            raise _ItemError(f"{where}.{key} is missing")
     if data["currency"] not in EXPONENT:
-        raise _shape(f"{where}.currency {data['currency']!r} is not KHR or USD")
+        raise _ItemError(f"{where}.currency {data['currency']!r} is not KHR or USD")
     amount = data.get("amount")
     if isinstance(amount, bool) or not isinstance(amount, (int, Decimal)):
-        raise _shape(f"{where}.amount is not a number")
+        raise _ItemError(f"{where}.amount is not a number")
     try:
         minor = to_minor(data["currency"], amount)
     except AmountError as exc:
-        raise _shape(f"{where}.amount: {exc.detail}") from None
+        raise _ItemError(f"{where}.amount: {exc.detail}") from None
     ms = data.get("acknowledgedDateMs")
     if ms is None:
         ms = data.get("createdDateMs")
     if isinstance(ms, bool) or not isinstance(ms, int) or not 0 < ms < 10**14:
-        raise _shape(f"{where} has no acknowledgedDateMs or createdDateMs")
+        raise _ItemError(f"{where} has no acknowledgedDateMs or createdDateMs")
     from_account = data.get("fromAccountId")
     try:
         return PaymentNotice(
@@ -196,7 +244,7 @@ def _notice(md5: str, data: Any, i: int) -> PaymentNotice:
             paid_at=_from_ms(ms), confirmed=True, raw=json_safe({"md5": md5, "status": "SUCCESS", "data": data}))
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise _shape(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise _ItemError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 def _from_ms(ms: int) -> datetime:

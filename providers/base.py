@@ -2,7 +2,9 @@
 
 Three patterns (``pattern``) say which methods matter:
 
-- ``pull`` (Bakong): the service calls :meth:`Provider.poll` with the codes it waits on;
+- ``pull`` (Bakong): the service calls :meth:`Provider.poll` with the codes it waits on, at most
+  ``poll_batch_size`` at a time (one request to the provider), and captures each call's notices before
+  the next call;
 - ``push_confirm`` (ABA PayWay): a callback is only a hint; the service stores it, calls
   ``verify_callback`` and ``parse_callback`` (hints, ``confirmed=False``), then :meth:`Provider.confirm`
   on each and books what comes back;
@@ -19,7 +21,7 @@ from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 
 from providers.errors import Unsupported
-from providers.models import PaymentNotice, PendingKhqr, SettlementLine
+from providers.models import PaymentNotice, PendingKhqr, PollResult, SettlementLine
 
 Pattern = Literal["pull", "push_confirm", "signed_push"]
 
@@ -30,6 +32,7 @@ class Provider(Protocol):
 
     name: str
     pattern: Pattern
+    poll_batch_size: int  # pull: the most codes one request asks about; the service passes no more per poll()
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Check a push over its raw bytes; raise ``SignatureError``/``MalformedCallback``, else return."""
@@ -43,8 +46,10 @@ class Provider(Protocol):
         """Ask the provider's API about a hint: a confirmed notice, or ``NotConfirmed``/``ProviderUnavailable``."""
         ...
 
-    async def poll(self, pending: Sequence[PendingKhqr]) -> list[PaymentNotice]:
-        """Ask the provider which of these codes were paid; confirmed notices for those that were."""
+    async def poll(self, pending: Sequence[PendingKhqr]) -> PollResult:
+        """Ask the provider which of these codes were paid: confirmed notices for those that were, and each
+        item of the answer that could not be read (skipped; the rest of the answer still counts). An answer
+        that cannot be read as a whole (not the documented envelope, 429, 5xx, auth) raises."""
         ...
 
     def parse_settlement(self, data: bytes) -> Iterator[SettlementLine]:
@@ -65,6 +70,7 @@ class ProviderBase:
     # whose value of that header and body repeat one already received (a replay: a provider's own retry
     # signs anew). None: no such check.
     signature_header: str | None = None
+    poll_batch_size: int = 1  # a pull provider sets its own
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Refuse: this provider sends no callbacks."""
@@ -79,7 +85,7 @@ class ProviderBase:
         raise Unsupported(f"{self.name} ({self.pattern}) has nothing to confirm: its notices are already "
                           "trusted or come from poll()", provider=self.name)
 
-    async def poll(self, pending: Sequence[PendingKhqr]) -> list[PaymentNotice]:
+    async def poll(self, pending: Sequence[PendingKhqr]) -> PollResult:
         """Refuse: only ``pull`` providers are polled."""
         raise Unsupported(f"{self.name} ({self.pattern}) is not polled; it pushes callbacks", provider=self.name)
 

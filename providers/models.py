@@ -9,6 +9,10 @@ pull result, or a push confirmed with the provider's API) or a **hint** (``confi
 push, e.g. PayWay's callback). A hint carries what the push said and may lack ``amount``, ``currency``
 and ``paid_at``; the service must pass it to ``Provider.confirm`` and book only what comes back. A
 confirmed notice always has all three.
+
+A pull provider's :meth:`~providers.base.Provider.poll` answers with a :class:`PollResult`: the notices
+it could read, and an :class:`UnreadableItem` for each item of the answer it could not (skipped, so one
+bad item never hides the good ones beside it).
 """
 
 from __future__ import annotations
@@ -232,6 +236,30 @@ class PaymentNotice(_Frozen):
             if missing:
                 raise ValueError(f"a confirmed notice needs {', '.join(missing)}")
         return self
+
+
+class UnreadableItem(_Frozen):
+    """One item of a poll answer that is not in the provider's documented shape: skipped, not guessed at.
+
+    ``paid`` is True when the item says the code was paid (Bakong ``status: SUCCESS``): money moved that
+    this answer cannot book. The service logs it at ERROR and counts it each time it is seen; the code stays
+    open and is asked about again.
+    """
+
+    provider: str = Field(min_length=1, max_length=64)
+    md5: str | None = None                  # the code the item answers, as the provider wrote it, if it did
+    paid: bool                              # the provider says this code was paid
+    reason: str = Field(min_length=1)       # what is wrong with it, naming the field
+    transaction_id: str | None = None       # the provider's id for the movement, when it could be read
+    raw: Any = None                         # the item as received, JSON-safe (evidence; may hold payer data)
+
+
+class PollResult(_Frozen):
+    """What one :meth:`~providers.base.Provider.poll` call learned: the confirmed notices it could read,
+    and the items it had to skip."""
+
+    notices: list[PaymentNotice] = Field(default_factory=list)
+    unreadable: list[UnreadableItem] = Field(default_factory=list)
 
 
 class PendingKhqr(_Frozen):

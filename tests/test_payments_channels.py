@@ -68,9 +68,9 @@ async def test_callback_and_poll_for_the_same_payment_make_one_payment(bakong, i
         # The poller skips a code that is already paid; make it ask anyway, as a race would.
         await provider.poll([])  # no-op call keeps the session warm
         from providers import PendingKhqr
-        notices = await provider.poll([PendingKhqr(md5=inv["khqr"]["md5"], currency="KHR", amount=50000,
-                                                   to_account="moi@nbcq", expires_at=inv["khqr"]["expires_at"])])
-        await inbox.capture_notices(pool, notices, source="poll")
+        result = await provider.poll([PendingKhqr(md5=inv["khqr"]["md5"], currency="KHR", amount=50000,
+                                                  to_account="moi@nbcq", expires_at=inv["khqr"]["expires_at"])])
+        await inbox.capture_notices(pool, result.notices, source="poll")
     else:
         await poll_once(pool, provider, NOW_POLICY)
         assert (await pay(api.client, inv)).status == 200
@@ -199,3 +199,260 @@ async def test_a_capture_marks_its_code_and_the_poll_claim_reads_only_unpaid_cod
         await conn.close()
     assert [r["md5"] for r in claimed] == [unpaid["khqr"]["md5"]]
     assert after - before < 20, f"the claim read {after - before} codes for 1 unpaid and {n_paid} paid"
+
+
+# --- one bad item, a failing later call, two slow pollers -------------------------------------------
+
+
+async def test_an_unreadable_item_is_skipped_and_logged_while_the_good_ones_are_captured(bakong, invoice_body,
+                                                                                          caplog):
+    """Two paid codes in one answer: A as Bakong documents it, D with 50000.5 KHR (riel have no decimals).
+    A is captured at once; D is skipped, logged at ERROR on every pass with its md5 and why, and counted;
+    the poller keeps its pace (an item is not an outage: no backoff)."""
+    import logging
+
+    import prometheus_client
+
+    from paysvc.poller import Poller
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    a = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    d = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    md5_a, md5_d = a["khqr"]["md5"], d["khqr"]["md5"]
+    fake.add_payment(md5_d, amount="50000.5", currency="KHR", to_account="moi@nbcq", tx_hash="d" * 64)
+    fake.add_payment(md5_a, amount="50000", currency="KHR", to_account="moi@nbcq", tx_hash="a" * 64)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    labels = {"provider": "bakong", "paid": "yes"}
+    counted_before = prometheus_client.REGISTRY.get_sample_value("paysvc_poll_unreadable_items_total", labels) or 0
+    caplog.set_level(logging.INFO)
+    poller = Poller(pool, provider, NOW_POLICY, interval=0.05)
+    task = asyncio.create_task(poller.run())
+    try:
+        async def asked_about_d() -> int:
+            return sum(md5_d in json.loads(r.body) for r in fake.requests)
+        for _ in range(200):
+            if await asked_about_d() >= 3:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    passes = sum(md5_d in json.loads(r.body) for r in fake.requests)
+    assert passes >= 3, "polling stopped or slowed down after the bad item"
+    got_a = await (await api.client.get(f"/v1/invoices/{a['id']}", headers=h)).json()
+    assert got_a["status"] == "paid" and got_a["payments"][0]["provider"] == "bakong"
+    assert (await (await api.client.get(f"/v1/invoices/{d['id']}", headers=h)).json())["status"] == "open"
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and md5_d in r.getMessage()]
+    assert len(errors) >= passes - 1  # every pass that finished says it again
+    assert "decimal places" in errors[0].getMessage() and "paid" in errors[0].getMessage()
+    assert not [r for r in caplog.records if "unavailable" in r.getMessage() or "poll failed" in r.getMessage()]
+    assert poller._failures == 0
+    counted = prometheus_client.REGISTRY.get_sample_value("paysvc_poll_unreadable_items_total", labels)
+    assert counted is not None and counted - counted_before >= len(errors)
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 1
+
+
+async def test_a_failing_later_call_keeps_what_the_earlier_calls_captured(bakong, invoice_body):
+    """60 codes are two calls (50 + 10). The first call reports A paid; the second is answered 503. A is
+    captured all the same, and the codes of the failed call are free to be asked again."""
+    from providers import ProviderUnavailable
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    a = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    for _ in range(59):
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    fake.add_payment(a["khqr"]["md5"], amount="50000", currency="KHR", to_account="moi@nbcq", tx_hash="a" * 64)
+    fake.fail_next(503, b"<html>busy</html>", content_type="text/html", after=1)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    with pytest.raises(ProviderUnavailable):
+        await poll_once(pool, provider, NOW_POLICY)
+    got = await (await api.client.get(f"/v1/invoices/{a['id']}", headers=h)).json()
+    assert got["status"] == "paid" and got["payments"][0]["provider"] == "bakong"
+    assert [len(json.loads(r.body)) for r in fake.requests] == [50, 10]  # the second one answered 503
+    assert a["khqr"]["md5"] in fake.requests[0].json
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE poll_lease_until IS NOT NULL") == 0
+    fake.requests.clear()
+    assert await poll_once(pool, provider, NOW_POLICY) == (59, 0)  # all still open ones, the failed ten too
+
+
+class FastClock:
+    """The poller's clock, running ``speed`` times as fast as the real one: at 20 times, a fake that answers
+    in 0.45 s stands for a Bakong that answers in 9 s, against leases of the poller's own length."""
+
+    def __init__(self, speed: float) -> None:
+        import time
+        self._mono, self.speed = time.monotonic, speed
+        self.t0, self.start = self._mono(), datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.start + timedelta(seconds=(self._mono() - self.t0) * self.speed)
+
+
+async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_others_lease(
+        bakong, invoice_body, monkeypatch):
+    """The reviewer's case: 430 open codes, Bakong answering each call after 9 s (0.45 s on a clock 20 times
+    as fast), two service instances polling. No md5 may be in two requests in flight at the same time, and a
+    code being asked about keeps the lease of the instance asking until its answer is in."""
+    from paysvc import poller as poller_mod
+    from providers.bakong import create
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    for _ in range(430):
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    pool = api.client.app[POOL]
+    monkeypatch.setattr(poller_mod, "now_utc", FastClock(speed=20))
+    fake.delay = 0.45
+    lease_lost: list[str] = []
+
+    class Instance:
+        """One service instance's Bakong plugin; checks, as each answer arrives, that its codes are still
+        leased (not cleared by the other instance, not expired under it)."""
+
+        def __init__(self) -> None:
+            self.provider = create({"token": "bk-token", "base_url": fake.base_url, "timeout": 5})
+
+        def __getattr__(self, name: str):
+            return getattr(self.provider, name)
+
+        async def poll(self, pending):
+            out = await self.provider.poll(pending)
+            rows = await pool.fetch("SELECT md5 FROM khqr_codes WHERE md5 = ANY($1::text[]) "
+                                    "AND (poll_lease_until IS NULL OR poll_lease_until <= $2)",
+                                    [p.md5 for p in pending], poller_mod.now_utc())
+            lease_lost.extend(r["md5"] for r in rows)
+            return out
+
+    # 400 codes a pass: eight calls of 9 s, longer than the 60 s lease; the other instance takes the other 30.
+    policy = PollPolicy(min_interval=timedelta(hours=1), batch=400)
+    instances = [Instance(), Instance()]
+
+    async def keep_polling(inst: Instance) -> int:
+        asked = 0
+        while True:  # like Poller.run with a short interval, until nothing is left to ask about
+            a, _ = await poll_once(pool, inst, policy)
+            asked += a
+            if a == 0 and await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at IS NULL") == 0:
+                return asked
+            await asyncio.sleep(0.05)
+
+    try:
+        totals = await asyncio.wait_for(asyncio.gather(*(keep_polling(i) for i in instances)), 60)
+    finally:
+        for i in instances:
+            await i.provider.aclose()
+    calls = [r for r in fake.requests if r.path.endswith("_md5_list")]
+    assert all(r.answered is not None for r in calls)
+    overlaps = []
+    for i, r in enumerate(calls):
+        for s in calls[i + 1:]:
+            if r.arrived < s.answered and s.arrived < r.answered:  # in flight at the same time
+                both = set(r.json) & set(s.json)
+                if both:
+                    overlaps.append(len(both))
+    assert not overlaps, f"{len(overlaps)} pairs of calls asked about the same md5s at once ({sum(overlaps)} md5s)"
+    assert not lease_lost, f"{len(lease_lost)} codes lost their lease while being asked about"
+    asked = [m for r in calls for m in r.json]
+    assert len(asked) == len(set(asked)) == 430  # each asked once, by one instance or the other
+    assert sorted(totals) == [30, 400] and max(len(r.json) for r in calls) <= 50
+
+
+async def test_a_release_clears_only_the_callers_own_lease(bakong, invoice_body):
+    """Instance 1's lease ran out and instance 2 claimed the code; instance 1's late release must leave
+    instance 2's lease (and its record of the ask) alone. Instance 2's own release then clears it."""
+    from paysvc.queries import Q
+
+    api, _ = bakong
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
+    md5 = inv["khqr"]["md5"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        t1 = datetime.now(UTC)
+        lease1 = t1 + timedelta(seconds=60)
+        assert [r["md5"] for r in await conn.fetch(Q.poll_claim, t1, t1 - timedelta(minutes=30), t1, 50,
+                                                   lease1)] == [md5]
+        t2 = t1 + timedelta(seconds=61)  # instance 1 is still asking; its lease has run out
+        lease2 = t2 + timedelta(seconds=60)
+        assert [r["md5"] for r in await conn.fetch(Q.poll_claim, t2, t2 - timedelta(minutes=30), t2, 50,
+                                                   lease2)] == [md5]
+        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=1), lease1)  # instance 1, late
+        row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at FROM khqr_codes WHERE md5 = $1", md5)
+        assert (row["poll_lease_until"], row["last_polled_at"]) == (lease2, None)
+        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=2), lease2)  # instance 2
+        row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at FROM khqr_codes WHERE md5 = $1", md5)
+        assert (row["poll_lease_until"], row["last_polled_at"]) == (None, t2 + timedelta(seconds=2))
+    finally:
+        await conn.close()
+
+
+def test_a_call_fits_in_the_half_lease_left_when_it_starts():
+    policy = PollPolicy()
+    assert (policy.lease, policy.call_timeout) == (timedelta(seconds=60), timedelta(seconds=20))
+    for lease, call in ((60, 30), (60, 0), (10, 20)):
+        with pytest.raises(ValueError, match="half the lease"):
+            PollPolicy(lease=timedelta(seconds=lease), call_timeout=timedelta(seconds=call))
+
+
+async def test_a_pass_renews_its_leases_and_drops_codes_it_no_longer_holds(bakong, invoice_body):
+    """200 codes are four calls of 0.7 s under a 2 s lease: the pass must renew its lease before a call
+    would start with less than half of it left. At the end of the first call after which that is so, the
+    codes not yet asked are taken over by "another instance" (their lease set to its own): the renewal
+    leaves them to it, and the pass asks about no code whose lease is not its own."""
+    api, fake = bakong
+    h = await api.portal("MOI")
+    for _ in range(200):
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    pool, real = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    policy = PollPolicy(min_interval=timedelta(hours=1), lease=timedelta(seconds=2),
+                        call_timeout=timedelta(seconds=0.9))
+    theirs = datetime.now(UTC) + timedelta(hours=1)
+    taken: list[str] = []
+    not_ours: list[str] = []
+
+    class Provider:
+        name, pattern, poll_batch_size = real.name, real.pattern, real.poll_batch_size
+
+        async def poll(self, pending):
+            md5s = [p.md5 for p in pending]
+            [ours] = {r["poll_lease_until"] for r in await pool.fetch(
+                "SELECT poll_lease_until FROM khqr_codes WHERE md5 = ANY($1::text[])", md5s)}
+            if ours is None or ours <= datetime.now(UTC) or ours == theirs:
+                not_ours.extend(md5s)
+            result = await real.poll(pending)
+            await asyncio.sleep(0.7)
+            if not taken and ours - datetime.now(UTC) < policy.lease / 2:  # the pass renews before its next call
+                taken.extend(r["md5"] for r in await pool.fetch(
+                    "UPDATE khqr_codes SET poll_lease_until = $1 WHERE poll_lease_until = $2 "
+                    "AND NOT md5 = ANY($3::text[]) RETURNING md5", theirs, ours, md5s))
+            return result
+
+    asked, _ = await poll_once(pool, Provider(), policy)
+    assert taken and asked == 200 - len(taken) and not not_ours
+    asked_md5 = [m for r in fake.requests for m in r.json]
+    assert len(asked_md5) == len(set(asked_md5)) == asked and not set(taken) & set(asked_md5)
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        left = await conn.fetch("SELECT md5, poll_lease_until, last_polled_at FROM khqr_codes "
+                                "WHERE poll_lease_until IS NOT NULL OR last_polled_at IS NULL")
+    finally:
+        await conn.close()
+    assert {r["md5"] for r in left} == set(taken)  # still theirs, untouched by the pass
+    assert all(r["poll_lease_until"] == theirs and r["last_polled_at"] is None for r in left)
+
+
+async def test_a_call_past_the_pollers_deadline_is_given_up_and_its_codes_released(bakong, invoice_body):
+    """The poller does not trust the plugin's own timeout to keep a call inside its lease."""
+    from providers import ProviderUnavailable
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    fake.delay = 1.0
+    with pytest.raises(ProviderUnavailable, match="within 0.2 s"):
+        await poll_once(pool, provider, PollPolicy(min_interval=timedelta(0), call_timeout=timedelta(seconds=0.2)))
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE poll_lease_until IS NOT NULL") == 0
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at IS NOT NULL") == 1

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from providers import (PaymentNotice, PendingKhqr, ProviderAuthError, ProviderError, ProviderUnavailable, RateLimited,
-                       SettlementFormatError, SettlementLine, Unsupported)
+from providers import (PaymentNotice, PendingKhqr, PollResult, ProviderAuthError, ProviderError, ProviderUnavailable,
+                       RateLimited, SettlementFormatError, SettlementLine, Unsupported)
 from providers.bakong import create
 from tests.fakes.bakong import FakeBakong, dumps, envelope
 
@@ -46,7 +47,9 @@ async def test_success_usd_fraction_becomes_cents_and_all_fields_map(fake, bakon
     m = md5_of(1)
     fake.add_payment(m, amount="12.5", currency="USD", to_account="fees@devb", from_account="citizen@aba",
                      tx_hash="a" * 64, created_ms=1748745000000, acknowledged_ms=1748745001234)
-    [notice] = await bakong.poll(pending(m, currency="USD", amount=1250))
+    result = await bakong.poll(pending(m, currency="USD", amount=1250))
+    [notice] = result.notices
+    assert result.unreadable == []
     assert notice == PaymentNotice(
         provider="bakong", transaction_id="a" * 64, md5=m, amount=1250, currency="USD", to_account="fees@devb",
         from_account="citizen@aba", paid_at=datetime(2025, 6, 1, 2, 30, 1, 234000, tzinfo=timezone.utc),
@@ -60,15 +63,15 @@ async def test_success_usd_fraction_becomes_cents_and_all_fields_map(fake, bakon
 async def test_success_khr_whole_amount_and_created_date_when_not_acknowledged(fake, bakong):
     m = md5_of(2)
     fake.add_payment(m, amount=25000, currency="KHR", created_ms=1748745000000, acknowledged_ms=None)
-    [notice] = await bakong.poll(pending(m))
+    [notice] = (await bakong.poll(pending(m))).notices
     assert (notice.amount, notice.currency) == (25000, "KHR")
     assert notice.paid_at == datetime(2025, 6, 1, 2, 30, tzinfo=timezone.utc)
 
 
 async def test_not_found_and_static_qr_report_nothing(fake, bakong):
     fake.static_qr.add(md5_of(4))
-    assert await bakong.poll(pending(md5_of(3), md5_of(4))) == []
-    assert await bakong.poll([]) == []
+    assert await bakong.poll(pending(md5_of(3), md5_of(4))) == PollResult()
+    assert await bakong.poll([]) == PollResult()
     assert len(fake.requests) == 1  # an empty list costs no call
 
 
@@ -76,7 +79,7 @@ async def test_120_md5_are_asked_in_three_calls_of_at_most_50(fake, bakong):
     md5s = [md5_of(i) for i in range(120)]
     for i in (0, 49, 50, 119):
         fake.add_payment(md5s[i], amount=100 + i, currency="KHR", tx_hash=f"{i:064x}")
-    notices = await bakong.poll(pending(*md5s))
+    notices = (await bakong.poll(pending(*md5s))).notices
     assert fake.batch_sizes() == [50, 50, 20]
     assert sorted(n.amount for n in notices) == [100, 149, 150, 219]
     assert [m for r in fake.requests for m in r.json] == md5s  # each asked once, in order
@@ -161,18 +164,6 @@ async def test_403_from_outside_cambodia_is_auth_error(fake, bakong):
 
 @pytest.mark.parametrize("body", [
     b"garbage", b"<html>maintenance</html>", b"[]", b'{"data": []}', dumps(envelope({"md5": "x"})),
-    dumps(envelope([{"md5": "f" * 32, "status": "SUCCESS", "data": None}])),  # an md5 nobody asked about
-    dumps(envelope([{"md5": md5_of(1), "status": "PAID", "data": None}])),
-    dumps(envelope([{"md5": md5_of(1), "status": "SUCCESS", "data": None}])),
-    dumps(envelope([{"md5": md5_of(1), "status": "SUCCESS", "data": {
-        "hash": "a" * 64, "toAccountId": "fees@devb", "currency": "USD", "amount": "__rawnumber__12.505__rawnumber__",
-        "createdDateMs": 1748745000000}}])),
-    dumps(envelope([{"md5": md5_of(1), "status": "SUCCESS", "data": {
-        "hash": "a" * 64, "toAccountId": "fees@devb", "currency": "EUR", "amount": 5, "createdDateMs": 1}}])),
-    dumps(envelope([{"md5": md5_of(1), "status": "SUCCESS", "data": {
-        "hash": "a" * 64, "toAccountId": "fees@devb", "currency": "USD", "amount": "12.50", "createdDateMs": 1}}])),
-    dumps(envelope([{"md5": md5_of(1), "status": "SUCCESS", "data": {
-        "hash": "a" * 64, "toAccountId": "fees@devb", "currency": "USD", "amount": 5}}])),
     dumps(envelope(None, 1, 99, "Something else")),
     dumps(envelope(None, 2)),
 ])
@@ -183,9 +174,58 @@ async def test_an_answer_not_in_the_documented_shape_is_unavailable(fake, bakong
     assert type(err.value) is ProviderUnavailable
 
 
+def _success(**data) -> dict:
+    return {"md5": md5_of(1), "status": "SUCCESS", "data": {"hash": "a" * 64, "toAccountId": "fees@devb", **data}}
+
+
+@pytest.mark.parametrize("item, md5, paid, reason", [
+    ({"md5": "f" * 32, "status": "SUCCESS", "data": None}, "f" * 32, True, "which was not asked"),
+    ({"md5": md5_of(1), "status": "PAID", "data": None}, md5_of(1), False, "status 'PAID' is not SUCCESS"),
+    ({"md5": md5_of(1), "status": "SUCCESS", "data": None}, md5_of(1), True, "data is missing"),
+    (_success(currency="USD", amount="__rawnumber__12.505__rawnumber__", createdDateMs=1748745000000), md5_of(1),
+     True, "data.amount: USD amount 12.505 has more than 2 decimal places"),
+    (_success(currency="EUR", amount=5, createdDateMs=1), md5_of(1), True, "currency 'EUR' is not KHR or USD"),
+    (_success(currency="USD", amount="12.50", createdDateMs=1), md5_of(1), True, "amount is not a number"),
+    (_success(currency="USD", amount=5), md5_of(1), True, "no acknowledgedDateMs or createdDateMs"),
+    ({"status": "SUCCESS", "data": None}, None, True, "has no md5"),
+    ("SUCCESS", None, False, "is not an object"),
+])
+async def test_an_item_not_in_the_documented_shape_is_reported_and_the_rest_of_the_answer_kept(
+        fake, bakong, item, md5, paid, reason):
+    """One bad item is that item's problem, not the answer's: it is reported with its md5 and why, and the
+    good items beside it (a payment, a code not found) are read as usual."""
+    good = md5_of(2)
+    fake.add_payment(good, amount=25000, currency="KHR", tx_hash="b" * 64)
+    answer = envelope([{"md5": md5_of(3), "status": "NOT_FOUND", "data": None}, item,
+                       {"md5": good, "status": "SUCCESS", "data": fake.payments[good]}])
+    fake.fail_next(200, dumps(answer))
+    result = await bakong.poll(pending(md5_of(1), good, md5_of(3)))
+    assert [(n.md5, n.amount, n.transaction_id) for n in result.notices] == [(good, 25000, "b" * 64)]
+    [bad] = result.unreadable
+    assert (bad.provider, bad.md5, bad.paid) == ("bakong", md5, paid)
+    assert reason in bad.reason and "data[1]" in bad.reason
+    assert bad.raw == json.loads(dumps(item), parse_float=str)  # the item as received, amounts as exact text
+    if isinstance(item, dict) and isinstance(item.get("data"), dict):
+        assert bad.transaction_id == "a" * 64
+
+
+async def test_the_reviewers_answer_a_paid_and_d_with_half_a_riel(fake, bakong):
+    """A (50000 KHR) and D (50000.5 KHR: riel have no decimals) both paid, in one answer: A is a notice, D
+    is reported unreadable, paid, with its md5 and the reason."""
+    a, d = md5_of(10), md5_of(11)
+    fake.add_payment(d, amount="50000.5", currency="KHR", to_account="passport@nbcq", tx_hash="d" * 64)
+    fake.add_payment(a, amount="50000", currency="KHR", to_account="passport@nbcq", tx_hash="a" * 64)
+    result = await bakong.poll(pending(d, a, amount=50000))
+    [notice] = result.notices
+    assert (notice.md5, notice.amount, notice.to_account) == (a, 50000, "passport@nbcq")
+    [bad] = result.unreadable
+    assert (bad.md5, bad.paid, bad.transaction_id) == (d, True, "d" * 64)
+    assert bad.reason.endswith("data[0].data.amount: KHR amount 50000.5 has more than 0 decimal places")
+
+
 async def test_list_level_not_found_reports_nothing(fake, bakong):
     fake.fail_next(200, dumps(envelope(None, 1, 1, "Transaction could not be found.")))
-    assert await bakong.poll(pending(md5_of(1))) == []
+    assert await bakong.poll(pending(md5_of(1))) == PollResult()
 
 
 async def test_golden_answer_exactly_as_bakong_writes_it(fake, bakong):
@@ -196,7 +236,9 @@ async def test_golden_answer_exactly_as_bakong_writes_it(fake, bakong):
               '"description":"","createdDateMs":1748745000000,"acknowledgedDateMs":1748745001000,'
               '"externalRef":"100FT36774348398"}},{"md5":"%s","status":"NOT_FOUND","data":null}]}') % (m, md5_of(8))
     fake.fail_next(200, golden.encode())
-    [notice] = await bakong.poll(pending(m, md5_of(8)))
+    result = await bakong.poll(pending(m, md5_of(8)))
+    assert result.unreadable == []
+    [notice] = result.notices
     assert notice.model_dump() == {
         "provider": "bakong", "transaction_id": "8465d722d7d5065f2886c5d9a5b5ef2e4fd3f6b4c8ed9ab5b0c1a4a7d8e9f0a1",
         "md5": m, "bill_number": None, "amount": 100, "currency": "USD", "to_account": "fees@devb",

@@ -15,10 +15,25 @@ UPDATE khqr_codes k SET poll_lease_until = $5
 RETURNING k.md5, k.currency, k.amount, k.to_account, k.expires_at,
           (SELECT bill_number FROM invoices i WHERE i.id = k.invoice_id) AS bill_number
 
+-- name: poll_renew
+-- Extend the lease of codes the caller still holds: $2 is the poll_lease_until its claim (or last renewal)
+-- set, $3 the new one. Returns the codes renewed; a code another instance took over is not, nor one a
+-- capture holds (skipped as in poll_release below): the caller drops those from its pass.
+UPDATE khqr_codes SET poll_lease_until = $3
+ WHERE md5 IN (SELECT md5 FROM khqr_codes
+                WHERE md5 = ANY($1::text[]) AND poll_lease_until = $2::timestamptz
+                  FOR NO KEY UPDATE SKIP LOCKED)
+RETURNING md5
+
 -- name: poll_release
+-- Only the caller's own lease is cleared: $3 is the poll_lease_until its claim (or last renewal) set. A code
+-- whose lease ran out and was claimed by another instance carries that instance's lease, and is left to it.
+-- $2 is when the codes were asked about; NULL frees codes that were claimed but not asked (their turn kept).
 -- Codes locked by a capture in progress are skipped, not waited for: a capture marks its code, and a
 -- settlement import may hold many codes until its file is done, which would make this statement wait on it
 -- (or deadlock with it, taking the same codes in another order). A skipped code keeps its lease until the
 -- lease runs out, and once captured it is not polled again anyway.
-UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = $2
- WHERE md5 IN (SELECT md5 FROM khqr_codes WHERE md5 = ANY($1::text[]) FOR NO KEY UPDATE SKIP LOCKED)
+UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = coalesce($2::timestamptz, last_polled_at)
+ WHERE md5 IN (SELECT md5 FROM khqr_codes
+                WHERE md5 = ANY($1::text[]) AND poll_lease_until IS NOT DISTINCT FROM $3::timestamptz
+                  FOR NO KEY UPDATE SKIP LOCKED)

@@ -2,12 +2,15 @@
 ABA PayWay's API documentation describe them.
 
 Each fake is an ``aiohttp`` application on 127.0.0.1 with an ephemeral port, with a request log and a
-queue of scripted answers (429, 500, garbage) that are served before normal handling.
+queue of scripted answers (429, 500, garbage) that are served before normal handling. Each logged
+request carries when it arrived and when its answer was ready (``time.monotonic()``), so a test can tell
+whether two requests were in flight at the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,7 @@ class Scripted:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    after: int = 0  # requests answered normally before this one is served
 
 
 @dataclass
@@ -33,6 +37,12 @@ class Logged:
     headers: dict[str, str]
     body: bytes
     json: Any = None
+    arrived: float = field(default_factory=time.monotonic)  # time.monotonic() when the request came in
+    answered: float | None = None                           # ... and when its answer was ready
+
+
+# Where a request's log entry is kept while it is handled (a typed key on aiohttp versions that have them).
+_LOGGED: Any = web.RequestKey("fake_logged", Logged) if hasattr(web, "RequestKey") else "fake_logged"
 
 
 class FakeServer:
@@ -49,7 +59,9 @@ class FakeServer:
 
     async def start(self) -> str:
         """Start listening; returns the base URL (``http://127.0.0.1:<port>``)."""
-        self._server = TestServer(self.app(), host="127.0.0.1")
+        app = self.app()
+        app.middlewares.append(self._time_answer)
+        self._server = TestServer(app, host="127.0.0.1")
         await self._server.start_server()
         return str(self._server.make_url("")).rstrip("/")
 
@@ -71,13 +83,23 @@ class FakeServer:
         return str(self._server.make_url("")).rstrip("/")
 
     def fail_next(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-                  content_type: str = "application/json") -> None:
-        """Queue one canned answer."""
-        self.script.append(Scripted(status, body, headers or {}, content_type))
+                  content_type: str = "application/json", *, after: int = 0) -> None:
+        """Queue one canned answer; with ``after=n``, the next ``n`` requests are answered normally first."""
+        self.script.append(Scripted(status, body, headers or {}, content_type, after))
+
+    @web.middleware
+    async def _time_answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        entry = request.get(_LOGGED)
+        if entry is not None:
+            entry.answered = time.monotonic()
+        return response
 
     async def _log(self, request: web.Request) -> Logged:
+        arrived = time.monotonic()
         body = await request.read()
-        entry = Logged(request.path, dict(request.headers), body)
+        entry = Logged(request.path, dict(request.headers), body, arrived=arrived)
+        request[_LOGGED] = entry
         self.requests.append(entry)
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -85,6 +107,9 @@ class FakeServer:
 
     def _scripted(self) -> web.Response | None:
         if not self.script:
+            return None
+        if self.script[0].after > 0:
+            self.script[0].after -= 1
             return None
         s = self.script.pop(0)
         return web.Response(status=s.status, body=s.body, headers=s.headers, content_type=s.content_type)
