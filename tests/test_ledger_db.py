@@ -719,9 +719,8 @@ async def test_no_posting_joins_an_entry_folded_at_once(db):
     assert (await ledger.trial_balance(db)).balanced and (await ledger.verify(db)).ok
 
 
-async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
-    # Found by review: an entry written by hand with the id the sequence gives next made a keyed posting
-    # report "already reversed" for a draft that reverses nothing. Nothing is written; the error says why.
+async def _take_the_next_entry_id_by_hand(db) -> int:
+    """Write, as a writer with an explicit id would, an entry with the id the sequence gives next."""
     await post(db, capture(0))
     taken = await db.fetchval("SELECT nextval('ledger_entries_id_seq')") + 1
     debit, credit = await _account_ids(db)
@@ -730,6 +729,13 @@ async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
                          "VALUES ($1, 'raw', 'explicit id', now(), $2, 2)", taken, bytes(32))
         await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
                          "VALUES ($1, 1, $2, 'debit', 5, 'KHR'), ($1, 2, $3, 'credit', 5, 'KHR')", taken, debit, credit)
+    return taken
+
+
+async def test_an_entry_id_taken_by_hand_is_reported_as_such(db):
+    # Found by review: an entry written by hand with the id the sequence gives next made a keyed posting
+    # report "already reversed" for a draft that reverses nothing. Nothing is written; the error says why.
+    taken = await _take_the_next_entry_id_by_hand(db)
     keyed = capture(1).model_copy(update={"idempotency_key": "after-the-taken-id"})
     with pytest.raises(ledger.LedgerError, match="taken by an entry written with an explicit id") as info:
         await post(db, keyed)
@@ -1039,14 +1045,7 @@ async def test_a_reversal_of_an_entry_that_does_not_exist_is_entry_not_found(db,
 async def test_an_entry_id_taken_by_hand_is_reported_as_such_without_a_key_too(db):
     # The plain insert (no idempotency key, no reversal) met the explicit id with asyncpg's
     # UniqueViolationError; it now says what happened, like the keyed path.
-    await post(db, capture(0))
-    taken = await db.fetchval("SELECT nextval('ledger_entries_id_seq')") + 1
-    debit, credit = await _account_ids(db)
-    async with db.transaction():
-        await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash, posting_count) "
-                         "VALUES ($1, 'raw', 'explicit id', now(), $2, 2)", taken, bytes(32))
-        await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency) "
-                         "VALUES ($1, 1, $2, 'debit', 5, 'KHR'), ($1, 2, $3, 'credit', 5, 'KHR')", taken, debit, credit)
+    taken = await _take_the_next_entry_id_by_hand(db)
     plain = capture(1).model_copy(update={"idempotency_key": None})
     with pytest.raises(ledger.LedgerError, match="taken by an entry written with an explicit id") as info:
         await post(db, plain)
