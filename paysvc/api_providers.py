@@ -61,8 +61,8 @@ async def callback(request: web.Request) -> web.Response:
     inbox_id = stored.id
     if stored.replay_of is not None:
         # The same signed message again (a provider's own retry signs anew): kept, never processed.
-        raise Replayed(f"this callback was already received as inbox row {stored.replay_of} (the same "
-                       f"{provider.signature_header} and body); it is kept as inbox row {inbox_id} and not "
+        raise Replayed(f"this callback was already received as inbox row {stored.replay_of} (the same signed "
+                       f"timestamp and body); it is kept as inbox row {inbox_id} and not "
                        "processed again. To retry, sign the body anew with the current time",
                        inbox_id=inbox_id, first_inbox_id=stored.replay_of)
     # Stored and committed: from here on nothing is lost, whatever happens to this process.

@@ -8,7 +8,6 @@ between, the row is still ``received`` and the inbox worker picks it up once its
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,7 +21,6 @@ from paysvc.capture import CaptureResult, DuplicateCapture, capture
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
-from providers.base import header_values
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +75,16 @@ async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], b
     if inbox_id is not None:
         return Stored(inbox_id, provider, now, kept, body, state)
     first = await pool.fetchval(Q.inbox_replayed, provider, key)
-    reason = f"replayed: the same signature and body were already received as inbox row {first}"
+    reason = f"replayed: the same signed timestamp and body were already received as inbox row {first}"
     inbox_id = await pool.fetchval(Q.inbox_insert, provider, now, kept, body, "rejected", reason, now + lease, None)
     return Stored(inbox_id, provider, now, kept, body, "rejected", replay_of=first)
 
 
 def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes) -> bytes | None:
-    """SHA-256 over a signed callback's signature header and body: equal for a byte-identical replay, new for
-    a provider's retry (which signs anew, with a new timestamp). ``None`` when the provider declares no
-    signature header or the callback does not carry it exactly once (verification refuses it then)."""
-    name = getattr(provider, "signature_header", None)
-    if not name or provider.pattern != "signed_push":
-        return None
-    values = header_values(headers, name)
-    if len(values) != 1:
-        return None
-    return hashlib.sha256(values[0].encode("utf-8", "surrogateescape") + b"\n" + bytes(body)).digest()
+    """The provider's replay key for this callback (see ``ProviderBase.replay_key``), or None: a provider
+    without the method, or one that does not sign, gets no replay check."""
+    key_of = getattr(provider, "replay_key", None)
+    return key_of(headers, bytes(body)) if key_of is not None else None
 
 
 def keep_headers(headers: Mapping[str, str]) -> dict[str, str | list[str]]:

@@ -66,11 +66,12 @@ class ProviderBase:
 
     name: str = ""
     pattern: Pattern
-    # A signed_push provider names the header its signature travels in. The service then refuses a callback
-    # whose value of that header and body repeat one already received (a replay: a provider's own retry
-    # signs anew). None: no such check.
-    signature_header: str | None = None
     poll_batch_size: int = 1  # a pull provider sets its own
+
+    def replay_key(self, headers: Mapping[str, str], body: bytes) -> bytes | None:
+        """A signed_push provider's digest of the message its signature covers: the service refuses a callback
+        whose key is already in the inbox (a replay; a provider's own retry signs anew). None: no such check."""
+        return None
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Refuse: this provider sends no callbacks."""

@@ -100,7 +100,6 @@ class SandboxProvider(ProviderBase):
 
     name = NAME
     pattern: Pattern = "signed_push"
-    signature_header = SIGNATURE_HEADER
 
     def __init__(self, config: SandboxConfig) -> None:
         self._secrets = [s.get_secret_value().encode() for s in config.secrets]
@@ -109,6 +108,20 @@ class SandboxProvider(ProviderBase):
     def sign(self, body: bytes, *, t: int) -> str:
         """The header value the simulator sends with ``body``, signed with the first secret."""
         return sign(self._secrets[0].decode(), body, t)
+
+    def replay_key(self, headers: Mapping[str, str], body: bytes) -> bytes | None:
+        """SHA-256 of what the signature covers, ``"<t>.<body>"``: the same for every copy of one signed
+        message, however its header is spelt (spaces, case, extra or other ``v1`` values), and new for a retry,
+        which signs anew with a new ``t``. None when the header is missing, repeated or unreadable
+        (verification refuses the callback then)."""
+        values = header_values(headers, SIGNATURE_HEADER)
+        if len(values) != 1:
+            return None
+        try:
+            t, _ = _parse_signature_header(values[0])
+        except SignatureError:
+            return None
+        return hashlib.sha256(f"{NAME}\n{t}.".encode() + bytes(body)).digest()
 
     def verify_callback(self, headers: Mapping[str, str], body: bytes, *, now: datetime) -> None:
         """Raise :class:`SignatureError` unless some ``v1`` matches some secret; :class:`StaleTimestamp` if old."""

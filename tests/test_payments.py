@@ -496,3 +496,28 @@ async def test_finding_a_replay_is_one_index_probe(api):
     finally:
         await conn.close()
     assert "provider_inbox_replay" in json.dumps(plan)
+
+
+@pytest.mark.parametrize("respell", [
+    lambda h: h.replace(",v1=", ", v1="),                 # spaces around a part
+    lambda h: h.split("v1=")[0] + "v1=" + h.split("v1=")[1].upper(),  # the hex in capitals
+    lambda h: h + ",v1=" + "0" * 64,                      # one more (wrong) signature beside the right one
+    lambda h: " " + h,                                     # leading space
+])
+async def test_a_replay_is_refused_however_its_signature_header_is_written(api, portal, invoice_body, respell):
+    """Found by review: the replay key hashed the header's text, so the same signed message with its header
+    written another way (all of which verify) was processed again instead of refused."""
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    headers = sandbox_headers(body)
+    first = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=headers)
+    assert first.status == 200, await first.text()
+    again = {**headers, "Sandbox-Signature": respell(headers["Sandbox-Signature"])}
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=again)
+    assert r.status == 409, await r.text()
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert [x["state"] for x in await conn.fetch("SELECT state FROM provider_inbox ORDER BY id")] == [
+            "processed", "rejected"]
+    finally:
+        await conn.close()
