@@ -41,11 +41,16 @@ class Decision:
 CLOCK_SKEW = timedelta(minutes=5)
 
 
+def issued_at(invoice: dict | None, code: dict | None) -> datetime | None:
+    """When what was paid was issued: the code, or without one its invoice."""
+    return (code or {}).get("created_at") or (invoice or {}).get("created_at")
+
+
 def paid_at_plausible(notice: PaymentNotice, invoice: dict | None, code: dict | None,
                       received_at: datetime | None) -> bool:
     """False when ``notice.paid_at`` cannot be true: before the code it paid (or, without one, its invoice)
     was issued, or after the notice reached us (``received_at``), give or take ``CLOCK_SKEW``."""
-    issued = (code or {}).get("created_at") or (invoice or {}).get("created_at")
+    issued = issued_at(invoice, code)
     if issued is not None and notice.paid_at < issued - CLOCK_SKEW:
         return False
     return received_at is None or notice.paid_at <= received_at + CLOCK_SKEW
@@ -152,9 +157,10 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
                 # This money is captured already. A notice that says the same is a retry; one that says
                 # something else is raised to treasury (once per distinct notice), and nothing is booked. A
-                # settlement line is not compared here: the import's own categories (amount_mismatch…) say
-                # how the file differs from what was captured.
-                differs = _differences(p, notice) if source != "settlement" else []
+                # settlement line is not compared, on either side: the import's own categories
+                # (amount_mismatch…) say how the file differs from what was captured, and a payment captured
+                # from a line holds the file's times, not those a callback or the poll reports.
+                differs = _differences(p, notice) if "settlement" not in (source, p["source"]) else []
                 if differs:
                     await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events)
                 await _finish(conn, events, now, done_inbox)
@@ -215,7 +221,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         if named_by_bill is not None:
             exc_evidence["invoice_by_bill_number"] = _invoice_evidence(named_by_bill)
         if not decision.time_trusted:
-            issued = (code or {}).get("created_at") or (invoice or named_by_bill or {}).get("created_at")
+            issued = issued_at(invoice or named_by_bill, code)
             exc_evidence["times"] = {"paid_at": notice.paid_at.isoformat(), "received_at": received_at.isoformat(),
                                      "issued_at": issued.isoformat() if issued else None,
                                      "booked_at": booked_at.isoformat()}
@@ -286,7 +292,7 @@ async def _raise_conflict(conn: asyncpg.Connection, prior: dict, notice: Payment
     exc_id = "exc_" + base64.b32encode(digest[:15]).decode().lower()
     evidence = {"payment_id": prior["id"], "fields": differs, "captured_notice": prior.get("notice"),
                 "notice": notice.model_dump(mode="json"), "source": source, "khqr_md5": notice.md5}
-    opened = await conn.fetchval(Q.exception_insert_once, exc_id, "conflicting_notice", notice.provider, prior["id"],
+    opened = await conn.fetchval(Q.exception_insert, exc_id, "conflicting_notice", notice.provider, prior["id"],
                                  prior["invoice_id"], prior.get("agency_id"), notice.currency, notice.amount, None,
                                  evidence, now)
     if opened is not None and prior.get("agency_id") is not None:

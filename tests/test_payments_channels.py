@@ -456,3 +456,36 @@ async def test_a_call_past_the_pollers_deadline_is_given_up_and_its_codes_releas
         await poll_once(pool, provider, PollPolicy(min_interval=timedelta(0), call_timeout=timedelta(seconds=0.2)))
     assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE poll_lease_until IS NOT NULL") == 0
     assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at IS NOT NULL") == 1
+
+
+async def test_a_code_paid_during_a_pass_is_dropped_when_the_pass_renews_its_leases(bakong, invoice_body):
+    """Found by review: the renewal kept codes a callback had captured meanwhile, so Bakong was asked about
+    money already booked. 200 codes, four calls of 0.7 s under a 2 s lease: the pass renews before its third
+    call. During the first call, the codes of the last two calls are captured (marked) by "a callback"."""
+    api, fake = bakong
+    h = await api.portal("MOI")
+    for _ in range(200):
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    pool, real = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    policy = PollPolicy(min_interval=timedelta(hours=1), lease=timedelta(seconds=2),
+                        call_timeout=timedelta(seconds=0.9))
+    paid_meanwhile: list[str] = []
+
+    class Provider:
+        name, pattern, poll_batch_size = real.name, real.pattern, real.poll_batch_size
+
+        async def poll(self, pending):
+            result = await real.poll(pending)
+            if not paid_meanwhile:
+                asked_now = [p.md5 for p in pending]
+                paid_meanwhile.extend(r["md5"] for r in await pool.fetch(
+                    "UPDATE khqr_codes SET captured_at = now() WHERE md5 IN (SELECT md5 FROM khqr_codes "
+                    "WHERE poll_lease_until IS NOT NULL AND NOT md5 = ANY($1::text[]) ORDER BY created_at DESC "
+                    "LIMIT 100) RETURNING md5", asked_now))
+            await asyncio.sleep(0.7)
+            return result
+
+    asked, _ = await poll_once(pool, Provider(), policy)
+    asked_md5 = {m for r in fake.requests for m in r.json}
+    assert len(paid_meanwhile) == 100 and asked == 100
+    assert not asked_md5 & set(paid_meanwhile)

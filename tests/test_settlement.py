@@ -397,3 +397,22 @@ async def test_the_poll_does_not_wait_for_an_import_holding_its_codes(api, porta
     assert rows[a["khqr"]["md5"]]["last_polled_at"] is None       # skipped: it was being captured
     assert all(r["captured_at"] is not None for r in rows.values())
     assert await count(api.dsn, "SELECT count(*) FROM payments") == 2
+
+
+async def test_a_callback_after_its_payment_was_captured_from_the_settlement_file_is_a_retry_not_a_conflict(
+        api, portal, treasury, invoice_body):
+    """Found by review: a payment captured from a settlement line holds the file's time; the provider's own
+    callback for the same transaction, reported a little differently, opened a false conflicting_notice."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    r = await upload(api, treasury, write_settlement_csv([line("TX-FILE-FIRST", 50000, md5=inv["khqr"]["md5"])]))
+    assert r.status == 201, await r.text()
+    r = await pay(api.client, inv, txid="TX-FILE-FIRST", paid_at=AT + timedelta(seconds=2))
+    assert r.status == 200, await r.text()
+    [payment] = (await r.json())["payments"]
+    assert payment["new"] is False and payment["exception"] is None, payment
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        reasons = [x["reason"] for x in await conn.fetch("SELECT reason FROM reconciliation_exceptions")]
+    finally:
+        await conn.close()
+    assert reasons == ["missing_in_ledger"], reasons

@@ -25,7 +25,8 @@ SELECT t.*,
                                                      'amount', p.amount, 'currency', p.currency,
                                                      'notice', CASE WHEN p.provider = $3
                                                                      AND p.provider_transaction_id = $4
-                                                                    THEN p.evidence -> 'notice' END)
+                                                                    THEN p.evidence -> 'notice' END,
+                                                     'source', p.evidence ->> 'source')
                                   ORDER BY p.khqr_md5 IS NOT DISTINCT FROM $1 DESC)
                    FROM payments p
                   WHERE (p.provider = $3 AND p.provider_transaction_id = $4) OR p.khqr_md5 = $1),
@@ -70,12 +71,8 @@ UPDATE provider_inbox SET state = 'processed', processed_at = $4, reason = NULL
  WHERE $6::bigint IS NOT NULL AND id = $6 AND state = 'received'
 
 -- name: exception_insert
-INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
-                                       business_date, evidence, opened_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-
--- name: exception_insert_once
--- An exception whose id is derived from what it is about: opened once, however often that is reported.
+-- Returns the id, or nothing when an exception with this id is open already: an id derived from what it is
+-- about (conflicting_notice) opens it once however often that is reported; a random id never conflicts.
 INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
                                        business_date, evidence, opened_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)

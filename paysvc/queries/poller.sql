@@ -1,5 +1,7 @@
 -- name: poll_claim
--- Codes still payable, or expired less than the grace period ago, not yet paid, not leased, not asked lately.
+-- Codes still payable, or expired less than the grace period ago, not yet paid, not leased, not asked lately;
+-- longest waiting first (RETURNING gives the rows in the table's order, so the order is applied after it).
+WITH claimed AS (
 UPDATE khqr_codes k SET poll_lease_until = $5
  WHERE k.md5 IN (
         SELECT c.md5 FROM khqr_codes c
@@ -12,16 +14,21 @@ UPDATE khqr_codes k SET poll_lease_until = $5
          ORDER BY c.last_polled_at NULLS FIRST, c.created_at
          LIMIT $4
            FOR NO KEY UPDATE SKIP LOCKED)
-RETURNING k.md5, k.currency, k.amount, k.to_account, k.expires_at,
+RETURNING k.md5, k.currency, k.amount, k.to_account, k.expires_at, k.last_polled_at, k.created_at,
           (SELECT bill_number FROM invoices i WHERE i.id = k.invoice_id) AS bill_number
+)
+SELECT md5, currency, amount, to_account, expires_at, bill_number
+  FROM claimed
+ ORDER BY last_polled_at NULLS FIRST, created_at
 
 -- name: poll_renew
 -- Extend the lease of codes the caller still holds: $2 is the poll_lease_until its claim (or last renewal)
 -- set, $3 the new one. Returns the codes renewed; a code another instance took over is not, nor one a
--- capture holds (skipped as in poll_release below): the caller drops those from its pass.
+-- capture holds (skipped as in poll_release below) or has marked paid meanwhile: the caller drops those from
+-- its pass (a paid code's lease simply runs out; it is never claimed again).
 UPDATE khqr_codes SET poll_lease_until = $3
  WHERE md5 IN (SELECT md5 FROM khqr_codes
-                WHERE md5 = ANY($1::text[]) AND poll_lease_until = $2::timestamptz
+                WHERE md5 = ANY($1::text[]) AND poll_lease_until = $2::timestamptz AND captured_at IS NULL
                   FOR NO KEY UPDATE SKIP LOCKED)
 RETURNING md5
 
