@@ -53,8 +53,7 @@ async def sequence(conn: asyncpg.Connection, agency_ids: list[int] | None = None
     reads N, every event numbered up to N is committed and visible (the numbering commits with it).
     Safe to call from several places at once: an agency being numbered elsewhere is skipped.
     """
-    rows = await conn.fetch(Q.outbox_sequence, agency_ids)
-    return sum(r["n"] for r in rows)
+    return await conn.fetchval(Q.outbox_sequence, agency_ids)
 
 
 async def sequence_pending(pool: asyncpg.Pool) -> str | None:

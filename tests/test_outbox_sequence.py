@@ -43,3 +43,52 @@ async def test_feed_shows_events_committed_a_moment_ago(api, invoice_body):
     await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
     feed = await (await api.client.get("/v1/events", params={"after": "0"}, headers=h)).json()
     assert [(e["seq"], e["type"]) for e in feed["data"]] == [(1, "invoice.created")]
+
+
+async def test_concurrent_sequencers_never_renumber_an_event_nor_skip_a_number(db_dsn):
+    """Found by review: a sequencer that locked an agency's counter just after another one committed read the
+    events with its older snapshot, numbered the other's events again (higher), and left gaps. Writers and
+    four sequencers race here for a few seconds; a trigger refuses any change to a number once given."""
+    from datetime import UTC, datetime
+
+    from paysvc import agencies, outbox
+    from paysvc.db import connect
+
+    async with connect(db_dsn) as conn:
+        for code in ("MOI", "GDT"):
+            await agencies.add_agency(conn, code=code, name=code, name_km=code, bakong_account=f"{code.lower()}@nbcq")
+        ids = [r["id"] for r in await conn.fetch("SELECT id FROM agencies ORDER BY code")]
+        await conn.execute("""
+            CREATE FUNCTION test_seq_given_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF OLD.seq IS NOT NULL AND NEW.seq IS DISTINCT FROM OLD.seq THEN
+                    RAISE EXCEPTION 'event % renumbered from % to %', OLD.id, OLD.seq, NEW.seq;
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_seq_given_once BEFORE UPDATE OF seq ON outbox_events
+               FOR EACH ROW EXECUTE FUNCTION test_seq_given_once();""")
+    stop = asyncio.get_running_loop().time() + 3
+
+    async def writer(agency_id: int) -> None:
+        async with connect(db_dsn) as conn:
+            while asyncio.get_running_loop().time() < stop:
+                async with conn.transaction():
+                    for _ in range(3):
+                        await outbox.add_event(conn, agency_id=agency_id, type="invoice.created", data={},
+                                               occurred_at=datetime.now(UTC))
+
+    async def sequencer() -> None:
+        async with connect(db_dsn) as conn:
+            while asyncio.get_running_loop().time() < stop:
+                await outbox.sequence(conn)
+
+    await asyncio.gather(*(writer(ids[i % 2]) for i in range(4)), *(sequencer() for _ in range(4)))
+    async with connect(db_dsn) as conn:
+        await outbox.sequence(conn)
+        for agency_id in ids:
+            seqs = [r["seq"] for r in await conn.fetch(
+                "SELECT seq FROM outbox_events WHERE agency_id = $1 ORDER BY seq", agency_id)]
+            assert len(seqs) > 30 and seqs == list(range(1, len(seqs) + 1)), seqs[:50]
+            assert await conn.fetchval("SELECT last_seq FROM agency_event_seq WHERE agency_id = $1",
+                                       agency_id) == len(seqs)
