@@ -94,9 +94,10 @@ SELECT line_no, transaction_id, md5, bill_number, amount, currency, paid_at, fee
 
 -- name: staging_set_captured
 -- After capture: each missing line names its new payment (or, when the money was already captured under
--- another channel, becomes a duplicate of that payment). A line whose own payment (this provider, this
--- transaction id) was captured while the import ran, after the matching had looked, is matched to it as the
--- matching would have done. $4 provider.
+-- another channel, becomes a duplicate of that payment, raised with an exception of its own: this provider's
+-- clearing never held that money, and the payment's own exceptions, if any, stay as they are). A line whose own
+-- payment (this provider, this transaction id) was captured while the import ran, after the matching had
+-- looked, is matched to it as the matching would have done. $4 provider.
 WITH c AS (
     SELECT c.line_no, c.payment_id, c.created, p.amount, p.currency,
            NOT c.created AND p.provider = $4 AND p.provider_transaction_id IS NOT DISTINCT FROM l.transaction_id
@@ -111,9 +112,7 @@ UPDATE settlement_staging s
                        WHEN c.own AND c.amount = s.amount AND c.currency = s.currency THEN 'matched'
                        WHEN c.own THEN 'amount_mismatch'
                        ELSE 'duplicate_in_settlement' END,
-       exception_id = CASE WHEN c.own THEN NULL
-                           ELSE (SELECT e.id FROM reconciliation_exceptions e WHERE e.payment_id = c.payment_id
-                                  ORDER BY e.opened_at LIMIT 1) END
+       exception_id = NULL
   FROM c
  WHERE s.line_no = c.line_no
 
@@ -143,8 +142,9 @@ SELECT s.exception_id, s.category, $2, s.payment_id, p.invoice_id, p.agency_id, 
                                       'bill_number', s.bill_number, 'amount', s.amount, 'currency', s.currency,
                                       'fee', s.fee, 'paid_at', s.paid_at, 'reference', s.reference),
            'payment', CASE WHEN p.id IS NULL THEN NULL ELSE jsonb_build_object(
-                          'id', p.id, 'provider_transaction_id', p.provider_transaction_id, 'amount', p.amount,
-                          'currency', p.currency, 'paid_at', p.paid_at) END,
+                          'id', p.id, 'provider', p.provider, 'provider_transaction_id', p.provider_transaction_id,
+                          'amount', p.amount, 'currency', p.currency, 'paid_at', p.paid_at,
+                          'applied_amount', p.applied_amount, 'suspense_amount', p.suspense_amount) END,
            'duplicate_of_line', s.duplicate_of,
            'settled_by', (SELECT jsonb_build_object('settlement_id', sl.settlement_id, 'line_no', sl.line_no)
                             FROM settlement_lines sl

@@ -1,0 +1,78 @@
+"""Settlement defects found by treasury's review: money settled after treasury had written it off or booked it
+as returned, a line for money captured under another provider, and exceptions raised by a file's own lines left
+without a business date."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import asyncpg
+
+import ledger
+from paysvc.db import connect
+from providers.camt053 import write_statement
+from providers.sandbox import write_settlement_csv
+from tests.test_settlement import DAY, clearing, line, paid, payment_ids, resolve, upload
+
+
+async def _overdue(api) -> None:
+    """Raise missing_in_settlement for the day's unsettled payments, as `paysvc settlements recheck` does."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    rules = rules_of(api.client.app[SETTINGS])
+    async with connect(api.dsn) as conn:
+        await raise_overdue(conn, provider=None, today=DAY + timedelta(days=3), rules=rules, now=datetime.now(UTC))
+
+
+async def _exceptions(api, treasury, **params) -> list[dict]:
+    r = await api.client.get("/v1/reconciliation/exceptions", params=params, headers=treasury)
+    assert r.status == 200, await r.text()
+    return (await r.json())["data"]
+
+
+async def _balance(dsn: str, account: str) -> int:
+    async with connect(dsn) as conn:
+        try:
+            return await ledger.balance(conn, account)
+        except ledger.AccountNotFound:
+            return 0
+
+
+async def _revenue(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT coalesce(sum(CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END), 0) "
+            "FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id "
+            "WHERE a.code LIKE 'agency:%:revenue:KHR'")
+    finally:
+        await conn.close()
+
+
+async def test_a_bank_line_for_money_captured_under_another_provider_is_a_duplicate_not_a_500(
+        api, portal, treasury, invoice_body):
+    inv1 = await paid(api, portal, invoice_body, "TX-1")             # its missing_in_settlement stays open
+    inv2 = await paid(api, portal, invoice_body, "TX-2")             # its missing_in_settlement is written off
+    await _overdue(api)
+    tx1, tx2 = await payment_ids(api.dsn, "TX-1", "TX-2")
+    missing = {e["payment_id"]: e for e in await _exceptions(api, treasury, reason="missing_in_settlement")}
+    assert (await resolve(api, treasury, missing[tx2]["id"], "write_off")).status == 200
+
+    data = write_statement([line("NBC-1", 50000, md5=inv1["khqr"]["md5"]),
+                            line("NBC-2", 50000, md5=inv2["khqr"]["md5"])])
+    r = await upload(api, treasury, data, provider="bakong", fmt="camt053", name="stmt.xml")
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    assert rep["lines_by_category"]["duplicate_in_settlement"]["count"] == 2
+    assert {ln["payment_id"] for ln in rep["lines"]} == {tx1, tx2}
+    dups = {e["payment_id"]: e for e in rep["open_exceptions"]}
+    assert set(dups) == {tx1, tx2}
+    assert {e["reason"] for e in dups.values()} == {"duplicate_in_settlement"}
+    assert {dups[tx1]["id"], dups[tx2]["id"]}.isdisjoint({missing[tx1]["id"], missing[tx2]["id"]})
+    assert {e["evidence"]["payment"]["provider"] for e in dups.values()} == {"sandbox"}
+    # The sandbox payments' own exceptions are untouched; nothing was posted against bakong's clearing.
+    still = {e["id"]: e["state"] for e in await _exceptions(api, treasury, reason="missing_in_settlement")}
+    assert still == {missing[tx1]["id"]: "open", missing[tx2]["id"]: "resolved"}
+    assert await clearing(api.dsn, "bakong") == 0 and await clearing(api.dsn) == 50000
