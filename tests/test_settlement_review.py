@@ -76,3 +76,18 @@ async def test_a_bank_line_for_money_captured_under_another_provider_is_a_duplic
     still = {e["id"]: e["state"] for e in await _exceptions(api, treasury, reason="missing_in_settlement")}
     assert still == {missing[tx1]["id"]: "open", missing[tx2]["id"]: "resolved"}
     assert await clearing(api.dsn, "bakong") == 0 and await clearing(api.dsn) == 50000
+
+
+async def test_an_exception_raised_by_a_files_line_carries_the_files_business_date(api, portal, treasury,
+                                                                                   invoice_body):
+    day = date(2026, 11, 22)
+    at = datetime(2026, 11, 21, 23, 30, tzinfo=timezone(timedelta(hours=7)))   # the day before, local time
+    r = await upload(api, treasury, write_settlement_csv([line("TX-U", 7000, at=at)]), day=day)
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    assert not rep["clean"]
+    assert [e["reason"] for e in rep["open_exceptions"]] == ["unknown_khqr"]
+    listed = await _exceptions(api, treasury, business_date=day.isoformat(), state="open")
+    assert [e["reason"] for e in listed] == ["unknown_khqr"]
+    assert listed[0]["business_date"] == day.isoformat()
+    assert rep["business_date"] == day.isoformat()

@@ -182,6 +182,16 @@ SELECT category, currency, count(*) AS lines, sum(amount)::bigint AS amount, sum
 -- name: settlement_finish
 UPDATE settlements SET line_count = $2, journal_entry_id = $3, summary = $4 WHERE id = $1
 
+-- name: line_exceptions_date
+-- Exceptions raised at capture for the payments this file's lines captured (unknown_khqr, missing_in_ledger,
+-- …) take the file's business date, whatever day their paid_at falls on: it is the day treasury reconciles,
+-- and that day is not clean while they are open. $1 business date.
+UPDATE reconciliation_exceptions e
+   SET business_date = $1
+  FROM settlement_staging s
+ WHERE s.category = 'missing_in_ledger' AND e.payment_id = s.payment_id AND e.business_date IS NULL
+   AND e.state = 'open'
+
 -- name: day_exceptions_date
 -- Exceptions raised at capture for the day's payments take the day's business date.
 UPDATE reconciliation_exceptions e
