@@ -17,7 +17,8 @@ from paysvc.queries import Q
 
 Reason = Literal["unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
                  "duplicate_payment", "underpaid", "overpaid", "paid_at_implausible", "conflicting_notice",
-                 "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "duplicate_in_settlement"]
+                 "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "duplicate_in_settlement",
+                 "settled_after_resolution"]
 
 
 class ExceptionQuery(BaseModel):

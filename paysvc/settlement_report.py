@@ -19,6 +19,8 @@ from paysvc.settlement_import import Rules
 
 LINE_CATEGORIES = ("matched", "amount_mismatch", "missing_in_ledger", "duplicate_in_settlement")
 PAYMENT_STATES = ("matched", "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "expected")
+# A category outside these (settled_after_resolution: a line for a payment whose missing_in_settlement was
+# already written off or refunded) appears in the totals only when some line or payment has it.
 
 
 def _totals(rows, key: str, names: tuple[str, ...], count_field: str) -> dict[str, Any]:

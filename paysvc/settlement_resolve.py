@@ -26,12 +26,22 @@ sits decides what an action can do:
   debit what the payment credited (agency revenue and/or suspense), credit clearing C (the ledger's refund
   row; the invoice is not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
 
+* **settled_after_resolution** (a line L, fee F, for a payment captured C whose missing_in_settlement treasury
+  had resolved with write_off or refund_due; that resolution already credited clearing C, and the line was
+  not posted): ``match_to_invoice`` to the payment's own invoice says the money did arrive for it: debit bank
+  L − F and fees F, credit back each account the earlier resolution debited (``expense:write-offs`` C, or
+  the agency revenue and suspense it took), and place D = L − C: D > 0 credit ``suspense:refunds-due``,
+  D < 0 debit ``expense:write-offs``. ``refund_due``: it arrived and is owed back to the payer: debit bank
+  L − F and fees F, credit ``suspense:refunds-due`` L. ``write_off``: a listing error, nothing arrived: no
+  entry.
+
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -76,6 +86,7 @@ class Facts:
     line_amount: int | None = None
     line_fee: int = 0
     line_currency: str | None = None
+    earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
 
 
 @dataclass(frozen=True)
@@ -197,6 +208,29 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             return Plan((*out, (clearing, "credit", a)))
         raise ResolutionRefused("a payment missing in settlement is settled by a later file's line; resolve it "
                                 "with write_off (the provider will not pay) or refund_due (it returned the money)")
+    if f.reason == "settled_after_resolution":
+        gross, fee = f.line_amount or f.amount, f.line_fee
+        if action == "write_off":
+            return Plan(())
+        if action == "refund_due":
+            return Plan((*bank_in(gross, fee), (refunds, "credit", gross)))
+        if f.payment_invoice is None or target is None or target.invoice_id != f.payment_invoice:
+            raise ResolutionRefused("match_to_invoice here restores the payment's own invoice "
+                                    f"({f.payment_invoice or 'it has none'}): name it, or choose refund_due (the "
+                                    "money is owed back) or write_off (nothing arrived)")
+        if f.line_currency != cur or f.payment_amount is None:
+            raise ResolutionRefused("the line and the payment are in different currencies; no action can "
+                                    "balance them here (FX is outside the service): refund_due or write_off")
+        if sum(n for _, n in f.earlier_debits) != f.payment_amount:
+            raise ResolutionRefused("the earlier resolution's entry does not account for the payment; "
+                                    "choose refund_due or write_off")
+        diff = gross - f.payment_amount
+        out = [*bank_in(gross, fee), *((a, "credit", n) for a, n in f.earlier_debits)]
+        if diff > 0:
+            out.append((refunds, "credit", diff))
+        elif diff < 0:
+            out.append((losses, "debit", -diff))
+        return Plan(tuple(out))
     raise ResolutionRefused(f"no resolution rule for reason {f.reason!r}")
 
 
@@ -220,6 +254,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         line_currency=line["currency"] if line else None)
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
+    if facts.reason == "settled_after_resolution":
+        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"])})
     target = None
     inv = None
     if action == "match_to_invoice":
@@ -257,3 +293,14 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     return {"id": exception_id, "state": "resolved", "resolution": action, "resolved_by": by,
             "resolved_at": now.isoformat(), "resolution_note": note, "resolution_entry_id": entry_id,
             "postings": [{"account": a, "side": s, "amount": n, "currency": facts.currency} for a, s, n in p.postings]}
+
+
+async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:
+    """What the entry of the earlier resolution (write_off, refund_due of missing_in_settlement) debited."""
+    if isinstance(evidence, str):
+        evidence = json.loads(evidence)
+    entry_id = ((evidence or {}).get("earlier_resolution") or {}).get("resolution_entry_id")
+    if not entry_id:
+        return ()
+    rows = await conn.fetch(Q.settlement_entry_postings, int(entry_id))
+    return tuple((r["account"], r["amount"]) for r in rows if r["side"] == "debit")

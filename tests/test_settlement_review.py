@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import asyncpg
+import pytest
 
 import ledger
 from paysvc.db import connect
@@ -51,6 +52,54 @@ async def _revenue(dsn: str) -> int:
         await conn.close()
 
 
+async def test_a_line_for_a_payment_already_written_off_or_refunded_is_raised_not_matched(
+        api, portal, treasury, invoice_body):
+    inv1 = await paid(api, portal, invoice_body, "TX-1")
+    inv2 = await paid(api, portal, invoice_body, "TX-2")
+    await _overdue(api)
+    tx1, tx2 = await payment_ids(api.dsn, "TX-1", "TX-2")
+    missing = {e["payment_id"]: e for e in await _exceptions(api, treasury, reason="missing_in_settlement")}
+    assert (await resolve(api, treasury, missing[tx1]["id"], "write_off")).status == 200
+    assert (await resolve(api, treasury, missing[tx2]["id"], "refund_due")).status == 200
+    assert await clearing(api.dsn) == 0
+    assert await _balance(api.dsn, "expense:write-offs:sandbox:KHR") == 50000
+    assert await _revenue(api.dsn) == 50000
+
+    # The provider settles both after all.
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000, fee=100), line("TX-2", 50000)]))
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    assert rep["lines_by_category"]["matched"]["count"] == 0
+    assert rep["lines_by_category"]["settled_after_resolution"]["count"] == 2
+    assert rep["settlement_entry"]["postings"] == []                 # clearing was credited by the resolutions
+    assert await clearing(api.dsn) == 0
+    assert not rep["clean"]
+    raised = {e["payment_id"]: e for e in rep["open_exceptions"]}
+    assert {e["reason"] for e in raised.values()} == {"settled_after_resolution"} and set(raised) == {tx1, tx2}
+    listed = await _exceptions(api, treasury, business_date=DAY.isoformat(), state="open",
+                               reason="settled_after_resolution")
+    assert len(listed) == 2
+
+    # A line of a later file for the same payment is a duplicate: the payment is settled once.
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]), name="again.csv")
+    assert (await r.json())["lines_by_category"]["duplicate_in_settlement"]["count"] == 1
+
+    # match_to_invoice to another invoice is refused; to its own, it undoes the earlier resolution.
+    assert (await resolve(api, treasury, raised[tx1]["id"], "match_to_invoice", invoice_id=inv2["id"])).status == 422
+    for pid, inv in ((tx1, inv1), (tx2, inv2)):
+        r = await resolve(api, treasury, raised[pid]["id"], "match_to_invoice", invoice_id=inv["id"])
+        assert r.status == 200, await r.text()
+    assert await clearing(api.dsn) == 0
+    assert await _balance(api.dsn, "expense:write-offs:sandbox:KHR") == 0
+    assert await _revenue(api.dsn) == 100000
+    assert await _balance(api.dsn, "treasury:bank:nbc-treasury:KHR") == 99900
+    assert await _balance(api.dsn, "expense:provider-fees:sandbox:KHR") == 100
+    async with connect(api.dsn) as conn:
+        assert (await ledger.verify(conn)).ok
+    rep = await (await api.client.get(f"/v1/settlements/{rep['id']}", headers=treasury)).json()
+    assert [e["reason"] for e in rep["open_exceptions"]] == ["duplicate_in_settlement"]
+
+
 async def test_a_bank_line_for_money_captured_under_another_provider_is_a_duplicate_not_a_500(
         api, portal, treasury, invoice_body):
     inv1 = await paid(api, portal, invoice_body, "TX-1")             # its missing_in_settlement stays open
@@ -91,3 +140,25 @@ async def test_an_exception_raised_by_a_files_line_carries_the_files_business_da
     assert [e["reason"] for e in listed] == ["unknown_khqr"]
     assert listed[0]["business_date"] == day.isoformat()
     assert rep["business_date"] == day.isoformat()
+
+
+def test_settled_after_resolution_plans_balance_whatever_the_line_says():
+    """The pure rule: every action balances, restoring to the payment's own invoice puts back what the earlier
+    resolution took and places the difference; the clearing account is never touched (already credited)."""
+    from paysvc.settlement_resolve import Facts, ResolutionRefused, Target, plan
+
+    own = Target("inv_1", "MOI", "KHR", 0, "paid")
+    for line_amount, earlier in [(50000, (("expense:write-offs:sandbox:KHR", 50000),)),
+                                 (52000, (("agency:MOI:revenue:KHR", 30000), ("suspense:unmatched:KHR", 20000))),
+                                 (47000, (("expense:write-offs:sandbox:KHR", 50000),))]:
+        f = Facts(reason="settled_after_resolution", provider="sandbox", currency="KHR", amount=line_amount,
+                  payment_amount=50000, payment_invoice="inv_1", line_amount=line_amount, line_fee=100,
+                  line_currency="KHR", earlier_debits=earlier)
+        for action, target in [("match_to_invoice", own), ("refund_due", None), ("write_off", None)]:
+            p = plan(f, action, target, bank_account="nbc-treasury")
+            debit = sum(n for _, s, n in p.postings if s == "debit")
+            assert debit == sum(n for _, s, n in p.postings if s == "credit"), (line_amount, action)
+            assert not any(a.startswith("provider:") for a, _, _ in p.postings)
+            assert p.invoice_amount == 0
+        with pytest.raises(ResolutionRefused):
+            plan(f, "match_to_invoice", Target("inv_2", "MOI", "KHR", 50000, "open"), bank_account="nbc-treasury")

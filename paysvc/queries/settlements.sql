@@ -60,6 +60,8 @@ UPDATE settlement_staging s SET payment_id = p.id, matched_by = 'bill_number'
 -- name: categorize
 -- Every line gets exactly one category. A payment is settled by its first line; a later line for it, or a
 -- line for a payment an earlier file settled, is a duplicate; so is a repeated unknown transaction id.
+-- A first line for a payment whose missing_in_settlement treasury resolved (write_off, refund_due) is
+-- settled_after_resolution.
 WITH r AS (
     SELECT s.line_no,
            CASE
@@ -68,6 +70,13 @@ WITH r AS (
                       OR EXISTS (SELECT 1 FROM settlement_lines sl
                                   WHERE sl.payment_id = s.payment_id AND sl.category <> 'duplicate_in_settlement'))
                THEN 'duplicate_in_settlement'
+             -- Treasury already wrote it off or booked it as returned (missing_in_settlement resolved): the line
+             -- settles it but is not posted; the resolution of the exception it raises puts the money right.
+             WHEN s.payment_id IS NOT NULL AND EXISTS (
+                      SELECT 1 FROM reconciliation_exceptions e
+                       WHERE e.payment_id = s.payment_id AND e.reason = 'missing_in_settlement'
+                         AND e.state = 'resolved' AND e.resolution IN ('write_off', 'refund_due'))
+               THEN 'settled_after_resolution'
              WHEN s.payment_id IS NOT NULL AND p.amount = s.amount AND p.currency = s.currency THEN 'matched'
              WHEN s.payment_id IS NOT NULL THEN 'amount_mismatch'
              WHEN s.transaction_id IS NOT NULL
@@ -126,7 +135,8 @@ UPDATE settlement_staging s
 -- name: staging_exception_ids
 UPDATE settlement_staging
    SET exception_id = 'exc_' || replace(gen_random_uuid()::text, '-', '')
- WHERE category IN ('amount_mismatch', 'duplicate_in_settlement') AND exception_id IS NULL
+ WHERE category IN ('amount_mismatch', 'duplicate_in_settlement', 'settled_after_resolution')
+   AND exception_id IS NULL
 
 -- name: exceptions_from_staging
 -- $1 settlement, $2 provider, $3 business date, $4 now
@@ -146,12 +156,17 @@ SELECT s.exception_id, s.category, $2, s.payment_id, p.invoice_id, p.agency_id, 
                           'amount', p.amount, 'currency', p.currency, 'paid_at', p.paid_at,
                           'applied_amount', p.applied_amount, 'suspense_amount', p.suspense_amount) END,
            'duplicate_of_line', s.duplicate_of,
+           'earlier_resolution', CASE WHEN s.category = 'settled_after_resolution' THEN (
+               SELECT jsonb_build_object('exception_id', e.id, 'reason', e.reason, 'resolution', e.resolution,
+                                         'resolution_entry_id', e.resolution_entry_id, 'resolved_by', e.resolved_by)
+                 FROM reconciliation_exceptions e
+                WHERE e.payment_id = s.payment_id AND e.reason = 'missing_in_settlement') END,
            'settled_by', (SELECT jsonb_build_object('settlement_id', sl.settlement_id, 'line_no', sl.line_no)
                             FROM settlement_lines sl
                            WHERE sl.payment_id = s.payment_id AND sl.category <> 'duplicate_in_settlement')),
        $4
   FROM settlement_staging s LEFT JOIN payments p ON p.id = s.payment_id
- WHERE s.category IN ('amount_mismatch', 'duplicate_in_settlement')
+ WHERE s.category IN ('amount_mismatch', 'duplicate_in_settlement', 'settled_after_resolution')
 
 -- name: lines_from_staging
 INSERT INTO settlement_lines (settlement_id, line_no, transaction_id, md5, bill_number, amount, currency, paid_at,
