@@ -96,7 +96,7 @@ async def declare_agency_queue(amqp_url: str, code: str, *, exchange: str = DEFA
 
 
 async def prune_outbox(pool: asyncpg.Pool, *, retention: timedelta, now: datetime, slice_size: int = 5000) -> int:
-    """Delete published events that occurred before ``now - retention``; unpublished ones stay."""
+    """Delete events published before ``now - retention`` (however long they waited before); unpublished ones stay."""
     cutoff = now - retention
     total = 0
     while True:

@@ -319,11 +319,16 @@ async def test_prune_deletes_only_published_events_past_the_retention(db_dsn):
     async with connect(db_dsn) as conn:
         agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
         ids = {}
-        for name, age in (("old_published", 40), ("old_unpublished", 40), ("recent_published", 20)):
+        # (name, days since it occurred, days since it was published or None): retention counts from publication
+        for name, age, published in (("old_published", 40, 36), ("old_unpublished", 40, None),
+                                     ("recent_published", 20, 20),
+                                     ("waited_40_days_published_now", 40, 0),
+                                     ("waited_then_published_34_days_ago", 70, 34)):
             ids[name] = await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": name},
                                         occurred_at=now - timedelta(days=age))
-        await conn.execute("UPDATE outbox_events SET published_at = now() WHERE id = ANY($1::uuid[])",
-                           [ids["old_published"], ids["recent_published"]])
+            if published is not None:
+                await conn.execute("UPDATE outbox_events SET published_at = $2 WHERE id = $1",
+                                   ids[name], now - timedelta(days=published))
     pool = await create_pool(db_dsn, Settings(database_url=db_dsn, db_pool_min=1, db_pool_max=2))
     try:
         assert await prune_outbox(pool, retention=timedelta(days=35), now=now) == 1
@@ -331,4 +336,10 @@ async def test_prune_deletes_only_published_events_past_the_retention(db_dsn):
         await pool.close()
     async with connect(db_dsn) as conn:
         left = {r["id"] for r in await conn.fetch("SELECT id FROM outbox_events")}
-    assert left == {ids["old_unpublished"], ids["recent_published"]}
+        # the prune is served by the partial index on published_at (migration 0029), not a scan of the outbox
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN SELECT id FROM outbox_events WHERE published_at < now() LIMIT 10"))
+    assert left == {ids["old_unpublished"], ids["recent_published"], ids["waited_40_days_published_now"],
+                    ids["waited_then_published_34_days_ago"]}
+    assert "outbox_events_published" in plan, plan

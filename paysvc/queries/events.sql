@@ -30,10 +30,12 @@ UPDATE outbox_events SET published_at = now() WHERE id = ANY($1::uuid[]) AND pub
 SELECT count(*) FROM outbox_events WHERE published_at IS NULL
 
 -- name: events_prune
--- Published events older than the retention, a slice at a time. Unpublished events are never pruned.
+-- Events published before $1 (now - retention), a slice at a time: retention counts from publication, so
+-- an event that waited long in the outbox is still kept the full retention once published. Unpublished
+-- events (published_at NULL) are never pruned. Served by outbox_events_published (migration 0029).
 DELETE FROM outbox_events
  WHERE id IN (SELECT id FROM outbox_events
-               WHERE occurred_at < $1 AND published_at IS NOT NULL
+               WHERE published_at < $1
                LIMIT $2)
 
 -- name: events_agency_by_code
