@@ -2,8 +2,9 @@
 
 One pass: in one transaction, claim agencies with unpublished events (a transaction-scoped advisory lock
 per agency, skipped when another relay holds it), read each claimed agency's next unpublished events in
-seq order, publish them on one channel with publisher confirms, wait for every confirm, then mark them
-published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
+seq order, publish them on one channel with publisher confirms (``mandatory``: a message no queue takes
+comes back, and its agency's queue is declared again and it is sent once more, or it stays unpublished),
+wait for every confirm, then mark those a queue took published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
 sees what the previous one committed, and a crash anywhere before the commit only means the same rows
 are published again (consumers dedupe on ``message_id``). When the broker is unreachable the relay logs
 and retries with backoff; the outbox keeps growing meanwhile and drains when the broker returns.
@@ -96,7 +97,7 @@ async def declare_agency_queue(amqp_url: str, code: str, *, exchange: str = DEFA
 
 
 async def prune_outbox(pool: asyncpg.Pool, *, retention: timedelta, now: datetime, slice_size: int = 5000) -> int:
-    """Delete published events that occurred before ``now - retention``; unpublished ones stay."""
+    """Delete events published before ``now - retention`` (however long they waited before); unpublished ones stay."""
     cutoff = now - retention
     total = 0
     while True:
@@ -105,6 +106,17 @@ async def prune_outbox(pool: asyncpg.Pool, *, retention: timedelta, now: datetim
         total += n
         if n < slice_size:
             return total
+
+
+def _from_first_return(rows: list[asyncpg.Record], returned: set[Any]) -> list[asyncpg.Record]:
+    """Each agency's rows from its first returned one on (rows are in seq order per agency)."""
+    hit: set[str] = set()
+    out = []
+    for r in rows:
+        if r["agency"] in hit or r["id"] in returned:
+            hit.add(r["agency"])
+            out.append(r)
+    return out
 
 
 class Relay:
@@ -163,16 +175,52 @@ class Relay:
                 rows = await conn.fetch(Q.relay_unpublished, claimed, per_agency)
                 if not rows:
                     return 0
-                await self._publish(rows)
-                await conn.execute(Q.relay_mark_published, [r["id"] for r in rows])
-        self.published += len(rows)
-        return len(rows)
+                delivered = await self._publish(rows)
+                if delivered:
+                    await conn.execute(Q.relay_mark_published, [r["id"] for r in delivered])
+        self.published += len(delivered)
+        return len(delivered)
 
-    async def _publish(self, rows: list[asyncpg.Record]) -> None:
-        assert self._connection is not None and self._exchange is not None
-        for code in {r["agency"] for r in rows} - self._declared:
+    async def _publish(self, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
+        """Publish ``rows``; return those a queue took, to be marked published (a prefix of each agency's rows).
+
+        Every message is ``mandatory``: one that no queue takes (the agency's queue was deleted, say) comes
+        back to us instead of vanishing. Its agency's queue is then declared again and that agency's rows
+        from the first returned one on are published once more; whatever still comes back stays unpublished
+        for the next pass, which declares the queue again first. Messages after a returned one that a queue
+        did take are sent again (at least once: consumers dedupe), so each agency's marked rows stay a prefix
+        in ``seq`` order.
+        """
+        await self._declare({r["agency"] for r in rows})
+        lost = _from_first_return(rows, await self._send(rows))
+        if not lost:
+            return rows
+        codes = {r["agency"] for r in lost}
+        log.warning("relay: %d events came back unrouted (no queue bound for agencies %s); declaring their queues "
+                    "again and publishing once more", len(lost), ", ".join(sorted(codes)))
+        self._declared -= codes
+        await self._declare(codes)
+        still = _from_first_return(lost, await self._send(lost))
+        if still:
+            self._declared -= {r["agency"] for r in still}
+            log.warning("relay: %d events still came back unrouted; they stay unpublished for the next pass",
+                        len(still))
+        left = {r["id"] for r in still}
+        return [r for r in rows if r["id"] not in left]
+
+    async def _declare(self, codes: set[str]) -> None:
+        """Declare the queues of the agencies among ``codes`` not yet declared on this connection."""
+        assert self._connection is not None
+        for code in sorted(codes - self._declared):
             await _declare_on(self._connection, code, exchange=self._exchange_name, queue_prefix=self._queue_prefix)
             self._declared.add(code)
+
+    async def _send(self, rows: list[asyncpg.Record]) -> set[Any]:
+        """Publish ``rows`` (mandatory, confirmed); return the ids of those the broker returned unrouted.
+
+        Raises when a publish fails or the broker nacks one: nothing of the batch is then marked.
+        """
+        assert self._exchange is not None
         channel = await self._exchange.channel.get_underlay_channel()
         sign, key_id = self._signer.sign, self._signer.active_key_id
         publishes = []
@@ -184,16 +232,21 @@ class Relay:
             )
             # aiormq sends publishes on one channel in call order (a FIFO lock), so each agency's messages
             # reach its queue in seq order. wait=False skips a socket drain per message; the broker's
-            # confirm is still awaited for every one.
+            # confirm is still awaited for every one. mandatory: a message no queue takes is returned
+            # (basic.return, then its ack), and aiormq resolves its publish with the returned message.
             publishes.append(channel.basic_publish(body, exchange=self._exchange_name,
                                                    routing_key=routing_key(r["agency"], r["type"]),
-                                                   properties=properties, wait=False))
+                                                   properties=properties, mandatory=True, wait=False))
         results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), self._publish_timeout)
-        for result in results:
+        returned = set()
+        for r, result in zip(rows, results):
             if isinstance(result, BaseException):
                 raise result
-            if not isinstance(result, aiormq.spec.Basic.Ack):
+            if isinstance(result, (aiormq.abc.DeliveredMessage, aiormq.spec.Basic.Return)):
+                returned.add(r["id"])
+            elif not isinstance(result, aiormq.spec.Basic.Ack):
                 raise aiormq.exceptions.DeliveryError(None, result)  # a nack: the broker did not take it
+        return returned
 
     async def drain(self) -> int:
         """Publish until nothing this relay can claim is left; return how many it published."""

@@ -126,6 +126,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
 
     await conn.execute(Q.staging_exception_ids)
     await conn.execute(Q.exceptions_from_staging, settlement_id, provider, business_date, now)
+    await conn.execute(Q.events_exceptions_opened_from_staging, now)  # queries/events.sql
     await conn.execute(Q.lines_from_staging, settlement_id)
     clock.lap("store_lines")
 
@@ -190,6 +191,7 @@ async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today
     """Raise ``missing_in_settlement`` for payments still unsettled after the grace; returns how many."""
     _, until = window(last_day_in_grace(today, rules.grace_days), rules.cutoff)
     rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now)
+    await conn.execute(Q.events_exceptions_opened, [r["id"] for r in rows], now)  # queries/events.sql
     return len(rows)
 
 

@@ -319,11 +319,16 @@ async def test_prune_deletes_only_published_events_past_the_retention(db_dsn):
     async with connect(db_dsn) as conn:
         agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
         ids = {}
-        for name, age in (("old_published", 40), ("old_unpublished", 40), ("recent_published", 20)):
+        # (name, days since it occurred, days since it was published or None): retention counts from publication
+        for name, age, published in (("old_published", 40, 36), ("old_unpublished", 40, None),
+                                     ("recent_published", 20, 20),
+                                     ("waited_40_days_published_now", 40, 0),
+                                     ("waited_then_published_34_days_ago", 70, 34)):
             ids[name] = await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": name},
                                         occurred_at=now - timedelta(days=age))
-        await conn.execute("UPDATE outbox_events SET published_at = now() WHERE id = ANY($1::uuid[])",
-                           [ids["old_published"], ids["recent_published"]])
+            if published is not None:
+                await conn.execute("UPDATE outbox_events SET published_at = $2 WHERE id = $1",
+                                   ids[name], now - timedelta(days=published))
     pool = await create_pool(db_dsn, Settings(database_url=db_dsn, db_pool_min=1, db_pool_max=2))
     try:
         assert await prune_outbox(pool, retention=timedelta(days=35), now=now) == 1
@@ -331,4 +336,89 @@ async def test_prune_deletes_only_published_events_past_the_retention(db_dsn):
         await pool.close()
     async with connect(db_dsn) as conn:
         left = {r["id"] for r in await conn.fetch("SELECT id FROM outbox_events")}
-    assert left == {ids["old_unpublished"], ids["recent_published"]}
+        # the prune is served by the partial index on published_at (migration 0029), not a scan of the outbox
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(
+            "EXPLAIN SELECT id FROM outbox_events WHERE published_at < now() LIMIT 10"))
+    assert left == {ids["old_unpublished"], ids["recent_published"], ids["waited_40_days_published_now"],
+                    ids["waited_then_published_34_days_ago"]}
+    assert "outbox_events_published" in plan, plan
+
+
+async def _queued_ids(broker: Broker, code: str) -> list[str] | None:
+    """The message ids waiting in the agency's queue (taken off it), or None when the queue does not exist."""
+    connection = await aio_pika.connect(broker.url)
+    try:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(broker.queue(code), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        ids = []
+        while (m := await queue.get(no_ack=True, fail=False)) is not None:
+            ids.append(m.message_id)
+        return ids
+    finally:
+        await connection.close()
+
+
+async def _delete_queue(broker: Broker, code: str) -> None:
+    connection = await aio_pika.connect(broker.url)
+    try:
+        await (await connection.channel()).queue_delete(broker.queue(code))
+    finally:
+        await connection.close()
+
+
+async def _published(dsn: str, event_id) -> bool:
+    async with connect(dsn) as conn:
+        return await conn.fetchval("SELECT published_at IS NOT NULL FROM outbox_events WHERE id = $1", event_id)
+
+
+async def test_an_event_for_a_deleted_queue_reaches_the_queue_declared_again(db_dsn, broker: Broker):
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+    now = datetime.now(timezone.utc)
+    relay = await make_relay(db_dsn, broker)
+    try:
+        async with connect(db_dsn) as conn:
+            first = await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": 1}, occurred_at=now)
+        assert await relay.drain() == 1                              # the relay declares the queue
+        assert await _queued_ids(broker, "MOI") == [str(first)]
+        await _delete_queue(broker, "MOI")                           # e.g. by an operator, while the relay runs
+        async with connect(db_dsn) as conn:
+            second = await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": 2}, occurred_at=now)
+        assert await relay.publish_pass() == 1                       # one pass, on the same connection
+        assert await _published(db_dsn, second)
+        assert await _queued_ids(broker, "MOI") == [str(second)]     # the queue is back and holds it
+    finally:
+        await close_relay(relay)
+
+
+async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, broker: Broker):
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+    now = datetime.now(timezone.utc)
+    relay = await make_relay(db_dsn, broker)
+
+    async def declare_nothing(codes) -> None:                      # the queue cannot be declared again (yet)
+        return None
+
+    try:
+        relay._declare = declare_nothing  # type: ignore[method-assign]
+        async with connect(db_dsn) as conn:
+            ids = [await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": n}, occurred_at=now)
+                   for n in range(3)]
+        assert await relay.publish_pass() == 0                       # every message came back: none marked
+        assert not any([await _published(db_dsn, i) for i in ids])
+        assert await _queued_ids(broker, "MOI") is None              # no queue, nothing delivered anywhere
+        del relay._declare                                            # the queue can be declared again
+        assert await relay.drain() == 3
+        assert all([await _published(db_dsn, i) for i in ids])
+        assert await _queued_ids(broker, "MOI") == [str(i) for i in ids]   # in seq order
+    finally:
+        await close_relay(relay)

@@ -30,10 +30,12 @@ UPDATE outbox_events SET published_at = now() WHERE id = ANY($1::uuid[]) AND pub
 SELECT count(*) FROM outbox_events WHERE published_at IS NULL
 
 -- name: events_prune
--- Published events older than the retention, a slice at a time. Unpublished events are never pruned.
+-- Events published before $1 (now - retention), a slice at a time: retention counts from publication, so
+-- an event that waited long in the outbox is still kept the full retention once published. Unpublished
+-- events (published_at NULL) are never pruned. Served by outbox_events_published (migration 0029).
 DELETE FROM outbox_events
  WHERE id IN (SELECT id FROM outbox_events
-               WHERE occurred_at < $1 AND published_at IS NOT NULL
+               WHERE published_at < $1
                LIMIT $2)
 
 -- name: events_agency_by_code
@@ -47,3 +49,28 @@ SELECT o.id, o.agency_id, a.code AS agency, o.seq, o.type, o.schema_version, o.o
  WHERE o.agency_id = $1 AND o.seq > $2
  ORDER BY o.seq
  LIMIT $3
+
+-- name: events_exceptions_opened_from_staging
+-- One reconciliation.exception_opened event per exception the settlement import just opened from its staging
+-- table (exceptions_from_staging: amount_mismatch, duplicate_in_settlement) whose payment has an agency, in
+-- one statement in the import's transaction, in line order; data as capture writes it. $1 now.
+INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
+SELECT gen_random_uuid(), e.agency_id, 'reconciliation.exception_opened', $1,
+       jsonb_build_object('exception_id', e.id, 'reason', e.reason, 'payment_id', e.payment_id,
+                          'invoice_id', e.invoice_id, 'currency', e.currency, 'amount', e.amount)
+  FROM settlement_staging s
+  JOIN reconciliation_exceptions e ON e.id = s.exception_id
+ WHERE s.category IN ('amount_mismatch', 'duplicate_in_settlement') AND e.agency_id IS NOT NULL
+ ORDER BY s.line_no
+
+-- name: events_exceptions_opened
+-- One reconciliation.exception_opened event per exception in $1 (ids just opened, e.g. missing_in_settlement
+-- by raise_overdue) that has an agency, in one statement in the caller's transaction; data as capture
+-- writes it. $2 now.
+INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
+SELECT gen_random_uuid(), e.agency_id, 'reconciliation.exception_opened', $2,
+       jsonb_build_object('exception_id', e.id, 'reason', e.reason, 'payment_id', e.payment_id,
+                          'invoice_id', e.invoice_id, 'currency', e.currency, 'amount', e.amount)
+  FROM reconciliation_exceptions e
+ WHERE e.id = ANY($1::text[]) AND e.agency_id IS NOT NULL
+ ORDER BY e.opened_at, e.id
