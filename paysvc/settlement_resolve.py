@@ -20,7 +20,9 @@ sits decides what an action can do:
   L − fee and fees, credit clearing C — and places the difference D = L − C: when the provider paid more
   (D > 0) credit agency revenue (``match_to_invoice``), ``suspense:refunds-due`` (``refund_due``) or
   ``equity:written-off`` (``write_off``); when it paid less (D < 0) only ``write_off``: debit
-  ``expense:write-offs:{p}``.
+  ``expense:write-offs:{p}``. When the line is in another currency (no exchange rate here) only ``write_off``,
+  each currency on its own: debit ``expense:write-offs:{p}:{cur}``, credit clearing C; debit bank L − fee and
+  fees, credit ``equity:written-off:{cur2}`` L.
 * **missing_in_settlement** (captured C, never settled): ``write_off`` debit ``expense:write-offs:{p}``,
   credit clearing C (the provider will not pay it); ``refund_due`` says the provider returned it to the payer:
   debit what the payment credited (agency revenue and/or suspense), credit clearing C (the ledger's refund
@@ -91,7 +93,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Plan:
-    postings: tuple[tuple[str, str, int], ...]   # (account, side, amount), in the exception's currency
+    postings: tuple[tuple[str, str, int], ...]   # (account, side, amount); the currency is the account's own
     invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
 
 
@@ -99,8 +101,6 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
     """The postings of resolving an exception with ``action`` (pure). Raises ``ResolutionRefused``."""
     cur = f.currency
     clearing = accounts.provider_clearing(f.provider, cur)
-    bank = accounts.treasury_bank(bank_account, cur)
-    fees = accounts.provider_fees(f.provider, cur)
     refunds = f"suspense:refunds-due:{cur}"
     written_off = f"equity:written-off:{cur}"
     losses = f"expense:write-offs:{f.provider}:{cur}"
@@ -117,12 +117,12 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
                                     "in question; choose refund_due for the money or another invoice")
         return accounts.agency_revenue(target.agency_code, cur), amount
 
-    def bank_in(gross: int, fee: int) -> list[tuple[str, str, int]]:
+    def bank_in(gross: int, fee: int, currency: str = cur) -> list[tuple[str, str, int]]:
         out = []
         if gross - fee > 0:
-            out.append((bank, "debit", gross - fee))
+            out.append((accounts.treasury_bank(bank_account, currency), "debit", gross - fee))
         if fee:
-            out.append((fees, "debit", fee))
+            out.append((accounts.provider_fees(f.provider, currency), "debit", fee))
         return out
 
     if f.reason in CAPTURE_REASONS:
@@ -160,8 +160,19 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         if f.line_amount is None or f.payment_amount is None:
             raise ResolutionRefused("this amount mismatch has lost its line or payment")
         if f.line_currency != cur:
-            raise ResolutionRefused("the line and the payment are in different currencies; no action can "
-                                    "balance them here (FX is outside the service)")
+            # The provider settled in another currency. Without an exchange rate (FX is outside the service)
+            # each currency is closed on its own: the captured amount was not settled in its currency (a loss,
+            # as a write_off of a missing payment), and what arrived in the other is kept (as a write_off of
+            # unclaimed money). Treasury books the conversion between the two outside the service.
+            if action != "write_off":
+                raise ResolutionRefused(
+                    f"the provider settled {f.line_amount} {f.line_currency} for a payment captured as "
+                    f"{f.payment_amount} {cur}; without an exchange rate only write_off applies: the {cur} is "
+                    f"written off from clearing and the {f.line_currency} that arrived is kept, each in its currency")
+            lcur = f.line_currency
+            return Plan(((losses, "debit", f.payment_amount), (clearing, "credit", f.payment_amount),
+                         *bank_in(f.line_amount, f.line_fee, lcur),
+                         (f"equity:written-off:{lcur}", "credit", f.line_amount)))
         diff = f.line_amount - f.payment_amount
         base = [*bank_in(f.line_amount, f.line_fee), (clearing, "credit", f.payment_amount)]
         if diff < 0:
@@ -237,7 +248,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             kind="exception_resolved",
             description=f"{e['reason']} {exception_id} resolved: {action}"[:500],
             effective_at=now,
-            postings=[ledger.Posting(account=a, side=s, amount=n, currency=facts.currency) for a, s, n in p.postings],
+            postings=[ledger.Posting(account=a, side=s, amount=n, currency=_currency(a)) for a, s, n in p.postings],
             idempotency_key=f"resolution:{exception_id}", payment_id=e["payment_id"],
             invoice_id=invoice_id if action == "match_to_invoice" else e["invoice_id"],
             settlement_id=line["settlement_id"] if line else None)
@@ -256,4 +267,9 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         raise AlreadyResolved(exception_id)
     return {"id": exception_id, "state": "resolved", "resolution": action, "resolved_by": by,
             "resolved_at": now.isoformat(), "resolution_note": note, "resolution_entry_id": entry_id,
-            "postings": [{"account": a, "side": s, "amount": n, "currency": facts.currency} for a, s, n in p.postings]}
+            "postings": [{"account": a, "side": s, "amount": n, "currency": _currency(a)} for a, s, n in p.postings]}
+
+
+def _currency(account: str) -> str:
+    return account.rsplit(":", 1)[1]
+

@@ -1,0 +1,96 @@
+"""Resolving reconciliation exceptions: a settlement in another currency can be closed, a payment's suspense is
+reversed from where earlier resolutions put it (never twice), and every agency whose accounts a resolution
+moves is told with a ``journal.posted`` event."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+import ledger
+from paysvc.db import connect
+from providers import SettlementLine
+from providers.sandbox import write_settlement_csv
+from tests.payments_helpers import new_invoice, pay
+from tests.test_settlement import AT, DAY, clearing, issued_before, resolve, upload
+
+
+async def balances(dsn: str, *codes: str) -> dict[str, int]:
+    out = {}
+    async with connect(dsn) as conn:
+        for code in codes:
+            try:
+                out[code] = await ledger.balance(conn, code)
+            except ledger.AccountNotFound:
+                out[code] = 0
+        assert (await ledger.verify(conn)).ok
+    return out
+
+
+async def open_exceptions(api, treasury, **params) -> list[dict]:
+    r = await api.client.get("/v1/reconciliation/exceptions", params={"state": "open", **params}, headers=treasury)
+    assert r.status == 200, await r.text()
+    return (await r.json())["data"]
+
+
+async def overpaid(api, portal, treasury, invoice_body, txid: str) -> tuple[dict, dict]:
+    """Invoice 33,000 paid 36,000: 3,000 held in suspense under an ``overpaid`` exception."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=33000), AT)
+    r = await pay(api.client, inv, txid=txid, paid_at=AT, amount=36000)
+    assert r.status == 200, await r.text()
+    [exc] = await open_exceptions(api, treasury, reason="overpaid")
+    assert exc["amount"] == 3000
+    return inv, exc
+
+
+async def recheck(dsn: str, app) -> int:
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    async with connect(dsn) as conn:
+        return await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=9),
+                                   rules=rules_of(app[SETTINGS]), now=datetime.now(UTC))
+
+
+async def journal_events(dsn: str) -> list[tuple[str, dict]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT a.code, o.data FROM outbox_events o JOIN agencies a ON a.id = o.agency_id "
+                                "WHERE o.type = 'journal.posted' AND o.data ? 'exception_id'")
+    finally:
+        await conn.close()
+    return [(r["code"], r["data"] if isinstance(r["data"], dict) else json.loads(r["data"])) for r in rows]
+
+
+async def test_a_line_settled_in_another_currency_is_written_off_per_currency(api, portal, treasury, invoice_body):
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=20000), AT)
+    assert (await pay(api.client, inv, txid="TX-FX", paid_at=AT)).status == 200
+    data = write_settlement_csv([SettlementLine(line_no=1, transaction_id="TX-FX", amount=500, currency="USD",
+                                                paid_at=AT, fee=10)])
+    r = await upload(api, treasury, data)
+    assert r.status == 201, await r.text()
+    [exc] = await open_exceptions(api, treasury, reason="amount_mismatch")
+    assert await clearing(api.dsn) == 20000
+
+    # Only write_off makes sense without an exchange rate; the others say so and name it.
+    for action, kw in [("refund_due", {}), ("match_to_invoice", {"invoice_id": inv["id"]})]:
+        r = await resolve(api, treasury, exc["id"], action, **kw)
+        assert r.status == 422, await r.text()
+        assert "write_off" in (await r.json())["detail"]
+    r = await resolve(api, treasury, exc["id"], "write_off")
+    assert r.status == 200, await r.text()
+    got = {(p["account"], p["side"], p["currency"]): p["amount"] for p in (await r.json())["postings"]}
+    assert got == {("expense:write-offs:sandbox:KHR", "debit", "KHR"): 20000,
+                   ("provider:sandbox:clearing:KHR", "credit", "KHR"): 20000,
+                   ("treasury:bank:nbc-treasury:USD", "debit", "USD"): 490,
+                   ("expense:provider-fees:sandbox:USD", "debit", "USD"): 10,
+                   ("equity:written-off:USD", "credit", "USD"): 500}
+    # The day's clearing is zero in each currency, and the ledger balances.
+    assert await balances(api.dsn, "provider:sandbox:clearing:KHR", "provider:sandbox:clearing:USD",
+                          "treasury:bank:nbc-treasury:USD") == {
+        "provider:sandbox:clearing:KHR": 0, "provider:sandbox:clearing:USD": 0, "treasury:bank:nbc-treasury:USD": 490}
+    assert await open_exceptions(api, treasury) == []
+
