@@ -25,8 +25,10 @@ sits decides what an action can do:
   fees, credit ``equity:written-off:{cur2}`` L.
 * **missing_in_settlement** (captured C, never settled): ``write_off`` debit ``expense:write-offs:{p}``,
   credit clearing C (the provider will not pay it); ``refund_due`` says the provider returned it to the payer:
-  debit what the payment credited (agency revenue and/or suspense), credit clearing C (the ledger's refund
-  row; the invoice is not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
+  debit what the payment credited (agency revenue, and its suspense part from where it is now: where an
+  earlier resolution of its capture exception moved it, refunds-due, written-off or the matched agency's
+  revenue; refused while that exception is open), credit clearing C (the ledger's refund row; the invoice is
+  not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
 
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
@@ -78,6 +80,10 @@ class Facts:
     line_amount: int | None = None
     line_fee: int = 0
     line_currency: str | None = None
+    # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
+    # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
+    suspense_now: tuple[tuple[str, int], ...] | None = None
+    suspense_held_by: str | None = None   # an open exception that still holds the payment's suspense part
 
 
 @dataclass(frozen=True)
@@ -200,12 +206,20 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         if action == "write_off":
             return Plan(((losses, "debit", a), (clearing, "credit", a)))
         if action == "refund_due":
-            out = []
+            # The provider returned the whole payment: take back the applied part from the agency's revenue and
+            # the suspense part from wherever it is now (an earlier resolution may have moved it), once.
+            if f.suspense_held_by is not None:
+                raise ResolutionRefused(
+                    f"exception {f.suspense_held_by} still holds {f.payment_suspense} of this payment in suspense; "
+                    "resolve it first (its money is then taken back from where that resolution puts it)")
+            out: dict[str, int] = {}
             if f.payment_applied:
-                out.append((accounts.agency_revenue(f.payment_agency, cur), "debit", f.payment_applied))
-            if f.payment_suspense:
-                out.append((accounts.suspense(cur), "debit", f.payment_suspense))
-            return Plan((*out, (clearing, "credit", a)))
+                out[accounts.agency_revenue(f.payment_agency, cur)] = f.payment_applied
+            where = f.suspense_now if f.suspense_now is not None else ((accounts.suspense(cur), f.payment_suspense),)
+            for acct, n in where:
+                if n:
+                    out[acct] = out.get(acct, 0) + n
+            return Plan((*((acct, "debit", n) for acct, n in out.items()), (clearing, "credit", a)))
         raise ResolutionRefused("a payment missing in settlement is settled by a later file's line; resolve it "
                                 "with write_off (the provider will not pay) or refund_due (it returned the money)")
     raise ResolutionRefused(f"no resolution rule for reason {f.reason!r}")
@@ -231,6 +245,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         line_currency=line["currency"] if line else None)
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
+    if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
+        facts = await _where_suspense_is(conn, facts, exception_id, pay)
     target = None
     inv = None
     if action == "match_to_invoice":
@@ -272,4 +288,22 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
 
 def _currency(account: str) -> str:
     return account.rsplit(":", 1)[1]
+
+
+async def _where_suspense_is(conn: asyncpg.Connection, facts: Facts, exception_id: str, pay) -> Facts:
+    """``facts`` with where the payment's suspense part is now, or the open exception still holding it.
+
+    The holder is locked first, so a resolution of it that is committing is waited for and then seen."""
+    if not facts.payment_suspense:
+        return facts
+    held_by = await conn.fetchval(Q.payment_suspense_holder, pay["id"], exception_id,
+                                  [*CAPTURE_REASONS, "missing_in_ledger"])
+    if held_by is not None:
+        return Facts(**{**facts.__dict__, "suspense_held_by": held_by})
+    moved = [(r["account"], r["amount"]) for r in
+             await conn.fetch(Q.payment_suspense_moves, pay["id"], accounts.suspense(facts.currency))]
+    left = facts.payment_suspense - sum(n for _, n in moved)
+    if left > 0:
+        moved.append((accounts.suspense(facts.currency), left))
+    return Facts(**{**facts.__dict__, "suspense_now": tuple(moved)})
 

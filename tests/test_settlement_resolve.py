@@ -94,3 +94,29 @@ async def test_a_line_settled_in_another_currency_is_written_off_per_currency(ap
         "provider:sandbox:clearing:KHR": 0, "provider:sandbox:clearing:USD": 0, "treasury:bank:nbc-treasury:USD": 490}
     assert await open_exceptions(api, treasury) == []
 
+
+async def test_refund_of_a_missing_payment_takes_its_suspense_from_where_it_was_moved(api, portal, treasury,
+                                                                                     invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    assert missing["amount"] == 36000
+
+    # While the overpaid exception still holds the 3,000, reversing the payment would take it twice.
+    r = await resolve(api, treasury, missing["id"], "refund_due")
+    assert r.status == 422, await r.text()
+    assert over["id"] in (await r.json())["detail"]
+
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    accts = ("suspense:unmatched:KHR", "suspense:refunds-due:KHR", "agency:MOI:revenue:KHR",
+             "provider:sandbox:clearing:KHR")
+    assert await balances(api.dsn, *accts) == {"suspense:unmatched:KHR": 0, "suspense:refunds-due:KHR": 3000,
+                                               "agency:MOI:revenue:KHR": 33000, "provider:sandbox:clearing:KHR": 36000}
+    r = await resolve(api, treasury, missing["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    got = {(p["account"], p["side"]): p["amount"] for p in (await r.json())["postings"]}
+    assert got == {("agency:MOI:revenue:KHR", "debit"): 33000, ("suspense:refunds-due:KHR", "debit"): 3000,
+                   ("provider:sandbox:clearing:KHR", "credit"): 36000}
+    # The provider returned all 36,000: nothing is owed to the payer any more, nothing left anywhere.
+    assert await balances(api.dsn, *accts) == dict.fromkeys(accts, 0)
+
