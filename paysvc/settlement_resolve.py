@@ -30,6 +30,9 @@ sits decides what an action can do:
   revenue; refused while that exception is open), credit clearing C (the ledger's refund row; the invoice is
   not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
 
+Each agency whose accounts a resolution entry moves gets a ``journal.posted`` event (its own postings, and the
+exception id) in the same transaction.
+
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
 """
@@ -44,7 +47,7 @@ import asyncpg
 
 import ledger
 from ledger import accounts
-from paysvc.outbox import add_event
+from paysvc.outbox import add_event, journal_posted
 from paysvc.queries import Q
 
 Action = Literal["match_to_invoice", "refund_due", "write_off"]
@@ -268,7 +271,9 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             idempotency_key=f"resolution:{exception_id}", payment_id=e["payment_id"],
             invoice_id=invoice_id if action == "match_to_invoice" else e["invoice_id"],
             settlement_id=line["settlement_id"] if line else None)
-        entry_id = (await ledger.post_entry(conn, draft)).id
+        entry = await ledger.post_entry(conn, draft)
+        entry_id = entry.id
+        await _tell_agencies(conn, entry, exception_id=exception_id, now=now)
     if p.invoice_amount and inv is not None:
         row = await conn.fetchrow(Q.invoice_apply_resolution, inv["id"], p.invoice_amount, now)
         if row is not None and row["status"] == "paid":
@@ -307,3 +312,13 @@ async def _where_suspense_is(conn: asyncpg.Connection, facts: Facts, exception_i
         moved.append((accounts.suspense(facts.currency), left))
     return Facts(**{**facts.__dict__, "suspense_now": tuple(moved)})
 
+
+async def _tell_agencies(conn: asyncpg.Connection, entry, *, exception_id: str, now: datetime) -> None:
+    """A ``journal.posted`` event to each agency whose accounts ``entry`` moves, with its own postings only."""
+    codes = sorted({p.account.split(":")[1] for p in entry.postings if p.account.startswith("agency:")})
+    if not codes:
+        return
+    ids = {r["code"]: r["id"] for r in await conn.fetch(Q.agencies_by_code, codes)}
+    for code in codes:
+        await add_event(conn, agency_id=ids[code], type="journal.posted", occurred_at=now, data=journal_posted(
+            entry, code, payment_id=entry.payment_id, invoice_id=entry.invoice_id, exception_id=exception_id))

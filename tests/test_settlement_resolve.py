@@ -120,3 +120,46 @@ async def test_refund_of_a_missing_payment_takes_its_suspense_from_where_it_was_
     # The provider returned all 36,000: nothing is owed to the payer any more, nothing left anywhere.
     assert await balances(api.dsn, *accts) == dict.fromkeys(accts, 0)
 
+
+async def test_agencies_whose_accounts_a_resolution_moves_get_journal_posted(api, portal, treasury, invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    mof = await api.portal("MOF")
+    other = await new_invoice(api, mof, invoice_body, amount=3000)
+    conn = await asyncpg.connect(api.dsn)
+    ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
+    await conn.close()
+
+    # The overpaid 3,000 pays another agency's invoice: MOF's revenue grows, MOF hears of it.
+    r = await resolve(api, treasury, over["id"], "match_to_invoice", invoice_id=other["id"])
+    assert r.status == 200, await r.text()
+    entry1 = (await r.json())["resolution_entry_id"]
+    [(code, data)] = await journal_events(api.dsn)
+    assert code == "MOF"
+    assert data == {"entry_id": entry1, "kind": "exception_resolved", "payment_id": over["payment_id"],
+                    "invoice_id": other["id"], "effective_at": data["effective_at"], "exception_id": over["id"],
+                    "postings": [{"account": "agency:MOF:revenue:KHR", "side": "credit", "amount": 3000,
+                                  "currency": "KHR"}]}
+
+    # The provider never settled the payment and returned it: both agencies' revenue is taken back, each told
+    # only of its own postings.
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    r = await resolve(api, treasury, missing["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    entry2 = (await r.json())["resolution_entry_id"]
+    events = {code: data for code, data in await journal_events(api.dsn) if data["exception_id"] == missing["id"]}
+    assert set(events) == {"MOI", "MOF"}
+    for code, amount in [("MOI", 33000), ("MOF", 3000)]:
+        assert events[code]["entry_id"] == entry2 and events[code]["exception_id"] == missing["id"]
+        assert events[code]["kind"] == "exception_resolved" and events[code]["payment_id"] == missing["payment_id"]
+        assert events[code]["postings"] == [{"account": f"agency:{code}:revenue:KHR", "side": "debit",
+                                             "amount": amount, "currency": "KHR"}]
+    conn = await asyncpg.connect(api.dsn)
+    agencies = {r["agency_id"] for r in await conn.fetch(
+        "SELECT agency_id FROM outbox_events WHERE type = 'journal.posted' AND data->>'entry_id' = $1", str(entry2))}
+    await conn.close()
+    assert agencies == {ids["MOI"], ids["MOF"]}
+    assert await balances(api.dsn, "agency:MOI:revenue:KHR", "agency:MOF:revenue:KHR",
+                          "provider:sandbox:clearing:KHR") == {
+        "agency:MOI:revenue:KHR": 0, "agency:MOF:revenue:KHR": 0, "provider:sandbox:clearing:KHR": 0}
+    assert inv

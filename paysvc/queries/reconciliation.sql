@@ -33,3 +33,6 @@ SELECT a.code AS account, sum(p.amount)::bigint AS amount
                 WHERE s.entry_id = e.id AND s.side = 'debit' AND sa.code = $2)
  GROUP BY a.code
  ORDER BY a.code
+
+-- name: agencies_by_code
+SELECT code, id FROM agencies WHERE code = ANY($1::text[])
