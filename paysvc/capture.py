@@ -20,7 +20,7 @@ import asyncpg
 
 import ledger
 import ledger.entries
-from paysvc.outbox import events_args
+from paysvc.outbox import events_args, journal_posted
 from paysvc.queries import Q
 from providers import PaymentNotice
 
@@ -237,12 +237,8 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         notice, decision, agency_code=agency_code, payment_id=payment_id, invoice_id=invoice_id,
         effective_at=booked_at))
     if agency_id is not None and decision.applied:
-        events.append((agency_id, "journal.posted", {
-            "entry_id": entry.id, "kind": entry.kind, "payment_id": payment_id, "invoice_id": invoice_id,
-            "effective_at": entry.effective_at.isoformat(),
-            "postings": [{"account": p.account, "side": p.side, "amount": p.amount, "currency": p.currency}
-                         for p in entry.postings if p.account.startswith(f"agency:{agency_code}:")],
-        }))
+        events.append((agency_id, "journal.posted",
+                       journal_posted(entry, agency_code, payment_id=payment_id, invoice_id=invoice_id)))
     await _finish(conn, events, now, done_inbox)
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
 

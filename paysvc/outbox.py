@@ -22,6 +22,17 @@ EVENT_TYPES = (
 )
 
 
+def journal_posted(entry, agency_code: str, **ids: Any) -> dict[str, Any]:
+    """The ``data`` of a ``journal.posted`` event: ``entry`` (a posted ``ledger`` entry) with only the postings
+    of ``agency_code``'s own accounts. ``ids`` name what the entry is about (``payment_id``, ``invoice_id``, and
+    for a resolution ``exception_id``)."""
+    return {
+        "entry_id": entry.id, "kind": entry.kind, **ids, "effective_at": entry.effective_at.isoformat(),
+        "postings": [{"account": p.account, "side": p.side, "amount": p.amount, "currency": p.currency}
+                     for p in entry.postings if p.account.startswith(f"agency:{agency_code}:")],
+    }
+
+
 async def add_event(
     conn: asyncpg.Connection, *, agency_id: int, type: str, data: dict[str, Any], occurred_at: datetime
 ) -> uuid.UUID:

@@ -20,11 +20,18 @@ sits decides what an action can do:
   L − fee and fees, credit clearing C — and places the difference D = L − C: when the provider paid more
   (D > 0) credit agency revenue (``match_to_invoice``), ``suspense:refunds-due`` (``refund_due``) or
   ``equity:written-off`` (``write_off``); when it paid less (D < 0) only ``write_off``: debit
-  ``expense:write-offs:{p}``.
+  ``expense:write-offs:{p}``. When the line is in another currency (no exchange rate here) only ``write_off``,
+  each currency on its own: debit ``expense:write-offs:{p}:{cur}``, credit clearing C; debit bank L − fee and
+  fees, credit ``equity:written-off:{cur2}`` L.
 * **missing_in_settlement** (captured C, never settled): ``write_off`` debit ``expense:write-offs:{p}``,
   credit clearing C (the provider will not pay it); ``refund_due`` says the provider returned it to the payer:
-  debit what the payment credited (agency revenue and/or suspense), credit clearing C (the ledger's refund
-  row; the invoice is not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
+  debit what the payment credited (agency revenue, and its suspense part from where it is now: where an
+  earlier resolution of its capture exception moved it, refunds-due, written-off or the matched agency's
+  revenue; refused while that exception is open), credit clearing C (the ledger's refund row; the invoice is
+  not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
+
+Each agency whose accounts a resolution entry moves gets a ``journal.posted`` event (its own postings, and the
+exception id) in the same transaction.
 
 * **settled_after_resolution** (a line L, fee F, for a payment captured C whose missing_in_settlement treasury
   had resolved with write_off or refund_due; that resolution already credited clearing C, and the line was
@@ -50,7 +57,7 @@ import asyncpg
 
 import ledger
 from ledger import accounts
-from paysvc.outbox import add_event
+from paysvc.outbox import add_event, journal_posted
 from paysvc.queries import Q
 
 Action = Literal["match_to_invoice", "refund_due", "write_off"]
@@ -87,6 +94,10 @@ class Facts:
     line_fee: int = 0
     line_currency: str | None = None
     earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
+    # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
+    # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
+    suspense_now: tuple[tuple[str, int], ...] | None = None
+    suspense_held_by: str | None = None   # an open exception that still holds the payment's suspense part
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Plan:
-    postings: tuple[tuple[str, str, int], ...]   # (account, side, amount), in the exception's currency
+    postings: tuple[tuple[str, str, int], ...]   # (account, side, amount); the currency is the account's own
     invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
 
 
@@ -110,8 +121,6 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
     """The postings of resolving an exception with ``action`` (pure). Raises ``ResolutionRefused``."""
     cur = f.currency
     clearing = accounts.provider_clearing(f.provider, cur)
-    bank = accounts.treasury_bank(bank_account, cur)
-    fees = accounts.provider_fees(f.provider, cur)
     refunds = f"suspense:refunds-due:{cur}"
     written_off = f"equity:written-off:{cur}"
     losses = f"expense:write-offs:{f.provider}:{cur}"
@@ -128,12 +137,12 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
                                     "in question; choose refund_due for the money or another invoice")
         return accounts.agency_revenue(target.agency_code, cur), amount
 
-    def bank_in(gross: int, fee: int) -> list[tuple[str, str, int]]:
+    def bank_in(gross: int, fee: int, currency: str = cur) -> list[tuple[str, str, int]]:
         out = []
         if gross - fee > 0:
-            out.append((bank, "debit", gross - fee))
+            out.append((accounts.treasury_bank(bank_account, currency), "debit", gross - fee))
         if fee:
-            out.append((fees, "debit", fee))
+            out.append((accounts.provider_fees(f.provider, currency), "debit", fee))
         return out
 
     if f.reason in CAPTURE_REASONS:
@@ -171,8 +180,19 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         if f.line_amount is None or f.payment_amount is None:
             raise ResolutionRefused("this amount mismatch has lost its line or payment")
         if f.line_currency != cur:
-            raise ResolutionRefused("the line and the payment are in different currencies; no action can "
-                                    "balance them here (FX is outside the service)")
+            # The provider settled in another currency. Without an exchange rate (FX is outside the service)
+            # each currency is closed on its own: the captured amount was not settled in its currency (a loss,
+            # as a write_off of a missing payment), and what arrived in the other is kept (as a write_off of
+            # unclaimed money). Treasury books the conversion between the two outside the service.
+            if action != "write_off":
+                raise ResolutionRefused(
+                    f"the provider settled {f.line_amount} {f.line_currency} for a payment captured as "
+                    f"{f.payment_amount} {cur}; without an exchange rate only write_off applies: the {cur} is "
+                    f"written off from clearing and the {f.line_currency} that arrived is kept, each in its currency")
+            lcur = f.line_currency
+            return Plan(((losses, "debit", f.payment_amount), (clearing, "credit", f.payment_amount),
+                         *bank_in(f.line_amount, f.line_fee, lcur),
+                         (f"equity:written-off:{lcur}", "credit", f.line_amount)))
         diff = f.line_amount - f.payment_amount
         base = [*bank_in(f.line_amount, f.line_fee), (clearing, "credit", f.payment_amount)]
         if diff < 0:
@@ -200,12 +220,20 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         if action == "write_off":
             return Plan(((losses, "debit", a), (clearing, "credit", a)))
         if action == "refund_due":
-            out = []
+            # The provider returned the whole payment: take back the applied part from the agency's revenue and
+            # the suspense part from wherever it is now (an earlier resolution may have moved it), once.
+            if f.suspense_held_by is not None:
+                raise ResolutionRefused(
+                    f"exception {f.suspense_held_by} still holds {f.payment_suspense} of this payment in suspense; "
+                    "resolve it first (its money is then taken back from where that resolution puts it)")
+            out: dict[str, int] = {}
             if f.payment_applied:
-                out.append((accounts.agency_revenue(f.payment_agency, cur), "debit", f.payment_applied))
-            if f.payment_suspense:
-                out.append((accounts.suspense(cur), "debit", f.payment_suspense))
-            return Plan((*out, (clearing, "credit", a)))
+                out[accounts.agency_revenue(f.payment_agency, cur)] = f.payment_applied
+            where = f.suspense_now if f.suspense_now is not None else ((accounts.suspense(cur), f.payment_suspense),)
+            for acct, n in where:
+                if n:
+                    out[acct] = out.get(acct, 0) + n
+            return Plan((*((acct, "debit", n) for acct, n in out.items()), (clearing, "credit", a)))
         raise ResolutionRefused("a payment missing in settlement is settled by a later file's line; resolve it "
                                 "with write_off (the provider will not pay) or refund_due (it returned the money)")
     if f.reason == "settled_after_resolution":
@@ -256,6 +284,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
     if facts.reason == "settled_after_resolution":
         facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"])})
+    if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
+        facts = await _where_suspense_is(conn, facts, exception_id, pay)
     target = None
     inv = None
     if action == "match_to_invoice":
@@ -273,11 +303,13 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             kind="exception_resolved",
             description=f"{e['reason']} {exception_id} resolved: {action}"[:500],
             effective_at=now,
-            postings=[ledger.Posting(account=a, side=s, amount=n, currency=facts.currency) for a, s, n in p.postings],
+            postings=[ledger.Posting(account=a, side=s, amount=n, currency=_currency(a)) for a, s, n in p.postings],
             idempotency_key=f"resolution:{exception_id}", payment_id=e["payment_id"],
             invoice_id=invoice_id if action == "match_to_invoice" else e["invoice_id"],
             settlement_id=line["settlement_id"] if line else None)
-        entry_id = (await ledger.post_entry(conn, draft)).id
+        entry = await ledger.post_entry(conn, draft)
+        entry_id = entry.id
+        await _tell_agencies(conn, entry, exception_id=exception_id, now=now)
     if p.invoice_amount and inv is not None:
         row = await conn.fetchrow(Q.invoice_apply_resolution, inv["id"], p.invoice_amount, now)
         if row is not None and row["status"] == "paid":
@@ -292,7 +324,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         raise AlreadyResolved(exception_id)
     return {"id": exception_id, "state": "resolved", "resolution": action, "resolved_by": by,
             "resolved_at": now.isoformat(), "resolution_note": note, "resolution_entry_id": entry_id,
-            "postings": [{"account": a, "side": s, "amount": n, "currency": facts.currency} for a, s, n in p.postings]}
+            "postings": [{"account": a, "side": s, "amount": n, "currency": _currency(a)} for a, s, n in p.postings]}
 
 
 async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:
@@ -304,3 +336,36 @@ async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str
         return ()
     rows = await conn.fetch(Q.settlement_entry_postings, int(entry_id))
     return tuple((r["account"], r["amount"]) for r in rows if r["side"] == "debit")
+
+
+def _currency(account: str) -> str:
+    return account.rsplit(":", 1)[1]
+
+
+async def _where_suspense_is(conn: asyncpg.Connection, facts: Facts, exception_id: str, pay) -> Facts:
+    """``facts`` with where the payment's suspense part is now, or the open exception still holding it.
+
+    The holder is locked first, so a resolution of it that is committing is waited for and then seen."""
+    if not facts.payment_suspense:
+        return facts
+    held_by = await conn.fetchval(Q.payment_suspense_holder, pay["id"], exception_id,
+                                  [*CAPTURE_REASONS, "missing_in_ledger"])
+    if held_by is not None:
+        return Facts(**{**facts.__dict__, "suspense_held_by": held_by})
+    moved = [(r["account"], r["amount"]) for r in
+             await conn.fetch(Q.payment_suspense_moves, pay["id"], accounts.suspense(facts.currency))]
+    left = facts.payment_suspense - sum(n for _, n in moved)
+    if left > 0:
+        moved.append((accounts.suspense(facts.currency), left))
+    return Facts(**{**facts.__dict__, "suspense_now": tuple(moved)})
+
+
+async def _tell_agencies(conn: asyncpg.Connection, entry, *, exception_id: str, now: datetime) -> None:
+    """A ``journal.posted`` event to each agency whose accounts ``entry`` moves, with its own postings only."""
+    codes = sorted({p.account.split(":")[1] for p in entry.postings if p.account.startswith("agency:")})
+    if not codes:
+        return
+    ids = {r["code"]: r["id"] for r in await conn.fetch(Q.agencies_by_code, codes)}
+    for code in codes:
+        await add_event(conn, agency_id=ids[code], type="journal.posted", occurred_at=now, data=journal_posted(
+            entry, code, payment_id=entry.payment_id, invoice_id=entry.invoice_id, exception_id=exception_id))
