@@ -79,6 +79,10 @@ async def test_a_line_for_a_payment_already_written_off_or_refunded_is_raised_no
     listed = await _exceptions(api, treasury, business_date=DAY.isoformat(), state="open",
                                reason="settled_after_resolution")
     assert len(listed) == 2
+    # the agency hears of both, as of any exception opened on its payments
+    feed = await (await api.client.get("/v1/events", params={"after": "0"}, headers=portal)).json()
+    opened = {e["data"]["exception_id"] for e in feed["data"] if e["type"] == "reconciliation.exception_opened"}
+    assert {raised[tx1]["id"], raised[tx2]["id"]} <= opened
 
     # A line of a later file for the same payment is a duplicate: the payment is settled once.
     r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]), name="again.csv")

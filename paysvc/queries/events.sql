@@ -52,15 +52,17 @@ SELECT o.id, o.agency_id, a.code AS agency, o.seq, o.type, o.schema_version, o.o
 
 -- name: events_exceptions_opened_from_staging
 -- One reconciliation.exception_opened event per exception the settlement import just opened from its staging
--- table (exceptions_from_staging: amount_mismatch, duplicate_in_settlement) whose payment has an agency, in
--- one statement in the import's transaction, in line order; data as capture writes it. $1 now.
+-- table (exceptions_from_staging: amount_mismatch, duplicate_in_settlement, settled_after_resolution) whose
+-- payment has an agency, in one statement in the import's transaction, in line order; data as capture writes
+-- it. $1 now.
 INSERT INTO outbox_events (id, agency_id, type, occurred_at, data)
 SELECT gen_random_uuid(), e.agency_id, 'reconciliation.exception_opened', $1,
        jsonb_build_object('exception_id', e.id, 'reason', e.reason, 'payment_id', e.payment_id,
                           'invoice_id', e.invoice_id, 'currency', e.currency, 'amount', e.amount)
   FROM settlement_staging s
   JOIN reconciliation_exceptions e ON e.id = s.exception_id
- WHERE s.category IN ('amount_mismatch', 'duplicate_in_settlement') AND e.agency_id IS NOT NULL
+ WHERE s.category IN ('amount_mismatch', 'duplicate_in_settlement', 'settled_after_resolution')
+   AND e.agency_id IS NOT NULL
  ORDER BY s.line_no
 
 -- name: events_exceptions_opened
