@@ -73,6 +73,9 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
     nothing behind. Returns the existing settlement when this file (by SHA-256) was imported before.
     """
     clock = _Clock(timings)
+    # One import of a provider at a time: matching reads which of its payments earlier files (of any day)
+    # settled, so a file imported meanwhile waits for this one and then sees its lines.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('paysvc:settlement:' || $1, 0))", provider)
     settlement_id = new_id("stl")
     claimed = await conn.fetchval(Q.settlement_claim, settlement_id, provider, fmt, business_date, data_sha256,
                                   file_name, file_size, now, imported_by)

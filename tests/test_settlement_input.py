@@ -1,0 +1,69 @@
+"""Settlement import input found wrong by treasury's review: each is refused with a 4xx (the command line: one
+line, a non-zero exit) saying what to fix, never a 500 or a traceback; two files of one provider imported at
+the same time are reconciled as if one came after the other."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from paysvc.capture import capture
+from paysvc.db import connect
+from providers.sandbox import write_settlement_csv
+from tests.payments_helpers import new_invoice
+from tests.test_settlement import (DAY, AT, _notice, clearing, count, issued_before, line, paid, payment_ids,
+                                   upload)
+
+
+async def _lock_waiters(dsn: str) -> int:
+    return await count(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'")
+
+
+async def _until(predicate, what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+# 1. Two files of one provider imported at the same time.
+
+@pytest.mark.parametrize("second_day", [DAY, DAY + timedelta(days=1)], ids=["same day", "next day"])
+async def test_two_files_sharing_a_line_imported_at_once_settle_it_once(api, portal, treasury, invoice_body,
+                                                                        second_day):
+    """File A holds TX-S and a line whose payment a callback is capturing right now (so A waits, mid-import,
+    for that callback). File B, sent meanwhile, holds TX-S too. B used to match TX-S as well, commit first,
+    and A then failed with a 500 on the settle-once index. Now B waits for A and finds TX-S settled: a
+    duplicate_in_settlement, as for files sent one after the other. A later day's file matches payments by
+    transaction id too, so it waits as well."""
+    await paid(api, portal, invoice_body, "TX-S")
+    held = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    file_a = write_settlement_csv([line("TX-S", 50000), line("TX-R", 50000, md5=held["khqr"]["md5"])])
+    file_b = write_settlement_csv([line("TX-S", 50000), line("TX-S", 50000)] +
+                                  [line(f"PAD-{i}", 1000 + i) for i in range(3)])
+    async with connect(api.dsn) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert (await capture(conn, _notice(held, "TX-R"), source="callback", now=datetime.now(UTC))).created
+        a = asyncio.create_task(upload(api, treasury, file_a))
+        await _until(lambda: _lock_waiters(api.dsn), "import A waits for the callback")
+        b = asyncio.create_task(upload(api, treasury, file_b, day=second_day))
+
+        async def b_done_or_waiting() -> bool:
+            return b.done() or await _lock_waiters(api.dsn) >= 2
+        await _until(b_done_or_waiting, "import B is done or waits")
+        await tx.commit()
+    ra, rb = await a, await b
+    assert (ra.status, rb.status) == (201, 201), (await ra.text(), await rb.text())
+    rep_a, rep_b = await ra.json(), await rb.json()
+    assert rep_a["lines_by_category"]["matched"]["count"] == 2, rep_a["lines_by_category"]
+    assert rep_b["lines_by_category"]["duplicate_in_settlement"]["count"] == 2, rep_b["lines_by_category"]
+    [tx_s] = await payment_ids(api.dsn, "TX-S")
+    assert await count(api.dsn, "SELECT count(*) FROM settlement_lines WHERE payment_id = $1 "
+                                "AND category <> 'duplicate_in_settlement'", tx_s) == 1
+    # Settled once: clearing holds nothing of TX-S or TX-R (the padding was captured and settled in B).
+    assert await clearing(api.dsn) == 0
