@@ -8,7 +8,6 @@ statement for sandbox payments is ``provider=sandbox, format=camt053``.
 from __future__ import annotations
 
 import base64
-import re
 from datetime import date, datetime
 from typing import Annotated, Any
 
@@ -25,8 +24,6 @@ from paysvc.queries import Q
 from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
                         principal, refuse_encoded_body)
 from providers import ProviderError, SettlementFormatError, available_providers, load_providers
-
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 class SettlementFileInvalid(Problem):
@@ -56,17 +53,29 @@ def parser_for(enabled: dict, fmt: str, field: str = "format"):
         raise ValidationFailed(f"format {fmt!r} needs its provider enabled on this instance: {exc}") from None
 
 
+def check_provider(provider: str) -> None:
+    """``provider`` must be a registered plugin's name: payments are captured only under those, and a typo
+    would otherwise open its own clearing account and capture the whole file as missing_in_ledger."""
+    names = available_providers()
+    if provider not in names:
+        raise ValidationFailed(f"provider {provider!r} is not a registered provider; use one of: {', '.join(names)}",
+                               errors=[{"field": "provider", "message": f"must be one of: {', '.join(names)}",
+                                        "code": "unknown"}])
+
+
 class UploadForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    provider: Annotated[str, Field(pattern=_NAME.pattern)]
+    # Names are checked against the registry by run_import, which lists the valid ones.
+    provider: Annotated[str, Field(min_length=1, max_length=64)]
     business_date: Annotated[date, Field(ge=date(2000, 1, 1), le=date(2099, 12, 31))]
-    format: Annotated[str, Field(pattern=_NAME.pattern)] | None = None
+    format: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
 async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, fmt: str | None, day: date,
                      data: bytes, file_name: str | None, imported_by: str,
                      timings: dict | None = None) -> Imported:
     """Parse and import in one transaction; a malformed file raises ``SettlementFileInvalid`` (nothing kept)."""
+    check_provider(provider)
     field = "format" if fmt else "provider"  # the form field that named the format, for the error
     fmt = fmt or provider
     parser = parser_for(enabled, fmt, field)

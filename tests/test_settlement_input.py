@@ -13,6 +13,7 @@ from paysvc.capture import capture
 from paysvc.db import connect
 from providers.sandbox import write_settlement_csv
 from tests.payments_helpers import new_invoice
+from tests.test_cli_errors import assert_clean_failure, run
 from tests.test_settlement import (DAY, AT, _notice, clearing, count, issued_before, line, paid, payment_ids,
                                    upload)
 
@@ -67,3 +68,34 @@ async def test_two_files_sharing_a_line_imported_at_once_settle_it_once(api, por
                                 "AND category <> 'duplicate_in_settlement'", tx_s) == 1
     # Settled once: clearing holds nothing of TX-S or TX-R (the padding was captured and settled in B).
     assert await clearing(api.dsn) == 0
+
+
+# 2. The provider must be one the service knows.
+
+async def test_a_provider_name_no_plugin_registers_is_refused_and_nothing_is_kept(api, portal, treasury,
+                                                                                 invoice_body):
+    data = write_settlement_csv([line("TX-NEW", 50000)])
+    for provider in ("sandbx", "Sandbox"):
+        r = await upload(api, treasury, data, provider=provider, fmt="sandbox")
+        body = await r.json()
+        assert r.status == 422, body
+        assert f"provider {provider!r}" in body["detail"] and "sandbox" in body["detail"], body
+        assert "bakong" in body["detail"], body                       # the valid names are listed
+        assert body["errors"][0]["field"] == "provider", body
+    for sql in ("SELECT count(*) FROM settlements", "SELECT count(*) FROM payments",
+                "SELECT count(*) FROM reconciliation_exceptions",
+                "SELECT count(*) FROM ledger_accounts WHERE code LIKE 'provider:sandbx:%'"):
+        assert await count(api.dsn, sql) == 0, sql
+    # The right name then imports the same file.
+    r = await upload(api, treasury, data, provider="sandbox")
+    assert r.status == 201, await r.text()
+
+
+def test_the_cli_refuses_an_unknown_provider_in_one_line(db_dsn, tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
+    for provider in ("Sandbox", "sandbx"):
+        out = run(db_dsn, "settlements", "import", "--provider", provider, "--format", "sandbox", "--date",
+                  "2025-06-02", str(f))
+        assert_clean_failure(out, 1, f"provider {provider!r}", "bakong, ")
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
