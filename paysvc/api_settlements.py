@@ -12,7 +12,7 @@ from datetime import date, datetime
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
 from paysvc.invoicing import now_utc
@@ -63,11 +63,22 @@ def check_provider(provider: str) -> None:
                                         "code": "unknown"}])
 
 
+FIRST_BUSINESS_DATE, LAST_BUSINESS_DATE = date(2000, 1, 1), date(2099, 12, 31)
+
+
+def check_business_date(day: date) -> date:
+    """The business dates a settlement may have, the same for the API and the command line."""
+    if not FIRST_BUSINESS_DATE <= day <= LAST_BUSINESS_DATE:
+        raise ValueError(f"business_date {day.isoformat()} is out of range: it must lie between "
+                         f"{FIRST_BUSINESS_DATE.isoformat()} and {LAST_BUSINESS_DATE.isoformat()}")
+    return day
+
+
 class UploadForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Names are checked against the registry by run_import, which lists the valid ones.
     provider: Annotated[str, Field(min_length=1, max_length=64)]
-    business_date: Annotated[date, Field(ge=date(2000, 1, 1), le=date(2099, 12, 31))]
+    business_date: Annotated[date, AfterValidator(check_business_date)]
     format: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
@@ -76,6 +87,11 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
                      timings: dict | None = None) -> Imported:
     """Parse and import in one transaction; a malformed file raises ``SettlementFileInvalid`` (nothing kept)."""
     check_provider(provider)
+    try:
+        check_business_date(day)
+    except ValueError as exc:
+        raise ValidationFailed(str(exc), errors=[{"field": "business_date", "message": str(exc),
+                                                  "code": "out_of_range"}]) from None
     field = "format" if fmt else "provider"  # the form field that named the format, for the error
     fmt = fmt or provider
     parser = parser_for(enabled, fmt, field)

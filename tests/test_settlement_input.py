@@ -99,3 +99,36 @@ def test_the_cli_refuses_an_unknown_provider_in_one_line(db_dsn, tmp_path):
                   "2025-06-02", str(f))
         assert_clean_failure(out, 1, f"provider {provider!r}", "bakong, ")
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+# 3. The command line takes the API's business dates.
+
+@pytest.mark.parametrize("day", ["1999-01-01", "9999-12-31", "0001-01-01", "2100-01-01"])
+def test_the_cli_refuses_a_business_date_the_api_refuses(db_dsn, tmp_path, day):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", day, str(f))
+    assert_clean_failure(out, 1, "between 2000-01-01 and 2099-12-31", day)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_cli_says_what_a_date_that_is_not_a_date_should_be(db_dsn, tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", "24/11/2026", str(f))
+    assert_clean_failure(out, 1, "'24/11/2026'", "YYYY-MM-DD")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+async def test_the_api_says_which_business_dates_it_takes(api, treasury):
+    r = await upload(api, treasury, write_settlement_csv([]), day=DAY.replace(year=1999))
+    body = await r.json()
+    assert r.status == 422, body
+    assert body["errors"][0]["field"] == "business_date", body
+    assert "between 2000-01-01 and 2099-12-31" in body["errors"][0]["message"], body
+
+
+def test_the_cli_recheck_refuses_a_day_out_of_range_in_one_line(db_dsn):
+    out = run(db_dsn, "settlements", "recheck", "--today", "0001-01-01")
+    assert_clean_failure(out, 1, "between 2000-01-01 and 2099-12-31")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
