@@ -5,6 +5,7 @@ the same time are reconciled as if one came after the other."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -132,3 +133,37 @@ def test_the_cli_recheck_refuses_a_day_out_of_range_in_one_line(db_dsn):
     out = run(db_dsn, "settlements", "recheck", "--today", "0001-01-01")
     assert_clean_failure(out, 1, "between 2000-01-01 and 2099-12-31")
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+# 4. Paging the report's lines.
+
+async def test_a_report_without_lines_points_at_the_first_line(api, portal, treasury, invoice_body):
+    data = write_settlement_csv([line(f"TX-{i}", 1000 + i) for i in range(3)])  # physical lines 2, 3, 4
+    r = await upload(api, treasury, data)
+    assert r.status == 201, await r.text()
+    sid = (await r.json())["id"]
+
+    async def page(**params) -> dict:
+        r = await api.client.get(f"/v1/settlements/{sid}", params=params, headers=treasury)
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+    empty = await page(lines_limit=0)
+    assert empty["lines"] == [] and empty["next_after_line"] == 0, empty["next_after_line"]
+    seen, after = [], empty["next_after_line"]
+    while after is not None:
+        p = await page(lines_limit=2, after_line=after)
+        seen += [ln["line_no"] for ln in p["lines"]]
+        after = p["next_after_line"]
+    assert seen == [2, 3, 4]
+    assert (await page(lines_limit=0, after_line=2))["next_after_line"] == 2
+    assert (await page(lines_limit=0, after_line=4))["next_after_line"] is None   # nothing after line 4
+
+
+def test_the_cli_import_report_does_not_skip_the_first_line(db_dsn, tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 1000), line("TX-2", 2000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", "2025-06-02", str(f))
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["lines"] == [] and rep["next_after_line"] == 0, rep["next_after_line"]
