@@ -167,3 +167,30 @@ def test_the_cli_import_report_does_not_skip_the_first_line(db_dsn, tmp_path):
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
     assert rep["lines"] == [] and rep["next_after_line"] == 0, rep["next_after_line"]
+
+
+# 5. A NUL names its line.
+
+@pytest.mark.parametrize("where", ["transaction_id", "quoted", "bill_number"])
+async def test_a_nul_in_a_csv_field_names_its_line(api, treasury, where):
+    header = write_settlement_csv([]).decode().splitlines()[0]
+    bad = {"transaction_id": "TX-\x00,,,5000,KHR,2025-06-02T03:00:00Z,0",
+           "quoted": '"TX-\x00",,,5000,KHR,2025-06-02T03:00:00Z,0',
+           "bill_number": "TX-3,,PS1\x0023,5000,KHR,2025-06-02T03:00:00Z,0"}[where]
+    data = f"{header}\nTX-1,,,5000,KHR,2025-06-02T03:00:00Z,0\n{bad}\n".encode()
+    r = await upload(api, treasury, data)
+    body = await r.json()
+    assert r.status == 422, body
+    assert "line 3" in body["detail"] and "NUL" in body["detail"] and body["line"] == 3, body
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+def test_every_settlement_csv_format_names_the_line_of_a_nul():
+    """Sandbox and Bakong files are read by the same CSV reader."""
+    from providers import SettlementFormatError
+    from providers.settlement_csv import rows
+
+    data = b"a,b\n1,2\n\n\"x\ny\",\"\x00\"\n"                 # the NUL is on physical line 5
+    with pytest.raises(SettlementFormatError) as got:
+        list(rows(data, ("a", "b"), provider="bakong"))
+    assert got.value.line_no == 5 and "NUL" in got.value.reason
