@@ -45,7 +45,7 @@ class Imported:
 
 
 class SettlementConflict(Exception):
-    """The same file was imported before for another provider or day."""
+    """The same file was imported before for another provider or day, or with another format."""
 
     def __init__(self, detail: str, settlement_id: str) -> None:
         super().__init__(detail)
@@ -81,11 +81,11 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
                                   file_name, file_size, now, imported_by)
     if claimed is None:
         first = await conn.fetchrow(Q.settlement_by_sha, data_sha256)
-        if (first["provider"], first["business_date"]) != (provider, business_date):
+        if (first["provider"], first["business_date"], first["format"]) != (provider, business_date, fmt):
             raise SettlementConflict(
                 f"this file was already imported as settlement {first['id']} for provider {first['provider']} "
-                f"on {first['business_date']}; the same file cannot settle another provider or day",
-                first["id"])
+                f"on {first['business_date']} with format {first['format']}; the same file cannot settle another "
+                "provider or day, nor be read with another format", first["id"])
         return Imported(first["id"], False)
 
     await conn.execute(Q.staging_create)

@@ -12,6 +12,7 @@ import pytest
 
 from paysvc.capture import capture
 from paysvc.db import connect
+from providers.camt053 import write_statement
 from providers.sandbox import write_settlement_csv
 from tests.payments_helpers import new_invoice
 from tests.test_cli_errors import assert_clean_failure, run
@@ -194,3 +195,31 @@ def test_every_settlement_csv_format_names_the_line_of_a_nul():
     with pytest.raises(SettlementFormatError) as got:
         list(rows(data, ("a", "b"), provider="bakong"))
     assert got.value.line_no == 5 and "NUL" in got.value.reason
+
+
+# 6. The same bytes under another format.
+
+async def test_the_same_file_with_another_format_is_refused_naming_the_first(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    data = write_statement([line("TX-1", 50000)])
+    first = await upload(api, treasury, data, fmt="camt053")
+    assert first.status == 201, await first.text()
+    sid = (await first.json())["id"]
+    other = await upload(api, treasury, data)                 # format: the provider's own, sandbox
+    body = await other.json()
+    assert other.status == 409, body
+    assert "format camt053" in body["detail"] and sid in body["detail"], body
+    assert body["settlement_id"] == sid
+    again = await upload(api, treasury, data, fmt="camt053")  # the same file, the same format: a replay
+    assert again.status == 200 and (await again.json())["replayed"] is True
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 1
+
+
+async def test_the_same_file_under_its_provider_default_and_named_format_is_a_replay(api, portal, treasury,
+                                                                                    invoice_body):
+    """Leaving format out means the provider's own: naming it is the same import."""
+    await paid(api, portal, invoice_body, "TX-1")
+    data = write_settlement_csv([line("TX-1", 50000)])
+    assert (await upload(api, treasury, data)).status == 201
+    again = await upload(api, treasury, data, fmt="sandbox")
+    assert again.status == 200 and (await again.json())["replayed"] is True
