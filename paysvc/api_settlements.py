@@ -8,12 +8,11 @@ statement for sandbox payments is ``provider=sandbox, format=camt053``.
 from __future__ import annotations
 
 import base64
-import re
 from datetime import date, datetime
 from typing import Annotated, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
 from paysvc.invoicing import now_utc
@@ -25,8 +24,6 @@ from paysvc.queries import Q
 from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
                         principal, refuse_encoded_body)
 from providers import ProviderError, SettlementFormatError, available_providers, load_providers
-
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 class SettlementFileInvalid(Problem):
@@ -56,17 +53,45 @@ def parser_for(enabled: dict, fmt: str, field: str = "format"):
         raise ValidationFailed(f"format {fmt!r} needs its provider enabled on this instance: {exc}") from None
 
 
+def check_provider(provider: str) -> None:
+    """``provider`` must be a registered plugin's name: payments are captured only under those, and a typo
+    would otherwise open its own clearing account and capture the whole file as missing_in_ledger."""
+    names = available_providers()
+    if provider not in names:
+        raise ValidationFailed(f"provider {provider!r} is not a registered provider; use one of: {', '.join(names)}",
+                               errors=[{"field": "provider", "message": f"must be one of: {', '.join(names)}",
+                                        "code": "unknown"}])
+
+
+FIRST_BUSINESS_DATE, LAST_BUSINESS_DATE = date(2000, 1, 1), date(2099, 12, 31)
+
+
+def check_business_date(day: date) -> date:
+    """The business dates a settlement may have, the same for the API and the command line."""
+    if not FIRST_BUSINESS_DATE <= day <= LAST_BUSINESS_DATE:
+        raise ValueError(f"business_date {day.isoformat()} is out of range: it must lie between "
+                         f"{FIRST_BUSINESS_DATE.isoformat()} and {LAST_BUSINESS_DATE.isoformat()}")
+    return day
+
+
 class UploadForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    provider: Annotated[str, Field(pattern=_NAME.pattern)]
-    business_date: Annotated[date, Field(ge=date(2000, 1, 1), le=date(2099, 12, 31))]
-    format: Annotated[str, Field(pattern=_NAME.pattern)] | None = None
+    # Names are checked against the registry by run_import, which lists the valid ones.
+    provider: Annotated[str, Field(min_length=1, max_length=64)]
+    business_date: Annotated[date, AfterValidator(check_business_date)]
+    format: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
 async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, fmt: str | None, day: date,
                      data: bytes, file_name: str | None, imported_by: str,
                      timings: dict | None = None) -> Imported:
     """Parse and import in one transaction; a malformed file raises ``SettlementFileInvalid`` (nothing kept)."""
+    check_provider(provider)
+    try:
+        check_business_date(day)
+    except ValueError as exc:
+        raise ValidationFailed(str(exc), errors=[{"field": "business_date", "message": str(exc),
+                                                  "code": "out_of_range"}]) from None
     field = "format" if fmt else "provider"  # the form field that named the format, for the error
     fmt = fmt or provider
     parser = parser_for(enabled, fmt, field)

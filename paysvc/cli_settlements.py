@@ -85,9 +85,25 @@ def _run(settings: Settings, fn, args):
         return asyncio.run(fn(settings, dsn, args))
 
 
+def _business_date(option: str, text: str):
+    """``text`` as a business date, with the API's bounds and message; a CliError (one line) otherwise."""
+    from paysvc.api_settlements import check_business_date
+    from paysvc.cli import CliError
+
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{option} {text!r} is not a date: write it YYYY-MM-DD") from None
+    try:
+        return check_business_date(day)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def cmd_import(settings: Settings, args) -> int:
     from paysvc.cli import CliError
 
+    args.date = _business_date("--date", args.date)
     try:  # before the database starts: a wrong path is the commonest mistake
         args.data = Path(args.file).read_bytes()
     except OSError as exc:
@@ -98,6 +114,8 @@ def cmd_import(settings: Settings, args) -> int:
 
 
 def cmd_recheck(settings: Settings, args) -> int:
+    if args.today is not None:
+        args.today = _business_date("--today", args.today)
     n = _run(settings, _recheck, args)
     print(f"raised {n} missing_in_settlement exception(s)")
     return 0
@@ -118,14 +136,14 @@ def register(sub) -> None:
         dest="action", required=True)
     p = st.add_parser("import", help="import a provider's settlement file for a business day; prints the report")
     p.add_argument("--provider", required=True, help="whose payments the file settles (e.g. sandbox, bakong)")
-    p.add_argument("--date", required=True, type=date.fromisoformat,
-                   help="business date YYYY-MM-DD (an Asia/Phnom_Penh day)")
+    p.add_argument("--date", required=True,
+                   help="business date YYYY-MM-DD (an Asia/Phnom_Penh day, 2000-01-01 to 2099-12-31)")
     p.add_argument("--format", help="parser: a provider plugin name such as camt053 (default: the provider's own)")
     p.add_argument("file")
     p.set_defaults(func=cmd_import)
     p = st.add_parser("recheck", help="raise missing_in_settlement for payments unsettled after the grace days")
     p.add_argument("--provider", help="only this provider")
-    p.add_argument("--today", type=date.fromisoformat, help="the business day to check as (default: today)")
+    p.add_argument("--today", help="the business day to check as, YYYY-MM-DD (default: today)")
     p.set_defaults(func=cmd_recheck)
     p = st.add_parser("report", help="print a settlement's report (JSON, or --csv)")
     p.add_argument("settlement_id")

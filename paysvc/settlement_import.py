@@ -45,7 +45,7 @@ class Imported:
 
 
 class SettlementConflict(Exception):
-    """The same file was imported before for another provider or day."""
+    """The same file was imported before for another provider or day, or with another format."""
 
     def __init__(self, detail: str, settlement_id: str) -> None:
         super().__init__(detail)
@@ -73,16 +73,19 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
     nothing behind. Returns the existing settlement when this file (by SHA-256) was imported before.
     """
     clock = _Clock(timings)
+    # One import of a provider at a time: matching reads which of its payments earlier files (of any day)
+    # settled, so a file imported meanwhile waits for this one and then sees its lines.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('paysvc:settlement:' || $1, 0))", provider)
     settlement_id = new_id("stl")
     claimed = await conn.fetchval(Q.settlement_claim, settlement_id, provider, fmt, business_date, data_sha256,
                                   file_name, file_size, now, imported_by)
     if claimed is None:
         first = await conn.fetchrow(Q.settlement_by_sha, data_sha256)
-        if (first["provider"], first["business_date"]) != (provider, business_date):
+        if (first["provider"], first["business_date"], first["format"]) != (provider, business_date, fmt):
             raise SettlementConflict(
                 f"this file was already imported as settlement {first['id']} for provider {first['provider']} "
-                f"on {first['business_date']}; the same file cannot settle another provider or day",
-                first["id"])
+                f"on {first['business_date']} with format {first['format']}; the same file cannot settle another "
+                "provider or day, nor be read with another format", first["id"])
         return Imported(first["id"], False)
 
     await conn.execute(Q.staging_create)

@@ -68,10 +68,19 @@ async def report(conn: asyncpg.Connection, settlement_id: str, *, rules: Rules, 
         "clean": not open_exc and not remaining,
         "open_exceptions": [{**dict(e), "opened_at": e["opened_at"].isoformat()} for e in open_exc],
         "lines": [_line_json(r) for r in lines[:lines_limit]],
-        "next_after_line": lines[lines_limit - 1]["line_no"] if len(lines) > lines_limit else None,
+        "next_after_line": _next_after_line(lines, lines_limit, after_line),
         "unsettled_payments": [{**dict(u), "paid_at": u["paid_at"].isoformat()} for u in unsettled[:lines_limit]],
         "summary_at_import": s["summary"],
     }
+
+
+def _next_after_line(lines, lines_limit: int, after_line: int) -> int | None:
+    """Where the next page starts: after the last line given, or, when none was asked for (lines_limit 0,
+    a summary), where this page started. None when no line follows. ``lines`` holds one line more than
+    asked for when more follow."""
+    if len(lines) <= lines_limit:
+        return None
+    return lines[lines_limit - 1]["line_no"] if lines_limit else after_line
 
 
 def _line_json(r) -> dict[str, Any]:

@@ -51,6 +51,9 @@ def _lines(data: bytes, provider: str) -> Iterator[str]:
     for n, raw in enumerate(io.BytesIO(data), start=1):
         if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
+        if b"\x00" in raw:  # valid UTF-8 and CSV, but no text column in PostgreSQL can hold it
+            raise SettlementFormatError(n, f"a NUL character (byte 0) at byte {raw.index(0) + 1} of the line; "
+                                           "fields must not contain NUL", provider=provider)
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -1,0 +1,225 @@
+"""Settlement import input found wrong by treasury's review: each is refused with a 4xx (the command line: one
+line, a non-zero exit) saying what to fix, never a 500 or a traceback; two files of one provider imported at
+the same time are reconciled as if one came after the other."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from paysvc.capture import capture
+from paysvc.db import connect
+from providers.camt053 import write_statement
+from providers.sandbox import write_settlement_csv
+from tests.payments_helpers import new_invoice
+from tests.test_cli_errors import assert_clean_failure, run
+from tests.test_settlement import (DAY, AT, _notice, clearing, count, issued_before, line, paid, payment_ids,
+                                   upload)
+
+
+async def _lock_waiters(dsn: str) -> int:
+    return await count(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'")
+
+
+async def _until(predicate, what: str, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+# 1. Two files of one provider imported at the same time.
+
+@pytest.mark.parametrize("second_day", [DAY, DAY + timedelta(days=1)], ids=["same day", "next day"])
+async def test_two_files_sharing_a_line_imported_at_once_settle_it_once(api, portal, treasury, invoice_body,
+                                                                        second_day):
+    """File A holds TX-S and a line whose payment a callback is capturing right now (so A waits, mid-import,
+    for that callback). File B, sent meanwhile, holds TX-S too. B used to match TX-S as well, commit first,
+    and A then failed with a 500 on the settle-once index. Now B waits for A and finds TX-S settled: a
+    duplicate_in_settlement, as for files sent one after the other. A later day's file matches payments by
+    transaction id too, so it waits as well."""
+    await paid(api, portal, invoice_body, "TX-S")
+    held = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    file_a = write_settlement_csv([line("TX-S", 50000), line("TX-R", 50000, md5=held["khqr"]["md5"])])
+    file_b = write_settlement_csv([line("TX-S", 50000), line("TX-S", 50000)] +
+                                  [line(f"PAD-{i}", 1000 + i) for i in range(3)])
+    async with connect(api.dsn) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert (await capture(conn, _notice(held, "TX-R"), source="callback", now=datetime.now(UTC))).created
+        a = asyncio.create_task(upload(api, treasury, file_a))
+        await _until(lambda: _lock_waiters(api.dsn), "import A waits for the callback")
+        b = asyncio.create_task(upload(api, treasury, file_b, day=second_day))
+
+        async def b_done_or_waiting() -> bool:
+            return b.done() or await _lock_waiters(api.dsn) >= 2
+        await _until(b_done_or_waiting, "import B is done or waits")
+        await tx.commit()
+    ra, rb = await a, await b
+    assert (ra.status, rb.status) == (201, 201), (await ra.text(), await rb.text())
+    rep_a, rep_b = await ra.json(), await rb.json()
+    assert rep_a["lines_by_category"]["matched"]["count"] == 2, rep_a["lines_by_category"]
+    assert rep_b["lines_by_category"]["duplicate_in_settlement"]["count"] == 2, rep_b["lines_by_category"]
+    [tx_s] = await payment_ids(api.dsn, "TX-S")
+    assert await count(api.dsn, "SELECT count(*) FROM settlement_lines WHERE payment_id = $1 "
+                                "AND category <> 'duplicate_in_settlement'", tx_s) == 1
+    # Settled once: clearing holds nothing of TX-S or TX-R (the padding was captured and settled in B).
+    assert await clearing(api.dsn) == 0
+
+
+# 2. The provider must be one the service knows.
+
+async def test_a_provider_name_no_plugin_registers_is_refused_and_nothing_is_kept(api, portal, treasury,
+                                                                                 invoice_body):
+    data = write_settlement_csv([line("TX-NEW", 50000)])
+    for provider in ("sandbx", "Sandbox"):
+        r = await upload(api, treasury, data, provider=provider, fmt="sandbox")
+        body = await r.json()
+        assert r.status == 422, body
+        assert f"provider {provider!r}" in body["detail"] and "sandbox" in body["detail"], body
+        assert "bakong" in body["detail"], body                       # the valid names are listed
+        assert body["errors"][0]["field"] == "provider", body
+    for sql in ("SELECT count(*) FROM settlements", "SELECT count(*) FROM payments",
+                "SELECT count(*) FROM reconciliation_exceptions",
+                "SELECT count(*) FROM ledger_accounts WHERE code LIKE 'provider:sandbx:%'"):
+        assert await count(api.dsn, sql) == 0, sql
+    # The right name then imports the same file.
+    r = await upload(api, treasury, data, provider="sandbox")
+    assert r.status == 201, await r.text()
+
+
+def test_the_cli_refuses_an_unknown_provider_in_one_line(db_dsn, tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
+    for provider in ("Sandbox", "sandbx"):
+        out = run(db_dsn, "settlements", "import", "--provider", provider, "--format", "sandbox", "--date",
+                  "2025-06-02", str(f))
+        assert_clean_failure(out, 1, f"provider {provider!r}", "bakong, ")
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+# 3. The command line takes the API's business dates.
+
+@pytest.mark.parametrize("day", ["1999-01-01", "9999-12-31", "0001-01-01", "2100-01-01"])
+def test_the_cli_refuses_a_business_date_the_api_refuses(db_dsn, tmp_path, day):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", day, str(f))
+    assert_clean_failure(out, 1, "between 2000-01-01 and 2099-12-31", day)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_cli_says_what_a_date_that_is_not_a_date_should_be(db_dsn, tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", "24/11/2026", str(f))
+    assert_clean_failure(out, 1, "'24/11/2026'", "YYYY-MM-DD")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+async def test_the_api_says_which_business_dates_it_takes(api, treasury):
+    r = await upload(api, treasury, write_settlement_csv([]), day=DAY.replace(year=1999))
+    body = await r.json()
+    assert r.status == 422, body
+    assert body["errors"][0]["field"] == "business_date", body
+    assert "between 2000-01-01 and 2099-12-31" in body["errors"][0]["message"], body
+
+
+def test_the_cli_recheck_refuses_a_day_out_of_range_in_one_line(db_dsn):
+    out = run(db_dsn, "settlements", "recheck", "--today", "0001-01-01")
+    assert_clean_failure(out, 1, "between 2000-01-01 and 2099-12-31")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+# 4. Paging the report's lines.
+
+async def test_a_report_without_lines_points_at_the_first_line(api, portal, treasury, invoice_body):
+    data = write_settlement_csv([line(f"TX-{i}", 1000 + i) for i in range(3)])  # physical lines 2, 3, 4
+    r = await upload(api, treasury, data)
+    assert r.status == 201, await r.text()
+    sid = (await r.json())["id"]
+
+    async def page(**params) -> dict:
+        r = await api.client.get(f"/v1/settlements/{sid}", params=params, headers=treasury)
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+    empty = await page(lines_limit=0)
+    assert empty["lines"] == [] and empty["next_after_line"] == 0, empty["next_after_line"]
+    seen, after = [], empty["next_after_line"]
+    while after is not None:
+        p = await page(lines_limit=2, after_line=after)
+        seen += [ln["line_no"] for ln in p["lines"]]
+        after = p["next_after_line"]
+    assert seen == [2, 3, 4]
+    assert (await page(lines_limit=0, after_line=2))["next_after_line"] == 2
+    assert (await page(lines_limit=0, after_line=4))["next_after_line"] is None   # nothing after line 4
+
+
+def test_the_cli_import_report_does_not_skip_the_first_line(db_dsn, tmp_path):
+    f = tmp_path / "s.csv"
+    f.write_bytes(write_settlement_csv([line("TX-1", 1000), line("TX-2", 2000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", "2025-06-02", str(f))
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["lines"] == [] and rep["next_after_line"] == 0, rep["next_after_line"]
+
+
+# 5. A NUL names its line.
+
+@pytest.mark.parametrize("where", ["transaction_id", "quoted", "bill_number"])
+async def test_a_nul_in_a_csv_field_names_its_line(api, treasury, where):
+    header = write_settlement_csv([]).decode().splitlines()[0]
+    bad = {"transaction_id": "TX-\x00,,,5000,KHR,2025-06-02T03:00:00Z,0",
+           "quoted": '"TX-\x00",,,5000,KHR,2025-06-02T03:00:00Z,0',
+           "bill_number": "TX-3,,PS1\x0023,5000,KHR,2025-06-02T03:00:00Z,0"}[where]
+    data = f"{header}\nTX-1,,,5000,KHR,2025-06-02T03:00:00Z,0\n{bad}\n".encode()
+    r = await upload(api, treasury, data)
+    body = await r.json()
+    assert r.status == 422, body
+    assert "line 3" in body["detail"] and "NUL" in body["detail"] and body["line"] == 3, body
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+def test_every_settlement_csv_format_names_the_line_of_a_nul():
+    """Sandbox and Bakong files are read by the same CSV reader."""
+    from providers import SettlementFormatError
+    from providers.settlement_csv import rows
+
+    data = b"a,b\n1,2\n\n\"x\ny\",\"\x00\"\n"                 # the NUL is on physical line 5
+    with pytest.raises(SettlementFormatError) as got:
+        list(rows(data, ("a", "b"), provider="bakong"))
+    assert got.value.line_no == 5 and "NUL" in got.value.reason
+
+
+# 6. The same bytes under another format.
+
+async def test_the_same_file_with_another_format_is_refused_naming_the_first(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    data = write_statement([line("TX-1", 50000)])
+    first = await upload(api, treasury, data, fmt="camt053")
+    assert first.status == 201, await first.text()
+    sid = (await first.json())["id"]
+    other = await upload(api, treasury, data)                 # format: the provider's own, sandbox
+    body = await other.json()
+    assert other.status == 409, body
+    assert "format camt053" in body["detail"] and sid in body["detail"], body
+    assert body["settlement_id"] == sid
+    again = await upload(api, treasury, data, fmt="camt053")  # the same file, the same format: a replay
+    assert again.status == 200 and (await again.json())["replayed"] is True
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 1
+
+
+async def test_the_same_file_under_its_provider_default_and_named_format_is_a_replay(api, portal, treasury,
+                                                                                    invoice_body):
+    """Leaving format out means the provider's own: naming it is the same import."""
+    await paid(api, portal, invoice_body, "TX-1")
+    data = write_settlement_csv([line("TX-1", 50000)])
+    assert (await upload(api, treasury, data)).status == 201
+    again = await upload(api, treasury, data, fmt="sandbox")
+    assert again.status == 200 and (await again.json())["replayed"] is True
