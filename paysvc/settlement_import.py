@@ -142,7 +142,8 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
     await conn.execute(Q.close_missing_settled_late, settlement_id, now, str(entry_id) if entry_id else None)
     clock.lap("post")
 
-    await conn.execute(Q.line_exceptions_date, business_date)
+    if payment_ids:
+        await conn.execute(Q.line_exceptions_date, business_date, payment_ids)
     await conn.execute(Q.day_exceptions_date, provider, start, end, business_date)
     await raise_overdue(conn, provider=provider, today=_today(now, rules), rules=rules, now=now)
     summary = [dict(r) for r in await conn.fetch(Q.staging_summary)]

@@ -200,12 +200,12 @@ UPDATE settlements SET line_count = $2, journal_entry_id = $3, summary = $4 WHER
 -- name: line_exceptions_date
 -- Exceptions raised at capture for the payments this file's lines captured (unknown_khqr, missing_in_ledger,
 -- …) take the file's business date, whatever day their paid_at falls on: it is the day treasury reconciles,
--- and that day is not clean while they are open. $1 business date.
-UPDATE reconciliation_exceptions e
+-- and that day is not clean while they are open. $1 business date, $2 the ids of the payments the import
+-- captured (known to it: looked up by the payment index; a join with the staging table took 16 s for a
+-- 1,000,000-line file).
+UPDATE reconciliation_exceptions
    SET business_date = $1
-  FROM settlement_staging s
- WHERE s.category = 'missing_in_ledger' AND e.payment_id = s.payment_id AND e.business_date IS NULL
-   AND e.state = 'open'
+ WHERE payment_id = ANY ($2::text[]) AND business_date IS NULL AND state = 'open'
 
 -- name: day_exceptions_date
 -- Exceptions raised at capture for the day's payments take the day's business date.
