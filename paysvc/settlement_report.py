@@ -133,8 +133,15 @@ async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rul
     yield buf.getvalue().encode()
 
 
-async def day_grid(conn: asyncpg.Connection, *, today: date, days: int, providers: list[str]) -> list[dict]:
-    """Business days × providers, newest first, each ``matched``, ``exceptions open`` or ``not received``."""
+async def day_grid(conn: asyncpg.Connection, *, today: date, days: int, providers: list[str],
+                   rules: Rules) -> list[dict]:
+    """Business days × providers, newest first, each ``matched``, ``exceptions open``, ``left in clearing``
+    or ``not received``.
+
+    ``matched`` is the report's ``clean``: no open exception and nothing of the day's payments left in
+    clearing. A day whose files settle nothing (a header-only file) while its payments are still expected
+    is ``left in clearing``, not ``matched``.
+    """
     rows = await conn.fetch(Q.day_grid, today - timedelta(days=days - 1), today, providers)
     out = []
     for r in rows:
@@ -143,7 +150,9 @@ async def day_grid(conn: asyncpg.Connection, *, today: date, days: int, provider
         elif r["open_exceptions"]:
             state = "exceptions open"
         else:
-            state = "matched"
+            start, end = window(r["business_date"], rules.cutoff)
+            remaining = await conn.fetch(Q.day_remaining, r["provider"], start, end)
+            state = "left in clearing" if remaining else "matched"
         out.append({"business_date": r["business_date"].isoformat(), "provider": r["provider"], "state": state,
                     "settlements": r["settlements"], "open_exceptions": r["open_exceptions"]})
     return out

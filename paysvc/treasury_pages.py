@@ -196,7 +196,8 @@ async def grid(request: web.Request) -> web.Response:
         return session
     providers = sorted(request.app[PROVIDERS])
     async with request.app[POOL].acquire() as conn:
-        cells = await day_grid(conn, today=_today(request), days=GRID_DAYS, providers=providers)
+        cells = await day_grid(conn, today=_today(request), days=GRID_DAYS, providers=providers,
+                               rules=rules_of(request.app[SETTINGS]))
     names = sorted({c["provider"] for c in cells})
     by = {(c["business_date"], c["provider"]): c for c in cells}
     days = sorted({c["business_date"] for c in cells}, reverse=True)
