@@ -156,3 +156,42 @@ async def day_grid(conn: asyncpg.Connection, *, today: date, days: int, provider
         out.append({"business_date": r["business_date"].isoformat(), "provider": r["provider"], "state": state,
                     "settlements": r["settlements"], "open_exceptions": r["open_exceptions"]})
     return out
+
+
+async def day_overview(conn: asyncpg.Connection, provider: str, day: date, *, rules: Rules,
+                       exceptions_limit: int, exceptions_after: str | None = None) -> dict[str, Any]:
+    """What a provider's business day stands at, with or without a settlement file: the day's payments, what
+    is left in clearing, how many exceptions are open and one page of them (``next_exceptions_after`` is the
+    cursor of the next page, None after the last). ``clean`` is the report's ``clean``."""
+    start, end = window(day, rules.cutoff)
+    pay_rows = await conn.fetch(Q.day_payment_states, provider, start, end)
+    remaining = await conn.fetch(Q.day_remaining, provider, start, end)
+    open_count = await conn.fetchval(Q.day_open_exception_count, provider, day)
+    page = await conn.fetch(Q.day_open_exceptions_page, provider, day, exceptions_after, exceptions_limit + 1)
+    return {
+        "payments_of_the_day": _totals(pay_rows, "state", PAYMENT_STATES, "payments"),
+        "clearing_remaining": _totals(remaining, "why", ("expected", "missing_in_settlement", "amount_mismatch"),
+                                      "payments"),
+        "clean": not open_count and not remaining,
+        "open_exception_count": open_count,
+        "open_exceptions": [dict(e) for e in page[:exceptions_limit]],
+        "next_exceptions_after": page[exceptions_limit - 1]["id"] if len(page) > exceptions_limit else None,
+    }
+
+
+async def settlement_page(conn: asyncpg.Connection, settlement_id: str, *, lines_limit: int,
+                          after_line: int = 0) -> dict[str, Any]:
+    """One settlement of a day as the treasury day page shows it: the file, its totals per category and one
+    page of its lines (``next_after_line`` as in ``report``)."""
+    s = await conn.fetchrow(Q.settlement_get, settlement_id)
+    line_rows = await conn.fetch(Q.settlement_line_totals, settlement_id)
+    lines = await conn.fetch(Q.settlement_lines_page, settlement_id, after_line, lines_limit + 1)
+    return {
+        "id": s["id"], "format": s["format"],
+        "file": {"name": s["file_name"], "lines": s["line_count"]},
+        "imported_at": s["imported_at"].isoformat(), "imported_by": s["imported_by"],
+        "lines_by_category": _totals(line_rows, "category", LINE_CATEGORIES, "lines"),
+        "lines": [_line_json(r) for r in lines[:lines_limit]],
+        "after_line": after_line,
+        "next_after_line": _next_after_line(lines, lines_limit, after_line),
+    }

@@ -29,12 +29,14 @@ from paysvc.invoicing import now_utc
 from paysvc.pages import amount_display
 from paysvc.queries import Q
 from paysvc.settlement_days import TIME_ZONE_NAME, business_date
-from paysvc.settlement_report import day_grid, report
+from paysvc.settlement_report import day_grid, day_overview, settlement_page
 from paysvc.web import AUTH, POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, body_encoding
 from pydantic import ValidationError
 
 COOKIE = "paysvc_treasury"
 GRID_DAYS = 14
+LINES_PAGE = 500        # lines of each settlement file on a day page
+EXCEPTIONS_PAGE = 100   # open exceptions on a day page (each carries a resolve form)
 TEMPLATE = web.AppKey("treasury_template", tuple)
 FORM = web.RequestKey("treasury_form", object)
 
@@ -209,8 +211,8 @@ async def grid(request: web.Request) -> web.Response:
             c = by[(d, n)]
             cls = "state-" + c["state"].replace(" ", "-")
             label = f'<span class="state {cls}">{_e(c["state"])}</span>'
-            if c["settlements"]:
-                label = f'<a href="/treasury/days/{d}/{quote(n)}">{label}</a>'
+            if c["settlements"] or c["open_exceptions"]:  # a day with open exceptions has a page, file or not
+                label = f'<a href="{_e(_day_url(d, n))}">{label}</a>'
             extra = f' <span class="note">{c["open_exceptions"]} open</span>' if c["open_exceptions"] else ""
             tds.append(f'<td data-day="{d}" data-provider="{_e(n)}">{label}{extra}</td>')
         rows.append(f"<tr><th>{d}</th>{''.join(tds)}</tr>")
@@ -224,7 +226,31 @@ def _amounts(amounts: dict) -> str:
     return ", ".join(amount_display(cur, n) for cur, n in sorted(amounts.items())) or "—"
 
 
+def _day_url(d, provider: str, **params) -> str:
+    """The day page's address (not HTML-escaped), with the query ``params`` that are not None."""
+    query = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in params.items() if v is not None)
+    return f"/treasury/days/{d}/{quote(provider, safe='')}" + (f"?{query}" if query else "")
+
+
+def _cursor_param(request: web.Request, name: str) -> str | None:
+    v = request.query.get(name)
+    return v if v and len(v) <= 100 and v.isascii() and v.isprintable() else None
+
+
+def _line_param(request: web.Request) -> int:
+    v = request.query.get("after_line", "")
+    return int(v) if v.isascii() and v.isdigit() and len(v) <= 9 else 0
+
+
+def _totals_rows(totals: dict) -> str:
+    return "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{v['count']}</td><td class=\"num\">"
+                   f"{_e(_amounts(v['amounts']))}</td></tr>" for k, v in totals.items())
+
+
 async def day(request: web.Request) -> web.Response:
+    """A provider's business day: each settlement file with its totals and its lines (paged per file), the
+    day's payments, what is left in clearing, and the day's open exceptions (paged), each with a resolve
+    form. A day with no file still has a page when the provider is ours or exceptions are open on it."""
     session = await _require(request)
     if isinstance(session, web.Response):
         return session
@@ -234,57 +260,90 @@ async def day(request: web.Request) -> web.Response:
         raise web.HTTPNotFound() from None
     provider = request.match_info["provider"]
     rules = rules_of(request.app[SETTINGS])
+    exc_after = _cursor_param(request, "exceptions_after")
+    lines_of, after_line = _cursor_param(request, "lines_of"), _line_param(request)
     async with request.app[POOL].acquire() as conn:
         settlements = await conn.fetch(Q.settlements_of_day, provider, d)
-        reports = [await report(conn, s["id"], rules=rules, today=_today(request), lines_limit=500)
-                   for s in settlements]
-    if not reports:
-        raise web.HTTPNotFound()
+        day_ = await day_overview(conn, provider, d, rules=rules, exceptions_limit=EXCEPTIONS_PAGE,
+                                  exceptions_after=exc_after)
+        if not settlements and not day_["open_exception_count"] and provider not in request.app[PROVIDERS]:
+            raise web.HTTPNotFound()
+        files = [await settlement_page(conn, s["id"], lines_limit=LINES_PAGE,
+                                       after_line=after_line if s["id"] == lines_of else 0)
+                 for s in settlements]
+    here = _day_url(d, provider, exceptions_after=exc_after,
+                    lines_of=lines_of if after_line else None, after_line=after_line or None)
     flash = request.query.get("msg")
     parts = [f"<h1>{_e(provider)} · {d} <span class=\"note\">({TIME_ZONE_NAME} business day)</span></h1>"]
     if flash:
         parts.append(f'<p class="note" id="flash">{_e(flash)}</p>')
-    first = reports[0]
-    for r in reports:
-        cats = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{v['count']}</td><td class=\"num\">"
-                       f"{_e(_amounts(v['amounts']))}</td></tr>" for k, v in r["lines_by_category"].items())
-        pays = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{v['count']}</td><td class=\"num\">"
-                       f"{_e(_amounts(v['amounts']))}</td></tr>" for k, v in r["payments_of_the_day"].items())
+    if not files:
+        parts.append('<p class="note" id="no-file">No settlement file has been received for this day.</p>')
+    for f in files:
+        sid = f["id"]
         parts.append(
-            f"<h2>Settlement {_e(r['id'])}</h2><p class=\"note\">{_e(r['format'])} file {_e(r['file']['name'])}, "
-            f"{r['file']['lines']} lines, imported {_e(r['imported_at'])} (UTC) by {_e(r['imported_by'])}. "
-            f"<a id=\"csv-{_e(r['id'])}\" href=\"/treasury/settlements/{_e(r['id'])}/report.csv\">Download CSV</a></p>"
+            f"<h2>Settlement {_e(sid)}</h2><p class=\"note\">{_e(f['format'])} file {_e(f['file']['name'])}, "
+            f"{f['file']['lines']} lines, imported {_e(f['imported_at'])} (UTC) by {_e(f['imported_by'])}. "
+            f"<a id=\"csv-{_e(sid)}\" href=\"/treasury/settlements/{_e(sid)}/report.csv\">Download CSV</a></p>"
             f"<table class=\"totals\"><thead><tr><th>Lines</th><th>Count</th><th>Amount</th></tr></thead>"
-            f"<tbody>{cats}</tbody></table>")
-    r = first
+            f"<tbody>{_totals_rows(f['lines_by_category'])}</tbody></table>")
     parts.append(f"<h2>Payments of the day</h2><table><thead><tr><th>State</th><th>Count</th><th>Amount</th></tr>"
-                 f"</thead><tbody>{pays}</tbody></table>")
+                 f"</thead><tbody>{_totals_rows(day_['payments_of_the_day'])}</tbody></table>")
     remaining = "".join(f"<li>{_e(k)}: {_e(_amounts(v['amounts']))}</li>"
-                        for k, v in r["clearing_remaining"].items() if v["count"])
-    parts.append("<h2>Left in clearing</h2>" + (f"<ul>{remaining}</ul>" if remaining else
-                                                 '<p id="clean">Nothing: the day is clean.</p>'))
+                        for k, v in day_["clearing_remaining"].items() if v["count"])
+    if remaining:
+        left = f"<ul>{remaining}</ul>"
+    elif not files:
+        left = '<p id="nothing-left">Nothing, but no file has been received.</p>'
+    elif day_["clean"]:
+        left = '<p id="clean">Nothing: the day is clean.</p>'
+    else:
+        left = '<p id="nothing-left">Nothing, but exceptions are still open.</p>'
+    parts.append("<h2>Left in clearing</h2>" + left)
+    back = _e(here)
     exc_rows = []
-    for e in r["open_exceptions"]:
+    for e in day_["open_exceptions"]:
         exc_rows.append(
             f"<tr id=\"exc-{_e(e['id'])}\"><td>{_e(e['reason'])}</td><td>{_e(e['payment_id'])}</td>"
             f"<td class=\"num\">{_e(amount_display(e['currency'], e['amount']))}</td><td>"
             f"<form class=\"resolve\" method=\"post\" action=\"/treasury/exceptions/{_e(e['id'])}/resolve\">"
-            f"{_csrf(session)}<input type=\"hidden\" name=\"back\" value=\"/treasury/days/{d}/{_e(quote(provider))}\">"
+            f"{_csrf(session)}<input type=\"hidden\" name=\"back\" value=\"{back}\">"
             "<select name=\"action\"><option value=\"match_to_invoice\">match to invoice</option>"
             "<option value=\"refund_due\">refund due</option><option value=\"write_off\">write off</option></select>"
             f"<input name=\"invoice_id\" placeholder=\"invoice id\" value=\"{_e(e['invoice_id'])}\">"
             "<textarea name=\"note\" placeholder=\"why (required)\" required></textarea>"
             "<button type=\"submit\">Resolve</button></form></td></tr>")
-    parts.append("<h2>Open exceptions</h2>" + (
-        "<table id=\"exceptions\"><thead><tr><th>Reason</th><th>Payment</th><th>Amount</th><th>Resolve</th></tr>"
-        f"</thead><tbody>{''.join(exc_rows)}</tbody></table>" if exc_rows else '<p id="no-exceptions">None.</p>'))
-    line_rows = "".join(
-        f"<tr><td class=\"num\">{ln['line_no']}</td><td>{_e(ln['transaction_id'])}</td>"
-        f"<td class=\"num\">{_e(amount_display(ln['currency'], ln['amount']))}</td><td>{_e(ln['paid_at'])}</td>"
-        f"<td>{_e(ln['category'])}</td><td>{_e(ln['payment_id'])}</td></tr>" for ln in r["lines"])
-    parts.append("<h2>Lines</h2><p class=\"note\">Times are UTC. The first 500 lines; the CSV has them all.</p>"
-                 "<table id=\"lines\"><thead><tr><th>Line</th><th>Transaction</th><th>Amount</th><th>Paid at (UTC)</th>"
-                 f"<th>Category</th><th>Payment</th></tr></thead><tbody>{line_rows}</tbody></table>")
+    count = day_["open_exception_count"]
+    nav = []
+    if exc_after:
+        nav.append(f'<a id="first-exceptions" href="{_e(_day_url(d, provider))}">First page</a>')
+    if day_["next_exceptions_after"]:
+        nxt = _day_url(d, provider, exceptions_after=day_["next_exceptions_after"])
+        nav.append(f'<a id="next-exceptions" href="{_e(nxt)}">Next {EXCEPTIONS_PAGE}</a>')
+    shown = (f"{count:,} open exception{'s' if count != 1 else ''}, oldest first; {len(exc_rows)} on this page "
+             f"(at most {EXCEPTIONS_PAGE}).")
+    parts.append(f"<h2>Open exceptions</h2><p class=\"note\" id=\"exception-count\">{_e(shown)} {' · '.join(nav)}</p>"
+                 + ("<table id=\"exceptions\"><thead><tr><th>Reason</th><th>Payment</th><th>Amount</th>"
+                    f"<th>Resolve</th></tr></thead><tbody>{''.join(exc_rows)}</tbody></table>" if exc_rows else
+                    '<p id="no-exceptions">None.</p>' if not count else ""))
+    for f in files:
+        sid = f["id"]
+        line_rows = "".join(
+            f"<tr><td class=\"num\">{ln['line_no']}</td><td>{_e(ln['transaction_id'])}</td>"
+            f"<td class=\"num\">{_e(amount_display(ln['currency'], ln['amount']))}</td><td>{_e(ln['paid_at'])}</td>"
+            f"<td>{_e(ln['category'])}</td><td>{_e(ln['payment_id'])}</td></tr>" for ln in f["lines"])
+        nav = []
+        if f["after_line"]:
+            nav.append(f'<a id="first-lines-{_e(sid)}" href="{_e(_day_url(d, provider, exceptions_after=exc_after))}'
+                       f'#lines-{_e(sid)}">First lines</a>')
+        if f["next_after_line"] is not None:
+            nxt = _day_url(d, provider, exceptions_after=exc_after, lines_of=sid, after_line=f["next_after_line"])
+            nav.append(f'<a id="more-lines-{_e(sid)}" href="{_e(nxt)}#lines-{_e(sid)}">Next {LINES_PAGE} lines</a>')
+        parts.append(
+            f"<h2>Lines of {_e(sid)}</h2><p class=\"note\">Times are UTC. Lines after line {f['after_line']}, at most "
+            f"{LINES_PAGE} at a time; the CSV has them all. {' · '.join(nav)}</p>"
+            f"<table id=\"lines-{_e(sid)}\" class=\"lines\"><thead><tr><th>Line</th><th>Transaction</th><th>Amount</th>"
+            f"<th>Paid at (UTC)</th><th>Category</th><th>Payment</th></tr></thead><tbody>{line_rows}</tbody></table>")
     return _page(request, f"{provider} {d}", "".join(parts), session=session)
 
 
@@ -309,7 +368,9 @@ async def resolve_form(request: web.Request) -> web.Response:
     except Problem as p:
         return _page(request, "Not resolved", f'<p class="error">{_e(p.detail)}</p><p><a href="{_e(back)}">Back</a></p>',
                      session=session, status=p.status)
-    return _see_other(f"{back}?msg={quote('Exception ' + request.match_info['id'] + ' resolved')}")
+    back = back.split("&msg=")[0].split("?msg=")[0]      # a page already showing a message: one message
+    sep = "&" if "?" in back else "?"
+    return _see_other(f"{back}{sep}msg={quote('Exception ' + request.match_info['id'] + ' resolved')}")
 
 
 async def csv_download(request: web.Request) -> web.StreamResponse:

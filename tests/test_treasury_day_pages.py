@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from html import unescape
 
 import asyncpg
+import pytest
 
 from paysvc import treasury_pages
 from paysvc.api_settlements import rules_of
@@ -17,7 +18,12 @@ from paysvc.settlement_import import raise_overdue
 from paysvc.web import SETTINGS
 from providers.sandbox import write_settlement_csv
 from tests.test_settlement import DAY, line, paid, upload
-from tests.test_treasury_pages import login, origin, treasury_key  # noqa: F401 (fixture)
+from tests.test_treasury_pages import login, origin
+
+
+@pytest.fixture
+async def treasury_key(api):
+    return await api.key(None, scopes=["treasury"], name="Treasury desk")
 
 
 def _today():
@@ -43,6 +49,35 @@ def _csrf(page: str) -> str:
     return page.split('name="csrf" value="')[1].split('"')[0]
 
 
+async def test_a_day_without_a_file_shows_and_resolves_its_open_exceptions(api, portal, treasury_key,
+                                                                            invoice_body):
+    now, today = datetime.now(UTC), _today()
+    await paid(api, portal, invoice_body, "TX-1", at=now)
+    await paid(api, portal, invoice_body, "TX-2", at=now)
+    assert await _raise_overdue_of(api, today) == 2
+    assert (await login(api, treasury_key)).status == 303
+    cell = _cell(await (await api.client.get("/treasury")).text(), today)
+    assert "not received" in cell and "2 open" in cell
+    assert f'<a href="/treasury/days/{today}/sandbox">' in cell
+    r = await api.client.get(f"/treasury/days/{today}/sandbox")
+    assert r.status == 200
+    page = await r.text()
+    assert 'id="no-file"' in page and "No settlement file has been received" in page
+    ids = _exception_ids(page)
+    assert len(ids) == 2 and page.split('id="exceptions"')[1].count("<td>missing_in_settlement</td>") == 2
+    assert "2 open exceptions" in page
+    assert 'id="clean"' not in page
+    form = {"action": "write_off", "note": "never settled", "csrf": _csrf(page),
+            "back": f"/treasury/days/{today}/sandbox"}
+    r = await api.client.post(f"/treasury/exceptions/{ids[0]}/resolve", data=form, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 303, await r.text()
+    page = await (await api.client.get(r.headers["Location"])).text()
+    assert _exception_ids(page) == ids[1:]
+    # A provider the service does not know, on a day with nothing, is still not found.
+    assert (await api.client.get(f"/treasury/days/{today}/nosuchprovider")).status == 404
+
+
 async def test_a_header_only_file_does_not_make_the_day_matched(api, portal, treasury, treasury_key,
                                                                  invoice_body):
     now, today = datetime.now(UTC), _today()
@@ -64,3 +99,89 @@ async def test_a_header_only_file_does_not_make_the_day_matched(api, portal, tre
     assert "state-matched" in cell
     page = await (await api.client.get(f"/treasury/days/{today}/sandbox")).text()
     assert 'id="clean"' in page
+
+
+async def test_every_file_of_the_day_lists_its_lines_paged(api, portal, treasury, treasury_key, invoice_body,
+                                                           monkeypatch):
+    await paid(api, portal, invoice_body, "TX-1")
+    await paid(api, portal, invoice_body, "TX-2")
+    await paid(api, portal, invoice_body, "TX-3")
+    r1 = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]), name="first.csv")
+    r2 = await upload(api, treasury, write_settlement_csv(
+        [line("TX-2", 50000), line("TX-3", 50000), line("<b>TX-x</b>", 700)]), name="second.csv")
+    s1, s2 = (await r1.json())["id"], (await r2.json())["id"]
+    assert (await login(api, treasury_key)).status == 303
+    page = await (await api.client.get(f"/treasury/days/{DAY}/sandbox")).text()
+    assert "<td>TX-1</td>" in page and "<td>TX-2</td>" in page and "<td>TX-3</td>" in page
+    assert f'id="lines-{s1}"' in page and f'id="lines-{s2}"' in page
+    assert "&lt;b&gt;TX-x&lt;/b&gt;" in page and "<b>TX-x" not in page        # provider text is escaped
+    monkeypatch.setattr(treasury_pages, "LINES_PAGE", 2, raising=False)
+    page = await (await api.client.get(f"/treasury/days/{DAY}/sandbox")).text()
+    second = page.split(f'id="lines-{s2}"')[1].split("</table>")[0]
+    assert "<td>TX-2</td>" in second and "<td>TX-3</td>" in second and "TX-x" not in second
+    more = unescape(page.split(f'id="more-lines-{s2}" href="')[1].split('"')[0])
+    assert f'id="more-lines-{s1}"' not in page                                   # file 1 fits in one page
+    page = await (await api.client.get(more)).text()
+    second = page.split(f'id="lines-{s2}"')[1].split("</table>")[0]
+    assert "&lt;b&gt;TX-x&lt;/b&gt;" in second and "TX-2" not in second
+    assert f'id="more-lines-{s2}"' not in page
+    assert "<td>TX-1</td>" in page                                               # the other file: its first page
+
+
+async def test_open_exceptions_are_paged_and_stay_resolvable(api, portal, treasury_key, invoice_body, monkeypatch):
+    for i in range(5):
+        await paid(api, portal, invoice_body, f"TX-{i}")
+    assert await _raise_overdue_of(api, DAY) == 5
+    monkeypatch.setattr(treasury_pages, "EXCEPTIONS_PAGE", 2, raising=False)
+    assert (await login(api, treasury_key)).status == 303
+    url = f"/treasury/days/{DAY}/sandbox"
+    seen: list[str] = []
+    pages = 0
+    while url:
+        r = await api.client.get(url)
+        assert r.status == 200
+        page = await r.text()
+        pages += 1
+        assert "5 open exceptions" in page
+        ids = _exception_ids(page)
+        assert 1 <= len(ids) <= 2
+        seen += ids
+        nxt = re.search(r'<a id="next-exceptions" href="([^"]+)"', page)
+        url = unescape(nxt.group(1)) if nxt else None
+        if pages == 2:
+            second_url, second_page = unescape(r.url.path_qs), page
+    assert pages == 3 and len(set(seen)) == 5
+    conn = await asyncpg.connect(api.dsn)
+    assert set(seen) == {r["id"] for r in await conn.fetch("SELECT id FROM reconciliation_exceptions")}
+    # Resolving from the second page comes back to the second page, whose form still works.
+    exc = _exception_ids(second_page)[0]
+    back = second_page.split(f'<tr id="exc-{exc}"')[1].split('name="back" value="')[1].split('"')[0]
+    assert unescape(back) == second_url
+    form = {"action": "refund_due", "note": "refund the citizen", "csrf": _csrf(second_page), "back": unescape(back)}
+    r = await api.client.post(f"/treasury/exceptions/{exc}/resolve", data=form, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].startswith(second_url + "&msg=")
+    page = await (await api.client.get(r.headers["Location"])).text()
+    assert 'id="flash"' in page and "4 open exceptions" in page and exc not in _exception_ids(page)
+    assert await conn.fetchval("SELECT state FROM reconciliation_exceptions WHERE id = $1", exc) == "resolved"
+    await conn.close()
+
+
+async def test_a_day_with_thirty_thousand_open_exceptions_is_a_small_page(api, treasury_key):
+    """The review's day: 29,991 open exceptions made a 24.5 MB page. It now shows one page of them and says
+    how many there are."""
+    conn = await asyncpg.connect(api.dsn)
+    await conn.execute(
+        "INSERT INTO reconciliation_exceptions (id, reason, provider, currency, amount, business_date) "
+        "SELECT 'exc_' || lpad(i::text, 32, '0'), 'unknown_khqr', 'sandbox', 'KHR', i, $1 "
+        "FROM generate_series(1, 29991) i", DAY)
+    await conn.close()
+    assert (await login(api, treasury_key)).status == 303
+    r = await api.client.get(f"/treasury/days/{DAY}/sandbox")
+    assert r.status == 200
+    page = await r.text()
+    assert len(page.encode()) < 200_000
+    assert "29,991 open exceptions" in page and 'id="no-file"' in page
+    assert len(_exception_ids(page)) == treasury_pages.EXCEPTIONS_PAGE
+    assert page.count('name="csrf"') >= treasury_pages.EXCEPTIONS_PAGE
+    assert re.search(r'<a id="next-exceptions" href="[^"]+exceptions_after=exc_0+100"', page)

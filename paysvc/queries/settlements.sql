@@ -295,6 +295,21 @@ SELECT e.id, e.reason, e.payment_id, e.invoice_id, e.currency, e.amount, e.evide
  WHERE e.provider = $1 AND e.business_date = $2 AND e.state = 'open'
  ORDER BY e.opened_at, e.id
 
+-- name: day_open_exception_count
+SELECT count(*) FROM reconciliation_exceptions e
+ WHERE e.provider = $1 AND e.business_date = $2 AND e.state = 'open'
+
+-- name: day_open_exceptions_page
+-- A page of the day's open exceptions, oldest first, after exception $3 (NULL: from the first). The cursor
+-- is an exception's id: it still orders the page once that exception is resolved.
+SELECT e.id, e.reason, e.payment_id, e.invoice_id, e.currency, e.amount, e.opened_at
+  FROM reconciliation_exceptions e
+ WHERE e.provider = $1 AND e.business_date = $2 AND e.state = 'open'
+   AND ($3::text IS NULL
+        OR (e.opened_at, e.id) > (SELECT c.opened_at, c.id FROM reconciliation_exceptions c WHERE c.id = $3))
+ ORDER BY e.opened_at, e.id
+ LIMIT $4
+
 -- name: day_remaining
 -- What the day leaves in the provider's clearing account, and why: money captured for the day's payments
 -- that no posted line settled (expected, missing in settlement, amount mismatch) and whose exception, if
