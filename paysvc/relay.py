@@ -137,6 +137,7 @@ class Relay:
         self._poll_interval = poll_interval
         self._publish_timeout = publish_timeout
         self._backoff = (backoff_initial, backoff_max)
+        self._unrouted = 0  # events of the last pass that no queue took, even after declaring it again
         self._retention = retention
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -162,6 +163,7 @@ class Relay:
 
     async def publish_pass(self) -> int:
         """Publish one batch for the agencies this relay can claim; return how many were published."""
+        self._unrouted = 0
         await self.connect()
         async with self._pool.acquire() as conn:
             async with conn.transaction():
@@ -205,6 +207,7 @@ class Relay:
             self._declared -= {r["agency"] for r in still}
             log.warning("relay: %d events still came back unrouted; they stay unpublished for the next pass",
                         len(still))
+            self._unrouted = len(still)
         left = {r["id"] for r in still}
         return [r for r in rows if r["id"] not in left]
 
@@ -266,9 +269,18 @@ class Relay:
                     if delay != self._backoff[0]:
                         log.info("relay: connected to the broker again; publishing the outbox")
                     delay = self._backoff[0]
+                    stuck = self._backoff[0]
                     while True:
-                        if not await self.publish_pass():
-                            await asyncio.sleep(self._poll_interval)
+                        published = await self.publish_pass()
+                        if self._unrouted:
+                            # No queue takes them even after declaring it again: wait longer each time rather
+                            # than try (and warn) at every poll interval.
+                            await asyncio.sleep(stuck)
+                            stuck = min(stuck * 2, self._backoff[1])
+                        else:
+                            stuck = self._backoff[0]
+                            if not published:
+                                await asyncio.sleep(self._poll_interval)
                         if self._retention is not None and time.monotonic() >= next_prune:
                             next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
                             n = await prune_outbox(self._pool, retention=self._retention,

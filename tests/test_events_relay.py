@@ -422,3 +422,36 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
         assert await _queued_ids(broker, "MOI") == [str(i) for i in ids]   # in seq order
     finally:
         await close_relay(relay)
+
+
+async def test_a_relay_whose_events_no_queue_takes_backs_off_instead_of_retrying_every_poll(db_dsn, broker: Broker):
+    """While messages keep coming back unrouted, the background relay waits longer each time (up to its
+    backoff maximum) instead of trying, and warning, at every poll interval (20 times a second)."""
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+        await add_event(conn, agency_id=agency_id, type="invoice.paid", data={}, occurred_at=datetime.now(timezone.utc))
+    relay = await make_relay(db_dsn, broker, poll_interval=0.05, backoff_initial=0.2, backoff_max=5)
+    sends = 0
+    real_send = relay._send
+
+    async def declare_nothing(codes) -> None:
+        return None
+
+    async def counting_send(rows):
+        nonlocal sends
+        sends += 1
+        return await real_send(rows)
+
+    relay._declare = declare_nothing  # type: ignore[method-assign]
+    relay._send = counting_send  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(1.6)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await close_relay(relay)
+    # each pass sends twice (once, then again after declaring); passes at about 0, 0.2, 0.6 and 1.4 s
+    assert 2 <= sends <= 10, sends
