@@ -263,10 +263,19 @@ async def _create_once(
             _event_data(row),
         )
         if not result["created"]:
+            if idempotency_key is not None:
+                # The request that took this reference may be this key's own, committed after our claim's
+                # snapshot was taken (while we waited for the key's lock): a fresh read finds its record.
+                record = await conn.fetchrow(Q.idempotency_lookup, agency_code, idempotency_key)
+                if record is not None:
+                    if record["request_hash"] != digest:
+                        raise IdempotencyMismatch("this Idempotency-Key was used with a different body; use a "
+                                                  "new key for a new request")
+                    return record["status"], record["response"], True
             existing = await conn.fetchval(Q.invoice_reference_owner, agency_id, body.reference)
             raise Conflict(
-                f"reference {body.reference!r} is already used by invoice {existing}; "
-                "references are unique per agency (send an Idempotency-Key to retry safely)",
+                f"reference {body.reference!r} is already used by invoice {existing}; references are unique per "
+                "agency" + ("" if idempotency_key is not None else " (send an Idempotency-Key to retry safely)"),
                 invoice_id=existing,
             )
     return 201, response, False

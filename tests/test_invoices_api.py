@@ -514,3 +514,27 @@ async def test_one_invoice_carries_payer_and_payments_and_a_listed_one_neither(a
     [listed] = (await (await api.client.get("/v1/invoices", headers=h)).json())["data"]
     assert listed["id"] == created["id"] and listed["status"] == "paid"
     assert "payer" not in listed and "payments" not in listed
+
+
+async def test_a_key_whose_first_request_committed_after_our_look_is_replayed_not_called_a_conflict(
+        api, invoice_body, monkeypatch):
+    """Found by review (1 in ~3,000 concurrent same-key requests): the claim's snapshot predates the key's
+    lock, so the first request's record, committed in between, was not seen; the insert then met the
+    reference the first request took, and the answer was 409 "reference already used". Here the claim is
+    made to miss the record, as that snapshot did: the same request must still be replayed."""
+    from paysvc.queries import Q
+
+    h = {**await api.portal("MOI"), "Idempotency-Key": "late-look"}
+    body = invoice_body(reference="R-LATE")
+    first = await api.client.post("/v1/invoices", json=body, headers=h)
+    assert first.status == 201
+    monkeypatch.setattr(Q, "idempotency_claim", "SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || "
+                        "$2, 7)) AS locked, NULL::text AS request_hash, NULL::int AS status, NULL::jsonb AS response")
+    again = await api.client.post("/v1/invoices", json=body, headers=h)
+    assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true", await again.text()
+    assert (await again.json())["id"] == (await first.json())["id"]
+    other = await api.client.post("/v1/invoices", json=invoice_body(reference="R-LATE", amount=7),
+                                  headers={**h, "Idempotency-Key": "late-look"})
+    assert other.status == 422  # same key, another body: still refused
+    taken = await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": "another-key"})
+    assert taken.status == 409 and "Idempotency-Key to retry" not in (await taken.json())["detail"]

@@ -92,5 +92,9 @@ SELECT l.locked, k.request_hash, k.status, k.response
   FROM (SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 7)) AS locked) l
   LEFT JOIN idempotency_keys k ON k.owner = $1 AND k.key = $2
 
+-- name: idempotency_lookup
+-- The record of a key, read with a statement of its own (so it sees whatever committed before it started).
+SELECT request_hash, status, response FROM idempotency_keys WHERE owner = $1 AND key = $2
+
 -- name: idempotency_prune
 DELETE FROM idempotency_keys WHERE created_at < $1
