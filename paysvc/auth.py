@@ -63,6 +63,11 @@ async def create_key(
             raise ValidationFailed(f"no agency with code {agency_code!r}; add it first with `paysvc agencies add`")
     if any(s.startswith("invoices:") for s in scopes) and agency_id is None:
         raise ValidationFailed("invoices scopes belong to an agency's key: give --agency CODE")
+    cross = sorted(s for s in scopes if not s.startswith("invoices:"))
+    if cross and agency_id is not None:
+        # An agency's key sees only its agency's data; these scopes read or act across every agency.
+        raise ValidationFailed(f"scope(s) {cross} read or act across all agencies and cannot be given to an "
+                               "agency's key: create a separate key without --agency")
     key_id, full, digest = new_key()
     await conn.execute(
         "INSERT INTO api_keys (id, name, agency_id, scopes, secret_hash) VALUES ($1, $2, $3, $4, $5)",

@@ -230,11 +230,7 @@ async def _create_once(
                     "a request with this Idempotency-Key is still being processed; retry in a moment"
                 )
             if claim["request_hash"] is not None:
-                if claim["request_hash"] != digest:
-                    raise IdempotencyMismatch(
-                        "this Idempotency-Key was used with a different body; use a new key for a new request"
-                    )
-                return claim["status"], claim["response"], True
+                return await _replay(conn, ctx, claim, digest)
 
         agency = await ctx.agencies.get(conn, agency_id)
         number = await ctx.numbers.next(conn)
@@ -256,10 +252,13 @@ async def _create_once(
             "cancelled_at": None, "expired_at": None,
         }
         response = _out(ctx, row, khqr_out=code, payer=body.payer, payments=[]).model_dump(mode="json")
+        # The idempotency record keeps the answer for replays, but not the payer in clear text: that is kept
+        # only encrypted, in the invoice, and put back into a replay from there.
+        kept = {**response, "payer": PAYER_IN_INVOICE} if response.get("payer") is not None else response
         result = await conn.fetchrow(
             Q.invoice_create, invoice_id, number, bill, agency_id, body.reference, body.description, body.currency,
             body.amount, row["line_items"], body.metadata, key_id, blob, expires_at, now, code.md5, payload,
-            agency["bakong_account"], code_expires, agency_code, idempotency_key, digest, response, uuid.uuid4(),
+            agency["bakong_account"], code_expires, agency_code, idempotency_key, digest, kept, uuid.uuid4(),
             _event_data(row),
         )
         if not result["created"]:
@@ -268,10 +267,7 @@ async def _create_once(
                 # snapshot was taken (while we waited for the key's lock): a fresh read finds its record.
                 record = await conn.fetchrow(Q.idempotency_lookup, agency_code, idempotency_key)
                 if record is not None:
-                    if record["request_hash"] != digest:
-                        raise IdempotencyMismatch("this Idempotency-Key was used with a different body; use a "
-                                                  "new key for a new request")
-                    return record["status"], record["response"], True
+                    return await _replay(conn, ctx, record, digest)
             existing = await conn.fetchval(Q.invoice_reference_owner, agency_id, body.reference)
             raise Conflict(
                 f"reference {body.reference!r} is already used by invoice {existing}; references are unique per "
@@ -279,6 +275,23 @@ async def _create_once(
                 invoice_id=existing,
             )
     return 201, response, False
+
+
+PAYER_IN_INVOICE = "encrypted in the invoice"  # stands for the payer in a stored idempotent answer
+
+
+async def _replay(conn: asyncpg.Connection, ctx: InvoiceContext, record, digest: str | None
+                  ) -> tuple[int, dict[str, Any], bool]:
+    """The first answer of an idempotency key again, with its payer decrypted from the invoice."""
+    if record["request_hash"] != digest:
+        raise IdempotencyMismatch("this Idempotency-Key was used with a different body; use a new key for a new "
+                                  "request")
+    response = record["response"]
+    if response.get("payer") == PAYER_IN_INVOICE:
+        row = await conn.fetchrow(Q.invoice_get, response["id"], None)
+        payer = Payer(**ctx.cipher.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"]))
+        response = {**response, "payer": payer.model_dump(mode="json")}
+    return record["status"], response, True
 
 
 async def get_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, invoice_id: str) -> InvoiceOut:

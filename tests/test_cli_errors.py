@@ -59,3 +59,15 @@ def test_importing_a_settlement_file_that_is_not_there(db_dsn, tmp_path):
 def test_sandbox_pay_refuses_what_it_cannot_pay(db_dsn, args, says):
     out = run(db_dsn, "sandbox", "pay", *args)
     assert_clean_failure(out, 1, says)
+
+
+@pytest.mark.parametrize("scope", ["treasury", "admin"])
+def test_an_agency_key_cannot_carry_a_scope_that_reads_across_agencies(db_dsn, scope):
+    """Found by review: `keys create --agency MOH --scope treasury` made an agency's key that read every
+    agency's settlements and exceptions, though an agency's key never sees another agency's data."""
+    out = run(db_dsn, "agencies", "add", "MOH", "--name", "Health", "--name-km", "Health",
+              "--bakong-account", "moh@nbcq")
+    assert out.returncode == 0, out.stderr
+    out = run(db_dsn, "keys", "create", "--agency", "MOH", "--scope", scope)
+    assert_clean_failure(out, 1, "cannot be given to an agency's key")
+    assert "psk_" not in out.stdout

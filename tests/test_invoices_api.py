@@ -538,3 +538,21 @@ async def test_a_key_whose_first_request_committed_after_our_look_is_replayed_no
     assert other.status == 422  # same key, another body: still refused
     taken = await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": "another-key"})
     assert taken.status == 409 and "Idempotency-Key to retry" not in (await taken.json())["detail"]
+
+
+async def test_an_idempotent_answer_is_kept_without_the_payer_in_clear_and_replayed_whole(api, invoice_body):
+    """Found by review: the idempotency record kept the first answer with the payer's name and phone in clear
+    text for 48 h, beside the invoice that holds them only encrypted."""
+    h = {**await api.portal("MOI"), "Idempotency-Key": "with-payer"}
+    body = invoice_body(payer={"name": "Sok Dara", "phone": "+855 12 345 678"})
+    first = await api.client.post("/v1/invoices", json=body, headers=h)
+    assert first.status == 201
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        kept = await conn.fetchval("SELECT response::text FROM idempotency_keys WHERE key = 'with-payer'")
+    finally:
+        await conn.close()
+    assert "Sok Dara" not in kept and "345 678" not in kept, kept
+    again = await api.client.post("/v1/invoices", json=body, headers=h)
+    assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true"
+    assert await again.json() == await first.json()   # the payer included, decrypted from the invoice
