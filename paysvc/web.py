@@ -118,7 +118,10 @@ async def read_json(request: web.Request) -> Any:
     if b"\\u0000" in raw:
         raise MalformedRequest("text must not contain NUL characters (\\u0000)")
     try:
-        return json.loads(raw, object_pairs_hook=unique_keys)
+        doc = json.loads(raw, object_pairs_hook=unique_keys)
+        if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make an unpaired surrogate
+            _refuse_lone_surrogates(doc)
+        return doc
     except DuplicateKey as exc:
         raise MalformedRequest(f"body is ambiguous: {exc}; send each key once") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -129,6 +132,24 @@ async def read_json(request: web.Request) -> Any:
         log.info("JSON body refused: %s", exc)
         raise MalformedRequest(f"body cannot be read: a number in it has more than {sys.get_int_max_str_digits()} "
                                "digits") from None
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """Refuse text holding an unpaired UTF-16 surrogate (``"\\udc80"`` alone): no database or encoder can
+    store it, and a field accepted as it is would fail only later, after its invoice was written."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MalformedRequest("text must not contain an unpaired UTF-16 surrogate (a \\ud800-\\udfff "
+                                   "escape without its pair); remove it") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_lone_surrogates(k)
+            _refuse_lone_surrogates(v)
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_lone_surrogates(v)
 
 
 def parse_model(model: type[BaseModel], data: Any) -> BaseModel:

@@ -292,3 +292,12 @@ async def test_a_reference_with_a_space_says_what_a_reference_may_hold(api, port
     [error] = (await expect_4xx(r, 422))["errors"]
     assert error["field"] == "reference" and error["message"].startswith("reference must be printable ASCII without "
                                                                          "spaces"), error
+
+
+async def test_an_escaped_surrogate_pair_is_text_like_any_other(api, portal):
+    """The check for unpaired surrogates (refused: nothing can store them) lets a pair through: it is one
+    character, here an emoji written as JSON escapes."""
+    raw = ('{"reference": "R-E", "description": "Passport \\ud83d\\ude00", "currency": "KHR", "amount": 5000}').encode()
+    r = await api.client.post("/v1/invoices", data=raw, headers={**portal, "Content-Type": "application/json"})
+    assert r.status == 201, await r.text()
+    assert (await r.json())["description"] == "Passport \U0001F600"
