@@ -22,7 +22,7 @@ from paysvc.auth import Authenticator
 from paysvc.background import run_periodically
 from paysvc.db import create_pool
 from paysvc.openapi import build_openapi
-from paysvc.pii import cipher_from_settings
+from paysvc.pii import check_pii_keys, cipher_from_settings
 from paysvc.settings import Settings, SettingsError
 from paysvc.web import (
     AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, admission_middleware, json_response,
@@ -75,6 +75,11 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         pool = await create_pool(dsn, settings)
+        try:
+            await check_pii_keys(pool, ctx.cipher)
+        except SettingsError:
+            await pool.close()
+            raise
         app[POOL] = pool
         app[AUTH] = Authenticator(pool)
         yield

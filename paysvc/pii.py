@@ -22,6 +22,7 @@ class PiiCipher:
             raise ValueError("at least one key is needed")
         self._keys = {kid: AESGCM(k) for kid, k in keys.items()}
         self.active_key_id = next(iter(keys))
+        self.key_ids = frozenset(keys)
 
     def encrypt(self, value: dict, *, aad: str) -> tuple[str, bytes]:
         nonce = os.urandom(12)
@@ -45,3 +46,18 @@ def cipher_from_settings(settings: Settings) -> PiiCipher:
         raise SettingsError("PAYSVC_PII_KEYS: required when PAYSVC_DATABASE_URL is set (e.g. 'k1:<base64 of 32 bytes>')")
     return PiiCipher(parse_pii_keys(demo_secret(
         settings, "pii.key", lambda: "local:" + base64.b64encode(os.urandom(32)).decode(), "PAYSVC_PII_KEYS")))
+
+
+async def check_pii_keys(pool, cipher: PiiCipher) -> None:
+    """Refuse to start when ``PAYSVC_PII_KEYS`` lacks a key that stored rows were encrypted with.
+
+    Without it those payers and webhook secrets cannot be read: reads of such an invoice would fail, a
+    cancel would commit and then fail to answer, and deliveries to such a webhook would stall. One scan of
+    the invoices at start (about a second per few million rows)."""
+    used = await pool.fetch("""SELECT DISTINCT payer_key_id AS key_id FROM invoices WHERE payer_key_id IS NOT NULL
+                               UNION SELECT DISTINCT secret_key_id FROM webhook_endpoints""")
+    missing = sorted(r["key_id"] for r in used if r["key_id"] not in cipher.key_ids)
+    if missing:
+        raise SettingsError(f"PAYSVC_PII_KEYS: key id(s) {', '.join(missing)} encrypted stored payer data or webhook "
+                            "secrets but are not configured; add them back (a retired key must stay, after the "
+                            "first, until no row uses it)")

@@ -71,3 +71,22 @@ def test_an_agency_key_cannot_carry_a_scope_that_reads_across_agencies(db_dsn, s
     out = run(db_dsn, "keys", "create", "--agency", "MOH", "--scope", scope)
     assert_clean_failure(out, 1, "cannot be given to an agency's key")
     assert "psk_" not in out.stdout
+
+
+async def test_serve_refuses_to_start_without_a_key_its_stored_payers_use(api, invoice_body):
+    """Found by review: dropping a key from PAYSVC_PII_KEYS that rows still used made reads of those invoices
+    a 500 (a cancel committed, then answered 500) and stalled deliveries to webhooks whose secret it sealed."""
+    import asyncio
+    import base64
+    import os
+
+    from tests.conftest import TEST_PII_KEYS
+
+    portal = await api.portal("MOI")
+    r = await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok Dara"}), headers=portal)
+    assert r.status == 201
+    used = TEST_PII_KEYS.split(":", 1)[0]
+    other = "k9:" + base64.b64encode(os.urandom(32)).decode()
+    out = await asyncio.to_thread(run, api.dsn, "serve", PAYSVC_PII_KEYS=other)
+    assert_clean_failure(out, 2, "PAYSVC_PII_KEYS", used)
+    assert "listening" not in out.stderr
