@@ -303,7 +303,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             kind="exception_resolved",
             description=f"{e['reason']} {exception_id} resolved: {action}"[:500],
             effective_at=now,
-            postings=[ledger.Posting(account=a, side=s, amount=n, currency=_currency(a)) for a, s, n in p.postings],
+            postings=[ledger.Posting(account=a, side=s, amount=n, currency=accounts.account_spec(a).currency)
+                      for a, s, n in p.postings],
             idempotency_key=f"resolution:{exception_id}", payment_id=e["payment_id"],
             invoice_id=invoice_id if action == "match_to_invoice" else e["invoice_id"],
             settlement_id=line["settlement_id"] if line else None)
@@ -324,7 +325,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         raise AlreadyResolved(exception_id)
     return {"id": exception_id, "state": "resolved", "resolution": action, "resolved_by": by,
             "resolved_at": now.isoformat(), "resolution_note": note, "resolution_entry_id": entry_id,
-            "postings": [{"account": a, "side": s, "amount": n, "currency": _currency(a)} for a, s, n in p.postings]}
+            "postings": [{"account": a, "side": s, "amount": n, "currency": accounts.account_spec(a).currency}
+                         for a, s, n in p.postings]}
 
 
 async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:
@@ -336,10 +338,6 @@ async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str
         return ()
     rows = await conn.fetch(Q.settlement_entry_postings, int(entry_id))
     return tuple((r["account"], r["amount"]) for r in rows if r["side"] == "debit")
-
-
-def _currency(account: str) -> str:
-    return account.rsplit(":", 1)[1]
 
 
 async def _where_suspense_is(conn: asyncpg.Connection, facts: Facts, exception_id: str, pay) -> Facts:
