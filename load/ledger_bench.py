@@ -231,7 +231,7 @@ def _pgbench_post(db: str, r: Result, seconds: float, fold_now: bool) -> None:
         # -n: no vacuum of pgbench's own tables (there are none here); -M prepared, as asyncpg prepares
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(
-            [exe, "-n", "-M", "extended", "-f", script, "-D", f"fold_now={'true' if fold_now else 'false'}",
+            [exe, "-n", "-M", "prepared", "-f", script, "-D", f"fold_now={'true' if fold_now else 'false'}",
              "-c", str(WRITERS), "-j", "2", "-T", str(int(seconds)), "-l", "--log-prefix", os.path.join(tmp, "log"),
              db], env=_pgbench_env(), capture_output=True, text=True)
         cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)

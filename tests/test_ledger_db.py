@@ -682,7 +682,7 @@ async def test_only_the_service_role_may_call_the_ledgers_owner_rights_function(
     assert await db.fetchval("SELECT prosecdef FROM pg_proc WHERE oid = $1::regprocedure", sig)
     assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", sig)
     assert await db.fetchval("SELECT has_function_privilege('paysvc_app', $1, 'EXECUTE')", sig)
-    for trigger_function in ("ledger_apply_postings()", "ledger_apply_balances()"):  # they fire without it
+    for trigger_function in ("ledger_check_posting()", "ledger_apply_balances()"):  # they fire without it
         assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", trigger_function)
     # the shared check-and-fold would fold an entry again if anyone but the ledger's functions could call it
     for role in ("public", "paysvc_app"):
