@@ -96,6 +96,11 @@ DECLARE
     has_entries boolean;
     missing_accounts boolean;
     reversals boolean := false;
+    -- Postings given: unnest pads a shorter argument with NULLs, and a posting padded with a NULL entry, line,
+    -- account or currency is left out by the inserts (a NULL side or amount is refused by a constraint), so a
+    -- posting counts if any posting argument has an element for it, and one left out is refused below.
+    n_given bigint := greatest(cardinality(p_entry), cardinality(p_line), cardinality(p_account),
+                               cardinality(p_side), cardinality(p_amount), cardinality(p_currency));
     r record;
 BEGIN
     IF fold_now IS NULL THEN
@@ -152,8 +157,9 @@ BEGIN
                 SELECT ids[p.entry], p.line, a.id, p.side, p.amount, p.currency, true
                   FROM unnest(p_entry, p_line, p_account, p_side, p_amount, p_currency)
                        AS p (entry, line, account, side, amount, currency)
+                  JOIN written w ON w.id = ids[p.entry]
                   JOIN ledger_accounts a ON a.code = p.account AND a.currency = p.currency
-                 WHERE p.line BETWEEN 1 AND e_posting_count[p.entry]
+                 WHERE p.line BETWEEN 1 AND w.posting_count
                 RETURNING entry_id, account_id, side, amount, currency
             ), bad AS MATERIALIZED (
                 SELECT w.id AS entry_id, w.posting_count AS declared, coalesce(sum(per.n), 0) AS n,
@@ -186,7 +192,7 @@ BEGIN
               INTO r
               FROM (SELECT) AS one LEFT JOIN bad ON true;
             n_written := r.written;
-            n_expected := cardinality(p_entry);
+            n_expected := n_given;
             IF n_written = n_expected THEN
                 IF r.entry_id IS NOT NULL THEN
                     IF r.n >= 2 AND r.unbalanced = 0 THEN
@@ -218,16 +224,18 @@ BEGIN
                               e_content_hash, e_posting_count)
                        WITH ORDINALITY AS e (kind, description, effective_at, invoice_id, payment_id, settlement_id,
                                              content_hash, posting_count, ord)
-                 ORDER BY e.ord)
+                 ORDER BY e.ord
+                RETURNING id, posting_count)
             INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, prechecked)
             SELECT ids[p.entry], p.line, a.id, p.side, p.amount, p.currency, true
               FROM unnest(p_entry, p_line, p_account, p_side, p_amount, p_currency)
                    AS p (entry, line, account, side, amount, currency)
+              JOIN written w ON w.id = ids[p.entry]
               JOIN ledger_accounts a ON a.code = p.account AND a.currency = p.currency
-             WHERE p.line BETWEEN 1 AND e_posting_count[p.entry];
+             WHERE p.line BETWEEN 1 AND w.posting_count;
             GET DIAGNOSTICS n_written = ROW_COUNT;
         END IF;
-        n_expected := cardinality(p_entry);
+        n_expected := n_given;
         inserted := ids;
     ELSE
         reversals := array_remove(e_reverses, NULL) <> '{}';
@@ -244,49 +252,55 @@ BEGIN
                                          settlement_id, reverses, content_hash, posting_count, ord)
              ORDER BY e.ord
             ON CONFLICT DO NOTHING
-            RETURNING id
+            RETURNING id, posting_count
         ), lines AS (
             INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, prechecked)
             SELECT ids[p.entry], p.line, a.id, p.side, p.amount, p.currency, true
               FROM unnest(p_entry, p_line, p_account, p_side, p_amount, p_currency)
                    AS p (entry, line, account, side, amount, currency)
+              JOIN ins w ON w.id = ids[p.entry]
               JOIN ledger_accounts a ON a.code = p.account AND a.currency = p.currency
-             WHERE (SELECT count(*) FROM ins) = n AND p.line BETWEEN 1 AND e_posting_count[p.entry]
+             WHERE (SELECT count(*) FROM ins) = n AND p.line BETWEEN 1 AND w.posting_count
             RETURNING 1
         )
         SELECT coalesce((SELECT array_agg(id) FROM ins), '{}'), (SELECT count(*) FROM lines)
           INTO inserted, n_written;
         IF cardinality(inserted) = n THEN
-            n_expected := cardinality(p_entry);
+            n_expected := n_given;
         ELSIF cardinality(inserted) > 0 THEN
             INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, prechecked)
             SELECT ids[p.entry], p.line, a.id, p.side, p.amount, p.currency, true
               FROM unnest(p_entry, p_line, p_account, p_side, p_amount, p_currency)
                    AS p (entry, line, account, side, amount, currency)
               JOIN unnest(inserted) AS i (id) ON i.id = ids[p.entry]
+              JOIN ledger_entries w ON w.id = i.id
               JOIN ledger_accounts a ON a.code = p.account AND a.currency = p.currency
-             WHERE p.line BETWEEN 1 AND e_posting_count[p.entry];
+             WHERE p.line BETWEEN 1 AND w.posting_count;
             GET DIAGNOSTICS n_written = ROW_COUNT;
             SELECT count(*) INTO n_expected
               FROM unnest(p_entry) AS p (entry) JOIN unnest(inserted) AS i (id) ON i.id = ids[p.entry];
         END IF;
     END IF;
 
-    IF n_written <> n_expected THEN
-        -- Its postings are written prechecked, which the postings trigger skips: the insert wrote only those
-        -- that meet the trigger's rules (a line in 1..its entry's posting_count, an entry of this call, an
-        -- account in the posting's currency), so a shortfall is refused here, with the first such posting.
+    IF n_written IS DISTINCT FROM n_expected THEN
+        -- Its postings are written prechecked, which the postings trigger skips: the inserts wrote only those
+        -- that meet the trigger's rules (an entry of this call, a line in 1..the posting_count that entry was
+        -- stored with, an account in the posting's currency), so a shortfall is refused here, naming the first
+        -- posting left out. (A posting of an entry whose idempotency key was met before is not written, and
+        -- not counted.)
         SELECT CASE WHEN q.entry IS NULL OR q.entry NOT BETWEEN 1 AND n THEN 'entry'
                     WHEN NOT EXISTS (SELECT 1 FROM ledger_accounts a WHERE a.code = q.account) THEN 'no account'
                     WHEN NOT EXISTS (SELECT 1 FROM ledger_accounts a WHERE a.code = q.account
                                                                        AND a.currency = q.currency) THEN 'currency'
                     ELSE 'line' END AS problem,
-               q.entry, q.line, q.account, q.currency, e_posting_count[q.entry] AS declared
+               q.entry, q.line, q.account, q.currency, w.posting_count AS declared
           INTO r
           FROM unnest(p_entry, p_line, p_account, p_currency) WITH ORDINALITY AS q (entry, line, account, currency, ord)
-         WHERE q.entry IS NULL OR q.entry NOT BETWEEN 1 AND n
+          LEFT JOIN ledger_entries w ON w.id = ids[q.entry]
+         WHERE (q.entry IS NULL OR q.entry NOT BETWEEN 1 AND n OR ids[q.entry] = ANY (inserted))
+           AND (q.entry IS NULL OR q.entry NOT BETWEEN 1 AND n
             OR NOT EXISTS (SELECT 1 FROM ledger_accounts a WHERE a.code = q.account AND a.currency = q.currency)
-            OR q.line IS NULL OR e_posting_count[q.entry] IS NULL OR q.line NOT BETWEEN 1 AND e_posting_count[q.entry]
+            OR q.line IS NULL OR w.posting_count IS NULL OR q.line NOT BETWEEN 1 AND w.posting_count)
          ORDER BY q.ord
          LIMIT 1;
         IF r.problem = 'entry' THEN
@@ -314,8 +328,8 @@ BEGIN
         -- which only the ledger's owner can write, so the commit-time trigger skips them; no posting can join
         -- them later (each has exactly the posting_count it declares, and only lines 1..posting_count are
         -- allowed: by the check at the top for this function's postings, by the postings trigger for others'). Balance rows are locked in account order, as at commit.
-        -- Only the branch for keyed or reversing entries gets here (the plain branch returned above).
-        -- Entries that name the entry they reverse are checked against it first.
+        -- Only the branch for keyed or reversing entries gets here (the plain branch returned above, or
+        -- was refused just above). Entries that name the entry they reverse are checked against it first.
         IF reversals THEN
             PERFORM ledger_check_reversals(inserted);
         END IF;

@@ -719,6 +719,110 @@ async def test_no_posting_joins_an_entry_folded_at_once(db):
     assert (await ledger.trial_balance(db)).balanced and (await ledger.verify(db)).ok
 
 
+_RAW_POST = ("SELECT * FROM ledger_post($1::text[], $1::text[], $2::timestamptz[], $17::text[], $3::text[], "
+             "$3::text[], $3::text[], $4::bigint[], $5::bytea[], $6::text::smallint[], $7::int[], $8::int[]::smallint[], "
+             "$9::text[], $10::text[], $11::bigint[], $12::text[], $13::text[], $14::text[], $15::text[], $16)")
+
+
+async def _raw_post(db, *, counts="{2}", p_entry=(1, 1), lines=(1, 2), accounts=(CLEARING, REVENUE),
+                    currencies=("KHR", "KHR"), keyed=False, fold_now=True):
+    """ledger_post called directly, as the service's role, bypassing the library's checks."""
+    n = len(counts.split("=")[-1].strip("{}").split(","))
+    codes = sorted(set(accounts))
+    types = ["asset" if c.startswith("provider:") else "revenue" for c in codes]
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        return await db.fetch(
+            _RAW_POST, ["raw"] * n, [T0] * n, [None] * n, [None] * n, [bytes(32)] * n, counts, list(p_entry),
+            list(lines), list(accounts), ["debit", "credit"][:len(lines)], [5, 5][:len(lines)], list(currencies),
+            codes, types, [c.rsplit(":", 1)[1] for c in codes], fold_now,
+            [f"raw-{i}" for i in range(n)] if keyed else [None] * n)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+@pytest.mark.parametrize("case, error, message", [
+    (dict(lines=(1, 3)), asyncpg.CheckViolationError, r"posting line 3 of journal entry \d+: the entry declares 2"),
+    (dict(lines=(0, 2)), asyncpg.CheckViolationError, r"posting line 0 of journal entry \d+"),
+    (dict(p_entry=(1, 2)), asyncpg.ForeignKeyViolationError, "names entry 2 of this call, which has 1 entries"),
+    (dict(currencies=("KHR", "USD")), asyncpg.ForeignKeyViolationError,
+     "posting to account agency:MOI:revenue:KHR in USD: no such account in that currency"),
+    # counts indexed from 0: the line rule uses the count entry 1 is stored with (2), not the argument's [1] (5)
+    (dict(counts="[0:1]={2,5}", p_entry=(1, 1), lines=(1, 5)), asyncpg.CheckViolationError,
+     r"posting line 5 of journal entry \d+: the entry declares 2"),
+], ids=["line_past_count", "line_0", "entry_not_in_call", "currency", "counts_from_0"])
+async def test_ledger_post_writes_only_postings_that_keep_the_postings_rules(db, fold_now, keyed, case, error,
+                                                                            message):
+    # ledger_post's postings skip the postings trigger (migration 0031): it keeps the trigger's rules itself,
+    # on every path, and says which posting broke which rule. Nothing is written.
+    await post(db, capture(0))
+    with pytest.raises(error, match=message):
+        await _raw_post(db, fold_now=fold_now, keyed=keyed, **case)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    assert await db.fetchval("SELECT count(*) FROM ledger_postings") == 2
+    assert (await ledger.verify(db)).ok
+
+
+async def test_a_refusal_names_a_posting_of_an_entry_this_call_wrote(db):
+    # Found by review: with one key of the call replayed, the refusal named a posting of the replayed entry
+    # (never written) instead of the one that was wrong.
+    await post(db, capture(0))
+    first = await _raw_post(db, keyed=True)
+    assert first[0]["o_status"] == "posted"
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="agency:MOI:revenue:KHR in USD"):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.fetch(_RAW_POST, ["raw"] * 2, [T0] * 2, [None] * 2, [None] * 2, [bytes(32)] * 2, "{2,2}",
+                           [1, 1, 2, 2], [1, 2, 1, 2], [CLEARING, REVENUE] * 2, ["debit", "credit"] * 2, [5] * 4,
+                           ["KHR", "KHR", "KHR", "USD"], sorted({CLEARING, REVENUE}), ["revenue", "asset"],
+                           ["KHR", "KHR"], True, ["raw-0", "raw-1"])
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 2
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+@pytest.mark.parametrize("short", ["p_entry", "p_line", "p_account", "p_currency"])
+async def test_a_posting_argument_shorter_than_the_others_is_refused(db, fold_now, keyed, short):
+    # Found by review: a posting argument longer than p_entry was padded with NULL by unnest, and the posting
+    # it described was left out without an error. Nothing is written.
+    await post(db, capture(0))
+    args = {"p_entry": [1, 1, 1], "p_line": [1, 2, 3], "p_account": [CLEARING, REVENUE, REVENUE],
+            "p_currency": ["KHR"] * 3}
+    args[short] = args[short][:2]
+    with pytest.raises((asyncpg.ForeignKeyViolationError, asyncpg.CheckViolationError)):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.fetch(_RAW_POST, ["raw"], [T0], [None], [None], [bytes(32)], "{3}", args["p_entry"],
+                           args["p_line"], args["p_account"], ["debit", "credit", "credit"], [10, 5, 5],
+                           args["p_currency"], sorted({CLEARING, REVENUE}), ["revenue", "asset"], ["KHR", "KHR"],
+                           fold_now, ["raw-k"] if keyed else [None])
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+
+
+async def test_the_service_role_cannot_write_a_posting_prechecked(db):
+    # prechecked postings skip the postings trigger: only the ledger's owner (ledger_post) may write one.
+    await post(db, capture(0))
+    debit, _ = await _account_ids(db)
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            e = await ledger.post_entry(db, capture(1), fold_now=True)
+            await db.execute("INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, "
+                             "prechecked) VALUES ($1, 3, $2, 'debit', 7, 'KHR', true)", e.id, debit)
+    assert await db.fetchval("SELECT count(*) FROM ledger_postings") == 2  # capture(0)'s
+    assert (await ledger.verify(db)).ok
+
+
+async def test_balance_slots_keep_their_rules(db):
+    # The slots' rules are domains since migration 0031 (checked once per connection, not per statement).
+    await post(db, capture(0))
+    for sql in ("UPDATE ledger_balance_slots SET debits = -1", "UPDATE ledger_balance_slots SET slot = 16",
+                "UPDATE ledger_balance_slots SET postings = -1"):
+        with pytest.raises(asyncpg.CheckViolationError):
+            await db.execute(sql)
+    assert (await ledger.verify(db)).ok
+
+
 async def _take_the_next_entry_id_by_hand(db) -> int:
     """Write, as a writer with an explicit id would, an entry with the id the sequence gives next."""
     await post(db, capture(0))
