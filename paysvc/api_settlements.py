@@ -53,14 +53,27 @@ def parser_for(enabled: dict, fmt: str, field: str = "format"):
         raise ValidationFailed(f"format {fmt!r} needs its provider enabled on this instance: {exc}") from None
 
 
-def check_provider(provider: str) -> None:
-    """``provider`` must be a registered plugin's name: payments are captured only under those, and a typo
-    would otherwise open its own clearing account and capture the whole file as missing_in_ledger."""
+def check_provider(provider: str, enabled: dict) -> None:
+    """``provider`` must be a registered plugin that captures payments: payments are captured only under
+    those, and a typo, or a file format's name (camt053), would otherwise open its own clearing account and
+    report the whole file as missing_in_ledger."""
     names = available_providers()
     if provider not in names:
         raise ValidationFailed(f"provider {provider!r} is not a registered provider; use one of: {', '.join(names)}",
                                errors=[{"field": "provider", "message": f"must be one of: {', '.join(names)}",
                                         "code": "unknown"}])
+    plugin = enabled.get(provider)
+    if plugin is None:
+        try:
+            plugin = load_providers({provider: {}})[provider]
+        except ProviderError:
+            return  # it needs its configuration to be built: a provider payments are captured under
+    if not getattr(plugin, "captures_payments", True):
+        raise ValidationFailed(
+            f"{provider!r} is a settlement file format, not a provider payments are captured under: send "
+            f"format={provider} with the provider whose payments the file settles as provider",
+            errors=[{"field": "provider", "message": "a file format, not a payment provider; give it as format",
+                     "code": "format_only"}])
 
 
 FIRST_BUSINESS_DATE, LAST_BUSINESS_DATE = date(2000, 1, 1), date(2099, 12, 31)
@@ -86,7 +99,7 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
                      data: bytes, file_name: str | None, imported_by: str,
                      timings: dict | None = None) -> Imported:
     """Parse and import in one transaction; a malformed file raises ``SettlementFileInvalid`` (nothing kept)."""
-    check_provider(provider)
+    check_provider(provider, enabled)
     try:
         check_business_date(day)
     except ValueError as exc:

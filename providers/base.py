@@ -67,6 +67,9 @@ class ProviderBase:
     name: str = ""
     pattern: Pattern
     poll_batch_size: int = 1  # a pull provider sets its own
+    # False for a plugin that only reads settlement files of another provider's payments (a bank statement
+    # format): no payment is ever captured under its name, so a settlement cannot be filed under it.
+    captures_payments: bool = True
 
     def replay_key(self, headers: Mapping[str, str], body: bytes) -> bytes | None:
         """A signed_push provider's digest of the message its signature covers: the service refuses a callback

@@ -76,6 +76,7 @@ class Camt053Provider(ProviderBase):
 
     name = NAME
     pattern: Pattern = "signed_push"
+    captures_payments = False
 
     def parse_settlement(self, data: bytes) -> Iterator[SettlementLine]:
         """The credit transactions of a camt.053 statement, in document order (see the module docstring)."""

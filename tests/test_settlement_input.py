@@ -93,6 +93,31 @@ async def test_a_provider_name_no_plugin_registers_is_refused_and_nothing_is_kep
     assert r.status == 201, await r.text()
 
 
+async def test_a_file_formats_name_is_refused_as_provider_and_nothing_is_kept(api, portal, treasury, invoice_body):
+    # camt053 reads bank statements of other providers' payments; filed under its own name, every line was
+    # reported missing_in_ledger against a clearing account no payment ever reaches.
+    data = write_statement([line("TX-CAMT", 50000)])
+    r = await upload(api, treasury, data, provider="camt053")
+    body = await r.json()
+    assert r.status == 422, body
+    assert "'camt053' is a settlement file format" in body["detail"] and "format=camt053" in body["detail"], body
+    assert body["errors"][0]["field"] == "provider" and body["errors"][0]["code"] == "format_only", body
+    for sql in ("SELECT count(*) FROM settlements", "SELECT count(*) FROM reconciliation_exceptions",
+                "SELECT count(*) FROM ledger_accounts WHERE code LIKE 'provider:camt053:%'"):
+        assert await count(api.dsn, sql) == 0, sql
+    # As the format of a provider's payments, the same file imports.
+    r = await upload(api, treasury, data, provider="sandbox", fmt="camt053")
+    assert r.status == 201, await r.text()
+
+
+def test_the_cli_refuses_a_file_formats_name_as_provider_in_one_line(db_dsn, tmp_path):
+    f = tmp_path / "s.xml"
+    f.write_bytes(write_statement([line("TX-1", 50000)]))
+    out = run(db_dsn, "settlements", "import", "--provider", "camt053", "--date", "2025-06-02", str(f))
+    assert_clean_failure(out, 1, "'camt053' is a settlement file format", "format=camt053")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_the_cli_refuses_an_unknown_provider_in_one_line(db_dsn, tmp_path):
     f = tmp_path / "s.csv"
     f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
