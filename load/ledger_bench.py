@@ -46,7 +46,8 @@ import asyncpg
 
 import ledger
 from ledger import EntryDraft, Posting
-from load.service import ADMIN_DSN, dsn_for
+from load.service import ADMIN_DSN, LOOP, dsn_for
+from load.service import run as run_on_loop
 from paysvc.migrate import migrate
 
 WRITERS = 16
@@ -291,19 +292,6 @@ async def _settings() -> str:
         await conn.close()
 
 
-try:
-    import uvloop
-    _LOOP = "uvloop"
-except ImportError:  # not installed (Windows): asyncio's own loop
-    uvloop = None
-    _LOOP = "asyncio"
-
-
-def _arun(coro):
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
-        return runner.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10, help="duration of each scenario (default 10)")
@@ -334,14 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         "p": ("p) as a), posted by pgbench calling ledger_post", "(reference: without Python)", None, False),
     }
     fold_now = not args.fold_at_commit
-    print(f"ledger benchmark: {WRITERS} writers on {_LOOP}, {args.seconds:.0f} s per scenario, {os.cpu_count()} "
+    print(f"ledger benchmark: {WRITERS} writers on {LOOP}, {args.seconds:.0f} s per scenario, {os.cpu_count()} "
           f"cores; balances folded {'in the posting statement (fold_now)' if fold_now else 'at commit'}; "
-          f"PostgreSQL {_arun(_settings())}; connecting to {ADMIN_DSN}", flush=True)
+          f"PostgreSQL {run_on_loop(_settings())}; connecting to {ADMIN_DSN}", flush=True)
     results = []
     for key in args.only:
         name, target, make, explicit = scenarios[key]
         print(f"running {name} ...", flush=True)
-        results.append(_arun(_scenario(name, target, args.seconds, make, explicit, fold_now)))
+        results.append(run_on_loop(_scenario(name, target, args.seconds, make, explicit, fold_now)))
     print(f"running pgbench for {args.seconds:.0f} s ...", flush=True)
     pgb_tps, pgb_note = _pgbench(args.seconds, args.pgbench_scale)
     print()

@@ -14,7 +14,6 @@ so a server that falls behind cannot hide its queue. Also measures the Bakong po
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import os
@@ -26,7 +25,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from load import openloop
-from load.service import SANDBOX_SECRET, cli, cpu_seconds_by_role, scratch_database, services
+from load.service import LOOP, SANDBOX_SECRET, cli, cpu_seconds_by_role, scratch_database, services
+from load.service import run as run_on_loop
 
 
 def make_request(urls: list[str], key: str):
@@ -100,7 +100,8 @@ async def bakong_poll_cost(dsn: str, pending: int = 10_000) -> None:
 async def main_async(args, urls, key) -> None:
     # The priority this process runs at, which the service processes inherited (--service-nice, or the shell's).
     nice = os.getpriority(os.PRIO_PROCESS, 0)
-    print(f"\n== {len(urls)} service process(es) at nice {nice} on {os.cpu_count()} cores; step up the rate, "
+    print(f"\n== {len(urls)} service process(es) at nice {nice} on {os.cpu_count()} cores, load generator on {LOOP}; "
+          f"step up the rate, "
           f"{args.duration:.0f} s each; held = p99 < 200 ms and no errors")
     best = None
     for rate in args.rates:
@@ -113,9 +114,9 @@ async def main_async(args, urls, key) -> None:
         if r.ok_with_warmup:
             # Over the whole step, warm-up included; background work (expiry, sealing, outbox) counts too.
             per = {k: (cpu1[k] - cpu0[k]) * 1000 / r.ok_with_warmup for k in cpu0}
-            print(f"           CPU per payment: PostgreSQL {per['postgresql']:.1f} ms, service processes "
-                  f"{per['service']:.1f} ms, load generator {per['generator']:.1f} ms; "
-                  f"total {sum(per.values()):.1f} ms of the machine's {os.cpu_count()} cores")
+            print(f"           CPU per payment: PostgreSQL {per['postgresql']:.2f} ms, service processes "
+                  f"{per['service']:.2f} ms, load generator {per['generator']:.2f} ms; "
+                  f"total {sum(per.values()):.2f} ms of the machine's {os.cpu_count()} cores")
         if held:
             best = rate
         else:
@@ -151,8 +152,8 @@ def main() -> None:
         key = cli(dsn, "keys", "create", "--agency", "TAX", "--scope", "invoices:write", "--scope", "invoices:read")
         if not args.skip_http:
             with services(dsn, args.processes, PAYSVC_PROVIDERS="sandbox") as urls:
-                asyncio.run(main_async(args, urls, key))
-        asyncio.run(bakong_poll_cost(dsn))
+                run_on_loop(main_async(args, urls, key))
+        run_on_loop(bakong_poll_cost(dsn))
     print(f"\nbenchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -25,6 +25,20 @@ _DEFAULT_DSN = (f"postgresql://postgres@/postgres?host={_SOCKET_DIR}"
 ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", _DEFAULT_DSN)
 
 
+try:
+    import uvloop
+    LOOP = "uvloop"
+except ImportError:  # not installed (Windows): asyncio's own loop
+    uvloop = None
+    LOOP = "asyncio"
+
+
+def run(coro):
+    """Run ``coro`` on uvloop where it is installed, as the service runs: a load generator or client on the
+    same cores as the service should cost no more CPU than it must."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if uvloop else None) as runner:
+        return runner.run(coro)
+
 def dsn_for(name: str) -> str:
     """ADMIN_DSN with its database replaced (keeps a ``?host=/socket/dir`` query)."""
     return urlparse(ADMIN_DSN)._replace(path=f"/{name}").geturl()
