@@ -9,23 +9,31 @@
 -- docs/benchmarks.md). The invoice's own foreign key to its agency stays: an invoice is written once.
 --
 -- What the two keys guaranteed, and what guarantees it now:
--- * the agency exists: a payment's agency is its invoice's (written from the invoice row the capture holds
---   locked), and an event's agency is the agency of the invoice, payment or exception it is about; an
---   invoice's agency is checked by its foreign key, and agencies are never deleted (below), so it exists
---   for good. An event naming no agency the service knows would never be numbered by the sequencer (which
---   numbers only agencies in agency_event_seq), so it would show as an unpublished event, not vanish.
--- * a payment has an agency exactly when it has an invoice: now a CHECK, folded into the payment's existing
---   rule about its invoice (one CHECK per table costs less than two: PostgreSQL prepares each one again for
---   every statement that writes the table).
+-- * a payment's agency exists, and (found by review: never checked before) is its invoice's: a foreign key
+--   from (invoice_id, agency_id) to the invoice's (id, agency_id). It locks the invoice's row, which the
+--   capture already holds FOR UPDATE, not the agency's. With the CHECK below (a payment has an agency exactly
+--   when it has an invoice) it also does what payments_invoice_id_fkey did, which goes.
+-- * an event's agency exists: each event is written with the agency id of a row read in the same
+--   transaction (its invoice, payment or exception, whose keys check it), and agencies are never deleted
+--   (below). An event naming an agency without an event counter would never be numbered or published: the
+--   sequencer reports such events (paysvc_outbox_events_without_agency, and an error in the log).
+-- * The new rules on payments are added NOT VALID and validated by the next migration, in a transaction of
+--   its own (VALIDATE takes a lock that lets captures go on; adding them valid here would hold captures for
+--   the scan). The CHECK is folded into the payment's existing rule about its invoice: one CHECK per table
+--   costs less than two (PostgreSQL prepares each again for every statement that writes the table).
 
 ALTER TABLE payments DROP CONSTRAINT payments_agency_id_fkey;
 ALTER TABLE outbox_events DROP CONSTRAINT outbox_events_agency_id_fkey;
 
+ALTER TABLE invoices ADD CONSTRAINT invoices_id_agency_key UNIQUE (id, agency_id);
 ALTER TABLE payments
+    DROP CONSTRAINT payments_invoice_id_fkey,
+    ADD CONSTRAINT payments_invoice_of_agency FOREIGN KEY (invoice_id, agency_id)
+        REFERENCES invoices (id, agency_id) NOT VALID,
     DROP CONSTRAINT payments_check1,
     ADD CONSTRAINT payments_invoice_and_agency CHECK (
             (applied_amount = 0 OR invoice_id IS NOT NULL)
-        AND (invoice_id IS NULL) = (agency_id IS NULL));
+        AND (invoice_id IS NULL) = (agency_id IS NULL)) NOT VALID;
 
 -- Agencies are never deleted: their invoices, payments, events and ledger accounts keep naming them.
 CREATE FUNCTION agencies_refuse_delete() RETURNS trigger LANGUAGE plpgsql AS $$

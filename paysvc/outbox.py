@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 import uuid
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+import prometheus_client
 
 from paysvc.queries import Q
+
+log = logging.getLogger(__name__)
+
+WITHOUT_AGENCY = prometheus_client.Gauge(
+    "paysvc_outbox_events_without_agency",
+    "Events whose agency has no event counter: never numbered, so never published (should be 0)")
+ORPHAN_CHECK_SECONDS = 60.0
+_last_orphan_check = 0.0
 
 EVENT_TYPES = (
     "invoice.created",
@@ -67,8 +78,26 @@ async def sequence(conn: asyncpg.Connection, agency_ids: list[int] | None = None
     return await conn.fetchval(Q.outbox_sequence, agency_ids)
 
 
+async def events_without_agency(conn: asyncpg.Connection) -> int:
+    """Count, export (``paysvc_outbox_events_without_agency``) and log the events the sequencer can never
+    number: their agency has no event counter. Each event takes its agency id from a row its transaction
+    read (migration 0032 dropped the events' foreign key to agencies, whose lock every capture queued on),
+    so there should be none; one would otherwise wait in the outbox unseen."""
+    row = await conn.fetchrow(Q.outbox_events_without_agency)
+    WITHOUT_AGENCY.set(row["n"])
+    if row["n"]:
+        log.error("%d events name agencies without an event counter (ids %s; the oldest from %s): they are never "
+                  "numbered or published; add the agency, or move the events to the right one",
+                  row["n"], ", ".join(map(str, row["agency_ids"])), row["oldest"].isoformat())
+    return row["n"]
+
+
 async def sequence_pending(pool: asyncpg.Pool) -> str | None:
-    """The background sequencer's pass."""
+    """The background sequencer's pass; about once a minute it also looks for events it can never number."""
+    global _last_orphan_check
     async with pool.acquire() as conn:
         n = await sequence(conn)
+        if time.monotonic() - _last_orphan_check >= ORPHAN_CHECK_SECONDS:
+            _last_orphan_check = time.monotonic()
+            await events_without_agency(conn)
     return f"numbered {n} events" if n > 1000 else None

@@ -52,21 +52,44 @@ async def test_an_agency_is_never_deleted(db):
     assert await db.fetchval("SELECT count(*) FROM agencies WHERE id = $1", agency) == 1
 
 
-@pytest.mark.parametrize("invoice, agency", [(False, True), (True, False)], ids=["agency_only", "invoice_only"])
-async def test_a_payment_has_an_agency_exactly_when_it_has_an_invoice(db, invoice, agency):
-    # Its agency is its invoice's; with the foreign key to agencies gone, the pairing is a rule of its own.
-    agency_id = await db.fetchval("INSERT INTO agencies (code, name, name_km, bakong_account) "
-                                  "VALUES ('PAIR', 'Pair', 'Pair', 'pair@nbcq') RETURNING id")
+@pytest.mark.parametrize("invoice, agency, error", [
+    (False, "own", asyncpg.CheckViolationError),         # an agency without an invoice
+    (True, None, asyncpg.CheckViolationError),           # an invoice without its agency
+    (True, "other", asyncpg.ForeignKeyViolationError),   # another agency than its invoice's (found by review)
+    (True, "missing", asyncpg.ForeignKeyViolationError),  # an agency that does not exist (found by review)
+], ids=["agency_only", "invoice_only", "other_agency", "missing_agency"])
+async def test_a_payment_has_its_invoices_agency_and_only_then(db, invoice, agency, error):
+    # With the foreign key to agencies gone (it locked the agency's row), a payment's agency is checked as its
+    # invoice's: (invoice_id, agency_id) references the invoice's (id, agency_id).
+    ids = [await db.fetchval("INSERT INTO agencies (code, name, name_km, bakong_account) "
+                             "VALUES ($1, $1, $1, 'pair@nbcq') RETURNING id", code) for code in ("PAIR", "OTHER")]
     invoice_id = None
     if invoice:
         invoice_id = "inv_pair"
         await db.execute(
             "INSERT INTO invoices (id, bill_number, agency_id, reference, description, currency, amount, "
             "expires_at) VALUES ($1, 'PS00000001', $2, 'R-1', 'd', 'KHR', 100, now() + interval '10 minutes')",
-            invoice_id, agency_id)
-    with pytest.raises(asyncpg.CheckViolationError, match="payments_invoice_and_agency"):
-        await db.execute(
-            "INSERT INTO payments (id, provider, provider_transaction_id, invoice_id, agency_id, currency, amount, "
-            "applied_amount, suspense_amount, paid_at, source) "
-            "VALUES ('pay_pair', 'sandbox', 'TX-PAIR', $1, $2, 'KHR', 100, 0, 100, now(), 'callback')",
-            invoice_id, agency_id if agency else None)
+            invoice_id, ids[0])
+    agency_id = {"own": ids[0], "other": ids[1], "missing": 999_999, None: None}[agency]
+    insert = ("INSERT INTO payments (id, provider, provider_transaction_id, invoice_id, agency_id, currency, amount, "
+              "applied_amount, suspense_amount, paid_at, source) "
+              "VALUES ($3, 'sandbox', $3, $1, $2, 'KHR', 100, 0, 100, now(), 'callback')")
+    with pytest.raises(error):
+        await db.execute(insert, invoice_id, agency_id, "pay_pair")
+    if invoice:  # the invoice's own agency is accepted
+        await db.execute(insert, invoice_id, ids[0], "pay_ok")
+
+
+async def test_an_event_whose_agency_has_no_counter_is_reported(db, caplog):
+    # The events' foreign key to agencies is gone: an event naming an agency without an event counter would
+    # never be numbered or published. The sequencer's pass reports it rather than leave it unseen.
+    from paysvc import outbox
+
+    assert await outbox.events_without_agency(db) == 0
+    await db.execute("INSERT INTO outbox_events (id, agency_id, type, occurred_at, data) "
+                     "VALUES (gen_random_uuid(), 424242, 'invoice.created', now(), '{}')")
+    assert await outbox.sequence(db) == 0
+    with caplog.at_level("ERROR", logger="paysvc.outbox"):
+        assert await outbox.events_without_agency(db) == 1
+    assert "424242" in caplog.text and "never numbered or published" in caplog.text
+    assert outbox.WITHOUT_AGENCY._value.get() == 1

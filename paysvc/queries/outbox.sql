@@ -10,3 +10,10 @@ SELECT outbox_sequence($1::bigint[]) AS n
 
 -- name: agency_event_seq_init
 INSERT INTO agency_event_seq (agency_id) VALUES ($1) ON CONFLICT DO NOTHING
+
+-- name: outbox_events_without_agency
+-- Events the sequencer never numbers: their agency has no counter (served by outbox_unsequenced).
+SELECT count(*) AS n, min(o.occurred_at) AS oldest,
+       coalesce(array_agg(DISTINCT o.agency_id), '{}') AS agency_ids
+  FROM outbox_events o
+ WHERE o.seq IS NULL AND NOT EXISTS (SELECT 1 FROM agency_event_seq s WHERE s.agency_id = o.agency_id)
