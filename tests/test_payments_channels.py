@@ -480,7 +480,7 @@ async def test_a_code_paid_during_a_pass_is_dropped_when_the_pass_renews_its_lea
                 asked_now = [p.md5 for p in pending]
                 paid_meanwhile.extend(r["md5"] for r in await pool.fetch(
                     "UPDATE khqr_codes SET captured_at = now() WHERE md5 IN (SELECT md5 FROM khqr_codes "
-                    "WHERE poll_lease_until IS NOT NULL AND NOT md5 = ANY($1::text[]) ORDER BY created_at DESC "
+                    "WHERE poll_lease_until IS NOT NULL AND NOT md5 = ANY($1::text[]) ORDER BY created_at DESC, md5 DESC "
                     "LIMIT 100) RETURNING md5", asked_now))
             await asyncio.sleep(0.7)
             return result

@@ -1,6 +1,7 @@
 -- name: poll_claim
 -- Codes still payable, or expired less than the grace period ago, not yet paid, not leased, not asked lately;
--- longest waiting first (RETURNING gives the rows in the table's order, so the order is applied after it).
+-- longest waiting first, codes of the same millisecond by md5 (RETURNING gives the rows in the table's order,
+-- so the order is applied after it).
 WITH claimed AS (
 UPDATE khqr_codes k SET poll_lease_until = $5
  WHERE k.md5 IN (
@@ -11,7 +12,7 @@ UPDATE khqr_codes k SET poll_lease_until = $5
            AND (c.poll_lease_until IS NULL OR c.poll_lease_until < $1)
            AND (c.last_polled_at IS NULL OR c.last_polled_at <= $3)
            AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.khqr_md5 = c.md5)
-         ORDER BY c.last_polled_at NULLS FIRST, c.created_at
+         ORDER BY c.last_polled_at NULLS FIRST, c.created_at, c.md5
          LIMIT $4
            FOR NO KEY UPDATE SKIP LOCKED)
 RETURNING k.md5, k.currency, k.amount, k.to_account, k.expires_at, k.last_polled_at, k.created_at,
@@ -19,7 +20,7 @@ RETURNING k.md5, k.currency, k.amount, k.to_account, k.expires_at, k.last_polled
 )
 SELECT md5, currency, amount, to_account, expires_at, bill_number
   FROM claimed
- ORDER BY last_polled_at NULLS FIRST, created_at
+ ORDER BY last_polled_at NULLS FIRST, created_at, md5
 
 -- name: poll_renew
 -- Extend the lease of codes the caller still holds: $2 is the poll_lease_until its claim (or last renewal)
