@@ -11,6 +11,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
 
 import ledger
 from ledger import EntryDraft, entries
@@ -761,6 +763,105 @@ async def test_ledger_post_writes_only_postings_that_keep_the_postings_rules(db,
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
     assert await db.fetchval("SELECT count(*) FROM ledger_postings") == 2
     assert (await ledger.verify(db)).ok
+
+
+USD_REVENUE = "agency:MOI:revenue:USD"
+
+
+@st.composite
+def _single_entry_arguments(draw):
+    """A valid single entry's posting arguments (2 or 3 postings, KHR or USD), then up to three changes that
+    may break it: a side, an amount, a currency, an account, an entry number, a line, the count, a shorter
+    argument."""
+    khr = draw(st.booleans())
+    credit = REVENUE if khr else USD_REVENUE
+    amounts = draw(st.sampled_from([[500, 500], [500, 300, 200]]))
+    rows = [[1, i + 1, CLEARING if i == 0 else credit, "debit" if i == 0 else "credit", a, "KHR" if khr else "USD"]
+            for i, a in enumerate(amounts)]
+    if not khr:  # the USD debit goes to the same USD account: a 2-posting USD entry on one account
+        rows[0][2] = USD_REVENUE
+    count = len(rows)
+    trim = None
+    for change in draw(st.lists(st.sampled_from(
+            ["side", "amount", "currency", "account", "entry", "line", "count", "trim"]), max_size=3)):
+        i = draw(st.integers(0, len(rows) - 1))
+        if change == "side":
+            rows[i][3] = draw(st.sampled_from(["debit", "credit", "Debit"]))
+        elif change == "amount":
+            rows[i][4] = draw(st.sampled_from([0, -500, 300, 499, 1000]))
+        elif change == "currency":
+            rows[i][5] = draw(st.sampled_from(["KHR", "USD"]))
+        elif change == "account":
+            rows[i][2] = draw(st.sampled_from([CLEARING, REVENUE, USD_REVENUE]))
+        elif change == "entry":
+            rows[i][0] = draw(st.sampled_from([0, 2, None]))
+        elif change == "line":
+            rows[i][1] = draw(st.sampled_from([0, 1, 2, 3, 4, None]))
+        elif change == "count":
+            count = draw(st.sampled_from([None, 0, 1, 2, 3, 4]))
+        else:
+            trim = draw(st.sampled_from(["p_entry", "p_line", "p_account", "p_side", "p_amount", "p_currency"]))
+    return rows, count, trim
+
+
+@given(_single_entry_arguments())
+# the shapes the three comparisons must tell apart, whatever the generator draws
+@example(([[1, 1, CLEARING, "debit", 500, "KHR"], [1, 2, REVENUE, "debit", 500, "KHR"]], 2, None))
+@example(([[1, 1, CLEARING, "credit", 500, "KHR"], [1, 2, REVENUE, "credit", 500, "KHR"]], 2, None))
+@example(([[1, 1, CLEARING, "debit", 500, "KHR"], [1, 2, USD_REVENUE, "credit", 500, "USD"]], 2, None))
+@example(([[1, 1, CLEARING, "debit", 500, "KHR"], [1, 2, REVENUE, "credit", 499, "KHR"]], 2, None))
+@example(([[1, 1, CLEARING, "debit", 500, "KHR"], [1, 2, REVENUE, "credit", 500, "KHR"]], 3, None))
+@example(([[1, 1, CLEARING, "debit", 500, "KHR"], [1, 2, REVENUE, "credit", 500, "KHR"]], 2, "p_side"))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_single_entry_posted_with_fold_now_is_refused_exactly_when_the_commit_time_check_refuses_it(
+        db_dsn, case):
+    # Migration 0034 checks a single entry posted with fold_now against its arguments (two postings by three
+    # comparisons) instead of through the rows it wrote. Whatever the arguments, it must accept and refuse
+    # what the general path with the commit-time check does, with the same SQLSTATE and the same balances.
+    asyncio.run(_compare_single_entry_paths(db_dsn, *case))
+
+
+async def _compare_single_entry_paths(dsn, postings, count, trim):
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT count(*) FROM ledger_accounts"):
+            async with conn.transaction():
+                await ledger.post_entry(conn, capture(0))
+                await ledger.post_entry(conn, entries.payment_captured(
+                    provider="sandbox", agency="MOI", amount=100, currency="USD", effective_at=T0,
+                    invoice_id="inv_usd", payment_id="pay_usd"))
+        args = {"p_entry": [p[0] for p in postings], "p_line": [p[1] for p in postings],
+                "p_account": [p[2] for p in postings], "p_side": [p[3] for p in postings],
+                "p_amount": [p[4] for p in postings], "p_currency": [p[5] for p in postings]}
+        if trim and args[trim]:
+            args[trim] = args[trim][:-1]  # one argument shorter than the others
+        outcomes = []
+        for fold_now in (True, False):
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute("SET LOCAL ROLE paysvc_app")
+                await conn.fetch(
+                    "SELECT * FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], "
+                    "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], "
+                    "ARRAY[$1::bytea], ARRAY[$2::smallint], $3::int[], $4::smallint[], $5::text[], $6::text[], "
+                    "$7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12)",
+                    bytes(32), count, args["p_entry"], args["p_line"], args["p_account"], args["p_side"],
+                    args["p_amount"], args["p_currency"], [CLEARING, REVENUE, USD_REVENUE],
+                    ["asset", "revenue", "revenue"], ["KHR", "KHR", "USD"], fold_now)
+                await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the commit-time check, run now
+                outcome = ("posted", tuple(await conn.fetch(
+                    "SELECT a.code, b.debits, b.credits FROM ledger_balances b "
+                    "JOIN ledger_accounts a ON a.id = b.account_id ORDER BY a.code")))
+            except asyncpg.PostgresError as exc:
+                outcome = ("refused", exc.sqlstate)
+            finally:
+                await tx.rollback()
+            outcomes.append(outcome)
+        event(f"{outcomes[0][0]} {outcomes[0][1] if outcomes[0][0] == 'refused' else ''}")
+        assert outcomes[0] == outcomes[1], (postings, count, trim)
+    finally:
+        await conn.close()
 
 
 async def test_a_refusal_names_a_posting_of_an_entry_this_call_wrote(db):
