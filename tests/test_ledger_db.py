@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import ledger
 from ledger import EntryDraft, entries
+from ledger.postings import MAX_AMOUNT
 from paysvc.db import connect
 from tests.conftest import TEST_PII_KEYS
 
@@ -862,6 +863,65 @@ async def _compare_single_entry_paths(dsn, postings, count, trim):
         assert outcomes[0] == outcomes[1], (postings, count, trim)
     finally:
         await conn.close()
+
+
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+async def test_an_amount_above_the_librarys_limit_is_refused_by_the_database(db, fold_now):
+    # Found by review: two postings of the largest bigint could be written, and their sum overflowed a balance
+    # slot, after which the balances view and every later posting to that slot failed. Migration 0034 gives
+    # the database the library's limit (MAX_AMOUNT).
+    await post(db, capture(0))
+    call = ("SELECT * FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], ARRAY[NULL::text], "
+            "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], ARRAY[$1::bytea], ARRAY[2::smallint], "
+            "ARRAY[1, 1], ARRAY[1, 2]::smallint[], ARRAY[$2, $3], ARRAY['debit', 'credit'], ARRAY[$4, $4]::bigint[], "
+            "ARRAY['KHR', 'KHR'], ARRAY[$2, $3], ARRAY['asset', 'revenue'], ARRAY['KHR', 'KHR'], $5)")
+    for amount in (MAX_AMOUNT + 1, 2**63 - 1):
+        with pytest.raises(asyncpg.CheckViolationError, match="ledger_posting_amount_range"):
+            async with db.transaction():
+                await db.execute("SET LOCAL ROLE paysvc_app")
+                await db.execute(call, bytes(32), CLEARING, REVENUE, amount, fold_now)
+                await db.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    async with db.transaction():
+        await db.execute("SET LOCAL ROLE paysvc_app")
+        await db.execute(call, bytes(32), CLEARING, REVENUE, MAX_AMOUNT, fold_now)
+    assert await ledger.balance(db, CLEARING) == 50_000 + MAX_AMOUNT
+    # (its content hash is a placeholder: only the balances are compared)
+    assert (await ledger.verify(db)).balance_mismatches == [] and (await ledger.trial_balance(db)).balanced
+
+
+async def test_an_unbalanced_single_entry_is_refused_without_waiting_for_a_balance_row(db, db_dsn):
+    # Found by review: migration 0034's single-entry path first folded an entry, then refused it, so an
+    # unbalanced call queued behind a transaction holding the balance row it would have folded into.
+    await post(db, capture(0))
+    holder = await asyncpg.connect(db_dsn)
+    try:
+        await holder.execute("BEGIN")
+        await ledger.post_entry(holder, capture(1), fold_now=True)  # holds its slot of both accounts
+        slot = await holder.fetchval("SELECT pg_current_xact_id()::text::bigint % 16")
+        for _ in range(40):  # a transaction whose id falls in the same slot
+            tx = db.transaction()
+            await tx.start()
+            if await db.fetchval("SELECT pg_current_xact_id()::text::bigint % 16") == slot:
+                break
+            await tx.rollback()
+        else:
+            pytest.fail("no transaction id in the held slot")
+        try:
+            await db.execute("SET LOCAL lock_timeout = '3s'")
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            with pytest.raises(asyncpg.CheckViolationError, match="does not balance"):
+                await db.execute(
+                    "SELECT * FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], "
+                    "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], ARRAY[$1::bytea], "
+                    "ARRAY[2::smallint], ARRAY[1, 1], ARRAY[1, 2]::smallint[], ARRAY[$2, $3], ARRAY['debit', 'credit'], "
+                    "ARRAY[5, 4]::bigint[], ARRAY['KHR', 'KHR'], ARRAY[$2, $3], ARRAY['asset', 'revenue'], "
+                    "ARRAY['KHR', 'KHR'], true)", bytes(32), CLEARING, REVENUE)
+        finally:
+            await tx.rollback()
+        await holder.execute("COMMIT")
+    finally:
+        await holder.close()
+    assert await ledger.balance(db, CLEARING) == 100_000
 
 
 async def test_a_refusal_names_a_posting_of_an_entry_this_call_wrote(db):
