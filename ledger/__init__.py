@@ -20,16 +20,20 @@ from ledger.journal import (
     get_entries, get_entry, list_entries, post_entries, post_entry, reversal_draft, reverse_entry,
 )
 from ledger.postings import EntryDraft, PostedEntry, Posting
-from ledger.verify import BalanceMismatch, EntryProblem, VerifyReport, verify
+from ledger.verify import (
+    AnchorProblem, BalanceMismatch, ChainHead, EntryProblem, VerifyReport, chain_head, parse_anchor, verify,
+)
 
 # A submodule the docs use as ``ledger.entries.payment_captured(...)`` after a plain ``import ledger``.
 from ledger import entries
 
 __all__ = [
-    "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "BalanceMismatch", "CurrencyTotal",
+    "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "AnchorProblem", "BalanceMismatch", "ChainHead",
+    "CurrencyTotal",
     "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "InvalidReversal", "LedgerError",
     "LedgerTampered", "PostedEntry", "Posting", "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport",
-    "account_spec", "balance", "canonical_content", "chain_hash", "content_hash", "entries", "fold_pending",
-    "get_account", "get_entries", "get_entry", "list_accounts", "list_entries", "post_entries", "post_entry",
+    "account_spec", "balance", "canonical_content", "chain_hash", "chain_head", "content_hash", "entries", "fold_pending",
+    "get_account", "get_entries", "get_entry", "list_accounts", "list_entries", "parse_anchor", "post_entries",
+    "post_entry",
     "reversal_draft", "reverse_entry", "seal", "seal_all", "statement", "trial_balance", "verify",
 ]

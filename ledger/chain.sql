@@ -27,7 +27,8 @@ SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])
 
 -- name: verify_sealed_page
 -- Every seal, including one whose entry row is gone (missing = true, the entry's columns NULL).
-SELECT s.position, s.prev_hash, s.chain_hash, s.entry_id AS id, e.id IS NULL AS missing, e.txid::text AS txid,
+SELECT s.position, s.prev_hash, s.chain_hash, s.sealed_at, s.entry_id AS id, e.id IS NULL AS missing,
+       e.txid::text AS txid,
        e.kind, e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
        e.reverses, e.content_hash
   FROM ledger_seals s LEFT JOIN ledger_entries e ON e.id = s.entry_id
@@ -73,3 +74,9 @@ SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credit
  WHERE coalesce(b.debits, 0) <> coalesce(s.debits, 0) OR coalesce(b.credits, 0) <> coalesce(s.credits, 0)
     OR coalesce(b.postings, 0) <> coalesce(s.postings, 0)
  ORDER BY a.code
+
+-- name: seal_at
+-- The seal at a position ($1), or at the highest position when $1 is NULL.
+SELECT position, chain_hash, entry_id, sealed_at
+  FROM ledger_seals
+ WHERE position = coalesce($1::bigint, (SELECT max(position) FROM ledger_seals))

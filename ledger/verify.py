@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime
+from typing import Iterable
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from ledger.canonical import GENESIS, chain_hash, content_hash
 from ledger.postings import Posting
@@ -32,8 +34,37 @@ class BalanceMismatch(BaseModel):
     posted_postings: int
 
 
+class ChainHead(BaseModel):
+    """A seal of the hash chain: its position, its chain hash (hex) and the entry it seals. The chain hash at a
+    position commits to every entry sealed up to it, so a copy kept outside the database (an anchor) lets a
+    later ``verify`` prove that none of them was changed, deleted or re-chained since."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    position: int
+    chain_hash: str
+    entry_id: int
+    sealed_at: datetime | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def anchor(self) -> str:
+        """``POSITION:HASH``, the form ``verify`` and ``paysvc ledger verify --anchor`` take back."""
+        return f"{self.position}:{self.chain_hash}"
+
+
+class AnchorProblem(BaseModel):
+    """A recorded anchor the chain no longer holds: the seal at its position has another hash, or is gone."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    position: int
+    recorded_hash: str
+    found_hash: str | None
+    problem: str
+
+
 class VerifyReport(BaseModel):
-    """What ``verify`` found. ``first_bad_entry`` is the first entry, in chain order, where anything differs."""
+    """What ``verify`` found. ``first_bad_entry`` is the first entry, in chain order, where anything differs.
+    ``head`` is the last seal walked (None when nothing is sealed)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     entries: int
@@ -42,10 +73,35 @@ class VerifyReport(BaseModel):
     first_bad_entry: int | None
     entry_problems: list[EntryProblem]
     balance_mismatches: list[BalanceMismatch]
+    head: ChainHead | None = None
+    anchor_problems: list[AnchorProblem] = []
 
     @property
     def ok(self) -> bool:
-        return not self.entry_problems and not self.balance_mismatches
+        return not self.entry_problems and not self.balance_mismatches and not self.anchor_problems
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``POSITION:HASH`` (as ``ChainHead.anchor`` gives it) as (position, lower-case hex hash); ValueError
+    saying what is wrong otherwise."""
+    position, sep, digest = text.strip().partition(":")
+    if not sep or not position.isdigit() or int(position) < 1:
+        raise ValueError(f"anchor {text!r}: expected POSITION:HASH, a seal position (1 or more), a colon and "
+                         "the 64 hex digits of its chain hash, as `paysvc ledger verify` prints them")
+    digest = digest.lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"anchor {text!r}: the hash must be 64 hex digits (a SHA-256), got {len(digest)} characters")
+    return int(position), digest
+
+
+async def chain_head(conn: asyncpg.Connection, position: int | None = None) -> ChainHead | None:
+    """The seal at ``position``, or the last seal when None; None when there is no such seal. Read as stored:
+    ``verify`` is what proves the chain up to it."""
+    r = await conn.fetchrow(Q.seal_at, position)
+    if r is None:
+        return None
+    return ChainHead(position=r["position"], chain_hash=bytes(r["chain_hash"]).hex(), entry_id=r["entry_id"],
+                     sealed_at=r["sealed_at"])
 
 
 class _Entry:  # the shape content_hash reads
@@ -81,7 +137,7 @@ def _chain_order(p: EntryProblem) -> tuple[int, int]:
     return (0, p.seal_position) if p.seal_position is not None else (1, p.entry_id)
 
 
-async def verify(conn: asyncpg.Connection) -> VerifyReport:
+async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]] = ()) -> VerifyReport:
     """Recompute the chain and every balance; run it in a REPEATABLE READ transaction for one consistent view.
 
     Checks, in chain order then for unsealed entries: each entry's content hash, that it balances, each
@@ -89,7 +145,14 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
     the sealer has already passed; postings whose entry row is gone; and every account's maintained
     debits, credits and posting count against those of its postings (postings of existing entries only).
     ``first_bad_entry`` is the first problem in chain order (then unsealed, by entry id).
+
+    ``anchors``: (position, hex chain hash) pairs recorded earlier (``parse_anchor``). The chain alone cannot
+    show entries deleted from its end, or a chain recomputed after an edit; a copy of a chain hash kept
+    elsewhere can: each anchor's seal must still be there, with that hash.
     """
+    expected = {position: digest.lower() for position, digest in anchors}
+    anchor_problems: list[AnchorProblem] = []
+    head: ChainHead | None = None
     problems: list[EntryProblem] = []
     entries = sealed = 0
     prev, position = GENESIS, 0
@@ -117,6 +180,13 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
                 found.append("seal hash does not match its position, entry and content hash")
             problems += [EntryProblem(entry_id=r["id"], seal_position=r["position"], problem=f) for f in found]
             prev, position = bytes(r["chain_hash"]), r["position"]
+            head = ChainHead(position=position, chain_hash=prev.hex(), entry_id=r["id"], sealed_at=r["sealed_at"])
+            recorded = expected.pop(position, None)
+            if recorded is not None and recorded != prev.hex():
+                anchor_problems.append(AnchorProblem(
+                    position=position, recorded_hash=recorded, found_hash=prev.hex(),
+                    problem=f"seal {position} has another chain hash than the one recorded for it: an entry up to "
+                            "it was changed or deleted and the chain recomputed, or the record is of another ledger"))
     after = 0
     unsealed = 0
     while True:
@@ -142,6 +212,12 @@ async def verify(conn: asyncpg.Connection) -> VerifyReport:
                                   posted_debits=m["sum_debits"], posted_credits=m["sum_credits"],
                                   posted_postings=m["sum_postings"])
                   for m in await conn.fetch(Q.verify_balances)]
+    for missing_at, recorded in sorted(expected.items()):  # positions the walk never reached
+        anchor_problems.append(AnchorProblem(
+            position=missing_at, recorded_hash=recorded, found_hash=None,
+            problem=f"the chain ends at seal {position}, before seal {missing_at} recorded earlier: sealed "
+                    "entries were deleted from its end (with their seals), or the record is of another ledger"))
     return VerifyReport(entries=entries, sealed=sealed, unsealed=unsealed,
                         first_bad_entry=problems[0].entry_id if problems else None,
-                        entry_problems=problems, balance_mismatches=mismatches)
+                        entry_problems=problems, balance_mismatches=mismatches, head=head,
+                        anchor_problems=anchor_problems)

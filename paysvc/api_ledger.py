@@ -79,6 +79,11 @@ class EntryPage(BaseModel):
     next_cursor: str | None
 
 
+class ChainHeadQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    position: Annotated[int, Field(ge=1)] | None = Field(None, description="a seal position; default the last")
+
+
 def _encode(raw: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
@@ -179,6 +184,19 @@ async def entries(request: web.Request) -> web.Response:
     return json_response(EntryPage(data=page, next_cursor=_encode(str(nxt)) if nxt else None))
 
 
+async def chain_head(request: web.Request) -> web.Response:
+    """The hash chain's last seal (or the one at ``position``), to keep outside the database as an anchor."""
+    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    request[PRINCIPAL] = p
+    p.require("treasury")  # the chain covers every agency's entries: its length is the whole ledger's
+    q = parse_query(ChainHeadQuery, request)
+    async with request.app[POOL].acquire() as conn:
+        head = await ledger.chain_head(conn, q.position)
+    if head is None:
+        raise NotFound("no seal at that position" if q.position else "nothing is sealed yet")
+    return json_response(head)
+
+
 ROUTES = [
     Route("GET", "/v1/ledger/accounts", accounts, "Ledger accounts with their balances", scope=_SCOPE_DOC,
           query=AccountListQuery, response=AccountPage, tags=("ledger",)),
@@ -188,6 +206,10 @@ ROUTES = [
           scope=_SCOPE_DOC, query=TrialBalanceQuery, response=ledger.TrialBalance, tags=("ledger",)),
     Route("GET", "/v1/ledger/entries", entries, "Journal entries, newest first, with their seal",
           scope=_SCOPE_DOC, query=EntryListQuery, response=EntryPage, tags=("ledger",)),
+    Route("GET", "/v1/ledger/chain-head", chain_head,
+          "The hash chain's last seal (or one position's): keep `position:chain_hash` outside the database and "
+          "check it later with `paysvc ledger verify --anchor`", scope="treasury", query=ChainHeadQuery,
+          response=ledger.ChainHead, tags=("ledger",)),
 ]
 
 

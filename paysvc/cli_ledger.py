@@ -6,23 +6,36 @@ import asyncio
 import sys
 
 
-async def _verify(dsn: str):
+async def _verify(dsn: str, anchors: list[tuple[int, str]]):
     import ledger
     from paysvc.db import connect
 
     async with connect(dsn) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            return await ledger.verify(conn)
+            return await ledger.verify(conn, anchors=anchors)
 
 
 def cmd_verify(settings, args) -> int:
+    import ledger
     from paysvc.cli import database
 
+    try:
+        anchors = [ledger.parse_anchor(a) for a in args.anchor]
+    except ValueError as e:
+        print(f"paysvc ledger verify: {e}", file=sys.stderr)
+        return 2
     with database(settings) as dsn:
-        report = asyncio.run(_verify(dsn))
+        report = asyncio.run(_verify(dsn, anchors))
     print(f"entries: {report.entries} ({report.sealed} sealed, {report.unsealed} not sealed yet)")
+    if report.head is not None:
+        print(f"chain head: {report.head.anchor}  (seal {report.head.position}, entry {report.head.entry_id}; "
+              "keep a copy outside this database and pass it to --anchor later)")
+    for p in report.anchor_problems:
+        print(f"  ANCHOR {p.position}:{p.recorded_hash}: {p.problem}")
     if report.ok:
-        print("ledger verified: every entry matches its hash, the chain is unbroken, every balance is exact")
+        checked = f"; the {len(anchors)} anchor(s) given are in the chain" if anchors else ""
+        print("ledger verified: every entry matches its hash, the chain is unbroken, every balance is exact"
+              + checked)
         return 0
     if report.first_bad_entry is not None:
         print(f"FIRST BAD ENTRY: {report.first_bad_entry}")
@@ -66,6 +79,10 @@ def register(sub) -> None:
     lg = sub.add_parser("ledger", help="ledger: verify the hash chain and balances, seal entries")
     actions = lg.add_subparsers(dest="action", required=True)
     v = actions.add_parser("verify", help="recompute the hash chain and every balance; exit 1 on any difference")
+    v.add_argument("--anchor", action="append", default=[], metavar="POSITION:HASH",
+                   help="a chain head recorded earlier (as this command prints it): the chain must still hold "
+                        "that seal with that hash, which shows sealed entries deleted from the chain's end or a "
+                        "chain recomputed after an edit; repeatable")
     v.set_defaults(func=cmd_verify)
     s = actions.add_parser("seal", help="chain committed entries into the hash chain now")
     s.add_argument("--batch", type=int, default=5000, help="entries per sealing transaction (default 5000)")

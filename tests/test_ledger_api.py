@@ -107,10 +107,32 @@ async def test_pagination_walks_every_posting_and_entry_once(api):
     assert (await api.client.get("/v1/ledger/entries?cursor=!!", headers=treasury)).status == 400
 
 
+async def test_treasury_reads_the_chain_head_to_keep_as_an_anchor(api):
+    moi, treasury = await setup(api)
+    r = await api.client.get("/v1/ledger/chain-head", headers=treasury)
+    assert r.status == 404 and "nothing is sealed yet" in (await r.json())["detail"]
+    async with connect(api.dsn) as conn:
+        await ledger.seal_all(conn)
+        count = await conn.fetchval("SELECT count(*) FROM ledger_seals")
+        expected = await ledger.chain_head(conn)
+    assert count == 7
+    body = await (await api.client.get("/v1/ledger/chain-head", headers=treasury)).json()
+    assert body["position"] == 7 and body["chain_hash"] == expected.chain_hash
+    assert body["anchor"] == f"7:{expected.chain_hash}" and body["entry_id"] == expected.entry_id
+    third = await (await api.client.get("/v1/ledger/chain-head?position=3", headers=treasury)).json()
+    assert third["position"] == 3 and third["chain_hash"] != body["chain_hash"]
+    assert (await api.client.get("/v1/ledger/chain-head?position=8", headers=treasury)).status == 404
+    r = await api.client.get("/v1/ledger/chain-head?position=0", headers=treasury)
+    assert r.status == 422 and "position" in (await r.text())  # as for any query value out of range
+    assert (await api.client.get("/v1/ledger/chain-head", headers=moi)).status == 403
+    async with connect(api.dsn) as conn:  # what the endpoint gives is what verify checks
+        assert (await ledger.verify(conn, anchors=[ledger.parse_anchor(body["anchor"])])).ok
+
+
 async def test_openapi_documents_the_ledger_routes(api):
     spec = await (await api.client.get("/openapi.json")).json()
     for path in ("/v1/ledger/accounts", "/v1/ledger/accounts/{code}", "/v1/ledger/trial-balance",
-                 "/v1/ledger/entries"):
+                 "/v1/ledger/entries", "/v1/ledger/chain-head"):
         assert "get" in spec["paths"][path]
     params = {p["name"] for p in spec["paths"]["/v1/ledger/trial-balance"]["get"]["parameters"]}
     assert "as_of" in params

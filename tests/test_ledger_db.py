@@ -1033,6 +1033,89 @@ async def test_verify_reports_a_deleted_last_sealed_entry(db, db_dsn):
     assert f"entry {victim.id} (seal 4): seal 4 names entry {victim.id}" in bad.stdout
 
 
+async def _delete_entry_and_adjust_balances(db_dsn, entry_id: int) -> None:
+    """What the chain alone cannot show: an entry, its postings and its seal deleted, its amounts taken out of
+    the balance slots, as a superuser with the triggers off."""
+    await tamper(db_dsn, """
+        WITH gone AS (DELETE FROM ledger_postings WHERE entry_id = $1 RETURNING account_id, side, amount),
+             per AS (SELECT account_id, coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0) AS d,
+                            coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0) AS c, count(*) AS n
+                       FROM gone GROUP BY account_id),
+             fixed AS (UPDATE ledger_balance_slots b SET debits = b.debits - per.d, credits = b.credits - per.c,
+                              postings = b.postings - per.n
+                         FROM per
+                        WHERE b.account_id = per.account_id
+                          AND b.slot = (SELECT min(slot) FROM ledger_balance_slots x
+                                         WHERE x.account_id = per.account_id AND x.debits >= per.d
+                                           AND x.credits >= per.c AND x.postings >= per.n))
+        DELETE FROM ledger_seals WHERE entry_id = $1""", entry_id)
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", entry_id)
+
+
+async def test_an_anchor_shows_sealed_entries_deleted_from_the_chains_end(db, db_dsn):
+    # Deleted with its postings, its seal and its amounts, the last sealed entry leaves a chain that is simply
+    # shorter: verify alone passes. A chain head recorded before shows it.
+    posted = [await post(db, capture(n)) for n in range(4)]
+    await seal_everything(db)
+    head = (await ledger.verify(db)).head
+    assert head is not None and head.position == 4 and head.entry_id == posted[-1].id
+    assert head == await ledger.chain_head(db)
+    assert (await ledger.chain_head(db, 2)).entry_id == posted[1].id and await ledger.chain_head(db, 5) is None
+    await _delete_entry_and_adjust_balances(db_dsn, posted[-1].id)
+    assert (await ledger.verify(db)).ok  # the limit the anchor is for
+    report = await ledger.verify(db, anchors=[ledger.parse_anchor(head.anchor)])
+    assert not report.ok and report.head.position == 3
+    assert [(p.position, p.found_hash) for p in report.anchor_problems] == [(4, None)]
+    assert "the chain ends at seal 3, before seal 4" in report.anchor_problems[0].problem
+    earlier = await ledger.chain_head(db, 3)
+    assert (await ledger.verify(db, anchors=[(3, earlier.chain_hash)])).ok  # what is left is intact
+
+
+async def test_an_anchor_shows_a_chain_recomputed_after_a_deletion(db, db_dsn):
+    # Delete a mid-chain entry and recompute every later seal (the chain hash is a public function): the chain
+    # links and verify alone passes. An anchor recorded before, at or after the deleted entry's position, shows
+    # it; one before it still holds.
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    recorded = {p: await ledger.chain_head(db, p) for p in range(1, 6)}
+    await _delete_entry_and_adjust_balances(db_dsn, posted[1].id)  # sealed at position 2
+    rows = await db.fetch("SELECT s.entry_id, e.content_hash FROM ledger_seals s "
+                          "JOIN ledger_entries e ON e.id = s.entry_id ORDER BY s.position")
+    prev = ledger.canonical.GENESIS
+    await tamper(db_dsn, "DELETE FROM ledger_seals")
+    for position, r in enumerate(rows, start=1):
+        h = ledger.chain_hash(prev, position, r["entry_id"], bytes(r["content_hash"]))
+        await tamper(db_dsn, "INSERT INTO ledger_seals (position, entry_id, prev_hash, chain_hash) "
+                             "VALUES ($1, $2, $3, $4)", position, r["entry_id"], prev, h)
+        prev = h
+    assert (await ledger.verify(db)).ok  # the limit anchors are for
+    assert (await ledger.verify(db, anchors=[(1, recorded[1].chain_hash)])).ok
+    report = await ledger.verify(db, anchors=[(p, recorded[p].chain_hash) for p in (2, 3, 5)])
+    assert not report.ok and report.entry_problems == [] and report.balance_mismatches == []
+    assert [(a.position, a.found_hash is None) for a in report.anchor_problems] == [(2, False), (3, False), (5, True)]
+    assert all("another chain hash" in a.problem for a in report.anchor_problems[:2])
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", recorded[5].anchor)
+    assert bad.returncode == 1, bad.stdout
+    assert f"ANCHOR {recorded[5].anchor}: the chain ends at seal 4, before seal 5" in bad.stdout
+
+
+async def test_cli_verify_prints_the_chain_head_and_checks_anchors(db, db_dsn):
+    await post(db, capture(1))
+    await post(db, capture(2))
+    await seal_everything(db)
+    head = await ledger.chain_head(db)
+    ok = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", head.anchor)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"chain head: {head.anchor}" in ok.stdout and "the 1 anchor(s) given are in the chain" in ok.stdout
+    wrong = f"{head.position}:{'0' * 64}"
+    bad = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", wrong)
+    assert bad.returncode == 1 and f"ANCHOR {wrong}: seal 2 has another chain hash" in bad.stdout
+    for malformed, says in (("2", "expected POSITION:HASH"), ("x:" + "0" * 64, "expected POSITION:HASH"),
+                            ("0:" + "0" * 64, "expected POSITION:HASH"), ("2:abc", "must be 64 hex digits")):
+        refused = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", malformed)
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+
+
 async def test_verify_reports_a_deleted_last_unsealed_entry(db, db_dsn):
     [await post(db, capture(n)) for n in range(3)]
     await seal_everything(db)
