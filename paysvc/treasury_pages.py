@@ -22,6 +22,8 @@ from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
+import ledger
+
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
 from paysvc.api_settlements import rules_of, stream_csv
 from paysvc.errors import Problem
@@ -200,6 +202,7 @@ async def grid(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         cells = await day_grid(conn, today=_today(request), days=GRID_DAYS, providers=providers,
                                rules=rules_of(request.app[SETTINGS]))
+        chain = await ledger.chain_head(conn)
     names = sorted({c["provider"] for c in cells})
     by = {(c["business_date"], c["provider"]): c for c in cells}
     days = sorted({c["business_date"] for c in cells}, reverse=True)
@@ -218,8 +221,21 @@ async def grid(request: web.Request) -> web.Response:
         rows.append(f"<tr><th>{d}</th>{''.join(tds)}</tr>")
     body = (f"<h1>Business days</h1><p class=\"note\">Business days are {TIME_ZONE_NAME} days; the last "
             f"{GRID_DAYS} are shown.</p><table id=\"grid\"><thead><tr><th>Business day</th>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            f"<tbody>{''.join(rows)}</tbody></table>" + _chain_note(chain))
     return _page(request, "Business days", body, session=session)
+
+
+def _chain_note(chain: "ledger.ChainHead | None") -> str:
+    """The ledger's chain head, for staff to record outside paysvc: checked later with ``paysvc ledger verify
+    --anchor``, it shows any sealed entry deleted or changed since, which the chain alone cannot."""
+    if chain is None:
+        return '<h2>Ledger chain head</h2><p class="note" id="chain-head">No journal entry is sealed yet.</p>'
+    return ('<h2>Ledger chain head</h2><p class="note">Record this line outside paysvc (in the day\'s sign-off, '
+            'say). Later, <code>paysvc ledger verify --anchor</code> with it fails if any entry sealed up to it was '
+            'deleted or changed since.</p>'
+            f'<p id="chain-head"><code>{_e(chain.anchor)}</code> <span class="note">seal {chain.position}, '
+            f'entry {chain.entry_id}, sealed {_e(chain.sealed_at.isoformat(timespec="seconds") if chain.sealed_at else "")}'
+            '</span></p>')
 
 
 def _amounts(amounts: dict) -> str:

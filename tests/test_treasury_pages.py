@@ -10,6 +10,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+import ledger
+
+from paysvc.db import connect as connect_db
 from paysvc.settlement_days import business_date, parse_cutoff
 from providers.sandbox import write_settlement_csv
 from tests.conftest import running_api
@@ -69,6 +72,21 @@ async def test_only_treasury_keys_log_in(api, portal, treasury_key):
     assert r.status == 401 and "paysvc_treasury" not in r.headers.get("Set-Cookie", "")
     r = await api.client.get("/treasury", allow_redirects=False)
     assert r.status == 303 and r.headers["Location"] == "/treasury/login"
+
+
+async def test_the_day_grid_shows_the_ledger_chain_head_to_record(api, portal, treasury_key, invoice_body):
+    r = await login(api, treasury_key)
+    cookie = {"Cookie": r.headers["Set-Cookie"].split(";", 1)[0]}
+    page = await (await api.client.get("/treasury", headers=cookie)).text()
+    assert "No journal entry is sealed yet" in page
+    await paid(api, portal, invoice_body, "TX-1")
+    await paid(api, portal, invoice_body, "TX-2")
+    async with connect_db(api.dsn) as conn:
+        await ledger.seal_all(conn)
+        head = await ledger.chain_head(conn)
+        assert head is not None and head.position == 2
+    page = await (await api.client.get("/treasury", headers=cookie)).text()
+    assert f'<p id="chain-head"><code>{head.anchor}</code>' in page and "paysvc ledger verify --anchor" in page
 
 
 async def test_login_from_another_origin_is_refused(api, treasury_key):
