@@ -250,7 +250,9 @@ def _pgbench_post(db: str, r: Result, seconds: float, fold_now: bool) -> None:
                     r.latencies.extend(int(line.split()[2]) / 1e6 for line in f)
 
 
-def _pgbench(seconds: float, scale: int) -> tuple[float, str]:
+def pgbench_tpcb(seconds: float, scale: int = 16) -> tuple[float, str]:
+    """pgbench's TPC-B-like run with 16 clients on a scratch database of its own: the machine's speed at the
+    moment, as (transactions/s, a note). NaN when pgbench is not installed."""
     exe = shutil.which("pgbench")
     if exe is None:
         return float("nan"), "pgbench not found"
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} ...", flush=True)
         results.append(run_on_loop(_scenario(name, target, args.seconds, make, explicit, fold_now)))
     print(f"running pgbench for {args.seconds:.0f} s ...", flush=True)
-    pgb_tps, pgb_note = _pgbench(args.seconds, args.pgbench_scale)
+    pgb_tps, pgb_note = pgbench_tpcb(args.seconds, args.pgbench_scale)
     print()
     print(_table(results, pgb_tps, pgb_note, args.pgbench_scale))
     ok = all(r.balances_exact and r.deadlocks == 0 and r.errors == 0 for r in results)

@@ -4,6 +4,7 @@
     python -m load.payments_bench --duration 15   # a quicker look
     python -m load.payments_bench --processes 1   # one service process instead of two
     python -m load.payments_bench --service-nice -10   # the service at a higher CPU priority (root)
+    python -m load.payments_bench --calibrate 0   # without the 10 s pgbench run that rates the machine first
 
 Each scheduled payment is one ``POST /v1/invoices`` then one signed ``POST /v1/providers/sandbox/
 callbacks``; its latency runs from the scheduled start to the callback's answer (captured and booked),
@@ -138,6 +139,9 @@ def main() -> None:
                         "(see README)")
     p.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")], default=[200, 300, 400, 500, 600, 700])
     p.add_argument("--skip-http", action="store_true", help="only measure the Bakong poller")
+    p.add_argument("--calibrate", type=float, default=10, metavar="SECONDS",
+                   help="first run pgbench's TPC-B for this long and print its rate, the machine's speed at the "
+                        "time (default 10; 0 to skip)")
     args = p.parse_args()
     if args.service_nice:
         try:
@@ -145,6 +149,14 @@ def main() -> None:
             os.setpriority(os.PRIO_PROCESS, 0, args.service_nice)
         except PermissionError:
             p.error(f"--service-nice {args.service_nice}: a priority below 0 needs root or CAP_SYS_NICE")
+    if args.calibrate:
+        from load.ledger_bench import pgbench_tpcb
+
+        # The machine's speed right now, to compare runs made on different days: this 2-core machine's
+        # TPC-B rate has been seen anywhere from 1,800 to 6,600 transactions/s.
+        tps, note = pgbench_tpcb(args.calibrate)
+        print(f"machine calibration: pgbench TPC-B-like, 16 clients, {args.calibrate:.0f} s: {tps:,.0f} tx/s ({note})",
+              flush=True)
     with scratch_database() as dsn:
         cli(dsn, "migrate")
         cli(dsn, "agencies", "add", "TAX", "--name", "Vehicle Tax", "--name-km", "ពន្ធលើយានយន្ត",
