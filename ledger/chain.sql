@@ -26,9 +26,12 @@ INSERT INTO ledger_seals (position, entry_id, prev_hash, chain_hash)
 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bytea[], $4::bytea[])
 
 -- name: verify_sealed_page
--- Every seal, including one whose entry row is gone (missing = true, the entry's columns NULL).
+-- Every seal, including one whose entry row is gone (missing = true, the entry's columns NULL). future_txid:
+-- the entry names a transaction that had not begun when this statement's snapshot was taken (nor is it this
+-- one), which no entry written through the database can.
 SELECT s.position, s.prev_hash, s.chain_hash, s.sealed_at, s.entry_id AS id, e.id IS NULL AS missing,
-       e.txid::text AS txid,
+       e.txid::text AS txid, (e.txid >= pg_snapshot_xmax(pg_current_snapshot())
+        AND e.txid IS DISTINCT FROM pg_current_xact_id_if_assigned()) AS future_txid,
        e.kind, e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
        e.reverses, e.content_hash
   FROM ledger_seals s LEFT JOIN ledger_entries e ON e.id = s.entry_id
@@ -40,7 +43,9 @@ SELECT s.position, s.prev_hash, s.chain_hash, s.sealed_at, s.entry_id AS id, e.i
 SELECT NULL::bigint AS position, NULL::bytea AS prev_hash, NULL::bytea AS chain_hash, e.id, e.kind,
        e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
        e.reverses, e.content_hash,
-       ((e.txid, e.id) < ($3::text::xid8, $4::bigint)) AS behind_seal
+       ((e.txid, e.id) < ($3::text::xid8, $4::bigint)) AS behind_seal,
+       (e.txid >= pg_snapshot_xmax(pg_current_snapshot())
+        AND e.txid IS DISTINCT FROM pg_current_xact_id_if_assigned()) AS future_txid
   FROM ledger_entries e
  WHERE e.id > $1 AND NOT EXISTS (SELECT 1 FROM ledger_seals s WHERE s.entry_id = e.id)
  ORDER BY e.id
@@ -80,3 +85,11 @@ SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credit
 SELECT position, chain_hash, entry_id, sealed_at
   FROM ledger_seals
  WHERE position = coalesce($1::bigint, (SELECT max(position) FROM ledger_seals))
+
+-- name: verify_postings
+-- The postings of these entries, with their account's code; NULL when the account row is missing (possible
+-- only behind the ledger's back: a posting's account is checked when it is written).
+SELECT p.entry_id, p.line, p.account_id, a.code AS account, p.side, p.amount, p.currency
+  FROM ledger_postings p LEFT JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE p.entry_id = ANY($1::bigint[])
+ ORDER BY p.entry_id, p.line

@@ -85,12 +85,16 @@ def parse_anchor(text: str) -> tuple[int, str]:
     """``POSITION:HASH`` (as ``ChainHead.anchor`` gives it) as (position, lower-case hex hash); ValueError
     saying what is wrong otherwise."""
     position, sep, digest = text.strip().partition(":")
-    if not sep or not position.isdigit() or int(position) < 1:
-        raise ValueError(f"anchor {text!r}: expected POSITION:HASH, a seal position (1 or more), a colon and "
+    if (not sep or not position.isascii() or not position.isdigit() or len(position) > 19
+            or not 1 <= int(position) < 2**63):
+        raise ValueError(f"anchor {text[:100]!r}: expected POSITION:HASH, a seal position (1 or more), a colon and "
                          "the 64 hex digits of its chain hash, as `paysvc ledger verify` prints them")
-    digest = digest.lower()
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError(f"anchor {text!r}: the hash must be 64 hex digits (a SHA-256), got {len(digest)} characters")
+    digest = digest.strip().lower()
+    if len(digest) != 64:
+        raise ValueError(f"anchor {text[:100]!r}: the hash must be 64 hex digits (a SHA-256), got {len(digest)} "
+                         "characters")
+    if any(c not in "0123456789abcdef" for c in digest):
+        raise ValueError(f"anchor {text[:100]!r}: the hash may hold only the hex digits 0-9 and a-f")
     return int(position), digest
 
 
@@ -112,25 +116,36 @@ class _Entry:  # the shape content_hash reads
         self.postings = postings
 
 
-async def _postings(conn: asyncpg.Connection, ids: list[int]) -> dict[int, list[Posting]]:
+async def _postings(conn: asyncpg.Connection, ids: list[int]) -> tuple[dict[int, list[Posting]], dict[int, list[str]]]:
+    """Each entry's postings, and per entry the problems of postings whose account row is missing."""
     out: dict[int, list[Posting]] = defaultdict(list)
-    for p in await conn.fetch(Q.postings_of_entries, ids):
+    lost: dict[int, list[str]] = defaultdict(list)
+    for p in await conn.fetch(Q.verify_postings, ids):
+        if p["account"] is None:
+            lost[p["entry_id"]].append(f"posting line {p['line']} names account {p['account_id']}, which is missing "
+                                       "(the account row was deleted, or the posting written behind the ledger's back)")
         # model_construct: a tampered row must be reported, not rejected by validation
         out[p["entry_id"]].append(Posting.model_construct(
-            account=p["account"], side=p["side"], amount=p["amount"], currency=p["currency"]))
-    return out
+            account=p["account"] if p["account"] is not None else f"#{p['account_id']}", side=p["side"],
+            amount=p["amount"], currency=p["currency"]))
+    return out, lost
 
 
-def _check(r: asyncpg.Record, postings: list[Posting]) -> list[str]:
+def _check(r: asyncpg.Record, postings: list[Posting]) -> tuple[list[str], bytes]:
+    """The entry's problems, and its content hash recomputed from what is stored."""
     found = []
-    if content_hash(_Entry(r, postings)).hex() != bytes(r["content_hash"]).hex():
+    actual = content_hash(_Entry(r, postings))
+    if actual != bytes(r["content_hash"]):
         found.append("content differs from its recorded hash (entry or postings changed)")
     net: dict[str, int] = defaultdict(int)
     for p in postings:
         net[p.currency] += p.amount if p.side == "debit" else -p.amount
     if len(postings) < 2 or any(net.values()):
         found.append("postings do not balance per currency")
-    return found
+    if r["future_txid"]:
+        found.append("its transaction id is one no transaction had when this check began: written behind the "
+                     "ledger's back (the sealer would never reach it)")
+    return found, actual
 
 
 def _chain_order(p: EntryProblem) -> tuple[int, int]:
@@ -150,8 +165,13 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
     show entries deleted from its end, or a chain recomputed after an edit; a copy of a chain hash kept
     elsewhere can: each anchor's seal must still be there, with that hash.
     """
-    expected = {position: digest.lower() for position, digest in anchors}
+    expected: dict[int, list[str]] = defaultdict(list)  # every hash recorded for a position is checked
+    for position_, digest in anchors:
+        digest = digest.hex() if isinstance(digest, bytes) else str(digest).strip().lower()
+        if digest not in expected[int(position_)]:
+            expected[int(position_)].append(digest)
     anchor_problems: list[AnchorProblem] = []
+    rechained = GENESIS  # the chain recomputed from the entries' contents, whatever the seals say
     head: ChainHead | None = None
     problems: list[EntryProblem] = []
     entries = sealed = 0
@@ -161,16 +181,20 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
         rows = await conn.fetch(Q.verify_sealed_page, position, _PAGE)
         if not rows:
             break
-        postings = await _postings(conn, [r["id"] for r in rows])
+        postings, lost = await _postings(conn, [r["id"] for r in rows])
         for r in rows:
             if r["missing"]:  # nothing to recompute: its content hash went with it
                 found = [f"seal {r['position']} names entry {r['id']}, which is missing "
                          "(the entry row was deleted)"]
+                rechained = None
             else:
                 entries += 1
                 sealed += 1
-                found = _check(r, postings[r["id"]])
+                found, actual = _check(r, postings[r["id"]])
+                found += lost.get(r["id"], [])
                 last_txid, last_id = r["txid"], r["id"]
+                if rechained is not None:
+                    rechained = chain_hash(rechained, r["position"], r["id"], actual)
             if r["position"] != position + 1:
                 found.append(f"seal position {r['position']} follows {position}: the chain has a gap")
             if bytes(r["prev_hash"]) != prev:
@@ -181,23 +205,33 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
             problems += [EntryProblem(entry_id=r["id"], seal_position=r["position"], problem=f) for f in found]
             prev, position = bytes(r["chain_hash"]), r["position"]
             head = ChainHead(position=position, chain_hash=prev.hex(), entry_id=r["id"], sealed_at=r["sealed_at"])
-            recorded = expected.pop(position, None)
-            if recorded is not None and recorded != prev.hex():
-                anchor_problems.append(AnchorProblem(
-                    position=position, recorded_hash=recorded, found_hash=prev.hex(),
-                    problem=f"seal {position} has another chain hash than the one recorded for it: an entry up to "
-                            "it was changed or deleted and the chain recomputed, or the record is of another ledger"))
-    after = 0
+            for recorded in expected.pop(position, []):
+                # Both the seal as stored and the chain recomputed from the entries as they are now must be
+                # what was recorded: a seal kept intact over changed entries is caught here too.
+                if recorded != prev.hex():
+                    anchor_problems.append(AnchorProblem(
+                        position=position, recorded_hash=recorded, found_hash=prev.hex(),
+                        problem=f"seal {position} has another chain hash than the one recorded for it: an entry up "
+                                "to it was changed or deleted and the chain recomputed, or the record is of "
+                                "another ledger"))
+                elif rechained is None or rechained.hex() != recorded:
+                    anchor_problems.append(AnchorProblem(
+                        position=position, recorded_hash=recorded, found_hash=prev.hex(),
+                        problem=f"seal {position} still has the recorded hash, but the entries sealed up to it, as "
+                                "they are now, chain to another: an entry or posting up to it was changed or "
+                                "deleted (see the entry problems)"))
+    after = -2**63  # every id a bigint can hold: an entry written with id 0 or below is walked too
     unsealed = 0
     while True:
         rows = await conn.fetch(Q.verify_unsealed_page, after, _PAGE, last_txid, last_id)
         if not rows:
             break
-        postings = await _postings(conn, [r["id"] for r in rows])
+        postings, lost = await _postings(conn, [r["id"] for r in rows])
         for r in rows:
             entries += 1
             unsealed += 1
-            found = _check(r, postings[r["id"]])
+            found, _ = _check(r, postings[r["id"]])
+            found += lost.get(r["id"], [])
             if r["behind_seal"]:
                 found.append("unsealed, but the sealer has already passed it (chain order broken)")
             problems += [EntryProblem(entry_id=r["id"], seal_position=None, problem=f) for f in found]
@@ -212,11 +246,17 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                                   posted_debits=m["sum_debits"], posted_credits=m["sum_credits"],
                                   posted_postings=m["sum_postings"])
                   for m in await conn.fetch(Q.verify_balances)]
-    for missing_at, recorded in sorted(expected.items()):  # positions the walk never reached
-        anchor_problems.append(AnchorProblem(
-            position=missing_at, recorded_hash=recorded, found_hash=None,
-            problem=f"the chain ends at seal {position}, before seal {missing_at} recorded earlier: sealed "
-                    "entries were deleted from its end (with their seals), or the record is of another ledger"))
+    for missing_at, recorded_hashes in sorted(expected.items()):  # positions the walk never met
+        if position == 0:
+            why = "nothing is sealed"
+        elif missing_at < position:
+            why = "the chain has no seal there (see the gap reported)"
+        else:
+            why = f"the chain ends at seal {position}, before it: sealed entries were deleted from its end"
+        for recorded in recorded_hashes:
+            anchor_problems.append(AnchorProblem(
+                position=missing_at, recorded_hash=recorded, found_hash=None,
+                problem=f"no seal {missing_at}, recorded earlier: {why} (or the record is of another ledger)"))
     return VerifyReport(entries=entries, sealed=sealed, unsealed=unsealed,
                         first_bad_entry=problems[0].entry_id if problems else None,
                         entry_problems=problems, balance_mismatches=mismatches, head=head,

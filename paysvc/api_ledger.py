@@ -81,7 +81,8 @@ class EntryPage(BaseModel):
 
 class ChainHeadQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    position: Annotated[int, Field(ge=1)] | None = Field(None, description="a seal position; default the last")
+    position: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = Field(None, description="a seal position; "
+                                                                                         "default the last")
 
 
 def _encode(raw: str) -> str:
@@ -207,8 +208,9 @@ ROUTES = [
     Route("GET", "/v1/ledger/entries", entries, "Journal entries, newest first, with their seal",
           scope=_SCOPE_DOC, query=EntryListQuery, response=EntryPage, tags=("ledger",)),
     Route("GET", "/v1/ledger/chain-head", chain_head,
-          "The hash chain's last seal (or one position's): keep `position:chain_hash` outside the database and "
-          "check it later with `paysvc ledger verify --anchor`", scope="treasury", query=ChainHeadQuery,
+          "The hash chain's last seal (or one position's), as stored, not verified: record its `anchor` outside "
+          "the database after `paysvc ledger verify` passes, and check it later with `--anchor`",
+          scope="treasury", query=ChainHeadQuery,
           response=ledger.ChainHead, tags=("ledger",)),
 ]
 

@@ -28,12 +28,14 @@ def cmd_verify(settings, args) -> int:
         report = asyncio.run(_verify(dsn, anchors))
     print(f"entries: {report.entries} ({report.sealed} sealed, {report.unsealed} not sealed yet)")
     if report.head is not None:
+        advice = ("keep a copy outside this database and pass it to --anchor later" if report.ok else
+                  "NOT verified: do not record it")
         print(f"chain head: {report.head.anchor}  (seal {report.head.position}, entry {report.head.entry_id}; "
-              "keep a copy outside this database and pass it to --anchor later)")
+              f"{advice})")
     for p in report.anchor_problems:
         print(f"  ANCHOR {p.position}:{p.recorded_hash}: {p.problem}")
     if report.ok:
-        checked = f"; the {len(anchors)} anchor(s) given are in the chain" if anchors else ""
+        checked = f"; the {len(set(anchors))} anchor(s) given are in the chain" if anchors else ""
         print("ledger verified: every entry matches its hash, the chain is unbroken, every balance is exact"
               + checked)
         return 0

@@ -17,7 +17,7 @@ import html
 import importlib.resources
 import secrets
 import string
-from datetime import date, timedelta
+from datetime import UTC, date, timedelta
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
@@ -230,12 +230,13 @@ def _chain_note(chain: "ledger.ChainHead | None") -> str:
     --anchor``, it shows any sealed entry deleted or changed since, which the chain alone cannot."""
     if chain is None:
         return '<h2>Ledger chain head</h2><p class="note" id="chain-head">No journal entry is sealed yet.</p>'
-    return ('<h2>Ledger chain head</h2><p class="note">Record this line outside paysvc (in the day\'s sign-off, '
-            'say). Later, <code>paysvc ledger verify --anchor</code> with it fails if any entry sealed up to it was '
-            'deleted or changed since.</p>'
+    sealed = chain.sealed_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if chain.sealed_at else ""
+    return ('<h2>Ledger chain head</h2><p class="note">As stored, not verified here. At the day\'s sign-off, run '
+            '<code>paysvc ledger verify</code> with every chain head recorded before (<code>--anchor</code> each); '
+            'when it passes, record this line outside paysvc. A later check with it fails if any entry sealed up '
+            'to it was deleted or changed since.</p>'
             f'<p id="chain-head"><code>{_e(chain.anchor)}</code> <span class="note">seal {chain.position}, '
-            f'entry {chain.entry_id}, sealed {_e(chain.sealed_at.isoformat(timespec="seconds") if chain.sealed_at else "")}'
-            '</span></p>')
+            f'entry {chain.entry_id}, sealed {_e(sealed)}</span></p>')
 
 
 def _amounts(amounts: dict) -> str:

@@ -122,8 +122,9 @@ async def test_treasury_reads_the_chain_head_to_keep_as_an_anchor(api):
     third = await (await api.client.get("/v1/ledger/chain-head?position=3", headers=treasury)).json()
     assert third["position"] == 3 and third["chain_hash"] != body["chain_hash"]
     assert (await api.client.get("/v1/ledger/chain-head?position=8", headers=treasury)).status == 404
-    r = await api.client.get("/v1/ledger/chain-head?position=0", headers=treasury)
-    assert r.status == 422 and "position" in (await r.text())  # as for any query value out of range
+    for bad in ("0", "-1", "x", str(2**63)):  # a bigint's range, like any query value out of range: 422
+        r = await api.client.get(f"/v1/ledger/chain-head?position={bad}", headers=treasury)
+        assert r.status == 422 and "position" in (await r.text()), bad
     assert (await api.client.get("/v1/ledger/chain-head", headers=moi)).status == 403
     async with connect(api.dsn) as conn:  # what the endpoint gives is what verify checks
         assert (await ledger.verify(conn, anchors=[ledger.parse_anchor(body["anchor"])])).ok

@@ -1066,7 +1066,7 @@ async def test_an_anchor_shows_sealed_entries_deleted_from_the_chains_end(db, db
     report = await ledger.verify(db, anchors=[ledger.parse_anchor(head.anchor)])
     assert not report.ok and report.head.position == 3
     assert [(p.position, p.found_hash) for p in report.anchor_problems] == [(4, None)]
-    assert "the chain ends at seal 3, before seal 4" in report.anchor_problems[0].problem
+    assert "no seal 4, recorded earlier: the chain ends at seal 3" in report.anchor_problems[0].problem
     earlier = await ledger.chain_head(db, 3)
     assert (await ledger.verify(db, anchors=[(3, earlier.chain_hash)])).ok  # what is left is intact
 
@@ -1096,7 +1096,76 @@ async def test_an_anchor_shows_a_chain_recomputed_after_a_deletion(db, db_dsn):
     assert all("another chain hash" in a.problem for a in report.anchor_problems[:2])
     bad = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", recorded[5].anchor)
     assert bad.returncode == 1, bad.stdout
-    assert f"ANCHOR {recorded[5].anchor}: the chain ends at seal 4, before seal 5" in bad.stdout
+    assert f"ANCHOR {recorded[5].anchor}: no seal 5, recorded earlier: the chain ends at seal 4" in bad.stdout
+
+
+async def test_every_anchor_recorded_for_a_position_is_checked(db, db_dsn):
+    # Found by review: anchors were kept per position, so a second one for the same position replaced the
+    # first, and a genuine old record passed beside the forged chain's own.
+    for n in range(3):
+        await post(db, capture(n))
+    await seal_everything(db)
+    head = await ledger.chain_head(db)
+    forged = (head.position, "cd" * 32)
+    for anchors in ([forged, (head.position, head.chain_hash)], [(head.position, head.chain_hash), forged]):
+        report = await ledger.verify(db, anchors=anchors)
+        assert [(a.position, a.recorded_hash) for a in report.anchor_problems] == [forged]
+    # the same anchor twice, and in capitals, is one anchor
+    upper = (head.position, head.chain_hash.upper())
+    assert (await ledger.verify(db, anchors=[upper, (head.position, head.chain_hash)])).ok
+    assert ledger.parse_anchor(f" {head.position}:{head.chain_hash.upper()} ") == (head.position, head.chain_hash)
+
+
+async def test_an_anchor_checks_the_entries_not_only_the_seal_it_names(db, db_dsn):
+    # Found by review: an edited entry, the seals before the anchor's recomputed and the anchor's own seal left
+    # as it was, passed the anchor check (verify still failed, but blamed the untouched entry at the anchor).
+    posted = [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    head = await ledger.chain_head(db)
+    await tamper(db_dsn, "UPDATE ledger_entries SET description = 'edited' WHERE id = $1", posted[0].id)
+    report = await ledger.verify(db, anchors=[(head.position, head.chain_hash)])
+    assert [a.position for a in report.anchor_problems] == [head.position]
+    assert "entries sealed up to it, as they are now, chain to another" in report.anchor_problems[0].problem
+
+
+async def test_anchor_messages_for_a_gap_and_for_an_empty_chain(db, db_dsn):
+    report = await ledger.verify(db, anchors=[(1, "ab" * 32)])
+    assert not report.ok and "no seal 1, recorded earlier: nothing is sealed" in report.anchor_problems[0].problem
+    for n in range(4):
+        await post(db, capture(n))
+    await seal_everything(db)
+    second = await ledger.chain_head(db, 2)
+    await tamper(db_dsn, "DELETE FROM ledger_seals WHERE position = 2")
+    report = await ledger.verify(db, anchors=[(2, second.chain_hash)])
+    assert "no seal 2, recorded earlier: the chain has no seal there" in report.anchor_problems[0].problem
+
+
+async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):
+    # Found by review: entries inserted behind the ledger's back that verify never looked at, each with its
+    # postings and the balances adjusted: an id of 0 or below (the unsealed walk started after 0), a
+    # transaction id no transaction had yet (the sealer never reaches it), and a posting on an account that
+    # does not exist (dropped by a join).
+    base = await post(db, capture(0))
+    await seal_everything(db)
+    debit, credit = await _account_ids(db)
+    forged = {-1: "1", 1_000_000: str(2**62)}
+    for entry_id, txid in forged.items():
+        await tamper(db_dsn, "INSERT INTO ledger_entries (id, txid, kind, description, effective_at, content_hash, "
+                             "posting_count, folded) VALUES ($1, $2::text::xid8, 'raw', 'x', now(), $3, 2, true)",
+                     entry_id, txid, bytes(32))
+        for line, (account, side) in enumerate(((debit, "debit"), (credit, "credit")), start=1):
+            await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, "
+                                 "prechecked) VALUES ($1, $2, $3, $4, 900, 'KHR', true)", entry_id, line, account, side)
+    await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, prechecked) "
+                         "VALUES ($1, 3, 999999, 'debit', 123, 'KHR', true)", base.id)
+    report = await ledger.verify(db)
+    assert not report.ok and report.entries == 3
+    problems = {p.entry_id: p.problem for p in report.entry_problems}
+    assert -1 in problems
+    assert any(p.entry_id == 1_000_000 and "transaction id is one no transaction had" in p.problem
+               for p in report.entry_problems)
+    assert any(p.entry_id == base.id and "names account 999999, which is missing" in p.problem
+               for p in report.entry_problems)
 
 
 async def test_cli_verify_prints_the_chain_head_and_checks_anchors(db, db_dsn):
@@ -1110,8 +1179,12 @@ async def test_cli_verify_prints_the_chain_head_and_checks_anchors(db, db_dsn):
     wrong = f"{head.position}:{'0' * 64}"
     bad = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", wrong)
     assert bad.returncode == 1 and f"ANCHOR {wrong}: seal 2 has another chain hash" in bad.stdout
+    assert "NOT verified: do not record it" in bad.stdout and "keep a copy" not in bad.stdout
     for malformed, says in (("2", "expected POSITION:HASH"), ("x:" + "0" * 64, "expected POSITION:HASH"),
-                            ("0:" + "0" * 64, "expected POSITION:HASH"), ("2:abc", "must be 64 hex digits")):
+                            ("0:" + "0" * 64, "expected POSITION:HASH"), ("2:abc", "must be 64 hex digits"),
+                            ("\u0665:" + "0" * 64, "expected POSITION:HASH"), ("9" * 5000 + ":" + "0" * 64,
+                                                                           "expected POSITION:HASH"),
+                            ("2:0x" + "0" * 62, "only the hex digits")):
         refused = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", malformed)
         assert refused.returncode == 2 and says in refused.stderr, refused.stderr
 

@@ -86,7 +86,7 @@ async def test_the_day_grid_shows_the_ledger_chain_head_to_record(api, portal, t
         head = await ledger.chain_head(conn)
         assert head is not None and head.position == 2
     page = await (await api.client.get("/treasury", headers=cookie)).text()
-    assert f'<p id="chain-head"><code>{head.anchor}</code>' in page and "paysvc ledger verify --anchor" in page
+    assert f'<p id="chain-head"><code>{head.anchor}</code>' in page and "As stored, not verified here" in page
 
 
 async def test_login_from_another_origin_is_refused(api, treasury_key):
