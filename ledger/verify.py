@@ -163,7 +163,8 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
 
     ``anchors``: (position, hex chain hash) pairs recorded earlier (``parse_anchor``). The chain alone cannot
     show entries deleted from its end, or a chain recomputed after an edit; a copy of a chain hash kept
-    elsewhere can: each anchor's seal must still be there, with that hash.
+    elsewhere can: each anchor's seal must still be there with that hash, and the chain recomputed from the
+    entries as they are now must reach that hash there. ``head`` in the report is the last seal, as stored.
     """
     expected: dict[int, list[str]] = defaultdict(list)  # every hash recorded for a position is checked
     for position_, digest in anchors:
@@ -171,8 +172,8 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
         if digest not in expected[int(position_)]:
             expected[int(position_)].append(digest)
     anchor_problems: list[AnchorProblem] = []
-    rechained = GENESIS  # the chain recomputed from the entries' contents, whatever the seals say
-    head: ChainHead | None = None
+    rechained: bytes | None = GENESIS  # the chain recomputed from the entries' contents, whatever the seals say
+    last_seal: asyncpg.Record | None = None
     problems: list[EntryProblem] = []
     entries = sealed = 0
     prev, position = GENESIS, 0
@@ -204,7 +205,7 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                 found.append("seal hash does not match its position, entry and content hash")
             problems += [EntryProblem(entry_id=r["id"], seal_position=r["position"], problem=f) for f in found]
             prev, position = bytes(r["chain_hash"]), r["position"]
-            head = ChainHead(position=position, chain_hash=prev.hex(), entry_id=r["id"], sealed_at=r["sealed_at"])
+            last_seal = r
             for recorded in expected.pop(position, []):
                 # Both the seal as stored and the chain recomputed from the entries as they are now must be
                 # what was recorded: a seal kept intact over changed entries is caught here too.
@@ -220,6 +221,9 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                         problem=f"seal {position} still has the recorded hash, but the entries sealed up to it, as "
                                 "they are now, chain to another: an entry or posting up to it was changed or "
                                 "deleted (see the entry problems)"))
+    head = None if last_seal is None else ChainHead(
+        position=last_seal["position"], chain_hash=bytes(last_seal["chain_hash"]).hex(), entry_id=last_seal["id"],
+        sealed_at=last_seal["sealed_at"])
     after = -2**63  # every id a bigint can hold: an entry written with id 0 or below is walked too
     unsealed = 0
     while True:
