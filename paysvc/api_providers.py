@@ -8,6 +8,7 @@ from aiohttp import web
 
 from paysvc import inbox
 from paysvc.errors import NotFound, Problem
+from paysvc.invoicing import now_utc
 from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, body_encoding, json_response, read_body
 from providers import NotConfirmed, SignatureError
 
@@ -57,7 +58,7 @@ async def callback(request: web.Request) -> web.Response:
     provider = providers[name]
     stored = await inbox.store(pool, name, request.headers, body,
                                lease=timedelta(seconds=request.app[SETTINGS].inbox_lease_seconds),
-                               replay_key=inbox.replay_key(provider, request.headers, body))
+                               replay_key=inbox.replay_key(provider, request.headers, body, now=now_utc()))
     inbox_id = stored.id
     if stored.replay_of is not None:
         # The same signed message again (a provider's own retry signs anew): kept, never processed.

@@ -80,11 +80,20 @@ async def store(pool: asyncpg.Pool, provider: str, headers: Mapping[str, str], b
     return Stored(inbox_id, provider, now, kept, body, "rejected", replay_of=first)
 
 
-def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes) -> bytes | None:
+def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes, *, now: datetime) -> bytes | None:
     """The provider's replay key for this callback (see ``ProviderBase.replay_key``), or None: a provider
-    without the method, or one that does not sign, gets no replay check."""
+    without the method, or one that does not sign, gets no replay check; nor does a callback whose signature
+    does not verify at ``now`` (its arrival). Only a genuine message may use up its key: a forged copy of a
+    signed timestamp and body, stored first, would otherwise have the genuine one refused as its replay (found
+    by review). The forged one is refused all the same when it is processed."""
     key_of = getattr(provider, "replay_key", None)
-    return key_of(headers, bytes(body)) if key_of is not None else None
+    if key_of is None:
+        return None
+    try:
+        provider.verify_callback(headers, bytes(body), now=now)
+    except ProviderError:
+        return None
+    return key_of(headers, bytes(body))
 
 
 def keep_headers(headers: Mapping[str, str]) -> dict[str, str | list[str]]:

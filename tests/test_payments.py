@@ -183,7 +183,8 @@ async def test_bad_callbacks_are_refused_and_never_processed(api, portal, invoic
     elif case == "replayed":
         # The same signed bytes are in the inbox already (their first request is still processing them).
         await inbox.store(api.client.app[POOL], "sandbox", headers, body, lease=timedelta(hours=1),
-                          replay_key=inbox.replay_key(api.client.app[PROVIDERS]["sandbox"], headers, body))
+                          replay_key=inbox.replay_key(api.client.app[PROVIDERS]["sandbox"], headers, body,
+                                                      now=datetime.now(UTC)))
     elif case == "signature_twice":
         from multidict import CIMultiDict
 
@@ -467,6 +468,32 @@ async def test_a_replayed_callback_is_refused_and_kept_and_a_retry_signed_anew_i
     assert [r["state"] for r in rows] == ["processed", "rejected", "processed"]
     assert rows[1]["id"] == problem["inbox_id"] and f"inbox row {first_id}" in rows[1]["reason"]
     assert await exceptions(api, treasury) == []
+
+
+async def test_a_forged_copy_sent_first_does_not_get_the_genuine_callback_refused_as_its_replay(
+        api, portal, invoice_body):
+    # Found by review: the replay key was taken from any callback, so a copy of a signed timestamp and body
+    # with a bad signature, stored first, used up the key and the genuine notice got 409: money that moved was
+    # never captured from its callback.
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    body = sandbox_body(inv, txid="TX-F")
+    now = int(time.time())
+    genuine = sandbox_headers(body, t=now)
+    forged = {**genuine, "Sandbox-Signature": f"t={now},v1={'0' * 64}"}
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=forged)
+    assert r.status == 401, await r.text()
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=genuine)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["payments"][0]["new"] is True
+    again = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=genuine)
+    assert again.status == 409  # the genuine message itself is still refused when replayed
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert [x["state"] for x in await conn.fetch("SELECT state FROM provider_inbox ORDER BY id")] == [
+            "rejected", "processed", "rejected"]
+        assert await conn.fetchval("SELECT count(*) FROM payments") == 1
+    finally:
+        await conn.close()
 
 
 async def test_of_identical_signed_callbacks_sent_at_once_exactly_one_is_processed(api, portal, invoice_body):
