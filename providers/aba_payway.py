@@ -42,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from providers.base import Pattern, ProviderBase
 from providers.errors import (AmountError, MalformedCallback, NotConfirmed, PaymentPending, ProviderAuthError,
                               ProviderConfigError, ProviderUnavailable, RateLimited)
-from providers.models import EXPONENT, PaymentNotice, callback_object, json_safe, loads_exact, to_minor
+from providers.models import (EXPONENT, PaymentNotice, callback_object, first_error, json_safe, loads_exact,
+                              to_minor)
 from providers.transport import HttpAnswer, JsonClient, retry_after_seconds
 
 NAME = "aba_payway"
@@ -103,8 +104,13 @@ class PayWayProvider(ProviderBase):
     def parse_callback(self, headers: Mapping[str, str], body: bytes) -> list[PaymentNotice]:
         """One hint (``confirmed=False``) naming ``tran_id``; :meth:`confirm` must follow."""
         doc = _read_callback(body)
-        return [PaymentNotice(provider=NAME, transaction_id=doc["tran_id"], bill_number=doc["tran_id"],
-                              confirmed=False, raw=json_safe(doc))]
+        try:
+            return [PaymentNotice(provider=NAME, transaction_id=doc["tran_id"], bill_number=doc["tran_id"],
+                                  confirmed=False, raw=json_safe(doc))]
+        except ValidationError as exc:  # a NUL in a field _read_callback does not read, say
+            raise MalformedCallback(first_error(exc), provider=NAME) from None
+        except RecursionError:
+            raise MalformedCallback("the callback's JSON is nested too deeply to keep", provider=NAME) from None
 
     async def confirm(self, notice: PaymentNotice) -> PaymentNotice:
         """Ask ``check-transaction-2`` about ``notice.transaction_id``; a confirmed notice only if APPROVED."""

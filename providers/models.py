@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from providers.errors import AmountError, MalformedCallback
 
@@ -133,6 +134,13 @@ def callback_object(body: bytes, provider: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise MalformedCallback("body must be a JSON object", provider=provider)
     return doc
+
+
+def first_error(exc: ValidationError) -> str:
+    """The first problem pydantic found, as ``field: message`` (``value: …`` for a rule over the whole model)."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
+    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 def json_safe(value: Any) -> Any:

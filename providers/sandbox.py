@@ -42,7 +42,7 @@ from providers import settlement_csv
 from providers.base import Pattern, ProviderBase, header_values
 from providers.errors import (MalformedCallback, ProviderConfigError, SettlementFormatError, SignatureError,
                               StaleTimestamp)
-from providers.models import EXPONENT, MAX_AMOUNT, PaymentNotice, SettlementLine, callback_object
+from providers.models import EXPONENT, MAX_AMOUNT, PaymentNotice, SettlementLine, callback_object, first_error
 
 NAME = "sandbox"
 SIGNATURE_HEADER = "Sandbox-Signature"
@@ -187,7 +187,7 @@ class SandboxProvider(ProviderBase):
                 to_account=doc.get("to_account"), from_account=doc.get("from_account"), paid_at=paid_at,
                 confirmed=True, raw=doc)]
         except ValidationError as exc:
-            raise MalformedCallback(_first_error(exc), provider=NAME) from None
+            raise MalformedCallback(first_error(exc), provider=NAME) from None
 
     def parse_settlement(self, data: bytes) -> Iterator[SettlementLine]:
         """The lines of a sandbox settlement CSV, lazily; :class:`SettlementFormatError` names a bad line."""
@@ -205,7 +205,7 @@ class SandboxProvider(ProviderBase):
                     paid_at=settlement_csv.aware_datetime(line_no, "paid_at", paid_at, provider=NAME),
                     fee=settlement_csv.int_field(line_no, "fee", fee, provider=NAME, optional=True))
             except ValidationError as exc:
-                raise SettlementFormatError(line_no, _first_error(exc), provider=NAME) from None
+                raise SettlementFormatError(line_no, first_error(exc), provider=NAME) from None
 
 
 def _parse_signature_header(value: str) -> tuple[str, list[str]]:
@@ -233,15 +233,9 @@ def _parse_signature_header(value: str) -> tuple[str, list[str]]:
     return t_values[0], v1
 
 
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "value"
-    return f"{where}: {err.get('msg', 'invalid')}"
-
-
 def create(config: Mapping[str, Any]) -> SandboxProvider:
     """Entry point ``sandbox``: build the provider from ``{"secrets": [...], "tolerance_seconds": 300}``."""
     try:
         return SandboxProvider(SandboxConfig.model_validate(dict(config)))
     except ValidationError as exc:
-        raise ProviderConfigError(f"bad sandbox config: {_first_error(exc)}", provider=NAME) from None
+        raise ProviderConfigError(f"bad sandbox config: {first_error(exc)}", provider=NAME) from None

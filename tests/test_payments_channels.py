@@ -132,6 +132,22 @@ async def test_payway_hint_is_confirmed_before_capture(payway, invoice_body):
     assert got["status"] == "paid" and got["payments"][0]["amount"] == 1250
 
 
+async def test_payway_callback_that_cannot_be_a_notice_is_refused_and_kept_not_retried(payway):
+    api, _ = payway
+    body = b'{"tran_id":"T1a2b3c","status":0,"apv":"\\u0000"}'
+    r = await api.client.post("/v1/providers/aba_payway/callbacks", data=body,
+                              headers={"Content-Type": "application/json"})
+    assert r.status == 400 and r.content_type == "application/problem+json", await r.text()
+    assert "NUL" in (await r.json())["detail"]
+    assert await count(api.dsn, "SELECT state FROM provider_inbox") == "rejected"
+    conn = await asyncpg.connect(api.dsn)
+    try:  # nothing left for the worker to retry, even once its lease has run out
+        await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second'")
+    finally:
+        await conn.close()
+    assert await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS]) is None
+
+
 async def test_payway_declined_is_kept_but_captures_nothing(payway, invoice_body):
     api, fake = payway
     h = await api.portal("MOI")

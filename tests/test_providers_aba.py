@@ -77,6 +77,20 @@ def test_malformed_callback_is_refused(body):
         provider.parse_callback({}, body)
 
 
+@pytest.mark.parametrize("body, says", [
+    (b'{"tran_id":"T1","status":0,"apv":"\\u0000"}', "NUL"),
+    (b'{"tran_id":"T1","status":0,"note":"\\u0000"}', "NUL"),
+    (b'{"tran_id":"T1","status":0,"\\u0000":"x"}', "NUL"),
+    (b'{"tran_id":"T1","status":0,"x":' + b"[" * 900 + b"]" * 900 + b"}", "nested too deeply"),
+], ids=["nul_in_apv", "nul_in_other_field", "nul_in_a_key", "deep_nesting"])
+def test_a_callback_that_cannot_be_a_notice_is_malformed_not_an_error(body, says):
+    # Found by an API fuzz audit: these passed the form check, then building the notice raised pydantic's
+    # ValidationError or RecursionError, so the service answered 202 and retried the row forever.
+    provider = create({"merchant_id": MERCHANT, "api_key": API_KEY})
+    with pytest.raises(MalformedCallback, match=says):
+        provider.parse_callback({}, body)
+
+
 def test_callback_status_as_int_zero_like_the_older_docs_is_accepted():
     provider = create({"merchant_id": MERCHANT, "api_key": API_KEY})
     provider.verify_callback({}, b'{"tran_id":"1632300046","apv":"000011","status":0}', now=NOW)
