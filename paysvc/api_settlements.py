@@ -8,10 +8,11 @@ statement for sandbox payments is ``provider=sandbox, format=camt053``.
 from __future__ import annotations
 
 import base64
+import unicodedata
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
@@ -23,7 +24,7 @@ from paysvc.settlement_report import report, report_csv
 from paysvc.queries import Q
 from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
                         principal, refuse_encoded_body)
-from providers import ProviderError, SettlementFormatError, available_providers, load_providers
+from providers import ProviderError, SettlementFormatError, Unsupported, available_providers, load_providers
 
 
 class SettlementFileInvalid(Problem):
@@ -119,8 +120,30 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
     except SettlementFormatError as exc:
         raise SettlementFileInvalid(f"line {exc.line_no}: {exc.reason}; nothing was imported", line=exc.line_no,
                                     reason=exc.reason) from None
+    except Unsupported:  # a plugin that reads no settlement file (aba_payway, bakong)
+        raise ValidationFailed(f"{fmt!r} has no settlement file format; name the file's format with {field}=",
+                               errors=[{"field": field, "message": "no settlement file format",
+                                        "code": "unsupported"}]) from None
     except SettlementConflict as exc:
         raise Conflict(exc.detail, settlement_id=exc.settlement_id) from None
+
+
+MAX_FILE_NAME = 255  # settlements.file_name
+
+
+def _file_name(name: str | None) -> str | None:
+    """The uploaded file's name as it is kept, or a 422 saying what is wrong with it."""
+    if name is None:
+        return None
+    if len(name) > MAX_FILE_NAME:
+        raise ValidationFailed(f"the file's name is {len(name)} characters long; at most {MAX_FILE_NAME}: rename "
+                               "the file", errors=[{"field": "file", "message": "file name too long",
+                                                    "code": "too_long"}])
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):  # control characters; bytes not UTF-8
+        raise ValidationFailed("the file's name holds control characters or bytes that are not UTF-8: rename the "
+                               "file", errors=[{"field": "file", "message": "file name not printable text",
+                                                "code": "invalid"}])
+    return name
 
 
 async def upload(request: web.Request) -> web.Response:
@@ -136,10 +159,13 @@ async def upload(request: web.Request) -> web.Response:
     try:
         reader = await request.multipart()
         async for part in reader:
+            if not isinstance(part, BodyPartReader):
+                raise ValidationFailed("a form part is itself multipart; send each field as a plain part, as a "
+                                       "browser or curl -F would")
             if part.name == "file":
                 if data is not None:
                     raise ValidationFailed("form field 'file' is sent twice; send one settlement file")
-                file_name = part.filename
+                file_name = _file_name(part.filename)
                 chunks, size = [], 0
                 while chunk := await part.read_chunk(1024**2):
                     size += len(chunk)

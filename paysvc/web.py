@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import asyncpg
 import prometheus_client
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from paysvc.auth import Authenticator, Principal
@@ -106,7 +107,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 # What aiohttp raises for a form body it cannot read: a missing or wrong multipart boundary, text not in its
 # charset (UnicodeDecodeError is a ValueError), an unknown charset (LookupError), an unknown
 # Content-Transfer-Encoding (RuntimeError). Caught around form parsing only, where nothing else raises them.
-UNREADABLE_FORM = (ValueError, LookupError, RuntimeError)
+# What aiohttp raises reading a form it cannot parse: a bad part header (a NUL, say) is an HttpProcessingError.
+UNREADABLE_FORM = (ValueError, LookupError, RuntimeError, HttpProcessingError)
 
 
 async def read_json(request: web.Request) -> Any:

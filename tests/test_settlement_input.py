@@ -248,3 +248,69 @@ async def test_the_same_file_under_its_provider_default_and_named_format_is_a_re
     assert (await upload(api, treasury, data)).status == 201
     again = await upload(api, treasury, data, fmt="sandbox")
     assert again.status == 200 and (await again.json())["replayed"] is True
+
+
+# Found by an API fuzz audit: each of these was a 500.
+
+def _multipart(parts: list[bytes], boundary: str = "BND") -> tuple[bytes, dict[str, str]]:
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary.encode() + b"--\r\n"
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _field(name: str, value: str) -> bytes:
+    return f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode()
+
+
+async def test_a_nested_multipart_part_is_refused(api, treasury):
+    nested = (b'Content-Disposition: form-data; name="file"\r\nContent-Type: multipart/mixed; boundary=INNER\r\n\r\n'
+              b"--INNER\r\nContent-Type: text/plain\r\n\r\nx\r\n--INNER--")
+    body, headers = _multipart([_field("provider", "sandbox"), _field("business_date", DAY.isoformat()), nested])
+    r = await api.client.post("/v1/settlements", data=body, headers={**treasury, **headers})
+    assert r.status == 422 and "itself multipart" in (await r.json())["detail"], await r.text()
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+async def test_a_nul_in_a_part_header_is_a_form_that_cannot_be_read(api, treasury):
+    part = b'Content-Disposition: form-data; name="file"; filename="a\x00b"\r\n\r\nx'
+    body, headers = _multipart([_field("provider", "sandbox"), _field("business_date", DAY.isoformat()), part])
+    r = await api.client.post("/v1/settlements", data=body, headers={**treasury, **headers})
+    assert r.status == 400 and "cannot be read" in (await r.json())["detail"], await r.text()
+    # the treasury login form, which anyone may post, the same
+    body, headers = _multipart([b'Content-Disposition: form-data; name="key"; x="a\x00b"\r\n\r\nk'])
+    r = await api.client.post("/treasury/login", data=body,
+                              headers={**headers, "Origin": str(api.client.make_url("")).rstrip("/")})
+    assert r.status == 400, await r.text()
+
+
+@pytest.mark.parametrize("name, says", [("x" * 256 + ".csv", "at most 255"), ("a\tb.csv", "control characters")])
+async def test_a_file_name_that_cannot_be_kept_is_refused_saying_why(api, treasury, name, says):
+    def file_part(file_name: str) -> bytes:  # the name as curl -F sends it: raw UTF-8, not percent-encoded
+        return (f'Content-Disposition: form-data; name="file"; filename="{file_name}"\r\n'
+                'Content-Type: text/csv\r\n\r\n').encode() + write_settlement_csv([line("TX-N", 50000)])
+
+    body, headers = _multipart([_field("provider", "sandbox"), _field("business_date", DAY.isoformat()),
+                                file_part(name)])
+    r = await api.client.post("/v1/settlements", data=body, headers={**treasury, **headers})
+    body = await r.json()
+    assert r.status == 422 and says in body["detail"] and body["errors"][0]["field"] == "file", body
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+    # a Khmer name (with the zero-width space Khmer separates words with), sent as curl -F sends it, is kept
+    khmer = "របាយការណ៍\u200bទូទាត់" * 7 + ".csv"
+    body, headers = _multipart([_field("provider", "sandbox"), _field("business_date", DAY.isoformat()),
+                                file_part(khmer)])
+    r = await api.client.post("/v1/settlements", data=body, headers={**treasury, **headers})
+    assert r.status == 201, await r.text()
+    assert await count(api.dsn, "SELECT file_name FROM settlements") == khmer
+
+
+async def test_a_provider_that_reads_no_settlement_file_is_refused_as_its_format(db_dsn):
+    from tests.conftest import running_api
+
+    async with running_api(db_dsn, providers="sandbox,aba_payway", aba_merchant_id="ec-moi",
+                           aba_api_key="aba-key", aba_base_url="http://127.0.0.1:9") as api:
+        headers = {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'])}"}
+        r = await upload(api, headers, write_settlement_csv([line("TX-A", 50000)]), fmt="aba_payway")
+        body = await r.json()
+        assert r.status == 422 and "'aba_payway' has no settlement file format" in body["detail"], body
+        assert body["errors"][0] == {"field": "format", "message": "no settlement file format", "code": "unsupported"}
+        assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
