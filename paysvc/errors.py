@@ -57,6 +57,7 @@ IdempotencyMismatch = _problem(
     422, "idempotency-key-reused", "Idempotency-Key was already used with a different request"
 )
 InvalidState = _problem(409, "invalid-state", "Not allowed in the current state")
+RequestTimeout = _problem(408, "request-timeout", "Request body not received in time")
 PayloadTooLarge = _problem(413, "payload-too-large", "Request body too large")
 UnsupportedMediaType = _problem(415, "unsupported-media-type", "Unsupported content type")
 ServiceUnavailable = _problem(503, "unavailable", "Service unavailable")

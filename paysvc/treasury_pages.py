@@ -10,6 +10,7 @@ inline style under a hash-pinned CSP, no script at all.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -32,7 +33,8 @@ from paysvc.pages import amount_display
 from paysvc.queries import Q
 from paysvc.settlement_days import TIME_ZONE_NAME, business_date
 from paysvc.settlement_report import day_grid, day_overview, settlement_page
-from paysvc.web import AUTH, POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, body_encoding
+from paysvc.web import (AUTH, BODY_SECONDS, POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes,
+                        body_encoding)
 from pydantic import ValidationError
 
 COOKIE = "paysvc_treasury"
@@ -106,8 +108,9 @@ async def _read_form(request: web.Request):
     if body_encoding(request) is not None:
         return None
     try:
-        return await request.post()
-    except UNREADABLE_FORM:
+        async with asyncio.timeout(BODY_SECONDS):  # a form that stalls holds its admission slot until then
+            return await request.post()
+    except (*UNREADABLE_FORM, TimeoutError):
         return None
 
 

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 
 from paysvc.auth import Authenticator, Principal
 from paysvc.errors import (
-    Busy, ClientClosedRequest, MalformedRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Problem, ServiceUnavailable,
+    Busy, ClientClosedRequest, MalformedRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Problem, RequestTimeout,
+    ServiceUnavailable,
     UnsupportedMediaType, ValidationFailed, pydantic_errors,
 )
 from paysvc.settings import Settings
@@ -84,18 +85,38 @@ def refuse_encoded_body(request: web.Request) -> None:
         raise UnsupportedMediaType(f"send the body uncompressed: Content-Encoding {encoding!r} is not accepted")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+# A body must arrive whole within this many seconds of the request's headers: one that stalls is answered 408
+# instead of holding the request (and, before the admission middleware's pre-read, a slot) open for ever.
+BODY_SECONDS = 10.0
+_PREREAD = "paysvc.preread"  # the request's body, read before it was admitted (see admission_middleware)
+PREREAD_LIMIT = MAX_JSON_BODY  # JSON bodies and callbacks (64 KiB each) are read before admission
+
+
+async def _receive(request: web.Request, limit: int) -> bytes:
+    """Up to ``limit`` + 1 bytes of the body (one more tells a body past the limit), within BODY_SECONDS."""
     # read(n) returns what has arrived so far, not n bytes: a body split over several TCP segments needs
     # several reads (one read took only the first segment of a slow or large body).
     buf = bytearray()
-    while len(buf) <= limit:
-        chunk = await request.content.read(limit + 1 - len(buf))
-        if not chunk:
-            break
-        buf += chunk
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            while len(buf) <= limit:
+                chunk = await request.content.read(limit + 1 - len(buf))
+                if not chunk:
+                    break
+                buf += chunk
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {BODY_SECONDS:g} s ({len(buf)} bytes came): send it "
+                             "whole, at once") from None
+    return bytes(buf)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, refused with 413 past ``limit`` bytes (declared or actually sent), 408 if it stalls."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body is larger than {limit} bytes")
+    buf = request.get(_PREREAD)
+    if buf is None or (len(buf) > PREREAD_LIMIT and limit > PREREAD_LIMIT):
+        buf = (buf or b"") + await _receive(request, limit - len(buf or b""))
     if len(buf) > limit:
         raise PayloadTooLarge(f"body is larger than {limit} bytes")
     if request.content_length is not None and len(buf) < request.content_length:
@@ -106,8 +127,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 # What aiohttp raises for a form body it cannot read: a missing or wrong multipart boundary, text not in its
 # charset (UnicodeDecodeError is a ValueError), an unknown charset (LookupError), an unknown
-# Content-Transfer-Encoding (RuntimeError). Caught around form parsing only, where nothing else raises them.
-# What aiohttp raises reading a form it cannot parse: a bad part header (a NUL, say) is an HttpProcessingError.
+# Content-Transfer-Encoding (RuntimeError), a part header it cannot parse, such as one holding a NUL
+# (HttpProcessingError). Caught around form parsing only, where nothing else raises them.
 UNREADABLE_FORM = (ValueError, LookupError, RuntimeError, HttpProcessingError)
 
 
@@ -311,12 +332,30 @@ def admission_middleware(max_concurrent: int, queue_seconds: float):
     re-sending its callback (nothing was stored, nothing acknowledged). Health and metrics are never queued.
     """
     slots = asyncio.Semaphore(max_concurrent)
+    receiving_max = 4 * max_concurrent  # bodies being received before admission, 64 KiB at most each
+    receiving = asyncio.Semaphore(receiving_max)
     retry_after = max(1, round(queue_seconds))
 
     @web.middleware
     async def admission(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in UNMETERED:
             return await handler(request)
+        if (request.body_exists and request.content_type == "application/json"
+                and (request.content_length is None or request.content_length <= PREREAD_LIMIT)):
+            # A JSON body is read before the request takes a slot: a client that announces a body and sends it
+            # slowly, or never, would otherwise hold a slot until it gave up, and a few dozen such clients would
+            # have every request answered busy (found by a fuzz audit). Its own bound keeps the memory this can
+            # take in check; BODY_SECONDS bounds the wait.
+            try:
+                await asyncio.wait_for(receiving.acquire(), queue_seconds)
+            except asyncio.TimeoutError:
+                BUSY.inc()
+                raise Busy(f"this instance is receiving {receiving_max} request bodies; retry in {retry_after} s",
+                           retry_after_seconds=retry_after) from None
+            try:
+                request[_PREREAD] = await _receive(request, PREREAD_LIMIT)
+            finally:
+                receiving.release()
         try:
             await asyncio.wait_for(slots.acquire(), queue_seconds)
         except asyncio.TimeoutError:

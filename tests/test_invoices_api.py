@@ -474,10 +474,13 @@ async def test_an_instance_past_its_capacity_sheds_requests_with_retry_after(db_
 
     async with running_api(db_dsn, max_concurrent_requests=1, request_queue_seconds=0.2) as api:
         headers = await api.portal()
-        # One request holds the only slot: its body is still on its way.
+        treasury = await api.key(None, scopes=["treasury"])
+        # One request holds the only slot: a settlement file (read as it streams in, once admitted) still on
+        # its way. (A JSON body is read before admission: see the test below.)
         reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
-        writer.write((f"POST /v1/invoices HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
-                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode())
+        writer.write((f"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {treasury}\r\n"
+                      "Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 1000\r\n\r\n"
+                      "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.csv\"\r\n\r\n").encode())
         await writer.drain()
         await asyncio.sleep(0.1)
         r = await api.client.get("/v1/invoices", headers=headers)
@@ -496,6 +499,35 @@ async def test_an_instance_past_its_capacity_sheds_requests_with_retry_after(db_
         assert r.status == 200
         metrics = await (await api.client.get("/metrics")).text()
         assert "paysvc_http_requests_shed_total" in metrics
+
+
+async def test_a_body_that_stalls_holds_no_slot_and_is_answered_408(db_dsn, monkeypatch):
+    # Found by a fuzz audit: a client that announced a JSON body and sent it slowly, or never, held an
+    # admission slot until it gave up, so 64 such connections, no key needed (callbacks read their body
+    # first), had every request answered busy. The body is now read before admission, within BODY_SECONDS.
+    import asyncio
+
+    import paysvc.web
+    from tests.conftest import running_api
+
+    monkeypatch.setattr(paysvc.web, "BODY_SECONDS", 1.0)
+    async with running_api(db_dsn, max_concurrent_requests=1, request_queue_seconds=0.2) as api:
+        headers = await api.portal()
+        stalled = []
+        for path in ("/v1/providers/sandbox/callbacks", "/v1/invoices"):
+            reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+            writer.write((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {headers['Authorization']}\r\n"
+                          "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode())
+            await writer.drain()
+            stalled.append((reader, writer))
+        await asyncio.sleep(0.1)
+        r = await api.client.get("/v1/invoices", headers=headers)  # the one slot is free
+        assert r.status == 200, await r.text()
+        for reader, writer in stalled:
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"urn:paysvc:problem:request-timeout" in answer and b"did not arrive within 1 s" in answer
+            writer.close()
 
 
 async def test_one_invoice_carries_payer_and_payments_and_a_listed_one_neither(api, invoice_body):
