@@ -88,7 +88,7 @@ def refuse_encoded_body(request: web.Request) -> None:
 # A body must arrive whole within this many seconds of the request's headers: one that stalls is answered 408
 # instead of holding the request (and, before the admission middleware's pre-read, a slot) open for ever.
 BODY_SECONDS = 10.0
-_PREREAD = "paysvc.preread"  # the request's body, read before it was admitted (see admission_middleware)
+_PREREAD = web.RequestKey("preread", bytes)  # the body, read before the request was admitted (admission_middleware)
 PREREAD_LIMIT = MAX_JSON_BODY  # JSON bodies and callbacks (64 KiB each) are read before admission
 
 
