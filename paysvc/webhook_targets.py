@@ -122,6 +122,26 @@ def literal_address(host: str) -> IPAddress | None:
     return None
 
 
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` (lower case, no trailing dot, not an address) is no host name a resolver could look up, or
+    None. Found by a fuzz audit: ``https://.com/``, a 70-character label, a space or an all-digit last label
+    were accepted, and each delivery then failed inside the resolver, where nothing recorded it."""
+    try:
+        ascii_name = name.encode("idna").decode("ascii")  # Unicode names as DNS carries them (xn--…)
+    except UnicodeError:
+        return f"{name!r} is not a host name (an empty label, or one longer than 63 characters)"
+    labels = ascii_name.split(".")
+    if len(ascii_name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return (f"{name!r} is not a host name: labels of letters, digits and inner hyphens, 1 to 63 characters "
+                "each, 253 in all")
+    if labels[-1].isdigit():
+        return f"{name!r} is not a host name, nor an IP address (its last label is all digits)"
+    return None
+
+
 def host_refusal(url: str, destinations: Destinations) -> str | None:
     """Why ``url``'s host may not receive webhooks, judged without DNS (a name is judged at each delivery)."""
     try:
@@ -135,7 +155,7 @@ def host_refusal(url: str, destinations: Destinations) -> str | None:
         return None if destinations.allow_loopback else f"{host} names the service's own machine"
     ip = literal_address(name)
     if ip is None:
-        return None
+        return name_problem(name)
     why = destinations.refusal(ip)
     if ip.version == 4 and name != str(ip):  # 2130706433, 0x7f000001, 127.1: refused even when public
         return f"{host} is the IPv4 address {ip} written another way" + (f", and {why}" if why else

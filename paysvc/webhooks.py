@@ -186,6 +186,10 @@ class WebhookWorker:
                 error = (exc.os_error.strerror if blocked else f"{type(exc).__name__}: {exc}")[:500]
             except aiohttp.ClientError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500]
+            except (ValueError, OSError) as exc:  # e.g. the resolver's UnicodeError for a name it cannot encode
+                log.warning("webhook delivery %s to %s: unexpected %s", row["delivery_id"], row["url"],
+                            type(exc).__name__, exc_info=True)
+                error = f"{type(exc).__name__}: {exc}"[:500]
         latency_ms = int((time.perf_counter() - started) * 1000)
         ok = error is None
         attempted_at = now + timedelta(milliseconds=latency_ms)

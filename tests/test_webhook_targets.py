@@ -77,6 +77,35 @@ async def test_internal_addresses_are_refused_at_registration_whatever_their_spe
             await register(api, headers, url)
 
 
+async def test_a_url_whose_host_is_no_host_name_is_refused_at_registration(db_dsn):
+    # Found by a fuzz audit: accepted with 201, then every delivery failed inside the resolver (UnicodeError,
+    # not a ClientError), so no attempt was recorded and the delivery sat pending with no reason given.
+    async with running_api(db_dsn) as api:
+        headers = await api.portal("MOI")
+        for url, says in (("https://.com/", "not a host name"), (f"https://{'a' * 70}.com/", "not a host name"),
+                          ("https://1.1.1.1.1/", "its last label is all digits"),
+                          ("https://%31%32%37.0.0.1/", "not a host name"),
+                          ("https://\u0661\u0662\u0667.0.0.1/", "its last label is all digits")):
+            assert says in await refused(api, headers, url), url
+        for url in ("https://portal.example/hook", "https://xn--nxasmq6b.example/hook",
+                    "https://\u1780\u17b6\u179a.gov.kh/hook", "https://a-b.c-d.example/hook"):
+            await register(api, headers, url)
+
+
+async def test_a_send_that_fails_outside_aiohttp_is_recorded_as_an_attempt(db_dsn, invoice_body):
+    class BrokenDNS(FakeDNS):
+        async def resolve(self, host, port=0, family=socket.AF_INET):
+            raise UnicodeError("label empty or too long")
+
+    async with running_api(db_dsn) as api:
+        headers = await api.portal("MOI")
+        await register(api, headers, "https://portal.example/hook", types=("invoice.created",))
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+        async with worker_for(api, destinations=Destinations(), resolver=BrokenDNS({})) as worker:
+            (attempt,) = await worker.run_once()
+        assert attempt.error == "UnicodeError: label empty or too long" and attempt.status == "pending"
+
+
 async def test_insecure_localhost_allows_loopback_and_nothing_else(db_dsn):
     async with running_api(db_dsn, **INSECURE_OK) as api:
         headers = await api.portal("MOI")
