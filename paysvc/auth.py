@@ -100,6 +100,10 @@ class Authenticator:
         parts = token.split("_", 2)
         if len(parts) != 3 or parts[0] != "psk" or not parts[1] or not parts[2]:
             raise Unauthenticated("the API key is malformed: it should look like psk_<id>_<secret>")
+        if not (token.isascii() and token.isprintable()):
+            # Keys are ASCII: anything else is no key of ours (found by a fuzz audit: bytes that are not UTF-8
+            # reached the key lookup and came back as a database error, 400 "out of range", not 401).
+            raise Unauthenticated("the API key is malformed: keys are plain ASCII, psk_<id>_<secret>")
         key_id, secret = parts[1], parts[2]
         now = time.monotonic()
         cached = self._cache.get(key_id)

@@ -104,14 +104,18 @@ def _forbidden(request: web.Request, why: str) -> web.Response:
 
 
 async def _read_form(request: web.Request):
-    """The posted form, or None when it cannot be read (see ``UNREADABLE_FORM``) or comes compressed."""
+    """The posted form, or None when it cannot be read (see ``UNREADABLE_FORM``), comes compressed, stalls, or
+    gives a field twice."""
     if body_encoding(request) is not None:
         return None
     try:
         async with asyncio.timeout(BODY_SECONDS):  # a form that stalls holds its admission slot until then
-            return await request.post()
+            form = await request.post()
     except (*UNREADABLE_FORM, TimeoutError):
         return None
+    if len(set(form.keys())) != len(form):  # a field given twice: which one counts is not for us to guess
+        return None
+    return form
 
 
 def _unreadable_form(request: web.Request) -> web.Response:

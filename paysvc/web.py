@@ -182,12 +182,29 @@ def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
         raise ValidationFailed("some fields are not valid; see errors", errors=pydantic_errors(exc)) from None
 
 
-def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
+# Headers whose second copy would be ignored or read differently by whoever reads them: refused when repeated.
+SINGLE_HEADERS = ("Authorization", "Content-Type", "Content-Encoding")  # Idempotency-Key: refused where read
+
+
+def refuse_repeated(request: web.Request) -> None:
+    """Refuse an API request that gives one of SINGLE_HEADERS, or any query parameter, more than once (which
+    copy counts would depend on who reads it; found by a fuzz audit: the first Authorization was used, a second
+    Content-Encoding ignored). Provider callbacks are exempt: they are stored with every header as received,
+    and judged by their provider. Pages outside /v1 read their parameters themselves."""
+    if not request.path.startswith("/v1/") or request.path.startswith("/v1/providers/"):
+        return
+    for name in SINGLE_HEADERS:
+        if len(request.headers.getall(name, ())) > 1:
+            raise MalformedRequest(f"header {name} is given more than once; give it once")
     repeated = sorted({k for k in request.query.keys() if len(request.query.getall(k)) > 1})
     if repeated:
         raise ValidationFailed(f"query parameter {repeated[0]!r} is given more than once; give it once",
                                errors=[{"field": k, "message": "given more than once", "code": "repeated"}
                                        for k in repeated])
+
+
+def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
+    refuse_repeated(request)  # done for every API request on admission; here for a handler called otherwise
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
@@ -340,6 +357,7 @@ def admission_middleware(max_concurrent: int, queue_seconds: float):
     async def admission(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in UNMETERED:
             return await handler(request)
+        refuse_repeated(request)
         if (request.body_exists and request.content_type == "application/json"
                 and (request.content_length is None or request.content_length <= PREREAD_LIMIT)):
             # A JSON body is read before the request takes a slot: a client that announces a body and sends it

@@ -301,3 +301,36 @@ async def test_an_escaped_surrogate_pair_is_text_like_any_other(api, portal):
     r = await api.client.post("/v1/invoices", data=raw, headers={**portal, "Content-Type": "application/json"})
     assert r.status == 201, await r.text()
     assert (await r.json())["description"] == "Passport \U0001F600"
+
+
+async def test_an_api_request_giving_a_header_or_query_parameter_twice_is_refused_naming_it(api, invoice_body):
+    # Found by a fuzz audit: the README said so, but the first Authorization header was used, a second
+    # Content-Encoding ignored, and qr.png?scale=2&scale=3 answered.
+    from multidict import CIMultiDict
+
+    headers = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)).json()
+    other = await api.portal("MEF")
+    two_keys = CIMultiDict(headers)
+    two_keys.add("Authorization", other["Authorization"])
+    r = await api.client.get("/v1/invoices", headers=two_keys)
+    assert r.status == 400 and "header Authorization is given more than once" in (await r.json())["detail"]
+    two_encodings = CIMultiDict({**headers, "Content-Encoding": "identity"})
+    two_encodings.add("Content-Encoding", "gzip")
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers=two_encodings)
+    assert r.status == 400 and "header Content-Encoding is given more than once" in (await r.json())["detail"]
+    r = await api.client.get(f"/v1/invoices/{inv['id']}/qr.png?scale=2&scale=3")
+    body = await r.json()
+    assert r.status == 422 and body["errors"] == [{"field": "scale", "message": "given more than once",
+                                                   "code": "repeated"}], body
+
+
+async def test_a_key_that_is_not_ascii_is_unauthenticated_not_a_database_error(api):
+    # Found by a fuzz audit: bytes that are not UTF-8 in the key reached the key lookup: 400 "out of range".
+    for key in (b"psk_\xff\xfe_abc", b"psk_abc_\xff\xfe", "psk_\u1780_abc".encode()):
+        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+        writer.write(b"GET /v1/invoices HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer " + key
+                     + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 401") and b"plain ASCII" in answer, answer[:300]

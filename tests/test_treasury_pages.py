@@ -89,6 +89,14 @@ async def test_the_day_grid_shows_the_ledger_chain_head_to_record(api, portal, t
     assert f'<p id="chain-head"><code>{head.anchor}</code>' in page and "As stored, not verified here" in page
 
 
+async def test_a_form_giving_a_field_twice_is_refused(api, treasury_key):
+    # Found by a fuzz audit: key=<valid>&key=bad logged in with the first.
+    r = await api.client.post("/treasury/login", data=f"key={treasury_key}&key=bad",
+                              headers={"Origin": origin(api), "Content-Type": "application/x-www-form-urlencoded"},
+                              allow_redirects=False)
+    assert r.status == 400 and "paysvc_treasury" not in r.headers.get("Set-Cookie", "")
+
+
 async def test_login_from_another_origin_is_refused(api, treasury_key):
     r = await api.client.post("/treasury/login", data={"key": treasury_key}, allow_redirects=False,
                               headers={"Origin": "https://evil.example"})
