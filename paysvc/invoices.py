@@ -45,14 +45,14 @@ class Payer(BaseModel):
     @field_validator("phone")
     @classmethod
     def _phone(cls, v: str | None) -> str | None:
-        if v is not None and not _PHONE.match(v):
+        if v is not None and not _PHONE.fullmatch(v):  # match() let a trailing newline through (fuzz audit)
             raise ValueError("phone must be digits, optionally starting with +, e.g. +855 12 345 678")
         return v
 
     @field_validator("email")
     @classmethod
     def _email(cls, v: str | None) -> str | None:
-        if v is not None and (len(v) > 254 or not _EMAIL.match(v)):
+        if v is not None and (len(v) > 254 or not _EMAIL.fullmatch(v)):
             raise ValueError("email must look like name@example.com")
         return v
 

@@ -138,10 +138,12 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaType(f"send the body as application/json (got {request.content_type or 'none'})")
     refuse_encoded_body(request)
     raw = await read_body(request, MAX_JSON_BODY)
-    if b"\\u0000" in raw:
+    if b"\x00" in raw:
         raise MalformedRequest("text must not contain NUL characters (\\u0000)")
     try:
         doc = json.loads(raw, object_pairs_hook=unique_keys)
+        if b"\\u0000" in raw and _holds_nul(doc):  # only an escape can make a NUL; "\\\\u0000" is none
+            raise MalformedRequest("text must not contain NUL characters (\\u0000)")
         if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make an unpaired surrogate
             _refuse_lone_surrogates(doc)
         return doc
@@ -155,6 +157,17 @@ async def read_json(request: web.Request) -> Any:
         log.info("JSON body refused: %s", exc)
         raise MalformedRequest(f"body cannot be read: a number in it has more than {sys.get_int_max_str_digits()} "
                                "digits") from None
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any string or key in the parsed JSON ``value`` holds a NUL character."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in k or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
 
 
 def _refuse_lone_surrogates(value: Any) -> None:

@@ -334,3 +334,28 @@ async def test_a_key_that_is_not_ascii_is_unauthenticated_not_a_database_error(a
         answer = await asyncio.wait_for(reader.read(4096), 5)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 401") and b"plain ASCII" in answer, answer[:300]
+
+
+async def test_a_literal_backslash_u0000_is_text_not_a_nul_and_a_real_nul_is_refused(api, invoice_body):
+    # Found by a fuzz audit: the NUL check searched the raw bytes for the escape, so a text holding a
+    # backslash followed by "u0000" (sent as "\\\\u0000") was refused as a NUL.
+    headers = {**await api.portal("MOI"), "Content-Type": "application/json"}
+    text = "C:\\u0000 path"  # a backslash, then u0000
+    raw = json.dumps(invoice_body(description=text))
+    assert "\\\\u0000" in raw
+    r = await api.client.post("/v1/invoices", data=raw, headers=headers)
+    assert r.status == 201, await r.text()
+    assert (await r.json())["description"] == text
+    for body in (invoice_body(description="a\x00b"), invoice_body(metadata={"k\x00": "v"})):
+        raw = json.dumps(body)
+        assert "\\u0000" in raw
+        r = await api.client.post("/v1/invoices", data=raw, headers=headers)
+        assert r.status == 400 and "NUL" in (await r.json())["detail"], raw
+
+
+@pytest.mark.parametrize("field, value", [("phone", "+855 12 345 678\n"), ("email", "sok@example.com\n")])
+async def test_a_payer_detail_with_a_trailing_newline_is_refused(api, invoice_body, field, value):
+    # Found by a fuzz audit: the pattern's $ matched before a trailing newline.
+    r = await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok", field: value}),
+                              headers=await api.portal("MOI"))
+    assert r.status == 422, await r.text()
