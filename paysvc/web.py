@@ -243,7 +243,10 @@ def add_routes(app: web.Application, routes: list[Route]) -> None:
     if ROUTES not in app:
         app[ROUTES] = []
     for r in routes:
-        app.router.add_route(r.method, r.path, r.handler)
+        if r.method == "GET":  # HEAD too, wherever GET is allowed (RFC 9110; aiohttp sends no body for it)
+            app.router.add_get(r.path, r.handler, allow_head=True)
+        else:
+            app.router.add_route(r.method, r.path, r.handler)
         app[ROUTES].append(r)
 
 

@@ -359,3 +359,17 @@ async def test_a_payer_detail_with_a_trailing_newline_is_refused(api, invoice_bo
     r = await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok", field: value}),
                               headers=await api.portal("MOI"))
     assert r.status == 422, await r.text()
+
+
+async def test_head_is_answered_wherever_get_is(api, invoice_body):
+    # Found by a fuzz audit: HEAD was 405 on every GET route (RFC 9110 asks for it wherever GET is allowed).
+    headers = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)).json()
+    for path, auth, kind in ((f"/v1/invoices/{inv['id']}", headers, "application/json"),
+                             (f"/v1/invoices/{inv['id']}/qr.png", {}, "image/png"),
+                             (f"/pay/{inv['id']}", {}, "text/html")):
+        get = await api.client.get(path, headers=auth)
+        head = await api.client.head(path, headers=auth)
+        assert head.status == get.status == 200 and head.content_type == kind, path
+        assert await head.read() == b"", path
+    assert (await api.client.head("/v1/invoices")).status == 401  # the same answer as GET, without its body
