@@ -9,6 +9,7 @@ from urllib.parse import quote
 import ledger
 from ledger import entries
 from paysvc.db import connect
+from tests.test_ledger_db import seal_everything
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 
@@ -112,7 +113,9 @@ async def test_treasury_reads_the_chain_head_to_keep_as_an_anchor(api):
     r = await api.client.get("/v1/ledger/chain-head", headers=treasury)
     assert r.status == 404 and "nothing is sealed yet" in (await r.json())["detail"]
     async with connect(api.dsn) as conn:
-        await ledger.seal_all(conn)
+        # The sealer waits for every older transaction in the cluster to end (other tests' databases on the
+        # same server keep some open briefly): seal until all 7 entries are.
+        await seal_everything(conn)
         count = await conn.fetchval("SELECT count(*) FROM ledger_seals")
         expected = await ledger.chain_head(conn)
     assert count == 7

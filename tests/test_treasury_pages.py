@@ -16,6 +16,7 @@ from paysvc.db import connect as connect_db
 from paysvc.settlement_days import business_date, parse_cutoff
 from providers.sandbox import write_settlement_csv
 from tests.conftest import running_api
+from tests.test_ledger_db import seal_everything
 from tests.test_pay_page import CHROMIUM, needs_chromium
 from tests.test_settlement import AT, DAY, line, paid, upload
 
@@ -82,7 +83,7 @@ async def test_the_day_grid_shows_the_ledger_chain_head_to_record(api, portal, t
     await paid(api, portal, invoice_body, "TX-1")
     await paid(api, portal, invoice_body, "TX-2")
     async with connect_db(api.dsn) as conn:
-        await ledger.seal_all(conn)
+        await seal_everything(conn)  # the sealer waits for older transactions of the whole server
         head = await ledger.chain_head(conn)
         assert head is not None and head.position == 2
     page = await (await api.client.get("/treasury", headers=cookie)).text()
