@@ -898,7 +898,7 @@ async def test_an_unbalanced_single_entry_is_refused_without_waiting_for_a_balan
         await holder.execute("BEGIN")
         await ledger.post_entry(holder, capture(1), fold_now=True)  # holds its slot of both accounts
         slot = await holder.fetchval("SELECT pg_current_xact_id()::text::bigint % 16")
-        for _ in range(40):  # a transaction whose id falls in the same slot
+        for _ in range(400):  # a transaction whose id falls in the same slot (ids advance by one or more)
             tx = db.transaction()
             await tx.start()
             if await db.fetchval("SELECT pg_current_xact_id()::text::bigint % 16") == slot:
