@@ -232,9 +232,11 @@ class PaymentNotice(_Frozen):
     def _storable_text(self) -> PaymentNotice:
         # A NUL cannot be stored as text (PostgreSQL refuses it): refuse it here, so such a notice is
         # rejected as malformed instead of failing at every processing attempt.
-        if _has_nul([self.provider, self.transaction_id, self.bill_number, self.to_account, self.from_account,
-                     self.raw]):
-            raise ValueError("text fields must not contain NUL characters")
+        fields = {"provider": self.provider, "transaction_id": self.transaction_id, "bill_number": self.bill_number,
+                  "to_account": self.to_account, "from_account": self.from_account, "raw": self.raw}
+        bad = [name for name, value in fields.items() if _has_nul([value])]
+        if bad:  # named, so the provider's operator knows what to fix (found by a fuzz audit: it said only "value")
+            raise ValueError(f"text fields must not contain NUL characters: {', '.join(bad)}")
         return self
 
     @model_validator(mode="after")

@@ -103,3 +103,13 @@ def test_the_edges_of_the_payment_time_range_are_accepted():
         n = PaymentNotice(provider="x", transaction_id="t", amount=1, currency="KHR", confirmed=True, paid_at=paid_at)
         assert n.paid_at == paid_at
         assert SettlementLine(line_no=2, amount=5, currency="KHR", paid_at=paid_at).paid_at == paid_at
+
+
+@pytest.mark.parametrize("field", ["transaction_id", "bill_number", "to_account", "from_account"])
+def test_a_nul_in_a_notice_is_refused_naming_the_field(field):
+    # Found by a fuzz audit: the refusal said only "value", not which field held the NUL.
+    fields = {"provider": "sandbox", "transaction_id": "T1", "confirmed": False, field: "a\x00b"}
+    with pytest.raises(ValidationError, match=f"must not contain NUL characters: {field} "):
+        PaymentNotice(**fields)
+    with pytest.raises(ValidationError, match="must not contain NUL characters: raw "):
+        PaymentNotice(provider="sandbox", transaction_id="T1", confirmed=False, raw={"k": ["a\x00"]})
