@@ -134,8 +134,11 @@ def _read_callback(body: bytes) -> dict[str, Any]:
     if not isinstance(tran_id, str) or not _TRAN_ID.fullmatch(tran_id):
         raise MalformedCallback("tran_id must be 1-50 letters, digits, '.', '_' or '-'", provider=NAME)
     status = doc.get("status")
-    if isinstance(status, bool) or not isinstance(status, (str, int)):
+    if status is None:
         raise MalformedCallback("status is missing", provider=NAME)
+    if isinstance(status, bool) or not isinstance(status, (str, int)):
+        # found by a fuzz audit: 1e999999 or true was reported as "missing"
+        raise MalformedCallback("status must be a string or a JSON integer", provider=NAME)
     for key in ("apv", "return_params"):
         if doc.get(key) is not None and not isinstance(doc[key], str):
             raise MalformedCallback(f"{key} must be a string", provider=NAME)

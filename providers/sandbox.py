@@ -165,6 +165,12 @@ class SandboxProvider(ProviderBase):
                 raise MalformedCallback(f"{key} must be a string", provider=NAME)
         amount = doc["amount"]
         if isinstance(amount, Decimal):
+            # A JSON number with a fraction or an exponent: 12.5 is a fraction; 1e2 is whole but not written as
+            # an integer (found by a fuzz audit: it was called a fraction).
+            if amount == amount.to_integral_value():
+                raise MalformedCallback(f"amount {amount} must be written as a JSON integer of minor units (e.g. "
+                                        f"{int(amount) if abs(amount) < 10**18 else 120000}), without a fraction "
+                                        "part or exponent", provider=NAME)
             raise MalformedCallback(f"amount {amount} must be a whole number of minor units, not a fraction",
                                     provider=NAME)
         if type(amount) is not int or amount <= 0:

@@ -244,3 +244,14 @@ def test_verify_and_parse_callback_on_arbitrary_bytes_raise_only_provider_errors
     except ProviderError:
         return
     assert all(not n.confirmed for n in notices)
+
+
+@pytest.mark.parametrize("body, says", [
+    (b'{"tran_id":"T1"}', "status is missing"),
+    (b'{"tran_id":"T1","status":1e999999}', "status must be a string or a JSON integer"),
+    (b'{"tran_id":"T1","status":true}', "status must be a string or a JSON integer"),
+])
+def test_a_status_that_is_not_a_string_or_integer_is_not_called_missing(body, says):
+    # Found by a fuzz audit: every bad status was reported as missing.
+    with pytest.raises(MalformedCallback, match=says):
+        create({"merchant_id": MERCHANT, "api_key": API_KEY}).parse_callback({}, body)

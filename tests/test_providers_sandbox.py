@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -328,3 +329,16 @@ def test_verify_callback_on_arbitrary_headers_raises_only_signature_errors(value
     provider = create({"secrets": [SECRET]})
     with pytest.raises(SignatureError):
         provider.verify_callback({SIGNATURE_HEADER: value}, GOLDEN_BODY, now=NOW)
+
+
+@pytest.mark.parametrize("amount, says", [
+    ("1e2", "must be written as a JSON integer of minor units (e.g. 100)"),
+    ("1e999999", "must be written as a JSON integer"),
+    ("12.5", "not a fraction"),
+])
+def test_an_amount_not_written_as_an_integer_says_how_to_write_it(amount, says):
+    # Found by a fuzz audit: 1e2, a whole number written with an exponent, was called a fraction.
+    body = ('{"transaction_id":"T","amount":%s,"currency":"KHR","paid_at":"2026-01-01T00:00:00+00:00"}'
+            % amount).encode()
+    with pytest.raises(MalformedCallback, match=re.escape(says)):
+        create({"secrets": [SECRET]}).parse_callback({}, body)
