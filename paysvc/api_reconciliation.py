@@ -118,7 +118,7 @@ async def resolve_exception(exc_id: str, body: ResolveBody, *, pool, bank_accoun
     except AlreadyResolved:
         raise Conflict(f"exception {exc_id} is already resolved; a resolution is final") from None
     except ResolutionRefused as exc:
-        raise ValidationFailed(exc.detail, errors=[{"field": "action", "message": exc.detail,
+        raise ValidationFailed(exc.detail, errors=[{"field": exc.field, "message": exc.detail,
                                                     "code": "not_applicable"}]) from None
 
 

@@ -68,9 +68,10 @@ CAPTURE_REASONS = ("unknown_khqr", "currency_mismatch", "account_mismatch", "inv
 class ResolutionRefused(Exception):
     """The action does not make sense for this exception; ``detail`` says which would."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, field: str = "action") -> None:
         super().__init__(detail)
         self.detail = detail
+        self.field = field  # the request field the refusal is about: the action, or the invoice it names
 
 
 class AlreadyResolved(Exception):
@@ -127,14 +128,17 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
 
     def to_invoice(amount: int) -> tuple[str, int]:
         if target is None:
-            raise ResolutionRefused("match_to_invoice needs invoice_id")
+            raise ResolutionRefused("match_to_invoice needs invoice_id", field="invoice_id")
         if target.currency != cur:
-            raise ResolutionRefused(f"invoice {target.invoice_id} is in {target.currency}, the money in {cur}")
+            raise ResolutionRefused(f"invoice {target.invoice_id} is in {target.currency}, the money in {cur}",
+                                    field="invoice_id")
         if target.status not in ("open", "expired"):
-            raise ResolutionRefused(f"invoice {target.invoice_id} is {target.status}: it owes nothing")
+            raise ResolutionRefused(f"invoice {target.invoice_id} is {target.status}: it owes nothing",
+                                    field="invoice_id")
         if amount > target.owed:
             raise ResolutionRefused(f"invoice {target.invoice_id} owes {target.owed}, less than the {amount} "
-                                    "in question; choose refund_due for the money or another invoice")
+                                    "in question; choose refund_due for the money or another invoice",
+                                    field="invoice_id")
         return accounts.agency_revenue(target.agency_code, cur), amount
 
     def bank_in(gross: int, fee: int, currency: str = cur) -> list[tuple[str, str, int]]:
@@ -290,10 +294,10 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     inv = None
     if action == "match_to_invoice":
         if not invoice_id:
-            raise ResolutionRefused("match_to_invoice needs invoice_id")
+            raise ResolutionRefused("match_to_invoice needs invoice_id", field="invoice_id")
         inv = await conn.fetchrow(Q.invoice_for_resolve, invoice_id)
         if inv is None:
-            raise ResolutionRefused(f"no invoice {invoice_id!r}")
+            raise ResolutionRefused(f"no invoice {invoice_id!r}", field="invoice_id")
         target = Target(inv["id"], inv["agency_code"], inv["currency"], inv["amount"] - inv["amount_paid"],
                         inv["status"])
     p = plan(facts, action, target, bank_account=bank_account)

@@ -163,3 +163,12 @@ async def test_agencies_whose_accounts_a_resolution_moves_get_journal_posted(api
                           "provider:sandbox:clearing:KHR") == {
         "agency:MOI:revenue:KHR": 0, "agency:MOF:revenue:KHR": 0, "provider:sandbox:clearing:KHR": 0}
     assert inv
+
+
+async def test_a_refusal_about_the_invoice_named_is_reported_under_invoice_id(api, portal, treasury, invoice_body):
+    # Found by a fuzz audit: "no invoice 'inv_x'" was reported under the field action.
+    _, over = await overpaid(api, portal, treasury, invoice_body, "TX-NOINV")
+    r = await resolve(api, treasury, over["id"], "match_to_invoice", invoice_id="inv_does_not_exist")
+    body = await r.json()
+    assert r.status == 422 and body["errors"][0]["field"] == "invoice_id", body
+    assert "no invoice 'inv_does_not_exist'" in body["detail"]
