@@ -8,12 +8,13 @@ statement for sandbox payments is ``provider=sandbox, format=camt053``.
 from __future__ import annotations
 
 import base64
+import re
 import unicodedata
 from datetime import date, datetime
 from typing import Annotated, Any
 
 from aiohttp import BodyPartReader, web
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
 from paysvc.invoicing import now_utc
@@ -88,11 +89,22 @@ def check_business_date(day: date) -> date:
     return day
 
 
+def _iso_date_text(value: object) -> object:
+    """A form's business_date is text written YYYY-MM-DD: pydantic would also read a number of seconds since
+    1970 as a date, and then refuse it in its own words (found by a fuzz audit)."""
+    if isinstance(value, str) and not _ISO_DATE.fullmatch(value):
+        raise ValueError(f"business_date {value[:40]!r} must be a date written YYYY-MM-DD, e.g. 2026-11-24")
+    return value
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 class UploadForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # Names are checked against the registry by run_import, which lists the valid ones.
     provider: Annotated[str, Field(min_length=1, max_length=64)]
-    business_date: Annotated[date, AfterValidator(check_business_date)]
+    business_date: Annotated[date, BeforeValidator(_iso_date_text), AfterValidator(check_business_date)]
     format: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 

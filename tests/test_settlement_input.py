@@ -314,3 +314,15 @@ async def test_a_provider_that_reads_no_settlement_file_is_refused_as_its_format
         assert r.status == 422 and "'aba_payway' has no settlement file format" in body["detail"], body
         assert body["errors"][0] == {"field": "format", "message": "no settlement file format", "code": "unsupported"}
         assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+@pytest.mark.parametrize("written", ["1700000000", "2026-1-5", "24/11/2026", "2026-11-24T00:00:00"])
+async def test_a_business_date_not_written_yyyy_mm_dd_says_how_to_write_it(api, treasury, written):
+    # Found by a fuzz audit: 1700000000 was read as seconds since 1970, then refused in pydantic's words.
+    body, headers = _multipart([_field("provider", "sandbox"), _field("business_date", written),
+                                b'Content-Disposition: form-data; name="file"; filename="s.csv"\r\n\r\n'
+                                + write_settlement_csv([line("TX-D", 50000)])])
+    r = await api.client.post("/v1/settlements", data=body, headers={**treasury, **headers})
+    problem = await r.json()
+    assert r.status == 422 and problem["errors"][0]["field"] == "business_date", problem
+    assert "must be a date written YYYY-MM-DD" in problem["errors"][0]["message"], problem
