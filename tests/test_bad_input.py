@@ -373,3 +373,28 @@ async def test_head_is_answered_wherever_get_is(api, invoice_body):
         assert head.status == get.status == 200 and head.content_type == kind, path
         assert await head.read() == b"", path
     assert (await api.client.head("/v1/invoices")).status == 401  # the same answer as GET, without its body
+
+
+async def test_a_request_the_http_parser_refuses_is_logged_as_info_not_an_error(api, caplog):
+    # Found by a fuzz audit: aiohttp answers such a request 400 itself, and logged an ERROR with a traceback
+    # for each, the client's fault drowning the service's own errors. The filter serve installs makes it INFO.
+    import logging
+
+    from paysvc.logs import ClientErrorsAsInfo
+
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.addFilter(keep := ClientErrorsAsInfo())
+    try:
+        with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+            reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+            writer.write(b"POST /v1/invoices HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+            writer.close()
+            await asyncio.sleep(0.1)
+    finally:
+        server_log.removeFilter(keep)
+    assert answer.split(b"\r\n")[0].endswith(b" 400 Bad Request")  # aiohttp answers it itself
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelno == logging.INFO and not r.exc_info for r in records), [
+        (r.levelname, r.getMessage()) for r in records]
+    assert "malformed HTTP request refused with 400" in records[0].getMessage()
