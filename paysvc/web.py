@@ -209,6 +209,10 @@ def refuse_repeated(request: web.Request) -> None:
     for name in SINGLE_HEADERS:
         if len(request.headers.getall(name, ())) > 1:
             raise MalformedRequest(f"header {name} is given more than once; give it once")
+    _refuse_repeated_query(request)
+
+
+def _refuse_repeated_query(request: web.Request) -> None:
     repeated = sorted({k for k in request.query.keys() if len(request.query.getall(k)) > 1})
     if repeated:
         raise ValidationFailed(f"query parameter {repeated[0]!r} is given more than once; give it once",
@@ -217,7 +221,7 @@ def refuse_repeated(request: web.Request) -> None:
 
 
 def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
-    refuse_repeated(request)  # done for every API request on admission; here for a handler called otherwise
+    _refuse_repeated_query(request)  # on admission already for API requests; here for whatever calls it
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
