@@ -20,7 +20,7 @@ import ledger
 from paysvc.auth import Principal
 from paysvc.background import run_periodically
 from paysvc.errors import MalformedRequest, NotFound
-from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query,
+from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query, principal,
                         require_offset)
 
 log = logging.getLogger(__name__)
@@ -187,9 +187,7 @@ async def entries(request: web.Request) -> web.Response:
 
 async def chain_head(request: web.Request) -> web.Response:
     """The hash chain's last seal (or the one at ``position``), to keep outside the database as an anchor."""
-    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
-    request[PRINCIPAL] = p
-    p.require("treasury")  # the chain covers every agency's entries: its length is the whole ledger's
+    await principal(request, "treasury")  # the chain covers every agency's entries: its length is the whole ledger's
     q = parse_query(ChainHeadQuery, request)
     async with request.app[POOL].acquire() as conn:
         head = await ledger.chain_head(conn, q.position)
