@@ -92,12 +92,13 @@ def check_business_date(day: date) -> date:
 def _iso_date_text(value: object) -> object:
     """A form's business_date is text written YYYY-MM-DD: pydantic would also read a number of seconds since
     1970 as a date, and then refuse it in its own words (found by a fuzz audit)."""
-    if isinstance(value, str) and not _ISO_DATE.fullmatch(value):
+    if isinstance(value, str) and not ISO_DATE.fullmatch(value):
         raise ValueError(f"business_date {value[:40]!r} must be a date written YYYY-MM-DD, e.g. 2026-11-24")
     return value
 
 
-_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# Only this form, on the command line too: Python's date.fromisoformat also reads 20261124 and 2026-W48-4.
+ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 class UploadForm(BaseModel):

@@ -87,10 +87,12 @@ def _run(settings: Settings, fn, args):
 
 def _business_date(option: str, text: str):
     """``text`` as a business date, with the API's bounds and message; a CliError (one line) otherwise."""
-    from paysvc.api_settlements import check_business_date
+    from paysvc.api_settlements import ISO_DATE, check_business_date
     from paysvc.cli import CliError
 
     try:
+        if not ISO_DATE.fullmatch(text):
+            raise ValueError(text)
         day = date.fromisoformat(text)
     except ValueError:
         raise CliError(f"{option} {text!r} is not a date: write it YYYY-MM-DD") from None

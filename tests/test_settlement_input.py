@@ -139,11 +139,13 @@ def test_the_cli_refuses_a_business_date_the_api_refuses(db_dsn, tmp_path, day):
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
-def test_the_cli_says_what_a_date_that_is_not_a_date_should_be(db_dsn, tmp_path):
+@pytest.mark.parametrize("day", ["24/11/2026", "20261124", "2026-W48-2", "2026-11-24T00:00"])
+def test_the_cli_says_what_a_date_that_is_not_a_date_should_be(db_dsn, tmp_path, day):
+    # The API takes only YYYY-MM-DD; so does the command line (Python alone would read 20261124 and 2026-W48-2).
     f = tmp_path / "s.csv"
     f.write_bytes(write_settlement_csv([line("TX-1", 50000)]))
-    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", "24/11/2026", str(f))
-    assert_clean_failure(out, 1, "'24/11/2026'", "YYYY-MM-DD")
+    out = run(db_dsn, "settlements", "import", "--provider", "sandbox", "--date", day, str(f))
+    assert_clean_failure(out, 1, repr(day), "YYYY-MM-DD")
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
