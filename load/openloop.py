@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-import aiohttp
+from load.httpclient import Session
 
 
 @dataclass
@@ -25,11 +25,13 @@ class RunResult:
     latencies_ms: list[float] = field(default_factory=list)
     late_starts: int = 0  # requests the generator itself could not send on time (> 5 ms late)
     ok_with_warmup: int = 0  # successful requests including the warm-up's (for costs per request)
+    warmup: float = 0.0
+    warmup_latencies_ms: list[float] = field(default_factory=list)  # the warm-up's successful requests
 
-    def pct(self, p: float) -> float:
-        if not self.latencies_ms:
+    def pct(self, p: float, *, warmup: bool = False) -> float:
+        xs = sorted(self.warmup_latencies_ms if warmup else self.latencies_ms)
+        if not xs:
             return float("nan")
-        xs = sorted(self.latencies_ms)
         return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
     @property
@@ -42,18 +44,21 @@ class RunResult:
                 f"p50 {self.pct(50):7.1f} ms  p90 {self.pct(90):7.1f} ms  p99 {self.pct(99):7.1f} ms  "
                 f"max {self.pct(100):7.1f} ms  generator-late {self.late_starts}  errors {errs}")
 
+    def warmup_line(self) -> str:
+        return (f"warm-up, first {self.warmup:g} s (not counted): ok {len(self.warmup_latencies_ms)}  "
+                f"p50 {self.pct(50, warmup=True):7.1f} ms  p99 {self.pct(99, warmup=True):7.1f} ms  "
+                f"max {self.pct(100, warmup=True):7.1f} ms")
 
-Request = Callable[[aiohttp.ClientSession, int], Awaitable[int]]
+
+Request = Callable[[Session, int], Awaitable[int]]
 
 
-async def run(request: Request, *, rate: float, duration: float, warmup: float = 2.0,
-              max_in_flight: int = 5000) -> RunResult:
+async def run(request: Request, *, rate: float, duration: float, warmup: float = 2.0) -> RunResult:
     """Send ``request(session, i)`` at ``rate`` per second for ``duration`` seconds (after a warm-up)."""
-    result = RunResult(rate=rate, duration=duration)
-    connector = aiohttp.TCPConnector(limit=max_in_flight, ttl_dns_cache=3600)
-    timeout = aiohttp.ClientTimeout(total=30)
+    result = RunResult(rate=rate, duration=duration, warmup=warmup)
     counter = itertools.count()
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    # A lean keep-alive client (load/httpclient.py): the generator shares the cores with what it measures.
+    async with Session(timeout=30) as session:
         tasks: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
 
@@ -66,6 +71,8 @@ async def run(request: Request, *, rate: float, duration: float, warmup: float =
             if key is None:
                 result.ok_with_warmup += 1
             if not measured:
+                if key is None:
+                    result.warmup_latencies_ms.append((loop.time() - scheduled) * 1000)
                 return
             if key is None:
                 result.ok += 1
