@@ -6,6 +6,7 @@
     python -m load.payments_bench --service-nice -10   # the service at a higher CPU priority (root)
     python -m load.payments_bench --calibrate 0   # without the 10 s pgbench run that rates the machine first
     python -m load.payments_bench --warmup 2      # the first rate warmed up as briefly as the others
+    python -m load.payments_bench --broker        # events published to the local RabbitMQ, as in production
 
 Each scheduled payment is one ``POST /v1/invoices`` then one signed ``POST /v1/providers/sandbox/
 callbacks``; its latency runs from the scheduled start to the callback's answer (captured and booked),
@@ -101,7 +102,42 @@ async def bakong_poll_cost(dsn: str, pending: int = 10_000) -> None:
           f"{calls * 10_000 / asked:.0f} calls)")
 
 
-async def main_async(args, urls, key) -> None:
+class Broker:
+    """With ``--broker``: the service's relay publishes every event to RabbitMQ (a scratch exchange and queue,
+    deleted afterwards), as in production; without it events wait in the outbox."""
+
+    def __init__(self, url: str) -> None:
+        import base64
+
+        tag = uuid.uuid4().hex[:8]
+        self.url, self.exchange, self.prefix = url, f"paysvc.bench.{tag}", f"bench.{tag}."
+        self.env = {"PAYSVC_AMQP_URL": url, "PAYSVC_EVENTS_EXCHANGE": self.exchange,
+                    "PAYSVC_EVENTS_QUEUE_PREFIX": self.prefix,
+                    "PAYSVC_EVENT_SIGNING_KEYS": f"bench:{base64.b64encode(os.urandom(32)).decode()}"}
+
+    async def _queue(self, channel):
+        return await channel.declare_queue(f"{self.prefix}TAX", passive=True)
+
+    async def published(self) -> int:
+        """Messages in the agency's queue (nothing consumes it)."""
+        import aio_pika
+
+        try:
+            async with await aio_pika.connect(self.url) as conn:
+                return (await self._queue(await conn.channel())).declaration_result.message_count
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return 0
+
+    async def delete(self) -> None:
+        import aio_pika
+
+        async with await aio_pika.connect(self.url) as conn:
+            channel = await conn.channel()
+            await channel.queue_delete(f"{self.prefix}TAX")
+            await channel.exchange_delete(self.exchange)
+
+
+async def main_async(args, urls, key, dsn: str, broker: Broker | None) -> None:
     # The priority this process runs at, which the service processes inherited (--service-nice, or the shell's).
     nice = os.getpriority(os.PRIO_PROCESS, 0)
     print(f"\n== {len(urls)} service process(es) at nice {nice} on {os.cpu_count()} cores, load generator on {LOOP}; "
@@ -125,10 +161,20 @@ async def main_async(args, urls, key) -> None:
         print(r.line() + ("   HELD" if held else "   not held"))
         if r.ok_with_warmup:
             # Over the whole step, warm-up included; background work (expiry, sealing, outbox) counts too.
-            per = {k: (cpu1[k] - cpu0[k]) * 1000 / r.ok_with_warmup for k in cpu0}
+            roles = ["postgresql", "service", "generator"] + (["broker"] if broker else [])
+            per = {k: (cpu1[k] - cpu0[k]) * 1000 / r.ok_with_warmup for k in roles}
             print(f"           CPU per payment: PostgreSQL {per['postgresql']:.2f} ms, service processes "
-                  f"{per['service']:.2f} ms, load generator {per['generator']:.2f} ms; "
-                  f"total {sum(per.values()):.2f} ms of the machine's {os.cpu_count()} cores")
+                  f"{per['service']:.2f} ms, load generator {per['generator']:.2f} ms"
+                  + (f", RabbitMQ {per['broker']:.2f} ms" if broker else "")
+                  + f"; total {sum(per.values()):.2f} ms of the machine's {os.cpu_count()} cores")
+        if broker:
+            conn = await asyncpg.connect(dsn)
+            try:
+                waiting = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
+            finally:
+                await conn.close()
+            print(f"           events: {await broker.published():,} in the agency's queue so far, {waiting:,} "
+                  "still in the outbox at the end of the step")
         if held:
             best = rate
         else:
@@ -152,11 +198,17 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=10, metavar="SECONDS",
                    help="warm-up of the first rate, on freshly started service processes, before measuring "
                         "(default 10; later rates 2)")
+    p.add_argument("--broker", metavar="AMQP_URL", nargs="?", const="amqp://guest:guest@127.0.0.1:5672/",
+                   help="the relay publishes every event to this RabbitMQ (default amqp://guest:guest@127.0.0.1:"
+                        "5672/; a scratch exchange and queue, deleted afterwards), and RabbitMQ's CPU is counted; "
+                        "without it events wait in the outbox")
     p.add_argument("--skip-http", action="store_true", help="only measure the Bakong poller")
     p.add_argument("--calibrate", type=float, default=10, metavar="SECONDS",
                    help="first run pgbench's TPC-B for this long and print its rate, the machine's speed at the "
                         "time (default 10; 0 to skip)")
     args = p.parse_args()
+    if not args.broker:
+        os.environ.pop("PAYSVC_AMQP_URL", None)  # the service processes inherit this environment
     if args.service_nice:
         try:
             # This process first: the service processes it starts inherit its priority.
@@ -177,8 +229,14 @@ def main() -> None:
             "--bakong-account", "tax@nbcq")
         key = cli(dsn, "keys", "create", "--agency", "TAX", "--scope", "invoices:write", "--scope", "invoices:read")
         if not args.skip_http:
-            with services(dsn, args.processes, PAYSVC_PROVIDERS="sandbox") as urls:
-                run_on_loop(main_async(args, urls, key))
+            broker = Broker(args.broker) if args.broker else None
+            try:
+                with services(dsn, args.processes, PAYSVC_PROVIDERS="sandbox",
+                              **(broker.env if broker else {})) as urls:
+                    run_on_loop(main_async(args, urls, key, dsn, broker))
+            finally:
+                if broker:
+                    run_on_loop(broker.delete())
         run_on_loop(bakong_poll_cost(dsn))
     print(f"\nbenchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 

@@ -124,10 +124,10 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 
 
 def cpu_seconds_by_role() -> dict[str, float]:
-    """CPU seconds used so far by this machine's PostgreSQL processes, ``paysvc serve`` processes and this
-    process (the load generator), read from /proc (Linux). Processes that exit in between are not counted."""
+    """CPU seconds used so far by this machine's PostgreSQL processes, ``paysvc serve`` processes, this
+    process (the load generator) and RabbitMQ's Erlang VM, read from /proc (Linux). Processes that exit in between are not counted."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"postgresql": 0.0, "service": 0.0, "generator": 0.0}
+    out = {"postgresql": 0.0, "service": 0.0, "generator": 0.0, "broker": 0.0}
     me = os.getpid()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -144,4 +144,6 @@ def cpu_seconds_by_role() -> dict[str, float]:
             out["postgresql"] += used
         elif "paysvc serve" in cmd:
             out["service"] += used
+        elif "beam.smp" in cmd and "rabbit" in cmd:  # RabbitMQ's Erlang VM
+            out["broker"] += used
     return out
