@@ -27,6 +27,7 @@ class RunResult:
     ok_with_warmup: int = 0  # successful requests including the warm-up's (for costs per request)
     warmup: float = 0.0
     warmup_latencies_ms: list[float] = field(default_factory=list)  # the warm-up's successful requests
+    sent_at: list[float] = field(default_factory=list)  # each measured latency's send time, s into the run
 
     def pct(self, p: float, *, warmup: bool = False) -> float:
         xs = sorted(self.warmup_latencies_ms if warmup else self.latencies_ms)
@@ -43,6 +44,19 @@ class RunResult:
         return (f"rate {self.rate:7.0f}/s  ok {self.ok:7d}  achieved {self.achieved:7.1f}/s  "
                 f"p50 {self.pct(50):7.1f} ms  p90 {self.pct(90):7.1f} ms  p99 {self.pct(99):7.1f} ms  "
                 f"max {self.pct(100):7.1f} ms  generator-late {self.late_starts}  errors {errs}")
+
+    def worst_seconds(self, k: int = 3) -> str:
+        """The ``k`` one-second windows (by send time) with the slowest answers: whether a missed p99 came
+        from a burst or a stall (a few seconds) or from the whole run."""
+        by_second: dict[int, list[float]] = {}
+        for t, ms in zip(self.sent_at, self.latencies_ms):
+            by_second.setdefault(int(t), []).append(ms)
+        over = sum(1 for ms in self.latencies_ms if ms >= 200)
+        worst = sorted(by_second.items(), key=lambda kv: -max(kv[1]))[:k]
+        return (f"{over} answers took 200 ms or more, in {sum(1 for v in by_second.values() if max(v) >= 200)} of "
+                f"{len(by_second)} seconds; slowest seconds: "
+                + ", ".join(f"{s}-{s + 1} s (max {max(v):.0f} ms, {sum(1 for x in v if x >= 200)} of {len(v)} "
+                            f"at 200 ms or more)" for s, v in sorted(worst)))
 
     def warmup_line(self) -> str:
         return (f"warm-up, first {self.warmup:g} s (not counted): ok {len(self.warmup_latencies_ms)}  "
@@ -77,6 +91,7 @@ async def run(request: Request, *, rate: float, duration: float, warmup: float =
             if key is None:
                 result.ok += 1
                 result.latencies_ms.append((loop.time() - scheduled) * 1000)
+                result.sent_at.append(scheduled - start - warmup)
             else:
                 result.errors[key] = result.errors.get(key, 0) + 1
 

@@ -159,6 +159,8 @@ async def main_async(args, urls, key, dsn: str, broker: Broker | None) -> None:
         if step == 0:
             print("  " + r.warmup_line())
         print(r.line() + ("   HELD" if held else "   not held"))
+        if not held and r.latencies_ms:
+            print("           " + r.worst_seconds())
         if r.ok_with_warmup:
             # Over the whole step, warm-up included; background work (expiry, sealing, outbox) counts too.
             roles = ["postgresql", "service", "generator"] + (["broker"] if broker else [])
