@@ -106,7 +106,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
             pool = app[POOL]
             providers = app[PROVIDERS]
             tasks.append(asyncio.create_task(run_periodically(
-                "event-sequencer", settings.relay_poll_interval_seconds, lambda: outbox.sequence_pending(pool))))
+                "event-sequencer", settings.sequencer_interval_seconds, lambda: outbox.sequence_pending(pool))))
             tasks.append(asyncio.create_task(run_periodically(
                 "inbox", settings.inbox_interval_seconds,
                 lambda: inbox.work(pool, providers, lease=timedelta(seconds=settings.inbox_lease_seconds)))))

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     events_retention_days: int = Field(35, ge=30)
     relay_batch_size: int = Field(2000, ge=1, le=50_000)
     relay_poll_interval_seconds: float = Field(0.05, gt=0)
+    # The background sequencer's pace. Whatever reads numbered events (the relay, the feed, webhook fan-out)
+    # numbers what committed first, so this only keeps the unnumbered backlog short between reads.
+    sequencer_interval_seconds: float = Field(1.0, gt=0)
     webhooks_allow_insecure_localhost: bool = False   # also lets deliveries reach loopback addresses
     # Webhooks go only to public internet addresses; these CIDR networks (comma separated) are allowed too,
     # e.g. a government private network where agencies' receivers sit. Never the cloud metadata 169.254.0.0/16.

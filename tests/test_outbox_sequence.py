@@ -92,3 +92,55 @@ async def test_concurrent_sequencers_never_renumber_an_event_nor_skip_a_number(d
             assert len(seqs) > 30 and seqs == list(range(1, len(seqs) + 1)), seqs[:50]
             assert await conn.fetchval("SELECT last_seq FROM agency_event_seq WHERE agency_id = $1",
                                        agency_id) == len(seqs)
+
+
+async def _background_service(dsn: str, interval: float):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from paysvc.app import create_app
+    from tests.conftest import Api, make_settings
+
+    # Webhook fan-out numbers events too, every webhook interval: held off here, so only the sequencer does.
+    settings = make_settings(dsn, sequencer_interval_seconds=interval, webhook_interval_seconds=3600)
+    client = TestClient(TestServer(create_app(settings, dsn, background=True)))
+    await client.start_server()
+    return client, Api(client, dsn)
+
+
+async def _unnumbered(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM outbox_events WHERE seq IS NULL")
+    finally:
+        await conn.close()
+
+
+async def test_the_background_sequencer_numbers_events_nobody_reads(db_dsn, invoice_body):
+    client, api = await _background_service(db_dsn, 0.1)
+    try:
+        r = await client.post("/v1/invoices", json=invoice_body(), headers=await api.portal("MOI"))
+        assert r.status == 201
+        for _ in range(100):  # no relay, no feed read, no webhook: only the background sequencer numbers it
+            if await _unnumbered(db_dsn) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await _unnumbered(db_dsn) == 0
+    finally:
+        await client.close()
+
+
+async def test_a_reader_numbers_what_committed_whatever_the_background_pace(db_dsn, invoice_body):
+    # The background pass runs at start, then not for an hour: the event waits unnumbered until a reader
+    # (here the feed) numbers what committed before reading it.
+    client, api = await _background_service(db_dsn, 3600)
+    try:
+        portal = await api.portal("MOI")
+        r = await client.post("/v1/invoices", json=invoice_body(), headers=portal)
+        assert r.status == 201
+        await asyncio.sleep(0.5)
+        assert await _unnumbered(db_dsn) == 1
+        feed = await (await client.get("/v1/events", headers=portal)).json()
+        assert [(e["seq"], e["type"]) for e in feed["data"]] == [(1, "invoice.created")]
+        assert await _unnumbered(db_dsn) == 0
+    finally:
+        await client.close()
