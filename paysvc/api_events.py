@@ -256,6 +256,7 @@ def setup(app: web.Application) -> None:
             relay = Relay(app[POOL], settings.amqp_url.get_secret_value(), signer,
                           exchange=settings.events_exchange, queue_prefix=settings.events_queue_prefix,
                           batch_size=settings.relay_batch_size, poll_interval=settings.relay_poll_interval_seconds,
+                          idle_max=settings.relay_idle_max_seconds,
                           retention=timedelta(days=settings.events_retention_days))
             tasks.append(asyncio.create_task(relay.run()))
         yield

@@ -31,7 +31,7 @@ async def _relay(settings, dsn: str, once: bool) -> int:
     pool = await create_pool(dsn, settings)
     relay = Relay(pool, _amqp_url(settings), signer, exchange=settings.events_exchange,
                   queue_prefix=settings.events_queue_prefix, batch_size=settings.relay_batch_size,
-                  poll_interval=settings.relay_poll_interval_seconds,
+                  poll_interval=settings.relay_poll_interval_seconds, idle_max=settings.relay_idle_max_seconds,
                   retention=timedelta(days=settings.events_retention_days))
     try:
         if once:

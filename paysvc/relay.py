@@ -125,8 +125,9 @@ class Relay:
     def __init__(self, pool: asyncpg.Pool, amqp_url: str, signer: EventSigner, *,
                  exchange: str = DEFAULT_EXCHANGE, queue_prefix: str = DEFAULT_QUEUE_PREFIX,
                  batch_size: int = 2000, max_agencies: int = 16, poll_interval: float = 0.05,
-                 publish_timeout: float = 30.0, backoff_initial: float = 0.5, backoff_max: float = 30.0,
-                 retention: timedelta | None = timedelta(days=35)) -> None:
+                 idle_max: float = 0.5, quiet_after: float = 1.0, publish_timeout: float = 30.0,
+                 backoff_initial: float = 0.5,
+                 backoff_max: float = 30.0, retention: timedelta | None = timedelta(days=35)) -> None:
         self._pool = pool
         self._url = amqp_url
         self._signer = signer
@@ -135,6 +136,14 @@ class Relay:
         self._batch_size = batch_size
         self._max_agencies = max_agencies
         self._poll_interval = poll_interval
+        # Once nothing has been published for quiet_after seconds, passes that find nothing are idle_max apart
+        # instead of poll_interval: polling an empty outbox 20 times a second cost an idle pair of service
+        # processes and PostgreSQL about 50 ms of CPU per second. While events keep coming (one at least every
+        # quiet_after seconds) the pace is unchanged; the first event after a quiet spell waits up to idle_max.
+        # (Doubling the wait after every empty pass instead raised the commit-to-delivery p99 at a steady 200
+        # events/s from 60 to 411 ms on a slow machine: a writer's pause of a few tens of ms was enough.)
+        self._idle_max = max(idle_max, poll_interval)
+        self._quiet_after = quiet_after
         self._publish_timeout = publish_timeout
         self._backoff = (backoff_initial, backoff_max)
         self._unrouted = 0  # events of the last pass that no queue took, even after declaring it again
@@ -270,6 +279,7 @@ class Relay:
                         log.info("relay: connected to the broker again; publishing the outbox")
                     delay = self._backoff[0]
                     stuck = self._backoff[0]
+                    last_busy = time.monotonic()
                     while True:
                         published = await self.publish_pass()
                         if self._unrouted:
@@ -279,8 +289,12 @@ class Relay:
                             stuck = min(stuck * 2, self._backoff[1])
                         else:
                             stuck = self._backoff[0]
-                            if not published:
+                            if published:
+                                last_busy = time.monotonic()
+                            elif time.monotonic() - last_busy < self._quiet_after:
                                 await asyncio.sleep(self._poll_interval)
+                            else:
+                                await asyncio.sleep(self._idle_max)
                         if self._retention is not None and time.monotonic() >= next_prune:
                             next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
                             n = await prune_outbox(self._pool, retention=self._retention,

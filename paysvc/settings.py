@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     events_retention_days: int = Field(35, ge=30)
     relay_batch_size: int = Field(2000, ge=1, le=50_000)
     relay_poll_interval_seconds: float = Field(0.05, gt=0)
+    relay_idle_max_seconds: float = Field(0.5, gt=0)  # the longest wait between passes that find nothing
     # The background sequencer's pace. Whatever reads numbered events (the relay, the feed, webhook fan-out)
     # numbers what committed first, so this only keeps the unnumbered backlog short between reads.
     sequencer_interval_seconds: float = Field(1.0, gt=0)

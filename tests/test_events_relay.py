@@ -455,3 +455,62 @@ async def test_a_relay_whose_events_no_queue_takes_backs_off_instead_of_retrying
         await close_relay(relay)
     # each pass sends twice (once, then again after declaring); passes at about 0, 0.2, 0.6 and 1.4 s
     assert 2 <= sends <= 10, sends
+
+
+async def test_a_quiet_relay_polls_less_and_still_publishes_what_comes(db_dsn, broker: Broker):
+    """Once nothing has been published for quiet_after, passes are idle_max apart: an idle relay does not poll
+    20 times a second, and an event written while it waits is published within about idle_max."""
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    got = await broker.consume("MOI")
+    relay = await make_relay(db_dsn, broker, poll_interval=0.01, idle_max=0.2, quiet_after=0.1)
+    passes = 0
+    real_pass = relay.publish_pass
+
+    async def counting_pass():
+        nonlocal passes
+        passes += 1
+        return await real_pass()
+
+    relay.publish_pass = counting_pass  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(0.4)
+        before = passes
+        await asyncio.sleep(1.0)
+        # quiet since the start: passes 0.2 s apart, about five in this second, not a hundred
+        assert 3 <= passes - before <= 8, passes - before
+        async with connect(db_dsn) as conn:
+            agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+            await add_event(conn, agency_id=agency_id, type="invoice.paid", data={},
+                            occurred_at=datetime.now(timezone.utc))
+        await wait_until(lambda: len(got) == 1, 2, "the event written while the relay idled")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await close_relay(relay)
+
+
+async def test_a_relay_with_events_coming_keeps_its_pace(db_dsn, broker: Broker):
+    """Events a little apart (less than quiet_after) are each published at the poll pace, not idle_max's."""
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    got = await broker.consume("MOI")
+    relay = await make_relay(db_dsn, broker, poll_interval=0.01, idle_max=2.0, quiet_after=1.0)
+    task = asyncio.create_task(relay.run())
+    delays = []
+    try:
+        async with connect(db_dsn) as conn:
+            agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+            for i in range(6):
+                await asyncio.sleep(0.3)
+                written = asyncio.get_running_loop().time()
+                await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": i},
+                                occurred_at=datetime.now(timezone.utc))
+                await wait_until(lambda: len(got) == i + 1, 5, f"event {i}")
+                delays.append(asyncio.get_running_loop().time() - written)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await close_relay(relay)
+    assert max(delays) < 1.0, delays  # an idle_max wait (2 s) would show; the poll pace is 0.01 s
