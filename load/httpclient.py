@@ -7,9 +7,11 @@ than the service's own request handling needs; this one only keeps connections a
 with a body. Same shape as aiohttp's for what the benchmarks use: ``async with session.post(url, json=...,
 headers=...) as r: r.status, await r.read(), await r.json()``.
 
-It reads responses with a ``Content-Length`` or ``Transfer-Encoding: chunked`` body, honours ``Connection:
-close``, and raises ``ConnectionError`` when the server closes a connection mid-response (a request is
-never retried: the generator counts it as an error).
+It reads responses with a ``Content-Length`` or ``Transfer-Encoding: chunked`` body (none for 1xx, 204 and
+304; interim 1xx answers are skipped), honours ``Connection: close`` and HTTP/1.0, and raises
+``ConnectionError`` when the server closes a connection mid-response or sends what it cannot frame (a request
+is never retried: the generator counts it as an error). A connection goes back to the pool only after a
+complete answer with nothing left over; after any error or timeout it is closed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import asyncio
 import json as _json
 from typing import Any
 from urllib.parse import urlsplit
+
+from multidict import CIMultiDict, CIMultiDictProxy
 
 
 class _Connection(asyncio.Protocol):
@@ -40,6 +44,10 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(ConnectionError("the server closed the connection"))
 
+    def pending(self) -> bool:
+        """Bytes received that no request asked for."""
+        return bool(self._buf)
+
     async def _more(self) -> None:
         if self.closed:
             raise ConnectionError("the server closed the connection")
@@ -49,35 +57,63 @@ class _Connection(asyncio.Protocol):
         finally:
             self._waiter = None
 
-    async def exchange(self, request: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-        """Send one request; return the status, the headers (names lower-case) and the body."""
+    async def exchange(self, request: bytes) -> tuple[int, CIMultiDict, bytes, bool]:
+        """Send one request; return the status, the headers, the body, and whether the connection may be reused."""
         assert self.transport is not None
         self.transport.write(request)
-        while (end := self._buf.find(b"\r\n\r\n")) < 0:
-            await self._more()
-        head = bytes(self._buf[:end]).split(b"\r\n")
-        del self._buf[:end + 4]
-        status = int(head[0].split(b" ", 2)[1])
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        while True:
+            version, status, headers = await self._head()
+            if not 100 <= status < 200:
+                break  # 1xx answers (100 Continue…) are interim: the real one follows
+        coding = [c.strip().lower() for c in headers.get("Transfer-Encoding", "").split(",") if c.strip()]
+        if status in (204, 304):
+            body = b""
+        elif coding:
+            if coding[-1] != "chunked":
+                raise ConnectionError(f"cannot frame a body sent as Transfer-Encoding: {', '.join(coding)}")
             body = await self._chunked()
-        else:
-            size = int(headers.get(b"content-length", b"0"))
+        elif "Content-Length" in headers:
+            length = headers["Content-Length"]
+            if not length.isdigit():
+                raise ConnectionError(f"bad Content-Length {length!r}")
+            size = int(length)
             while len(self._buf) < size:
                 await self._more()
             body = bytes(self._buf[:size])
             del self._buf[:size]
-        return status, headers, body
+        else:
+            raise ConnectionError("a response without Content-Length or chunked encoding (read to close: "
+                                  "not supported)")
+        connection = headers.get("Connection", "").lower()
+        reusable = (not self.closed and not self._buf and connection != "close"
+                    and (version == "HTTP/1.1" or connection == "keep-alive"))
+        return status, headers, body, reusable
+
+    async def _head(self) -> tuple[str, int, CIMultiDict]:
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            await self._more()
+        lines = bytes(self._buf[:end]).decode("latin-1").split("\r\n")
+        del self._buf[:end + 4]
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise ConnectionError(f"not an HTTP status line: {lines[0][:80]!r}")
+        headers: CIMultiDict = CIMultiDict()
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers.add(name.strip(), value.strip())
+        return parts[0], int(parts[1]), headers
 
     async def _chunked(self) -> bytes:
         body = bytearray()
         while True:
             while (end := self._buf.find(b"\r\n")) < 0:
                 await self._more()
-            size = int(bytes(self._buf[:end]).split(b";", 1)[0], 16)
+            try:
+                size = int(bytes(self._buf[:end]).split(b";", 1)[0], 16)
+            except ValueError:
+                raise ConnectionError("bad chunk size") from None
+            if size < 0:
+                raise ConnectionError("bad chunk size")
             while len(self._buf) < end + 2 + size + 2:
                 await self._more()
             body += self._buf[end + 2:end + 2 + size]
@@ -87,9 +123,9 @@ class _Connection(asyncio.Protocol):
 
 
 class Response:
-    def __init__(self, status: int, headers: dict[bytes, bytes], body: bytes) -> None:
+    def __init__(self, status: int, headers: CIMultiDict, body: bytes) -> None:
         self.status = status
-        self.headers = headers
+        self.headers = CIMultiDictProxy(headers)  # case-insensitive names, as aiohttp's
         self._body = body
 
     async def read(self) -> bytes:
@@ -134,24 +170,26 @@ class Session:
         request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
         idle = self._idle.setdefault((host, port), [])
         conn = None
-        while idle:
-            candidate = idle.pop()
-            if not candidate.closed:
-                conn = candidate
-                break
-        if conn is None:
-            _, conn = await asyncio.get_running_loop().create_connection(_Connection, host, port)
-            self._all.add(conn)
-        try:
-            async with asyncio.timeout(self._timeout):
-                status, response_headers, response_body = await conn.exchange(request)
-        except BaseException:
-            self._drop(conn)  # its state is unknown: never reused
-            raise
-        if response_headers.get(b"connection", b"").lower() == b"close":
-            self._drop(conn)
-        else:
+        async with asyncio.timeout(self._timeout):  # connecting counts against the timeout too
+            while idle:
+                candidate = idle.pop()
+                if candidate.closed or candidate.pending():
+                    self._drop(candidate)  # closed by the server while idle, or sent something unasked
+                else:
+                    conn = candidate
+                    break
+            if conn is None:
+                _, conn = await asyncio.get_running_loop().create_connection(_Connection, host, port)
+                self._all.add(conn)
+            try:
+                status, response_headers, response_body, reusable = await conn.exchange(request)
+            except BaseException:
+                self._drop(conn)  # its state is unknown: never reused
+                raise
+        if reusable:
             idle.append(conn)
+        else:
+            self._drop(conn)
         return Response(status, response_headers, response_body)
 
     def _drop(self, conn: _Connection) -> None:
