@@ -6,7 +6,7 @@
     python -m load.payments_bench --service-nice -10   # the service at a higher CPU priority (root)
     python -m load.payments_bench --calibrate 0   # without the 10 s pgbench run that rates the machine first
     python -m load.payments_bench --warmup 2      # the first rate warmed up as briefly as the others
-    python -m load.payments_bench --broker        # events published to the local RabbitMQ, as in production
+    python -m load.payments_bench --broker        # each payment's events also published to the local RabbitMQ
 
 Each scheduled payment is one ``POST /v1/invoices`` then one signed ``POST /v1/providers/sandbox/
 callbacks``; its latency runs from the scheduled start to the callback's answer (captured and booked),
@@ -19,6 +19,7 @@ the Bakong poller's cost per 10,000 pending codes against a local fake of Bakong
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -104,7 +105,8 @@ async def bakong_poll_cost(dsn: str, pending: int = 10_000) -> None:
 
 class Broker:
     """With ``--broker``: the service's relay publishes every event to RabbitMQ (a scratch exchange and queue,
-    deleted afterwards), as in production; without it events wait in the outbox."""
+    deleted afterwards); without it events wait in the outbox. Nothing consumes the queue: RabbitMQ's cost
+    here is taking and storing the messages, not delivering them."""
 
     def __init__(self, url: str) -> None:
         import base64
@@ -127,6 +129,18 @@ class Broker:
                 return (await self._queue(await conn.channel())).declaration_result.message_count
         except aio_pika.exceptions.ChannelNotFoundEntity:
             return 0
+
+    async def waiting(self, dsn: str) -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
+        finally:
+            await conn.close()
+
+    async def wait_published(self, dsn: str, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while await self.waiting(dsn) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
 
     async def delete(self) -> None:
         import aio_pika
@@ -154,9 +168,11 @@ async def main_async(args, urls, key, dsn: str, broker: Broker | None) -> None:
         # steady state the target is about.
         warmup = args.warmup if step == 0 else 2.0
         r = await openloop.run(make_request(urls, key), rate=rate, duration=args.duration, warmup=warmup)
+        if broker:
+            await broker.wait_published(dsn)  # so the step's own events are published on its account
         cpu1 = cpu_seconds_by_role()
         held = r.pct(99) < 200 and not r.errors and r.ok == r.sent
-        if step == 0:
+        if step == 0 and r.warmup_sent:
             print("  " + r.warmup_line())
         print(r.line() + ("   HELD" if held else "   not held"))
         if not held and r.latencies_ms:
@@ -170,13 +186,8 @@ async def main_async(args, urls, key, dsn: str, broker: Broker | None) -> None:
                   + (f", RabbitMQ {per['broker']:.2f} ms" if broker else "")
                   + f"; total {sum(per.values()):.2f} ms of the machine's {os.cpu_count()} cores")
         if broker:
-            conn = await asyncpg.connect(dsn)
-            try:
-                waiting = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL")
-            finally:
-                await conn.close()
-            print(f"           events: {await broker.published():,} in the agency's queue so far, {waiting:,} "
-                  "still in the outbox at the end of the step")
+            print(f"           events: {await broker.published():,} in the agency's queue so far, "
+                  f"{await broker.waiting(dsn):,} still in the outbox at the end of the step")
         if held:
             best = rate
         else:
@@ -209,8 +220,10 @@ def main() -> None:
                    help="first run pgbench's TPC-B for this long and print its rate, the machine's speed at the "
                         "time (default 10; 0 to skip)")
     args = p.parse_args()
-    if not args.broker:
-        os.environ.pop("PAYSVC_AMQP_URL", None)  # the service processes inherit this environment
+    # The benchmark's processes (setup commands, services) inherit this environment: a broker or events
+    # setting of the caller's must not reach them (with --broker, the service processes get the scratch ones).
+    for name in [n for n in os.environ if n == "PAYSVC_AMQP_URL" or n.startswith("PAYSVC_EVENT")]:
+        del os.environ[name]
     if args.service_nice:
         try:
             # This process first: the service processes it starts inherit its priority.
@@ -237,8 +250,12 @@ def main() -> None:
                               **(broker.env if broker else {})) as urls:
                     run_on_loop(main_async(args, urls, key, dsn, broker))
             finally:
-                if broker:
-                    run_on_loop(broker.delete())
+                if broker:  # the service processes are stopped by now: nothing declares them again
+                    try:
+                        run_on_loop(broker.delete())
+                    except Exception as exc:  # do not hide what failed the run, if anything did
+                        print(f"could not delete the scratch exchange {broker.exchange} and queue "
+                              f"{broker.prefix}TAX: {exc!r}; delete them by hand")
         run_on_loop(bakong_poll_cost(dsn))
     print(f"\nbenchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
