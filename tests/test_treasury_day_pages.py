@@ -76,6 +76,9 @@ async def test_a_day_without_a_file_shows_and_resolves_its_open_exceptions(api, 
     assert _exception_ids(page) == ids[1:]
     # A provider the service does not know, on a day with nothing, is still not found.
     assert (await api.client.get(f"/treasury/days/{today}/nosuchprovider")).status == 404
+    # Nor is the day written otherwise than YYYY-MM-DD (Python alone would read these as the same day).
+    for other in (today.strftime("%Y%m%d"), today.strftime("%G-W%V-%u")):
+        assert (await api.client.get(f"/treasury/days/{other}/sandbox")).status == 404, other
 
 
 async def test_a_header_only_file_does_not_make_the_day_matched(api, portal, treasury, treasury_key,
