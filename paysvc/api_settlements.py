@@ -97,8 +97,16 @@ def _iso_date_text(value: object) -> object:
     return value
 
 
-# Only this form, on the command line too: Python's date.fromisoformat also reads 20261124 and 2026-W48-4.
+# Only this form, on the command line and the treasury pages too: Python's date.fromisoformat also reads
+# 20261124 and 2026-W48-4.
 ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def iso_date(text: str) -> date:
+    """The date ``text`` names, written YYYY-MM-DD and only so; ValueError otherwise."""
+    if not ISO_DATE.fullmatch(text):
+        raise ValueError(f"{text[:40]!r} is not written YYYY-MM-DD")
+    return date.fromisoformat(text)
 
 
 class UploadForm(BaseModel):

@@ -6,7 +6,6 @@ import asyncio
 import getpass
 import json
 import sys
-from datetime import date
 from pathlib import Path
 
 from paysvc.settings import Settings
@@ -87,13 +86,11 @@ def _run(settings: Settings, fn, args):
 
 def _business_date(option: str, text: str):
     """``text`` as a business date, with the API's bounds and message; a CliError (one line) otherwise."""
-    from paysvc.api_settlements import ISO_DATE, check_business_date
+    from paysvc.api_settlements import check_business_date, iso_date
     from paysvc.cli import CliError
 
     try:
-        if not ISO_DATE.fullmatch(text):
-            raise ValueError(text)
-        day = date.fromisoformat(text)
+        day = iso_date(text)
     except ValueError:
         raise CliError(f"{option} {text!r} is not a date: write it YYYY-MM-DD") from None
     try:

@@ -126,8 +126,8 @@ class Relay:
                  exchange: str = DEFAULT_EXCHANGE, queue_prefix: str = DEFAULT_QUEUE_PREFIX,
                  batch_size: int = 2000, max_agencies: int = 16, poll_interval: float = 0.05,
                  idle_max: float = 0.5, quiet_after: float = 1.0, publish_timeout: float = 30.0,
-                 backoff_initial: float = 0.5,
-                 backoff_max: float = 30.0, retention: timedelta | None = timedelta(days=35)) -> None:
+                 backoff_initial: float = 0.5, backoff_max: float = 30.0,
+                 retention: timedelta | None = timedelta(days=35)) -> None:
         self._pool = pool
         self._url = amqp_url
         self._signer = signer

@@ -26,7 +26,7 @@ from aiohttp import web
 import ledger
 
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
-from paysvc.api_settlements import ISO_DATE, rules_of, stream_csv
+from paysvc.api_settlements import iso_date, rules_of, stream_csv
 from paysvc.errors import Problem
 from paysvc.invoicing import now_utc
 from paysvc.pages import amount_display
@@ -279,10 +279,7 @@ async def day(request: web.Request) -> web.Response:
     if isinstance(session, web.Response):
         return session
     try:
-        # Only YYYY-MM-DD names a day, as everywhere else (date.fromisoformat also reads 20261124, 2026-W48-4).
-        if not ISO_DATE.fullmatch(request.match_info["date"]):
-            raise ValueError(request.match_info["date"])
-        d = date.fromisoformat(request.match_info["date"])
+        d = iso_date(request.match_info["date"])
     except ValueError:
         raise web.HTTPNotFound() from None
     provider = request.match_info["provider"]
