@@ -147,7 +147,9 @@ class Relay:
         self._quiet_after = quiet_after
         self._publish_timeout = publish_timeout
         self._backoff = (backoff_initial, backoff_max)
-        self._unrouted = 0  # events of the last pass that no queue took, even after declaring it again
+        # Agencies whose events still came back unrouted after their queue was declared again: agency id ->
+        # (when to try again, the wait that set it). Only those wait; every other agency keeps the pace.
+        self._stuck: dict[int, tuple[float, float]] = {}
         self._retention = retention
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -173,11 +175,13 @@ class Relay:
 
     async def publish_pass(self) -> int:
         """Publish one batch for the agencies this relay can claim; return how many were published."""
-        self._unrouted = 0
         await self.connect()
+        now = time.monotonic()
+        waiting = [agency for agency, (retry_at, _) in self._stuck.items() if retry_at > now]
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                claimed = [r["agency_id"] for r in await conn.fetch(Q.relay_claim_agencies, self._max_agencies)]
+                claimed = [r["agency_id"] for r in await conn.fetch(Q.relay_claim_agencies, self._max_agencies,
+                                                                   waiting)]
                 if not claimed:
                     return 0
                 # Number what the claimed agencies committed since the last pass (the sequencer's job,
@@ -206,6 +210,7 @@ class Relay:
         await self._declare({r["agency"] for r in rows})
         lost = _from_first_return(rows, await self._send(rows))
         if not lost:
+            self._note_unrouted(rows, [])
             return rows
         codes = {r["agency"] for r in lost}
         log.warning("relay: %d events came back unrouted (no queue bound for agencies %s); declaring their queues "
@@ -213,13 +218,28 @@ class Relay:
         self._declared -= codes
         await self._declare(codes)
         still = _from_first_return(lost, await self._send(lost))
+        self._note_unrouted(rows, still)
         if still:
             self._declared -= {r["agency"] for r in still}
-            log.warning("relay: %d events still came back unrouted; they stay unpublished for the next pass",
-                        len(still))
-            self._unrouted = len(still)
+            log.warning("relay: %d events of agencies %s still came back unrouted; they stay unpublished, and "
+                        "those agencies are tried again in %s s (other agencies keep their pace)", len(still),
+                        ", ".join(sorted({r["agency"] for r in still})),
+                        ", ".join(sorted({f"{self._stuck[r['agency_id']][1]:g}" for r in still})))
         left = {r["id"] for r in still}
         return [r for r in rows if r["id"] not in left]
+
+    def _note_unrouted(self, rows: list[asyncpg.Record], still: list[asyncpg.Record]) -> None:
+        """Back off the agencies of ``still`` (0.5 s, then twice as long each time, up to the backoff maximum);
+        an agency of ``rows`` whose events a queue took is tried at the usual pace again."""
+        now = time.monotonic()
+        stuck = {r["agency_id"] for r in still}
+        for agency in {r["agency_id"] for r in rows}:
+            if agency in stuck:
+                wait = self._stuck[agency][1] * 2 if agency in self._stuck else self._backoff[0]
+                wait = min(wait, self._backoff[1])
+                self._stuck[agency] = (now + wait, wait)
+            else:
+                self._stuck.pop(agency, None)
 
     async def _declare(self, codes: set[str]) -> None:
         """Declare the queues of the agencies among ``codes`` not yet declared on this connection."""
@@ -279,23 +299,18 @@ class Relay:
                     if delay != self._backoff[0]:
                         log.info("relay: connected to the broker again; publishing the outbox")
                     delay = self._backoff[0]
-                    stuck = self._backoff[0]
                     last_busy = time.monotonic()
                     while True:
+                        # An agency whose events no queue takes is left out of the claims until its own backoff
+                        # runs out (see _note_unrouted), so it neither slows the others nor is tried (and warned
+                        # about) at every poll.
                         published = await self.publish_pass()
-                        if self._unrouted:
-                            # No queue takes them even after declaring it again: wait longer each time rather
-                            # than try (and warn) at every poll interval.
-                            await asyncio.sleep(stuck)
-                            stuck = min(stuck * 2, self._backoff[1])
+                        if published:
+                            last_busy = time.monotonic()
+                        elif time.monotonic() - last_busy < self._quiet_after:
+                            await asyncio.sleep(self._poll_interval)
                         else:
-                            stuck = self._backoff[0]
-                            if published:
-                                last_busy = time.monotonic()
-                            elif time.monotonic() - last_busy < self._quiet_after:
-                                await asyncio.sleep(self._poll_interval)
-                            else:
-                                await asyncio.sleep(self._idle_max)
+                            await asyncio.sleep(self._idle_max)
                         if self._retention is not None and time.monotonic() >= next_prune:
                             next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
                             n = await prune_outbox(self._pool, retention=self._retention,

@@ -403,7 +403,7 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
     async with connect(db_dsn) as conn:
         agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
     now = datetime.now(timezone.utc)
-    relay = await make_relay(db_dsn, broker)
+    relay = await make_relay(db_dsn, broker, backoff_initial=0.3)
 
     async def declare_nothing(codes) -> None:                      # the queue cannot be declared again (yet)
         return None
@@ -417,6 +417,8 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
         assert not any([await _published(db_dsn, i) for i in ids])
         assert await _queued_ids(broker, "MOI") is None              # no queue, nothing delivered anywhere
         del relay._declare                                            # the queue can be declared again
+        assert await relay.drain() == 0                               # but MOI is left alone for 0.3 s
+        await asyncio.sleep(0.35)
         assert await relay.drain() == 3
         assert all([await _published(db_dsn, i) for i in ids])
         assert await _queued_ids(broker, "MOI") == [str(i) for i in ids]   # in seq order
@@ -515,3 +517,41 @@ async def test_a_relay_with_events_coming_keeps_its_pace(db_dsn, broker: Broker)
         await asyncio.gather(task, return_exceptions=True)
         await close_relay(relay)
     assert max(delays) < 2.0, delays  # an idle_max wait (6 s) would show; the poll pace is 0.01 s
+
+
+async def test_one_agency_whose_events_no_queue_takes_does_not_slow_the_others(db_dsn, broker: Broker):
+    """MOI's messages keep coming back unrouted, so the relay retries MOI less and less often; MPWT's events,
+    written meanwhile, are published at the usual pace, not at MOI's backoff."""
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+        await api.agency("MPWT")
+    mpwt = await broker.consume("MPWT")
+    async with connect(db_dsn) as conn:
+        ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
+        await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
+                        occurred_at=datetime.now(timezone.utc))
+    relay = await make_relay(db_dsn, broker, poll_interval=0.05, backoff_initial=2.0, backoff_max=30)
+    real_declare = relay._declare
+
+    async def declare_all_but_moi(codes) -> None:
+        await real_declare({c for c in codes if c != "MOI"})
+
+    relay._declare = declare_all_but_moi  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.sleep(2.5)  # MOI tried at once, again after 2 s; the next try would be 4 s later
+        async with connect(db_dsn) as conn:
+            written = asyncio.get_running_loop().time()
+            await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={},
+                            occurred_at=datetime.now(timezone.utc))
+        await wait_until(lambda: len(mpwt) == 1, 10, "MPWT's event")
+        delay = asyncio.get_running_loop().time() - written
+        async with connect(db_dsn) as conn:
+            moi_waiting = await conn.fetchval(
+                "SELECT count(*) FROM outbox_events WHERE agency_id = $1 AND published_at IS NULL", ids["MOI"])
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await close_relay(relay)
+    assert delay < 1.5, delay  # MOI's backoff (4 s by then) would show
+    assert moi_waiting == 1  # and MOI's event still waits, unpublished, for a queue to take it

@@ -1,11 +1,13 @@
 -- name: relay_claim_agencies
 -- Agencies with unpublished events, in random order (so several relays spread over them), each taken only if
 -- no other relay holds it: the transaction-scoped advisory lock is this relay's claim until it commits.
--- Namespace 1919249529 ("rely") keeps these locks apart from every other advisory lock. $1 = how many.
+-- Namespace 1919249529 ("rely") keeps these locks apart from every other advisory lock. $1 = how many;
+-- $2 = agencies this relay is leaving alone for now (their events came back unrouted: retried later).
 SELECT c.agency_id
   FROM (SELECT s.agency_id
           FROM agency_event_seq s
          WHERE EXISTS (SELECT 1 FROM outbox_events o WHERE o.agency_id = s.agency_id AND o.published_at IS NULL)
+           AND NOT (s.agency_id = ANY ($2::bigint[]))
          ORDER BY random()) c
  WHERE pg_try_advisory_xact_lock(1919249529, c.agency_id::integer)
  LIMIT $1
