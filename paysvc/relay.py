@@ -177,6 +177,10 @@ class Relay:
         """Publish one batch for the agencies this relay can claim; return how many were published."""
         await self.connect()
         now = time.monotonic()
+        # An entry long past its retry time is forgotten: a stuck agency is claimed again as soon as its time
+        # comes, so one not tried for backoff_max since had no events left here (another relay published them,
+        # say), and a new failure starts its backoff afresh.
+        self._stuck = {a: (t, w) for a, (t, w) in self._stuck.items() if now <= t + self._backoff[1]}
         waiting = [agency for agency, (retry_at, _) in self._stuck.items() if retry_at > now]
         async with self._pool.acquire() as conn:
             async with conn.transaction():
@@ -202,8 +206,9 @@ class Relay:
 
         Every message is ``mandatory``: one that no queue takes (the agency's queue was deleted, say) comes
         back to us instead of vanishing. Its agency's queue is then declared again and that agency's rows
-        from the first returned one on are published once more; whatever still comes back stays unpublished
-        for the next pass, which declares the queue again first. Messages after a returned one that a queue
+        from the first returned one on are published once more; whatever still comes back stays unpublished,
+        and this relay leaves that agency alone until its backoff runs out (``_note_unrouted``), then declares
+        the queue again first. Messages after a returned one that a queue
         did take are sent again (at least once: consumers dedupe), so each agency's marked rows stay a prefix
         in ``seq`` order.
         """
@@ -221,16 +226,17 @@ class Relay:
         self._note_unrouted(rows, still)
         if still:
             self._declared -= {r["agency"] for r in still}
-            log.warning("relay: %d events of agencies %s still came back unrouted; they stay unpublished, and "
-                        "those agencies are tried again in %s s (other agencies keep their pace)", len(still),
-                        ", ".join(sorted({r["agency"] for r in still})),
-                        ", ".join(sorted({f"{self._stuck[r['agency_id']][1]:g}" for r in still})))
+            again = {r["agency"]: self._stuck[r["agency_id"]][1] for r in still}
+            log.warning("relay: %d events still came back unrouted; they stay unpublished, and this relay tries "
+                        "again %s (other agencies keep their pace)", len(still),
+                        ", ".join(f"{code} in {wait:g} s" for code, wait in sorted(again.items())))
         left = {r["id"] for r in still}
         return [r for r in rows if r["id"] not in left]
 
     def _note_unrouted(self, rows: list[asyncpg.Record], still: list[asyncpg.Record]) -> None:
-        """Back off the agencies of ``still`` (0.5 s, then twice as long each time, up to the backoff maximum);
-        an agency of ``rows`` whose events a queue took is tried at the usual pace again."""
+        """Back off the agencies of ``still`` (``backoff_initial``, then twice as long each time, up to
+        ``backoff_max``); an agency of ``rows`` whose events a queue took is tried at the usual pace again. The
+        backoff is this relay's own: several relays each try a stuck agency on their own schedule."""
         now = time.monotonic()
         stuck = {r["agency_id"] for r in still}
         for agency in {r["agency_id"] for r in rows}:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import signal
 import sys
+import time
 from datetime import datetime, timezone
 
 import aio_pika
@@ -403,7 +404,7 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
     async with connect(db_dsn) as conn:
         agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
     now = datetime.now(timezone.utc)
-    relay = await make_relay(db_dsn, broker, backoff_initial=0.3)
+    relay = await make_relay(db_dsn, broker, backoff_initial=5)
 
     async def declare_nothing(codes) -> None:                      # the queue cannot be declared again (yet)
         return None
@@ -414,11 +415,11 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
             ids = [await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": n}, occurred_at=now)
                    for n in range(3)]
         assert await relay.publish_pass() == 0                       # every message came back: none marked
+        assert await relay.drain() == 0                               # and MOI is left alone for 5 s
         assert not any([await _published(db_dsn, i) for i in ids])
         assert await _queued_ids(broker, "MOI") is None              # no queue, nothing delivered anywhere
         del relay._declare                                            # the queue can be declared again
-        assert await relay.drain() == 0                               # but MOI is left alone for 0.3 s
-        await asyncio.sleep(0.35)
+        relay._stuck[agency_id] = (time.monotonic() - 0.01, 5.0)     # and MOI's backoff has run out
         assert await relay.drain() == 3
         assert all([await _published(db_dsn, i) for i in ids])
         assert await _queued_ids(broker, "MOI") == [str(i) for i in ids]   # in seq order
@@ -537,9 +538,20 @@ async def test_one_agency_whose_events_no_queue_takes_does_not_slow_the_others(d
         await real_declare({c for c in codes if c != "MOI"})
 
     relay._declare = declare_all_but_moi  # type: ignore[method-assign]
+    sends = 0
+    real_send = relay._send
+
+    async def counting_send(rows):
+        nonlocal sends
+        sends += 1
+        return await real_send(rows)
+
+    relay._send = counting_send  # type: ignore[method-assign]
     task = asyncio.create_task(relay.run())
     try:
-        await asyncio.sleep(2.5)  # MOI tried at once, again after 2 s; the next try would be 4 s later
+        # MOI tried at once and again 2 s later (two sends each: once, then after declaring): the next try
+        # would be 4 s later.
+        await wait_until(lambda: sends >= 4, 10, "MOI's second try")
         async with connect(db_dsn) as conn:
             written = asyncio.get_running_loop().time()
             await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={},
@@ -555,3 +567,39 @@ async def test_one_agency_whose_events_no_queue_takes_does_not_slow_the_others(d
         await close_relay(relay)
     assert delay < 1.5, delay  # MOI's backoff (4 s by then) would show
     assert moi_waiting == 1  # and MOI's event still waits, unpublished, for a queue to take it
+
+
+async def test_in_one_pass_a_stuck_agency_backs_off_alone_and_a_success_clears_its_backoff(db_dsn, broker: Broker):
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+        await api.agency("MPWT")
+    await broker.consume("MPWT")
+    async with connect(db_dsn) as conn:
+        ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
+        moi = [await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
+                               occurred_at=datetime.now(timezone.utc)) for _ in range(2)]
+        mpwt = await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={},
+                               occurred_at=datetime.now(timezone.utc))
+    relay = await make_relay(db_dsn, broker, backoff_initial=0.5, backoff_max=30)
+    real_declare = relay._declare
+
+    async def declare_all_but_moi(codes) -> None:
+        await real_declare({c for c in codes if c != "MOI"})
+
+    try:
+        relay._declare = declare_all_but_moi  # type: ignore[method-assign]
+        assert await relay.publish_pass() == 1                        # MPWT's event, in the same pass
+        assert await _published(db_dsn, mpwt) and not any([await _published(db_dsn, i) for i in moi])
+        assert set(relay._stuck) == {ids["MOI"]} and relay._stuck[ids["MOI"]][1] == 0.5
+        relay._stuck[ids["MOI"]] = (time.monotonic() - 0.01, 0.5)     # its backoff has run out: tried again
+        assert await relay.publish_pass() == 0
+        assert relay._stuck[ids["MOI"]][1] == 1.0                     # twice as long
+        del relay._declare                                             # MOI's queue can be declared again
+        relay._stuck[ids["MOI"]] = (time.monotonic() - 0.01, 1.0)
+        assert await relay.publish_pass() == 2
+        assert relay._stuck == {}                                      # delivered: back to the usual pace
+        # An entry not tried for backoff_max past its time (nothing left to claim) is forgotten.
+        relay._stuck[ids["MOI"]] = (time.monotonic() - 31, 16.0)
+        assert await relay.publish_pass() == 0 and relay._stuck == {}
+    finally:
+        await close_relay(relay)
