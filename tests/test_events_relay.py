@@ -406,8 +406,8 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
     now = datetime.now(timezone.utc)
     relay = await make_relay(db_dsn, broker, backoff_initial=5)
 
-    async def declare_nothing(codes) -> None:                      # the queue cannot be declared again (yet)
-        return None
+    async def declare_nothing(codes) -> set[str]:                  # the queue is not declared again (yet)
+        return set()                                               # (and no refusal: messages come back)
 
     try:
         relay._declare = declare_nothing  # type: ignore[method-assign]
@@ -439,8 +439,8 @@ async def test_a_relay_whose_events_no_queue_takes_backs_off_instead_of_retrying
     sends = 0
     real_send = relay._send
 
-    async def declare_nothing(codes) -> None:
-        return None
+    async def declare_nothing(codes) -> set[str]:
+        return set()
 
     async def counting_send(rows):
         nonlocal sends
@@ -534,8 +534,8 @@ async def test_one_agency_whose_events_no_queue_takes_does_not_slow_the_others(d
     relay = await make_relay(db_dsn, broker, poll_interval=0.05, backoff_initial=2.0, backoff_max=30)
     real_declare = relay._declare
 
-    async def declare_all_but_moi(codes) -> None:
-        await real_declare({c for c in codes if c != "MOI"})
+    async def declare_all_but_moi(codes) -> set[str]:
+        return await real_declare({c for c in codes if c != "MOI"})
 
     relay._declare = declare_all_but_moi  # type: ignore[method-assign]
     sends = 0
@@ -583,8 +583,8 @@ async def test_in_one_pass_a_stuck_agency_backs_off_alone_and_a_success_clears_i
     relay = await make_relay(db_dsn, broker, backoff_initial=0.5, backoff_max=30)
     real_declare = relay._declare
 
-    async def declare_all_but_moi(codes) -> None:
-        await real_declare({c for c in codes if c != "MOI"})
+    async def declare_all_but_moi(codes) -> set[str]:
+        return await real_declare({c for c in codes if c != "MOI"})
 
     try:
         relay._declare = declare_all_but_moi  # type: ignore[method-assign]
@@ -601,5 +601,65 @@ async def test_in_one_pass_a_stuck_agency_backs_off_alone_and_a_success_clears_i
         # An entry not tried for backoff_max past its time (nothing left to claim) is forgotten.
         relay._stuck[ids["MOI"]] = (time.monotonic() - 31, 16.0)
         assert await relay.publish_pass() == 0 and relay._stuck == {}
+    finally:
+        await close_relay(relay)
+
+
+async def _moi_queue_declared_by_hand(broker: Broker, **arguments) -> None:
+    """MOI's queue, declared (classic) and bound beforehand with ``arguments`` the relay does not use."""
+    connection = await aio_pika.connect(broker.url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(broker.queue("MOI"), durable=True, arguments=arguments)
+        await queue.bind(exchange, routing_key="MOI.#")
+    finally:
+        await connection.close()
+
+
+async def _three_moi_events_and_one_mpwt(db_dsn: str) -> tuple[dict, list, object]:
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+        await api.agency("MPWT")
+    async with connect(db_dsn) as conn:
+        ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
+        now = datetime.now(timezone.utc)
+        moi = [await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={"n": n}, occurred_at=now)
+               for n in range(3)]
+        mpwt = await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={}, occurred_at=now)
+    return ids, moi, mpwt
+
+
+async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, broker: Broker):
+    """MOI's queue takes one message and refuses the rest (full, reject-publish: the broker nacks them).
+    MPWT's event in the same pass is published; MOI's first is marked, the others wait for MOI's backoff."""
+    await _moi_queue_declared_by_hand(broker, **{"x-max-length": 1, "x-overflow": "reject-publish"})
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
+    await broker.consume("MPWT")
+    relay = await make_relay(db_dsn, broker)
+    try:
+        await relay.connect()
+        relay._declared.add("MOI")  # as declared by hand: the relay's own declaration would differ
+        assert await relay.publish_pass() == 2
+        assert [await _published(db_dsn, i) for i in moi] == [True, False, False]
+        assert await _published(db_dsn, mpwt)
+        assert set(relay._stuck) == {ids["MOI"]}
+    finally:
+        await close_relay(relay)
+
+
+async def test_a_queue_that_cannot_be_declared_holds_back_only_its_agency(db_dsn, broker: Broker):
+    """MOI's queue exists with arguments the relay's declaration contradicts (the broker refuses it).
+    MPWT's event in the same pass is published; MOI's wait for MOI's backoff."""
+    await _moi_queue_declared_by_hand(broker, **{"x-max-length": 1000})
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
+    await broker.consume("MPWT")
+    relay = await make_relay(db_dsn, broker)
+    try:
+        assert await relay.publish_pass() == 1
+        assert not any([await _published(db_dsn, i) for i in moi])
+        assert await _published(db_dsn, mpwt)
+        assert set(relay._stuck) == {ids["MOI"]}
+        assert await relay.publish_pass() == 0  # MOI left alone during its backoff: no second refusal now
     finally:
         await close_relay(relay)
