@@ -3,8 +3,9 @@
 One pass: in one transaction, claim agencies with unpublished events (a transaction-scoped advisory lock
 per agency, skipped when another relay holds it), read each claimed agency's next unpublished events in
 seq order, publish them on one channel with publisher confirms (``mandatory``: a message no queue takes
-comes back, and its agency's queue is declared again and it is sent once more, or it stays unpublished),
-wait for every confirm, then mark those a queue took published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
+comes back, one the broker refuses is nacked; its agency's queue is declared again and it is sent once more,
+or it stays unpublished and that agency backs off alone), wait for every confirm, then mark those a queue took
+published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
 sees what the previous one committed, and a crash anywhere before the commit only means the same rows
 are published again (consumers dedupe on ``message_id``). When the broker is unreachable the relay logs
 and retries with backoff; the outbox keeps growing meanwhile and drains when the broker returns.
@@ -147,8 +148,9 @@ class Relay:
         self._quiet_after = quiet_after
         self._publish_timeout = publish_timeout
         self._backoff = (backoff_initial, backoff_max)
-        # Agencies whose events still came back unrouted after their queue was declared again: agency id ->
-        # (when to try again, the wait that set it). Only those wait; every other agency keeps the pace.
+        # Agencies whose events the broker still did not take after their queue was declared again (returned
+        # unrouted, nacked), or whose queue it refused to declare: agency id -> (when to try again, the wait
+        # that set it). Only those wait; every other agency keeps the pace.
         self._stuck: dict[int, tuple[float, float]] = {}
         self._retention = retention
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -205,10 +207,11 @@ class Relay:
         """Publish ``rows``; return those a queue took, to be marked published (a prefix of each agency's rows).
 
         Every message is ``mandatory``: one that no queue takes (the agency's queue was deleted, say) comes
-        back to us instead of vanishing. Its agency's queue is then declared again and that agency's rows
-        from the first returned one on are published once more; whatever still comes back stays unpublished,
-        and this relay leaves that agency alone until its backoff runs out (``_note_unrouted``), then declares
-        the queue again first. Messages after a returned one that a queue
+        back to us instead of vanishing; one the broker refuses is nacked. Either way its agency's queue is
+        declared again and that agency's rows from the first one not taken on are published once more; an
+        agency whose queue cannot be declared is not sent at all. Whatever is still not taken stays
+        unpublished, and this relay leaves that agency alone until its backoff runs out
+        (``_note_unrouted``), then declares the queue again first. Messages after one not taken that a queue
         did take are sent again (at least once: consumers dedupe), so each agency's marked rows stay a prefix
         in ``seq`` order.
         """
@@ -306,8 +309,8 @@ class Relay:
                 raise result
             elif isinstance(result, (aiormq.abc.DeliveredMessage, aiormq.spec.Basic.Return)):
                 not_taken.add(r["id"])
-            elif not isinstance(result, aiormq.spec.Basic.Ack):
-                not_taken.add(r["id"])  # a nack resolved rather than raised: not taken either
+            elif not isinstance(result, aiormq.spec.Basic.Ack):  # not a confirm at all: something is wrong
+                raise aiormq.exceptions.DeliveryError(None, result)
         return not_taken
 
     async def drain(self) -> int:
