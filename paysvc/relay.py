@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EXCHANGE = "paysvc.events"
 DEFAULT_QUEUE_PREFIX = "agency."
 PRUNE_EVERY_SECONDS = 3600.0
+PRUNE_FIRST_SECONDS = 60.0  # after the relay starts
 
 
 def envelope(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -323,7 +324,7 @@ class Relay:
     async def run(self) -> None:
         """Publish forever; on any failure log, back off (with jitter) and carry on. Cancel to stop."""
         delay = self._backoff[0]
-        next_prune = time.monotonic() + 60
+        pruner = asyncio.create_task(self._prune_periodically()) if self._retention is not None else None
         try:
             while True:
                 try:
@@ -343,12 +344,6 @@ class Relay:
                             await asyncio.sleep(self._poll_interval)
                         else:
                             await asyncio.sleep(self._idle_max)
-                        if self._retention is not None and time.monotonic() >= next_prune:
-                            next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-                            n = await prune_outbox(self._pool, retention=self._retention,
-                                                   now=datetime.now(timezone.utc))
-                            if n:
-                                log.info("relay: pruned %d published events older than %s", n, self._retention)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -358,4 +353,24 @@ class Relay:
                     await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                     delay = min(delay * 2, self._backoff[1])
         finally:
+            if pruner is not None:
+                pruner.cancel()
+                await asyncio.gather(pruner, return_exceptions=True)
             await self.close()
+
+    async def _prune_periodically(self) -> None:
+        """Delete events published more than the retention ago, a minute after start and then hourly, beside
+        publishing: run inline, a long prune paused publishing, and a failed one (the database, say) was
+        taken for a publishing failure, which dropped the broker connection. A failure is logged and the
+        prune tried again at the next hour."""
+        assert self._retention is not None
+        await asyncio.sleep(PRUNE_FIRST_SECONDS)
+        while True:
+            try:
+                n = await prune_outbox(self._pool, retention=self._retention, now=datetime.now(timezone.utc))
+                if n:
+                    log.info("relay: pruned %d published events older than %s", n, self._retention)
+            except Exception as exc:
+                log.warning("relay: pruning the outbox failed (%s: %s); trying again in %.0f s",
+                            type(exc).__name__, exc, PRUNE_EVERY_SECONDS)
+            await asyncio.sleep(PRUNE_EVERY_SECONDS)

@@ -669,3 +669,50 @@ async def test_a_queue_that_cannot_be_declared_holds_back_only_its_agency(db_dsn
         assert relay._stuck[ids["MOI"]] == first  # MOI left alone during its backoff: not refused (doubled) again
     finally:
         await close_relay(relay)
+
+
+async def test_the_relay_keeps_publishing_while_it_prunes_and_after_a_prune_fails(db_dsn, broker: Broker,
+                                                                                   monkeypatch):
+    """The hourly prune runs beside publishing: a slow one does not pause it, a failing one does not stop it
+    (nor drop the broker connection)."""
+    from datetime import timedelta
+
+    import paysvc.relay as relay_module
+
+    calls: list[str] = []
+    pruning = asyncio.Event()
+
+    async def slow_then_failing_prune(pool, *, retention, now):
+        calls.append("start")
+        if len(calls) == 1:
+            pruning.set()
+            await asyncio.sleep(3)  # a long prune
+            return 0
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(relay_module, "prune_outbox", slow_then_failing_prune)
+    monkeypatch.setattr(relay_module, "PRUNE_FIRST_SECONDS", 0.0)
+    monkeypatch.setattr(relay_module, "PRUNE_EVERY_SECONDS", 0.2)
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    got = await broker.consume("MOI")
+    relay = await make_relay(db_dsn, broker, poll_interval=0.01, retention=timedelta(days=35))
+    task = asyncio.create_task(relay.run())
+    try:
+        await asyncio.wait_for(pruning.wait(), 5)
+        async with connect(db_dsn) as conn:
+            agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+            await add_event(conn, agency_id=agency_id, type="invoice.paid", data={},
+                            occurred_at=datetime.now(timezone.utc))
+            await wait_until(lambda: len(got) == 1, 2, "an event published during the prune")
+            assert calls == ["start"]  # the first prune is still running
+            await wait_until(lambda: len(calls) >= 3, 10, "two more prunes, failing")
+            connection = relay._connection
+            await add_event(conn, agency_id=agency_id, type="invoice.paid", data={},
+                            occurred_at=datetime.now(timezone.utc))
+            await wait_until(lambda: len(got) == 2, 5, "an event published after the prunes failed")
+            assert relay._connection is connection  # a failed prune did not drop the broker connection
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await close_relay(relay)
