@@ -212,7 +212,7 @@ class Relay:
         declared again and that agency's rows from the first one not taken on are published once more; an
         agency whose queue cannot be declared is not sent at all. Whatever is still not taken stays
         unpublished, and this relay leaves that agency alone until its backoff runs out
-        (``_note_unrouted``), then declares the queue again first. Messages after one not taken that a queue
+        (``_note_not_taken``), then declares the queue again first. Messages after one not taken that a queue
         did take are sent again (at least once: consumers dedupe), so each agency's marked rows stay a prefix
         in ``seq`` order.
         """
@@ -221,7 +221,7 @@ class Relay:
         sent = [r for r in rows if r["agency"] not in refused]
         lost = _from_first_return(sent, await self._send(sent))
         if not lost and not held:
-            self._note_unrouted(rows, [])
+            self._note_not_taken(rows, [])
             return rows
         still = held
         if lost:
@@ -233,7 +233,7 @@ class Relay:
             resent = [r for r in lost if r["agency"] not in refused]
             still = held + [r for r in lost if r["agency"] in refused] + _from_first_return(
                 resent, await self._send(resent))
-        self._note_unrouted(rows, still)
+        self._note_not_taken(rows, still)
         if still:
             self._declared -= {r["agency"] for r in still}
             again = {r["agency"]: self._stuck[r["agency_id"]][1] for r in still}
@@ -243,7 +243,7 @@ class Relay:
         left = {r["id"] for r in still}
         return [r for r in rows if r["id"] not in left]
 
-    def _note_unrouted(self, rows: list[asyncpg.Record], still: list[asyncpg.Record]) -> None:
+    def _note_not_taken(self, rows: list[asyncpg.Record], still: list[asyncpg.Record]) -> None:
         """Back off the agencies of ``still`` (``backoff_initial``, then twice as long each time, up to
         ``backoff_max``); an agency of ``rows`` whose events a queue took is tried at the usual pace again. The
         backoff is this relay's own: several relays each try a stuck agency on their own schedule."""
@@ -335,7 +335,7 @@ class Relay:
                     last_busy = time.monotonic()
                     while True:
                         # An agency whose events no queue takes is left out of the claims until its own backoff
-                        # runs out (see _note_unrouted), so it neither slows the others nor is tried (and warned
+                        # runs out (see _note_not_taken), so it neither slows the others nor is tried (and warned
                         # about) at every poll.
                         published = await self.publish_pass()
                         if published:
