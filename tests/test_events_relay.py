@@ -17,7 +17,7 @@ import pytest
 from paysvc.db import connect
 from paysvc.event_keys import verify
 from paysvc.outbox import add_event
-from paysvc.relay import declare_agency_queue
+from paysvc.relay import Relay, declare_agency_queue
 from tests.conftest import running_api
 from tests.test_events_support import (AMQP_URL, Broker, broker, close_relay, make_relay, signer,  # noqa: F401
                                        wait_until)
@@ -405,12 +405,8 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
         agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
     now = datetime.now(timezone.utc)
     relay = await make_relay(db_dsn, broker, backoff_initial=5)
-
-    async def declare_nothing(codes) -> set[str]:                  # the queue is not declared again (yet)
-        return set()                                               # (and no refusal: messages come back)
-
     try:
-        relay._declare = declare_nothing  # type: ignore[method-assign]
+        _never_declare(relay)                                         # the queue is not declared again (yet)
         async with connect(db_dsn) as conn:
             ids = [await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"n": n}, occurred_at=now)
                    for n in range(3)]
@@ -427,6 +423,30 @@ async def test_an_event_no_queue_takes_stays_unpublished_until_one_does(db_dsn, 
         await close_relay(relay)
 
 
+def _never_declare(relay: Relay, code: str | None = None) -> None:
+    """The relay declares no queue again for agency ``code`` (for any, without one), as if it could not, yet
+    without a refusal: their messages keep coming back unrouted."""
+    real_declare = relay._declare
+
+    async def declare(codes) -> set[str]:
+        return set() if code is None else await real_declare({c for c in codes if c != code})
+
+    relay._declare = declare  # type: ignore[method-assign]
+
+
+def _count_sends(relay: Relay) -> list[int]:
+    """A one-element list holding how many times the relay has called _send (a publish of a batch)."""
+    sends = [0]
+    real_send = relay._send
+
+    async def counting_send(rows):
+        sends[0] += 1
+        return await real_send(rows)
+
+    relay._send = counting_send  # type: ignore[method-assign]
+    return sends
+
+
 async def test_a_relay_whose_events_no_queue_takes_backs_off_instead_of_retrying_every_poll(db_dsn, broker: Broker):
     """While messages keep coming back unrouted, the background relay waits longer each time (up to its
     backoff maximum) instead of trying, and warning, at every poll interval (20 times a second)."""
@@ -436,19 +456,8 @@ async def test_a_relay_whose_events_no_queue_takes_backs_off_instead_of_retrying
         agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
         await add_event(conn, agency_id=agency_id, type="invoice.paid", data={}, occurred_at=datetime.now(timezone.utc))
     relay = await make_relay(db_dsn, broker, poll_interval=0.05, backoff_initial=0.2, backoff_max=5)
-    sends = 0
-    real_send = relay._send
-
-    async def declare_nothing(codes) -> set[str]:
-        return set()
-
-    async def counting_send(rows):
-        nonlocal sends
-        sends += 1
-        return await real_send(rows)
-
-    relay._declare = declare_nothing  # type: ignore[method-assign]
-    relay._send = counting_send  # type: ignore[method-assign]
+    _never_declare(relay)
+    sends = _count_sends(relay)
     task = asyncio.create_task(relay.run())
     try:
         await asyncio.sleep(1.6)
@@ -457,7 +466,7 @@ async def test_a_relay_whose_events_no_queue_takes_backs_off_instead_of_retrying
         await asyncio.gather(task, return_exceptions=True)
         await close_relay(relay)
     # each pass sends twice (once, then again after declaring); passes at about 0, 0.2, 0.6 and 1.4 s
-    assert 2 <= sends <= 10, sends
+    assert 2 <= sends[0] <= 10, sends[0]
 
 
 async def test_a_quiet_relay_polls_less_and_still_publishes_what_comes(db_dsn, broker: Broker):
@@ -532,26 +541,13 @@ async def test_one_agency_whose_events_no_queue_takes_does_not_slow_the_others(d
         await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
                         occurred_at=datetime.now(timezone.utc))
     relay = await make_relay(db_dsn, broker, poll_interval=0.05, backoff_initial=2.0, backoff_max=30)
-    real_declare = relay._declare
-
-    async def declare_all_but_moi(codes) -> set[str]:
-        return await real_declare({c for c in codes if c != "MOI"})
-
-    relay._declare = declare_all_but_moi  # type: ignore[method-assign]
-    sends = 0
-    real_send = relay._send
-
-    async def counting_send(rows):
-        nonlocal sends
-        sends += 1
-        return await real_send(rows)
-
-    relay._send = counting_send  # type: ignore[method-assign]
+    _never_declare(relay, "MOI")
+    sends = _count_sends(relay)
     task = asyncio.create_task(relay.run())
     try:
         # MOI tried at once and again 2 s later (two sends each: once, then after declaring): the next try
         # would be 4 s later.
-        await wait_until(lambda: sends >= 4, 10, "MOI's second try")
+        await wait_until(lambda: sends[0] >= 4, 10, "MOI's second try")
         async with connect(db_dsn) as conn:
             written = asyncio.get_running_loop().time()
             await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={},
@@ -581,13 +577,8 @@ async def test_in_one_pass_a_stuck_agency_backs_off_alone_and_a_success_clears_i
         mpwt = await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={},
                                occurred_at=datetime.now(timezone.utc))
     relay = await make_relay(db_dsn, broker, backoff_initial=0.5, backoff_max=30)
-    real_declare = relay._declare
-
-    async def declare_all_but_moi(codes) -> set[str]:
-        return await real_declare({c for c in codes if c != "MOI"})
-
     try:
-        relay._declare = declare_all_but_moi  # type: ignore[method-assign]
+        _never_declare(relay, "MOI")
         assert await relay.publish_pass() == 1                        # MPWT's event, in the same pass
         assert await _published(db_dsn, mpwt) and not any([await _published(db_dsn, i) for i in moi])
         assert set(relay._stuck) == {ids["MOI"]} and relay._stuck[ids["MOI"]][1] == 0.5
