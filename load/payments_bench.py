@@ -111,14 +111,14 @@ class Broker:
     def __init__(self, url: str) -> None:
         import base64
 
+        from paysvc.relay import queue_name
+
         tag = uuid.uuid4().hex[:8]
         self.url, self.exchange, self.prefix = url, f"paysvc.bench.{tag}", f"bench.{tag}."
+        self.queue = queue_name("TAX", self.prefix)  # the benchmark's one agency
         self.env = {"PAYSVC_AMQP_URL": url, "PAYSVC_EVENTS_EXCHANGE": self.exchange,
                     "PAYSVC_EVENTS_QUEUE_PREFIX": self.prefix,
                     "PAYSVC_EVENT_SIGNING_KEYS": f"bench:{base64.b64encode(os.urandom(32)).decode()}"}
-
-    async def _queue(self, channel):
-        return await channel.declare_queue(f"{self.prefix}TAX", passive=True)
 
     async def published(self) -> int:
         """Messages in the agency's queue (nothing consumes it)."""
@@ -126,7 +126,8 @@ class Broker:
 
         try:
             async with await aio_pika.connect(self.url) as conn:
-                return (await self._queue(await conn.channel())).declaration_result.message_count
+                queue = await (await conn.channel()).declare_queue(self.queue, passive=True)
+                return queue.declaration_result.message_count
         except aio_pika.exceptions.ChannelNotFoundEntity:
             return 0
 
@@ -147,7 +148,7 @@ class Broker:
 
         async with await aio_pika.connect(self.url) as conn:
             channel = await conn.channel()
-            await channel.queue_delete(f"{self.prefix}TAX")
+            await channel.queue_delete(self.queue)
             await channel.exchange_delete(self.exchange)
 
 
@@ -255,7 +256,7 @@ def main() -> None:
                         run_on_loop(broker.delete())
                     except Exception as exc:  # do not hide what failed the run, if anything did
                         print(f"could not delete the scratch exchange {broker.exchange} and queue "
-                              f"{broker.prefix}TAX: {exc!r}; delete them by hand")
+                              f"{broker.queue}: {exc!r}; delete them by hand")
         run_on_loop(bakong_poll_cost(dsn))
     print(f"\nbenchmark process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
