@@ -106,7 +106,8 @@ async def test_two_relays_at_once_keep_each_agencys_order(db_dsn, broker: Broker
                                     occurred_at=datetime.now(timezone.utc))
 
     # Small batches and one agency per pass: the two relays take turns on every agency, many times over.
-    relays = [await make_relay(db_dsn, broker, batch_size=7, max_agencies=1, poll_interval=0.01) for _ in range(2)]
+    relays = [await make_relay(db_dsn, broker, batch_size=7, max_agencies=1, poll_interval=0.01, quiet_after=60)
+              for _ in range(2)]  # both keep the poll pace: a quiet spell before the writers must not idle one
     tasks = [asyncio.create_task(r.run()) for r in relays]
     try:
         await asyncio.gather(writer("MOI", 300), writer("MPWT", 300), writer("GDCE", 300))
