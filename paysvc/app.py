@@ -35,7 +35,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        await asyncio.wait_for(request.app[POOL].fetchval("SELECT 1"), timeout=2)
+        async with asyncio.timeout(2):
+            await request.app[POOL].fetchval("SELECT 1")
     except Exception as exc:  # any failure to answer means not ready
         return json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, 503)
     return json_response({"status": "ready", "database": "ok"})

@@ -11,6 +11,21 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF_SECONDS = 60.0
 
 
+def stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` if the current task was asked to stop but an await swallowed the request.
+
+    On Python 3.11, ``asyncio.wait_for`` returns the awaited result when the cancellation arrives just as that
+    result does, and the cancellation is lost (fixed in 3.12). aio-pika, aiormq and asyncpg call it inside, so
+    a loop that runs until cancelled could carry on after its cancellation, and the service's shutdown, which
+    cancels its background tasks and waits for them, would never end (seen with the event relay in tests).
+    The request stays counted (``Task.cancelling()``) however it was swallowed, so every background loop
+    calls this at each turn, and stops there.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def run_periodically(name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
     """Run ``job`` every ``interval`` seconds until cancelled; a failing run is logged, not fatal.
 
@@ -19,6 +34,7 @@ async def run_periodically(name: str, interval: float, job: Callable[[], Awaitab
     """
     failures, last = 0, None
     while True:
+        stop_if_cancelled()
         delay = interval
         try:
             result = await job()

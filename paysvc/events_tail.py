@@ -54,8 +54,9 @@ async def tail(amqp_url: str, queue_name: str, keys_url: str, *, max_messages: i
         printed = 0
         while max_messages is None or printed < max_messages:
             try:
-                message = await asyncio.wait_for(arrivals.get(), idle_exit)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(idle_exit):  # not wait_for: on 3.11 it can swallow a cancellation
+                    message = await arrivals.get()
+            except TimeoutError:
                 return 0
             key_id, signature = _header(message, KEY_ID_HEADER), _header(message, SIGNATURE_HEADER)
             if key_id is not None and key_id not in keys:

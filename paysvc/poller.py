@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 import asyncpg
 import prometheus_client
 
+from paysvc.background import stop_if_cancelled
 from paysvc.inbox import capture_notices
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
@@ -95,7 +96,8 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
     try:
         deadline = call_timeout.total_seconds()
         try:
-            result = await asyncio.wait_for(provider.poll(call), deadline)
+            async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
+                result = await provider.poll(call)
         except TimeoutError:
             raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
                                       "deadline, so that the codes' lease outlasts the call)",
@@ -138,6 +140,7 @@ class Poller:
 
     async def run(self) -> None:
         while True:
+            stop_if_cancelled()
             delay = self.interval
             try:
                 asked, captured = await self.poll_until_drained()
@@ -159,6 +162,7 @@ class Poller:
     async def poll_until_drained(self) -> tuple[int, int]:
         asked = captured = 0
         while True:
+            stop_if_cancelled()
             a, c = await poll_once(self.pool, self.provider, self.policy)
             asked, captured = asked + a, captured + c
             if a < self.policy.batch:

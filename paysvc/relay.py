@@ -25,6 +25,7 @@ import aiormq
 import asyncpg
 
 from paysvc import outbox
+from paysvc.background import stop_if_cancelled
 from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, EventSigner
 from paysvc.queries import Q
 
@@ -277,7 +278,8 @@ class Relay:
             publishes.append(channel.basic_publish(body, exchange=self._exchange_name,
                                                    routing_key=routing_key(r["agency"], r["type"]),
                                                    properties=properties, mandatory=True, wait=False))
-        results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), self._publish_timeout)
+        async with asyncio.timeout(self._publish_timeout):  # not wait_for: on 3.11 it can swallow a cancellation
+            results = await asyncio.gather(*publishes, return_exceptions=True)
         returned = set()
         for r, result in zip(rows, results):
             if isinstance(result, BaseException):
@@ -301,6 +303,7 @@ class Relay:
         pruner = asyncio.create_task(self._prune_periodically()) if self._retention is not None else None
         try:
             while True:
+                stop_if_cancelled()
                 try:
                     await self.connect()
                     if delay != self._backoff[0]:
@@ -308,6 +311,7 @@ class Relay:
                     delay = self._backoff[0]
                     last_busy = time.monotonic()
                     while True:
+                        stop_if_cancelled()
                         # An agency whose events no queue takes is left out of the claims until its own backoff
                         # runs out (see _note_not_taken), so it neither slows the others nor is tried (and warned
                         # about) at every poll.
@@ -340,6 +344,7 @@ class Relay:
         assert self._retention is not None
         await asyncio.sleep(PRUNE_FIRST_SECONDS)
         while True:
+            stop_if_cancelled()
             try:
                 n = await prune_outbox(self._pool, retention=self._retention, now=datetime.now(timezone.utc))
                 if n:

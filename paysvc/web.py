@@ -385,8 +385,9 @@ def admission_middleware(max_concurrent: int, queue_seconds: float):
             # have every request answered busy (found by a fuzz audit). Its own bound keeps the memory this can
             # take in check; BODY_SECONDS bounds the wait.
             try:
-                await asyncio.wait_for(receiving.acquire(), queue_seconds)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(queue_seconds):  # not wait_for: see paysvc.background
+                    await receiving.acquire()
+            except TimeoutError:
                 BUSY.inc()
                 raise Busy(f"this instance is receiving {receiving_max} request bodies; retry in {retry_after} s",
                            retry_after_seconds=retry_after) from None
@@ -395,8 +396,9 @@ def admission_middleware(max_concurrent: int, queue_seconds: float):
             finally:
                 receiving.release()
         try:
-            await asyncio.wait_for(slots.acquire(), queue_seconds)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(queue_seconds):
+                await slots.acquire()
+        except TimeoutError:
             BUSY.inc()
             raise Busy(f"this instance has had {max_concurrent} requests in progress for {queue_seconds:g} s; "
                        f"retry in {retry_after} s", retry_after_seconds=retry_after) from None

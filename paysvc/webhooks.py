@@ -30,6 +30,7 @@ import aiohttp
 import asyncpg
 
 from paysvc import outbox
+from paysvc.background import stop_if_cancelled
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
 from paysvc.relay import message_body
@@ -213,6 +214,7 @@ class WebhookWorker:
         """Forever: fan out, claim what is due, start each send as its own task, never waiting for one."""
         try:
             while True:
+                stop_if_cancelled()
                 try:
                     now = datetime.now(timezone.utc)
                     await self.fan_out(now)

@@ -37,3 +37,67 @@ async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(
     assert failures[0].exc_info is not None and all(r.exc_info is None for r in failures[1:])
     assert "still failing (4 runs): ledger tampered" in failures[-1].getMessage()
     assert any("recovered after 4 failed runs" in r.getMessage() for r in caplog.records)
+
+
+def _loop_under_test(kind: str, step):
+    """The ``run()`` coroutine of one background loop, with the step it repeats replaced by ``step``."""
+    from paysvc.poller import PollPolicy, Poller
+    from paysvc.relay import Relay
+    from paysvc.webhooks import WebhookWorker
+    from tests.test_events_support import signer
+
+    if kind == "periodic job":
+        return background.run_periodically("job", 0.01, step)
+    if kind == "relay":
+        relay = Relay(None, "amqp://unused/", signer(), poll_interval=0.01, retention=None)  # type: ignore[arg-type]
+
+        async def connected() -> None:
+            return None
+        relay.connect, relay.publish_pass = connected, step  # type: ignore[method-assign]
+        return relay.run()
+    if kind == "bakong poller":
+        poller = Poller(None, None, PollPolicy(), interval=0.01)  # type: ignore[arg-type]
+
+        async def drained():
+            await step()
+            return 0, 0
+        poller.poll_until_drained = drained  # type: ignore[method-assign]
+        return poller.run()
+    worker = WebhookWorker(None, None, None)  # type: ignore[arg-type]
+
+    async def nothing_due(now, limit):
+        return []
+    worker.fan_out, worker.claim = step, nothing_due  # type: ignore[method-assign]
+    return worker.run(0.01)
+
+
+@pytest.mark.parametrize("kind", ["periodic job", "relay", "bakong poller", "webhooks"])
+async def test_a_background_loop_stops_even_when_a_step_swallowed_its_cancellation(kind):
+    """On Python 3.11, ``asyncio.wait_for`` (inside aio-pika, aiormq, asyncpg) returns the awaited result when
+    the cancellation arrives with it, so the step returns as if nothing happened. The step below does exactly
+    that. The loop must stop all the same: the service's shutdown cancels it and waits for it (a relay that
+    went on after its cancellation hung a test run until its timeout)."""
+    started = asyncio.Event()
+    swallow = True
+
+    async def step(*_args):
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if not swallow:
+                raise
+        return 0
+
+    task = asyncio.create_task(_loop_under_test(kind, step))
+    try:
+        async with asyncio.timeout(5):
+            await started.wait()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done, f"the {kind} loop carried on after it was cancelled"
+        assert task.cancelled()
+    finally:
+        swallow = False
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
