@@ -3,8 +3,9 @@
 One pass: in one transaction, claim agencies with unpublished events (a transaction-scoped advisory lock
 per agency, skipped when another relay holds it), read each claimed agency's next unpublished events in
 seq order, publish them on one channel with publisher confirms (``mandatory``: a message no queue takes
-comes back, and its agency's queue is declared again and it is sent once more, or it stays unpublished),
-wait for every confirm, then mark those a queue took published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
+comes back, one the broker refuses is nacked; its agency's queue is declared again and it is sent once more,
+or it stays unpublished and that agency backs off alone), wait for every confirm, then mark those a queue took
+published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
 sees what the previous one committed, and a crash anywhere before the commit only means the same rows
 are published again (consumers dedupe on ``message_id``). When the broker is unreachable the relay logs
 and retries with backoff; the outbox keeps growing meanwhile and drains when the broker returns.
@@ -149,8 +150,9 @@ class Relay:
         self._quiet_after = quiet_after
         self._publish_timeout = publish_timeout
         self._backoff = (backoff_initial, backoff_max)
-        # Agencies whose events still came back unrouted after their queue was declared again: agency id ->
-        # (when to try again, the wait that set it). Only those wait; every other agency keeps the pace.
+        # Agencies whose events the broker still did not take after their queue was declared again (returned
+        # unrouted, nacked), or whose queue it refused to declare: agency id -> (when to try again, the wait
+        # that set it). Only those wait; every other agency keeps the pace.
         self._stuck: dict[int, tuple[float, float]] = {}
         self._retention = retention
         self._connection: aio_pika.abc.AbstractConnection | None = None
@@ -207,29 +209,36 @@ class Relay:
         """Publish ``rows``; return those a queue took, to be marked published (a prefix of each agency's rows).
 
         Every message is ``mandatory``: one that no queue takes (the agency's queue was deleted, say) comes
-        back to us instead of vanishing. Its agency's queue is then declared again and that agency's rows
-        from the first returned one on are published once more; whatever still comes back stays unpublished,
-        and this relay leaves that agency alone until its backoff runs out (``_note_not_taken``), then declares
-        the queue again first. Messages after a returned one that a queue
+        back to us instead of vanishing; one the broker refuses is nacked. Either way its agency's queue is
+        declared again and that agency's rows from the first one not taken on are published once more; an
+        agency whose queue cannot be declared is not sent at all. Whatever is still not taken stays
+        unpublished, and this relay leaves that agency alone until its backoff runs out
+        (``_note_not_taken``), then declares the queue again first. Messages after one not taken that a queue
         did take are sent again (at least once: consumers dedupe), so each agency's marked rows stay a prefix
         in ``seq`` order.
         """
-        await self._declare({r["agency"] for r in rows})
-        lost = _from_first_return(rows, await self._send(rows))
-        if not lost:
+        refused = await self._declare({r["agency"] for r in rows})
+        held = [r for r in rows if r["agency"] in refused]  # their queue could not be declared: not sent
+        sent = [r for r in rows if r["agency"] not in refused]
+        lost = _from_first_return(sent, await self._send(sent))
+        if not lost and not held:
             self._note_not_taken(rows, [])
             return rows
-        codes = {r["agency"] for r in lost}
-        log.warning("relay: %d events came back unrouted (no queue bound for agencies %s); declaring their queues "
-                    "again and publishing once more", len(lost), ", ".join(sorted(codes)))
-        self._declared -= codes
-        await self._declare(codes)
-        still = _from_first_return(lost, await self._send(lost))
+        still = held
+        if lost:
+            codes = {r["agency"] for r in lost}
+            log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their queues "
+                        "again and publishing once more", len(lost), ", ".join(sorted(codes)))
+            self._declared -= codes
+            refused = await self._declare(codes)
+            resent = [r for r in lost if r["agency"] not in refused]
+            still = held + [r for r in lost if r["agency"] in refused] + _from_first_return(
+                resent, await self._send(resent))
         self._note_not_taken(rows, still)
         if still:
             self._declared -= {r["agency"] for r in still}
             again = {r["agency"]: self._stuck[r["agency_id"]][1] for r in still}
-            log.warning("relay: %d events still came back unrouted; they stay unpublished, and this relay tries "
+            log.warning("relay: %d events were still not taken; they stay unpublished, and this relay tries "
                         "again %s (other agencies keep their pace)", len(still),
                         ", ".join(f"{code} in {wait:g} s" for code, wait in sorted(again.items())))
         left = {r["id"] for r in still}
@@ -249,18 +258,32 @@ class Relay:
             else:
                 self._stuck.pop(agency, None)
 
-    async def _declare(self, codes: set[str]) -> None:
-        """Declare the queues of the agencies among ``codes`` not yet declared on this connection."""
+    async def _declare(self, codes: set[str]) -> set[str]:
+        """Declare the queues of the agencies among ``codes`` not yet declared on this connection; return those
+        the broker refused (the queue exists with other arguments, access refused…: logged). Each declaration
+        has a channel of its own, so a refusal closes only that one."""
         assert self._connection is not None
+        refused = set()
         for code in sorted(codes - self._declared):
-            await _declare_on(self._connection, code, exchange=self._exchange_name, queue_prefix=self._queue_prefix)
-            self._declared.add(code)
+            try:
+                await _declare_on(self._connection, code, exchange=self._exchange_name,
+                                  queue_prefix=self._queue_prefix)
+            except aiormq.exceptions.ChannelClosed as exc:
+                log.warning("relay: the broker refused to declare the queue of agency %s (%s); its events wait",
+                            code, exc)
+                refused.add(code)
+            else:
+                self._declared.add(code)
+        return refused
 
     async def _send(self, rows: list[asyncpg.Record]) -> set[Any]:
-        """Publish ``rows`` (mandatory, confirmed); return the ids of those the broker returned unrouted.
+        """Publish ``rows`` (mandatory, confirmed); return the ids of those the broker did not take: returned
+        unrouted, or refused (nacked: a full queue that rejects publishes, say).
 
-        Raises when a publish fails or the broker nacks one: nothing of the batch is then marked.
+        Raises when a publish fails (the channel or connection is gone): nothing of the batch is then marked.
         """
+        if not rows:
+            return set()
         assert self._exchange is not None
         channel = await self._exchange.channel.get_underlay_channel()
         sign, key_id = self._signer.sign, self._signer.active_key_id
@@ -280,15 +303,18 @@ class Relay:
                                                    properties=properties, mandatory=True, wait=False))
         async with asyncio.timeout(self._publish_timeout):  # not wait_for: on 3.11 it can swallow a cancellation
             results = await asyncio.gather(*publishes, return_exceptions=True)
-        returned = set()
+        not_taken = set()
         for r, result in zip(rows, results):
-            if isinstance(result, BaseException):
+            if isinstance(result, aiormq.exceptions.DeliveryError) and isinstance(result.frame,
+                                                                                  aiormq.spec.Basic.Nack):
+                not_taken.add(r["id"])  # a nack: the broker did not take it
+            elif isinstance(result, BaseException):
                 raise result
-            if isinstance(result, (aiormq.abc.DeliveredMessage, aiormq.spec.Basic.Return)):
-                returned.add(r["id"])
-            elif not isinstance(result, aiormq.spec.Basic.Ack):
-                raise aiormq.exceptions.DeliveryError(None, result)  # a nack: the broker did not take it
-        return returned
+            elif isinstance(result, (aiormq.abc.DeliveredMessage, aiormq.spec.Basic.Return)):
+                not_taken.add(r["id"])
+            elif not isinstance(result, aiormq.spec.Basic.Ack):  # not a confirm at all: something is wrong
+                raise aiormq.exceptions.DeliveryError(None, result)
+        return not_taken
 
     async def drain(self) -> int:
         """Publish until nothing this relay can claim is left; return how many it published."""

@@ -597,6 +597,72 @@ async def test_in_one_pass_a_stuck_agency_backs_off_alone_and_a_success_clears_i
         await close_relay(relay)
 
 
+async def _moi_queue_declared_by_hand(broker: Broker, **arguments) -> None:
+    """MOI's queue, declared (classic) and bound beforehand with ``arguments`` the relay does not use."""
+    connection = await aio_pika.connect(broker.url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        queue = await channel.declare_queue(broker.queue("MOI"), durable=True, arguments=arguments)
+        await queue.bind(exchange, routing_key="MOI.#")
+    finally:
+        await connection.close()
+
+
+async def _three_moi_events_and_one_mpwt(db_dsn: str) -> tuple[dict, list, object]:
+    """MOI's events 1 and 3 are small, its event 2 is over 4 kB; MPWT's one is small."""
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+        await api.agency("MPWT")
+    async with connect(db_dsn) as conn:
+        ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
+        now = datetime.now(timezone.utc)
+        moi = [await add_event(conn, agency_id=ids["MOI"], type="invoice.paid",
+                               data={"n": n, "pad": "x" * (4000 if n == 1 else 0)}, occurred_at=now)
+               for n in range(3)]
+        mpwt = await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={}, occurred_at=now)
+    return ids, moi, mpwt
+
+
+async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, broker: Broker):
+    """MOI's queue takes at most 2 kB and refuses what would overflow it (reject-publish: the broker nacks
+    it): it takes MOI's small events 1 and 3 and refuses event 2. MPWT's event in the same pass is published;
+    of MOI's only event 1 is marked (3, though taken, follows a refused one: it is sent again with 2 later)."""
+    await _moi_queue_declared_by_hand(broker, **{"x-max-length-bytes": 2000, "x-overflow": "reject-publish"})
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
+    await broker.consume("MPWT")
+    relay = await make_relay(db_dsn, broker)
+    try:
+        await relay.connect()
+        relay._declared.add("MOI")  # as declared by hand: the relay's own declaration would differ
+        assert await relay.publish_pass() == 2
+        assert [await _published(db_dsn, i) for i in moi] == [True, False, False]
+        assert await _published(db_dsn, mpwt)
+        assert set(relay._stuck) == {ids["MOI"]}
+        assert await _queued_ids(broker, "MOI") == [str(moi[0]), str(moi[2])]  # 2 refused, 3 taken
+    finally:
+        await close_relay(relay)
+
+
+async def test_a_queue_that_cannot_be_declared_holds_back_only_its_agency(db_dsn, broker: Broker):
+    """MOI's queue exists with arguments the relay's declaration contradicts (the broker refuses it).
+    MPWT's event in the same pass is published; MOI's wait for MOI's backoff."""
+    await _moi_queue_declared_by_hand(broker, **{"x-max-length": 1000})
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
+    await broker.consume("MPWT")
+    relay = await make_relay(db_dsn, broker)
+    try:
+        assert await relay.publish_pass() == 1
+        assert not any([await _published(db_dsn, i) for i in moi])
+        assert await _published(db_dsn, mpwt)
+        assert set(relay._stuck) == {ids["MOI"]}
+        first = relay._stuck[ids["MOI"]]
+        assert await relay.publish_pass() == 0
+        assert relay._stuck[ids["MOI"]] == first  # MOI left alone during its backoff: not refused (doubled) again
+    finally:
+        await close_relay(relay)
+
+
 async def test_the_relay_keeps_publishing_while_it_prunes_and_after_a_prune_fails(db_dsn, broker: Broker,
                                                                                    monkeypatch):
     """The hourly prune runs beside publishing: a slow one does not pause it, a failing one does not stop it
