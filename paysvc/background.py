@@ -15,15 +15,26 @@ def stop_if_cancelled() -> None:
     """Raise ``CancelledError`` if the current task was asked to stop but an await swallowed the request.
 
     On Python 3.11, ``asyncio.wait_for`` returns the awaited result when the cancellation arrives just as that
-    result does, and the cancellation is lost (fixed in 3.12). aio-pika, aiormq and asyncpg call it inside, so
-    a loop that runs until cancelled could carry on after its cancellation, and the service's shutdown, which
-    cancels its background tasks and waits for them, would never end (seen with the event relay in tests).
-    The request stays counted (``Task.cancelling()``) however it was swallowed, so every background loop
-    calls this at each turn, and stops there.
+    result does, and the cancellation is lost (fixed in 3.12). Our code uses ``asyncio.timeout`` instead, but
+    aio-pika and aiormq call ``wait_for`` inside (connecting, and their RPCs), so a loop that runs until
+    cancelled could carry on after its cancellation, and the service's shutdown, which cancels its background
+    tasks and waits for them, would never end (seen with the event relay in tests). The request stays counted
+    (``Task.cancelling()``) however it was swallowed, so every background loop checks at each turn and before
+    each pause (``pause``), and stops there.
+
+    Keep ``asyncio.TaskGroup`` out of background steps: on 3.11 one whose child fails after its body has
+    finished leaves the count raised without a cancellation, and the loop would stop at its next check.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def pause(seconds: float) -> None:
+    """``asyncio.sleep`` for background loops, after ``stop_if_cancelled``: a step that swallowed its
+    cancellation stops the loop at once, not after the pause (an hour, for some jobs)."""
+    stop_if_cancelled()
+    await asyncio.sleep(seconds)
 
 
 async def run_periodically(name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
@@ -55,4 +66,4 @@ async def run_periodically(name: str, interval: float, job: Callable[[], Awaitab
                           extra={"job": name})
             else:
                 log.exception("%s failed; retrying in %.0fs", name, delay, extra={"job": name})
-        await asyncio.sleep(delay)
+        await pause(delay)

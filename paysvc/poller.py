@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 import asyncpg
 import prometheus_client
 
-from paysvc.background import stop_if_cancelled
+from paysvc.background import pause, stop_if_cancelled
 from paysvc.inbox import capture_notices
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
@@ -157,7 +157,7 @@ class Poller:
                 self._failures += 1
                 delay = min(self.interval * 2 ** self._failures, 300)
                 log.exception("%s poll failed; next poll in %.0fs", self.provider.name, delay)
-            await asyncio.sleep(delay)
+            await pause(delay)
 
     async def poll_until_drained(self) -> tuple[int, int]:
         asked = captured = 0

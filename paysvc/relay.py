@@ -26,7 +26,7 @@ import aiormq
 import asyncpg
 
 from paysvc import outbox
-from paysvc.background import stop_if_cancelled
+from paysvc.background import pause, stop_if_cancelled
 from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, EventSigner
 from paysvc.queries import Q
 
@@ -345,16 +345,16 @@ class Relay:
                         if published:
                             last_busy = time.monotonic()
                         elif time.monotonic() - last_busy < self._quiet_after:
-                            await asyncio.sleep(self._poll_interval)
+                            await pause(self._poll_interval)
                         else:
-                            await asyncio.sleep(self._idle_max)
+                            await pause(self._idle_max)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     log.warning("relay: publishing failed (%s: %s); events stay in the outbox, retrying in %.1fs",
                                 type(exc).__name__, exc, delay)
                     await self.close()
-                    await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                    await pause(delay * random.uniform(0.8, 1.2))
                     delay = min(delay * 2, self._backoff[1])
         finally:
             if pruner is not None:
@@ -378,4 +378,4 @@ class Relay:
             except Exception as exc:
                 log.warning("relay: pruning the outbox failed (%s: %s); trying again in %.0f s",
                             type(exc).__name__, exc, PRUNE_EVERY_SECONDS)
-            await asyncio.sleep(PRUNE_EVERY_SECONDS)
+            await pause(PRUNE_EVERY_SECONDS)

@@ -30,7 +30,7 @@ import aiohttp
 import asyncpg
 
 from paysvc import outbox
-from paysvc.background import stop_if_cancelled
+from paysvc.background import pause, stop_if_cancelled
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
 from paysvc.relay import message_body
@@ -228,7 +228,7 @@ class WebhookWorker:
                     raise
                 except Exception:
                     log.exception("webhooks: a step failed; retrying in %ss", interval)
-                await asyncio.sleep(interval)
+                await pause(interval)
         finally:
             for task in list(self._in_flight):
                 task.cancel()

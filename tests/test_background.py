@@ -39,24 +39,29 @@ async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(
     assert any("recovered after 4 failed runs" in r.getMessage() for r in caplog.records)
 
 
+HOUR = 3600.0
+
+
 def _loop_under_test(kind: str, step):
-    """The ``run()`` coroutine of one background loop, with the step it repeats replaced by ``step``."""
+    """The ``run()`` coroutine of one background loop, with the step it repeats replaced by ``step``, and an
+    hour's pause between steps (as the hourly jobs have)."""
     from paysvc.poller import PollPolicy, Poller
     from paysvc.relay import Relay
     from paysvc.webhooks import WebhookWorker
     from tests.test_events_support import signer
 
     if kind == "periodic job":
-        return background.run_periodically("job", 0.01, step)
+        return background.run_periodically("job", HOUR, step)
     if kind == "relay":
-        relay = Relay(None, "amqp://unused/", signer(), poll_interval=0.01, retention=None)  # type: ignore[arg-type]
+        relay = Relay(None, "amqp://unused/", signer(), poll_interval=HOUR, idle_max=HOUR,  # type: ignore[arg-type]
+                      retention=None)
 
         async def connected() -> None:
             return None
         relay.connect, relay.publish_pass = connected, step  # type: ignore[method-assign]
         return relay.run()
     if kind == "bakong poller":
-        poller = Poller(None, None, PollPolicy(), interval=0.01)  # type: ignore[arg-type]
+        poller = Poller(None, None, PollPolicy(), interval=HOUR)  # type: ignore[arg-type]
 
         async def drained():
             await step()
@@ -68,15 +73,15 @@ def _loop_under_test(kind: str, step):
     async def nothing_due(now, limit):
         return []
     worker.fan_out, worker.claim = step, nothing_due  # type: ignore[method-assign]
-    return worker.run(0.01)
+    return worker.run(HOUR)
 
 
 @pytest.mark.parametrize("kind", ["periodic job", "relay", "bakong poller", "webhooks"])
 async def test_a_background_loop_stops_even_when_a_step_swallowed_its_cancellation(kind):
     """On Python 3.11, ``asyncio.wait_for`` (inside aio-pika, aiormq, asyncpg) returns the awaited result when
     the cancellation arrives with it, so the step returns as if nothing happened. The step below does exactly
-    that. The loop must stop all the same: the service's shutdown cancels it and waits for it (a relay that
-    went on after its cancellation hung a test run until its timeout)."""
+    that. The loop must stop all the same, and at once, not after its pause: the service's shutdown cancels
+    it and waits for it (a relay that went on after its cancellation hung a test run until its timeout)."""
     started = asyncio.Event()
     swallow = True
 
