@@ -65,6 +65,13 @@ def queue_name(code: str, prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
     return f"{prefix}{code}"
 
 
+# What the broker answers when it refuses one queue's declaration, closing only that channel: access refused
+# (403), the queue exists with other arguments (406), no such entity (404), locked by another connection's
+# exclusive queue (405). Any other failure is not the agency's doing and fails the pass as usual.
+REFUSALS = (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPreconditionFailed,
+            aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ChannelLockedResource)
+
+
 async def _declare_on(connection: aio_pika.abc.AbstractConnection, code: str, *, exchange: str,
                       queue_prefix: str) -> str:
     """Exchange, the agency's durable queue (quorum when the broker has them) and its ``{code}.#`` binding."""
@@ -209,31 +216,26 @@ class Relay:
         """Publish ``rows``; return those a queue took, to be marked published (a prefix of each agency's rows).
 
         Every message is ``mandatory``: one that no queue takes (the agency's queue was deleted, say) comes
-        back to us instead of vanishing; one the broker refuses is nacked. Either way its agency's queue is
-        declared again and that agency's rows from the first one not taken on are published once more; an
-        agency whose queue cannot be declared is not sent at all. Whatever is still not taken stays
-        unpublished, and this relay leaves that agency alone until its backoff runs out
-        (``_note_not_taken``), then declares the queue again first. Messages after one not taken that a queue
-        did take are sent again (at least once: consumers dedupe), so each agency's marked rows stay a prefix
-        in ``seq`` order.
+        back to us instead of vanishing; one the broker refuses is nacked (a full queue that rejects
+        publishes). Either way its agency's queue is declared again and that agency's rows from the first one
+        not taken on are published once more. Whatever is still not taken stays unpublished, and this relay
+        leaves that agency alone until its backoff runs out (``_note_not_taken``), then declares the queue
+        again first. Messages after one not taken that a queue did take are sent again (at least once:
+        consumers dedupe), so each agency's marked rows stay a prefix in ``seq`` order. Whether a queue took a
+        message is what the broker's answer to it says, never whether our declaration succeeded (see
+        ``_declare``).
         """
-        refused = await self._declare({r["agency"] for r in rows})
-        held = [r for r in rows if r["agency"] in refused]  # their queue could not be declared: not sent
-        sent = [r for r in rows if r["agency"] not in refused]
-        lost = _from_first_return(sent, await self._send(sent))
-        if not lost and not held:
+        await self._declare({r["agency"] for r in rows})
+        lost = _from_first_return(rows, await self._send(rows))
+        if not lost:
             self._note_not_taken(rows, [])
             return rows
-        still = held
-        if lost:
-            codes = {r["agency"] for r in lost}
-            log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their queues "
-                        "again and publishing once more", len(lost), ", ".join(sorted(codes)))
-            self._declared -= codes
-            refused = await self._declare(codes)
-            resent = [r for r in lost if r["agency"] not in refused]
-            still = held + [r for r in lost if r["agency"] in refused] + _from_first_return(
-                resent, await self._send(resent))
+        codes = {r["agency"] for r in lost}
+        log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their queues "
+                    "again and publishing once more", len(lost), ", ".join(sorted(codes)))
+        self._declared -= codes
+        await self._declare(codes)
+        still = _from_first_return(lost, await self._send(lost))
         self._note_not_taken(rows, still)
         if still:
             self._declared -= {r["agency"] for r in still}
@@ -258,23 +260,25 @@ class Relay:
             else:
                 self._stuck.pop(agency, None)
 
-    async def _declare(self, codes: set[str]) -> set[str]:
-        """Declare the queues of the agencies among ``codes`` not yet declared on this connection; return those
-        the broker refused (the queue exists with other arguments, access refused…: logged). Each declaration
-        has a channel of its own, so a refusal closes only that one."""
+    async def _declare(self, codes: set[str]) -> None:
+        """Declare the queues of the agencies among ``codes`` not yet declared on this connection.
+
+        A declaration the broker refuses (``REFUSALS``: the queue exists with other arguments, the relay's
+        user may not configure it…) is logged and counts as done: a queue that exists takes the agency's
+        messages whatever our declaration said, and with none they come back unrouted, so the broker's answer
+        to each message decides, as always. It is tried again when the agency's messages are not taken. Each
+        declaration has a channel of its own, so a refusal closes only that one; any other failure (the
+        connection lost, say) raises and fails the pass.
+        """
         assert self._connection is not None
-        refused = set()
         for code in sorted(codes - self._declared):
             try:
                 await _declare_on(self._connection, code, exchange=self._exchange_name,
                                   queue_prefix=self._queue_prefix)
-            except aiormq.exceptions.ChannelClosed as exc:
-                log.warning("relay: the broker refused to declare the queue of agency %s (%s); its events wait",
-                            code, exc)
-                refused.add(code)
-            else:
-                self._declared.add(code)
-        return refused
+            except REFUSALS as exc:
+                log.warning("relay: the broker refused to declare the queue of agency %s (%s); publishing its "
+                            "events all the same (a queue that exists takes them)", code, exc)
+            self._declared.add(code)
 
     async def _send(self, rows: list[asyncpg.Record]) -> set[Any]:
         """Publish ``rows`` (mandatory, confirmed); return the ids of those the broker did not take: returned
@@ -282,8 +286,6 @@ class Relay:
 
         Raises when a publish fails (the channel or connection is gone): nothing of the batch is then marked.
         """
-        if not rows:
-            return set()
         assert self._exchange is not None
         channel = await self._exchange.channel.get_underlay_channel()
         sign, key_id = self._signer.sign, self._signer.active_key_id
