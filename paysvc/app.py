@@ -20,6 +20,7 @@ from paysvc.provider_settings import provider_config
 from providers import ProviderError, UnknownProvider, load_providers
 from paysvc.auth import Authenticator
 from paysvc.background import run_periodically
+from paysvc.backlog import Backlog
 from paysvc.db import create_pool
 from paysvc.openapi import build_openapi
 from paysvc.pii import check_pii_keys, cipher_from_settings
@@ -42,7 +43,11 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "database": "ok"})
 
 
+BACKLOG = web.AppKey("backlog", Backlog)
+
+
 async def metrics(request: web.Request) -> web.Response:
+    await request.app[BACKLOG].refresh(request.app[POOL], request.app[PROVIDERS])
     return web.Response(body=prometheus_client.generate_latest(),
                         headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
 
@@ -68,6 +73,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         handler_args={"auto_decompress": False})
     app[SETTINGS] = settings
     app[BACKGROUND] = background
+    app[BACKLOG] = Backlog()
     ctx = invoicing.InvoiceContext(
         cipher=cipher_from_settings(settings),
         khqr_ttl=timedelta(minutes=settings.khqr_ttl_minutes),
