@@ -2,19 +2,19 @@
 -- database's clock, as the times were written.
 
 -- name: backlog_outbox
--- Each agency's events not yet published to RabbitMQ: how many (counted up to $1, through the partial index
--- the relay reads), and the age of the oldest of them in seq order, the next one its relay must publish.
+-- Each agency's events not yet published to RabbitMQ: how many (counted up to $1, from the partial index the
+-- relay reads), and the age of the next one its relay must publish (the first in seq order).
 SELECT a.code,
-       w.waiting,
-       extract(epoch FROM clock_timestamp() - w.oldest)::float8 AS oldest_seconds
+       (SELECT count(*)
+          FROM (SELECT 1 FROM outbox_events o
+                 WHERE o.agency_id = a.id AND o.published_at IS NULL
+                 LIMIT $1) x) AS waiting,
+       extract(epoch FROM clock_timestamp() - (
+           SELECT o.occurred_at FROM outbox_events o
+            WHERE o.agency_id = a.id AND o.published_at IS NULL
+            ORDER BY o.agency_id, o.seq
+            LIMIT 1))::float8 AS oldest_seconds
   FROM agencies a
- CROSS JOIN LATERAL (
-       SELECT count(*) AS waiting, min(x.occurred_at) AS oldest
-         FROM (SELECT o.occurred_at
-                 FROM outbox_events o
-                WHERE o.agency_id = a.id AND o.published_at IS NULL
-                ORDER BY o.agency_id, o.seq
-                LIMIT $1) x) w
 
 -- name: backlog_inbox
 -- Provider callbacks stored but not yet processed (a crash in between, or a provider that did not confirm yet).
