@@ -218,24 +218,28 @@ class Relay:
         Every message is ``mandatory``: one that no queue takes (the agency's queue was deleted, say) comes
         back to us instead of vanishing; one the broker refuses is nacked (a full queue that rejects
         publishes). Either way its agency's queue is declared again and that agency's rows from the first one
-        not taken on are published once more. Whatever is still not taken stays unpublished, and this relay
-        leaves that agency alone until its backoff runs out (``_note_not_taken``), then declares the queue
-        again first. Messages after one not taken that a queue did take are sent again (at least once:
-        consumers dedupe), so each agency's marked rows stay a prefix in ``seq`` order. Whether a queue took a
-        message is what the broker's answer to it says, never whether our declaration succeeded (see
-        ``_declare``).
+        not taken on are published once more. An agency whose queue the broker refuses to declare is not
+        sent at all (see ``_declare``). Whatever is still not taken stays unpublished, and this relay leaves
+        that agency alone until its backoff runs out (``_note_not_taken``), then declares the queue again
+        first. Messages after one not taken that a queue did take are sent again (at least once: consumers
+        dedupe), so each agency's marked rows stay a prefix in ``seq`` order.
         """
-        await self._declare({r["agency"] for r in rows})
-        lost = _from_first_return(rows, await self._send(rows))
-        if not lost:
-            self._note_not_taken(rows, [])
-            return rows
-        codes = {r["agency"] for r in lost}
-        log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their queues "
-                    "again and publishing once more", len(lost), ", ".join(sorted(codes)))
-        self._declared -= codes
-        await self._declare(codes)
-        still = _from_first_return(lost, await self._send(lost))
+        pending, still = rows, []
+        for attempt in range(2):
+            if attempt:
+                codes = {r["agency"] for r in pending}
+                log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their "
+                            "queues again and publishing once more", len(pending), ", ".join(sorted(codes)))
+                self._declared -= codes
+            refused = await self._declare({r["agency"] for r in pending})
+            still += [r for r in pending if r["agency"] in refused]
+            pending = [r for r in pending if r["agency"] not in refused]
+            if not pending:
+                break
+            pending = _from_first_return(pending, await self._send(pending))
+            if not pending:
+                break
+        still += pending
         self._note_not_taken(rows, still)
         if still:
             self._declared -= {r["agency"] for r in still}
@@ -260,25 +264,31 @@ class Relay:
             else:
                 self._stuck.pop(agency, None)
 
-    async def _declare(self, codes: set[str]) -> None:
-        """Declare the queues of the agencies among ``codes`` not yet declared on this connection.
+    async def _declare(self, codes: set[str]) -> set[str]:
+        """Declare the queues of the agencies among ``codes`` not yet declared on this connection; return those
+        the broker refused (``REFUSALS``: logged).
 
-        A declaration the broker refuses (``REFUSALS``: the queue exists with other arguments, the relay's
-        user may not configure it…) is logged and counts as done: a queue that exists takes the agency's
-        messages whatever our declaration said, and with none they come back unrouted, so the broker's answer
-        to each message decides, as always. It is tried again when the agency's messages are not taken. Each
+        A refused agency's events are not published: its queue may exist but not keep them (not durable,
+        deleted with its last consumer, another connection's exclusive queue), and what the broker acks into
+        such a queue would be marked published and then lost. They wait, as for a queue that takes nothing,
+        until a declaration succeeds (``paysvc_outbox_oldest_unpublished_seconds`` shows the wait). Each
         declaration has a channel of its own, so a refusal closes only that one; any other failure (the
         connection lost, say) raises and fails the pass.
         """
         assert self._connection is not None
+        refused = set()
         for code in sorted(codes - self._declared):
             try:
                 await _declare_on(self._connection, code, exchange=self._exchange_name,
                                   queue_prefix=self._queue_prefix)
             except REFUSALS as exc:
-                log.warning("relay: the broker refused to declare the queue of agency %s (%s); publishing its "
-                            "events all the same (a queue that exists takes them)", code, exc)
-            self._declared.add(code)
+                log.warning("relay: the broker refused to declare the queue of agency %s (%s); its events wait "
+                            "until its queue is declared as the relay declares it (durable, with no other "
+                            "arguments)", code, exc)
+                refused.add(code)
+            else:
+                self._declared.add(code)
+        return refused
 
     async def _send(self, rows: list[asyncpg.Record]) -> set[Any]:
         """Publish ``rows`` (mandatory, confirmed); return the ids of those the broker did not take: returned

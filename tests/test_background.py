@@ -78,7 +78,7 @@ def _loop_under_test(kind: str, step):
 
 @pytest.mark.parametrize("kind", ["periodic job", "relay", "bakong poller", "webhooks"])
 async def test_a_background_loop_stops_even_when_a_step_swallowed_its_cancellation(kind):
-    """On Python 3.11, ``asyncio.wait_for`` (inside aio-pika, aiormq, asyncpg) returns the awaited result when
+    """On Python 3.11, ``asyncio.wait_for`` (inside aio-pika and aiormq) returns the awaited result when
     the cancellation arrives with it, so the step returns as if nothing happened. The step below does exactly
     that. The loop must stop all the same, and at once, not after its pause: the service's shutdown cancels
     it and waits for it (a relay that went on after its cancellation hung a test run until its timeout)."""

@@ -4,9 +4,10 @@ order per agency, through two relays at once, a broker outage and a killed relay
 from __future__ import annotations
 
 import asyncio
-import logging
 import base64
+import logging
 import signal
+import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -610,8 +611,9 @@ async def _moi_queue_declared_by_hand(broker: Broker, **arguments) -> None:
         await connection.close()
 
 
-async def _three_moi_events_and_one_mpwt(db_dsn: str) -> tuple[dict, list, object]:
-    """MOI's events 1 and 3 are small, its event 2 is over 4 kB; MPWT's one is small."""
+async def _three_moi_events_and_one_mpwt(db_dsn: str, big: int | None = 1) -> tuple[dict, list, object]:
+    """MOI's events 1 and 3 are small, its event 2 is over 4 kB (``big``: which one, from 0; None: none);
+    MPWT's one is small."""
     async with running_api(db_dsn) as api:
         await api.agency("MOI")
         await api.agency("MPWT")
@@ -619,7 +621,7 @@ async def _three_moi_events_and_one_mpwt(db_dsn: str) -> tuple[dict, list, objec
         ids = dict(await conn.fetch("SELECT code, id FROM agencies"))
         now = datetime.now(timezone.utc)
         moi = [await add_event(conn, agency_id=ids["MOI"], type="invoice.paid",
-                               data={"n": n, "pad": "x" * (4000 if n == 1 else 0)}, occurred_at=now)
+                               data={"n": n, "pad": "x" * (4000 if n == big else 0)}, occurred_at=now)
                for n in range(3)]
         mpwt = await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={}, occurred_at=now)
     return ids, moi, mpwt
@@ -629,35 +631,46 @@ def _declaration_refusals(caplog, code: str) -> int:
     return sum(f"refused to declare the queue of agency {code}" in r.getMessage() for r in caplog.records)
 
 
+def _backoff_over(relay: Relay, agency_id: int) -> None:
+    """End the agency's backoff now (the tests give it a long one, so that it cannot run out on its own
+    while a slow machine runs the test's other steps)."""
+    _, wait = relay._stuck[agency_id]
+    relay._stuck[agency_id] = (time.monotonic() - 0.001, wait)
+
+
+async def _delete_queue(broker: Broker, code: str) -> None:
+    connection = await aio_pika.connect(broker.url)
+    try:
+        await (await connection.channel()).queue_delete(broker.queue(code))
+    finally:
+        await connection.close()
+
+
 async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, broker: Broker, caplog):
-    """MOI's queue was declared by hand: it takes at most 2 kB and refuses what would overflow it
-    (reject-publish: the broker nacks it). The relay's own declaration contradicts it and is refused (logged;
-    it publishes all the same). The queue takes MOI's small events 1 and 3 and refuses the big event 2; the
-    relay declares again and sends 2 and 3 once more: 2 refused again, 3 taken again. MPWT's event in the
-    same pass is published; of MOI's only event 1 is marked (3 follows a refused one), and MOI backs off
-    alone. Then the operator replaces the queue: once MOI's backoff has run out, the relay declares MOI's
-    queue again before it sends (no message comes back), publishes 2 and 3, and MOI is at the usual pace."""
+    """MOI's queue, declared by hand, takes at most 2 kB and refuses what would overflow it (reject-publish:
+    the broker nacks it), as if the relay had declared it on this connection: it takes MOI's small events 1
+    and 3 and refuses the big event 2. The relay declares MOI's queue again to send 2 and 3 once more; the
+    broker refuses that declaration (the queue has other arguments), so they wait. MPWT's event in the same
+    pass is published; of MOI's only event 1 is marked (3, though taken, follows a refused one), and MOI
+    backs off alone. Once the queue is replaced and the backoff is over, MOI's events go through."""
     await _moi_queue_declared_by_hand(broker, **{"x-max-length-bytes": 2000, "x-overflow": "reject-publish"})
     ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
     await broker.consume("MPWT")
-    relay = await make_relay(db_dsn, broker)
+    relay = await make_relay(db_dsn, broker, backoff_initial=10)
     caplog.set_level(logging.WARNING, logger="paysvc.relay")
     try:
+        await relay.connect()
+        relay._declared.add("MOI")  # as if declared earlier on this connection
         assert await relay.publish_pass() == 2
         assert [await _published(db_dsn, i) for i in moi] == [True, False, False]
         assert await _published(db_dsn, mpwt)
         assert set(relay._stuck) == {ids["MOI"]}
-        assert await _queued_ids(broker, "MOI") == [str(moi[0]), str(moi[2]), str(moi[2])]
-        assert _declaration_refusals(caplog, "MOI") == 2  # before the first send, and before the second
-        retry_at, _ = relay._stuck[ids["MOI"]]
+        assert await _queued_ids(broker, "MOI") == [str(moi[0]), str(moi[2])]  # 2 refused, 3 taken
+        assert _declaration_refusals(caplog, "MOI") == 1
+        assert await relay.publish_pass() == 0  # during MOI's backoff: left alone
 
-        connection = await aio_pika.connect(broker.url)  # the operator deletes the misconfigured queue
-        try:
-            await (await connection.channel()).queue_delete(broker.queue("MOI"))
-        finally:
-            await connection.close()
-        assert await relay.publish_pass() == 0  # MOI's backoff is still running: left alone
-        await asyncio.sleep(max(0.0, retry_at - time.monotonic()) + 0.05)
+        await _delete_queue(broker, "MOI")  # the operator removes the misconfigured queue
+        _backoff_over(relay, ids["MOI"])
         caplog.clear()
         assert await relay.publish_pass() == 2
         assert [await _published(db_dsn, i) for i in moi] == [True, True, True]
@@ -668,28 +681,70 @@ async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, 
         await close_relay(relay)
 
 
-async def test_a_queue_declared_with_other_arguments_still_gets_its_agencys_events(db_dsn, broker: Broker,
-                                                                                     caplog):
+async def test_a_full_queue_holds_back_only_its_agency_until_its_consumer_catches_up(db_dsn, broker: Broker):
+    """A broker policy caps MOI's queue (the relay's own quorum queue) at 2 kB, refusing publishes once over
+    it, and MOI's consumer has fallen behind: 4 kB wait in the queue. The broker refuses (nacks) MOI's three
+    events; the relay declares the queue again (accepted: a policy is not an argument) and sends them once
+    more: refused again. They wait and MOI backs off alone; MPWT's event is published. Once MOI's consumer
+    has caught up and the backoff is over, MOI's events are published."""
+    policy = f"paysvc-test-{broker.prefix.strip('.')}"
+    pattern = "^" + broker.queue("MOI").replace(".", "\\.") + "$"
+    setting = subprocess.run(["rabbitmqctl", "set_policy", "-p", "/", "--apply-to", "queues", policy, pattern,
+                              '{"max-length-bytes": 2000, "overflow": "reject-publish"}'],
+                             capture_output=True, text=True, timeout=60)
+    assert setting.returncode == 0, setting.stderr
+    try:
+        await declare_agency_queue(broker.url, "MOI", exchange=broker.exchange, queue_prefix=broker.prefix)
+        connection = await aio_pika.connect(broker.url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            await channel.default_exchange.publish(aio_pika.Message(b"x" * 4000, message_id="backlog"),
+                                                   routing_key=broker.queue("MOI"))
+        finally:
+            await connection.close()
+        ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn, big=None)  # all small: they fit, later
+        await broker.consume("MPWT")
+        relay = await make_relay(db_dsn, broker, backoff_initial=10)
+        try:
+            assert await relay.publish_pass() == 1
+            assert not any([await _published(db_dsn, i) for i in moi])
+            assert await _published(db_dsn, mpwt)
+            assert set(relay._stuck) == {ids["MOI"]}
+            assert await _queued_ids(broker, "MOI") == ["backlog"]  # refused, twice; the consumer catches up
+            _backoff_over(relay, ids["MOI"])
+            assert await relay.publish_pass() == 3
+            assert all([await _published(db_dsn, i) for i in moi])
+            assert relay._stuck == {}
+            assert await _queued_ids(broker, "MOI") == [str(i) for i in moi]
+        finally:
+            await close_relay(relay)
+    finally:
+        subprocess.run(["rabbitmqctl", "clear_policy", "-p", "/", policy], capture_output=True, timeout=60)
+
+
+async def test_a_queue_that_cannot_be_declared_holds_back_only_its_agency(db_dsn, broker: Broker, caplog):
     """MOI's queue exists with an argument the relay's declaration contradicts (x-max-length), so the broker
-    refuses the relay's declaration. That is no reason to hold MOI's events: the relay logs the refusal once
-    per connection and publishes, the queue takes them, and nothing waits (the broker's answer to each message
-    decides, as always)."""
+    refuses the declaration. The relay cannot tell whether such a queue keeps what it takes (it might not be
+    durable), so MOI's events wait, logged, while MPWT's are published; MOI is left alone during its backoff
+    and tried again (declared again) after it."""
     await _moi_queue_declared_by_hand(broker, **{"x-max-length": 1000})
     ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
     await broker.consume("MPWT")
-    relay = await make_relay(db_dsn, broker)
+    relay = await make_relay(db_dsn, broker, backoff_initial=10)
     caplog.set_level(logging.WARNING, logger="paysvc.relay")
     try:
-        assert await relay.publish_pass() == 4
-        assert all([await _published(db_dsn, i) for i in [*moi, mpwt]])
-        assert relay._stuck == {}
-        assert await _queued_ids(broker, "MOI") == [str(i) for i in moi]
-        async with connect(db_dsn) as conn:
-            later = await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
-                                    occurred_at=datetime.now(timezone.utc))
         assert await relay.publish_pass() == 1
-        assert await _queued_ids(broker, "MOI") == [str(later)]
-        assert _declaration_refusals(caplog, "MOI") == 1
+        assert not any([await _published(db_dsn, i) for i in moi])
+        assert await _published(db_dsn, mpwt)
+        assert await _queued_ids(broker, "MOI") == []
+        assert set(relay._stuck) == {ids["MOI"]} and _declaration_refusals(caplog, "MOI") == 1
+        first = relay._stuck[ids["MOI"]]
+        assert await relay.publish_pass() == 0
+        assert relay._stuck[ids["MOI"]] == first and _declaration_refusals(caplog, "MOI") == 1  # left alone
+        _backoff_over(relay, ids["MOI"])
+        assert await relay.publish_pass() == 0
+        assert _declaration_refusals(caplog, "MOI") == 2  # tried again: refused again, waits twice as long
+        assert relay._stuck[ids["MOI"]][1] == 2 * first[1]
     finally:
         await close_relay(relay)
 
