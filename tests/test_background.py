@@ -52,13 +52,18 @@ def _loop_under_test(kind: str, step):
 
     if kind == "periodic job":
         return background.run_periodically("job", HOUR, step)
-    if kind == "relay":
+    if kind.startswith("relay"):
         relay = Relay(None, "amqp://unused/", signer(), poll_interval=HOUR, idle_max=HOUR,  # type: ignore[arg-type]
-                      retention=None)
+                      backoff_initial=HOUR, backoff_max=HOUR, retention=None)
 
         async def connected() -> None:
             return None
-        relay.connect, relay.publish_pass = connected, step  # type: ignore[method-assign]
+
+        async def failing() -> int:
+            await step()
+            raise RuntimeError("the broker connection was lost")  # into the relay's backoff
+        relay.connect = connected  # type: ignore[method-assign]
+        relay.publish_pass = failing if kind == "relay, failing" else step  # type: ignore[method-assign]
         return relay.run()
     if kind == "bakong poller":
         poller = Poller(None, None, PollPolicy(), interval=HOUR)  # type: ignore[arg-type]
@@ -76,7 +81,7 @@ def _loop_under_test(kind: str, step):
     return worker.run(HOUR)
 
 
-@pytest.mark.parametrize("kind", ["periodic job", "relay", "bakong poller", "webhooks"])
+@pytest.mark.parametrize("kind", ["periodic job", "relay", "relay, failing", "bakong poller", "webhooks"])
 async def test_a_background_loop_stops_even_when_a_step_swallowed_its_cancellation(kind):
     """On Python 3.11, ``asyncio.wait_for`` (inside aio-pika and aiormq) returns the awaited result when
     the cancellation arrives with it, so the step returns as if nothing happened. The step below does exactly

@@ -794,3 +794,35 @@ async def test_the_relay_keeps_publishing_while_it_prunes_and_after_a_prune_fail
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await close_relay(relay)
+
+
+async def test_only_the_brokers_refusals_hold_an_agency_any_other_channel_failure_fails_the_pass(
+        db_dsn, broker: Broker, monkeypatch):
+    """A declaration the broker refuses for this queue (406, 403, 404, 405) holds back that agency alone; a
+    channel closed for another reason (say, under a connection going away) is not the agency's doing and
+    fails the whole pass, so the relay backs off and reconnects."""
+    import paysvc.relay as relay_module
+
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn)
+    await broker.consume("MPWT")
+    real_declare = relay_module._declare_on
+    failure: list[BaseException] = []
+
+    async def declare(connection, code, **kw):
+        if code == "MOI" and failure:
+            raise failure[0]
+        return await real_declare(connection, code, **kw)
+    monkeypatch.setattr(relay_module, "_declare_on", declare)
+    relay = await make_relay(db_dsn, broker, backoff_initial=10)
+    try:
+        failure.append(aiormq.exceptions.ChannelClosed(None, None))
+        with pytest.raises(aiormq.exceptions.ChannelClosed):
+            await relay.publish_pass()
+        assert not await _published(db_dsn, mpwt) and relay._stuck == {}
+
+        failure[0] = aiormq.exceptions.ChannelAccessRefused(None, None)
+        assert await relay.publish_pass() == 1
+        assert await _published(db_dsn, mpwt) and not await _published(db_dsn, moi[0])
+        assert set(relay._stuck) == {ids["MOI"]}
+    finally:
+        await close_relay(relay)
