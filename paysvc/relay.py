@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from datetime import datetime, timedelta, timezone
@@ -64,6 +65,9 @@ def routing_key(agency_code: str, event_type: str) -> str:
 def queue_name(code: str, prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
     return f"{prefix}{code}"
 
+
+# A queue declared on this connection is declared again after this long before the relay publishes to it.
+REDECLARE_SECONDS = 60.0
 
 # What the broker answers when it refuses one queue's declaration, closing only that channel: access refused
 # (403), the queue exists with other arguments (406), no such entity (404), locked by another connection's
@@ -164,7 +168,8 @@ class Relay:
         self._retention = retention
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
-        self._declared: set[str] = set()
+        # Agency code -> when its queue was last declared on this connection (time.monotonic()).
+        self._declared: dict[str, float] = {}
         self.published = 0  # events confirmed and marked by this relay, for logs and benchmarks
 
     async def connect(self) -> None:
@@ -230,7 +235,8 @@ class Relay:
                 codes = {r["agency"] for r in pending}
                 log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their "
                             "queues again and publishing once more", len(pending), ", ".join(sorted(codes)))
-                self._declared -= codes
+                for code in codes:
+                    self._declared.pop(code, None)
             refused = await self._declare({r["agency"] for r in pending})
             still += [r for r in pending if r["agency"] in refused]
             pending = [r for r in pending if r["agency"] not in refused]
@@ -242,7 +248,8 @@ class Relay:
         still += pending
         self._note_not_taken(rows, still)
         if still:
-            self._declared -= {r["agency"] for r in still}
+            for r in still:
+                self._declared.pop(r["agency"], None)
             again = {r["agency"]: self._stuck[r["agency_id"]][1] for r in still}
             log.warning("relay: %d events were still not taken; they stay unpublished, and this relay tries "
                         "again %s (other agencies keep their pace)", len(still),
@@ -268,6 +275,8 @@ class Relay:
         """Declare the queues of the agencies among ``codes`` not yet declared on this connection; return those
         the broker refused (``REFUSALS``: logged).
 
+        A queue is declared again at least every ``REDECLARE_SECONDS``, so a queue deleted and made again
+        otherwise while the relay runs is noticed within that time (until then, it is published to).
         A refused agency's events are not published: its queue may exist but not keep them (not durable,
         deleted with its last consumer, another connection's exclusive queue), and what the broker acks into
         such a queue would be marked published and then lost. They wait, as for a queue that takes nothing,
@@ -277,7 +286,8 @@ class Relay:
         """
         assert self._connection is not None
         refused = set()
-        for code in sorted(codes - self._declared):
+        now = time.monotonic()
+        for code in sorted(c for c in codes if now - self._declared.get(c, -math.inf) >= REDECLARE_SECONDS):
             try:
                 await _declare_on(self._connection, code, exchange=self._exchange_name,
                                   queue_prefix=self._queue_prefix)
@@ -287,7 +297,7 @@ class Relay:
                             "arguments)", code, exc)
                 refused.add(code)
             else:
-                self._declared.add(code)
+                self._declared[code] = now
         return refused
 
     async def _send(self, rows: list[asyncpg.Record]) -> set[Any]:

@@ -660,7 +660,7 @@ async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, 
     caplog.set_level(logging.WARNING, logger="paysvc.relay")
     try:
         await relay.connect()
-        relay._declared.add("MOI")  # as if declared earlier on this connection
+        relay._declared["MOI"] = time.monotonic()  # as if declared earlier on this connection
         assert await relay.publish_pass() == 2
         assert [await _published(db_dsn, i) for i in moi] == [True, False, False]
         assert await _published(db_dsn, mpwt)
@@ -824,5 +824,38 @@ async def test_only_the_brokers_refusals_hold_an_agency_any_other_channel_failur
         assert await relay.publish_pass() == 1
         assert await _published(db_dsn, mpwt) and not await _published(db_dsn, moi[0])
         assert set(relay._stuck) == {ids["MOI"]}
+    finally:
+        await close_relay(relay)
+
+
+async def test_a_queue_made_again_otherwise_while_the_relay_runs_is_noticed_when_it_is_declared_again(
+        db_dsn, broker: Broker, monkeypatch):
+    """The relay declares an agency's queue on each new connection and again every REDECLARE_SECONDS. MOI's
+    queue is deleted while the relay runs and made again by hand as a non-durable queue (a consumer
+    declaring it with its client's defaults, say). Once the relay declares it again the broker refuses (not
+    durable), and MOI's next event waits instead of going into a queue that would lose it at a restart."""
+    import paysvc.relay as relay_module
+
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn, big=None)
+    relay = await make_relay(db_dsn, broker, backoff_initial=10)
+    try:
+        assert await relay.publish_pass() == 4
+        connection = await aio_pika.connect(broker.url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(broker.queue("MOI"))
+            exchange = await channel.declare_exchange(broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            queue = await channel.declare_queue(broker.queue("MOI"), durable=False)
+            await queue.bind(exchange, routing_key="MOI.#")
+        finally:
+            await connection.close()
+        async with connect(db_dsn) as conn:
+            later = await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
+                                    occurred_at=datetime.now(timezone.utc))
+        monkeypatch.setattr(relay_module, "REDECLARE_SECONDS", 0.0)  # the time to declare again has come
+        assert await relay.publish_pass() == 0
+        assert not await _published(db_dsn, later)
+        assert set(relay._stuck) == {ids["MOI"]}
+        assert await _queued_ids(broker, "MOI") == []
     finally:
         await close_relay(relay)
