@@ -90,6 +90,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         app[POOL] = pool
         app[AUTH] = Authenticator(pool)
         yield
+        await app[BACKLOG].close()
         await pool.close()
 
     config = provider_config(settings)

@@ -6,8 +6,10 @@ ages are what to alert on: an agency whose oldest unpublished event keeps ageing
 broker, or a queue that refuses its messages), an inbox row that ages was not processed, and so on.
 
 The values are the database's, so every service process reports the same ones (aggregate with ``max``).
-A scrape reads them at most every ``REFRESH_SECONDS`` per process; a read that fails or takes more than
-``TIMEOUT_SECONDS`` is counted and logged, and the previous values stay.
+A scrape reads them at most every ``REFRESH_SECONDS`` per process and waits for the read at most
+``WAIT_SECONDS`` (a slower read finishes in the background, for the next scrape); a read that fails or
+takes more than ``READ_TIMEOUT_SECONDS`` is counted and logged, the previous values stay, and
+``paysvc_backlog_last_read_timestamp_seconds`` says how old they are.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from datetime import datetime
 
 import asyncpg
 import prometheus_client
 
+from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 10.0
-TIMEOUT_SECONDS = 5.0
+WAIT_SECONDS = 5.0           # a scrape waits this long for a read, then answers with the last values
+READ_TIMEOUT_SECONDS = 30.0  # a read still running after this is given up (and counted as failed)
 OUTBOX_COUNT_CAP = 10_000  # an agency's unpublished events are counted up to this many (costs ~15 ms)
 
 OUTBOX_WAITING = prometheus_client.Gauge(
@@ -42,60 +47,86 @@ INBOX_OLDEST = prometheus_client.Gauge(
     ["provider"])
 WEBHOOKS_WAITING = prometheus_client.Gauge(
     "paysvc_webhook_deliveries_pending", "Webhook deliveries still to be made (first tries and retries)")
-WEBHOOKS_OLDEST = prometheus_client.Gauge(
-    "paysvc_webhook_oldest_pending_seconds", "Age of the oldest pending webhook delivery (0: none)")
+WEBHOOKS_OVERDUE = prometheus_client.Gauge(
+    "paysvc_webhook_deliveries_overdue_seconds", "How long the most overdue pending webhook delivery has been due "
+    "(0: none due; a retry scheduled for later is not overdue)")
 EXCEPTIONS_OPEN = prometheus_client.Gauge(
     "paysvc_reconciliation_open_exceptions", "Reconciliation exceptions not yet resolved, by reason", ["reason"])
 EXCEPTIONS_OLDEST = prometheus_client.Gauge(
     "paysvc_reconciliation_oldest_open_exception_seconds", "Age of the oldest open exception, by reason",
     ["reason"])
 READ_FAILURES = prometheus_client.Counter(
-    "paysvc_backlog_read_failures_total", "Times the backlog gauges could not be read from the database")
+    "paysvc_backlog_read_failures_total", "Times the backlog gauges could not be read from the database in time")
+LAST_READ = prometheus_client.Gauge(
+    "paysvc_backlog_last_read_timestamp_seconds", "When the backlog gauges were last read (Unix time): they keep "
+    "their values while reads fail, so alert when this falls behind")
 
 
 class Backlog:
     """The gauges' reader for one process; ``refresh`` before rendering the metrics."""
 
     def __init__(self) -> None:
-        self._read_at = float("-inf")
-        self._lock = asyncio.Lock()
+        self._started_at = float("-inf")
+        self._reading: asyncio.Task | None = None
 
     async def refresh(self, pool: asyncpg.Pool, providers: Iterable[str]) -> None:
-        """Read the backlog unless it was read less than ``REFRESH_SECONDS`` ago. Never raises (but a
-        cancellation)."""
-        async with self._lock:  # concurrent scrapes read once
-            if time.monotonic() - self._read_at < REFRESH_SECONDS:
-                return
-            self._read_at = time.monotonic()  # a failed read is not retried before the next interval either
-            try:
-                async with asyncio.timeout(TIMEOUT_SECONDS), pool.acquire() as conn:
+        """Start a read unless one ran less than ``REFRESH_SECONDS`` ago or is still running, and wait for
+        the running one at most ``WAIT_SECONDS``. Never raises (but a cancellation).
+
+        The read runs as a task of its own, not cancelled when the scrape stops waiting: with the database
+        host gone silent, giving a pooled connection back after a cancelled query can wait minutes for the
+        cancel request's own connection, and the scrape must not (nor the scrapes after it)."""
+        if self._reading is None and time.monotonic() - self._started_at >= REFRESH_SECONDS:
+            self._started_at = time.monotonic()
+            self._reading = asyncio.create_task(self._read(pool, list(providers)))
+            self._reading.add_done_callback(self._done)
+        if self._reading is not None:
+            await asyncio.wait({self._reading}, timeout=WAIT_SECONDS)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._reading = None
+
+    async def close(self) -> None:
+        """Stop a read still running (before the pool closes)."""
+        if self._reading is not None:
+            self._reading.cancel()
+            await asyncio.gather(self._reading, return_exceptions=True)
+
+    async def _read(self, pool: asyncpg.Pool, providers: list[str]) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                async with pool.acquire() as conn:
                     outbox = await conn.fetch(Q.backlog_outbox, OUTBOX_COUNT_CAP)
                     inbox = await conn.fetch(Q.backlog_inbox)
                     webhooks = await conn.fetchrow(Q.backlog_webhooks)
                     exceptions = await conn.fetch(Q.backlog_exceptions)
-            except Exception as exc:  # the scrape still answers, with the values of the last good read
-                READ_FAILURES.inc()
-                log.warning("metrics: could not read the backlog from the database (%s: %s); its gauges keep "
-                            "their last values", type(exc).__name__, exc)
-                return
-        _set(OUTBOX_WAITING, OUTBOX_OLDEST, {r["code"]: (r["waiting"], r["oldest_seconds"]) for r in outbox}, ())
-        _set(INBOX_WAITING, INBOX_OLDEST, {r["provider"]: (r["waiting"], r["oldest_seconds"]) for r in inbox},
-             providers)
+        except Exception as exc:  # scrapes still answer, with the values of the last good read
+            READ_FAILURES.inc()
+            log.warning("metrics: could not read the backlog from the database (%s: %s); its gauges keep "
+                        "their last values", type(exc).__name__, exc)
+            return
+        now = now_utc()
+        _set(OUTBOX_WAITING, OUTBOX_OLDEST, outbox, "code", now, ())
+        _set(INBOX_WAITING, INBOX_OLDEST, inbox, "provider", now, providers)
         WEBHOOKS_WAITING.set(webhooks["waiting"])
-        WEBHOOKS_OLDEST.set(max(0.0, webhooks["oldest_seconds"] or 0.0))
-        _set(EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST, {r["reason"]: (r["open"], r["oldest_seconds"]) for r in exceptions},
-             ())
+        WEBHOOKS_OVERDUE.set(_age(now, webhooks["since"]))
+        _set(EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST, exceptions, "reason", now, ())
+        LAST_READ.set(time.time())
 
 
-def _set(count: prometheus_client.Gauge, age: prometheus_client.Gauge, values: dict[str, tuple[int, float | None]],
-         always: Iterable[str]) -> None:
-    """Replace the gauges' series with ``values`` (label -> (count, age)); labels in ``always`` are shown at 0
+def _age(now: datetime, since: datetime | None) -> float:
+    return max(0.0, (now - since).total_seconds()) if since is not None else 0.0
+
+
+def _set(count: prometheus_client.Gauge, age: prometheus_client.Gauge, rows: list[asyncpg.Record], key: str,
+         now: datetime, always: Iterable[str]) -> None:
+    """Replace the gauges' series with ``rows`` (``key``, waiting, since); labels in ``always`` are shown at 0
     when nothing of theirs waits, others disappear."""
     count.clear()
     age.clear()
     for label in always:
         count.labels(label).set(0)
         age.labels(label).set(0)
-    for label, (n, seconds) in values.items():
-        count.labels(label).set(n)
-        age.labels(label).set(max(0.0, seconds or 0.0))
+    for r in rows:
+        count.labels(r[key]).set(r["waiting"])
+        age.labels(r[key]).set(_age(now, r["since"]))
