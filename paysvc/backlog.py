@@ -5,7 +5,8 @@ provider), webhook deliveries still to be made, and reconciliation exceptions st
 ages are what to alert on: an agency whose oldest unpublished event keeps ageing has a relay problem (no
 broker, or a queue that refuses its messages), an inbox row that ages was not processed, and so on.
 
-The values are the database's, so every service process reports the same ones (aggregate with ``max``).
+The values are the database's, so every service process reports the same ones (aggregate with ``max``),
+but for the ages, measured on each process's clock.
 A scrape reads them at most every ``REFRESH_SECONDS`` per process and waits for the read at most
 ``WAIT_SECONDS`` (a slower read finishes in the background, for the next scrape); a read that fails or
 takes more than ``READ_TIMEOUT_SECONDS`` is counted and logged, the previous values stay, and
@@ -100,17 +101,20 @@ class Backlog:
                     inbox = await conn.fetch(Q.backlog_inbox)
                     webhooks = await conn.fetchrow(Q.backlog_webhooks)
                     exceptions = await conn.fetch(Q.backlog_exceptions)
+            now = now_utc()
+            values = (_values(outbox, "code", now, ()), _values(inbox, "provider", now, providers),
+                      (webhooks["waiting"], _age(now, webhooks["since"])), _values(exceptions, "reason", now, ()))
         except Exception as exc:  # scrapes still answer, with the values of the last good read
             READ_FAILURES.inc()
             log.warning("metrics: could not read the backlog from the database (%s: %s); its gauges keep "
                         "their last values", type(exc).__name__, exc)
             return
-        now = now_utc()
-        _set(OUTBOX_WAITING, OUTBOX_OLDEST, outbox, "code", now, ())
-        _set(INBOX_WAITING, INBOX_OLDEST, inbox, "provider", now, providers)
-        WEBHOOKS_WAITING.set(webhooks["waiting"])
-        WEBHOOKS_OVERDUE.set(_age(now, webhooks["since"]))
-        _set(EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST, exceptions, "reason", now, ())
+        outbox_values, inbox_values, (pending, overdue), exception_values = values
+        _set(OUTBOX_WAITING, OUTBOX_OLDEST, outbox_values)
+        _set(INBOX_WAITING, INBOX_OLDEST, inbox_values)
+        WEBHOOKS_WAITING.set(pending)
+        WEBHOOKS_OVERDUE.set(overdue)
+        _set(EXCEPTIONS_OPEN, EXCEPTIONS_OLDEST, exception_values)
         LAST_READ.set(time.time())
 
 
@@ -118,15 +122,18 @@ def _age(now: datetime, since: datetime | None) -> float:
     return max(0.0, (now - since).total_seconds()) if since is not None else 0.0
 
 
-def _set(count: prometheus_client.Gauge, age: prometheus_client.Gauge, rows: list[asyncpg.Record], key: str,
-         now: datetime, always: Iterable[str]) -> None:
-    """Replace the gauges' series with ``rows`` (``key``, waiting, since); labels in ``always`` are shown at 0
-    when nothing of theirs waits, others disappear."""
+def _values(rows: list[asyncpg.Record], key: str, now: datetime,
+            always: Iterable[str]) -> dict[str, tuple[int, float]]:
+    """label -> (count, age) from ``rows`` (``key``, waiting, since); labels in ``always`` at 0 when absent."""
+    out = {label: (0, 0.0) for label in always}
+    out.update({r[key]: (r["waiting"], _age(now, r["since"])) for r in rows})
+    return out
+
+
+def _set(count: prometheus_client.Gauge, age: prometheus_client.Gauge, values: dict[str, tuple[int, float]]) -> None:
+    """Replace the gauges' series with ``values``: a label not among them disappears."""
     count.clear()
     age.clear()
-    for label in always:
-        count.labels(label).set(0)
-        age.labels(label).set(0)
-    for r in rows:
-        count.labels(r[key]).set(r["waiting"])
-        age.labels(r[key]).set(_age(now, r["since"]))
+    for label, (n, seconds) in values.items():
+        count.labels(label).set(n)
+        age.labels(label).set(seconds)

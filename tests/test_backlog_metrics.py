@@ -137,15 +137,28 @@ async def test_a_slow_read_does_not_hold_the_scrape_and_serves_the_next_one(api,
     answers with the last values; the read goes on, and the next scrape shows what it found. Scrapes meanwhile
     start no second read."""
     monkeypatch.setattr(backlog, "REFRESH_SECONDS", 0.0)
-    monkeypatch.setattr(backlog, "WAIT_SECONDS", 0.3)
     await new_invoice(api, portal, invoice_body)
     assert _outbox(await _metrics(api), "MOI")[0] == 1
     slow = ("SELECT a.code, 7::bigint AS waiting, now() AS since "
-            "FROM agencies a, pg_sleep(1.5) WHERE $1::int > 0")
+            "FROM agencies a, pg_sleep(4) WHERE $1::int > 0")
     monkeypatch.setattr(backlog, "Q", _queries(backlog_outbox=slow))
+    monkeypatch.setattr(backlog, "WAIT_SECONDS", 0.3)
+    reads = 0
+    read = backlog.Backlog._read
+
+    async def counted(self, *args):
+        nonlocal reads
+        reads += 1
+        await read(self, *args)
+    monkeypatch.setattr(backlog.Backlog, "_read", counted)
     started = time.monotonic()
     assert _outbox(await _metrics(api), "MOI")[0] == 1  # the last values
-    assert _outbox(await _metrics(api), "MOI")[0] == 1  # still reading: not read twice
-    assert time.monotonic() - started < 1.4
-    await asyncio.sleep(1.5)
-    assert _outbox(await _metrics(api), "MOI")[0] == 7  # what the slow read found
+    assert _outbox(await _metrics(api), "MOI")[0] == 1  # still reading
+    assert time.monotonic() - started < 3, "a scrape waited for the slow read"
+    assert reads == 1, "a second read started while the first was running"
+    for _ in range(100):  # the slow read ends about 4 s after it started
+        await asyncio.sleep(0.1)
+        if _outbox(await _metrics(api), "MOI")[0] == 7:  # what the slow read found
+            break
+    else:
+        raise AssertionError("the slow read's values never showed")
