@@ -77,24 +77,31 @@ REFUSALS = (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPre
 
 
 async def _declare_on(connection: aio_pika.abc.AbstractConnection, code: str, *, exchange: str,
-                      queue_prefix: str) -> str:
-    """Exchange, the agency's durable queue (quorum when the broker has them) and its ``{code}.#`` binding."""
+                      queue_prefix: str, quorum: bool = True) -> bool:
+    """Exchange, the agency's durable queue (quorum when the broker has them) and its ``{code}.#`` binding.
+
+    Returns whether the queue is a quorum queue. ``quorum=False`` declares a classic one straight away (the
+    relay, declaring again a queue it found classic, spares the broker a refused declaration each time)."""
     name = queue_name(code, queue_prefix)
     channel = await connection.channel(publisher_confirms=False)
     try:
-        try:
-            queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-        except aiormq.exceptions.ChannelClosed:
-            # No quorum queues here, or the queue already exists as a classic one: a classic queue it is.
-            # The refused declaration closed the channel, so open another.
-            channel = await connection.channel(publisher_confirms=False)
+        queue = None
+        if quorum:
+            try:
+                queue = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+            except aiormq.exceptions.ChannelClosed:
+                # No quorum queues here, or the queue already exists as a classic one: a classic queue it is.
+                # The refused declaration closed the channel, so open another.
+                channel = await connection.channel(publisher_confirms=False)
+                log.info("declaring classic queue %s (the broker refused a quorum queue)", name)
+        if queue is None:
             queue = await channel.declare_queue(name, durable=True)
-            log.info("declared classic queue %s (the broker refused a quorum queue)", name)
+            quorum = False
         ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         await queue.bind(ex, routing_key=f"{code}.#")
     finally:
         await channel.close()
-    return name
+    return quorum
 
 
 async def declare_agency_queue(amqp_url: str, code: str, *, exchange: str = DEFAULT_EXCHANGE,
@@ -105,7 +112,8 @@ async def declare_agency_queue(amqp_url: str, code: str, *, exchange: str = DEFA
     """
     connection = await aio_pika.connect(amqp_url, timeout=10)
     try:
-        return await _declare_on(connection, code, exchange=exchange, queue_prefix=queue_prefix)
+        await _declare_on(connection, code, exchange=exchange, queue_prefix=queue_prefix)
+        return queue_name(code, queue_prefix)
     finally:
         await connection.close()
 
@@ -170,6 +178,7 @@ class Relay:
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         # Agency code -> when its queue was last declared on this connection (time.monotonic()).
         self._declared: dict[str, float] = {}
+        self._classic: set[str] = set()  # agencies whose queue turned out classic: declared as such again
         self.published = 0  # events confirmed and marked by this relay, for logs and benchmarks
 
     async def connect(self) -> None:
@@ -183,6 +192,7 @@ class Relay:
 
     async def close(self) -> None:
         connection, self._connection, self._exchange = self._connection, None, None
+        self._declared.clear()
         if connection is not None:
             try:
                 await connection.close()
@@ -289,8 +299,9 @@ class Relay:
         now = time.monotonic()
         for code in sorted(c for c in codes if now - self._declared.get(c, -math.inf) >= REDECLARE_SECONDS):
             try:
-                await _declare_on(self._connection, code, exchange=self._exchange_name,
-                                  queue_prefix=self._queue_prefix)
+                if not await _declare_on(self._connection, code, exchange=self._exchange_name,
+                                         queue_prefix=self._queue_prefix, quorum=code not in self._classic):
+                    self._classic.add(code)
             except REFUSALS as exc:
                 log.warning("relay: the broker refused to declare the queue of agency %s (%s); its events wait "
                             "until its queue is declared as the relay declares it (durable, with no other "

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import shutil
 import signal
 import sys
 import time
 from datetime import datetime, timezone
+from urllib.parse import urlparse
 
 import aio_pika
 import aiormq
@@ -681,24 +683,31 @@ async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, 
         await close_relay(relay)
 
 
-async def _rabbitmqctl(*args: str, cleanup: bool = False) -> None:
-    """Run rabbitmqctl on this machine's broker (policies have no AMQP method). Where it cannot run (not
-    installed, or not root or rabbitmq), the test is skipped; a failed cleanup is only reported."""
+async def _rabbitmqctl(broker: Broker, *args: str, cleanup: bool = False) -> None:
+    """Run rabbitmqctl on this machine's broker (policies have no AMQP method). Where it cannot serve the
+    test's broker (not installed, not root or rabbitmq, or the broker is not this machine's on vhost /), the
+    test is skipped; a failed cleanup is only logged, never raised over the test's own outcome."""
+    url = urlparse(broker.url)
+    if url.hostname not in ("127.0.0.1", "localhost", "::1") or url.path not in ("", "/"):
+        pytest.skip(f"the test broker {url.hostname}{url.path} is not this machine's vhost /, which rabbitmqctl "
+                    "sets policies on")
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is not installed here: the test sets a broker policy with it")
     proc = await asyncio.create_subprocess_exec("rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+                                                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
     try:
         async with asyncio.timeout(60):
-            _, err = await proc.communicate()
+            out, _ = await proc.communicate()
+        failed = proc.returncode != 0
     except TimeoutError:
-        proc.kill()
-        err, proc.returncode = b"timed out after 60 s", -1
-    if proc.returncode != 0:
-        message = f"rabbitmqctl {' '.join(args[:1])} failed: {err.decode(errors='replace')[-500:]}"
+        os.killpg(proc.pid, signal.SIGKILL)  # its wrapper runs the Erlang VM as a child: the whole group
+        await proc.wait()
+        out, failed = b"no answer within 60 s", True
+    if failed:
+        message = f"rabbitmqctl {args[0]} failed: {out.decode(errors='replace')[-500:]}"
         if cleanup:
             logging.getLogger(__name__).warning(message)
-        elif b"Only root or rabbitmq" in err:
+        elif b"Only root or rabbitmq" in out:
             pytest.skip(message)
         else:
             raise AssertionError(message)
@@ -712,7 +721,7 @@ async def test_a_full_queue_holds_back_only_its_agency_until_its_consumer_catche
     has caught up and the backoff is over, MOI's events are published."""
     policy = f"paysvc-test-{broker.prefix.strip('.')}"
     pattern = "^" + broker.queue("MOI").replace(".", "\\.") + "$"
-    await _rabbitmqctl("set_policy", "-p", "/", "--apply-to", "queues", "--priority", "1000", policy, pattern,
+    await _rabbitmqctl(broker, "set_policy", "-p", "/", "--apply-to", "queues", "--priority", "1000", policy, pattern,
                        '{"max-length-bytes": 2000, "overflow": "reject-publish"}')
     try:
         await declare_agency_queue(broker.url, "MOI", exchange=broker.exchange, queue_prefix=broker.prefix)
@@ -740,7 +749,7 @@ async def test_a_full_queue_holds_back_only_its_agency_until_its_consumer_catche
         finally:
             await close_relay(relay)
     finally:
-        await _rabbitmqctl("clear_policy", "-p", "/", policy, cleanup=True)
+        await _rabbitmqctl(broker, "clear_policy", "-p", "/", policy, cleanup=True)
 
 
 async def test_a_queue_that_cannot_be_declared_holds_back_only_its_agency(db_dsn, broker: Broker, caplog):
@@ -878,5 +887,28 @@ async def test_a_queue_made_again_otherwise_while_the_relay_runs_is_noticed_when
         assert not await _published(db_dsn, later)
         assert set(relay._stuck) == {ids["MOI"]}
         assert await _queued_ids(broker, "MOI") == []
+    finally:
+        await close_relay(relay)
+
+
+async def test_a_classic_queue_is_declared_again_as_classic(db_dsn, broker: Broker, monkeypatch, caplog):
+    """An agency queue made before the broker had quorum queues is classic: the relay's quorum declaration is
+    refused and it declares a classic one. Declaring it again (every REDECLARE_SECONDS) it goes straight to
+    classic, instead of having the broker refuse (and log) a quorum declaration each time."""
+    import paysvc.relay as relay_module
+
+    await _moi_queue_declared_by_hand(broker)  # classic, durable, no other arguments: as the relay's own
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn, big=None)
+    relay = await make_relay(db_dsn, broker)
+    caplog.set_level(logging.INFO, logger="paysvc.relay")
+    try:
+        assert await relay.publish_pass() == 4
+        monkeypatch.setattr(relay_module, "REDECLARE_SECONDS", 0.0)
+        async with connect(db_dsn) as conn:
+            await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
+                            occurred_at=datetime.now(timezone.utc))
+        assert await relay.publish_pass() == 1
+        assert len(await _queued_ids(broker, "MOI")) == 4
+        assert sum("declaring classic queue" in r.getMessage() for r in caplog.records) == 1
     finally:
         await close_relay(relay)
