@@ -245,8 +245,9 @@ class Relay:
                 codes = {r["agency"] for r in pending}
                 log.warning("relay: %d events came back unrouted or refused (agencies %s); declaring their "
                             "queues again and publishing once more", len(pending), ", ".join(sorted(codes)))
-                for code in codes:
+                for code in codes:  # declared again, quorum first: the queue may be gone
                     self._declared.pop(code, None)
+                    self._classic.discard(code)
             refused = await self._declare({r["agency"] for r in pending})
             still += [r for r in pending if r["agency"] in refused]
             pending = [r for r in pending if r["agency"] not in refused]

@@ -894,7 +894,8 @@ async def test_a_queue_made_again_otherwise_while_the_relay_runs_is_noticed_when
 async def test_a_classic_queue_is_declared_again_as_classic(db_dsn, broker: Broker, monkeypatch, caplog):
     """An agency queue made before the broker had quorum queues is classic: the relay's quorum declaration is
     refused and it declares a classic one. Declaring it again (every REDECLARE_SECONDS) it goes straight to
-    classic, instead of having the broker refuse (and log) a quorum declaration each time."""
+    classic, instead of having the broker refuse (and log) a quorum declaration each time. Once the queue is
+    gone (deleted: its messages come back), the relay makes it again as a quorum queue."""
     import paysvc.relay as relay_module
 
     await _moi_queue_declared_by_hand(broker)  # classic, durable, no other arguments: as the relay's own
@@ -910,5 +911,18 @@ async def test_a_classic_queue_is_declared_again_as_classic(db_dsn, broker: Brok
         assert await relay.publish_pass() == 1
         assert len(await _queued_ids(broker, "MOI")) == 4
         assert sum("declaring classic queue" in r.getMessage() for r in caplog.records) == 1
+
+        await _delete_queue(broker, "MOI")
+        async with connect(db_dsn) as conn:
+            await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
+                            occurred_at=datetime.now(timezone.utc))
+        monkeypatch.setattr(relay_module, "REDECLARE_SECONDS", 60.0)  # not declared before sending: it returns
+        assert await relay.publish_pass() == 1
+        connection = await aio_pika.connect(broker.url)
+        try:  # the same declaration again is accepted only if the queue is a quorum queue
+            await (await connection.channel()).declare_queue(broker.queue("MOI"), durable=True,
+                                                             arguments={"x-queue-type": "quorum"})
+        finally:
+            await connection.close()
     finally:
         await close_relay(relay)
