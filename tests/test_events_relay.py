@@ -640,14 +640,6 @@ def _backoff_over(relay: Relay, agency_id: int) -> None:
     relay._stuck[agency_id] = (time.monotonic() - 0.001, wait)
 
 
-async def _delete_queue(broker: Broker, code: str) -> None:
-    connection = await aio_pika.connect(broker.url)
-    try:
-        await (await connection.channel()).queue_delete(broker.queue(code))
-    finally:
-        await connection.close()
-
-
 async def test_a_queue_that_refuses_messages_holds_back_only_its_agency(db_dsn, broker: Broker, caplog):
     """MOI's queue, declared by hand, takes at most 2 kB and refuses what would overflow it (reject-publish:
     the broker nacks it), as if the relay had declared it on this connection: it takes MOI's small events 1
