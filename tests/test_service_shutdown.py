@@ -1,10 +1,12 @@
-"""SIGTERM stops ``paysvc serve`` promptly and cleanly while portals write and its relay publishes."""
+"""SIGTERM stops ``paysvc serve`` (while portals write and its relay publishes) and ``paysvc relay`` promptly
+and cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 import time
+from datetime import datetime, timezone
 
 import aiohttp
 import asyncpg
@@ -71,3 +73,45 @@ async def test_sigterm_stops_the_service_promptly_while_it_publishes(db_dsn, bro
         await conn.close()
     assert len(created) > 20 and set(created) <= stored, "an invoice answered 201 is missing"
     assert set(created) <= evented, "an answered invoice has no invoice.created event"
+
+
+async def test_sigterm_stops_paysvc_relay_promptly_and_marks_only_what_was_delivered(db_dsn, broker: Broker):
+    """`paysvc relay` on its own, stopped with SIGTERM mid-stream: it exits by itself with status 0 and no
+    traceback, and every event it marked published is in the agency's queue (the rest stays in the outbox)."""
+    import sys
+
+    from paysvc.db import connect
+    from paysvc.outbox import add_event
+    from tests.conftest import running_api
+
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    got = await broker.consume("MOI")
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+        async with conn.transaction():
+            for i in range(3000):
+                await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"i": i},
+                                occurred_at=datetime.now(timezone.utc))
+    env = broker.env(db_dsn) | {"PAYSVC_RELAY_BATCH_SIZE": "100"}
+    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", env=env,
+                                                 stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_until(lambda: len(got) >= 250, 20, "the relay to be publishing")
+        started = time.monotonic()
+        relay.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            _, stderr = await relay.communicate()
+        took = time.monotonic() - started
+    finally:
+        if relay.returncode is None:
+            relay.kill()
+            await relay.wait()
+    assert relay.returncode == 0, stderr.decode()[-2000:]
+    assert b"Traceback" not in stderr, stderr.decode()[-2000:]
+    assert took < 10, f"stopping took {took:.1f} s"
+    await asyncio.sleep(0.5)  # let the consumer take what the relay sent last
+    async with connect(db_dsn) as conn:
+        marked = {str(r["id"]) for r in await conn.fetch(
+            "SELECT id FROM outbox_events WHERE published_at IS NOT NULL")}
+    assert marked and marked <= {m.message_id for m in got}, "marked published but never delivered"
