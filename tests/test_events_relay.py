@@ -23,8 +23,8 @@ from paysvc.event_keys import verify
 from paysvc.outbox import add_event
 from paysvc.relay import Relay, declare_agency_queue
 from tests.conftest import running_api
-from tests.test_events_support import (AMQP_URL, Broker, broker, close_relay, make_relay, signer,  # noqa: F401
-                                       wait_until)
+from tests.test_events_support import (AMQP_URL, Broker, broker, close_relay, make_relay,  # noqa: F401
+                                       relay_process_publishing, signer, wait_until)
 
 
 class Rollback(Exception):
@@ -228,23 +228,9 @@ async def test_broker_outage_while_invoices_are_written_loses_nothing(db_dsn, br
 
 
 async def test_a_relay_killed_mid_batch_loses_nothing(db_dsn, broker: Broker):
-    async with running_api(db_dsn) as api:
-        await api.agency("MOI")
-    got = await broker.consume("MOI")
-    async with connect(db_dsn) as conn:
-        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
-        async with conn.transaction():
-            for i in range(3000):
-                await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"i": i},
-                                occurred_at=datetime.now(timezone.utc))
-    env = broker.env(db_dsn) | {"PAYSVC_RELAY_BATCH_SIZE": "100"}
-    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", env=env,
-                                                 stderr=asyncio.subprocess.PIPE)
-    try:
-        await wait_until(lambda: len(got) >= 250, 20, "the relay to be publishing")
-    finally:
-        relay.send_signal(signal.SIGKILL)
-        await relay.wait()
+    relay, got, env = await relay_process_publishing(db_dsn, broker)
+    relay.send_signal(signal.SIGKILL)
+    await relay.wait()
     async with connect(db_dsn) as conn:
         published = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NOT NULL")
     assert 0 < published < 3000, "killed part-way"
@@ -601,13 +587,14 @@ async def test_in_one_pass_a_stuck_agency_backs_off_alone_and_a_success_clears_i
         await close_relay(relay)
 
 
-async def _moi_queue_declared_by_hand(broker: Broker, **arguments) -> None:
-    """MOI's queue, declared (classic) and bound beforehand with ``arguments`` the relay does not use."""
+async def _moi_queue_declared_by_hand(broker: Broker, *, durable: bool = True, **arguments) -> None:
+    """MOI's queue, declared (classic) and bound by hand, ``durable`` or not, with ``arguments`` the relay does
+    not use."""
     connection = await aio_pika.connect(broker.url)
     try:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue(broker.queue("MOI"), durable=True, arguments=arguments)
+        queue = await channel.declare_queue(broker.queue("MOI"), durable=durable, arguments=arguments)
         await queue.bind(exchange, routing_key="MOI.#")
     finally:
         await connection.close()
@@ -862,15 +849,8 @@ async def test_a_queue_made_again_otherwise_while_the_relay_runs_is_noticed_when
     relay = await make_relay(db_dsn, broker, backoff_initial=10)
     try:
         assert await relay.publish_pass() == 4
-        connection = await aio_pika.connect(broker.url)
-        try:
-            channel = await connection.channel()
-            await channel.queue_delete(broker.queue("MOI"))
-            exchange = await channel.declare_exchange(broker.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            queue = await channel.declare_queue(broker.queue("MOI"), durable=False)
-            await queue.bind(exchange, routing_key="MOI.#")
-        finally:
-            await connection.close()
+        await _delete_queue(broker, "MOI")
+        await _moi_queue_declared_by_hand(broker, durable=False)
         async with connect(db_dsn) as conn:
             later = await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
                                     occurred_at=datetime.now(timezone.utc))

@@ -7,9 +7,11 @@ import asyncio
 import base64
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import aio_pika
@@ -89,6 +91,36 @@ async def wait_until(condition: Callable[[], bool], timeout: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def relay_process_publishing(db_dsn: str, broker: "Broker", events: int = 3000
+                                   ) -> tuple[asyncio.subprocess.Process, list[Received], dict[str, str]]:
+    """Agency MOI with ``events`` events in its outbox and a ``paysvc relay`` process (batches of 100)
+    publishing them to MOI's recorded queue; returns (the process, what arrived so far, its environment)
+    once 250 have arrived, the process still running (killed if they never do)."""
+    from paysvc.db import connect
+    from paysvc.outbox import add_event
+    from tests.conftest import running_api
+
+    async with running_api(db_dsn) as api:
+        await api.agency("MOI")
+    got = await broker.consume("MOI")
+    async with connect(db_dsn) as conn:
+        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+        async with conn.transaction():
+            for i in range(events):
+                await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"i": i},
+                                occurred_at=datetime.now(timezone.utc))
+    env = broker.env(db_dsn) | {"PAYSVC_RELAY_BATCH_SIZE": "100"}
+    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", env=env,
+                                                 stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_until(lambda: len(got) >= 250, 20, "the relay to be publishing")
+    except BaseException:
+        relay.kill()
+        await relay.wait()
+        raise
+    return relay, got, env
 
 
 @pytest_asyncio.fixture

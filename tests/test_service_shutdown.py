@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from datetime import datetime, timezone
 
 import aiohttp
 import asyncpg
 
 from tests.service_process import ServiceProcess
-from tests.test_events_support import Broker, SIGNING_KEYS, broker, wait_until  # noqa: F401  (fixture)
+from tests.test_events_support import (Broker, SIGNING_KEYS, broker, relay_process_publishing,  # noqa: F401
+                                       wait_until)
 
 
 async def test_sigterm_stops_the_service_promptly_while_it_publishes(db_dsn, broker: Broker):
@@ -78,26 +78,10 @@ async def test_sigterm_stops_the_service_promptly_while_it_publishes(db_dsn, bro
 async def test_sigterm_stops_paysvc_relay_promptly_and_marks_only_what_was_delivered(db_dsn, broker: Broker):
     """`paysvc relay` on its own, stopped with SIGTERM mid-stream: it exits by itself with status 0 and no
     traceback, and every event it marked published is in the agency's queue (the rest stays in the outbox)."""
-    import sys
-
     from paysvc.db import connect
-    from paysvc.outbox import add_event
-    from tests.conftest import running_api
 
-    async with running_api(db_dsn) as api:
-        await api.agency("MOI")
-    got = await broker.consume("MOI")
-    async with connect(db_dsn) as conn:
-        agency_id = await conn.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
-        async with conn.transaction():
-            for i in range(3000):
-                await add_event(conn, agency_id=agency_id, type="invoice.paid", data={"i": i},
-                                occurred_at=datetime.now(timezone.utc))
-    env = broker.env(db_dsn) | {"PAYSVC_RELAY_BATCH_SIZE": "100"}
-    relay = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", env=env,
-                                                 stderr=asyncio.subprocess.PIPE)
+    relay, got, _ = await relay_process_publishing(db_dsn, broker)
     try:
-        await wait_until(lambda: len(got) >= 250, 20, "the relay to be publishing")
         started = time.monotonic()
         relay.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
