@@ -898,3 +898,97 @@ async def test_a_classic_queue_is_declared_again_as_classic(db_dsn, broker: Brok
             await connection.close()
     finally:
         await close_relay(relay)
+
+
+async def test_a_publish_the_broker_refuses_for_one_agency_holds_back_only_that_agency(db_dsn, broker: Broker,
+                                                                                        caplog):
+    """The relay's broker user may not publish MOI's routing keys on the exchange (a topic permission): the
+    broker closes the channel over MOI's first message. Only MOI's channel closes: MPWT's event in the same pass
+    is published, once, while MOI's events wait (its queue stays empty) and MOI backs off alone. Once the
+    permission covers MOI again and the backoff is over, MOI's events go through, in order."""
+    user = urlparse(broker.url).username or "guest"
+    await _rabbitmqctl(broker, "set_topic_permissions", "-p", "/", user, broker.exchange, r"^(?!MOI\.)", ".*")
+    try:
+        ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn, big=None)
+        mpwt_got = await broker.consume("MPWT")
+        await declare_agency_queue(broker.url, "MOI", exchange=broker.exchange, queue_prefix=broker.prefix)
+        relay = await make_relay(db_dsn, broker, backoff_initial=10)
+        caplog.set_level(logging.WARNING, logger="paysvc.relay")
+        try:
+            assert await relay.publish_pass() == 1
+            assert await _published(db_dsn, mpwt)
+            assert not any([await _published(db_dsn, i) for i in moi])
+            assert set(relay._stuck) == {ids["MOI"]}
+            assert await _queued_ids(broker, "MOI") == []
+            assert any("refused to take the events of agency MOI" in r.getMessage() for r in caplog.records)
+            assert await relay.publish_pass() == 0  # during MOI's backoff: left alone
+
+            await _rabbitmqctl(broker, "clear_topic_permissions", "-p", "/", user, broker.exchange)
+            _backoff_over(relay, ids["MOI"])
+            assert await relay.publish_pass() == 3
+            assert all([await _published(db_dsn, i) for i in moi])
+            assert relay._stuck == {}
+            assert await _queued_ids(broker, "MOI") == [str(i) for i in moi]
+            await wait_until(lambda: len(mpwt_got) >= 1, 5, "MPWT's event")
+            await asyncio.sleep(0.2)
+            assert [m.message_id for m in mpwt_got] == [str(mpwt)]  # not sent again by MOI's refusal
+        finally:
+            await close_relay(relay)
+    finally:
+        await _rabbitmqctl(broker, "clear_topic_permissions", "-p", "/", user, broker.exchange, cleanup=True)
+
+
+async def test_a_publish_failing_for_a_reason_not_the_agencys_fails_the_pass(db_dsn, broker: Broker):
+    """The events exchange is deleted under the relay: the broker closes the channel (not found) for every
+    agency alike. That is no agency's doing: the pass fails (no agency is held back), and after the relay
+    reconnects, which declares the exchange again, everything is published."""
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn, big=None)
+    relay = await make_relay(db_dsn, broker, backoff_initial=10)
+    try:
+        await relay.connect()
+        for code in ("MOI", "MPWT"):  # queues declared (this connection would not declare them again soon)
+            await declare_agency_queue(broker.url, code, exchange=broker.exchange, queue_prefix=broker.prefix)
+            relay._declared[code] = time.monotonic()
+        connection = await aio_pika.connect(broker.url)
+        try:
+            channel = await connection.channel()
+            await channel.exchange_delete(broker.exchange)
+        finally:
+            await connection.close()
+        with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+            await relay.publish_pass()
+        assert relay._stuck == {}
+        assert not await _published(db_dsn, mpwt)
+        await relay.close()
+        assert await relay.publish_pass() == 4
+        assert await _queued_ids(broker, "MOI") == [str(i) for i in moi]
+    finally:
+        await close_relay(relay)
+
+
+async def test_publishing_channels_beyond_the_cap_are_closed_least_recently_used_first(db_dsn, broker: Broker,
+                                                                                      monkeypatch):
+    """Each agency publishes on a channel of its own, kept open between passes; beyond MAX_CHANNELS the least
+    recently used one not needed by the pass is closed (and opened again when its agency has events)."""
+    import paysvc.relay as relay_module
+
+    ids, moi, mpwt = await _three_moi_events_and_one_mpwt(db_dsn, big=None)
+    monkeypatch.setattr(relay_module, "MAX_CHANNELS", 1)
+    relay = await make_relay(db_dsn, broker)
+    try:
+        assert await relay.publish_pass() == 4
+        assert list(relay._channels) == ["MOI", "MPWT"]  # both needed by that pass
+        mpwt_channel = relay._channels["MPWT"]
+        async with connect(db_dsn) as conn:
+            later = await add_event(conn, agency_id=ids["MOI"], type="invoice.paid", data={},
+                                    occurred_at=datetime.now(timezone.utc))
+        assert await relay.publish_pass() == 1 and await _published(db_dsn, later)
+        assert list(relay._channels) == ["MOI"] and mpwt_channel.is_closed
+        async with connect(db_dsn) as conn:
+            last = await add_event(conn, agency_id=ids["MPWT"], type="invoice.paid", data={},
+                                   occurred_at=datetime.now(timezone.utc))
+        assert await relay.publish_pass() == 1 and await _published(db_dsn, last)
+        assert list(relay._channels) == ["MPWT"]
+        assert await _queued_ids(broker, "MPWT") == [str(mpwt), str(last)]
+    finally:
+        await close_relay(relay)
