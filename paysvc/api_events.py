@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from paysvc import api_invoices, outbox
-from paysvc.errors import Forbidden, NotFound, ValidationFailed
+from paysvc.errors import NotFound, ValidationFailed
 from paysvc.event_keys import EventSigner, KeySet, signer_from_settings
 from paysvc.outbox import EVENT_TYPES
 from paysvc.queries import Q
@@ -122,7 +122,9 @@ async def feed(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     if p.agency_id is not None:
         if q.agency is not None and q.agency != p.agency_code:
-            raise Forbidden("an agency's key reads only its own events: leave out agency=")
+            # Another agency's data is not found, whether or not that agency exists (never "forbidden").
+            raise NotFound(f"no events feed {q.agency!r} for this key: an agency's key reads only its own "
+                           "events; leave out agency=")
         agency_id, code = p.agency_id, p.agency_code
     else:
         if q.agency is None:

@@ -62,6 +62,10 @@ def cmd_serve(settings: Settings, args) -> int:
 
         def listening(_aiohttp_message: str) -> None:  # called once the port is bound and startup is done
             print(f"paysvc listening on {settings.base_url}  (Ctrl-C to stop)", file=sys.stderr)
+            if settings.links_guessed:
+                log.warning("PAYSVC_PUBLIC_URL is not set: the payment links and QR image URLs handed to portals "
+                            "name %s; set it to the address citizens' phones reach this service at",
+                            settings.base_url)
 
         try:
             web.run_app(app, host=settings.host, port=settings.port, print=listening, access_log=None,

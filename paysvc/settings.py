@@ -159,7 +159,26 @@ class Settings(BaseSettings):
 
     @property
     def base_url(self) -> str:
-        return self.public_url or f"http://{self.host}:{self.port}"
+        """The base of the links handed out: ``public_url``, else this machine as the service listens on it.
+        Listening on every address (``0.0.0.0``, ``::``, as in the container image) names ``localhost``: the
+        wildcard is no address a browser can open; an IPv6 address is bracketed."""
+        if self.public_url:
+            return self.public_url
+        host = self.host
+        if host in WILDCARD_HOSTS:
+            host = "localhost"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def links_guessed(self) -> bool:
+        """Whether the links name an address guessed from the listening one, which other machines may not reach
+        (no ``public_url``, listening beyond loopback)."""
+        return self.public_url is None and self.host not in ("127.0.0.1", "localhost", "::1")
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def parse_keyring(raw: str, what: str) -> dict[str, bytes]:

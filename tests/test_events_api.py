@@ -77,8 +77,10 @@ async def test_replay_pages_through_one_agencys_events_only(db_dsn, invoice_body
 
         r = await api.client.get("/v1/events", headers=mpwt)
         assert [(e["agency"], e["seq"]) for e in (await r.json())["data"]] == [("MPWT", 1), ("MPWT", 2)]
-        r = await api.client.get("/v1/events", params={"agency": "MPWT"}, headers=moi)
-        assert r.status == 403
+        # another agency's feed is not found (404, as for an agency that does not exist; never 403)
+        for other in ("MPWT", "NOPE"):
+            r = await api.client.get("/v1/events", params={"agency": other}, headers=moi)
+            assert r.status == 404 and "reads only its own events" in (await r.json())["detail"]
         r = await api.client.get("/v1/events", headers=treasury)
         assert r.status == 422
         r = await api.client.get("/v1/events", params={"agency": "MPWT"}, headers=treasury)

@@ -52,3 +52,19 @@ def test_the_server_runs_on_uvloop_unless_told_otherwise(monkeypatch):
     monkeypatch.setenv("PAYSVC_EVENT_LOOP", "trio")
     with pytest.raises(SettingsError, match="PAYSVC_EVENT_LOOP"):
         load_settings()
+
+
+@pytest.mark.parametrize("host, port, public_url, base, guessed", [
+    ("127.0.0.1", 8080, None, "http://127.0.0.1:8080", False),
+    ("0.0.0.0", 8080, None, "http://localhost:8080", True),   # the container image listens on every address
+    ("::", 9000, None, "http://localhost:9000", True),
+    ("fd00::5", 8080, None, "http://[fd00::5]:8080", True),
+    ("0.0.0.0", 8080, "https://pay.gov.kh/", "https://pay.gov.kh", False),
+])
+def test_links_name_an_address_a_browser_can_open(host, port, public_url, base, guessed):
+    """Found by review: listening on 0.0.0.0 without PAYSVC_PUBLIC_URL, every pay_url named http://0.0.0.0:8080,
+    and an IPv6 address came out unbracketed (http://:::8080)."""
+    from paysvc.settings import Settings
+
+    settings = Settings(host=host, port=port, public_url=public_url)
+    assert (settings.base_url, settings.links_guessed) == (base, guessed)
