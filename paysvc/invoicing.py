@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -57,8 +58,25 @@ def new_invoice_id() -> str:
     return "inv_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
 
 
-def request_hash(body: Any) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def canonical_request(body: Any) -> bytes:
+    """The request body as the bytes its idempotency digest is made of (keys sorted, no spaces)."""
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def request_digest_matches(ctx: InvoiceContext, stored: str, request: bytes) -> bool:
+    """Whether the digest an idempotency record kept is that of this request's canonical bytes.
+
+    Digests are keyed (``{key id}:{HMAC}``, see ``PiiCipher.keyed_digest``): the body holds the payer, and a
+    plain SHA-256 of it, beside the invoice's other columns, let anyone who could read the database find the
+    payer's name and phone number by trying them (found by review). Records written before kept that plain
+    SHA-256 (64 hex digits, no key id): compared as such until they are pruned."""
+    if ":" not in stored:
+        return hmac.compare_digest(stored, hashlib.sha256(request).hexdigest())
+    try:
+        return ctx.cipher.digest_matches(stored, request)
+    except LookupError:
+        raise IdempotencyMismatch("this Idempotency-Key's first request can no longer be compared (the key its "
+                                  "digest was made with is no longer configured); use a new key") from None
 
 
 def _ms(dt: datetime) -> int:
@@ -219,7 +237,7 @@ async def _create_once(
     raw: Any, idempotency_key: str | None,
 ) -> tuple[int, dict[str, Any], bool]:
     now = now_utc()
-    digest = request_hash(raw) if idempotency_key is not None else None
+    request = canonical_request(raw) if idempotency_key is not None else None
     # Without an Idempotency-Key the work is one statement (invoice, code and event, all or nothing), so it
     # commits on its own: no BEGIN and COMMIT round trips. A key's claim must be held until the record commits.
     async with pool.acquire() as conn, (conn.transaction() if idempotency_key is not None else nullcontext()):
@@ -230,7 +248,7 @@ async def _create_once(
                     "a request with this Idempotency-Key is still being processed; retry in a moment"
                 )
             if claim["request_hash"] is not None:
-                return await _replay(conn, ctx, claim, digest)
+                return await _replay(conn, ctx, claim, request)
 
         agency = await ctx.agencies.get(conn, agency_id)
         number = await ctx.numbers.next(conn)
@@ -258,7 +276,8 @@ async def _create_once(
         result = await conn.fetchrow(
             Q.invoice_create, invoice_id, number, bill, agency_id, body.reference, body.description, body.currency,
             body.amount, row["line_items"], body.metadata, key_id, blob, expires_at, now, code.md5, payload,
-            agency["bakong_account"], code_expires, agency_code, idempotency_key, digest, kept, uuid.uuid4(),
+            agency["bakong_account"], code_expires, agency_code, idempotency_key,
+            ctx.cipher.keyed_digest(request) if request is not None else None, kept, uuid.uuid4(),
             _event_data(row),
         )
         if not result["created"]:
@@ -267,7 +286,7 @@ async def _create_once(
                 # snapshot was taken (while we waited for the key's lock): a fresh read finds its record.
                 record = await conn.fetchrow(Q.idempotency_lookup, agency_code, idempotency_key)
                 if record is not None:
-                    return await _replay(conn, ctx, record, digest)
+                    return await _replay(conn, ctx, record, request)
             existing = await conn.fetchval(Q.invoice_reference_owner, agency_id, body.reference)
             raise Conflict(
                 f"reference {body.reference!r} is already used by invoice {existing}; references are unique per "
@@ -280,10 +299,10 @@ async def _create_once(
 PAYER_IN_INVOICE = "encrypted in the invoice"  # stands for the payer in a stored idempotent answer
 
 
-async def _replay(conn: asyncpg.Connection, ctx: InvoiceContext, record, digest: str | None
+async def _replay(conn: asyncpg.Connection, ctx: InvoiceContext, record, request: bytes | None
                   ) -> tuple[int, dict[str, Any], bool]:
     """The first answer of an idempotency key again, with its payer decrypted from the invoice."""
-    if record["request_hash"] != digest:
+    if request is None or not request_digest_matches(ctx, record["request_hash"], request):
         raise IdempotencyMismatch("this Idempotency-Key was used with a different body; use a new key for a new "
                                   "request")
     response = record["response"]

@@ -7,6 +7,8 @@ becomes active. The row's id is bound in as associated data: a ciphertext copied
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 
@@ -21,8 +23,28 @@ class PiiCipher:
         if not keys:
             raise ValueError("at least one key is needed")
         self._keys = {kid: AESGCM(k) for kid, k in keys.items()}
+        # Each key's MAC key, derived from it for that use alone (the AES key itself is never a MAC key).
+        self._mac_keys = {kid: hmac.new(k, b"paysvc keyed digest v1", hashlib.sha256).digest()
+                          for kid, k in keys.items()}
         self.active_key_id = next(iter(keys))
         self.key_ids = frozenset(keys)
+
+    def keyed_digest(self, data: bytes) -> str:
+        """``{key id}:{hex HMAC-SHA256 of data}`` under the active key: a digest of data that holds personal
+        details (a request body with its payer), which nobody without the key can test guesses against. A plain
+        hash could be: the payer's name and phone number are few enough to try them all."""
+        kid = self.active_key_id
+        return f"{kid}:{hmac.new(self._mac_keys[kid], data, hashlib.sha256).hexdigest()}"
+
+    def digest_matches(self, digest: str, data: bytes) -> bool:
+        """Whether ``digest`` (from ``keyed_digest``, under any configured key) is that of ``data``. Raises
+        ``LookupError`` when its key is not configured."""
+        kid, _, mac = digest.rpartition(":")
+        try:
+            key = self._mac_keys[kid]
+        except KeyError:
+            raise LookupError(f"the digest was made with key {kid!r}, which is not configured") from None
+        return hmac.compare_digest(mac, hmac.new(key, data, hashlib.sha256).hexdigest())
 
     def encrypt(self, value: dict, *, aad: str) -> tuple[str, bytes]:
         nonce = os.urandom(12)

@@ -588,3 +588,54 @@ async def test_an_idempotent_answer_is_kept_without_the_payer_in_clear_and_repla
     again = await api.client.post("/v1/invoices", json=body, headers=h)
     assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true"
     assert await again.json() == await first.json()   # the payer included, decrypted from the invoice
+
+
+async def test_an_idempotency_record_keeps_a_keyed_digest_nobody_can_test_payer_guesses_against(db_dsn, invoice_body):
+    """Found by review: the record kept a plain SHA-256 of the request, payer included; every other field of
+    the body can be read from the invoice's row, so trying names and phone numbers against the hash found the
+    payer in seconds. The digest is now an HMAC under the payer-data key (key id first). A record written
+    before (plain SHA-256) still replays; so does one after the key rotated (the old key kept); a record whose
+    key is gone is refused with what to do, never taken for a match."""
+    import base64
+    import hashlib
+
+    from paysvc.db import connect
+    from paysvc.invoicing import canonical_request
+    from tests.conftest import TEST_PII_KEYS, running_api
+
+    body = invoice_body(payer={"name": "Sok Dara", "phone": "+855 12 345 678"})
+    async with running_api(db_dsn) as api:
+        h = await api.portal("MOI")
+        hk = {**h, "Idempotency-Key": "k-1"}
+        r = await api.client.post("/v1/invoices", json=body, headers=hk)
+        assert r.status == 201
+        first = await r.json()
+        async with connect(db_dsn) as conn:
+            stored = await conn.fetchval("SELECT request_hash FROM idempotency_keys WHERE key = 'k-1'")
+            plain = hashlib.sha256(canonical_request(body)).hexdigest()
+            assert stored.startswith("t1:") and plain not in stored
+            await conn.execute("UPDATE idempotency_keys SET request_hash = $1 WHERE key = 'k-1'", plain)
+        r = await api.client.post("/v1/invoices", json=body, headers=hk)  # a record from before: plain SHA-256
+        assert r.status == 201 and r.headers.get("Idempotent-Replayed") == "true" and await r.json() == first
+        r = await api.client.post("/v1/invoices", json={**body, "amount": 50001}, headers=hk)
+        assert r.status == 422
+        async with connect(db_dsn) as conn:
+            await conn.execute("UPDATE idempotency_keys SET request_hash = $1 WHERE key = 'k-1'", stored)
+        no_payer = invoice_body()
+        r = await api.client.post("/v1/invoices", json=no_payer, headers={**h, "Idempotency-Key": "k-2"})
+        assert r.status == 201
+
+    rotated = "t2:" + base64.b64encode(b"n" * 32).decode() + "," + TEST_PII_KEYS
+    async with running_api(db_dsn, pii_keys=rotated) as api:
+        r = await api.client.post("/v1/invoices", json=body, headers=hk)
+        assert r.status == 201 and await r.json() == first
+        r = await api.client.post("/v1/invoices", json={**body, "description": "other"}, headers=hk)
+        assert r.status == 422
+
+    async with connect(db_dsn) as conn:  # t1 gone: only k-1's invoice holds a payer (under t1); drop it from it
+        await conn.execute("ALTER TABLE invoices DISABLE TRIGGER USER")
+        await conn.execute("UPDATE invoices SET payer_key_id = NULL, payer_ciphertext = NULL")
+        await conn.execute("ALTER TABLE invoices ENABLE TRIGGER USER")
+    async with running_api(db_dsn, pii_keys="t2:" + base64.b64encode(b"n" * 32).decode()) as api:
+        r = await api.client.post("/v1/invoices", json=no_payer, headers={**h, "Idempotency-Key": "k-2"})
+        assert r.status == 422 and "can no longer be compared" in (await r.json())["detail"]
