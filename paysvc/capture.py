@@ -86,9 +86,15 @@ def decide(notice: PaymentNotice, invoice: dict | None, code: dict | None, *,
     if not trusted:
         # The time cannot say whether it was paid in time: treasury decides.
         return to_suspense("paid_at_implausible")
+    if status == "expired":
+        # Expired is final: the portal was told (invoice.expired) and may have issued another invoice, so money
+        # that arrives now is held for treasury, who can still match it to this invoice (found by review: a
+        # payment made in time but reported after the expiry job ran paid the invoice, and invoice.paid
+        # followed invoice.expired).
+        return to_suspense("invoice_expired")
     if notice.paid_at > invoice["expires_at"]:
-        # Paid after the invoice closed, whether or not the expiry job has marked it yet. A payment made in
-        # time but reported late still pays it.
+        # Paid after the invoice closed, before the expiry job marked it. One made in time and reported before
+        # the job ran pays it.
         return to_suspense("invoice_expired")
     owed = invoice["amount"] - invoice["amount_paid"]
     if notice.amount < owed:

@@ -90,7 +90,8 @@ def _from_ms(ms: int) -> datetime:
 async def _issue_khqr(
     conn: asyncpg.Connection, ctx: InvoiceContext, agency, invoice, now: datetime, after: datetime | None
 ) -> KhqrOut | None:
-    """Issue a fresh code for an open invoice (caller holds the invoice row lock)."""
+    """Issue a fresh code for an open invoice (caller holds the invoice row lock), for what it still owes:
+    its amount, less a part payment treasury applied to it."""
     # Codes of one invoice differ by their creation millisecond; keep them strictly increasing.
     created_ms = _ms(now)
     if after is not None:
@@ -99,11 +100,12 @@ async def _issue_khqr(
     expires = khqr_window(created, invoice["expires_at"], ctx.khqr_ttl)
     if expires is None:
         return None
+    owed = invoice["amount"] - invoice["amount_paid"]
     for _ in range(5):
         data = khqr_content(
             agency,
             currency=invoice["currency"],
-            amount=invoice["amount"],
+            amount=owed,
             bill=invoice["bill_number"],
             created_ms=created_ms,
             expires_ms=_ms(expires),
@@ -112,7 +114,7 @@ async def _issue_khqr(
         digest = khqr.md5(payload)
         inserted = await conn.fetchval(
             Q.khqr_insert, digest, invoice["id"], payload, agency["bakong_account"], invoice["currency"],
-            invoice["amount"], _from_ms(created_ms), _from_ms(_ms(expires)),
+            owed, _from_ms(created_ms), _from_ms(_ms(expires)),
         )
         if inserted:
             await conn.execute(Q.invoice_set_khqr, invoice["id"], digest)
@@ -363,6 +365,12 @@ async def cancel_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: 
             raise NotFound(f"no invoice {invoice_id!r} for this agency")
         if row["status"] != "open":
             raise InvalidState(f"invoice is {row['status']}; only an open invoice can be cancelled",
+                               invoice_status=row["status"])
+        if row["amount_paid"]:
+            # Cancelling would leave that money booked to the agency for an invoice that asks for nothing more.
+            raise InvalidState(f"{row['amount_paid']} of this invoice's {row['amount']} is paid (a part payment "
+                               "treasury applied to it), so it cannot be cancelled: the citizen can pay the rest "
+                               "with its current code",
                                invoice_status=row["status"])
         row = await conn.fetchrow(Q.invoice_cancel, invoice_id, now)
         # No money moved, so nothing is posted to the ledger.

@@ -45,8 +45,10 @@ class PayState(BaseModel):
     invoice_id: str
     status: Status
     currency: Currency
-    amount: int = Field(description="minor units: riel for KHR, cents for USD")
-    amount_display: str = Field(description="the amount as a citizen reads it: '50,000 ៛' or '$12.50'")
+    amount: int = Field(description="the invoice's amount, in minor units: riel for KHR, cents for USD")
+    amount_due: int = Field(description="what is left to pay while open (less than amount once treasury has "
+                                        "applied a part payment); the amount otherwise")
+    amount_display: str = Field(description="the amount due as a citizen reads it: '50,000 ៛' or '$12.50'")
     agency: PayAgency
     description: str
     khqr: KhqrOut | None = Field(description="the code to pay now; null once the invoice is no longer open")
@@ -82,12 +84,14 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
                                                    agency_id=None)
         except InvalidState as exc:  # paid, cancelled or run out since we read it
             status = exc.extra.get("invoice_status", "expired")
+    due = row["amount"] - row["amount_paid"] if status == "open" else row["amount"]
     return PayState(
         invoice_id=invoice_id,
         status=status,
         currency=row["currency"],
         amount=row["amount"],
-        amount_display=amount_display(row["currency"], row["amount"]),
+        amount_due=due,
+        amount_display=amount_display(row["currency"], due),
         agency=PayAgency(name=row["agency_name"], name_km=row["agency_name_km"]),
         description=row["description"],
         khqr=code,

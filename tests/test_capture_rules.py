@@ -56,7 +56,7 @@ def test_the_reasons():
     late = invoice(status="expired", expires_at=T0 - timedelta(seconds=1))
     assert decide(notice(), late, CODE).reason == "invoice_expired"
     in_time = invoice(status="expired", expires_at=T0)
-    assert decide(notice(), in_time, CODE).reason is None  # paid before expiry, reported after
+    assert decide(notice(), in_time, CODE).reason == "invoice_expired"  # expired is final (see below)
 
 
 def test_provider_silent_on_account_is_not_a_mismatch():
@@ -71,9 +71,12 @@ def test_a_payment_after_expiry_is_late_whether_or_not_the_expiry_job_has_run():
     assert decide(notice(), invoice(status="expired", **lapsed), CODE).reason == "invoice_expired"
     late = decide(notice(), invoice(status="open", **lapsed), CODE)
     assert (late.applied, late.suspense, late.pays_invoice) == (0, 50000, False)
-    # Made in time, reported after the invoice closed: it still pays, marked expired or not.
-    for status in ("open", "expired"):
-        assert decide(notice(), invoice(status=status, expires_at=T0), CODE).reason is None
+    # Made in time, reported after the invoice closed: it pays while the job has not marked it yet; once marked
+    # expired (the portal told) it is held for treasury, however early it was made.
+    assert decide(notice(), invoice(status="open", expires_at=T0), CODE).reason is None
+    assert decide(notice(), invoice(status="expired", expires_at=T0), CODE).reason == "invoice_expired"
+    assert decide(notice(), invoice(status="expired", expires_at=T0 + timedelta(hours=1)),
+                  CODE).reason == "invoice_expired"
 
 
 def test_a_notice_naming_a_code_we_never_issued_is_unknown_even_when_its_bill_number_matches():

@@ -19,7 +19,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = "/tmp/pay_page.png"
-STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_display", "agency", "description", "khqr",
+STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_due", "amount_display", "agency", "description", "khqr",
                 "qr_svg_url", "server_time"}
 
 

@@ -131,7 +131,11 @@ async def test_odd_payments_are_kept_in_suspense_and_raised(api, portal, treasur
         assert got["status"] == "open" and got["amount_paid"] == 0
 
 
-async def test_payment_made_in_time_but_reported_after_expiry_still_pays(api, portal, invoice_body):
+async def test_a_payment_for_an_expired_invoice_is_held_for_treasury_even_when_made_in_time(api, portal, treasury,
+                                                                                          invoice_body):
+    """Expired is final: the portal was told, and may have issued another invoice. A payment made before the
+    expiry but reported after the expiry job ran goes to suspense as invoice_expired (it used to pay the invoice,
+    so invoice.paid followed invoice.expired: found by review); treasury can still match it to the invoice."""
     inv = await new_invoice(api, portal, invoice_body)
     paid_at = datetime.now(UTC)
     conn = await asyncpg.connect(api.dsn)
@@ -139,9 +143,51 @@ async def test_payment_made_in_time_but_reported_after_expiry_still_pays(api, po
                        inv["id"], paid_at + timedelta(milliseconds=1))
     await conn.close()
     r = await pay(api.client, inv, paid_at=paid_at)
+    assert (await r.json())["payments"][0]["exception"] == "invoice_expired"
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "expired" and got["amount_paid"] == 0
+    assert (await balances(api.dsn))["suspense:unmatched:KHR"] == -inv["amount"]
+    [exc] = await exceptions(api, treasury, reason="invoice_expired")
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury, json={
+        "action": "match_to_invoice", "invoice_id": inv["id"], "note": "paid in time; the bank reported it late"})
+    assert r.status == 200, await r.text()
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["status"] == "paid" and got["amount_paid"] == inv["amount"]
+
+
+async def test_a_part_payment_treasury_applies_leaves_a_code_for_the_rest(api, portal, treasury, invoice_body):
+    """Found by review: after treasury applied an underpaid payment to its invoice, every new code (and the
+    payment page) still asked for the whole amount, so finishing meant paying it all again (booked overpaid),
+    and the invoice could be cancelled with the part paid left in the agency's revenue."""
+    from paysvc import khqr
+
+    inv = await new_invoice(api, portal, invoice_body, amount=1000)
+    r = await pay(api.client, inv, amount=400)
+    assert (await r.json())["payments"][0]["exception"] == "underpaid"
+    [exc] = await exceptions(api, treasury, reason="underpaid")
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury, json={
+        "action": "match_to_invoice", "invoice_id": inv["id"], "note": "the citizen will pay the rest"})
+    assert r.status == 200, await r.text()
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"], got["khqr"]) == ("open", 400, None)  # the old code asked for 1000
+
+    r = await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=portal)
+    assert r.status == 200, await r.text()
+    code = await r.json()
+    assert code["md5"] != inv["khqr"]["md5"] and khqr.decode(code["payload"]).amount == 600
+    state = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert (state["amount"], state["amount_due"], state["amount_display"]) == (1000, 600, "600 ៛")
+    assert state["khqr"]["md5"] == code["md5"]
+
+    r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=portal)
+    assert r.status == 409 and "400 of this invoice's 1000 is paid" in (await r.json())["detail"]
+
+    r = await pay(api.client, {**inv, "khqr": code}, amount=600)
     assert (await r.json())["payments"][0]["exception"] is None
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
-    assert got["status"] == "paid"
+    assert (got["status"], got["amount_paid"]) == ("paid", 1000)
+    b = await balances(api.dsn)
+    assert b["agency:MOI:revenue:KHR"] == -1000 and b["suspense:unmatched:KHR"] == 0
 
 
 async def test_exceptions_need_a_treasury_key(api, portal):

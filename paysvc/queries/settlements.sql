@@ -369,10 +369,13 @@ SELECT i.id, i.agency_id, a.code AS agency_code, i.status, i.currency, i.amount,
   FROM invoices i JOIN agencies a ON a.id = i.agency_id WHERE i.id = $1 FOR UPDATE OF i
 
 -- name: invoice_apply_resolution
+-- A part payment leaves the invoice without a current code: the one it had asks for the whole amount, and the
+-- next code issued (GET .../khqr, the payment page) asks for what is left.
 UPDATE invoices
    SET amount_paid = amount_paid + $2,
        status = CASE WHEN amount_paid + $2 >= amount THEN 'paid' ELSE status END,
-       paid_at = CASE WHEN amount_paid + $2 >= amount AND paid_at IS NULL THEN $3 ELSE paid_at END
+       paid_at = CASE WHEN amount_paid + $2 >= amount AND paid_at IS NULL THEN $3 ELSE paid_at END,
+       current_khqr_md5 = CASE WHEN amount_paid + $2 >= amount THEN current_khqr_md5 END
  WHERE id = $1 AND status IN ('open', 'expired')
 RETURNING id, status, amount, amount_paid, currency, reference, bill_number
 
