@@ -2,14 +2,13 @@
 
 One pass: in one transaction, claim agencies with unpublished events (a transaction-scoped advisory lock
 per agency, skipped when another relay holds it), read each claimed agency's next unpublished events in
-seq order, publish them with publisher confirms on a channel per agency (``mandatory``: a message no queue
-takes comes back; one the broker refuses is nacked, or closes that agency's channel; either way its agency's
-queue is declared again and it is sent once more, or it stays unpublished and that agency backs off alone),
-wait for every confirm, then mark those a queue took published with one UPDATE and commit. An agency is thus
-handled by one relay at a time, the next holder sees what the previous one committed, and a crash anywhere
-before the commit only means the same rows are published again (consumers dedupe on ``message_id``). When
-the broker is unreachable the relay logs and retries with backoff; the outbox keeps growing meanwhile and
-drains when the broker returns.
+seq order, publish them on one channel with publisher confirms (``mandatory``: a message no queue takes
+comes back, one the broker refuses is nacked; its agency's queue is declared again and it is sent once more,
+or it stays unpublished and that agency backs off alone), wait for every confirm, then mark those a queue took
+published with one UPDATE and commit. An agency is thus handled by one relay at a time, the next holder
+sees what the previous one committed, and a crash anywhere before the commit only means the same rows
+are published again (consumers dedupe on ``message_id``). When the broker is unreachable the relay logs
+and retries with backoff; the outbox keeps growing meanwhile and drains when the broker returns.
 """
 
 from __future__ import annotations
@@ -75,15 +74,6 @@ REDECLARE_SECONDS = 60.0
 # exclusive queue (405). Any other failure is not the agency's doing and fails the pass as usual.
 REFUSALS = (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPreconditionFailed,
             aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ChannelLockedResource)
-
-# What the broker answers when it refuses one agency's publish, closing only that agency's channel: access
-# refused (403: a topic permission that does not cover the agency's routing keys) or a precondition failed
-# (406: a message over the broker's max_message_size). Anything else (the exchange gone, the connection
-# lost) is not the agency's doing and fails the pass as usual.
-PUBLISH_REFUSALS = (aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPreconditionFailed)
-
-# Open publishing channels kept per connection, one per agency, the least recently used closed beyond this.
-MAX_CHANNELS = 64
 
 
 async def _declare_on(connection: aio_pika.abc.AbstractConnection, code: str, *, exchange: str,
@@ -189,8 +179,6 @@ class Relay:
         # Agency code -> when its queue was last declared on this connection (time.monotonic()).
         self._declared: dict[str, float] = {}
         self._classic: set[str] = set()  # agencies whose queue turned out classic: declared as such again
-        # Agency code -> its publishing channel (confirms on) on this connection, least recently used first.
-        self._channels: dict[str, aio_pika.abc.AbstractChannel] = {}
         self.published = 0  # events confirmed and marked by this relay, for logs and benchmarks
 
     async def connect(self) -> None:
@@ -201,12 +189,10 @@ class Relay:
         self._exchange = await channel.declare_exchange(self._exchange_name, aio_pika.ExchangeType.TOPIC,
                                                         durable=True)
         self._declared.clear()
-        self._channels.clear()
 
     async def close(self) -> None:
         connection, self._connection, self._exchange = self._connection, None, None
         self._declared.clear()
-        self._channels.clear()
         if connection is not None:
             try:
                 await connection.close()
@@ -328,83 +314,41 @@ class Relay:
 
     async def _send(self, rows: list[asyncpg.Record]) -> set[Any]:
         """Publish ``rows`` (mandatory, confirmed); return the ids of those the broker did not take: returned
-        unrouted, refused (nacked: a full queue that rejects publishes, say), or sent on an agency's channel
-        that the broker closed over one of that agency's messages (``PUBLISH_REFUSALS``: logged).
+        unrouted, or refused (nacked: a full queue that rejects publishes, say).
 
-        Each agency's messages go on a channel of its own, so a refusal that closes the channel holds back
-        that agency alone: with one channel for all, the other agencies' unconfirmed messages failed with it,
-        the whole pass failed, and every agency waited and got its messages again at each retry.
-        Raises when a publish fails otherwise (the connection is gone): nothing of the batch is then marked.
+        Raises when a publish fails (the channel or connection is gone): nothing of the batch is then marked.
         """
+        assert self._exchange is not None
+        channel = await self._exchange.channel.get_underlay_channel()
         sign, key_id = self._signer.sign, self._signer.active_key_id
-        by_agency: dict[str, list[asyncpg.Record]] = {}
-        for r in rows:
-            by_agency.setdefault(r["agency"], []).append(r)
-        await self._close_idle_channels(keep=set(by_agency))
-        sent: list[asyncpg.Record] = []
         publishes = []
-        for code, agency_rows in by_agency.items():
-            channel = await self._channel(code)
-            for r in agency_rows:
-                body = message_body(r)
-                properties = aiormq.spec.Basic.Properties(
-                    message_id=str(r["id"]), content_type="application/json", delivery_mode=2,
-                    message_type=r["type"], headers={SIGNATURE_HEADER: sign(body), KEY_ID_HEADER: key_id},
-                )
-                # aiormq sends publishes on one channel in call order (a FIFO lock), so the agency's messages
-                # reach its queue in seq order. wait=False skips a socket drain per message; the broker's
-                # confirm is still awaited for every one. mandatory: a message no queue takes is returned
-                # (basic.return, then its ack), and aiormq resolves its publish with the returned message.
-                publishes.append(channel.basic_publish(body, exchange=self._exchange_name,
-                                                       routing_key=routing_key(code, r["type"]),
-                                                       properties=properties, mandatory=True, wait=False))
-                sent.append(r)
+        for r in rows:
+            body = message_body(r)
+            properties = aiormq.spec.Basic.Properties(
+                message_id=str(r["id"]), content_type="application/json", delivery_mode=2, message_type=r["type"],
+                headers={SIGNATURE_HEADER: sign(body), KEY_ID_HEADER: key_id},
+            )
+            # aiormq sends publishes on one channel in call order (a FIFO lock), so each agency's messages
+            # reach its queue in seq order. wait=False skips a socket drain per message; the broker's
+            # confirm is still awaited for every one. mandatory: a message no queue takes is returned
+            # (basic.return, then its ack), and aiormq resolves its publish with the returned message.
+            publishes.append(channel.basic_publish(body, exchange=self._exchange_name,
+                                                   routing_key=routing_key(r["agency"], r["type"]),
+                                                   properties=properties, mandatory=True, wait=False))
         async with asyncio.timeout(self._publish_timeout):  # not wait_for: on 3.11 it can swallow a cancellation
             results = await asyncio.gather(*publishes, return_exceptions=True)
         not_taken = set()
-        refused: dict[str, BaseException] = {}
-        for r, result in zip(sent, results):
+        for r, result in zip(rows, results):
             if isinstance(result, aiormq.exceptions.DeliveryError) and isinstance(result.frame,
                                                                                   aiormq.spec.Basic.Nack):
                 not_taken.add(r["id"])  # a nack: the broker did not take it
-            elif isinstance(result, PUBLISH_REFUSALS):
-                # The broker closed this agency's channel: this message and every one after it on the channel
-                # failed with it (those before it may have been taken all the same: sent again, consumers
-                # dedupe).
-                not_taken.add(r["id"])
-                refused.setdefault(r["agency"], result)
             elif isinstance(result, BaseException):
                 raise result
             elif isinstance(result, (aiormq.abc.DeliveredMessage, aiormq.spec.Basic.Return)):
                 not_taken.add(r["id"])
             elif not isinstance(result, aiormq.spec.Basic.Ack):  # not a confirm at all: something is wrong
                 raise aiormq.exceptions.DeliveryError(None, result)
-        for code, exc in sorted(refused.items()):
-            self._channels.pop(code, None)
-            log.warning("relay: the broker refused to take the events of agency %s (%s); they wait, and only "
-                        "this agency's (check the relay user's topic permissions on the exchange and the "
-                        "broker's max_message_size)", code, exc)
         return not_taken
-
-    async def _channel(self, code: str) -> aiormq.abc.AbstractChannel:
-        """The agency's publishing channel on this connection (opened, with confirms, if it has none open)."""
-        assert self._connection is not None
-        channel = self._channels.pop(code, None)
-        if channel is None or channel.is_closed:
-            channel = await self._connection.channel(publisher_confirms=True)
-        self._channels[code] = channel  # last: the most recently used
-        return await channel.get_underlay_channel()
-
-    async def _close_idle_channels(self, keep: set[str]) -> None:
-        """Close the least recently used channels, except those of ``keep``, so that with the channels ``keep``
-        still needs no more than ``MAX_CHANNELS`` are open (or only those of ``keep``)."""
-        excess = len(self._channels) + len(keep - self._channels.keys()) - MAX_CHANNELS
-        for code in [c for c in self._channels if c not in keep][:max(excess, 0)]:
-            channel = self._channels.pop(code)
-            try:
-                await channel.close()
-            except Exception:  # already closed by the broker, say: gone either way
-                pass
 
     async def drain(self) -> int:
         """Publish until nothing this relay can claim is left; return how many it published."""
