@@ -63,6 +63,7 @@ async def _report(settings: Settings, dsn: str, args) -> dict | None:
     from paysvc.api_settlements import rules_of
     from paysvc.db import connect
     from paysvc.invoicing import now_utc
+    from paysvc.queries import Q
     from paysvc.settlement_days import business_date
     from paysvc.settlement_report import report_csv, report
 
@@ -70,9 +71,11 @@ async def _report(settings: Settings, dsn: str, args) -> dict | None:
     async with connect(dsn) as conn:
         if args.csv:
             async with conn.transaction(readonly=True):
+                if await conn.fetchrow(Q.settlement_get, args.settlement_id) is None:
+                    return None  # found by review: report_csv of an unknown id printed a traceback
                 async for chunk in report_csv(conn, args.settlement_id, rules=rules):
                     sys.stdout.buffer.write(chunk)
-            return None
+            return _STREAMED
         return await report(conn, args.settlement_id, rules=rules, today=business_date(now_utc(), rules.cutoff))
 
 
@@ -120,12 +123,15 @@ def cmd_recheck(settings: Settings, args) -> int:
     return 0
 
 
+_STREAMED: dict = {}  # _report's answer once it has written the CSV to standard output
+
+
 def cmd_report(settings: Settings, args) -> int:
     out = _run(settings, _report, args)
-    if out is None and not args.csv:
+    if out is None:
         print(f"paysvc settlements: no settlement {args.settlement_id!r}", file=sys.stderr)
         return 1
-    if out is not None:
+    if out is not _STREAMED:
         print(json.dumps(out, indent=2, default=str))
     return 0
 

@@ -75,7 +75,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
     clock = _Clock(timings)
     # One import of a provider at a time: matching reads which of its payments earlier files (of any day)
     # settled, so a file imported meanwhile waits for this one and then sees its lines.
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('paysvc:settlement:' || $1, 0))", provider)
+    await lock_provider(conn, provider)
     settlement_id = new_id("stl")
     claimed = await conn.fetchval(Q.settlement_claim, settlement_id, provider, fmt, business_date, data_sha256,
                                   file_name, file_size, now, imported_by)
@@ -190,9 +190,20 @@ def _today(now: datetime, rules: Rules) -> date:
     return business_date(now, rules.cutoff)
 
 
+async def lock_provider(conn: asyncpg.Connection, provider: str) -> None:
+    """Hold the provider's settlement lock to the end of the caller's transaction (see ``provider_lock``)."""
+    await conn.execute(Q.provider_lock, provider)
+
+
 async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today: date, rules: Rules,
                         now: datetime) -> int:
-    """Raise ``missing_in_settlement`` for payments still unsettled after the grace; returns how many."""
+    """Raise ``missing_in_settlement`` for payments still unsettled after the grace; returns how many.
+
+    Holds the provider's settlement lock (every provider's, in order, when ``provider`` is None) to the end
+    of the caller's transaction: an import running meanwhile has lines it has not committed yet, and a check
+    that does not wait for it raised the payments that import settles (found by review)."""
+    for name in [provider] if provider is not None else [r["provider"] for r in await conn.fetch(Q.payment_providers)]:
+        await lock_provider(conn, name)
     _, until = window(last_day_in_grace(today, rules.grace_days), rules.cutoff)
     rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now)
     await conn.execute(Q.events_exceptions_opened, [r["id"] for r in rows], now)  # queries/events.sql

@@ -59,8 +59,12 @@ import ledger
 from ledger import accounts
 from paysvc.outbox import add_event, journal_posted
 from paysvc.queries import Q
+from paysvc.settlement_import import lock_provider
 
 Action = Literal["match_to_invoice", "refund_due", "write_off"]
+# Exceptions an import reads (sorting its lines) or closes (settled late): resolved under the provider's lock.
+IMPORT_READS = ("missing_in_settlement", "settled_after_resolution")
+
 CAPTURE_REASONS = ("unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
                    "duplicate_payment", "underpaid", "overpaid", "paid_at_implausible")
 
@@ -270,11 +274,24 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
                   invoice_id: str | None, by: str, now: datetime, bank_account: str) -> dict:
     """Resolve one open exception in the caller's transaction; raises LookupError, AlreadyResolved,
     ResolutionRefused."""
+    peek = await conn.fetchrow(Q.exception_reason_provider, exception_id)
+    if peek is not None and peek["reason"] in IMPORT_READS and peek["provider"] is not None:
+        # An import of this provider reads these exceptions when it sorts its lines and closes those its lines
+        # settle: resolve one only between imports (its provider's lock, taken before the row lock, in the
+        # import's order). Found by review: a write_off committed while an import ran, after it had sorted
+        # its line as matched, so the import's entry credited the provider's clearing a second time.
+        await lock_provider(conn, peek["provider"])
     e = await conn.fetchrow(Q.exception_for_resolve, exception_id)
     if e is None:
         raise LookupError(exception_id)
     if e["state"] != "open":
         raise AlreadyResolved(exception_id)
+    if e["reason"] == "missing_in_settlement" and e["payment_id"] is not None:
+        settled = await conn.fetchrow(Q.settling_line_of_payment, e["payment_id"])
+        if settled is not None:
+            raise ResolutionRefused(
+                f"line {settled['line_no']} of settlement {settled['settlement_id']} settles this payment: it is "
+                "not missing, and resolving it would credit the provider's clearing a second time")
     pay = await conn.fetchrow(Q.payment_for_resolve, e["payment_id"]) if e["payment_id"] else None
     line = await conn.fetchrow(Q.line_of_exception, exception_id)
     facts = Facts(

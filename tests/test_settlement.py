@@ -416,3 +416,110 @@ async def test_a_callback_after_its_payment_was_captured_from_the_settlement_fil
     finally:
         await conn.close()
     assert reasons == ["missing_in_ledger"], reasons
+
+
+async def _import_open(api, lines: list[SettlementLine], day: date):
+    """An import of ``lines`` on its own connection, done but not committed yet: (connection, transaction)."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.db import init_connection
+    from paysvc.settlement_import import import_settlement
+    from paysvc.web import SETTINGS
+
+    conn = await asyncpg.connect(api.dsn)
+    await init_connection(conn)
+    tx = conn.transaction()
+    await tx.start()
+    await import_settlement(conn, iter(lines), data_sha256=bytes(32), file_size=0, provider="sandbox",
+                            fmt="sandbox", business_date=day, file_name=None, imported_by="test",
+                            now=datetime.now(UTC), rules=rules_of(api.client.app[SETTINGS]))
+    return conn, tx
+
+
+async def test_a_resolution_waits_for_an_import_that_settles_its_payment(api, portal, treasury, invoice_body):
+    """Found by review: a write_off of missing_in_settlement committed while an import ran, after the import
+    had sorted that payment's line as matched and before it closed the exception; the import's entry then
+    credited the provider's clearing a second time (and the write-off booked a loss for money that arrived).
+    Here the import is held just after sorting its lines (a session locks settlement_lines, as a slow big
+    file would take time there); the resolution now waits for the import (the provider's lock), which closes
+    the exception as settled late, so the write_off is refused."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    await paid(api, portal, invoice_body, "TX-1")
+    async with connect(api.dsn) as conn:
+        assert await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=3),
+                                   rules=rules_of(api.client.app[SETTINGS]), now=datetime.now(UTC)) == 1
+    [missing] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                             params={"reason": "missing_in_settlement"})).json())["data"]
+    assert await clearing(api.dsn) == 50000
+    blocker = await asyncpg.connect(api.dsn)
+    try:
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute("LOCK TABLE settlement_lines IN EXCLUSIVE MODE")
+
+        async def run_import() -> None:
+            conn, tx = await _import_open(api, [line("TX-1", 50000)], DAY + timedelta(days=4))
+            try:
+                await tx.commit()
+            finally:
+                await conn.close()
+        importing = asyncio.create_task(run_import())
+        for _ in range(100):  # until the import waits for the table, its lines sorted
+            if await blocker.fetchval("SELECT count(*) FROM pg_locks WHERE relation = 'settlement_lines'::regclass "
+                                      "AND NOT granted"):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the import never reached settlement_lines")
+        resolving = asyncio.create_task(resolve(api, treasury, missing["id"], "write_off"))
+        await asyncio.sleep(1.0)
+        assert not resolving.done(), "the resolution did not wait for the import"
+        await hold.rollback()
+    finally:
+        await blocker.close()
+    await importing
+    r = await resolving
+    assert r.status == 409, await r.text()  # the import closed it: settled late
+    assert await clearing(api.dsn) == 0  # credited once, by the settlement
+    assert await count(api.dsn, "SELECT count(*) FROM ledger_postings p JOIN ledger_accounts a "
+                                "ON a.id = p.account_id WHERE a.code LIKE 'expense:write-offs:%'") == 0
+
+
+async def test_a_recheck_waits_for_an_import_and_does_not_raise_what_it_settles(api, portal, treasury, invoice_body):
+    """Found by review: the overdue check took no lock, so during an import it raised missing_in_settlement for
+    a payment that import was settling (its lines not committed yet), and the exception stayed open after
+    the import: resolving it credited clearing a second time. Now the check waits for the import; and a
+    missing_in_settlement whose payment a line settles is refused, whatever opened it."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    await paid(api, portal, invoice_body, "TX-1")
+    rules = rules_of(api.client.app[SETTINGS])
+    conn, tx = await _import_open(api, [line("TX-1", 50000)], DAY + timedelta(days=4))
+
+    async def recheck() -> int:
+        async with connect(api.dsn) as other, other.transaction():
+            return await raise_overdue(other, provider=None, today=DAY + timedelta(days=3), rules=rules,
+                                       now=datetime.now(UTC))
+    try:
+        checking = asyncio.create_task(recheck())
+        await asyncio.sleep(1.0)
+        assert not checking.done(), "the recheck did not wait for the import"
+        await tx.commit()
+    finally:
+        await conn.close()
+    assert await checking == 0
+    assert await clearing(api.dsn) == 0
+
+    # An exception opened that way before the fix: refused, and nothing is posted.
+    async with connect(api.dsn) as c:
+        pay_id = await c.fetchval("SELECT id FROM payments")
+        await c.execute("INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, currency, amount, "
+                        "business_date, evidence, opened_at) VALUES ('exc_legacy', 'missing_in_settlement', "
+                        "'sandbox', $1, 'KHR', 50000, $2, '{}', now())", pay_id, DAY)
+    r = await resolve(api, treasury, "exc_legacy", "write_off")
+    assert r.status == 422 and "settles this payment" in (await r.json())["detail"]
+    assert await clearing(api.dsn) == 0

@@ -163,6 +163,14 @@ def test_the_cli_recheck_refuses_a_day_out_of_range_in_one_line(db_dsn):
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+@pytest.mark.parametrize("fmt", [[], ["--csv"]])
+def test_the_cli_report_of_an_unknown_settlement_says_so_in_one_line(db_dsn, fmt):
+    # Found by review: with --csv it printed a traceback (TypeError) instead.
+    out = run(db_dsn, "settlements", "report", "stl_nope", *fmt)
+    assert_clean_failure(out, 1, "no settlement 'stl_nope'")
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == "", (out.stdout, out.stderr)
+
+
 # 4. Paging the report's lines.
 
 async def test_a_report_without_lines_points_at_the_first_line(api, portal, treasury, invoice_body):
