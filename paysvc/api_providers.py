@@ -9,6 +9,7 @@ from aiohttp import web
 from paysvc import inbox
 from paysvc.errors import NotFound, Problem
 from paysvc.invoicing import now_utc
+from paysvc.settlement_days import parse_cutoff
 from paysvc.web import POOL, PROVIDERS, SETTINGS, Route, add_routes, body_encoding, json_response, read_body
 from providers import NotConfirmed, SignatureError
 
@@ -68,7 +69,8 @@ async def callback(request: web.Request) -> web.Response:
                        inbox_id=inbox_id, first_inbox_id=stored.replay_of)
     # Stored and committed: from here on nothing is lost, whatever happens to this process.
     try:
-        outcome = await inbox.process(pool, providers, inbox_id, stored)
+        outcome = await inbox.process(pool, providers, inbox_id, stored,
+                                      business_cutoff=parse_cutoff(request.app[SETTINGS].business_day_cutoff))
     except Exception:
         request.app.logger.exception("processing inbox row %s failed; the inbox worker will retry", inbox_id)
         return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)

@@ -25,6 +25,7 @@ from paysvc.db import create_pool
 from paysvc.openapi import build_openapi
 from paysvc.pii import check_pii_keys, cipher_from_settings
 from paysvc.settings import Settings, SettingsError
+from paysvc.settlement_days import parse_cutoff
 from paysvc.web import (
     AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, admission_middleware, json_response,
     request_middleware,
@@ -113,12 +114,14 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         if app[BACKGROUND]:
             pool = app[POOL]
             providers = app[PROVIDERS]
+            cutoff = parse_cutoff(settings.business_day_cutoff)  # dates the exceptions capture opens
             tasks.append(asyncio.create_task(run_periodically(
                 "event-sequencer", settings.sequencer_interval_seconds, lambda: outbox.sequence_pending(pool))))
             tasks.append(asyncio.create_task(run_periodically(
                 "inbox", settings.inbox_interval_seconds,
-                lambda: inbox.work(pool, providers, lease=timedelta(seconds=settings.inbox_lease_seconds)))))
-            policy = PollPolicy(grace=timedelta(minutes=settings.bakong_grace_minutes))
+                lambda: inbox.work(pool, providers, lease=timedelta(seconds=settings.inbox_lease_seconds),
+                                   business_cutoff=cutoff))))
+            policy = PollPolicy(grace=timedelta(minutes=settings.bakong_grace_minutes), business_cutoff=cutoff)
             for p in providers.values():
                 if p.pattern == "pull":
                     poller = Poller(pool, p, policy, settings.bakong_poll_interval_seconds)

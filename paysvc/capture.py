@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
 import asyncpg
@@ -22,6 +22,7 @@ import ledger
 import ledger.entries
 from paysvc.outbox import events_args, journal_posted
 from paysvc.queries import Q
+from paysvc.settlement_days import business_date
 from providers import PaymentNotice
 
 
@@ -137,7 +138,8 @@ class CaptureResult:
 
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
-                  completes_inbox: bool = False, received_at: datetime | None = None) -> CaptureResult:
+                  completes_inbox: bool = False, received_at: datetime | None = None,
+                  business_cutoff: time | None = None) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction and KHQR code.
 
     ``flag`` adds an exception reason even when the money matches (settlement uses it for
@@ -145,6 +147,10 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     inbox row ``inbox_id`` processed, in the same transaction (and the same statement as the events).
     ``received_at`` is when the notice reached us (its callback's arrival; default ``now``): a paid_at later
     than that is not believed, and a payment whose paid_at is not believed is booked at that time.
+    ``business_cutoff``: an exception opened here is dated the business day the payment is booked in (a
+    conflicting notice, the day it arrived), so treasury's day pages list it before that day's file comes
+    (found by review: it had no date until an import of its provider for that day gave it one). None leaves
+    it undated: the settlement import dates what it captures with its file's day.
     """
     received_at = received_at or now
     done_inbox = inbox_id if completes_inbox else None
@@ -168,7 +174,9 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                 # from a line holds the file's times, not those a callback or the poll reports.
                 differs = _differences(p, notice) if "settlement" not in (source, p["source"]) else []
                 if differs:
-                    await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events)
+                    await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events,
+                                          business_day=business_date(now, business_cutoff)
+                                          if business_cutoff is not None else None)
                 await _finish(conn, events, now, done_inbox)
                 return CaptureResult(p["id"], False, "conflicting_notice" if differs else None, p["invoice_id"])
         same = prior[0] if prior else None  # a payment already on this code
@@ -233,7 +241,8 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                                      "booked_at": booked_at.isoformat()}
         await conn.execute(
             Q.exception_insert, exc_id, decision.reason, notice.provider, payment_id, invoice_id, agency_id,
-            notice.currency, decision.suspense if decision.suspense else notice.amount, None, exc_evidence, now,
+            notice.currency, decision.suspense if decision.suspense else notice.amount,
+            business_date(booked_at, business_cutoff) if business_cutoff is not None else None, exc_evidence, now,
         )
         if agency_id is not None:
             events.append((agency_id, "reconciliation.exception_opened", {
@@ -284,7 +293,7 @@ def _differences(prior: dict, notice: PaymentNotice) -> list[str]:
 
 
 async def _raise_conflict(conn: asyncpg.Connection, prior: dict, notice: PaymentNotice, differs: list[str], *,
-                          source: str, now: datetime, events: list) -> None:
+                          source: str, now: datetime, events: list, business_day=None) -> None:
     """Open a ``conflicting_notice`` exception for treasury, once per distinct conflicting notice.
 
     Its id is derived from the payment and what the notice says, so the same notice again (a retry, or a
@@ -295,8 +304,8 @@ async def _raise_conflict(conn: asyncpg.Connection, prior: dict, notice: Payment
     evidence = {"payment_id": prior["id"], "fields": differs, "captured_notice": prior.get("notice"),
                 "notice": notice.model_dump(mode="json"), "source": source, "khqr_md5": notice.md5}
     opened = await conn.fetchval(Q.exception_insert, exc_id, "conflicting_notice", notice.provider, prior["id"],
-                                 prior["invoice_id"], prior.get("agency_id"), notice.currency, notice.amount, None,
-                                 evidence, now)
+                                 prior["invoice_id"], prior.get("agency_id"), notice.currency, notice.amount,
+                                 business_day, evidence, now)
     if opened is not None and prior.get("agency_id") is not None:
         events.append((prior["agency_id"], "reconciliation.exception_opened", {
             "exception_id": exc_id, "reason": "conflicting_notice", "payment_id": prior["id"],

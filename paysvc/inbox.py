@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import Mapping
 
 import asyncpg
@@ -130,7 +130,8 @@ def _storable(text: str) -> str:
 
 
 async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, source: str,
-                          inbox_id: int | None = None, received_at: datetime | None = None) -> list[CaptureResult]:
+                          inbox_id: int | None = None, received_at: datetime | None = None,
+                          business_cutoff: time | None = None) -> list[CaptureResult]:
     """Capture each notice in its own transaction (a concurrent duplicate is retried and found).
 
     With ``inbox_id``, the last transaction also marks that inbox row processed: the row is done exactly
@@ -145,7 +146,8 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
                 async with pool.acquire() as conn, conn.transaction():
                     now = now_utc()
                     result = await capture(conn, notice, source=source, now=now, inbox_id=inbox_id,
-                                           completes_inbox=last and inbox_id is not None, received_at=received_at)
+                                           completes_inbox=last and inbox_id is not None, received_at=received_at,
+                                           business_cutoff=business_cutoff)
                 results.append(result)
                 if result.created:  # counted once committed
                     CAPTURED.labels(notice.provider, source, result.reason or "captured").inc()
@@ -163,7 +165,7 @@ async def capture_notices(pool: asyncpg.Pool, notices: list[PaymentNotice], *, s
 
 
 async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_id: int,
-                  stored: Stored | None = None) -> Outcome:
+                  stored: Stored | None = None, *, business_cutoff: time | None = None) -> Outcome:
     """Verify, parse, confirm and capture one inbox row. Safe to run more than once for a row.
 
     ``stored`` is the row just written by this process (not read back); the worker passes only the id.
@@ -198,7 +200,7 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
         notices = confirmed
     results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id,
-                                    received_at=row["received_at"])
+                                    received_at=row["received_at"], business_cutoff=business_cutoff)
     return Outcome("processed", results=results)
 
 
@@ -215,14 +217,14 @@ async def _defer(pool: asyncpg.Pool, row, reason: str, retry_after: float | None
 
 
 async def work(pool: asyncpg.Pool, providers: Mapping[str, Provider], *, batch: int = 100,
-               lease: timedelta = LEASE) -> str | None:
+               lease: timedelta = LEASE, business_cutoff: time | None = None) -> str | None:
     """Process due inbox rows (new ones whose request died, and deferred ones). Safe on several instances."""
     now = now_utc()
     ids = [r["id"] for r in await pool.fetch(Q.inbox_claim, batch, now, lease)]
     done = 0
     for inbox_id in ids:
         try:
-            out = await process(pool, providers, inbox_id)
+            out = await process(pool, providers, inbox_id, business_cutoff=business_cutoff)
             done += out.state == "processed"
         except Exception:
             log.exception("inbox row %s failed; it will be retried", inbox_id, extra={"inbox_id": inbox_id})

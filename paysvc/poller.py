@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 
 import asyncpg
 import prometheus_client
@@ -50,6 +50,7 @@ class PollPolicy:
     lease: timedelta = timedelta(seconds=60)         # a claim's hold on its codes; renewed before a call that
                                                      # would start with less than half of it left
     call_timeout: timedelta = timedelta(seconds=20)  # one provider.poll() call is given up after this
+    business_cutoff: time | None = None              # dates the exceptions it opens (see capture)
 
     def __post_init__(self) -> None:
         if self.batch < 1:
@@ -82,7 +83,7 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
                 if not queue:
                     break
             call, queue = queue[:per_call], queue[per_call:]
-            captured += await _ask(pool, provider, call, lease_until, policy.call_timeout)
+            captured += await _ask(pool, provider, call, lease_until, policy.call_timeout, policy.business_cutoff)
             asked += len(call)
     finally:
         if queue:  # a call failed (or the task was cancelled): free the codes not asked, keeping their turn
@@ -91,7 +92,7 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
 
 
 async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], lease_until: datetime,
-               call_timeout: timedelta) -> int:
+               call_timeout: timedelta, business_cutoff: time | None = None) -> int:
     """One provider call: ask, capture what it reported, release its codes. Returns the payments created."""
     try:
         deadline = call_timeout.total_seconds()
@@ -103,7 +104,7 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
                                       "deadline, so that the codes' lease outlasts the call)",
                                       provider=provider.name) from None
         _report_unreadable(provider.name, result.unreadable)
-        results = await capture_notices(pool, result.notices, source="poll")
+        results = await capture_notices(pool, result.notices, source="poll", business_cutoff=business_cutoff)
     finally:
         # Asked, or tried to: these codes are due again after min_interval (where the lease is still ours).
         await pool.execute(Q.poll_release, [p.md5 for p in call], now_utc(), lease_until)

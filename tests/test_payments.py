@@ -594,3 +594,20 @@ async def test_a_replay_is_refused_however_its_signature_header_is_written(api, 
             "processed", "rejected"]
     finally:
         await conn.close()
+
+
+async def test_an_exception_opened_at_capture_is_dated_its_business_day(api, portal, treasury, invoice_body):
+    """Found by review: exceptions opened at capture had no business date until an import of their provider
+    for that day gave them one, so a day's page and GET /v1/reconciliation/exceptions?business_date= left out
+    the money held in suspense on exactly the days whose file had not come. They take the business day the
+    payment is booked in (Asia/Phnom_Penh, the configured cut-off)."""
+    from paysvc.settlement_days import business_date, parse_cutoff
+    from paysvc.web import SETTINGS
+
+    inv = await new_invoice(api, portal, invoice_body, amount=30000)
+    r = await pay(api.client, inv, amount=1000)
+    assert (await r.json())["payments"][0]["exception"] == "underpaid"
+    day = business_date(datetime.now(UTC), parse_cutoff(api.client.app[SETTINGS].business_day_cutoff))
+    [exc] = await exceptions(api, treasury, business_date=day.isoformat(), reason="underpaid")
+    assert exc["invoice_id"] == inv["id"] and exc["business_date"] == day.isoformat()
+    assert await exceptions(api, treasury, business_date=(day - timedelta(days=1)).isoformat()) == []

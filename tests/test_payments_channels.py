@@ -505,3 +505,24 @@ async def test_a_code_paid_during_a_pass_is_dropped_when_the_pass_renews_its_lea
     asked_md5 = {m for r in fake.requests for m in r.json}
     assert len(paid_meanwhile) == 100 and asked == 100
     assert not asked_md5 & set(paid_meanwhile)
+
+
+async def test_an_exception_the_poll_opens_is_dated_its_business_day(bakong, invoice_body):
+    """As for callbacks (see test_payments): the poller's policy carries the business-day cut-off."""
+    from datetime import UTC, datetime, time
+
+    from paysvc.settlement_days import business_date
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    fake.add_payment(inv["khqr"]["md5"], amount="40000", currency="KHR", to_account="moi@nbcq", tx_hash="b" * 64)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    cutoff = time(23, 59, 59, 999000)
+    assert await poll_once(pool, provider, PollPolicy(min_interval=timedelta(0), business_cutoff=cutoff)) == (1, 1)
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        row = await conn.fetchrow("SELECT reason, business_date FROM reconciliation_exceptions")
+    finally:
+        await conn.close()
+    assert (row["reason"], row["business_date"]) == ("underpaid", business_date(datetime.now(UTC), cutoff))
