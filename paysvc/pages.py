@@ -75,16 +75,17 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
     row = await request.app[POOL].fetchrow(Q.pay_page_invoice, invoice_id)
     if row is None:
         raise NotFound(f"no invoice {invoice_id!r}")
-    status, code = row["status"], None
+    status, code, paid = row["status"], None, row["amount_paid"]
     if status == "open" and row["expires_at"] <= invoicing.now_utc():
         status = "expired"  # the background sweep has not marked it yet; the page must not offer a code
     if status == "open":
         try:
-            _, code = await invoicing.current_khqr(request.app[POOL], request.app[CTX], invoice_id=invoice_id,
-                                                   agency_id=None)
+            invoice, code = await invoicing.current_khqr(request.app[POOL], request.app[CTX], invoice_id=invoice_id,
+                                                         agency_id=None)
+            paid = invoice["amount_paid"]  # as read with the code (a part payment applied meanwhile changes both)
         except InvalidState as exc:  # paid, cancelled or run out since we read it
             status = exc.extra.get("invoice_status", "expired")
-    due = row["amount"] - row["amount_paid"] if status == "open" else row["amount"]
+    due = row["amount"] - paid if status == "open" else row["amount"]
     return PayState(
         invoice_id=invoice_id,
         status=status,

@@ -77,9 +77,12 @@ async def check_pii_keys(pool, cipher: PiiCipher) -> None:
     cancel would commit and then fail to answer, and deliveries to such a webhook would stall. One scan of
     the invoices at start (about a second per few million rows)."""
     used = await pool.fetch("""SELECT DISTINCT payer_key_id AS key_id FROM invoices WHERE payer_key_id IS NOT NULL
-                               UNION SELECT DISTINCT secret_key_id FROM webhook_endpoints""")
+                               UNION SELECT DISTINCT secret_key_id FROM webhook_endpoints
+                               UNION SELECT DISTINCT left(request_hash, strpos(request_hash, ':') - 1)
+                                       FROM idempotency_keys WHERE strpos(request_hash, ':') > 0""")
     missing = sorted(r["key_id"] for r in used if r["key_id"] not in cipher.key_ids)
     if missing:
         raise SettingsError(f"PAYSVC_PII_KEYS: key id(s) {', '.join(missing)} encrypted stored payer data or webhook "
-                            "secrets but are not configured; add them back (a retired key must stay, after the "
-                            "first, until no row uses it)")
+                            "secrets, or keyed the digests of idempotency records (kept 48 hours by default), "
+                            "but are not configured; add them back (a retired key must stay, after the first, "
+                            "until no row uses it)")

@@ -289,9 +289,17 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if e["reason"] == "missing_in_settlement" and e["payment_id"] is not None:
         settled = await conn.fetchrow(Q.settling_line_of_payment, e["payment_id"])
         if settled is not None:
-            raise ResolutionRefused(
-                f"line {settled['line_no']} of settlement {settled['settlement_id']} settles this payment: it is "
-                "not missing, and resolving it would credit the provider's clearing a second time")
+            # Not missing (opened by a recheck that raced an import before the two shared a lock): closed as the
+            # import closes those its lines settle. The action asked for would credit clearing a second time.
+            closed = await conn.fetchrow(
+                Q.exception_close_settled_late, exception_id, now, settled["settlement_id"], settled["line_no"],
+                settled["category"], settled["exception_id"],
+                str(settled["journal_entry_id"]) if settled["journal_entry_id"] is not None else None)
+            return {"id": exception_id, "state": "resolved", "resolution": "settled_late",
+                    "resolved_by": closed["resolved_by"], "resolved_at": now.isoformat(),
+                    "resolution_note": closed["resolution_note"],
+                    "resolution_entry_id": int(closed["resolution_entry_id"]) if closed["resolution_entry_id"]
+                    else None, "postings": []}
     pay = await conn.fetchrow(Q.payment_for_resolve, e["payment_id"]) if e["payment_id"] else None
     line = await conn.fetchrow(Q.line_of_exception, exception_id)
     facts = Facts(
@@ -332,6 +340,11 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         entry = await ledger.post_entry(conn, draft)
         entry_id = entry.id
         await _tell_agencies(conn, entry, exception_id=exception_id, now=now)
+    if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
+        # The refund takes back what treasury had applied of this payment to an invoice; one still open asks for
+        # it again (found by review: it kept counting the part as paid, so paying the rest "paid" an invoice
+        # whose agency kept only that rest). A paid invoice is not reopened.
+        await conn.execute(Q.invoices_refunded_part, pay["id"], [*CAPTURE_REASONS, "missing_in_ledger"])
     if p.invoice_amount and inv is not None:
         row = await conn.fetchrow(Q.invoice_apply_resolution, inv["id"], p.invoice_amount, now)
         if row is not None and row["status"] == "paid":

@@ -632,10 +632,20 @@ async def test_an_idempotency_record_keeps_a_keyed_digest_nobody_can_test_payer_
         r = await api.client.post("/v1/invoices", json={**body, "description": "other"}, headers=hk)
         assert r.status == 422
 
-    async with connect(db_dsn) as conn:  # t1 gone: only k-1's invoice holds a payer (under t1); drop it from it
-        await conn.execute("ALTER TABLE invoices DISABLE TRIGGER USER")
+    # t1 removed while records keyed with it are kept: the service refuses to start (as for payers it encrypted),
+    # even once no invoice holds a payer under t1.
+    from paysvc.errors import IdempotencyMismatch
+    from paysvc.invoicing import InvoiceContext, request_digest_matches
+    from paysvc.pii import PiiCipher
+    from paysvc.settings import SettingsError
+
+    async with connect(db_dsn) as conn:
         await conn.execute("UPDATE invoices SET payer_key_id = NULL, payer_ciphertext = NULL")
-        await conn.execute("ALTER TABLE invoices ENABLE TRIGGER USER")
-    async with running_api(db_dsn, pii_keys="t2:" + base64.b64encode(b"n" * 32).decode()) as api:
-        r = await api.client.post("/v1/invoices", json=no_payer, headers={**h, "Idempotency-Key": "k-2"})
-        assert r.status == 422 and "can no longer be compared" in (await r.json())["detail"]
+        k2 = await conn.fetchval("SELECT request_hash FROM idempotency_keys WHERE key = 'k-2'")
+    with pytest.raises(SettingsError, match="t1.*idempotency records"):
+        async with running_api(db_dsn, pii_keys="t2:" + base64.b64encode(b"n" * 32).decode()):
+            pass
+    # and were one compared without its key, it would be refused with what to do, never taken for a match
+    ctx = InvoiceContext(cipher=PiiCipher({"t2": b"n" * 32}), khqr_ttl=timedelta(minutes=10), base_url="http://x")
+    with pytest.raises(IdempotencyMismatch, match="can no longer be compared"):
+        request_digest_matches(ctx, k2, canonical_request(no_payer))

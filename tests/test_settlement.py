@@ -514,12 +514,56 @@ async def test_a_recheck_waits_for_an_import_and_does_not_raise_what_it_settles(
     assert await checking == 0
     assert await clearing(api.dsn) == 0
 
-    # An exception opened that way before the fix: refused, and nothing is posted.
+    # An exception opened that way before the fix: whatever treasury asks, it is closed as settled late (the line
+    # settles it), and nothing is posted: a write_off would credit clearing a second time.
     async with connect(api.dsn) as c:
         pay_id = await c.fetchval("SELECT id FROM payments")
         await c.execute("INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, currency, amount, "
                         "business_date, evidence, opened_at) VALUES ('exc_legacy', 'missing_in_settlement', "
                         "'sandbox', $1, 'KHR', 50000, $2, '{}', now())", pay_id, DAY)
     r = await resolve(api, treasury, "exc_legacy", "write_off")
-    assert r.status == 422 and "settles this payment" in (await r.json())["detail"]
+    assert r.status == 200, await r.text()
+    out = await r.json()
+    assert (out["resolution"], out["postings"]) == ("settled_late", [])
+    assert out["resolution_note"].startswith("settled late: line 1 of settlement stl_")
+    settlement_entry = await count(api.dsn, "SELECT journal_entry_id FROM settlements")
+    assert out["resolution_entry_id"] == settlement_entry
     assert await clearing(api.dsn) == 0
+    r = await resolve(api, treasury, "exc_legacy", "write_off")
+    assert r.status == 409
+
+
+async def test_refunding_a_part_payment_applied_to_an_open_invoice_makes_it_ask_for_that_part_again(
+        api, portal, treasury, invoice_body):
+    """Found by review: treasury applied an underpaid 400 to an invoice of 1,000 (its code then asked for 600);
+    the provider never settled the 400 and returned it (refund_due of missing_in_settlement took it back out of
+    the agency's revenue), but the invoice still counted it as paid: paying 600 then marked it paid with the
+    agency holding 600. The refund now lowers the open invoice's amount_paid, and its next code asks for 1,000."""
+    from paysvc import khqr
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=1000), AT)
+    r = await pay(api.client, inv, txid="TX-P", amount=400, paid_at=AT)
+    assert (await r.json())["payments"][0]["exception"] == "underpaid"
+    [under] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                           params={"reason": "underpaid"})).json())["data"]
+    r = await resolve(api, treasury, under["id"], "match_to_invoice", invoice_id=inv["id"])
+    assert r.status == 200, await r.text()
+    async with connect(api.dsn) as conn:
+        assert await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=3),
+                                   rules=rules_of(api.client.app[SETTINGS]), now=datetime.now(UTC)) == 1
+    [missing] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                             params={"reason": "missing_in_settlement"})).json())["data"]
+    r = await resolve(api, treasury, missing["id"], "refund_due", note="the provider returned it to the payer")
+    assert r.status == 200, await r.text()
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"]) == ("open", 0)
+    code = await (await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=portal)).json()
+    assert khqr.decode(code["payload"]).amount == 1000
+    r = await pay(api.client, {**inv, "khqr": code}, txid="TX-Q", amount=1000)
+    assert (await r.json())["payments"][0]["exception"] is None
+    async with connect(api.dsn) as conn:
+        revenue = await ledger.balance(conn, "agency:MOI:revenue:KHR")
+    assert revenue == 1000  # the agency holds the whole fee once: the refunded 400 taken back, the 1,000 paid

@@ -444,5 +444,32 @@ SELECT provider FROM p WHERE provider IS NOT NULL
 SELECT reason, provider FROM reconciliation_exceptions WHERE id = $1
 
 -- name: settling_line_of_payment
-SELECT settlement_id, line_no FROM settlement_lines
- WHERE payment_id = $1 AND category IN ('matched', 'amount_mismatch', 'missing_in_ledger', 'settled_after_resolution')
+SELECT l.settlement_id, l.line_no, l.category, l.exception_id, s.journal_entry_id
+  FROM settlement_lines l JOIN settlements s ON s.id = l.settlement_id
+ WHERE l.payment_id = $1
+   AND l.category IN ('matched', 'amount_mismatch', 'missing_in_ledger', 'settled_after_resolution')
+
+-- name: invoices_refunded_part
+-- Open invoices that treasury gave part of payment $1 (match_to_invoice of its capture exceptions, reasons $2):
+-- that part is refunded, so each asks for it again (and drops its code, which asked for less).
+UPDATE invoices i
+   SET amount_paid = i.amount_paid - m.amount, current_khqr_md5 = NULL
+  FROM (SELECT invoice_id, sum(amount) AS amount FROM reconciliation_exceptions
+         WHERE payment_id = $1 AND reason = ANY ($2::text[]) AND state = 'resolved'
+           AND resolution = 'match_to_invoice' AND invoice_id IS NOT NULL
+         GROUP BY invoice_id) m
+ WHERE i.id = m.invoice_id AND i.status = 'open'
+
+-- name: exception_close_settled_late
+-- A missing_in_settlement whose payment a line settles, closed as close_missing_settled_late would have.
+-- $1 exception, $2 now, $3 settlement, $4 line, $5 the line's category, $6 the line's exception, $7 entry.
+UPDATE reconciliation_exceptions
+   SET state = 'resolved', resolved_at = $2, resolved_by = 'settlement:' || $3::text, resolution = 'settled_late',
+       resolution_note = CASE $5::text
+           WHEN 'matched' THEN format('settled late: line %s of settlement %s', $4::int, $3::text)
+           ELSE format('settled late (%s): line %s of settlement %s%s', $5::text, $4::int, $3::text,
+                       CASE WHEN $6::text IS NOT NULL THEN '; exception ' || $6::text || ' carries it' ELSE '' END)
+           END,
+       resolution_entry_id = CASE $5::text WHEN 'matched' THEN $7::text END
+ WHERE id = $1 AND state = 'open'
+RETURNING id, resolved_by, resolution_note, resolution_entry_id
