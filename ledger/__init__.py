@@ -21,14 +21,15 @@ from ledger.journal import (
 )
 from ledger.postings import EntryDraft, PostedEntry, Posting
 from ledger.verify import (
-    AnchorProblem, BalanceMismatch, ChainHead, EntryProblem, VerifyReport, chain_head, parse_anchor, verify,
+    AccountProblem, AnchorProblem, BalanceMismatch, ChainHead, EntryProblem, VerifyReport, chain_head, parse_anchor,
+    verify,
 )
 
 # A submodule the docs use as ``ledger.entries.payment_captured(...)`` after a plain ``import ledger``.
 from ledger import entries
 
 __all__ = [
-    "Account", "AccountNotFound", "AccountSpec", "AlreadyReversed", "AnchorProblem", "BalanceMismatch", "ChainHead",
+    "Account", "AccountNotFound", "AccountProblem", "AccountSpec", "AlreadyReversed", "AnchorProblem", "BalanceMismatch", "ChainHead",
     "CurrencyTotal",
     "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "InvalidReversal", "LedgerError",
     "LedgerTampered", "PostedEntry", "Posting", "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport",

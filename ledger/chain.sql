@@ -80,6 +80,19 @@ SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credit
     OR coalesce(b.postings, 0) <> coalesce(s.postings, 0)
  ORDER BY a.code
 
+-- name: verify_accounts
+-- Every account as stored, to check against what its code says (ledger.accounts.account_spec).
+SELECT code, type, currency, normal_side FROM ledger_accounts ORDER BY code
+
+-- name: verify_posting_currencies
+-- Postings in another currency than their account's (possible only behind the ledger's back), with their
+-- entry's seal position.
+SELECT p.entry_id, p.line, a.code, p.currency, a.currency AS account_currency, s.position
+  FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+  LEFT JOIN ledger_seals s ON s.entry_id = p.entry_id
+ WHERE p.currency <> a.currency
+ ORDER BY p.entry_id, p.line
+
 -- name: seal_at
 -- The seal at a position ($1), or at the highest position when $1 is NULL.
 SELECT position, chain_hash, entry_id, sealed_at

@@ -74,7 +74,7 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
             [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
         )
     except asyncpg.PostgresError as exc:  # costs nothing when nothing is raised
-        typed = ledger_error(exc)
+        typed = ledger_error(exc, drafts)
         if typed is None:
             raise
         raise typed from exc
@@ -111,10 +111,16 @@ _REVERSAL_RULE = "ledger_reversal_mirrors_its_entry"  # migration 0025
 _MISSING_KEY = re.compile(r"\(reverses\)=\((\d+)\)")
 
 
-def ledger_error(exc: asyncpg.PostgresError) -> LedgerError | None:
+def ledger_error(exc: asyncpg.PostgresError, drafts: Sequence[EntryDraft] = ()) -> LedgerError | None:
     """The typed ledger error for what the database refused in a posting statement (or in ``fold_pending``),
-    recognised by the constraint name the database gives; None for any other error (raised as it is)."""
+    recognised by the constraint name the database gives; None for any other error (raised as it is).
+    ``drafts``: those of the statement, to name what they reverse."""
     name = getattr(exc, "constraint_name", None)
+    if isinstance(exc, asyncpg.CheckViolationError) and name == "ledger_entries_reverses_an_earlier_entry":
+        # Checked on the row, before the foreign key: the entry named does not exist (yet), so it is not earlier.
+        named = ", ".join(str(d.reverses) for d in drafts if d.reverses is not None) or "named in `reverses`"
+        return EntryNotFound(f"journal entry {named} is not an earlier entry (it does not exist); nothing was "
+                             "written: name an existing entry (ledger.reverse_entry takes its id)")
     if isinstance(exc, asyncpg.CheckViolationError) and name == _REVERSAL_RULE:
         return InvalidReversal(f"{exc.args[0] if exc.args else exc}. It cannot commit: post instead the entry "
                                "ledger.reversal_draft builds from the entry it reverses (ledger.reverse_entry "

@@ -9,7 +9,9 @@ from typing import Iterable
 import asyncpg
 from pydantic import BaseModel, ConfigDict, computed_field
 
+from ledger.accounts import account_spec
 from ledger.canonical import GENESIS, chain_hash, content_hash
+from ledger.errors import LedgerError
 from ledger.postings import Posting
 from ledger.sql import Q
 
@@ -32,6 +34,14 @@ class BalanceMismatch(BaseModel):
     posted_debits: int
     posted_credits: int
     posted_postings: int
+
+
+class AccountProblem(BaseModel):
+    """An account row that no longer says what its code says (type, currency, normal side)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    account: str
+    problem: str
 
 
 class ChainHead(BaseModel):
@@ -75,10 +85,12 @@ class VerifyReport(BaseModel):
     balance_mismatches: list[BalanceMismatch]
     head: ChainHead | None = None
     anchor_problems: list[AnchorProblem] = []
+    account_problems: list[AccountProblem] = []
 
     @property
     def ok(self) -> bool:
-        return not self.entry_problems and not self.balance_mismatches and not self.anchor_problems
+        return (not self.entry_problems and not self.balance_mismatches and not self.anchor_problems
+                and not self.account_problems)
 
 
 def parse_anchor(text: str) -> tuple[int, str]:
@@ -244,6 +256,15 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                               problem=f"{o['postings']} postings name this entry, which is missing "
                                       "(the entry row was deleted)")
                  for o in await conn.fetch(Q.verify_orphan_postings)]
+    # Account rows are in no hash: a currency, type or normal side changed behind the ledger's back would
+    # otherwise pass (found by review: the trial balance then no longer balanced per currency, and verify said
+    # nothing). Each row is checked against its code, and each posting's currency against its account's.
+    problems += [EntryProblem(entry_id=p["entry_id"], seal_position=p["position"],
+                              problem=f"posting line {p['line']} is in {p['currency']}, but its account {p['code']} "
+                                      f"holds {p['account_currency']}")
+                 for p in await conn.fetch(Q.verify_posting_currencies)]
+    account_problems = [AccountProblem(account=a["code"], problem=why)
+                        for a in await conn.fetch(Q.verify_accounts) if (why := _account_differs(a))]
     problems.sort(key=_chain_order)  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
                                   maintained_credits=m["credits"], maintained_postings=m["postings"],
@@ -264,4 +285,15 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
     return VerifyReport(entries=entries, sealed=sealed, unsealed=unsealed,
                         first_bad_entry=problems[0].entry_id if problems else None,
                         entry_problems=problems, balance_mismatches=mismatches, head=head,
-                        anchor_problems=anchor_problems)
+                        anchor_problems=anchor_problems, account_problems=account_problems)
+
+
+def _account_differs(a: asyncpg.Record) -> str | None:
+    """What an account row says otherwise than its code, or None."""
+    try:
+        spec = account_spec(a["code"])
+    except LedgerError as exc:
+        return f"its code is not one the ledger makes ({exc})"
+    differs = [f"{field} {a[field]} where its code says {getattr(spec, field)}"
+               for field in ("type", "currency", "normal_side") if a[field] != getattr(spec, field)]
+    return "; ".join(differs) or None

@@ -46,6 +46,8 @@ def cmd_verify(settings, args) -> int:
         print(f"  entry {p.entry_id} ({where}): {p.problem}")
     if len(report.entry_problems) > 50:
         print(f"  … and {len(report.entry_problems) - 50} more")
+    for a in report.account_problems:
+        print(f"  account {a.account}: {a.problem}")
     for m in report.balance_mismatches:
         print(f"  balance of {m.account}: maintained debits {m.maintained_debits} credits {m.maintained_credits} "
               f"({m.maintained_postings} postings), postings sum to debits {m.posted_debits} "

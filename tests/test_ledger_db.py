@@ -211,6 +211,35 @@ async def test_the_database_refuses_an_entry_that_reverses_itself(db):
                          "posting_count) VALUES (424242, 'raw', 'x', now(), $1, 424242, 2)", bytes(32))
 
 
+async def test_two_entries_cannot_reverse_each_other(db):
+    """Found by review: one INSERT of entries 3 and 4, each of kind reversal naming the other, with mirrored
+    postings, committed as the service role (the foreign key is checked at the statement's end and each mirrored
+    the other), so neither was an original. An entry reverses an earlier one (migration 0035)."""
+    await post(db, capture(1))
+    with pytest.raises(asyncpg.CheckViolationError) as err:
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.execute("INSERT INTO ledger_entries (id, kind, description, effective_at, content_hash, reverses, "
+                             "posting_count) VALUES (900003, 'reversal', 'x', now(), $1, 900004, 2), "
+                             "(900004, 'reversal', 'y', now(), $1, 900003, 2)", bytes(32))
+    assert err.value.constraint_name == "ledger_entries_reverses_an_earlier_entry"
+    assert (await ledger.verify(db)).ok
+
+
+@pytest.mark.parametrize("when", ["infinity", "-infinity", "10000-01-01 00:00+00", "4000-01-01 00:00+00 BC",
+                                  "0001-01-01 12:00+00", "9999-12-31 12:00+00"])
+async def test_an_entry_dated_where_no_reader_can_follow_is_refused(db, when):
+    """Found by review: an entry dated 'infinity' or past year 9999 committed as the service role, and then
+    paysvc ledger verify stopped with a traceback instead of reporting, and every page of entries holding it
+    answered 400. Effective times are real instants from 0001-01-02 to 9999-12-30 (UTC; migration 0035)."""
+    with pytest.raises(asyncpg.CheckViolationError) as err:
+        async with db.transaction():
+            await db.execute("SET LOCAL ROLE paysvc_app")
+            await db.execute("INSERT INTO ledger_entries (kind, description, effective_at, content_hash, "
+                             "posting_count) VALUES ('raw', 'x', $2::text::timestamptz, $1, 2)", bytes(32), when)
+    assert err.value.constraint_name == "ledger_entries_effective_at_in_range"
+
+
 async def test_postings_cannot_be_added_to_a_committed_entry(db):
     e = await post(db, capture(1))
     with pytest.raises(asyncpg.CheckViolationError, match="transaction that writes their entry"):
@@ -264,6 +293,34 @@ async def tamper(db_dsn, sql: str, *args) -> None:
         async with c.transaction():
             await c.execute("SET LOCAL session_replication_role = replica")
             await c.execute(sql, *args)
+
+
+@pytest.mark.parametrize("change, said", [
+    ("currency = 'USD'", "currency USD where its code says KHR"),
+    ("normal_side = 'debit'", "normal_side debit where its code says credit"),
+    ("type = 'liability'", "type liability where its code says revenue"),
+])
+async def test_verify_finds_an_account_changed_behind_the_ledgers_back(db, db_dsn, change, said):
+    """Found by review: account rows are in no hash, and verify passed after an account's currency (or normal
+    side, or type) was changed as a superuser, though the trial balance then no longer balanced per currency.
+    Each account is now checked against its code, and each posting's currency against its account's."""
+    posted = [await post(db, capture(n)) for n in range(3)]
+    await seal_everything(db)
+    assert (await ledger.verify(db)).ok
+    async with connect(db_dsn) as c:
+        async with c.transaction():
+            for name in await c.fetch("SELECT conname FROM pg_constraint WHERE conrelid = 'ledger_accounts'::regclass "
+                                      "AND contype = 'c'"):
+                await c.execute(f'ALTER TABLE ledger_accounts DROP CONSTRAINT "{name["conname"]}"')
+            await c.execute("SET LOCAL session_replication_role = replica")
+            await c.execute(f"UPDATE ledger_accounts SET {change} WHERE code = $1", REVENUE)
+    report = await ledger.verify(db)
+    assert not report.ok
+    assert [(a.account, a.problem) for a in report.account_problems] == [(REVENUE, said)]
+    if "currency" in change:  # and every posting to it, under its own entry, in chain order
+        assert [(p.entry_id, p.problem) for p in report.entry_problems] == [
+            (e.id, f"posting line 2 is in KHR, but its account {REVENUE} holds USD") for e in posted]
+        assert report.first_bad_entry == posted[0].id
 
 
 async def test_verify_names_the_entry_whose_posting_was_edited(db, db_dsn):
