@@ -54,6 +54,7 @@ _TRAN_ID = re.compile(r"[A-Za-z0-9._-]{1,50}", re.ASCII)
 _OK_CODES = {"00", "0", 0}
 _NOT_FOUND_CODES = {"6", "06", 6}
 _WRONG_HASH_CODES = {"1", "01", 1}
+_MALFORMED = object()  # a status.code that is neither a string nor a number
 
 
 class PayWayConfig(BaseModel):
@@ -160,6 +161,8 @@ def parse_check_answer(answer: HttpAnswer, *, hint: PaymentNotice, merchant_id: 
         doc = None
     block = doc.get("status") if isinstance(doc, dict) else None
     code = block.get("code") if isinstance(block, dict) else None
+    if isinstance(code, bool) or not isinstance(code, (str, int, type(None))):
+        code = _MALFORMED  # found by review: a list or object raised TypeError in the set lookups below
     message = block.get("message") if isinstance(block, dict) else None
     if status in (401, 403) or code in _WRONG_HASH_CODES:
         raise ProviderAuthError(f"PayWay refused the request (HTTP {status}, code {code!r}: {message!r}); "
@@ -168,6 +171,8 @@ def parse_check_answer(answer: HttpAnswer, *, hint: PaymentNotice, merchant_id: 
         raise ProviderUnavailable(f"PayWay answered HTTP {status}", provider=NAME)
     if not isinstance(doc, dict) or not isinstance(block, dict):
         raise _shape("no status object")
+    if code is _MALFORMED:
+        raise _shape(f"status.code {block.get('code')!r} is neither a string nor a number")
     if code in _NOT_FOUND_CODES:
         raise NotConfirmed("NOT_FOUND", f"PayWay knows no transaction {hint.transaction_id!r}", provider=NAME)
     if code not in _OK_CODES:
@@ -178,7 +183,7 @@ def parse_check_answer(answer: HttpAnswer, *, hint: PaymentNotice, merchant_id: 
     data = doc.get("data")
     if not isinstance(data, dict) or not isinstance(data.get("payment_status"), str):
         raise _shape("data.payment_status is missing")
-    payment_status = data["payment_status"].upper()
+    payment_status = data["payment_status"]  # exactly as documented: "approved" is not "APPROVED" (found by review)
     if payment_status == "PENDING":
         raise PaymentPending(payment_status, provider=NAME)
     if payment_status != "APPROVED":

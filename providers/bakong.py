@@ -154,6 +154,11 @@ def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> PollRe
     if not isinstance(doc, dict) or "responseCode" not in doc:
         raise _shape("answer is not a Bakong envelope (no responseCode)")
     code, error_code = doc.get("responseCode"), doc.get("errorCode")
+    # Numbers only (found by review: a list raised TypeError, and true/false passed for 1/0, as True == 1).
+    if type(code) is not int:
+        raise _shape(f"responseCode {code!r} is not a number")
+    if error_code is not None and type(error_code) is not int:
+        raise _shape(f"errorCode {error_code!r} is not a number")
     if code == 1:
         if error_code == _AUTH_ERROR_CODE:
             raise ProviderAuthError(f"Bakong: {doc.get('responseMessage') or 'unauthorized'} (errorCode 6)",

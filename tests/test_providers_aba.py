@@ -135,6 +135,17 @@ async def test_any_status_but_approved_is_not_confirmed(fake, aba, status):
     assert err.value.status == status and not isinstance(err.value, PaymentPending)
 
 
+@pytest.mark.parametrize("spelled", ["approved", "Approved", "APPROVED "])
+async def test_only_approved_as_documented_captures(fake, aba, spelled):
+    # Found by review: the status was upper-cased first, so "approved" captured; the API says "APPROVED".
+    fake.fail_next(200, json.dumps({"status": {"code": "00"}, "data": {
+        "payment_status": spelled, "payment_amount": 1, "payment_currency": "USD",
+        "transaction_date": "2025-06-01 10:00:00"}}).encode())
+    with pytest.raises(NotConfirmed) as err:
+        await aba.confirm(hint())
+    assert err.value.status == spelled
+
+
 async def test_pending_is_not_confirmed_yet(fake, aba):
     fake.add_transaction(TRAN, status="PENDING")
     with pytest.raises(PaymentPending) as err:
@@ -206,6 +217,8 @@ async def test_timeout_is_unavailable(fake):
     b'"payment_currency":"USD","transaction_date":"9999-12-31 23:59:59"}}',
     b'{"status":{"code":"00"},"data":{"payment_status":"APPROVED","payment_amount":1,'
     b'"payment_currency":"USD","transaction_date":"1999-12-31 23:59:59"}}',
+    # found by review: a status.code that is a list or an object raised TypeError; true is not a code
+    b'{"status":{"code":["00"]}}', b'{"status":{"code":{}}}', b'{"status":{"code":true}}',
 ])
 async def test_an_answer_not_in_the_documented_shape_is_unavailable(fake, aba, body):
     fake.fail_next(200, body)

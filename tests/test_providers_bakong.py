@@ -166,6 +166,10 @@ async def test_403_from_outside_cambodia_is_auth_error(fake, bakong):
     b"garbage", b"<html>maintenance</html>", b"[]", b'{"data": []}', dumps(envelope({"md5": "x"})),
     dumps(envelope(None, 1, 99, "Something else")),
     dumps(envelope(None, 2)),
+    # found by review: a list raised TypeError, and true/false passed for 1/0 (True == 1 in Python)
+    b'{"responseCode": 1, "errorCode": [1]}', b'{"responseCode": true, "errorCode": 1}',
+    b'{"responseCode": false, "data": []}', b'{"responseCode": "0", "data": []}',
+    b'{"responseCode": 1, "errorCode": true}',
 ])
 async def test_an_answer_not_in_the_documented_shape_is_unavailable(fake, bakong, body):
     fake.fail_next(200, body)
