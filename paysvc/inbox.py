@@ -30,6 +30,9 @@ CAPTURED = prometheus_client.Counter(
 
 # While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
 LEASE = timedelta(seconds=60)
+# A provider that does not know yet a transaction it just told us about (PayWay's NOT_FOUND) is asked again
+# for this long after the callback arrived, when the callback names one of our invoices; then it is rejected.
+NOT_FOUND_PATIENCE = timedelta(hours=1)
 MAX_BACKOFF = timedelta(hours=1)
 
 
@@ -194,6 +197,13 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 # Not approved *yet*: ask again later rather than drop a payment that is on its way.
                 return await _defer(pool, row, f"{exc.code}: {exc}")
             except NotConfirmed as exc:
+                if (exc.status == "NOT_FOUND" and n.bill_number is not None
+                        and now_utc() - row["received_at"] < NOT_FOUND_PATIENCE
+                        and await pool.fetchval(Q.inbox_bill_is_ours, n.bill_number)):
+                    # Found by review: a status API that lags its own callback by a moment would otherwise make
+                    # an approved payment's only callback final, leaving the money to the settlement file.
+                    return await _defer(pool, row, f"{exc.code}: {exc}; asked again until "
+                                                   f"{(row['received_at'] + NOT_FOUND_PATIENCE).isoformat()}")
                 await _reject(pool, inbox_id, exc)
                 return Outcome("rejected", str(exc), exc)
             except ProviderUnavailable as exc:

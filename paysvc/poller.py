@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time as clock
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
@@ -40,6 +41,15 @@ UNREADABLE = prometheus_client.Counter(
     "paysvc_poll_unreadable_items_total", "Items of a pull provider's answer that could not be read and were "
     "skipped, by provider and whether the provider said the code was paid (paid=yes: money moved that the "
     "poll could not book)", ["provider", "paid"])
+FAILURES = prometheus_client.Counter(
+    "paysvc_poll_failures_total", "Poll passes of a pull provider that failed, by provider and error (e.g. "
+    "ProviderAuthError: an expired token; ProviderUnavailable: 429, 5xx, timeouts, unreadable answers)",
+    ["provider", "error"])
+LAST_ANSWER = prometheus_client.Gauge(
+    "paysvc_poll_last_answer_timestamp_seconds", "When a pull provider last answered a poll call that could be "
+    "read (Unix time). Alert well before it is PAYSVC_BAKONG_GRACE_MINUTES old: codes that expired longer ago "
+    "than the grace are no longer asked about, so their payments then come only by callback or settlement",
+    ["provider"])
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)
+            LAST_ANSWER.labels(provider.name).set(clock.time())
         except TimeoutError:
             raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
                                       "deadline, so that the codes' lease outlasts the call)",
@@ -149,12 +160,14 @@ class Poller:
                 if captured:
                     log.info("%s poll: %d captured", self.provider.name, captured)
             except ProviderUnavailable as exc:
+                FAILURES.labels(self.provider.name, type(exc).__name__).inc()
                 self._failures += 1
                 delay = exc.retry_after or min(self.interval * 2 ** self._failures, 300)
                 log.warning("%s unavailable (%s); next poll in %.0fs", self.provider.name, exc, delay)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                FAILURES.labels(self.provider.name, type(exc).__name__).inc()
                 self._failures += 1
                 delay = min(self.interval * 2 ** self._failures, 300)
                 log.exception("%s poll failed; next poll in %.0fs", self.provider.name, delay)

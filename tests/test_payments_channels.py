@@ -160,6 +160,43 @@ async def test_payway_declined_is_kept_but_captures_nothing(payway, invoice_body
     assert await count(api.dsn, "SELECT state FROM provider_inbox") == "rejected"
 
 
+async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_for_an_hour(payway, invoice_body):
+    """Found by review: PayWay's NOT_FOUND (status code 6) made the callback final at once, so if its status API
+    lagged its own callback by a moment, an approved payment's only callback was dropped (the money then came
+    only with the settlement file). For a tran_id that is one of our bill numbers it is asked again, with the
+    inbox's backoff, for an hour after the callback arrived; then rejected. A tran_id of no invoice of ours
+    is rejected at once (an unsigned callback must not buy an hour of PayWay calls)."""
+    api, fake = payway
+    h = await api.portal("MOI")
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(currency="USD", amount=1250),
+                                       headers=h)).json()
+    r = await aba_callback(api, inv["bill_number"])  # PayWay does not know it yet
+    assert r.status == 202, await r.text()
+    fake.add_transaction(inv["bill_number"], status="APPROVED", amount="12.50", currency="USD")
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT state FROM provider_inbox") == "received"
+        await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second'")
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])
+        assert await conn.fetchval("SELECT state FROM provider_inbox") == "processed"
+        got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
+        assert got["status"] == "paid"
+
+        other = await (await api.client.post("/v1/invoices", json=invoice_body(currency="USD", amount=1250),
+                                             headers=h)).json()
+        r = await aba_callback(api, other["bill_number"])
+        assert r.status == 202
+        await conn.execute("UPDATE provider_inbox SET received_at = now() - interval '61 minutes', "
+                           "next_attempt_at = now() - interval '1 second' WHERE state = 'received'")
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # an hour on: still unknown
+        assert await conn.fetchval("SELECT state FROM provider_inbox ORDER BY id DESC LIMIT 1") == "rejected"
+
+        r = await aba_callback(api, "NOT-OURS-1")
+        assert r.status == 200 and (await r.json())["status"] == "not_confirmed"
+    finally:
+        await conn.close()
+
+
 async def test_payway_outage_or_pending_is_retried_by_the_worker(payway, invoice_body):
     api, fake = payway
     h = await api.portal("MOI")
@@ -526,3 +563,38 @@ async def test_an_exception_the_poll_opens_is_dated_its_business_day(bakong, inv
     finally:
         await conn.close()
     assert (row["reason"], row["business_date"]) == ("underpaid", business_date(datetime.now(UTC), cutoff))
+
+
+async def test_the_pollers_answers_and_failures_are_in_metrics(bakong, invoice_body):
+    """Found by review: a Bakong outage (or an expired token, which Bakong answers with errorCode 6) longer than
+    the grace period leaves payments on codes that expired meanwhile to the settlement, and nothing said so
+    but logs. /metrics now has the time of the last readable answer and the failed passes by error."""
+    import time as clock
+
+    import prometheus_client
+
+    from paysvc.poller import Poller
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    before = clock.time()
+    await poll_once(pool, provider, NOW_POLICY)
+    sample = prometheus_client.REGISTRY.get_sample_value
+    answered = sample("paysvc_poll_last_answer_timestamp_seconds", {"provider": "bakong"})
+    assert answered >= before
+    labels = {"provider": "bakong", "error": "ProviderAuthError"}
+    failed = sample("paysvc_poll_failures_total", labels) or 0
+    fake.token = "renewed-elsewhere"  # ours has expired: errorCode 6
+    task = asyncio.create_task(Poller(pool, provider, NOW_POLICY, interval=3600).run())
+    try:
+        for _ in range(100):
+            if (sample("paysvc_poll_failures_total", labels) or 0) > failed:
+                break
+            await asyncio.sleep(0.05)
+        assert sample("paysvc_poll_failures_total", labels) == failed + 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sample("paysvc_poll_last_answer_timestamp_seconds", {"provider": "bakong"}) == answered  # no answer

@@ -31,3 +31,6 @@ UPDATE provider_inbox SET attempts = attempts + 1,
                ORDER BY id LIMIT $1
                  FOR UPDATE SKIP LOCKED)
 RETURNING id
+
+-- name: inbox_bill_is_ours
+SELECT EXISTS (SELECT 1 FROM invoices WHERE bill_number = $1)
