@@ -121,7 +121,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
                 "inbox", settings.inbox_interval_seconds,
                 lambda: inbox.work(pool, providers, lease=timedelta(seconds=settings.inbox_lease_seconds),
                                    business_cutoff=cutoff))))
-            policy = PollPolicy(grace=timedelta(minutes=settings.bakong_grace_minutes), business_cutoff=cutoff)
+            policy = PollPolicy(grace=timedelta(minutes=settings.bakong_grace_minutes),
+                                give_up=timedelta(hours=settings.bakong_give_up_hours), business_cutoff=cutoff)
             for p in providers.values():
                 if p.pattern == "pull":
                     poller = Poller(pool, p, policy, settings.bakong_poll_interval_seconds)

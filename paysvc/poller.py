@@ -1,5 +1,9 @@
 """Polling pull providers (Bakong): ask about every code still payable or recently expired.
 
+A code is asked about until an answer read once its grace was over (``PollPolicy.grace`` after it expired)
+says nothing more about it, however long after its grace that answer comes (an outage, a refused token), up
+to ``PollPolicy.give_up`` after it expired (``khqr_codes.poll_pending``, migration 0037).
+
 A pass claims up to ``PollPolicy.batch`` due codes with a lease (``FOR NO KEY UPDATE SKIP LOCKED``, leased
 codes skipped), then asks about them one provider call at a time, at most ``provider.poll_batch_size``
 codes a call (≤ 50 for Bakong), each call cut off after ``PollPolicy.call_timeout``. Before a call that
@@ -14,7 +18,7 @@ that fails (429, 5xx, a timeout) costs nothing already learned; the codes not ye
 being marked asked. A provider that answers 429 or 5xx, or cannot be read at all, makes the poller back
 off. An item of an answer that cannot be read is not an outage: the provider skips it and reports it, the
 poller logs it at ERROR (with its md5 and why) and counts it each time it is seen, and the code stays open,
-asked about again on every pass until its grace period ends.
+asked about again on every pass (an answer that could not be read about a code never ends its polling).
 """
 
 from __future__ import annotations
@@ -54,7 +58,8 @@ LAST_ANSWER = prometheus_client.Gauge(
 
 @dataclass(frozen=True)
 class PollPolicy:
-    grace: timedelta = timedelta(minutes=30)         # keep asking this long after a code expired
+    grace: timedelta = timedelta(minutes=30)         # a code is done once answered about this long after it expired
+    give_up: timedelta = timedelta(hours=72)         # ... or once it expired this long ago, answered or not
     min_interval: timedelta = timedelta(seconds=5)   # don't ask about one code more often than this
     batch: int = 500                                 # codes claimed per pass (asked ≤ poll_batch_size a call)
     lease: timedelta = timedelta(seconds=60)         # a claim's hold on its codes; renewed before a call that
@@ -78,7 +83,7 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
     """
     now = now_utc()
     lease_until = now + policy.lease
-    rows = await pool.fetch(Q.poll_claim, now, now - policy.grace, now - policy.min_interval, policy.batch,
+    rows = await pool.fetch(Q.poll_claim, now, now - policy.give_up, now - policy.min_interval, policy.batch,
                             lease_until)
     if not rows:
         return 0, 0
@@ -93,32 +98,40 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
                 if not queue:
                     break
             call, queue = queue[:per_call], queue[per_call:]
-            captured += await _ask(pool, provider, call, lease_until, policy.call_timeout, policy.business_cutoff)
+            captured += await _ask(pool, provider, call, lease_until, policy)
             asked += len(call)
     finally:
         if queue:  # a call failed (or the task was cancelled): free the codes not asked, keeping their turn
-            await pool.execute(Q.poll_release, [p.md5 for p in queue], None, lease_until)
+            await pool.execute(Q.poll_release, [p.md5 for p in queue], None, lease_until, None, [])
     return asked, captured
 
 
 async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], lease_until: datetime,
-               call_timeout: timedelta, business_cutoff: time | None = None) -> int:
-    """One provider call: ask, capture what it reported, release its codes. Returns the payments created."""
+               policy: PollPolicy) -> int:
+    """One provider call: ask, capture what it reported, release its codes. Returns the payments created.
+
+    Codes whose grace was over when the answer was read are done (no longer pending), except those an item of
+    the answer could not be read about; when the call fails, none is done."""
+    done_before: datetime | None = None
+    unreadable: list[str] = []
     try:
-        deadline = call_timeout.total_seconds()
+        deadline = policy.call_timeout.total_seconds()
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)
             LAST_ANSWER.labels(provider.name).set(clock.time())
+            answered_at = now_utc()
         except TimeoutError:
             raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
                                       "deadline, so that the codes' lease outlasts the call)",
                                       provider=provider.name) from None
         _report_unreadable(provider.name, result.unreadable)
-        results = await capture_notices(pool, result.notices, source="poll", business_cutoff=business_cutoff)
+        results = await capture_notices(pool, result.notices, source="poll", business_cutoff=policy.business_cutoff)
+        done_before = answered_at - policy.grace
+        unreadable = [item.md5 for item in result.unreadable if item.md5]
     finally:
         # Asked, or tried to: these codes are due again after min_interval (where the lease is still ours).
-        await pool.execute(Q.poll_release, [p.md5 for p in call], now_utc(), lease_until)
+        await pool.execute(Q.poll_release, [p.md5 for p in call], now_utc(), lease_until, done_before, unreadable)
     return sum(r.created for r in results)
 
 

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     bakong_base_url: str = "https://api-bakong.nbc.gov.kh/v1"
     bakong_poll_interval_seconds: float = Field(5, gt=0)
     bakong_grace_minutes: float = Field(30, ge=0)
+    # A code Bakong never answered about after its grace (an outage, a refused token) is given up after this.
+    bakong_give_up_hours: float = Field(72, gt=0)
     aba_merchant_id: str | None = None
     aba_api_key: SecretStr | None = None
     aba_base_url: str = "https://checkout.payway.com.kh"

@@ -12,7 +12,7 @@ import pytest
 from paysvc import inbox
 from paysvc.poller import PollPolicy, poll_once
 from paysvc.web import POOL, PROVIDERS
-from providers import RateLimited
+from providers import ProviderAuthError, RateLimited
 from tests.conftest import running_api
 from tests.fakes.aba import FakePayWay
 from tests.fakes.bakong import FakeBakong
@@ -431,10 +431,10 @@ async def test_a_release_clears_only_the_callers_own_lease(bakong, invoice_body)
         lease2 = t2 + timedelta(seconds=60)
         assert [r["md5"] for r in await conn.fetch(Q.poll_claim, t2, t2 - timedelta(minutes=30), t2, 50,
                                                    lease2)] == [md5]
-        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=1), lease1)  # instance 1, late
+        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=1), lease1, None, [])  # instance 1, late
         row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at FROM khqr_codes WHERE md5 = $1", md5)
         assert (row["poll_lease_until"], row["last_polled_at"]) == (lease2, None)
-        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=2), lease2)  # instance 2
+        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=2), lease2, None, [])  # instance 2
         row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at FROM khqr_codes WHERE md5 = $1", md5)
         assert (row["poll_lease_until"], row["last_polled_at"]) == (None, t2 + timedelta(seconds=2))
     finally:
@@ -598,3 +598,45 @@ async def test_the_pollers_answers_and_failures_are_in_metrics(bakong, invoice_b
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert sample("paysvc_poll_last_answer_timestamp_seconds", {"provider": "bakong"}) == answered  # no answer
+
+
+async def _expire(dsn: str, md5: str, ago: timedelta) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE khqr_codes SET expires_at = now() - $2::interval, created_at = now() - interval "
+                           "'100 hours' WHERE md5 = $1", md5, ago)
+    finally:
+        await conn.close()
+
+
+async def test_a_code_is_asked_about_until_bakong_has_answered_once_its_grace_was_over(bakong, invoice_body):
+    """Found by review: the poll window was the grace period by the clock, so a Bakong outage (or a refused
+    token) longer than it left codes that expired meanwhile unasked for good, and a payment on one came only
+    with the settlement file. Now a code is asked about until an answer read after its grace says nothing
+    more (migration 0037), however long that takes, up to the give-up time."""
+    api, fake = bakong
+    h = await api.portal("MOI")
+    paid, quiet, fresh, unreadable, ancient = [
+        (await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json())
+        for _ in range(5)]
+    fake.add_payment(paid["khqr"]["md5"], amount="50000", currency="KHR", to_account="moi@nbcq", tx_hash="c" * 64)
+    fake.add_payment(unreadable["khqr"]["md5"], amount="50000.5", currency="KHR", to_account="moi@nbcq",
+                     tx_hash="d" * 64)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    policy = PollPolicy(min_interval=timedelta(0), grace=timedelta(minutes=30), give_up=timedelta(hours=72))
+    fake.token = "renewed-elsewhere"  # an outage: every call refused
+    with pytest.raises(ProviderAuthError):
+        await poll_once(pool, provider, policy)
+    for inv, ago in ((paid, timedelta(minutes=41)), (quiet, timedelta(minutes=41)), (fresh, timedelta(minutes=1)),
+                     (unreadable, timedelta(minutes=41)), (ancient, timedelta(hours=73))):
+        await _expire(api.dsn, inv["khqr"]["md5"], ago)  # the outage outlasted their grace
+    fake.token = "bk-token"  # back
+    fake.requests.clear()
+    assert await poll_once(pool, provider, policy) == (4, 1)  # all but the one past the give-up time
+    got = await (await api.client.get(f"/v1/invoices/{paid['id']}", headers=h)).json()
+    assert got["payments"][0]["provider"] == "bakong"  # captured, if late (its invoice's code had expired)
+    fake.requests.clear()
+    await poll_once(pool, provider, policy)
+    asked_now = {md5 for r in fake.requests for md5 in json.loads(r.body)}
+    # answered after its grace: done; still in its grace, or its item unreadable: asked again
+    assert asked_now == {fresh["khqr"]["md5"], unreadable["khqr"]["md5"]}

@@ -386,7 +386,7 @@ async def test_the_poll_does_not_wait_for_an_import_holding_its_codes(api, porta
         polled_at = datetime.now(UTC)
         # Neither code was claimed: the release of "no lease" ($3 NULL) takes both, as far as it may.
         await asyncio.wait_for(poller.execute(Q.poll_release, [b["khqr"]["md5"], a["khqr"]["md5"]], polled_at,
-                                              None), 10)
+                                              None, None, []), 10)
         await capture(importer, _notice(b, "S-B"), source="settlement", now=datetime.now(UTC),
                       flag="missing_in_ledger")
         await tx.commit()

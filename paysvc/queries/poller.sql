@@ -1,12 +1,13 @@
 -- name: poll_claim
--- Codes still payable, or expired less than the grace period ago, not yet paid, not leased, not asked lately;
--- longest waiting first, codes of the same millisecond by md5 (RETURNING gives the rows in the table's order,
--- so the order is applied after it).
+-- Codes still to be asked about (poll_pending: payable, or expired and not yet answered about once the grace
+-- was over; migration 0037), expired less than the give-up time ($2) ago, not yet paid, not leased, not asked
+-- lately; longest waiting first, codes of the same millisecond by md5 (RETURNING gives the rows in the table's
+-- order, so the order is applied after it).
 WITH claimed AS (
 UPDATE khqr_codes k SET poll_lease_until = $5
  WHERE k.md5 IN (
         SELECT c.md5 FROM khqr_codes c
-         WHERE c.captured_at IS NULL
+         WHERE c.poll_pending AND c.captured_at IS NULL
            AND c.expires_at > $2
            AND c.created_at <= $1
            AND (c.poll_lease_until IS NULL OR c.poll_lease_until < $1)
@@ -41,7 +42,10 @@ RETURNING md5
 -- settlement import may hold many codes until its file is done, which would make this statement wait on it
 -- (or deadlock with it, taking the same codes in another order). A skipped code keeps its lease until the
 -- lease runs out, and once captured it is not polled again anyway.
-UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = coalesce($2::timestamptz, last_polled_at)
+-- $4: codes that expired at or before it are no longer pending (an answer read after their grace was over);
+-- NULL when the call failed. $5: codes the answer could not be read about, left pending.
+UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = coalesce($2::timestamptz, last_polled_at),
+       poll_pending = poll_pending AND NOT coalesce(expires_at <= $4::timestamptz AND md5 <> ALL ($5::text[]), false)
  WHERE md5 IN (SELECT md5 FROM khqr_codes
                 WHERE md5 = ANY($1::text[]) AND poll_lease_until IS NOT DISTINCT FROM $3::timestamptz
                   FOR NO KEY UPDATE SKIP LOCKED)
