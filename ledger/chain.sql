@@ -44,6 +44,10 @@ SELECT NULL::bigint AS position, NULL::bytea AS prev_hash, NULL::bytea AS chain_
        e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
        e.reverses, e.content_hash,
        ((e.txid, e.id) < ($3::text::xid8, $4::bigint)) AS behind_seal,
+       -- where an entry the sealer passed sits in the chain: the position of the next sealed entry after it
+       CASE WHEN (e.txid, e.id) < ($3::text::xid8, $4::bigint) THEN
+           (SELECT s.position FROM ledger_entries x JOIN ledger_seals s ON s.entry_id = x.id
+             WHERE (x.txid, x.id) > (e.txid, e.id) ORDER BY x.txid, x.id LIMIT 1) END AS next_seal,
        (e.txid >= pg_snapshot_xmax(pg_current_snapshot())
         AND e.txid IS DISTINCT FROM pg_current_xact_id_if_assigned()) AS future_txid
   FROM ledger_entries e

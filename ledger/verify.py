@@ -160,8 +160,17 @@ def _check(r: asyncpg.Record, postings: list[Posting]) -> tuple[list[str], bytes
     return found, actual
 
 
-def _chain_order(p: EntryProblem) -> tuple[int, int]:
-    return (0, p.seal_position) if p.seal_position is not None else (1, p.entry_id)
+def _chain_order(behind: dict[int, int]):
+    """Problems in chain order: by seal position; an unsealed entry the sealer passed just before the next
+    sealed entry (found by review: after a seal was deleted, the next sealed entry was named first, the entry
+    that lost its seal last); other unsealed entries after, by id."""
+    def key(p: EntryProblem) -> tuple[int, int, int]:
+        if p.seal_position is not None:
+            return (0, p.seal_position, 0)
+        if p.entry_id in behind:
+            return (0, behind[p.entry_id], -1)
+        return (1, p.entry_id, 0)
+    return key
 
 
 async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]] = ()) -> VerifyReport:
@@ -171,7 +180,8 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
     seal's link to the previous one and its hash; a seal whose entry row is gone; an unsealed entry that
     the sealer has already passed; postings whose entry row is gone; and every account's maintained
     debits, credits and posting count against those of its postings (postings of existing entries only).
-    ``first_bad_entry`` is the first problem in chain order (then unsealed, by entry id).
+    ``first_bad_entry`` is the first problem in chain order (an unsealed entry the sealer passed, just before
+    the next sealed entry; then the other unsealed entries, by entry id).
 
     ``anchors``: (position, hex chain hash) pairs recorded earlier (``parse_anchor``). The chain alone cannot
     show entries deleted from its end, or a chain recomputed after an edit; a copy of a chain hash kept
@@ -212,8 +222,10 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                 found.append(f"seal position {r['position']} follows {position}: the chain has a gap")
             if bytes(r["prev_hash"]) != prev:
                 found.append("seal does not link to the previous seal's hash")
+            # The seal's own hash, from the previous hash it names (a broken link is reported above, and would
+            # otherwise make every seal after a gap look forged too).
             if not r["missing"] and bytes(r["chain_hash"]) != chain_hash(
-                    prev, r["position"], r["id"], bytes(r["content_hash"])):
+                    bytes(r["prev_hash"]), r["position"], r["id"], bytes(r["content_hash"])):
                 found.append("seal hash does not match its position, entry and content hash")
             problems += [EntryProblem(entry_id=r["id"], seal_position=r["position"], problem=f) for f in found]
             prev, position = bytes(r["chain_hash"]), r["position"]
@@ -238,6 +250,7 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
         sealed_at=last_seal["sealed_at"])
     after = -2**63  # every id a bigint can hold: an entry written with id 0 or below is walked too
     unsealed = 0
+    behind: dict[int, int] = {}  # unsealed entries the sealer passed -> the position of the next sealed entry
     while True:
         rows = await conn.fetch(Q.verify_unsealed_page, after, _PAGE, last_txid, last_id)
         if not rows:
@@ -250,6 +263,8 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
             found += lost.get(r["id"], [])
             if r["behind_seal"]:
                 found.append("unsealed, but the sealer has already passed it (chain order broken)")
+                if r["next_seal"] is not None:
+                    behind[r["id"]] = r["next_seal"]
             problems += [EntryProblem(entry_id=r["id"], seal_position=None, problem=f) for f in found]
             after = r["id"]
     problems += [EntryProblem(entry_id=o["entry_id"], seal_position=o["position"],
@@ -265,7 +280,7 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                  for p in await conn.fetch(Q.verify_posting_currencies)]
     account_problems = [AccountProblem(account=a["code"], problem=why)
                         for a in await conn.fetch(Q.verify_accounts) if (why := _account_differs(a))]
-    problems.sort(key=_chain_order)  # stable: each entry's problems keep their order
+    problems.sort(key=_chain_order(behind))  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
                                   maintained_credits=m["credits"], maintained_postings=m["postings"],
                                   posted_debits=m["sum_debits"], posted_credits=m["sum_credits"],

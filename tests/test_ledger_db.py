@@ -1197,6 +1197,23 @@ async def test_anchor_messages_for_a_gap_and_for_an_empty_chain(db, db_dsn):
     assert "no seal 2, recorded earlier: the chain has no seal there" in report.anchor_problems[0].problem
 
 
+async def test_a_seal_deleted_mid_chain_names_the_entry_that_lost_it_first(db, db_dsn):
+    """Found by review: with seal 3 of 5 deleted, verify named entry 4 first (a gap, a broken link, and a
+    spurious "seal hash does not match", recomputed from the wrong previous hash) and entry 3, the one that lost
+    its seal, last. An unsealed entry the sealer passed is now placed before the next sealed entry, and each
+    seal's hash is checked from the previous hash it names (the broken link is reported on its own)."""
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    await tamper(db_dsn, "DELETE FROM ledger_seals WHERE position = 3")
+    report = await ledger.verify(db)
+    assert report.first_bad_entry == posted[2].id
+    assert [(p.entry_id, p.problem) for p in report.entry_problems] == [
+        (posted[2].id, "unsealed, but the sealer has already passed it (chain order broken)"),
+        (posted[3].id, "seal position 4 follows 2: the chain has a gap"),
+        (posted[3].id, "seal does not link to the previous seal's hash"),
+    ]
+
+
 async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):
     # Found by review: entries inserted behind the ledger's back that verify never looked at, each with its
     # postings and the balances adjusted: an id of 0 or below (the unsealed walk started after 0), a
