@@ -49,11 +49,10 @@ FAILURES = prometheus_client.Counter(
     "paysvc_poll_failures_total", "Poll passes of a pull provider that failed, by provider and error (e.g. "
     "ProviderAuthError: an expired token; ProviderUnavailable: 429, 5xx, timeouts, unreadable answers)",
     ["provider", "error"])
-LAST_ANSWER = prometheus_client.Gauge(
-    "paysvc_poll_last_answer_timestamp_seconds", "When a pull provider last answered a poll call that could be "
-    "read (Unix time). Alert well before it is PAYSVC_BAKONG_GRACE_MINUTES old: codes that expired longer ago "
-    "than the grace are no longer asked about, so their payments then come only by callback or settlement",
-    ["provider"])
+LAST_SUCCESS = prometheus_client.Gauge(
+    "paysvc_poll_last_success_timestamp_seconds", "When the poller of a pull provider last read an answer to a "
+    "call, or finished a pass with every due code asked (or none due) (Unix time): stale means the poller "
+    "fails (see paysvc_poll_failures_total) or has stopped", ["provider"])
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)
-            LAST_ANSWER.labels(provider.name).set(clock.time())
+            LAST_SUCCESS.labels(provider.name).set(clock.time())
             answered_at = now_utc()
         except TimeoutError:
             raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
@@ -169,6 +168,7 @@ class Poller:
             delay = self.interval
             try:
                 asked, captured = await self.poll_until_drained()
+                LAST_SUCCESS.labels(self.provider.name).set(clock.time())  # idle counts: nothing was due
                 self._failures = 0
                 if captured:
                     log.info("%s poll: %d captured", self.provider.name, captured)

@@ -27,8 +27,10 @@ sits decides what an action can do:
   credit clearing C (the provider will not pay it); ``refund_due`` says the provider returned it to the payer:
   debit what the payment credited (agency revenue, and its suspense part from where it is now: where an
   earlier resolution of its capture exception moved it, refunds-due, written-off or the matched agency's
-  revenue; refused while that exception is open), credit clearing C (the ledger's refund row; the invoice is
-  not reopened). ``match_to_invoice`` is refused: a later settlement line settles it.
+  revenue; refused while that exception is open), credit clearing C (the ledger's refund row; a paid invoice
+  is not reopened; an open or expired one that the payment's money was matched to has its ``amount_paid``
+  lowered by that part, so it asks for it again). ``match_to_invoice`` is refused: a later settlement line
+  settles it.
 
 Each agency whose accounts a resolution entry moves gets a ``journal.posted`` event (its own postings, and the
 exception id) in the same transaction.
@@ -38,7 +40,8 @@ exception id) in the same transaction.
   not posted): ``match_to_invoice`` to the payment's own invoice says the money did arrive for it: debit bank
   L − F and fees F, credit back each account the earlier resolution debited (``expense:write-offs`` C, or
   the agency revenue and suspense it took), and place D = L − C: D > 0 credit ``suspense:refunds-due``,
-  D < 0 debit ``expense:write-offs``. ``refund_due``: it arrived and is owed back to the payer: debit bank
+  D < 0 debit ``expense:write-offs``. Revenue the refund took from an invoice that asked for it again goes
+  back into its ``amount_paid`` while it owes it, else to ``suspense:refunds-due``. ``refund_due``: it arrived and is owed back to the payer: debit bank
   L − F and fees F, credit ``suspense:refunds-due`` L. ``write_off``: a listing error, nothing arrived: no
   entry.
 
@@ -99,6 +102,7 @@ class Facts:
     line_fee: int = 0
     line_currency: str | None = None
     earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
+    earlier_resolved_at: datetime | None = None        # ... and when that resolution was made
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
@@ -114,6 +118,7 @@ class Target:
     currency: str
     owed: int
     status: str
+    paid_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -261,12 +266,32 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             raise ResolutionRefused("the earlier resolution's entry does not account for the payment; "
                                     "choose refund_due or write_off")
         diff = gross - f.payment_amount
-        out = [*bank_in(gross, fee), *((a, "credit", n) for a, n in f.earlier_debits)]
-        if diff > 0:
-            out.append((refunds, "credit", diff))
-        elif diff < 0:
+        # What the refund took from the invoice's agency goes back to it only as far as the invoice still counts
+        # it: a refund of missing_in_settlement lowered the amount_paid of an open or expired invoice (it asked
+        # for that part again), so the part goes back into amount_paid while the invoice owes it; an invoice
+        # paid since the refund was paid in full again, and cancelled one asks for nothing: that part is owed
+        # back to the payer. An invoice already paid when the refund was made kept its amount_paid: its revenue
+        # is restored as it was taken. (Found by review: restoring the revenue alone let the fee be collected
+        # twice once the invoice had asked for the refunded part again.)
+        revenue = accounts.agency_revenue(target.agency_code, cur)
+        taken = sum(n for a, n in f.earlier_debits if a == revenue)
+        if target.status in ("open", "expired"):
+            into_invoice = min(taken, target.owed)
+            to_revenue = into_invoice
+        elif target.status == "paid" and (f.earlier_resolved_at is None or target.paid_at is None
+                                            or target.paid_at <= f.earlier_resolved_at):
+            into_invoice, to_revenue = 0, taken  # paid before the refund: amount_paid was never lowered
+        else:
+            into_invoice, to_revenue = 0, 0      # paid in full again since, or cancelled: owed back
+        owed_back = taken - to_revenue
+        out = [*bank_in(gross, fee), *((a, "credit", n) for a, n in f.earlier_debits if a != revenue)]
+        if to_revenue:
+            out.append((revenue, "credit", to_revenue))
+        if owed_back + max(diff, 0):
+            out.append((refunds, "credit", owed_back + max(diff, 0)))
+        if diff < 0:
             out.append((losses, "debit", -diff))
-        return Plan(tuple(out))
+        return Plan(tuple(out), invoice_amount=into_invoice)
     raise ResolutionRefused(f"no resolution rule for reason {f.reason!r}")
 
 
@@ -312,7 +337,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
     if facts.reason == "settled_after_resolution":
-        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"])})
+        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"]),
+                         "earlier_resolved_at": await _earlier_resolved_at(conn, e["evidence"])})
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
     target = None
@@ -324,7 +350,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         if inv is None:
             raise ResolutionRefused(f"no invoice {invoice_id!r}", field="invoice_id")
         target = Target(inv["id"], inv["agency_code"], inv["currency"], inv["amount"] - inv["amount_paid"],
-                        inv["status"])
+                        inv["status"], inv["paid_at"])
     p = plan(facts, action, target, bank_account=bank_account)
     entry_id = None
     if p.postings:
@@ -361,6 +387,14 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             "resolved_at": now.isoformat(), "resolution_note": note, "resolution_entry_id": entry_id,
             "postings": [{"account": a, "side": s, "amount": n, "currency": accounts.account_spec(a).currency}
                          for a, s, n in p.postings]}
+
+
+async def _earlier_resolved_at(conn: asyncpg.Connection, evidence) -> datetime | None:
+    """When the earlier resolution (of the payment's missing_in_settlement) was made."""
+    if isinstance(evidence, str):
+        evidence = json.loads(evidence)
+    exception_id = ((evidence or {}).get("earlier_resolution") or {}).get("exception_id")
+    return await conn.fetchval(Q.exception_resolved_at, exception_id) if exception_id else None
 
 
 async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:

@@ -160,12 +160,14 @@ async def test_payway_declined_is_kept_but_captures_nothing(payway, invoice_body
     assert await count(api.dsn, "SELECT state FROM provider_inbox") == "rejected"
 
 
-async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_for_an_hour(payway, invoice_body):
+async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_a_few_times(payway, invoice_body):
     """Found by review: PayWay's NOT_FOUND (status code 6) made the callback final at once, so if its status API
     lagged its own callback by a moment, an approved payment's only callback was dropped (the money then came
-    only with the settlement file). For a tran_id that is one of our bill numbers it is asked again, with the
-    inbox's backoff, for an hour after the callback arrived; then rejected. A tran_id of no invoice of ours
-    is rejected at once (an unsigned callback must not buy an hour of PayWay calls)."""
+    only with the settlement file). For a tran_id that is the bill number of an open invoice of ours it is asked
+    again, with the inbox's backoff, up to NOT_FOUND_RETRIES times; then rejected. A tran_id of no open invoice
+    of ours is rejected at once: an unsigned callback (anyone can send one) buys at most a few PayWay calls."""
+    from paysvc.inbox import NOT_FOUND_RETRIES
+
     api, fake = payway
     h = await api.portal("MOI")
     inv = await (await api.client.post("/v1/invoices", json=invoice_body(currency="USD", amount=1250),
@@ -186,12 +188,20 @@ async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_for_a
                                              headers=h)).json()
         r = await aba_callback(api, other["bill_number"])
         assert r.status == 202
-        await conn.execute("UPDATE provider_inbox SET received_at = now() - interval '61 minutes', "
-                           "next_attempt_at = now() - interval '1 second' WHERE state = 'received'")
-        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # an hour on: still unknown
-        assert await conn.fetchval("SELECT state FROM provider_inbox ORDER BY id DESC LIMIT 1") == "rejected"
+        last = "SELECT state FROM provider_inbox ORDER BY id DESC LIMIT 1"
+        await conn.execute("UPDATE provider_inbox SET attempts = $1, next_attempt_at = now() - interval '1 second' "
+                           "WHERE state = 'received'", NOT_FOUND_RETRIES - 2)
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # its last try: deferred once more
+        assert await conn.fetchval(last) == "received"
+        await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second' "
+                           "WHERE state = 'received'")
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # tries used up: still unknown
+        assert await conn.fetchval(last) == "rejected"
 
         r = await aba_callback(api, "NOT-OURS-1")
+        assert r.status == 200 and (await r.json())["status"] == "not_confirmed"
+        await api.client.post(f"/v1/invoices/{other['id']}/cancel", headers=h)
+        r = await aba_callback(api, other["bill_number"])  # a cancelled invoice's bill: not one to wait for
         assert r.status == 200 and (await r.json())["status"] == "not_confirmed"
     finally:
         await conn.close()
@@ -565,10 +575,10 @@ async def test_an_exception_the_poll_opens_is_dated_its_business_day(bakong, inv
     assert (row["reason"], row["business_date"]) == ("underpaid", business_date(datetime.now(UTC), cutoff))
 
 
-async def test_the_pollers_answers_and_failures_are_in_metrics(bakong, invoice_body):
-    """Found by review: a Bakong outage (or an expired token, which Bakong answers with errorCode 6) longer than
-    the grace period leaves payments on codes that expired meanwhile to the settlement, and nothing said so
-    but logs. /metrics now has the time of the last readable answer and the failed passes by error."""
+async def test_the_pollers_successes_and_failures_are_in_metrics(bakong, invoice_body):
+    """Found by review: a Bakong outage (or an expired token, which Bakong answers with errorCode 6) showed only in
+    logs. /metrics now has when the poller last succeeded (an answer read, or a pass with nothing due: an idle
+    service is not an alert) and the failed passes by error."""
     import time as clock
 
     import prometheus_client
@@ -576,28 +586,37 @@ async def test_the_pollers_answers_and_failures_are_in_metrics(bakong, invoice_b
     from paysvc.poller import Poller
 
     api, fake = bakong
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    sample = prometheus_client.REGISTRY.get_sample_value
+    gauge = ("paysvc_poll_last_success_timestamp_seconds", {"provider": "bakong"})
+
+    async def run_until(done) -> None:
+        task = asyncio.create_task(Poller(pool, provider, NOW_POLICY, interval=3600).run())
+        try:
+            for _ in range(100):
+                if done():
+                    break
+                await asyncio.sleep(0.05)
+            assert done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    before = clock.time()
+    await run_until(lambda: (sample(*gauge) or 0) >= before)  # nothing due: an idle pass is a success
+    assert fake.requests == []
     h = await api.portal("MOI")
     await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
-    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
     before = clock.time()
     await poll_once(pool, provider, NOW_POLICY)
-    sample = prometheus_client.REGISTRY.get_sample_value
-    answered = sample("paysvc_poll_last_answer_timestamp_seconds", {"provider": "bakong"})
+    answered = sample(*gauge)
     assert answered >= before
     labels = {"provider": "bakong", "error": "ProviderAuthError"}
     failed = sample("paysvc_poll_failures_total", labels) or 0
     fake.token = "renewed-elsewhere"  # ours has expired: errorCode 6
-    task = asyncio.create_task(Poller(pool, provider, NOW_POLICY, interval=3600).run())
-    try:
-        for _ in range(100):
-            if (sample("paysvc_poll_failures_total", labels) or 0) > failed:
-                break
-            await asyncio.sleep(0.05)
-        assert sample("paysvc_poll_failures_total", labels) == failed + 1
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-    assert sample("paysvc_poll_last_answer_timestamp_seconds", {"provider": "bakong"}) == answered  # no answer
+    await run_until(lambda: (sample("paysvc_poll_failures_total", labels) or 0) > failed)
+    assert sample("paysvc_poll_failures_total", labels) == failed + 1
+    assert sample(*gauge) == answered  # no success since
 
 
 async def _expire(dsn: str, md5: str, ago: timedelta) -> None:

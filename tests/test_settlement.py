@@ -533,13 +533,9 @@ async def test_a_recheck_waits_for_an_import_and_does_not_raise_what_it_settles(
     assert r.status == 409
 
 
-async def test_refunding_a_part_payment_applied_to_an_open_invoice_makes_it_ask_for_that_part_again(
-        api, portal, treasury, invoice_body):
-    """Found by review: treasury applied an underpaid 400 to an invoice of 1,000 (its code then asked for 600);
-    the provider never settled the 400 and returned it (refund_due of missing_in_settlement took it back out of
-    the agency's revenue), but the invoice still counted it as paid: paying 600 then marked it paid with the
-    agency holding 600. The refund now lowers the open invoice's amount_paid, and its next code asks for 1,000."""
-    from paysvc import khqr
+async def _part_paid_then_refunded(api, portal, treasury, invoice_body) -> dict:
+    """An invoice of 1,000; an underpaid 400 (TX-P) applied to it by treasury; never settled, the provider
+    returned it (refund_due of its missing_in_settlement)."""
     from paysvc.api_settlements import rules_of
     from paysvc.settlement_import import raise_overdue
     from paysvc.web import SETTINGS
@@ -558,12 +554,94 @@ async def test_refunding_a_part_payment_applied_to_an_open_invoice_makes_it_ask_
                                              params={"reason": "missing_in_settlement"})).json())["data"]
     r = await resolve(api, treasury, missing["id"], "refund_due", note="the provider returned it to the payer")
     assert r.status == 200, await r.text()
+    return inv
+
+
+async def _pay_current_code(api, portal, inv: dict, txid: str, expect_amount: int) -> None:
+    from paysvc import khqr
+
+    code = await (await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=portal)).json()
+    assert khqr.decode(code["payload"]).amount == expect_amount
+    r = await pay(api.client, {**inv, "khqr": code}, txid=txid, amount=expect_amount)
+    assert (await r.json())["payments"][0]["exception"] is None
+
+
+async def _late_line_matched(api, treasury, inv: dict) -> dict:
+    """The provider settles TX-P after all (settled_after_resolution); treasury matches it to its invoice."""
+    r = await upload(api, treasury, write_settlement_csv([line("TX-P", 400)]), day=DAY + timedelta(days=5))
+    assert r.status == 201, await r.text()
+    [late] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                          params={"reason": "settled_after_resolution"})).json())["data"]
+    r = await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=inv["id"])
+    assert r.status == 200, await r.text()
+    return await r.json()
+
+
+async def _revenue(dsn: str) -> int:
+    async with connect(dsn) as conn:
+        return await ledger.balance(conn, "agency:MOI:revenue:KHR")
+
+
+async def test_refunding_a_part_payment_applied_to_an_open_invoice_makes_it_ask_for_that_part_again(
+        api, portal, treasury, invoice_body):
+    """Found by review: treasury applied an underpaid 400 to an invoice of 1,000 (its code then asked for 600);
+    the provider never settled the 400 and returned it (refund_due of missing_in_settlement took it back out of
+    the agency's revenue), but the invoice still counted it as paid: paying 600 then marked it paid with the
+    agency holding 600. The refund now lowers the open invoice's amount_paid, and its next code asks for 1,000."""
+    inv = await _part_paid_then_refunded(api, portal, treasury, invoice_body)
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
     assert (got["status"], got["amount_paid"]) == ("open", 0)
-    code = await (await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=portal)).json()
-    assert khqr.decode(code["payload"]).amount == 1000
-    r = await pay(api.client, {**inv, "khqr": code}, txid="TX-Q", amount=1000)
-    assert (await r.json())["payments"][0]["exception"] is None
+    await _pay_current_code(api, portal, inv, "TX-Q", 1000)
+    assert await _revenue(api.dsn) == 1000  # the agency holds the whole fee once
+
+
+async def test_a_refunded_part_settled_after_all_goes_back_into_the_invoice_that_asked_for_it_again(
+        api, portal, treasury, invoice_body):
+    """Found by review: after the refund had lowered the invoice's amount_paid, the provider settled the 400 after
+    all and treasury matched it to the invoice: the revenue came back but amount_paid did not, so the invoice
+    then asked for 1,000 and collected 1,400. The part goes back into amount_paid (the code asks for 600)."""
+    inv = await _part_paid_then_refunded(api, portal, treasury, invoice_body)
+    out = await _late_line_matched(api, treasury, inv)
+    assert ("agency:MOI:revenue:KHR", "credit", 400) in [(p["account"], p["side"], p["amount"])
+                                                         for p in out["postings"]]
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"]) == ("open", 400)
+    await _pay_current_code(api, portal, inv, "TX-Q", 600)
+    assert await _revenue(api.dsn) == 1000
+    assert await clearing(api.dsn) == 600  # the 600 is not settled yet; the 400 is
+
+
+async def test_a_refunded_part_settled_after_the_invoice_was_paid_again_is_owed_back(
+        api, portal, treasury, invoice_body):
+    """As above, but the citizen paid the whole 1,000 again before the provider settled the 400: that 400 is owed
+    back to the payer (suspense:refunds-due), not the agency's a second time."""
+    inv = await _part_paid_then_refunded(api, portal, treasury, invoice_body)
+    await _pay_current_code(api, portal, inv, "TX-Q", 1000)
+    out = await _late_line_matched(api, treasury, inv)
+    assert [(p["account"], p["amount"]) for p in out["postings"] if p["side"] == "credit"] == [
+        ("suspense:refunds-due:KHR", 400)]
+    assert await _revenue(api.dsn) == 1000
+
+
+async def test_refunding_a_part_payment_applied_to_an_expired_invoice_lowers_its_amount_paid_too(
+        api, portal, treasury, invoice_body):
+    """Found by review: only open invoices were lowered, so an expired one kept counting the refunded 400, and a
+    600 matched to it later marked it paid with the agency holding 600."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=1000), AT)
+    r = await pay(api.client, inv, txid="TX-P", amount=400, paid_at=AT)
+    [under] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                           params={"reason": "underpaid"})).json())["data"]
+    assert (await resolve(api, treasury, under["id"], "match_to_invoice", invoice_id=inv["id"])).status == 200
     async with connect(api.dsn) as conn:
-        revenue = await ledger.balance(conn, "agency:MOI:revenue:KHR")
-    assert revenue == 1000  # the agency holds the whole fee once: the refunded 400 taken back, the 1,000 paid
+        await conn.execute("UPDATE invoices SET status = 'expired', expired_at = now() WHERE id = $1", inv["id"])
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+    async with connect(api.dsn) as conn:
+        await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=3),
+                            rules=rules_of(api.client.app[SETTINGS]), now=datetime.now(UTC))
+    [missing] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                             params={"reason": "missing_in_settlement"})).json())["data"]
+    assert (await resolve(api, treasury, missing["id"], "refund_due")).status == 200
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"]) == ("expired", 0)

@@ -33,4 +33,5 @@ UPDATE provider_inbox SET attempts = attempts + 1,
 RETURNING id
 
 -- name: inbox_bill_is_ours
-SELECT EXISTS (SELECT 1 FROM invoices WHERE bill_number = $1)
+-- An open invoice of ours has this bill number (one that could be paid now).
+SELECT EXISTS (SELECT 1 FROM invoices WHERE bill_number = $1 AND status = 'open')

@@ -385,7 +385,7 @@ SELECT settlement_id, line_no, amount, currency, fee FROM settlement_lines WHERE
 
 -- name: invoice_for_resolve
 SELECT i.id, i.agency_id, a.code AS agency_code, i.status, i.currency, i.amount, i.amount_paid, i.reference,
-       i.bill_number
+       i.bill_number, i.paid_at
   FROM invoices i JOIN agencies a ON a.id = i.agency_id WHERE i.id = $1 FOR UPDATE OF i
 
 -- name: invoice_apply_resolution
@@ -450,7 +450,7 @@ SELECT l.settlement_id, l.line_no, l.category, l.exception_id, s.journal_entry_i
    AND l.category IN ('matched', 'amount_mismatch', 'missing_in_ledger', 'settled_after_resolution')
 
 -- name: invoices_refunded_part
--- Open invoices that treasury gave part of payment $1 (match_to_invoice of its capture exceptions, reasons $2):
+-- Open (or expired) invoices that treasury gave part of payment $1 (match_to_invoice of its capture exceptions, reasons $2):
 -- that part is refunded, so each asks for it again (and drops its code, which asked for less).
 UPDATE invoices i
    SET amount_paid = i.amount_paid - m.amount, current_khqr_md5 = NULL
@@ -458,7 +458,10 @@ UPDATE invoices i
          WHERE payment_id = $1 AND reason = ANY ($2::text[]) AND state = 'resolved'
            AND resolution = 'match_to_invoice' AND invoice_id IS NOT NULL
          GROUP BY invoice_id) m
- WHERE i.id = m.invoice_id AND i.status = 'open'
+ WHERE i.id = m.invoice_id AND i.status IN ('open', 'expired')
+
+-- name: exception_resolved_at
+SELECT resolved_at FROM reconciliation_exceptions WHERE id = $1
 
 -- name: exception_close_settled_late
 -- A missing_in_settlement whose payment a line settles, closed as close_missing_settled_late would have.
