@@ -44,10 +44,6 @@ SELECT NULL::bigint AS position, NULL::bytea AS prev_hash, NULL::bytea AS chain_
        e.description, e.effective_at, e.idempotency_key, e.invoice_id, e.payment_id, e.settlement_id,
        e.reverses, e.content_hash,
        ((e.txid, e.id) < ($3::text::xid8, $4::bigint)) AS behind_seal,
-       -- where an entry the sealer passed sits in the chain: the position of the next sealed entry after it
-       CASE WHEN (e.txid, e.id) < ($3::text::xid8, $4::bigint) THEN
-           (SELECT s.position FROM ledger_entries x JOIN ledger_seals s ON s.entry_id = x.id
-             WHERE (x.txid, x.id) > (e.txid, e.id) ORDER BY x.txid, x.id LIMIT 1) END AS next_seal,
        (e.txid >= pg_snapshot_xmax(pg_current_snapshot())
         AND e.txid IS DISTINCT FROM pg_current_xact_id_if_assigned()) AS future_txid
   FROM ledger_entries e
@@ -83,6 +79,19 @@ SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credit
  WHERE coalesce(b.debits, 0) <> coalesce(s.debits, 0) OR coalesce(b.credits, 0) <> coalesce(s.credits, 0)
     OR coalesce(b.postings, 0) <> coalesce(s.postings, 0)
  ORDER BY a.code
+
+-- name: verify_prev_seals
+-- For entries the sealer passed ($1): the position of the last seal of an entry before each in chain order
+-- ((txid, id); NULL: none), in one ordered pass over the chain up to the last of them (a correlated lookup per
+-- entry was quadratic in a run of them: found by review).
+WITH bound AS (SELECT x.txid, x.id FROM ledger_entries x WHERE x.id = ANY($1::bigint[])
+                ORDER BY x.txid DESC, x.id DESC LIMIT 1)
+SELECT w.id, w.prev_seal
+  FROM (SELECT e.id, max(s.position) OVER (ORDER BY e.txid, e.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                       AS prev_seal
+          FROM bound b, ledger_entries e LEFT JOIN ledger_seals s ON s.entry_id = e.id
+         WHERE (e.txid, e.id) <= (b.txid, b.id)) w
+ WHERE w.id = ANY($1::bigint[])
 
 -- name: verify_accounts
 -- Every account as stored, to check against what its code says (ledger.accounts.account_spec).

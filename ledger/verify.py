@@ -161,9 +161,9 @@ def _check(r: asyncpg.Record, postings: list[Posting]) -> tuple[list[str], bytes
 
 
 def _chain_order(behind: dict[int, int]):
-    """Problems in chain order: by seal position; an unsealed entry the sealer passed just before the next
-    sealed entry (found by review: after a seal was deleted, the next sealed entry was named first, the entry
-    that lost its seal last); other unsealed entries after, by id."""
+    """Problems in chain order: by seal position; an unsealed entry the sealer passed at the position after the
+    last seal before it, ahead of that position's own problems (found by review: after a seal was deleted, the
+    next sealed entry was named first, the entry that lost its seal last); other unsealed entries after, by id."""
     def key(p: EntryProblem) -> tuple[int, int, int]:
         if p.seal_position is not None:
             return (0, p.seal_position, 0)
@@ -222,8 +222,8 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                 found.append(f"seal position {r['position']} follows {position}: the chain has a gap")
             if bytes(r["prev_hash"]) != prev:
                 found.append("seal does not link to the previous seal's hash")
-            # The seal's own hash, from the previous hash it names (a broken link is reported above, and would
-            # otherwise make every seal after a gap look forged too).
+            # The seal's own hash, from the previous hash it names: a broken link is reported above, and the seal
+            # after a gap was otherwise reported as forged too.
             if not r["missing"] and bytes(r["chain_hash"]) != chain_hash(
                     bytes(r["prev_hash"]), r["position"], r["id"], bytes(r["content_hash"])):
                 found.append("seal hash does not match its position, entry and content hash")
@@ -250,7 +250,7 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
         sealed_at=last_seal["sealed_at"])
     after = -2**63  # every id a bigint can hold: an entry written with id 0 or below is walked too
     unsealed = 0
-    behind: dict[int, int] = {}  # unsealed entries the sealer passed -> the position of the next sealed entry
+    passed: list[int] = []  # unsealed entries the sealer passed
     while True:
         rows = await conn.fetch(Q.verify_unsealed_page, after, _PAGE, last_txid, last_id)
         if not rows:
@@ -263,8 +263,7 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
             found += lost.get(r["id"], [])
             if r["behind_seal"]:
                 found.append("unsealed, but the sealer has already passed it (chain order broken)")
-                if r["next_seal"] is not None:
-                    behind[r["id"]] = r["next_seal"]
+                passed.append(r["id"])
             problems += [EntryProblem(entry_id=r["id"], seal_position=None, problem=f) for f in found]
             after = r["id"]
     problems += [EntryProblem(entry_id=o["entry_id"], seal_position=o["position"],
@@ -280,6 +279,9 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                  for p in await conn.fetch(Q.verify_posting_currencies)]
     account_problems = [AccountProblem(account=a["code"], problem=why)
                         for a in await conn.fetch(Q.verify_accounts) if (why := _account_differs(a))]
+    # Each passed entry sits just after the last seal before it in chain order (seals of deleted entries aside).
+    behind = {r["id"]: (r["prev_seal"] or 0) + 1 for r in await conn.fetch(Q.verify_prev_seals, passed)} \
+        if passed else {}
     problems.sort(key=_chain_order(behind))  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
                                   maintained_credits=m["credits"], maintained_postings=m["postings"],

@@ -1,8 +1,8 @@
 """Polling pull providers (Bakong): ask about every code still payable or recently expired.
 
-A code is asked about until an answer read once its grace was over (``PollPolicy.grace`` after it expired)
-says nothing more about it, however long after its grace that answer comes (an outage, a refused token), up
-to ``PollPolicy.give_up`` after it expired (``khqr_codes.poll_pending``, migration 0037).
+A code is asked about until the answer to a call made once its grace was over (``PollPolicy.grace`` after it
+expired) is read in full and says nothing more about it, however long after its grace that comes (an outage,
+a refused token), up to ``PollPolicy.give_up`` after it expired (``khqr_codes.poll_pending``, migration 0037).
 
 A pass claims up to ``PollPolicy.batch`` due codes with a lease (``FOR NO KEY UPDATE SKIP LOCKED``, leased
 codes skipped), then asks about them one provider call at a time, at most ``provider.poll_batch_size``
@@ -18,7 +18,8 @@ that fails (429, 5xx, a timeout) costs nothing already learned; the codes not ye
 being marked asked. A provider that answers 429 or 5xx, or cannot be read at all, makes the poller back
 off. An item of an answer that cannot be read is not an outage: the provider skips it and reports it, the
 poller logs it at ERROR (with its md5 and why) and counts it each time it is seen, and the code stays open,
-asked about again on every pass (an answer that could not be read about a code never ends its polling).
+asked about again on every pass, up to the give-up time (an answer that could not be read about a code does not
+end its polling; nor does any answer with an item that names no code of its call).
 """
 
 from __future__ import annotations
@@ -115,19 +116,25 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
     unreadable: list[str] = []
     try:
         deadline = policy.call_timeout.total_seconds()
+        # Bakong's answer says how things stood at some moment of the call: counted from when it was asked, so
+        # a slow call does not shorten the grace (found by review).
+        asked_at = now_utc()
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)
             LAST_SUCCESS.labels(provider.name).set(clock.time())
-            answered_at = now_utc()
         except TimeoutError:
             raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
                                       "deadline, so that the codes' lease outlasts the call)",
                                       provider=provider.name) from None
         _report_unreadable(provider.name, result.unreadable)
         results = await capture_notices(pool, result.notices, source="poll", business_cutoff=policy.business_cutoff)
-        done_before = answered_at - policy.grace
         unreadable = [item.md5 for item in result.unreadable if item.md5]
+        asked = {p.md5 for p in call}
+        if all(md5 in asked for md5 in (item.md5 for item in result.unreadable)):
+            done_before = asked_at - policy.grace
+        # else an item of the answer names no code of this call (no md5, or one not asked): it may be about any of
+        # them, paid, so none is done (found by review: such an item's code was cleared with the rest)
     finally:
         # Asked, or tried to: these codes are due again after min_interval (where the lease is still ours).
         await pool.execute(Q.poll_release, [p.md5 for p in call], now_utc(), lease_until, done_before, unreadable)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -138,6 +138,15 @@ class Settings(BaseSettings):
 
         parse_cutoff(v)
         return v.strip()
+
+    @field_validator("bakong_give_up_hours")
+    @classmethod
+    def _check_give_up(cls, v: float, info: ValidationInfo) -> float:
+        grace = info.data.get("bakong_grace_minutes")
+        if grace is not None and v * 60 <= grace:
+            raise ValueError(f"must be longer than PAYSVC_BAKONG_GRACE_MINUTES ({grace:g} minutes): a code is asked "
+                             "about until Bakong answers after its grace, and never past this")
+        return v
 
     @field_validator("log_level")
     @classmethod

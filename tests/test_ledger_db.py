@@ -1212,6 +1212,12 @@ async def test_a_seal_deleted_mid_chain_names_the_entry_that_lost_it_first(db, d
         (posted[3].id, "seal position 4 follows 2: the chain has a gap"),
         (posted[3].id, "seal does not link to the previous seal's hash"),
     ]
+    # and with entry 4 deleted too (its seal names a missing entry), entry 3 is still the first
+    await tamper(db_dsn, "DELETE FROM ledger_postings WHERE entry_id = $1", posted[3].id)
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", posted[3].id)
+    report = await ledger.verify(db)
+    assert report.first_bad_entry == posted[2].id
+    assert [p.entry_id for p in report.entry_problems][:2] == [posted[2].id, posted[3].id]
 
 
 async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):

@@ -12,7 +12,7 @@ import pytest
 from paysvc import inbox
 from paysvc.poller import PollPolicy, poll_once
 from paysvc.web import POOL, PROVIDERS
-from providers import ProviderAuthError, RateLimited
+from providers import ProviderAuthError, ProviderUnavailable, RateLimited
 from tests.conftest import running_api
 from tests.fakes.aba import FakePayWay
 from tests.fakes.bakong import FakeBakong
@@ -659,3 +659,47 @@ async def test_a_code_is_asked_about_until_bakong_has_answered_once_its_grace_wa
     asked_now = {md5 for r in fake.requests for md5 in json.loads(r.body)}
     # answered after its grace: done; still in its grace, or its item unreadable: asked again
     assert asked_now == {fresh["khqr"]["md5"], unreadable["khqr"]["md5"]}
+
+
+async def test_a_code_past_its_grace_stays_asked_when_its_answer_is_not_one_to_trust(bakong, invoice_body,
+                                                                                      monkeypatch):
+    """Found by review: the poll cleared codes past their grace although (a) the call failed, (b) the capture of
+    its answer failed, or (c) an item of the answer could not be read and named no code of the call (its md5
+    with a trailing space, say), where that item, saying "paid", may be about any of them. None of these ends
+    a code's polling; an answer read in full does."""
+    import paysvc.poller as poller_module
+    from tests.fakes.bakong import envelope
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    invs = [(await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()) for _ in range(2)]
+    md5s = [inv["khqr"]["md5"] for inv in invs]
+    for md5 in md5s:
+        await _expire(api.dsn, md5, timedelta(minutes=41))
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    policy = PollPolicy(min_interval=timedelta(0))
+
+    async def asked_next() -> set[str]:
+        fake.requests.clear()
+        await poll_once(pool, provider, policy)
+        return {md5 for r in fake.requests for md5 in json.loads(r.body)}
+
+    fake.fail_next(500, b"oops")  # (a)
+    with pytest.raises(ProviderUnavailable):
+        await poll_once(pool, provider, policy)
+    real_capture = poller_module.capture_notices
+
+    async def failing_capture(*args, **kwargs):
+        raise RuntimeError("the database went away")
+    monkeypatch.setattr(poller_module, "capture_notices", failing_capture)  # (b)
+    with pytest.raises(RuntimeError):
+        await poll_once(pool, provider, policy)
+    monkeypatch.setattr(poller_module, "capture_notices", real_capture)
+    paid_item = {"md5": md5s[0] + " ", "status": "SUCCESS", "data": {
+        "hash": "e" * 64, "fromAccountId": "x@y", "toAccountId": "moi@nbcq", "currency": "KHR", "amount": 50000,
+        "description": None, "createdDateMs": 1, "acknowledgedDateMs": 1, "externalRef": None}}
+    fake.fail_next(200, json.dumps(envelope([paid_item, {"md5": md5s[1], "status": "NOT_FOUND", "data": None}])
+                                   ).encode())  # (c)
+    await poll_once(pool, provider, policy)
+    assert await asked_next() == set(md5s)  # still pending after all three
+    assert await asked_next() == set()      # read in full (both not found): done

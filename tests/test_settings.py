@@ -68,3 +68,13 @@ def test_links_name_an_address_a_browser_can_open(host, port, public_url, base, 
 
     settings = Settings(host=host, port=port, public_url=public_url)
     assert (settings.base_url, settings.links_guessed) == (base, guessed)
+
+
+def test_the_bakong_give_up_time_must_outlast_the_grace(monkeypatch):
+    """Found by review: a grace raised past 72 hours (as advice for long outages once said) silently ended the
+    polling at the give-up time."""
+    monkeypatch.setenv("PAYSVC_BAKONG_GRACE_MINUTES", "5000")
+    with pytest.raises(SettingsError, match="PAYSVC_BAKONG_GIVE_UP_HOURS: .*longer than PAYSVC_BAKONG_GRACE_MINUTES"):
+        load_settings()
+    monkeypatch.setenv("PAYSVC_BAKONG_GIVE_UP_HOURS", "100")
+    assert load_settings().bakong_give_up_hours == 100
