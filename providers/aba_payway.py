@@ -55,6 +55,7 @@ _OK_CODES = {"00", "0", 0}
 _NOT_FOUND_CODES = {"6", "06", 6}
 _WRONG_HASH_CODES = {"1", "01", 1}
 _MALFORMED = object()  # a status.code that is neither a string nor a number
+_NOT_PAID = {"DECLINED", "CANCELLED", "REFUNDED", "PRE-AUTH"}  # PayWay's statuses of a payment not (or no longer) made
 
 
 class PayWayConfig(BaseModel):
@@ -186,8 +187,12 @@ def parse_check_answer(answer: HttpAnswer, *, hint: PaymentNotice, merchant_id: 
     payment_status = data["payment_status"]  # exactly as documented: "approved" is not "APPROVED" (found by review)
     if payment_status == "PENDING":
         raise PaymentPending(payment_status, provider=NAME)
-    if payment_status != "APPROVED":
+    if payment_status in _NOT_PAID:
         raise NotConfirmed(payment_status, provider=NAME)
+    if payment_status != "APPROVED":
+        # Not a status PayWay documents: an answer not understood is asked again later (deferred), never taken
+        # as a final "not paid", which would drop the callback of money that may have moved (found by review).
+        raise _shape(f"data.payment_status {payment_status[:40]!r} is none of PayWay's statuses")
     currency = data.get("payment_currency")
     if currency not in EXPONENT:
         raise _shape(f"data.payment_currency {currency!r} is not KHR or USD")
