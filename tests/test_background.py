@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 
 import pytest
 
@@ -66,7 +67,8 @@ def _loop_under_test(kind: str, step):
         relay.publish_pass = failing if kind == "relay, failing" else step  # type: ignore[method-assign]
         return relay.run()
     if kind == "bakong poller":
-        poller = Poller(None, None, PollPolicy(), interval=HOUR)  # type: ignore[arg-type]
+        stub = types.SimpleNamespace(name="stub")  # run() names its provider in /metrics
+        poller = Poller(None, stub, PollPolicy(), interval=HOUR)  # type: ignore[arg-type]
 
         async def drained():
             await step()
