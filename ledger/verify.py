@@ -200,6 +200,7 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
     entries = sealed = 0
     prev, position = GENESIS, 0
     last_txid, last_id = "0", 0
+    gaps: list[tuple[int, int]] = []  # runs of seal positions missing from the chain (first, last)
     while True:
         rows = await conn.fetch(Q.verify_sealed_page, position, _PAGE)
         if not rows:
@@ -220,6 +221,8 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                     rechained = chain_hash(rechained, r["position"], r["id"], actual)
             if r["position"] != position + 1:
                 found.append(f"seal position {r['position']} follows {position}: the chain has a gap")
+                if r["position"] > position + 1:
+                    gaps.append((position + 1, r["position"] - 1))
             if bytes(r["prev_hash"]) != prev:
                 found.append("seal does not link to the previous seal's hash")
             # The seal's own hash, from the previous hash it names: a broken link is reported above, and the seal
@@ -279,8 +282,10 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                  for p in await conn.fetch(Q.verify_posting_currencies)]
     account_problems = [AccountProblem(account=a["code"], problem=why)
                         for a in await conn.fetch(Q.verify_accounts) if (why := _account_differs(a))]
-    # Each passed entry sits just after the last seal before it in chain order (seals of deleted entries aside).
-    behind = {r["id"]: (r["prev_seal"] or 0) + 1 for r in await conn.fetch(Q.verify_prev_seals, passed)} \
+    # Each passed entry lost its seal: it held the first missing position after the last seal (of an entry
+    # still there) before it in chain order (found by review: counting from that seal alone put it after the
+    # seal of a deleted entry that came before it).
+    behind = {r["id"]: _held(r["prev_seal"] or 0, gaps) for r in await conn.fetch(Q.verify_prev_seals, passed)} \
         if passed else {}
     problems.sort(key=_chain_order(behind))  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
@@ -303,6 +308,15 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
                         first_bad_entry=problems[0].entry_id if problems else None,
                         entry_problems=problems, balance_mismatches=mismatches, head=head,
                         anchor_problems=anchor_problems, account_problems=account_problems)
+
+
+def _held(after: int, gaps: list[tuple[int, int]]) -> int:
+    """The first seal position missing from the chain after ``after`` (``gaps``: runs of missing positions in
+    order), or ``after + 1`` when none is."""
+    for first, last in gaps:
+        if last > after:
+            return max(first, after + 1)
+    return after + 1
 
 
 def _account_differs(a: asyncpg.Record) -> str | None:

@@ -31,11 +31,11 @@ CAPTURED = prometheus_client.Counter(
 # While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
 LEASE = timedelta(seconds=60)
 # A provider that does not know yet a transaction it just told us about (PayWay's NOT_FOUND) is asked again,
-# with the inbox's backoff (1, 2, 4, 8, 16 s), at most this many times, when the callback names an open
-# invoice of ours; then it is rejected. Bounded so that an unsigned callback (which anyone can send, naming a
-# guessable bill number) buys at most that many calls to the provider (found by review: an hour of backoff
-# made 13 calls of each such callback).
-NOT_FOUND_RETRIES = 5
+# with the inbox's backoff, for this long after the callback arrived, when the callback names an open invoice
+# of ours; then it is rejected. Bounded so that an unsigned callback (which anyone can send, naming a guessable
+# bill number) buys only a few calls to the provider (found by review: an hour of backoff made 13 calls of
+# each such callback; counting tries instead let retries after a provider outage use them up).
+NOT_FOUND_PATIENCE = timedelta(minutes=2)
 MAX_BACKOFF = timedelta(hours=1)
 
 
@@ -201,12 +201,12 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 return await _defer(pool, row, f"{exc.code}: {exc}")
             except NotConfirmed as exc:
                 if (exc.status == "NOT_FOUND" and n.bill_number is not None
-                        and row["attempts"] < NOT_FOUND_RETRIES
+                        and now_utc() - row["received_at"] < NOT_FOUND_PATIENCE
                         and await pool.fetchval(Q.inbox_bill_is_ours, n.bill_number)):
                     # Found by review: a status API that lags its own callback by a moment would otherwise make
                     # an approved payment's only callback final, leaving the money to the settlement file.
-                    return await _defer(pool, row, f"{exc.code}: {exc}; asked again (try {row['attempts'] + 1} "
-                                                   f"of {NOT_FOUND_RETRIES})")
+                    return await _defer(pool, row, f"{exc.code}: {exc}; asked again until "
+                                                   f"{(row['received_at'] + NOT_FOUND_PATIENCE).isoformat()}")
                 await _reject(pool, inbox_id, exc)
                 return Outcome("rejected", str(exc), exc)
             except ProviderUnavailable as exc:

@@ -122,13 +122,13 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)
-            LAST_SUCCESS.labels(provider.name).set(clock.time())
         except TimeoutError:
             raise ProviderUnavailable(f"no answer to one poll call within {deadline:g} s (the poller's "
                                       "deadline, so that the codes' lease outlasts the call)",
                                       provider=provider.name) from None
         _report_unreadable(provider.name, result.unreadable)
         results = await capture_notices(pool, result.notices, source="poll", business_cutoff=policy.business_cutoff)
+        LAST_SUCCESS.labels(provider.name).set(clock.time())  # read and captured (found by review: not before)
         unreadable = [item.md5 for item in result.unreadable if item.md5]
         asked = {p.md5 for p in call}
         if all(md5 in asked for md5 in (item.md5 for item in result.unreadable)):

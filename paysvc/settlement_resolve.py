@@ -40,8 +40,9 @@ exception id) in the same transaction.
   not posted): ``match_to_invoice`` to the payment's own invoice says the money did arrive for it: debit bank
   L − F and fees F, credit back each account the earlier resolution debited (``expense:write-offs`` C, or
   the agency revenue and suspense it took), and place D = L − C: D > 0 credit ``suspense:refunds-due``,
-  D < 0 debit ``expense:write-offs``. Revenue the refund took from an invoice that asked for it again goes
-  back into its ``amount_paid`` while it owes it, else to ``suspense:refunds-due``. ``refund_due``: it arrived and is owed back to the payer: debit bank
+  D < 0 debit ``expense:write-offs``. The refund recorded which invoices it lowered and by how much: each
+  gets that part back into its ``amount_paid`` as far as it still owes it, the rest of it to
+  ``suspense:refunds-due``; revenue it took without lowering an invoice comes back as taken. ``refund_due``: it arrived and is owed back to the payer: debit bank
   L − F and fees F, credit ``suspense:refunds-due`` L. ``write_off``: a listing error, nothing arrived: no
   entry.
 
@@ -102,7 +103,8 @@ class Facts:
     line_fee: int = 0
     line_currency: str | None = None
     earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
-    earlier_resolved_at: datetime | None = None        # ... and when that resolution was made
+    # ... and the invoices that earlier refund lowered: (invoice id, agency code, status now, owed now, lowered by)
+    lowered: tuple[tuple[str, str, str, int, int], ...] = ()
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
@@ -118,13 +120,13 @@ class Target:
     currency: str
     owed: int
     status: str
-    paid_at: datetime | None = None
 
 
 @dataclass(frozen=True)
 class Plan:
     postings: tuple[tuple[str, str, int], ...]   # (account, side, amount); the currency is the account's own
     invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
+    restored: tuple[tuple[str, int], ...] = ()    # other invoices whose amount_paid grows back: (id, amount)
 
 
 def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) -> Plan:
@@ -266,32 +268,38 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             raise ResolutionRefused("the earlier resolution's entry does not account for the payment; "
                                     "choose refund_due or write_off")
         diff = gross - f.payment_amount
-        # What the refund took from the invoice's agency goes back to it only as far as the invoice still counts
-        # it: a refund of missing_in_settlement lowered the amount_paid of an open or expired invoice (it asked
-        # for that part again), so the part goes back into amount_paid while the invoice owes it; an invoice
-        # paid since the refund was paid in full again, and cancelled one asks for nothing: that part is owed
-        # back to the payer. An invoice already paid when the refund was made kept its amount_paid: its revenue
-        # is restored as it was taken. (Found by review: restoring the revenue alone let the fee be collected
-        # twice once the invoice had asked for the refunded part again.)
-        revenue = accounts.agency_revenue(target.agency_code, cur)
-        taken = sum(n for a, n in f.earlier_debits if a == revenue)
-        if target.status in ("open", "expired"):
-            into_invoice = min(taken, target.owed)
-            to_revenue = into_invoice
-        elif target.status == "paid" and (f.earlier_resolved_at is None or target.paid_at is None
-                                            or target.paid_at <= f.earlier_resolved_at):
-            into_invoice, to_revenue = 0, taken  # paid before the refund: amount_paid was never lowered
-        else:
-            into_invoice, to_revenue = 0, 0      # paid in full again since, or cancelled: owed back
-        owed_back = taken - to_revenue
-        out = [*bank_in(gross, fee), *((a, "credit", n) for a, n in f.earlier_debits if a != revenue)]
-        if to_revenue:
-            out.append((revenue, "credit", to_revenue))
+        # What the earlier refund took from each invoice it lowered (it asked for that part again) goes back into
+        # that invoice's amount_paid as far as it still owes it; the rest of that part (paid in full again since,
+        # or cancelled) is owed back to the payer. Revenue it took without lowering an invoice (an invoice paid
+        # by then) comes back as it was taken. Found by review: judging by the payment's own invoice and its
+        # paid_at restored the wrong invoice, or collected a fee twice.
+        lowered_from: dict[str, int] = {}
+        restored: list[tuple[str, int]] = []
+        owed_back = 0
+        back_to: dict[str, int] = {}
+        for invoice, agency, status, owed, n in f.lowered:
+            account = accounts.agency_revenue(agency, cur)
+            lowered_from[account] = lowered_from.get(account, 0) + n
+            r = min(n, max(owed, 0)) if status in ("open", "expired") else 0
+            if r:
+                restored.append((invoice, r))
+                back_to[account] = back_to.get(account, 0) + r
+            owed_back += n - r
+        taken: dict[str, int] = {}
+        for a, n in f.earlier_debits:
+            taken[a] = taken.get(a, 0) + n
+        if any(lowered_from.get(a, 0) > n for a, n in taken.items()) or not set(lowered_from) <= set(taken):
+            raise ResolutionRefused("the earlier refund's entry does not account for the invoices it lowered; "
+                                    "choose refund_due or write_off")
+        out = [*bank_in(gross, fee)]
+        for a, n in taken.items():
+            if n - lowered_from.get(a, 0) + back_to.get(a, 0):
+                out.append((a, "credit", n - lowered_from.get(a, 0) + back_to.get(a, 0)))
         if owed_back + max(diff, 0):
             out.append((refunds, "credit", owed_back + max(diff, 0)))
         if diff < 0:
             out.append((losses, "debit", -diff))
-        return Plan(tuple(out), invoice_amount=into_invoice)
+        return Plan(tuple(out), restored=tuple(restored))
     raise ResolutionRefused(f"no resolution rule for reason {f.reason!r}")
 
 
@@ -337,8 +345,10 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
     if facts.reason == "settled_after_resolution":
-        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"]),
-                         "earlier_resolved_at": await _earlier_resolved_at(conn, e["evidence"])})
+        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"])})
+        if action == "match_to_invoice":
+            facts = Facts(**{**facts.__dict__,
+                             "lowered": await _lowered(conn, e["evidence"], also_lock=invoice_id)})
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
     target = None
@@ -350,7 +360,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         if inv is None:
             raise ResolutionRefused(f"no invoice {invoice_id!r}", field="invoice_id")
         target = Target(inv["id"], inv["agency_code"], inv["currency"], inv["amount"] - inv["amount_paid"],
-                        inv["status"], inv["paid_at"])
+                        inv["status"])
     p = plan(facts, action, target, bank_account=bank_account)
     entry_id = None
     if p.postings:
@@ -370,11 +380,15 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # The refund takes back what treasury had applied of this payment to an invoice; one still open asks for
         # it again (found by review: it kept counting the part as paid, so paying the rest "paid" an invoice
         # whose agency kept only that rest). A paid invoice is not reopened.
-        await conn.execute(Q.invoices_refunded_part, pay["id"], [*CAPTURE_REASONS, "missing_in_ledger"])
-    if p.invoice_amount and inv is not None:
-        row = await conn.fetchrow(Q.invoice_apply_resolution, inv["id"], p.invoice_amount, now)
+        lowered = await conn.fetch(Q.invoices_refunded_part, pay["id"], [*CAPTURE_REASONS, "missing_in_ledger"])
+        if lowered:  # kept for a line that may still settle the payment (settled_after_resolution)
+            await conn.execute(Q.exception_record_lowered, exception_id,
+                               [{"invoice_id": r["id"], "amount": r["amount"]} for r in lowered])
+    grown = [(inv["id"], p.invoice_amount)] if p.invoice_amount and inv is not None else []
+    for invoice, n in [*grown, *p.restored]:
+        row = await conn.fetchrow(Q.invoice_apply_resolution, invoice, n, now)
         if row is not None and row["status"] == "paid":
-            await add_event(conn, agency_id=inv["agency_id"], type="invoice.paid", occurred_at=now, data={
+            await add_event(conn, agency_id=row["agency_id"], type="invoice.paid", occurred_at=now, data={
                 "invoice_id": row["id"], "reference": row["reference"], "bill_number": row["bill_number"],
                 "status": row["status"], "currency": row["currency"], "amount": row["amount"],
                 "amount_paid": row["amount_paid"], "paid_at": now.isoformat(), "exception_id": exception_id})
@@ -389,12 +403,22 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
                          for a, s, n in p.postings]}
 
 
-async def _earlier_resolved_at(conn: asyncpg.Connection, evidence) -> datetime | None:
-    """When the earlier resolution (of the payment's missing_in_settlement) was made."""
+async def _lowered(conn: asyncpg.Connection, evidence, *, also_lock: str | None
+                   ) -> tuple[tuple[str, str, str, int, int], ...]:
+    """The invoices the earlier refund (of the payment's missing_in_settlement) lowered, as it recorded them,
+    with their state now: (id, agency code, status, owed, lowered by). Locks them, and ``also_lock`` (the
+    invoice the resolution names), in id order. A refund that recorded nothing lowered nothing."""
     if isinstance(evidence, str):
         evidence = json.loads(evidence)
     exception_id = ((evidence or {}).get("earlier_resolution") or {}).get("exception_id")
-    return await conn.fetchval(Q.exception_resolved_at, exception_id) if exception_id else None
+    recorded = await conn.fetchval(Q.exception_lowered, exception_id) if exception_id else None
+    if isinstance(recorded, str):
+        recorded = json.loads(recorded)
+    by = {r["invoice_id"]: int(r["amount"]) for r in recorded or []}
+    ids = sorted(set(by) | ({also_lock} if also_lock else set()))
+    rows = {r["id"]: r for r in await conn.fetch(Q.invoices_for_restore, ids)} if ids else {}
+    return tuple((i, rows[i]["agency_code"], rows[i]["status"], rows[i]["owed"], n)
+                 for i, n in sorted(by.items()) if i in rows)
 
 
 async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:

@@ -1220,6 +1220,21 @@ async def test_a_seal_deleted_mid_chain_names_the_entry_that_lost_it_first(db, d
     assert [p.entry_id for p in report.entry_problems][:2] == [posted[2].id, posted[3].id]
 
 
+async def test_an_entry_that_lost_its_seal_after_a_deleted_entry_is_named_after_it(db, db_dsn):
+    """Found by review: seal 4 deleted and entry 3 deleted (its seal 3 left naming a missing entry): entry 4,
+    placed from the last seal of an entry still there (seal 2), was named before seal 3. It held the first
+    missing position after that seal, 4: seal 3's problem comes first, as in the chain."""
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    await tamper(db_dsn, "DELETE FROM ledger_seals WHERE position = 4")
+    await tamper(db_dsn, "DELETE FROM ledger_postings WHERE entry_id = $1", posted[2].id)
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", posted[2].id)
+    report = await ledger.verify(db)
+    assert report.first_bad_entry == posted[2].id
+    order = [p.entry_id for p in report.entry_problems]
+    assert order.index(posted[2].id) < order.index(posted[3].id)
+
+
 async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):
     # Found by review: entries inserted behind the ledger's back that verify never looked at, each with its
     # postings and the balances adjusted: an id of 0 or below (the unsealed walk started after 0), a

@@ -164,9 +164,10 @@ async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_a_few
     """Found by review: PayWay's NOT_FOUND (status code 6) made the callback final at once, so if its status API
     lagged its own callback by a moment, an approved payment's only callback was dropped (the money then came
     only with the settlement file). For a tran_id that is the bill number of an open invoice of ours it is asked
-    again, with the inbox's backoff, up to NOT_FOUND_RETRIES times; then rejected. A tran_id of no open invoice
-    of ours is rejected at once: an unsigned callback (anyone can send one) buys at most a few PayWay calls."""
-    from paysvc.inbox import NOT_FOUND_RETRIES
+    again, with the inbox's backoff, for NOT_FOUND_PATIENCE after the callback arrived (not a count of tries,
+    which retries after an outage would use up); then rejected. A tran_id of no open invoice of ours is rejected
+    at once: an unsigned callback (anyone can send one) buys at most a few PayWay calls."""
+    from paysvc.inbox import NOT_FOUND_PATIENCE
 
     api, fake = payway
     h = await api.portal("MOI")
@@ -189,13 +190,15 @@ async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_a_few
         r = await aba_callback(api, other["bill_number"])
         assert r.status == 202
         last = "SELECT state FROM provider_inbox ORDER BY id DESC LIMIT 1"
-        await conn.execute("UPDATE provider_inbox SET attempts = $1, next_attempt_at = now() - interval '1 second' "
-                           "WHERE state = 'received'", NOT_FOUND_RETRIES - 2)
-        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # its last try: deferred once more
+        await conn.execute("UPDATE provider_inbox SET attempts = 9, received_at = now() - $1::interval + interval "
+                           "'10 seconds', next_attempt_at = now() - interval '1 second' WHERE state = 'received'",
+                           NOT_FOUND_PATIENCE)
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # many tries, still in time: deferred
         assert await conn.fetchval(last) == "received"
-        await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second' "
-                           "WHERE state = 'received'")
-        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # tries used up: still unknown
+        await conn.execute("UPDATE provider_inbox SET received_at = now() - $1::interval - interval '1 second', "
+                           "next_attempt_at = now() - interval '1 second' WHERE state = 'received'",
+                           NOT_FOUND_PATIENCE)
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # its time is up: still unknown
         assert await conn.fetchval(last) == "rejected"
 
         r = await aba_callback(api, "NOT-OURS-1")

@@ -645,3 +645,92 @@ async def test_refunding_a_part_payment_applied_to_an_expired_invoice_lowers_its
     assert (await resolve(api, treasury, missing["id"], "refund_due")).status == 200
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
     assert (got["status"], got["amount_paid"]) == ("expired", 0)
+
+
+async def _refund_missing(api, treasury, txid: str) -> None:
+    """The recheck raises the never-settled payment ``txid`` as missing; treasury books it returned (refund_due)."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    async with connect(api.dsn) as conn:
+        await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=3),
+                            rules=rules_of(api.client.app[SETTINGS]), now=datetime.now(UTC))
+    missing = [x for x in (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury, params={
+        "reason": "missing_in_settlement"})).json())["data"] if x["evidence"]["payment"]["provider_transaction_id"]
+        == txid]
+    r = await resolve(api, treasury, missing[0]["id"], "refund_due", note="the provider returned it")
+    assert r.status == 200, await r.text()
+
+
+async def _only_exception(api, treasury, reason: str) -> dict:
+    [x] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                       params={"reason": reason, "state": "open"})).json())["data"]
+    return x
+
+
+async def test_a_refunded_part_goes_back_into_the_invoice_it_was_matched_to_not_the_payments_own(
+        api, portal, treasury, invoice_body):
+    """Found by review: invoice A (1,000) overpaid 1,400; the 400 matched to invoice B, which then asked for 600;
+    the payment refunded (B lowered back to 0); the provider then settled it after all and treasury matched the
+    line to A, the payment's own invoice. The revenue came back but B still asked for 1,000: 2,400 collected for
+    2,000 of invoices. What the refund lowered is recorded, and exactly that is given back: B asks for 600."""
+    a = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=1000), AT)
+    b = await new_invoice(api, portal, invoice_body, amount=1000)
+    r = await pay(api.client, a, txid="TX-P", amount=1400, paid_at=AT)
+    assert (await r.json())["payments"][0]["exception"] == "overpaid"
+    over = await _only_exception(api, treasury, "overpaid")
+    assert (await resolve(api, treasury, over["id"], "match_to_invoice", invoice_id=b["id"])).status == 200
+    await _refund_missing(api, treasury, "TX-P")
+    got = await (await api.client.get(f"/v1/invoices/{b['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"]) == ("open", 0)
+    r = await upload(api, treasury, write_settlement_csv([line("TX-P", 1400)]), day=DAY + timedelta(days=5))
+    assert r.status == 201, await r.text()
+    late = await _only_exception(api, treasury, "settled_after_resolution")
+    assert (await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=a["id"])).status == 200
+    got = await (await api.client.get(f"/v1/invoices/{b['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"]) == ("open", 400)
+    got_a = await (await api.client.get(f"/v1/invoices/{a['id']}", headers=portal)).json()
+    assert (got_a["status"], got_a["amount_paid"]) == ("paid", 1000)
+    await _pay_current_code(api, portal, b, "TX-B", 600)
+    assert await _revenue(api.dsn) == 2000  # two invoices of 1,000, each collected once
+
+
+async def test_a_refund_that_lowered_no_invoice_gives_its_revenue_back_as_taken(api, portal, treasury, invoice_body):
+    """Found by review: invoice A expired; a payment on its code was held (invoice_expired) and matched to a
+    reissued invoice B, which it paid; refunded (B, paid, not lowered); settled after all and matched to A, the
+    payment's own invoice: A was marked paid too, with the agency holding 1,000 for two paid invoices. Nothing
+    was lowered, so the revenue comes back as taken and A stays as it was."""
+    a = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=1000), AT)
+    b = await new_invoice(api, portal, invoice_body, amount=1000)
+    async with connect(api.dsn) as conn:
+        await conn.execute("UPDATE invoices SET status = 'expired', expired_at = now() WHERE id = $1", a["id"])
+    r = await pay(api.client, a, txid="TX-P", amount=1000, paid_at=AT)
+    assert (await r.json())["payments"][0]["exception"] == "invoice_expired"
+    held = await _only_exception(api, treasury, "invoice_expired")
+    assert (await resolve(api, treasury, held["id"], "match_to_invoice", invoice_id=b["id"])).status == 200
+    await _refund_missing(api, treasury, "TX-P")
+    got_b = await (await api.client.get(f"/v1/invoices/{b['id']}", headers=portal)).json()
+    assert (got_b["status"], got_b["amount_paid"]) == ("paid", 1000)  # a paid invoice is not reopened
+    r = await upload(api, treasury, write_settlement_csv([line("TX-P", 1000)]), day=DAY + timedelta(days=5))
+    late = await _only_exception(api, treasury, "settled_after_resolution")
+    assert (await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=a["id"])).status == 200
+    got_a = await (await api.client.get(f"/v1/invoices/{a['id']}", headers=portal)).json()
+    assert (got_a["status"], got_a["amount_paid"]) == ("expired", 0)
+    assert await _revenue(api.dsn) == 1000
+
+
+async def test_a_refunded_part_goes_back_only_as_far_as_the_invoice_still_owes_it(api, portal, treasury, invoice_body):
+    """The refunded 400 comes back after treasury applied another 700 to the invoice (it owed 1,000 again after
+    the refund): 300 goes back into it, the other 100 is owed back to the payer."""
+    inv = await _part_paid_then_refunded(api, portal, treasury, invoice_body)
+    r = await pay(api.client, inv, txid="TX-S", amount=700)
+    second = [x for x in (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury, params={
+        "reason": "underpaid", "state": "open"})).json())["data"]][0]
+    assert (await resolve(api, treasury, second["id"], "match_to_invoice", invoice_id=inv["id"])).status == 200
+    out = await _late_line_matched(api, treasury, inv)
+    credits = {p["account"]: p["amount"] for p in out["postings"] if p["side"] == "credit"}
+    assert credits == {"agency:MOI:revenue:KHR": 300, "suspense:refunds-due:KHR": 100}
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert (got["status"], got["amount_paid"]) == ("paid", 1000)
+    assert await _revenue(api.dsn) == 1000

@@ -385,8 +385,14 @@ SELECT settlement_id, line_no, amount, currency, fee FROM settlement_lines WHERE
 
 -- name: invoice_for_resolve
 SELECT i.id, i.agency_id, a.code AS agency_code, i.status, i.currency, i.amount, i.amount_paid, i.reference,
-       i.bill_number, i.paid_at
+       i.bill_number
   FROM invoices i JOIN agencies a ON a.id = i.agency_id WHERE i.id = $1 FOR UPDATE OF i
+
+-- name: invoices_for_restore
+-- The invoices a refund lowered ($1), locked in id order, with what each owes now.
+SELECT i.id, a.code AS agency_code, i.status, i.amount - i.amount_paid AS owed
+  FROM invoices i JOIN agencies a ON a.id = i.agency_id WHERE i.id = ANY($1::text[])
+ ORDER BY i.id FOR UPDATE OF i
 
 -- name: invoice_apply_resolution
 -- A part payment leaves the invoice without a current code: the one it had asks for the whole amount, and the
@@ -397,7 +403,7 @@ UPDATE invoices
        paid_at = CASE WHEN amount_paid + $2 >= amount AND paid_at IS NULL THEN $3 ELSE paid_at END,
        current_khqr_md5 = CASE WHEN amount_paid + $2 >= amount THEN current_khqr_md5 END
  WHERE id = $1 AND status IN ('open', 'expired')
-RETURNING id, status, amount, amount_paid, currency, reference, bill_number
+RETURNING id, agency_id, status, amount, amount_paid, currency, reference, bill_number
 
 -- name: exception_resolve
 -- The state change is guarded here: only an open exception is resolved, once.
@@ -454,14 +460,21 @@ SELECT l.settlement_id, l.line_no, l.category, l.exception_id, s.journal_entry_i
 -- that part is refunded, so each asks for it again (and drops its code, which asked for less).
 UPDATE invoices i
    SET amount_paid = i.amount_paid - m.amount, current_khqr_md5 = NULL
-  FROM (SELECT invoice_id, sum(amount) AS amount FROM reconciliation_exceptions
+  FROM (SELECT invoice_id, sum(amount)::bigint AS amount FROM reconciliation_exceptions
          WHERE payment_id = $1 AND reason = ANY ($2::text[]) AND state = 'resolved'
            AND resolution = 'match_to_invoice' AND invoice_id IS NOT NULL
          GROUP BY invoice_id) m
  WHERE i.id = m.invoice_id AND i.status IN ('open', 'expired')
+RETURNING i.id, m.amount
 
--- name: exception_resolved_at
-SELECT resolved_at FROM reconciliation_exceptions WHERE id = $1
+-- name: exception_record_lowered
+-- Which invoices a refund lowered and by how much ($2, [{"invoice_id", "amount"}]), kept with its exception for
+-- the line that may still settle the payment (settled_after_resolution gives exactly that back).
+UPDATE reconciliation_exceptions SET evidence = evidence || jsonb_build_object('invoices_lowered', $2::jsonb)
+ WHERE id = $1
+
+-- name: exception_lowered
+SELECT evidence -> 'invoices_lowered' AS lowered FROM reconciliation_exceptions WHERE id = $1
 
 -- name: exception_close_settled_late
 -- A missing_in_settlement whose payment a line settles, closed as close_missing_settled_late would have.
