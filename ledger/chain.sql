@@ -87,11 +87,12 @@ SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credit
 WITH bound AS (SELECT x.txid, x.id FROM ledger_entries x WHERE x.id = ANY($1::bigint[])
                 ORDER BY x.txid DESC, x.id DESC LIMIT 1)
 SELECT w.id, w.prev_seal
-  FROM (SELECT e.id, max(s.position) OVER (ORDER BY e.txid, e.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                       AS prev_seal
+  FROM (SELECT e.id, e.txid, max(s.position) OVER (ORDER BY e.txid, e.id
+                                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_seal
           FROM bound b, ledger_entries e LEFT JOIN ledger_seals s ON s.entry_id = e.id
          WHERE (e.txid, e.id) <= (b.txid, b.id)) w
  WHERE w.id = ANY($1::bigint[])
+ ORDER BY w.txid, w.id
 
 -- name: verify_accounts
 -- Every account as stored, to check against what its code says (ledger.accounts.account_spec).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import defaultdict
 from datetime import datetime
 from typing import Iterable
@@ -285,8 +287,10 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
     # Each passed entry lost its seal: it held the first missing position after the last seal (of an entry
     # still there) before it in chain order (found by review: counting from that seal alone put it after the
     # seal of a deleted entry that came before it).
-    behind = {r["id"]: _held(r["prev_seal"] or 0, gaps) for r in await conn.fetch(Q.verify_prev_seals, passed)} \
-        if passed else {}
+    behind: dict[int, int] = {}
+    last = 0  # positions held rise along the chain: each entry takes the first free one after the last taken
+    for r in await conn.fetch(Q.verify_prev_seals, passed) if passed else []:  # in chain order
+        last = behind[r["id"]] = _held(max(r["prev_seal"] or 0, last), gaps)
     problems.sort(key=_chain_order(behind))  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
                                   maintained_credits=m["credits"], maintained_postings=m["postings"],
@@ -311,12 +315,13 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
 
 
 def _held(after: int, gaps: list[tuple[int, int]]) -> int:
-    """The first seal position missing from the chain after ``after`` (``gaps``: runs of missing positions in
-    order), or ``after + 1`` when none is."""
-    for first, last in gaps:
-        if last > after:
-            return max(first, after + 1)
-    return after + 1
+    """The first seal position missing from the chain after ``after`` (``gaps``: runs of missing positions, in
+    order), or ``after + 1`` when none is. The caller passes the last position taken by an entry before in chain
+    order when it is later (found by review: two entries that lost their seals could take one position)."""
+    i = bisect.bisect_right(gaps, (after, math.inf))  # gaps starting after `after`; the one before may cover it
+    if i and gaps[i - 1][1] > after:
+        return after + 1
+    return gaps[i][0] if i < len(gaps) else after + 1
 
 
 def _account_differs(a: asyncpg.Record) -> str | None:

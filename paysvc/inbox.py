@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 from typing import Mapping
@@ -31,11 +32,12 @@ CAPTURED = prometheus_client.Counter(
 # While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
 LEASE = timedelta(seconds=60)
 # A provider that does not know yet a transaction it just told us about (PayWay's NOT_FOUND) is asked again,
-# with the inbox's backoff, for this long after the callback arrived, when the callback names an open invoice
-# of ours; then it is rejected. Bounded so that an unsigned callback (which anyone can send, naming a guessable
+# with the inbox's backoff, for this long after it first said so, when the callback names an open invoice of
+# ours; then it is rejected. Bounded so that an unsigned callback (which anyone can send, naming a guessable
 # bill number) buys only a few calls to the provider (found by review: an hour of backoff made 13 calls of
-# each such callback; counting tries instead let retries after a provider outage use them up).
+# each such callback; counting tries, or time from the callback's arrival, let a provider outage use it up).
 NOT_FOUND_PATIENCE = timedelta(minutes=2)
+_NOT_FOUND_UNTIL = re.compile(r"NOT_FOUND asked again until (\S+)$")
 MAX_BACKOFF = timedelta(hours=1)
 
 
@@ -59,6 +61,7 @@ class Stored:
     state: str = "received"
     attempts: int = 0
     replay_of: int | None = None          # set when refused as a replay: the row first received
+    reason: str | None = None             # as the row's reason column (why it was last deferred): none yet
 
     def __getitem__(self, key: str):  # read like a database row
         return getattr(self, key)
@@ -200,13 +203,13 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 # Not approved *yet*: ask again later rather than drop a payment that is on its way.
                 return await _defer(pool, row, f"{exc.code}: {exc}")
             except NotConfirmed as exc:
-                if (exc.status == "NOT_FOUND" and n.bill_number is not None
-                        and now_utc() - row["received_at"] < NOT_FOUND_PATIENCE
+                until = _not_found_until(row)
+                if (exc.status == "NOT_FOUND" and n.bill_number is not None and now_utc() < until
                         and await pool.fetchval(Q.inbox_bill_is_ours, n.bill_number)):
                     # Found by review: a status API that lags its own callback by a moment would otherwise make
                     # an approved payment's only callback final, leaving the money to the settlement file.
-                    return await _defer(pool, row, f"{exc.code}: {exc}; asked again until "
-                                                   f"{(row['received_at'] + NOT_FOUND_PATIENCE).isoformat()}")
+                    return await _defer(pool, row, f"{exc.code}: {exc}; NOT_FOUND asked again until "
+                                                   f"{until.isoformat()}")
                 await _reject(pool, inbox_id, exc)
                 return Outcome("rejected", str(exc), exc)
             except ProviderUnavailable as exc:
@@ -219,6 +222,18 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
 
 async def _reject(pool: asyncpg.Pool, inbox_id: int, exc: ProviderError) -> None:
     await pool.execute(Q.inbox_reject, inbox_id, _storable(f"{exc.code}: {exc}"))
+
+
+def _not_found_until(row) -> datetime:
+    """Until when a NOT_FOUND is asked again: the time its first NOT_FOUND set (kept in the row's reason), or,
+    for a first one, NOT_FOUND_PATIENCE from now."""
+    found = _NOT_FOUND_UNTIL.search(row["reason"] or "")
+    if found:
+        try:
+            return datetime.fromisoformat(found.group(1))
+        except ValueError:
+            pass
+    return now_utc() + NOT_FOUND_PATIENCE
 
 
 async def _defer(pool: asyncpg.Pool, row, reason: str, retry_after: float | None = None) -> Outcome:

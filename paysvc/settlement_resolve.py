@@ -381,9 +381,10 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # it again (found by review: it kept counting the part as paid, so paying the rest "paid" an invoice
         # whose agency kept only that rest). A paid invoice is not reopened.
         lowered = await conn.fetch(Q.invoices_refunded_part, pay["id"], [*CAPTURE_REASONS, "missing_in_ledger"])
-        if lowered:  # kept for a line that may still settle the payment (settled_after_resolution)
-            await conn.execute(Q.exception_record_lowered, exception_id,
-                               [{"invoice_id": r["id"], "amount": r["amount"]} for r in lowered])
+        # Kept for a line that may still settle the payment (settled_after_resolution); an empty list too, so
+        # that "lowered nothing" is recorded as such (found by review).
+        await conn.execute(Q.exception_record_lowered, exception_id,
+                           [{"invoice_id": r["id"], "amount": r["amount"]} for r in lowered])
     grown = [(inv["id"], p.invoice_amount)] if p.invoice_amount and inv is not None else []
     for invoice, n in [*grown, *p.restored]:
         row = await conn.fetchrow(Q.invoice_apply_resolution, invoice, n, now)
@@ -407,7 +408,8 @@ async def _lowered(conn: asyncpg.Connection, evidence, *, also_lock: str | None
                    ) -> tuple[tuple[str, str, str, int, int], ...]:
     """The invoices the earlier refund (of the payment's missing_in_settlement) lowered, as it recorded them,
     with their state now: (id, agency code, status, owed, lowered by). Locks them, and ``also_lock`` (the
-    invoice the resolution names), in id order. A refund that recorded nothing lowered nothing."""
+    invoice the resolution names), in id order. A refund without the record (made before refunds lowered
+    invoices) lowered nothing."""
     if isinstance(evidence, str):
         evidence = json.loads(evidence)
     exception_id = ((evidence or {}).get("earlier_resolution") or {}).get("exception_id")

@@ -1233,6 +1233,11 @@ async def test_an_entry_that_lost_its_seal_after_a_deleted_entry_is_named_after_
     assert report.first_bad_entry == posted[2].id
     order = [p.entry_id for p in report.entry_problems]
     assert order.index(posted[2].id) < order.index(posted[3].id)
+    # and with seal 2 deleted too, entry 2 then entry 3 then entry 4, each where it sat (found by review: entries
+    # 2 and 4 both took position 2)
+    await tamper(db_dsn, "DELETE FROM ledger_seals WHERE position = 2")
+    order = list(dict.fromkeys(p.entry_id for p in (await ledger.verify(db)).entry_problems))
+    assert order[:3] == [posted[1].id, posted[2].id, posted[3].id]
 
 
 async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):

@@ -164,10 +164,10 @@ async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_a_few
     """Found by review: PayWay's NOT_FOUND (status code 6) made the callback final at once, so if its status API
     lagged its own callback by a moment, an approved payment's only callback was dropped (the money then came
     only with the settlement file). For a tran_id that is the bill number of an open invoice of ours it is asked
-    again, with the inbox's backoff, for NOT_FOUND_PATIENCE after the callback arrived (not a count of tries,
-    which retries after an outage would use up); then rejected. A tran_id of no open invoice of ours is rejected
-    at once: an unsigned callback (anyone can send one) buys at most a few PayWay calls."""
-    from paysvc.inbox import NOT_FOUND_PATIENCE
+    again, with the inbox's backoff, for NOT_FOUND_PATIENCE after PayWay first said so (not a count of tries,
+    nor time from the callback's arrival, which an outage would use up); then rejected. A tran_id of no open
+    invoice of ours is rejected at once: an unsigned callback (anyone can send one) buys a few PayWay calls."""
+    from datetime import UTC, datetime
 
     api, fake = payway
     h = await api.portal("MOI")
@@ -190,15 +190,19 @@ async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_a_few
         r = await aba_callback(api, other["bill_number"])
         assert r.status == 202
         last = "SELECT state FROM provider_inbox ORDER BY id DESC LIMIT 1"
-        await conn.execute("UPDATE provider_inbox SET attempts = 9, received_at = now() - $1::interval + interval "
-                           "'10 seconds', next_attempt_at = now() - interval '1 second' WHERE state = 'received'",
-                           NOT_FOUND_PATIENCE)
-        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # many tries, still in time: deferred
+        # PayWay was down for an hour (many tries, each deferred as unavailable), then says NOT_FOUND: its
+        # window starts then, so it is asked again
+        await conn.execute("UPDATE provider_inbox SET attempts = 9, received_at = now() - interval '1 hour', "
+                           "reason = 'provider_unavailable: PayWay answered HTTP 503', "
+                           "next_attempt_at = now() - interval '1 second' WHERE state = 'received'")
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])
+        assert "NOT_FOUND asked again until" in await conn.fetchval("SELECT reason FROM provider_inbox "
+                                                                     "ORDER BY id DESC LIMIT 1")
         assert await conn.fetchval(last) == "received"
-        await conn.execute("UPDATE provider_inbox SET received_at = now() - $1::interval - interval '1 second', "
-                           "next_attempt_at = now() - interval '1 second' WHERE state = 'received'",
-                           NOT_FOUND_PATIENCE)
-        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # its time is up: still unknown
+        past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+        await conn.execute("UPDATE provider_inbox SET reason = regexp_replace(reason, 'until \\S+$', 'until ' || $1), "
+                           "next_attempt_at = now() - interval '1 second' WHERE state = 'received'", past)
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])  # its window is over: still unknown
         assert await conn.fetchval(last) == "rejected"
 
         r = await aba_callback(api, "NOT-OURS-1")
@@ -695,8 +699,12 @@ async def test_a_code_past_its_grace_stays_asked_when_its_answer_is_not_one_to_t
     async def failing_capture(*args, **kwargs):
         raise RuntimeError("the database went away")
     monkeypatch.setattr(poller_module, "capture_notices", failing_capture)  # (b)
+    import prometheus_client
+    gauge = ("paysvc_poll_last_success_timestamp_seconds", {"provider": "bakong"})
+    before = prometheus_client.REGISTRY.get_sample_value(*gauge)
     with pytest.raises(RuntimeError):
         await poll_once(pool, provider, policy)
+    assert prometheus_client.REGISTRY.get_sample_value(*gauge) == before  # not a success: nothing captured
     monkeypatch.setattr(poller_module, "capture_notices", real_capture)
     paid_item = {"md5": md5s[0] + " ", "status": "SUCCESS", "data": {
         "hash": "e" * 64, "fromAccountId": "x@y", "toAccountId": "moi@nbcq", "currency": "KHR", "amount": 50000,

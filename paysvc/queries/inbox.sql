@@ -10,7 +10,7 @@ RETURNING id
 SELECT id FROM provider_inbox WHERE provider = $1 AND replay_key = $2
 
 -- name: inbox_get
-SELECT id, provider, received_at, headers, body, state, attempts FROM provider_inbox WHERE id = $1
+SELECT id, provider, received_at, headers, body, state, attempts, reason FROM provider_inbox WHERE id = $1
 
 -- name: inbox_reject
 UPDATE provider_inbox SET state = 'rejected', reason = $2 WHERE id = $1 AND state = 'received'
