@@ -81,16 +81,17 @@ SELECT a.code, coalesce(b.debits, 0) AS debits, coalesce(b.credits, 0) AS credit
  ORDER BY a.code
 
 -- name: verify_prev_seals
--- For entries the sealer passed ($1): the position of the last seal of an entry before each in chain order
--- ((txid, id); NULL: none), in one ordered pass over the chain up to the last of them (a correlated lookup per
--- entry was quadratic in a run of them: found by review).
-WITH bound AS (SELECT x.txid, x.id FROM ledger_entries x WHERE x.id = ANY($1::bigint[])
-                ORDER BY x.txid DESC, x.id DESC LIMIT 1)
-SELECT w.id, w.prev_seal
-  FROM (SELECT e.id, e.txid, max(s.position) OVER (ORDER BY e.txid, e.id
-                                                  ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_seal
-          FROM bound b, ledger_entries e LEFT JOIN ledger_seals s ON s.entry_id = e.id
-         WHERE (e.txid, e.id) <= (b.txid, b.id)) w
+-- For entries the sealer passed ($1): the positions of the last seal of an entry before each and of the first
+-- after it, in chain order ((txid, id); NULL: none), in one ordered pass over the chain (a correlated lookup
+-- per entry was quadratic in a run of them: found by review).
+SELECT w.id, w.prev_seal, w.next_seal
+  FROM (SELECT e.id, e.txid,
+               max(s.position) OVER (ORDER BY e.txid, e.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                 AS prev_seal,
+               -- each frame grows from a fixed start, so both are running aggregates (one pass each way)
+               min(s.position) OVER (ORDER BY e.txid DESC, e.id DESC ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                 AS next_seal
+          FROM ledger_entries e LEFT JOIN ledger_seals s ON s.entry_id = e.id) w
  WHERE w.id = ANY($1::bigint[])
  ORDER BY w.txid, w.id
 

@@ -162,16 +162,17 @@ def _check(r: asyncpg.Record, postings: list[Posting]) -> tuple[list[str], bytes
     return found, actual
 
 
-def _chain_order(behind: dict[int, int]):
+def _chain_order(behind: dict[int, tuple[int, int]]):
     """Problems in chain order: by seal position; an unsealed entry the sealer passed at the position after the
     last seal before it, ahead of that position's own problems (found by review: after a seal was deleted, the
     next sealed entry was named first, the entry that lost its seal last); other unsealed entries after, by id."""
-    def key(p: EntryProblem) -> tuple[int, int, int]:
+    def key(p: EntryProblem) -> tuple[int, int, int, int]:
         if p.seal_position is not None:
-            return (0, p.seal_position, 0)
+            return (0, p.seal_position, 0, 0)
         if p.entry_id in behind:
-            return (0, behind[p.entry_id], -1)
-        return (1, p.entry_id, 0)
+            position, rank = behind[p.entry_id]
+            return (0, position, -1, rank)
+        return (1, p.entry_id, 0, 0)
     return key
 
 
@@ -287,10 +288,18 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
     # Each passed entry lost its seal: it held the first missing position after the last seal (of an entry
     # still there) before it in chain order (found by review: counting from that seal alone put it after the
     # seal of a deleted entry that came before it).
-    behind: dict[int, int] = {}
+    behind: dict[int, tuple[int, int]] = {}
     last = 0  # positions held rise along the chain: each entry takes the first free one after the last taken
-    for r in await conn.fetch(Q.verify_prev_seals, passed) if passed else []:  # in chain order
-        last = behind[r["id"]] = _held(max(r["prev_seal"] or 0, last), gaps)
+    for rank, r in enumerate(await conn.fetch(Q.verify_prev_seals, passed) if passed else []):  # in chain order
+        held = _held(max(r["prev_seal"] or 0, last), gaps)
+        if r["next_seal"] is not None and held >= r["next_seal"]:
+            # No free position before the next seal: it never had one (forged behind the sealer's back, say).
+            # It sorts just before that seal and takes nothing (found by review: it pushed the entries after it
+            # that did lose their seal past real seals).
+            behind[r["id"]] = (r["next_seal"], rank)
+        else:
+            last = held
+            behind[r["id"]] = (held, rank)
     problems.sort(key=_chain_order(behind))  # stable: each entry's problems keep their order
     mismatches = [BalanceMismatch(account=m["code"], maintained_debits=m["debits"],
                                   maintained_credits=m["credits"], maintained_postings=m["postings"],

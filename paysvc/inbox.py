@@ -239,6 +239,11 @@ def _not_found_until(row) -> datetime:
 async def _defer(pool: asyncpg.Pool, row, reason: str, retry_after: float | None = None) -> Outcome:
     wait = timedelta(seconds=retry_after) if retry_after else min(timedelta(seconds=2 ** min(row["attempts"], 12)),
                                                                    MAX_BACKOFF)
+    kept = _NOT_FOUND_UNTIL.search(row["reason"] or "")
+    if kept and not _NOT_FOUND_UNTIL.search(reason):
+        # A NOT_FOUND window once opened is kept through other deferrals (found by review: a 503 in between
+        # erased it, and the next NOT_FOUND opened a new one, again and again).
+        reason = f"{reason}; {kept.group(0)}"
     await pool.execute(Q.inbox_defer, row["id"], now_utc() + wait, _storable(reason))
     log.warning("inbox row %s deferred: %s", row["id"], reason, extra={"inbox_id": row["id"]})
     return Outcome("deferred", reason)

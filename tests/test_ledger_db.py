@@ -1240,6 +1240,42 @@ async def test_an_entry_that_lost_its_seal_after_a_deleted_entry_is_named_after_
     assert order[:3] == [posted[1].id, posted[2].id, posted[3].id]
 
 
+async def _forge_beside(db, db_dsn, entry_id: int, beside) -> None:
+    """An entry written behind the ledger's back with ``beside``'s transaction id: in chain order just after it,
+    though it never had a seal."""
+    txid = await db.fetchval("SELECT txid::text FROM ledger_entries WHERE id = $1", beside.id)
+    debit, credit = await _account_ids(db)
+    await tamper(db_dsn, "INSERT INTO ledger_entries (id, txid, kind, description, effective_at, content_hash, "
+                         "posting_count, folded) VALUES ($1, $2::text::xid8, 'raw', 'x', now(), $3, 2, true)",
+                 entry_id, txid, bytes(32))
+    for line, (account, side) in enumerate(((debit, "debit"), (credit, "credit")), start=1):
+        await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, "
+                             "prechecked) VALUES ($1, $2, $3, $4, 900, 'KHR', true)", entry_id, line, account, side)
+
+
+async def test_entries_forged_behind_the_seal_do_not_push_one_that_lost_its_seal_out_of_place(db, db_dsn):
+    """Found by review: entries forged behind the sealer (they never had a seal) took the positions of deleted
+    seals further on, so an entry that did lose its seal was named after the next sealed entry, and a forged
+    entry could even be named after a later bad entry. An entry with no free position before the next seal
+    sorts just before that seal and takes none."""
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    for forged in (-5, -4):
+        await _forge_beside(db, db_dsn, forged, posted[0])  # between seals 1 and 2
+    await tamper(db_dsn, "DELETE FROM ledger_seals WHERE position = 3")
+    order = list(dict.fromkeys(p.entry_id for p in (await ledger.verify(db)).entry_problems))
+    assert order[:4] == [-5, -4, posted[2].id, posted[3].id]
+
+
+async def test_a_forged_entry_early_in_the_chain_is_the_first_bad_entry(db, db_dsn):
+    posted = [await post(db, capture(n)) for n in range(5)]
+    await seal_everything(db)
+    await _forge_beside(db, db_dsn, -5, posted[0])
+    await tamper(db_dsn, "UPDATE ledger_postings SET amount = amount + 1 WHERE entry_id = $1", posted[2].id)
+    await tamper(db_dsn, "DELETE FROM ledger_seals WHERE position = 4")
+    assert (await ledger.verify(db)).first_bad_entry == -5
+
+
 async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):
     # Found by review: entries inserted behind the ledger's back that verify never looked at, each with its
     # postings and the balances adjusted: an id of 0 or below (the unsealed walk started after 0), a

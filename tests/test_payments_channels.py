@@ -196,9 +196,16 @@ async def test_payway_not_knowing_a_transaction_of_ours_yet_is_asked_again_a_few
                            "reason = 'provider_unavailable: PayWay answered HTTP 503', "
                            "next_attempt_at = now() - interval '1 second' WHERE state = 'received'")
         await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])
-        assert "NOT_FOUND asked again until" in await conn.fetchval("SELECT reason FROM provider_inbox "
-                                                                     "ORDER BY id DESC LIMIT 1")
+        reason = await conn.fetchval("SELECT reason FROM provider_inbox ORDER BY id DESC LIMIT 1")
+        window = reason[reason.index("NOT_FOUND asked again until"):]
         assert await conn.fetchval(last) == "received"
+        # PayWay fails once more (503): the window is kept, not opened anew by the next NOT_FOUND (found by review)
+        fake.fail_next(503, b"busy")
+        await conn.execute("UPDATE provider_inbox SET next_attempt_at = now() - interval '1 second' "
+                           "WHERE state = 'received'")
+        await inbox.work(api.client.app[POOL], api.client.app[PROVIDERS])
+        reason = await conn.fetchval("SELECT reason FROM provider_inbox ORDER BY id DESC LIMIT 1")
+        assert reason.endswith(window) and "503" in reason and await conn.fetchval(last) == "received"
         past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
         await conn.execute("UPDATE provider_inbox SET reason = regexp_replace(reason, 'until \\S+$', 'until ' || $1), "
                            "next_attempt_at = now() - interval '1 second' WHERE state = 'received'", past)

@@ -4,6 +4,7 @@ and payment lands in one category, matched money is posted, and treasury resolve
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
@@ -712,6 +713,9 @@ async def test_a_refund_that_lowered_no_invoice_gives_its_revenue_back_as_taken(
     await _refund_missing(api, treasury, "TX-P")
     got_b = await (await api.client.get(f"/v1/invoices/{b['id']}", headers=portal)).json()
     assert (got_b["status"], got_b["amount_paid"]) == ("paid", 1000)  # a paid invoice is not reopened
+    recorded = await count(api.dsn, "SELECT evidence -> 'invoices_lowered' FROM reconciliation_exceptions "
+                                    "WHERE reason = 'missing_in_settlement'")
+    assert json.loads(recorded) == []  # "lowered nothing" is recorded as such (found by review)
     r = await upload(api, treasury, write_settlement_csv([line("TX-P", 1000)]), day=DAY + timedelta(days=5))
     late = await _only_exception(api, treasury, "settled_after_resolution")
     assert (await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=a["id"])).status == 200
