@@ -1240,10 +1240,8 @@ async def test_an_entry_that_lost_its_seal_after_a_deleted_entry_is_named_after_
     assert order[:3] == [posted[1].id, posted[2].id, posted[3].id]
 
 
-async def _forge_beside(db, db_dsn, entry_id: int, beside) -> None:
-    """An entry written behind the ledger's back with ``beside``'s transaction id: in chain order just after it,
-    though it never had a seal."""
-    txid = await db.fetchval("SELECT txid::text FROM ledger_entries WHERE id = $1", beside.id)
+async def _forge_entry(db, db_dsn, entry_id: int, txid: str) -> None:
+    """A balanced entry of 900 written behind the ledger's back (triggers off), with this id and transaction id."""
     debit, credit = await _account_ids(db)
     await tamper(db_dsn, "INSERT INTO ledger_entries (id, txid, kind, description, effective_at, content_hash, "
                          "posting_count, folded) VALUES ($1, $2::text::xid8, 'raw', 'x', now(), $3, 2, true)",
@@ -1251,6 +1249,12 @@ async def _forge_beside(db, db_dsn, entry_id: int, beside) -> None:
     for line, (account, side) in enumerate(((debit, "debit"), (credit, "credit")), start=1):
         await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, "
                              "prechecked) VALUES ($1, $2, $3, $4, 900, 'KHR', true)", entry_id, line, account, side)
+
+
+async def _forge_beside(db, db_dsn, entry_id: int, beside) -> None:
+    """A forged entry with ``beside``'s transaction id: in chain order just after it, though it never had a seal."""
+    await _forge_entry(db, db_dsn, entry_id, await db.fetchval("SELECT txid::text FROM ledger_entries WHERE id = $1",
+                                                               beside.id))
 
 
 async def test_entries_forged_behind_the_seal_do_not_push_one_that_lost_its_seal_out_of_place(db, db_dsn):
@@ -1283,15 +1287,9 @@ async def test_verify_sees_entries_written_behind_the_sealers_back(db, db_dsn):
     # does not exist (dropped by a join).
     base = await post(db, capture(0))
     await seal_everything(db)
-    debit, credit = await _account_ids(db)
     forged = {-1: "1", 1_000_000: str(2**62)}
     for entry_id, txid in forged.items():
-        await tamper(db_dsn, "INSERT INTO ledger_entries (id, txid, kind, description, effective_at, content_hash, "
-                             "posting_count, folded) VALUES ($1, $2::text::xid8, 'raw', 'x', now(), $3, 2, true)",
-                     entry_id, txid, bytes(32))
-        for line, (account, side) in enumerate(((debit, "debit"), (credit, "credit")), start=1):
-            await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, "
-                                 "prechecked) VALUES ($1, $2, $3, $4, 900, 'KHR', true)", entry_id, line, account, side)
+        await _forge_entry(db, db_dsn, entry_id, txid)
     await tamper(db_dsn, "INSERT INTO ledger_postings (entry_id, line, account_id, side, amount, currency, prechecked) "
                          "VALUES ($1, 3, 999999, 'debit', 123, 'KHR', true)", base.id)
     report = await ledger.verify(db)
