@@ -42,9 +42,9 @@ exception id) in the same transaction.
   the agency revenue and suspense it took), and place D = L − C: D > 0 credit ``suspense:refunds-due``,
   D < 0 debit ``expense:write-offs``. The refund recorded which invoices it lowered and by how much: each
   gets that part back into its ``amount_paid`` as far as it still owes it, the rest of it to
-  ``suspense:refunds-due``; revenue it took without lowering an invoice comes back as taken. ``refund_due``: it arrived and is owed back to the payer: debit bank
-  L − F and fees F, credit ``suspense:refunds-due`` L. ``write_off``: a listing error, nothing arrived: no
-  entry.
+  ``suspense:refunds-due``; revenue it took without lowering an invoice comes back as taken. ``refund_due``:
+  it arrived and is owed back to the payer: debit bank L − F and fees F, credit ``suspense:refunds-due`` L.
+  ``write_off``: a listing error, nothing arrived: no entry.
 
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
@@ -293,8 +293,8 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
                                     "choose refund_due or write_off")
         out = [*bank_in(gross, fee)]
         for a, n in taken.items():
-            if n - lowered_from.get(a, 0) + back_to.get(a, 0):
-                out.append((a, "credit", n - lowered_from.get(a, 0) + back_to.get(a, 0)))
+            if credit := n - lowered_from.get(a, 0) + back_to.get(a, 0):
+                out.append((a, "credit", credit))
         if owed_back + max(diff, 0):
             out.append((refunds, "credit", owed_back + max(diff, 0)))
         if diff < 0:
@@ -410,9 +410,7 @@ async def _lowered(conn: asyncpg.Connection, evidence, *, also_lock: str | None
     with their state now: (id, agency code, status, owed, lowered by). Locks them, and ``also_lock`` (the
     invoice the resolution names), in id order. A refund without the record (made before refunds lowered
     invoices) lowered nothing."""
-    if isinstance(evidence, str):
-        evidence = json.loads(evidence)
-    exception_id = ((evidence or {}).get("earlier_resolution") or {}).get("exception_id")
+    exception_id = _earlier_resolution(evidence).get("exception_id")
     recorded = await conn.fetchval(Q.exception_lowered, exception_id) if exception_id else None
     if isinstance(recorded, str):
         recorded = json.loads(recorded)
@@ -423,11 +421,16 @@ async def _lowered(conn: asyncpg.Connection, evidence, *, also_lock: str | None
                  for i, n in sorted(by.items()) if i in rows)
 
 
-async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:
-    """What the entry of the earlier resolution (write_off, refund_due of missing_in_settlement) debited."""
+def _earlier_resolution(evidence) -> dict:
+    """What a settled_after_resolution exception's evidence says of the earlier resolution ({} if nothing)."""
     if isinstance(evidence, str):
         evidence = json.loads(evidence)
-    entry_id = ((evidence or {}).get("earlier_resolution") or {}).get("resolution_entry_id")
+    return (evidence or {}).get("earlier_resolution") or {}
+
+
+async def _earlier_debits(conn: asyncpg.Connection, evidence) -> tuple[tuple[str, int], ...]:
+    """What the entry of the earlier resolution (write_off, refund_due of missing_in_settlement) debited."""
+    entry_id = _earlier_resolution(evidence).get("resolution_entry_id")
     if not entry_id:
         return ()
     rows = await conn.fetch(Q.settlement_entry_postings, int(entry_id))

@@ -456,8 +456,8 @@ SELECT l.settlement_id, l.line_no, l.category, l.exception_id, s.journal_entry_i
    AND l.category IN ('matched', 'amount_mismatch', 'missing_in_ledger', 'settled_after_resolution')
 
 -- name: invoices_refunded_part
--- Open (or expired) invoices that treasury gave part of payment $1 (match_to_invoice of its capture exceptions, reasons $2):
--- that part is refunded, so each asks for it again (and drops its code, which asked for less).
+-- Open (or expired) invoices that treasury gave part of payment $1 (match_to_invoice of its capture exceptions,
+-- reasons $2): that part is refunded, so each asks for it again (and drops its code, which asked for less).
 UPDATE invoices i
    SET amount_paid = i.amount_paid - m.amount, current_khqr_md5 = NULL
   FROM (SELECT invoice_id, sum(amount)::bigint AS amount FROM reconciliation_exceptions
