@@ -140,7 +140,8 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                   inbox_id: int | None = None, flag: str | None = None,
                   completes_inbox: bool = False, received_at: datetime | None = None,
                   business_cutoff: time | None = None) -> CaptureResult:
-    """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction and KHQR code.
+    """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction; a payment another
+    channel captured already (same code, amount and currency) is kept as this channel's report of it.
 
     ``flag`` adds an exception reason even when the money matches (settlement uses it for
     ``missing_in_ledger``: captured late, from the settlement line). ``completes_inbox`` also marks the
@@ -158,36 +159,48 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
         raise ValueError("only confirmed notices are captured")
     events: list[tuple[int, str, dict]] = []
     for _ in range(2):
-        # The code and its invoice (or the invoice by bill number), the invoice row locked, and the payments
-        # already captured for this money: one round trip.
+        # The code and its invoice (or the invoice by bill number), the invoice row locked, what this provider
+        # transaction was captured as already, and the payments on the code: one round trip.
         target = await conn.fetchrow(Q.capture_target, notice.md5, notice.bill_number, notice.provider,
                                      notice.transaction_id)
         invoice = _invoice_of(target)
         code = _code_of(target)
-        prior = target["prior"]
-        for p in prior:
-            if p["provider"] == notice.provider and p["provider_transaction_id"] == notice.transaction_id:
-                # This money is captured already. A notice that says the same is a retry; one that says
-                # something else is raised to treasury (once per distinct notice), and nothing is booked. A
-                # settlement line is not compared, on either side: the import's own categories
-                # (amount_mismatch…) say how the file differs from what was captured, and a payment captured
-                # from a line holds the file's times, not those a callback or the poll reports.
-                differs = _differences(p, notice) if "settlement" not in (source, p["source"]) else []
-                if differs:
-                    await _raise_conflict(conn, p, notice, differs, source=source, now=now, events=events,
-                                          business_day=business_date(now, business_cutoff)
-                                          if business_cutoff is not None else None)
-                await _finish(conn, events, now, done_inbox)
-                return CaptureResult(p["id"], False, "conflicting_notice" if differs else None, p["invoice_id"])
-        same = prior[0] if prior else None  # a payment already on this code
-        pay_md5 = code["md5"] if code else None
+        own = target["own"]
+        if own is not None:
+            # This money is captured already, as a payment or as another channel's report of one. A notice that
+            # says the same is a retry; one that says something else is raised to treasury (once per distinct
+            # notice), and nothing is booked. A settlement line is not compared, on either side: the import's
+            # own categories (amount_mismatch…) say how the file differs from what was captured, and a payment
+            # captured from a line holds the file's times, not those a callback or the poll reports.
+            differs = _differences(own, notice) if "settlement" not in (source, own["source"]) else []
+            if differs:
+                await _raise_conflict(conn, own, notice, differs, source=source, now=now, events=events,
+                                      business_day=business_date(now, business_cutoff)
+                                      if business_cutoff is not None else None)
+            await _finish(conn, events, now, done_inbox)
+            return CaptureResult(own["id"], False, "conflicting_notice" if differs else None, own["invoice_id"])
+        on_code = target["on_code"] if code is not None else []
+        same = same_money(notice, on_code)
+        if same is not None and source == "settlement":
+            # Another provider's file lists money captured through another channel: the import raises the line
+            # (duplicate_in_settlement). No report is kept: a line without a transaction id is named after its
+            # file, and would claim the payment for this provider under a name its channel never reports.
+            await _finish(conn, [], now, done_inbox)
+            return CaptureResult(same["id"], False, None, same["invoice_id"])
         if same is not None:
-            if same["provider"] != notice.provider and same["amount"] == notice.amount \
-                    and same["currency"] == notice.currency:
-                # One code paid once, reported by two channels (a bank's callback and the Bakong poll): same money.
-                await _finish(conn, [], now, done_inbox)
-                return CaptureResult(same["id"], False, None, same["invoice_id"])
-            pay_md5 = None  # other money on an already-paid code: a second payment, booked on its own
+            # One payment reported by two channels (a bank's callback and the Bakong poll): kept as this
+            # channel's report of it, nothing booked.
+            reported = await conn.fetchval(Q.report_insert, notice.provider, notice.transaction_id, same["id"],
+                                           source, inbox_id, notice.model_dump(mode="json"), now)
+            if reported is None:
+                continue  # a concurrent capture took this transaction or this report first: read again
+            await _finish(conn, [], now, done_inbox)
+            return CaptureResult(same["id"], False, None, same["invoice_id"])
+        pay_md5 = code["md5"] if code is not None else None
+        # Its number on the code: after every payment on it. A concurrent capture that committed another while
+        # this one waited for the invoice lock took that number: the insert meets it, and this capture reads
+        # again.
+        seq = max((p["seq"] for p in on_code), default=0) + 1 if pay_md5 is not None else None
 
         decision = decide(notice, invoice, code, received_at=received_at)
         if flag is not None and decision.reason is None:
@@ -208,14 +221,14 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             Q.payment_insert, payment_id, notice.provider, notice.transaction_id, invoice_id, agency_id,
             pay_md5, notice.bill_number, notice.currency, notice.amount, decision.applied,
             decision.suspense, notice.to_account, notice.from_account, notice.paid_at, now, source, inbox_id,
-            evidence, decision.pays_invoice,
+            evidence, decision.pays_invoice, seq,
         )
         if written is not None:
             break
-        # Nothing was written (the insert met a unique index). The payments above were read with the
-        # statement's snapshot, taken before its wait for the invoice lock, so a capture of this money that
-        # committed during that wait was not among them. This transaction holds the lock now, and a new
-        # statement sees that commit: decide again from a fresh read.
+        # Nothing was written (the insert met a unique index, or a report of this transaction). The payments
+        # above were read with the statement's snapshot, taken before its wait for the invoice lock, so a
+        # capture that committed during that wait was not among them. This transaction holds the lock now, and
+        # a new statement sees that commit: decide again from a fresh read.
     else:
         # Still in the way after a fresh read. Not expected: an insert that meets another transaction's row
         # waits for it to commit, so the second read sees it. The caller rolls back and retries.
@@ -256,6 +269,20 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
                        journal_posted(entry, agency_code, payment_id=payment_id, invoice_id=invoice_id)))
     await _finish(conn, events, now, done_inbox)
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
+
+
+def same_money(notice: PaymentNotice, on_code: list[dict]) -> dict | None:
+    """The payment on the notice's code that the notice reports again through another channel, or None.
+
+    That is the first payment on the code captured from another provider, for the same amount and currency,
+    that this provider has not reported yet: each channel reports a payment once, under its own transaction id,
+    so a second report of this provider is a second payment. When two payments on one code are alike, which of
+    them a report is taken for does not change what is booked."""
+    for p in on_code:
+        if p["provider"] != notice.provider and notice.provider not in p["reported_by"] \
+                and p["amount"] == notice.amount and p["currency"] == notice.currency:
+            return p
+    return None
 
 
 def _invoice_of(target) -> dict | None:

@@ -127,3 +127,46 @@ async def test_event_data_stored_as_a_json_string_is_turned_back_into_its_object
     await db.execute((migrations_dir() / "0020_outbox_event_data_as_objects.sql").read_text())
     rows = await db.fetch("SELECT jsonb_typeof(data) AS t, data FROM outbox_events ORDER BY pos")
     assert [(r["t"], r["data"]) for r in rows] == [("object", body), ("object", body)]
+
+
+async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, tmp_path):
+    # Migration 0038: before it, a code's second payment was stored without the code's md5. It takes the md5 its
+    # notice named when that is a code of its invoice, numbered after the first; other payments keep theirs.
+    import shutil
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for m in sorted(migrations_dir().glob("*.sql")):
+        if m.name < "0038":
+            shutil.copy(m, before / m.name)
+    await migrate(empty_db, before)
+    from paysvc.agencies import add_agency
+
+    await add_agency(empty_db, code="MOI", name="Interior", name_km="មហាផ្ទៃ", bakong_account="moi@nbcq")
+    agency = await empty_db.fetchval("SELECT id FROM agencies WHERE code = 'MOI'")
+    md5, other = "a" * 32, "b" * 32
+    for inv, code in (("inv_1", md5), ("inv_2", other)):
+        await empty_db.execute(
+            "INSERT INTO invoices (id, bill_number, agency_id, reference, description, currency, amount, expires_at)"
+            " VALUES ($1, 'PS' || lpad(nextval('invoice_number_seq')::text, 8, '0'), $2, $1, 'fee', 'KHR', 100,"
+            " now() + interval '1 hour')", inv, agency)
+        await empty_db.execute(
+            "INSERT INTO khqr_codes (md5, invoice_id, payload, to_account, currency, amount, created_at, expires_at)"
+            " VALUES ($1, $2, 'x', 'moi@nbcq', 'KHR', 100, now(), now() + interval '1 hour')", code, inv)
+    rows = [  # id, md5 column, md5 its notice named, invoice, captured (seconds ago)
+        ("pay_first", md5, md5, "inv_1", 30), ("pay_third", None, md5, "inv_1", 10),
+        ("pay_second", None, md5, "inv_1", 20), ("pay_other_invoice", None, other, "inv_1", 5),
+        ("pay_unknown", None, "c" * 32, None, 5)]
+    for pid, col, named, inv, ago in rows:
+        await empty_db.execute(
+            "INSERT INTO payments (id, provider, provider_transaction_id, invoice_id, agency_id, khqr_md5, currency,"
+            " amount, applied_amount, suspense_amount, paid_at, captured_at, source, evidence)"
+            " VALUES ($1, 'sandbox', $1, $2, $3, $4, 'KHR', 100, 0, 100, now(), now() - make_interval(secs => $5),"
+            " 'callback', jsonb_build_object('notice', jsonb_build_object('md5', $6::text)))",
+            pid, inv, agency if inv else None, col, ago, named)
+    await migrate(empty_db)
+    got = {r["id"]: (r["khqr_md5"], r["khqr_seq"])
+           for r in await empty_db.fetch("SELECT id, khqr_md5, khqr_seq FROM payments")}
+    assert got == {"pay_first": (md5, 1), "pay_second": (md5, 2), "pay_third": (md5, 3),
+                   "pay_other_invoice": (None, None),  # names a code of another invoice
+                   "pay_unknown": (None, None)}

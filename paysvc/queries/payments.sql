@@ -1,12 +1,14 @@
 -- name: capture_target
 -- One round trip: the KHQR code the notice names and its invoice, or else the invoice with the notice's bill
 -- number, the invoice row locked so captures for one invoice queue (its columns NULL when none is found);
--- and in `prior` the payments already captured for this provider transaction ($3, $4) or on this code, that
--- one first. `prior` is read with the statement's snapshot, taken before any wait for the lock: a concurrent
--- capture of the same money that commits while this one waits is not in it, but its row is in the unique
--- indexes, so this transaction's payment insert writes nothing and the capture is retried, and finds it.
--- `md5` is NULL when $1 names no code of the invoice found (none, or one we never issued); each prior payment
--- carries the notice it was captured from, to tell a provider's retry from a notice that contradicts it.
+-- `own`: the payment this provider transaction ($3, $4) was captured as, or the payment it was reported for
+-- (payment_reports), with the notice it came with and its source; `on_code`: the payments on this code, in
+-- their order on it, each with the providers that reported it. Both are read with the statement's snapshot,
+-- taken before any wait for the lock: a concurrent capture of the same money that commits while this one waits
+-- is not in them, but its row is in the unique indexes (payments on provider + transaction id and on code +
+-- number; reports on provider + transaction id and on payment + provider), so what this transaction then
+-- writes conflicts, writes nothing, and the capture reads again and finds it.
+-- `md5` is NULL when $1 names no code of the invoice found (none, or one we never issued).
 WITH target AS (
     SELECT k.md5, k.to_account, k.created_at AS code_created_at, i.id, i.agency_id, a.code AS agency_code,
            a.bakong_account, i.status, i.currency, i.amount, i.amount_paid, i.expires_at,
@@ -19,34 +21,45 @@ WITH target AS (
        FOR UPDATE OF i
 )
 SELECT t.*,
-       coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider,
-                                                     'provider_transaction_id', p.provider_transaction_id,
-                                                     'invoice_id', p.invoice_id, 'agency_id', p.agency_id,
-                                                     'amount', p.amount, 'currency', p.currency,
-                                                     'notice', CASE WHEN p.provider = $3
-                                                                     AND p.provider_transaction_id = $4
-                                                                    THEN p.evidence -> 'notice' END,
-                                                     'source', p.evidence ->> 'source')
-                                  ORDER BY p.khqr_md5 IS NOT DISTINCT FROM $1 DESC)
+       coalesce((SELECT jsonb_build_object('id', p.id, 'invoice_id', p.invoice_id, 'agency_id', p.agency_id,
+                                           'amount', p.amount, 'currency', p.currency,
+                                           'notice', p.evidence -> 'notice', 'source', p.evidence ->> 'source')
                    FROM payments p
-                  WHERE (p.provider = $3 AND p.provider_transaction_id = $4) OR p.khqr_md5 = $1),
-                '[]'::jsonb) AS prior
+                  WHERE p.provider = $3 AND p.provider_transaction_id = $4),
+                (SELECT jsonb_build_object('id', p.id, 'invoice_id', p.invoice_id, 'agency_id', p.agency_id,
+                                           'amount', p.amount, 'currency', p.currency,
+                                           'notice', r.notice, 'source', r.source)
+                   FROM payment_reports r JOIN payments p ON p.id = r.payment_id
+                  WHERE r.provider = $3 AND r.provider_transaction_id = $4)) AS own,
+       coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider, 'seq', p.khqr_seq,
+                                                     'invoice_id', p.invoice_id, 'amount', p.amount,
+                                                     'currency', p.currency,
+                                                     'reported_by', ARRAY(SELECT r.provider FROM payment_reports r
+                                                                           WHERE r.payment_id = p.id))
+                                  ORDER BY p.khqr_seq)
+                   FROM payments p
+                  WHERE p.khqr_md5 = $1),
+                '[]'::jsonb) AS on_code
   FROM (SELECT) AS one
   LEFT JOIN target t ON true
 
 -- name: payment_insert
--- The payment, its code marked captured, and when it pays its invoice ($19), the invoice's new amount and
--- state. No row back when the same money was captured first by a concurrent transaction (either unique index).
+-- The payment, its code marked captured (once: a later payment on it leaves the time of the first), and when it
+-- pays its invoice ($19), the invoice's new amount and state. $20: its number on the code (NULL without one).
+-- No row back when the same money was captured first by a concurrent transaction (a unique index), or reported
+-- meanwhile as another channel's payment (a report of this provider transaction, read by this new statement).
 WITH pay AS (
     INSERT INTO payments (id, provider, provider_transaction_id, invoice_id, agency_id, khqr_md5, bill_number,
                           currency, amount, applied_amount, suspense_amount, to_account, from_account, paid_at,
-                          captured_at, source, inbox_id, evidence)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)
+                          captured_at, source, inbox_id, evidence, khqr_seq)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $20
+     WHERE NOT EXISTS (SELECT 1 FROM payment_reports r WHERE r.provider = $2 AND r.provider_transaction_id = $3)
     ON CONFLICT DO NOTHING
     RETURNING id, invoice_id, khqr_md5, applied_amount, paid_at, captured_at
 ), code AS (
     -- The code is paid: the Bakong poller stops asking about it.
-    UPDATE khqr_codes k SET captured_at = pay.captured_at FROM pay WHERE k.md5 = pay.khqr_md5
+    UPDATE khqr_codes k SET captured_at = pay.captured_at FROM pay
+     WHERE k.md5 = pay.khqr_md5 AND k.captured_at IS NULL
 ), inv AS (
     UPDATE invoices i
        SET amount_paid = i.amount_paid + pay.applied_amount,
@@ -57,6 +70,16 @@ WITH pay AS (
     RETURNING i.reference, i.bill_number, i.status, i.currency, i.amount, i.amount_paid
 )
 SELECT pay.id, inv.* FROM pay LEFT JOIN inv ON true
+
+-- name: report_insert
+-- A channel's report of money captured under another: kept, with its notice, once per provider transaction
+-- and once per payment and provider. No row back when either is taken (a concurrent capture got there first),
+-- or when this provider transaction was captured as a payment meanwhile (read by this new statement).
+INSERT INTO payment_reports (provider, provider_transaction_id, payment_id, source, inbox_id, notice, reported_at)
+SELECT $1, $2, $3, $4, $5, $6, $7
+ WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.provider = $1 AND p.provider_transaction_id = $2)
+ON CONFLICT DO NOTHING
+RETURNING payment_id
 
 -- name: capture_events
 -- The capture's outbox events (arrays as outbox.events_args gives them; bodies as text, cast here so no

@@ -30,19 +30,26 @@ UPDATE settlement_staging s
  WHERE p.provider = $1 AND p.provider_transaction_id = s.transaction_id
 
 -- name: match_by_md5
--- A KHQR code is paid once: the first line with its md5 and the payment's amount takes the payment.
-WITH c AS (
-    SELECT DISTINCT ON (p.id) s.line_no, p.id
-      FROM settlement_staging s
-      JOIN payments p ON p.khqr_md5 = s.md5 AND p.provider = $1 AND p.amount = s.amount AND p.currency = s.currency
-     WHERE s.payment_id IS NULL AND s.md5 IS NOT NULL
+-- A code may be paid more than once (a citizen paying an old code again): lines and payments with the same md5
+-- and amount are paired in order (the n-th line with the n-th payment on the code), so none is taken twice.
+WITH l AS (
+    SELECT line_no, md5, amount, currency,
+           row_number() OVER (PARTITION BY md5, amount, currency ORDER BY line_no) AS n
+      FROM settlement_staging
+     WHERE payment_id IS NULL AND md5 IS NOT NULL),
+p AS (
+    SELECT p.id, p.khqr_md5 AS md5, p.amount, p.currency,
+           row_number() OVER (PARTITION BY p.khqr_md5, p.amount, p.currency ORDER BY p.khqr_seq) AS n
+      FROM payments p
+     WHERE p.provider = $1 AND p.khqr_md5 IN (SELECT md5 FROM l)
        AND NOT EXISTS (SELECT 1 FROM settlement_staging x WHERE x.payment_id = p.id)
        AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
                         WHERE sl.payment_id = p.id
                           AND sl.category IN ('matched', 'amount_mismatch', 'missing_in_ledger',
-                                              'settled_after_resolution'))
-     ORDER BY p.id, s.line_no)
-UPDATE settlement_staging s SET payment_id = c.id, matched_by = 'md5' FROM c WHERE s.line_no = c.line_no
+                                              'settled_after_resolution')))
+UPDATE settlement_staging s SET payment_id = p.id, matched_by = 'md5'
+  FROM l JOIN p USING (md5, amount, currency, n)
+ WHERE s.line_no = l.line_no
 
 -- name: match_by_bill_number
 -- Several payments may carry one bill number: lines and payments with the same bill number and amount are

@@ -1,0 +1,141 @@
+"""One payment reported by several channels; one code paid more than once.
+
+A bank's callback and the Bakong poll report the same payment under their own transaction ids: that is one
+payment, and the second report is kept as a report of it. A code paid twice is two payments, whichever
+channels report them and in whatever order. Found by review: a second payment on a code, reported by two
+channels, was booked twice; and a second payment made through a channel that had reported the first was
+taken for the first and never booked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from datetime import UTC, datetime
+
+import pytest
+
+from paysvc.capture import capture
+from paysvc.db import connect
+from providers import PaymentNotice
+from tests.payments_helpers import new_invoice
+from tests.test_settlement import AT, issued_before, line, upload, write_settlement_csv
+
+
+def notice(inv: dict, provider: str, txid: str, amount: int | None = None, *,
+           paid_at: datetime | None = None) -> PaymentNotice:
+    """A confirmed notice of a payment on the invoice's code, made when the invoice was created (a report asked
+    again says the same)."""
+    return PaymentNotice(provider=provider, transaction_id=txid, md5=inv["khqr"]["md5"],
+                         bill_number=inv["bill_number"], amount=amount or inv["amount"], currency="KHR",
+                         paid_at=paid_at or datetime.fromisoformat(inv["created_at"]), confirmed=True)
+
+
+async def report(conn, n: PaymentNotice, source: str = "callback"):
+    async with conn.transaction():
+        return await capture(conn, n, source=source, now=datetime.now(UTC))
+
+
+async def booked(conn, inv: dict) -> tuple[int, int]:
+    """(payments on the invoice's code, riel booked for them in the ledger)."""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS n, coalesce(sum(p.amount), 0) AS total FROM payments p WHERE p.khqr_md5 = $1",
+        inv["khqr"]["md5"])
+    ledger_total = await conn.fetchval(
+        "SELECT coalesce(sum(lp.amount), 0) FROM ledger_entries e JOIN ledger_postings lp ON lp.entry_id = e.id "
+        "JOIN ledger_accounts a ON a.id = lp.account_id "
+        "WHERE e.payment_id IN (SELECT id FROM payments WHERE khqr_md5 = $1) AND a.code LIKE 'provider:%:clearing:%' "
+        "AND lp.side = 'debit'", inv["khqr"]["md5"])
+    assert ledger_total == row["total"]  # each payment booked once, for its amount
+    return row["n"], row["total"]
+
+
+async def test_a_second_payment_reported_by_two_channels_is_booked_once(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "sandbox", "T1", 30000))      # underpaid: held for treasury
+        second = await report(conn, notice(inv, "sandbox", "T2", 50000))     # the same code paid again
+        assert first.created and second.created and second.reason is None   # the second pays the invoice
+        # Bakong reports both: each is one of those two payments, the second one too.
+        by_poll = [await report(conn, notice(inv, "bakong", "H2", 50000), "poll"),
+                   await report(conn, notice(inv, "bakong", "H1", 30000), "poll")]
+        assert [(r.created, r.payment_id) for r in by_poll] == [(False, second.payment_id), (False, first.payment_id)]
+        # Asked again, the same answers; nothing more is booked.
+        again = await report(conn, notice(inv, "bakong", "H2", 50000), "poll")
+        assert (again.created, again.payment_id) == (False, second.payment_id)
+        assert await booked(conn, inv) == (2, 80000)
+        reports = await conn.fetch("SELECT provider_transaction_id, payment_id, source FROM payment_reports "
+                                   "ORDER BY provider_transaction_id")
+        assert [tuple(r) for r in reports] == [("H1", first.payment_id, "poll"), ("H2", second.payment_id, "poll")]
+        seqs = await conn.fetch("SELECT khqr_seq FROM payments WHERE khqr_md5 = $1 ORDER BY khqr_seq",
+                                inv["khqr"]["md5"])
+        assert [r["khqr_seq"] for r in seqs] == [1, 2]
+
+
+async def test_a_second_payment_through_a_channel_that_reported_the_first_is_booked(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "sandbox", "T1"))
+        assert not (await report(conn, notice(inv, "bakong", "H1"), "poll")).created  # the same payment
+        # The citizen pays the code again, through an app only Bakong reports: a payment of its own, held
+        # (the invoice is paid), not taken for the first one.
+        again = await report(conn, notice(inv, "bakong", "H2"), "poll")
+        assert again.created and again.reason == "duplicate_payment" and again.payment_id != first.payment_id
+        assert await booked(conn, inv) == (2, 100000)
+
+
+async def test_a_report_that_contradicts_itself_is_raised_once_and_books_nothing(api, portal, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=50000)
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "sandbox", "T1"))
+        await report(conn, notice(inv, "bakong", "H1"), "poll")
+        # Bakong's answer for H1 changes its amount: raised to treasury, once however often it says so.
+        for _ in range(2):
+            got = await report(conn, notice(inv, "bakong", "H1", 40000), "poll")
+            assert (got.created, got.payment_id, got.reason) == (False, first.payment_id, "conflicting_notice")
+        reasons = await conn.fetch("SELECT reason, payment_id FROM reconciliation_exceptions")
+        assert {(r["reason"], r["payment_id"]) for r in reasons} == {("conflicting_notice", first.payment_id)}
+        assert await booked(conn, inv) == (1, 50000)
+
+
+@pytest.mark.parametrize("amounts", [(50000, 50000), (30000, 50000)], ids=["alike", "different"])
+async def test_two_payments_each_reported_by_two_channels_in_any_order_are_two_payments(api, portal, invoice_body,
+                                                                                      amounts):
+    """Every order of the four reports (two payments, each reported by the bank's callback and by Bakong)."""
+    reports = [(provider, i) for i in range(2) for provider in ("sandbox", "bakong")]
+    async with connect(api.dsn) as conn:
+        for order in itertools.permutations(reports):
+            inv = await new_invoice(api, portal, invoice_body, amount=50000)
+            for provider, i in order:
+                await report(conn, notice(inv, provider, f"{inv['id']}-{provider}-{i}", amounts[i]))
+            assert await booked(conn, inv) == (2, sum(amounts)), order
+
+
+async def test_two_channels_reporting_a_second_payment_at_once_book_it_once(api, portal, invoice_body):
+    for round_ in range(8):
+        inv = await new_invoice(api, portal, invoice_body, amount=50000)
+        async with connect(api.dsn) as a, connect(api.dsn) as b, connect(api.dsn) as c:
+            t = inv["id"]
+            await report(a, notice(inv, "sandbox", f"{t}-T1", 30000))
+            got = await asyncio.gather(report(b, notice(inv, "sandbox", f"{t}-T2")),
+                                       report(c, notice(inv, "bakong", f"{t}-H2"), "poll"))
+            assert sorted(r.created for r in got) == [False, True], round_
+            assert got[0].payment_id == got[1].payment_id
+            assert await booked(a, inv) == (2, 80000)
+
+
+async def test_a_settlement_pairs_two_payments_on_one_code_with_two_lines_by_md5(api, portal, treasury,
+                                                                                invoice_body):
+    """Lines that name the code but not the transaction id: the n-th line takes the n-th payment on the code
+    (it used to be the first line for both, and the second line was captured again, as missing_in_ledger)."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    async with connect(api.dsn) as conn:
+        await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
+        await report(conn, notice(inv, "sandbox", "T2", paid_at=AT))
+    r = await upload(api, treasury, write_settlement_csv([line("bank-1", 50000, md5=inv["khqr"]["md5"]),
+                                                          line("bank-2", 50000, md5=inv["khqr"]["md5"])]))
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        cats = await conn.fetch("SELECT category, matched_by FROM settlement_lines ORDER BY line_no")
+        assert [tuple(c) for c in cats] == [("matched", "md5"), ("matched", "md5")]
+        assert await booked(conn, inv) == (2, 100000)
