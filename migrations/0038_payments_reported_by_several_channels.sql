@@ -13,8 +13,10 @@
 -- so two captures that each decide to add "the n-th payment" cannot both commit, and the second decides
 -- again), and each channel's report of money already captured under another channel is kept in
 -- payment_reports: a provider transaction is a payment or a report of one, and a payment is reported at most
--- once by each provider. A new notice from provider X is the same money as the earliest payment on its code,
--- of another provider, the same amount and currency, that X has not reported yet; otherwise it is a payment.
+-- once by each provider. A settlement line with a transaction id is a report too; one without (named after
+-- its file and line) is not kept as one. A new notice from provider X is the same money as the earliest
+-- payment on its code, of another provider, the same amount and currency, that X has not reported yet;
+-- otherwise it is a payment.
 CREATE TABLE payment_reports (
     provider                 text NOT NULL,
     provider_transaction_id  text NOT NULL,
@@ -29,9 +31,11 @@ CREATE TABLE payment_reports (
 -- Evidence, like the inbox: written once, never changed.
 GRANT SELECT, INSERT ON payment_reports TO paysvc_app;
 
+-- Payments already on a code keep khqr_seq NULL, read as 1 (the index below and every query say
+-- coalesce(khqr_seq, 1)): setting it would rewrite every payment row while captures wait (found by review).
+-- New payments on a code always carry their number.
 ALTER TABLE payments ADD COLUMN khqr_seq integer;
 DROP INDEX payments_one_per_khqr;
-UPDATE payments SET khqr_seq = 1 WHERE khqr_md5 IS NOT NULL;
 -- Payments stored without their code's md5 because the code had a payment already: the md5 their notice
 -- named, when it is a code of their invoice, numbered after that payment in the order they were captured.
 WITH later AS (
@@ -41,6 +45,7 @@ WITH later AS (
       JOIN khqr_codes k ON k.md5 = p.evidence -> 'notice' ->> 'md5' AND k.invoice_id = p.invoice_id
      WHERE p.khqr_md5 IS NULL)
 UPDATE payments p SET khqr_md5 = later.md5, khqr_seq = later.seq FROM later WHERE p.id = later.id;
+CREATE UNIQUE INDEX payments_nth_on_khqr ON payments (khqr_md5, (coalesce(khqr_seq, 1))) WHERE khqr_md5 IS NOT NULL;
+-- Validated by the next migration, in a transaction of its own (its scan then lets captures go on).
 ALTER TABLE payments ADD CONSTRAINT payments_numbered_on_their_code
-    CHECK ((khqr_md5 IS NULL) = (khqr_seq IS NULL) AND khqr_seq >= 1);
-CREATE UNIQUE INDEX payments_nth_on_khqr ON payments (khqr_md5, khqr_seq) WHERE khqr_md5 IS NOT NULL;
+    CHECK (khqr_seq IS NULL OR (khqr_md5 IS NOT NULL AND khqr_seq >= 1)) NOT VALID;

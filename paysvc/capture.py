@@ -139,7 +139,7 @@ class CaptureResult:
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
                   completes_inbox: bool = False, received_at: datetime | None = None,
-                  business_cutoff: time | None = None) -> CaptureResult:
+                  business_cutoff: time | None = None, keeps_report: bool = True) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction; a payment another
     channel captured already (same code, amount and currency) is kept as this channel's report of it.
 
@@ -152,6 +152,8 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     conflicting notice, the day it arrived), so treasury's day pages list it before that day's file comes
     (found by review: it had no date until an import of its provider for that day gave it one). None leaves
     it undated: the settlement import dates what it captures with its file's day.
+    ``keeps_report=False``: when the notice is another channel's payment, keep no report of it (the settlement
+    import, for a line without a transaction id of its own).
     """
     received_at = received_at or now
     done_inbox = inbox_id if completes_inbox else None
@@ -181,15 +183,17 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             return CaptureResult(own["id"], False, "conflicting_notice" if differs else None, own["invoice_id"])
         on_code = target["on_code"] if code is not None else []
         same = same_money(notice, on_code)
-        if same is not None and source == "settlement":
-            # Another provider's file lists money captured through another channel: the import raises the line
-            # (duplicate_in_settlement). No report is kept: a line without a transaction id is named after its
-            # file, and would claim the payment for this provider under a name its channel never reports.
+        if same is not None and not keeps_report:
+            # A settlement line without a transaction id, for money captured through another channel: the
+            # import raises the line (duplicate_in_settlement). It is not kept as a report: named after its
+            # file and line, it would claim the payment for this provider under a name no channel reports.
             await _finish(conn, [], now, done_inbox)
             return CaptureResult(same["id"], False, None, same["invoice_id"])
         if same is not None:
-            # One payment reported by two channels (a bank's callback and the Bakong poll): kept as this
-            # channel's report of it, nothing booked.
+            # One payment reported by two channels (a bank's callback, the Bakong poll, a settlement line): kept
+            # as this channel's report of it, nothing booked. Once kept, a later notice of this provider for
+            # the same code and amount is another payment (found by review: without the report of a file's
+            # line, the file's second payment on a code was taken for the first one too).
             reported = await conn.fetchval(Q.report_insert, notice.provider, notice.transaction_id, same["id"],
                                            source, inbox_id, notice.model_dump(mode="json"), now)
             if reported is None:

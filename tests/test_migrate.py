@@ -11,6 +11,7 @@ import sys
 import asyncpg
 import pytest
 
+from ledger.sql import load_blocks
 from paysvc.migrate import MigrationError, load_migrations, migrate, migrations_dir
 from tests.conftest import TEST_PII_KEYS
 
@@ -131,7 +132,8 @@ async def test_event_data_stored_as_a_json_string_is_turned_back_into_its_object
 
 async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, tmp_path):
     # Migration 0038: before it, a code's second payment was stored without the code's md5. It takes the md5 its
-    # notice named when that is a code of its invoice, numbered after the first; other payments keep theirs.
+    # notice named when that is a code of its invoice, numbered after the first (whose number stays NULL, read as
+    # 1); other payments keep theirs. A third payment captured after the migration is numbered after them.
     import shutil
 
     before = tmp_path / "before"
@@ -167,6 +169,11 @@ async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, t
     await migrate(empty_db)
     got = {r["id"]: (r["khqr_md5"], r["khqr_seq"])
            for r in await empty_db.fetch("SELECT id, khqr_md5, khqr_seq FROM payments")}
-    assert got == {"pay_first": (md5, 1), "pay_second": (md5, 2), "pay_third": (md5, 3),
+    assert got == {"pay_first": (md5, None),  # read as 1: not rewritten
+                   "pay_second": (md5, 2), "pay_third": (md5, 3),
                    "pay_other_invoice": (None, None),  # names a code of another invoice
                    "pay_unknown": (None, None)}
+    seq = await empty_db.fetchval(
+        "SELECT (on_code -> -1 ->> 'seq')::int FROM (" + load_blocks("paysvc.queries")["capture_target"] + ") t",
+        md5, None, "sandbox", "none")
+    assert seq == 3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from paysvc.capture import capture
 from paysvc.db import connect
 from providers import PaymentNotice
+from providers.camt053 import write_statement
 from tests.payments_helpers import new_invoice
 from tests.test_settlement import AT, issued_before, line, upload, write_settlement_csv
 
@@ -139,3 +141,46 @@ async def test_a_settlement_pairs_two_payments_on_one_code_with_two_lines_by_md5
         cats = await conn.fetch("SELECT category, matched_by FROM settlement_lines ORDER BY line_no")
         assert [tuple(c) for c in cats] == [("matched", "md5"), ("matched", "md5")]
         assert await booked(conn, inv) == (2, 100000)
+
+
+async def test_a_settlement_file_that_is_the_only_report_of_a_second_payment_books_it(api, portal, treasury,
+                                                                                    invoice_body):
+    """The Bakong poll captured the first payment; the bank never called back, and its file is its only report:
+    it lists the first payment (T1) and the citizen's second payment on the code (T2). Found by review: both
+    lines were taken for the first payment, and the second was never booked."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    md5 = inv["khqr"]["md5"]
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "bakong", "H1", paid_at=AT), "poll")
+    r = await upload(api, treasury, write_settlement_csv([line("T1", 50000, md5=md5), line("T2", 50000, md5=md5)]))
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        lines = await conn.fetch("SELECT transaction_id, category, payment_id FROM settlement_lines ORDER BY line_no")
+        assert [(x["transaction_id"], x["category"]) for x in lines] == [
+            ("T1", "duplicate_in_settlement"),  # the bank's clearing never held what Bakong captured
+            ("T2", "missing_in_ledger")]
+        assert lines[0]["payment_id"] == first.payment_id and lines[1]["payment_id"] != first.payment_id
+        assert await booked(conn, inv) == (2, 100000)
+        # The bank's callback for T1, late: the same payment; one for a third payment on the code: booked.
+        assert (await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))).payment_id == first.payment_id
+        third = await report(conn, notice(inv, "sandbox", "T3", paid_at=AT))
+        assert third.created and await booked(conn, inv) == (3, 150000)
+
+
+async def test_a_settlement_line_without_a_transaction_id_keeps_no_report(api, portal, treasury, invoice_body):
+    """A line with no transaction id of its own is named after its file: kept as the bank's report, it would take
+    the payment from the bank's own callback about it later, which would then be booked a second time."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "bakong", "H1", paid_at=AT), "poll")
+    # A camt.053 statement may leave every reference out.
+    statement = re.sub(rb"<AcctSvcrRef>[^<]*</AcctSvcrRef>", b"",
+                       write_statement([line(None, 50000, md5=inv["khqr"]["md5"])]))
+    r = await upload(api, treasury, statement, fmt="camt053", name="stmt.xml")
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        assert await conn.fetchval("SELECT transaction_id FROM settlement_lines") is None
+        assert await conn.fetchval("SELECT count(*) FROM payment_reports WHERE source = 'settlement'") == 0
+        late = await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
+        assert (late.created, late.payment_id) == (False, first.payment_id)
+        assert await booked(conn, inv) == (1, 50000)

@@ -31,12 +31,13 @@ SELECT t.*,
                                            'notice', r.notice, 'source', r.source)
                    FROM payment_reports r JOIN payments p ON p.id = r.payment_id
                   WHERE r.provider = $3 AND r.provider_transaction_id = $4)) AS own,
-       coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider, 'seq', p.khqr_seq,
+       coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider,
+                                                     'seq', coalesce(p.khqr_seq, 1),  -- NULL: 1 (0038)
                                                      'invoice_id', p.invoice_id, 'amount', p.amount,
                                                      'currency', p.currency,
                                                      'reported_by', ARRAY(SELECT r.provider FROM payment_reports r
                                                                            WHERE r.payment_id = p.id))
-                                  ORDER BY p.khqr_seq)
+                                  ORDER BY coalesce(p.khqr_seq, 1))
                    FROM payments p
                   WHERE p.khqr_md5 = $1),
                 '[]'::jsonb) AS on_code

@@ -39,7 +39,8 @@ WITH l AS (
      WHERE payment_id IS NULL AND md5 IS NOT NULL),
 p AS (
     SELECT p.id, p.khqr_md5 AS md5, p.amount, p.currency,
-           row_number() OVER (PARTITION BY p.khqr_md5, p.amount, p.currency ORDER BY p.khqr_seq) AS n
+           row_number() OVER (PARTITION BY p.khqr_md5, p.amount, p.currency
+                              ORDER BY coalesce(p.khqr_seq, 1)) AS n
       FROM payments p
      WHERE p.provider = $1 AND p.khqr_md5 IN (SELECT md5 FROM l)
        AND NOT EXISTS (SELECT 1 FROM settlement_staging x WHERE x.payment_id = p.id)
