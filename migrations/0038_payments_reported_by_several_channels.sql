@@ -13,8 +13,8 @@
 -- so two captures that each decide to add "the n-th payment" cannot both commit, and the second decides
 -- again), and each channel's report of money already captured under another channel is kept in
 -- payment_reports: a provider transaction is a payment or a report of one, and a payment is reported at most
--- once by each provider. A settlement line with a transaction id is a report too; one without (named after
--- its file and line) is not kept as one. A new notice from provider X is the same money as the earliest
+-- once by each provider. A settlement line is never kept as a report (a file names its lines by its own
+-- references; the import raises a line it cannot match to its provider's payments). A new notice from provider X is the same money as the earliest
 -- payment on its code, of another provider, the same amount and currency, that X has not reported yet;
 -- otherwise it is a payment.
 CREATE TABLE payment_reports (

@@ -139,7 +139,7 @@ class CaptureResult:
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
                   completes_inbox: bool = False, received_at: datetime | None = None,
-                  business_cutoff: time | None = None, keeps_report: bool = True) -> CaptureResult:
+                  business_cutoff: time | None = None) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction; a payment another
     channel captured already (same code, amount and currency) is kept as this channel's report of it.
 
@@ -152,8 +152,6 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     conflicting notice, the day it arrived), so treasury's day pages list it before that day's file comes
     (found by review: it had no date until an import of its provider for that day gave it one). None leaves
     it undated: the settlement import dates what it captures with its file's day.
-    ``keeps_report=False``: when the notice is another channel's payment, keep no report of it (the settlement
-    import, for a line without a transaction id of its own).
     """
     received_at = received_at or now
     done_inbox = inbox_id if completes_inbox else None
@@ -182,18 +180,22 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             await _finish(conn, events, now, done_inbox)
             return CaptureResult(own["id"], False, "conflicting_notice" if differs else None, own["invoice_id"])
         on_code = target["on_code"] if code is not None else []
-        same = same_money(notice, on_code)
-        if same is not None and not keeps_report:
-            # A settlement line without a transaction id, for money captured through another channel: the
-            # import raises the line (duplicate_in_settlement). It is not kept as a report: named after its
-            # file and line, it would claim the payment for this provider under a name no channel reports.
+        same = same_money(notice, on_code, listing=source == "settlement")
+        if same is not None and source == "settlement":
+            # A settlement line that matched none of its provider's payments, for a code that has another
+            # channel's payment of this amount: the import raises it (duplicate_in_settlement) for treasury to
+            # say what it is; nothing is booked and no report kept. A file names its lines by its own references
+            # (a camt.053 statement: the bank's reference, or its file and line), so neither "this provider
+            # reported that payment already" nor "this line is that report" can be told from its id (found by
+            # review: a bank's callback kept as its report of the poll's payment, then its file's line under the
+            # bank's reference was booked as a second payment; and a line kept as a report made the bank's own
+            # late callback a second payment).
             await _finish(conn, [], now, done_inbox)
             return CaptureResult(same["id"], False, None, same["invoice_id"])
         if same is not None:
-            # One payment reported by two channels (a bank's callback, the Bakong poll, a settlement line): kept
-            # as this channel's report of it, nothing booked. Once kept, a later notice of this provider for
-            # the same code and amount is another payment (found by review: without the report of a file's
-            # line, the file's second payment on a code was taken for the first one too).
+            # One payment reported by two channels (a bank's callback and the Bakong poll): kept as this
+            # channel's report of it, nothing booked. Once kept, a later notice of this provider for the same
+            # code and amount is another payment.
             reported = await conn.fetchval(Q.report_insert, notice.provider, notice.transaction_id, same["id"],
                                            source, inbox_id, notice.model_dump(mode="json"), now)
             if reported is None:
@@ -275,15 +277,16 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
 
 
-def same_money(notice: PaymentNotice, on_code: list[dict]) -> dict | None:
+def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = False) -> dict | None:
     """The payment on the notice's code that the notice reports again through another channel, or None.
 
     That is the first payment on the code captured from another provider, for the same amount and currency,
     that this provider has not reported yet: each channel reports a payment once, under its own transaction id,
     so a second report of this provider is a second payment. When two payments on one code are alike, which of
-    them a report is taken for does not change what is booked."""
+    them a report is taken for does not change what is booked. ``listing``: the notice is a settlement line,
+    whose id says nothing of what its provider reported; any such payment is taken."""
     for p in on_code:
-        if p["provider"] != notice.provider and notice.provider not in p["reported_by"] \
+        if p["provider"] != notice.provider and (listing or notice.provider not in p["reported_by"]) \
                 and p["amount"] == notice.amount and p["currency"] == notice.currency:
             return p
     return None

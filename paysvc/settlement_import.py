@@ -115,8 +115,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
             raw={"settlement_id": settlement_id, "line_no": row["line_no"], "reference": row["reference"],
                  "fee": row["fee"]})
         try:
-            result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger",
-                                   keeps_report=row["transaction_id"] is not None)
+            result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger")
         except DuplicateCapture:
             raise SettlementConflict("a payment in this file was captured concurrently; import the file again",
                                      settlement_id) from None

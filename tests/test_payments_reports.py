@@ -143,11 +143,23 @@ async def test_a_settlement_pairs_two_payments_on_one_code_with_two_lines_by_md5
         assert await booked(conn, inv) == (2, 100000)
 
 
-async def test_a_settlement_file_that_is_the_only_report_of_a_second_payment_books_it(api, portal, treasury,
-                                                                                    invoice_body):
-    """The Bakong poll captured the first payment; the bank never called back, and its file is its only report:
-    it lists the first payment (T1) and the citizen's second payment on the code (T2). Found by review: both
-    lines were taken for the first payment, and the second was never booked."""
+async def settled_lines(conn) -> list[tuple]:
+    return [tuple(x) for x in await conn.fetch(
+        "SELECT transaction_id, category, payment_id FROM settlement_lines ORDER BY settlement_id, line_no")]
+
+
+def bank_statement(md5: str, *, reference: bool) -> bytes:
+    """A camt.053 statement listing one payment on the code under the bank's own reference, or under none."""
+    data = write_statement([line(None, 50000, md5=md5)])
+    return data if reference else re.sub(rb"<AcctSvcrRef>[^<]*</AcctSvcrRef>", b"", data)
+
+
+async def test_settlement_lines_for_a_code_another_channel_paid_are_raised_not_booked(api, portal, treasury,
+                                                                                     invoice_body):
+    """A file's line that matches none of its provider's payments, for a code another channel's payment of the
+    same amount is on, is raised for treasury (duplicate_in_settlement) and books nothing: whether it is that
+    payment or the citizen paying the code again cannot be told from the file. Treasury resolves it (refund_due
+    or match_to_invoice bring the money in)."""
     inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
     md5 = inv["khqr"]["md5"]
     async with connect(api.dsn) as conn:
@@ -155,32 +167,48 @@ async def test_a_settlement_file_that_is_the_only_report_of_a_second_payment_boo
     r = await upload(api, treasury, write_settlement_csv([line("T1", 50000, md5=md5), line("T2", 50000, md5=md5)]))
     assert r.status == 201, await r.text()
     async with connect(api.dsn) as conn:
-        lines = await conn.fetch("SELECT transaction_id, category, payment_id FROM settlement_lines ORDER BY line_no")
-        assert [(x["transaction_id"], x["category"]) for x in lines] == [
-            ("T1", "duplicate_in_settlement"),  # the bank's clearing never held what Bakong captured
-            ("T2", "missing_in_ledger")]
-        assert lines[0]["payment_id"] == first.payment_id and lines[1]["payment_id"] != first.payment_id
-        assert await booked(conn, inv) == (2, 100000)
-        # The bank's callback for T1, late: the same payment; one for a third payment on the code: booked.
+        assert await settled_lines(conn) == [("T1", "duplicate_in_settlement", first.payment_id),
+                                             ("T2", "duplicate_in_settlement", first.payment_id)]
+        assert await conn.fetchval("SELECT count(*) FROM reconciliation_exceptions "
+                                   "WHERE reason = 'duplicate_in_settlement' AND state = 'open'") == 2
+        assert await conn.fetchval("SELECT count(*) FROM payment_reports") == 0
+        assert await booked(conn, inv) == (1, 50000)
+        # The bank's callbacks, late: T1 is the poll's payment; T3, another payment on the code, is booked.
         assert (await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))).payment_id == first.payment_id
         third = await report(conn, notice(inv, "sandbox", "T3", paid_at=AT))
-        assert third.created and await booked(conn, inv) == (3, 150000)
+        assert third.created and await booked(conn, inv) == (2, 100000)
 
 
-async def test_a_settlement_line_without_a_transaction_id_keeps_no_report(api, portal, treasury, invoice_body):
-    """A line with no transaction id of its own is named after its file: kept as the bank's report, it would take
-    the payment from the bank's own callback about it later, which would then be booked a second time."""
+@pytest.mark.parametrize("reference", [True, False], ids=["bank-reference", "no-reference"])
+async def test_a_bank_statement_listing_a_payment_its_callback_reported_books_nothing(api, portal, treasury,
+                                                                                    invoice_body, reference):
+    """The poll captured the payment, the bank's callback was kept as its report, and the bank's statement lists
+    it under the bank's own reference (or none). Found by review: the line was booked as a second payment,
+    since the bank had reported the poll's payment already."""
     inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
     async with connect(api.dsn) as conn:
         first = await report(conn, notice(inv, "bakong", "H1", paid_at=AT), "poll")
-    # A camt.053 statement may leave every reference out.
-    statement = re.sub(rb"<AcctSvcrRef>[^<]*</AcctSvcrRef>", b"",
-                       write_statement([line(None, 50000, md5=inv["khqr"]["md5"])]))
-    r = await upload(api, treasury, statement, fmt="camt053", name="stmt.xml")
+        assert (await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))).payment_id == first.payment_id
+    r = await upload(api, treasury, bank_statement(inv["khqr"]["md5"], reference=reference), fmt="camt053",
+                     name="stmt.xml")
     assert r.status == 201, await r.text()
     async with connect(api.dsn) as conn:
-        assert await conn.fetchval("SELECT transaction_id FROM settlement_lines") is None
-        assert await conn.fetchval("SELECT count(*) FROM payment_reports WHERE source = 'settlement'") == 0
+        assert [x[1:] for x in await settled_lines(conn)] == [("duplicate_in_settlement", first.payment_id)]
+        assert await booked(conn, inv) == (1, 50000)
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["bank-reference", "no-reference"])
+async def test_a_bank_callback_after_its_statement_listed_the_payment_books_nothing(api, portal, treasury,
+                                                                                  invoice_body, reference):
+    """The statement came first, under the bank's reference (or none); the bank's own callback comes late. Found
+    by review: the statement's line was kept as the bank's report, and the callback was booked a second time."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "bakong", "H1", paid_at=AT), "poll")
+    r = await upload(api, treasury, bank_statement(inv["khqr"]["md5"], reference=reference), fmt="camt053",
+                     name="stmt.xml")
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
         late = await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
         assert (late.created, late.payment_id) == (False, first.payment_id)
         assert await booked(conn, inv) == (1, 50000)
