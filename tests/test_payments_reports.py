@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -21,7 +21,7 @@ from paysvc.db import connect
 from providers import PaymentNotice
 from providers.camt053 import write_statement
 from tests.payments_helpers import new_invoice
-from tests.test_settlement import AT, issued_before, line, upload, write_settlement_csv
+from tests.test_settlement import AT, DAY, issued_before, line, upload, write_settlement_csv
 
 
 def notice(inv: dict, provider: str, txid: str, amount: int | None = None, *,
@@ -145,7 +145,8 @@ async def test_a_settlement_pairs_two_payments_on_one_code_with_two_lines_by_md5
 
 async def settled_lines(conn) -> list[tuple]:
     return [tuple(x) for x in await conn.fetch(
-        "SELECT transaction_id, category, payment_id FROM settlement_lines ORDER BY settlement_id, line_no")]
+        "SELECT l.transaction_id, l.category, l.payment_id FROM settlement_lines l "
+        "JOIN settlements s ON s.id = l.settlement_id ORDER BY s.business_date, l.line_no")]
 
 
 def bank_statement(md5: str, *, reference: bool) -> bytes:
@@ -212,3 +213,26 @@ async def test_a_bank_callback_after_its_statement_listed_the_payment_books_noth
         late = await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
         assert (late.created, late.payment_id) == (False, first.payment_id)
         assert await booked(conn, inv) == (1, 50000)
+
+
+@pytest.mark.parametrize("names", ["md5", "bill_number"])
+async def test_a_line_the_bank_reported_as_another_channels_payment_is_not_paired_with_its_next_one(
+        api, portal, treasury, invoice_body, names):
+    """The poll captured P1 and the bank's callback T1 was kept as its report; the citizen paid the code again
+    through the bank (T2, the bank's payment P2). The bank's file of day 1 lists T1, of day 2 T2. Found by
+    review: matching by md5 (or bill number) paired T1 with P2, and T2 then came as a duplicate of P2, raised
+    against the wrong payment."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    key = {"md5": inv["khqr"]["md5"]} if names == "md5" else {"bill": inv["bill_number"]}
+    async with connect(api.dsn) as conn:
+        first = await report(conn, notice(inv, "bakong", "H1", paid_at=AT), "poll")
+        await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
+        second = await report(conn, notice(inv, "sandbox", "T2", paid_at=AT))
+        assert second.created
+    for txid, day in (("T1", DAY), ("T2", DAY + timedelta(days=1))):
+        r = await upload(api, treasury, write_settlement_csv([line(txid, 50000, **key)]), day=day)
+        assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        assert await settled_lines(conn) == [("T1", "duplicate_in_settlement", first.payment_id),
+                                             ("T2", "matched", second.payment_id)]
+        assert await booked(conn, inv) == (2, 100000)

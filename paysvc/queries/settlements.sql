@@ -35,8 +35,13 @@ UPDATE settlement_staging s
 WITH l AS (
     SELECT line_no, md5, amount, currency,
            row_number() OVER (PARTITION BY md5, amount, currency ORDER BY line_no) AS n
-      FROM settlement_staging
-     WHERE payment_id IS NULL AND md5 IS NOT NULL),
+      FROM settlement_staging s
+     WHERE payment_id IS NULL AND md5 IS NOT NULL
+       -- A line whose transaction id this provider reported as another channel's payment is that payment: it
+       -- is left to the capture, which finds the report and raises it (found by review: it took the
+       -- provider's own next payment on the code, whose line then came as a duplicate).
+       AND NOT EXISTS (SELECT 1 FROM payment_reports r
+                        WHERE r.provider = $1 AND r.provider_transaction_id = s.transaction_id)),
 p AS (
     SELECT p.id, p.khqr_md5 AS md5, p.amount, p.currency,
            row_number() OVER (PARTITION BY p.khqr_md5, p.amount, p.currency
@@ -58,8 +63,10 @@ UPDATE settlement_staging s SET payment_id = p.id, matched_by = 'md5'
 WITH l AS (
     SELECT line_no, bill_number, amount, currency,
            row_number() OVER (PARTITION BY bill_number, amount, currency ORDER BY line_no) AS n
-      FROM settlement_staging
-     WHERE payment_id IS NULL AND bill_number IS NOT NULL),
+      FROM settlement_staging s
+     WHERE payment_id IS NULL AND bill_number IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM payment_reports r  -- as in match_by_md5
+                        WHERE r.provider = $1 AND r.provider_transaction_id = s.transaction_id)),
 p AS (
     SELECT p.id, p.bill_number, p.amount, p.currency,
            row_number() OVER (PARTITION BY p.bill_number, p.amount, p.currency ORDER BY p.paid_at, p.id) AS n
