@@ -31,6 +31,8 @@ def provider_config(settings: Settings) -> dict[str, dict]:
             if settings.bakong_token is None:
                 raise SettingsError("PAYSVC_BAKONG_TOKEN: required when bakong is in PAYSVC_PROVIDERS")
             config[name] = {"token": settings.bakong_token.get_secret_value(), "base_url": settings.bakong_base_url}
+            if settings.bakong_email:
+                config[name]["email"] = settings.bakong_email
         elif name == "aba_payway":
             if settings.aba_merchant_id is None or settings.aba_api_key is None:
                 raise SettingsError("PAYSVC_ABA_MERCHANT_ID and PAYSVC_ABA_API_KEY: required when aba_payway is "

@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     providers: str = "sandbox"
     sandbox_secret: SecretStr | None = None           # comma separated: the first signs, any verifies
     bakong_token: SecretStr | None = None
+    bakong_email: str | None = None  # the token's e-mail: a refused token is renewed (renew_token)
     bakong_base_url: str = "https://api-bakong.nbc.gov.kh/v1"
     bakong_poll_interval_seconds: float = Field(5, gt=0)
     bakong_grace_minutes: float = Field(30, ge=0)

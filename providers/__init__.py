@@ -7,7 +7,8 @@ answers with, the typed errors, money helpers, and the entry-point registry. See
 from providers.base import Pattern, Provider, ProviderBase
 from providers.errors import (AmountError, MalformedCallback, NotConfirmed, PaymentPending, ProviderAuthError,
                               ProviderConfigError, ProviderError, ProviderUnavailable, RateLimited,
-                              SettlementFormatError, SignatureError, StaleTimestamp, UnknownProvider, Unsupported)
+                              SettlementFormatError, SignatureError, StaleTimestamp, TokenRefused, UnknownProvider,
+                              Unsupported)
 from providers.models import (EXPONENT, Currency, PaymentNotice, PendingKhqr, PollResult, SettlementLine,
                               UnreadableItem, from_minor, loads_exact, to_minor)
 from providers.registry import GROUP, available_providers, load_providers
@@ -16,6 +17,6 @@ __all__ = [
     "EXPONENT", "GROUP", "AmountError", "Currency", "MalformedCallback", "NotConfirmed", "Pattern", "PaymentNotice",
     "PaymentPending", "PendingKhqr", "PollResult", "Provider", "ProviderAuthError", "ProviderBase",
     "ProviderConfigError", "ProviderError", "ProviderUnavailable", "RateLimited", "SettlementFormatError",
-    "SettlementLine", "SignatureError", "StaleTimestamp", "UnknownProvider", "UnreadableItem", "Unsupported",
+    "SettlementLine", "SignatureError", "StaleTimestamp", "TokenRefused", "UnknownProvider", "UnreadableItem", "Unsupported",
     "available_providers", "from_minor", "load_providers", "loads_exact", "to_minor",
 ]

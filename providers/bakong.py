@@ -14,7 +14,8 @@ Polling
     ``SUCCESS`` whose payment cannot be read exactly, e.g. ``50000.5`` KHR) is skipped and reported as an
     :class:`UnreadableItem` with its md5 and the reason, and the other items of the answer still count.
     ``responseCode 1`` with ``errorCode`` 1 (not found) or 3 (failed) gives nothing; with ``errorCode 6``,
-    or HTTP 401/403, :class:`ProviderAuthError`. HTTP 429 is :class:`RateLimited` (with ``Retry-After``);
+    or HTTP 401, :class:`TokenRefused` (a :class:`ProviderAuthError`); HTTP 403 (also what a request from
+    outside Cambodia gets) :class:`ProviderAuthError`. HTTP 429 is :class:`RateLimited` (with ``Retry-After``);
     5xx, timeouts and an answer that is not a Bakong envelope with a ``data`` list
     :class:`ProviderUnavailable`. The plugin reports what Bakong said; it does not compare amounts or
     accounts with what was issued (the service does).
@@ -28,11 +29,21 @@ Settlement CSV (a bank's export of Bakong transactions)
     most the currency's decimals; ``fee`` may be empty: 0), ``currency`` KHR or USD,
     ``created_date_ms`` Unix epoch milliseconds (13 digits). The header is line 1.
 
-Config: ``{"token": "...", "base_url": "https://api-bakong.nbc.gov.kh/v1", "timeout": 10, "batch_size": 50}``.
+Token renewal
+    Bakong's tokens last 90 days. With ``email`` configured (the address the token was issued to), a token
+    Bakong refuses (HTTP 401, ``errorCode 6``) is renewed: ``POST {base_url}/renew_token {"email"}``, whose
+    ``data.token`` is used from then on, and the call is made again once. At most one renewal per 10 minutes
+    (``RENEW_AT_MOST_EVERY``); a refused renewal is :class:`ProviderAuthError`. Without ``email`` a refused
+    token stays refused until the configuration changes.
+
+Config: ``{"token": "...", "email": "ops@agency.gov.kh", "base_url": "https://api-bakong.nbc.gov.kh/v1",
+"timeout": 10, "batch_size": 50}``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -43,7 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from providers import settlement_csv
 from providers.base import Pattern, ProviderBase
 from providers.errors import (AmountError, ProviderAuthError, ProviderConfigError, ProviderUnavailable, RateLimited,
-                              SettlementFormatError)
+                              SettlementFormatError, TokenRefused)
 from providers.models import (EXPONENT, PaymentNotice, PendingKhqr, PollResult, SettlementLine, UnreadableItem,
                               json_safe, loads_exact, to_minor)
 from providers.transport import HttpAnswer, JsonClient, retry_after_seconds
@@ -54,6 +65,9 @@ MAX_MD5_PER_CALL = 50
 SETTLEMENT_HEADER = ("hash", "md5", "from_account", "to_account", "amount", "currency", "created_date_ms", "fee")
 _QUIET_ERROR_CODES = {1, 3}  # not found, failed transaction: nothing was paid
 _AUTH_ERROR_CODE = 6
+RENEW_AT_MOST_EVERY = 600.0  # seconds between two renewals of the token (see BakongProvider._renew_token)
+
+log = logging.getLogger(__name__)
 
 
 class BakongConfig(BaseModel):
@@ -62,6 +76,8 @@ class BakongConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     token: SecretStr = Field(min_length=1)
+    # The e-mail address the token was issued to: when set, a refused token is renewed (``renew_token``).
+    email: str | None = Field(None, min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
     base_url: str = DEFAULT_BASE_URL
     timeout: float = Field(10.0, gt=0, le=120)
     batch_size: int = Field(MAX_MD5_PER_CALL, ge=1, le=MAX_MD5_PER_CALL)
@@ -75,6 +91,9 @@ class BakongProvider(ProviderBase):
 
     def __init__(self, config: BakongConfig) -> None:
         self._token = config.token
+        self._email = config.email
+        self._renewed_at: float | None = None  # time.monotonic() of Bakong's last answer to a renewal
+        self.token_renewals = 0  # tokens this provider obtained by renewal, for metrics and tests
         self.base_url = config.base_url.rstrip("/")
         self.batch_size = self.poll_batch_size = config.batch_size
         self._http = JsonClient(NAME, timeout=config.timeout)
@@ -92,10 +111,39 @@ class BakongProvider(ProviderBase):
         return PollResult(notices=notices, unreadable=unreadable)
 
     async def _check_batch(self, md5s: list[str]) -> PollResult:
-        answer = await self._http.post_json(
-            f"{self.base_url}/check_transaction_by_md5_list", md5s,
-            headers={"Authorization": f"Bearer {self._token.get_secret_value()}"})
-        return parse_md5_list_answer(answer, asked=md5s)
+        try:
+            return parse_md5_list_answer(await self._post("check_transaction_by_md5_list", md5s), asked=md5s)
+        except TokenRefused:
+            if not await self._renew_token():
+                raise
+        return parse_md5_list_answer(await self._post("check_transaction_by_md5_list", md5s), asked=md5s)
+
+    async def _post(self, endpoint: str, payload: Any) -> HttpAnswer:
+        return await self._http.post_json(f"{self.base_url}/{endpoint}", payload,
+                                          headers={"Authorization": f"Bearer {self._token.get_secret_value()}"})
+
+    async def _renew_token(self) -> bool:
+        """Ask Bakong for a new token (``renew_token`` with the configured e-mail) after the current one was
+        refused; True when there is one to try. Not without an e-mail, and at most once per
+        ``RENEW_AT_MOST_EVERY`` seconds whatever Bakong answered (a refused renewal is not asked again at every
+        poll); an answer that never came (``ProviderUnavailable``) does not count. The new token lives in this
+        process: another instance, or this one restarted, renews its own when its token is refused."""
+        if self._email is None:
+            return False
+        if self._renewed_at is not None and time.monotonic() - self._renewed_at < RENEW_AT_MOST_EVERY:
+            return False
+        answer = await self._post("renew_token", {"email": self._email})
+        try:
+            token = parse_renew_answer(answer)
+        except ProviderAuthError:
+            self._renewed_at = time.monotonic()
+            raise
+        self._renewed_at = time.monotonic()
+        self._token = SecretStr(token)
+        self.token_renewals += 1
+        log.warning("Bakong refused the API token; renewed it with renew_token for %s (it lasts 90 days in this "
+                    "process; set PAYSVC_BAKONG_TOKEN to a current token to start without renewing)", self._email)
+        return True
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
@@ -135,34 +183,10 @@ def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> PollRe
     The envelope is all or nothing (it raises); each item of ``data`` stands alone: one that cannot be read
     is skipped and reported in ``unreadable``, and the others are kept.
     """
-    status = answer.status
-    if status == 429:
-        raise RateLimited("Bakong answered 429 Too Many Requests", provider=NAME,
-                          retry_after=retry_after_seconds(answer.headers))
-    if status in (401, 403):
-        raise ProviderAuthError(f"Bakong refused the token (HTTP {status}; 403 also means a request from "
-                                "outside Cambodia)", provider=NAME)
-    if status >= 500:
-        raise ProviderUnavailable(f"Bakong answered HTTP {status}", provider=NAME,
-                                  retry_after=retry_after_seconds(answer.headers))
-    if status != 200:
-        raise ProviderUnavailable(f"Bakong answered HTTP {status}: {_snippet(answer.body)}", provider=NAME)
-    try:
-        doc = loads_exact(answer.body)
-    except (ValueError, RecursionError):
-        raise _shape(f"answer is not JSON: {_snippet(answer.body)}") from None
-    if not isinstance(doc, dict) or "responseCode" not in doc:
-        raise _shape("answer is not a Bakong envelope (no responseCode)")
-    code, error_code = doc.get("responseCode"), doc.get("errorCode")
-    # Numbers only (found by review: a list raised TypeError, and true/false passed for 1/0, as True == 1).
-    if type(code) is not int:
-        raise _shape(f"responseCode {code!r} is not a number")
-    if error_code is not None and type(error_code) is not int:
-        raise _shape(f"errorCode {error_code!r} is not a number")
+    doc, code, error_code = _envelope(answer)
     if code == 1:
         if error_code == _AUTH_ERROR_CODE:
-            raise ProviderAuthError(f"Bakong: {doc.get('responseMessage') or 'unauthorized'} (errorCode 6)",
-                                    provider=NAME)
+            raise TokenRefused(f"Bakong: {doc.get('responseMessage') or 'unauthorized'} (errorCode 6)", provider=NAME)
         if error_code in _QUIET_ERROR_CODES:
             return PollResult()
         raise ProviderUnavailable(f"Bakong error {error_code}: {doc.get('responseMessage')!r}", provider=NAME)
@@ -252,6 +276,56 @@ def _notice(md5: str, data: Any, i: int) -> PaymentNotice:
         raise _ItemError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+def _envelope(answer: HttpAnswer) -> tuple[dict, int, int | None]:
+    """The HTTP status and Bakong's envelope of an answer, checked: (document, responseCode, errorCode)."""
+    status = answer.status
+    if status == 429:
+        raise RateLimited("Bakong answered 429 Too Many Requests", provider=NAME,
+                          retry_after=retry_after_seconds(answer.headers))
+    if status == 401:
+        raise TokenRefused("Bakong refused the token (HTTP 401)", provider=NAME)
+    if status == 403:
+        raise ProviderAuthError("Bakong refused the request (HTTP 403; also what a request from outside Cambodia "
+                                "gets)", provider=NAME)
+    if status >= 500:
+        raise ProviderUnavailable(f"Bakong answered HTTP {status}", provider=NAME,
+                                  retry_after=retry_after_seconds(answer.headers))
+    if status != 200:
+        raise ProviderUnavailable(f"Bakong answered HTTP {status}: {_snippet(answer.body)}", provider=NAME)
+    try:
+        doc = loads_exact(answer.body)
+    except (ValueError, RecursionError):
+        raise _shape(f"answer is not JSON: {_snippet(answer.body)}") from None
+    if not isinstance(doc, dict) or "responseCode" not in doc:
+        raise _shape("answer is not a Bakong envelope (no responseCode)")
+    code, error_code = doc.get("responseCode"), doc.get("errorCode")
+    # Numbers only (found by review: a list raised TypeError, and true/false passed for 1/0, as True == 1).
+    if type(code) is not int:
+        raise _shape(f"responseCode {code!r} is not a number")
+    if error_code is not None and type(error_code) is not int:
+        raise _shape(f"errorCode {error_code!r} is not a number")
+    return doc, code, error_code
+
+
+def parse_renew_answer(answer: HttpAnswer) -> str:
+    """The new token in a ``renew_token`` answer (pure): ``responseCode 0`` with ``data.token``.
+
+    Bakong refusing (``responseCode 1``, HTTP 401/403) is :class:`ProviderAuthError`; 429, 5xx and an answer
+    not in that shape are :class:`ProviderUnavailable` (try again later)."""
+    try:
+        doc, code, error_code = _envelope(answer)
+    except TokenRefused as exc:
+        raise ProviderAuthError(f"Bakong refused to renew the token: {exc}", provider=NAME) from None
+    if code != 0:
+        raise ProviderAuthError(f"Bakong refused to renew the token: {doc.get('responseMessage')!r} "
+                                f"(errorCode {error_code})", provider=NAME)
+    data = doc.get("data")
+    token = data.get("token") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not token.strip():
+        raise _shape("renew_token answer has no data.token")
+    return token
+
+
 def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms // 1000, tz=timezone.utc) + timedelta(milliseconds=ms % 1000)
 
@@ -265,7 +339,7 @@ def _snippet(body: bytes) -> str:
 
 
 def create(config: Mapping[str, Any]) -> BakongProvider:
-    """Entry point ``bakong``: build the provider from ``{"token", "base_url", "timeout"}``."""
+    """Entry point ``bakong``: build the provider from ``{"token", "email", "base_url", "timeout", "batch_size"}``."""
     try:
         return BakongProvider(BakongConfig.model_validate(dict(config)))
     except ValidationError as exc:

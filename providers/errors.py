@@ -77,6 +77,13 @@ class ProviderAuthError(ProviderError):
     code = "provider_auth"
 
 
+class TokenRefused(ProviderAuthError):
+    """Our API token was refused as such (expired or revoked: Bakong's HTTP 401 or errorCode 6), not the request:
+    a renewed token may be accepted."""
+
+    code = "provider_token_refused"
+
+
 class SettlementFormatError(ProviderError):
     """A settlement file is not in the provider's format; ``line_no`` is the 1-based physical line."""
 

@@ -625,7 +625,7 @@ async def test_the_pollers_successes_and_failures_are_in_metrics(bakong, invoice
     await poll_once(pool, provider, NOW_POLICY)
     answered = sample(*gauge)
     assert answered >= before
-    labels = {"provider": "bakong", "error": "ProviderAuthError"}
+    labels = {"provider": "bakong", "error": "TokenRefused"}  # a ProviderAuthError; not renewed without an e-mail
     failed = sample("paysvc_poll_failures_total", labels) or 0
     fake.token = "renewed-elsewhere"  # ours has expired: errorCode 6
     await run_until(lambda: (sample("paysvc_poll_failures_total", labels) or 0) > failed)
@@ -721,3 +721,20 @@ async def test_a_code_past_its_grace_stays_asked_when_its_answer_is_not_one_to_t
     await poll_once(pool, provider, policy)
     assert await asked_next() == set(md5s)  # still pending after all three
     assert await asked_next() == set()      # read in full (both not found): done
+
+
+async def test_the_service_renews_a_refused_bakong_token_and_captures(db_dsn, invoice_body):
+    """PAYSVC_BAKONG_EMAIL set: when Bakong stops accepting the configured token (tokens last 90 days), the poll
+    renews it and goes on capturing; without it, the poll fails until the token is replaced by hand."""
+    async with FakeBakong(token="bk-token") as fake:
+        async with running_api(db_dsn, providers="sandbox,bakong", bakong_token="bk-token",
+                               bakong_email=fake.email, bakong_base_url=fake.base_url) as api:
+            h = await api.portal("MOI")
+            inv = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+            fake.token = "issued-after-90-days"  # Bakong no longer accepts bk-token
+            fake.add_payment(inv["khqr"]["md5"], amount="50000", currency="KHR", to_account="moi@nbcq")
+            pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+            assert await poll_once(pool, provider, NOW_POLICY) == (1, 1)
+            assert fake.renewals == 1
+            got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
+            assert got["status"] == "paid"

@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from providers import (PaymentNotice, PendingKhqr, PollResult, ProviderAuthError, ProviderError, ProviderUnavailable,
-                       RateLimited, SettlementFormatError, SettlementLine, Unsupported)
-from providers.bakong import create
+                       ProviderConfigError, RateLimited, SettlementFormatError, SettlementLine, TokenRefused,
+                       Unsupported)
+from providers.bakong import create, parse_renew_answer
+from providers.transport import HttpAnswer
 from tests.fakes.bakong import FakeBakong, dumps, envelope
 
 TOKEN = "test-token"
@@ -326,3 +328,88 @@ def test_parse_settlement_on_arbitrary_bytes_raises_only_provider_errors(data):
             pass
     except ProviderError:
         pass
+
+
+# --- Token renewal -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def renewing(fake):
+    """A provider whose token Bakong no longer accepts, configured with the e-mail the token was issued to."""
+    provider = create({"token": "expired-token", "email": fake.email, "base_url": fake.base_url, "timeout": 2})
+    yield provider
+    await provider.aclose()
+
+
+@pytest.mark.parametrize("refusal", ["errorCode 6", "HTTP 401"])
+async def test_a_refused_token_is_renewed_and_the_call_made_again(fake, renewing, refusal):
+    if refusal == "HTTP 401":
+        fake.fail_next(401, dumps(envelope(None, 1, 6, "Unauthorized")))
+    fake.add_payment(md5_of(1), amount=25000, currency="KHR")
+    result = await renewing.poll(pending(md5_of(1)))
+    assert [n.md5 for n in result.notices] == [md5_of(1)]
+    assert (fake.renewals, renewing.token_renewals) == (1, 1)
+    renew = [r for r in fake.requests if r.path.endswith("/renew_token")]
+    assert [r.json for r in renew] == [{"email": fake.email}]
+    last = [r for r in fake.requests if r.path.endswith("_md5_list")][-1]
+    assert last.headers["Authorization"] == f"Bearer {fake.token}"  # the new token
+    # From then on the new token is used, without renewing again.
+    await renewing.poll(pending(md5_of(2)))
+    assert fake.renewals == 1
+
+
+async def test_without_an_email_a_refused_token_is_not_renewed(fake):
+    provider = create({"token": "expired-token", "base_url": fake.base_url})
+    try:
+        with pytest.raises(TokenRefused):
+            await provider.poll(pending(md5_of(1)))
+    finally:
+        await provider.aclose()
+    assert not [r for r in fake.requests if r.path.endswith("/renew_token")]
+
+
+async def test_a_403_is_not_a_refused_token_and_is_not_renewed(fake, renewing):
+    fake.fail_next(403, b"Forbidden", content_type="text/plain")
+    with pytest.raises(ProviderAuthError) as caught:
+        await renewing.poll(pending(md5_of(1)))
+    assert not isinstance(caught.value, TokenRefused)
+    assert fake.renewals == 0
+
+
+async def test_a_refused_renewal_raises_and_is_not_asked_again_at_once(fake):
+    provider = create({"token": "expired-token", "email": "someone.else@agency.gov.kh", "base_url": fake.base_url})
+    try:
+        with pytest.raises(ProviderAuthError, match="refused to renew"):
+            await provider.poll(pending(md5_of(1)))
+        with pytest.raises(TokenRefused):  # within RENEW_AT_MOST_EVERY: the token's refusal, no new renewal
+            await provider.poll(pending(md5_of(1)))
+    finally:
+        await provider.aclose()
+    assert len([r for r in fake.requests if r.path.endswith("/renew_token")]) == 1
+
+
+async def test_a_renewal_bakong_did_not_answer_is_asked_again_at_the_next_poll(fake, renewing):
+    fake.fail_next(200, dumps(envelope(None, 1, 6, "Unauthorized")))
+    fake.fail_next(503)  # the renewal
+    with pytest.raises(ProviderUnavailable):
+        await renewing.poll(pending(md5_of(1)))
+    await renewing.poll(pending(md5_of(1)))  # refused again (the old token), renewed this time
+    assert (fake.renewals, renewing.token_renewals) == (1, 1)
+
+
+@pytest.mark.parametrize("body", [b"garbage", dumps(envelope(None)), dumps(envelope({"token": ""})),
+                                  dumps(envelope({"token": 5})), dumps(envelope([]))])
+def test_a_renewal_answer_not_in_the_documented_shape_is_unavailable(body):
+    with pytest.raises(ProviderUnavailable):
+        parse_renew_answer(HttpAnswer(200, {}, body))
+
+
+def test_a_renewal_answer_gives_its_token():
+    assert parse_renew_answer(HttpAnswer(200, {}, dumps(envelope({"token": "eyJ.new"})))) == "eyJ.new"
+    with pytest.raises(ProviderAuthError, match="not registered"):
+        parse_renew_answer(HttpAnswer(200, {}, dumps(envelope(None, 1, 10, "This email is not registered"))))
+
+
+def test_a_malformed_email_is_a_config_error():
+    with pytest.raises(ProviderConfigError, match="email"):
+        create({"token": TOKEN, "email": "not an address"})

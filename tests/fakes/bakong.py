@@ -6,6 +6,9 @@
   array of strings → HTTP 400 with ``responseCode 1``. Each md5 answers ``SUCCESS`` (with the payment),
   ``STATIC_QR`` or ``NOT_FOUND``.
 - ``POST /v1/check_transaction_by_md5``: ``{"md5"}`` → the payment, or ``responseCode 1, errorCode 1``.
+- ``POST /v1/renew_token``: ``{"email"}`` → ``data.token``, a new token, when the e-mail is the one the
+  token was issued to (``email``); the old token is refused from then on (the strictest reading). Another
+  e-mail → ``responseCode 1``. No bearer is needed.
 - Scripted answers (``fail_next``) come first: 429 with ``Retry-After``, 500, garbage.
 """
 
@@ -42,9 +45,11 @@ def envelope(data: Any, code: int = 0, error_code: int | None = None,
 class FakeBakong(FakeServer):
     """Bakong's transaction-check API on a local port. ``base_url`` for the plugin is ``url + "/v1"``."""
 
-    def __init__(self, token: str = "test-token") -> None:
+    def __init__(self, token: str = "test-token", email: str = "ops@agency.gov.kh") -> None:
         super().__init__()
         self.token = token
+        self.email = email
+        self.renewals = 0
         self.payments: dict[str, dict[str, Any]] = {}
         self.static_qr: set[str] = set()
 
@@ -74,7 +79,23 @@ class FakeBakong(FakeServer):
         app = web.Application()
         app.router.add_post("/v1/check_transaction_by_md5_list", self._md5_list)
         app.router.add_post("/v1/check_transaction_by_md5", self._md5_one)
+        app.router.add_post("/v1/renew_token", self._renew)
         return app
+
+    async def _renew(self, request: web.Request) -> web.Response:
+        entry = await self._log(request)
+        scripted = self._scripted()
+        if scripted is not None:
+            return scripted
+        try:
+            entry.json = json.loads(entry.body)
+        except ValueError:
+            return self._answer(envelope(None, 1, 5, "Request body is not valid JSON"), status=400)
+        if not isinstance(entry.json, dict) or entry.json.get("email") != self.email:
+            return self._answer(envelope(None, 1, 10, "This email is not registered"))
+        self.renewals += 1
+        self.token = f"renewed-{self.renewals}"
+        return self._answer(envelope({"token": self.token}, message="Token has been issued"))
 
     def _answer(self, doc: dict, status: int = 200) -> web.Response:
         return web.Response(status=status, body=dumps(doc), content_type="application/json")
