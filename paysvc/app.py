@@ -125,7 +125,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
                                 give_up=timedelta(hours=settings.bakong_give_up_hours), business_cutoff=cutoff)
             for p in providers.values():
                 if p.pattern == "pull":
-                    poller = Poller(pool, p, policy, settings.bakong_poll_interval_seconds)
+                    poller = Poller(pool, p, policy, settings.bakong_poll_interval_seconds, cipher=ctx.cipher)
                     tasks.append(asyncio.create_task(poller.run()))
             tasks.append(asyncio.create_task(run_periodically(
                 "expire-invoices", settings.expiry_interval_seconds, lambda: invoicing.expire_due(pool))))

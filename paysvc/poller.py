@@ -38,7 +38,10 @@ from paysvc.background import pause, stop_if_cancelled
 from paysvc.inbox import capture_notices
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
-from providers import PendingKhqr, Provider, ProviderUnavailable, UnreadableItem
+from paysvc import provider_tokens
+from paysvc.pii import PiiCipher
+from providers import (PendingKhqr, Provider, ProviderAuthError, ProviderError, ProviderUnavailable, TokenRefused,
+                       UnreadableItem)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,12 @@ UNREADABLE = prometheus_client.Counter(
     "poll could not book)", ["provider", "paid"])
 FAILURES = prometheus_client.Counter(
     "paysvc_poll_failures_total", "Poll passes of a pull provider that failed, by provider and error (e.g. "
-    "ProviderAuthError: an expired token; ProviderUnavailable: 429, 5xx, timeouts, unreadable answers)",
-    ["provider", "error"])
+    "ProviderAuthError: an expired token, renewed when PAYSVC_BAKONG_EMAIL is set, or another refusal; "
+    "ProviderUnavailable: 429, 5xx, timeouts, unreadable answers)", ["provider", "error"])
+RENEWALS = prometheus_client.Counter(
+    "paysvc_provider_token_renewals_total", "Tokens of a pull provider renewed by this process after the provider "
+    "refused the one in use, by provider and outcome (renewed; shared: another instance's renewed token taken; "
+    "refused, failed: the renewal; waiting: too soon after the last renewal)", ["provider", "outcome"])
 LAST_SUCCESS = prometheus_client.Gauge(
     "paysvc_poll_last_success_timestamp_seconds", "When the poller of a pull provider last read an answer to a "
     "call, or finished a pass with every due code asked (or none due) (Unix time): stale means the poller "
@@ -165,8 +172,10 @@ def _report_unreadable(provider: str, items: Sequence[UnreadableItem]) -> None:
 class Poller:
     """The background loop for one pull provider, with backoff on 429 and 5xx."""
 
-    def __init__(self, pool: asyncpg.Pool, provider: Provider, policy: PollPolicy, interval: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, provider: Provider, policy: PollPolicy, interval: float, *,
+                 cipher: PiiCipher | None = None) -> None:
         self.pool, self.provider, self.policy, self.interval = pool, provider, policy, interval
+        self.cipher = cipher  # encrypts a renewed token stored for every instance; None: tokens are not renewed
         self._failures = 0
 
     async def run(self) -> None:
@@ -179,6 +188,18 @@ class Poller:
                 self._failures = 0
                 if captured:
                     log.info("%s poll: %d captured", self.provider.name, captured)
+            except TokenRefused as exc:
+                # Labelled as any refusal of our credentials, as before renewal existed (found by review: alerts
+                # on error="ProviderAuthError" would have stopped firing).
+                FAILURES.labels(self.provider.name, "ProviderAuthError").inc()
+                self._failures += 1
+                delay = min(self.interval * 2 ** self._failures, 300)
+                if await self.recover_token():
+                    delay = self.interval
+                    log.warning("%s refused its token (%s); polling again with another in %.0fs",
+                                self.provider.name, exc, delay)
+                else:
+                    log.error("%s refused its token (%s); next poll in %.0fs", self.provider.name, exc, delay)
             except ProviderUnavailable as exc:
                 FAILURES.labels(self.provider.name, type(exc).__name__).inc()
                 self._failures += 1
@@ -192,6 +213,24 @@ class Poller:
                 delay = min(self.interval * 2 ** self._failures, 300)
                 log.exception("%s poll failed; next poll in %.0fs", self.provider.name, delay)
             await pause(delay)
+
+    async def recover_token(self) -> bool:
+        """After the provider refused its token: another one to try (see paysvc.provider_tokens)? Logs why not."""
+        if self.cipher is None or not getattr(self.provider, "can_renew_token", False):
+            return False
+        name = self.provider.name
+        try:
+            outcome = await provider_tokens.recover(self.pool, self.cipher, self.provider, now=now_utc())
+        except ProviderError as exc:
+            outcome = "refused" if isinstance(exc, ProviderAuthError) else "failed"
+            RENEWALS.labels(name, outcome).inc()
+            log.error("%s: renewing the refused token failed (%s: %s)", name, type(exc).__name__, exc)
+            return False
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.error("%s: could not look for another token (%s: %s)", name, type(exc).__name__, exc)
+            return False
+        RENEWALS.labels(name, outcome).inc()
+        return outcome in ("renewed", "shared")
 
     async def poll_until_drained(self) -> tuple[int, int]:
         asked = captured = 0

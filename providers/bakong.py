@@ -30,11 +30,11 @@ Settlement CSV (a bank's export of Bakong transactions)
     ``created_date_ms`` Unix epoch milliseconds (13 digits). The header is line 1.
 
 Token renewal
-    Bakong's tokens last 90 days. With ``email`` configured (the address the token was issued to), a token
-    Bakong refuses (HTTP 401, ``errorCode 6``) is renewed: ``POST {base_url}/renew_token {"email"}``, whose
-    ``data.token`` is used from then on, and the call is made again once. At most one renewal per 10 minutes
-    (``RENEW_AT_MOST_EVERY``); a refused renewal is :class:`ProviderAuthError`. Without ``email`` a refused
-    token stays refused until the configuration changes.
+    Bakong's tokens last 90 days. A token Bakong refuses (HTTP 401, ``errorCode 6``) raises
+    :class:`TokenRefused`. With ``email`` configured (the address the token was issued to),
+    ``renew_token()`` asks ``POST {base_url}/renew_token {"email"}`` (without the refused token) for
+    ``data.token``, and ``use_token(token)`` sends it from then on; the service decides when to renew and
+    shares the token between its instances. A refused renewal is :class:`ProviderAuthError`.
 
 Config: ``{"token": "...", "email": "ops@agency.gov.kh", "base_url": "https://api-bakong.nbc.gov.kh/v1",
 "timeout": 10, "batch_size": 50}``.
@@ -42,8 +42,7 @@ Config: ``{"token": "...", "email": "ops@agency.gov.kh", "base_url": "https://ap
 
 from __future__ import annotations
 
-import logging
-import time
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -65,9 +64,8 @@ MAX_MD5_PER_CALL = 50
 SETTLEMENT_HEADER = ("hash", "md5", "from_account", "to_account", "amount", "currency", "created_date_ms", "fee")
 _QUIET_ERROR_CODES = {1, 3}  # not found, failed transaction: nothing was paid
 _AUTH_ERROR_CODE = 6
-RENEW_AT_MOST_EVERY = 600.0  # seconds between two renewals of the token (see BakongProvider._renew_token)
-
-log = logging.getLogger(__name__)
+# A bearer token as Bakong issues it: printable ASCII without spaces (anything else could not be sent in a header).
+_TOKEN = re.compile(r"[\x21-\x7e]{1,4096}")
 
 
 class BakongConfig(BaseModel):
@@ -92,8 +90,6 @@ class BakongProvider(ProviderBase):
     def __init__(self, config: BakongConfig) -> None:
         self._token = config.token
         self._email = config.email
-        self._renewed_at: float | None = None  # time.monotonic() of Bakong's last answer to a renewal
-        self.token_renewals = 0  # tokens this provider obtained by renewal, for metrics and tests
         self.base_url = config.base_url.rstrip("/")
         self.batch_size = self.poll_batch_size = config.batch_size
         self._http = JsonClient(NAME, timeout=config.timeout)
@@ -111,39 +107,36 @@ class BakongProvider(ProviderBase):
         return PollResult(notices=notices, unreadable=unreadable)
 
     async def _check_batch(self, md5s: list[str]) -> PollResult:
-        try:
-            return parse_md5_list_answer(await self._post("check_transaction_by_md5_list", md5s), asked=md5s)
-        except TokenRefused:
-            if not await self._renew_token():
-                raise
-        return parse_md5_list_answer(await self._post("check_transaction_by_md5_list", md5s), asked=md5s)
+        answer = await self._http.post_json(
+            f"{self.base_url}/check_transaction_by_md5_list", md5s,
+            headers={"Authorization": f"Bearer {self._token.get_secret_value()}"})
+        return parse_md5_list_answer(answer, asked=md5s)
 
-    async def _post(self, endpoint: str, payload: Any) -> HttpAnswer:
-        return await self._http.post_json(f"{self.base_url}/{endpoint}", payload,
-                                          headers={"Authorization": f"Bearer {self._token.get_secret_value()}"})
+    # Token renewal: the service calls these after a poll raised TokenRefused (it shares the renewed token
+    # between its instances and decides when to renew; see the module docstring).
 
-    async def _renew_token(self) -> bool:
-        """Ask Bakong for a new token (``renew_token`` with the configured e-mail) after the current one was
-        refused; True when there is one to try. Not without an e-mail, and at most once per
-        ``RENEW_AT_MOST_EVERY`` seconds whatever Bakong answered (a refused renewal is not asked again at every
-        poll); an answer that never came (``ProviderUnavailable``) does not count. The new token lives in this
-        process: another instance, or this one restarted, renews its own when its token is refused."""
-        if self._email is None:
-            return False
-        if self._renewed_at is not None and time.monotonic() - self._renewed_at < RENEW_AT_MOST_EVERY:
-            return False
-        answer = await self._post("renew_token", {"email": self._email})
-        try:
-            token = parse_renew_answer(answer)
-        except ProviderAuthError:
-            self._renewed_at = time.monotonic()
-            raise
-        self._renewed_at = time.monotonic()
+    @property
+    def can_renew_token(self) -> bool:
+        """Whether ``renew_token`` can be asked: an e-mail is configured."""
+        return self._email is not None
+
+    def current_token(self) -> str:
+        return self._token.get_secret_value()
+
+    def use_token(self, token: str) -> None:
+        """Send ``token`` from now on. Raises ``ValueError`` unless it can be sent as a bearer token."""
+        if not _TOKEN.fullmatch(token):
+            raise ValueError("not a token that can be sent in an Authorization header")
         self._token = SecretStr(token)
-        self.token_renewals += 1
-        log.warning("Bakong refused the API token; renewed it with renew_token for %s (it lasts 90 days in this "
-                    "process; set PAYSVC_BAKONG_TOKEN to a current token to start without renewing)", self._email)
-        return True
+
+    async def renew_token(self) -> str:
+        """A new token from Bakong (``renew_token`` with the configured e-mail); it is not used until
+        ``use_token``. Raises ``ProviderAuthError`` when Bakong refuses, ``ProviderUnavailable`` when it does not
+        answer as documented. Sent without the refused token (the endpoint is how one gets a token)."""
+        if self._email is None:
+            raise ProviderConfigError("no email configured: Bakong's token cannot be renewed", provider=NAME)
+        answer = await self._http.post_json(f"{self.base_url}/renew_token", {"email": self._email})
+        return parse_renew_answer(answer)
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
@@ -276,8 +269,9 @@ def _notice(md5: str, data: Any, i: int) -> PaymentNotice:
         raise _ItemError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
-def _envelope(answer: HttpAnswer) -> tuple[dict, int, int | None]:
-    """The HTTP status and Bakong's envelope of an answer, checked: (document, responseCode, errorCode)."""
+def _envelope(answer: HttpAnswer, *, quote_body: bool = True) -> tuple[dict, int, int | None]:
+    """The HTTP status and Bakong's envelope of an answer, checked: (document, responseCode, errorCode).
+    ``quote_body=False``: errors do not quote the body."""
     status = answer.status
     if status == 429:
         raise RateLimited("Bakong answered 429 Too Many Requests", provider=NAME,
@@ -290,12 +284,13 @@ def _envelope(answer: HttpAnswer) -> tuple[dict, int, int | None]:
     if status >= 500:
         raise ProviderUnavailable(f"Bakong answered HTTP {status}", provider=NAME,
                                   retry_after=retry_after_seconds(answer.headers))
+    quoted = f": {_snippet(answer.body)}" if quote_body else ""
     if status != 200:
-        raise ProviderUnavailable(f"Bakong answered HTTP {status}: {_snippet(answer.body)}", provider=NAME)
+        raise ProviderUnavailable(f"Bakong answered HTTP {status}{quoted}", provider=NAME)
     try:
         doc = loads_exact(answer.body)
     except (ValueError, RecursionError):
-        raise _shape(f"answer is not JSON: {_snippet(answer.body)}") from None
+        raise _shape(f"answer is not JSON{quoted}") from None
     if not isinstance(doc, dict) or "responseCode" not in doc:
         raise _shape("answer is not a Bakong envelope (no responseCode)")
     code, error_code = doc.get("responseCode"), doc.get("errorCode")
@@ -311,9 +306,10 @@ def parse_renew_answer(answer: HttpAnswer) -> str:
     """The new token in a ``renew_token`` answer (pure): ``responseCode 0`` with ``data.token``.
 
     Bakong refusing (``responseCode 1``, HTTP 401/403) is :class:`ProviderAuthError`; 429, 5xx and an answer
-    not in that shape are :class:`ProviderUnavailable` (try again later)."""
+    not in that shape (a token that cannot be sent in a header too) are :class:`ProviderUnavailable`. No error
+    quotes the answer's body: it may hold the token (found by review)."""
     try:
-        doc, code, error_code = _envelope(answer)
+        doc, code, error_code = _envelope(answer, quote_body=False)
     except TokenRefused as exc:
         raise ProviderAuthError(f"Bakong refused to renew the token: {exc}", provider=NAME) from None
     if code != 0:
@@ -321,8 +317,8 @@ def parse_renew_answer(answer: HttpAnswer) -> str:
                                 f"(errorCode {error_code})", provider=NAME)
     data = doc.get("data")
     token = data.get("token") if isinstance(data, dict) else None
-    if not isinstance(token, str) or not token.strip():
-        raise _shape("renew_token answer has no data.token")
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise _shape("renew_token answer has no data.token that can be sent as a bearer token")
     return token
 
 

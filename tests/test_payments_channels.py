@@ -12,10 +12,10 @@ import pytest
 from paysvc import inbox
 from paysvc.poller import PollPolicy, poll_once
 from paysvc.web import POOL, PROVIDERS
-from providers import ProviderAuthError, ProviderUnavailable, RateLimited
+from providers import ProviderAuthError, ProviderUnavailable, RateLimited, TokenRefused
 from tests.conftest import running_api
 from tests.fakes.aba import FakePayWay
-from tests.fakes.bakong import FakeBakong
+from tests.fakes.bakong import FakeBakong, dumps, envelope
 from tests.payments_helpers import pay
 
 NOW_POLICY = PollPolicy(min_interval=timedelta(0))
@@ -625,7 +625,7 @@ async def test_the_pollers_successes_and_failures_are_in_metrics(bakong, invoice
     await poll_once(pool, provider, NOW_POLICY)
     answered = sample(*gauge)
     assert answered >= before
-    labels = {"provider": "bakong", "error": "TokenRefused"}  # a ProviderAuthError; not renewed without an e-mail
+    labels = {"provider": "bakong", "error": "ProviderAuthError"}
     failed = sample("paysvc_poll_failures_total", labels) or 0
     fake.token = "renewed-elsewhere"  # ours has expired: errorCode 6
     await run_until(lambda: (sample("paysvc_poll_failures_total", labels) or 0) > failed)
@@ -723,18 +723,127 @@ async def test_a_code_past_its_grace_stays_asked_when_its_answer_is_not_one_to_t
     assert await asked_next() == set()      # read in full (both not found): done
 
 
-async def test_the_service_renews_a_refused_bakong_token_and_captures(db_dsn, invoice_body):
-    """PAYSVC_BAKONG_EMAIL set: when Bakong stops accepting the configured token (tokens last 90 days), the poll
-    renews it and goes on capturing; without it, the poll fails until the token is replaced by hand."""
+# --- A refused Bakong token, renewed and shared (PAYSVC_BAKONG_EMAIL) -------------------------------------------
+
+
+@pytest.fixture
+async def renewing(db_dsn):
+    """The service with PAYSVC_BAKONG_EMAIL, and a second instance's Bakong provider and poller on the same
+    database, both configured with the same token: (api, fake, poller A, poller B)."""
+    from paysvc.pii import cipher_from_settings
+    from paysvc.poller import Poller
+    from providers import load_providers
+    from tests.conftest import make_settings
+
     async with FakeBakong(token="bk-token") as fake:
         async with running_api(db_dsn, providers="sandbox,bakong", bakong_token="bk-token",
                                bakong_email=fake.email, bakong_base_url=fake.base_url) as api:
-            h = await api.portal("MOI")
-            inv = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
-            fake.token = "issued-after-90-days"  # Bakong no longer accepts bk-token
-            fake.add_payment(inv["khqr"]["md5"], amount="50000", currency="KHR", to_account="moi@nbcq")
-            pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
-            assert await poll_once(pool, provider, NOW_POLICY) == (1, 1)
-            assert fake.renewals == 1
+            cipher = cipher_from_settings(make_settings(db_dsn))
+            pool = api.client.app[POOL]
+            other = load_providers({"bakong": {"token": "bk-token", "email": fake.email,
+                                               "base_url": fake.base_url}})["bakong"]
+            try:
+                yield (api, fake, Poller(pool, api.client.app[PROVIDERS]["bakong"], NOW_POLICY, 3600, cipher=cipher),
+                       Poller(pool, other, NOW_POLICY, 3600, cipher=cipher))
+            finally:
+                await other.aclose()
+
+
+async def _paid_code(api, fake, invoice_body, h: dict) -> dict:
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(amount=50000), headers=h)).json()
+    fake.add_payment(inv["khqr"]["md5"], amount="50000", currency="KHR", to_account="moi@nbcq")
+    return inv
+
+
+async def test_a_refused_token_is_renewed_once_and_shared_by_every_instance(renewing, invoice_body):
+    api, fake, a, b = renewing
+    fake.token = "issued-after-90-days"  # Bakong no longer accepts bk-token
+    h = await api.portal("MOI")
+    await _paid_code(api, fake, invoice_body, h)
+    with pytest.raises(TokenRefused):
+        await poll_once(a.pool, a.provider, NOW_POLICY)
+    assert await a.recover_token()
+    assert fake.renewals == 1 and a.provider.current_token() == fake.token
+    assert await poll_once(a.pool, a.provider, NOW_POLICY) == (1, 1)
+    # The other instance's token is refused too: it takes the stored one, and Bakong is not asked again (a
+    # renewal may end the token before it: found by review, instances renewing on their own refused each
+    # other's tokens in turn).
+    second = await _paid_code(api, fake, invoice_body, h)
+    with pytest.raises(TokenRefused):
+        await poll_once(b.pool, b.provider, NOW_POLICY)
+    assert await b.recover_token()
+    assert fake.renewals == 1 and b.provider.current_token() == fake.token
+    assert await poll_once(b.pool, b.provider, NOW_POLICY) == (1, 1)
+    assert await poll_once(a.pool, a.provider, NOW_POLICY) == (0, 0)  # A's token still good
+    stored = await count(api.dsn, "SELECT ciphertext FROM provider_tokens WHERE provider = 'bakong'")
+    assert fake.token.encode() not in bytes(stored)  # encrypted
+    assert (await (await api.client.get(f"/v1/invoices/{second['id']}", headers=h)).json())["status"] == "paid"
+
+
+@pytest.mark.parametrize("renewal", ["refused", "500", "answered but unreadable"])
+async def test_a_renewal_is_asked_at_most_once_per_ten_minutes_across_instances(renewing, renewal):
+    api, fake, a, b = renewing
+    fake.token = "issued-after-90-days"
+    if renewal == "refused":
+        fake.email = "someone.else@agency.gov.kh"
+    elif renewal == "500":
+        fake.fail_next(500)
+    else:
+        fake.fail_next(200, dumps(envelope({"token": "two words"})))
+    assert not await a.recover_token()  # logged and counted; the poller backs off
+    assert not await b.recover_token()  # the other instance: too soon after that answer
+    assert not await a.recover_token()
+    assert len([r for r in fake.requests if r.path.endswith("/renew_token")]) == 1
+    # Ten minutes later it is asked again.
+    await count(api.dsn, "UPDATE provider_tokens SET attempted_at = attempted_at - interval '10 minutes'")
+    fake.email = "ops@agency.gov.kh"
+    assert await b.recover_token() and b.provider.current_token() == fake.token
+
+
+async def test_a_revoked_renewed_token_is_renewed_again_only_after_ten_minutes(renewing):
+    api, fake, a, b = renewing
+    fake.token = "issued-after-90-days"
+    assert await a.recover_token()
+    fake.token = "revoked-again"
+    assert not await a.recover_token()  # the stored token is the one refused, and the renewal too recent
+    assert fake.renewals == 1
+
+
+async def test_without_an_email_the_token_is_not_renewed(bakong):
+    api, fake = bakong
+    from paysvc.pii import cipher_from_settings
+    from paysvc.poller import Poller
+    from tests.conftest import make_settings
+
+    poller = Poller(api.client.app[POOL], api.client.app[PROVIDERS]["bakong"], NOW_POLICY, 3600,
+                    cipher=cipher_from_settings(make_settings(api.dsn)))
+    fake.token = "issued-after-90-days"
+    assert not await poller.recover_token()
+    assert not [r for r in fake.requests if r.path.endswith("/renew_token")]
+
+
+async def test_the_running_poller_renews_the_token_and_captures(renewing, invoice_body):
+    import prometheus_client
+
+    api, fake, a, _ = renewing
+    sample = prometheus_client.REGISTRY.get_sample_value
+    failed = sample("paysvc_poll_failures_total", {"provider": "bakong", "error": "ProviderAuthError"}) or 0
+    renewed = sample("paysvc_provider_token_renewals_total", {"provider": "bakong", "outcome": "renewed"}) or 0
+    fake.token = "issued-after-90-days"
+    h = await api.portal("MOI")
+    inv = await _paid_code(api, fake, invoice_body, h)
+    a.interval = 0.05
+    task = asyncio.create_task(a.run())
+    try:
+        for _ in range(200):
             got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
-            assert got["status"] == "paid"
+            if got["status"] == "paid":
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert got["status"] == "paid" and fake.renewals == 1
+    # A refused token counts as ProviderAuthError, as before renewal existed (alerts keep firing).
+    assert sample("paysvc_poll_failures_total", {"provider": "bakong", "error": "ProviderAuthError"}) == failed + 1
+    assert sample("paysvc_provider_token_renewals_total", {"provider": "bakong", "outcome": "renewed"}) == renewed + 1

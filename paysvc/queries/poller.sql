@@ -49,3 +49,21 @@ UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = coalesce($2::tim
  WHERE md5 IN (SELECT md5 FROM khqr_codes
                 WHERE md5 = ANY($1::text[]) AND poll_lease_until IS NOT DISTINCT FROM $3::timestamptz
                   FOR NO KEY UPDATE SKIP LOCKED)
+
+-- name: token_lock
+-- One instance at a time looks at, and renews, a provider's token (the transaction's advisory lock).
+SELECT pg_advisory_xact_lock(hashtextextended('provider_token:' || $1, 0))
+
+-- name: token_stored
+SELECT key_id, ciphertext, renewed_at, attempted_at FROM provider_tokens WHERE provider = $1
+
+-- name: token_attempted
+-- Bakong answered a renewal that gave no token: the attempt counts towards the pace of renewals.
+INSERT INTO provider_tokens (provider, attempted_at) VALUES ($1, $2)
+ON CONFLICT (provider) DO UPDATE SET attempted_at = excluded.attempted_at
+
+-- name: token_renewed
+INSERT INTO provider_tokens (provider, key_id, ciphertext, renewed_at, attempted_at) VALUES ($1, $2, $3, $4, $4)
+ON CONFLICT (provider) DO UPDATE
+   SET key_id = excluded.key_id, ciphertext = excluded.ciphertext, renewed_at = excluded.renewed_at,
+       attempted_at = excluded.attempted_at
