@@ -3,9 +3,10 @@
 -- refused takes the stored one instead of renewing again. Found by review: each instance renewing on its own
 -- (a renewal may end the token before it) had the instances refuse each other's tokens in turn.
 --
--- The token is encrypted like payer data (PAYSVC_PII_KEYS, with the provider bound in as associated data).
--- attempted_at: Bakong's last answer to a renewal, whatever it was: renewals are at most one per 10 minutes
--- across all instances.
+-- The token is encrypted like payer data (PAYSVC_PII_KEYS, with the provider bound in as associated data;
+-- read with an older key, it is stored again under the active one). attempted_at: when a renewal was last
+-- asked, by the database's clock, whatever came of it: renewals are at most one per 10 minutes across all
+-- instances.
 CREATE TABLE provider_tokens (
     provider      text PRIMARY KEY,
     key_id        text,

@@ -215,21 +215,24 @@ class Poller:
             await pause(delay)
 
     async def recover_token(self) -> bool:
-        """After the provider refused its token: another one to try (see paysvc.provider_tokens)? Logs why not."""
-        if self.cipher is None or not getattr(self.provider, "can_renew_token", False):
+        """After the provider refused its token: another one to try (see paysvc.provider_tokens)? Logs why not;
+        never raises (found by review: a lost database connection during a renewal ended the poller's task)."""
+        if self.cipher is None or not hasattr(self.provider, "use_token"):
             return False
         name = self.provider.name
         try:
-            outcome = await provider_tokens.recover(self.pool, self.cipher, self.provider, now=now_utc())
+            outcome = await provider_tokens.recover(self.pool, self.cipher, self.provider)
+        except asyncio.CancelledError:
+            raise
         except ProviderError as exc:
-            outcome = "refused" if isinstance(exc, ProviderAuthError) else "failed"
-            RENEWALS.labels(name, outcome).inc()
+            RENEWALS.labels(name, "refused" if isinstance(exc, ProviderAuthError) else "failed").inc()
             log.error("%s: renewing the refused token failed (%s: %s)", name, type(exc).__name__, exc)
             return False
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.error("%s: could not look for another token (%s: %s)", name, type(exc).__name__, exc)
+        except Exception as exc:
+            log.exception("%s: could not look for another token (%s: %s)", name, type(exc).__name__, exc)
             return False
-        RENEWALS.labels(name, outcome).inc()
+        if outcome != "unsupported":
+            RENEWALS.labels(name, outcome).inc()
         return outcome in ("renewed", "shared")
 
     async def poll_until_drained(self) -> tuple[int, int]:

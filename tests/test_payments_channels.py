@@ -847,3 +847,78 @@ async def test_the_running_poller_renews_the_token_and_captures(renewing, invoic
     # A refused token counts as ProviderAuthError, as before renewal existed (alerts keep firing).
     assert sample("paysvc_poll_failures_total", {"provider": "bakong", "error": "ProviderAuthError"}) == failed + 1
     assert sample("paysvc_provider_token_renewals_total", {"provider": "bakong", "outcome": "renewed"}) == renewed + 1
+
+
+async def test_an_instance_without_the_email_takes_the_token_another_renewed(renewing, db_dsn, invoice_body):
+    """Found by review: in a fleet where only some instances have PAYSVC_BAKONG_EMAIL (a rolling change), one
+    without it kept the token the renewal had ended, though a valid one was stored."""
+    from paysvc.pii import cipher_from_settings
+    from paysvc.poller import Poller
+    from providers import load_providers
+    from tests.conftest import make_settings
+
+    api, fake, a, _ = renewing
+    fake.token = "issued-after-90-days"
+    assert await a.recover_token()
+    await _paid_code(api, fake, invoice_body, await api.portal("MOI"))
+    plain = load_providers({"bakong": {"token": "bk-token", "base_url": fake.base_url}})["bakong"]
+    try:
+        c = Poller(a.pool, plain, NOW_POLICY, 3600, cipher=cipher_from_settings(make_settings(db_dsn)))
+        with pytest.raises(TokenRefused):
+            await poll_once(c.pool, plain, NOW_POLICY)
+        assert await c.recover_token() and plain.current_token() == fake.token
+        assert await poll_once(c.pool, plain, NOW_POLICY) == (1, 1)
+    finally:
+        await plain.aclose()
+    assert fake.renewals == 1
+
+
+async def test_no_lock_or_transaction_is_held_while_bakong_is_asked_for_a_token(renewing):
+    """Found by review: the transaction and its lock were held across the call; a connection lost meanwhile
+    (a failover, idle_in_transaction_session_timeout) ended the poller's task and lost the new token."""
+    api, fake, a, _ = renewing
+    fake.token = "issued-after-90-days"
+    renew = a.provider.renew_token
+    seen = []
+
+    async def watched():
+        seen.append(await count(api.dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
+        seen.append(await count(api.dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                         "AND state LIKE 'idle in transaction%'"))
+        return await renew()
+
+    a.provider.renew_token = watched
+    assert await a.recover_token()
+    assert seen == [0, 0]
+
+
+async def test_whatever_fails_while_looking_for_a_token_the_poller_goes_on(renewing):
+    api, fake, a, _ = renewing
+
+    async def broken():
+        raise RuntimeError("the connection was lost")  # what asyncpg raises is not a provider error
+
+    a.provider.renew_token = broken
+    fake.token = "issued-after-90-days"
+    assert not await a.recover_token()  # logged; Poller.run backs off and carries on
+    attempted = await count(api.dsn, "SELECT attempted_at IS NOT NULL FROM provider_tokens")
+    assert attempted  # counted: the next renewal waits ten minutes
+
+
+async def test_a_token_stored_under_an_older_key_is_stored_again_under_the_active_one(renewing, db_dsn):
+    import base64
+
+    from paysvc.pii import PiiCipher, cipher_from_settings
+    from paysvc.poller import Poller
+    from tests.conftest import make_settings
+
+    api, fake, a, b = renewing
+    fake.token = "issued-after-90-days"
+    assert await a.recover_token()  # stored under the test key t1
+    old = cipher_from_settings(make_settings(db_dsn))
+    rotated = PiiCipher({"t2": b"n" * 32, **{k: v for k, v in [("t1", base64.b64decode(
+        make_settings(db_dsn).pii_keys.get_secret_value().split(":", 1)[1]))]}})
+    assert old.active_key_id == "t1" and rotated.active_key_id == "t2"
+    c = Poller(b.pool, b.provider, NOW_POLICY, 3600, cipher=rotated)
+    assert await c.recover_token() and b.provider.current_token() == fake.token  # read with t1
+    assert await count(api.dsn, "SELECT key_id FROM provider_tokens") == "t2"

@@ -51,19 +51,24 @@ UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = coalesce($2::tim
                   FOR NO KEY UPDATE SKIP LOCKED)
 
 -- name: token_lock
--- One instance at a time looks at, and renews, a provider's token (the transaction's advisory lock).
+-- One instance at a time looks at a provider's token and decides whether to renew it (the transaction's
+-- advisory lock, held for a few statements: never across the call to the provider).
 SELECT pg_advisory_xact_lock(hashtextextended('provider_token:' || $1, 0))
 
 -- name: token_stored
-SELECT key_id, ciphertext, renewed_at, attempted_at FROM provider_tokens WHERE provider = $1
+-- The stored token, and whether a renewal was asked less than $2 ago by the database's clock (found by review:
+-- an instance whose clock ran ahead wrote a time that kept the others from renewing for as long).
+SELECT key_id, ciphertext, renewed_at, attempted_at, attempted_at > now() - $2::interval AS too_soon
+  FROM provider_tokens WHERE provider = $1
 
--- name: token_attempted
--- Bakong answered a renewal that gave no token: the attempt counts towards the pace of renewals.
-INSERT INTO provider_tokens (provider, attempted_at) VALUES ($1, $2)
+-- name: token_attempt
+-- A renewal is about to be asked: it counts towards the pace of renewals whatever comes of it.
+INSERT INTO provider_tokens (provider, attempted_at) VALUES ($1, now())
 ON CONFLICT (provider) DO UPDATE SET attempted_at = excluded.attempted_at
 
 -- name: token_renewed
-INSERT INTO provider_tokens (provider, key_id, ciphertext, renewed_at, attempted_at) VALUES ($1, $2, $3, $4, $4)
-ON CONFLICT (provider) DO UPDATE
-   SET key_id = excluded.key_id, ciphertext = excluded.ciphertext, renewed_at = excluded.renewed_at,
-       attempted_at = excluded.attempted_at
+UPDATE provider_tokens SET key_id = $2, ciphertext = $3, renewed_at = now() WHERE provider = $1
+
+-- name: token_reencrypted
+-- The stored token under the active key (it was read with an older one), unless it changed meanwhile.
+UPDATE provider_tokens SET key_id = $2, ciphertext = $3 WHERE provider = $1 AND ciphertext = $4
