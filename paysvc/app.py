@@ -14,7 +14,7 @@ import prometheus_client
 from aiohttp import web
 
 from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
-from paysvc import api_settlements, outbox, treasury_pages
+from paysvc import api_settlements, outbox, provider_tokens, treasury_pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
 from providers import ProviderError, UnknownProvider, load_providers
@@ -85,6 +85,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         pool = await create_pool(dsn, settings)
         try:
             await check_pii_keys(pool, ctx.cipher)
+            await provider_tokens.reencrypt(pool, ctx.cipher)
         except SettingsError:
             await pool.close()
             raise

@@ -37,6 +37,13 @@ async def pause(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+def backoff(interval: float, failures: int, cap: float) -> float:
+    """``interval`` doubled per failure, at most ``cap``. The exponent is bounded: a float times 2 ** 1024 raises
+    OverflowError, which ended a loop that kept failing for days (found by review: a poller after 1,024 refused
+    tokens, about 85 hours)."""
+    return min(interval * 2 ** min(failures, 32), cap)
+
+
 async def run_periodically(name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
     """Run ``job`` every ``interval`` seconds until cancelled; a failing run is logged, not fatal.
 
@@ -58,7 +65,7 @@ async def run_periodically(name: str, interval: float, job: Callable[[], Awaitab
             raise
         except Exception as exc:
             failures += 1
-            delay = min(interval * 2 ** failures, max(interval, MAX_BACKOFF_SECONDS))
+            delay = backoff(interval, failures, max(interval, MAX_BACKOFF_SECONDS))
             same = repr(exc) == last
             last = repr(exc)
             if same:

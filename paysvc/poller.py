@@ -34,7 +34,7 @@ from datetime import datetime, time, timedelta
 import asyncpg
 import prometheus_client
 
-from paysvc.background import pause, stop_if_cancelled
+from paysvc.background import backoff, pause, stop_if_cancelled
 from paysvc.inbox import capture_notices
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
@@ -193,7 +193,7 @@ class Poller:
                 # on error="ProviderAuthError" would have stopped firing).
                 FAILURES.labels(self.provider.name, "ProviderAuthError").inc()
                 self._failures += 1
-                delay = min(self.interval * 2 ** self._failures, 300)
+                delay = backoff(self.interval, self._failures, 300)
                 if await self.recover_token():
                     delay = self.interval
                     log.warning("%s refused its token (%s); polling again with another in %.0fs",
@@ -203,14 +203,14 @@ class Poller:
             except ProviderUnavailable as exc:
                 FAILURES.labels(self.provider.name, type(exc).__name__).inc()
                 self._failures += 1
-                delay = exc.retry_after or min(self.interval * 2 ** self._failures, 300)
+                delay = exc.retry_after or backoff(self.interval, self._failures, 300)
                 log.warning("%s unavailable (%s); next poll in %.0fs", self.provider.name, exc, delay)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 FAILURES.labels(self.provider.name, type(exc).__name__).inc()
                 self._failures += 1
-                delay = min(self.interval * 2 ** self._failures, 300)
+                delay = backoff(self.interval, self._failures, 300)
                 log.exception("%s poll failed; next poll in %.0fs", self.provider.name, delay)
             await pause(delay)
 

@@ -12,6 +12,7 @@ renewal ends the token before it; and a transaction held across the call lost it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
@@ -24,6 +25,8 @@ from providers import ProviderUnavailable
 log = logging.getLogger(__name__)
 
 RENEW_EVERY = timedelta(minutes=10)
+STORE_TRIES = 3
+STORE_RETRY_SECONDS = 1.0
 
 
 def _aad(provider: str) -> str:
@@ -60,17 +63,43 @@ async def recover(pool: asyncpg.Pool, cipher: PiiCipher, provider) -> str:
             log.warning("%s: token refused; the last renewal was asked at %s, the next may be asked %s after it",
                         name, row["attempted_at"].isoformat(), RENEW_EVERY)
             return "waiting"
-        await conn.execute(Q.token_attempt, name)
+        attempt = await conn.fetchval(Q.token_attempt, name)
     token = await provider.renew_token()  # raises: the attempt is recorded, the next one waits RENEW_EVERY
     try:
         provider.use_token(token)
     except ValueError as exc:
         raise ProviderUnavailable(f"the renewed token cannot be used: {exc}", provider=name) from None
     key_id, blob = cipher.encrypt({"token": token}, aad=_aad(name))
-    async with pool.acquire() as conn:
-        await conn.execute(Q.token_renewed, name, key_id, blob)
-    log.warning("%s: the API token was refused; renewed it and stored it for every instance", name)
+    for tries_left in reversed(range(STORE_TRIES)):
+        # Bakong has issued the token (and may have ended the one before): store it for the other instances,
+        # trying again a few times (found by review: one failed statement left it in this process alone).
+        try:
+            async with pool.acquire(timeout=10) as conn:
+                stored = await conn.fetchval(Q.token_renewed, name, key_id, blob, attempt)
+            break
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if not tries_left:
+                raise
+            log.warning("%s: storing the renewed token failed (%s: %s); trying again", name, type(exc).__name__,
+                        exc)
+            await asyncio.sleep(STORE_RETRY_SECONDS)
+    if stored is None:
+        log.warning("%s: renewed the API token, but a later renewal was asked meanwhile: not stored (the next "
+                    "refusal takes the stored one)", name)
+    else:
+        log.warning("%s: the API token was refused; renewed it and stored it for every instance", name)
     return "renewed"
+
+
+async def reencrypt(pool: asyncpg.Pool, cipher: PiiCipher) -> None:
+    """Store again under the active key every stored token read with an older one (at start, so that a key can
+    be retired once every instance has the new one: found by review, a token is read only when one is
+    refused, every 90 days or so). One that cannot be read is left: it is renewed when a token is refused."""
+    for row in await pool.fetch(Q.tokens_under_older_keys, cipher.active_key_id):
+        token = _read(cipher, row["provider"], row)
+        if token is not None:
+            key_id, blob = cipher.encrypt({"token": token}, aad=_aad(row["provider"]))
+            await pool.execute(Q.token_reencrypted, row["provider"], key_id, blob, row["ciphertext"])
 
 
 def _read(cipher: PiiCipher, name: str, row) -> str | None:

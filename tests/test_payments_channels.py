@@ -922,3 +922,87 @@ async def test_a_token_stored_under_an_older_key_is_stored_again_under_the_activ
     c = Poller(b.pool, b.provider, NOW_POLICY, 3600, cipher=rotated)
     assert await c.recover_token() and b.provider.current_token() == fake.token  # read with t1
     assert await count(api.dsn, "SELECT key_id FROM provider_tokens") == "t2"
+
+
+async def test_a_renewal_stored_late_does_not_overwrite_a_newer_one(renewing):
+    """Found by review: instance A's renewal was stored after the pace of renewals had let B renew (which ended
+    A's token); A's store overwrote B's token with the ended one."""
+    api, fake, a, b = renewing
+    fake.token = "issued-after-90-days"
+    release = asyncio.Event()
+    renew = a.provider.renew_token
+
+    async def slow():
+        token = await renew()
+        await release.wait()
+        return token
+
+    a.provider.renew_token = slow
+    first = asyncio.create_task(a.recover_token())
+    for _ in range(100):
+        if fake.renewals:
+            break
+        await asyncio.sleep(0.02)
+    await count(api.dsn, "UPDATE provider_tokens SET attempted_at = attempted_at - interval '10 minutes'")
+    assert await b.recover_token()  # B renews: A's token is ended
+    release.set()
+    assert await first
+    assert fake.renewals == 2 and b.provider.current_token() == fake.token
+    c_token = await count(api.dsn, "SELECT key_id FROM provider_tokens")
+    assert c_token == "t1"
+    # The stored token is B's: an instance refused now takes it.
+    assert await a.recover_token() and a.provider.current_token() == fake.token
+
+
+async def test_a_renewed_token_whose_store_fails_once_is_stored_on_the_next_try(renewing, monkeypatch):
+    from paysvc import provider_tokens
+
+    api, fake, a, b = renewing
+    fake.token = "issued-after-90-days"
+    failed = []
+
+    class Flaky:
+        """The pool, whose first connection after Bakong issued the token cannot be had."""
+
+        def __init__(self, pool):
+            self.pool = pool
+
+        def acquire(self, *args, **kw):
+            if fake.renewals and not failed:
+                failed.append(True)
+                raise OSError("connection refused")
+            return self.pool.acquire(*args, **kw)
+
+    a.pool = Flaky(a.pool)
+    monkeypatch.setattr(provider_tokens, "STORE_RETRY_SECONDS", 0)
+    assert await a.recover_token()
+    monkeypatch.undo()
+    assert failed
+    assert await count(api.dsn, "SELECT renewed_at IS NOT NULL FROM provider_tokens")  # stored on the next try
+    assert await b.recover_token()
+    assert b.provider.current_token() == fake.token and fake.renewals == 1
+
+
+async def test_at_start_a_token_stored_under_an_older_key_is_stored_under_the_active_one(renewing, db_dsn):
+    import base64
+
+    from paysvc.pii import PiiCipher, check_pii_keys
+    from paysvc import provider_tokens
+    from tests.conftest import make_settings
+
+    api, fake, a, _ = renewing
+    fake.token = "issued-after-90-days"
+    assert await a.recover_token()  # stored under t1
+    t1 = base64.b64decode(make_settings(db_dsn).pii_keys.get_secret_value().split(":", 1)[1])
+    rotated = PiiCipher({"t2": b"n" * 32, "t1": t1})
+    await provider_tokens.reencrypt(a.pool, rotated)
+    assert await count(api.dsn, "SELECT key_id FROM provider_tokens") == "t2"
+    await check_pii_keys(a.pool, PiiCipher({"t2": b"n" * 32}))  # t1 can go once payer data is moved too
+
+
+def test_the_backoff_of_a_loop_failing_for_days_does_not_overflow():
+    from paysvc.background import backoff
+
+    assert backoff(5.0, 1, 300) == 10.0
+    assert backoff(5.0, 1024, 300) == 300  # 5.0 * 2 ** 1024 raised OverflowError (found by review)
+    assert backoff(5.0, 10**6, 300) == 300

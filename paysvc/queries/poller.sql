@@ -62,12 +62,20 @@ SELECT key_id, ciphertext, renewed_at, attempted_at, attempted_at > now() - $2::
   FROM provider_tokens WHERE provider = $1
 
 -- name: token_attempt
--- A renewal is about to be asked: it counts towards the pace of renewals whatever comes of it.
+-- A renewal is about to be asked: it counts towards the pace of renewals whatever comes of it. Returns its time,
+-- which names the attempt.
 INSERT INTO provider_tokens (provider, attempted_at) VALUES ($1, now())
 ON CONFLICT (provider) DO UPDATE SET attempted_at = excluded.attempted_at
+RETURNING attempted_at
 
 -- name: token_renewed
-UPDATE provider_tokens SET key_id = $2, ciphertext = $3, renewed_at = now() WHERE provider = $1
+-- The token the attempt $4 got, unless a later attempt was made meanwhile (found by review: a store delayed past
+-- the pace of renewals overwrote the newer token with the one that renewal had ended). Returns the provider.
+UPDATE provider_tokens SET key_id = $2, ciphertext = $3, renewed_at = now() WHERE provider = $1 AND attempted_at = $4
+RETURNING provider
+
+-- name: tokens_under_older_keys
+SELECT provider, key_id, ciphertext FROM provider_tokens WHERE ciphertext IS NOT NULL AND key_id <> $1
 
 -- name: token_reencrypted
 -- The stored token under the active key (it was read with an older one), unless it changed meanwhile.
