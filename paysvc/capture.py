@@ -139,7 +139,7 @@ class CaptureResult:
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
                   completes_inbox: bool = False, received_at: datetime | None = None,
-                  business_cutoff: time | None = None) -> CaptureResult:
+                  business_cutoff: time | None = None, listed: frozenset[str] = frozenset()) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction; a payment another
     channel captured already (same code, amount and currency) is kept as this channel's report of it.
 
@@ -152,6 +152,8 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     conflicting notice, the day it arrived), so treasury's day pages list it before that day's file comes
     (found by review: it had no date until an import of its provider for that day gave it one). None leaves
     it undated: the settlement import dates what it captures with its file's day.
+    ``listed``: the payments other lines of the settlement file being imported were taken for (see
+    ``same_money``).
     """
     received_at = received_at or now
     done_inbox = inbox_id if completes_inbox else None
@@ -180,7 +182,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             await _finish(conn, events, now, done_inbox)
             return CaptureResult(own["id"], False, "conflicting_notice" if differs else None, own["invoice_id"])
         on_code = target["on_code"] if code is not None else []
-        same = same_money(notice, on_code, listing=source == "settlement")
+        same = same_money(notice, on_code, listing=source == "settlement", listed=listed)
         if same is not None and source == "settlement":
             # A settlement line that matched none of its provider's payments, for a code that has another
             # channel's payment of this amount: the import raises it (duplicate_in_settlement) for treasury to
@@ -277,17 +279,31 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
     return CaptureResult(payment_id, True, decision.reason, invoice_id)
 
 
-def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = False) -> dict | None:
+def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = False,
+               listed: frozenset[str] = frozenset()) -> dict | None:
     """The payment on the notice's code that the notice reports again through another channel, or None.
 
-    That is the first payment on the code captured from another provider, for the same amount and currency,
-    that this provider has not reported yet: each channel reports a payment once, under its own transaction id,
-    so a second report of this provider is a second payment. When two payments on one code are alike, which of
-    them a report is taken for does not change what is booked. ``listing``: the notice is a settlement line,
-    whose id says nothing of what its provider reported; any such payment is taken."""
-    for p in on_code:
-        if p["provider"] != notice.provider and (listing or notice.provider not in p["reported_by"]) \
-                and p["amount"] == notice.amount and p["currency"] == notice.currency:
+    For a callback or a poll, that is the first payment on the code, of the same amount and currency, that this
+    provider has not reported yet and that is either another provider's, or this provider's own captured from
+    its settlement file (under the file's reference, not the transaction id its callback gives: found by
+    review, the bank's late callback for a payment its statement had booked was booked again). Each channel
+    reports a payment once, under its own transaction id, so a second report of this provider is a second
+    payment. When two payments on one code are alike, which of them a report is taken for does not change what
+    is booked.
+
+    ``listing``: the notice is a settlement line that matched none of its provider's payments, and its id says
+    nothing of what its provider reported: another provider's payment is taken, first one this provider has not
+    reported and no other line of the file (``listed``) was taken for (found by review: a file's line for the
+    code's second payment was raised against the first), else any."""
+    alike = [p for p in on_code if p["amount"] == notice.amount and p["currency"] == notice.currency]
+    if listing:
+        others = [p for p in alike if p["provider"] != notice.provider]
+        fresh = [p for p in others if notice.provider not in p["reported_by"] and p["id"] not in listed]
+        return (fresh or others or [None])[0]
+    for p in alike:
+        if notice.provider in p["reported_by"]:
+            continue
+        if p["provider"] != notice.provider or p.get("source") == "settlement":
             return p
     return None
 

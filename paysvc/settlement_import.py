@@ -115,7 +115,8 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
             raw={"settlement_id": settlement_id, "line_no": row["line_no"], "reference": row["reference"],
                  "fee": row["fee"]})
         try:
-            result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger")
+            result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger",
+                                   listed=frozenset(payment_ids))
         except DuplicateCapture:
             raise SettlementConflict("a payment in this file was captured concurrently; import the file again",
                                      settlement_id) from None

@@ -236,3 +236,44 @@ async def test_a_line_the_bank_reported_as_another_channels_payment_is_not_paire
         assert await settled_lines(conn) == [("T1", "duplicate_in_settlement", first.payment_id),
                                              ("T2", "matched", second.payment_id)]
         assert await booked(conn, inv) == (2, 100000)
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["bank-reference", "no-reference"])
+async def test_a_banks_late_callback_for_a_payment_its_statement_booked_books_nothing(api, portal, treasury,
+                                                                                     invoice_body, reference):
+    """The callback was lost and the poll did not see the payment; the bank's statement booked it under the
+    bank's reference (missing_in_ledger); then the bank's callback comes, with its own transaction id. Found by
+    review: it was booked as a second payment (duplicate_payment), and treasury would refund a payment the
+    citizen made once."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    r = await upload(api, treasury, bank_statement(inv["khqr"]["md5"], reference=reference), fmt="camt053",
+                     name="stmt.xml")
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        [(_, category, from_file)] = await settled_lines(conn)
+        assert category == "missing_in_ledger"
+        late = await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
+        assert (late.created, late.payment_id) == (False, from_file)
+        assert await booked(conn, inv) == (1, 50000)
+        # Kept as the bank's report of it: a second payment through the bank is booked.
+        again = await report(conn, notice(inv, "sandbox", "T2", paid_at=AT))
+        assert again.created and await booked(conn, inv) == (2, 100000)
+
+
+async def test_a_files_line_for_the_codes_second_payment_is_raised_against_it(api, portal, treasury,
+                                                                             invoice_body):
+    """The poll booked P1 and P2 (the code paid twice); the bank reported P1 by callback (T1). Its file lists T1
+    and T2: T1 is P1; T2, unmatched, is raised against P2, not against P1 a second time (found by review)."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    md5 = inv["khqr"]["md5"]
+    async with connect(api.dsn) as conn:
+        p1 = await report(conn, notice(inv, "bakong", "H1", paid_at=AT), "poll")
+        assert (await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))).payment_id == p1.payment_id
+        p2 = await report(conn, notice(inv, "bakong", "H2", paid_at=AT), "poll")
+        assert p2.created
+    r = await upload(api, treasury, write_settlement_csv([line("T1", 50000, md5=md5), line("T2", 50000, md5=md5)]))
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        assert await settled_lines(conn) == [("T1", "duplicate_in_settlement", p1.payment_id),
+                                             ("T2", "duplicate_in_settlement", p2.payment_id)]
+        assert await booked(conn, inv) == (2, 100000)

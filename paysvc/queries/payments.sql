@@ -34,7 +34,7 @@ SELECT t.*,
        coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider,
                                                      'seq', coalesce(p.khqr_seq, 1),  -- NULL: 1 (0038)
                                                      'invoice_id', p.invoice_id, 'amount', p.amount,
-                                                     'currency', p.currency,
+                                                     'currency', p.currency, 'source', p.source,
                                                      'reported_by', ARRAY(SELECT r.provider FROM payment_reports r
                                                                            WHERE r.payment_id = p.id))
                                   ORDER BY coalesce(p.khqr_seq, 1))
