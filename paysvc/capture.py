@@ -285,8 +285,10 @@ def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = Fa
 
     For a callback or a poll, that is the first payment on the code, of the same amount and currency, that this
     provider has not reported yet and that is either another provider's, or this provider's own captured from
-    its settlement file (under the file's reference, not the transaction id its callback gives: found by
-    review, the bank's late callback for a payment its statement had booked was booked again). Each channel
+    its settlement file under the file's own reference (a camt.053 entry without EndToEndId or TxId, or a line
+    with no id at all), not the transaction id its callback gives (found by review: the bank's late callback for
+    a payment its statement had booked was booked again; and a file line with the provider's real id is not
+    such a payment, since a callback under another id is another payment). Each channel
     reports a payment once, under its own transaction id, so a second report of this provider is a second
     payment. When two payments on one code are alike, which of them a report is taken for does not change what
     is booked.
@@ -303,7 +305,7 @@ def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = Fa
     for p in alike:
         if notice.provider in p["reported_by"]:
             continue
-        if p["provider"] != notice.provider or p.get("source") == "settlement":
+        if p["provider"] != notice.provider or p["file_ref"]:
             return p
     return None
 

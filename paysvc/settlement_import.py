@@ -26,7 +26,7 @@ from providers import PaymentNotice, SettlementLine
 
 COPY_CHUNK = 20_000
 STAGING_COLUMNS = ("line_no", "transaction_id", "md5", "bill_number", "amount", "currency", "paid_at", "fee",
-                   "reference")
+                   "reference", "id_is_reference")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def file_digest(data: bytes) -> bytes:
 def _records(lines: Iterable[SettlementLine]) -> Iterator[tuple]:
     for ln in lines:
         yield (ln.line_no, ln.transaction_id, ln.md5, ln.bill_number, ln.amount, ln.currency, ln.paid_at, ln.fee,
-               ln.reference)
+               ln.reference, ln.id_is_reference)
 
 
 async def import_settlement(conn: asyncpg.Connection, lines: Iterable[SettlementLine], *, data_sha256: bytes,
@@ -113,7 +113,9 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
             md5=row["md5"], bill_number=row["bill_number"], amount=row["amount"], currency=row["currency"],
             paid_at=row["paid_at"] or end, confirmed=True,
             raw={"settlement_id": settlement_id, "line_no": row["line_no"], "reference": row["reference"],
-                 "fee": row["fee"]})
+                 "fee": row["fee"],
+                 # Named by the file, not by the provider's transaction id: its callback may come under another.
+                 "id_is_reference": row["transaction_id"] is None or row["id_is_reference"]})
         try:
             result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger",
                                    listed=frozenset(payment_ids))

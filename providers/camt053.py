@@ -13,7 +13,8 @@ Mapping (one :class:`SettlementLine` per transaction)
     * ``amount``: ``TxDtls/Amt``, else ``TxDtls/AmtDtls/TxAmt/Amt``, else (one transaction) ``Ntry/Amt``, in
       minor units by the currency's exponent (KHR 0, USD 2; ``12.505`` USD is refused). Currency from ``Ccy``.
     * ``transaction_id``: ``Refs/EndToEndId`` (unless ``NOTPROVIDED``), else ``Refs/TxId``, else
-      ``Refs/AcctSvcrRef``, else the entry's ``AcctSvcrRef``, else ``NtryRef``.
+      ``Refs/AcctSvcrRef``, else the entry's ``AcctSvcrRef``, else ``NtryRef`` (then ``id_is_reference``: the
+      bank's reference, not a transaction id the provider's callbacks give).
     * ``reference``: the bank's own reference: ``Refs/AcctSvcrRef``, else the entry's ``AcctSvcrRef``.
     * ``bill_number``: ``RmtInf/Strd/CdtrRefInf/Ref``, else a ``PS`` + 8–23 digits token in ``RmtInf/Ustrd``.
     * ``md5``: a 32-hex-digit token in ``RmtInf/Ustrd`` (the KHQR code's md5), when present.
@@ -182,7 +183,8 @@ class _Reader:
         if e2e == "NOTPROVIDED":
             e2e = None
         entry_ref = _text(ntry, "AcctSvcrRef") if single else None
-        tx_id = e2e or _text(refs, "TxId") or _text(refs, "AcctSvcrRef") or entry_ref or _text(ntry, "NtryRef")
+        own_id = e2e or _text(refs, "TxId")
+        tx_id = own_id or _text(refs, "AcctSvcrRef") or entry_ref or _text(ntry, "NtryRef")
         rmt = _child(tx, "RmtInf") if tx is not None else None
         ustrd = " ".join(t.text.strip() for t in _children(rmt, "Ustrd") if t.text)
         bill = _text(rmt, "Strd", "CdtrRefInf", "Ref")
@@ -194,7 +196,8 @@ class _Reader:
                 line_no=line, transaction_id=tx_id, md5=md5, bill_number=bill, amount=amount,
                 currency=currency,  # type: ignore[arg-type]
                 paid_at=self._paid_at(ntry, tx, line), fee=fee,
-                reference=_text(refs, "AcctSvcrRef") or entry_ref)
+                reference=_text(refs, "AcctSvcrRef") or entry_ref,
+                id_is_reference=own_id is None and tx_id is not None)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise SettlementFormatError(line, f"{'.'.join(map(str, err['loc']))}: {err['msg']}",

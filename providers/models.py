@@ -305,6 +305,9 @@ class SettlementLine(_Frozen):
     paid_at: PaymentTime = None                                  # UTC, 2000..2099
     fee: int = Field(default=0, ge=0, le=MAX_AMOUNT)             # minor units, same currency
     reference: str | None = Field(default=None, max_length=500)
+    # transaction_id is the bank's own reference for the line (a camt.053 entry without EndToEndId or TxId), not
+    # the transaction id the provider's callbacks and polls give.
+    id_is_reference: bool = False
 
     @model_validator(mode="after")
     def _fee_within_amount(self) -> SettlementLine:

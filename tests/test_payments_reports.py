@@ -277,3 +277,33 @@ async def test_a_files_line_for_the_codes_second_payment_is_raised_against_it(ap
         assert await settled_lines(conn) == [("T1", "duplicate_in_settlement", p1.payment_id),
                                              ("T2", "duplicate_in_settlement", p2.payment_id)]
         assert await booked(conn, inv) == (2, 100000)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "camt053"])
+async def test_a_callback_under_another_id_than_its_files_line_is_another_payment(api, portal, treasury,
+                                                                                 invoice_body, fmt):
+    """The file named the payment by the provider's own transaction id (T1, as a sandbox CSV always does, and a
+    camt.053 EndToEndId): a callback for T2 on the same code is a second payment, booked and raised
+    (duplicate_payment), not taken for T1 (found by review of the rule above)."""
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    lines = [line("T1", 50000, md5=inv["khqr"]["md5"])]
+    data = write_settlement_csv(lines) if fmt == "csv" else write_statement(lines)
+    r = await upload(api, treasury, data, **({"fmt": "camt053", "name": "stmt.xml"} if fmt == "camt053" else {}))
+    assert r.status == 201, await r.text()
+    async with connect(api.dsn) as conn:
+        [(_, category, from_file)] = await settled_lines(conn)
+        assert category == "missing_in_ledger"
+        assert (await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))).payment_id == from_file  # a retry
+        second = await report(conn, notice(inv, "sandbox", "T2", paid_at=AT))
+        assert second.created and second.reason == "duplicate_payment"
+        assert await booked(conn, inv) == (2, 100000)
+
+
+def test_a_statement_says_when_a_line_is_named_by_the_banks_reference():
+    from providers.camt053 import create as camt053
+
+    md5 = "a" * 32
+    named = list(camt053({}).parse_settlement(write_statement([line("E2E-1", 50000, md5=md5)])))
+    by_ref = list(camt053({}).parse_settlement(bank_statement(md5, reference=True)))
+    assert [(x.transaction_id, x.id_is_reference) for x in named] == [("E2E-1", False)]
+    assert [x.id_is_reference for x in by_ref] == [True] and by_ref[0].transaction_id.startswith("BANK")

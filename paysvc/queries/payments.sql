@@ -34,7 +34,12 @@ SELECT t.*,
        coalesce((SELECT jsonb_agg(jsonb_build_object('id', p.id, 'provider', p.provider,
                                                      'seq', coalesce(p.khqr_seq, 1),  -- NULL: 1 (0038)
                                                      'invoice_id', p.invoice_id, 'amount', p.amount,
-                                                     'currency', p.currency, 'source', p.source,
+                                                     'currency', p.currency,
+                                                     -- captured from its provider's file under the file's own
+                                                     -- reference (see capture.same_money)
+                                                     'file_ref', p.source = 'settlement' AND coalesce(
+                                                         (p.evidence #>> '{notice,raw,id_is_reference}')::boolean,
+                                                         false),
                                                      'reported_by', ARRAY(SELECT r.provider FROM payment_reports r
                                                                            WHERE r.payment_id = p.id))
                                   ORDER BY coalesce(p.khqr_seq, 1))

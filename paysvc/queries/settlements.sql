@@ -124,7 +124,7 @@ UPDATE settlement_staging s
  WHERE s.line_no = r.line_no
 
 -- name: staging_missing
-SELECT line_no, transaction_id, md5, bill_number, amount, currency, paid_at, fee, reference
+SELECT line_no, transaction_id, md5, bill_number, amount, currency, paid_at, fee, reference, id_is_reference
   FROM settlement_staging WHERE category = 'missing_in_ledger' ORDER BY line_no
 
 -- name: staging_set_captured
