@@ -307,3 +307,25 @@ def test_a_statement_says_when_a_line_is_named_by_the_banks_reference():
     by_ref = list(camt053({}).parse_settlement(bank_statement(md5, reference=True)))
     assert [(x.transaction_id, x.id_is_reference) for x in named] == [("E2E-1", False)]
     assert [x.id_is_reference for x in by_ref] == [True] and by_ref[0].transaction_id.startswith("BANK")
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["bank-reference", "no-reference"])
+async def test_a_payment_a_statement_booked_before_0041_is_marked_by_it(api, portal, treasury, invoice_body,
+                                                                       reference):
+    """Found by review: payments captured from a statement before migration 0041 lacked the mark, so the bank's
+    late callback for one was booked as a second payment. The migration marks them from their lines."""
+    from paysvc.migrate import migrations_dir
+
+    inv = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    r = await upload(api, treasury, bank_statement(inv["khqr"]["md5"], reference=reference), fmt="camt053",
+                     name="stmt.xml")
+    assert r.status == 201, await r.text()
+    sql = (migrations_dir() / "0041_settlement_lines_named_by_the_bank.sql").read_text()
+    backfill = sql[sql.index("UPDATE payments"):]
+    async with connect(api.dsn) as conn:
+        await conn.execute("UPDATE payments SET evidence = evidence #- '{notice,raw,id_is_reference}'")
+        await conn.execute(backfill)  # as a superuser, like the migration
+        [(_, _, from_file)] = await settled_lines(conn)
+        late = await report(conn, notice(inv, "sandbox", "T1", paid_at=AT))
+        assert (late.created, late.payment_id) == (False, from_file)
+        assert await booked(conn, inv) == (1, 50000)
