@@ -9,7 +9,10 @@ codes skipped), then asks about them one provider call at a time, at most ``prov
 codes a call (≤ 50 for Bakong), each call cut off after ``PollPolicy.call_timeout``. Before a call that
 would start with less than half the lease left, the lease of every code the pass still holds is renewed,
 so a lease always outlasts the call made under it and the capture of its answer: several service
-instances never ask about the same md5 at once, however slow the provider. Renewal and release touch only
+instances never ask about the same md5 at once, however slow the provider. Leases, and when codes were last
+asked, are set and judged by the database's clock; a pass measures the time its lease has left with its own
+monotonic clock, from before the claim was sent (so it can only think it has less), so instances whose
+clocks differ never take each other's codes. Renewal and release touch only
 the caller's own lease (the expiry its claim or last renewal set), never one another instance took over;
 a code whose lease was lost is dropped from the pass.
 
@@ -88,20 +91,21 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
     A call that fails raises (``ProviderUnavailable`` and its kind) once the pass's codes are released;
     what earlier calls reported is already captured.
     """
-    now = now_utc()
-    lease_until = now + policy.lease
-    rows = await pool.fetch(Q.poll_claim, now, now - policy.give_up, now - policy.min_interval, policy.batch,
-                            lease_until)
+    # The lease is set by the database's clock (lease_until names it); when it runs out is judged here by this
+    # process's monotonic clock from before the claim was sent, which can only be earlier.
+    held_until = clock.monotonic() + policy.lease.total_seconds()
+    rows = await pool.fetch(Q.poll_claim, policy.give_up, policy.min_interval, policy.batch, policy.lease)
     if not rows:
         return 0, 0
+    lease_until = rows[0]["lease_until"]
     queue = [PendingKhqr(md5=r["md5"], bill_number=r["bill_number"], currency=r["currency"], amount=r["amount"],
                          to_account=r["to_account"], expires_at=r["expires_at"]) for r in rows]
     per_call = max(1, provider.poll_batch_size)
     asked = captured = 0
     try:
         while queue:
-            if lease_until - now_utc() < policy.lease / 2:
-                queue, lease_until = await _renew(pool, provider.name, queue, lease_until, policy.lease)
+            if held_until - clock.monotonic() < policy.lease.total_seconds() / 2:
+                queue, lease_until, held_until = await _renew(pool, provider.name, queue, lease_until, policy.lease)
                 if not queue:
                     break
             call, queue = queue[:per_call], queue[per_call:]
@@ -109,7 +113,7 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
             asked += len(call)
     finally:
         if queue:  # a call failed (or the task was cancelled): free the codes not asked, keeping their turn
-            await pool.execute(Q.poll_release, [p.md5 for p in queue], None, lease_until, None, [])
+            await pool.execute(Q.poll_release, [p.md5 for p in queue], False, lease_until, None, [])
     return asked, captured
 
 
@@ -144,19 +148,21 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
         # them, paid, so none is done (found by review: such an item's code was cleared with the rest)
     finally:
         # Asked, or tried to: these codes are due again after min_interval (where the lease is still ours).
-        await pool.execute(Q.poll_release, [p.md5 for p in call], now_utc(), lease_until, done_before, unreadable)
+        await pool.execute(Q.poll_release, [p.md5 for p in call], True, lease_until, done_before, unreadable)
     return sum(r.created for r in results)
 
 
 async def _renew(pool: asyncpg.Pool, provider: str, queue: list[PendingKhqr], lease_until: datetime,
-                 lease: timedelta) -> tuple[list[PendingKhqr], datetime]:
-    """Extend the lease of the codes the pass still holds; drop any whose lease is no longer ours."""
-    renewed_until = now_utc() + lease
-    kept = {r["md5"] for r in await pool.fetch(Q.poll_renew, [p.md5 for p in queue], lease_until, renewed_until)}
+                 lease: timedelta) -> tuple[list[PendingKhqr], datetime, float]:
+    """Extend the lease of the codes the pass still holds; drop any whose lease is no longer ours. Returns the
+    codes kept, the new lease's name, and when it runs out by the monotonic clock."""
+    held_until = clock.monotonic() + lease.total_seconds()
+    rows = await pool.fetch(Q.poll_renew, [p.md5 for p in queue], lease_until, lease)
+    kept = {r["md5"] for r in rows}
     if len(kept) < len(queue):
         log.warning("%s poll: %d of %d claimed codes are no longer leased to this pass; not asking about them",
                     provider, len(queue) - len(kept), len(queue))
-    return [p for p in queue if p.md5 in kept], renewed_until
+    return [p for p in queue if p.md5 in kept], (rows[0]["lease_until"] if rows else lease_until), held_until
 
 
 def _report_unreadable(provider: str, items: Sequence[UnreadableItem]) -> None:

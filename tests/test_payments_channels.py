@@ -268,8 +268,7 @@ async def test_a_capture_marks_its_code_and_the_poll_claim_reads_only_unpaid_cod
     conn = await asyncpg.connect(api.dsn)
     try:
         before = await rows_read(conn)
-        now = datetime.now(UTC)
-        claimed = await conn.fetch(Q.poll_claim, now, now - timedelta(minutes=30), now, 50, now + timedelta(minutes=1))
+        claimed = await conn.fetch(Q.poll_claim, timedelta(minutes=30), timedelta(0), 50, timedelta(minutes=1))
         await conn.execute("SELECT pg_stat_force_next_flush()")  # its counters reach the view when it idles
         after = await rows_read(conn)
     finally:
@@ -354,25 +353,12 @@ async def test_a_failing_later_call_keeps_what_the_earlier_calls_captured(bakong
     assert await poll_once(pool, provider, NOW_POLICY) == (59, 0)  # all still open ones, the failed ten too
 
 
-class FastClock:
-    """The poller's clock, running ``speed`` times as fast as the real one: at 20 times, a fake that answers
-    in 0.45 s stands for a Bakong that answers in 9 s, against leases of the poller's own length."""
-
-    def __init__(self, speed: float) -> None:
-        import time
-        self._mono, self.speed = time.monotonic, speed
-        self.t0, self.start = self._mono(), datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.start + timedelta(seconds=(self._mono() - self.t0) * self.speed)
-
-
 async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_others_lease(
-        bakong, invoice_body, monkeypatch):
-    """The reviewer's case: 430 open codes, Bakong answering each call after 9 s (0.45 s on a clock 20 times
-    as fast), two service instances polling. No md5 may be in two requests in flight at the same time, and a
-    code being asked about keeps the lease of the instance asking until its answer is in."""
-    from paysvc import poller as poller_mod
+        bakong, invoice_body):
+    """The reviewer's case: 430 open codes, Bakong answering each call after 9 s against the poller's 60 s
+    lease, two service instances polling; here scaled down twenty times (0.45 s calls, a 3 s lease, as leases
+    are the database's clock and cannot be sped up). No md5 may be in two requests in flight at the same time,
+    and a code being asked about keeps the lease of the instance asking until its answer is in."""
     from providers.bakong import create
 
     api, fake = bakong
@@ -380,7 +366,6 @@ async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_
     for _ in range(430):
         await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
     pool = api.client.app[POOL]
-    monkeypatch.setattr(poller_mod, "now_utc", FastClock(speed=20))
     fake.delay = 0.45
     lease_lost: list[str] = []
 
@@ -397,13 +382,14 @@ async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_
         async def poll(self, pending):
             out = await self.provider.poll(pending)
             rows = await pool.fetch("SELECT md5 FROM khqr_codes WHERE md5 = ANY($1::text[]) "
-                                    "AND (poll_lease_until IS NULL OR poll_lease_until <= $2)",
-                                    [p.md5 for p in pending], poller_mod.now_utc())
+                                    "AND (poll_lease_until IS NULL OR poll_lease_until <= now())",
+                                    [p.md5 for p in pending])
             lease_lost.extend(r["md5"] for r in rows)
             return out
 
-    # 400 codes a pass: eight calls of 9 s, longer than the 60 s lease; the other instance takes the other 30.
-    policy = PollPolicy(min_interval=timedelta(hours=1), batch=400)
+    # 400 codes a pass: eight calls of 0.45 s, longer than the 3 s lease; the other instance takes the other 30.
+    policy = PollPolicy(min_interval=timedelta(hours=1), batch=400, lease=timedelta(seconds=3),
+                        call_timeout=timedelta(seconds=1))
     instances = [Instance(), Instance()]
 
     async def keep_polling(inst: Instance) -> int:
@@ -447,20 +433,23 @@ async def test_a_release_clears_only_the_callers_own_lease(bakong, invoice_body)
     md5 = inv["khqr"]["md5"]
     conn = await asyncpg.connect(api.dsn)
     try:
-        t1 = datetime.now(UTC)
-        lease1 = t1 + timedelta(seconds=60)
-        assert [r["md5"] for r in await conn.fetch(Q.poll_claim, t1, t1 - timedelta(minutes=30), t1, 50,
-                                                   lease1)] == [md5]
-        t2 = t1 + timedelta(seconds=61)  # instance 1 is still asking; its lease has run out
-        lease2 = t2 + timedelta(seconds=60)
-        assert [r["md5"] for r in await conn.fetch(Q.poll_claim, t2, t2 - timedelta(minutes=30), t2, 50,
-                                                   lease2)] == [md5]
-        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=1), lease1, None, [])  # instance 1, late
+        def claim(lease: timedelta):
+            return conn.fetch(Q.poll_claim, timedelta(minutes=30), timedelta(0), 50, lease)
+
+        [first] = await claim(timedelta(milliseconds=50))
+        assert first["md5"] == md5
+        assert await claim(timedelta(seconds=60)) == []  # leased
+        await asyncio.sleep(0.1)  # instance 1 is still asking; its lease has run out
+        [second] = await claim(timedelta(seconds=60))
+        lease1, lease2 = first["lease_until"], second["lease_until"]
+        assert lease2 > lease1
+        await conn.execute(Q.poll_release, [md5], True, lease1, None, [])  # instance 1, late
         row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at FROM khqr_codes WHERE md5 = $1", md5)
         assert (row["poll_lease_until"], row["last_polled_at"]) == (lease2, None)
-        await conn.execute(Q.poll_release, [md5], t2 + timedelta(seconds=2), lease2, None, [])  # instance 2
-        row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at FROM khqr_codes WHERE md5 = $1", md5)
-        assert (row["poll_lease_until"], row["last_polled_at"]) == (None, t2 + timedelta(seconds=2))
+        await conn.execute(Q.poll_release, [md5], True, lease2, None, [])  # instance 2
+        row = await conn.fetchrow("SELECT poll_lease_until, last_polled_at, now() AS db_now FROM khqr_codes "
+                                  "WHERE md5 = $1", md5)
+        assert row["poll_lease_until"] is None and lease1 < row["last_polled_at"] <= row["db_now"]
     finally:
         await conn.close()
 
@@ -1006,3 +995,25 @@ def test_the_backoff_of_a_loop_failing_for_days_does_not_overflow():
     assert backoff(5.0, 1, 300) == 10.0
     assert backoff(5.0, 1024, 300) == 300  # 5.0 * 2 ** 1024 raised OverflowError (found by review)
     assert backoff(5.0, 10**6, 300) == 300
+
+
+async def test_an_instance_whose_clock_runs_ahead_does_not_take_leased_codes(bakong, invoice_body, monkeypatch):
+    """Leases are the database's clock: an instance whose own clock is an hour ahead does not take the codes
+    another instance leased a moment ago, nor hold back codes asked about by such an instance (before, each
+    instance's clock set and judged leases: a skew of about 10 s let two ask about one code at once)."""
+    from paysvc import poller as poller_mod
+    from paysvc.queries import Q
+
+    api, fake = bakong
+    h = await api.portal("MOI")
+    for _ in range(3):
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
+    leased = await pool.fetch(Q.poll_claim, timedelta(hours=72), timedelta(0), 2, timedelta(seconds=60))
+    assert len(leased) == 2
+    monkeypatch.setattr(poller_mod, "now_utc", lambda: datetime.now(UTC) + timedelta(hours=1))
+    assert await poll_once(pool, provider, NOW_POLICY) == (1, 0)  # only the code nobody leased
+    asked = [m for r in fake.requests for m in r.json]
+    assert not set(asked) & {r["md5"] for r in leased}
+    # What it asked is due again after min_interval by the database's clock, not an hour from now.
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at > now() + interval '1 minute'") == 0

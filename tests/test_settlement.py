@@ -384,9 +384,8 @@ async def test_the_poll_does_not_wait_for_an_import_holding_its_codes(api, porta
         await tx.start()
         await capture(importer, _notice(a, "S-A"), source="settlement", now=datetime.now(UTC),
                       flag="missing_in_ledger")
-        polled_at = datetime.now(UTC)
         # Neither code was claimed: the release of "no lease" ($3 NULL) takes both, as far as it may.
-        await asyncio.wait_for(poller.execute(Q.poll_release, [b["khqr"]["md5"], a["khqr"]["md5"]], polled_at,
+        await asyncio.wait_for(poller.execute(Q.poll_release, [b["khqr"]["md5"], a["khqr"]["md5"]], True,
                                               None, None, []), 10)
         await capture(importer, _notice(b, "S-B"), source="settlement", now=datetime.now(UTC),
                       flag="missing_in_ledger")
@@ -394,7 +393,7 @@ async def test_the_poll_does_not_wait_for_an_import_holding_its_codes(api, porta
         rows = {r["md5"]: r for r in await poller.fetch(
             "SELECT md5, last_polled_at, captured_at FROM khqr_codes WHERE md5 = ANY($1::text[])",
             [a["khqr"]["md5"], b["khqr"]["md5"]])}
-    assert rows[b["khqr"]["md5"]]["last_polled_at"] == polled_at  # released
+    assert rows[b["khqr"]["md5"]]["last_polled_at"] is not None  # released
     assert rows[a["khqr"]["md5"]]["last_polled_at"] is None       # skipped: it was being captured
     assert all(r["captured_at"] is not None for r in rows.values())
     assert await count(api.dsn, "SELECT count(*) FROM payments") == 2

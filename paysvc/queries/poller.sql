@@ -1,50 +1,55 @@
 -- name: poll_claim
 -- Codes still to be asked about (poll_pending: payable, or expired and not yet answered about once the grace
--- was over; migration 0037), expired less than the give-up time ($2) ago, not yet paid, not leased, not asked
--- lately; longest waiting first, codes of the same millisecond by md5 (RETURNING gives the rows in the table's
--- order, so the order is applied after it).
+-- was over; migration 0037), expired less than the give-up time ($1) ago, not yet paid, not leased, not asked
+-- in the last $2; longest waiting first, codes of the same millisecond by md5 (RETURNING gives the rows in the
+-- table's order, so the order is applied after it). $3 codes at most, leased for $4. Leases and the times codes
+-- were asked are the database's clock, so instances whose clocks differ never take each other's codes (before,
+-- each instance's own clock set and judged them: a skew of about 10 s let two ask about one code at once).
+-- lease_until: the same for every code claimed, and what names this claim's lease (renew and release).
 WITH claimed AS (
-UPDATE khqr_codes k SET poll_lease_until = $5
+UPDATE khqr_codes k SET poll_lease_until = now() + $4::interval
  WHERE k.md5 IN (
         SELECT c.md5 FROM khqr_codes c
          WHERE c.poll_pending AND c.captured_at IS NULL
-           AND c.expires_at > $2
-           AND c.created_at <= $1
-           AND (c.poll_lease_until IS NULL OR c.poll_lease_until < $1)
-           AND (c.last_polled_at IS NULL OR c.last_polled_at <= $3)
+           AND c.expires_at > now() - $1::interval
+           AND c.created_at <= now()
+           AND (c.poll_lease_until IS NULL OR c.poll_lease_until < now())
+           AND (c.last_polled_at IS NULL OR c.last_polled_at <= now() - $2::interval)
            AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.khqr_md5 = c.md5)
          ORDER BY c.last_polled_at NULLS FIRST, c.created_at, c.md5
-         LIMIT $4
+         LIMIT $3
            FOR NO KEY UPDATE SKIP LOCKED)
 RETURNING k.md5, k.currency, k.amount, k.to_account, k.expires_at, k.last_polled_at, k.created_at,
-          (SELECT bill_number FROM invoices i WHERE i.id = k.invoice_id) AS bill_number
+          k.poll_lease_until, (SELECT bill_number FROM invoices i WHERE i.id = k.invoice_id) AS bill_number
 )
-SELECT md5, currency, amount, to_account, expires_at, bill_number
+SELECT md5, currency, amount, to_account, expires_at, bill_number, poll_lease_until AS lease_until
   FROM claimed
  ORDER BY last_polled_at NULLS FIRST, created_at, md5
 
 -- name: poll_renew
 -- Extend the lease of codes the caller still holds: $2 is the poll_lease_until its claim (or last renewal)
--- set, $3 the new one. Returns the codes renewed; a code another instance took over is not, nor one a
--- capture holds (skipped as in poll_release below) or has marked paid meanwhile: the caller drops those from
--- its pass (a paid code's lease simply runs out; it is never claimed again).
-UPDATE khqr_codes SET poll_lease_until = $3
+-- set; the new one is $3 from now, by the database's clock. Returns the codes renewed, with their new lease; a
+-- code another instance took over is not, nor one a capture holds (skipped as in poll_release below) or has
+-- marked paid meanwhile: the caller drops those from its pass (a paid code's lease simply runs out; it is
+-- never claimed again).
+UPDATE khqr_codes SET poll_lease_until = now() + $3::interval
  WHERE md5 IN (SELECT md5 FROM khqr_codes
                 WHERE md5 = ANY($1::text[]) AND poll_lease_until = $2::timestamptz AND captured_at IS NULL
                   FOR NO KEY UPDATE SKIP LOCKED)
-RETURNING md5
+RETURNING md5, poll_lease_until AS lease_until
 
 -- name: poll_release
 -- Only the caller's own lease is cleared: $3 is the poll_lease_until its claim (or last renewal) set. A code
 -- whose lease ran out and was claimed by another instance carries that instance's lease, and is left to it.
--- $2 is when the codes were asked about; NULL frees codes that were claimed but not asked (their turn kept).
+-- $2: the codes were asked about (now, by the database's clock); false frees codes that were claimed but not
+-- asked (their turn kept).
 -- Codes locked by a capture in progress are skipped, not waited for: a capture marks its code, and a
 -- settlement import may hold many codes until its file is done, which would make this statement wait on it
 -- (or deadlock with it, taking the same codes in another order). A skipped code keeps its lease until the
 -- lease runs out, and once captured it is not polled again anyway.
 -- $4: codes that expired at or before it are no longer pending (an answer read after their grace was over);
 -- NULL when the call failed. $5: codes the answer could not be read about, left pending.
-UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = coalesce($2::timestamptz, last_polled_at),
+UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = CASE WHEN $2::boolean THEN now() ELSE last_polled_at END,
        poll_pending = poll_pending AND NOT coalesce(expires_at <= $4::timestamptz AND md5 <> ALL ($5::text[]), false)
  WHERE md5 IN (SELECT md5 FROM khqr_codes
                 WHERE md5 = ANY($1::text[]) AND poll_lease_until IS NOT DISTINCT FROM $3::timestamptz
