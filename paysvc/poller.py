@@ -39,7 +39,6 @@ import prometheus_client
 
 from paysvc.background import backoff, pause, stop_if_cancelled
 from paysvc.inbox import capture_notices
-from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 from paysvc import provider_tokens
 from paysvc.pii import PiiCipher
@@ -128,8 +127,10 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
     try:
         deadline = policy.call_timeout.total_seconds()
         # Bakong's answer says how things stood at some moment of the call: counted from when it was asked, so
-        # a slow call does not shorten the grace (found by review).
-        asked_at = now_utc()
+        # a slow call does not shorten the grace (found by review); by the database's clock, read just before
+        # (so no later), as the codes' expiries are judged by it (found by review: an instance whose clock ran
+        # an hour ahead marked codes still payable as answered for good).
+        asked_at = await pool.fetchval(Q.db_now)
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)

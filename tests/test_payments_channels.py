@@ -356,7 +356,7 @@ async def test_a_failing_later_call_keeps_what_the_earlier_calls_captured(bakong
 async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_others_lease(
         bakong, invoice_body):
     """The reviewer's case: 430 open codes, Bakong answering each call after 9 s against the poller's 60 s
-    lease, two service instances polling; here scaled down twenty times (0.45 s calls, a 3 s lease, as leases
+    lease, two service instances polling; here scaled down fifteen times (0.6 s calls, a 4 s lease, as leases
     are the database's clock and cannot be sped up). No md5 may be in two requests in flight at the same time,
     and a code being asked about keeps the lease of the instance asking until its answer is in."""
     from providers.bakong import create
@@ -366,7 +366,7 @@ async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_
     for _ in range(430):
         await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
     pool = api.client.app[POOL]
-    fake.delay = 0.45
+    fake.delay = 0.6
     lease_lost: list[str] = []
 
     class Instance:
@@ -387,9 +387,9 @@ async def test_two_slow_pollers_never_ask_about_one_code_at_once_nor_clear_each_
             lease_lost.extend(r["md5"] for r in rows)
             return out
 
-    # 400 codes a pass: eight calls of 0.45 s, longer than the 3 s lease; the other instance takes the other 30.
-    policy = PollPolicy(min_interval=timedelta(hours=1), batch=400, lease=timedelta(seconds=3),
-                        call_timeout=timedelta(seconds=1))
+    # 400 codes a pass: eight calls of 0.6 s, longer than the 4 s lease; the other instance takes the other 30.
+    policy = PollPolicy(min_interval=timedelta(hours=1), batch=400, lease=timedelta(seconds=4),
+                        call_timeout=timedelta(seconds=1.9))
     instances = [Instance(), Instance()]
 
     async def keep_polling(inst: Instance) -> int:
@@ -436,10 +436,10 @@ async def test_a_release_clears_only_the_callers_own_lease(bakong, invoice_body)
         def claim(lease: timedelta):
             return conn.fetch(Q.poll_claim, timedelta(minutes=30), timedelta(0), 50, lease)
 
-        [first] = await claim(timedelta(milliseconds=50))
+        [first] = await claim(timedelta(seconds=1))
         assert first["md5"] == md5
         assert await claim(timedelta(seconds=60)) == []  # leased
-        await asyncio.sleep(0.1)  # instance 1 is still asking; its lease has run out
+        await asyncio.sleep(1.1)  # instance 1 is still asking; its lease has run out
         [second] = await claim(timedelta(seconds=60))
         lease1, lease2 = first["lease_until"], second["lease_until"]
         assert lease2 > lease1
@@ -997,23 +997,36 @@ def test_the_backoff_of_a_loop_failing_for_days_does_not_overflow():
     assert backoff(5.0, 10**6, 300) == 300
 
 
-async def test_an_instance_whose_clock_runs_ahead_does_not_take_leased_codes(bakong, invoice_body, monkeypatch):
-    """Leases are the database's clock: an instance whose own clock is an hour ahead does not take the codes
-    another instance leased a moment ago, nor hold back codes asked about by such an instance (before, each
-    instance's clock set and judged leases: a skew of about 10 s let two ask about one code at once)."""
+async def test_an_instance_whose_clock_runs_ahead_neither_takes_leased_codes_nor_ends_payable_ones(
+        bakong, invoice_body, monkeypatch):
+    """Leases, when codes were asked, and which codes are done are judged by the database's clock: an instance
+    whose clock is an hour ahead does not take the codes another instance leased a moment ago (before, a skew of
+    about 10 s let two ask about one code at once), does not mark codes still payable as answered for good, and
+    codes it issued are polled at once (found by review: both held back or ended by the skew)."""
+    from paysvc import invoicing
     from paysvc import poller as poller_mod
     from paysvc.queries import Q
 
     api, fake = bakong
     h = await api.portal("MOI")
-    for _ in range(3):
-        await api.client.post("/v1/invoices", json=invoice_body(), headers=h)
+    ahead = lambda: datetime.now(UTC) + timedelta(hours=1)  # noqa: E731
+    monkeypatch.setattr(invoicing, "now_utc", ahead)
+    monkeypatch.setattr(poller_mod, "now_utc", ahead, raising=False)
+    invs = [await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json() for _ in range(3)]
+    monkeypatch.undo()
     pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
     leased = await pool.fetch(Q.poll_claim, timedelta(hours=72), timedelta(0), 2, timedelta(seconds=60))
-    assert len(leased) == 2
-    monkeypatch.setattr(poller_mod, "now_utc", lambda: datetime.now(UTC) + timedelta(hours=1))
+    assert len(leased) == 2  # issued "an hour from now", claimable now
+    monkeypatch.setattr(invoicing, "now_utc", ahead)
+    monkeypatch.setattr(poller_mod, "now_utc", ahead, raising=False)
     assert await poll_once(pool, provider, NOW_POLICY) == (1, 0)  # only the code nobody leased
     asked = [m for r in fake.requests for m in r.json]
     assert not set(asked) & {r["md5"] for r in leased}
-    # What it asked is due again after min_interval by the database's clock, not an hour from now.
-    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at > now() + interval '1 minute'") == 0
+    monkeypatch.undo()
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at > now() + interval '1 minute' "
+                                "OR NOT poll_pending") == 0
+    # Paid now: an instance in step asks about it again, and captures it.
+    [free] = set(i["khqr"]["md5"] for i in invs) - {r["md5"] for r in leased}
+    fake.add_payment(free, amount=str(invs[0]["amount"]), currency="KHR", to_account="moi@nbcq")
+    await pool.execute("UPDATE khqr_codes SET poll_lease_until = NULL")
+    assert (await poll_once(pool, provider, NOW_POLICY))[1] == 1

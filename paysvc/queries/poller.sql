@@ -5,14 +5,15 @@
 -- table's order, so the order is applied after it). $3 codes at most, leased for $4. Leases and the times codes
 -- were asked are the database's clock, so instances whose clocks differ never take each other's codes (before,
 -- each instance's own clock set and judged them: a skew of about 10 s let two ask about one code at once).
--- lease_until: the same for every code claimed, and what names this claim's lease (renew and release).
+-- lease_until: the same for every code claimed, and what names this claim's lease (renew and release). (No
+-- condition on created_at, which the issuing instance's clock set: one ahead held its codes back by its skew,
+-- found by review; a code being issued is not seen before it commits anyway.)
 WITH claimed AS (
 UPDATE khqr_codes k SET poll_lease_until = now() + $4::interval
  WHERE k.md5 IN (
         SELECT c.md5 FROM khqr_codes c
          WHERE c.poll_pending AND c.captured_at IS NULL
            AND c.expires_at > now() - $1::interval
-           AND c.created_at <= now()
            AND (c.poll_lease_until IS NULL OR c.poll_lease_until < now())
            AND (c.last_polled_at IS NULL OR c.last_polled_at <= now() - $2::interval)
            AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.khqr_md5 = c.md5)
@@ -54,6 +55,10 @@ UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = CASE WHEN $2::bo
  WHERE md5 IN (SELECT md5 FROM khqr_codes
                 WHERE md5 = ANY($1::text[]) AND poll_lease_until IS NOT DISTINCT FROM $3::timestamptz
                   FOR NO KEY UPDATE SKIP LOCKED)
+
+-- name: db_now
+-- The database's clock, for what the poller compares with it.
+SELECT now()
 
 -- name: token_lock
 -- One instance at a time looks at a provider's token and decides whether to renew it (the transaction's
