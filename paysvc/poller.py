@@ -97,6 +97,7 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
     if not rows:
         return 0, 0
     lease_until = rows[0]["lease_until"]
+    db_clock = DbClock(lease_until - policy.lease)
     queue = [PendingKhqr(md5=r["md5"], bill_number=r["bill_number"], currency=r["currency"], amount=r["amount"],
                          to_account=r["to_account"], expires_at=r["expires_at"]) for r in rows]
     per_call = max(1, provider.poll_batch_size)
@@ -105,10 +106,11 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
         while queue:
             if held_until - clock.monotonic() < policy.lease.total_seconds() / 2:
                 queue, lease_until, held_until = await _renew(pool, provider.name, queue, lease_until, policy.lease)
+                db_clock = DbClock(lease_until - policy.lease)
                 if not queue:
                     break
             call, queue = queue[:per_call], queue[per_call:]
-            captured += await _ask(pool, provider, call, lease_until, policy)
+            captured += await _ask(pool, provider, call, lease_until, policy, db_clock)
             asked += len(call)
     finally:
         if queue:  # a call failed (or the task was cancelled): free the codes not asked, keeping their turn
@@ -116,8 +118,20 @@ async def poll_once(pool: asyncpg.Pool, provider: Provider, policy: PollPolicy) 
     return asked, captured
 
 
+class DbClock:
+    """The database's time, estimated from one it gave (``now()`` of the claim or renewal, the statement's start)
+    plus the time this process measured since that answer arrived: never later than the database's clock, so
+    nothing is judged done early. It costs no round trip."""
+
+    def __init__(self, at: datetime) -> None:
+        self.at, self.mono = at, clock.monotonic()
+
+    def now(self) -> datetime:
+        return self.at + timedelta(seconds=clock.monotonic() - self.mono)
+
+
 async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], lease_until: datetime,
-               policy: PollPolicy) -> int:
+               policy: PollPolicy, db_clock: DbClock) -> int:
     """One provider call: ask, capture what it reported, release its codes. Returns the payments created.
 
     Codes whose grace was over when the answer was read are done (no longer pending), except those an item of
@@ -127,10 +141,10 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
     try:
         deadline = policy.call_timeout.total_seconds()
         # Bakong's answer says how things stood at some moment of the call: counted from when it was asked, so
-        # a slow call does not shorten the grace (found by review); by the database's clock, read just before
-        # (so no later), as the codes' expiries are judged by it (found by review: an instance whose clock ran
-        # an hour ahead marked codes still payable as answered for good).
-        asked_at = await pool.fetchval(Q.db_now)
+        # a slow call does not shorten the grace (found by review); by the database's clock (no later than it),
+        # as the codes' expiries are judged by it (found by review: an instance whose clock ran an hour ahead
+        # marked codes still payable as answered for good).
+        asked_at = db_clock.now()
         try:
             async with asyncio.timeout(deadline):  # not wait_for: on 3.11 it can swallow a cancellation
                 result = await provider.poll(call)
@@ -139,7 +153,10 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
                                       "deadline, so that the codes' lease outlasts the call)",
                                       provider=provider.name) from None
         _report_unreadable(provider.name, result.unreadable)
-        results = await capture_notices(pool, result.notices, source="poll", business_cutoff=policy.business_cutoff)
+        # Received now, by the database's clock: a payment time Bakong reports is judged against it (found by
+        # review: an instance whose clock ran minutes behind held every polled payment as paid_at_implausible).
+        results = await capture_notices(pool, result.notices, source="poll", received_at=db_clock.now(),
+                                        business_cutoff=policy.business_cutoff)
         LAST_SUCCESS.labels(provider.name).set(clock.time())  # read and captured (found by review: not before)
         unreadable = [item.md5 for item in result.unreadable if item.md5]
         asked = {p.md5 for p in call}

@@ -997,36 +997,43 @@ def test_the_backoff_of_a_loop_failing_for_days_does_not_overflow():
     assert backoff(5.0, 10**6, 300) == 300
 
 
-async def test_an_instance_whose_clock_runs_ahead_neither_takes_leased_codes_nor_ends_payable_ones(
-        bakong, invoice_body, monkeypatch):
-    """Leases, when codes were asked, and which codes are done are judged by the database's clock: an instance
-    whose clock is an hour ahead does not take the codes another instance leased a moment ago (before, a skew of
-    about 10 s let two ask about one code at once), does not mark codes still payable as answered for good, and
-    codes it issued are polled at once (found by review: both held back or ended by the skew)."""
-    from paysvc import invoicing
+async def test_the_poll_judges_by_the_databases_clock_not_the_instances(bakong, invoice_body, monkeypatch):
+    """Leases, when codes were asked, which codes are done and when a polled payment was received are the
+    database's clock. An instance whose clock is an hour ahead does not take codes another instance leased a
+    moment ago (before, a skew of about 10 s let two ask about one code at once), nor end the polling of codes
+    still payable; one whose clock is ten minutes behind books what it polls (found by review: it held every
+    polled payment as paid_at_implausible); codes issued by an instance ahead are polled at once."""
+    from paysvc import inbox, invoicing
     from paysvc import poller as poller_mod
     from paysvc.queries import Q
 
+    def skewed(by: timedelta) -> None:
+        monkeypatch.undo()
+        for module in (invoicing, inbox, poller_mod):
+            monkeypatch.setattr(module, "now_utc", lambda: datetime.now(UTC) + by, raising=False)
+
     api, fake = bakong
     h = await api.portal("MOI")
-    ahead = lambda: datetime.now(UTC) + timedelta(hours=1)  # noqa: E731
-    monkeypatch.setattr(invoicing, "now_utc", ahead)
-    monkeypatch.setattr(poller_mod, "now_utc", ahead, raising=False)
     invs = [await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json() for _ in range(3)]
+    skewed(timedelta(hours=1))
+    ahead = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=h)).json()
     monkeypatch.undo()
     pool, provider = api.client.app[POOL], api.client.app[PROVIDERS]["bakong"]
-    leased = await pool.fetch(Q.poll_claim, timedelta(hours=72), timedelta(0), 2, timedelta(seconds=60))
-    assert len(leased) == 2  # issued "an hour from now", claimable now
-    monkeypatch.setattr(invoicing, "now_utc", ahead)
-    monkeypatch.setattr(poller_mod, "now_utc", ahead, raising=False)
-    assert await poll_once(pool, provider, NOW_POLICY) == (1, 0)  # only the code nobody leased
-    asked = [m for r in fake.requests for m in r.json]
-    assert not set(asked) & {r["md5"] for r in leased}
+    leased = {r["md5"] for r in await pool.fetch(Q.poll_claim, timedelta(hours=72), timedelta(0), 2,
+                                                 timedelta(seconds=60))}
+    assert leased == {invs[0]["khqr"]["md5"], invs[1]["khqr"]["md5"]}  # the longest waiting
+    skewed(timedelta(hours=1))
+    assert await poll_once(pool, provider, NOW_POLICY) == (2, 0)
+    asked = {m for r in fake.requests for m in r.json}
+    assert asked == {invs[2]["khqr"]["md5"], ahead["khqr"]["md5"]}  # not the leased ones
     monkeypatch.undo()
-    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE last_polled_at > now() + interval '1 minute' "
-                                "OR NOT poll_pending") == 0
-    # Paid now: an instance in step asks about it again, and captures it.
-    [free] = set(i["khqr"]["md5"] for i in invs) - {r["md5"] for r in leased}
-    fake.add_payment(free, amount=str(invs[0]["amount"]), currency="KHR", to_account="moi@nbcq")
+    assert await count(api.dsn, "SELECT count(*) FROM khqr_codes WHERE NOT poll_pending "
+                                "OR last_polled_at > now() + interval '1 minute'") == 0  # still payable, pending
+    # Paid now; an instance ten minutes behind polls it and books it as paid.
+    skewed(-timedelta(minutes=10))
+    fake.add_payment(invs[2]["khqr"]["md5"], amount=str(invs[2]["amount"]), currency="KHR", to_account="moi@nbcq")
     await pool.execute("UPDATE khqr_codes SET poll_lease_until = NULL")
     assert (await poll_once(pool, provider, NOW_POLICY))[1] == 1
+    monkeypatch.undo()
+    got = await (await api.client.get(f"/v1/invoices/{invs[2]['id']}", headers=h)).json()
+    assert got["status"] == "paid"

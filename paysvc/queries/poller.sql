@@ -56,10 +56,6 @@ UPDATE khqr_codes SET poll_lease_until = NULL, last_polled_at = CASE WHEN $2::bo
                 WHERE md5 = ANY($1::text[]) AND poll_lease_until IS NOT DISTINCT FROM $3::timestamptz
                   FOR NO KEY UPDATE SKIP LOCKED)
 
--- name: db_now
--- The database's clock, for what the poller compares with it.
-SELECT now()
-
 -- name: token_lock
 -- One instance at a time looks at a provider's token and decides whether to renew it (the transaction's
 -- advisory lock, held for a few statements: never across the call to the provider).
