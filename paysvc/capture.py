@@ -183,25 +183,21 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
             return CaptureResult(own["id"], False, "conflicting_notice" if differs else None, own["invoice_id"])
         on_code = target["on_code"] if code is not None else []
         same = same_money(notice, on_code, listing=source == "settlement", listed=listed)
-        if same is not None and source == "settlement":
-            # A settlement line that matched none of its provider's payments, for a code that has another
-            # channel's payment of this amount: the import raises it (duplicate_in_settlement) for treasury to
-            # say what it is; nothing is booked and no report kept. A file names its lines by its own references
-            # (a camt.053 statement: the bank's reference, or its file and line), so neither "this provider
-            # reported that payment already" nor "this line is that report" can be told from its id (found by
-            # review: a bank's callback kept as its report of the poll's payment, then its file's line under the
-            # bank's reference was booked as a second payment; and a line kept as a report made the bank's own
-            # late callback a second payment).
-            await _finish(conn, [], now, done_inbox)
-            return CaptureResult(same["id"], False, None, same["invoice_id"])
         if same is not None:
             # One payment reported by two channels (a bank's callback and the Bakong poll): kept as this
-            # channel's report of it, nothing booked. Once kept, a later notice of this provider for the same
-            # code and amount is another payment.
-            reported = await conn.fetchval(Q.report_insert, notice.provider, notice.transaction_id, same["id"],
-                                           source, inbox_id, notice.model_dump(mode="json"), now)
-            if reported is None:
-                continue  # a concurrent capture took this transaction or this report first: read again
+            # channel's report of it, nothing booked; once kept, a later notice of this provider for the same
+            # code and amount is another payment. Except a settlement line (it matched none of its provider's
+            # payments): the import raises it (duplicate_in_settlement) for treasury to say what it is, and no
+            # report is kept. A file names its lines by its own references (a camt.053 statement: the bank's
+            # reference, or its file and line), so neither "this provider reported that payment already" nor
+            # "this line is that report" can be told from its id (found by review: a bank's callback kept as its
+            # report of the poll's payment, then its file's line under the bank's reference was booked as a
+            # second payment; and a line kept as a report made the bank's own late callback a second payment).
+            if source != "settlement":
+                reported = await conn.fetchval(Q.report_insert, notice.provider, notice.transaction_id,
+                                               same["id"], source, inbox_id, notice.model_dump(mode="json"), now)
+                if reported is None:
+                    continue  # a concurrent capture took this transaction or this report first: read again
             await _finish(conn, [], now, done_inbox)
             return CaptureResult(same["id"], False, None, same["invoice_id"])
         pay_md5 = code["md5"] if code is not None else None
@@ -288,10 +284,9 @@ def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = Fa
     its settlement file under the file's own reference (a camt.053 entry without EndToEndId or TxId, or a line
     with no id at all), not the transaction id its callback gives (found by review: the bank's late callback for
     a payment its statement had booked was booked again; and a file line with the provider's real id is not
-    such a payment, since a callback under another id is another payment). Each channel
-    reports a payment once, under its own transaction id, so a second report of this provider is a second
-    payment. When two payments on one code are alike, which of them a report is taken for does not change what
-    is booked.
+    such a payment, since a callback under another id is another payment). Each channel reports a payment once,
+    under its own transaction id, so a second report of this provider is a second payment. When two payments
+    on one code are alike, which of them a report is taken for does not change what is booked.
 
     ``listing``: the notice is a settlement line that matched none of its provider's payments, and its id says
     nothing of what its provider reported: another provider's payment is taken, first one this provider has not
