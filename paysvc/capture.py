@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import secrets
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -139,7 +140,7 @@ class CaptureResult:
 async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: str, now: datetime,
                   inbox_id: int | None = None, flag: str | None = None,
                   completes_inbox: bool = False, received_at: datetime | None = None,
-                  business_cutoff: time | None = None, listed: frozenset[str] = frozenset()) -> CaptureResult:
+                  business_cutoff: time | None = None, listed: AbstractSet[str] = frozenset()) -> CaptureResult:
     """Capture ``notice`` inside the caller's transaction. Idempotent per provider transaction; a payment another
     channel captured already (same code, amount and currency) is kept as this channel's report of it.
 
@@ -276,7 +277,7 @@ async def capture(conn: asyncpg.Connection, notice: PaymentNotice, *, source: st
 
 
 def same_money(notice: PaymentNotice, on_code: list[dict], *, listing: bool = False,
-               listed: frozenset[str] = frozenset()) -> dict | None:
+               listed: AbstractSet[str] = frozenset()) -> dict | None:
     """The payment on the notice's code that the notice reports again through another channel, or None.
 
     For a callback or a poll, that is the first payment on the code, of the same amount and currency, that this

@@ -47,8 +47,7 @@ async def recover(pool: asyncpg.Pool, cipher: PiiCipher, provider) -> str:
         row = await conn.fetchrow(Q.token_stored, name, RENEW_EVERY)
         stored = _read(cipher, name, row)
         if stored is not None and row["key_id"] != cipher.active_key_id:
-            key_id, blob = cipher.encrypt({"token": stored}, aad=_aad(name))
-            await conn.execute(Q.token_reencrypted, name, key_id, blob, row["ciphertext"])
+            await _reencrypt(conn, cipher, name, stored, row["ciphertext"])
         if stored is not None and stored != refused:
             try:
                 provider.use_token(stored)
@@ -75,7 +74,7 @@ async def recover(pool: asyncpg.Pool, cipher: PiiCipher, provider) -> str:
         # trying again a few times (found by review: one failed statement left it in this process alone).
         try:
             async with pool.acquire(timeout=10) as conn:
-                stored = await conn.fetchval(Q.token_renewed, name, key_id, blob, attempt)
+                kept = await conn.fetchval(Q.token_renewed, name, key_id, blob, attempt)
             break
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if not tries_left:
@@ -83,7 +82,7 @@ async def recover(pool: asyncpg.Pool, cipher: PiiCipher, provider) -> str:
             log.warning("%s: storing the renewed token failed (%s: %s); trying again", name, type(exc).__name__,
                         exc)
             await asyncio.sleep(STORE_RETRY_SECONDS)
-    if stored is None:
+    if kept is None:
         log.warning("%s: renewed the API token, but a later renewal was asked meanwhile: not stored (the next "
                     "refusal takes the stored one)", name)
     else:
@@ -98,8 +97,13 @@ async def reencrypt(pool: asyncpg.Pool, cipher: PiiCipher) -> None:
     for row in await pool.fetch(Q.tokens_under_older_keys, cipher.active_key_id):
         token = _read(cipher, row["provider"], row)
         if token is not None:
-            key_id, blob = cipher.encrypt({"token": token}, aad=_aad(row["provider"]))
-            await pool.execute(Q.token_reencrypted, row["provider"], key_id, blob, row["ciphertext"])
+            await _reencrypt(pool, cipher, row["provider"], token, row["ciphertext"])
+
+
+async def _reencrypt(db, cipher: PiiCipher, name: str, token: str, old_ciphertext: bytes) -> None:
+    """``token`` stored again under the active key, unless the stored one changed from ``old_ciphertext``."""
+    key_id, blob = cipher.encrypt({"token": token}, aad=_aad(name))
+    await db.execute(Q.token_reencrypted, name, key_id, blob, old_ciphertext)
 
 
 def _read(cipher: PiiCipher, name: str, row) -> str | None:

@@ -106,6 +106,7 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
     start, end = window(business_date, rules.cutoff)
     missing = await conn.fetch(Q.staging_missing)
     line_nos, payment_ids, created = [], [], []
+    taken: set[str] = set()  # the payments lines of this file were taken for so far (capture's ``listed``)
     for row in missing:
         notice = PaymentNotice(
             provider=provider,
@@ -118,12 +119,13 @@ async def import_settlement(conn: asyncpg.Connection, lines: Iterable[Settlement
                  "id_is_reference": row["transaction_id"] is None or row["id_is_reference"]})
         try:
             result = await capture(conn, notice, source="settlement", now=now, flag="missing_in_ledger",
-                                   listed=frozenset(payment_ids))
+                                   listed=taken)
         except DuplicateCapture:
             raise SettlementConflict("a payment in this file was captured concurrently; import the file again",
                                      settlement_id) from None
         line_nos.append(row["line_no"])
         payment_ids.append(result.payment_id)
+        taken.add(result.payment_id)
         created.append(result.created)
     if missing:
         await conn.execute(Q.staging_set_captured, line_nos, payment_ids, created, provider)
