@@ -17,6 +17,8 @@ from paysvc.queries import Q
 from paysvc.settlement_days import TIME_ZONE_NAME, grace_over, window
 from paysvc.settlement_import import Rules
 
+# The day's unsettled payments a report lists (report.csv lists every one).
+UNSETTLED_LIMIT = 1000
 LINE_CATEGORIES = ("matched", "amount_mismatch", "missing_in_ledger", "duplicate_in_settlement")
 PAYMENT_STATES = ("matched", "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "expected")
 # A category outside these (settled_after_resolution: a line for a payment whose missing_in_settlement was
@@ -45,7 +47,7 @@ async def report(conn: asyncpg.Connection, settlement_id: str, *, rules: Rules, 
     remaining = await conn.fetch(Q.day_remaining, s["provider"], start, end)
     posted = await conn.fetch(Q.settlement_entry_postings, s["journal_entry_id"]) if s["journal_entry_id"] else []
     lines = await conn.fetch(Q.settlement_lines_page, settlement_id, after_line, lines_limit + 1)
-    unsettled = await conn.fetch(Q.day_unsettled_payments, s["provider"], start, end)
+    unsettled = await conn.fetch(Q.day_unsettled_payments, s["provider"], start, end, UNSETTLED_LIMIT + 1)
     open_exc = await conn.fetch(Q.day_open_exceptions, s["provider"], day)
     line_totals = _totals(line_rows, "category", LINE_CATEGORIES, "lines")
     for r in line_rows:
@@ -69,7 +71,9 @@ async def report(conn: asyncpg.Connection, settlement_id: str, *, rules: Rules, 
         "open_exceptions": [{**dict(e), "opened_at": e["opened_at"].isoformat()} for e in open_exc],
         "lines": [_line_json(r) for r in lines[:lines_limit]],
         "next_after_line": _next_after_line(lines, lines_limit, after_line),
-        "unsettled_payments": [{**dict(u), "paid_at": u["paid_at"].isoformat()} for u in unsettled[:lines_limit]],
+        # Not paged with the lines (found by review: the import's summary, lines_limit 0, said none was unsettled)
+        "unsettled_payments": [{**dict(u), "paid_at": u["paid_at"].isoformat()} for u in unsettled[:UNSETTLED_LIMIT]],
+        "unsettled_payments_more": len(unsettled) > UNSETTLED_LIMIT,
         "summary_at_import": s["summary"],
     }
 
@@ -125,7 +129,7 @@ async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rul
             break
         after = rows[-1]["line_no"]
     start, end = window(s["business_date"], rules.cutoff)
-    for u in await conn.fetch(Q.day_unsettled_payments, s["provider"], start, end):
+    for u in await conn.fetch(Q.day_unsettled_payments, s["provider"], start, end, None):
         state = "missing_in_settlement" if u["exception_id"] else "expected"
         w.writerow((s["id"], s["provider"], day, "payment", "", u["provider_transaction_id"], "",
                     u["bill_number"] or "", u["amount"], u["currency"], 0, utc(u["paid_at"]), "", state, "",

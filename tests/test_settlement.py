@@ -114,6 +114,20 @@ async def test_a_day_with_every_category_reconciles_and_clears_to_zero(api, port
                     "expected": 0}
     by_line = {ln["line_no"]: ln for ln in rep["lines"]}
     assert by_line[5]["matched_by"] == "bill_number" and by_line[5]["category"] == "matched"
+    # A line captured from the file names the exception its capture opened, as the other raised lines do.
+    raised = {ln["line_no"]: (ln["category"], ln["exception_id"], ln["exception_state"]) for ln in rep["lines"]
+              if ln["category"] != "matched"}
+    assert {n: (c, st) for n, (c, _, st) in raised.items()} == {
+        4: ("amount_mismatch", "open"), 6: ("duplicate_in_settlement", "open"), 7: ("missing_in_ledger", "open"),
+        8: ("missing_in_ledger", "open")}
+    assert all(exc_id for _, exc_id, _ in raised.values())
+    # The payment no line settled is listed, whether or not the lines are (the import's summary lists none).
+    summary = await (await api.client.get(f"/v1/settlements/{rep['id']}", params={"lines_limit": "0"},
+                                          headers=treasury)).json()
+    for r in (rep, summary):
+        assert [(u["provider_transaction_id"], u["amount"]) for u in r["unsettled_payments"]] == [("TX-4", 50000)]
+        assert r["unsettled_payments"][0]["exception_id"] and not r["unsettled_payments_more"]
+    assert summary["lines"] == []
     # Settlement entry: matched and newly captured lines, net of fees, into the treasury's bank account.
     postings = {(p["account"], p["side"]): p["amount"] for p in rep["settlement_entry"]["postings"]}
     assert postings == {("treasury:bank:nbc-treasury:KHR", "debit"): 206600,
@@ -134,6 +148,9 @@ async def test_a_day_with_every_category_reconciles_and_clears_to_zero(api, port
     open_ = {e["reason"]: e for e in (await r.json())["data"]}
     assert set(open_) == {"amount_mismatch", "duplicate_in_settlement", "missing_in_ledger", "unknown_khqr",
                           "missing_in_settlement"}
+    assert {raised[n][1] for n in (4, 6, 7, 8)} == {open_[r]["id"] for r in (
+        "amount_mismatch", "duplicate_in_settlement", "missing_in_ledger", "unknown_khqr")}
+    assert summary["unsettled_payments"][0]["exception_id"] == open_["missing_in_settlement"]["id"]
     assert (await resolve(api, treasury, open_["amount_mismatch"]["id"], "refund_due")).status == 422
     for reason, action, kw in [("amount_mismatch", "write_off", {}), ("missing_in_settlement", "write_off", {}),
                                ("duplicate_in_settlement", "write_off", {}),
