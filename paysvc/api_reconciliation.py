@@ -103,6 +103,11 @@ class ResolveBody(BaseModel):
     def _invoice(self) -> "ResolveBody":
         if self.action == "match_to_invoice" and not self.invoice_id:
             raise FieldValueError("invoice_id", "match_to_invoice needs invoice_id")
+        if self.action != "match_to_invoice" and self.invoice_id is not None:
+            # Found by a treasury walk-through: a write_off sent with an invoice_id was taken as a write-off, the
+            # invoice silently ignored; the sender meant something else, so say so rather than guess.
+            raise FieldValueError("invoice_id", f"only match_to_invoice takes invoice_id; {self.action} moves the "
+                                                "money to no invoice: leave invoice_id out, or use match_to_invoice")
         return self
 
 

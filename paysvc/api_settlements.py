@@ -52,30 +52,37 @@ def parser_for(enabled: dict, fmt: str, field: str = "format"):
     try:
         return load_providers({fmt: {}})[fmt]
     except ProviderError as exc:
-        raise ValidationFailed(f"format {fmt!r} needs its provider enabled on this instance: {exc}") from None
+        raise ValidationFailed(f"format {fmt!r} needs its provider enabled on this instance: add {fmt} to "
+                               f"PAYSVC_PROVIDERS, with its settings (PAYSVC_{fmt.upper()}_…), and restart "
+                               f"({exc})") from None
 
 
 def check_provider(provider: str, enabled: dict) -> None:
     """``provider`` must be a registered plugin that captures payments: payments are captured only under
     those, and a typo, or a file format's name (camt053), would otherwise open its own clearing account and
     report the whole file as missing_in_ledger."""
-    names = available_providers()
-    if provider not in names:
+    if provider not in available_providers():
+        # only the names payments are captured under (found by a walk-through: camt053 was offered, then refused)
+        names = [n for n in available_providers() if _captures_payments(n, enabled)]
         raise ValidationFailed(f"provider {provider!r} is not a registered provider; use one of: {', '.join(names)}",
                                errors=[{"field": "provider", "message": f"must be one of: {', '.join(names)}",
                                         "code": "unknown"}])
-    plugin = enabled.get(provider)
-    if plugin is None:
-        try:
-            plugin = load_providers({provider: {}})[provider]
-        except ProviderError:
-            return  # it needs its configuration to be built: a provider payments are captured under
-    if not getattr(plugin, "captures_payments", True):
+    if not _captures_payments(provider, enabled):
         raise ValidationFailed(
             f"{provider!r} is a settlement file format, not a provider payments are captured under: send "
             f"format={provider} with the provider whose payments the file settles as provider",
             errors=[{"field": "provider", "message": "a file format, not a payment provider; give it as format",
                      "code": "format_only"}])
+
+
+def _captures_payments(provider: str, enabled: dict) -> bool:
+    plugin = enabled.get(provider)
+    if plugin is None:
+        try:
+            plugin = load_providers({provider: {}})[provider]
+        except ProviderError:
+            return True  # it needs its configuration to be built: a provider payments are captured under
+    return getattr(plugin, "captures_payments", True)
 
 
 FIRST_BUSINESS_DATE, LAST_BUSINESS_DATE = date(2000, 1, 1), date(2099, 12, 31)

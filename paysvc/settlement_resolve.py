@@ -177,9 +177,11 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             credit = refunds if action == "refund_due" else written_off
             return Plan(((accounts.suspense(cur), "debit", a), (credit, "credit", a)))
         if action != "match_to_invoice" or target is None or target.invoice_id != f.payment_invoice:
+            why = {"write_off": "nothing was lost: the money arrived and paid it",
+                   "refund_due": "a refund of a paid invoice is not a reconciliation action"}.get(
+                action, "the money is that invoice's, not another's")
             raise ResolutionRefused(f"this payment was captured late and already paid invoice {f.payment_invoice}; "
-                                    "acknowledge it with match_to_invoice to that invoice (a refund of a paid "
-                                    "invoice is not a reconciliation action)")
+                                    f"acknowledge it with match_to_invoice to that invoice ({action}: {why})")
         return Plan(())
 
     if f.reason == "duplicate_in_settlement":

@@ -27,7 +27,7 @@ import ledger
 
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
 from paysvc.api_settlements import iso_date, rules_of, stream_csv
-from paysvc.errors import Problem
+from paysvc.errors import Problem, pydantic_errors
 from paysvc.invoicing import now_utc
 from paysvc.pages import amount_display
 from paysvc.queries import Q
@@ -380,10 +380,13 @@ async def resolve_form(request: web.Request) -> web.Response:
     if not back.startswith("/treasury/") or not back.isprintable() or not back.isascii():
         back = "/treasury"  # our own pages only; no control characters (they would break the redirect)
     fields = {k: form.get(k) for k in ("action", "note", "invoice_id") if form.get(k)}
+    if fields.get("action") != "match_to_invoice":
+        fields.pop("invoice_id", None)  # the form fills it in with the exception's invoice, for match_to_invoice
     try:
         body = ResolveBody.model_validate(fields)
     except ValidationError as exc:
-        msg = "; ".join(e["msg"] for e in exc.errors())
+        # each error under its field's name (found by a walk-through: an empty note said only "Field required")
+        msg = "; ".join(f"{e['field']}: {e['message']}" for e in pydantic_errors(exc))
         return _page(request, "Not resolved", f'<p class="error">{_e(msg)}</p><p><a href="{_e(back)}">Back</a></p>',
                      session=session, status=422)
     try:

@@ -212,8 +212,7 @@ def parse_check_answer(answer: HttpAnswer, *, hint: PaymentNotice, merchant_id: 
             amount=minor, currency=currency, paid_at=paid_at, confirmed=True,
             raw={"callback": hint.raw, "check_transaction": json_safe(data), "merchant_id": merchant_id})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise _shape(f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise _shape(first_error(exc)) from None
 
 
 def _transaction_date(value: Any) -> datetime:
@@ -240,6 +239,4 @@ def create(config: Mapping[str, Any]) -> PayWayProvider:
     try:
         return PayWayProvider(PayWayConfig.model_validate(dict(config)))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ProviderConfigError(f"bad aba_payway config: {'.'.join(map(str, err['loc']))}: {err['msg']}",
-                                  provider=NAME) from None
+        raise ProviderConfigError(f"bad aba_payway config: {first_error(exc)}", provider=NAME) from None

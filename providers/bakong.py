@@ -55,7 +55,7 @@ from providers.base import Pattern, ProviderBase
 from providers.errors import (AmountError, ProviderAuthError, ProviderConfigError, ProviderUnavailable, RateLimited,
                               SettlementFormatError, TokenRefused)
 from providers.models import (EXPONENT, PaymentNotice, PendingKhqr, PollResult, SettlementLine, UnreadableItem,
-                              json_safe, loads_exact, to_minor)
+                              first_error, json_safe, loads_exact, to_minor)
 from providers.transport import HttpAnswer, JsonClient, retry_after_seconds
 
 NAME = "bakong"
@@ -165,9 +165,7 @@ class BakongProvider(ProviderBase):
             except AmountError as exc:
                 raise SettlementFormatError(line_no, exc.detail, provider=NAME) from None
             except ValidationError as exc:
-                err = exc.errors()[0]
-                raise SettlementFormatError(line_no, f"{'.'.join(map(str, err['loc']))}: {err['msg']}",
-                                            provider=NAME) from None
+                raise SettlementFormatError(line_no, first_error(exc), provider=NAME) from None
 
 
 def parse_md5_list_answer(answer: HttpAnswer, *, asked: Sequence[str]) -> PollResult:
@@ -265,8 +263,7 @@ def _notice(md5: str, data: Any, i: int) -> PaymentNotice:
             to_account=data["toAccountId"], from_account=from_account if isinstance(from_account, str) else None,
             paid_at=_from_ms(ms), confirmed=True, raw=json_safe({"md5": md5, "status": "SUCCESS", "data": data}))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise _ItemError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise _ItemError(f"{where}: {first_error(exc)}") from None
 
 
 def _envelope(answer: HttpAnswer, *, quote_body: bool = True) -> tuple[dict, int, int | None]:
@@ -339,6 +336,4 @@ def create(config: Mapping[str, Any]) -> BakongProvider:
     try:
         return BakongProvider(BakongConfig.model_validate(dict(config)))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ProviderConfigError(f"bad bakong config: {'.'.join(map(str, err['loc']))}: {err['msg']}",
-                                  provider=NAME) from None
+        raise ProviderConfigError(f"bad bakong config: {first_error(exc)}", provider=NAME) from None

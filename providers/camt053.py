@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from providers.base import Pattern, ProviderBase
 from providers.errors import AmountError, SettlementFormatError
-from providers.models import EXPONENT, SettlementLine, to_minor
+from providers.models import EXPONENT, SettlementLine, first_error, to_minor
 
 NAME = "camt053"
 _NS = re.compile(r"^urn:iso:std:iso:20022:tech:xsd:camt\.053\.001\.[0-9]{2}$")
@@ -199,9 +199,7 @@ class _Reader:
                 reference=_text(refs, "AcctSvcrRef") or entry_ref,
                 id_is_reference=own_id is None and tx_id is not None)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            raise SettlementFormatError(line, f"{'.'.join(map(str, err['loc']))}: {err['msg']}",
-                                        provider=NAME) from None
+            raise SettlementFormatError(line, first_error(exc), provider=NAME) from None
 
     def _fee(self, ntry: ET.Element, tx: ET.Element | None, currency: str, single: bool, line: int) -> int:
         holders = [_child(tx, "Chrgs")] if tx is not None else []

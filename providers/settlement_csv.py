@@ -24,7 +24,13 @@ def rows(data: bytes, header: Sequence[str], *, provider: str) -> Iterator[tuple
     """Yield ``(line_no, fields)`` for each data line after checking the header; the header is line 1."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SettlementFormatError(1, "settlement data must be bytes", provider=provider)
-    reader = csv.reader(_lines(bytes(data), provider), strict=True)
+    data = bytes(data)
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) >= 4 and (data[1:4:2] == b"\0\0" or data[0:4:2] == b"\0\0")):
+        # A spreadsheet's "Unicode text" export: refused for its encoding, not for the NULs it is full of (found by
+        # a treasury walk-through: "a NUL character at byte 4" did not say what to do)
+        raise SettlementFormatError(1, "the file is UTF-16 (a spreadsheet's \"Unicode text\"); save it as CSV in "
+                                       "UTF-8 and load it again", provider=provider)
+    reader = csv.reader(_lines(data, provider), strict=True)
     start = 1  # the physical line the record being read starts on
     try:
         first = next(reader, None)

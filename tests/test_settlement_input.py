@@ -336,3 +336,40 @@ async def test_a_business_date_not_written_yyyy_mm_dd_says_how_to_write_it(api, 
     problem = await r.json()
     assert r.status == 422 and problem["errors"][0]["field"] == "business_date", problem
     assert "must be a date written YYYY-MM-DD" in problem["errors"][0]["message"], problem
+
+
+# 7. Found by a treasury walk-through: errors that did not say what to fix, and an argument silently ignored.
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be"])
+async def test_a_utf16_file_is_refused_for_its_encoding(api, treasury, encoding):
+    data = write_settlement_csv([line("TX-1", 5000)]).decode().encode(encoding)
+    r = await upload(api, treasury, data)
+    body = await r.json()
+    assert r.status == 422 and "UTF-16" in body["detail"] and "UTF-8" in body["detail"], body
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+async def test_a_line_broken_by_a_rule_over_the_whole_line_says_it_in_its_own_words(api, treasury):
+    r = await upload(api, treasury, write_settlement_csv([]) + b"TX-1,,,100,KHR,2025-06-02T03:00:00Z,200\n")
+    body = await r.json()
+    assert r.status == 422, body
+    assert body["detail"].startswith("line 2: fee 200 is larger than the amount 100;"), body
+
+
+async def test_an_unknown_provider_is_told_the_providers_payments_are_captured_under(api, treasury):
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 5000)]), provider="sandbx")
+    body = await r.json()
+    assert r.status == 422 and "sandbox" in body["detail"] and "camt053" not in body["detail"], body
+
+
+async def test_an_invoice_given_with_an_action_that_takes_none_is_refused(api, portal, treasury, invoice_body):
+    await paid(api, portal, invoice_body, "TX-1")
+    await upload(api, treasury, write_settlement_csv([line("TX-1", 49000)]))
+    exc = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury)).json())["data"][0]
+    for action in ("write_off", "refund_due"):
+        r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury,
+                                  json={"action": action, "note": "n", "invoice_id": exc["invoice_id"]})
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == "invoice_id", body
+        assert body["errors"][0]["message"].startswith(f"only match_to_invoice takes invoice_id; {action} "), body
+    assert await count(api.dsn, "SELECT count(*) FROM reconciliation_exceptions WHERE state = 'open'") == 1
