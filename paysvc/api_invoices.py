@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from aiohttp import web
@@ -12,7 +11,7 @@ from paysvc import invoicing, qrimage
 from paysvc.errors import MalformedRequest, ValidationFailed
 from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
 from paysvc.web import (POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
-                        require_offset)
+                        QueryTime, require_offset)
 
 CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
 
@@ -21,8 +20,8 @@ class InvoiceListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["open", "paid", "expired", "cancelled"] | None = None
     reference: str | None = None
-    created_from: datetime | None = Field(None, description="inclusive, ISO 8601 with offset")
-    created_to: datetime | None = Field(None, description="exclusive, ISO 8601 with offset")
+    created_from: QueryTime | None = Field(None, description="inclusive, ISO 8601 with offset")
+    created_to: QueryTime | None = Field(None, description="exclusive, ISO 8601 with offset")
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
 

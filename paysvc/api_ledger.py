@@ -21,7 +21,7 @@ from paysvc.auth import Principal
 from paysvc.background import run_periodically
 from paysvc.errors import MalformedRequest, NotFound
 from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query, principal,
-                        require_offset)
+                        QueryTime, require_offset)
 
 log = logging.getLogger(__name__)
 SEAL_INTERVAL_SECONDS = 1.0
@@ -38,7 +38,7 @@ class AccountListQuery(BaseModel):
 
 class AccountQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    as_of: datetime | None = Field(None, description="balance and postings of entries effective at or before "
+    as_of: QueryTime | None = Field(None, description="balance and postings of entries effective at or before "
                                                      "this time")
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
@@ -46,7 +46,7 @@ class AccountQuery(BaseModel):
 
 class TrialBalanceQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    as_of: datetime | None = Field(None, description="ISO 8601 with offset; default now")
+    as_of: QueryTime | None = Field(None, description="ISO 8601 with offset; default now")
 
 
 class EntryListQuery(BaseModel):
@@ -56,8 +56,8 @@ class EntryListQuery(BaseModel):
     invoice_id: str | None = None
     payment_id: str | None = None
     settlement_id: str | None = None
-    effective_from: datetime | None = Field(None, description="inclusive")
-    effective_to: datetime | None = Field(None, description="exclusive")
+    effective_from: QueryTime | None = Field(None, description="inclusive")
+    effective_to: QueryTime | None = Field(None, description="exclusive")
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
 

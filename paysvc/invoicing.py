@@ -247,8 +247,8 @@ async def _create_once(
             claim = await conn.fetchrow(Q.idempotency_claim, agency_code, idempotency_key)
             if not claim["locked"]:
                 raise IdempotencyInProgress(
-                    "a request with this Idempotency-Key is still being processed; retry in a moment"
-                )
+                    "a request with this Idempotency-Key is still being processed; retry in a moment",
+                    headers={"Retry-After": "1"})
             if claim["request_hash"] is not None:
                 return await _replay(conn, ctx, claim, request)
 

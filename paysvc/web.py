@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Awaitable, Callable
+from typing import Annotated, Any, Awaitable, Callable
 
 import asyncpg
 import prometheus_client
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from paysvc.auth import Authenticator, Principal
 from paysvc.errors import (
@@ -226,6 +227,28 @@ def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
         raise ValidationFailed("some query parameters are not valid; see errors", errors=pydantic_errors(exc)) from None
+
+
+_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]")
+_SPACE_FOR_PLUS = re.compile(r"[0-9] [0-9]{2}(:?[0-9]{2})?$")
+
+
+def _date_time_text(value: object) -> object:
+    """A query's time is written as an ISO 8601 date and time: pydantic would also read a bare number as seconds
+    since 1970, and a date alone as a local midnight (found by a walk-through: created_from=1700000000 was taken
+    silently)."""
+    if isinstance(value, str):
+        if _SPACE_FOR_PLUS.search(value):
+            raise ValueError("a + in a query string reads as a space: write the offset's + as %2B, e.g. "
+                             "2026-01-31T00:00:00%2B07:00")
+        if not _DATE_TIME.match(value):
+            raise ValueError("must be an ISO 8601 date and time with its UTC offset, e.g. 2026-01-31T00:00:00+07:00 "
+                             "or 2026-01-30T17:00:00Z")
+    return value
+
+
+# A time in a query string: ISO 8601 only (see require_offset for the offset)
+QueryTime = Annotated[datetime, BeforeValidator(_date_time_text)]
 
 
 def require_offset(name: str, value: datetime | None) -> None:

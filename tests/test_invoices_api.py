@@ -161,7 +161,7 @@ async def test_in_progress_request_gets_409(api, invoice_body):
     await tx.start()
     assert await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))", "MOI:slow")
     r = await api.client.post("/v1/invoices", json=invoice_body(), headers={**h, "Idempotency-Key": "slow"})
-    assert r.status == 409
+    assert r.status == 409 and r.headers["Retry-After"] == "1"
     await tx.rollback()
     r = await api.client.post("/v1/invoices", json=invoice_body(), headers={**h, "Idempotency-Key": "slow"})
     assert r.status == 201
@@ -649,3 +649,34 @@ async def test_an_idempotency_record_keeps_a_keyed_digest_nobody_can_test_payer_
     ctx = InvoiceContext(cipher=PiiCipher({"t2": b"n" * 32}), khqr_ttl=timedelta(minutes=10), base_url="http://x")
     with pytest.raises(IdempotencyMismatch, match="can no longer be compared"):
         request_digest_matches(ctx, k2, canonical_request(no_payer))
+
+
+@pytest.mark.parametrize("written, says", [
+    ("1700000000", "ISO 8601"),                      # was read as seconds since 1970
+    ("2026-01-01", "ISO 8601"),                      # a date alone: whose midnight?
+    ("notadate", "ISO 8601"),
+    ("2026-01-01T00:00:00 07:00", "%2B"),            # a + sent unencoded reads as a space
+])
+async def test_a_query_time_not_written_iso_8601_with_its_offset_says_how_to_write_it(api, invoice_body, written,
+                                                                                       says):
+    h = await api.portal("MOI")
+    for path, name in (("/v1/invoices", "created_from"), ("/v1/invoices", "created_to")):
+        r = await api.client.get(path, params={name: written}, headers=h)
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == name and says in body["errors"][0]["message"], body
+    r = await api.client.get("/v1/invoices", params={"created_from": "2026-01-01T00:00:00+07:00"}, headers=h)
+    assert r.status == 200
+
+
+@pytest.mark.parametrize("phone, ok", [("012-345-678", True), ("(012) 345 678", True), ("+855 12 345 678", True),
+                                       ("012", False), ("012 345 67a", False), ("+", False)])
+async def test_a_phone_is_taken_as_people_write_it_and_a_short_one_is_told_the_rule(api, invoice_body, phone, ok):
+    h = await api.portal("MOI")
+    body = invoice_body()
+    r = await api.client.post("/v1/invoices", json={**body, "payer": {"name": "Sok", "phone": phone}}, headers=h)
+    got = await r.json()
+    if ok:
+        assert r.status == 201, got
+    else:
+        assert r.status == 422 and got["errors"][0]["field"] == "payer.phone", got
+        assert "6 to 20 digits" in got["errors"][0]["message"], got
