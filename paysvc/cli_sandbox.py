@@ -36,7 +36,9 @@ async def _json(r) -> dict:
     return doc
 
 
-async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url: str) -> dict:
+async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url: str, payload: str | None = None) -> dict:
+    """Pay the invoice's current code, or with ``payload`` that code (one a citizen still has on screen: of an
+    invoice paid or cancelled since, say), as a bank app would: an expired or malformed code is refused."""
     import aiohttp
 
     from paysvc import khqr
@@ -50,9 +52,11 @@ async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url:
             state = await _json(r)
             if r.status != 200:
                 raise SandboxError(f"cannot read invoice {invoice_id}: {state.get('detail', f'HTTP {r.status}')}")
-        if state.get("status") != "open" or not state.get("khqr"):
-            raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay")
-        payload = state["khqr"]["payload"]
+        if payload is None:
+            if state.get("status") != "open" or not state.get("khqr"):
+                raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay (to pay "
+                                   "a code it issued before, as a citizen may, pass it with --code)")
+            payload = state["khqr"]["payload"]
         try:
             code = khqr.decode(payload, now_ms=int(time.time() * 1000))
         except khqr.KhqrError as exc:
@@ -80,7 +84,7 @@ def cmd_pay(settings: Settings, args) -> int:
 
     base = (args.url or settings.base_url).rstrip("/")
     try:
-        out = asyncio.run(pay(settings, args.invoice_id, args.amount, base))
+        out = asyncio.run(pay(settings, args.invoice_id, args.amount, base, args.code))
     except SandboxError as exc:
         print(f"paysvc sandbox: {exc}", file=sys.stderr)
         return 1
@@ -97,5 +101,8 @@ def register(sub) -> None:
     p = sb.add_parser("pay", help="pay an invoice's current KHQR as a citizen's bank would (signed callback)")
     p.add_argument("invoice_id")
     p.add_argument("--amount", type=int, help="pay this many minor units instead of the code's amount")
+    p.add_argument("--code", metavar="KHQR", help="pay this code of the invoice (its khqr.payload, e.g. from the "
+                                                  "create answer) instead of its current one: a code still on a "
+                                                  "citizen's screen after the invoice was paid or cancelled")
     p.add_argument("--url", help="the service's base URL (default: PAYSVC_PUBLIC_URL or http://HOST:PORT)")
     p.set_defaults(func=cmd_pay)

@@ -98,5 +98,12 @@ async def test_sandbox_pay_command_pays_the_current_code(db_dsn):
             assert got["status"] == "paid" and got["amount_paid"] == 1250
             again = svc.cli("sandbox", "pay", inv["id"], "--url", svc.url)
             assert again.returncode == 1 and "paid" in again.stderr and "Traceback" not in again.stderr
+            assert "--code" in again.stderr
+            # The code still on the citizen's screen, paid again: kept, and raised as a second payment.
+            twice = svc.cli("sandbox", "pay", inv["id"], "--url", svc.url, "--code", inv["khqr"]["payload"])
+            assert twice.returncode == 0, twice.stderr
+            assert json.loads(twice.stdout)["payments"][0]["exception"] == "duplicate_payment"
+            bad = svc.cli("sandbox", "pay", inv["id"], "--url", svc.url, "--code", "000201nonsense")
+            assert bad.returncode == 1 and "a bank app would refuse this code" in bad.stderr
     finally:
         svc.stop()
