@@ -21,6 +21,42 @@ def _amqp_url(settings, given: str | None = None) -> str:
     return settings.amqp_url.get_secret_value()
 
 
+def _where(url: str) -> str:
+    """The broker's address as the URL gives it, without its user and password."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname}:{parts.port or 5672}, virtual host {parts.path[1:] or '/'!r}"
+    except ValueError:
+        return "the URL given"
+
+
+def broker_error(exc: BaseException, url: str, *, agency: str | None = None, queue: str | None = None) -> str | None:
+    """What a broker failure means and what to do about it, in one line; None for an error that is not the
+    broker's. Found by a consumer's walk-through: each ended in a traceback (ACCESS_REFUSED, an unknown virtual
+    host seen as InvalidFrameError, NOT_FOUND for an undeclared queue)."""
+    import aiormq.exceptions as amqp
+
+    where = _where(url)
+    if isinstance(exc, amqp.ProbableAuthenticationError):
+        return f"the broker at {where} refused the user and password in the URL: check them (PAYSVC_AMQP_URL)"
+    if isinstance(exc, (amqp.InvalidFrameError, amqp.ConnectionNotAllowed)) or (
+            isinstance(exc, amqp.AMQPConnectionError) and "NOT_ALLOWED" in str(exc)):
+        return (f"the broker at {where} closed the connection when it was opened: does that virtual host exist, "
+                "and may this user use it (rabbitmqctl list_permissions -p VHOST)?")
+    if isinstance(exc, amqp.ChannelNotFoundEntity) and queue is not None:
+        hint = f"`paysvc events declare --agency {agency}`" if agency else "`paysvc events declare`"
+        case = " (agency codes are upper case)" if agency and agency != agency.upper() else ""
+        return f"the broker at {where} has no queue {queue!r}{case}: declare it with {hint}"
+    if isinstance(exc, amqp.ChannelAccessRefused):
+        return (f"the broker at {where} refused this user ({exc}): it needs the configure, write and read "
+                "permissions on the events exchange and the agency queues")
+    if isinstance(exc, (amqp.AMQPError, OSError)):
+        return f"cannot use the broker at {where}: {exc}"
+    return None
+
+
 async def _relay(settings, dsn: str, once: bool) -> int:
     from paysvc.db import create_pool
     from paysvc.event_keys import signer_from_settings
@@ -62,20 +98,37 @@ def cmd_relay(settings, args) -> int:
 
 
 def cmd_declare(settings, args) -> int:
+    from paysvc.cli import CliError
     from paysvc.relay import declare_agency_queue
 
-    name = asyncio.run(declare_agency_queue(_amqp_url(settings), args.agency, exchange=settings.events_exchange,
-                                            queue_prefix=settings.events_queue_prefix))
+    url = _amqp_url(settings)
+    try:
+        name = asyncio.run(declare_agency_queue(url, args.agency, exchange=settings.events_exchange,
+                                                queue_prefix=settings.events_queue_prefix))
+    except Exception as exc:
+        why = broker_error(exc, url)
+        if why is None:
+            raise
+        raise CliError(why) from None
     print(name)
     return 0
 
 
 def cmd_tail(settings, args) -> int:
-    from paysvc.events_tail import tail
+    from paysvc.cli import CliError
+    from paysvc.events_tail import KeysUnavailable, tail
 
     keys_url = args.keys_url or f"{settings.base_url}/v1/keys/events"
-    return asyncio.run(tail(_amqp_url(settings, args.amqp_url), f"{settings.events_queue_prefix}{args.agency}",
-                            keys_url, max_messages=args.max_messages, idle_exit=args.idle_exit))
+    url, queue = _amqp_url(settings, args.amqp_url), f"{settings.events_queue_prefix}{args.agency}"
+    try:
+        return asyncio.run(tail(url, queue, keys_url, max_messages=args.max_messages, idle_exit=args.idle_exit))
+    except KeysUnavailable as exc:
+        raise CliError(f"{exc}; is the service running there, or give --keys-url") from None
+    except Exception as exc:
+        why = broker_error(exc, url, agency=args.agency, queue=queue)
+        if why is None:
+            raise
+        raise CliError(why) from None
 
 
 def register(sub) -> None:

@@ -26,13 +26,21 @@ from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, verify
 VERIFY_FAILED_EXIT = 3
 
 
+class KeysUnavailable(Exception):
+    """The public keys could not be fetched or read."""
+
+
 async def fetch_keys(url: str) -> dict[str, bytes]:
     """``key_id`` -> raw 32-byte Ed25519 public key, from ``GET /v1/keys/events``."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(url) as response:
-            response.raise_for_status()
-            document = await response.json()
-    return {k["key_id"]: base64.b64decode(k["public_key"]) for k in document["keys"] if k["algorithm"] == "Ed25519"}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(url) as response:
+                response.raise_for_status()
+                document = await response.json()
+        return {k["key_id"]: base64.b64decode(k["public_key"]) for k in document["keys"]
+                if k["algorithm"] == "Ed25519"}
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
+        raise KeysUnavailable(f"cannot read the public keys from {url}: {exc!r}") from None
 
 
 def _header(message: aio_pika.abc.AbstractIncomingMessage, name: str) -> str | None:

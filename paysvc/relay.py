@@ -304,9 +304,13 @@ class Relay:
                                          queue_prefix=self._queue_prefix, quorum=code not in self._classic):
                     self._classic.add(code)
             except REFUSALS as exc:
+                # A user without the permission, or a queue declared otherwise: each told its own fix (found by a
+                # walk-through: a missing permission was reported as a queue of the wrong shape)
+                fix = ("the relay's broker user lacks the configure, write or read permission on it (rabbitmqctl "
+                       "set_permissions)" if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) else
+                       "its queue is declared as the relay declares it (durable, with no other arguments)")
                 log.warning("relay: the broker refused to declare the queue of agency %s (%s); its events wait "
-                            "until its queue is declared as the relay declares it (durable, with no other "
-                            "arguments)", code, exc)
+                            "until %s", code, exc, fix)
                 refused.add(code)
             else:
                 self._declared[code] = now

@@ -90,3 +90,56 @@ async def test_serve_refuses_to_start_without_a_key_its_stored_payers_use(api, i
     out = await asyncio.to_thread(run, api.dsn, "serve", PAYSVC_PII_KEYS=other)
     assert_clean_failure(out, 2, "PAYSVC_PII_KEYS", used)
     assert "listening" not in out.stderr
+
+
+# The broker, as the events commands meet it (found by a consumer's walk-through: each ended in a traceback).
+
+def _broker_url(user_password: str = "guest:guest", vhost: str = "") -> str:
+    from tests.test_events_support import AMQP_URL
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(AMQP_URL)
+    return f"amqp://{user_password}@{parts.hostname}:{parts.port or 5672}/{vhost}"
+
+
+@pytest.mark.parametrize("url, says", [
+    (_broker_url("guest:not-the-password"), ("refused the user and password", "PAYSVC_AMQP_URL")),
+    (_broker_url(vhost="paysvc_no_such_vhost"), ("virtual host 'paysvc_no_such_vhost'", "does that virtual host exist")),
+    ("amqp://guest:guest@127.0.0.1:1/", ("cannot use the broker at 127.0.0.1:1",)),
+])
+def test_events_declare_says_what_the_broker_refused_in_one_line(db_dsn, url, says):
+    out = run(db_dsn, "events", "declare", "--agency", "MOI", PAYSVC_AMQP_URL=url)
+    assert_clean_failure(out, 1, *says)
+    assert "not-the-password" not in out.stderr
+
+
+def test_events_tail_says_how_to_declare_a_queue_that_is_not_there(db_dsn):
+    import http.server
+    import threading
+    import uuid
+
+    class Keys(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            body = b'{"keys": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Keys)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        keys_url = f"http://127.0.0.1:{server.server_address[1]}/v1/keys/events"
+        prefix = f"test.cli.{uuid.uuid4().hex[:8]}."
+        out = run(db_dsn, "events", "tail", "--agency", "moi", "--keys-url", keys_url, "--idle-exit", "1",
+                  PAYSVC_AMQP_URL=_broker_url(), PAYSVC_EVENTS_QUEUE_PREFIX=prefix)
+        assert_clean_failure(out, 1, f"has no queue '{prefix}moi'", "upper case", "paysvc events declare --agency moi")
+    finally:
+        server.shutdown()
+    out = run(db_dsn, "events", "tail", "--agency", "MOI", "--keys-url", "http://127.0.0.1:1/v1/keys/events",
+              PAYSVC_AMQP_URL=_broker_url())
+    assert_clean_failure(out, 1, "cannot read the public keys from http://127.0.0.1:1/v1/keys/events", "--keys-url")
