@@ -138,6 +138,14 @@ async def feed(request: web.Request) -> web.Response:
     async with pool.acquire() as conn:
         await outbox.sequence(conn, [agency_id])  # so a reader sees what committed a moment ago
         rows = await conn.fetch(Q.events_feed, agency_id, q.after, q.limit + 1)
+        head = await conn.fetchval(Q.events_head, agency_id) if not rows and q.after > 0 else None
+    if head is not None and q.after > head:
+        # No seq past the newest was ever given: a cursor beyond it (mistyped, or kept from another agency or
+        # database) would poll "safely" and never see the events in between (found by a consumer's walk-through).
+        raise ValidationFailed(f"after={q.after} is past the newest event of {code}'s feed (seq {head}): pass the "
+                               "last seq you processed (0 to start from the oldest kept)",
+                               errors=[{"field": "after", "message": f"past the newest seq, {head}",
+                                        "code": "past_newest"}])
     page = [envelope(r) for r in rows[:q.limit]]
     return json_response({"agency": code, "data": page, "next_after": page[-1]["seq"] if page else q.after,
                           "has_more": len(rows) > q.limit})

@@ -74,6 +74,12 @@ async def test_replay_pages_through_one_agencys_events_only(db_dsn, invoice_body
         assert set(page["data"][0]) == {"event_id", "type", "schema_version", "agency", "seq", "occurred_at", "data"}
         r = await api.client.get("/v1/events", params={"after": 6}, headers=moi)
         assert await r.json() == {"agency": "MOI", "data": [], "next_after": 6, "has_more": False}
+        # a cursor past the newest seq was never given out: refused, naming the newest
+        r = await api.client.get("/v1/events", params={"after": 500}, headers=moi)
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == "after" and "seq 6" in body["detail"], body
+        r = await api.client.get("/v1/events", params={"after": 3}, headers=mpwt)
+        assert r.status == 422 and "seq 2" in (await r.json())["detail"]
 
         r = await api.client.get("/v1/events", headers=mpwt)
         assert [(e["agency"], e["seq"]) for e in (await r.json())["data"]] == [("MPWT", 1), ("MPWT", 2)]

@@ -52,6 +52,10 @@ SELECT o.id, o.agency_id, a.code AS agency, o.seq, o.type, o.schema_version, o.o
  ORDER BY o.seq
  LIMIT $3
 
+-- name: events_head
+-- The newest seq an agency's feed has given (0 before its first event).
+SELECT last_seq FROM agency_event_seq WHERE agency_id = $1
+
 -- name: events_exceptions_opened_from_staging
 -- One reconciliation.exception_opened event per exception the settlement import just opened from its staging
 -- table (exceptions_from_staging: amount_mismatch, duplicate_in_settlement, settled_after_resolution) whose
