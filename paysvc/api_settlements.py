@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
 from paysvc.invoicing import now_utc
 from paysvc.settings import Settings
-from paysvc.settlement_days import business_date, parse_cutoff
+from paysvc.settlement_days import TIME_ZONE_NAME, business_date, parse_cutoff
 from paysvc.settlement_import import Imported, Rules, SettlementConflict, file_digest, import_settlement
 from paysvc.settlement_report import report, report_csv
 from paysvc.queries import Q
@@ -134,17 +134,25 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
     except ValueError as exc:
         raise ValidationFailed(str(exc), errors=[{"field": "business_date", "message": str(exc),
                                                   "code": "out_of_range"}]) from None
+    rules = rules_of(settings)
+    now = now_utc()
+    today = business_date(now, rules.cutoff)
+    if day > today:
+        # A day not begun has nothing to settle; its file is another day's, mistyped (found by a walk-through:
+        # such files were imported, and no day page showed them)
+        raise ValidationFailed(f"business_date {day.isoformat()} has not begun yet: today is {today.isoformat()} "
+                               f"({TIME_ZONE_NAME}); give the day the file settles",
+                               errors=[{"field": "business_date", "message": "in the future", "code": "in_the_future"}])
     field = "format" if fmt else "provider"  # the form field that named the format, for the error
     fmt = fmt or provider
     parser = parser_for(enabled, fmt, field)
-    rules = rules_of(settings)
     try:
         async with pool.acquire() as conn:
             async with conn.transaction():
                 return await import_settlement(
                     conn, parser.parse_settlement(data), data_sha256=file_digest(data), file_size=len(data),
                     provider=provider, fmt=fmt, business_date=day, file_name=file_name, imported_by=imported_by,
-                    now=now_utc(), rules=rules, timings=timings)
+                    now=now, rules=rules, timings=timings)
     except SettlementFormatError as exc:
         raise SettlementFileInvalid(f"line {exc.line_no}: {exc.reason}; nothing was imported", line=exc.line_no,
                                     reason=exc.reason) from None

@@ -12,6 +12,7 @@ import pytest
 
 from paysvc.capture import capture
 from paysvc.db import connect
+from paysvc.settlement_days import business_date, parse_cutoff
 from providers.camt053 import write_statement
 from providers.sandbox import write_settlement_csv
 from tests.payments_helpers import new_invoice
@@ -373,3 +374,16 @@ async def test_an_invoice_given_with_an_action_that_takes_none_is_refused(api, p
         assert r.status == 422 and body["errors"][0]["field"] == "invoice_id", body
         assert body["errors"][0]["message"].startswith(f"only match_to_invoice takes invoice_id; {action} "), body
     assert await count(api.dsn, "SELECT count(*) FROM reconciliation_exceptions WHERE state = 'open'") == 1
+
+
+async def test_a_business_date_that_has_not_begun_is_refused(api, treasury):
+    from paysvc.invoicing import now_utc
+
+    today = business_date(now_utc(), parse_cutoff("23:59:59.999"))
+    data = write_settlement_csv([line("TX-1", 5000)])
+    r = await upload(api, treasury, data, day=today + timedelta(days=1))
+    body = await r.json()
+    assert r.status == 422 and body["errors"][0]["code"] == "in_the_future", body
+    assert f"today is {today.isoformat()}" in body["detail"], body
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+    assert (await upload(api, treasury, data, day=today)).status == 201
