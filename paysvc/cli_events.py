@@ -23,11 +23,12 @@ def _amqp_url(settings, given: str | None = None) -> str:
 
 def _where(url: str) -> str:
     """The broker's address as the URL gives it, without its user and password."""
-    from urllib.parse import urlsplit
+    from urllib.parse import unquote, urlsplit
 
     try:
         parts = urlsplit(url)
-        return f"{parts.hostname}:{parts.port or 5672}, virtual host {parts.path[1:] or '/'!r}"
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        return f"{parts.hostname}:{port}, virtual host {unquote(parts.path[1:]) or '/'!r}"
     except ValueError:
         return "the URL given"
 
