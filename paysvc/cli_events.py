@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from datetime import timedelta
@@ -54,7 +55,7 @@ def broker_error(exc: BaseException, url: str, *, agency: str | None = None, que
         return (f"the broker at {where} refused this user ({exc}): it needs the configure, write and read "
                 "permissions on the events exchange and the agency queues")
     if isinstance(exc, (amqp.AMQPError, OSError)):
-        return f"cannot use the broker at {where}: {exc}"
+        return f"cannot use the broker at {where}: {exc or type(exc).__name__}"
     return None
 
 
@@ -125,6 +126,12 @@ def cmd_tail(settings, args) -> int:
         return asyncio.run(tail(url, queue, keys_url, max_messages=args.max_messages, idle_exit=args.idle_exit))
     except KeysUnavailable as exc:
         raise CliError(f"{exc}; is the service running there, or give --keys-url") from None
+    except BrokenPipeError:
+        # the reader of standard output went away (`| head`): the message being printed stays unacked in the queue
+        # (as Python's documentation of SIGPIPE advises: standard output pointed at devnull, so the flush at exit
+        # does not fail again)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         why = broker_error(exc, url, agency=args.agency, queue=queue)
         if why is None:

@@ -230,7 +230,7 @@ def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
 
 
 _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]")
-_SPACE_FOR_PLUS = re.compile(r"[0-9] [0-9]{2}(:?[0-9]{2})?$")
+_SPACE_FOR_PLUS = re.compile(r"[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)? [0-9]{2}(:?[0-9]{2})?$")
 
 
 def _date_time_text(value: object) -> object:

@@ -200,3 +200,39 @@ async def test_agencies_add_declares_the_agency_queue(db_dsn):
         await channel.queue_delete(f"{prefix}MOI")
         await channel.exchange_delete(exchange)
         await connection.close()
+
+
+async def test_tail_whose_reader_went_away_stops_quietly_and_leaves_the_message(db_dsn, broker: Broker, invoice_body):
+    """`paysvc events tail | head` ending: not reported as a broker failure (found by review), and the message
+    it could not print stays in the queue."""
+    import os
+
+    async with running_api(db_dsn, **broker.settings()) as api:
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=await api.portal("MOI"))
+        relay = await make_relay(db_dsn, broker)
+        try:
+            assert await relay.drain() == 1
+        finally:
+            await close_relay(relay)
+        env = broker.env("unused")
+        del env["PAYSVC_DATABASE_URL"]
+        read_end, write_end = os.pipe()
+        os.close(read_end)                                   # the reader is gone before anything is printed
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "paysvc", "events", "tail", "--agency", "MOI", "--idle-exit", "2",
+                "--keys-url", str(api.client.make_url("/v1/keys/events")), env=env, stdout=write_end,
+                stderr=asyncio.subprocess.PIPE)
+        finally:
+            os.close(write_end)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 141, err.decode()
+        assert b"broker" not in err and b"Traceback" not in err, err.decode()
+    connection = await aio_pika.connect(broker.url)
+    try:
+        channel = await connection.channel()
+        await asyncio.sleep(0.2)
+        left = await channel.declare_queue(broker.queue("MOI"), passive=True)
+        assert left.declaration_result.message_count == 1
+    finally:
+        await connection.close()

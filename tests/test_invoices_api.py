@@ -656,6 +656,7 @@ async def test_an_idempotency_record_keeps_a_keyed_digest_nobody_can_test_payer_
     ("2026-01-01", "ISO 8601"),                      # a date alone: whose midnight?
     ("notadate", "ISO 8601"),
     ("2026-01-01T00:00:00 07:00", "%2B"),            # a + sent unencoded reads as a space
+    ("2026-01-31 10:30", "timezone offset required"),  # no offset at all: said so, not taken for a lost +
 ])
 async def test_a_query_time_not_written_iso_8601_with_its_offset_says_how_to_write_it(api, invoice_body, written,
                                                                                        says):
@@ -680,3 +681,29 @@ async def test_a_phone_is_taken_as_people_write_it_and_a_short_one_is_told_the_r
     else:
         assert r.status == 422 and got["errors"][0]["field"] == "payer.phone", got
         assert "6 to 20 digits" in got["errors"][0]["message"], got
+
+
+async def test_a_payer_stored_under_an_earlier_rule_is_read_as_stored(api, invoice_body):
+    """A stored payer is not checked again (found by review: a phone the earlier rule took, "12 34 5", made its
+    invoice's read, replay and cancel answer 500, the cancel after it had committed)."""
+    from paysvc.pii import cipher_from_settings
+    from paysvc.settings import Settings
+    from tests.conftest import TEST_PII_KEYS
+
+    h = {**await api.portal("MOI"), "Idempotency-Key": "old-phone"}
+    body = {**invoice_body(), "payer": {"name": "Sok", "phone": "123456"}}
+    inv = await (await api.client.post("/v1/invoices", json=body, headers=h)).json()
+    old = {"name": "Sok", "phone": "12 34 5"}
+    key_id, blob = cipher_from_settings(Settings(pii_keys=TEST_PII_KEYS)).encrypt(old, aad=inv["id"])
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        await conn.execute("UPDATE invoices SET payer_key_id = $2, payer_ciphertext = $3 WHERE id = $1",
+                           inv["id"], key_id, blob)
+    finally:
+        await conn.close()
+    r = await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)
+    assert r.status == 200 and (await r.json())["payer"] == {**old, "email": None}
+    r = await api.client.post("/v1/invoices", json=body, headers=h)
+    assert r.status == 201 and (await r.json())["payer"]["phone"] == "12 34 5"
+    r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
+    assert r.status == 200 and (await r.json())["status"] == "cancelled"

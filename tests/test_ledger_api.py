@@ -72,6 +72,16 @@ async def test_treasury_sees_everything_and_the_trial_balance_balances(api):
     assert tb["totals"][0]["debits"] == 2 * 10_000 + 2 * 7_000
     r = await api.client.get("/v1/ledger/trial-balance?as_of=2026-03-01T00:00:00", headers=treasury)
     assert r.status == 422
+    # ISO 8601 only: a bare number was read as seconds since 1970; an unencoded + is explained
+    for path, name, written, says in [
+            ("/v1/ledger/trial-balance", "as_of", "1700000000", "ISO 8601"),
+            ("/v1/ledger/accounts/provider:sandbox:clearing:KHR", "as_of", "2026-03-01T00:00:00 07:00", "%2B"),
+            ("/v1/ledger/entries", "effective_from", "2026-03-01", "ISO 8601"),
+            ("/v1/ledger/entries", "effective_to", "1700000000", "ISO 8601")]:
+        r = await api.client.get(path, params={name: written}, headers=treasury)
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == name, (path, body)
+        assert says in body["errors"][0]["message"], (path, body)
     r = await api.client.get("/v1/ledger/entries?invoice_id=inv_MEF_1", headers=treasury)
     [e] = (await r.json())["data"]
     assert e["seal_position"] is None and len(e["postings"]) == 2
