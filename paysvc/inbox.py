@@ -17,17 +17,24 @@ from typing import Mapping
 import asyncpg
 import prometheus_client
 from multidict import CIMultiDict
+from pydantic import ValidationError
 
 from paysvc.capture import CaptureResult, DuplicateCapture, capture
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
+from providers.models import first_error
 
 log = logging.getLogger(__name__)
 
 CAPTURED = prometheus_client.Counter(
     "paysvc_payments_captured_total", "Payments captured, by provider, source and outcome (an exception "
     "reason, or 'captured')", ["provider", "source", "outcome"])
+
+PLUGIN_FAULTS = prometheus_client.Counter(
+    "paysvc_provider_plugin_faults_total", "Callbacks a provider plugin could not handle as its contract says (it "
+    "raised other than a ProviderError, or returned other than valid notices of its own): kept, tried again later",
+    ["provider"])
 
 # While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
 LEASE = timedelta(seconds=60)
@@ -100,9 +107,46 @@ def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes, *, n
         return None
     try:
         provider.verify_callback(headers, bytes(body), now=now)
+        key = key_of(headers, bytes(body))
     except ProviderError:
         return None
-    return key_of(headers, bytes(body))
+    except Exception:
+        # A plugin's own defect must not keep the callback from being stored (found by a bank integrator's
+        # walk-through: it answered 500 and kept nothing); processing meets it again and keeps the row.
+        log.exception("the %s plugin failed computing a callback's replay key; stored without one", provider.name)
+        return None
+    if key is not None and not isinstance(key, bytes):
+        log.error("the %s plugin's replay_key returned %s, not bytes; stored without one", provider.name,
+                  type(key).__name__)
+        return None
+    return key
+
+
+class PluginFault(Exception):
+    """A provider plugin did something its contract forbids (raised other than a ProviderError, or gave back
+    something other than confirmed notices of its own). The callback is kept and retried with backoff, so a
+    fixed plugin processes it; it is never rejected for a defect that is not the sender's."""
+
+
+def checked_notices(provider: str, notices: object, *, confirmed: bool = True) -> list[PaymentNotice]:
+    """The plugin's notices, checked as the service relies on them: a list of PaymentNotice, each valid (one
+    built with model_construct skips pydantic's rules), under the plugin's own name (found by a bank
+    integrator's walk-through: a plugin could book payments into another provider's clearing account), and
+    confirmed when about to be captured."""
+    if not isinstance(notices, (list, tuple)) or not all(isinstance(n, PaymentNotice) for n in notices):
+        raise PluginFault(f"the {provider} plugin returned {type(notices).__name__}, not a list of PaymentNotice")
+    out = []
+    for n in notices:
+        if n.provider != provider:
+            raise PluginFault(f"the {provider} plugin returned a notice for provider {n.provider!r}: a plugin reports "
+                              "only its own payments")
+        if confirmed and not n.confirmed:
+            raise PluginFault(f"the {provider} plugin returned an unconfirmed notice to capture ({n.transaction_id!r})")
+        try:
+            out.append(PaymentNotice.model_validate(n.model_dump()))
+        except ValidationError as exc:
+            raise PluginFault(f"the {provider} plugin returned a notice that is not valid: {first_error(exc)}") from None
+    return out
 
 
 def keep_headers(headers: Mapping[str, str]) -> dict[str, str | list[str]]:
@@ -190,10 +234,13 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
     try:
         # The signature's time window is judged at arrival, so a row recovered after a crash still verifies.
         provider.verify_callback(headers, body, now=row["received_at"])
-        notices = provider.parse_callback(headers, body)
+        notices = checked_notices(provider.name, provider.parse_callback(headers, body),
+                                  confirmed=provider.pattern != "push_confirm")
     except ProviderError as exc:
         await _reject(pool, inbox_id, exc)
         return Outcome("rejected", str(exc), exc)
+    except Exception as exc:
+        return await _plugin_fault(pool, row, provider.name, exc)
     if provider.pattern == "push_confirm":
         confirmed = []
         for n in notices:
@@ -214,10 +261,27 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
                 return Outcome("rejected", str(exc), exc)
             except ProviderUnavailable as exc:
                 return await _defer(pool, row, f"{exc.code}: {exc}", retry_after=exc.retry_after)
-        notices = confirmed
+            except ProviderError:
+                raise  # another failure of the provider's API (our credentials refused, say): retried as it was
+            except Exception as exc:
+                return await _plugin_fault(pool, row, provider.name, exc)
+        try:
+            notices = checked_notices(provider.name, confirmed)
+        except PluginFault as exc:
+            return await _plugin_fault(pool, row, provider.name, exc)
     results = await capture_notices(pool, notices, source="callback", inbox_id=inbox_id,
                                     received_at=row["received_at"], business_cutoff=business_cutoff)
     return Outcome("processed", results=results)
+
+
+async def _plugin_fault(pool: asyncpg.Pool, row, provider: str, exc: Exception) -> Outcome:
+    """Keep the row and try again later, ever more slowly (to an hour): the defect is the plugin's, and a fixed
+    plugin processes what it could not (before: retried every minute with a traceback each time)."""
+    why = str(exc) if isinstance(exc, PluginFault) else f"the {provider} plugin failed: {type(exc).__name__}: {exc}"
+    log.error("inbox row %s: %s; kept, tried again later", row["id"], why, extra={"inbox_id": row["id"]},
+              exc_info=not isinstance(exc, PluginFault))
+    PLUGIN_FAULTS.labels(provider).inc()
+    return await _defer(pool, row, f"plugin_fault: {why}")
 
 
 async def _reject(pool: asyncpg.Pool, inbox_id: int, exc: ProviderError) -> None:

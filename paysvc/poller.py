@@ -38,7 +38,7 @@ import asyncpg
 import prometheus_client
 
 from paysvc.background import backoff, pause, stop_if_cancelled
-from paysvc.inbox import capture_notices
+from paysvc.inbox import capture_notices, checked_notices
 from paysvc.queries import Q
 from paysvc import provider_tokens
 from paysvc.pii import PiiCipher
@@ -155,7 +155,9 @@ async def _ask(pool: asyncpg.Pool, provider: Provider, call: list[PendingKhqr], 
         _report_unreadable(provider.name, result.unreadable)
         # Received now, by the database's clock: a payment time Bakong reports is judged against it (found by
         # review: an instance whose clock ran minutes behind held every polled payment as paid_at_implausible).
-        results = await capture_notices(pool, result.notices, source="poll", received_at=db_clock.now(),
+        # checked as a callback's are: a pass a plugin answers wrongly fails, and its codes are asked again
+        results = await capture_notices(pool, checked_notices(provider.name, result.notices), source="poll",
+                                        received_at=db_clock.now(),
                                         business_cutoff=policy.business_cutoff)
         LAST_SUCCESS.labels(provider.name).set(clock.time())  # read and captured (found by review: not before)
         unreadable = [item.md5 for item in result.unreadable if item.md5]

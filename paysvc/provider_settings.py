@@ -40,7 +40,22 @@ def provider_config(settings: Settings) -> dict[str, dict]:
             config[name] = {"merchant_id": settings.aba_merchant_id,
                             "api_key": settings.aba_api_key.get_secret_value(), "base_url": settings.aba_base_url}
         else:
-            # A third-party plugin: it reads PAYSVC_<NAME>_<KEY> variables itself.
-            prefix = f"PAYSVC_{name.upper()}_"
-            config[name] = {k[len(prefix):].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+            config[name] = plugin_config(settings, name)
     return config
+
+
+def plugin_config(settings: Settings, name: str) -> dict[str, str]:
+    """A third-party plugin's configuration: each PAYSVC_<NAME>_<KEY> variable as ``{"key": "value"}`` (keys in
+    lower case, values as text). Found by a bank integrator's walk-through: a plugin also got the variables of
+    another whose name extends its own (acleda and acleda_demo), and a plugin named like a group of the
+    service's own settings (db, events…) would get those."""
+    prefix = f"PAYSVC_{name.upper()}_"
+    ours = sorted(f for f in type(settings).model_fields if f.upper().startswith(prefix[len("PAYSVC_"):]))
+    if ours:
+        raise SettingsError(f"PAYSVC_PROVIDERS: a provider named {name!r} would read the service's own settings "
+                            f"({', '.join('PAYSVC_' + f.upper() for f in ours[:3])}…) as its configuration; "
+                            "register the plugin under another name")
+    longer = [f"PAYSVC_{o.upper()}_" for o in settings.provider_names
+              if o != name and f"PAYSVC_{o.upper()}_".startswith(prefix)]
+    return {k[len(prefix):].lower(): v for k, v in os.environ.items()
+            if k.startswith(prefix) and not any(k.startswith(p) for p in longer)}

@@ -67,7 +67,10 @@ def load_providers(config: Mapping[str, Mapping[str, Any]]) -> dict[str, Provide
             raise ProviderConfigError(f"plugin {name!r} refused its config: {exc}", provider=name) from exc
         if not isinstance(provider, Provider) or getattr(provider, "name", None) != name \
                 or getattr(provider, "pattern", None) not in PATTERNS:
+            got = (f"a {type(provider).__name__} named {getattr(provider, 'name', None)!r} with pattern "
+                   f"{getattr(provider, 'pattern', None)!r}" if isinstance(provider, Provider)
+                   else f"an instance of {type(provider).__name__}, which lacks the Provider protocol's methods")
             raise ProviderConfigError(f"plugin {name!r} did not return a Provider named {name!r} with a pattern "
-                                      f"among {PATTERNS}", provider=name)
+                                      f"among {PATTERNS}: it returned {got}", provider=name)
         built[name] = provider
     return built

@@ -59,3 +59,24 @@ def test_a_plugin_refusing_its_config_says_which_key():
         load_providers({"bakong": {}})
     with pytest.raises(ProviderConfigError, match="api_key"):
         load_providers({"aba_payway": {"merchant_id": "m"}})
+
+
+@pytest.mark.parametrize("returned, says", [
+    ("other_name", "it returned a SandboxProvider named 'sandbox' with pattern 'signed_push'"),
+    ("object", "it returned an instance of object, which lacks the Provider protocol's methods"),
+])
+def test_a_plugin_returning_the_wrong_thing_is_told_what_it_returned(monkeypatch, returned, says):
+    from importlib.metadata import EntryPoint
+
+    from providers import registry
+    from providers.sandbox import create
+
+    def factory(config):
+        return create({"secrets": ["s"]}) if returned == "other_name" else object()
+
+    monkeypatch.setattr(registry, "_entry_points", lambda: {"acleda_demo": EntryPoint(
+        name="acleda_demo", value="x:y", group=registry.GROUP)})
+    monkeypatch.setattr(EntryPoint, "load", lambda self: factory)
+    with pytest.raises(ProviderConfigError) as got:
+        registry.load_providers({"acleda_demo": {}})
+    assert "did not return a Provider named 'acleda_demo'" in str(got.value) and says in str(got.value)

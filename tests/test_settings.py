@@ -78,3 +78,28 @@ def test_the_bakong_give_up_time_must_outlast_the_grace(monkeypatch):
         load_settings()
     monkeypatch.setenv("PAYSVC_BAKONG_GIVE_UP_HOURS", "100")
     assert load_settings().bakong_give_up_hours == 100
+
+
+def test_a_third_party_plugin_gets_its_own_variables_only(monkeypatch):
+    """Found by a bank integrator's walk-through: plugin acleda also got acleda_demo's variables."""
+    from paysvc.provider_settings import plugin_config
+    from paysvc.settings import Settings
+
+    monkeypatch.setenv("PAYSVC_ACLEDA_SECRET", "a")
+    monkeypatch.setenv("PAYSVC_ACLEDA_DEMO_SECRET", "b")
+    monkeypatch.setenv("PAYSVC_ACLEDA_DEMO_BASE_URL", "https://demo.example")
+    settings = Settings(providers="sandbox,acleda,acleda_demo")
+    assert plugin_config(settings, "acleda") == {"secret": "a"}
+    assert plugin_config(settings, "acleda_demo") == {"secret": "b", "base_url": "https://demo.example"}
+    # not both enabled: acleda reads every PAYSVC_ACLEDA_… variable, as documented
+    assert plugin_config(Settings(providers="sandbox,acleda"), "acleda") == {
+        "secret": "a", "demo_secret": "b", "demo_base_url": "https://demo.example"}
+
+
+@pytest.mark.parametrize("name", ["db", "events", "webhook"])
+def test_a_plugin_named_like_the_services_own_settings_is_refused(name):
+    from paysvc.provider_settings import plugin_config
+    from paysvc.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=f"a provider named '{name}' would read the service's own settings"):
+        plugin_config(Settings(providers=f"sandbox,{name}"), name)
