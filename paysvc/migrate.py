@@ -58,8 +58,34 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
-    """Apply pending migrations; return the names applied. Safe to run concurrently."""
+    """Apply pending migrations; return the names applied. Safe to run concurrently.
+
+    A database already up to date is only read (no lock, nothing created), so the service starts as a member
+    of paysvc_app, which may not change the schema; one that needs migrating, as such a role, is refused
+    saying to run ``paysvc migrate`` as the owner (found by an operator's walk-through: the service could not
+    start at all as the role the documentation prescribes)."""
     migrations = load_migrations(directory)
+    if await _up_to_date(conn, migrations):
+        return []
+    try:
+        return await _apply(conn, migrations)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise MigrationError(f"the database needs migrating and this role may not change its schema ({exc}): run "
+                             "`paysvc migrate` as the database's owner, then start again") from None
+
+
+async def _up_to_date(conn: asyncpg.Connection, migrations: list[Migration]) -> bool:
+    """Whether every migration is applied, as it is now, and no other: read without a lock."""
+    if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+        return False
+    try:
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+    except asyncpg.InsufficientPrivilegeError:
+        return False  # a role that may not read it (before migration 0042): the locked path says what to do
+    return {r["version"]: r["checksum"] for r in rows} == {m.version: m.checksum for m in migrations}
+
+
+async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:

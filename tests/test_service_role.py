@@ -48,3 +48,31 @@ async def test_invoices_payments_and_events_work_as_the_service_role(db_dsn, app
             await conn.execute("UPDATE ledger_balance_slots SET debits = 0")
     finally:
         await conn.close()
+
+
+def test_the_service_starts_as_the_service_role_and_leaves_migrating_to_the_owner(db_dsn, app_login):
+    """Found by an operator's walk-through: `paysvc serve` began by creating the migration history table, so it
+    could not start as a member of paysvc_app at all (permission denied for schema public)."""
+    import asyncio
+
+    from tests.service_process import ServiceProcess
+    from tests.test_cli_errors import assert_clean_failure, run
+
+    svc = ServiceProcess(app_login).start()                  # ready: /readyz answered 200
+    svc.stop()
+    out = run(app_login, "migrate")
+    assert out.returncode == 0 and "database is up to date" in out.stdout, out.stderr
+
+    async def forget_the_last_migration() -> None:
+        admin = await asyncpg.connect(db_dsn)
+        try:
+            await admin.execute("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM "
+                                "schema_migrations)")
+        finally:
+            await admin.close()
+
+    asyncio.run(forget_the_last_migration())
+    for command in ("migrate", "serve"):
+        out = run(app_login, command)
+        assert_clean_failure(out, 1, "the database needs migrating and this role may not change its schema",
+                             "run `paysvc migrate` as the database's owner")
