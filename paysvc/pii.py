@@ -12,6 +12,7 @@ import hmac
 import json
 import os
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from paysvc.settings import Settings, SettingsError, demo_secret, parse_pii_keys
@@ -86,3 +87,21 @@ async def check_pii_keys(pool, cipher: PiiCipher) -> None:
                             "secrets, or keyed the digests of idempotency records (kept 48 hours by default), "
                             "but are not configured; add them back (a retired key must stay, after the first, "
                             "until no row uses it)")
+    # The right id with the wrong bytes (a mistake while rotating) would start, then answer 500 for every such
+    # invoice (found by an operator's walk-through): one row under each key must decrypt.
+    from paysvc.webhooks import endpoint_aad
+
+    for key_id in sorted(cipher.key_ids):
+        row = await pool.fetchrow("SELECT id, payer_ciphertext FROM invoices WHERE payer_key_id = $1 LIMIT 1", key_id)
+        sample = (f"invoice {row['id']}", bytes(row["payer_ciphertext"]), row["id"]) if row else None
+        if sample is None:
+            row = await pool.fetchrow("SELECT id, secret_blob FROM webhook_endpoints WHERE secret_key_id = $1 "
+                                      "LIMIT 1", key_id)
+            sample = (f"webhook {row['id']}", bytes(row["secret_blob"]), endpoint_aad(row["id"])) if row else None
+        if sample is None:
+            continue
+        try:
+            cipher.decrypt(key_id, sample[1], aad=sample[2])
+        except InvalidTag:
+            raise SettingsError(f"PAYSVC_PII_KEYS: key {key_id!r} does not decrypt what was stored under it ({sample[0]}): "
+                                "its bytes are not the ones that encrypted it; give the key as it was") from None

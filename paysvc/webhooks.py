@@ -86,7 +86,8 @@ def new_secret() -> str:
     return "whsec_" + secrets.token_urlsafe(32)
 
 
-def _aad(endpoint_id: uuid.UUID) -> str:
+def endpoint_aad(endpoint_id: uuid.UUID) -> str:
+    """What a webhook secret's encryption is bound to (its endpoint)."""
     return f"webhook:{endpoint_id}"
 
 
@@ -95,7 +96,7 @@ async def create_endpoint(conn: asyncpg.Connection, cipher: PiiCipher, *, agency
     """Store a new endpoint with a fresh secret (encrypted); return its row and the secret, shown once."""
     endpoint_id = uuid.uuid4()
     secret = new_secret()
-    key_id, blob = cipher.encrypt({"secret": secret}, aad=_aad(endpoint_id))
+    key_id, blob = cipher.encrypt({"secret": secret}, aad=endpoint_aad(endpoint_id))
     # Number what has committed so far: the endpoint starts after it.
     await outbox.sequence(conn, [agency_id])
     row = await conn.fetchrow(Q.webhooks_create, endpoint_id, agency_id, url, event_types, description, key_id, blob,
@@ -152,7 +153,7 @@ class WebhookWorker:
         cache_key = (row["endpoint_id"], row["secret_key_id"])
         if cache_key not in self._secrets:
             self._secrets[cache_key] = self._cipher.decrypt(row["secret_key_id"], bytes(row["secret_blob"]),
-                                                            aad=_aad(row["endpoint_id"]))["secret"]
+                                                            aad=endpoint_aad(row["endpoint_id"]))["secret"]
         return self._secrets[cache_key]
 
     async def send(self, row: asyncpg.Record, now: datetime) -> Attempt:

@@ -90,6 +90,11 @@ async def test_serve_refuses_to_start_without_a_key_its_stored_payers_use(api, i
     out = await asyncio.to_thread(run, api.dsn, "serve", PAYSVC_PII_KEYS=other)
     assert_clean_failure(out, 2, "PAYSVC_PII_KEYS", used)
     assert "listening" not in out.stderr
+    # The right id with other bytes (found by an operator's walk-through: it started, then answered 500)
+    wrong = f"{other},{used}:" + base64.b64encode(os.urandom(32)).decode()
+    out = await asyncio.to_thread(run, api.dsn, "serve", PAYSVC_PII_KEYS=wrong)
+    assert_clean_failure(out, 2, f"PAYSVC_PII_KEYS: key '{used}' does not decrypt what was stored under it (invoice ")
+    assert "listening" not in out.stderr
 
 
 # The broker, as the events commands meet it (found by a consumer's walk-through: each ended in a traceback).
