@@ -8,6 +8,7 @@ import contextlib
 import logging
 import sys
 from typing import Iterator
+from urllib.parse import urlsplit
 
 from paysvc.settings import Settings, SettingsError, load_settings
 
@@ -25,6 +26,7 @@ def database(settings: Settings) -> Iterator[str]:
 
     dsn = database_dsn(settings)
     if dsn is not None:
+        asyncio.run(_reachable(dsn))
         yield dsn
         return
     embedded = EmbeddedPostgres(settings.data_dir)
@@ -32,6 +34,31 @@ def database(settings: Settings) -> Iterator[str]:
         yield embedded.uri
     finally:
         embedded.close()
+
+
+async def _reachable(dsn: str) -> None:
+    """Connect once, so that a database that cannot be used stops the command with one line naming the setting
+    (found by an operator's walk-through: a bad URL, a refused connection or a missing database ended in a
+    traceback)."""
+    import asyncpg
+
+    parts = urlsplit(dsn)
+    try:
+        where = f"{parts.hostname or 'the local socket'}:{parts.port or 5432}{parts.path or ''}"
+    except ValueError:
+        where = "the URL given"
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except asyncpg.InvalidCatalogNameError as exc:
+        why = f"{exc} (create it, or name another in the URL)"
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError) as exc:
+        why = f"{exc} (check the user and password in the URL)"
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError) as exc:
+        why = str(exc) or type(exc).__name__
+    else:
+        await conn.close()
+        return
+    raise CliError(f"PAYSVC_DATABASE_URL: cannot connect to {where}: {why}")
 
 
 async def _migrate(dsn: str, settings: Settings | None = None) -> list[str]:

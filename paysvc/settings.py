@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Callable, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -108,6 +109,33 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, v: SecretStr | None) -> SecretStr | None:
+        # Found by an operator's walk-through: "notaurl" started, then the relay failed every pass and events
+        # piled up in the outbox.
+        if v is not None:
+            parts = urlsplit(v.get_secret_value())
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError("must be a broker URL, e.g. amqp://user:password@rabbitmq.example:5672/vhost")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and urlsplit(v.get_secret_value()).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a PostgreSQL URL, e.g. postgresql://paysvc:password@db.example:5432/paysvc "
+                             "(or postgresql://paysvc@/paysvc?host=/var/run/postgresql for a local socket)")
+        return v
+
+    @field_validator("db_pool_max")
+    @classmethod
+    def _check_pool(cls, v: int, info: ValidationInfo) -> int:
+        low = info.data.get("db_pool_min")
+        if low is not None and low > v:
+            raise ValueError(f"must be at least PAYSVC_DB_POOL_MIN ({low})")
+        return v
 
     @field_validator("pii_keys")
     @classmethod
@@ -251,7 +279,8 @@ def load_settings(**overrides) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         lines = []
-        for err in exc.errors():
+        for err in exc.errors(include_url=False):
             field = ".".join(str(p) for p in err["loc"])
-            lines.append(f"PAYSVC_{field.upper()}: {err['msg']}")
+            cause = (err.get("ctx") or {}).get("error")  # a validator's own words, without "Value error, "
+            lines.append(f"PAYSVC_{field.upper()}: {cause if isinstance(cause, ValueError) else err['msg']}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -148,3 +148,22 @@ def test_events_tail_says_how_to_declare_a_queue_that_is_not_there(db_dsn):
     out = run(db_dsn, "events", "tail", "--agency", "MOI", "--keys-url", "http://127.0.0.1:1/v1/keys/events",
               PAYSVC_AMQP_URL=_broker_url())
     assert_clean_failure(out, 1, "cannot read the public keys from http://127.0.0.1:1/v1/keys/events", "--keys-url")
+
+
+# A database or broker setting that cannot work stops a command with one line naming it (found by an operator's
+# walk-through: each of these ended in a traceback, or started and failed later).
+
+@pytest.mark.parametrize("env, says", [
+    ({"PAYSVC_DATABASE_URL": "notaurl"}, "PAYSVC_DATABASE_URL: must be a PostgreSQL URL"),
+    ({"PAYSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}, "PAYSVC_DATABASE_URL: cannot connect to 127.0.0.1:1/x"),
+    ({"PAYSVC_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/paysvc_no_such_db"},
+     'database "paysvc_no_such_db" does not exist'),
+    ({"PAYSVC_DB_POOL_MIN": "30"}, "PAYSVC_DB_POOL_MAX: must be at least PAYSVC_DB_POOL_MIN (30)"),
+    ({"PAYSVC_AMQP_URL": "notaurl"}, "PAYSVC_AMQP_URL: must be a broker URL"),
+])
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_a_database_or_broker_setting_that_cannot_work_is_named_in_one_line(db_dsn, env, says, command):
+    out = run(db_dsn, command, **env)
+    assert out.returncode in (1, 2), out.stderr
+    assert_clean_failure(out, out.returncode, says)
+    assert "Value error" not in out.stderr and "listening" not in out.stderr
