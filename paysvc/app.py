@@ -10,6 +10,7 @@ import asyncio
 from datetime import timedelta
 from typing import AsyncIterator
 
+import asyncpg
 import prometheus_client
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from paysvc.auth import Authenticator
 from paysvc.background import run_periodically
 from paysvc.backlog import Backlog
 from paysvc.db import create_pool
+from paysvc.migrate import load_migrations
 from paysvc.openapi import build_openapi
 from paysvc.pii import check_pii_keys, cipher_from_settings
 from paysvc.settings import Settings, SettingsError
@@ -35,12 +37,24 @@ async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+SCHEMA_VERSION = web.AppKey("schema_version", int)
+
+
 async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(2):
-            await request.app[POOL].fetchval("SELECT 1")
+            version = await request.app[POOL].fetchval("SELECT max(version) FROM schema_migrations")
+    except asyncpg.UndefinedTableError:
+        version = None
     except Exception as exc:  # any failure to answer means not ready
         return json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, 503)
+    expected = request.app[SCHEMA_VERSION]
+    if version != expected:
+        # Found by an operator's walk-through: a database dropped and made again empty (or restored from an older
+        # dump) answered "ready".
+        return json_response({"status": "unavailable", "database": "ok",
+                              "schema": f"at migration {version or 'none'}, this version needs {expected}: run "
+                                        "`paysvc migrate`"}, 503)
     return json_response({"status": "ready", "database": "ok"})
 
 
@@ -59,7 +73,8 @@ async def openapi(request: web.Request) -> web.Response:
 
 OPS_ROUTES = [
     Route("GET", "/healthz", healthz, "Liveness: the process answers", tags=("operations",)),
-    Route("GET", "/readyz", readyz, "Readiness: the database answers", tags=("operations",)),
+    Route("GET", "/readyz", readyz, "Readiness: the database answers, migrated as this version needs",
+          tags=("operations",)),
     Route("GET", "/metrics", metrics, "Prometheus metrics", content_type="text/plain", tags=("operations",)),
     Route("GET", "/openapi.json", openapi, "This document", tags=("operations",)),
 ]
@@ -75,6 +90,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     app[SETTINGS] = settings
     app[BACKGROUND] = background
     app[BACKLOG] = Backlog()
+    app[SCHEMA_VERSION] = max(m.version for m in load_migrations(settings.migrations_dir))
     ctx = invoicing.InvoiceContext(
         cipher=cipher_from_settings(settings),
         khqr_ttl=timedelta(minutes=settings.khqr_ttl_minutes),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -326,6 +327,25 @@ async def test_health_ready_metrics(api):
     assert (await api.client.get("/healthz")).status == 200
     r = await api.client.get("/readyz")
     assert r.status == 200 and (await r.json())["database"] == "ok"
+    # A database that answers but is not migrated as this version needs is not ready (found by an operator's
+    # walk-through: an empty database made again under the same name answered "ready")
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        row = await conn.fetchrow("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM "
+                                  "schema_migrations) RETURNING *")
+        r = await api.client.get("/readyz")
+        body = await r.json()
+        last = row["version"]
+        assert r.status == 503 and body["schema"].startswith(f"at migration {last - 1}, this version needs {last}")
+        await conn.execute("ALTER TABLE schema_migrations RENAME TO schema_migrations_gone")
+        r = await api.client.get("/readyz")
+        assert r.status == 503 and (await r.json())["schema"].startswith("at migration none"), await r.text()
+        await conn.execute("ALTER TABLE schema_migrations_gone RENAME TO schema_migrations")
+        await conn.execute("INSERT INTO schema_migrations SELECT * FROM json_populate_record(NULL::schema_migrations, "
+                           "$1::json)", json.dumps({k: str(v) for k, v in dict(row).items()}))
+    finally:
+        await conn.close()
+    assert (await api.client.get("/readyz")).status == 200
     await api.client.get("/v1/invoices/inv_nope", headers={"Authorization": "Bearer psk_x_y"})
     r = await api.client.get("/metrics")
     text = await r.text()
