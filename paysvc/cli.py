@@ -220,6 +220,36 @@ def cmd_keys_list(settings: Settings, args) -> int:
     return 0
 
 
+def cmd_pii_reencrypt(settings: Settings, args) -> int:
+    from paysvc.db import create_pool
+    from paysvc.pii import cipher_from_settings, reencrypt_stored
+
+    cipher = cipher_from_settings(settings)
+
+    async def run(dsn: str) -> dict[str, int]:
+        pool = await create_pool(dsn, settings)
+        try:
+            return await reencrypt_stored(pool, cipher)
+        finally:
+            await pool.close()
+
+    from cryptography.exceptions import InvalidTag
+
+    with database(settings) as dsn:
+        asyncio.run(_migrate(dsn, settings))
+        try:
+            moved = asyncio.run(run(dsn))
+        except LookupError as exc:
+            raise CliError(f"PAYSVC_PII_KEYS: {exc}; give every key stored rows use, the new one first") from None
+        except InvalidTag:
+            raise CliError("PAYSVC_PII_KEYS: a key does not decrypt what was stored under its id: give the keys as "
+                           "they were, the new one first") from None
+    print(f"stored again under key {cipher.active_key_id}: {moved['invoices']} payers, {moved['webhooks']} webhook "
+          "secrets; keys other than it are now used only by idempotency records (kept "
+          f"{settings.idempotency_retention_hours:g} hours)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="paysvc", description="Payment core: invoices, KHQR, ledger, reconciliation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -255,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys_revoke)
     k = ks.add_parser("list", help="list keys (ids, names, scopes; never the secrets)")
     k.set_defaults(func=cmd_keys_list)
+
+    pi = sub.add_parser("pii", help="payer data keys").add_subparsers(dest="action", required=True)
+    k = pi.add_parser("reencrypt", help="store every payer and webhook secret again under the first key of "
+                                        "PAYSVC_PII_KEYS, so that an older key can be removed")
+    k.set_defaults(func=cmd_pii_reencrypt)
 
     from paysvc import cli_events, cli_ledger, cli_sandbox
 

@@ -105,3 +105,34 @@ async def check_pii_keys(pool, cipher: PiiCipher) -> None:
         except InvalidTag:
             raise SettingsError(f"PAYSVC_PII_KEYS: key {key_id!r} does not decrypt what was stored under it ({sample[0]}): "
                                 "its bytes are not the ones that encrypted it; give the key as it was") from None
+
+
+async def reencrypt_stored(pool, cipher: PiiCipher, *, batch: int = 500) -> dict[str, int]:
+    """Store again under the active key every payer and webhook secret stored under an older one, in batches
+    (each its own transaction, rows locked so a concurrent change is not overwritten), so that a retired key
+    can at last be removed (found by an operator's walk-through: nothing moved them, so an old key could never
+    go). Returns how many of each were moved. Safe to run while the service runs, and again."""
+    from paysvc.webhooks import endpoint_aad
+
+    moved = {"invoices": 0, "webhooks": 0}
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch("SELECT id, payer_key_id, payer_ciphertext FROM invoices WHERE payer_key_id <> $1 "
+                                    "LIMIT $2 FOR UPDATE SKIP LOCKED", cipher.active_key_id, batch)
+            for r in rows:
+                value = cipher.decrypt(r["payer_key_id"], bytes(r["payer_ciphertext"]), aad=r["id"])
+                key_id, blob = cipher.encrypt(value, aad=r["id"])
+                await conn.execute("UPDATE invoices SET payer_key_id = $2, payer_ciphertext = $3 WHERE id = $1",
+                                   r["id"], key_id, blob)
+        moved["invoices"] += len(rows)
+        if len(rows) < batch:
+            break
+    async with pool.acquire() as conn, conn.transaction():
+        for r in await conn.fetch("SELECT id, secret_key_id, secret_blob FROM webhook_endpoints "
+                                  "WHERE secret_key_id <> $1 FOR UPDATE", cipher.active_key_id):
+            value = cipher.decrypt(r["secret_key_id"], bytes(r["secret_blob"]), aad=endpoint_aad(r["id"]))
+            key_id, blob = cipher.encrypt(value, aad=endpoint_aad(r["id"]))
+            await conn.execute("UPDATE webhook_endpoints SET secret_key_id = $2, secret_blob = $3 WHERE id = $1",
+                               r["id"], key_id, blob)
+            moved["webhooks"] += 1
+    return moved

@@ -727,3 +727,34 @@ async def test_a_payer_stored_under_an_earlier_rule_is_read_as_stored(api, invoi
     assert r.status == 201 and (await r.json())["payer"]["phone"] == "12 34 5"
     r = await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
     assert r.status == 200 and (await r.json())["status"] == "cancelled"
+
+
+async def test_payers_and_webhook_secrets_move_to_the_new_key_so_the_old_one_can_go(api, invoice_body):
+    """Found by an operator's walk-through: nothing stored payers again under a new key, so a retired key could
+    never be removed."""
+    import base64
+    import os
+
+    from paysvc.pii import PiiCipher, check_pii_keys, reencrypt_stored
+    from paysvc.settings import SettingsError, parse_pii_keys
+    from paysvc.web import POOL
+    from tests.conftest import TEST_PII_KEYS
+
+    h = await api.portal("MOI")
+    for n in range(3):
+        r = await api.client.post("/v1/invoices", json={**invoice_body(), "payer": {"name": f"Sok {n}"}}, headers=h)
+        assert r.status == 201
+    r = await api.client.post("/v1/webhooks", json={"url": "https://portal.example/hook",
+                                                   "event_types": ["invoice.paid"]}, headers=h)
+    assert r.status == 201, await r.text()
+    pool = api.client.app[POOL]
+    new = "k2:" + base64.b64encode(os.urandom(32)).decode()
+    both = PiiCipher(parse_pii_keys(f"{new},{TEST_PII_KEYS}"))
+    assert await reencrypt_stored(pool, both, batch=2) == {"invoices": 3, "webhooks": 1}
+    assert await reencrypt_stored(pool, both) == {"invoices": 0, "webhooks": 0}      # again: nothing left
+    only_new = PiiCipher(parse_pii_keys(new))
+    await check_pii_keys(pool, only_new)                       # the old key is used by nothing now
+    row = await pool.fetchrow("SELECT id, payer_key_id, payer_ciphertext FROM invoices LIMIT 1")
+    assert only_new.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"])["name"].startswith("Sok")
+    with pytest.raises(SettingsError):
+        await check_pii_keys(pool, PiiCipher(parse_pii_keys(TEST_PII_KEYS)))  # and the old key alone no longer does
