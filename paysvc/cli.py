@@ -98,8 +98,13 @@ def cmd_serve(settings: Settings, args) -> int:
             web.run_app(app, host=settings.host, port=settings.port, print=listening, access_log=None,
                         loop=_event_loop(settings))
         except OSError as exc:
-            raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; "
-                           "set PAYSVC_PORT to a free port") from None
+            import errno
+
+            fix = ("set PAYSVC_PORT to a free port" if exc.errno == errno.EADDRINUSE else
+                   "set PAYSVC_PORT to a port this user may open (above 1023 unless privileged)"
+                   if exc.errno == errno.EACCES else
+                   "set PAYSVC_HOST to an address of this machine (0.0.0.0 for all, 127.0.0.1 for this one only)")
+            raise CliError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}; {fix}") from None
     return 0
 
 
