@@ -167,3 +167,9 @@ def test_a_database_or_broker_setting_that_cannot_work_is_named_in_one_line(db_d
     assert out.returncode in (1, 2), out.stderr
     assert_clean_failure(out, out.returncode, says)
     assert "Value error" not in out.stderr and "listening" not in out.stderr
+
+
+def test_serve_on_a_host_that_is_not_this_machines_names_the_host_setting(db_dsn):
+    out = run(db_dsn, "serve", PAYSVC_HOST="no.such.host.invalid")
+    assert_clean_failure(out, 1, "cannot listen on no.such.host.invalid", "set PAYSVC_HOST")
+    assert "PAYSVC_PORT" not in out.stderr and "listening" not in out.stderr
