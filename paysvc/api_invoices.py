@@ -121,8 +121,10 @@ async def qr_png(request: web.Request) -> web.Response:
 
 async def qr_svg(request: web.Request) -> web.Response:
     code = await _public_code(request)
-    return web.Response(text=qrimage.render_svg(code.payload), content_type="image/svg+xml",
+    resp = web.Response(text=qrimage.render_svg(code.payload), content_type="image/svg+xml",
                         headers=_image_headers(code))
+    resp.enable_compression()  # 12 KB of repetitive text, about 2.5 KB compressed: on a phone's prepaid data
+    return resp
 
 
 ROUTES = [

@@ -135,18 +135,23 @@ def _load_page() -> _Page:
     return _Page(string.Template((static / "pay.html").read_text(encoding="utf-8")), css, js, headers)
 
 
+# The tab's title says what the page says (found by a citizen's walk-through: "Pay" on a paid invoice)
+_TITLES = {"open": "ទូទាត់ · Pay", "paid": "បានបង់ · Paid", "expired": "ផុតកំណត់ · Expired",
+           "cancelled": "លុបចោល · Cancelled"}
+
+
 def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) -> str:
     values = dict(status="notfound", invoice_id="", md5="", expires_at="", server_time="", poll=str(poll),
                   agency_name="", agency_name_km="", amount_display="", currency="", currency_sign="",
                   description="", bill_number="", qr_src="data:,", countdown="00:00",
-                  title="រកមិនឃើញវិក្កយបត្រ · Invoice not found")
+                  title="រកមិនឃើញវិក្កយបត្រ · Invoice not found", noscript_refresh="")
     if state is not None:
         values.update(
             status=state.status, invoice_id=state.invoice_id, server_time=state.server_time.isoformat(),
             agency_name=state.agency.name, agency_name_km=state.agency.name_km,
             amount_display=state.amount_display, currency=state.currency, currency_sign=_SIGN[state.currency],
             description=state.description, bill_number=bill_number,
-            title=f"ទូទាត់ · Pay {state.amount_display} · {state.agency.name}",
+            title=f"{_TITLES[state.status]} {state.amount_display} · {state.agency.name}",
         )
         if state.khqr is not None:
             values.update(
@@ -154,7 +159,10 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
                 countdown=_mmss((state.khqr.expires_at - state.server_time).total_seconds()),
             )
     escaped = {k: html.escape(v) for k, v in values.items()}
-    return page.template.substitute(escaped, css=page.css, js=page.js)
+    # Without JavaScript (a data-saving browser) an open page reloads itself, so its code and state stay
+    # current (found by a citizen's walk-through: it froze, saying it updates by itself)
+    refresh = '<noscript><meta http-equiv="refresh" content="30"></noscript>' if values["status"] == "open" else ""
+    return page.template.substitute(escaped, css=page.css, js=page.js, noscript_refresh=refresh)
 
 
 def _poll_seconds(request: web.Request) -> int:

@@ -65,6 +65,12 @@ async def test_page_for_an_open_invoice_shows_the_khqr_card(api, invoice_body):
     assert "default-src 'none'" in r.headers["Content-Security-Policy"]
     assert r.headers["Referrer-Policy"] == "no-referrer"
     assert len(page.encode()) < 30 * 1024
+    # Found by a citizen's walk-through: without JavaScript the page froze, saying it updates by itself; a
+    # screen reader found no heading on the code; the image went uncompressed over prepaid data.
+    assert '<noscript><meta http-equiv="refresh" content="30"></noscript>' in page
+    assert '<h1 class="sr">' in page and "<title>ទូទាត់ · Pay 50,000 ៛ · MOI Fees Office</title>" in page
+    img = await api.client.get(f"/v1/invoices/{inv['id']}/qr.svg", headers={"Accept-Encoding": "gzip"})
+    assert img.status == 200 and img.headers.get("Content-Encoding") == "gzip"
 
 
 async def test_usd_amount_is_written_with_a_dollar_sign(api, invoice_body):
@@ -136,6 +142,7 @@ async def test_cancelled_invoice_shows_its_state_and_no_code(api, invoice_body):
     page = await r.text()
     assert r.status == 200 and 'data-status="cancelled"' in page and "qr.svg" not in page
     assert 'data-md5=""' in page and "This invoice was cancelled" in page
+    assert "<title>លុបចោល · Cancelled " in page and 'http-equiv="refresh"' not in page
 
 
 async def test_paid_and_overdue_invoices_show_their_state(api, invoice_body):
@@ -299,9 +306,25 @@ async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
     await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", inv["id"])
     await phone.locator("#card[data-status=paid]").wait_for(state="attached", timeout=10_000)
     assert await phone.get_by_text("Paid", exact=True).is_visible()
+    assert await phone.title() == "បានបង់ប្រាក់រួចរាល់ / Paid"     # the tab says so too
     assert await phone.get_by_text("បានបង់ប្រាក់រួចរាល់", exact=True).is_visible()
     assert not await phone.locator("#qr").is_visible()
     assert not await phone.locator("#countdown").is_visible()
     assert await phone.evaluate("window.sameDocument === true")
     await phone.screenshot(path="/tmp/pay_page_paid.png")
     assert_only_own_host(api, phone)
+
+
+@needs_chromium
+async def test_page_back_online_asks_at_once_instead_of_waiting_out_its_back_off(api, invoice_body, phone):
+    """Found by a citizen's walk-through: after the connection came back, the page waited out its back-off
+    (up to a minute) before it showed anything new."""
+    inv, _ = await open_invoice(api, invoice_body)
+    await open_pay_page(api, phone, inv["id"])
+    await phone.context.set_offline(True)
+    await eventually(phone, "!document.getElementById('offline').hidden", timeout=15)
+    await asyncio.sleep(16)            # four failed polls: the next one is about 16 s away (poll=1 doubles)
+    await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", inv["id"])
+    await phone.context.set_offline(False)
+    await eventually(phone, "document.getElementById('card').dataset.status === 'paid'", timeout=4)
+    assert await phone.evaluate("window.sameDocument === true")

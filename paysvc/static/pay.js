@@ -77,7 +77,7 @@
     if (blobUrl) { URL.revokeObjectURL(blobUrl); blobUrl = ""; }
     card.setAttribute("data-status", status);
     var section = card.querySelector(".st-" + status + " h1");
-    if (section) say(textOf(section));
+    if (section) { say(textOf(section)); document.title = textOf(section); }
   }
 
   // Load the current code's image; its headers say which code it is, so the md5 and expiry shown always
@@ -128,7 +128,7 @@
       offline.hidden = true;
     } catch (e) {
       failures = Math.min(failures + 1, 10);
-      if (failures > 1) offline.hidden = false;
+      if (failures > 1 && offline.hidden) { offline.hidden = false; say(textOf(offline)); }
     } finally {
       busy = false;
       if (again) schedule(delay >= 0 ? delay : nextDelay());
@@ -137,6 +137,8 @@
 
   function onVisible() { if (!document.hidden) schedule(0); }
   document.addEventListener("visibilitychange", onVisible);
+  // Back online: ask at once rather than wait out the back-off (up to a minute)
+  window.addEventListener("online", function () { failures = 0; schedule(0); });
   ticker = setInterval(tick, 1000);
   tick();
   schedule(BASE);
