@@ -32,8 +32,26 @@ class EmbeddedPostgres:
             import pgserver  # imported here: only the no-configuration path needs it
 
             self._server = pgserver.get_server(str((data_dir / "pg").resolve()), cleanup_mode="stop")
+        self._forget_dead_handles()
         self.uri = self._server.get_uri()
         log.info("embedded PostgreSQL running", extra={"data_dir": str(data_dir / "pg")})
+
+    def _forget_dead_handles(self) -> None:
+        """pgserver stops the database when the last process using it closes, counting the processes in a list
+        kept with the data; one that was killed stays listed, and then no later process ever stops it (found by
+        an operator's walk-through: after a SIGKILL the database outlived every later clean stop). Processes
+        no longer alive are dropped from that list (pgserver's own, read under its lock)."""
+        import psutil
+
+        try:
+            handles, lock = self._server.global_process_id_list, self._server._lock
+        except AttributeError:  # another pgserver version: leave its bookkeeping alone
+            return
+        with lock:
+            listed = handles.get()
+            alive = [pid for pid in listed if psutil.pid_exists(pid)]
+            if alive != listed:
+                handles.put(alive)
 
     def close(self) -> None:
         self._server.cleanup()
