@@ -24,6 +24,6 @@ ENV PAYSVC_HOST=0.0.0.0 \
     PYTHONUNBUFFERED=1
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PAYSVC_PORT', '8080'), timeout=4)"]
 ENTRYPOINT ["paysvc"]
 CMD ["serve"]

@@ -249,6 +249,8 @@ def cmd_pii_reencrypt(settings: Settings, args) -> int:
         except InvalidTag:
             raise CliError("PAYSVC_PII_KEYS: a key does not decrypt what was stored under its id: give the keys as "
                            "they were, the new one first") from None
+        except RuntimeError as exc:
+            raise CliError(str(exc)) from None
     print(f"stored again under key {cipher.active_key_id}: {moved['invoices']} payers, {moved['webhooks']} webhook "
           "secrets; keys other than it are now used only by idempotency records (kept "
           f"{settings.idempotency_retention_hours:g} hours)")

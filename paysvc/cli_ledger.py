@@ -69,7 +69,7 @@ def cmd_seal(settings, args) -> int:
     from paysvc.cli import _migrate, database
 
     with database(settings) as dsn:
-        asyncio.run(_migrate(dsn))
+        asyncio.run(_migrate(dsn, settings))
         try:
             n = asyncio.run(_seal(dsn, args.batch))
         except ledger.LedgerTampered as e:

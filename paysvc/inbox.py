@@ -114,10 +114,12 @@ def replay_key(provider: Provider, headers: Mapping[str, str], body: bytes, *, n
         # A plugin's own defect must not keep the callback from being stored (found by a bank integrator's
         # walk-through: it answered 500 and kept nothing); processing meets it again and keeps the row.
         log.exception("the %s plugin failed computing a callback's replay key; stored without one", provider.name)
+        PLUGIN_FAULTS.labels(provider.name).inc()  # replay protection is off for it: seen in the metric, not only the log
         return None
     if key is not None and not isinstance(key, bytes):
         log.error("the %s plugin's replay_key returned %s, not bytes; stored without one", provider.name,
                   type(key).__name__)
+        PLUGIN_FAULTS.labels(provider.name).inc()
         return None
     return key
 

@@ -79,16 +79,35 @@ async def _up_to_date(conn: asyncpg.Connection, migrations: list[Migration]) -> 
     if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
         return False
     try:
-        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
     except asyncpg.InsufficientPrivilegeError:
         return False  # a role that may not read it (before migration 0042): the locked path says what to do
-    return {r["version"]: r["checksum"] for r in rows} == {m.version: m.checksum for m in migrations}
+    _check_history({r["version"]: r for r in rows}, migrations)
+    return {r["version"] for r in rows} == {m.version for m in migrations}
+
+
+def _check_history(applied: dict, migrations: list[Migration]) -> None:
+    """Refuse a history this code cannot continue: an applied file changed since, or versions it does not know
+    (raised as such for any role; found by review: the service role was told to migrate, which cannot help)."""
+    for mig in migrations:
+        row = applied.get(mig.version)
+        if row is not None and row["checksum"] != mig.checksum:
+            raise MigrationError(
+                f"migration {mig.version:04d}_{mig.name}.sql was changed after it was applied "
+                f"(recorded checksum {row['checksum'][:12]}…, file now {mig.checksum[:12]}…); "
+                "restore the file and add a new migration instead"
+            )
+    unknown = sorted(set(applied) - {m.version for m in migrations})
+    if unknown:
+        raise MigrationError(f"database has migrations this code does not know: {unknown}; upgrade paysvc")
 
 
 async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[str]:
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
+        if await _up_to_date(conn, migrations):
+            return []  # migrated by another while this one waited for the lock (found by review)
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
@@ -99,15 +118,9 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[
         applied = {
             r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
         }
+        _check_history(applied, migrations)
         for mig in migrations:
-            row = applied.get(mig.version)
-            if row is not None:
-                if row["checksum"] != mig.checksum:
-                    raise MigrationError(
-                        f"migration {mig.version:04d}_{mig.name}.sql was changed after it was applied "
-                        f"(recorded checksum {row['checksum'][:12]}…, file now {mig.checksum[:12]}…); "
-                        "restore the file and add a new migration instead"
-                    )
+            if mig.version in applied:
                 continue
             async with conn.transaction():
                 await conn.execute(mig.sql)
@@ -116,9 +129,6 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[
                     mig.version, mig.name, mig.checksum,
                 )
             applied_now.append(f"{mig.version:04d}_{mig.name}")
-        unknown = sorted(set(applied) - {m.version for m in migrations})
-        if unknown:
-            raise MigrationError(f"database has migrations this code does not know: {unknown}; upgrade paysvc")
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     return applied_now

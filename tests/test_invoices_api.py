@@ -758,3 +758,35 @@ async def test_payers_and_webhook_secrets_move_to_the_new_key_so_the_old_one_can
     assert only_new.decrypt(row["payer_key_id"], bytes(row["payer_ciphertext"]), aad=row["id"])["name"].startswith("Sok")
     with pytest.raises(SettingsError):
         await check_pii_keys(pool, PiiCipher(parse_pii_keys(TEST_PII_KEYS)))  # and the old key alone no longer does
+
+
+async def test_reencrypting_waits_for_a_row_another_transaction_holds(api, invoice_body):
+    """Found by review: a row held by a capture or a cancel was passed over, and the command said all were
+    moved."""
+    import base64
+    import os
+
+    from paysvc.pii import PiiCipher, reencrypt_stored
+    from paysvc.settings import parse_pii_keys
+    from paysvc.web import POOL
+    from tests.conftest import TEST_PII_KEYS
+
+    h = await api.portal("MOI")
+    ids = [(await (await api.client.post("/v1/invoices", json={**invoice_body(), "payer": {"name": "Sok"}},
+                                         headers=h)).json())["id"] for _ in range(3)]
+    both = PiiCipher(parse_pii_keys("k2:" + base64.b64encode(os.urandom(32)).decode() + "," + TEST_PII_KEYS))
+    pool = api.client.app[POOL]
+    holder = await asyncpg.connect(api.dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM invoices WHERE id = $1 FOR UPDATE", ids[1])
+        with pytest.raises(RuntimeError, match="1 invoices are still stored under older keys"):
+            await reencrypt_stored(pool, both, patience=0.5)               # held throughout: said, not hidden
+        moving = asyncio.create_task(reencrypt_stored(pool, both, patience=30))
+        await asyncio.sleep(0.5)
+        await tx.rollback()                                                 # released: it is moved too
+        assert await moving == {"invoices": 1, "webhooks": 0}
+    finally:
+        await holder.close()
+    assert await pool.fetchval("SELECT count(*) FROM invoices WHERE payer_key_id <> 'k2'") == 0

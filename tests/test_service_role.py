@@ -76,3 +76,49 @@ def test_the_service_starts_as_the_service_role_and_leaves_migrating_to_the_owne
         out = run(app_login, command)
         assert_clean_failure(out, 1, "the database needs migrating and this role may not change its schema",
                              "run `paysvc migrate` as the database's owner")
+
+
+@pytest.mark.parametrize("change, says", [
+    ("INSERT INTO schema_migrations (version, name, checksum) VALUES (9999, 'from_a_newer_version', 'x')",
+     "database has migrations this code does not know: [9999]; upgrade paysvc"),
+    ("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 1",
+     "migration 0001_invoicing.sql was changed after it was applied"),
+])
+def test_the_service_role_is_told_what_is_wrong_with_a_history_it_cannot_continue(db_dsn, app_login, change, says):
+    """Found by review: each was reported as 'needs migrating' (run paysvc migrate), which cannot help."""
+    import asyncio
+
+    from tests.test_cli_errors import assert_clean_failure, run
+
+    async def edit() -> None:
+        admin = await asyncpg.connect(db_dsn)
+        try:
+            await admin.execute(change)
+        finally:
+            await admin.close()
+
+    asyncio.run(edit())
+    assert_clean_failure(run(app_login, "migrate"), 1, says)
+
+
+async def test_the_service_role_starting_while_the_owner_migrates_waits_and_finds_it_done(db_dsn, app_login):
+    """Found by review: it failed with 'may not change its schema' although the owner was finishing."""
+    import asyncio
+
+    from paysvc.migrate import _LOCK_KEY
+    from tests.test_cli_errors import run
+
+    owner = await asyncpg.connect(db_dsn)
+    try:
+        row = await owner.fetchrow("DELETE FROM schema_migrations WHERE version = (SELECT max(version) FROM "
+                                   "schema_migrations) RETURNING version, name, checksum")
+        await owner.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)       # the owner's migrate, under way
+        started = asyncio.create_task(asyncio.to_thread(run, app_login, "migrate"))
+        await asyncio.sleep(2)
+        assert not started.done()                                           # it waits for the owner
+        await owner.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)", *row)
+        await owner.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+        out = await started
+        assert out.returncode == 0 and "database is up to date" in out.stdout, out.stderr
+    finally:
+        await owner.close()
