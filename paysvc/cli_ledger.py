@@ -15,6 +15,33 @@ async def _verify(dsn: str, anchors: list[tuple[int, str]]):
             return await ledger.verify(conn, anchors=anchors)
 
 
+def cmd_reconcile(settings, args) -> int:
+    """Every payment booked as recorded, and no capture entry without its payment (found by an auditor's
+    walk-through: verify checks the ledger against itself, not against the payments it books)."""
+    from paysvc.cli import database
+    from paysvc.db import connect
+    from paysvc.queries import Q
+
+    async def run(dsn: str):
+        async with connect(dsn) as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return (await conn.fetchval("SELECT count(*) FROM payments"),
+                        await conn.fetch(Q.payments_booked_otherwise))
+
+    with database(settings) as dsn:
+        count, problems = asyncio.run(run(dsn))
+    for p in problems[:50]:
+        print(f"  payment {p['payment_id']}, entry {p['entry_id']}: {p['problem']}")
+    if len(problems) > 50:
+        print(f"  … and {len(problems) - 50} more")
+    if problems:
+        print("payments and ledger DO NOT agree", file=sys.stderr)
+        return 1
+    print(f"payments reconciled: each of the {count} payments has one capture entry with its postings, and every "
+          "capture entry names a payment")
+    return 0
+
+
 def cmd_verify(settings, args) -> int:
     import ledger
     from paysvc.cli import database
@@ -88,6 +115,9 @@ def register(sub) -> None:
                         "that seal with that hash, which shows sealed entries deleted from the chain's end or a "
                         "chain recomputed after an edit; repeatable")
     v.set_defaults(func=cmd_verify)
+    r = actions.add_parser("reconcile", help="check every payment against its capture entry (and every capture entry "
+                                             "against its payment); exit 1 on any difference")
+    r.set_defaults(func=cmd_reconcile)
     s = actions.add_parser("seal", help="chain committed entries into the hash chain now")
     s.add_argument("--batch", type=int, default=5000, help="entries per sealing transaction (default 5000)")
     s.set_defaults(func=cmd_seal)

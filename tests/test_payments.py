@@ -611,3 +611,41 @@ async def test_an_exception_opened_at_capture_is_dated_its_business_day(api, por
     [exc] = await exceptions(api, treasury, business_date=day.isoformat(), reason="underpaid")
     assert exc["invoice_id"] == inv["id"] and exc["business_date"] == day.isoformat()
     assert await exceptions(api, treasury, business_date=(day - timedelta(days=1)).isoformat()) == []
+
+
+async def test_ledger_reconcile_finds_a_payment_booked_otherwise_than_recorded(api, portal, invoice_body):
+    """Found by an auditor's walk-through: verify checks the ledger against itself only; a payment row changed
+    (the service role may update payments) or a capture entry with no payment behind it went unseen."""
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_PII_KEYS
+
+    def reconcile() -> subprocess.CompletedProcess:
+        env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PAYSVC_")}
+        env.update(PAYSVC_DATABASE_URL=api.dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
+        return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "reconcile"], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    exact = await new_invoice(api, portal, invoice_body, amount=50000)
+    short = await new_invoice(api, portal, invoice_body, amount=50000)
+    assert (await pay(api.client, exact, txid="TX-EXACT")).status == 200
+    assert (await pay(api.client, short, txid="TX-SHORT", amount=20000)).status == 200   # held in suspense
+    ok = await asyncio.to_thread(reconcile)
+    assert ok.returncode == 0 and "each of the 2 payments has one capture entry" in ok.stdout, ok.stdout + ok.stderr
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        await conn.execute("UPDATE payments SET amount = 52000, applied_amount = 52000 WHERE provider_transaction_id "
+                           "= 'TX-EXACT'")
+        bad = await asyncio.to_thread(reconcile)
+        assert bad.returncode == 1 and "are not the payment's" in bad.stdout, bad.stdout + bad.stderr
+        await conn.execute("UPDATE payments SET amount = 50000, applied_amount = 50000 WHERE provider_transaction_id "
+                           "= 'TX-EXACT'")
+        import ledger
+        await ledger.post_entry(conn, ledger.entries.payment_captured(
+            provider="sandbox", agency="MOI", amount=7000, currency="KHR", effective_at=datetime.now(UTC),
+            invoice_id=exact["id"], payment_id="pay_forged"))
+        bad = await asyncio.to_thread(reconcile)
+        assert bad.returncode == 1 and "payment pay_forged" in bad.stdout and "names no payment" in bad.stdout
+    finally:
+        await conn.close()

@@ -112,3 +112,40 @@ RETURNING id
 SELECT id, provider, provider_transaction_id, amount, currency, paid_at,
        CASE WHEN suspense_amount = 0 THEN 'captured' ELSE 'exception' END AS status
   FROM payments WHERE invoice_id = $1 ORDER BY paid_at
+
+-- name: payments_booked_otherwise
+-- Every payment must have exactly one capture entry (payment.captured or payment.suspense, naming it) whose
+-- postings are the payment's: its provider's clearing debited with its amount, its agency's revenue credited
+-- with the applied part, suspense with the held part; and every capture entry must name a payment. One row per
+-- payment or entry that is not so (`paysvc ledger reconcile`).
+WITH cap AS (
+    SELECT e.id, e.payment_id,
+           jsonb_agg(jsonb_build_array(a.code, l.side, l.amount) ORDER BY a.code, l.side, l.amount) AS lines
+      FROM ledger_entries e
+      JOIN ledger_postings l ON l.entry_id = e.id
+      JOIN ledger_accounts a ON a.id = l.account_id
+     WHERE e.kind IN ('payment.captured', 'payment.suspense')
+     GROUP BY e.id, e.payment_id
+), expected AS (
+    SELECT p.id, p.amount, p.currency,
+           (SELECT jsonb_agg(x ORDER BY x ->> 0, x ->> 1, (x ->> 2)::bigint)
+              FROM (VALUES (jsonb_build_array('provider:' || p.provider || ':clearing:' || p.currency, 'debit', p.amount)),
+                           (CASE WHEN p.applied_amount > 0 THEN jsonb_build_array(
+                                'agency:' || ag.code || ':revenue:' || p.currency, 'credit', p.applied_amount) END),
+                           (CASE WHEN p.suspense_amount > 0 THEN jsonb_build_array(
+                                'suspense:unmatched:' || p.currency, 'credit', p.suspense_amount) END)) v (x)
+             WHERE x IS NOT NULL) AS lines
+      FROM payments p LEFT JOIN agencies ag ON ag.id = p.agency_id
+), counted AS (
+    SELECT payment_id, count(*) AS n FROM cap GROUP BY payment_id
+)
+SELECT coalesce(x.id, c.payment_id) AS payment_id, c.id AS entry_id,
+       CASE WHEN x.id IS NULL THEN 'the capture entry names no payment'
+            WHEN c.id IS NULL THEN 'the payment has no capture entry'
+            WHEN n.n > 1 THEN 'the payment has ' || n.n || ' capture entries'
+            ELSE 'the entry''s postings ' || c.lines::text || ' are not the payment''s ' || x.lines::text END AS problem
+  FROM expected x
+  FULL JOIN cap c ON c.payment_id = x.id
+  LEFT JOIN counted n ON n.payment_id = x.id
+ WHERE x.id IS NULL OR c.id IS NULL OR n.n > 1 OR x.lines <> c.lines
+ ORDER BY 1, 2
