@@ -203,7 +203,8 @@ def cmd_keys_revoke(settings: Settings, args) -> int:
         asyncio.run(_migrate(dsn, settings))
         if not asyncio.run(_keys_revoke(dsn, args.key_id)):
             raise CliError(f"no active key with id {args.key_id!r}")
-    print(f"revoked {args.key_id}", file=sys.stderr)
+    key_id = args.key_id.split("_")[1] if args.key_id.startswith("psk_") else args.key_id
+    print(f"revoked key {key_id}", file=sys.stderr)  # never the secret, when the whole key was given
     return 0
 
 

@@ -173,3 +173,12 @@ def test_serve_on_a_host_that_is_not_this_machines_names_the_host_setting(db_dsn
     out = run(db_dsn, "serve", PAYSVC_HOST="no.such.host.invalid")
     assert_clean_failure(out, 1, "cannot listen on no.such.host.invalid", "set PAYSVC_HOST")
     assert "PAYSVC_PORT" not in out.stderr and "listening" not in out.stderr
+
+
+def test_revoking_a_key_given_whole_never_prints_its_secret(db_dsn):
+    """Found by a security review: `keys revoke psk_…` printed the whole key back."""
+    key = run(db_dsn, "keys", "create", "--name", "Treasury desk", "--scope", "treasury").stdout.strip()
+    key_id, secret = key.split("_")[1], key.split("_", 2)[2]
+    out = run(db_dsn, "keys", "revoke", key)
+    assert out.returncode == 0 and f"revoked key {key_id}" in out.stderr, out.stderr
+    assert secret not in out.stderr + out.stdout

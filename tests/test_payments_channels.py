@@ -128,6 +128,8 @@ async def test_payway_hint_is_confirmed_before_capture(payway, invoice_body):
     fake.add_transaction(inv["bill_number"], status="APPROVED", amount="12.50", currency="USD")
     r = await aba_callback(api, inv["bill_number"])
     assert r.status == 200, await r.text()
+    # an unsigned callback's sender learns nothing of ours: not the invoice's id (the public pages' only secret)
+    assert set(await r.json()) == {"status", "inbox_id"} and inv["id"] not in await r.text()
     got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
     assert got["status"] == "paid" and got["payments"][0]["amount"] == 1250
 
