@@ -149,6 +149,9 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
             tasks.append(asyncio.create_task(run_periodically(
                 "prune-idempotency-keys", 3600, lambda: invoicing.prune_idempotency_keys(
                     pool, retention=timedelta(hours=settings.idempotency_retention_hours)))))
+            tasks.append(asyncio.create_task(run_periodically(
+                "prune-rejected-callbacks", 3600, lambda: inbox.prune_rejected(
+                    pool, retention=timedelta(days=settings.inbox_rejected_retention_days)))))
         yield
         for t in tasks:
             t.cancel()

@@ -330,3 +330,14 @@ async def work(pool: asyncpg.Pool, providers: Mapping[str, Provider], *, batch: 
     return f"processed {done} of {len(ids)} inbox rows" if ids else None
 
 
+
+
+async def prune_rejected(pool: asyncpg.Pool, *, retention: timedelta, batch: int = 5000) -> str | None:
+    """Delete rejected callbacks older than ``retention`` (evidence kept that long; see the setting)."""
+    total = 0
+    while True:
+        status = await pool.execute(Q.inbox_prune_rejected, now_utc() - retention, batch)
+        n = int(status.split()[-1])
+        total += n
+        if n < batch:
+            return f"pruned {total} rejected callbacks" if total else None

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Background work.
     expiry_interval_seconds: float = Field(5, gt=0)
     idempotency_retention_hours: int = Field(48, ge=24)
+    # Rejected callbacks (never processed: a bad signature, a payment the provider denied…) are evidence, kept
+    # this long, then deleted, so unauthenticated requests cannot fill the database for good.
+    inbox_rejected_retention_days: int = Field(90, ge=30)
 
     # Payment providers enabled on this instance (comma separated), each configured below.
     providers: str = "sandbox"

@@ -649,3 +649,32 @@ async def test_ledger_reconcile_finds_a_payment_booked_otherwise_than_recorded(a
         assert bad.returncode == 1 and "payment pay_forged" in bad.stdout and "names no payment" in bad.stdout
     finally:
         await conn.close()
+
+
+async def test_callbacks_cannot_fill_the_inbox(api, portal, invoice_body):
+    """Found by a security review: every unauthenticated request was stored for good with all its headers (90
+    padding headers of 4 KB made rows of about 440 KB)."""
+    from datetime import timedelta
+
+    inv = await new_invoice(api, portal, invoice_body)
+    body = sandbox_body(inv)
+    padded = {**sandbox_headers(body), **{f"X-Pad-{n}": "x" * 4000 for n in range(5)}}
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=padded)
+    assert r.status == 431 and "a callback's must fit in 16384" in (await r.json())["detail"]
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM provider_inbox") == 0
+        # Rejected callbacks are evidence for a while, then go; nothing else does.
+        bad = sandbox_headers(body, secret="not-the-secret")
+        for _ in range(2):
+            assert (await api.client.post("/v1/providers/sandbox/callbacks", data=body, headers=bad)).status == 401
+        assert (await pay(api.client, inv, txid="TX-KEPT")).status == 200
+        await conn.execute("UPDATE provider_inbox SET received_at = now() - interval '91 days'")
+        await conn.execute("UPDATE provider_inbox SET received_at = now() WHERE id = (SELECT min(id) FROM "
+                           "provider_inbox WHERE state = 'rejected')")
+        said = await inbox.prune_rejected(api.client.app[POOL], retention=timedelta(days=90))
+        assert said == "pruned 1 rejected callbacks"
+        left = await conn.fetch("SELECT state FROM provider_inbox ORDER BY id")
+        assert [r["state"] for r in left] == ["rejected", "processed"]
+    finally:
+        await conn.close()

@@ -35,3 +35,13 @@ RETURNING id
 -- name: inbox_bill_is_ours
 -- An open invoice of ours has this bill number (one that could be paid now).
 SELECT EXISTS (SELECT 1 FROM invoices WHERE bill_number = $1 AND status = 'open')
+
+-- name: inbox_prune_rejected
+-- Rejected rows older than $1, at most $2 at a time; none that anything references.
+DELETE FROM provider_inbox i
+ WHERE i.id IN (SELECT r.id FROM provider_inbox r
+                 WHERE r.state = 'rejected' AND r.received_at < $1
+                   AND NOT EXISTS (SELECT 1 FROM payments p WHERE p.inbox_id = r.id)
+                   AND NOT EXISTS (SELECT 1 FROM payment_reports pr WHERE pr.inbox_id = r.id)
+                 ORDER BY r.received_at
+                 LIMIT $2)
