@@ -199,12 +199,13 @@ async def _keys_revoke(dsn: str, key_id: str) -> bool:
 
 
 def cmd_keys_revoke(settings: Settings, args) -> int:
+    # named by its id alone in what is printed, also when the whole key was given (never its secret)
+    key_id = args.key_id.split("_")[1] if args.key_id.startswith("psk_") else args.key_id
     with database(settings) as dsn:
         asyncio.run(_migrate(dsn, settings))
         if not asyncio.run(_keys_revoke(dsn, args.key_id)):
-            raise CliError(f"no active key with id {args.key_id!r}")
-    key_id = args.key_id.split("_")[1] if args.key_id.startswith("psk_") else args.key_id
-    print(f"revoked key {key_id}", file=sys.stderr)  # never the secret, when the whole key was given
+            raise CliError(f"no active key with id {key_id!r}")
+    print(f"revoked key {key_id}", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,8 @@ def cmd_reconcile(settings, args) -> int:
     with database(settings) as dsn:
         count, problems = asyncio.run(run(dsn))
     for p in problems[:50]:
-        print(f"  payment {p['payment_id']}, entry {p['entry_id']}: {p['problem']}")
+        who = f"payment {p['payment_id']}" if p["payment_id"] else "no payment"
+        print(f"  {who}, entry {p['entry_id']}: {p['problem']}")
     if len(problems) > 50:
         print(f"  … and {len(problems) - 50} more")
     if problems:

@@ -332,7 +332,7 @@ async def work(pool: asyncpg.Pool, providers: Mapping[str, Provider], *, batch: 
 
 
 
-async def prune_rejected(pool: asyncpg.Pool, *, retention: timedelta, batch: int = 5000) -> str | None:
+async def prune_rejected(pool: asyncpg.Pool, *, retention: timedelta, batch: int = 500) -> str | None:
     """Delete rejected callbacks older than ``retention`` (evidence kept that long; see the setting)."""
     total = 0
     while True:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -112,6 +112,15 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_inbox_retention(self) -> "Settings":
+        # A rejected callback may be the evidence behind a payment its settlement file brings later (found by
+        # review: 30 days' retention against up to 60 days' grace)
+        if self.inbox_rejected_retention_days < self.settlement_grace_days + 30:
+            raise ValueError(f"PAYSVC_INBOX_REJECTED_RETENTION_DAYS ({self.inbox_rejected_retention_days}) must be at "
+                             f"least PAYSVC_SETTLEMENT_GRACE_DAYS + 30 ({self.settlement_grace_days + 30})")
+        return self
 
     @field_validator("amqp_url")
     @classmethod
@@ -285,5 +294,6 @@ def load_settings(**overrides) -> Settings:
         for err in exc.errors(include_url=False):
             field = ".".join(str(p) for p in err["loc"])
             cause = (err.get("ctx") or {}).get("error")  # a validator's own words, without "Value error, "
-            lines.append(f"PAYSVC_{field.upper()}: {cause if isinstance(cause, ValueError) else err['msg']}")
+            message = cause if isinstance(cause, ValueError) else err["msg"]
+            lines.append(f"PAYSVC_{field.upper()}: {message}" if field else str(message))  # a rule over several
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

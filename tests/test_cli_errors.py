@@ -182,3 +182,6 @@ def test_revoking_a_key_given_whole_never_prints_its_secret(db_dsn):
     out = run(db_dsn, "keys", "revoke", key)
     assert out.returncode == 0 and f"revoked key {key_id}" in out.stderr, out.stderr
     assert secret not in out.stderr + out.stdout
+    again = run(db_dsn, "keys", "revoke", key)                 # refused: nor then (found by review)
+    assert_clean_failure(again, 1, f"no active key with id '{key_id}'")
+    assert secret not in again.stderr + again.stdout

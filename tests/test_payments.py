@@ -647,6 +647,24 @@ async def test_ledger_reconcile_finds_a_payment_booked_otherwise_than_recorded(a
             invoice_id=exact["id"], payment_id="pay_forged"))
         bad = await asyncio.to_thread(reconcile)
         assert bad.returncode == 1 and "payment pay_forged" in bad.stdout and "names no payment" in bad.stdout
+        # A capture corrected (reversed, posted again) is one capture; reversed alone, none (found by review)
+        forged = await conn.fetchval("SELECT id FROM ledger_entries WHERE payment_id = 'pay_forged'")
+        await ledger.reverse_entry(conn, forged, description="forged", effective_at=datetime.now(UTC))
+        exact_capture = await conn.fetchval(
+            "SELECT e.id FROM ledger_entries e JOIN payments p ON p.id = e.payment_id "
+            "WHERE p.provider_transaction_id = 'TX-EXACT' AND e.kind = 'payment.captured'")
+        await ledger.reverse_entry(conn, exact_capture, description="correction", effective_at=datetime.now(UTC))
+        bad = await asyncio.to_thread(reconcile)
+        assert bad.returncode == 1 and "the payment has no capture entry" in bad.stdout, bad.stdout
+        assert "pay_forged" not in bad.stdout
+        paid = await conn.fetchrow("SELECT id, invoice_id FROM payments WHERE provider_transaction_id = 'TX-EXACT'")
+        again = ledger.entries.payment_captured(
+            provider="sandbox", agency="MOI", amount=50000, currency="KHR", effective_at=datetime.now(UTC),
+            invoice_id=paid["invoice_id"], payment_id=paid["id"])
+        # posted again under its own key (the capture's key would return the reversed entry)
+        await ledger.post_entry(conn, again.model_copy(update={"idempotency_key": f"correction:{paid['id']}"}))
+        ok = await asyncio.to_thread(reconcile)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
     finally:
         await conn.close()
 

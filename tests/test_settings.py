@@ -103,3 +103,14 @@ def test_a_plugin_named_like_the_services_own_settings_is_refused(name):
 
     with pytest.raises(SettingsError, match=f"a provider named '{name}' would read the service's own settings"):
         plugin_config(Settings(providers=f"sandbox,{name}"), name)
+
+
+def test_rejected_callbacks_are_kept_past_the_settlement_grace():
+    """Found by review: 30 days' retention was accepted with 60 days' grace, so the evidence behind a payment a
+    late file brings could be gone."""
+    from paysvc.settings import load_settings
+
+    with pytest.raises(SettingsError, match=r"PAYSVC_INBOX_REJECTED_RETENTION_DAYS \(30\) must be at least "
+                                            r"PAYSVC_SETTLEMENT_GRACE_DAYS \+ 30 \(90\)"):
+        load_settings(settlement_grace_days=60, inbox_rejected_retention_days=30)
+    assert load_settings(settlement_grace_days=60, inbox_rejected_retention_days=90).inbox_rejected_retention_days == 90
