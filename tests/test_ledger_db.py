@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -1617,3 +1618,48 @@ def test_ledger_entries_is_there_after_a_plain_import_ledger():
                           text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "payment_captured"
+
+
+def offline_check(lines: list[str]) -> list[str]:
+    """An auditor's check of `paysvc ledger export`, written from docs/ledger.md alone (no paysvc code): the
+    problems found, an empty list when every content and chain hash holds."""
+    import hashlib
+
+    problems, prev = [], bytes(32)
+    for text in lines:
+        e = json.loads(text)
+        if e.get("missing"):
+            problems.append(f"seal {e['position']}: entry {e['entry_id']} missing")
+            continue
+        t = datetime.fromisoformat(e["effective_at"]) - datetime(1970, 1, 1, tzinfo=timezone.utc)
+        doc = {k: e[k] for k in ("kind", "description", "idempotency_key", "invoice_id", "payment_id",
+                                 "settlement_id", "reverses", "postings")}
+        doc["effective_at_us"] = (t.days * 86_400 + t.seconds) * 1_000_000 + t.microseconds
+        content = hashlib.sha256(b"paysvc.ledger.entry.v1\n" + json.dumps(
+            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).digest()
+        if content.hex() != e["content_hash"]:
+            problems.append(f"entry {e['entry_id']}: content differs from its hash")
+        chained = hashlib.sha256(prev + e["position"].to_bytes(8, "big") + e["entry_id"].to_bytes(8, "big")
+                                 + bytes.fromhex(e["content_hash"])).digest()
+        if chained.hex() != e["chain_hash"] or e["prev_hash"] != prev.hex():
+            problems.append(f"seal {e['position']}: chain broken")
+        prev = bytes.fromhex(e["chain_hash"])
+    return problems
+
+
+async def test_the_exported_chain_checks_away_from_the_service(db, db_dsn):
+    """Found by an auditor's walk-through: the only way to check the ledger independently was paging the API."""
+    posted = [await post(db, capture(n, amount=1000 + n)) for n in range(4)]
+    await post(db, capture(9, at=T0.replace(microsecond=123456)))
+    await seal_everything(db)
+    out = await asyncio.to_thread(run_cli, db_dsn, "export")
+    assert out.returncode == 0 and "exported 5 sealed entries" in out.stderr, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 5 and offline_check(lines) == []
+    head = await ledger.chain_head(db)
+    assert json.loads(lines[-1])["chain_hash"] == head.chain_hash     # the head an anchor records
+    later = await asyncio.to_thread(run_cli, db_dsn, "export", "--after", "3")
+    assert [json.loads(x)["position"] for x in later.stdout.splitlines()] == [4, 5]
+    await tamper(db_dsn, "UPDATE ledger_postings SET amount = amount + 1 WHERE entry_id = $1", posted[1].id)
+    again = await asyncio.to_thread(run_cli, db_dsn, "export")
+    assert offline_check(again.stdout.splitlines()) == [f"entry {posted[1].id}: content differs from its hash"]
