@@ -82,9 +82,15 @@ def cmd_export(settings, args) -> int:
     walk-through: the only way was paging the API)."""
     from paysvc.cli import database
 
+    import os
+
     with database(settings) as dsn:
-        n = asyncio.run(_export(dsn, sys.stdout, after=args.after))
-    sys.stdout.flush()
+        try:
+            n = asyncio.run(_export(dsn, sys.stdout, after=args.after))
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Python's documentation advises
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
     print(f"exported {n} sealed entries", file=sys.stderr)
     return 0
 
