@@ -1660,6 +1660,16 @@ async def test_the_exported_chain_checks_away_from_the_service(db, db_dsn):
     assert json.loads(lines[-1])["chain_hash"] == head.chain_hash     # the head an anchor records
     later = await asyncio.to_thread(run_cli, db_dsn, "export", "--after", "3")
     assert [json.loads(x)["position"] for x in later.stdout.splitlines()] == [4, 5]
+    # a reader gone away (`| head`) ends it quietly
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        env = dict(os.environ, PAYSVC_DATABASE_URL=db_dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
+        gone = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "paysvc", "ledger", "export"], env=env,
+                                       stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert gone.returncode == 141 and "Traceback" not in gone.stderr, gone.stderr
     await tamper(db_dsn, "UPDATE ledger_postings SET amount = amount + 1 WHERE entry_id = $1", posted[1].id)
     again = await asyncio.to_thread(run_cli, db_dsn, "export")
     assert offline_check(again.stdout.splitlines()) == [f"entry {posted[1].id}: content differs from its hash"]
