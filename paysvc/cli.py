@@ -199,11 +199,18 @@ async def _keys_revoke(dsn: str, key_id: str) -> bool:
 
 
 def cmd_keys_revoke(settings: Settings, args) -> int:
-    # named by its id alone in what is printed, also when the whole key was given (never its secret)
-    key_id = args.key_id.split("_")[1] if args.key_id.startswith("psk_") else args.key_id
+    import re
+
+    # Named by its id alone in what is printed, however the whole key was pasted (with spaces, a "Bearer "
+    # before it: found by review), and never echoed when it is neither a key nor an id: it may hold a secret.
+    given = args.key_id.strip()
+    found = re.search(r"psk_([0-9a-f]+)_", given)
+    key_id = found.group(1) if found else given if re.fullmatch(r"[0-9a-f]{1,64}", given) else None
+    if key_id is None:
+        raise CliError("give a key's id (as `paysvc keys list` shows it) or the whole key (psk_…)")
     with database(settings) as dsn:
         asyncio.run(_migrate(dsn, settings))
-        if not asyncio.run(_keys_revoke(dsn, args.key_id)):
+        if not asyncio.run(_keys_revoke(dsn, key_id)):
             raise CliError(f"no active key with id {key_id!r}")
     print(f"revoked key {key_id}", file=sys.stderr)
     return 0

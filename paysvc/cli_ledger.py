@@ -72,7 +72,9 @@ async def _export(dsn: str, out, *, after: int, page: int = 1000) -> int:
                             invoice_id=e.invoice_id, payment_id=e.payment_id, settlement_id=e.settlement_id,
                             reverses=e.reverses, recorded_at=e.recorded_at.isoformat(),
                             postings=[p.model_dump() for p in e.postings])
-                    out.write(json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n")
+                    # ASCII (\uXXXX escapes): one line per entry whatever the text holds (U+2028…) and whatever
+                    # the terminal's encoding (found by review); a JSON parser gives the same strings back
+                    out.write(json.dumps(line, separators=(",", ":")) + "\n")
                     written += 1
                 after = seals[-1]["position"]
 

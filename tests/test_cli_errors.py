@@ -185,3 +185,13 @@ def test_revoking_a_key_given_whole_never_prints_its_secret(db_dsn):
     again = run(db_dsn, "keys", "revoke", key)                 # refused: nor then (found by review)
     assert_clean_failure(again, 1, f"no active key with id '{key_id}'")
     assert secret not in again.stderr + again.stdout
+    for pasted in (f" {key}", f"Bearer {key}"):                # pasted as it came: found, never echoed
+        out = run(db_dsn, "keys", "revoke", pasted)
+        assert_clean_failure(out, 1, f"no active key with id '{key_id}'")
+        assert secret not in out.stderr + out.stdout
+    other = run(db_dsn, "keys", "create", "--name", "Second desk", "--scope", "treasury").stdout.strip()
+    out = run(db_dsn, "keys", "revoke", f"Bearer {other}")
+    assert out.returncode == 0 and f"revoked key {other.split('_')[1]}" in out.stderr, out.stderr
+    out = run(db_dsn, "keys", "revoke", "not a key " + secret)
+    assert_clean_failure(out, 1, "give a key's id")
+    assert secret not in out.stderr

@@ -1630,6 +1630,7 @@ def offline_check(lines: list[str]) -> list[str]:
         e = json.loads(text)
         if e.get("missing"):
             problems.append(f"seal {e['position']}: entry {e['entry_id']} missing")
+            prev = bytes.fromhex(e["chain_hash"])  # its link cannot be checked: its content is gone
             continue
         t = datetime.fromisoformat(e["effective_at"]) - datetime(1970, 1, 1, tzinfo=timezone.utc)
         doc = {k: e[k] for k in ("kind", "description", "idempotency_key", "invoice_id", "payment_id",
@@ -1650,12 +1651,13 @@ def offline_check(lines: list[str]) -> list[str]:
 async def test_the_exported_chain_checks_away_from_the_service(db, db_dsn):
     """Found by an auditor's walk-through: the only way to check the ledger independently was paging the API."""
     posted = [await post(db, capture(n, amount=1000 + n)) for n in range(4)]
-    await post(db, capture(9, at=T0.replace(microsecond=123456)))
+    await post(db, capture(9, at=T0.replace(microsecond=123456)).model_copy(
+        update={"description": "ការទូទាត់\u2028line\u2029para\x85\x01 end"}))
     await seal_everything(db)
     out = await asyncio.to_thread(run_cli, db_dsn, "export")
     assert out.returncode == 0 and "exported 5 sealed entries" in out.stderr, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 5 and offline_check(lines) == []
+    assert len(lines) == 5 and offline_check(lines) == [] and out.stdout.isascii()
     head = await ledger.chain_head(db)
     assert json.loads(lines[-1])["chain_hash"] == head.chain_hash     # the head an anchor records
     later = await asyncio.to_thread(run_cli, db_dsn, "export", "--after", "3")
@@ -1673,3 +1675,9 @@ async def test_the_exported_chain_checks_away_from_the_service(db, db_dsn):
     await tamper(db_dsn, "UPDATE ledger_postings SET amount = amount + 1 WHERE entry_id = $1", posted[1].id)
     again = await asyncio.to_thread(run_cli, db_dsn, "export")
     assert offline_check(again.stdout.splitlines()) == [f"entry {posted[1].id}: content differs from its hash"]
+    # an entry row deleted: its seal is exported as missing, and the chain after it still checks
+    await tamper(db_dsn, "DELETE FROM ledger_postings WHERE entry_id = $1", posted[2].id)
+    await tamper(db_dsn, "DELETE FROM ledger_entries WHERE id = $1", posted[2].id)
+    gone_row = await asyncio.to_thread(run_cli, db_dsn, "export")
+    assert offline_check(gone_row.stdout.splitlines()) == [
+        f"entry {posted[1].id}: content differs from its hash", f"seal 3: entry {posted[2].id} missing"]

@@ -665,6 +665,14 @@ async def test_ledger_reconcile_finds_a_payment_booked_otherwise_than_recorded(a
         await ledger.post_entry(conn, again.model_copy(update={"idempotency_key": f"correction:{paid['id']}"}))
         ok = await asyncio.to_thread(reconcile)
         assert ok.returncode == 0, ok.stdout + ok.stderr
+        # The suspense capture undone, then the undoing undone: it books the payment again (found by review)
+        held = await conn.fetchval("SELECT e.id FROM ledger_entries e JOIN payments p ON p.id = e.payment_id "
+                                   "WHERE p.provider_transaction_id = 'TX-SHORT' AND e.kind = 'payment.suspense'")
+        undo = await ledger.reverse_entry(conn, held, description="by mistake", effective_at=datetime.now(UTC))
+        assert (await asyncio.to_thread(reconcile)).returncode == 1
+        await ledger.reverse_entry(conn, undo.id, description="mistake undone", effective_at=datetime.now(UTC))
+        ok = await asyncio.to_thread(reconcile)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
     finally:
         await conn.close()
 

@@ -117,17 +117,26 @@ SELECT id, provider, provider_transaction_id, amount, currency, paid_at,
 -- Every payment must have exactly one capture entry (payment.captured or payment.suspense, naming it) whose
 -- postings are the payment's: its provider's clearing debited with its amount, its agency's revenue credited
 -- with the applied part, suspense with the held part; and every capture entry must name a payment. One row per
--- payment or entry that is not so (`paysvc ledger reconcile`). A capture that was reversed is left out.
-WITH cap AS (
+-- payment or entry that is not so (`paysvc ledger reconcile`). A capture undone by a reversal (not itself
+-- undone) is left out.
+WITH RECURSIVE undone (capture_id, reversal_id, depth) AS (
+    -- each capture's chain of reversals (a reversal may itself be reversed once, and so on)
+    SELECT e.id, r.id, 1
+      FROM ledger_entries e JOIN ledger_entries r ON r.reverses = e.id
+     WHERE e.kind IN ('payment.captured', 'payment.suspense')
+    UNION ALL
+    SELECT u.capture_id, r.id, u.depth + 1 FROM undone u JOIN ledger_entries r ON r.reverses = u.reversal_id
+), cap AS (
     SELECT e.id, e.payment_id,
            jsonb_agg(jsonb_build_array(a.code, l.side, l.amount) ORDER BY a.code, l.side, l.amount) AS lines
       FROM ledger_entries e
       JOIN ledger_postings l ON l.entry_id = e.id
       JOIN ledger_accounts a ON a.id = l.account_id
      WHERE e.kind IN ('payment.captured', 'payment.suspense')
-       -- a capture reversed (a correction) no longer books the payment: its re-posted capture does (found by
-       -- review: a reversed capture counted as booked, and one re-posted after it as a second capture)
-       AND NOT EXISTS (SELECT 1 FROM ledger_entries r WHERE r.reverses = e.id)
+       -- a capture reversed (a correction) no longer books the payment: its re-posted capture does; one whose
+       -- reversal was itself reversed does again (found by two reviews: a reversed capture counted as booked,
+       -- and a restored one as missing)
+       AND coalesce((SELECT max(u.depth) FROM undone u WHERE u.capture_id = e.id), 0) % 2 = 0
      GROUP BY e.id, e.payment_id
 ), expected AS (
     SELECT p.id, p.amount, p.currency,
