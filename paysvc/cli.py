@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -17,6 +18,14 @@ log = logging.getLogger("paysvc")
 
 class CliError(Exception):
     pass
+
+
+def reader_gone() -> int:
+    """After a BrokenPipeError on standard output (the reader went away: ``| head``): point it at devnull, as
+    Python's documentation of SIGPIPE advises, so the flush at exit does not fail again; the exit status a
+    shell gives a process ended by SIGPIPE."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 @contextlib.contextmanager

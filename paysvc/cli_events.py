@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 from datetime import timedelta
@@ -117,7 +116,7 @@ def cmd_declare(settings, args) -> int:
 
 
 def cmd_tail(settings, args) -> int:
-    from paysvc.cli import CliError
+    from paysvc.cli import CliError, reader_gone
     from paysvc.events_tail import KeysUnavailable, tail
 
     keys_url = args.keys_url or f"{settings.base_url}/v1/keys/events"
@@ -127,11 +126,7 @@ def cmd_tail(settings, args) -> int:
     except KeysUnavailable as exc:
         raise CliError(f"{exc}; is the service running there, or give --keys-url") from None
     except BrokenPipeError:
-        # the reader of standard output went away (`| head`): the message being printed stays unacked in the queue
-        # (as Python's documentation of SIGPIPE advises: standard output pointed at devnull, so the flush at exit
-        # does not fail again)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return reader_gone()  # the message being printed stays unacked in the queue
     except Exception as exc:
         why = broker_error(exc, url, agency=args.agency, queue=queue)
         if why is None:

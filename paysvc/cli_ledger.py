@@ -82,17 +82,14 @@ async def _export(dsn: str, out, *, after: int, page: int = 1000) -> int:
 def cmd_export(settings, args) -> int:
     """The sealed chain as JSON lines, for an auditor to check away from the service (found by an auditor's
     walk-through: the only way was paging the API)."""
-    from paysvc.cli import database
-
-    import os
+    from paysvc.cli import database, reader_gone
 
     with database(settings) as dsn:
         try:
             n = asyncio.run(_export(dsn, sys.stdout, after=args.after))
             sys.stdout.flush()
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Python's documentation advises
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 141
+        except BrokenPipeError:
+            return reader_gone()
     print(f"exported {n} sealed entries", file=sys.stderr)
     return 0
 
