@@ -278,10 +278,15 @@ async def day(request: web.Request) -> web.Response:
     session = await _require(request)
     if isinstance(session, web.Response):
         return session
+    # A page, not the API's JSON, when there is no such day (found by a treasury walk-through)
+    def not_found(why: str) -> web.Response:
+        return _page(request, "No such day", f'<p class="error">{_e(why)}</p><p><a href="/treasury">Back to the '
+                                             'last 14 days</a></p>', session=session, status=404)
+
     try:
         d = iso_date(request.match_info["date"])
-    except ValueError:
-        raise web.HTTPNotFound() from None
+    except ValueError as exc:
+        return not_found(f"{exc}: a day is written like 2026-11-24")
     provider = request.match_info["provider"]
     rules = rules_of(request.app[SETTINGS])
     exc_after = _cursor_param(request, "exceptions_after")
@@ -291,7 +296,8 @@ async def day(request: web.Request) -> web.Response:
         day_ = await day_overview(conn, provider, d, rules=rules, exceptions_limit=EXCEPTIONS_PAGE,
                                   exceptions_after=exc_after)
         if not settlements and not day_["open_exception_count"] and provider not in request.app[PROVIDERS]:
-            raise web.HTTPNotFound()
+            return not_found(f"no settlement file or open exception for provider {provider!r} on {d.isoformat()}, "
+                             "and no such provider is enabled")
         files = [await settlement_page(conn, s["id"], lines_limit=LINES_PAGE,
                                        after_line=after_line if s["id"] == lines_of else 0)
                  for s in settlements]

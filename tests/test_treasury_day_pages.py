@@ -75,10 +75,14 @@ async def test_a_day_without_a_file_shows_and_resolves_its_open_exceptions(api, 
     page = await (await api.client.get(r.headers["Location"])).text()
     assert _exception_ids(page) == ids[1:]
     # A provider the service does not know, on a day with nothing, is still not found.
-    assert (await api.client.get(f"/treasury/days/{today}/nosuchprovider")).status == 404
-    # Nor is the day written otherwise than YYYY-MM-DD (Python alone would read these as the same day).
-    for other in (today.strftime("%Y%m%d"), today.strftime("%G-W%V-%u")):
-        assert (await api.client.get(f"/treasury/days/{other}/sandbox")).status == 404, other
+    r = await api.client.get(f"/treasury/days/{today}/nosuchprovider")
+    assert r.status == 404 and r.content_type == "text/html" and "no such provider is enabled" in await r.text()
+    # Nor is the day written otherwise than YYYY-MM-DD (Python alone would read these as the same day); each is
+    # a page saying so, not the API's JSON (found by a treasury walk-through)
+    for other in (today.strftime("%Y%m%d"), today.strftime("%G-W%V-%u"), "2026-13-45"):
+        r = await api.client.get(f"/treasury/days/{other}/sandbox")
+        assert r.status == 404 and r.content_type == "text/html", other
+        assert "a day is written like 2026-11-24" in await r.text(), other
 
 
 async def test_a_header_only_file_does_not_make_the_day_matched(api, portal, treasury, treasury_key,
