@@ -76,14 +76,22 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
 
 async def _up_to_date(conn: asyncpg.Connection, migrations: list[Migration]) -> bool:
     """Whether every migration is applied, as it is now, and no other: read without a lock."""
+    applied = await _history(conn, migrations)
+    return applied is not None and set(applied) == {m.version for m in migrations}
+
+
+async def _history(conn: asyncpg.Connection, migrations: list[Migration]) -> dict | None:
+    """The migrations applied, by version, once checked against ``migrations`` (see _check_history); None when
+    there is no history yet, or this role may not read it (before migration 0042)."""
     if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
-        return False
+        return None
     try:
         rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
     except asyncpg.InsufficientPrivilegeError:
-        return False  # a role that may not read it (before migration 0042): the locked path says what to do
-    _check_history({r["version"]: r for r in rows}, migrations)
-    return {r["version"] for r in rows} == {m.version for m in migrations}
+        return None  # the locked path says what to do
+    applied = {r["version"]: r for r in rows}
+    _check_history(applied, migrations)
+    return applied
 
 
 def _check_history(applied: dict, migrations: list[Migration]) -> None:
@@ -106,19 +114,20 @@ async def _apply(conn: asyncpg.Connection, migrations: list[Migration]) -> list[
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
-        if await _up_to_date(conn, migrations):
-            return []  # migrated by another while this one waited for the lock (found by review)
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS schema_migrations (
-                   version integer PRIMARY KEY,
-                   name text NOT NULL,
-                   checksum text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        applied = {
-            r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
-        }
-        _check_history(applied, migrations)
+        applied = await _history(conn, migrations)
+        if applied is None:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            applied = {  # raises for a role that may not read it
+                r["version"]: r for r in await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+            }
+            _check_history(applied, migrations)
+        # every migration applied already (by another, while this one waited for the lock): nothing is done
         for mig in migrations:
             if mig.version in applied:
                 continue
