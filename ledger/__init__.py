@@ -13,7 +13,7 @@ from ledger.balances import (
 from ledger.canonical import canonical_content, chain_hash, content_hash
 from ledger.chain import seal, seal_all
 from ledger.errors import (
-    AccountNotFound, AlreadyReversed, EntryNotFound, InvalidAccount, InvalidReversal, LedgerError,
+    AccountNotFound, AlreadyReversed, EntryNotFound, IdempotencyConflict, InvalidAccount, InvalidReversal, LedgerError,
     LedgerTampered,
 )
 from ledger.journal import (
@@ -31,7 +31,7 @@ from ledger import entries
 __all__ = [
     "Account", "AccountNotFound", "AccountProblem", "AccountSpec", "AlreadyReversed", "AnchorProblem", "BalanceMismatch", "ChainHead",
     "CurrencyTotal",
-    "EntryDraft", "EntryNotFound", "EntryProblem", "InvalidAccount", "InvalidReversal", "LedgerError",
+    "EntryDraft", "EntryNotFound", "EntryProblem", "IdempotencyConflict", "InvalidAccount", "InvalidReversal", "LedgerError",
     "LedgerTampered", "PostedEntry", "Posting", "StatementLine", "TrialBalance", "TrialBalanceLine", "VerifyReport",
     "account_spec", "balance", "canonical_content", "chain_hash", "chain_head", "content_hash", "entries", "fold_pending",
     "get_account", "get_entries", "get_entry", "list_accounts", "list_entries", "parse_anchor", "post_entries",

@@ -44,3 +44,10 @@ class InvalidReversal(LedgerError):
     exactly the postings of the entry it names, each side swapped, and kind ``reversal``."""
 
     code = "invalid-reversal"
+
+
+class IdempotencyConflict(LedgerError):
+    """An idempotency key already names an entry that books something else (other postings, kind or
+    references): the draft is not a retry of that entry, and nothing was written for it."""
+
+    code = "idempotency-conflict"

@@ -10,7 +10,7 @@ import asyncpg
 
 from ledger.accounts import account_spec
 from ledger.canonical import content_hash
-from ledger.errors import AlreadyReversed, EntryNotFound, InvalidReversal, LedgerError
+from ledger.errors import AlreadyReversed, EntryNotFound, IdempotencyConflict, InvalidReversal, LedgerError
 from ledger.postings import EntryDraft, PostedEntry, Posting
 from ledger.sql import Q
 
@@ -19,8 +19,11 @@ async def post_entry(conn: asyncpg.Connection, draft: EntryDraft, *, fold_now: b
     """Post one balanced entry in the caller's transaction (one round trip).
 
     The database checks the entry again at commit (with ``fold_now``, in this statement). If the
-    idempotency key was used before, the first entry is returned with ``replayed=True`` and nothing is
-    written. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal,
+    idempotency key was used before by the same entry, the first entry is returned with ``replayed=True`` and
+    nothing is written; "the same" is what it books: its kind, its postings (in any order) and what it refers
+    to (invoice, payment, settlement, reversed entry), not its description or effective time, which a retry
+    may word or stamp anew (the first's stay). A key used before by an entry that books something else
+    raises ``IdempotencyConflict``: nothing is written for the draft. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal,
     ``EntryNotFound`` when it names no entry, and ``InvalidReversal`` when the draft is not that entry undone
     (its postings with each side swapped, kind ``reversal``: use ``reversal_draft`` or ``reverse_entry``).
     Without ``fold_now``, inside a transaction block, the database checks the last at commit: the caller's
@@ -35,8 +38,8 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
                        fold_now: bool = False) -> list[PostedEntry]:
     """Post a micro-batch of entries with one statement; results in the order of ``drafts``.
 
-    Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` draft raises after the
-    others were written in the caller's transaction: roll it back, or post reversals one by one. Any other
+    Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` or
+    ``IdempotencyConflict`` draft raises after the others were written in the caller's transaction: roll it back, or post reversals one by one. Any other
     error refuses the whole statement.
 
     By default the database checks each of the transaction's entries and folds it into the balances when
@@ -102,8 +105,27 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
     if replayed:
         firsts = await get_entries(conn, list(set(replayed.values())))
         for i, entry_id in replayed.items():
-            out[i] = firsts[entry_id].model_copy(update={"replayed": True})
+            first = firsts[entry_id]
+            differs = _differences(drafts[i], first)
+            if differs:
+                raise IdempotencyConflict(
+                    f"idempotency key {drafts[i].idempotency_key!r} was used by journal entry {first.id}, which "
+                    f"books something else ({differs}); nothing was written for this draft: a retry must book "
+                    "the same entry, and a new entry needs a new key")
+            out[i] = first.model_copy(update={"replayed": True})
     return out  # type: ignore[return-value]
+
+
+def _differences(draft: EntryDraft, first: PostedEntry) -> str:
+    """What the draft books differently from the entry that holds its idempotency key ('' when nothing)."""
+    out = [f"{name} {getattr(first, name)!r}, not {getattr(draft, name)!r}"
+           for name in ("kind", "invoice_id", "payment_id", "settlement_id", "reverses")
+           if getattr(first, name) != getattr(draft, name)]
+    def lines(e: EntryDraft | PostedEntry) -> list[tuple[str, str, int, str]]:
+        return sorted((p.account, p.side, p.amount, p.currency) for p in e.postings)
+    if lines(first) != lines(draft):
+        out.append("other postings")
+    return ", ".join(out)
 
 
 _ID_TAKEN = "the entry id drawn from the sequence was taken by an entry written with an explicit id; "
@@ -185,7 +207,7 @@ async def reverse_entry(conn: asyncpg.Connection, entry_id: int, *, description:
 
     Raises ``EntryNotFound``, or ``AlreadyReversed`` if it was reversed before (the database's UNIQUE
     constraint decides, so two concurrent reversals cannot both succeed). With an idempotency key already
-    used, returns that first entry.
+    used by this reversal, returns that first entry; used by another entry, raises ``IdempotencyConflict``.
     """
     original = await get_entry(conn, entry_id)
     return await post_entry(conn, reversal_draft(original, description=description, effective_at=effective_at,

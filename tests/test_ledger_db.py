@@ -74,8 +74,11 @@ async def test_posting_creates_accounts_and_keeps_balances(db):
 
 async def test_same_idempotency_key_returns_the_first_entry_and_writes_nothing(db):
     first = await post(db, capture(1))
-    again = await post(db, capture(1, amount=999))  # same key (payment id), other content
+    # A retry may word or time the entry anew: the first's description and time stay.
+    retry = capture(1, at=T0 + timedelta(minutes=5)).model_copy(update={"description": "retried"})
+    again = await post(db, retry)
     assert again.replayed and again.id == first.id and again.postings[0].amount == 50_000
+    assert (again.description, again.effective_at) == (first.description, first.effective_at)
     assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
     assert await ledger.balance(db, CLEARING) == 50_000
     batch = [capture(2), capture(2), capture(3)]  # a key repeated inside one batch
@@ -83,6 +86,61 @@ async def test_same_idempotency_key_returns_the_first_entry_and_writes_nothing(d
         posted = await ledger.post_entries(db, batch)
     assert [x.replayed for x in posted] == [False, True, False] and posted[0].id == posted[1].id
     assert await ledger.balance(db, CLEARING) == 150_000
+
+
+@pytest.mark.parametrize("fold_now", [False, True])
+@pytest.mark.parametrize("change", ["amount", "account", "invoice", "kind"])
+async def test_a_key_used_again_for_other_money_is_refused_not_dropped(db, change, fold_now):
+    # A key already used by an entry that books something else: the draft is refused, naming that entry.
+    first = await post(db, capture(1))
+    other = {"amount": capture(1, amount=999),
+             "account": capture(1, agency="MEF"),
+             "invoice": capture(1).model_copy(update={"invoice_id": "inv_2"}),
+             "kind": capture(1).model_copy(update={"kind": "refund"})}[change]
+    with pytest.raises(ledger.IdempotencyConflict, match=f"journal entry {first.id}") as refused:
+        async with db.transaction():
+            await ledger.post_entry(db, other, fold_now=fold_now)
+    assert refused.value.code == "idempotency-conflict" and "payment.captured:pay_1" in str(refused.value)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 1
+    assert await ledger.balance(db, CLEARING) == 50_000
+
+
+async def test_a_key_used_twice_in_one_batch_for_other_money_refuses_the_batch(db):
+    with pytest.raises(ledger.IdempotencyConflict, match="other postings"):
+        async with db.transaction():
+            await ledger.post_entries(db, [capture(1), capture(2), capture(1, amount=7)])
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
+
+
+async def test_a_reversal_key_replays_that_reversal_and_refuses_another_entrys(db):
+    a, b = await post(db, capture(1)), await post(db, capture(2))
+    async with db.transaction():
+        undo = await ledger.reverse_entry(db, a.id, description="undo", effective_at=T0, idempotency_key="undo-1")
+    async with db.transaction():  # retried later: the same reversal, stamped anew
+        again = await ledger.reverse_entry(db, a.id, description="undo again", effective_at=T0 + timedelta(hours=1),
+                                           idempotency_key="undo-1")
+    assert again.replayed and again.id == undo.id
+    with pytest.raises(ledger.IdempotencyConflict, match=f"reverses {a.id}, not {b.id}"):
+        async with db.transaction():
+            await ledger.reverse_entry(db, b.id, description="undo", effective_at=T0, idempotency_key="undo-1")
+    assert await ledger.balance(db, CLEARING) == 50_000  # b stands
+
+
+async def test_concurrent_posts_of_one_key_for_other_money_write_one_and_refuse_the_rest(db_dsn):
+    async def one(amount: int):
+        async with connect(db_dsn) as c:
+            return await post(c, capture(7, amount=amount))
+    results = await asyncio.gather(*(one(1000 + i % 2) for i in range(8)), return_exceptions=True)
+    won = [r for r in results if isinstance(r, ledger.PostedEntry) and not r.replayed]
+    assert len(won) == 1
+    for r in results:  # the same amount as the winner's is a replay, the other amount is refused
+        if isinstance(r, ledger.PostedEntry):
+            assert r.id == won[0].id and r.postings[0].amount == won[0].postings[0].amount
+        else:
+            assert isinstance(r, ledger.IdempotencyConflict), r
+    assert sum(isinstance(r, ledger.IdempotencyConflict) for r in results) == 4
+    async with connect(db_dsn) as c:
+        assert await ledger.balance(c, CLEARING) == won[0].postings[0].amount
 
 
 async def test_concurrent_posts_with_one_key_write_once(db_dsn):

@@ -49,6 +49,12 @@ def balanced_entries(draw) -> EntryDraft:
                       idempotency_key=draw(st.none() | st.sampled_from(["k1", "k2", "k3"])))
 
 
+def books(e: EntryDraft | ledger.PostedEntry) -> tuple:
+    """What an entry books, as the ledger compares it when an idempotency key is used again."""
+    return (e.kind, e.invoice_id, e.payment_id, e.settlement_id, e.reverses,
+            sorted((p.account, p.side, p.amount, p.currency) for p in e.postings))
+
+
 @st.composite
 def unbalanced_postings(draw) -> list[tuple[str, str, int, str]]:
     """Raw postings that do not balance per currency (off by some amount, or mixing currencies)."""
@@ -70,8 +76,9 @@ class LedgerMachine(RuleBasedStateMachine):
         self.conn: asyncpg.Connection = self.run(asyncpg.connect(self.dsn))
         self.start = Counter(self.run(self._net()))  # the database is shared between runs: compare deltas
         self.expected: Counter[str] = Counter()
-        self.by_key: dict[str, int] = dict(self.run(self.conn.fetch(
-            "SELECT idempotency_key, id FROM ledger_entries WHERE idempotency_key IS NOT NULL")))
+        keyed = self.run(ledger.get_entries(self.conn, [r["id"] for r in self.run(self.conn.fetch(
+            "SELECT id FROM ledger_entries WHERE idempotency_key IS NOT NULL"))]))
+        self.by_key: dict[str, tuple[int, tuple]] = {e.idempotency_key: (e.id, books(e)) for e in keyed.values()}
         self.reversible: list[int] = []
 
     def run(self, coro):
@@ -84,11 +91,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _book(self, e: ledger.PostedEntry) -> None:
         if e.replayed:
-            assert e.idempotency_key is not None and self.by_key[e.idempotency_key] == e.id
+            assert e.idempotency_key is not None and self.by_key[e.idempotency_key] == (e.id, books(e))
             return
         if e.idempotency_key is not None:
             assert e.idempotency_key not in self.by_key
-            self.by_key[e.idempotency_key] = e.id
+            self.by_key[e.idempotency_key] = (e.id, books(e))
         for p in e.postings:
             self.expected[p.account] += p.amount if p.side == "debit" else -p.amount
         if e.reverses is None:
@@ -98,14 +105,29 @@ class LedgerMachine(RuleBasedStateMachine):
         async with self.conn.transaction():
             return await ledger.post_entries(self.conn, drafts)
 
+    def _conflicts(self, drafts: list[EntryDraft]) -> bool:
+        """Whether a draft of this batch reuses a key (known, or earlier in the batch) for something else."""
+        seen = {k: b for k, (_, b) in self.by_key.items()}
+        for d in drafts:
+            if d.idempotency_key is not None and seen.setdefault(d.idempotency_key, books(d)) != books(d):
+                return True
+        return False
+
+    def _post_and_book(self, drafts: list[EntryDraft]) -> None:
+        if self._conflicts(drafts):
+            with pytest.raises(ledger.IdempotencyConflict):  # the whole batch rolled back with the transaction
+                self.run(self._post(drafts))
+            return
+        for e in self.run(self._post(drafts)):
+            self._book(e)
+
     @rule(draft=balanced_entries())
     def post(self, draft):
-        self._book(self.run(self._post([draft]))[0])
+        self._post_and_book([draft])
 
     @rule(drafts=st.lists(balanced_entries(), min_size=2, max_size=6))
     def post_batch(self, drafts):
-        for e in self.run(self._post(drafts)):
-            self._book(e)
+        self._post_and_book(drafts)
 
     @rule(drafts=st.lists(balanced_entries(), min_size=2, max_size=8))
     def concurrent_writers(self, drafts):
@@ -116,11 +138,16 @@ class LedgerMachine(RuleBasedStateMachine):
                     return await ledger.post_entry(c, d)
             finally:
                 await c.close()
-        async def all_at_once() -> list[ledger.PostedEntry]:
-            return await asyncio.gather(*(one(d) for d in drafts))
+        async def all_at_once() -> list[ledger.PostedEntry | BaseException]:
+            return await asyncio.gather(*(one(d) for d in drafts), return_exceptions=True)
         results = self.run(all_at_once())
-        for e in sorted(results, key=lambda e: (e.replayed, e.id)):  # the writer that won a key comes first
+        posted = [e for e in results if isinstance(e, ledger.PostedEntry)]
+        for e in sorted(posted, key=lambda e: (e.replayed, e.id)):  # the writer that won a key comes first
             self._book(e)
+        for d, e in zip(drafts, results):  # a refused writer reused the key of an entry that books other things
+            if not isinstance(e, ledger.PostedEntry):
+                assert isinstance(e, ledger.IdempotencyConflict), e
+                assert d.idempotency_key is not None and self.by_key[d.idempotency_key][1] != books(d)
 
     @precondition(lambda self: self.reversible)
     @rule(data=st.data())
