@@ -209,14 +209,17 @@ class Relay:
         self._stuck = {a: (t, w) for a, (t, w) in self._stuck.items() if now <= t + self._backoff[1]}
         waiting = [agency for agency, (retry_at, _) in self._stuck.items() if retry_at > now]
         async with self._pool.acquire() as conn:
+            # Number what committed since the last pass (the sequencer's job, done here too so a relay alone
+            # needs nothing else), in a statement that commits on its own before anything is published: a
+            # message never carries a seq the database has not committed. Numbered inside the claim's
+            # transaction, a consumer holding message N could ask the feed for events after N before the
+            # numbering committed and be refused as past the newest (found by the signed feed's test).
+            await outbox.sequence(conn)
             async with conn.transaction():
                 claimed = [r["agency_id"] for r in await conn.fetch(Q.relay_claim_agencies, self._max_agencies,
                                                                    waiting)]
                 if not claimed:
                     return 0
-                # Number what the claimed agencies committed since the last pass (the sequencer's job,
-                # done here too so a relay alone needs nothing else), then read in that order.
-                await outbox.sequence(conn, claimed)
                 per_agency = max(1, self._batch_size // len(claimed))
                 rows = await conn.fetch(Q.relay_unpublished, claimed, per_agency)
                 if not rows:

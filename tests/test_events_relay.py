@@ -94,6 +94,41 @@ async def test_every_committed_event_arrives_signed_and_a_rolled_back_one_never(
         assert await conn.fetchval("SELECT count(*) FROM outbox_events WHERE published_at IS NULL") == 0
 
 
+async def test_a_published_message_carries_a_seq_the_database_has_committed(db_dsn, broker: Broker, invoice_body):
+    # The relay numbered events inside the transaction that published them, so for as long as the broker took
+    # to confirm, a consumer holding message N found no event N in the feed (GET /v1/events?after=N was even
+    # refused as past the newest). Now whatever reaches the broker is numbered and committed first.
+    async with running_api(db_dsn, **broker.settings()) as api:
+        headers = await api.portal("MOI")
+        got = await broker.consume("MOI")
+        for _ in range(3):
+            assert (await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)).status == 201
+        relay = await make_relay(db_dsn, broker)
+        seen_committed: list[list[int]] = []
+        publish = relay._publish
+
+        async def publish_then_look(rows):
+            delivered = await publish(rows)
+            async with connect(db_dsn) as other:  # what a feed reader sees while the broker holds the messages
+                seen_committed.append(await other.fetchval(
+                    "SELECT coalesce(array_agg(seq ORDER BY seq), '{}') FROM outbox_events WHERE id = ANY($1)",
+                    [r["id"] for r in delivered]))
+            last = delivered[-1]["seq"]  # a consumer that processed the last message polls the feed after it
+            r = await api.client.get("/v1/events", params={"after": last}, headers=headers)
+            assert r.status == 200, await r.text()
+            r = await api.client.get("/v1/events", params={"after": last - 1}, headers=headers)
+            assert [e["seq"] for e in (await r.json())["data"]] == [last]
+            return delivered
+        relay._publish = publish_then_look  # type: ignore[method-assign]
+        try:
+            assert await relay.drain() == 3
+        finally:
+            await close_relay(relay)
+        await wait_until(lambda: len(got) == 3, 10, "3 messages")
+    assert seen_committed == [[1, 2, 3]]
+    assert [m.event["seq"] for m in got] == [1, 2, 3]
+
+
 async def test_two_relays_at_once_keep_each_agencys_order(db_dsn, broker: Broker):
     async with running_api(db_dsn) as api:
         for code in ("MOI", "MPWT", "GDCE"):
