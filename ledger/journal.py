@@ -39,7 +39,8 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
     """Post a micro-batch of entries with one statement; results in the order of ``drafts``.
 
     Same rules as ``post_entry`` for each draft. A batch with an ``AlreadyReversed`` or
-    ``IdempotencyConflict`` draft raises after the others were written in the caller's transaction: roll it back, or post reversals one by one. Any other
+    ``IdempotencyConflict`` draft raises after the others were written in the caller's transaction: roll it back
+    (outside a transaction block the statement has committed them), or post such drafts one by one. Any other
     error refuses the whole statement.
 
     By default the database checks each of the transaction's entries and folds it into the balances when

@@ -145,9 +145,26 @@ class LedgerMachine(RuleBasedStateMachine):
         for e in sorted(posted, key=lambda e: (e.replayed, e.id)):  # the writer that won a key comes first
             self._book(e)
         for d, e in zip(drafts, results):  # a refused writer reused the key of an entry that books other things
-            if not isinstance(e, ledger.PostedEntry):
+            if isinstance(e, ledger.PostedEntry):
+                assert books(e) == books(d), "a replay answered a draft that books something else"
+            else:
                 assert isinstance(e, ledger.IdempotencyConflict), e
                 assert d.idempotency_key is not None and self.by_key[d.idempotency_key][1] != books(d)
+
+    @precondition(lambda self: self.by_key)
+    @rule(data=st.data(), later=st.integers(0, 10**6))
+    def retry_a_keyed_entry(self, data, later):
+        # A retry of a posted entry, worded and stamped anew: the first entry, nothing written.
+        key = data.draw(st.sampled_from(sorted(self.by_key)))
+        entry_id, _ = self.by_key[key]
+        first = self.run(ledger.get_entry(self.conn, entry_id))
+        retry = EntryDraft(kind=first.kind, description="retried", effective_at=first.effective_at
+                           + timedelta(seconds=later), postings=tuple(reversed(first.postings)),
+                           idempotency_key=key, invoice_id=first.invoice_id, payment_id=first.payment_id,
+                           settlement_id=first.settlement_id, reverses=first.reverses)
+        again = self.run(self._post([retry]))[0]
+        assert again.replayed and again.id == entry_id and again.description == first.description
+        self._book(again)
 
     @precondition(lambda self: self.reversible)
     @rule(data=st.data())
