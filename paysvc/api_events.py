@@ -15,7 +15,7 @@ from paysvc.errors import NotFound, ValidationFailed
 from paysvc.event_keys import EventSigner, KeySet, signer_from_settings
 from paysvc.outbox import EVENT_TYPES
 from paysvc.queries import Q
-from paysvc.relay import Relay, envelope
+from paysvc.relay import Relay, envelope, message_body
 from paysvc.auth import Principal
 from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, SETTINGS, Route, add_routes, json_response, parse_model, parse_query,
                         principal, read_json)
@@ -33,6 +33,8 @@ class FeedQuery(BaseModel):
     after: Annotated[int, Field(ge=0, description="return events with seq greater than this")] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
     agency: str | None = Field(None, description="agency code (treasury and admin keys only)")
+    signed: bool = Field(False, description="also return each event as the broker carries it (exact body, key id, "
+                                           "signature), to verify with GET /v1/keys/events")
 
 
 class Event(BaseModel):
@@ -46,9 +48,17 @@ class Event(BaseModel):
     data: dict[str, Any]
 
 
+class SignedMessage(BaseModel):
+    seq: int
+    key_id: str = Field(description="the key that signed it (as the paysvc-key-id header)")
+    signature: str = Field(description="base64 Ed25519 signature of body's UTF-8 bytes (as paysvc-signature)")
+    body: str = Field(description="the exact message body; parsed, it is the event of the same seq in data")
+
+
 class FeedPage(BaseModel):
     agency: str
     data: list[Event]
+    messages: list[SignedMessage] | None = Field(None, description="with signed=true only")
     next_after: int = Field(description="pass as after= for the next page (the last seq returned, or after)")
     has_more: bool
 
@@ -120,6 +130,11 @@ async def feed(request: web.Request) -> web.Response:
     p = await _feed_principal(request)
     q: FeedQuery = parse_query(FeedQuery, request)  # type: ignore[assignment]
     pool = request.app[POOL]
+    signer: EventSigner | None = request.app[EVENT_SIGNER]  # type: ignore[assignment]
+    if q.signed and signer is None:
+        raise ValidationFailed("this service signs no events (no PAYSVC_EVENT_SIGNING_KEYS): read the feed without "
+                               "signed=true", errors=[{"field": "signed", "message": "no signing key is configured",
+                                                       "code": "not_signing"}])
     if p.agency_id is not None:
         if q.agency is not None and q.agency != p.agency_code:
             # Another agency's data is not found, whether or not that agency exists (never "forbidden").
@@ -147,8 +162,17 @@ async def feed(request: web.Request) -> web.Response:
                                errors=[{"field": "after", "message": f"past the newest seq, {head}",
                                         "code": "past_newest"}])
     page = [envelope(r) for r in rows[:q.limit]]
-    return json_response({"agency": code, "data": page, "next_after": page[-1]["seq"] if page else q.after,
-                          "has_more": len(rows) > q.limit})
+    out: dict[str, Any] = {"agency": code, "data": page, "next_after": page[-1]["seq"] if page else q.after,
+                           "has_more": len(rows) > q.limit}
+    if q.signed:
+        assert signer is not None
+        # The bytes the relay sends for the same row, signed as it signs them: a consumer verifies a copy read
+        # here exactly as a message from the broker (a message that failed verification is replaced by one
+        # that passes, not by a copy trusted on the TLS certificate alone).
+        bodies = [message_body(r) for r in rows[:q.limit]]
+        out["messages"] = [{"seq": e["seq"], "key_id": signer.active_key_id, "signature": signer.sign(b),
+                            "body": b.decode()} for e, b in zip(page, bodies)]
+    return json_response(out)
 
 
 async def _feed_principal(request: web.Request) -> Principal:

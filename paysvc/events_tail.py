@@ -7,7 +7,8 @@
    (here: print the body, one JSON object per line), then ack.
 4. Not verified: print ``VERIFY FAILED …`` on standard error, leave the message in the queue (it is not acked)
    and exit with status 3. Handling later messages would skip one and break the agency's seq order; an operator
-   looks at it, fetches the genuine event from ``GET /v1/events``, and removes the bad message.
+   looks at it, fetches the genuine event from ``GET /v1/events?signed=true`` (verified like a message), and removes
+   the bad message.
 """
 
 from __future__ import annotations

@@ -236,3 +236,56 @@ async def test_tail_whose_reader_went_away_stops_quietly_and_leaves_the_message(
         assert left.declaration_result.message_count == 1
     finally:
         await connection.close()
+
+
+async def test_the_signed_feed_gives_the_brokers_exact_messages_which_verify_like_them(db_dsn, broker: Broker,
+                                                                                      invoice_body):
+    # A consumer that met a message failing verification fetches the event from the feed: with signed=true it
+    # gets the very bytes the broker carried, signed as they were, so it verifies the copy as it would the
+    # message (before, the feed's copy could be trusted only on the TLS certificate).
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, verify
+    from tests.conftest import Api
+    from tests.test_events_support import wait_until
+
+    app = create_app(make_settings(db_dsn, **broker.settings()), db_dsn, background=True)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        api = Api(client, db_dsn)
+        moi = await api.portal("MOI")
+        got = await broker.consume("MOI")
+        for _ in range(3):
+            assert (await client.post("/v1/invoices", json=invoice_body(), headers=moi)).status == 201
+        await wait_until(lambda: len(got) == 3, 10, "the three events, published")
+        keys = {k["key_id"]: base64.b64decode(k["public_key"])
+                for k in (await (await client.get("/v1/keys/events")).json())["keys"]}
+        r = await client.get("/v1/events", params={"signed": "true", "limit": 2}, headers=moi)
+        assert r.status == 200, await r.text()
+        page = await r.json()
+        print("PAGE1", page)
+        r = await client.get("/v1/events", params={"signed": "true", "after": 2}, headers=moi)
+        messages = page["messages"] + (await r.json())["messages"]
+        assert [m["seq"] for m in messages] == [1, 2, 3], (page, [g.event["seq"] for g in got])
+        for m, received in zip(messages, got):
+            assert m["body"].encode() == received.body  # the same bytes as the broker's message
+            assert (m["key_id"], m["signature"]) == (received.headers[KEY_ID_HEADER],
+                                                     received.headers[SIGNATURE_HEADER])
+            assert verify(keys, m["key_id"], m["signature"], m["body"].encode()) is None
+        assert [json.loads(m["body"]) for m in messages[:2]] == page["data"]
+        tampered = messages[0]["body"].replace('"seq":1', '"seq":7').encode()
+        assert verify(keys, messages[0]["key_id"], messages[0]["signature"], tampered) is not None
+        plain = await (await client.get("/v1/events", headers=moi)).json()
+        assert "messages" not in plain  # only when asked for
+    finally:
+        await client.close()
+
+
+async def test_the_signed_feed_is_refused_where_nothing_signs(db_dsn):
+    async with running_api(db_dsn) as api:  # a shared database and no broker: no signing key
+        moi = await api.portal("MOI")
+        r = await api.client.get("/v1/events", params={"signed": "true"}, headers=moi)
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == "signed", body
+        assert "without signed=true" in body["detail"]
