@@ -121,9 +121,10 @@ class Api:
 
 
 @contextlib.asynccontextmanager
-async def running_api(dsn: str, **overrides) -> AsyncIterator[Api]:
-    """The service on a local port, with settings changed by ``overrides`` (background jobs off)."""
-    app = create_app(make_settings(dsn, **overrides), dsn, background=False)
+async def running_api(dsn: str, *, background: bool = False, **overrides) -> AsyncIterator[Api]:
+    """The service on a local port, with settings changed by ``overrides`` (background jobs, such as the relay,
+    off unless ``background``)."""
+    app = create_app(make_settings(dsn, **overrides), dsn, background=background)
     client = TestClient(TestServer(app))
     await client.start_server()
     try:

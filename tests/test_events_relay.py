@@ -311,24 +311,13 @@ async def test_declare_makes_a_quorum_queue_bound_to_the_agencys_events(broker: 
 
 
 async def test_the_service_runs_the_relay_in_the_background(db_dsn, broker: Broker, invoice_body):
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from paysvc.app import create_app
-    from tests.conftest import Api, make_settings
-
-    app = create_app(make_settings(db_dsn, **broker.settings()), db_dsn, background=True)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    try:
-        api = Api(client, db_dsn)
+    async with running_api(db_dsn, background=True, **broker.settings()) as api:
         headers = await api.portal("MOI")
         got = await broker.consume("MOI")
-        r = await client.post("/v1/invoices", json=invoice_body(), headers=headers)
+        r = await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
         assert r.status == 201
         await wait_until(lambda: len(got) == 1, 10, "the event, published by the service itself")
         assert got[0].event["data"]["invoice_id"] == (await r.json())["id"]
-    finally:
-        await client.close()
 
 
 async def test_prune_deletes_only_published_events_past_the_retention(db_dsn):
