@@ -8,10 +8,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, AsyncIterator, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from paysvc import api_invoices, outbox
-from paysvc.errors import NotFound, ValidationFailed
+from paysvc.errors import FieldValueError, NotFound, ValidationFailed
 from paysvc.event_keys import EventSigner, KeySet, signer_from_settings
 from paysvc.outbox import EVENT_TYPES
 from paysvc.queries import Q
@@ -28,13 +29,26 @@ EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]
 _FEED_SCOPE = "invoices:read (own agency) or treasury with agency=CODE"
 
 
+SIGNED_LIMIT = 100
+
+
 class FeedQuery(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     after: Annotated[int, Field(ge=0, description="return events with seq greater than this")] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
     agency: str | None = Field(None, description="agency code (treasury and admin keys only)")
     signed: bool = Field(False, description="also return each event as the broker carries it (exact body, key id, "
-                                           "signature), to verify with GET /v1/keys/events")
+                                           f"signature), to verify with GET /v1/keys/events; limit at most "
+                                           f"{SIGNED_LIMIT} then")
+
+    @model_validator(mode="after")
+    def _signed_pages_are_short(self) -> "FeedQuery":
+        if self.signed and self.limit > SIGNED_LIMIT:
+            # Signing runs on the request's event loop (about 33 µs an event): a page of 1000 took 65 ms, so a
+            # key could tie an instance up with a few requests. A signed copy is for replacing a message.
+            raise FieldValueError("limit", f"with signed=true, at most {SIGNED_LIMIT} events a page: pass "
+                                  f"limit={SIGNED_LIMIT} or less")
+        return self
 
 
 class Event(BaseModel):
@@ -58,7 +72,7 @@ class SignedMessage(BaseModel):
 class FeedPage(BaseModel):
     agency: str
     data: list[Event]
-    messages: list[SignedMessage] | None = Field(None, description="with signed=true only")
+    messages: list[SignedMessage] | SkipJsonSchema[None] = Field(None, description="present with signed=true only")
     next_after: int = Field(description="pass as after= for the next page (the last seq returned, or after)")
     has_more: bool
 

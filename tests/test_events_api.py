@@ -271,6 +271,12 @@ async def test_the_signed_feed_gives_the_brokers_exact_messages_which_verify_lik
         assert verify(keys, messages[0]["key_id"], messages[0]["signature"], tampered) is not None
         plain = await (await client.get("/v1/events", headers=moi)).json()
         assert "messages" not in plain  # only when asked for
+        # Signing runs on the request's loop: a signed page is at most 100 events (a plain one, 1000).
+        r = await client.get("/v1/events", params={"signed": "true", "limit": 101}, headers=moi)
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == "limit", body
+        assert "limit=100 or less" in body["errors"][0]["message"]
+        assert (await client.get("/v1/events", params={"limit": 1000}, headers=moi)).status == 200
 
 
 async def test_the_signed_feed_is_refused_where_nothing_signs(db_dsn):
