@@ -89,6 +89,13 @@ async def cancel(request: web.Request) -> web.Response:
     return json_response(inv)
 
 
+async def erase_payer(request: web.Request) -> web.Response:
+    p = await principal(request, "invoices:write")
+    inv = await invoicing.erase_payer(request.app[POOL], request.app[CTX], agency_id=p.require_agency(),
+                                      invoice_id=request.match_info["id"])
+    return json_response(inv)
+
+
 async def khqr_current(request: web.Request) -> web.Response:
     p = await principal(request, "invoices:read")
     row, code = await invoicing.current_khqr(request.app[POOL], request.app[CTX], invoice_id=request.match_info["id"],
@@ -136,6 +143,9 @@ ROUTES = [
           response=InvoiceOut, tags=("invoices",)),
     Route("POST", "/v1/invoices/{id}/cancel", cancel, "Cancel an open invoice", scope="invoices:write",
           response=InvoiceOut, tags=("invoices",)),
+    Route("DELETE", "/v1/invoices/{id}/payer", erase_payer, "Erase the invoice's payer details (a citizen's "
+          "request); the invoice and its payments stay", scope="invoices:write", response=InvoiceOut,
+          tags=("invoices",)),
     Route("GET", "/v1/invoices/{id}/khqr", khqr_current, "The current KHQR code (a fresh one if the last expired)",
           scope="invoices:read", response=KhqrCurrent, tags=("invoices",)),
     Route("GET", "/v1/invoices/{id}/qr.png", qr_png, "The current KHQR code as a PNG image (public)",

@@ -150,6 +150,9 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
                 "prune-idempotency-keys", 3600, lambda: invoicing.prune_idempotency_keys(
                     pool, retention=timedelta(hours=settings.idempotency_retention_hours)))))
             tasks.append(asyncio.create_task(run_periodically(
+                "erase-payers", 3600, lambda: invoicing.erase_payers_past_retention(
+                    pool, retention=timedelta(days=settings.payer_retention_days)))))
+            tasks.append(asyncio.create_task(run_periodically(
                 "prune-rejected-callbacks", 3600, lambda: inbox.prune_rejected(
                     pool, retention=timedelta(days=settings.inbox_rejected_retention_days)))))
         yield

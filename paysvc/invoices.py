@@ -151,6 +151,8 @@ class InvoiceOut(InvoiceSummary):
     """One invoice, with its payer (decrypted) and every payment captured for it."""
 
     payer: Payer | None = None
+    payer_erased_at: datetime | None = Field(None, description="when its payer details were erased (on request, "
+                                                               "or past their retention); payer is null since")
     payments: list[PaymentOut]
 
 

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -23,6 +24,8 @@ from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoiceSummary, KhqrOut, 
 from paysvc.outbox import add_event
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
+
+log = logging.getLogger(__name__)
 
 # A code with less than this left is not handed out again: the citizen needs time to scan and pay.
 KHQR_MIN_REMAINING = timedelta(seconds=30)
@@ -162,7 +165,8 @@ def _out(ctx: InvoiceContext, row, *, payments: list, khqr_out: KhqrOut | None =
     """One invoice in full: its payer (``payer``, else decrypted from ``row``) and its ``payments``."""
     if payer is None and row.get("payer_ciphertext") is not None:
         payer = stored_payer(ctx, row)
-    return InvoiceOut(**_fields(ctx, row, khqr_out), payer=payer, payments=payments)
+    return InvoiceOut(**_fields(ctx, row, khqr_out), payer=payer, payer_erased_at=row.get("payer_erased_at"),
+                      payments=payments)
 
 
 def stored_payer(ctx: InvoiceContext, row) -> Payer:
@@ -318,8 +322,9 @@ async def _replay(conn: asyncpg.Connection, ctx: InvoiceContext, record, request
     response = record["response"]
     if response.get("payer") == PAYER_IN_INVOICE:
         row = await conn.fetchrow(Q.invoice_get, response["id"], None)
-        payer = stored_payer(ctx, row)
-        response = {**response, "payer": payer.model_dump(mode="json")}
+        # erased since (on request, or past its retention): the replay holds no payer either
+        payer = stored_payer(ctx, row).model_dump(mode="json") if row["payer_ciphertext"] is not None else None
+        response = {**response, "payer": payer}
     return record["status"], response, True
 
 
@@ -386,6 +391,31 @@ async def cancel_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: 
                         occurred_at=now)
         payments = await _payments(conn, invoice_id)  # held in suspense, if any was paid short
     return _out(ctx, row, payments=payments)
+
+
+async def erase_payer(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, invoice_id: str) -> InvoiceOut:
+    """Erase the invoice's payer details (a citizen's request): the invoice, its payments and the ledger stay.
+    Erasing again changes nothing (the first erasure's time stays)."""
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(Q.invoice_erase_payer, invoice_id, agency_id, now_utc())
+        if row is None:
+            raise NotFound(f"no invoice {invoice_id!r} for this agency")
+        payments = await _payments(conn, invoice_id)
+    log.info("payer of invoice %s erased", invoice_id, extra={"invoice_id": invoice_id})
+    return _out(ctx, row, payments=payments)
+
+
+async def erase_payers_past_retention(pool: asyncpg.Pool, *, retention: timedelta, batch: int = 500) -> str | None:
+    """Erase the payer details of invoices final for longer than ``retention`` (a background job), in batches,
+    except those an open reconciliation exception names (kept until it is resolved)."""
+    now = now_utc()
+    total = 0
+    while True:
+        status = await pool.execute(Q.invoices_erase_payers_past_retention, now - retention, batch, now)
+        n = int(status.split()[-1])
+        total += n
+        if n < batch:
+            return f"erased the payer of {total} invoices final for over {retention.days} days" if total else None
 
 
 async def current_khqr(

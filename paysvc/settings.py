@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # Rejected callbacks (never processed: a bad signature, a payment the provider denied…) are evidence, kept
     # this long, then deleted, so unauthenticated requests cannot fill the database for good.
     inbox_rejected_retention_days: int = Field(90, ge=30)
+    # Payer details (personal data) are erased this long after their invoice became final (paid, expired or
+    # cancelled), unless an open reconciliation exception names the invoice.
+    payer_retention_days: int = Field(365, ge=30)
 
     # Payment providers enabled on this instance (comma separated), each configured below.
     providers: str = "sandbox"
@@ -120,6 +123,10 @@ class Settings(BaseSettings):
         if self.inbox_rejected_retention_days < self.settlement_grace_days + 30:
             raise ValueError(f"PAYSVC_INBOX_REJECTED_RETENTION_DAYS ({self.inbox_rejected_retention_days}) must be at "
                              f"least PAYSVC_SETTLEMENT_GRACE_DAYS + 30 ({self.settlement_grace_days + 30})")
+        if self.payer_retention_days < self.settlement_grace_days + 30:
+            # the settlement's exceptions (a refund owed, say) open up to the grace after a payment
+            raise ValueError(f"PAYSVC_PAYER_RETENTION_DAYS ({self.payer_retention_days}) must be at least "
+                             f"PAYSVC_SETTLEMENT_GRACE_DAYS + 30 ({self.settlement_grace_days + 30})")
         return self
 
     @field_validator("amqp_url")
