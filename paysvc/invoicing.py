@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+from pydantic import TypeAdapter
 
 from paysvc import khqr
 from paysvc.errors import Conflict, IdempotencyInProgress, IdempotencyMismatch, InvalidState, MalformedRequest, NotFound
@@ -322,9 +323,13 @@ async def _replay(conn: asyncpg.Connection, ctx: InvoiceContext, record, request
     response = record["response"]
     if response.get("payer") == PAYER_IN_INVOICE:
         row = await conn.fetchrow(Q.invoice_get, response["id"], None)
-        # erased since (on request, or past its retention): the replay holds no payer either
-        payer = stored_payer(ctx, row).model_dump(mode="json") if row["payer_ciphertext"] is not None else None
-        response = {**response, "payer": payer}
+        if row["payer_ciphertext"] is not None:
+            response = {**response, "payer": stored_payer(ctx, row).model_dump(mode="json")}
+        else:  # erased since (on request, or past its retention): the replay holds no payer either, and says why
+            erased = InvoiceOut.model_fields["payer_erased_at"]
+            response = {**response, "payer": None,
+                        "payer_erased_at": TypeAdapter(erased.annotation).dump_python(row["payer_erased_at"],
+                                                                                       mode="json")}
     return record["status"], response, True
 
 
@@ -397,9 +402,9 @@ async def erase_payer(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int
     """Erase the invoice's payer details (a citizen's request): the invoice, its payments and the ledger stay.
     Erasing again changes nothing (the first erasure's time stays)."""
     async with pool.acquire() as conn:
-        row = await conn.fetchrow(Q.invoice_erase_payer, invoice_id, agency_id, now_utc())
-        if row is None:
+        if await conn.fetchval(Q.invoice_erase_payer, invoice_id, agency_id, now_utc()) is None:
             raise NotFound(f"no invoice {invoice_id!r} for this agency")
+        row = await conn.fetchrow(Q.invoice_get, invoice_id, agency_id)  # with its current code
         payments = await _payments(conn, invoice_id)
     log.info("payer of invoice %s erased", invoice_id, extra={"invoice_id": invoice_id})
     return _out(ctx, row, payments=payments)

@@ -29,6 +29,7 @@ async def test_an_agency_erases_its_invoices_payer_and_the_invoice_stays(api, po
     assert erased["payer"] is None and erased["payer_erased_at"] is not None
     assert (erased["id"], erased["status"], erased["amount"], erased["reference"]) == (
         inv["id"], "open", 50000, body["reference"])
+    assert erased["khqr"] == inv["khqr"] and erased["khqr"] is not None  # the open invoice's code, as GET says
     async with connect(api.dsn) as conn:
         row = await conn.fetchrow("SELECT payer_key_id, payer_ciphertext FROM invoices WHERE id = $1", inv["id"])
     assert tuple(row) == (None, None)  # gone from the database, not only hidden
@@ -40,6 +41,7 @@ async def test_an_agency_erases_its_invoices_payer_and_the_invoice_stays(api, po
     replayed = await again.json()
     assert again.status == 201 and again.headers["Idempotent-Replayed"] == "true", replayed
     assert replayed["id"] == inv["id"] and replayed["payer"] is None
+    assert replayed["payer_erased_at"] == erased["payer_erased_at"]  # why it has none
     # Erasing again changes nothing: the first erasure's time stays.
     r = await api.client.delete(f"/v1/invoices/{inv['id']}/payer", headers=portal)
     assert r.status == 200 and (await r.json())["payer_erased_at"] == erased["payer_erased_at"]
@@ -78,8 +80,8 @@ async def _final(conn, invoice_id: str, status: str, days_ago: float) -> None:
 
 
 async def test_payers_are_erased_past_their_retention_except_where_treasury_may_need_them(api, portal, invoice_body):
-    old_paid, old_expired, old_cancelled, recent, still_open, disputed, settled_dispute = await _invoices(
-        api, portal, invoice_body, 7)
+    old_paid, old_expired, old_cancelled, recent, still_open, disputed, settled_dispute, paid_late = await _invoices(
+        api, portal, invoice_body, 8)
     async with connect(api.dsn) as conn:
         await _final(conn, old_paid, "paid", 400)
         await _final(conn, old_expired, "expired", 366)
@@ -87,6 +89,9 @@ async def test_payers_are_erased_past_their_retention_except_where_treasury_may_
         await _final(conn, recent, "paid", 364)
         await _final(conn, disputed, "expired", 400)
         await _final(conn, settled_dispute, "expired", 400)
+        # expired long ago, paid lately (treasury applied a payment to it): final since it was paid
+        await _final(conn, paid_late, "expired", 400)
+        await _final(conn, paid_late, "paid", 10)
         for exc_id, invoice_id, state in (("exc_open", disputed, "open"), ("exc_done", settled_dispute, "resolved")):
             await conn.execute(
                 "INSERT INTO reconciliation_exceptions (id, reason, provider, invoice_id, currency, amount, state, "
@@ -106,7 +111,8 @@ async def test_payers_are_erased_past_their_retention_except_where_treasury_may_
             "SELECT id, payer_key_id, payer_erased_at FROM invoices")}
     assert kept == {old_paid: (False, True), old_expired: (False, True), old_cancelled: (False, True),
                     settled_dispute: (False, True),
-                    recent: (True, False), still_open: (True, False), disputed: (True, False)}
+                    recent: (True, False), still_open: (True, False), disputed: (True, False),
+                    paid_late: (True, False)}
     got = await (await api.client.get(f"/v1/invoices/{old_paid}", headers=portal)).json()
     assert got["payer"] is None and got["status"] == "paid" and got["payer_erased_at"] is not None
 

@@ -103,12 +103,13 @@ DELETE FROM idempotency_keys WHERE created_at < $1
 -- The payer's details erased (a citizen's request, through the agency's portal). Erasing again changes nothing.
 UPDATE invoices SET payer_key_id = NULL, payer_ciphertext = NULL, payer_erased_at = coalesce(payer_erased_at, $3)
  WHERE id = $1 AND agency_id = $2
-RETURNING *
+RETURNING id
 
 -- name: invoices_erase_payers_past_retention
 -- Final invoices that became final before $1 and still hold a payer, $2 at a time, except those an open
 -- reconciliation exception names (treasury may need to reach the payer: a refund, say). Rows another
--- transaction holds are left for the next sweep.
+-- transaction holds are left for the next sweep; the lock taken lets payments that name an invoice be written
+-- meanwhile (no key changes).
 WITH due AS (
     SELECT i.id FROM invoices i
      WHERE i.payer_key_id IS NOT NULL AND i.status <> 'open'
@@ -116,6 +117,6 @@ WITH due AS (
        AND NOT EXISTS (SELECT 1 FROM reconciliation_exceptions e WHERE e.invoice_id = i.id AND e.state = 'open')
      ORDER BY coalesce(i.paid_at, i.cancelled_at, i.expired_at)
      LIMIT $2
-       FOR UPDATE SKIP LOCKED)
+       FOR NO KEY UPDATE SKIP LOCKED)
 UPDATE invoices i SET payer_key_id = NULL, payer_ciphertext = NULL, payer_erased_at = $3
   FROM due WHERE i.id = due.id
