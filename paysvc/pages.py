@@ -19,6 +19,7 @@ from datetime import datetime
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from paysvc.settlement_days import TZ as PHNOM_PENH
 from paysvc import invoicing
 from paysvc.api_invoices import CTX
 from paysvc.errors import InvalidState, NotFound
@@ -54,6 +55,8 @@ class PayState(BaseModel):
     khqr: KhqrOut | None = Field(description="the code to pay now; null once the invoice is no longer open")
     qr_svg_url: str | None = Field(description="relative URL of the current code's image; null when not open")
     server_time: datetime = Field(description="the server's clock, so a countdown does not trust the phone's")
+    paid_at: datetime | None = Field(None, description="when it was paid (the payment that completed it); null "
+                                                       "unless paid")
 
 
 def amount_display(currency: str, amount: int) -> str:
@@ -61,6 +64,13 @@ def amount_display(currency: str, amount: int) -> str:
     if currency == "KHR":
         return f"{amount:,} ៛"
     return f"${amount // 100:,}.{amount % 100:02d}"
+
+
+def paid_at_display(t: datetime) -> str:
+    """When an invoice was paid as a citizen reads it on a receipt: Phnom Penh's day and time (UTC+7, no summer
+    time), e.g. ``27/11/2026 09:31``. pay.js writes the same from the state's ``paid_at``."""
+    local = t.astimezone(PHNOM_PENH)
+    return f"{local.day:02d}/{local.month:02d}/{local.year} {local.hour:02d}:{local.minute:02d}"
 
 
 def _mmss(seconds: float) -> str:
@@ -98,6 +108,7 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
         khqr=code,
         qr_svg_url=f"/v1/invoices/{invoice_id}/qr.svg" if code is not None else None,
         server_time=invoicing.now_utc(),
+        paid_at=row["paid_at"] if status == "paid" else None,
     ), row["bill_number"]
 
 
@@ -144,7 +155,8 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
     values = dict(status="notfound", invoice_id="", md5="", expires_at="", server_time="", poll=str(poll),
                   agency_name="", agency_name_km="", amount_display="", currency="", currency_sign="",
                   description="", bill_number="", qr_src="data:,", countdown="00:00",
-                  title="រកមិនឃើញវិក្កយបត្រ · Invoice not found", noscript_refresh="")
+                  title="រកមិនឃើញវិក្កយបត្រ · Invoice not found", noscript_refresh="", paid_at="",
+                  paid_hidden="hidden")
     if state is not None:
         values.update(
             status=state.status, invoice_id=state.invoice_id, server_time=state.server_time.isoformat(),
@@ -153,6 +165,8 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
             description=state.description, bill_number=bill_number,
             title=f"{_TITLES[state.status]} {state.amount_display} · {state.agency.name}",
         )
+        if state.paid_at is not None:
+            values.update(paid_at=paid_at_display(state.paid_at), paid_hidden="")
         if state.khqr is not None:
             values.update(
                 md5=state.khqr.md5, expires_at=state.khqr.expires_at.isoformat(), qr_src=state.qr_svg_url,

@@ -20,7 +20,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = "/tmp/pay_page.png"
 STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_due", "amount_display", "agency", "description", "khqr",
-                "qr_svg_url", "server_time"}
+                "qr_svg_url", "server_time", "paid_at"}
 
 
 async def open_invoice(api, invoice_body, h: dict | None = None, **kw) -> tuple[dict, dict]:
@@ -147,10 +147,14 @@ async def test_cancelled_invoice_shows_its_state_and_no_code(api, invoice_body):
 
 async def test_paid_and_overdue_invoices_show_their_state(api, invoice_body):
     paid, h = await open_invoice(api, invoice_body)
-    await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", paid["id"])
+    # Paid at 00:30 in Phnom Penh (UTC+7), still the day before in UTC: the receipt gives the local day.
+    await sql(api, "UPDATE invoices SET status='paid', paid_at='2026-11-26T17:30:00Z', amount_paid=amount "
+                   "WHERE id=$1", paid["id"])
     s = await (await api.client.get(f"/pay/{paid['id']}/state")).json()
-    assert s["status"] == "paid" and s["khqr"] is None
-    assert 'data-status="paid"' in await (await api.client.get(f"/pay/{paid['id']}")).text()
+    assert s["status"] == "paid" and s["khqr"] is None and s["paid_at"].startswith("2026-11-26T17:30:00")
+    text = await (await api.client.get(f"/pay/{paid['id']}")).text()
+    assert 'data-status="paid"' in text
+    assert '<div id="paid-row" >' in text and '<dd id="paid-at" lang="en">27/11/2026 00:30</dd>' in text
 
     # Past its expiry but not yet swept by the background job: the page already says expired.
     late, _ = await open_invoice(api, invoice_body, h)
@@ -158,7 +162,8 @@ async def test_paid_and_overdue_invoices_show_their_state(api, invoice_body):
     await sql(api, "UPDATE khqr_codes SET created_at = now() - interval '5 minutes', expires_at = now() "
                    "- interval '1 second' WHERE invoice_id=$1", late["id"])
     s = await (await api.client.get(f"/pay/{late['id']}/state")).json()
-    assert s["status"] == "expired" and s["khqr"] is None
+    assert s["status"] == "expired" and s["khqr"] is None and s["paid_at"] is None
+    assert '<div id="paid-row" hidden>' in await (await api.client.get(f"/pay/{late['id']}")).text()
 
 
 async def test_openapi_documents_the_state(api):
@@ -303,9 +308,13 @@ async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
     inv, _ = await open_invoice(api, invoice_body)
     await open_pay_page(api, phone, inv["id"])
     # Payments arrive with provider capture (another issue); here the invoice is marked paid directly.
-    await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", inv["id"])
+    assert not await phone.locator("#paid-row").is_visible()
+    await sql(api, "UPDATE invoices SET status='paid', paid_at='2026-11-27T02:31:00Z', amount_paid=amount "
+                   "WHERE id=$1", inv["id"])
     await phone.locator("#card[data-status=paid]").wait_for(state="attached", timeout=10_000)
     assert await phone.get_by_text("Paid", exact=True).is_visible()
+    assert await phone.locator("#paid-row").is_visible()  # the receipt says when, in Phnom Penh's time
+    assert await phone.locator("#paid-at").text_content() == "27/11/2026 09:31"
     assert await phone.title() == "បានបង់ប្រាក់រួចរាល់ / Paid"     # the tab says so too
     assert await phone.get_by_text("បានបង់ប្រាក់រួចរាល់", exact=True).is_visible()
     assert not await phone.locator("#qr").is_visible()

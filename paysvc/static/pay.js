@@ -71,6 +71,16 @@
     return Math.min(delay, MAX);
   }
 
+  // When it was paid, in Phnom Penh's time (UTC+7, no summer time), as the server writes it: 27/11/2026 09:31.
+  function showPaidAt(iso) {
+    var t = new Date(Date.parse(iso) + 7 * 3600000);
+    if (isNaN(t.getTime())) return;
+    function two(n) { return (n < 10 ? "0" : "") + n; }
+    document.getElementById("paid-at").textContent = two(t.getUTCDate()) + "/" + two(t.getUTCMonth() + 1) + "/" +
+      t.getUTCFullYear() + " " + two(t.getUTCHours()) + ":" + two(t.getUTCMinutes());
+    document.getElementById("paid-row").hidden = false;
+  }
+
   function finish(status) {
     clearTimeout(timer); clearInterval(ticker);
     document.removeEventListener("visibilitychange", onVisible);
@@ -116,7 +126,10 @@
       }
       var s = await r.json();
       skew = Date.parse(s.server_time) - Date.now() || skew;
-      if (s.status !== "open") { finish(s.status); again = false; return; }
+      if (s.status !== "open") {
+        if (s.paid_at) showPaidAt(s.paid_at);
+        finish(s.status); again = false; return;
+      }
       // Any code the invoice issued pays it: swap only for one that lives longer than the one shown.
       if (s.khqr && s.khqr.md5 !== card.getAttribute("data-md5") && Date.parse(s.khqr.expires_at) > expiresAt) {
         if (!(await swap(s.qr_svg_url))) delay = 500;
