@@ -114,3 +114,23 @@ def test_rejected_callbacks_are_kept_past_the_settlement_grace():
                                             r"PAYSVC_SETTLEMENT_GRACE_DAYS \+ 30 \(90\)"):
         load_settings(settlement_grace_days=60, inbox_rejected_retention_days=30)
     assert load_settings(settlement_grace_days=60, inbox_rejected_retention_days=90).inbox_rejected_retention_days == 90
+
+
+def test_the_sandbox_beside_a_real_database_is_announced_as_a_risk(caplog):
+    """The default provider list is "sandbox": with a real database the service says at start that anyone holding
+    its secret can mark invoices paid (found by a security review), and in demo mode it says nothing of it."""
+    import logging
+
+    from paysvc.provider_settings import provider_config
+    from paysvc.settings import Settings
+
+    with caplog.at_level(logging.WARNING, logger="paysvc.provider_settings"):
+        provider_config(Settings(database_url="postgresql://db/paysvc", sandbox_secret="s3cret"))
+    assert any("can mark invoices paid with no money moved" in r.getMessage() for r in caplog.records)
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="paysvc.provider_settings"):
+        provider_config(Settings(database_url="postgresql://db/paysvc", sandbox_secret="s3cret",
+                                 providers="bakong", bakong_token="t"))
+        provider_config(Settings(sandbox_secret="s3cret"))  # the demo, on its embedded database
+    assert not caplog.records
