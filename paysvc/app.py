@@ -7,6 +7,7 @@ at import or construction time.
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import AsyncIterator
 
@@ -32,6 +33,9 @@ from paysvc.web import (
     AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, admission_middleware, json_response,
     request_middleware,
 )
+
+log = logging.getLogger(__name__)
+
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
@@ -112,6 +116,12 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         await pool.close()
 
     config = provider_config(settings)
+    if "sandbox" in config and settings.database_url is not None:
+        # Found by a security review: the default provider list is "sandbox", so a deployment that set the
+        # secret to get going took simulated payments for real ones. Said by the service at start, not by every
+        # command (a settlement import's one-line answers stay one line).
+        log.warning("the sandbox provider is enabled (PAYSVC_PROVIDERS): anyone holding PAYSVC_SANDBOX_SECRET can "
+                    "mark invoices paid with no money moved; list only real providers in production")
 
     async def payment_providers(app: web.Application) -> AsyncIterator[None]:
         try:

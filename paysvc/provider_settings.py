@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 
 from paysvc.settings import Settings, SettingsError, demo_secret
-
-log = logging.getLogger(__name__)
 
 
 def sandbox_secrets(settings: Settings) -> list[str]:
@@ -18,11 +15,6 @@ def sandbox_secrets(settings: Settings) -> list[str]:
         if not given:
             raise SettingsError("PAYSVC_SANDBOX_SECRET: give at least one secret (several, comma separated, while "
                                 "rotating)")
-        if settings.database_url is not None:
-            # Found by a security review: the default provider list is "sandbox", so a deployment that set the
-            # secret to get going took simulated payments for real ones.
-            log.warning("the sandbox provider is enabled (PAYSVC_PROVIDERS): anyone holding PAYSVC_SANDBOX_SECRET "
-                        "can mark invoices paid with no money moved; list only real providers in production")
         return given
     if settings.database_url is not None:
         raise SettingsError("PAYSVC_SANDBOX_SECRET: required when the sandbox provider is enabled with "

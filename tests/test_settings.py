@@ -116,21 +116,25 @@ def test_rejected_callbacks_are_kept_past_the_settlement_grace():
     assert load_settings(settlement_grace_days=60, inbox_rejected_retention_days=90).inbox_rejected_retention_days == 90
 
 
-def test_the_sandbox_beside_a_real_database_is_announced_as_a_risk(caplog):
+def test_the_sandbox_beside_a_real_database_is_announced_at_start_as_a_risk(caplog, tmp_path):
     """The default provider list is "sandbox": with a real database the service says at start that anyone holding
-    its secret can mark invoices paid (found by a security review), and in demo mode it says nothing of it."""
+    its secret can mark invoices paid (found by a security review); not with real providers only, nor in the demo
+    on its embedded database. (Commands such as a settlement import say nothing of it: their answers are one
+    line.)"""
     import logging
 
-    from paysvc.provider_settings import provider_config
+    from paysvc.app import create_app
     from paysvc.settings import Settings
 
-    with caplog.at_level(logging.WARNING, logger="paysvc.provider_settings"):
-        provider_config(Settings(database_url="postgresql://db/paysvc", sandbox_secret="s3cret"))
-    assert any("can mark invoices paid with no money moved" in r.getMessage() for r in caplog.records)
-    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+    dsn = "postgresql://postgres@127.0.0.1:5432/not_used"  # creating the app connects to nothing
+    keys = "k1:" + "A" * 43 + "="
+    with caplog.at_level(logging.WARNING, logger="paysvc.app"):
+        create_app(Settings(database_url=dsn, sandbox_secret="s3cret", pii_keys=keys), dsn)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("can mark invoices paid with no money moved" in m for m in warned), warned
+    assert not any("s3cret" in m for m in warned)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="paysvc.provider_settings"):
-        provider_config(Settings(database_url="postgresql://db/paysvc", sandbox_secret="s3cret",
-                                 providers="bakong", bakong_token="t"))
-        provider_config(Settings(sandbox_secret="s3cret"))  # the demo, on its embedded database
-    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="paysvc.app"):
+        create_app(Settings(database_url=dsn, providers="bakong", bakong_token="t", pii_keys=keys), dsn)
+        create_app(Settings(data_dir=str(tmp_path)), dsn)  # the demo: its own secret, its embedded database
+    assert not [r for r in caplog.records if r.name == "paysvc.app"]
