@@ -23,9 +23,10 @@ async def post_entry(conn: asyncpg.Connection, draft: EntryDraft, *, fold_now: b
     nothing is written; "the same" is what it books: its kind, its postings (in any order) and what it refers
     to (invoice, payment, settlement, reversed entry), not its description or effective time, which a retry
     may word or stamp anew (the first's stay). A key used before by an entry that books something else
-    raises ``IdempotencyConflict``: nothing is written for the draft. Raises ``AlreadyReversed`` when ``reverses`` names an entry that already has its reversal,
-    ``EntryNotFound`` when it names no entry, and ``InvalidReversal`` when the draft is not that entry undone
-    (its postings with each side swapped, kind ``reversal``: use ``reversal_draft`` or ``reverse_entry``).
+    raises ``IdempotencyConflict``: nothing is written for the draft. Raises ``AlreadyReversed`` when
+    ``reverses`` names an entry that already has its reversal, ``EntryNotFound`` when it names no entry, and
+    ``InvalidReversal`` when the draft is not that entry undone (its postings with each side swapped, kind
+    ``reversal``: use ``reversal_draft`` or ``reverse_entry``).
     Without ``fold_now``, inside a transaction block, the database checks the last at commit: the caller's
     COMMIT then raises asyncpg's ``CheckViolationError`` (its ``constraint_name`` is
     ``ledger_reversal_mirrors_its_entry``).

@@ -16,7 +16,7 @@ from paysvc.errors import FieldValueError, NotFound, ValidationFailed
 from paysvc.event_keys import EventSigner, KeySet, signer_from_settings
 from paysvc.outbox import EVENT_TYPES
 from paysvc.queries import Q
-from paysvc.relay import Relay, envelope, message_body
+from paysvc.relay import Relay, envelope, envelope_body
 from paysvc.auth import Principal
 from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, SETTINGS, Route, add_routes, json_response, parse_model, parse_query,
                         principal, read_json)
@@ -183,9 +183,9 @@ async def feed(request: web.Request) -> web.Response:
         # The bytes the relay sends for the same row, signed as it signs them: a consumer verifies a copy read
         # here exactly as a message from the broker (a message that failed verification is replaced by one
         # that passes, not by a copy trusted on the TLS certificate alone).
-        bodies = [message_body(r) for r in rows[:q.limit]]
-        out["messages"] = [{"seq": e["seq"], "key_id": signer.active_key_id, "signature": signer.sign(b),
-                            "body": b.decode()} for e, b in zip(page, bodies)]
+        bodies = [(e["seq"], envelope_body(e)) for e in page]
+        out["messages"] = [{"seq": seq, "key_id": signer.active_key_id, "signature": signer.sign(b),
+                            "body": b.decode()} for seq, b in bodies]
     return json_response(out)
 
 

@@ -19,12 +19,12 @@ from datetime import datetime
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from paysvc.settlement_days import TZ as PHNOM_PENH
 from paysvc import invoicing
 from paysvc.api_invoices import CTX
 from paysvc.errors import InvalidState, NotFound
 from paysvc.invoices import Currency, KhqrOut, Status
 from paysvc.queries import Q
+from paysvc.settlement_days import TZ as PHNOM_PENH
 from paysvc.web import POOL, Route, add_routes, json_response
 
 # Ids are "inv_" + base32; anything else cannot be an invoice, so it never reaches the database.

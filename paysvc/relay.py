@@ -55,7 +55,12 @@ def envelope(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def message_body(row: Mapping[str, Any]) -> bytes:
     """The exact bytes that are sent and signed: compact UTF-8 JSON of the envelope."""
-    return json.dumps(envelope(row), separators=(",", ":"), ensure_ascii=False).encode()
+    return envelope_body(envelope(row))
+
+
+def envelope_body(event: Mapping[str, Any]) -> bytes:
+    """``message_body`` of an envelope already built."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def routing_key(agency_code: str, event_type: str) -> str:

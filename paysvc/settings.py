@@ -120,13 +120,12 @@ class Settings(BaseSettings):
     def _check_inbox_retention(self) -> "Settings":
         # A rejected callback may be the evidence behind a payment its settlement file brings later (found by
         # review: 30 days' retention against up to 60 days' grace)
-        if self.inbox_rejected_retention_days < self.settlement_grace_days + 30:
-            raise ValueError(f"PAYSVC_INBOX_REJECTED_RETENTION_DAYS ({self.inbox_rejected_retention_days}) must be at "
-                             f"least PAYSVC_SETTLEMENT_GRACE_DAYS + 30 ({self.settlement_grace_days + 30})")
-        if self.payer_retention_days < self.settlement_grace_days + 30:
-            # the settlement's exceptions (a refund owed, say) open up to the grace after a payment
-            raise ValueError(f"PAYSVC_PAYER_RETENTION_DAYS ({self.payer_retention_days}) must be at least "
-                             f"PAYSVC_SETTLEMENT_GRACE_DAYS + 30 ({self.settlement_grace_days + 30})")
+        # and payer details may be needed for what a settlement raises (a refund owed, say) up to the grace
+        least = self.settlement_grace_days + 30
+        for variable, days in (("PAYSVC_INBOX_REJECTED_RETENTION_DAYS", self.inbox_rejected_retention_days),
+                               ("PAYSVC_PAYER_RETENTION_DAYS", self.payer_retention_days)):
+            if days < least:
+                raise ValueError(f"{variable} ({days}) must be at least PAYSVC_SETTLEMENT_GRACE_DAYS + 30 ({least})")
         return self
 
     @field_validator("amqp_url")
