@@ -36,10 +36,6 @@ PLUGIN_FAULTS = prometheus_client.Counter(
     "raised other than a ProviderError, or returned other than valid notices of its own): kept, tried again later",
     ["provider"])
 
-CONFIRMATIONS_SKIPPED = prometheus_client.Counter(
-    "paysvc_provider_confirmations_skipped_total", "Callback hints of a push-then-confirm provider (ABA PayWay) "
-    "not confirmed with the provider because their transaction was already booked", ["provider"])
-
 # While a request (or a worker) processes a row, no one else takes it; after this, anyone may.
 LEASE = timedelta(seconds=60)
 # A provider that does not know yet a transaction it just told us about (PayWay's NOT_FOUND) is asked again,
@@ -248,15 +244,8 @@ async def process(pool: asyncpg.Pool, providers: Mapping[str, Provider], inbox_i
     except Exception as exc:
         return await _plugin_fault(pool, row, provider.name, exc)
     if provider.pattern == "push_confirm":
-        # A hint for a transaction already booked (the provider's callback again, or a copy of it someone
-        # replays: the callback is unsigned) is not confirmed again: its capture would be a replay. Each
-        # confirmation is a call to the provider, whose rate limit is the merchant's.
-        known = set(await pool.fetchval(Q.inbox_transactions_known, provider.name,
-                                        [n.transaction_id for n in notices]))
-        if known:
-            CONFIRMATIONS_SKIPPED.labels(provider.name).inc(sum(n.transaction_id in known for n in notices))
         confirmed = []
-        for n in (n for n in notices if n.transaction_id not in known):
+        for n in notices:
             try:
                 confirmed.append(await provider.confirm(n))
             except PaymentPending as exc:

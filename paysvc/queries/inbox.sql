@@ -32,13 +32,6 @@ UPDATE provider_inbox SET attempts = attempts + 1,
                  FOR UPDATE SKIP LOCKED)
 RETURNING id
 
--- name: inbox_transactions_known
--- Which of these transactions of provider $1 are already booked: captured as a payment, or kept as another
--- channel's report of one.
-SELECT coalesce(array_agg(t), '{}') FROM unnest($2::text[]) AS t
- WHERE EXISTS (SELECT 1 FROM payments p WHERE p.provider = $1 AND p.provider_transaction_id = t)
-    OR EXISTS (SELECT 1 FROM payment_reports r WHERE r.provider = $1 AND r.provider_transaction_id = t)
-
 -- name: inbox_bill_is_ours
 -- An open invoice of ours has this bill number (one that could be paid now).
 SELECT EXISTS (SELECT 1 FROM invoices WHERE bill_number = $1 AND status = 'open')
