@@ -1039,3 +1039,26 @@ async def test_the_poll_judges_by_the_databases_clock_not_the_instances(bakong, 
     monkeypatch.undo()
     got = await (await api.client.get(f"/v1/invoices/{invs[2]['id']}", headers=h)).json()
     assert got["status"] == "paid"
+
+
+async def test_a_payway_callback_again_is_confirmed_again_and_a_different_answer_is_raised(payway, invoice_body):
+    # PayWay has no settlement format here, so a second callback's confirmation is where the service sees that
+    # PayWay now says otherwise about booked money. (A change that skipped the call for booked transactions,
+    # to save PayWay calls on replayed callbacks, lost this silently and was reverted after review.)
+    api, fake = payway
+    h = await api.portal("MOI")
+    treasury = {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'])}"}
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(currency="USD", amount=1250),
+                                       headers=h)).json()
+    fake.add_transaction(inv["bill_number"], status="APPROVED", amount="12.50", currency="USD")
+    assert (await aba_callback(api, inv["bill_number"])).status == 200
+    fake.add_transaction(inv["bill_number"], status="APPROVED", amount="99.00", currency="USD")
+    r = await aba_callback(api, inv["bill_number"])
+    assert r.status == 200, await r.text()
+    assert len(fake.requests) == 2  # asked again
+    raised = await (await api.client.get("/v1/reconciliation/exceptions", params={"reason": "conflicting_notice"},
+                                         headers=treasury)).json()
+    assert len(raised["data"]) == 1, raised
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 1
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=h)).json()
+    assert got["amount_paid"] == 1250  # what was booked stands; the difference is treasury's to look at
