@@ -117,10 +117,10 @@ class Settings(BaseSettings):
         return v.rstrip("/")
 
     @model_validator(mode="after")
-    def _check_inbox_retention(self) -> "Settings":
-        # A rejected callback may be the evidence behind a payment its settlement file brings later (found by
-        # review: 30 days' retention against up to 60 days' grace)
-        # and payer details may be needed for what a settlement raises (a refund owed, say) up to the grace
+    def _check_retentions(self) -> "Settings":
+        # What a settlement file brings up to the grace after a payment may need both: a rejected callback as its
+        # evidence (found by review: 30 days' retention against up to 60 days' grace), the payer's details for
+        # what it raises (a refund owed, say).
         least = self.settlement_grace_days + 30
         for variable, days in (("PAYSVC_INBOX_REJECTED_RETENTION_DAYS", self.inbox_rejected_retention_days),
                                ("PAYSVC_PAYER_RETENTION_DAYS", self.payer_retention_days)):
