@@ -75,6 +75,22 @@ class PoolConnection(asyncpg.Connection):
         return ""
 
 
+def rows_affected(status: str) -> int:
+    """How many rows a statement changed, from its command tag ('DELETE 12', 'UPDATE 3')."""
+    return int(status.split()[-1])
+
+
+async def execute_in_batches(pool: asyncpg.Pool, query: str, *args, batch: int) -> int:
+    """Run ``query`` (whose last parameter is its batch size) until it changes fewer than ``batch`` rows, each run in
+    a transaction of its own; return how many it changed in all (pruning and sweeps that must not hold locks long)."""
+    total = 0
+    while True:
+        n = rows_affected(await pool.execute(query, *args, batch))
+        total += n
+        if n < batch:
+            return total
+
+
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 from pydantic import ValidationError
 
 from paysvc.capture import CaptureResult, DuplicateCapture, capture
+from paysvc.db import execute_in_batches
 from paysvc.invoicing import now_utc
 from paysvc.queries import Q
 from providers import NotConfirmed, PaymentNotice, PaymentPending, Provider, ProviderError, ProviderUnavailable
@@ -334,10 +335,5 @@ async def work(pool: asyncpg.Pool, providers: Mapping[str, Provider], *, batch: 
 
 async def prune_rejected(pool: asyncpg.Pool, *, retention: timedelta, batch: int = 500) -> str | None:
     """Delete rejected callbacks older than ``retention`` (evidence kept that long; see the setting)."""
-    total = 0
-    while True:
-        status = await pool.execute(Q.inbox_prune_rejected, now_utc() - retention, batch)
-        n = int(status.split()[-1])
-        total += n
-        if n < batch:
-            return f"pruned {total} rejected callbacks" if total else None
+    total = await execute_in_batches(pool, Q.inbox_prune_rejected, now_utc() - retention, batch=batch)
+    return f"pruned {total} rejected callbacks" if total else None

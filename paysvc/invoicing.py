@@ -20,6 +20,7 @@ import asyncpg
 from pydantic import TypeAdapter
 
 from paysvc import khqr
+from paysvc.db import execute_in_batches, rows_affected
 from paysvc.errors import Conflict, IdempotencyInProgress, IdempotencyMismatch, InvalidState, MalformedRequest, NotFound
 from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoiceSummary, KhqrOut, Payer, khqr_content, khqr_window
 from paysvc.outbox import add_event
@@ -414,13 +415,8 @@ async def erase_payers_past_retention(pool: asyncpg.Pool, *, retention: timedelt
     """Erase the payer details of invoices final for longer than ``retention`` (a background job), in batches,
     except those an open reconciliation exception names (kept until it is resolved)."""
     now = now_utc()
-    total = 0
-    while True:
-        status = await pool.execute(Q.invoices_erase_payers_past_retention, now - retention, batch, now)
-        n = int(status.split()[-1])
-        total += n
-        if n < batch:
-            return f"erased the payer of {total} invoices final for over {retention.days} days" if total else None
+    total = await execute_in_batches(pool, Q.invoices_erase_payers_past_retention, now - retention, now, batch=batch)
+    return f"erased the payer of {total} invoices final for over {retention.days} days" if total else None
 
 
 async def current_khqr(
@@ -470,6 +466,5 @@ async def expire_due(pool: asyncpg.Pool, *, batch: int = 500) -> int:
 
 async def prune_idempotency_keys(pool: asyncpg.Pool, *, retention: timedelta) -> str | None:
     """Forget Idempotency-Keys older than ``retention`` (at least 24 h by settings)."""
-    status = await pool.execute(Q.idempotency_prune, now_utc() - retention)
-    n = int(status.split()[-1])
+    n = rows_affected(await pool.execute(Q.idempotency_prune, now_utc() - retention))
     return f"pruned {n} idempotency keys" if n else None

@@ -27,6 +27,7 @@ import aiormq
 import asyncpg
 
 from paysvc import outbox
+from paysvc.db import execute_in_batches
 from paysvc.background import pause, stop_if_cancelled
 from paysvc.event_keys import KEY_ID_HEADER, SIGNATURE_HEADER, EventSigner
 from paysvc.queries import Q
@@ -125,14 +126,7 @@ async def declare_agency_queue(amqp_url: str, code: str, *, exchange: str = DEFA
 
 async def prune_outbox(pool: asyncpg.Pool, *, retention: timedelta, now: datetime, slice_size: int = 5000) -> int:
     """Delete events published before ``now - retention`` (however long they waited before); unpublished ones stay."""
-    cutoff = now - retention
-    total = 0
-    while True:
-        status = await pool.execute(Q.events_prune, cutoff, slice_size)
-        n = int(status.split()[-1])
-        total += n
-        if n < slice_size:
-            return total
+    return await execute_in_batches(pool, Q.events_prune, now - retention, batch=slice_size)
 
 
 def _from_first_return(rows: list[asyncpg.Record], returned: set[Any]) -> list[asyncpg.Record]:

@@ -106,7 +106,7 @@ UPDATE invoices SET payer_key_id = NULL, payer_ciphertext = NULL, payer_erased_a
 RETURNING id
 
 -- name: invoices_erase_payers_past_retention
--- Final invoices that became final before $1 and still hold a payer, $2 at a time, except those an open
+-- Final invoices that became final before $1 and still hold a payer, $3 at a time ($2: now), except those an open
 -- reconciliation exception names (treasury may need to reach the payer: a refund, say). Rows another
 -- transaction holds are left for the next sweep; the lock taken lets payments that name an invoice be written
 -- meanwhile (no key changes).
@@ -116,7 +116,7 @@ WITH due AS (
        AND coalesce(i.paid_at, i.cancelled_at, i.expired_at) < $1
        AND NOT EXISTS (SELECT 1 FROM reconciliation_exceptions e WHERE e.invoice_id = i.id AND e.state = 'open')
      ORDER BY coalesce(i.paid_at, i.cancelled_at, i.expired_at)
-     LIMIT $2
+     LIMIT $3
        FOR NO KEY UPDATE SKIP LOCKED)
-UPDATE invoices i SET payer_key_id = NULL, payer_ciphertext = NULL, payer_erased_at = $3
+UPDATE invoices i SET payer_key_id = NULL, payer_ciphertext = NULL, payer_erased_at = $2
   FROM due WHERE i.id = due.id
