@@ -25,7 +25,7 @@ from paysvc.errors import InvalidState, NotFound
 from paysvc.invoices import Currency, KhqrOut, Status
 from paysvc.queries import Q
 from paysvc.settlement_days import TZ as PHNOM_PENH
-from paysvc.web import POOL, Route, add_routes, json_response
+from paysvc.web import POOL, PROVIDERS, Route, add_routes, json_response
 
 # Ids are "inv_" + base32; anything else cannot be an invoice, so it never reaches the database.
 _INVOICE_ID = re.compile(r"^inv_[a-z2-7]{1,60}$")
@@ -57,6 +57,12 @@ class PayState(BaseModel):
     server_time: datetime = Field(description="the server's clock, so a countdown does not trust the phone's")
     paid_at: datetime | None = Field(None, description="when it was paid (the payment that completed it); null "
                                                        "unless paid")
+    paid_with: str | None = Field(None, description="once paid, the provider of the last payment booked to it, as "
+                                                    "a citizen knows it ('Bakong', 'ABA PayWay'); null when none "
+                                                    "was booked as made (treasury applied a held payment)")
+    payment_reference: str | None = Field(None, description="that payment's transaction id at its provider (the "
+                                                            "reference the citizen's bank app shows); null with "
+                                                            "paid_with")
 
 
 def amount_display(currency: str, amount: int) -> str:
@@ -78,6 +84,11 @@ def _mmss(seconds: float) -> str:
     return f"{s // 60:02d}:{s % 60:02d}"
 
 
+def provider_title(request: web.Request, name: str) -> str:
+    """A provider as a citizen knows it: its plugin's ``title``, else its name (a plugin since disabled, say)."""
+    return getattr(request.app[PROVIDERS].get(name), "title", "") or name
+
+
 async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
     """The public state of an invoice and its bill number; raises NotFound."""
     if not _INVOICE_ID.match(invoice_id):
@@ -96,6 +107,7 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
         except InvalidState as exc:  # paid, cancelled or run out since we read it
             status = exc.extra.get("invoice_status", "expired")
     due = row["amount"] - paid if status == "open" else row["amount"]
+    paid_by = row["paid_with"] if status == "paid" else None  # the query finds one only for a paid invoice
     return PayState(
         invoice_id=invoice_id,
         status=status,
@@ -109,6 +121,8 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
         qr_svg_url=f"/v1/invoices/{invoice_id}/qr.svg" if code is not None else None,
         server_time=invoicing.now_utc(),
         paid_at=row["paid_at"] if status == "paid" else None,
+        paid_with=provider_title(request, paid_by) if paid_by else None,
+        payment_reference=row["payment_reference"] if paid_by else None,
     ), row["bill_number"]
 
 
@@ -156,7 +170,7 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
                   agency_name="", agency_name_km="", amount_display="", currency="", currency_sign="",
                   description="", bill_number="", qr_src="data:,", countdown="00:00",
                   title="រកមិនឃើញវិក្កយបត្រ · Invoice not found", noscript_refresh="", paid_at="",
-                  paid_hidden="hidden")
+                  paid_hidden="hidden", paid_with="", payment_reference="", reference_hidden="hidden")
     if state is not None:
         values.update(
             status=state.status, invoice_id=state.invoice_id, server_time=state.server_time.isoformat(),
@@ -167,6 +181,9 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
         )
         if state.paid_at is not None:
             values.update(paid_at=paid_at_display(state.paid_at), paid_hidden="")
+        if state.payment_reference is not None:
+            values.update(paid_with=state.paid_with or "", payment_reference=state.payment_reference,
+                          reference_hidden="")
         if state.khqr is not None:
             values.update(
                 md5=state.khqr.md5, expires_at=state.khqr.expires_at.isoformat(), qr_src=state.qr_svg_url,

@@ -90,6 +90,7 @@ class PayWayProvider(ProviderBase):
     """Push then confirm: an unsigned callback is a hint; ``check-transaction-2`` says what was paid."""
 
     name = NAME
+    title = "ABA PayWay"
     pattern: Pattern = "push_confirm"
 
     def __init__(self, config: PayWayConfig, *, clock: Callable[[], datetime] = _utc_now) -> None:

@@ -85,6 +85,7 @@ class BakongProvider(ProviderBase):
     """Pull: ask Bakong about open KHQR md5s, ≤ 50 a call."""
 
     name = NAME
+    title = "Bakong"
     pattern: Pattern = "pull"
 
     def __init__(self, config: BakongConfig) -> None:

@@ -65,6 +65,9 @@ class ProviderBase:
     """Defaults for the methods a pattern does not use: each raises :class:`Unsupported` (a NotImplementedError)."""
 
     name: str = ""
+    # What a citizen calls it (the payment page's receipt names the provider a payment came through); the
+    # service uses ``name`` where a plugin has no ``title``.
+    title: str = ""
     pattern: Pattern
     poll_batch_size: int = 1  # a pull provider sets its own
     # False for a plugin that only reads settlement files of another provider's payments (a bank statement

@@ -99,6 +99,7 @@ class SandboxProvider(ProviderBase):
     """Signed push: verify ``Sandbox-Signature`` over the raw body, then trust the content."""
 
     name = NAME
+    title = "Sandbox"
     pattern: Pattern = "signed_push"
 
     def __init__(self, config: SandboxConfig) -> None:

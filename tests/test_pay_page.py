@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import io
+import json
 import os
 import re
 
@@ -14,13 +15,14 @@ import pytest_asyncio
 
 from paysvc import khqr
 from paysvc.pages import amount_display
+from tests.payments_helpers import pay, sandbox_body, sandbox_headers
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = "/tmp/pay_page.png"
 STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_due", "amount_display", "agency", "description", "khqr",
-                "qr_svg_url", "server_time", "paid_at"}
+                "qr_svg_url", "server_time", "paid_at", "paid_with", "payment_reference"}
 
 
 async def open_invoice(api, invoice_body, h: dict | None = None, **kw) -> tuple[dict, dict]:
@@ -166,6 +168,53 @@ async def test_paid_and_overdue_invoices_show_their_state(api, invoice_body):
     assert '<div id="paid-row" hidden>' in await (await api.client.get(f"/pay/{late['id']}")).text()
 
 
+async def test_receipt_gives_the_reference_of_the_payment_that_paid_it(api, invoice_body, treasury):
+    """A citizen who disputes a payment needs the reference their bank app shows, not only the bill number."""
+    inv, h = await open_invoice(api, invoice_body, amount=1000)
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["paid_with"] is None and s["payment_reference"] is None
+    assert '<div id="ref-row" class="stack" hidden>' in await (await api.client.get(f"/pay/{inv['id']}")).text()
+
+    # Paid short: held for treasury, who applies it; the citizen pays the rest with the next code.
+    assert (await (await pay(api.client, inv, amount=400, txid="SBX-SHORT-1")).json())["payments"][0]["exception"] \
+        == "underpaid"
+    [exc] = (await (await api.client.get("/v1/reconciliation/exceptions", params={"reason": "underpaid"},
+                                         headers=treasury)).json())["data"]
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury, json={
+        "action": "match_to_invoice", "invoice_id": inv["id"], "note": "the citizen will pay the rest"})
+    assert r.status == 200, await r.text()
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert (s["status"], s["payment_reference"]) == ("open", None)
+    code = (await (await api.client.get(f"/v1/invoices/{inv['id']}/khqr", headers=h)).json())
+    # The bank also reports the paying account: personal data, never on this public page.
+    body = json.loads(sandbox_body({**inv, "khqr": code}, amount=600, txid="SBX-REST-2"))
+    raw = json.dumps({**body, "from_account": "citizen-acct@aclb"}).encode()
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=raw, headers=sandbox_headers(raw))
+    assert (await r.json())["payments"][0]["exception"] is None
+    # Then the same code paid again: held as a duplicate, it is not what paid the invoice.
+    assert (await (await pay(api.client, {**inv, "khqr": code}, amount=600, txid="SBX-AGAIN-3")).json()
+            )["payments"][0]["exception"] == "duplicate_payment"
+
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["status"] == "paid"
+    assert (s["paid_with"], s["payment_reference"]) == ("Sandbox", "SBX-REST-2")
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert '<div id="ref-row" class="stack" >' in page
+    assert '<span id="paid-with">Sandbox</span> <span id="payment-ref" class="ref">SBX-REST-2</span>' \
+        in page
+    for hidden in ("SBX-SHORT-1", "SBX-AGAIN-3", "citizen-acct"):
+        assert hidden not in page and hidden not in json.dumps(s), hidden
+
+
+async def test_receipt_names_no_payment_for_an_invoice_paid_without_one(api, invoice_body):
+    inv, _ = await open_invoice(api, invoice_body)
+    await sql(api, "UPDATE invoices SET status='paid', paid_at=now(), amount_paid=amount WHERE id=$1", inv["id"])
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["status"] == "paid" and s["paid_with"] is None and s["payment_reference"] is None
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert '<div id="paid-row" >' in page and '<div id="ref-row" class="stack" hidden>' in page
+
+
 async def test_openapi_documents_the_state(api):
     spec = await (await api.client.get("/openapi.json")).json()
     op = spec["paths"]["/pay/{id}/state"]["get"]
@@ -309,12 +358,18 @@ async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
     await open_pay_page(api, phone, inv["id"])
     # Payments arrive with provider capture (another issue); here the invoice is marked paid directly.
     assert not await phone.locator("#paid-row").is_visible()
-    await sql(api, "UPDATE invoices SET status='paid', paid_at='2026-11-27T02:31:00Z', amount_paid=amount "
-                   "WHERE id=$1", inv["id"])
+    assert not await phone.locator("#ref-row").is_visible()
+    txid = "9f3c2a7be1d04c58a6f1e2d3c4b5a6978877665544332211ffeeddccbbaa0099"  # as long as a Bakong hash
+    r = await pay(api.client, inv, txid=txid)
+    assert (await r.json())["payments"][0]["exception"] is None
+    await sql(api, "UPDATE invoices SET paid_at='2026-11-27T02:31:00Z' WHERE id=$1", inv["id"])  # a fixed time
     await phone.locator("#card[data-status=paid]").wait_for(state="attached", timeout=10_000)
     assert await phone.get_by_text("Paid", exact=True).is_visible()
     assert await phone.locator("#paid-row").is_visible()  # the receipt says when, in Phnom Penh's time
     assert await phone.locator("#paid-at").text_content() == "27/11/2026 09:31"
+    assert await phone.locator("#ref-row").is_visible()   # and the payment's reference at its provider
+    assert await phone.locator("#payment-ref").text_content() == txid
+    assert await phone.locator("#paid-with").text_content() == "Sandbox"
     assert await phone.title() == "បានបង់ប្រាក់រួចរាល់ / Paid"     # the tab says so too
     assert await phone.get_by_text("បានបង់ប្រាក់រួចរាល់", exact=True).is_visible()
     assert not await phone.locator("#qr").is_visible()

@@ -81,6 +81,13 @@
     document.getElementById("paid-row").hidden = false;
   }
 
+  // The payment's reference at its provider, as the citizen's bank app shows it (textContent: never markup).
+  function showReference(provider, reference) {
+    document.getElementById("paid-with").textContent = provider || "";
+    document.getElementById("payment-ref").textContent = reference;
+    document.getElementById("ref-row").hidden = false;
+  }
+
   function finish(status) {
     clearTimeout(timer); clearInterval(ticker);
     document.removeEventListener("visibilitychange", onVisible);
@@ -128,6 +135,7 @@
       skew = Date.parse(s.server_time) - Date.now() || skew;
       if (s.status !== "open") {
         if (s.paid_at) showPaidAt(s.paid_at);
+        if (s.payment_reference) showReference(s.paid_with, s.payment_reference);
         finish(s.status); again = false; return;
       }
       // Any code the invoice issued pays it: swap only for one that lives longer than the one shown.
