@@ -39,6 +39,16 @@ class PayAgency(BaseModel):
     name_km: str
 
 
+class PayLine(BaseModel):
+    """One line of the fee, as the portal itemised it."""
+
+    model_config = ConfigDict(frozen=True)
+    code: str
+    description: str
+    amount: int = Field(description="minor units")
+    amount_display: str = Field(description="as a citizen reads it: '40,000 ៛' or '$12.50'")
+
+
 class PayState(BaseModel):
     """What the public payment page shows and polls: no payer data."""
 
@@ -52,6 +62,7 @@ class PayState(BaseModel):
     amount_display: str = Field(description="the amount due as a citizen reads it: '50,000 ៛' or '$12.50'")
     agency: PayAgency
     description: str
+    line_items: list[PayLine] = Field(description="the fee's lines, when the portal itemised it (they sum to amount)")
     khqr: KhqrOut | None = Field(description="the code to pay now; null once the invoice is no longer open")
     qr_svg_url: str | None = Field(description="relative URL of the current code's image; null when not open")
     server_time: datetime = Field(description="the server's clock, so a countdown does not trust the phone's")
@@ -59,7 +70,8 @@ class PayState(BaseModel):
                                                        "unless paid")
     paid_with: str | None = Field(None, description="once paid, the provider of the last payment booked to it, as "
                                                     "a citizen knows it ('Bakong', 'ABA PayWay'); null when none "
-                                                    "was booked as made (treasury applied a held payment)")
+                                                    "was booked as it came (treasury applied a held payment, or it "
+                                                    "was captured from a settlement file)")
     payment_reference: str | None = Field(None, description="that payment's transaction id at its provider (the "
                                                             "reference the citizen's bank app shows); null with "
                                                             "paid_with")
@@ -106,6 +118,10 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
             paid = invoice["amount_paid"]  # as read with the code (a part payment applied meanwhile changes both)
         except InvalidState as exc:  # paid, cancelled or run out since we read it
             status = exc.extra.get("invoice_status", "expired")
+            if status == "paid":
+                # Paid while we read it (the code waited for the capture's lock): read it again for when and how,
+                # or the page says paid with neither, and stops asking (found by review).
+                row = await request.app[POOL].fetchrow(Q.pay_page_invoice, invoice_id)
     due = row["amount"] - paid if status == "open" else row["amount"]
     paid_by = row["paid_with"] if status == "paid" else None  # the query finds one only for a paid invoice
     return PayState(
@@ -117,6 +133,9 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
         amount_display=amount_display(row["currency"], due),
         agency=PayAgency(name=row["agency_name"], name_km=row["agency_name_km"]),
         description=row["description"],
+        line_items=[PayLine(code=li["code"], description=li["description"], amount=li["amount"],
+                            amount_display=amount_display(row["currency"], li["amount"]))
+                    for li in row["line_items"]],
         khqr=code,
         qr_svg_url=f"/v1/invoices/{invoice_id}/qr.svg" if code is not None else None,
         server_time=invoicing.now_utc(),
@@ -190,10 +209,18 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
                 countdown=_mmss((state.khqr.expires_at - state.server_time).total_seconds()),
             )
     escaped = {k: html.escape(v) for k, v in values.items()}
+    escaped["lines"] = _lines(state.line_items) if state is not None else ""
     # Without JavaScript (a data-saving browser) an open page reloads itself, so its code and state stay
     # current (found by a citizen's walk-through: it froze, saying it updates by itself)
     refresh = '<noscript><meta http-equiv="refresh" content="30"></noscript>' if values["status"] == "open" else ""
     return page.template.substitute(escaped, css=page.css, js=page.js, noscript_refresh=refresh)
+
+
+def _lines(items: list[PayLine]) -> str:
+    """The fee's lines as rows of the facts list (each value escaped here: the template inserts this as is)."""
+    return "".join(
+        f'  <div class="line"><dt>{html.escape(li.description)}</dt><dd lang="en">{html.escape(li.amount_display)}'
+        "</dd></div>\n" for li in items)
 
 
 def _poll_seconds(request: web.Request) -> int:

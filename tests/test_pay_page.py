@@ -21,7 +21,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = "/tmp/pay_page.png"
-STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_due", "amount_display", "agency", "description", "khqr",
+STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_due", "amount_display", "agency", "description",
+                "line_items", "khqr",
                 "qr_svg_url", "server_time", "paid_at", "paid_with", "payment_reference"}
 
 
@@ -168,6 +169,23 @@ async def test_paid_and_overdue_invoices_show_their_state(api, invoice_body):
     assert '<div id="paid-row" hidden>' in await (await api.client.get(f"/pay/{late['id']}")).text()
 
 
+async def test_page_itemises_the_fee_as_the_portal_did(api, invoice_body):
+    """The citizen sees what the amount is made of; each line is escaped like every other value."""
+    lines = [{"code": "PP-48", "description": "លិខិតឆ្លងដែន 48 pages", "amount": 40000},
+             {"code": "EXP", "description": "Express <b>service</b> & delivery", "amount": 10000}]
+    inv, h = await open_invoice(api, invoice_body, amount=50000, line_items=lines)
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["line_items"] == [{**lines[0], "amount_display": "40,000 ៛"}, {**lines[1], "amount_display": "10,000 ៛"}]
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert '<div class="line"><dt>លិខិតឆ្លងដែន 48 pages</dt><dd lang="en">40,000 ៛</dd></div>' in page
+    assert ('<div class="line"><dt>Express &lt;b&gt;service&lt;/b&gt; &amp; delivery</dt><dd lang="en">10,000 ៛</dd>'
+            '</div>') in page
+    assert "<b>service" not in page
+    plain, _ = await open_invoice(api, invoice_body, h)  # not itemised: no lines
+    assert (await (await api.client.get(f"/pay/{plain['id']}/state")).json())["line_items"] == []
+    assert 'class="line"' not in await (await api.client.get(f"/pay/{plain['id']}")).text()
+
+
 async def test_receipt_gives_the_reference_of_the_payment_that_paid_it(api, invoice_body, treasury):
     """A citizen who disputes a payment needs the reference their bank app shows, not only the bill number."""
     inv, h = await open_invoice(api, invoice_body, amount=1000)
@@ -213,6 +231,47 @@ async def test_receipt_names_no_payment_for_an_invoice_paid_without_one(api, inv
     assert s["status"] == "paid" and s["paid_with"] is None and s["payment_reference"] is None
     page = await (await api.client.get(f"/pay/{inv['id']}")).text()
     assert '<div id="paid-row" >' in page and '<div id="ref-row" class="stack" hidden>' in page
+
+
+async def test_receipt_gives_no_reference_for_a_payment_captured_from_a_settlement_file(api, invoice_body,
+                                                                                         treasury):
+    """Found by review: a file's line id may be the bank statement's own reference, or the text a payer typed
+    (camt.053's EndToEndId), not what the citizen's bank app shows: never on the public page."""
+    from providers.sandbox import write_settlement_csv
+    from tests.test_settlement import AT, issued_before, line, upload
+
+    inv, _ = await open_invoice(api, invoice_body, amount=50000)
+    inv = await issued_before(api.dsn, inv, AT)
+    data = write_settlement_csv([line("SOK DARA 012345678", 50000, md5=inv["khqr"]["md5"], bill=inv["bill_number"])])
+    r = await upload(api, treasury, data)
+    assert r.status == 201, await r.text()
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert s["status"] == "paid" and s["paid_at"] is not None
+    assert s["paid_with"] is None and s["payment_reference"] is None
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert "SOK DARA" not in page and '<div id="ref-row" class="stack" hidden>' in page
+
+
+async def test_state_read_while_a_payment_commits_says_when_it_was_paid(api, invoice_body):
+    """Found by review: a poll that reads the invoice open, then waits for the capture's lock to issue the next
+    code, learns it is paid only from the refusal; it answered paid with no time, and the page stopped asking."""
+    inv, _ = await open_invoice(api, invoice_body)
+    await sql(api, "UPDATE khqr_codes SET created_at = now() - interval '10 minutes', expires_at = now() "
+                   "- interval '1 second' WHERE invoice_id = $1", inv["id"])  # the poll must issue a new code
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("UPDATE invoices SET status='paid', paid_at='2026-11-27T02:31:00Z', amount_paid=amount "
+                           "WHERE id=$1", inv["id"])  # a capture, holding the invoice until it commits
+        poll = asyncio.ensure_future(api.client.get(f"/pay/{inv['id']}/state"))
+        await asyncio.sleep(0.5)
+        assert not poll.done()  # it read the invoice open and waits for the lock
+        await tx.commit()
+        s = await (await poll).json()
+    finally:
+        await conn.close()
+    assert s["status"] == "paid" and s["paid_at"].startswith("2026-11-27T02:31:00"), s
 
 
 async def test_openapi_documents_the_state(api):
@@ -354,9 +413,12 @@ async def test_page_swaps_to_a_new_code_when_the_old_one_runs_out(api, invoice_b
 
 @needs_chromium
 async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
-    inv, _ = await open_invoice(api, invoice_body)
+    inv, _ = await open_invoice(api, invoice_body, line_items=[
+        {"code": "PP", "description": "Passport, 48 pages, valid 10 years (ordinary service)", "amount": 40000},
+        {"code": "EXP", "description": "Express", "amount": 10000}])
     await open_pay_page(api, phone, inv["id"])
-    # Payments arrive with provider capture (another issue); here the invoice is marked paid directly.
+    assert await phone.locator(".facts .line").count() == 2   # the fee's lines, read on a phone
+    assert await phone.locator(".facts .line dd").nth(0).text_content() == "40,000 ៛"
     assert not await phone.locator("#paid-row").is_visible()
     assert not await phone.locator("#ref-row").is_visible()
     txid = "9f3c2a7be1d04c58a6f1e2d3c4b5a6978877665544332211ffeeddccbbaa0099"  # as long as a Bakong hash
