@@ -1,9 +1,9 @@
 -- name: pay_page_invoice
--- What the public payment page may show: no payer data, no reference, no metadata (the fee's lines, as its
--- description, are the bill itself). Once paid, the last payment
--- booked to it (not one held for treasury): its provider and the provider's transaction id, which the citizen's
--- bank also shows. Never the paying account; never one captured from a settlement file, whose id may be the bank
--- statement's own reference or the text a payer typed (camt.053's EndToEndId: found by review).
+-- What the public payment page may show: no payer data, no portal reference, no metadata (the fee's lines, like
+-- its description, are the bill itself). Once paid, the last payment booked to it (not one held for treasury): its
+-- provider and the provider's transaction id, which the citizen's bank also shows. Never the paying account; never
+-- a payment captured from a settlement file, whose id may be the bank statement's own reference or the text a
+-- payer typed (camt.053's EndToEndId: found by review).
 SELECT i.id, i.status, i.currency, i.amount, i.amount_paid, i.description, i.bill_number, i.expires_at,
        i.paid_at, i.line_items, a.name AS agency_name, a.name_km AS agency_name_km,
        p.provider AS paid_with, p.provider_transaction_id AS payment_reference
