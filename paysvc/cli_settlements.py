@@ -11,6 +11,18 @@ from pathlib import Path
 from paysvc.settings import Settings
 
 
+def _enabled_providers(settings: Settings) -> dict:
+    """The providers the settings enable, or none when their configuration does not load (a parser needing no
+    configuration still loads on its own where it is asked for)."""
+    from paysvc.provider_settings import provider_config
+    from providers import load_providers
+
+    try:
+        return load_providers(provider_config(settings))
+    except Exception:
+        return {}
+
+
 async def _import(settings: Settings, dsn: str, args) -> dict:
     from paysvc.api_settlements import SettlementFileInvalid, rules_of, run_import
     from paysvc.db import create_pool
@@ -18,14 +30,8 @@ async def _import(settings: Settings, dsn: str, args) -> dict:
     from paysvc.settlement_days import business_date
     from paysvc.settlement_report import report
 
-    from paysvc.provider_settings import provider_config
-    from providers import ProviderError, load_providers
-
     data = args.data
-    try:
-        enabled = load_providers(provider_config(settings))
-    except (ProviderError, Exception):  # a parser needing no configuration still loads on its own
-        enabled = {}
+    enabled = _enabled_providers(settings)
     pool = await create_pool(dsn, settings)
     try:
         try:
@@ -116,8 +122,22 @@ def cmd_import(settings: Settings, args) -> int:
 
 
 def cmd_recheck(settings: Settings, args) -> int:
+    from paysvc.api_settlements import check_provider, rules_of
+    from paysvc.cli import CliError
+    from paysvc.invoicing import now_utc
+    from paysvc.settlement_days import TIME_ZONE_NAME, business_date
+
+    if args.provider is not None:
+        # Found by a walk-through: a misspelt provider checked nothing and said so as "raised 0", every day.
+        check_provider(args.provider, _enabled_providers(settings))
     if args.today is not None:
         args.today = _business_date("--today", args.today)
+        today = business_date(now_utc(), rules_of(settings).cutoff)
+        if args.today > today:
+            # Found by a walk-through: checking as a day to come raised missing_in_settlement for payments still
+            # within their grace, which treasury could then write off or refund.
+            raise CliError(f"--today {args.today.isoformat()} has not begun yet: today is {today.isoformat()} "
+                           f"({TIME_ZONE_NAME}); give a day that has begun, or leave --today out")
     n = _run(settings, _recheck, args)
     print(f"raised {n} missing_in_settlement exception(s)")
     return 0
@@ -148,7 +168,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_import)
     p = st.add_parser("recheck", help="raise missing_in_settlement for payments unsettled after the grace days")
     p.add_argument("--provider", help="only this provider")
-    p.add_argument("--today", help="the business day to check as, YYYY-MM-DD (default: today)")
+    p.add_argument("--today", help="the business day to check as, YYYY-MM-DD, not after today (default: today)")
     p.set_defaults(func=cmd_recheck)
     p = st.add_parser("report", help="print a settlement's report (JSON, or --csv)")
     p.add_argument("settlement_id")

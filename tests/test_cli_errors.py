@@ -195,3 +195,27 @@ def test_revoking_a_key_given_whole_never_prints_its_secret(db_dsn):
     out = run(db_dsn, "keys", "revoke", "not a key " + secret)
     assert_clean_failure(out, 1, "give a key's id")
     assert secret not in out.stderr
+
+
+def test_recheck_refuses_a_provider_that_is_not_registered(db_dsn):
+    """Found by a walk-through: a misspelt provider checked nothing and printed "raised 0", every day."""
+    out = run(db_dsn, "settlements", "recheck", "--provider", "sandbx")
+    assert_clean_failure(out, 1, "'sandbx' is not a registered provider", "sandbox")
+    assert "raised" not in out.stdout
+
+
+def test_recheck_refuses_a_day_that_has_not_begun(db_dsn):
+    """Found by a walk-through: checking as a later day raised missing_in_settlement for payments still within
+    their grace."""
+    from datetime import timedelta
+
+    from paysvc.invoicing import now_utc
+    from paysvc.settlement_days import business_date, parse_cutoff
+
+    today = business_date(now_utc(), parse_cutoff("23:59:59.999"))  # the default cut-off
+    for day in (today + timedelta(days=1), today + timedelta(days=30)):
+        out = run(db_dsn, "settlements", "recheck", "--provider", "sandbox", "--today", day.isoformat())
+        assert_clean_failure(out, 1, f"--today {day.isoformat()} has not begun yet", "leave --today out")
+        assert "raised" not in out.stdout
+    out = run(db_dsn, "settlements", "recheck", "--provider", "sandbox", "--today", today.isoformat())
+    assert out.returncode == 0 and "raised 0 missing_in_settlement" in out.stdout, out.stderr
