@@ -36,9 +36,11 @@ async def _json(r) -> dict:
     return doc
 
 
-async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url: str, payload: str | None = None) -> dict:
+async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url: str, payload: str | None = None,
+              *, late: bool = False) -> dict:
     """Pay the invoice's current code, or with ``payload`` that code (one a citizen still has on screen: of an
-    invoice paid or cancelled since, say), as a bank app would: an expired or malformed code is refused."""
+    invoice paid or cancelled since, say), as a bank app would: an expired or malformed code is refused, unless
+    ``late`` (a bank whose report comes after the code, or the invoice, ran out: the payment is dated now)."""
     import aiohttp
 
     from paysvc import khqr
@@ -55,12 +57,15 @@ async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url:
         if payload is None:
             if state.get("status") != "open" or not state.get("khqr"):
                 raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay (to pay "
-                                   "a code it issued before, as a citizen may, pass it with --code)")
+                                   "a code it issued before, as a citizen may, pass it with --code; add --late "
+                                   "for one that has run out)")
             payload = state["khqr"]["payload"]
         try:
-            code = khqr.decode(payload, now_ms=int(time.time() * 1000))
+            code = khqr.decode(payload, now_ms=None if late else int(time.time() * 1000))
         except khqr.KhqrError as exc:
-            raise SandboxError(f"a bank app would refuse this code: {exc.reason}") from None
+            hint = " (to report it paid anyway, as a bank that reports late would, add --late)" \
+                if exc.code == "expired" else ""
+            raise SandboxError(f"a bank app would refuse this code: {exc.reason}{hint}") from None
         body = json.dumps({
             "transaction_id": "sbx_" + uuid.uuid4().hex,
             "md5": khqr.md5(payload),
@@ -84,7 +89,7 @@ def cmd_pay(settings: Settings, args) -> int:
 
     base = (args.url or settings.base_url).rstrip("/")
     try:
-        out = asyncio.run(pay(settings, args.invoice_id, args.amount, base, args.code))
+        out = asyncio.run(pay(settings, args.invoice_id, args.amount, base, args.code, late=args.late))
     except SandboxError as exc:
         print(f"paysvc sandbox: {exc}", file=sys.stderr)
         return 1
@@ -104,5 +109,8 @@ def register(sub) -> None:
     p.add_argument("--code", metavar="KHQR", help="pay this code of the invoice (its khqr.payload, e.g. from the "
                                                   "create answer) instead of its current one: a code still on a "
                                                   "citizen's screen after the invoice was paid or cancelled")
+    p.add_argument("--late", action="store_true",
+                   help="pay it even if the code has run out, dated now: a bank that reports a payment late (how "
+                        "to try invoice_expired)")
     p.add_argument("--url", help="the service's base URL (default: PAYSVC_PUBLIC_URL or http://HOST:PORT)")
     p.set_defaults(func=cmd_pay)

@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -169,6 +170,14 @@ def encode(data: KhqrData) -> str:
     return body + crc16(body)
 
 
+def _utc_text(ms: int) -> str:
+    """Milliseconds since the epoch as a person reads a time (UTC, to the second); the number if out of range."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{ms} ms"
+
+
 def decode(payload: str, *, now_ms: int | None = None) -> KhqrData:
     """Parse and check a KHQR string as a bank app would; raise KhqrError naming the broken rule.
 
@@ -235,7 +244,8 @@ def decode(payload: str, *, now_ms: int | None = None) -> KhqrData:
         raise KhqrError("bad_data", f"the decoded fields do not form KhqrData: {exc}") from None
     _validate(data)
     if now_ms is not None and data.expires_at_ms is not None and data.expires_at_ms < now_ms:
-        raise KhqrError("expired", f"the code expired at {data.expires_at_ms} ms, before now ({now_ms} ms)", "99.01")
+        raise KhqrError("expired", f"the code expired at {_utc_text(data.expires_at_ms)}, before now "
+                                   f"({_utc_text(now_ms)})", "99.01")
     return data
 
 

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from paysvc import inbox
-from paysvc.web import POOL, PROVIDERS
+from paysvc.web import POOL, PROVIDERS, SETTINGS
 from tests.payments_helpers import new_invoice, pay, sandbox_body, sandbox_headers
 
 
@@ -704,3 +704,28 @@ async def test_callbacks_cannot_fill_the_inbox(api, portal, invoice_body):
         assert [r["state"] for r in left] == ["rejected", "processed"]
     finally:
         await conn.close()
+
+
+async def test_the_simulator_reports_a_code_that_ran_out_only_when_told_late(api, portal, invoice_body, monkeypatch):
+    """Found by a treasury walk-through: the README gives `sandbox pay --code` as how to try the exceptions, but an
+    expired code was refused as a bank app refuses it (in milliseconds since 1970), so invoice_expired could not
+    be tried. `--late` reports it as a bank that reports late would."""
+    from paysvc import cli_sandbox, invoicing
+
+    monkeypatch.setattr(invoicing, "now_utc", lambda: datetime.now(UTC) - timedelta(hours=2))
+    inv = await new_invoice(api, portal, invoice_body, amount=1000, expires_in=3600)  # ran out an hour ago
+    monkeypatch.undo()
+    settings, base = api.client.app[SETTINGS], str(api.client.make_url("")).rstrip("/")
+    with pytest.raises(cli_sandbox.SandboxError) as refused:
+        await cli_sandbox.pay(settings, inv["id"], None, base, inv["khqr"]["payload"])
+    message = str(refused.value)
+    assert "a bank app would refuse this code: the code expired at 20" in message and " UTC, before now" in message
+    assert "--late" in message and " ms" not in message
+    with pytest.raises(cli_sandbox.SandboxError) as no_code:
+        await cli_sandbox.pay(settings, inv["id"], None, base)
+    assert "--code" in str(no_code.value) and "--late" in str(no_code.value)
+
+    out = await cli_sandbox.pay(settings, inv["id"], None, base, inv["khqr"]["payload"], late=True)
+    assert out["payments"][0]["exception"] == "invoice_expired"
+    got = await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+    assert got["amount_paid"] == 0 and [p["status"] for p in got["payments"]] == ["exception"]
