@@ -51,8 +51,16 @@ async def readyz(request: web.Request) -> web.Response:
     except asyncpg.UndefinedTableError:
         version = None
     except Exception as exc:  # any failure to answer means not ready
-        return json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"}, 503)
+        why = str(exc)[:200]  # the reason, not only its class (found by an operator's walk-through)
+        return json_response({"status": "unavailable",
+                              "database": f"unreachable: {type(exc).__name__}" + (f": {why}" if why else "")}, 503)
     expected = request.app[SCHEMA_VERSION]
+    if version is not None and version > expected:
+        # Found by an operator's walk-through: this said "run paysvc migrate", which then refuses (it knows no
+        # migration past its own): it is this instance that is too old.
+        return json_response({"status": "unavailable", "database": "ok",
+                              "schema": f"at migration {version}, newer than this version knows ({expected}): "
+                                        "upgrade paysvc on this instance"}, 503)
     if version != expected:
         # Found by an operator's walk-through: a database dropped and made again empty (or restored from an older
         # dump) answered "ready".

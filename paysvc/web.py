@@ -302,6 +302,23 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+DATABASE_RETRY_SECONDS = 5
+
+
+def database_gone(exc: BaseException) -> bool:
+    """Whether an asyncpg error says the database cannot be used now (not that a statement was wrong): it does not
+    accept connections (shutting down, or ``ALLOW_CONNECTIONS false``), or the connection ended mid-operation
+    (asyncpg then reports the connection closed, or an operation it can no longer finish)."""
+    if isinstance(exc, asyncpg.InternalClientError):
+        return True   # e.g. "cannot switch to state 12; another operation (2) is in progress" after a backend ended
+    text = str(exc)
+    if type(exc) is asyncpg.ObjectNotInPrerequisiteStateError:   # 55000 exactly, not its lock/in-use subclasses
+        return "accepting connections" in text
+    if isinstance(exc, asyncpg.InterfaceError):
+        return "connection is closed" in text or "connection was closed" in text
+    return False
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, access log, and every error as an RFC 9457 problem (never a stack trace)."""
@@ -348,7 +365,16 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         except (asyncpg.PostgresConnectionError, asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError,
                 asyncpg.AdminShutdownError, OSError) as exc:
             log.error("database unavailable: %s", exc)
-            raise ServiceUnavailable("the database is unavailable; retry later") from None
+            raise ServiceUnavailable("the database is unavailable; retry later (with the same Idempotency-Key "
+                                     "for a create)", retry_after_seconds=DATABASE_RETRY_SECONDS) from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            if not database_gone(exc):
+                raise
+            # Found by an operator's walk-through: a database that stopped accepting connections, or whose
+            # connections were ended mid-request, was answered 500 with a stack trace in the log.
+            log.error("database unavailable: %s: %s", type(exc).__name__, exc)
+            raise ServiceUnavailable("the database is unavailable; retry later (with the same Idempotency-Key "
+                                     "for a create)", retry_after_seconds=DATABASE_RETRY_SECONDS) from None
     except Problem as problem:
         response = problem_response(problem, request)
     except web.HTTPException as exc:  # redirects and the like: aiohttp sends them; we add the request id

@@ -343,6 +343,16 @@ async def test_health_ready_metrics(api):
         await conn.execute("ALTER TABLE schema_migrations_gone RENAME TO schema_migrations")
         await conn.execute("INSERT INTO schema_migrations SELECT * FROM json_populate_record(NULL::schema_migrations, "
                            "$1::json)", json.dumps({k: str(v) for k, v in dict(row).items()}))
+        # Migrated past this version (a newer one ran `paysvc migrate`): upgrading this instance is the fix, since
+        # `paysvc migrate` refuses a schema it does not know (found by an operator's walk-through).
+        await conn.execute("INSERT INTO schema_migrations SELECT * FROM json_populate_record(NULL::schema_migrations, "
+                           "$1::json)", json.dumps({**{k: str(v) for k, v in dict(row).items()},
+                                                    "version": str(last + 1), "name": "from_a_newer_version"}))
+        r = await api.client.get("/readyz")
+        body = await r.json()
+        assert r.status == 503 and body["schema"] == (f"at migration {last + 1}, newer than this version knows "
+                                                      f"({last}): upgrade paysvc on this instance"), body
+        await conn.execute("DELETE FROM schema_migrations WHERE version = $1", last + 1)
     finally:
         await conn.close()
     assert (await api.client.get("/readyz")).status == 200

@@ -1,0 +1,59 @@
+"""When the database cannot be used, requests are answered 503 with Retry-After (never a 500 and a stack trace),
+and the service recovers by itself once it can be used again."""
+
+from __future__ import annotations
+
+import logging
+
+import asyncpg
+import pytest
+
+from paysvc.web import database_gone
+from tests.conftest import ADMIN_DSN
+
+
+async def _refuse_connections(dbname: str, refuse: bool) -> None:
+    admin = await asyncpg.connect(ADMIN_DSN)
+    try:
+        await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS {"false" if refuse else "true"}')
+        if refuse:  # and end the service's connections, as an operator or a failover would
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = $1 AND pid <> pg_backend_pid()", dbname)
+    finally:
+        await admin.close()
+
+
+async def test_a_database_that_stopped_accepting_connections_is_a_503_then_recovers(api, portal, invoice_body,
+                                                                                   caplog):
+    """Found by an operator's walk-through: every create was answered 500 (ObjectNotInPrerequisiteStateError)."""
+    dbname = api.dsn.rsplit("/", 1)[1].split("?")[0]
+    assert (await api.client.post("/v1/invoices", json=invoice_body(), headers=portal)).status == 201
+    await _refuse_connections(dbname, True)
+    try:
+        with caplog.at_level(logging.ERROR):
+            for _ in range(3):  # a pooled connection that was ended, then new connections refused
+                r = await api.client.post("/v1/invoices", json=invoice_body(), headers=portal)
+                doc = await r.json()
+                assert r.status == 503, doc
+                assert doc["type"] == "urn:paysvc:problem:unavailable" and r.headers["Retry-After"] == "5"
+                assert "retry later" in doc["detail"] and "Traceback" not in doc["detail"]
+        assert not [rec for rec in caplog.records if rec.exc_info], "logged with a stack trace"
+        r = await api.client.get("/readyz")
+        assert r.status == 503 and "accepting connections" in (await r.json())["database"]  # why, not only a class
+    finally:
+        await _refuse_connections(dbname, False)
+    r = await api.client.post("/v1/invoices", json=invoice_body(), headers=portal)
+    assert r.status == 201, await r.text()
+
+
+@pytest.mark.parametrize("exc, gone", [
+    (asyncpg.ObjectNotInPrerequisiteStateError('database "x" is not currently accepting connections'), True),
+    (asyncpg.ObjectNotInPrerequisiteStateError("currval of sequence is not yet defined in this session"), False),
+    (asyncpg.LockNotAvailableError("could not obtain lock on row"), False),
+    (asyncpg.InterfaceError("cannot perform operation: connection is closed"), True),
+    (asyncpg.InterfaceError("cannot perform operation: another operation is in progress"), False),
+    (asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"), True),
+    (asyncpg.UniqueViolationError("duplicate key"), False),
+])
+def test_only_errors_that_say_the_database_is_gone_are_taken_for_an_outage(exc, gone):
+    assert database_gone(exc) is gone
