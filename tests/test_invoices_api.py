@@ -800,3 +800,39 @@ async def test_reencrypting_waits_for_a_row_another_transaction_holds(api, invoi
     finally:
         await holder.close()
     assert await pool.fetchval("SELECT count(*) FROM invoices WHERE payer_key_id <> 'k2'") == 0
+
+
+async def test_a_payer_key_rotated_in_two_steps_works_while_instances_restart_one_by_one(db_dsn, invoice_body):
+    """The README's rotation: the new key added last on every instance first (each can read what another encrypts
+    under it), then moved first. Mid-way through the second step one instance writes under the new key and
+    another still under the old one; each reads the other's payers and replays the other's creates (found by an
+    operator's walk-through: putting the new key first at once made the other instances answer 500 for those
+    payers, and 422 to a create retried with the same Idempotency-Key)."""
+    import base64
+
+    from tests.conftest import TEST_PII_KEYS, running_api
+
+    new = "t3:" + base64.b64encode(b"r" * 32).decode()
+    payer = {"name": "Sok Dara", "phone": "012-345-678"}
+    async with running_api(db_dsn, pii_keys=f"{new},{TEST_PII_KEYS}") as moved, \
+            running_api(db_dsn, pii_keys=f"{TEST_PII_KEYS},{new}") as not_yet:
+        h = await moved.portal("MOI")
+        made = {}
+        for name, api in (("moved", moved), ("not_yet", not_yet)):
+            body = invoice_body(payer=payer)
+            r = await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": f"key-{name}"})
+            assert r.status == 201, await r.text()
+            made[name] = (body, await r.json())
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            used = {r["payer_key_id"] for r in await conn.fetch("SELECT payer_key_id FROM invoices")}
+        finally:
+            await conn.close()
+        assert used == {"t1", "t3"}  # each wrote under its own first key
+        for name, (body, first) in made.items():
+            for api in (moved, not_yet):
+                got = await api.client.get(f"/v1/invoices/{first['id']}", headers=h)
+                assert got.status == 200 and (await got.json())["payer"]["name"] == "Sok Dara", name
+                again = await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": f"key-{name}"})
+                assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true", name
+                assert (await again.json())["id"] == first["id"]
