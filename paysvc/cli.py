@@ -155,7 +155,7 @@ def cmd_agencies_add(settings: Settings, args) -> int:
             settings.amqp_url.get_secret_value(), args.code, exchange=settings.events_exchange,
             queue_prefix=settings.events_queue_prefix))
     except Exception as exc:  # the agency exists; the queue can be declared later
-        from paysvc.cli_events import broker_error
+        from paysvc.relay import broker_error
 
         why = broker_error(exc, settings.amqp_url.get_secret_value()) or str(exc)
         raise CliError(f"agency added, but its queue could not be declared ({why}); "

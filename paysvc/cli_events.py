@@ -21,43 +21,6 @@ def _amqp_url(settings, given: str | None = None) -> str:
     return settings.amqp_url.get_secret_value()
 
 
-def _where(url: str) -> str:
-    """The broker's address as the URL gives it, without its user and password."""
-    from urllib.parse import unquote, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-        return f"{parts.hostname}:{port}, virtual host {unquote(parts.path[1:]) or '/'!r}"
-    except ValueError:
-        return "the URL given"
-
-
-def broker_error(exc: BaseException, url: str, *, agency: str | None = None, queue: str | None = None) -> str | None:
-    """What a broker failure means and what to do about it, in one line; None for an error that is not the
-    broker's. Found by a consumer's walk-through: each ended in a traceback (ACCESS_REFUSED, an unknown virtual
-    host seen as InvalidFrameError, NOT_FOUND for an undeclared queue)."""
-    import aiormq.exceptions as amqp
-
-    where = _where(url)
-    if isinstance(exc, amqp.ProbableAuthenticationError):
-        return f"the broker at {where} refused the user and password in the URL: check them (PAYSVC_AMQP_URL)"
-    if isinstance(exc, (amqp.InvalidFrameError, amqp.ConnectionNotAllowed)) or (
-            isinstance(exc, amqp.AMQPConnectionError) and "NOT_ALLOWED" in str(exc)):
-        return (f"the broker at {where} closed the connection when it was opened: does that virtual host exist, "
-                "and may this user use it (rabbitmqctl list_permissions -p VHOST)?")
-    if isinstance(exc, amqp.ChannelNotFoundEntity) and queue is not None:
-        hint = f"`paysvc events declare --agency {agency}`" if agency else "`paysvc events declare`"
-        case = " (agency codes are upper case)" if agency and agency != agency.upper() else ""
-        return f"the broker at {where} has no queue {queue!r}{case}: declare it with {hint}"
-    if isinstance(exc, amqp.ChannelAccessRefused):
-        return (f"the broker at {where} refused this user ({exc}): it needs the configure, write and read "
-                "permissions on the events exchange and the agency queues")
-    if isinstance(exc, (amqp.AMQPError, OSError)):
-        return f"cannot use the broker at {where}: {exc or type(exc).__name__}"
-    return None
-
-
 async def _relay(settings, dsn: str, once: bool) -> int:
     from paysvc.db import create_pool
     from paysvc.event_keys import signer_from_settings
@@ -86,21 +49,25 @@ async def _relay(settings, dsn: str, once: bool) -> int:
 
 
 def cmd_relay(settings, args) -> int:
-    from paysvc.cli import _migrate, database
+    from paysvc.cli import CliError, _migrate, database
+    from paysvc.relay import BrokerUnreachable
 
     _amqp_url(settings)
     with database(settings) as dsn:
         asyncio.run(_migrate(dsn, settings))
         print("paysvc relay publishing the outbox (Ctrl-C to stop)" if not args.once else "paysvc relay: draining",
               file=sys.stderr)
-        n = asyncio.run(_relay(settings, dsn, args.once))
+        try:
+            n = asyncio.run(_relay(settings, dsn, args.once))
+        except BrokerUnreachable as exc:  # --once: one line saying what to check, not a traceback
+            raise CliError(f"{exc}; the events stay in the outbox") from None
     print(f"published {n} events", file=sys.stderr)
     return 0
 
 
 def cmd_declare(settings, args) -> int:
     from paysvc.cli import CliError
-    from paysvc.relay import declare_agency_queue
+    from paysvc.relay import broker_error, declare_agency_queue
 
     url = _amqp_url(settings)
     try:
@@ -118,6 +85,7 @@ def cmd_declare(settings, args) -> int:
 def cmd_tail(settings, args) -> int:
     from paysvc.cli import CliError, reader_gone
     from paysvc.events_tail import KeysUnavailable, tail
+    from paysvc.relay import broker_error
 
     keys_url = args.keys_url or f"{settings.base_url}/v1/keys/events"
     url, queue = _amqp_url(settings, args.amqp_url), f"{settings.events_queue_prefix}{args.agency}"

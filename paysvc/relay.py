@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import aio_pika
 import aiormq
 import asyncpg
+import prometheus_client
 
 from paysvc import outbox
 from paysvc.db import execute_in_batches
@@ -70,6 +71,67 @@ def routing_key(agency_code: str, event_type: str) -> str:
 
 def queue_name(code: str, prefix: str = DEFAULT_QUEUE_PREFIX) -> str:
     return f"{prefix}{code}"
+
+
+RELAY_BROKER_CONNECTED = prometheus_client.Gauge(
+    "paysvc_relay_broker_connected", "1 while this process's relay holds a connection to the broker, else 0")
+RELAY_FAILURES = prometheus_client.Counter(
+    "paysvc_relay_failures_total", "Relay passes that failed (events stay in the outbox), by what failed",
+    ["cause"])  # broker, database
+
+
+class BrokerUnreachable(Exception):
+    """The broker could not be connected to; the message names where and what to check."""
+
+
+def broker_where(url: str) -> str:
+    """The broker's address as the URL gives it, without its user and password."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+        return f"{parts.hostname}:{port}, virtual host {unquote(parts.path[1:]) or '/'!r}"
+    except ValueError:
+        return "the URL given"
+
+
+def broker_error(exc: BaseException, url: str, *, agency: str | None = None, queue: str | None = None) -> str | None:
+    """What a broker failure means and what to do about it, in one line; None for an error that is not the
+    broker's. Found by a consumer's walk-through: each ended in a traceback (ACCESS_REFUSED, an unknown virtual
+    host seen as InvalidFrameError, NOT_FOUND for an undeclared queue)."""
+    amqp = aiormq.exceptions
+    where = broker_where(url)
+    if isinstance(exc, amqp.ProbableAuthenticationError):
+        return f"the broker at {where} refused the user and password in the URL: check them (PAYSVC_AMQP_URL)"
+    if isinstance(exc, (amqp.InvalidFrameError, amqp.ConnectionNotAllowed)) or (
+            isinstance(exc, amqp.AMQPConnectionError) and "NOT_ALLOWED" in str(exc)):
+        return (f"the broker at {where} closed the connection when it was opened: does that virtual host exist, "
+                "and may this user use it (rabbitmqctl list_permissions -p VHOST)?")
+    if isinstance(exc, amqp.ChannelNotFoundEntity) and queue is not None:
+        hint = f"`paysvc events declare --agency {agency}`" if agency else "`paysvc events declare`"
+        case = " (agency codes are upper case)" if agency and agency != agency.upper() else ""
+        return f"the broker at {where} has no queue {queue!r}{case}: declare it with {hint}"
+    if isinstance(exc, amqp.ChannelAccessRefused):
+        return (f"the broker at {where} refused this user ({exc}): it needs the configure, write and read "
+                "permissions on the events exchange and the agency queues")
+    if isinstance(exc, (amqp.AMQPError, OSError)):
+        return f"cannot use the broker at {where}: {exc or type(exc).__name__}"
+    return None
+
+
+async def connect_broker(url: str, *, timeout: float = 10) -> aio_pika.abc.AbstractConnection:
+    """``aio_pika.connect``; a failure is a ``BrokerUnreachable`` saying where, what to check, and the setting
+    (found by an operator's walk-through: the relay logged a missing virtual host as "Expected one of
+    ['Connection.OpenOk'], got <Connection.Close object at 0x…>", and nothing named PAYSVC_AMQP_URL)."""
+    try:
+        return await aio_pika.connect(url, timeout=timeout)
+    except (OSError, asyncio.TimeoutError, aiormq.exceptions.AMQPError) as exc:
+        why = broker_error(exc, url) or f"cannot use the broker at {broker_where(url)}: {type(exc).__name__}"
+        raise BrokerUnreachable(why if "PAYSVC_AMQP_URL" in why else f"{why} (PAYSVC_AMQP_URL)") from None
+
+
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 # A queue declared on this connection is declared again after this long before the relay publishes to it.
@@ -183,15 +245,17 @@ class Relay:
     async def connect(self) -> None:
         if self._connection is not None and not self._connection.is_closed:
             return
-        self._connection = await aio_pika.connect(self._url, timeout=10)
+        self._connection = await connect_broker(self._url)
         channel = await self._connection.channel(publisher_confirms=True)
         self._exchange = await channel.declare_exchange(self._exchange_name, aio_pika.ExchangeType.TOPIC,
                                                         durable=True)
         self._declared.clear()
+        RELAY_BROKER_CONNECTED.set(1)
 
     async def close(self) -> None:
         connection, self._connection, self._exchange = self._connection, None, None
         self._declared.clear()
+        RELAY_BROKER_CONNECTED.set(0)
         if connection is not None:
             try:
                 await connection.close()
@@ -363,18 +427,30 @@ class Relay:
             total += n
         return total
 
+    def _cause(self, exc: BaseException) -> str:
+        """What a failed pass failed on: ``database`` (the broker connection is still good: keep it) or
+        ``broker``."""
+        broker_open = self._connection is not None and not self._connection.is_closed
+        if isinstance(exc, _DATABASE_ERRORS):
+            return "database"
+        if isinstance(exc, OSError) and not isinstance(exc, aiormq.exceptions.AMQPError) and broker_open:
+            return "database"  # the pool could not connect (refused, reset) while the broker connection held
+        return "broker"
+
     async def run(self) -> None:
-        """Publish forever; on any failure log, back off (with jitter) and carry on. Cancel to stop."""
+        """Publish forever; on any failure log, back off (with jitter) and carry on. Cancel to stop.
+
+        A database failure keeps the broker connection (found by an operator's walk-through: each one closed and
+        reopened it, logged "connected to the broker again", and so never backed off past the first wait); the
+        wait doubles until a pass succeeds, whatever failed."""
         delay = self._backoff[0]
+        failures = 0
         pruner = asyncio.create_task(self._prune_periodically()) if self._retention is not None else None
         try:
             while True:
                 stop_if_cancelled()
                 try:
                     await self.connect()
-                    if delay != self._backoff[0]:
-                        log.info("relay: connected to the broker again; publishing the outbox")
-                    delay = self._backoff[0]
                     last_busy = time.monotonic()
                     while True:
                         stop_if_cancelled()
@@ -382,6 +458,10 @@ class Relay:
                         # runs out (see _note_not_taken), so it neither slows the others nor is tried (and warned
                         # about) at every poll.
                         published = await self.publish_pass()
+                        if failures:
+                            log.info("relay: publishing the outbox again, after %d failed attempt%s", failures,
+                                     "s" if failures != 1 else "")
+                            failures, delay = 0, self._backoff[0]
                         if published:
                             last_busy = time.monotonic()
                         elif time.monotonic() - last_busy < self._quiet_after:
@@ -391,9 +471,14 @@ class Relay:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("relay: publishing failed (%s: %s); events stay in the outbox, retrying in %.1fs",
-                                type(exc).__name__, exc, delay)
-                    await self.close()
+                    cause = self._cause(exc)
+                    RELAY_FAILURES.labels(cause).inc()
+                    failures += 1
+                    what = str(exc) if isinstance(exc, BrokerUnreachable) else f"{type(exc).__name__}: {exc}"
+                    log.warning("relay: the %s failed (%s); events stay in the outbox, retrying in %.1fs", cause,
+                                what, delay)
+                    if cause == "broker":
+                        await self.close()
                     await pause(delay * random.uniform(0.8, 1.2))
                     delay = min(delay * 2, self._backoff[1])
         finally:

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import aio_pika
 import aiormq
+import asyncpg
 import pytest
 
 from paysvc.db import connect
@@ -922,3 +923,91 @@ async def test_a_classic_queue_is_declared_again_as_classic(db_dsn, broker: Brok
             await connection.close()
     finally:
         await close_relay(relay)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "paysvc.relay" and r.levelno == logging.WARNING]
+
+
+async def test_a_broker_that_refuses_the_relay_is_logged_with_what_to_check(db_dsn, broker: Broker, caplog):
+    """Found by an operator's walk-through: a missing virtual host was logged as "Expected one of
+    ['Connection.OpenOk'], got <Connection.Close object at 0x…>", a refused port without naming the setting."""
+    import prometheus_client
+
+    from paysvc.relay import RELAY_BROKER_CONNECTED
+
+    def failures(cause: str) -> float:
+        return prometheus_client.REGISTRY.get_sample_value("paysvc_relay_failures_total", {"cause": cause}) or 0
+
+    for url, says in ((AMQP_URL.rstrip("/") + "/test.no-such-vhost", "virtual host 'test.no-such-vhost' closed the connection"),
+                      ("amqp://guest:s3cret@127.0.0.1:1/", "cannot use the broker at 127.0.0.1:1")):
+        caplog.clear()
+        before = failures("broker")
+        relay = await make_relay(db_dsn, broker, url=url, backoff_initial=0.05, backoff_max=0.1)
+        task = asyncio.create_task(relay.run())
+        try:
+            with caplog.at_level(logging.WARNING, logger="paysvc.relay"):
+                await wait_until(lambda: len(_warnings(caplog)) >= 2, 10, "the relay's warnings")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await close_relay(relay)
+        first = _warnings(caplog)[0]
+        assert first.startswith("relay: the broker failed (") and says in first and "PAYSVC_AMQP_URL" in first, first
+        assert "Connection.OpenOk" not in first and "s3cret" not in first
+        assert failures("broker") >= before + 2 and RELAY_BROKER_CONNECTED._value.get() == 0
+
+
+async def test_a_database_outage_keeps_the_broker_connection_and_backs_off(db_dsn, broker: Broker, invoice_body,
+                                                                           caplog):
+    """Found by an operator's walk-through: each database failure closed and reopened the broker connection,
+    logged "connected to the broker again" although the broker never went away, and so retried every 0.5 s for
+    as long as the database was down."""
+    from tests.conftest import ADMIN_DSN
+
+    dbname = db_dsn.rsplit("/", 1)[1].split("?")[0]
+    async with running_api(db_dsn, **broker.settings()) as api:
+        headers = await api.portal("MOI")
+        got = await broker.consume("MOI")
+        relay = await make_relay(db_dsn, broker, backoff_initial=0.1, backoff_max=0.8, poll_interval=0.01)
+        task = asyncio.create_task(relay.run())
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await wait_until(lambda: relay._connection is not None, 10, "the relay's broker connection")
+            connection = relay._connection
+            with caplog.at_level(logging.INFO, logger="paysvc.relay"):
+                await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+                await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE datname = $1 AND pid <> pg_backend_pid()", dbname)
+                await wait_until(lambda: len(_warnings(caplog)) >= 4, 15, "four failed passes")
+                await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+                r = await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+                assert r.status == 201, await r.text()
+                await wait_until(lambda: len(got) >= 1, 15, "the invoice's event, once the database is back")
+                await wait_until(lambda: any("publishing the outbox again" in r.getMessage() for r in caplog.records),
+                                 5, "the relay saying it publishes again")
+            said = _warnings(caplog)
+            assert all(w.startswith("relay: the database failed (") for w in said), said
+            waits = [float(w.rsplit("retrying in ", 1)[1].rstrip("s")) for w in said[:4]]
+            assert waits == [0.1, 0.2, 0.4, 0.8], waits  # backing off, not retrying at the first wait for ever
+            assert relay._connection is connection and not connection.is_closed  # the broker was never left
+            infos = [r.getMessage() for r in caplog.records if r.name == "paysvc.relay" and r.levelno == logging.INFO]
+            assert any(m.startswith("relay: publishing the outbox again, after ") for m in infos), infos
+            assert not any("connected to the broker again" in m for m in infos)
+        finally:
+            await admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+            await admin.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await close_relay(relay)
+
+
+async def test_relay_once_with_a_broker_it_cannot_reach_says_so_in_one_line(db_dsn, broker: Broker):
+    env = {**broker.env(db_dsn), "PAYSVC_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "paysvc", "relay", "--once", env=env,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = err.decode()
+    assert proc.returncode == 1 and "Traceback" not in text, text
+    assert "cannot use the broker at 127.0.0.1:1" in text and "PAYSVC_AMQP_URL" in text
+    assert "the events stay in the outbox" in text
