@@ -192,3 +192,37 @@ async def test_a_day_with_thirty_thousand_open_exceptions_is_a_small_page(api, t
     assert len(_exception_ids(page)) == treasury_pages.EXCEPTIONS_PAGE
     assert page.count('name="csrf"') >= treasury_pages.EXCEPTIONS_PAGE
     assert re.search(r'<a id="next-exceptions" href="[^"]+exceptions_after=exc_0+100"', page)
+
+
+async def test_each_open_exception_says_what_it_is_about_and_no_action_is_chosen_for_treasury(
+        api, portal, treasury, treasury_key, invoice_body):
+    """Found by a treasury walk-through: an exception showed only its reason, payment and amount (a short
+    settlement read like a long one, though only write_off applies to it), and every form came with "match to
+    invoice" chosen and the invoice filled in, for a duplicate payment too."""
+    now, today = datetime.now(UTC), _today()
+    short = await paid(api, portal, invoice_body, "TX-SHORT", at=now)
+    await paid(api, portal, invoice_body, "TX-LONG", at=now)
+    data = write_settlement_csv([line("TX-SHORT", 48000, at=now), line("TX-LONG", 50500, at=now)])
+    r = await upload(api, treasury, data, day=today)
+    assert r.status == 201, await r.text()
+    assert (await login(api, treasury_key)).status == 303
+    page = await (await api.client.get(f"/treasury/days/{today}/sandbox")).text()
+    rows = {i: page.split(f'<tr id="exc-{i}">')[1].split("</tr>")[0] for i in _exception_ids(page)}
+    assert len(rows) == 2
+    [less] = [r for r in rows.values() if "TX-SHORT" in r]
+    [more] = [r for r in rows.values() if "TX-LONG" in r]
+    assert f"bill {short['bill_number']}" in less
+    assert f"paid 50,000 ៛ as TX-SHORT {now.strftime('%Y-%m-%d %H:%M')}" in less
+    assert ("<strong>settled 2,000 ៛ less than captured</strong> (48,000 ៛ for 50,000 ៛; only write off applies)"
+            in less)
+    assert "<strong>settled 500 ៛ more than captured</strong> (50,500 ៛ for 50,000 ៛)" in more
+    assert re.search(r"line [12]\b", less) and "only write off" not in more
+    for row in rows.values():
+        assert '<select name="action" required><option value="" selected disabled>choose an action</option>' in row
+        assert 'value="match_to_invoice" selected' not in row
+    assert "From the first line, at most" in page and "Lines after line 0" not in page
+    cell = _cell(await (await api.client.get("/treasury")).text(), today)
+    assert "exceptions open" in cell and "(2)" in cell and "2 open" not in cell  # the state says open already
+    r = await api.client.get("/treasury/days/2026-13-45/sandbox")
+    text = unescape(await r.text())
+    assert "'2026-13-45' is not a day" in text and "month must be" not in text

@@ -352,8 +352,16 @@ SELECT count(*) FROM reconciliation_exceptions e
 -- name: day_open_exceptions_page
 -- A page of the day's open exceptions, oldest first, after exception $3 (NULL: from the first). The cursor
 -- is an exception's id: it still orders the page once that exception is resolved.
-SELECT e.id, e.reason, e.payment_id, e.invoice_id, e.currency, e.amount, e.opened_at
+-- With what treasury needs to decide each one (found by a treasury walk-through: reason, payment and amount
+-- alone): the bill it names, the payment's provider id, amount and time, the file line's amount.
+SELECT e.id, e.reason, e.payment_id, e.invoice_id, e.currency, e.amount, e.opened_at,
+       coalesce(i.bill_number, p.bill_number, e.evidence -> 'line' ->> 'bill_number') AS bill_number,
+       p.provider_transaction_id, p.amount AS payment_amount, p.currency AS payment_currency,
+       p.paid_at AS payment_paid_at, (e.evidence ->> 'line_no')::int AS line_no,
+       (e.evidence -> 'line' ->> 'amount')::bigint AS line_amount, e.evidence -> 'line' ->> 'currency' AS line_currency
   FROM reconciliation_exceptions e
+  LEFT JOIN payments p ON p.id = e.payment_id
+  LEFT JOIN invoices i ON i.id = e.invoice_id
  WHERE e.provider = $1 AND e.business_date = $2 AND e.state = 'open'
    AND ($3::text IS NULL
         OR (e.opened_at, e.id) > (SELECT c.opened_at, c.id FROM reconciliation_exceptions c WHERE c.id = $3))
