@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import timedelta
 from typing import AsyncIterator
 
@@ -27,7 +28,7 @@ from paysvc.db import create_pool
 from paysvc.migrate import load_migrations
 from paysvc.openapi import build_openapi
 from paysvc.pii import check_pii_keys, cipher_from_settings
-from paysvc.settings import Settings, SettingsError
+from paysvc.settings import Settings, SettingsError, unknown_variables
 from paysvc.settlement_days import parse_cutoff
 from paysvc.web import (
     AUTH, BACKGROUND, POOL, PROVIDERS, ROUTES, SETTINGS, Route, add_routes, admission_middleware, json_response,
@@ -124,6 +125,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         await pool.close()
 
     config = provider_config(settings)
+    if unknown := unknown_variables(settings, os.environ):
+        log.warning("ignored, not paysvc settings: %s", ", ".join(unknown))
     if "sandbox" in config and settings.database_url is not None:
         # Found by a security review: the default provider list is "sandbox", so a deployment that set the
         # secret to get going took simulated payments for real ones. Said by the service at start, not by every

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import difflib
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Literal
 from urllib.parse import urlsplit
@@ -289,6 +291,26 @@ def demo_secret(settings: Settings, filename: str, make: Callable[[], str], what
             log.warning("%s is not configured: generated one in %s (fine for a demo, not for production)",
                         what, path)
     return path.read_text().strip()
+
+
+# Variables of this prefix that are not settings but are read by this project's tests and benchmarks.
+_NOT_SETTINGS = ("PAYSVC_TEST_", "PAYSVC_BENCH_")
+
+
+def unknown_variables(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """``PAYSVC_…`` variables that are neither a setting nor an enabled provider's configuration
+    (``PAYSVC_<PROVIDER>_…``), each with the setting it may be a misspelling of (found by an operator's
+    walk-through: ``PAYSVC_PII_KEY`` was ignored without a word)."""
+    known = {f"PAYSVC_{f.upper()}" for f in type(settings).model_fields}
+    providers = tuple(f"PAYSVC_{n.upper()}_" for n in settings.provider_names)
+    out = []
+    for name in sorted(environ):
+        if (not name.startswith("PAYSVC_") or name in known or name.startswith(_NOT_SETTINGS)
+                or name.startswith(providers)):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
 
 
 def load_settings(**overrides) -> Settings:

@@ -138,3 +138,25 @@ def test_the_sandbox_beside_a_real_database_is_announced_at_start_as_a_risk(capl
         create_app(Settings(database_url=dsn, providers="bakong", bakong_token="t", pii_keys=keys), dsn)
         create_app(Settings(data_dir=str(tmp_path)), dsn)  # the demo: its own secret, its embedded database
     assert not [r for r in caplog.records if r.name == "paysvc.app"]
+
+
+def test_a_misspelt_variable_is_named_at_start_with_the_setting_it_may_mean(caplog, monkeypatch, tmp_path):
+    """Found by an operator's walk-through: PAYSVC_PII_KEY (for PAYSVC_PII_KEYS) was ignored without a word. Enabled
+    providers' own variables, and this project's test and benchmark variables, are not settings but known."""
+    import logging
+
+    from paysvc.app import create_app
+    from paysvc.settings import Settings, unknown_variables
+
+    env = {"PAYSVC_PII_KEY": "x", "PAYSVC_PORTT": "1", "PAYSVC_ACLEDA_SECRET": "a", "PAYSVC_NONSENSE": "1",
+           "PAYSVC_TEST_DATABASE_URL": "x", "PAYSVC_BENCH_AMQP_URL": "x", "PAYSVC_PORT": "8080", "HOME": "/root"}
+    settings = Settings(providers="sandbox,acleda")
+    assert unknown_variables(settings, env) == ["PAYSVC_NONSENSE", "PAYSVC_PII_KEY (did you mean PAYSVC_PII_KEYS?)",
+                                                "PAYSVC_PORTT (did you mean PAYSVC_PORT?)"]
+    # acleda not enabled: its variable is ignored too, and said so
+    assert "PAYSVC_ACLEDA_SECRET" in unknown_variables(Settings(), env)
+    monkeypatch.setenv("PAYSVC_PII_KEY", "x")
+    with caplog.at_level(logging.WARNING, logger="paysvc.app"):
+        create_app(Settings(data_dir=str(tmp_path)), "postgresql://postgres@127.0.0.1:5432/not_used")
+    assert any(r.getMessage() == "ignored, not paysvc settings: PAYSVC_PII_KEY (did you mean PAYSVC_PII_KEYS?)"
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
