@@ -85,11 +85,32 @@ def cmd_migrate(settings: Settings, args) -> int:
     return 0
 
 
+def check_required(settings: Settings) -> None:
+    """With a real database, every setting it requires that is missing or malformed, named at once (found by an
+    operator's walk-through: three failed starts to learn of PAYSVC_PII_KEYS, PAYSVC_SANDBOX_SECRET and
+    PAYSVC_EVENT_SIGNING_KEYS one by one). Without one, the demo makes its own keys in its data folder."""
+    from paysvc.event_keys import signer_from_settings
+    from paysvc.pii import cipher_from_settings
+    from paysvc.provider_settings import provider_config
+
+    if settings.database_url is None:
+        return
+    problems = []
+    for check in (cipher_from_settings, provider_config, signer_from_settings):
+        try:
+            check(settings)
+        except SettingsError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SettingsError("\npaysvc: ".join(problems))
+
+
 def cmd_serve(settings: Settings, args) -> int:
     from aiohttp import web
 
     from paysvc.app import create_app
 
+    check_required(settings)
     with database(settings) as dsn:
         applied = asyncio.run(_migrate(dsn, settings))
         if applied:

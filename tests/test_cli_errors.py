@@ -219,3 +219,15 @@ def test_recheck_refuses_a_day_that_has_not_begun(db_dsn):
         assert "raised" not in out.stdout
     out = run(db_dsn, "settlements", "recheck", "--provider", "sandbox", "--today", today.isoformat())
     assert out.returncode == 0 and "raised 0 missing_in_settlement" in out.stdout, out.stderr
+
+
+def test_serve_names_every_missing_required_setting_at_once(db_dsn):
+    """Found by an operator's walk-through: it took three failed starts to learn of the three settings a real
+    database and broker require."""
+    env = service_env(db_dsn, free_port(), PAYSVC_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/")
+    del env["PAYSVC_PII_KEYS"], env["PAYSVC_SANDBOX_SECRET"]
+    out = subprocess.run([sys.executable, "-m", "paysvc", "serve"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert_clean_failure(out, 2, "paysvc: PAYSVC_PII_KEYS: required", "paysvc: PAYSVC_SANDBOX_SECRET: required",
+                         "paysvc: PAYSVC_EVENT_SIGNING_KEYS: required")
+    assert "listening" not in out.stderr
