@@ -61,6 +61,9 @@ async def test_sigterm_stops_the_service_promptly_while_it_publishes(db_dsn, bro
         assert svc.proc.returncode == 0, stderr[-2000:]
         assert "Traceback" not in stderr, stderr[-2000:]
         assert took < 10, f"stopping took {took:.1f} s"
+        said = stderr.splitlines()
+        assert "paysvc stopping: no new connections; finishing the requests in progress" in said, stderr[-2000:]
+        assert said[-1] == "paysvc stopped", stderr[-2000:]
     finally:
         svc.stop()
 
