@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from datetime import timedelta
 from typing import AsyncIterator
 
@@ -45,6 +46,19 @@ async def healthz(request: web.Request) -> web.Response:
 SCHEMA_VERSION = web.AppKey("schema_version", int)
 
 
+_UNREADY_LOGGED: dict[str, float] = {}
+
+
+def _log_unready(reason: str) -> None:
+    """Log why the database is unreachable once a minute per reason (a load balancer asks every few seconds)."""
+    now = time.monotonic()
+    if now - _UNREADY_LOGGED.get(reason, -60.0) >= 60.0:
+        if len(_UNREADY_LOGGED) > 100:
+            _UNREADY_LOGGED.clear()
+        _UNREADY_LOGGED[reason] = now
+        log.warning("not ready: the database is unreachable: %s", reason)
+
+
 async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(2):
@@ -52,9 +66,11 @@ async def readyz(request: web.Request) -> web.Response:
     except asyncpg.UndefinedTableError:
         version = None
     except Exception as exc:  # any failure to answer means not ready
-        why = str(exc)[:200]  # the reason, not only its class (found by an operator's walk-through)
-        return json_response({"status": "unavailable",
-                              "database": f"unreachable: {type(exc).__name__}" + (f": {why}" if why else "")}, 503)
+        # The reason is logged (found by an operator's walk-through: the answer gave only the class), not answered:
+        # it names the database's host, database and user to whoever asks (found by review).
+        _log_unready(f"{type(exc).__name__}: {exc}")
+        return json_response({"status": "unavailable", "database": f"unreachable: {type(exc).__name__} (the "
+                                                                    "reason is in the service's log)"}, 503)
     expected = request.app[SCHEMA_VERSION]
     if version is not None and version > expected:
         # Found by an operator's walk-through: this said "run paysvc migrate", which then refuses (it knows no

@@ -116,7 +116,8 @@ def broker_error(exc: BaseException, url: str, *, agency: str | None = None, que
         return (f"the broker at {where} refused this user ({exc}): it needs the configure, write and read "
                 "permissions on the events exchange and the agency queues")
     if isinstance(exc, (amqp.AMQPError, OSError)):
-        return f"cannot use the broker at {where}: {exc or type(exc).__name__}"
+        # str(): an exception is always true, so `exc or …` never named a timeout's class (found by review)
+        return f"cannot use the broker at {where}: {str(exc) or type(exc).__name__}"
     return None
 
 
@@ -242,10 +243,22 @@ class Relay:
         self._classic: set[str] = set()  # agencies whose queue turned out classic: declared as such again
         self.published = 0  # events confirmed and marked by this relay, for logs and benchmarks
 
+    def _broker_alive(self) -> bool:
+        """Whether the broker connection is usable: aio-pika's ``is_closed`` says only whether *we* closed it; a
+        connection the broker or the network ended has its ``connected`` event cleared (found by review)."""
+        c = self._connection
+        return c is not None and not c.is_closed and c.connected.is_set()
+
     async def connect(self) -> None:
-        if self._connection is not None and not self._connection.is_closed:
+        if self._broker_alive():
             return
-        self._connection = await connect_broker(self._url)
+        if self._connection is not None:
+            await self.close()  # ended by the broker or the network: open a new one
+        try:
+            self._connection = await connect_broker(self._url)
+        except BrokerUnreachable:
+            RELAY_BROKER_CONNECTED.set(0)
+            raise
         channel = await self._connection.channel(publisher_confirms=True)
         self._exchange = await channel.declare_exchange(self._exchange_name, aio_pika.ExchangeType.TOPIC,
                                                         durable=True)
@@ -429,11 +442,13 @@ class Relay:
 
     def _cause(self, exc: BaseException) -> str:
         """What a failed pass failed on: ``database`` (the broker connection is still good: keep it) or
-        ``broker``."""
-        broker_open = self._connection is not None and not self._connection.is_closed
+        ``broker`` (anything else: reconnecting costs little). A timeout is the broker's: the pass waits on
+        nothing else with one (a publish confirm that never came: found by review, it was taken for the
+        database's, so a connection that had silently stopped was kept)."""
         if isinstance(exc, _DATABASE_ERRORS):
             return "database"
-        if isinstance(exc, OSError) and not isinstance(exc, aiormq.exceptions.AMQPError) and broker_open:
+        if (isinstance(exc, OSError) and not isinstance(exc, (TimeoutError, aiormq.exceptions.AMQPError))
+                and self._broker_alive()):
             return "database"  # the pool could not connect (refused, reset) while the broker connection held
         return "broker"
 
@@ -474,7 +489,8 @@ class Relay:
                     cause = self._cause(exc)
                     RELAY_FAILURES.labels(cause).inc()
                     failures += 1
-                    what = str(exc) if isinstance(exc, BrokerUnreachable) else f"{type(exc).__name__}: {exc}"
+                    what = (str(exc) if isinstance(exc, BrokerUnreachable) else
+                            f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                     log.warning("relay: the %s failed (%s); events stay in the outbox, retrying in %.1fs", cause,
                                 what, delay)
                     if cause == "broker":

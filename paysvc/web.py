@@ -364,15 +364,18 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise ClientClosedRequest("the connection closed before the request was read") from None
         except (asyncpg.PostgresConnectionError, asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError,
                 asyncpg.AdminShutdownError, OSError) as exc:
-            log.error("database unavailable: %s", exc)
+            log.error("database unavailable: %s", exc, extra={"request_id": request_id})
             raise ServiceUnavailable("the database is unavailable; retry later (with the same Idempotency-Key "
                                      "for a create)", retry_after_seconds=DATABASE_RETRY_SECONDS) from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
             if not database_gone(exc):
                 raise
             # Found by an operator's walk-through: a database that stopped accepting connections, or whose
-            # connections were ended mid-request, was answered 500 with a stack trace in the log.
-            log.error("database unavailable: %s: %s", type(exc).__name__, exc)
+            # connections were ended mid-request, was answered 500 with a stack trace in the log. asyncpg's
+            # InternalClientError is also what a bug in its use looks like, so that one keeps its stack trace
+            # (found by review).
+            log.error("database unavailable: %s: %s", type(exc).__name__, exc, extra={"request_id": request_id},
+                      exc_info=isinstance(exc, asyncpg.InternalClientError))
             raise ServiceUnavailable("the database is unavailable; retry later (with the same Idempotency-Key "
                                      "for a create)", retry_after_seconds=DATABASE_RETRY_SECONDS) from None
     except Problem as problem:
