@@ -44,33 +44,47 @@ def backoff(interval: float, failures: int, cap: float) -> float:
     return min(interval * 2 ** min(failures, 32), cap)
 
 
-async def run_periodically(name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
-    """Run ``job`` every ``interval`` seconds until cancelled; a failing run is logged, not fatal.
+class Failures:
+    """How a background loop treats its failures: it waits twice as long after each failure, up to
+    ``MAX_BACKOFF_SECONDS`` (at least ``interval``), and logs the traceback once, then one line per failure
+    while it keeps failing the same way (the database down, a ledger that was tampered with)."""
 
-    While it keeps failing the same way (the database down, a ledger that was tampered with), it waits twice
-    as long after each failure, up to a minute, and logs the traceback once, then one line per failure.
-    """
-    failures, last = 0, None
+    def __init__(self, name: str, interval: float) -> None:
+        self.name, self.interval = name, interval
+        self.count, self._last = 0, None
+
+    def failed(self, exc: BaseException) -> float:
+        """Log ``exc``; return how long to wait before the next run."""
+        self.count += 1
+        delay = backoff(self.interval, self.count, max(self.interval, MAX_BACKOFF_SECONDS))
+        same = repr(exc) == self._last
+        self._last = repr(exc)
+        if same:
+            log.error("%s still failing (%d runs): %s; retrying in %.0fs", self.name, self.count, exc, delay,
+                      extra={"job": self.name})
+        else:
+            log.error("%s failed; retrying in %.0fs", self.name, delay, exc_info=exc, extra={"job": self.name})
+        return delay
+
+    def succeeded(self) -> None:
+        if self.count:
+            log.info("%s recovered after %d failed runs", self.name, self.count, extra={"job": self.name})
+        self.count, self._last = 0, None
+
+
+async def run_periodically(name: str, interval: float, job: Callable[[], Awaitable[object]]) -> None:
+    """Run ``job`` every ``interval`` seconds until cancelled; a failing run is logged, not fatal (``Failures``)."""
+    failures = Failures(name, interval)
     while True:
         stop_if_cancelled()
         delay = interval
         try:
             result = await job()
-            if failures:
-                log.info("%s recovered after %d failed runs", name, failures, extra={"job": name})
-            failures, last = 0, None
+            failures.succeeded()
             if result:
                 log.info("%s: %s", name, result, extra={"job": name})
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            failures += 1
-            delay = backoff(interval, failures, max(interval, MAX_BACKOFF_SECONDS))
-            same = repr(exc) == last
-            last = repr(exc)
-            if same:
-                log.error("%s still failing (%d runs): %s; retrying in %.0fs", name, failures, exc, delay,
-                          extra={"job": name})
-            else:
-                log.exception("%s failed; retrying in %.0fs", name, delay, extra={"job": name})
+            delay = failures.failed(exc)
         await pause(delay)

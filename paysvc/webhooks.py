@@ -30,7 +30,7 @@ import aiohttp
 import asyncpg
 
 from paysvc import outbox
-from paysvc.background import pause, stop_if_cancelled
+from paysvc.background import Failures, pause, stop_if_cancelled
 from paysvc.pii import PiiCipher
 from paysvc.queries import Q
 from paysvc.relay import message_body
@@ -213,9 +213,13 @@ class WebhookWorker:
 
     async def run(self, interval: float) -> None:
         """Forever: fan out, claim what is due, start each send as its own task, never waiting for one."""
+        # Found by an operator's walk-through: while the database was down, every step logged its traceback, once
+        # a second; it now backs off and says the same failure in one line (as every background job does).
+        failures = Failures("webhooks", interval)
         try:
             while True:
                 stop_if_cancelled()
+                delay = interval
                 try:
                     now = datetime.now(timezone.utc)
                     await self.fan_out(now)
@@ -225,11 +229,12 @@ class WebhookWorker:
                             task = asyncio.create_task(self.send(row, now))
                             self._in_flight.add(task)
                             task.add_done_callback(self._done)
+                    failures.succeeded()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("webhooks: a step failed; retrying in %ss", interval)
-                await pause(interval)
+                except Exception as exc:
+                    delay = failures.failed(exc)
+                await pause(delay)
         finally:
             for task in list(self._in_flight):
                 task.cancel()

@@ -40,6 +40,44 @@ async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(
     assert any("recovered after 4 failed runs" in r.getMessage() for r in caplog.records)
 
 
+async def test_webhook_delivery_backs_off_while_its_steps_fail_and_logs_the_traceback_once(monkeypatch, caplog):
+    """Found by an operator's walk-through: while the database was down, the webhook worker logged a full traceback
+    every second, with no back-off."""
+    from paysvc.webhooks import WebhookWorker
+
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) == 6:
+            raise asyncio.CancelledError
+
+    outcomes = iter([OSError("database down")] * 4 + [None, None])
+
+    async def fan_out(now):
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        return 0
+
+    async def claim(now, limit):
+        return []
+
+    worker = WebhookWorker(None, None, None)  # type: ignore[arg-type]  # its steps are replaced below
+    monkeypatch.setattr(worker, "fan_out", fan_out)
+    monkeypatch.setattr(worker, "claim", claim)
+    monkeypatch.setattr(background.asyncio, "sleep", sleep)
+    monkeypatch.setattr(background, "MAX_BACKOFF_SECONDS", 5.0)
+    caplog.set_level(logging.INFO, logger="paysvc.background")
+    with pytest.raises(asyncio.CancelledError):
+        await worker.run(1.0)
+    assert delays == [2.0, 4.0, 5.0, 5.0, 1.0, 1.0]
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(failures) == 4 and failures[0].exc_info is not None and all(r.exc_info is None for r in failures[1:])
+    assert "webhooks still failing (4 runs): database down" in failures[-1].getMessage()
+    assert any("webhooks recovered after 4 failed runs" in r.getMessage() for r in caplog.records)
+
+
 HOUR = 3600.0
 
 
