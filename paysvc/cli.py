@@ -348,9 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     cli_ledger.register(sub)
     cli_events.register(sub)
     cli_sandbox.register(sub)
-    from paysvc import cli_settlements
+    from paysvc import cli_exceptions, cli_settlements
 
     cli_settlements.register(sub)
+    cli_exceptions.register(sub)
     return p
 
 
