@@ -18,7 +18,7 @@ from paysvc.queries import Q
 Reason = Literal["unknown_khqr", "currency_mismatch", "account_mismatch", "invoice_expired", "invoice_cancelled",
                  "duplicate_payment", "underpaid", "overpaid", "paid_at_implausible", "conflicting_notice",
                  "amount_mismatch", "missing_in_ledger", "missing_in_settlement", "duplicate_in_settlement",
-                 "settled_after_resolution"]
+                 "settled_after_resolution", "expired_part_paid"]
 
 
 class ExceptionQuery(BaseModel):
@@ -47,7 +47,7 @@ class ExceptionOut(BaseModel):
     opened_at: datetime
     resolved_at: datetime | None
     resolved_by: str | None
-    resolution: Literal["match_to_invoice", "refund_due", "write_off", "settled_late"] | None
+    resolution: Literal["match_to_invoice", "refund_due", "write_off", "settled_late", "paid_in_full"] | None
     resolution_note: str | None
     resolution_entry_id: int | None  # the journal entry that moved the money, when one did
 

@@ -168,7 +168,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
         if app[BACKGROUND]:
             pool = app[POOL]
             providers = app[PROVIDERS]
-            cutoff = parse_cutoff(settings.business_day_cutoff)  # dates the exceptions capture opens
+            cutoff = parse_cutoff(settings.business_day_cutoff)  # dates the exceptions capture and expiry open
             tasks.append(asyncio.create_task(run_periodically(
                 "event-sequencer", settings.sequencer_interval_seconds, lambda: outbox.sequence_pending(pool))))
             tasks.append(asyncio.create_task(run_periodically(
@@ -182,7 +182,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
                     poller = Poller(pool, p, policy, settings.bakong_poll_interval_seconds, cipher=ctx.cipher)
                     tasks.append(asyncio.create_task(poller.run()))
             tasks.append(asyncio.create_task(run_periodically(
-                "expire-invoices", settings.expiry_interval_seconds, lambda: invoicing.expire_due(pool))))
+                "expire-invoices", settings.expiry_interval_seconds,
+                lambda: invoicing.expire_due(pool, cutoff=cutoff))))
             tasks.append(asyncio.create_task(run_periodically(
                 "prune-idempotency-keys", 3600, lambda: invoicing.prune_idempotency_keys(
                     pool, retention=timedelta(hours=settings.idempotency_retention_hours)))))

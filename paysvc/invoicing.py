@@ -13,7 +13,8 @@ import time
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as day_time
 from typing import Any
 
 import asyncpg
@@ -449,8 +450,28 @@ async def current_khqr(
     return dict(row), code
 
 
-async def expire_due(pool: asyncpg.Pool, *, batch: int = 500) -> int:
-    """Mark open invoices past their expiry as expired. Safe on several instances (SKIP LOCKED)."""
+async def open_expired_part_paid(conn: asyncpg.Connection, invoice_id: str, *, now: datetime,
+                                 business_day: date) -> str | None:
+    """Raise ``expired_part_paid`` for an expired invoice that holds part of its amount (treasury applied held
+    money to it and the rest never came), unless one is open for it already; tell its agency. Returns the new
+    exception's id, or None."""
+    exc_id = "exc_" + base64.b32encode(secrets.token_bytes(15)).decode().lower()
+    row = await conn.fetchrow(Q.exception_open_part_paid, exc_id, invoice_id, business_day, now)
+    if row is None:
+        return None
+    await add_event(conn, agency_id=row["agency_id"], type="reconciliation.exception_opened", occurred_at=now, data={
+        "exception_id": row["id"], "reason": "expired_part_paid", "payment_id": None, "invoice_id": row["invoice_id"],
+        "currency": row["currency"], "amount": row["amount"]})
+    return row["id"]
+
+
+async def expire_due(pool: asyncpg.Pool, *, cutoff: day_time | None = None, batch: int = 500) -> int:
+    """Mark open invoices past their expiry as expired; one that holds part of its amount is raised to treasury
+    (``expired_part_paid``, dated the business day by ``cutoff``, Phnom Penh's midnight without one). Safe on
+    several instances (SKIP LOCKED)."""
+    from paysvc.settlement_days import business_date, parse_cutoff
+
+    cutoff = cutoff if cutoff is not None else parse_cutoff("23:59:59.999")
     total = 0
     while True:
         now = now_utc()
@@ -459,6 +480,8 @@ async def expire_due(pool: asyncpg.Pool, *, batch: int = 500) -> int:
             for r in rows:
                 await add_event(conn, agency_id=r["agency_id"], type="invoice.expired", data=_event_data(r),
                                 occurred_at=now)
+                if r["amount_paid"] > 0:
+                    await open_expired_part_paid(conn, r["id"], now=now, business_day=business_date(now, cutoff))
         total += len(rows)
         if len(rows) < batch:
             return total

@@ -61,6 +61,7 @@ import asyncpg
 
 import ledger
 from ledger import accounts
+from paysvc.invoicing import open_expired_part_paid
 from paysvc.outbox import add_event, journal_posted
 from paysvc.queries import Q
 from paysvc.settlement_import import lock_provider
@@ -109,6 +110,10 @@ class Facts:
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
     suspense_held_by: str | None = None   # an open exception that still holds the payment's suspense part
+    # expired_part_paid: the expired invoice (id, agency code, what it holds of its amount now), and the payments
+    # whose money it holds that their provider may still give back (not settled yet)
+    part_paid: tuple[str, str, int] | None = None
+    unsettled: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class Plan:
     postings: tuple[tuple[str, str, int], ...]   # (account, side, amount); the currency is the account's own
     invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
     restored: tuple[tuple[str, int], ...] = ()    # other invoices whose amount_paid grows back: (id, amount)
+    cleared: tuple[str, int] | None = None        # an expired invoice whose amount_paid goes (all of it) elsewhere
 
 
 def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) -> Plan:
@@ -223,6 +229,31 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             acct, n = to_invoice(diff)
             return Plan((*base, (acct, "credit", n)), invoice_amount=n)
         return Plan((*base, (refunds if action == "refund_due" else written_off, "credit", diff)))
+
+    if f.reason == "expired_part_paid":
+        # The invoice expired holding part of its amount, in its agency's revenue (treasury applied held money to
+        # it; the rest never came). Refund it, carry it to another invoice, or record that the agency keeps it.
+        assert f.part_paid is not None
+        invoice, agency, held = f.part_paid
+        if action == "write_off":
+            return Plan(())   # the agency keeps it (its rules, or it settled with the citizen itself)
+        if not held:
+            raise ResolutionRefused(f"invoice {invoice} holds nothing of its amount any more (its provider gave the "
+                                    "money back); close this with write_off")
+        if f.unsettled:
+            raise ResolutionRefused(
+                f"invoice {invoice} holds money of payment{'s' if len(f.unsettled) > 1 else ''} "
+                f"{', '.join(f.unsettled)}, not settled yet: its provider may still give it back, which takes that "
+                "part from the invoice again. Resolve this once a settlement file has settled it (or its "
+                "missing_in_settlement is resolved); write_off, if the agency keeps the money, applies now")
+        source = (accounts.agency_revenue(agency, cur), "debit", held)
+        if action == "refund_due":
+            return Plan((source, (refunds, "credit", held)), cleared=(invoice, held))
+        if target is not None and target.invoice_id == invoice:
+            raise ResolutionRefused(f"invoice {invoice} is the one that expired: match the money to another "
+                                    "invoice (one issued for the same fee, say), or refund_due", field="invoice_id")
+        acct, n = to_invoice(held)
+        return Plan((source, (acct, "credit", n)), invoice_amount=n, cleared=(invoice, held))
 
     if f.reason == "conflicting_notice":
         # A second notice for captured money that says otherwise: nothing of it was booked.
@@ -353,6 +384,25 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
                              "lowered": await _lowered(conn, e["evidence"], also_lock=invoice_id)})
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
+    if facts.reason == "expired_part_paid":
+        # Both invoices locked in id order (the expired one, and the one money is matched to)
+        ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})
+        rows = {i: await conn.fetchrow(Q.invoice_for_resolve, i) for i in ids}
+        held = rows[e["invoice_id"]]
+        if held["status"] == "paid":
+            # Paid in full since (treasury applied the rest): nothing is left to decide. Closed as such, whatever
+            # was asked: the match that paid it closes it too, unless it found it being resolved (this).
+            done = await conn.fetchval(Q.exceptions_close_paid_in_full, e["invoice_id"], now, by)
+            if done is None:
+                raise AlreadyResolved(exception_id)
+            closed = await conn.fetchrow(Q.exception_for_resolve, exception_id)
+            return {"id": exception_id, "state": "resolved", "resolution": "paid_in_full", "resolved_by": by,
+                    "resolved_at": now.isoformat(), "resolution_note": closed["resolution_note"] if closed else None,
+                    "resolution_entry_id": None, "postings": []}
+        unsettled = tuple(r["payment_id"] for r in await conn.fetch(Q.part_paid_unsettled_payments, e["invoice_id"])) \
+            if action != "write_off" else ()
+        facts = Facts(**{**facts.__dict__, "part_paid": (held["id"], held["agency_code"], held["amount_paid"]),
+                         "unsettled": unsettled})
     target = None
     inv = None
     if action == "match_to_invoice":
@@ -387,6 +437,9 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # that "lowered nothing" is recorded as such (found by review).
         await conn.execute(Q.exception_record_lowered, exception_id,
                            [{"invoice_id": r["id"], "amount": r["amount"]} for r in lowered])
+    if p.cleared is not None:
+        if await conn.fetchval(Q.invoice_clear_part_paid, *p.cleared) is None:
+            raise ResolutionRefused(f"invoice {p.cleared[0]} no longer holds {p.cleared[1]}: try again")
     grown = [(inv["id"], p.invoice_amount)] if p.invoice_amount and inv is not None else []
     for invoice, n in [*grown, *p.restored]:
         row = await conn.fetchrow(Q.invoice_apply_resolution, invoice, n, now)
@@ -395,6 +448,12 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
                 "invoice_id": row["id"], "reference": row["reference"], "bill_number": row["bill_number"],
                 "status": row["status"], "currency": row["currency"], "amount": row["amount"],
                 "amount_paid": row["amount_paid"], "paid_at": now.isoformat(), "exception_id": exception_id})
+            # An expired invoice paid in full after all: its expired_part_paid, if open, has nothing left to decide
+            await conn.fetchval(Q.exceptions_close_paid_in_full, row["id"], now, f"{by} ({exception_id})")
+        elif row is not None and row["status"] == "expired" and 0 < row["amount_paid"] < row["amount"]:
+            # Money applied to an expired invoice that still owes the rest (a late payment matched to it, say):
+            # raised as the expiry would have raised it
+            await open_expired_part_paid(conn, row["id"], now=now, business_day=e["business_date"] or now.date())
     done = await conn.fetchval(Q.exception_resolve, exception_id, now, by, action, note,
                                str(entry_id) if entry_id else None,
                                invoice_id if action == "match_to_invoice" else None)

@@ -529,3 +529,56 @@ UPDATE reconciliation_exceptions
        resolution_entry_id = CASE $5::text WHEN 'matched' THEN $7::text END
  WHERE id = $1 AND state = 'open'
 RETURNING id, resolved_by, resolution_note, resolution_entry_id
+
+-- name: exception_open_part_paid
+-- expired_part_paid for invoice $2 if it is expired holding part of its amount and none is open for it (the
+-- partial unique index). Its provider: the one of the last payment treasury applied to it (so the day's page
+-- lists it). $1 id, $3 business date, $4 now.
+INSERT INTO reconciliation_exceptions (id, reason, provider, invoice_id, agency_id, currency, amount, business_date,
+                                       evidence, opened_at)
+SELECT $1, 'expired_part_paid',
+       coalesce((SELECT x.provider FROM reconciliation_exceptions x
+                  WHERE x.invoice_id = i.id AND x.resolution = 'match_to_invoice'
+                  ORDER BY x.resolved_at DESC, x.id DESC LIMIT 1),
+                (SELECT p.provider FROM payments p WHERE p.invoice_id = i.id
+                  ORDER BY p.captured_at DESC, p.id DESC LIMIT 1), 'none'),
+       i.id, i.agency_id, i.currency, i.amount_paid, $3,
+       jsonb_build_object('invoice', jsonb_build_object(
+           'id', i.id, 'amount', i.amount, 'amount_paid', i.amount_paid, 'bill_number', i.bill_number,
+           'expires_at', i.expires_at)),
+       $4
+  FROM invoices i
+ WHERE i.id = $2 AND i.status = 'expired' AND i.amount_paid > 0 AND i.amount_paid < i.amount
+ON CONFLICT DO NOTHING
+RETURNING id, agency_id, invoice_id, currency, amount
+
+-- name: part_paid_unsettled_payments
+-- The payments whose money treasury applied to invoice $1 (match_to_invoice) and whose provider may still give it
+-- back: not settled by any line, and no missing_in_settlement of theirs resolved (a refund of it took its part
+-- back from the invoice already; a write-off of it leaves it there for good).
+SELECT DISTINCT x.payment_id
+  FROM reconciliation_exceptions x
+ WHERE x.invoice_id = $1 AND x.resolution = 'match_to_invoice' AND x.payment_id IS NOT NULL
+   AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
+                    WHERE sl.payment_id = x.payment_id
+                      AND sl.category IN ('matched', 'amount_mismatch', 'missing_in_ledger', 'settled_after_resolution'))
+   AND NOT EXISTS (SELECT 1 FROM reconciliation_exceptions m
+                    WHERE m.payment_id = x.payment_id AND m.reason = 'missing_in_settlement' AND m.state = 'resolved')
+ ORDER BY x.payment_id
+
+-- name: invoice_clear_part_paid
+-- What an expired invoice held of its amount leaves it ($2, all of it): refunded or carried to another invoice.
+UPDATE invoices SET amount_paid = amount_paid - $2
+ WHERE id = $1 AND status = 'expired' AND amount_paid = $2
+RETURNING id
+
+-- name: exceptions_close_paid_in_full
+-- The open expired_part_paid of invoice $1, paid in full since (treasury applied the rest): nothing is left to
+-- decide. Skips one being resolved at this moment (its resolution sees the invoice paid and closes it itself).
+UPDATE reconciliation_exceptions
+   SET state = 'resolved', resolved_at = $2, resolved_by = $3, resolution = 'paid_in_full',
+       resolution_note = 'the invoice was paid in full after it expired (' || $3 || ')'
+ WHERE id IN (SELECT id FROM reconciliation_exceptions
+               WHERE invoice_id = $1 AND reason = 'expired_part_paid' AND state = 'open'
+                 FOR UPDATE SKIP LOCKED)
+RETURNING id

@@ -1,0 +1,186 @@
+"""An invoice that expires holding part of its amount (treasury applied a held payment to it; the rest never
+came) is raised to treasury as expired_part_paid, and resolved by a refund, a match to another invoice, or a
+write_off that leaves the money with the agency. Real PostgreSQL, the API as treasury uses it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import ledger
+from paysvc import invoicing
+from paysvc.db import connect
+from paysvc.web import POOL
+from providers.sandbox import write_settlement_csv
+from tests.payments_helpers import new_invoice, pay
+from tests.test_settlement import AT, DAY, issued_before, line, upload
+
+
+async def exceptions(api, treasury, **params) -> list[dict]:
+    r = await api.client.get("/v1/reconciliation/exceptions", params=params, headers=treasury)
+    assert r.status == 200, await r.text()
+    return (await r.json())["data"]
+
+
+async def resolve(api, treasury, exc_id: str, action: str, **kw):
+    return await api.client.post(f"/v1/reconciliation/exceptions/{exc_id}/resolve", headers=treasury,
+                                 json={"action": action, "note": "checked", **kw})
+
+
+async def part_paid(api, portal, treasury, invoice_body, *, txid: str, at: datetime | None = None,
+                    amount: int = 1000, paid: int = 400) -> dict:
+    """An invoice paid short (all of it held), the payment applied to it by treasury: open, amount_paid grown."""
+    inv = await new_invoice(api, portal, invoice_body, amount=amount)
+    if at is not None:
+        inv = await issued_before(api.dsn, inv, at)
+    r = await pay(api.client, inv, amount=paid, txid=txid, **({"paid_at": at} if at else {}))
+    assert (await r.json())["payments"][0]["exception"] == "underpaid"
+    [exc] = [e for e in await exceptions(api, treasury, reason="underpaid", state="open") if e["invoice_id"] == inv["id"]]
+    r = await resolve(api, treasury, exc["id"], "match_to_invoice", invoice_id=inv["id"])
+    assert r.status == 200, await r.text()
+    return inv
+
+
+async def expire(api, *invoices: dict) -> None:
+    async with connect(api.dsn) as conn:
+        await conn.execute("UPDATE invoices SET expires_at = now() - interval '1 second' WHERE id = ANY($1)",
+                           [i["id"] for i in invoices])
+    await invoicing.expire_due(api.client.app[POOL])
+
+
+async def invoice(api, portal, inv: dict) -> dict:
+    return await (await api.client.get(f"/v1/invoices/{inv['id']}", headers=portal)).json()
+
+
+async def balances(dsn: str) -> dict[str, int]:
+    """Each account's debits less credits, as maintained by the ledger."""
+    async with connect(dsn) as conn:
+        return {r["code"]: r["debits"] - r["credits"] for r in await conn.fetch(
+            "SELECT a.code, b.debits, b.credits FROM ledger_balances b JOIN ledger_accounts a ON a.id = b.account_id")}
+
+
+async def test_an_expired_part_paid_invoice_is_raised_and_refunded_once_its_payment_is_settled(
+        api, portal, treasury, invoice_body):
+    now = datetime.now(UTC)
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-1")
+    await expire(api, inv)
+    assert (await invoice(api, portal, inv))["status"] == "expired"
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")
+    assert (exc["state"], exc["invoice_id"], exc["agency"], exc["amount"], exc["provider"]) == (
+        "open", inv["id"], "MOI", 400, "sandbox")
+    assert exc["evidence"]["invoice"]["id"] == inv["id"] and exc["evidence"]["invoice"]["amount"] == 1000
+    async with connect(api.dsn) as conn:
+        told = await conn.fetch("SELECT data FROM outbox_events WHERE type = 'reconciliation.exception_opened' "
+                                "AND data->>'exception_id' = $1", exc["id"])
+    assert len(told) == 1  # the agency hears of it, as of any exception about its money
+    await invoicing.expire_due(api.client.app[POOL])  # expiry runs again: still one
+    assert len(await exceptions(api, treasury, reason="expired_part_paid")) == 1
+
+    # Its payment is not settled yet: the provider may still give it back (which takes it from the invoice)
+    r = await resolve(api, treasury, exc["id"], "refund_due")
+    body = await r.json()
+    assert r.status == 422 and "not settled yet" in body["detail"], body
+    [pay_id] = [p["id"] for p in (await invoice(api, portal, inv))["payments"]]
+    assert pay_id in body["detail"]
+
+    r = await upload(api, treasury, write_settlement_csv([line("PP-1", 400, at=now)]), day=now.date())
+    assert r.status == 201, await r.text()
+    before = await balances(api.dsn)
+    r = await resolve(api, treasury, exc["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    done = await r.json()
+    assert {(p["account"], p["side"], p["amount"]) for p in done["postings"]} == {
+        ("agency:MOI:revenue:KHR", "debit", 400), ("suspense:refunds-due:KHR", "credit", 400)}
+    after = await balances(api.dsn)
+    assert after["agency:MOI:revenue:KHR"] - before["agency:MOI:revenue:KHR"] == 400   # revenue debited
+    assert after["suspense:refunds-due:KHR"] - before.get("suspense:refunds-due:KHR", 0) == -400  # owed back
+    got = await invoice(api, portal, inv)
+    assert (got["status"], got["amount_paid"]) == ("expired", 0)
+    async with connect(api.dsn) as conn:
+        posted = await conn.fetch("SELECT data FROM outbox_events WHERE type = 'journal.posted' "
+                                  "AND data->>'exception_id' = $1", exc["id"])
+        assert len(posted) == 1
+        tb = await ledger.trial_balance(conn)
+        assert all(t.debits == t.credits for t in tb.totals)
+        assert (await ledger.verify(conn)).ok
+    assert (await resolve(api, treasury, exc["id"], "write_off")).status == 409
+
+
+async def test_the_part_is_carried_to_another_invoice_and_an_expired_one_that_then_holds_part_is_raised(
+        api, portal, treasury, invoice_body):
+    now = datetime.now(UTC)
+    old = await part_paid(api, portal, treasury, invoice_body, txid="PP-2")
+    await upload(api, treasury, write_settlement_csv([line("PP-2", 400, at=now)]), day=now.date())
+    new = await new_invoice(api, portal, invoice_body, amount=1000)
+    await expire(api, old)
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")
+    r = await resolve(api, treasury, exc["id"], "match_to_invoice", invoice_id=old["id"])
+    assert r.status == 422 and "is the one that expired" in (await r.json())["detail"]
+    r = await resolve(api, treasury, exc["id"], "match_to_invoice", invoice_id=new["id"])
+    assert r.status == 200, await r.text()
+    assert {(p["account"], p["side"], p["amount"]) for p in (await r.json())["postings"]} == {
+        ("agency:MOI:revenue:KHR", "debit", 400), ("agency:MOI:revenue:KHR", "credit", 400)}
+    assert (await invoice(api, portal, old))["amount_paid"] == 0
+    got = await invoice(api, portal, new)
+    assert (got["status"], got["amount_paid"]) == ("open", 400)
+    # The new one expires too, holding the part: raised in its turn
+    await expire(api, new)
+    opened = await exceptions(api, treasury, reason="expired_part_paid", state="open")
+    assert [(e["invoice_id"], e["amount"]) for e in opened] == [(new["id"], 400)]
+
+
+async def test_one_paid_in_full_after_it_expired_is_closed_and_write_off_leaves_the_money_with_the_agency(
+        api, portal, treasury, invoice_body):
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-3")
+    await expire(api, inv)
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")
+    # The citizen pays the rest late, with the code it had: held as invoice_expired; treasury applies it
+    r = await pay(api.client, inv, amount=600, txid="PP-3-REST")
+    assert (await r.json())["payments"][0]["exception"] == "invoice_expired"
+    [late] = await exceptions(api, treasury, reason="invoice_expired", state="open")
+    r = await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=inv["id"])
+    assert r.status == 200, await r.text()
+    assert (await invoice(api, portal, inv))["status"] == "paid"
+    [closed] = await exceptions(api, treasury, reason="expired_part_paid")
+    assert (closed["state"], closed["resolution"], closed["resolution_entry_id"]) == ("resolved", "paid_in_full", None)
+    assert late["id"] in closed["resolved_by"]
+    assert (await resolve(api, treasury, exc["id"], "refund_due")).status == 409
+
+    # Another, whose payment is not settled: write_off (the agency keeps it) applies at once, and moves nothing
+    other = await part_paid(api, portal, treasury, invoice_body, txid="PP-4")
+    await expire(api, other)
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid", state="open")
+    before = await balances(api.dsn)
+    r = await resolve(api, treasury, exc["id"], "write_off")
+    assert r.status == 200 and (await r.json())["postings"] == []
+    assert await balances(api.dsn) == before and (await invoice(api, portal, other))["amount_paid"] == 400
+
+
+async def test_a_part_its_provider_gave_back_is_not_refunded_twice(api, portal, treasury, invoice_body):
+    """The provider returned the payment (refund_due of its missing_in_settlement): that took the part back from
+    the invoice already, so the expired_part_paid has nothing left to refund."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.settlement_import import raise_overdue
+    from paysvc.web import SETTINGS
+
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-5", at=AT)
+    await expire(api, inv)
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")
+    async with connect(api.dsn) as conn:
+        assert await raise_overdue(conn, provider="sandbox", today=DAY + timedelta(days=3),
+                                   rules=rules_of(api.client.app[SETTINGS]), now=datetime.now(UTC)) == 1
+    [missing] = await exceptions(api, treasury, reason="missing_in_settlement")
+    r = await resolve(api, treasury, missing["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    assert (await invoice(api, portal, inv))["amount_paid"] == 0
+    r = await resolve(api, treasury, exc["id"], "refund_due")
+    assert r.status == 422 and "holds nothing of its amount any more" in (await r.json())["detail"]
+    assert (await resolve(api, treasury, exc["id"], "write_off")).status == 200
+    async with connect(api.dsn) as conn:
+        assert all(t.debits == t.credits for t in (await ledger.trial_balance(conn)).totals)
+
+
+async def test_an_invoice_expiring_with_nothing_applied_raises_nothing(api, portal, treasury, invoice_body):
+    inv = await new_invoice(api, portal, invoice_body, amount=1000)
+    await expire(api, inv)
+    assert (await invoice(api, portal, inv))["status"] == "expired"
+    assert await exceptions(api, treasury, reason="expired_part_paid") == []
