@@ -64,6 +64,7 @@ from ledger import accounts
 from paysvc.invoicing import open_expired_part_paid
 from paysvc.outbox import add_event, journal_posted
 from paysvc.queries import Q
+from paysvc.settlement_days import TZ as PHNOM_PENH
 from paysvc.settlement_import import lock_provider
 
 Action = Literal["match_to_invoice", "refund_due", "write_off"]
@@ -235,17 +236,21 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         # it; the rest never came). Refund it, carry it to another invoice, or record that the agency keeps it.
         assert f.part_paid is not None
         invoice, agency, held = f.part_paid
-        if action == "write_off":
-            return Plan(())   # the agency keeps it (its rules, or it settled with the citizen itself)
         if not held:
+            if action == "write_off":
+                return Plan(())   # nothing left to decide
             raise ResolutionRefused(f"invoice {invoice} holds nothing of its amount any more (its provider gave the "
                                     "money back); close this with write_off")
         if f.unsettled:
+            # Whatever is decided of the part is final (refunded, carried, or the agency's for good: found by
+            # review, a write_off followed by another part refunded both), so it waits for the money to be.
             raise ResolutionRefused(
                 f"invoice {invoice} holds money of payment{'s' if len(f.unsettled) > 1 else ''} "
                 f"{', '.join(f.unsettled)}, not settled yet: its provider may still give it back, which takes that "
                 "part from the invoice again. Resolve this once a settlement file has settled it (or its "
-                "missing_in_settlement is resolved); write_off, if the agency keeps the money, applies now")
+                "missing_in_settlement is resolved)")
+        if action == "write_off":
+            return Plan(())   # the agency keeps it (its rules, or it settled with the citizen itself): recorded
         source = (accounts.agency_revenue(agency, cur), "debit", held)
         if action == "refund_due":
             return Plan((source, (refunds, "credit", held)), cleared=(invoice, held))
@@ -392,16 +397,16 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         if held["status"] == "paid":
             # Paid in full since (treasury applied the rest): nothing is left to decide. Closed as such, whatever
             # was asked: the match that paid it closes it too, unless it found it being resolved (this).
-            done = await conn.fetchval(Q.exceptions_close_paid_in_full, e["invoice_id"], now, by)
-            if done is None:
+            closed = await conn.fetchrow(Q.exceptions_close_paid_in_full, e["invoice_id"], now, by)
+            if closed is None:
                 raise AlreadyResolved(exception_id)
-            closed = await conn.fetchrow(Q.exception_for_resolve, exception_id)
             return {"id": exception_id, "state": "resolved", "resolution": "paid_in_full", "resolved_by": by,
-                    "resolved_at": now.isoformat(), "resolution_note": closed["resolution_note"] if closed else None,
+                    "resolved_at": now.isoformat(), "resolution_note": closed["resolution_note"],
                     "resolution_entry_id": None, "postings": []}
+        part = held["amount_paid"] - await conn.fetchval(Q.part_paid_kept, e["invoice_id"])
         unsettled = tuple(r["payment_id"] for r in await conn.fetch(Q.part_paid_unsettled_payments, e["invoice_id"])) \
-            if action != "write_off" else ()
-        facts = Facts(**{**facts.__dict__, "part_paid": (held["id"], held["agency_code"], held["amount_paid"]),
+            if part > 0 else ()
+        facts = Facts(**{**facts.__dict__, "part_paid": (held["id"], held["agency_code"], max(part, 0)),
                          "unsettled": unsettled})
     target = None
     inv = None
@@ -440,6 +445,13 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if p.cleared is not None:
         if await conn.fetchval(Q.invoice_clear_part_paid, *p.cleared) is None:
             raise ResolutionRefused(f"invoice {p.cleared[0]} no longer holds {p.cleared[1]}: try again")
+    if facts.reason == "expired_part_paid" and facts.part_paid is not None:
+        # What was decided of how much, kept with the exception: a write_off's part is the agency's for good (not
+        # raised again), and a match keeps naming the expired invoice (its invoice_id), the other in evidence.
+        _, _, part = facts.part_paid
+        await conn.execute(Q.exception_add_evidence, exception_id,
+                           {"kept": part} if action == "write_off" else
+                           {"moved": part, **({"matched_to": invoice_id} if action == "match_to_invoice" else {})})
     grown = [(inv["id"], p.invoice_amount)] if p.invoice_amount and inv is not None else []
     for invoice, n in [*grown, *p.restored]:
         row = await conn.fetchrow(Q.invoice_apply_resolution, invoice, n, now)
@@ -453,10 +465,12 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         elif row is not None and row["status"] == "expired" and 0 < row["amount_paid"] < row["amount"]:
             # Money applied to an expired invoice that still owes the rest (a late payment matched to it, say):
             # raised as the expiry would have raised it
-            await open_expired_part_paid(conn, row["id"], now=now, business_day=e["business_date"] or now.date())
+            await open_expired_part_paid(conn, row["id"], now=now,
+                                         business_day=e["business_date"] or now.astimezone(PHNOM_PENH).date())
     done = await conn.fetchval(Q.exception_resolve, exception_id, now, by, action, note,
                                str(entry_id) if entry_id else None,
-                               invoice_id if action == "match_to_invoice" else None)
+                               invoice_id if action == "match_to_invoice" and facts.reason != "expired_part_paid"
+                               else None)
     if done is None:
         raise AlreadyResolved(exception_id)
     return {"id": exception_id, "state": "resolved", "resolution": action, "resolved_by": by,

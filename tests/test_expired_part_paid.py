@@ -72,8 +72,6 @@ async def test_an_expired_part_paid_invoice_is_raised_and_refunded_once_its_paym
         told = await conn.fetch("SELECT data FROM outbox_events WHERE type = 'reconciliation.exception_opened' "
                                 "AND data->>'exception_id' = $1", exc["id"])
     assert len(told) == 1  # the agency hears of it, as of any exception about its money
-    await invoicing.expire_due(api.client.app[POOL])  # expiry runs again: still one
-    assert len(await exceptions(api, treasury, reason="expired_part_paid")) == 1
 
     # Its payment is not settled yet: the provider may still give it back (which takes it from the invoice)
     r = await resolve(api, treasury, exc["id"], "refund_due")
@@ -145,14 +143,96 @@ async def test_one_paid_in_full_after_it_expired_is_closed_and_write_off_leaves_
     assert late["id"] in closed["resolved_by"]
     assert (await resolve(api, treasury, exc["id"], "refund_due")).status == 409
 
-    # Another, whose payment is not settled: write_off (the agency keeps it) applies at once, and moves nothing
-    other = await part_paid(api, portal, treasury, invoice_body, txid="PP-4")
-    await expire(api, other)
+
+
+async def test_what_a_write_off_left_with_the_agency_is_not_refunded_with_a_later_part(api, portal, treasury,
+                                                                                     invoice_body):
+    """Found by review: the agency kept 400 (write_off); then 300 more was applied to the expired invoice, and its
+    new exception refunded 700. A write_off now waits for the money to be settled too (it is final), and records
+    what the agency keeps; a later part is raised, and refunded, alone."""
+    now = datetime.now(UTC)
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-4")
+    await expire(api, inv)
     [exc] = await exceptions(api, treasury, reason="expired_part_paid", state="open")
+    r = await resolve(api, treasury, exc["id"], "write_off")
+    assert r.status == 422 and "not settled yet" in (await r.json())["detail"]
+    await upload(api, treasury, write_settlement_csv([line("PP-4", 400, at=now)]), day=now.date())
     before = await balances(api.dsn)
     r = await resolve(api, treasury, exc["id"], "write_off")
     assert r.status == 200 and (await r.json())["postings"] == []
-    assert await balances(api.dsn) == before and (await invoice(api, portal, other))["amount_paid"] == 400
+    assert await balances(api.dsn) == before and (await invoice(api, portal, inv))["amount_paid"] == 400
+    [kept] = await exceptions(api, treasury, reason="expired_part_paid")
+    assert kept["evidence"]["kept"] == 400
+
+    r = await pay(api.client, inv, amount=300, txid="PP-4-LATE")
+    assert (await r.json())["payments"][0]["exception"] == "invoice_expired"
+    [late] = await exceptions(api, treasury, reason="invoice_expired", state="open")
+    assert (await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=inv["id"])).status == 200
+    assert (await invoice(api, portal, inv))["amount_paid"] == 700
+    [again] = await exceptions(api, treasury, reason="expired_part_paid", state="open")
+    assert again["amount"] == 300 and again["evidence"]["invoice"]["kept_before"] == 400
+    await upload(api, treasury, write_settlement_csv([line("PP-4-LATE", 300, at=now)]), day=now.date())
+    r = await resolve(api, treasury, again["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    assert {(p["account"], p["side"], p["amount"]) for p in (await r.json())["postings"]} == {
+        ("agency:MOI:revenue:KHR", "debit", 300), ("suspense:refunds-due:KHR", "credit", 300)}
+    assert (await invoice(api, portal, inv))["amount_paid"] == 400   # what the agency keeps
+
+
+async def test_money_applied_to_an_expired_invoice_with_its_exception_open_is_refunded_with_it(
+        api, portal, treasury, invoice_body):
+    """More money applied while its expired_part_paid is open opens no second one; the refund takes what the
+    invoice holds when it is resolved."""
+    now = datetime.now(UTC)
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-6")
+    await expire(api, inv)
+    r = await pay(api.client, inv, amount=100, txid="PP-6-LATE")
+    [late] = await exceptions(api, treasury, reason="invoice_expired", state="open")
+    assert (await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=inv["id"])).status == 200
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")   # still one
+    assert exc["state"] == "open"
+    await upload(api, treasury, write_settlement_csv([line("PP-6", 400, at=now), line("PP-6-LATE", 100, at=now)]),
+                 day=now.date())
+    r = await resolve(api, treasury, exc["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    assert ("agency:MOI:revenue:KHR", "debit", 500) in {(p["account"], p["side"], p["amount"])
+                                                         for p in (await r.json())["postings"]}
+    assert (await invoice(api, portal, inv))["amount_paid"] == 0
+
+
+async def test_one_being_resolved_while_a_match_pays_its_invoice_is_closed_as_paid_in_full(
+        api, portal, treasury, invoice_body):
+    """Found by review: the match that paid the invoice skipped the exception (locked by its own resolution), and
+    that resolution, seeing the invoice paid, failed (404 'no reconciliation exception'), for good."""
+    import asyncio
+
+    from paysvc.settlement_resolve import resolve as resolve_in
+
+    now = datetime.now(UTC)
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-7")
+    await upload(api, treasury, write_settlement_csv([line("PP-7", 400, at=now)]), day=now.date())
+    await expire(api, inv)
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")
+    await pay(api.client, inv, amount=600, txid="PP-7-REST")
+    [late] = await exceptions(api, treasury, reason="invoice_expired", state="open")
+    async with connect(api.dsn) as paying, connect(api.dsn) as refunding:  # the service's JSON codecs
+        await paying.execute("BEGIN")
+        await paying.fetchrow("SELECT id FROM invoices WHERE id = $1 FOR UPDATE", inv["id"])  # the match's lock
+        await refunding.execute("BEGIN")
+        refund = asyncio.ensure_future(resolve_in(refunding, exc["id"], action="refund_due", note="refund",
+                                                  invoice_id=None, by="treasury", now=now, bank_account="b"))
+        await asyncio.sleep(0.5)
+        assert not refund.done()  # it holds the exception and waits for the invoice
+        out = await resolve_in(paying, late["id"], action="match_to_invoice", note="the rest", invoice_id=inv["id"],
+                               by="treasury", now=now, bank_account="b")
+        assert out["resolution"] == "match_to_invoice"
+        await paying.execute("COMMIT")
+        done = await refund
+        await refunding.execute("COMMIT")
+    assert (done["resolution"], done["postings"]) == ("paid_in_full", [])
+    assert (await invoice(api, portal, inv))["status"] == "paid"
+    [closed] = await exceptions(api, treasury, reason="expired_part_paid")
+    assert (closed["state"], closed["resolution"]) == ("resolved", "paid_in_full")
 
 
 async def test_a_part_its_provider_gave_back_is_not_refunded_twice(api, portal, treasury, invoice_body):

@@ -531,26 +531,42 @@ UPDATE reconciliation_exceptions
 RETURNING id, resolved_by, resolution_note, resolution_entry_id
 
 -- name: exception_open_part_paid
--- expired_part_paid for invoice $2 if it is expired holding part of its amount and none is open for it (the
--- partial unique index). Its provider: the one of the last payment treasury applied to it (so the day's page
--- lists it). $1 id, $3 business date, $4 now.
+-- expired_part_paid for invoice $2 if it is expired holding part of its amount that is not the agency's to keep
+-- (what earlier write_offs of its expired_part_paid kept is not raised again: found by review), and none is
+-- open for it (the partial unique index). Its provider: the one of the last payment treasury applied to it (so
+-- the day's page lists it). $1 id, $3 business date, $4 now.
 INSERT INTO reconciliation_exceptions (id, reason, provider, invoice_id, agency_id, currency, amount, business_date,
                                        evidence, opened_at)
 SELECT $1, 'expired_part_paid',
        coalesce((SELECT x.provider FROM reconciliation_exceptions x
-                  WHERE x.invoice_id = i.id AND x.resolution = 'match_to_invoice'
+                  WHERE (x.invoice_id = i.id AND x.resolution = 'match_to_invoice')
+                     OR (x.reason = 'expired_part_paid' AND x.evidence ->> 'matched_to' = i.id)
                   ORDER BY x.resolved_at DESC, x.id DESC LIMIT 1),
                 (SELECT p.provider FROM payments p WHERE p.invoice_id = i.id
                   ORDER BY p.captured_at DESC, p.id DESC LIMIT 1), 'none'),
-       i.id, i.agency_id, i.currency, i.amount_paid, $3,
+       i.id, i.agency_id, i.currency, i.amount_paid - k.kept, $3,
        jsonb_build_object('invoice', jsonb_build_object(
-           'id', i.id, 'amount', i.amount, 'amount_paid', i.amount_paid, 'bill_number', i.bill_number,
-           'expires_at', i.expires_at)),
+           'id', i.id, 'amount', i.amount, 'amount_paid', i.amount_paid, 'kept_before', k.kept,
+           'bill_number', i.bill_number, 'expires_at', i.expires_at)),
        $4
   FROM invoices i
- WHERE i.id = $2 AND i.status = 'expired' AND i.amount_paid > 0 AND i.amount_paid < i.amount
+ CROSS JOIN LATERAL (SELECT coalesce(sum((x.evidence ->> 'kept')::bigint), 0)::bigint AS kept
+                       FROM reconciliation_exceptions x
+                      WHERE x.invoice_id = i.id AND x.reason = 'expired_part_paid'
+                        AND x.resolution = 'write_off') k
+ WHERE i.id = $2 AND i.status = 'expired' AND i.amount_paid - k.kept > 0 AND i.amount_paid < i.amount
 ON CONFLICT DO NOTHING
 RETURNING id, agency_id, invoice_id, currency, amount
+
+-- name: part_paid_kept
+-- What write_offs of invoice $1's expired_part_paid left with the agency (it is not raised, refunded or carried
+-- again).
+SELECT coalesce(sum((evidence ->> 'kept')::bigint), 0)::bigint
+  FROM reconciliation_exceptions
+ WHERE invoice_id = $1 AND reason = 'expired_part_paid' AND resolution = 'write_off'
+
+-- name: exception_add_evidence
+UPDATE reconciliation_exceptions SET evidence = evidence || $2::jsonb WHERE id = $1 AND state = 'open'
 
 -- name: part_paid_unsettled_payments
 -- The payments whose money treasury applied to invoice $1 (match_to_invoice) and whose provider may still give it
@@ -567,9 +583,9 @@ SELECT DISTINCT x.payment_id
  ORDER BY x.payment_id
 
 -- name: invoice_clear_part_paid
--- What an expired invoice held of its amount leaves it ($2, all of it): refunded or carried to another invoice.
+-- What an expired invoice held of its amount ($2) leaves it: refunded or carried to another invoice.
 UPDATE invoices SET amount_paid = amount_paid - $2
- WHERE id = $1 AND status = 'expired' AND amount_paid = $2
+ WHERE id = $1 AND status = 'expired' AND amount_paid >= $2
 RETURNING id
 
 -- name: exceptions_close_paid_in_full
@@ -581,4 +597,4 @@ UPDATE reconciliation_exceptions
  WHERE id IN (SELECT id FROM reconciliation_exceptions
                WHERE invoice_id = $1 AND reason = 'expired_part_paid' AND state = 'open'
                  FOR UPDATE SKIP LOCKED)
-RETURNING id
+RETURNING id, resolution_note
