@@ -244,21 +244,25 @@ UPDATE reconciliation_exceptions e
    AND p.provider = $1 AND p.paid_at > $2 AND p.paid_at <= $3
 
 -- name: raise_missing_in_settlement
--- Payments captured on or before $2 (the end of the last business day past its grace) and settled by no
--- line are raised once. $1 provider or NULL for all; $3 time zone; $4 cut-off; $5 now.
+-- Payments paid (or, dated later than captured, captured) on or before $2 (the end of the last business day past
+-- its grace) and settled by no line are raised once, dated the business day of the earlier of the two. $1 provider or NULL for all; $3 time zone; $4 cut-off; $5 now.
 INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
                                        business_date, evidence, opened_at)
 SELECT 'exc_' || replace(gen_random_uuid()::text, '-', ''), 'missing_in_settlement', p.provider, p.id,
        p.invoice_id, p.agency_id, p.currency, p.amount,
-       CASE WHEN (p.paid_at AT TIME ZONE $3)::time > $4::time THEN (p.paid_at AT TIME ZONE $3)::date + 1
-            ELSE (p.paid_at AT TIME ZONE $3)::date END,
+       CASE WHEN (least(p.paid_at, p.captured_at) AT TIME ZONE $3)::time > $4::time
+            THEN (least(p.paid_at, p.captured_at) AT TIME ZONE $3)::date + 1
+            ELSE (least(p.paid_at, p.captured_at) AT TIME ZONE $3)::date END,
        jsonb_build_object('payment', jsonb_build_object(
            'id', p.id, 'provider_transaction_id', p.provider_transaction_id, 'amount', p.amount,
            'currency', p.currency, 'paid_at', p.paid_at, 'applied_amount', p.applied_amount,
            'suspense_amount', p.suspense_amount), 'raised_after_grace_until', $2::timestamptz),
        $5
   FROM payments p
- WHERE ($1::text IS NULL OR p.provider = $1) AND p.paid_at <= $2
+ WHERE ($1::text IS NULL OR p.provider = $1)
+   -- by the reported time, or, for a payment its provider dated later than it reached us (paid_at_implausible),
+   -- by its capture: by the reported time it would never be overdue (found by review)
+   AND (p.paid_at <= $2 OR (p.paid_at > p.captured_at AND p.captured_at <= $2))
    AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
                     WHERE sl.payment_id = p.id
                       AND sl.category IN ('matched', 'amount_mismatch', 'missing_in_ledger',
@@ -539,8 +543,10 @@ INSERT INTO reconciliation_exceptions (id, reason, provider, invoice_id, agency_
                                        evidence, opened_at)
 SELECT $1, 'expired_part_paid',
        coalesce((SELECT x.provider FROM reconciliation_exceptions x
-                  WHERE (x.invoice_id = i.id AND x.resolution = 'match_to_invoice')
-                     OR (x.reason = 'expired_part_paid' AND x.evidence ->> 'matched_to' = i.id)
+                  WHERE x.invoice_id = i.id AND x.resolution = 'match_to_invoice'
+                  ORDER BY x.resolved_at DESC, x.id DESC LIMIT 1),
+                (SELECT x.provider FROM reconciliation_exceptions x
+                  WHERE x.reason = 'expired_part_paid' AND x.evidence ->> 'matched_to' = i.id
                   ORDER BY x.resolved_at DESC, x.id DESC LIMIT 1),
                 (SELECT p.provider FROM payments p WHERE p.invoice_id = i.id
                   ORDER BY p.captured_at DESC, p.id DESC LIMIT 1), 'none'),
