@@ -455,8 +455,9 @@ async def open_expired_part_paid(conn: asyncpg.Connection, invoice_id: str, *, n
     """Raise ``expired_part_paid`` for an expired invoice that holds part of its amount (treasury applied held
     money to it and the rest never came), unless one is open for it already; tell its agency. Returns the new
     exception's id, or None."""
-    exc_id = "exc_" + base64.b32encode(secrets.token_bytes(15)).decode().lower()
-    row = await conn.fetchrow(Q.exception_open_part_paid, exc_id, invoice_id, business_day, now)
+    from paysvc.capture import new_id
+
+    row = await conn.fetchrow(Q.exception_open_part_paid, new_id("exc"), invoice_id, business_day, now)
     if row is None:
         return None
     await add_event(conn, agency_id=row["agency_id"], type="reconciliation.exception_opened", occurred_at=now, data={
@@ -467,11 +468,12 @@ async def open_expired_part_paid(conn: asyncpg.Connection, invoice_id: str, *, n
 
 async def expire_due(pool: asyncpg.Pool, *, cutoff: day_time | None = None, batch: int = 500) -> int:
     """Mark open invoices past their expiry as expired; one that holds part of its amount is raised to treasury
-    (``expired_part_paid``, dated the business day by ``cutoff``, Phnom Penh's midnight without one). Safe on
+    (``expired_part_paid``, dated the business day by ``cutoff``, the settings' default without one). Safe on
     several instances (SKIP LOCKED)."""
+    from paysvc.settings import Settings
     from paysvc.settlement_days import business_date, parse_cutoff
 
-    cutoff = cutoff if cutoff is not None else parse_cutoff("23:59:59.999")
+    cutoff = cutoff if cutoff is not None else parse_cutoff(Settings.model_fields["business_day_cutoff"].default)
     total = 0
     while True:
         now = now_utc()

@@ -32,6 +32,14 @@ sits decides what an action can do:
   lowered by that part, so it asks for it again). ``match_to_invoice`` is refused: a later settlement line
   settles it.
 
+* **expired_part_paid** (an expired invoice holds H of its amount in its agency's revenue, beyond what earlier
+  write-offs of it left with the agency): ``refund_due`` debit the agency's revenue, credit
+  ``suspense:refunds-due`` H; ``match_to_invoice`` debit it, credit the other invoice's agency revenue H; both
+  lower the expired invoice's ``amount_paid`` by H. ``write_off``: the agency keeps H (no entry; recorded, never
+  raised again). Every action waits until each payment whose money the invoice holds is settled (or its
+  missing_in_settlement resolved): its provider could otherwise still give it back, taking that part from the
+  invoice again. One paid in full since is closed as ``paid_in_full``.
+
 Each agency whose accounts a resolution entry moves gets a ``journal.posted`` event (its own postings, and the
 exception id) in the same transaction.
 
@@ -133,7 +141,7 @@ class Plan:
     postings: tuple[tuple[str, str, int], ...]   # (account, side, amount); the currency is the account's own
     invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
     restored: tuple[tuple[str, int], ...] = ()    # other invoices whose amount_paid grows back: (id, amount)
-    cleared: tuple[str, int] | None = None        # an expired invoice whose amount_paid goes (all of it) elsewhere
+    cleared: tuple[str, int] | None = None        # an expired invoice whose amount_paid is lowered: (id, amount)
 
 
 def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) -> Plan:
