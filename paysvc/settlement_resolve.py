@@ -446,6 +446,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # it again (found by review: it kept counting the part as paid, so paying the rest "paid" an invoice
         # whose agency kept only that rest). A paid invoice is not reopened.
         lowered = await conn.fetch(Q.invoices_refunded_part, pay["id"], [*CAPTURE_REASONS, "missing_in_ledger"])
+        for r in lowered:  # an expired one's open expired_part_paid now holds less
+            await conn.execute(Q.exception_part_paid_amount, r["id"])
         # Kept for a line that may still settle the payment (settled_after_resolution); an empty list too, so
         # that "lowered nothing" is recorded as such (found by review).
         await conn.execute(Q.exception_record_lowered, exception_id,
@@ -473,8 +475,9 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         elif row is not None and row["status"] == "expired" and 0 < row["amount_paid"] < row["amount"]:
             # Money applied to an expired invoice that still owes the rest (a late payment matched to it, say):
             # raised as the expiry would have raised it
-            await open_expired_part_paid(conn, row["id"], now=now,
-                                         business_day=e["business_date"] or now.astimezone(PHNOM_PENH).date())
+            if await open_expired_part_paid(conn, row["id"], now=now, business_day=e["business_date"]
+                                            or now.astimezone(PHNOM_PENH).date()) is None:
+                await conn.execute(Q.exception_part_paid_amount, row["id"])  # one is open: it holds more now
     done = await conn.fetchval(Q.exception_resolve, exception_id, now, by, action, note,
                                str(entry_id) if entry_id else None,
                                invoice_id if action == "match_to_invoice" and facts.reason != "expired_part_paid"

@@ -604,3 +604,14 @@ UPDATE reconciliation_exceptions
                WHERE invoice_id = $1 AND reason = 'expired_part_paid' AND state = 'open'
                  FOR UPDATE SKIP LOCKED)
 RETURNING id, resolution_note
+
+-- name: exception_part_paid_amount
+-- The open expired_part_paid of invoice $1 says what the invoice holds now (found by the session's own reread:
+-- money applied, or a provider's refund taken back, while it was open left its amount as when it was opened).
+UPDATE reconciliation_exceptions x
+   SET amount = greatest(i.amount_paid - (SELECT coalesce(sum((k.evidence ->> 'kept')::bigint), 0)
+                                             FROM reconciliation_exceptions k
+                                            WHERE k.invoice_id = i.id AND k.reason = 'expired_part_paid'
+                                              AND k.resolution = 'write_off'), 0)
+  FROM invoices i
+ WHERE i.id = $1 AND x.invoice_id = i.id AND x.reason = 'expired_part_paid' AND x.state = 'open'
