@@ -457,7 +457,8 @@ async def open_expired_part_paid(conn: asyncpg.Connection, invoice_id: str, *, n
     exception's id, or None."""
     from paysvc.capture import new_id
 
-    row = await conn.fetchrow(Q.exception_open_part_paid, new_id("exc"), invoice_id, business_day, now)
+    kept = await conn.fetchval(Q.part_paid_kept, invoice_id)
+    row = await conn.fetchrow(Q.exception_open_part_paid, new_id("exc"), invoice_id, business_day, now, kept)
     if row is None:
         return None
     await add_event(conn, agency_id=row["agency_id"], type="reconciliation.exception_opened", occurred_at=now, data={

@@ -447,7 +447,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # whose agency kept only that rest). A paid invoice is not reopened.
         lowered = await conn.fetch(Q.invoices_refunded_part, pay["id"], [*CAPTURE_REASONS, "missing_in_ledger"])
         for r in lowered:  # an expired one's open expired_part_paid now holds less
-            await conn.execute(Q.exception_part_paid_amount, r["id"])
+            await conn.execute(Q.exception_part_paid_amount, r["id"], await conn.fetchval(Q.part_paid_kept, r["id"]))
         # Kept for a line that may still settle the payment (settled_after_resolution); an empty list too, so
         # that "lowered nothing" is recorded as such (found by review).
         await conn.execute(Q.exception_record_lowered, exception_id,
@@ -477,7 +477,9 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             # raised as the expiry would have raised it
             if await open_expired_part_paid(conn, row["id"], now=now, business_day=e["business_date"]
                                             or now.astimezone(PHNOM_PENH).date()) is None:
-                await conn.execute(Q.exception_part_paid_amount, row["id"])  # one is open: it holds more now
+                # one is open: it holds more now
+                await conn.execute(Q.exception_part_paid_amount, row["id"],
+                                   await conn.fetchval(Q.part_paid_kept, row["id"]))
     done = await conn.fetchval(Q.exception_resolve, exception_id, now, by, action, note,
                                str(entry_id) if entry_id else None,
                                invoice_id if action == "match_to_invoice" and facts.reason != "expired_part_paid"

@@ -536,9 +536,9 @@ RETURNING id, resolved_by, resolution_note, resolution_entry_id
 
 -- name: exception_open_part_paid
 -- expired_part_paid for invoice $2 if it is expired holding part of its amount that is not the agency's to keep
--- (what earlier write_offs of its expired_part_paid kept is not raised again: found by review), and none is
--- open for it (the partial unique index). Its provider: the one of the last payment treasury applied to it (so
--- the day's page lists it). $1 id, $3 business date, $4 now.
+-- ($5, what earlier write_offs of its expired_part_paid kept: part_paid_kept; not raised again, found by
+-- review), and none is open for it (the partial unique index). Its provider: the one of the last payment
+-- treasury applied to it (so the day's page lists it). $1 id, $3 business date, $4 now.
 INSERT INTO reconciliation_exceptions (id, reason, provider, invoice_id, agency_id, currency, amount, business_date,
                                        evidence, opened_at)
 SELECT $1, 'expired_part_paid',
@@ -550,17 +550,13 @@ SELECT $1, 'expired_part_paid',
                   ORDER BY x.resolved_at DESC, x.id DESC LIMIT 1),
                 (SELECT p.provider FROM payments p WHERE p.invoice_id = i.id
                   ORDER BY p.captured_at DESC, p.id DESC LIMIT 1), 'none'),
-       i.id, i.agency_id, i.currency, i.amount_paid - k.kept, $3,
+       i.id, i.agency_id, i.currency, i.amount_paid - $5, $3,
        jsonb_build_object('invoice', jsonb_build_object(
-           'id', i.id, 'amount', i.amount, 'amount_paid', i.amount_paid, 'kept_before', k.kept,
+           'id', i.id, 'amount', i.amount, 'amount_paid', i.amount_paid, 'kept_before', $5::bigint,
            'bill_number', i.bill_number, 'expires_at', i.expires_at)),
        $4
   FROM invoices i
- CROSS JOIN LATERAL (SELECT coalesce(sum((x.evidence ->> 'kept')::bigint), 0)::bigint AS kept
-                       FROM reconciliation_exceptions x
-                      WHERE x.invoice_id = i.id AND x.reason = 'expired_part_paid'
-                        AND x.resolution = 'write_off') k
- WHERE i.id = $2 AND i.status = 'expired' AND i.amount_paid - k.kept > 0 AND i.amount_paid < i.amount
+ WHERE i.id = $2 AND i.status = 'expired' AND i.amount_paid - $5 > 0 AND i.amount_paid < i.amount
 ON CONFLICT DO NOTHING
 RETURNING id, agency_id, invoice_id, currency, amount
 
@@ -606,12 +602,10 @@ UPDATE reconciliation_exceptions
 RETURNING id, resolution_note
 
 -- name: exception_part_paid_amount
--- The open expired_part_paid of invoice $1 says what the invoice holds now (found by the session's own reread:
--- money applied, or a provider's refund taken back, while it was open left its amount as when it was opened).
+-- The open expired_part_paid of invoice $1 says what the invoice holds now, less $2 (what write-offs kept:
+-- part_paid_kept). Found by the session's own note: money applied, or a provider's refund taken back, while it
+-- was open left its amount as when it was opened.
 UPDATE reconciliation_exceptions x
-   SET amount = greatest(i.amount_paid - (SELECT coalesce(sum((k.evidence ->> 'kept')::bigint), 0)
-                                             FROM reconciliation_exceptions k
-                                            WHERE k.invoice_id = i.id AND k.reason = 'expired_part_paid'
-                                              AND k.resolution = 'write_off'), 0)
+   SET amount = greatest(i.amount_paid - $2, 0)
   FROM invoices i
  WHERE i.id = $1 AND x.invoice_id = i.id AND x.reason = 'expired_part_paid' AND x.state = 'open'
