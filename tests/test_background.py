@@ -11,7 +11,9 @@ import pytest
 from paysvc import background
 
 
-async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(monkeypatch, caplog):
+def _failing_four_times(monkeypatch, caplog, exc: Exception):
+    """A step that raises ``exc`` four times and then works; pauses recorded (not slept), the sixth stopping the
+    loop; back-off capped at 5 s. Returns (the pauses, the step)."""
     delays: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -19,9 +21,9 @@ async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(
         if len(delays) == 6:
             raise asyncio.CancelledError
 
-    outcomes = iter([RuntimeError("ledger tampered")] * 4 + [None, None])
+    outcomes = iter([exc] * 4 + [None, None])
 
-    async def job():
+    async def step(*_args):
         outcome = next(outcomes)
         if outcome is not None:
             raise outcome
@@ -30,14 +32,24 @@ async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(
     monkeypatch.setattr(background.asyncio, "sleep", sleep)
     monkeypatch.setattr(background, "MAX_BACKOFF_SECONDS", 5.0)
     caplog.set_level(logging.INFO, logger="paysvc.background")
-    with pytest.raises(asyncio.CancelledError):
-        await background.run_periodically("ledger-seal", 1.0, job)
+    return delays, step
+
+
+def _assert_backed_off_and_logged_once(delays: list[float], caplog, still: str, recovered: str) -> None:
     assert delays == [2.0, 4.0, 5.0, 5.0, 1.0, 1.0]  # doubling, capped; back to the interval once it works
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(failures) == 4
     assert failures[0].exc_info is not None and all(r.exc_info is None for r in failures[1:])
-    assert "still failing (4 runs): ledger tampered" in failures[-1].getMessage()
-    assert any("recovered after 4 failed runs" in r.getMessage() for r in caplog.records)
+    assert still in failures[-1].getMessage()
+    assert any(recovered in r.getMessage() for r in caplog.records)
+
+
+async def test_a_job_failing_the_same_way_backs_off_and_logs_its_traceback_once(monkeypatch, caplog):
+    delays, job = _failing_four_times(monkeypatch, caplog, RuntimeError("ledger tampered"))
+    with pytest.raises(asyncio.CancelledError):
+        await background.run_periodically("ledger-seal", 1.0, job)
+    _assert_backed_off_and_logged_once(delays, caplog, "still failing (4 runs): ledger tampered",
+                                       "recovered after 4 failed runs")
 
 
 async def test_webhook_delivery_backs_off_while_its_steps_fail_and_logs_the_traceback_once(monkeypatch, caplog):
@@ -45,20 +57,7 @@ async def test_webhook_delivery_backs_off_while_its_steps_fail_and_logs_the_trac
     every second, with no back-off."""
     from paysvc.webhooks import WebhookWorker
 
-    delays: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        delays.append(seconds)
-        if len(delays) == 6:
-            raise asyncio.CancelledError
-
-    outcomes = iter([OSError("database down")] * 4 + [None, None])
-
-    async def fan_out(now):
-        outcome = next(outcomes)
-        if outcome is not None:
-            raise outcome
-        return 0
+    delays, fan_out = _failing_four_times(monkeypatch, caplog, OSError("database down"))
 
     async def claim(now, limit):
         return []
@@ -66,16 +65,10 @@ async def test_webhook_delivery_backs_off_while_its_steps_fail_and_logs_the_trac
     worker = WebhookWorker(None, None, None)  # type: ignore[arg-type]  # its steps are replaced below
     monkeypatch.setattr(worker, "fan_out", fan_out)
     monkeypatch.setattr(worker, "claim", claim)
-    monkeypatch.setattr(background.asyncio, "sleep", sleep)
-    monkeypatch.setattr(background, "MAX_BACKOFF_SECONDS", 5.0)
-    caplog.set_level(logging.INFO, logger="paysvc.background")
     with pytest.raises(asyncio.CancelledError):
         await worker.run(1.0)
-    assert delays == [2.0, 4.0, 5.0, 5.0, 1.0, 1.0]
-    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(failures) == 4 and failures[0].exc_info is not None and all(r.exc_info is None for r in failures[1:])
-    assert "webhooks still failing (4 runs): database down" in failures[-1].getMessage()
-    assert any("webhooks recovered after 4 failed runs" in r.getMessage() for r in caplog.records)
+    _assert_backed_off_and_logged_once(delays, caplog, "webhooks still failing (4 runs): database down",
+                                       "webhooks recovered after 4 failed runs")
 
 
 HOUR = 3600.0
