@@ -91,7 +91,30 @@ async def execute_in_batches(pool: asyncpg.Pool, query: str, *args, batch: int) 
             return total
 
 
+class PoolFloorRetriesAsOneLine(logging.Filter):
+    """asyncpg 0.32 keeps a pool at its ``min_size`` by reconnecting in the background, and logs each failed
+    reconnect as a WARNING with a full traceback: during a database outage that is a traceback at 1, 2, 4… up to
+    every 60 s, beside the one line the service already logs per refused request (found when CI picked up 0.32
+    and the outage test saw the traceback). Such a record becomes one line naming the error and what asyncpg
+    does next; every other record of asyncpg's passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and str(record.msg).startswith("Failed to restore the pool connection floor"):
+            record.msg = ("database connections below the pool's floor (PAYSVC_DB_POOL_MIN) and reconnecting "
+                          "failed: %s: %s; retrying with back-off up to 60 s")
+            record.args = (type(exc).__name__, exc)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_POOL_FLOOR_FILTER = PoolFloorRetriesAsOneLine()
+
+
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    pool_log = logging.getLogger("asyncpg.pool")
+    if _POOL_FLOOR_FILTER not in pool_log.filters:
+        pool_log.addFilter(_POOL_FLOOR_FILTER)
     return await asyncpg.create_pool(
         dsn,
         min_size=settings.db_pool_min,

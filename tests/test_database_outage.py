@@ -61,3 +61,22 @@ async def test_a_database_that_stopped_accepting_connections_is_a_503_then_recov
 ])
 def test_only_errors_that_say_the_database_is_gone_are_taken_for_an_outage(exc, gone):
     assert database_gone(exc) is gone
+
+
+async def test_the_pools_reconnect_retries_are_one_line_each(api, caplog):
+    """asyncpg 0.32 reconnects a pool below its floor in the background and logs each failure with a traceback;
+    a pool of the service's logs it as one line naming the error (the record asyncpg writes, as it writes it)."""
+    gone = asyncpg.ObjectNotInPrerequisiteStateError('database "x" is not currently accepting connections')
+    with caplog.at_level(logging.WARNING, logger="asyncpg.pool"):
+        try:
+            raise gone
+        except asyncpg.PostgresError:
+            logging.getLogger("asyncpg.pool").warning("Failed to restore the pool connection floor; retrying",
+                                                      exc_info=True)
+        logging.getLogger("asyncpg.pool").warning("another warning of asyncpg's, %s", "kept", exc_info=gone)
+    floor, other = [r for r in caplog.records if r.name == "asyncpg.pool"]
+    assert floor.exc_info is None and floor.levelno == logging.WARNING
+    assert floor.getMessage() == ("database connections below the pool's floor (PAYSVC_DB_POOL_MIN) and reconnecting "
+                                  'failed: ObjectNotInPrerequisiteStateError: database "x" is not currently '
+                                  "accepting connections; retrying with back-off up to 60 s")
+    assert other.exc_info and other.getMessage() == "another warning of asyncpg's, kept"
