@@ -615,7 +615,7 @@ async def test_an_exception_opened_at_capture_is_dated_its_business_day(api, por
 
 async def test_ledger_reconcile_finds_a_payment_booked_otherwise_than_recorded(api, portal, invoice_body):
     """Found by an auditor's walk-through: verify checks the ledger against itself only; a payment row changed
-    (the service role may update payments) or a capture entry with no payment behind it went unseen."""
+    (the service role could update payments, before 0052) or a capture entry with no payment behind it went unseen."""
     import subprocess
     import sys
 
@@ -635,12 +635,15 @@ async def test_ledger_reconcile_finds_a_payment_booked_otherwise_than_recorded(a
     assert ok.returncode == 0 and "each of the 2 payments has one capture entry" in ok.stdout, ok.stdout + ok.stderr
     conn = await asyncpg.connect(api.dsn)
     try:
+        # A payment is kept as written (0052): changed here as a superuser with triggers disabled
+        await conn.execute("SET session_replication_role = replica")
         await conn.execute("UPDATE payments SET amount = 52000, applied_amount = 52000 WHERE provider_transaction_id "
                            "= 'TX-EXACT'")
         bad = await asyncio.to_thread(reconcile)
         assert bad.returncode == 1 and "are not the payment's" in bad.stdout, bad.stdout + bad.stderr
         await conn.execute("UPDATE payments SET amount = 50000, applied_amount = 50000 WHERE provider_transaction_id "
                            "= 'TX-EXACT'")
+        await conn.execute("SET session_replication_role = DEFAULT")
         import ledger
         await ledger.post_entry(conn, ledger.entries.payment_captured(
             provider="sandbox", agency="MOI", amount=7000, currency="KHR", effective_at=datetime.now(UTC),

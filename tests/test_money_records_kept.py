@@ -1,0 +1,91 @@
+"""The records the ledger's entries stand on (invoices, codes, payments and their reports, exceptions,
+settlements and their lines) are kept as written: the database refuses their removal, and any change to what a
+payment, a settlement line or a settlement is, whoever asks; the service's role has no such privilege at all.
+
+Found by an auditor's walk-through: as the service's role, a resolved exception could be deleted (its resolution
+entry then had nothing behind it, and verify and reconcile passed), a settlement's lines deleted and its business
+date moved."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from providers.sandbox import write_settlement_csv
+from tests.payments_helpers import new_invoice
+from tests.test_settlement import line, paid, resolve, upload
+
+
+@pytest.fixture
+async def history(api, portal, treasury, invoice_body):
+    """Two paid invoices and a settlement file with its lines, one settling 1,000 less (an exception, resolved)."""
+    await paid(api, portal, invoice_body, "TX-1")
+    await paid(api, portal, invoice_body, "TX-3")
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000), line("TX-3", 49000)]))
+    assert r.status == 201, await r.text()
+    exc = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                       params={"state": "open"})).json())["data"][0]
+    assert (await resolve(api, treasury, exc["id"], "write_off")).status == 200
+    conn = await asyncpg.connect(api.dsn)
+    # Another channel's report of TX-1 under its own id (what a second channel's notice of one code leaves)
+    await conn.execute("INSERT INTO payment_reports (provider, provider_transaction_id, payment_id, source, notice, "
+                       "reported_at) SELECT 'sandbox', 'OTHER-1', id, 'poll', '{}', now() FROM payments "
+                       "WHERE provider_transaction_id = 'TX-1'")
+    for table in ("invoices", "khqr_codes", "payments", "payment_reports", "reconciliation_exceptions",
+                  "settlements", "settlement_lines"):
+        assert await conn.fetchval(f"SELECT count(*) FROM {table}"), f"no {table} row: nothing would be refused"
+    assert await conn.fetchval("SELECT count(*) FROM reconciliation_exceptions WHERE state = 'resolved'")
+    yield conn
+    await conn.close()
+
+
+REMOVALS = ["DELETE FROM invoices", "DELETE FROM khqr_codes", "DELETE FROM payments", "DELETE FROM payment_reports",
+            "DELETE FROM reconciliation_exceptions WHERE state = 'resolved'", "DELETE FROM settlements",
+            "DELETE FROM settlement_lines", "TRUNCATE invoices CASCADE", "TRUNCATE reconciliation_exceptions CASCADE",
+            "TRUNCATE settlement_lines"]
+REWRITES = ["UPDATE payments SET amount = amount + 1, applied_amount = applied_amount + 1",
+            "UPDATE payments SET paid_at = paid_at - interval '1 day'",
+            "UPDATE payments SET invoice_id = NULL, agency_id = NULL, applied_amount = 0, suspense_amount = amount",
+            "UPDATE payment_reports SET reported_at = reported_at - interval '1 day'",
+            "UPDATE settlement_lines SET amount = amount + 1",
+            "UPDATE settlement_lines SET payment_id = NULL, category = 'duplicate_in_settlement'",
+            "UPDATE settlements SET business_date = business_date - 1",
+            "UPDATE settlements SET journal_entry_id = NULL"]
+
+
+@pytest.mark.parametrize("sql", REMOVALS + REWRITES)
+async def test_the_database_refuses_to_remove_or_rewrite_them_whoever_asks(history, sql):
+    before = await history.fetchval("SELECT count(*) FROM payments") if "payments" in sql else None
+    with pytest.raises(asyncpg.RestrictViolationError) as refused:   # as a superuser, triggers enabled
+        await history.execute(sql)
+    assert "never deleted" in str(refused.value) or "cannot be changed" in str(refused.value)
+    assert "correct" in (refused.value.hint or "")
+    if before is not None:
+        assert await history.fetchval("SELECT count(*) FROM payments") == before
+
+
+@pytest.mark.parametrize("sql", REMOVALS + REWRITES)
+async def test_the_service_role_has_no_such_privilege(history, sql):
+    # It updates a settlement's totals, so what a settlement is stays guarded by the trigger alone for it
+    refusal = asyncpg.RestrictViolationError if sql.startswith("UPDATE settlements") else \
+        asyncpg.InsufficientPrivilegeError
+    with pytest.raises(refusal):
+        async with history.transaction():
+            await history.execute("SET LOCAL ROLE paysvc_app")
+            await history.execute(sql)
+
+
+async def test_what_the_service_changes_it_still_may(history, api, portal, invoice_body):
+    """A settlement's totals, an invoice's state, and the tables the service prunes; and, for the owner (a migration
+    erasing payer data), a payment's evidence and payer account."""
+    assert await history.execute("UPDATE payments SET evidence = evidence || '{\"checked\": true}', "
+                                 "from_account = NULL") != "UPDATE 0"
+    async with history.transaction():
+        await history.execute("SET LOCAL ROLE paysvc_app")
+        assert await history.execute("UPDATE settlements SET summary = summary") != "UPDATE 0"
+        await history.execute("DELETE FROM idempotency_keys")
+        await history.execute("DELETE FROM provider_inbox WHERE false")
+        await history.execute("DELETE FROM outbox_events WHERE false")
+        await history.execute("DELETE FROM treasury_sessions")
+    inv = await new_invoice(api, portal, invoice_body)
+    assert (await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=portal)).status == 200
