@@ -90,7 +90,8 @@ def cmd_tail(settings, args) -> int:
     keys_url = args.keys_url or f"{settings.base_url}/v1/keys/events"
     url, queue = _amqp_url(settings, args.amqp_url), f"{settings.events_queue_prefix}{args.agency}"
     try:
-        return asyncio.run(tail(url, queue, keys_url, max_messages=args.max_messages, idle_exit=args.idle_exit))
+        return asyncio.run(tail(url, queue, keys_url, agency=args.agency, max_messages=args.max_messages,
+                                idle_exit=args.idle_exit))
     except KeysUnavailable as exc:
         raise CliError(f"{exc}; is the service running there, or give --keys-url") from None
     except BrokenPipeError:

@@ -2,9 +2,13 @@
 
 1. Fetch the public keys from ``/v1/keys/events`` (again when a message names a key not seen yet: rotation).
 2. For each message of the agency's queue, verify the Ed25519 signature in ``paysvc-signature`` over the exact
-   body bytes, with the key named by ``paysvc-key-id``.
-3. Verified: skip it if its ``message_id`` was already handled (delivery is at least once), else handle it
-   (here: print the body, one JSON object per line), then ack.
+   body bytes, with the key named by ``paysvc-key-id``; then check that the signed body is this agency's event
+   (``agency``): a genuine event of another agency, in this queue by a wrong binding or copied there, verifies
+   too (found by an agency's walk-through: it was printed as the agency's own).
+3. Verified: skip it if its ``event_id`` (in the signed body; the ``message_id`` header is not signed) was already
+   handled (delivery is at least once), else handle it (here: print the body, one JSON object per line), then ack.
+   A ``seq`` above the next expected one in this run is a gap, said on standard error (the missing event comes
+   again, or is fetched from ``GET /v1/events?after=``).
 4. Not verified: print ``VERIFY FAILED …`` on standard error, leave the message in the queue (it is not acked)
    and exit with status 3. Handling later messages would skip one and break the agency's seq order; an operator
    looks at it, fetches the genuine event from ``GET /v1/events?signed=true`` (verified like a message), and removes
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import json
 import sys
 from typing import TextIO
 
@@ -49,7 +54,21 @@ def _header(message: aio_pika.abc.AbstractIncomingMessage, name: str) -> str | N
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def tail(amqp_url: str, queue_name: str, keys_url: str, *, max_messages: int | None = None,
+def _not_ours(body: bytes, agency: str) -> str | None:
+    """Why a verified body is not an event of ``agency`` to handle; ``None`` when it is."""
+    try:
+        event = json.loads(body)
+    except ValueError:
+        return "the signed body is not JSON"
+    if not isinstance(event, dict) or not isinstance(event.get("event_id"), str) or type(event.get("seq")) is not int:
+        return "the signed body is not an event (no event_id or seq)"
+    if event.get("agency") != agency:
+        return (f"a genuine event of agency {event.get('agency')!r}, not {agency!r}: check the queue's bindings "
+                f"(only {agency}.#) and who may publish to it")
+    return None
+
+
+async def tail(amqp_url: str, queue_name: str, keys_url: str, *, agency: str, max_messages: int | None = None,
                idle_exit: float | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     keys = await fetch_keys(keys_url)
     connection = await aio_pika.connect(amqp_url)
@@ -59,8 +78,8 @@ async def tail(amqp_url: str, queue_name: str, keys_url: str, *, max_messages: i
         queue = await channel.declare_queue(queue_name, passive=True)
         arrivals: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(arrivals.put)
-        seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent message ids, for dedup
-        printed = 0
+        seen: collections.OrderedDict[str, None] = collections.OrderedDict()  # recent event ids, for dedup
+        printed, last_seq = 0, None
         while max_messages is None or printed < max_messages:
             try:
                 async with asyncio.timeout(idle_exit):  # not wait_for: on 3.11 it can swallow a cancellation
@@ -70,15 +89,20 @@ async def tail(amqp_url: str, queue_name: str, keys_url: str, *, max_messages: i
             key_id, signature = _header(message, KEY_ID_HEADER), _header(message, SIGNATURE_HEADER)
             if key_id is not None and key_id not in keys:
                 keys = await fetch_keys(keys_url)  # a key rotated in since we started
-            problem = verify(keys, key_id, signature, message.body)
+            problem = verify(keys, key_id, signature, message.body) or _not_ours(message.body, agency)
             if problem is not None:
                 print(f"VERIFY FAILED message_id={message.message_id} routing_key={message.routing_key} "
                       f"key_id={key_id}: {problem}; the message is left in {queue_name}", file=err, flush=True)
                 return VERIFY_FAILED_EXIT
-            if message.message_id not in seen:
+            event = json.loads(message.body)
+            if event["event_id"] not in seen:
+                if last_seq is not None and event["seq"] > last_seq + 1:
+                    print(f"GAP seq {last_seq + 1}..{event['seq'] - 1} not seen yet (it comes again, or fetch it "
+                          f"from GET /v1/events?after={last_seq})", file=err, flush=True)
+                last_seq = event["seq"] if last_seq is None else max(last_seq, event["seq"])
                 print(message.body.decode(), file=out, flush=True)
                 printed += 1
-                seen[message.message_id] = None
+                seen[event["event_id"]] = None
                 if len(seen) > 100_000:
                     seen.popitem(last=False)
             await message.ack()

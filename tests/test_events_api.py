@@ -166,6 +166,55 @@ async def test_tail_prints_verified_events_and_refuses_a_tampered_one(db_dsn, br
         assert json.loads(out)["event_id"] == genuine.message_id
 
 
+async def test_tail_refuses_another_agencys_event_and_dedupes_on_the_signed_event_id(db_dsn, broker: Broker,
+                                                                                      invoice_body):
+    """Found by an agency's walk-through: a genuine event of MPWT copied into MOI's queue verified and was printed
+    as MOI's. And dedupe was on the message_id header, which is not signed: a genuine body under another event's
+    message_id made the consumer skip that other event when it came."""
+    async with running_api(db_dsn, **broker.settings()) as api:
+        moi, mpwt = await api.portal("MOI"), await api.portal("MPWT")
+        keys_url = str(api.client.make_url("/v1/keys/events"))
+        relay = await make_relay(db_dsn, broker)
+        try:
+            for headers in (moi, moi, moi, mpwt):
+                await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+            assert await relay.drain() == 4
+        finally:
+            await close_relay(relay)
+        connection = await aio_pika.connect(broker.url)
+        try:
+            channel = await connection.channel()
+            moi_queue = await channel.declare_queue(broker.queue("MOI"), passive=True)
+            first, second, third = [await moi_queue.get(timeout=5) for _ in range(3)]
+            other = await (await channel.declare_queue(broker.queue("MPWT"), passive=True)).get(timeout=5)
+
+            async def put(message, message_id=None):
+                await channel.default_exchange.publish(
+                    aio_pika.Message(message.body, headers=message.headers,
+                                     message_id=message_id or message.message_id), routing_key=broker.queue("MOI"))
+
+            # seq 1; seq 1 again under seq 2's message id; seq 3 (2 not seen: a gap); then seq 2 itself
+            for message, message_id in ((first, None), (first, second.message_id), (third, None), (second, None)):
+                await put(message, message_id)
+            for m in (first, second, third, other):
+                await m.ack()
+            code, out, err = await _tail(broker, keys_url, "--idle-exit", "2")
+            assert code == 0, err
+            assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 3, 2]
+            assert "GAP seq 2..2 not seen yet" in err and "after=1" in err
+
+            await put(other)   # MPWT's genuine event, in MOI's queue
+            code, out, err = await _tail(broker, keys_url, "--idle-exit", "2")
+            assert code == 3 and out == ""
+            assert f"VERIFY FAILED message_id={other.message_id}" in err
+            assert "a genuine event of agency 'MPWT', not 'MOI'" in err
+            await asyncio.sleep(0.2)
+            left = await channel.declare_queue(broker.queue("MOI"), passive=True)
+            assert left.declaration_result.message_count == 1, "the message stays for an operator"
+        finally:
+            await connection.close()
+
+
 async def test_agencies_add_declares_the_agency_queue(db_dsn):
     """`paysvc agencies add` with a broker configured leaves a durable queue bound to CODE.# ready to consume."""
     import os
@@ -286,3 +335,28 @@ async def test_the_signed_feed_is_refused_where_nothing_signs(db_dsn):
         body = await r.json()
         assert r.status == 422 and body["errors"][0]["field"] == "signed", body
         assert "without signed=true" in body["detail"]
+
+
+def test_the_documented_verification_code_verifies_ours_and_refuses_the_rest():
+    """The Python in docs/events.md, run as written: agencies copy it."""
+    import re
+    from pathlib import Path
+
+    from cryptography.exceptions import InvalidSignature
+
+    from paysvc.event_keys import EventSigner
+
+    doc = (Path(__file__).parent.parent / "docs" / "events.md").read_text()
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "def verified_event" in b]
+    scope: dict = {}
+    exec(code, scope)
+    signer = EventSigner({"e1": bytes(range(32))})
+    keys = {k.key_id: scope["Ed25519PublicKey"].from_public_bytes(base64.b64decode(k.public_key))
+            for k in signer.public_keys().keys}
+    body = json.dumps({"event_id": "6f0c", "type": "invoice.paid", "agency": "MOI", "seq": 1}).encode()
+    headers = {"paysvc-key-id": "e1", "paysvc-signature": signer.sign(body)}
+    assert scope["verified_event"](keys, body, headers, "MOI")["seq"] == 1
+    with pytest.raises(ValueError, match="event of agency MOI, not MPWT"):
+        scope["verified_event"](keys, body, headers, "MPWT")
+    with pytest.raises(InvalidSignature):
+        scope["verified_event"](keys, body.replace(b'"seq": 1', b'"seq": 2'), headers, "MOI")
