@@ -131,7 +131,7 @@ async def resolve_one(request: web.Request) -> web.Response:
     who = await principal(request, "treasury")
     body = parse_model(ResolveBody, await read_json(request))
     out = await resolve_exception(request.match_info["id"], body, pool=request.app[POOL],
-                                  bank_account=request.app[SETTINGS].treasury_bank_account, by=who.name)
+                                  bank_account=request.app[SETTINGS].treasury_bank_account, by=who.actor)
     return json_response(out)
 
 

@@ -227,7 +227,7 @@ async def upload(request: web.Request) -> web.Response:
         raise ValidationFailed("some form fields are not valid; see errors", errors=pydantic_errors(exc)) from None
     done = await run_import(request.app[POOL], request.app[PROVIDERS], settings, provider=form.provider,
                             fmt=form.format, day=form.business_date, data=data, file_name=file_name,
-                            imported_by=who.name)
+                            imported_by=who.actor)
     body = await _report(request, done.settlement_id)
     body["replayed"] = not done.created
     return json_response(body, status=201 if done.created else 200,

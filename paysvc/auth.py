@@ -29,6 +29,11 @@ class Principal:
     agency_id: int | None
     agency_code: str | None
 
+    @property
+    def actor(self) -> str:
+        """Who did it, as recorded (resolved_by, imported_by): the key's name and its id, at most 100 characters."""
+        return actor(self.name, self.key_id)
+
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
             raise Forbidden(f"this API key needs the {scope!r} scope", required_scope=scope)
@@ -37,6 +42,14 @@ class Principal:
         if self.agency_id is None:
             raise Forbidden("this action needs an agency's API key (create one with `paysvc keys create --agency CODE`)")
         return self.agency_id
+
+
+def actor(name: str, key_id: str) -> str:
+    """A key's name with its id ("Treasury desk (key 3f2a9c01b7de)"): names need not be unique (found by an auditor's
+    walk-through: two keys named "Treasury desk" resolved exceptions indistinguishably); the id is what
+    `paysvc keys list` and `keys revoke` name. Cut to the 100 characters the records hold, the id kept whole."""
+    suffix = f" (key {key_id})"
+    return name[:100 - len(suffix)] + suffix
 
 
 def _hash(secret: str) -> bytes:

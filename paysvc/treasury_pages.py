@@ -27,6 +27,7 @@ import ledger
 
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
 from paysvc.api_settlements import iso_date, rules_of, stream_csv
+from paysvc.auth import actor
 from paysvc.errors import Problem, pydantic_errors
 from paysvc.invoicing import now_utc
 from paysvc.pages import amount_display
@@ -434,7 +435,7 @@ async def resolve_form(request: web.Request) -> web.Response:
                      session=session, status=422)
     try:
         await resolve_exception(request.match_info["id"], body, pool=request.app[POOL],
-                                bank_account=request.app[SETTINGS].treasury_bank_account, by=session["key_name"])
+                                bank_account=request.app[SETTINGS].treasury_bank_account, by=actor(session["key_name"], session["key_id"]))
     except Problem as p:
         return _page(request, "Not resolved", f'<p class="error">{_e(p.detail)}</p><p><a href="{_e(back)}">Back</a></p>',
                      session=session, status=p.status)

