@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Literal
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ledger.accounts import signed
 from ledger.errors import AccountNotFound
@@ -69,6 +69,12 @@ class TrialBalance(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     as_of: datetime | None
     scope: str | None = None
+    sealed_upto: int | None = Field(None, description="counting only entries sealed at chain positions up to this "
+                                                      "one (the chain head recorded at a sign-off); null: every "
+                                                      "entry, sealed or not")
+    anchor: str | None = Field(None, description="with sealed_upto: that seal as POSITION:HASH, to compare with the "
+                                                 "head recorded then (as stored: `paysvc ledger verify --anchor` "
+                                                 "proves it)")
     lines: list[TrialBalanceLine]
     totals: list[CurrencyTotal]
     balanced: bool | None
@@ -127,14 +133,30 @@ async def list_accounts(
 
 
 async def trial_balance(conn: asyncpg.Connection, *, as_of: datetime | None = None,
-                        prefix: str | None = None) -> TrialBalance:
+                        prefix: str | None = None, sealed_upto: int | None = None) -> TrialBalance:
     """Debits and credits of every account (now, or as of an effective time), with per-currency totals.
 
     ``prefix`` restricts the lines to accounts whose code starts with it: a part of the ledger, whose totals
     need not balance, so ``balanced`` is then None (not false) and ``scope`` names the part.
+
+    ``sealed_upto`` counts only the entries sealed at chain positions up to it: the books as they stood when that
+    chain head was recorded (a sign-off), so the answer for a past time cannot change afterwards, and the
+    difference from the answer without it is exactly what was posted since for that time (found by an auditor's
+    walk-through: an entry dated back changed a signed-off day's figures, and nothing showed it). Raises
+    ``ValueError`` for a position not sealed yet.
     """
-    rows = (await conn.fetch(Q.trial_balance_now, prefix) if as_of is None
-            else await conn.fetch(Q.trial_balance_as_of, as_of, prefix))
+    anchor = None
+    if sealed_upto is not None:
+        head = await conn.fetchrow(Q.trial_balance_seal, sealed_upto)
+        if head is None or head["position"] is None:
+            raise ValueError(f"position {sealed_upto} is not sealed yet"
+                             + (f": the last seal is {head['last']}" if head and head["last"] else
+                                ": nothing is sealed yet"))
+        anchor = f"{head['position']}:{bytes(head['chain_hash']).hex()}"
+        rows = await conn.fetch(Q.trial_balance_sealed, as_of, prefix, sealed_upto)
+    else:
+        rows = (await conn.fetch(Q.trial_balance_now, prefix) if as_of is None
+                else await conn.fetch(Q.trial_balance_as_of, as_of, prefix))
     lines = [TrialBalanceLine(account=r["code"], type=r["type"], currency=r["currency"], debits=r["debits"],
                               credits=r["credits"], balance=signed(r["normal_side"], r["debits"], r["credits"]))
              for r in rows]
@@ -143,7 +165,7 @@ async def trial_balance(conn: asyncpg.Connection, *, as_of: datetime | None = No
         dr = sum(ln.debits for ln in lines if ln.currency == cur)
         cr = sum(ln.credits for ln in lines if ln.currency == cur)
         totals.append(CurrencyTotal(currency=cur, debits=dr, credits=cr, balanced=dr == cr if prefix is None else None))
-    return TrialBalance(as_of=as_of, scope=prefix, lines=lines, totals=totals,
+    return TrialBalance(as_of=as_of, scope=prefix, sealed_upto=sealed_upto, anchor=anchor, lines=lines, totals=totals,
                         balanced=all(t.balanced for t in totals) if prefix is None else None)
 
 

@@ -48,6 +48,25 @@ SELECT a.code, a.type, a.currency, a.normal_side,
  GROUP BY a.code, a.type, a.currency, a.normal_side
  ORDER BY a.currency, a.code
 
+-- name: trial_balance_seal
+-- The seal at position $1 (null columns when there is none) and the last position sealed.
+SELECT s.position, s.chain_hash, (SELECT max(position) FROM ledger_seals) AS last
+  FROM (SELECT 1) one LEFT JOIN ledger_seals s ON s.position = $1
+
+-- name: trial_balance_sealed
+-- As of an effective time ($1, or none), counting only the entries sealed at chain positions up to $3: the books
+-- as they stood when that chain head was recorded, whatever was posted since, dated back or not.
+SELECT a.code, a.type, a.currency, a.normal_side,
+       coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS debits,
+       coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits
+  FROM ledger_seals s
+  JOIN ledger_entries e ON e.id = s.entry_id AND ($1::timestamptz IS NULL OR e.effective_at <= $1)
+  JOIN ledger_postings p ON p.entry_id = e.id
+  JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE s.position <= $3 AND ($2::text IS NULL OR starts_with(a.code, $2))
+ GROUP BY a.code, a.type, a.currency, a.normal_side
+ ORDER BY a.currency, a.code
+
 -- name: statement_page
 -- One account's postings, newest first; cursor ($2, $3) = the last (entry id, line) of the previous page;
 -- with $5, only entries effective at or before it.

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import ledger
 from paysvc.auth import Principal
 from paysvc.background import run_periodically
-from paysvc.errors import MalformedRequest, NotFound
+from paysvc.errors import MalformedRequest, NotFound, ValidationFailed
 from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query, principal,
                         QueryTime, require_offset)
 
@@ -47,6 +47,9 @@ class AccountQuery(BaseModel):
 class TrialBalanceQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     as_of: QueryTime | None = Field(None, description="ISO 8601 with offset; default now")
+    sealed_upto: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = Field(
+        None, description="treasury only: count only entries sealed at chain positions up to this one (the head "
+                          "recorded at a sign-off), so a past answer cannot change afterwards")
 
 
 class EntryListQuery(BaseModel):
@@ -160,8 +163,16 @@ async def trial_balance(request: web.Request) -> web.Response:
     _, limit_to = await _viewer(request)
     q = parse_query(TrialBalanceQuery, request)
     require_offset("as_of", q.as_of)
+    if q.sealed_upto is not None:
+        # positions count every agency's entries, as the chain head does (treasury only)
+        await principal(request, "treasury")
     async with request.app[POOL].acquire() as conn:
-        tb = await ledger.trial_balance(conn, as_of=q.as_of, prefix=limit_to)
+        try:
+            tb = await ledger.trial_balance(conn, as_of=q.as_of, prefix=limit_to, sealed_upto=q.sealed_upto)
+        except ValueError as exc:
+            raise ValidationFailed(f"sealed_upto: {exc}; pass the position of a recorded chain head "
+                                   "(GET /v1/ledger/chain-head)",
+                                   errors=[{"field": "sealed_upto", "message": str(exc), "code": "not_sealed"}]) from None
     return json_response(tb)
 
 

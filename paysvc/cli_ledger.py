@@ -1,4 +1,4 @@
-"""``paysvc ledger verify`` and ``paysvc ledger seal``."""
+"""``paysvc ledger verify``, ``reconcile``, ``export``, ``trial-balance`` and ``seal``."""
 
 from __future__ import annotations
 
@@ -94,6 +94,59 @@ def cmd_export(settings, args) -> int:
     return 0
 
 
+def _as_of(text: str | None):
+    from datetime import datetime
+
+    from paysvc.cli import CliError
+
+    if text is None:
+        return None
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--as-of {text!r} is not an ISO 8601 time (e.g. 2026-11-27T17:00:00+00:00)") from None
+    if at.tzinfo is None:
+        raise CliError(f"--as-of {text!r} has no UTC offset: add one (+00:00 for UTC, +07:00 for Phnom Penh)")
+    return at
+
+
+def cmd_trial_balance(settings, args) -> int:
+    """Every account's debits, credits and balance with per-currency totals, now or as of a time, and optionally
+    only what was sealed up to a recorded chain head (found by an auditor's walk-through: the trial balance was
+    only an API call, and an entry dated back changed a signed-off day's figures)."""
+    import ledger
+    from paysvc.cli import CliError, database
+    from paysvc.db import connect
+
+    as_of = _as_of(args.as_of)
+
+    async def run(dsn: str):
+        async with connect(dsn) as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await ledger.trial_balance(conn, as_of=as_of, sealed_upto=args.sealed_upto)
+
+    with database(settings) as dsn:
+        try:
+            tb = asyncio.run(run(dsn))
+        except ValueError as exc:
+            raise CliError(f"--sealed-upto: {exc}") from None
+    if args.json:
+        print(tb.model_dump_json())
+        return 0
+    print(f"trial balance as of {tb.as_of.isoformat() if tb.as_of else 'now'}"
+          + (f", entries sealed up to {tb.anchor}" if tb.anchor else ", every entry") + " (amounts in minor units)")
+    width = max([len(ln.account) for ln in tb.lines] + [7])
+    print(f"{'account':<{width}}  {'type':<9} {'debits':>18} {'credits':>18} {'balance':>18}")
+    for ln in tb.lines:
+        print(f"{ln.account:<{width}}  {ln.type:<9} {ln.debits:>18,} {ln.credits:>18,} {ln.balance:>18,}")
+    if not tb.lines:
+        print("(no postings)")
+    for t in tb.totals:
+        print(f"{'total ' + t.currency:<{width}}  {'':<9} {t.debits:>18,} {t.credits:>18,} "
+              f"{'balanced' if t.balanced else 'NOT BALANCED':>18}")
+    return 0 if tb.balanced is not False else 1
+
+
 def cmd_verify(settings, args) -> int:
     import ledger
     from paysvc.cli import database
@@ -174,6 +227,14 @@ def register(sub) -> None:
                                           "output, for checking away from the service")
     x.add_argument("--after", type=int, default=0, metavar="POSITION", help="start after this seal (default: all)")
     x.set_defaults(func=cmd_export)
+    t = actions.add_parser("trial-balance", help="every account's debits, credits and balance, per currency totals; "
+                                                 "exit 1 if a currency does not balance")
+    t.add_argument("--as-of", metavar="TIME", help="entries effective at or before this ISO 8601 time with offset")
+    t.add_argument("--sealed-upto", type=int, metavar="POSITION",
+                   help="count only entries sealed up to this chain position (a head recorded at a sign-off), so "
+                        "the figures are those that stood then, whatever was posted since")
+    t.add_argument("--json", action="store_true", help="the API's JSON document instead of a table")
+    t.set_defaults(func=cmd_trial_balance)
     s = actions.add_parser("seal", help="chain committed entries into the hash chain now")
     s.add_argument("--batch", type=int, default=5000, help="entries per sealing transaction (default 5000)")
     s.set_defaults(func=cmd_seal)

@@ -196,3 +196,79 @@ async def test_an_account_as_of_a_time_lists_only_the_postings_behind_that_balan
                              f"&cursor={page['next_cursor']}", headers=moi)
     last = await r.json()
     assert len(page["postings"]) == len(last["postings"]) == 1 and last["next_cursor"] is None
+
+
+async def test_a_trial_balance_up_to_a_recorded_chain_head_does_not_move_when_entries_are_dated_back(api):
+    """Found by an auditor's walk-through: an entry posted later but dated back changed a signed-off day's trial
+    balance, and nothing showed it. Counting only the entries sealed up to the head recorded at the sign-off gives
+    the figures as they stood; the difference from today's answer for the same time is what was dated back."""
+    moi, treasury = await setup(api)                       # 7 entries effective T0 .. T0 + 4 min
+    async with connect(api.dsn) as conn:
+        await seal_everything(conn)
+        head = await ledger.chain_head(conn)
+    as_of = (T0 + timedelta(hours=1)).isoformat()
+    signed_off = await (await api.client.get("/v1/ledger/trial-balance", params={"as_of": as_of},
+                                             headers=treasury)).json()
+    async with connect(api.dsn) as conn:                  # posted now, dated the day before
+        await ledger.post_entry(conn, entries.payment_captured(
+            provider="sandbox", agency="MOI", amount=3_000, currency="KHR", effective_at=T0 - timedelta(days=1),
+            invoice_id="inv_MOI_late", payment_id="pay_MOI_late"))
+    async with connect(api.dsn) as conn:
+        await seal_everything(conn)
+    now = await (await api.client.get("/v1/ledger/trial-balance", params={"as_of": as_of},
+                                      headers=treasury)).json()
+    r = await api.client.get("/v1/ledger/trial-balance", params={"as_of": as_of, "sealed_upto": head.position},
+                             headers=treasury)
+    then = await r.json()
+    assert r.status == 200, then
+    revenue = {tb_name: {ln["account"]: ln["balance"] for ln in tb["lines"]}["agency:MOI:revenue:KHR"]
+               for tb_name, tb in (("signed_off", signed_off), ("now", now), ("then", then))}
+    assert revenue == {"signed_off": 50_000, "now": 53_000, "then": 50_000}
+    assert then["lines"] == signed_off["lines"] and then["balanced"] is True
+    assert then["sealed_upto"] == 7 and then["anchor"] == head.anchor and now["sealed_upto"] is None
+    # a position not sealed yet, or out of range, is refused, naming what is sealed; agencies may not ask
+    r = await api.client.get("/v1/ledger/trial-balance", params={"sealed_upto": 9}, headers=treasury)
+    body = await r.json()
+    assert r.status == 422 and "position 9 is not sealed yet: the last seal is 8" in body["detail"], body
+    assert body["errors"][0]["field"] == "sealed_upto"
+    for bad in ("0", "x", str(2**63)):
+        r = await api.client.get("/v1/ledger/trial-balance", params={"sealed_upto": bad}, headers=treasury)
+        assert r.status == 422 and "sealed_upto" in await r.text(), bad
+    assert (await api.client.get("/v1/ledger/trial-balance", params={"sealed_upto": 7}, headers=moi)).status == 403
+
+
+async def test_the_trial_balance_from_the_command_line(api):
+    """`paysvc ledger trial-balance`, with --as-of and --sealed-upto as the API takes them (an auditor's
+    walk-through found no command-line trial balance)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_PII_KEYS
+
+    await setup(api)
+    async with connect(api.dsn) as conn:
+        await seal_everything(conn)
+        head = await ledger.chain_head(conn)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSVC_")}
+        env.update(PAYSVC_DATABASE_URL=api.dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
+        return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "trial-balance", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    done = await asyncio.to_thread(cli, "--as-of", (T0 + timedelta(minutes=2)).isoformat(),
+                                   "--sealed-upto", str(head.position))
+    assert done.returncode == 0, done.stderr
+    assert f"entries sealed up to {head.anchor}" in done.stdout
+    rows = {line.split()[0]: line.split()[2:] for line in done.stdout.splitlines()[2:]}
+    assert rows["agency:MOI:revenue:KHR"] == ["0", "30,000", "30,000"]        # 3 of MOI's 5, by T0 + 2 min
+    assert rows["agency:MEF:revenue:KHR"] == ["0", "14,000", "14,000"]
+    assert rows["total"] == ["44,000", "44,000", "balanced"]                  # "total KHR"
+    as_json = await asyncio.to_thread(cli, "--json")
+    assert as_json.returncode == 0 and '"balanced":true' in as_json.stdout and '"sealed_upto":null' in as_json.stdout
+    for args, says in ((["--sealed-upto", "99"], "position 99 is not sealed yet: the last seal is 7"),
+                       (["--as-of", "2026-03-01T03:00"], "has no UTC offset"),
+                       (["--as-of", "yesterday"], "is not an ISO 8601 time")):
+        bad = await asyncio.to_thread(cli, *args)
+        assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
