@@ -312,7 +312,11 @@ async def verify(conn: asyncpg.Connection, *, anchors: Iterable[tuple[int, str]]
         elif missing_at < position:
             why = "the chain has no seal there (see the gap reported)"
         else:
-            why = f"the chain ends at seal {position}, before it: sealed entries were deleted from its end"
+            # Found by an auditor's walk-through: said "deleted from its end" of a chain recomputed after a deletion
+            # in its middle. Anchors at earlier positions tell which: the first that fails is at or after it.
+            why = (f"the chain ends at seal {position}, before it: sealed entries were deleted, from its end or "
+                   f"before it with the chain recomputed (the earliest recorded anchor that fails is at or after "
+                   f"the first change)")
         for recorded in recorded_hashes:
             anchor_problems.append(AnchorProblem(
                 position=missing_at, recorded_hash=recorded, found_hash=None,

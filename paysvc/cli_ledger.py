@@ -184,6 +184,11 @@ def cmd_verify(settings, args) -> int:
         print(f"  balance of {m.account}: maintained debits {m.maintained_debits} credits {m.maintained_credits} "
               f"({m.maintained_postings} postings), postings sum to debits {m.posted_debits} "
               f"credits {m.posted_credits} ({m.posted_postings} postings)")
+    # What to do next (an auditor's walk-through: the output said what was wrong, never what to do about it)
+    print("what to do: leave the database as it is (do not repair or re-seal it: preserve it for the inquiry); "
+          "compare `paysvc ledger export` with the copy kept at the last sign-off, whose first differing line is "
+          "where the ledger was changed, and its seal's time with the database's own logs; correct balances only "
+          "by reversing entries, after the inquiry")
     print("ledger verification FAILED", file=sys.stderr)
     return 1
 

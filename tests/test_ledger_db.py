@@ -1213,6 +1213,9 @@ async def test_an_anchor_shows_a_chain_recomputed_after_a_deletion(db, db_dsn):
     bad = await asyncio.to_thread(run_cli, db_dsn, "verify", "--anchor", recorded[5].anchor)
     assert bad.returncode == 1, bad.stdout
     assert f"ANCHOR {recorded[5].anchor}: no seal 5, recorded earlier: the chain ends at seal 4" in bad.stdout
+    # the deletion was in the middle (at seal 2), not only possibly at the end; and what to do is said
+    assert "from its end or before it with the chain recomputed" in bad.stdout
+    assert "what to do: leave the database as it is" in bad.stdout and "paysvc ledger export" in bad.stdout
 
 
 async def test_every_anchor_recorded_for_a_position_is_checked(db, db_dsn):
