@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from paysvc import invoicing, qrimage
 from paysvc.errors import MalformedRequest, ValidationFailed
-from paysvc.invoices import InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
+from paysvc.invoices import REFERENCE, InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
 from paysvc.web import (POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
                         QueryTime, require_offset)
 
@@ -19,11 +19,25 @@ CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
 class InvoiceListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     status: Literal["open", "paid", "expired", "cancelled"] | None = None
-    reference: str | None = None
+    reference: str | None = Field(None, description="the portal's reference, exactly (URL-encode it: a + reads as a "
+                                                    "space)")
     created_from: QueryTime | None = Field(None, description="inclusive, ISO 8601 with offset")
     created_to: QueryTime | None = Field(None, description="exclusive, ISO 8601 with offset")
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
+
+
+    @field_validator("reference")
+    @classmethod
+    def _reference(cls, v: str | None) -> str | None:
+        # Found by a portal developer's walk-through: reference=PP+2026/1 (unencoded +) searched for "PP 2026/1",
+        # which no reference can be, and answered an empty list: "no such invoice", when there was one.
+        if v is not None and not REFERENCE.fullmatch(v):
+            if " " in v:
+                raise ValueError("references have no spaces, and a + in a query string reads as a space: write + "
+                                 "as %2B (URL-encode the reference)")
+            raise ValueError("must be a reference as created: 1-64 printable ASCII characters, no spaces")
+        return v
 
 
 class KhqrCurrent(KhqrOut):

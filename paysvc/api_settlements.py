@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from aiohttp import BodyPartReader, web
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, pydantic_errors
+from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, invalid
 from paysvc.invoicing import now_utc
 from paysvc.settings import Settings
 from paysvc.settlement_days import TIME_ZONE_NAME, business_date, parse_cutoff
@@ -224,7 +224,7 @@ async def upload(request: web.Request) -> web.Response:
     try:
         form = UploadForm.model_validate(fields)
     except ValidationError as exc:
-        raise ValidationFailed("some form fields are not valid; see errors", errors=pydantic_errors(exc)) from None
+        raise invalid(exc, "form fields") from None
     done = await run_import(request.app[POOL], request.app[PROVIDERS], settings, provider=form.provider,
                             fmt=form.format, day=form.business_date, data=data, file_name=file_name,
                             imported_by=who.actor)

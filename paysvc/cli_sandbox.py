@@ -56,9 +56,12 @@ async def pay(settings: Settings, invoice_id: str, amount: int | None, base_url:
                 raise SandboxError(f"cannot read invoice {invoice_id}: {state.get('detail', f'HTTP {r.status}')}")
         if payload is None:
             if state.get("status") != "open" or not state.get("khqr"):
-                raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay (to pay "
-                                   "a code it issued before, as a citizen may, pass it with --code; add --late "
-                                   "for one that has run out)")
+                # Found by a portal developer's walk-through: with --late already given, this told them to add it.
+                how = ("--late needs the code itself: pass the code it issued before (the khqr.payload your portal "
+                       "got when it created the invoice) with --code" if late else
+                       "to pay a code it issued before, as a citizen may, pass it with --code; add --late for one "
+                       "that has run out")
+                raise SandboxError(f"invoice {invoice_id} is {state.get('status')}: there is no code to pay ({how})")
             payload = state["khqr"]["payload"]
         try:
             code = khqr.decode(payload, now_ms=None if late else int(time.time() * 1000))

@@ -78,6 +78,15 @@ class FieldValueError(ValueError):
         self.field = field
 
 
+def invalid(exc, what: str = "fields") -> Problem:
+    """A 422 whose ``detail`` names the first error and how many more (found by a portal developer's walk-through:
+    every 422 said only "some fields are not valid; see errors", and a log line or an alert shows only the detail)."""
+    errors = pydantic_errors(exc)
+    first = errors[0] if errors else {"field": "(body)", "message": "not valid"}
+    more = f" (and {len(errors) - 1} more: see errors)" if len(errors) > 1 else ""
+    return ValidationFailed(f"{what} not valid: {first['field']}: {first['message']}{more}", errors=errors)
+
+
 def pydantic_errors(exc) -> list[dict[str, Any]]:
     """Per-field errors from a pydantic ``ValidationError``: a dotted field path, the message and its code.
 

@@ -27,7 +27,7 @@ def max_amount(currency: str) -> int:
     return 10**13 - 1 if EXPONENT[currency] == 0 else 10**12 - 1
 
 
-_REFERENCE = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+REFERENCE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces
 
 class LineItem(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -66,7 +66,7 @@ class InvoiceCreate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     reference: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
         description="the portal's own reference, unique per agency (printable ASCII, no spaces)",
-        json_schema_extra={"pattern": f"^{_REFERENCE.pattern}$"},
+        json_schema_extra={"pattern": f"^{REFERENCE.pattern}$"},
     )
     description: Annotated[_Text, StringConstraints(max_length=500)]
     currency: Currency
@@ -80,7 +80,7 @@ class InvoiceCreate(BaseModel):
     @field_validator("reference")
     @classmethod
     def _reference(cls, v: str) -> str:
-        if not _REFERENCE.fullmatch(v):
+        if not REFERENCE.fullmatch(v):
             raise ValueError("reference must be printable ASCII without spaces, e.g. PP-2026-000123")
         return v
 

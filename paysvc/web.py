@@ -24,7 +24,7 @@ from paysvc.auth import Authenticator, Principal
 from paysvc.errors import (
     Busy, ClientClosedRequest, MalformedRequest, MethodNotAllowed, NotFound, PayloadTooLarge, Problem, RequestTimeout,
     ServiceUnavailable,
-    UnsupportedMediaType, ValidationFailed, pydantic_errors,
+    UnsupportedMediaType, ValidationFailed, invalid,
 )
 from paysvc.settings import Settings
 from providers.models import DuplicateKey, unique_keys
@@ -193,7 +193,7 @@ def parse_model(model: type[BaseModel], data: Any) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ValidationFailed("some fields are not valid; see errors", errors=pydantic_errors(exc)) from None
+        raise invalid(exc) from None
 
 
 # Headers whose second copy would be ignored or read differently by whoever reads them: refused when repeated.
@@ -226,7 +226,7 @@ def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
     try:
         return model.model_validate(dict(request.query))
     except ValidationError as exc:
-        raise ValidationFailed("some query parameters are not valid; see errors", errors=pydantic_errors(exc)) from None
+        raise invalid(exc, "query parameters") from None
 
 
 _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]")

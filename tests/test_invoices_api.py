@@ -87,6 +87,10 @@ async def test_invalid_bodies_get_422_with_field_errors(api, invoice_body, patch
     p = await r.json()
     assert p["type"] == "urn:paysvc:problem:validation-error" and p["detail"]
     assert any(e["field"].startswith(field) for e in p["errors"]), p
+    # the detail itself says what to fix: the first error, and how many more (a walk-through found it generic)
+    first = p["errors"][0]
+    assert p["detail"].startswith(f"fields not valid: {first['field']}: {first['message']}"), p
+    assert ("more: see errors" in p["detail"]) == (len(p["errors"]) > 1)
 
 
 async def test_malformed_json_wrong_type_and_auth_errors(api, invoice_body):
@@ -224,6 +228,14 @@ async def test_list_filters_and_cursor_pagination(api, invoice_body):
     assert [i["id"] for i in page["data"]] == [ids[0]]
     page = await (await api.client.get("/v1/invoices", params={"reference": "R3"}, headers=h)).json()
     assert [i["id"] for i in page["data"]] == [ids[3]]
+    # A reference no invoice can have is refused, not answered "none" (a portal developer's walk-through: an
+    # unencoded + read as a space, and the empty list read as "no such invoice")
+    for bad, says in (("/v1/invoices?reference=PP+2026/1", "a + in a query string reads as a space"),
+                      ("/v1/invoices?reference=", "1-64 printable ASCII"),
+                      ("/v1/invoices?reference=" + "R" * 65, "1-64 printable ASCII")):
+        r = await api.client.get(bad, headers=h)
+        body = await r.json()
+        assert r.status == 422 and body["errors"][0]["field"] == "reference" and says in str(body), body
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     page = await (await api.client.get("/v1/invoices", params={"created_from": future}, headers=h)).json()
     assert page["data"] == []

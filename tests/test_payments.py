@@ -727,6 +727,11 @@ async def test_the_simulator_reports_a_code_that_ran_out_only_when_told_late(api
     with pytest.raises(cli_sandbox.SandboxError) as no_code:
         await cli_sandbox.pay(settings, inv["id"], None, base)
     assert "--code" in str(no_code.value) and "--late" in str(no_code.value)
+    # --late given, no --code (a portal developer's walk-through was told to add the --late it had given)
+    with pytest.raises(cli_sandbox.SandboxError) as late_only:
+        await cli_sandbox.pay(settings, inv["id"], None, base, late=True)
+    assert "--late needs the code itself" in str(late_only.value) and "with --code" in str(late_only.value)
+    assert "add --late" not in str(late_only.value)
 
     out = await cli_sandbox.pay(settings, inv["id"], None, base, inv["khqr"]["payload"], late=True)
     assert out["payments"][0]["exception"] == "invoice_expired"
