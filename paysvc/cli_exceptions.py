@@ -67,7 +67,11 @@ def cmd_list(settings: Settings, args) -> int:
     table = [[str(r[c]) if r[c] is not None else "" for c in LIST_COLUMNS[:5]]
              + [amount_display(r["currency"], r["amount"]), r["payment_id"] or "", r["invoice_id"] or ""]
              for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(LIST_COLUMNS)]
+    if not table:   # found by review: max() of the header alone raised TypeError, a traceback for "none"
+        print("no exceptions" + (" match" if any((args.reason, args.state, args.provider, args.date)) else ""),
+              file=sys.stderr)
+        return 0
+    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(LIST_COLUMNS)]
     for row in [list(LIST_COLUMNS), *table]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     if len(rows) == args.limit:

@@ -23,6 +23,9 @@ def refused(out: subprocess.CompletedProcess, *says: str) -> None:
 
 
 async def test_treasury_lists_and_resolves_an_exception_from_the_command_line(api, portal, invoice_body):
+    for args, says in (((), "no exceptions"), (("--state", "open"), "no exceptions match")):
+        none = cli(api.dsn, "list", *args)   # found by review: a traceback (TypeError) when there were none
+        assert none.returncode == 0 and none.stdout == "" and says in none.stderr, none.stderr
     inv = await new_invoice(api, portal, invoice_body, amount=1000)
     assert (await (await pay(api.client, inv, amount=400, txid="CLI-SHORT")).json())["payments"][0]["exception"] \
         == "underpaid"

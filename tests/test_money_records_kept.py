@@ -49,8 +49,11 @@ REWRITES = ["UPDATE payments SET amount = amount + 1, applied_amount = applied_a
             "UPDATE payment_reports SET reported_at = reported_at - interval '1 day'",
             "UPDATE settlement_lines SET amount = amount + 1",
             "UPDATE settlement_lines SET payment_id = NULL, category = 'duplicate_in_settlement'",
+            "UPDATE payments SET khqr_seq = coalesce(khqr_seq, 0) + 7",
             "UPDATE settlements SET business_date = business_date - 1",
-            "UPDATE settlements SET journal_entry_id = NULL"]
+            "UPDATE settlements SET journal_entry_id = NULL",
+            "UPDATE settlements SET line_count = line_count + 1",           # totals: written once, at import
+            "UPDATE settlements SET summary = '{}'"]
 
 
 @pytest.mark.parametrize("sql", REMOVALS + REWRITES)
@@ -60,6 +63,10 @@ async def test_the_database_refuses_to_remove_or_rewrite_them_whoever_asks(histo
         await history.execute(sql)
     assert "never deleted" in str(refused.value) or "cannot be changed" in str(refused.value)
     assert "correct" in (refused.value.hint or "")
+    if "cannot be changed" in str(refused.value):   # it names the row (ids only: no payer data)
+        named = {"payments": "row pay_", "payment_reports": "row sandbox OTHER-1 ", "settlement_lines": " line ",
+                 "settlements": "row stl_"}[sql.split()[1]]
+        assert named in str(refused.value), refused.value
     if before is not None:
         assert await history.fetchval("SELECT count(*) FROM payments") == before
 
@@ -76,13 +83,22 @@ async def test_the_service_role_has_no_such_privilege(history, sql):
 
 
 async def test_what_the_service_changes_it_still_may(history, api, portal, invoice_body):
-    """A settlement's totals, an invoice's state, and the tables the service prunes; and, for the owner (a migration
-    erasing payer data), a payment's evidence and payer account."""
+    """A settlement's totals (once, as its import finishes), an invoice's state, and the tables the service prunes;
+    and, for the owner (a migration erasing payer data), a payment's evidence and payer account and a report's
+    notice."""
     assert await history.execute("UPDATE payments SET evidence = evidence || '{\"checked\": true}', "
                                  "from_account = NULL") != "UPDATE 0"
+    assert await history.execute("UPDATE payment_reports SET notice = '{\"erased\": true}'") != "UPDATE 0"
     async with history.transaction():
         await history.execute("SET LOCAL ROLE paysvc_app")
-        assert await history.execute("UPDATE settlements SET summary = summary") != "UPDATE 0"
+        await history.execute("INSERT INTO settlements (id, provider, format, business_date, file_sha256, file_size, "
+                              "imported_at, imported_by) VALUES ('stl_new', 'sandbox', 'sandbox', '2026-01-02', "
+                              "sha256('x'), 1, now(), 'test')")
+        assert await history.execute("UPDATE settlements SET line_count = 0, summary = '{\"lines\": []}' "
+                                     "WHERE id = 'stl_new'") == "UPDATE 1"
+        with pytest.raises(asyncpg.RestrictViolationError, match="settlements row stl_new cannot be changed"):
+            async with history.transaction():
+                await history.execute("UPDATE settlements SET line_count = 5 WHERE id = 'stl_new'")
         await history.execute("DELETE FROM idempotency_keys")
         await history.execute("DELETE FROM provider_inbox WHERE false")
         await history.execute("DELETE FROM outbox_events WHERE false")

@@ -122,3 +122,38 @@ async def test_the_service_role_starting_while_the_owner_migrates_waits_and_find
         assert out.returncode == 0 and "database is up to date" in out.stdout, out.stderr
     finally:
         await owner.close()
+
+
+async def test_settlement_import_and_resolutions_work_as_the_service_role(db_dsn, app_login, invoice_body):
+    """Treasury's work as paysvc_app: a file imported (lines, entry, exceptions, totals written once), exceptions
+    resolved and the day rechecked, under the privileges 0052 left it (found by review: nothing ran an import or
+    a resolution as the service's role)."""
+    from providers.sandbox import write_settlement_csv
+    from tests.test_settlement import AT, issued_before, line, resolve, upload
+
+    async with running_api(db_dsn) as setup:
+        h = await setup.portal("MOI")
+        treasury = {"Authorization": f"Bearer {await setup.key(None, scopes=['treasury'], name='Treasury desk')}"}
+    async with running_api(app_login) as api:
+        invoices = []
+        for txid in ("TX-1", "TX-2"):
+            inv = await issued_before(db_dsn, await (await api.client.post(
+                "/v1/invoices", json=invoice_body(amount=50000), headers=h)).json(), AT)
+            assert (await pay(api.client, inv, txid=txid, paid_at=AT)).status == 200
+            invoices.append(inv)
+        r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50000), line("TX-2", 49000),
+                                                              line("TX-9", 7000)]))
+        assert r.status == 201, await r.text()
+        opened = (await (await api.client.get("/v1/reconciliation/exceptions", params={"state": "open"},
+                                              headers=treasury)).json())["data"]
+        assert sorted(e["reason"] for e in opened) == ["amount_mismatch", "unknown_khqr"]   # TX-9: captured from the file
+        for e in opened:
+            action = "write_off" if e["reason"] == "amount_mismatch" else "refund_due"
+            r = await resolve(api, treasury, e["id"], action)
+            assert r.status == 200, await r.text()
+    conn = await asyncpg.connect(app_login)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM reconciliation_exceptions WHERE state = 'resolved'") == 2
+        assert await conn.fetchval("SELECT line_count FROM settlements") == 3
+    finally:
+        await conn.close()
