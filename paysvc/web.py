@@ -319,6 +319,20 @@ def database_gone(exc: BaseException) -> bool:
     return False
 
 
+# asyncpg's protocol states 2 (consuming an error the server sent) and 4 (terminating): the server ended the
+# connection, its FATAL read before the socket's end, and the next statement finds the connection in that state
+_ENDED_BY_THE_SERVER = re.compile(r"another operation \((2|4)\) is in progress")
+
+
+def looks_like_misuse(exc: BaseException) -> bool:
+    """Whether a database error that ``database_gone`` takes for an outage should keep its stack trace in the log:
+    an asyncpg ``InternalClientError`` is also what two operations on one connection look like (a bug of ours),
+    except when the operation in progress is the server's own error being read, which is how a connection the
+    server ended while idle in the pool fails its next statement (found when CI met it in the outage test: a
+    stack trace for an outage)."""
+    return isinstance(exc, asyncpg.InternalClientError) and not _ENDED_BY_THE_SERVER.search(str(exc))
+
+
 @web.middleware
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, access log, and every error as an RFC 9457 problem (never a stack trace)."""
@@ -375,7 +389,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             # InternalClientError is also what a bug in its use looks like, so that one keeps its stack trace
             # (found by review).
             log.error("database unavailable: %s: %s", type(exc).__name__, exc, extra={"request_id": request_id},
-                      exc_info=isinstance(exc, asyncpg.InternalClientError))
+                      exc_info=looks_like_misuse(exc))
             raise ServiceUnavailable("the database is unavailable; retry later (with the same Idempotency-Key "
                                      "for a create)", retry_after_seconds=DATABASE_RETRY_SECONDS) from None
     except Problem as problem:

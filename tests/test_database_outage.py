@@ -8,7 +8,7 @@ import logging
 import asyncpg
 import pytest
 
-from paysvc.web import database_gone
+from paysvc.web import database_gone, looks_like_misuse
 from tests.conftest import ADMIN_DSN
 
 
@@ -61,6 +61,20 @@ async def test_a_database_that_stopped_accepting_connections_is_a_503_then_recov
 ])
 def test_only_errors_that_say_the_database_is_gone_are_taken_for_an_outage(exc, gone):
     assert database_gone(exc) is gone
+
+
+@pytest.mark.parametrize("message, misuse", [
+    ("cannot switch to state 12; another operation (2) is in progress", False),   # the server's error being read
+    ("cannot switch to state 15; another operation (4) is in progress", False),   # the connection terminating
+    ("cannot switch to state 12; another operation (11) is in progress", True),   # two statements at once: a bug
+    ("cannot switch to state 12; another operation (12) is in progress", True),
+])
+def test_a_connection_the_server_ended_is_logged_without_a_stack_trace(message, misuse):
+    """Found when CI met it: a pooled connection the server ended while idle failed its next statement with
+    InternalClientError (state 2), which was logged with a stack trace, as a misuse of a connection would be."""
+    assert database_gone(asyncpg.InternalClientError(message))
+    assert looks_like_misuse(asyncpg.InternalClientError(message)) is misuse
+    assert not looks_like_misuse(asyncpg.ObjectNotInPrerequisiteStateError("not accepting connections"))
 
 
 async def test_the_pools_reconnect_retries_are_one_line_each(api, caplog):
