@@ -17,7 +17,8 @@ async def _verify(dsn: str, anchors: list[tuple[int, str]]):
 
 def cmd_reconcile(settings, args) -> int:
     """Every payment booked as recorded, and no capture entry without its payment (found by an auditor's
-    walk-through: verify checks the ledger against itself, not against the payments it books)."""
+    walk-through: verify checks the ledger against itself, not against the payments it books); and every other
+    entry on its record, every record on its entry (a later walk-through: a forged resolution entry passed)."""
     from paysvc.cli import database
     from paysvc.db import connect
     from paysvc.queries import Q
@@ -26,20 +27,30 @@ def cmd_reconcile(settings, args) -> int:
         async with connect(dsn) as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 return (await conn.fetchval("SELECT count(*) FROM payments"),
-                        await conn.fetch(Q.payments_booked_otherwise))
+                        await conn.fetch(Q.payments_booked_otherwise),
+                        await conn.fetchval("SELECT count(*) FROM ledger_entries "
+                                            "WHERE kind IN ('settlement', 'exception_resolved')"),
+                        await conn.fetch(Q.entries_without_their_record))
 
     with database(settings) as dsn:
-        count, problems = asyncio.run(run(dsn))
+        count, problems, others, unexplained = asyncio.run(run(dsn))
     for p in problems[:50]:
         who = f"payment {p['payment_id']}" if p["payment_id"] else "no payment"
         print(f"  {who}, entry {p['entry_id']}: {p['problem']}")
     if len(problems) > 50:
         print(f"  … and {len(problems) - 50} more")
-    if problems:
-        print("payments and ledger DO NOT agree", file=sys.stderr)
+    for p in unexplained[:50]:
+        where = ", ".join(w for w in (p["record"], f"entry {p['entry_id']}" if p["entry_id"] else None) if w)
+        print(f"  {where}: {p['problem']}")
+    if len(unexplained) > 50:
+        print(f"  … and {len(unexplained) - 50} more")
+    if problems or unexplained:
+        print("the ledger and the records it stands on DO NOT agree", file=sys.stderr)
         return 1
     print(f"payments reconciled: each of the {count} payments has one capture entry with its postings, and every "
           "capture entry names a payment")
+    print(f"records reconciled: each of the {others} settlement and resolution entries is named by its settlement "
+          "or resolved exception, and every entry those name exists")
     return 0
 
 
@@ -226,7 +237,8 @@ def register(sub) -> None:
                         "chain recomputed after an edit; repeatable")
     v.set_defaults(func=cmd_verify)
     r = actions.add_parser("reconcile", help="check every payment against its capture entry (and every capture entry "
-                                             "against its payment); exit 1 on any difference")
+                                             "against its payment), and every settlement or resolution entry against "
+                                             "its settlement or exception; exit 1 on any difference")
     r.set_defaults(func=cmd_reconcile)
     x = actions.add_parser("export", help="write the sealed chain as JSON lines (entries, postings, hashes) to standard "
                                           "output, for checking away from the service")

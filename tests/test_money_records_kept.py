@@ -105,3 +105,56 @@ async def test_what_the_service_changes_it_still_may(history, api, portal, invoi
         await history.execute("DELETE FROM treasury_sessions")
     inv = await new_invoice(api, portal, invoice_body)
     assert (await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=portal)).status == 200
+
+
+def _reconcile(dsn: str):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_PII_KEYS
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSVC_")}
+    env.update(PAYSVC_DATABASE_URL=dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
+    return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "reconcile"], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_reconcile_finds_an_entry_without_its_record_and_a_record_without_its_entry(history, api):
+    """Found by an auditor's walk-through: a resolution entry posted with no exception behind it (and, before 0052,
+    an entry whose exception was deleted) passed verify and reconcile alike."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    import ledger
+
+    ok = await asyncio.to_thread(_reconcile, api.dsn)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "records reconciled: each of the 2 settlement and resolution entries" in ok.stdout, ok.stdout
+    resolved = await history.fetchrow("SELECT id, resolution_entry_id FROM reconciliation_exceptions "
+                                      "WHERE resolution_entry_id IS NOT NULL")
+    settlement = await history.fetchrow("SELECT id, journal_entry_id FROM settlements")
+
+    # 1. a resolution entry no exception names (posted through the ledger's own function, balanced and hashed)
+    forged = await ledger.post_entry(history, ledger.EntryDraft(
+        kind="exception_resolved", description="missing_in_ledger exc_x resolved: match_to_invoice",
+        effective_at=datetime.now(UTC), idempotency_key="resolution:exc_forged", postings=[
+            ledger.Posting(account="suspense:unmatched:KHR", side="debit", amount=7000, currency="KHR"),
+            ledger.Posting(account="agency:MOI:revenue:KHR", side="credit", amount=7000, currency="KHR")]))
+    bad = await asyncio.to_thread(_reconcile, api.dsn)
+    assert bad.returncode == 1, bad.stdout
+    assert f"entry {forged.id}: the resolution entry is named by 0 resolved exceptions, not one" in bad.stdout
+    assert "DO NOT agree" in bad.stderr
+
+    # 2. the exception behind a real resolution entry, and the settlement behind its entry, gone or unlinked
+    #    (as a superuser with triggers off: 0052 refuses it otherwise)
+    await history.execute("SET session_replication_role = replica")
+    await history.execute("DELETE FROM reconciliation_exceptions WHERE id = $1", resolved["id"])
+    await history.execute("UPDATE settlements SET journal_entry_id = 999999 WHERE id = $1", settlement["id"])
+    await history.execute("SET session_replication_role = DEFAULT")
+    bad = await asyncio.to_thread(_reconcile, api.dsn)
+    assert bad.returncode == 1
+    assert f"entry {resolved['resolution_entry_id']}: the resolution entry is named by 0 resolved exceptions" \
+        in bad.stdout, bad.stdout
+    assert f"entry {settlement['journal_entry_id']}: the settlement entry is named by 0 settlements" in bad.stdout
+    assert f"settlement {settlement['id']}: the settlement's entry 999999 does not exist" in bad.stdout

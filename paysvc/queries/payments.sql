@@ -161,3 +161,48 @@ SELECT coalesce(x.id, c.payment_id) AS payment_id, c.id AS entry_id,
   LEFT JOIN counted n ON n.payment_id = x.id
  WHERE x.id IS NULL OR c.id IS NULL OR n.n > 1 OR x.lines <> c.lines
  ORDER BY 1, 2
+
+-- name: entries_without_their_record
+-- Every entry that is not a capture stands on a record of the service, and every such record on its entry
+-- (`paysvc ledger reconcile`; found by an auditor's walk-through: a forged resolution entry, and an entry whose
+-- exception was deleted, passed every check). A resolution entry (exception_resolved) is named by exactly one
+-- resolved exception, whose id its idempotency key carries; a settlement entry by its settlement, whose id it
+-- carries; an exception's or a settlement's entry exists and is of its kind (a settled_late exception names the
+-- settlement's entry that settled it); and no entry is of a kind the service does not write. Reversals are
+-- corrections, checked by verify (each mirrors the entry it names). One row per problem.
+SELECT e.id AS entry_id, NULL::text AS record,
+       CASE WHEN e.kind NOT IN ('payment.captured', 'payment.suspense', 'settlement', 'exception_resolved', 'reversal')
+                THEN 'an entry of kind ' || e.kind || ', which the service never writes'
+            WHEN e.kind = 'exception_resolved'
+                THEN 'the resolution entry is named by ' || (SELECT count(*) FROM reconciliation_exceptions x
+                                                             WHERE x.resolution_entry_id = e.id::text)
+                     || ' resolved exceptions, not one'
+            ELSE 'the settlement entry is named by ' || (SELECT count(*) FROM settlements s
+                                                         WHERE s.journal_entry_id = e.id) || ' settlements, not one'
+       END AS problem
+  FROM ledger_entries e
+ WHERE e.kind NOT IN ('payment.captured', 'payment.suspense', 'reversal')
+   AND (e.kind NOT IN ('settlement', 'exception_resolved')
+        OR (e.kind = 'exception_resolved'
+            AND (SELECT count(*) FROM reconciliation_exceptions x
+                  WHERE x.resolution_entry_id = e.id::text AND x.state = 'resolved'
+                    AND e.idempotency_key = 'resolution:' || x.id) <> 1)
+        OR (e.kind = 'settlement'
+            AND (SELECT count(*) FROM settlements s
+                  WHERE s.journal_entry_id = e.id AND e.settlement_id = s.id) <> 1))
+UNION ALL
+SELECT e.id, 'exception ' || x.id,
+       CASE WHEN e.id IS NULL THEN 'the exception''s resolution entry ' || x.resolution_entry_id || ' does not exist'
+            ELSE 'the exception''s resolution entry is of kind ' || e.kind END
+  FROM reconciliation_exceptions x
+  LEFT JOIN ledger_entries e ON e.id::text = x.resolution_entry_id
+ WHERE x.resolution_entry_id IS NOT NULL
+   AND (e.id IS NULL OR e.kind NOT IN ('exception_resolved', 'settlement'))
+UNION ALL
+SELECT e.id, 'settlement ' || s.id,
+       CASE WHEN e.id IS NULL THEN 'the settlement''s entry ' || s.journal_entry_id || ' does not exist'
+            ELSE 'the settlement''s entry is of kind ' || e.kind END
+  FROM settlements s
+  LEFT JOIN ledger_entries e ON e.id = s.journal_entry_id
+ WHERE s.journal_entry_id IS NOT NULL AND (e.id IS NULL OR e.kind <> 'settlement')
+ ORDER BY 1 NULLS FIRST, 2
