@@ -40,6 +40,13 @@ class InvoiceListQuery(BaseModel):
         return v
 
 
+class QrImageQuery(BaseModel):
+    """The PNG's query, as documented (the view reads it itself, and answers 400 for a bad scale)."""
+    model_config = ConfigDict(extra="forbid")
+    scale: Annotated[int, Field(ge=2, le=20)] = Field(8, description="pixels per module: 2 to 20 (a 37-module code "
+                                                                        "with its border is 360 px at 8)")
+
+
 class KhqrCurrent(KhqrOut):
     invoice_id: str
     status: str
@@ -163,7 +170,7 @@ ROUTES = [
     Route("GET", "/v1/invoices/{id}/khqr", khqr_current, "The current KHQR code (a fresh one if the last expired)",
           scope="invoices:read", response=KhqrCurrent, tags=("invoices",)),
     Route("GET", "/v1/invoices/{id}/qr.png", qr_png, "The current KHQR code as a PNG image (public)",
-          content_type="image/png", tags=("invoices",)),
+          query=QrImageQuery, content_type="image/png", tags=("invoices",)),
     Route("GET", "/v1/invoices/{id}/qr.svg", qr_svg, "The current KHQR code as an SVG image (public)",
           content_type="image/svg+xml", tags=("invoices",)),
 ]

@@ -13,6 +13,22 @@ from paysvc.web import Route
 
 _PARAM = re.compile(r"\{(\w+)\}")
 
+# The routes that answer 409, and why (the problem's detail says which case it is)
+_NOT_OPEN = "the invoice is not open (paid, expired or cancelled): it has no code to pay"
+_CONFLICTS = {
+    ("POST", "/v1/invoices"): "the reference is taken by another invoice, or a request with this Idempotency-Key "
+                              "is still running (Retry-After: 1)",
+    ("POST", "/v1/invoices/{id}/cancel"): "the invoice is not open (`invoice_status` says what it is: `cancelled` "
+                                          "when a cancel already went through), or treasury applied money to it",
+    ("GET", "/v1/invoices/{id}/khqr"): _NOT_OPEN,
+    ("GET", "/v1/invoices/{id}/qr.png"): _NOT_OPEN,
+    ("GET", "/v1/invoices/{id}/qr.svg"): _NOT_OPEN,
+    ("POST", "/v1/reconciliation/exceptions/{id}/resolve"): "the exception is already resolved",
+    ("POST", "/v1/settlements"): "these bytes were imported before for another provider, day or format (the "
+                                   "problem names that settlement)",
+    ("POST", "/v1/providers/{name}/callbacks"): "the same signed callback again: a replay",
+}
+
 
 def build_openapi(routes: list[Route], base_url: str) -> dict[str, Any]:
     models: set[type[BaseModel]] = set()
@@ -60,10 +76,37 @@ def build_openapi(routes: list[Route], base_url: str) -> dict[str, Any]:
             content = {r.content_type: {"schema": refs[(r.response, "serialization")]}}
         else:
             content = {r.content_type: {}}
-        op["responses"] = {
-            str(r.status): {"description": "success", "content": content},
-            "default": {"description": "error", "content": {"application/problem+json": {"schema": problem_ref}}},
-        }
+        # Found by a portal developer's walk-through: no header a portal relies on, and no error case, was
+        # documented. Every answer carries X-Request-Id; the errors a route can give are listed by cause.
+        success: dict[str, Any] = {"description": "success", "content": content,
+                                   "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}}
+        if r.method == "POST" and r.path == "/v1/invoices":
+            success["headers"].update({
+                "Location": {"description": "the invoice's URL", "schema": {"type": "string"}},
+                "Idempotent-Replayed": {"description": "`true` when this is the first answer to this "
+                                                       "Idempotency-Key again", "schema": {"type": "string"}}})
+        problem = {"application/problem+json": {"schema": problem_ref}}
+        errors = {}
+        if r.scope:
+            errors["401"] = "no API key, or an unknown or revoked one"
+            errors["403"] = f"the key lacks the `{r.scope}` scope, or the action needs another kind of key"
+        if _PARAM.search(r.path):
+            errors["404"] = "not found, or not this key's agency's"
+        if r.body is not None:
+            errors["400"] = "the body is not JSON, or is malformed"
+            errors["413"] = "the body is too large"
+            errors["415"] = "the body is not application/json"
+        if r.body is not None or r.query is not None:
+            errors["422"] = "a field is not valid: `detail` names the first, `errors` lists each"
+        if (r.method, r.path) in _CONFLICTS:
+            errors["409"] = _CONFLICTS[(r.method, r.path)]
+        responses: dict[str, Any] = {str(r.status): success}
+        for status, why in sorted(errors.items()):
+            responses[status] = {"description": why, "content": problem}
+        responses["503"] = {"description": "the database is unavailable: retry after Retry-After seconds",
+                            "headers": {"Retry-After": {"schema": {"type": "integer"}}}, "content": problem}
+        responses["default"] = {"description": "error", "content": problem}
+        op["responses"] = responses
         if r.scope:
             op["security"] = [{"apiKey": []}]
             op["description"] = f"Requires an API key with scope `{r.scope}`."
@@ -75,5 +118,9 @@ def build_openapi(routes: list[Route], base_url: str) -> dict[str, Any]:
         "servers": [{"url": base_url}],
         "paths": paths,
         "components": {"schemas": schemas,
+                       "headers": {"X-Request-Id": {
+                           "description": "the request's id, in the service's log: the client's own X-Request-Id "
+                                          "when it sent one of at most 100 characters, else a new one",
+                           "schema": {"type": "string"}}},
                        "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer"}}},
     }

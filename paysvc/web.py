@@ -133,6 +133,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 UNREADABLE_FORM = (ValueError, LookupError, RuntimeError, HttpProcessingError)
 
 
+class _NotJsonConstant(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN, Infinity and -Infinity are not JSON (RFC 8259), though Python's json reads them: refused as syntax,
+    not passed on to be refused as a type (found by a portal developer's walk-through: "amount": NaN was a 422
+    saying it must be an integer)."""
+    raise _NotJsonConstant(name)
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON, with clear errors for the wrong type, size or syntax."""
     if request.content_type != "application/json":
@@ -142,7 +153,7 @@ async def read_json(request: web.Request) -> Any:
     if b"\x00" in raw:
         raise MalformedRequest("text must not contain NUL characters (\\u0000)")
     try:
-        doc = json.loads(raw, object_pairs_hook=unique_keys)
+        doc = json.loads(raw, object_pairs_hook=unique_keys, parse_constant=_refuse_constant)
         if b"\\u0000" in raw and _holds_nul(doc):  # only an escape can make a NUL; "\\\\u0000" is none
             raise MalformedRequest("text must not contain NUL characters (\\u0000)")
         if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make an unpaired surrogate
@@ -150,6 +161,9 @@ async def read_json(request: web.Request) -> Any:
         return doc
     except DuplicateKey as exc:
         raise MalformedRequest(f"body is ambiguous: {exc}; send each key once") from None
+    except _NotJsonConstant as exc:
+        raise MalformedRequest(f"body is not valid JSON: {exc} is not a JSON value (Python's json writes it for a "
+                               "float that is not a number)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedRequest(f"body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -282,6 +296,8 @@ def problem_response(problem: Problem, request: web.Request) -> web.Response:
     headers = dict(problem.headers)
     if retry_after:
         headers["Retry-After"] = str(retry_after)
+    if problem.status == 401:  # RFC 9110: a 401 names the scheme to authenticate with (RFC 6750: Bearer)
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="paysvc"')
     return web.Response(
         body=json.dumps(problem.to_dict(request.path), ensure_ascii=False).encode(),
         status=problem.status, content_type="application/problem+json", headers=headers or None,
@@ -406,6 +422,10 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         problem.status, problem.slug, problem.title = 500, "internal-error", "Internal error"
         response = problem_response(problem, request)
     response.headers["X-Request-Id"] = request_id
+    if request.path.startswith("/v1/") and not response.prepared and "Cache-Control" not in response.headers:
+        # API answers carry payer data and keys' views: no cache (a browser's, a proxy's) keeps them. Found by a
+        # portal developer's walk-through: the public pages said no-store, the invoice with its payer did not.
+        response.headers["Cache-Control"] = "no-store"
     elapsed = time.perf_counter() - started
     route = _route_label(request)
     HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()

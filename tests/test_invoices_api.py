@@ -394,6 +394,22 @@ async def test_openapi_matches_the_real_routes(api):
     schema_ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     name = schema_ref.rsplit("/", 1)[1]
     assert {"reference", "currency", "amount"} <= set(spec["components"]["schemas"][name]["required"])
+    # What a portal relies on beyond the bodies (a portal developer's walk-through found none of it documented):
+    # headers, the error answers by cause, the image's scale
+    assert {"Location", "Idempotent-Replayed", "X-Request-Id"} <= set(create["responses"]["201"]["headers"])
+    assert {"400", "401", "403", "409", "413", "415", "422", "503"} <= set(create["responses"])
+    assert "Retry-After" in create["responses"]["503"]["headers"]
+    cancel = spec["paths"]["/v1/invoices/{id}/cancel"]["post"]["responses"]
+    assert "`cancelled` when a cancel already went through" in cancel["409"]["description"] and "404" in cancel
+    png = spec["paths"]["/v1/invoices/{id}/qr.png"]["get"]
+    [scale] = [p for p in png["parameters"] if p["name"] == "scale"]
+    assert (scale["schema"]["minimum"], scale["schema"]["maximum"], scale["schema"]["default"]) == (2, 20, 8)
+    assert "409" in png["responses"] and "401" not in png["responses"]            # public, and not once paid
+    conflicts = {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items() if "409" in op["responses"]}
+    assert conflicts == {("post", "/v1/invoices"), ("post", "/v1/invoices/{id}/cancel"),     # only where one comes
+                         ("get", "/v1/invoices/{id}/khqr"), ("get", "/v1/invoices/{id}/qr.png"),
+                         ("get", "/v1/invoices/{id}/qr.svg"), ("post", "/v1/reconciliation/exceptions/{id}/resolve"),
+                         ("post", "/v1/settlements"), ("post", "/v1/providers/{name}/callbacks")}
 
 
 async def test_last_code_of_an_invoice_is_not_reissued_on_every_request(api, invoice_body):
@@ -848,3 +864,22 @@ async def test_a_payer_key_rotated_in_two_steps_works_while_instances_restart_on
                 again = await api.client.post("/v1/invoices", json=body, headers={**h, "Idempotency-Key": f"key-{name}"})
                 assert again.status == 201 and again.headers.get("Idempotent-Replayed") == "true", name
                 assert (await again.json())["id"] == first["id"]
+
+
+async def test_answers_say_how_to_authenticate_and_are_not_cached_and_nan_is_not_json(api, invoice_body):
+    """From a portal developer's walk-through: a 401 named no scheme; the invoice with its payer came without
+    Cache-Control while the public pages said no-store; "amount": NaN was read as JSON and refused as a type."""
+    h = await api.portal("MOI")
+    r = await api.client.get("/v1/invoices")
+    assert r.status == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="paysvc"'
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok Dara"}),
+                                       headers=h)).json()
+    for url in (f"/v1/invoices/{inv['id']}", "/v1/invoices", "/v1/invoices/inv_nope"):
+        r = await api.client.get(url, headers=h)
+        assert r.headers["Cache-Control"] == "no-store", (url, r.status)
+    assert (await api.client.get("/v1/keys/events")).headers.get("Cache-Control", "").startswith("public")
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        body = ('{"reference": "N-1", "description": "x", "currency": "KHR", "amount": %s}' % constant).encode()
+        r = await api.client.post("/v1/invoices", data=body, headers={**h, "Content-Type": "application/json"})
+        doc = await r.json()
+        assert r.status == 400 and f"{constant} is not a JSON value" in doc["detail"], doc
