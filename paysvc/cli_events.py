@@ -91,7 +91,7 @@ def cmd_tail(settings, args) -> int:
     url, queue = _amqp_url(settings, args.amqp_url), f"{settings.events_queue_prefix}{args.agency}"
     try:
         return asyncio.run(tail(url, queue, keys_url, agency=args.agency, max_messages=args.max_messages,
-                                idle_exit=args.idle_exit))
+                                idle_exit=args.idle_exit, discard=args.discard))
     except KeysUnavailable as exc:
         raise CliError(f"{exc}; is the service running there, or give --keys-url") from None
     except BrokenPipeError:
@@ -120,4 +120,7 @@ def register(sub) -> None:
     t.add_argument("--amqp-url", help="broker URL (default: PAYSVC_AMQP_URL)")
     t.add_argument("--max-messages", type=int, help="exit 0 after printing this many events")
     t.add_argument("--idle-exit", type=float, help="exit 0 after this many seconds without a message")
+    t.add_argument("--discard", metavar="MESSAGE_ID",
+                   help="remove the message with this id if it fails verification (as VERIFY FAILED named it), "
+                        "once you hold the genuine event from GET /v1/events?signed=true; then go on")
     t.set_defaults(func=cmd_tail)

@@ -12,7 +12,7 @@
 4. Not verified: print ``VERIFY FAILED …`` on standard error, leave the message in the queue (it is not acked)
    and exit with status 3. Handling later messages would skip one and break the agency's seq order; an operator
    looks at it, fetches the genuine event from ``GET /v1/events?signed=true`` (verified like a message), and removes
-   the bad message.
+   the bad message (``--discard MESSAGE_ID``: that message, if it fails verification, is rejected, not requeued).
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def _not_ours(body: bytes, agency: str) -> str | None:
 
 
 async def tail(amqp_url: str, queue_name: str, keys_url: str, *, agency: str, max_messages: int | None = None,
-               idle_exit: float | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+               idle_exit: float | None = None, discard: str | None = None, out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
     keys = await fetch_keys(keys_url)
     connection = await aio_pika.connect(amqp_url)
     try:
@@ -90,6 +91,14 @@ async def tail(amqp_url: str, queue_name: str, keys_url: str, *, agency: str, ma
             if key_id is not None and key_id not in keys:
                 keys = await fetch_keys(keys_url)  # a key rotated in since we started
             problem = verify(keys, key_id, signature, message.body) or _not_ours(message.body, agency)
+            if problem is not None and discard is not None and message.message_id == discard:
+                # The operator named it, having fetched the genuine event from the feed: removed (rejected without
+                # requeue: a dead-letter exchange on the queue keeps it), once (found by an agency's walk-through:
+                # no command removed a bad message)
+                await message.reject(requeue=False)
+                print(f"DISCARDED message_id={message.message_id} key_id={key_id}: {problem}", file=err, flush=True)
+                discard = None
+                continue
             if problem is not None:
                 print(f"VERIFY FAILED message_id={message.message_id} routing_key={message.routing_key} "
                       f"key_id={key_id}: {problem}; the message is left in {queue_name}", file=err, flush=True)

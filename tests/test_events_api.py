@@ -211,6 +211,17 @@ async def test_tail_refuses_another_agencys_event_and_dedupes_on_the_signed_even
             await asyncio.sleep(0.2)
             left = await channel.declare_queue(broker.queue("MOI"), passive=True)
             assert left.declaration_result.message_count == 1, "the message stays for an operator"
+            # The operator removes it by its id, and the events after it flow (another id removes nothing)
+            await put(third)
+            code, out, err = await _tail(broker, keys_url, "--idle-exit", "2", "--discard", "not-this-one")
+            assert code == 3 and "VERIFY FAILED" in err and out == ""
+            code, out, err = await _tail(broker, keys_url, "--idle-exit", "2", "--discard", other.message_id)
+            assert code == 0, err
+            assert f"DISCARDED message_id={other.message_id}" in err and "a genuine event of agency 'MPWT'" in err
+            assert [json.loads(line)["seq"] for line in out.splitlines()] == [3]
+            await asyncio.sleep(0.2)
+            left = await channel.declare_queue(broker.queue("MOI"), passive=True)
+            assert left.declaration_result.message_count == 0
         finally:
             await connection.close()
 

@@ -178,6 +178,30 @@ async def test_a_failing_endpoint_is_retried_on_schedule_then_failed_then_replay
         assert len(receiver.requests) == 9
 
 
+async def test_a_replay_by_hand_is_on_top_of_the_automatic_attempts(db_dsn, invoice_body):
+    """Found by a portal developer's walk-through: a replay while retries were still due used one of the eight."""
+    receiver = Receiver(statuses=[500] * 20)
+    async with running_api(db_dsn, **INSECURE_OK) as api, receiving(receiver) as url:
+        headers = await api.portal("MOI")
+        hook = await register(api, headers, url, types=("invoice.created",))
+        await api.client.post("/v1/invoices", json=invoice_body(), headers=headers)
+        async with worker_for(api) as worker:
+            (attempt,) = await worker.run_once()
+            assert attempt.status == "pending"
+            (delivery,) = (await (await api.client.get(f"/v1/webhooks/{hook['id']}/deliveries",
+                                                       headers=headers)).json())["data"]
+            for _ in range(2):
+                r = await api.client.post(f"/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/replay",
+                                          headers=headers)
+                assert r.status == 202
+                (attempt,) = await worker.run_once()
+                assert not attempt.ok and attempt.status == "pending"
+            (delivery,) = (await (await api.client.get(f"/v1/webhooks/{hook['id']}/deliveries",
+                                                       headers=headers)).json())["data"]
+            assert (delivery["attempts"], delivery["max_attempts"]) == (3, 10)     # 8 automatic + 2 by hand
+            assert [a["manual"] for a in delivery["attempt_log"]] == [False, True, True]
+
+
 async def test_a_dead_endpoint_does_not_delay_a_healthy_one(db_dsn, invoice_body):
     dead, healthy = Receiver(hang=True), Receiver()
     async with running_api(db_dsn, **INSECURE_OK) as api, receiving(dead) as dead_url, \

@@ -131,9 +131,11 @@ SELECT d.id, d.event_id, o.type AS event_type, d.seq, d.status, d.attempts, d.ma
  LIMIT $2
 
 -- name: webhooks_replay
--- Send again now: one more attempt (even after 'failed' or 'delivered'); recorded as manual.
+-- Send again now: one more attempt (even after 'failed' or 'delivered'); recorded as manual. It is on top of the
+-- automatic ones, never one of them (found by a portal developer's walk-through: a replay while retries were still
+-- due used one of the eight up).
 UPDATE webhook_deliveries
    SET status = 'pending', next_attempt_at = $3, lease_until = NULL, replay_requested = true,
-       max_attempts = greatest(max_attempts, attempts + 1)
+       max_attempts = greatest(max_attempts, attempts) + 1
  WHERE id = $1 AND endpoint_id = $2 AND status <> 'cancelled'
 RETURNING id
