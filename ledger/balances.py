@@ -139,11 +139,12 @@ async def trial_balance(conn: asyncpg.Connection, *, as_of: datetime | None = No
     ``prefix`` restricts the lines to accounts whose code starts with it: a part of the ledger, whose totals
     need not balance, so ``balanced`` is then None (not false) and ``scope`` names the part.
 
-    ``sealed_upto`` counts only the entries sealed at chain positions up to it: the books as they stood when that
-    chain head was recorded (a sign-off), so the answer for a past time cannot change afterwards, and the
-    difference from the answer without it is exactly what was posted since for that time (found by an auditor's
-    walk-through: an entry dated back changed a signed-off day's figures, and nothing showed it). Raises
-    ``ValueError`` for a position not sealed yet.
+    ``sealed_upto`` counts only the entries sealed at chain positions up to it, so the answer never changes
+    afterwards (seals are append-only): a sign-off records these figures with the head it records (found by an
+    auditor's walk-through: an entry dated back changed a signed-off day's figures, and nothing showed it). It is
+    what the chain held, not every entry committed by then: the sealer chains an entry seconds after it commits,
+    and only once every older transaction on the server has ended (found by review). The difference from the
+    answer without it is what was sealed after that head. Raises ``ValueError`` for a position not sealed yet.
     """
     anchor = None
     if sealed_upto is not None:

@@ -54,8 +54,8 @@ SELECT s.position, s.chain_hash, (SELECT max(position) FROM ledger_seals) AS las
   FROM (SELECT 1) one LEFT JOIN ledger_seals s ON s.position = $1
 
 -- name: trial_balance_sealed
--- As of an effective time ($1, or none), counting only the entries sealed at chain positions up to $3: the books
--- as they stood when that chain head was recorded, whatever was posted since, dated back or not.
+-- As of an effective time ($1, or none), counting only the entries sealed at chain positions up to $3: what the
+-- chain held at that head, an answer that never changes, whatever is posted since, dated back or not.
 SELECT a.code, a.type, a.currency, a.normal_side,
        coalesce(sum(p.amount) FILTER (WHERE p.side = 'debit'), 0)::bigint AS debits,
        coalesce(sum(p.amount) FILTER (WHERE p.side = 'credit'), 0)::bigint AS credits

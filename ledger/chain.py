@@ -37,6 +37,14 @@ async def seal(conn: asyncpg.Connection, *, batch: int = 5000) -> int:
         rows = await conn.fetch(Q.sealable, txid, last_id, batch)
         if not rows:
             return 0
+        forged = [r["id"] for r in rows if r["id"] < 1]
+        if forged:
+            # Found by review: an entry with id 0 was sealed, and one with a negative id stopped the sealer with an
+            # OverflowError (the chain encodes ids as unsigned 64-bit). Ids come from an identity column from 1.
+            raise LedgerTampered(
+                f"entry {forged[0]} has an id no entry of the ledger can have (ids start at 1): it was written "
+                "behind the ledger's back; refusing to seal until that is resolved (paysvc ledger verify lists "
+                "what differs)")
         positions, ids, prevs, hashes = [], [], [], []
         for r in rows:
             position += 1

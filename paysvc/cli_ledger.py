@@ -121,10 +121,23 @@ def _as_of(text: str | None):
     return at
 
 
+def _position(text: str) -> int:
+    """A seal position: 1 to 2^63 - 1 (found by review: a larger one was a DataError traceback)."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seal position (a whole number from 1)") from None
+    if not 1 <= n <= 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a seal position: positions count from 1 (and fit 64 bits)")
+    return n
+
+
 def cmd_trial_balance(settings, args) -> int:
     """Every account's debits, credits and balance with per-currency totals, now or as of a time, and optionally
-    only what was sealed up to a recorded chain head (found by an auditor's walk-through: the trial balance was
-    only an API call, and an entry dated back changed a signed-off day's figures)."""
+    only what the chain held up to a recorded head (found by an auditor's walk-through: the trial balance was only
+    an API call, and an entry dated back changed a signed-off day's figures)."""
     import ledger
     from paysvc.cli import CliError, database
     from paysvc.db import connect
@@ -196,10 +209,10 @@ def cmd_verify(settings, args) -> int:
               f"({m.maintained_postings} postings), postings sum to debits {m.posted_debits} "
               f"credits {m.posted_credits} ({m.posted_postings} postings)")
     # What to do next (an auditor's walk-through: the output said what was wrong, never what to do about it)
-    print("what to do: leave the database as it is (do not repair or re-seal it: preserve it for the inquiry); "
-          "compare `paysvc ledger export` with the copy kept at the last sign-off, whose first differing line is "
-          "where the ledger was changed, and its seal's time with the database's own logs; correct balances only "
-          "by reversing entries, after the inquiry")
+    print("what to do: preserve the database as it is now (a pg_dump or a volume snapshot) before anything else, "
+          "and repair nothing; compare `paysvc ledger export` with the copy kept at the last sign-off (the first "
+          "line that differs is where the ledger was changed) and that seal's time with the database's own logs; "
+          "any correction comes after the inquiry")
     print("ledger verification FAILED", file=sys.stderr)
     return 1
 
@@ -247,9 +260,9 @@ def register(sub) -> None:
     t = actions.add_parser("trial-balance", help="every account's debits, credits and balance, per currency totals; "
                                                  "exit 1 if a currency does not balance")
     t.add_argument("--as-of", metavar="TIME", help="entries effective at or before this ISO 8601 time with offset")
-    t.add_argument("--sealed-upto", type=int, metavar="POSITION",
-                   help="count only entries sealed up to this chain position (a head recorded at a sign-off), so "
-                        "the figures are those that stood then, whatever was posted since")
+    t.add_argument("--sealed-upto", type=_position, metavar="POSITION",
+                   help="count only entries sealed up to this chain position (the head recorded at a sign-off): "
+                        "figures that never change afterwards, whatever is posted since")
     t.add_argument("--json", action="store_true", help="the API's JSON document instead of a table")
     t.set_defaults(func=cmd_trial_balance)
     s = actions.add_parser("seal", help="chain committed entries into the hash chain now")

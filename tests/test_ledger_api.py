@@ -201,7 +201,7 @@ async def test_an_account_as_of_a_time_lists_only_the_postings_behind_that_balan
 async def test_a_trial_balance_up_to_a_recorded_chain_head_does_not_move_when_entries_are_dated_back(api):
     """Found by an auditor's walk-through: an entry posted later but dated back changed a signed-off day's trial
     balance, and nothing showed it. Counting only the entries sealed up to the head recorded at the sign-off gives
-    the figures as they stood; the difference from today's answer for the same time is what was dated back."""
+    figures that never change; the difference from today's answer for the same time is what was sealed since."""
     moi, treasury = await setup(api)                       # 7 entries effective T0 .. T0 + 4 min
     async with connect(api.dsn) as conn:
         await seal_everything(conn)
@@ -268,6 +268,8 @@ async def test_the_trial_balance_from_the_command_line(api):
     as_json = await asyncio.to_thread(cli, "--json")
     assert as_json.returncode == 0 and '"balanced":true' in as_json.stdout and '"sealed_upto":null' in as_json.stdout
     for args, says in ((["--sealed-upto", "99"], "position 99 is not sealed yet: the last seal is 7"),
+                       (["--sealed-upto", "0"], "positions count from 1"),
+                       (["--sealed-upto", "99999999999999999999"], "positions count from 1 (and fit 64 bits)"),
                        (["--as-of", "2026-03-01T03:00"], "has no UTC offset"),
                        (["--as-of", "yesterday"], "is not an ISO 8601 time")):
         bad = await asyncio.to_thread(cli, *args)

@@ -1215,7 +1215,7 @@ async def test_an_anchor_shows_a_chain_recomputed_after_a_deletion(db, db_dsn):
     assert f"ANCHOR {recorded[5].anchor}: no seal 5, recorded earlier: the chain ends at seal 4" in bad.stdout
     # the deletion was in the middle (at seal 2), not only possibly at the end; and what to do is said
     assert "from its end or before it with the chain recomputed" in bad.stdout
-    assert "what to do: leave the database as it is" in bad.stdout and "paysvc ledger export" in bad.stdout
+    assert "what to do: preserve the database as it is now" in bad.stdout and "paysvc ledger export" in bad.stdout
 
 
 async def test_every_anchor_recorded_for_a_position_is_checked(db, db_dsn):
@@ -1742,3 +1742,20 @@ async def test_the_exported_chain_checks_away_from_the_service(db, db_dsn):
     gone_row = await asyncio.to_thread(run_cli, db_dsn, "export")
     assert offline_check(gone_row.stdout.splitlines()) == [
         f"entry {posted[1].id}: content differs from its hash", f"seal 3: entry {posted[2].id} missing"]
+
+
+@pytest.mark.parametrize("entry_id", [0, -7])
+async def test_the_sealer_refuses_an_entry_with_an_id_no_entry_can_have(db, db_dsn, entry_id):
+    """Found by review: forged after the last seal (a transaction id later than its entry's), an entry with id 0 was
+    sealed like any other, and one with a negative id stopped the sealer with an OverflowError (the chain encodes
+    ids as unsigned 64-bit)."""
+    await post(db, capture(0))
+    await seal_everything(db)
+    await _forge_beside(db, db_dsn, entry_id, await post(db, capture(1)))   # chained just before that entry
+    with pytest.raises(ledger.LedgerTampered, match=f"entry {entry_id} has an id no entry of the ledger can have"):
+        for _ in range(50):   # the sealer reaches the forged entry once every older transaction has ended
+            await ledger.seal_all(db)
+            await asyncio.sleep(0.1)
+    assert await db.fetchval("SELECT count(*) FROM ledger_seals WHERE entry_id = $1", entry_id) == 0
+    out = await asyncio.to_thread(run_cli, db_dsn, "seal")
+    assert out.returncode == 1 and "ledger seal REFUSED" in out.stderr and "Traceback" not in out.stderr, out.stderr
