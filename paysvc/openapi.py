@@ -13,6 +13,16 @@ from paysvc.web import Route
 
 _PARAM = re.compile(r"\{(\w+)\}")
 
+# Routes that read their request themselves, and the errors they answer with instead of 422
+_OWN_ERRORS = {
+    ("GET", "/v1/invoices/{id}/qr.png"): {"400": "scale is not an integer from 2 to 20"},
+    ("POST", "/v1/providers/{name}/callbacks"): {
+        "400": "the callback cannot be read as this provider's (kept, marked, never processed)",
+        "401": "the callback's signature is not valid, or its timestamp is too far off (kept, never processed)",
+        "413": "the body is over 64 KiB (not stored)", "415": "the body is not application/json, or is compressed",
+        "431": "the headers are over 16 KiB (not stored)"},
+}
+
 # The routes that answer 409, and why (the problem's detail says which case it is)
 _NOT_OPEN = "the invoice is not open (paid, expired or cancelled): it has no code to pay"
 _CONFLICTS = {
@@ -96,7 +106,9 @@ def build_openapi(routes: list[Route], base_url: str) -> dict[str, Any]:
             errors["400"] = "the body is not JSON, or is malformed"
             errors["413"] = "the body is too large"
             errors["415"] = "the body is not application/json"
-        if r.body is not None or r.query is not None:
+        if (r.method, r.path) in _OWN_ERRORS:   # routes that read their request themselves (found by review)
+            errors.update(_OWN_ERRORS[(r.method, r.path)])
+        elif r.body is not None or r.query is not None:
             errors["422"] = "a field is not valid: `detail` names the first, `errors` lists each"
         if (r.method, r.path) in _CONFLICTS:
             errors["409"] = _CONFLICTS[(r.method, r.path)]

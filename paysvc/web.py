@@ -296,7 +296,9 @@ def problem_response(problem: Problem, request: web.Request) -> web.Response:
     headers = dict(problem.headers)
     if retry_after:
         headers["Retry-After"] = str(retry_after)
-    if problem.status == 401:  # RFC 9110: a 401 names the scheme to authenticate with (RFC 6750: Bearer)
+    if problem.slug == "unauthenticated":
+        # RFC 9110: a 401 names the scheme to authenticate with (RFC 6750: Bearer). Only for API keys: a provider's
+        # callback refused for its signature is a 401 of another scheme (found by review)
         headers.setdefault("WWW-Authenticate", 'Bearer realm="paysvc"')
     return web.Response(
         body=json.dumps(problem.to_dict(request.path), ensure_ascii=False).encode(),

@@ -200,6 +200,15 @@ async def test_a_replay_by_hand_is_on_top_of_the_automatic_attempts(db_dsn, invo
                                                        headers=headers)).json())["data"]
             assert (delivery["attempts"], delivery["max_attempts"]) == (3, 10)     # 8 automatic + 2 by hand
             assert [a["manual"] for a in delivery["attempt_log"]] == [False, True, True]
+            # Asked twice before it is sent (a double click): one attempt more, not two (found by review)
+            for _ in range(2):
+                assert (await api.client.post(f"/v1/webhooks/{hook['id']}/deliveries/{delivery['id']}/replay",
+                                              headers=headers)).status == 202
+            (attempt,) = await worker.run_once()
+            assert attempt.status == "pending"
+            (delivery,) = (await (await api.client.get(f"/v1/webhooks/{hook['id']}/deliveries",
+                                                       headers=headers)).json())["data"]
+            assert (delivery["attempts"], delivery["max_attempts"]) == (4, 11)
 
 
 async def test_a_dead_endpoint_does_not_delay_a_healthy_one(db_dsn, invoice_body):

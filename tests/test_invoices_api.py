@@ -405,6 +405,9 @@ async def test_openapi_matches_the_real_routes(api):
     [scale] = [p for p in png["parameters"] if p["name"] == "scale"]
     assert (scale["schema"]["minimum"], scale["schema"]["maximum"], scale["schema"]["default"]) == (2, 20, 8)
     assert "409" in png["responses"] and "401" not in png["responses"]            # public, and not once paid
+    assert "400" in png["responses"] and "422" not in png["responses"]            # it reads scale itself: 400
+    callbacks = spec["paths"]["/v1/providers/{name}/callbacks"]["post"]["responses"]
+    assert {"400", "401", "404", "409", "413", "415", "431"} <= set(callbacks)
     conflicts = {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items() if "409" in op["responses"]}
     assert conflicts == {("post", "/v1/invoices"), ("post", "/v1/invoices/{id}/cancel"),     # only where one comes
                          ("get", "/v1/invoices/{id}/khqr"), ("get", "/v1/invoices/{id}/qr.png"),
@@ -872,6 +875,10 @@ async def test_answers_say_how_to_authenticate_and_are_not_cached_and_nan_is_not
     h = await api.portal("MOI")
     r = await api.client.get("/v1/invoices")
     assert r.status == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="paysvc"'
+    # a provider's callback refused for its signature is another scheme: no Bearer challenge (found by review)
+    r = await api.client.post("/v1/providers/sandbox/callbacks", data=b"{}", headers={
+        "Content-Type": "application/json", "Sandbox-Signature": "t=1,v1=00"})
+    assert r.status == 401 and "WWW-Authenticate" not in r.headers
     inv = await (await api.client.post("/v1/invoices", json=invoice_body(payer={"name": "Sok Dara"}),
                                        headers=h)).json()
     for url in (f"/v1/invoices/{inv['id']}", "/v1/invoices", "/v1/invoices/inv_nope"):

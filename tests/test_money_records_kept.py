@@ -143,10 +143,18 @@ async def test_reconcile_finds_an_entry_without_its_record_and_a_record_without_
             ledger.Posting(account="agency:MOI:revenue:KHR", side="credit", amount=7000, currency="KHR")]))
     bad = await asyncio.to_thread(_reconcile, api.dsn)
     assert bad.returncode == 1, bad.stdout
-    assert f"entry {forged.id}: the resolution entry is named by 0 resolved exceptions, not one" in bad.stdout
+    assert f"entry {forged.id}: the resolution entry is named by 0 exceptions (0 resolved), not one" in bad.stdout
     assert "DO NOT agree" in bad.stderr
 
-    # 2. the exception behind a real resolution entry, and the settlement behind its entry, gone or unlinked
+    # 2. a settlement entry reversed (found by review: reversals passed whatever they undid; the service reverses
+    #    nothing but, in a correction, a capture)
+    undone = await ledger.reverse_entry(history, int(settlement["journal_entry_id"]), description="undo",
+                                        effective_at=datetime.now(UTC))
+    bad = await asyncio.to_thread(_reconcile, api.dsn)
+    assert f"entry {undone.id}: a reversal of entry {settlement['journal_entry_id']} (settlement): the service " \
+        "corrects only captures so" in bad.stdout, bad.stdout
+
+    # 3. the exception behind a real resolution entry, and the settlement behind its entry, gone or unlinked
     #    (as a superuser with triggers off: 0052 refuses it otherwise)
     await history.execute("SET session_replication_role = replica")
     await history.execute("DELETE FROM reconciliation_exceptions WHERE id = $1", resolved["id"])
@@ -154,7 +162,7 @@ async def test_reconcile_finds_an_entry_without_its_record_and_a_record_without_
     await history.execute("SET session_replication_role = DEFAULT")
     bad = await asyncio.to_thread(_reconcile, api.dsn)
     assert bad.returncode == 1
-    assert f"entry {resolved['resolution_entry_id']}: the resolution entry is named by 0 resolved exceptions" \
+    assert f"entry {resolved['resolution_entry_id']}: the resolution entry is named by 0 exceptions" \
         in bad.stdout, bad.stdout
     assert f"entry {settlement['journal_entry_id']}: the settlement entry is named by 0 settlements" in bad.stdout
     assert f"settlement {settlement['id']}: the settlement's entry 999999 does not exist" in bad.stdout

@@ -168,34 +168,52 @@ SELECT coalesce(x.id, c.payment_id) AS payment_id, c.id AS entry_id,
 -- exception was deleted, passed every check). A resolution entry (exception_resolved) is named by exactly one
 -- resolved exception, whose id its idempotency key carries; a settlement entry by its settlement, whose id it
 -- carries; an exception's or a settlement's entry exists and is of its kind (a settled_late exception names the
--- settlement's entry that settled it); and no entry is of a kind the service does not write. Reversals are
--- corrections, checked by verify (each mirrors the entry it names). One row per problem.
+-- settlement's entry that settled it); a reversal undoes a capture (or a reversal), the only entries the service
+-- corrects so (found by review: reversing a settlement or a resolution passed); and no entry is of a kind the
+-- service does not write. The exceptions and settlements naming entries are counted once, grouped, and joined
+-- (found by review: a count per entry read every exception, 105 s at 100,000 entries). One row per problem.
+WITH resolutions AS (
+    SELECT resolution_entry_id AS entry_id, count(*) AS n,
+           count(*) FILTER (WHERE state = 'resolved') AS resolved, min(id) AS exception_id
+      FROM reconciliation_exceptions
+     WHERE resolution_entry_id IS NOT NULL
+     GROUP BY resolution_entry_id
+), settled AS (
+    SELECT journal_entry_id AS entry_id, count(*) AS n, min(id) AS settlement_id
+      FROM settlements WHERE journal_entry_id IS NOT NULL GROUP BY journal_entry_id
+)
 SELECT e.id AS entry_id, NULL::text AS record,
-       CASE WHEN e.kind NOT IN ('payment.captured', 'payment.suspense', 'settlement', 'exception_resolved', 'reversal')
+       CASE WHEN e.kind NOT IN ('payment.captured', 'payment.suspense', 'settlement', 'exception_resolved',
+                                'reversal')
                 THEN 'an entry of kind ' || e.kind || ', which the service never writes'
+            WHEN e.kind = 'reversal'
+                THEN 'a reversal of entry ' || e.reverses || ' (' || coalesce(r.kind, 'missing')
+                     || '): the service corrects only captures so'
             WHEN e.kind = 'exception_resolved'
-                THEN 'the resolution entry is named by ' || (SELECT count(*) FROM reconciliation_exceptions x
-                                                             WHERE x.resolution_entry_id = e.id::text)
-                     || ' resolved exceptions, not one'
-            ELSE 'the settlement entry is named by ' || (SELECT count(*) FROM settlements s
-                                                         WHERE s.journal_entry_id = e.id) || ' settlements, not one'
+                THEN 'the resolution entry is named by ' || coalesce(x.n, 0) || ' exceptions ('
+                     || coalesce(x.resolved, 0) || ' resolved), not one resolved exception whose id its '
+                     || 'idempotency key carries'
+            ELSE 'the settlement entry is named by ' || coalesce(t.n, 0) || ' settlements, not the one whose id it '
+                 || 'carries'
        END AS problem
   FROM ledger_entries e
- WHERE e.kind NOT IN ('payment.captured', 'payment.suspense', 'reversal')
-   AND (e.kind NOT IN ('settlement', 'exception_resolved')
+  LEFT JOIN ledger_entries r ON r.id = e.reverses
+  LEFT JOIN resolutions x ON x.entry_id = e.id::text
+  LEFT JOIN settled t ON t.entry_id = e.id
+ WHERE e.kind NOT IN ('payment.captured', 'payment.suspense')
+   AND (e.kind NOT IN ('settlement', 'exception_resolved', 'reversal')
+        OR (e.kind = 'reversal' AND coalesce(r.kind, '') NOT IN ('payment.captured', 'payment.suspense', 'reversal'))
+        -- coalesce: with nothing naming the entry the comparison is null, which NOT would leave out as no problem
         OR (e.kind = 'exception_resolved'
-            AND (SELECT count(*) FROM reconciliation_exceptions x
-                  WHERE x.resolution_entry_id = e.id::text AND x.state = 'resolved'
-                    AND e.idempotency_key = 'resolution:' || x.id) <> 1)
-        OR (e.kind = 'settlement'
-            AND (SELECT count(*) FROM settlements s
-                  WHERE s.journal_entry_id = e.id AND e.settlement_id = s.id) <> 1))
+            AND NOT coalesce(x.n = 1 AND x.resolved = 1 AND e.idempotency_key = 'resolution:' || x.exception_id, false))
+        OR (e.kind = 'settlement' AND NOT coalesce(t.n = 1 AND e.settlement_id = t.settlement_id, false)))
 UNION ALL
 SELECT e.id, 'exception ' || x.id,
        CASE WHEN e.id IS NULL THEN 'the exception''s resolution entry ' || x.resolution_entry_id || ' does not exist'
             ELSE 'the exception''s resolution entry is of kind ' || e.kind END
   FROM reconciliation_exceptions x
-  LEFT JOIN ledger_entries e ON e.id::text = x.resolution_entry_id
+  LEFT JOIN ledger_entries e ON e.id = CASE WHEN x.resolution_entry_id ~ '^[0-9]{1,18}$'
+                                            THEN x.resolution_entry_id::bigint END
  WHERE x.resolution_entry_id IS NOT NULL
    AND (e.id IS NULL OR e.kind NOT IN ('exception_resolved', 'settlement'))
 UNION ALL

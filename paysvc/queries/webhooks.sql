@@ -131,11 +131,15 @@ SELECT d.id, d.event_id, o.type AS event_type, d.seq, d.status, d.attempts, d.ma
  LIMIT $2
 
 -- name: webhooks_replay
--- Send again now: one more attempt (even after 'failed' or 'delivered'); recorded as manual. It is on top of the
--- automatic ones, never one of them (found by a portal developer's walk-through: a replay while retries were still
--- due used one of the eight up).
+-- Send again now: one more attempt (even after 'failed' or 'delivered'); recorded as manual. For a delivery still
+-- being retried it is on top of the automatic ones, never one of them (found by a portal developer's walk-through:
+-- a replay while retries were due used one of the eight up); a replay asked for again before it is sent adds
+-- nothing (found by review: a double click granted an automatic attempt more). A failed delivery replayed gets
+-- that one attempt; a delivered one keeps its budget, so a replay of it that fails is retried on the schedule.
 UPDATE webhook_deliveries
    SET status = 'pending', next_attempt_at = $3, lease_until = NULL, replay_requested = true,
-       max_attempts = greatest(max_attempts, attempts) + 1
+       max_attempts = CASE WHEN replay_requested THEN max_attempts
+                           WHEN status = 'pending' THEN max_attempts + 1
+                           ELSE greatest(max_attempts, attempts + 1) END
  WHERE id = $1 AND endpoint_id = $2 AND status <> 'cancelled'
 RETURNING id
