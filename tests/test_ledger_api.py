@@ -274,3 +274,47 @@ async def test_the_trial_balance_from_the_command_line(api):
                        (["--as-of", "yesterday"], "is not an ISO 8601 time")):
         bad = await asyncio.to_thread(cli, *args)
         assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+
+
+async def test_a_periods_journal_from_the_command_line(api):
+    """`paysvc ledger journal --from --to`: one row per posting of the entries effective in [from, to), as CSV or JSON
+    lines (an auditor's walk-through found no period export: the API's 200-entry JSON pages only)."""
+    import csv
+    import io
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import TEST_PII_KEYS
+
+    await setup(api)                     # MOI: T0 .. T0+4 min, MEF: T0, T0+1 min
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSVC_")}
+        env.update(PAYSVC_DATABASE_URL=api.dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
+        return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "journal", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    period = ("--from", (T0 + timedelta(minutes=1)).isoformat(), "--to", (T0 + timedelta(minutes=3)).isoformat())
+    done = await asyncio.to_thread(cli, *period)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    # in effective time, then entry id (MOI's were posted first: MOI_1 before MEF_1 at T0+1 min), then line
+    assert [(r["invoice_id"], r["line"], r["account"], r["side"], r["amount"]) for r in rows] == [
+        ("inv_MOI_1", "1", "provider:sandbox:clearing:KHR", "debit", "10000"),
+        ("inv_MOI_1", "2", "agency:MOI:revenue:KHR", "credit", "10000"),
+        ("inv_MEF_1", "1", "provider:sandbox:clearing:KHR", "debit", "7000"),
+        ("inv_MEF_1", "2", "agency:MEF:revenue:KHR", "credit", "7000"),
+        ("inv_MOI_2", "1", "provider:sandbox:clearing:KHR", "debit", "10000"),
+        ("inv_MOI_2", "2", "agency:MOI:revenue:KHR", "credit", "10000")]
+    assert all(r["effective_at"].endswith("+00:00") and r["kind"] == "payment.captured" for r in rows)
+    assert "3 entries, 6 postings" in done.stderr
+    as_json = await asyncio.to_thread(cli, *period, "--format", "jsonl")
+    assert [json.loads(line)["amount"] for line in as_json.stdout.splitlines()] == [int(r["amount"]) for r in rows]
+    everything = await asyncio.to_thread(cli)
+    assert "7 entries, 14 postings" in everything.stderr
+    bad = await asyncio.to_thread(cli, "--from", T0.isoformat(), "--to", T0.isoformat())
+    assert bad.returncode == 1 and "--to must be later than --from" in bad.stderr
+    bad = await asyncio.to_thread(cli, "--from", "2026-03-01")
+    assert bad.returncode == 1 and "--from '2026-03-01' has no UTC offset" in bad.stderr
