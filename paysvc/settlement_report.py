@@ -95,7 +95,8 @@ def _line_json(r) -> dict[str, Any]:
 
 CSV_HEADER = ("settlement_id", "provider", "business_date_asia_phnom_penh", "record", "line_no", "transaction_id",
               "md5", "bill_number", "amount_minor", "currency", "fee_minor", "paid_at_utc", "reference", "category",
-              "matched_by", "payment_id", "exception_id", "exception_state")
+              "matched_by", "payment_id", "exception_id", "exception_state", "payment_exception_id",
+              "payment_exception_state", "payment_exception_reason")
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -137,7 +138,8 @@ async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rul
             w.writerow((s["id"], s["provider"], day, "line", r["line_no"], r["transaction_id"] or "", r["md5"] or "",
                         r["bill_number"] or "", r["amount"], r["currency"], r["fee"], utc(r["paid_at"]),
                         r["reference"] or "", r["category"], r["matched_by"] or "", r["payment_id"] or "",
-                        r["exception_id"] or "", r["exception_state"] or ""))
+                        r["exception_id"] or "", r["exception_state"] or "", r["payment_exception_id"] or "",
+                        r["payment_exception_state"] or "", r["payment_exception_reason"] or ""))
         yield buf.getvalue().encode()
         buf.seek(0)
         buf.truncate()
@@ -149,7 +151,7 @@ async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rul
         state = "missing_in_settlement" if u["exception_id"] else "expected"
         w.writerow((s["id"], s["provider"], day, "payment", "", u["provider_transaction_id"], "",
                     u["bill_number"] or "", u["amount"], u["currency"], 0, utc(u["paid_at"]), "", state, "",
-                    u["id"], u["exception_id"] or "", u["exception_state"] or ""))
+                    u["id"], u["exception_id"] or "", u["exception_state"] or "", "", "", ""))
     yield buf.getvalue().encode()
 
 

@@ -793,3 +793,31 @@ async def test_who_imported_and_who_resolved_names_the_key_not_only_its_name(api
     r = await resolve(api, {"Authorization": f"Bearer {keys[1]}"}, exc["id"], "refund_due")
     assert r.status == 200, await r.text()
     assert (await r.json())["resolved_by"] == long_name[:100 - 19] + f" (key {keys[1].split('_')[1]})"
+
+
+async def test_a_line_that_settles_a_payment_held_for_treasury_names_its_exception(api, portal, treasury,
+                                                                                invoice_body):
+    """Found by an auditor's walk-through: the lines of payments paid short or for a cancelled invoice read
+    "matched" with no exception, in the report and its CSV, though their money was still treasury's to resolve."""
+    import csv
+    import io
+
+    await paid(api, portal, invoice_body, "TX-OK")
+    short = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    assert (await (await pay(api.client, short, txid="TX-SHORT", amount=20000, paid_at=AT)).json()
+            )["payments"][0]["exception"] == "underpaid"
+    r = await upload(api, treasury, write_settlement_csv([line("TX-OK", 50000), line("TX-SHORT", 20000)]))
+    assert r.status == 201, await r.text()
+    rep = await r.json()
+    by_txid = {ln["transaction_id"]: ln for ln in rep["lines"]}
+    underpaid = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
+                                             params={"reason": "underpaid"})).json())["data"][0]
+    assert by_txid["TX-SHORT"]["category"] == "matched" and by_txid["TX-SHORT"]["exception_id"] is None
+    assert (by_txid["TX-SHORT"]["payment_exception_id"], by_txid["TX-SHORT"]["payment_exception_state"],
+            by_txid["TX-SHORT"]["payment_exception_reason"]) == (underpaid["id"], "open", "underpaid")
+    assert by_txid["TX-OK"]["payment_exception_id"] is None
+    text = await (await api.client.get(f"/v1/settlements/{rep['id']}/report.csv", headers=treasury)).text()
+    rows = {r["transaction_id"]: r for r in csv.DictReader(io.StringIO(text)) if r["record"] == "line"}
+    assert (rows["TX-SHORT"]["payment_exception_id"], rows["TX-SHORT"]["payment_exception_reason"]) == \
+        (underpaid["id"], "underpaid")
+    assert rows["TX-OK"]["payment_exception_id"] == ""
