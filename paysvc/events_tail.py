@@ -54,18 +54,18 @@ def _header(message: aio_pika.abc.AbstractIncomingMessage, name: str) -> str | N
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _not_ours(body: bytes, agency: str) -> str | None:
-    """Why a verified body is not an event of ``agency`` to handle; ``None`` when it is."""
+def _own_event(body: bytes, agency: str) -> tuple[dict, None] | tuple[None, str]:
+    """The event a verified body holds, when it is an event of ``agency`` to handle; else why not."""
     try:
         event = json.loads(body)
     except ValueError:
-        return "the signed body is not JSON"
+        return None, "the signed body is not JSON"
     if not isinstance(event, dict) or not isinstance(event.get("event_id"), str) or type(event.get("seq")) is not int:
-        return "the signed body is not an event (no event_id or seq)"
+        return None, "the signed body is not an event (no event_id or seq)"
     if event.get("agency") != agency:
-        return (f"a genuine event of agency {event.get('agency')!r}, not {agency!r}: check the queue's bindings "
-                f"(only {agency}.#) and who may publish to it")
-    return None
+        return None, (f"a genuine event of agency {event.get('agency')!r}, not {agency!r}: check the queue's "
+                      f"bindings (only {agency}.#) and who may publish to it")
+    return event, None
 
 
 async def tail(amqp_url: str, queue_name: str, keys_url: str, *, agency: str, max_messages: int | None = None,
@@ -90,7 +90,9 @@ async def tail(amqp_url: str, queue_name: str, keys_url: str, *, agency: str, ma
             key_id, signature = _header(message, KEY_ID_HEADER), _header(message, SIGNATURE_HEADER)
             if key_id is not None and key_id not in keys:
                 keys = await fetch_keys(keys_url)  # a key rotated in since we started
-            problem = verify(keys, key_id, signature, message.body) or _not_ours(message.body, agency)
+            event, problem = None, verify(keys, key_id, signature, message.body)
+            if problem is None:
+                event, problem = _own_event(message.body, agency)
             if problem is not None and discard is not None and message.message_id == discard:
                 # The operator named it, having fetched the genuine event from the feed: removed (rejected without
                 # requeue: a dead-letter exchange on the queue keeps it), once (found by an agency's walk-through:
@@ -103,7 +105,7 @@ async def tail(amqp_url: str, queue_name: str, keys_url: str, *, agency: str, ma
                 print(f"VERIFY FAILED message_id={message.message_id} routing_key={message.routing_key} "
                       f"key_id={key_id}: {problem}; the message is left in {queue_name}", file=err, flush=True)
                 return VERIFY_FAILED_EXIT
-            event = json.loads(message.body)
+            assert event is not None
             if event["event_id"] not in seen:
                 if last_seq is not None and event["seq"] > last_seq + 1:
                     print(f"GAP seq {last_seq + 1}..{event['seq'] - 1} not seen yet (it comes again, or fetch it "
