@@ -183,20 +183,26 @@ async def _journal(dsn: str, out, *, start, end, fmt: str) -> tuple[int, int]:
     from paysvc.db import connect
     from paysvc.queries import Q
 
+    from paysvc.settlement_report import SafeCells
+
     entries, postings, last = 0, 0, None
-    writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
-    if writer:
-        writer.writerow(JOURNAL_COLUMNS)
+    # A cell that would start a spreadsheet formula gets a leading ' (found by review), as in the settlement report
+    writer = SafeCells(csv.writer(out, lineterminator="\n")) if fmt == "csv" else None
     async with connect(dsn) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):   # one consistent period
-            async for r in conn.cursor(Q.journal_period, start, end, prefetch=1000):
+            cursor = conn.cursor(Q.journal_period, start, end, prefetch=1000)
+            if writer:   # once the query is known to run (a database not migrated writes no stray header)
+                await conn.fetchval("SELECT 1 FROM ledger_entries LIMIT 1")
+                writer.writerow(JOURNAL_COLUMNS)
+            async for r in cursor:
                 row = {c: r[c] for c in JOURNAL_COLUMNS}
                 for t in ("effective_at", "recorded_at"):
                     row[t] = row[t].isoformat()   # UTC, +00:00
                 if writer:
                     writer.writerow(["" if v is None else v for v in row.values()])
                 else:
-                    out.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+                    # ASCII (\uXXXX escapes): one line per posting whatever the text holds (U+2028…), as export
+                    out.write(json.dumps(row, separators=(",", ":")) + "\n")
                 postings += 1
                 if r["entry_id"] != last:
                     entries, last = entries + 1, r["entry_id"]

@@ -102,7 +102,7 @@ CSV_HEADER = ("settlement_id", "provider", "business_date_asia_phnom_penh", "rec
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
-class _SafeCells:
+class SafeCells:
     """A CSV writer whose text cells cannot start a spreadsheet formula: one that would (= + - @, a tab or a
     carriage return first) is written with a leading apostrophe, which spreadsheets show as text (found by a
     security review: a settlement file's transaction id =HYPERLINK(…) reached treasury's Excel as a formula).
@@ -124,7 +124,7 @@ async def report_csv(conn: asyncpg.Connection, settlement_id: str, *, rules: Rul
     """
     s = await conn.fetchrow(Q.settlement_get, settlement_id)
     buf = io.StringIO()
-    w = _SafeCells(csv.writer(buf, lineterminator="\n"))
+    w = SafeCells(csv.writer(buf, lineterminator="\n"))
     w.writerow(CSV_HEADER)
     day = s["business_date"].isoformat()
 

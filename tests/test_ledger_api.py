@@ -314,6 +314,17 @@ async def test_a_periods_journal_from_the_command_line(api):
     assert [json.loads(line)["amount"] for line in as_json.stdout.splitlines()] == [int(r["amount"]) for r in rows]
     everything = await asyncio.to_thread(cli)
     assert "7 entries, 14 postings" in everything.stderr
+    # A description that would start a spreadsheet formula is written as text; JSON lines stay one per posting
+    # whatever the text holds (found by review)
+    async with connect(api.dsn) as conn:
+        await ledger.post_entry(conn, entries.payment_captured(
+            provider="sandbox", agency="MOI", amount=1, currency="KHR", effective_at=T0 - timedelta(days=1),
+            invoice_id="inv_odd", payment_id="pay_odd", description='=HYPERLINK("http://x","y")\u2028next'))
+    day_before = ("--to", T0.isoformat())
+    odd = list(csv.DictReader(io.StringIO((await asyncio.to_thread(cli, *day_before)).stdout)))
+    assert [r["description"] for r in odd] == ["'=HYPERLINK(\"http://x\",\"y\")\u2028next"] * 2
+    lines = (await asyncio.to_thread(cli, *day_before, "--format", "jsonl")).stdout.splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["description"] == '=HYPERLINK("http://x","y")\u2028next'
     bad = await asyncio.to_thread(cli, "--from", T0.isoformat(), "--to", T0.isoformat())
     assert bad.returncode == 1 and "--to must be later than --from" in bad.stderr
     bad = await asyncio.to_thread(cli, "--from", "2026-03-01")

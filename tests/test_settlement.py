@@ -806,10 +806,13 @@ async def test_a_line_that_settles_a_payment_held_for_treasury_names_its_excepti
     short = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
     assert (await (await pay(api.client, short, txid="TX-SHORT", amount=20000, paid_at=AT)).json()
             )["payments"][0]["exception"] == "underpaid"
-    r = await upload(api, treasury, write_settlement_csv([line("TX-OK", 50000), line("TX-SHORT", 20000)]))
+    r = await upload(api, treasury, write_settlement_csv([line("TX-OK", 50000), line("TX-SHORT", 20000),
+                                                          line("TX-SHORT", 20000)]))     # listed twice
     assert r.status == 201, await r.text()
     rep = await r.json()
-    by_txid = {ln["transaction_id"]: ln for ln in rep["lines"]}
+    by_txid = {ln["transaction_id"]: ln for ln in rep["lines"] if ln["category"] != "duplicate_in_settlement"}
+    [again] = [ln for ln in rep["lines"] if ln["category"] == "duplicate_in_settlement"]
+    assert again["payment_exception_id"] is None       # it settles nothing (found by review)
     underpaid = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury,
                                              params={"reason": "underpaid"})).json())["data"][0]
     assert by_txid["TX-SHORT"]["category"] == "matched" and by_txid["TX-SHORT"]["exception_id"] is None
@@ -817,7 +820,8 @@ async def test_a_line_that_settles_a_payment_held_for_treasury_names_its_excepti
             by_txid["TX-SHORT"]["payment_exception_reason"]) == (underpaid["id"], "open", "underpaid")
     assert by_txid["TX-OK"]["payment_exception_id"] is None
     text = await (await api.client.get(f"/v1/settlements/{rep['id']}/report.csv", headers=treasury)).text()
-    rows = {r["transaction_id"]: r for r in csv.DictReader(io.StringIO(text)) if r["record"] == "line"}
+    rows = {r["transaction_id"]: r for r in csv.DictReader(io.StringIO(text))
+            if r["record"] == "line" and r["category"] != "duplicate_in_settlement"}
     assert (rows["TX-SHORT"]["payment_exception_id"], rows["TX-SHORT"]["payment_exception_reason"]) == \
         (underpaid["id"], "underpaid")
     assert rows["TX-OK"]["payment_exception_id"] == ""

@@ -298,9 +298,10 @@ SELECT category, currency, count(*) AS lines, sum(amount)::bigint AS amount, sum
 -- (missing_in_ledger, or the capture's own reason such as unknown_khqr: one per payment). Found by review: the
 -- report named no exception for those lines. Only shown here: settlement_lines.exception_id stays the
 -- import's own, which resolution reads as "the line of this exception".
--- A line that settles a payment whose capture held money for treasury (underpaid, a cancelled invoice…) also
--- names that exception (payment_exception_id, payment_exception_state, its reason): the line matched, the
--- payment is still treasury's (found by an auditor's walk-through: such lines read "matched", no exception).
+-- A line that settles a payment (matched, or for another amount) whose capture held money for treasury (paid
+-- short, a cancelled invoice…) also names that exception (payment_exception_id, _state, _reason): the payment is
+-- still treasury's (found by an auditor's walk-through: such lines read "matched", no exception). Not a line that
+-- repeats another (duplicate_in_settlement): it settles nothing (found by review).
 SELECT l.line_no, l.transaction_id, l.md5, l.bill_number, l.amount, l.currency, l.paid_at, l.fee, l.reference,
        l.category, l.matched_by, l.payment_id, coalesce(l.exception_id, c.id) AS exception_id,
        coalesce(e.state, c.state) AS exception_state,
@@ -317,7 +318,7 @@ SELECT l.line_no, l.transaction_id, l.md5, l.bill_number, l.amount, l.currency, 
        LIMIT 1) c ON true
   LEFT JOIN LATERAL (
       SELECT x.id, x.state, x.reason FROM reconciliation_exceptions x
-       WHERE l.category <> 'missing_in_ledger' AND l.payment_id IS NOT NULL AND x.payment_id = l.payment_id
+       WHERE l.category IN ('matched', 'amount_mismatch') AND x.payment_id = l.payment_id
          AND x.reason IN ('unknown_khqr', 'currency_mismatch', 'account_mismatch', 'invoice_expired',
                           'invoice_cancelled', 'duplicate_payment', 'underpaid', 'overpaid', 'paid_at_implausible')
        ORDER BY x.opened_at, x.id
