@@ -370,7 +370,8 @@ async def day(request: web.Request) -> web.Response:
         line_rows = "".join(
             f"<tr><td class=\"num\">{ln['line_no']}</td><td>{_e(ln['transaction_id'])}</td>"
             f"<td class=\"num\">{_e(amount_display(ln['currency'], ln['amount']))}</td><td>{_e(ln['paid_at'])}</td>"
-            f"<td>{_e(ln['category'])}</td><td>{_e(ln['payment_id'])}</td></tr>" for ln in f["lines"])
+            f"<td>{_e(ln['category'])}</td><td>{_e(ln['payment_id'])}</td><td>{_line_exceptions(ln)}</td></tr>"
+            for ln in f["lines"])
         nav = []
         if f["after_line"]:
             nav.append(f'<a id="first-lines-{_e(sid)}" href="{_e(_day_url(d, provider, exceptions_after=exc_after))}'
@@ -383,8 +384,22 @@ async def day(request: web.Request) -> web.Response:
             + (f"Lines after line {f['after_line']}" if f["after_line"] else "From the first line")
             + f", at most {LINES_PAGE} at a time; the CSV has them all. {' · '.join(nav)}</p>"
             f"<table id=\"lines-{_e(sid)}\" class=\"lines\"><thead><tr><th>Line</th><th>Transaction</th><th>Amount</th>"
-            f"<th>Paid at (UTC)</th><th>Category</th><th>Payment</th></tr></thead><tbody>{line_rows}</tbody></table>")
+            f"<th>Paid at (UTC)</th><th>Category</th><th>Payment</th><th>Exceptions</th></tr></thead>"
+            f"<tbody>{line_rows}</tbody></table>")
     return _page(request, f"{provider} {d}", "".join(parts), session=session)
+
+
+def _line_exceptions(ln: dict) -> str:
+    """A line's exceptions, as HTML: its own (the import's, or its capture's for a line captured from the file),
+    and that of the payment it settles when the capture held money for treasury (found by an auditor's
+    walk-through: such lines read "matched" with nothing to say the payment was still treasury's)."""
+    out = []
+    if ln.get("exception_id"):
+        out.append(f"{_e(ln['exception_id'])} ({_e(ln['exception_state'])})")
+    if ln.get("payment_exception_id"):
+        out.append(f"payment: {_e(ln['payment_exception_reason'])} {_e(ln['payment_exception_id'])} "
+                   f"({_e(ln['payment_exception_state'])})")
+    return "<br>".join(out)
 
 
 def _exception_details(e: dict) -> str:

@@ -226,3 +226,22 @@ async def test_each_open_exception_says_what_it_is_about_and_no_action_is_chosen
     r = await api.client.get("/treasury/days/2026-13-45/sandbox")
     text = unescape(await r.text())
     assert "'2026-13-45' is not a day" in text and "month must be" not in text
+
+
+async def test_a_lines_exceptions_are_on_the_day_page(api, portal, treasury, treasury_key, invoice_body):
+    """Found by an auditor's walk-through: a line settling a payment paid short read "matched" on the day page,
+    nothing saying the payment was treasury's; nor did a line's own exception show."""
+    from tests.payments_helpers import new_invoice, pay
+    from tests.test_settlement import AT, issued_before
+
+    await paid(api, portal, invoice_body, "TX-1")
+    short = await issued_before(api.dsn, await new_invoice(api, portal, invoice_body, amount=50000), AT)
+    assert (await pay(api.client, short, txid="TX-SHORT", amount=20000, paid_at=AT)).status == 200
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 49000), line("TX-SHORT", 20000)]))
+    lines = {ln["transaction_id"]: ln for ln in (await r.json())["lines"]}
+    assert (await login(api, treasury_key)).status == 303
+    page = await (await api.client.get(f"/treasury/days/{DAY}/sandbox")).text()
+    row = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td class=\"num\">\d+</td><td>(TX-[A-Z0-9]+)</td>.*?</tr>",
+                                                        page)}
+    assert f"{lines['TX-1']['exception_id']} (open)" in row["TX-1"]                     # its own: amount_mismatch
+    assert f"payment: underpaid {lines['TX-SHORT']['payment_exception_id']} (open)" in row["TX-SHORT"]
