@@ -182,7 +182,6 @@ async def _journal(dsn: str, out, *, start, end, fmt: str) -> tuple[int, int]:
 
     from paysvc.db import connect
     from paysvc.queries import Q
-
     from paysvc.settlement_report import SafeCells
 
     entries, postings, last = 0, 0, None
@@ -190,11 +189,11 @@ async def _journal(dsn: str, out, *, start, end, fmt: str) -> tuple[int, int]:
     writer = SafeCells(csv.writer(out, lineterminator="\n")) if fmt == "csv" else None
     async with connect(dsn) as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):   # one consistent period
-            cursor = conn.cursor(Q.journal_period, start, end, prefetch=1000)
-            if writer:   # once the query is known to run (a database not migrated writes no stray header)
-                await conn.fetchval("SELECT 1 FROM ledger_entries LIMIT 1")
-                writer.writerow(JOURNAL_COLUMNS)
-            async for r in cursor:
+            # The header once the query has run (a database not migrated writes no stray header): with the first
+            # row, or after none
+            async for r in conn.cursor(Q.journal_period, start, end, prefetch=1000):
+                if writer and not postings:
+                    writer.writerow(JOURNAL_COLUMNS)
                 row = {c: r[c] for c in JOURNAL_COLUMNS}
                 for t in ("effective_at", "recorded_at"):
                     row[t] = row[t].isoformat()   # UTC, +00:00
@@ -206,6 +205,8 @@ async def _journal(dsn: str, out, *, start, end, fmt: str) -> tuple[int, int]:
                 postings += 1
                 if r["entry_id"] != last:
                     entries, last = entries + 1, r["entry_id"]
+    if writer and not postings:
+        writer.writerow(JOURNAL_COLUMNS)
     return entries, postings
 
 
