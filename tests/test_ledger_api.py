@@ -9,7 +9,7 @@ from urllib.parse import quote
 import ledger
 from ledger import entries
 from paysvc.db import connect
-from tests.test_ledger_db import seal_everything
+from tests.test_ledger_db import run_cli, seal_everything
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=timezone.utc)
 
@@ -240,22 +240,13 @@ async def test_a_trial_balance_up_to_a_recorded_chain_head_does_not_move_when_en
 async def test_the_trial_balance_from_the_command_line(api):
     """`paysvc ledger trial-balance`, with --as-of and --sealed-upto as the API takes them (an auditor's
     walk-through found no command-line trial balance)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import TEST_PII_KEYS
-
     await setup(api)
     async with connect(api.dsn) as conn:
         await seal_everything(conn)
         head = await ledger.chain_head(conn)
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSVC_")}
-        env.update(PAYSVC_DATABASE_URL=api.dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
-        return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "trial-balance", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
+    def cli(*args: str):
+        return run_cli(api.dsn, "trial-balance", *args)
 
     done = await asyncio.to_thread(cli, "--as-of", (T0 + timedelta(minutes=2)).isoformat(),
                                    "--sealed-upto", str(head.position))
@@ -282,19 +273,11 @@ async def test_a_periods_journal_from_the_command_line(api):
     import csv
     import io
     import json
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import TEST_PII_KEYS
 
     await setup(api)                     # MOI: T0 .. T0+4 min, MEF: T0, T0+1 min
 
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSVC_")}
-        env.update(PAYSVC_DATABASE_URL=api.dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
-        return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "journal", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
+    def cli(*args: str):
+        return run_cli(api.dsn, "journal", *args)
 
     period = ("--from", (T0 + timedelta(minutes=1)).isoformat(), "--to", (T0 + timedelta(minutes=3)).isoformat())
     done = await asyncio.to_thread(cli, *period)

@@ -108,16 +108,9 @@ async def test_what_the_service_changes_it_still_may(history, api, portal, invoi
 
 
 def _reconcile(dsn: str):
-    import os
-    import subprocess
-    import sys
+    from tests.test_ledger_db import run_cli
 
-    from tests.conftest import TEST_PII_KEYS
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PAYSVC_")}
-    env.update(PAYSVC_DATABASE_URL=dsn, PAYSVC_PII_KEYS=TEST_PII_KEYS)
-    return subprocess.run([sys.executable, "-m", "paysvc", "ledger", "reconcile"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return run_cli(dsn, "reconcile")
 
 
 async def test_reconcile_finds_an_entry_without_its_record_and_a_record_without_its_entry(history, api):
