@@ -1,12 +1,12 @@
 # paysvc: slim image, runs as a non-root user.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY paysvc ./paysvc
 COPY providers ./providers
 COPY ledger ./ledger
 COPY migrations ./migrations
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
 
 FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 paysvc
