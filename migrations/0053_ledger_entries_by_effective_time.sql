@@ -1,0 +1,13 @@
+-- Reads of a period found entries by their effective time through no index: a trial balance or an account
+-- as of a time, the journal of a period and the entry list's time filters read the whole ledger (1-5 s at a
+-- million entries, found by review; minutes after a year of traffic).
+--
+-- A BRIN index: entries are appended in about the order of their effective time (a payment is dated when it
+-- was paid, moments before it is captured; a settlement at the end of its business day, a day or so before it
+-- is imported), so each range of 128 pages holds a narrow span of times, and the index costs posting almost
+-- nothing (a B-tree would add an index insertion to every entry). autosummarize summarizes each range as it
+-- fills; the unsummarized tail is always read, as is right for the newest entries.
+--
+-- With it, a balance as of a recent time is read back from the maintained balances less the postings dated
+-- after it (ledger/balances.py), and a balance as of an early time from the postings dated up to it.
+CREATE INDEX ledger_entries_by_effective_at ON ledger_entries USING brin (effective_at) WITH (autosummarize = on);
