@@ -1,0 +1,112 @@
+"""The camt.053 reader refuses what could make its parser expand entities, in any encoding, and the import
+parses off the event loop."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import pytest
+
+from providers.camt053 import create as camt053
+from providers.errors import SettlementFormatError
+from tests.test_settlement import DAY, count, line, upload
+
+ENTITY = ('<!DOCTYPE Document [<!ENTITY a "' + "x" * 1000 + '"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+          '<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>')
+
+
+def statement(md5: str = "0" * 32) -> str:
+    """A UTF-8 statement with one credit line, as text."""
+    from providers.camt053 import write_statement
+    return write_statement([line("TX-1", 5000, md5=md5)]).decode("utf-8")
+
+
+def with_entities(text: str) -> str:
+    """``text`` with a document type declaration whose entity expands to 100,000 characters, used in the
+    remittance information."""
+    head, body = text.split("\n", 1)
+    return (head + "\n" + ENTITY + "\n" + body).replace("<Ustrd>", "<Ustrd>&c;", 1)
+
+
+def read(data: bytes):
+    return list(camt053({}).parse_settlement(data))
+
+
+def test_a_plain_statement_reads_with_or_without_a_utf8_byte_order_mark():
+    text = statement()
+    assert [ln.amount for ln in read(text.encode("utf-8"))] == [5000]
+    assert [ln.amount for ln in read(b"\xef\xbb\xbf" + text.encode("utf-8"))] == [5000]
+    assert [ln.amount for ln in read(text.replace('encoding="UTF-8"', "encoding='us-ascii'").encode())] == [5000]
+
+
+def test_a_document_type_declaration_is_refused():
+    with pytest.raises(SettlementFormatError, match="document type declaration is not allowed") as refused:
+        read(with_entities(statement()).encode("utf-8"))
+    assert refused.value.line_no == 2
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_entities_in_utf16_or_utf32_are_refused_before_the_parser_reads_them(encoding):
+    # Found by a security review: in UTF-16 the declaration is not the bytes "<!DOCTYPE", and the parser,
+    # reading the encoding from the byte order mark or the declaration, expanded the entities.
+    text = with_entities(statement()).replace('encoding="UTF-8"', f'encoding="{encoding.upper()[:6]}"')
+    with pytest.raises(SettlementFormatError, match="read as UTF-8: convert"):
+        read(text.encode(encoding))
+
+
+@pytest.mark.parametrize("encoding", ["ISO-8859-1", "windows-1252", "cp500"])
+def test_a_statement_declared_in_another_encoding_is_refused_naming_it(encoding):
+    text = statement().replace('encoding="UTF-8"', f'encoding="{encoding}"')
+    with pytest.raises(SettlementFormatError) as refused:
+        read(text.encode("cp500" if encoding == "cp500" else "ascii"))
+    if encoding == "cp500":  # EBCDIC: not UTF-8 text at all
+        assert "is not UTF-8 text" in refused.value.reason and refused.value.line_no == 1
+    else:
+        assert f"encoding='{encoding}'" in refused.value.reason and refused.value.line_no == 1
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line():
+    text = statement().replace("<Ustrd>", "<Ustrd>caf\N{LATIN SMALL LETTER E WITH ACUTE}", 1)
+    data = text.encode("latin-1")
+    with pytest.raises(SettlementFormatError) as refused:
+        read(data)
+    bad = data.index(b"\xe9")
+    assert refused.value.line_no == data.count(b"\n", 0, bad) + 1 > 1
+    assert f"byte {bad + 1} is not UTF-8 text" in refused.value.reason
+
+
+async def test_an_entity_file_in_utf16_is_a_clear_422_and_nothing_is_imported(api, treasury):
+    data = with_entities(statement()).replace('encoding="UTF-8"', 'encoding="UTF-16"').encode("utf-16")
+    r = await upload(api, treasury, data, fmt="camt053", name="stmt.xml")
+    body = await r.json()
+    assert r.status == 422 and "UTF-16 or UTF-32" in body["detail"] and "nothing was imported" in body["detail"], body
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+async def test_an_import_reads_its_file_off_the_event_loop(api):
+    # A large or hostile file parsed on the event loop held every other request of the instance.
+    import asyncpg
+
+    from paysvc.api_settlements import rules_of
+    from paysvc.db import init_connection
+    from paysvc.settlement_import import import_settlement
+    from paysvc.web import SETTINGS
+
+    threads = []
+
+    def lines():
+        for n in range(3):
+            threads.append(threading.get_ident())
+            yield line(f"TX-{n}", 5000).model_copy(update={"line_no": n + 1})
+
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        await init_connection(conn)
+        async with conn.transaction():
+            await import_settlement(conn, lines(), data_sha256=bytes(32), file_size=0, provider="sandbox",
+                                    fmt="sandbox", business_date=DAY, file_name=None, imported_by="test",
+                                    now=datetime.now(UTC), rules=rules_of(api.client.app[SETTINGS]))
+    finally:
+        await conn.close()
+    assert len(threads) == 3 and threading.get_ident() not in threads
