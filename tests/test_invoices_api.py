@@ -11,6 +11,7 @@ import pytest
 
 from paysvc import khqr
 from paysvc.db import init_connection
+from paysvc.errors import Unauthenticated
 from paysvc.invoicing import expire_due
 
 
@@ -200,6 +201,42 @@ async def test_revoked_key_stops_working(api, invoice_body):
 
     api.client.app[AUTH]._cache.clear()  # the cache keeps a key for at most 5 s; skip the wait
     assert (await api.client.get("/v1/invoices", headers=h)).status == 401
+
+
+async def test_made_up_key_ids_never_send_a_real_keys_requests_back_to_the_database(api):
+    # Found by a security review: found keys and ids looked up in vain shared one cache, cleared when it held
+    # 10,000 ids, so anyone sending made-up ids flushed the real keys from it.
+    from paysvc.auth import _UNKNOWN_IDS, Authenticator
+
+    class CountingPool:  # the real pool, with its lookups counted
+        def __init__(self, pool):
+            self.pool, self.lookups = pool, 0
+
+        async def fetchrow(self, *args):
+            self.lookups += 1
+            return await self.pool.fetchrow(*args)
+
+    await api.agency("MOI")
+    key = await api.key("MOI")
+    pool = await asyncpg.create_pool(api.dsn, min_size=1, max_size=2)
+    try:
+        auth = Authenticator(CountingPool(pool))
+        counting = auth._pool
+        assert (await auth.authenticate(f"Bearer {key}")).agency_code == "MOI" and counting.lookups == 1
+        for n in range(_UNKNOWN_IDS + 5):
+            with pytest.raises(Unauthenticated):
+                await auth.authenticate(f"Bearer psk_made{n}up_secret")
+        assert counting.lookups == 1 + _UNKNOWN_IDS + 5
+        await auth.authenticate(f"Bearer {key}")
+        assert counting.lookups == 1 + _UNKNOWN_IDS + 5  # still known: no lookup
+        with pytest.raises(Unauthenticated):  # an id looked up in vain moments ago is not looked up again
+            await auth.authenticate(f"Bearer psk_made{_UNKNOWN_IDS + 4}up_secret")
+        assert counting.lookups == 1 + _UNKNOWN_IDS + 5
+        with pytest.raises(Unauthenticated):  # nor is a known id with a wrong secret
+            await auth.authenticate(f"Bearer {key[:-3]}xyz")
+        assert counting.lookups == 1 + _UNKNOWN_IDS + 5
+    finally:
+        await pool.close()
 
 
 async def test_list_filters_and_cursor_pagination(api, invoice_body):
