@@ -82,12 +82,19 @@ async def callback(request: web.Request) -> web.Response:
                        "processed again. To retry, sign the body anew with the current time",
                        inbox_id=inbox_id, first_inbox_id=stored.replay_of)
     # Stored and committed: from here on nothing is lost, whatever happens to this process.
+    # Anyone can send an unsigned callback naming a bill number (they are in every code), so its answer must not
+    # say what we hold: whether a bill number is an open invoice's (asked again later: 202) or not (200
+    # not_confirmed), nor the inbox's row count (found by a security review: a sweep of bill numbers listed
+    # every agency's open invoices). A malformed one is still told what is wrong with it.
+    received = json_response({"status": "received"}) if provider.pattern == "push_confirm" else None
     try:
         outcome = await inbox.process(pool, providers, inbox_id, stored,
                                       business_cutoff=parse_cutoff(request.app[SETTINGS].business_day_cutoff))
     except Exception:
         request.app.logger.exception("processing inbox row %s failed; the inbox worker will retry", inbox_id)
-        return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)
+        return received or json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)
+    if received and not (outcome.state == "rejected" and not isinstance(outcome.error, NotConfirmed)):
+        return received
     if outcome.state == "rejected" and isinstance(outcome.error, NotConfirmed):
         # Heard and checked: the provider's own API says this payment did not go through.
         return json_response({"status": "not_confirmed", "inbox_id": inbox_id, "detail": outcome.reason})
@@ -96,10 +103,6 @@ async def callback(request: web.Request) -> web.Response:
         raise cls(outcome.reason or "callback refused", inbox_id=inbox_id)
     if outcome.state == "deferred":
         return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)
-    if provider.pattern == "push_confirm":
-        # Anyone can send an unsigned callback naming a bill number (they are in every code): it learns nothing
-        # of ours (found by a security review: the answer gave the invoice's id, the public pages' only secret)
-        return json_response({"status": "processed", "inbox_id": inbox_id})
     return json_response({
         "status": "processed", "inbox_id": inbox_id,
         "payments": [{"payment_id": r.payment_id, "new": r.created, "invoice_id": r.invoice_id,
