@@ -20,6 +20,7 @@ import ledger
 from paysvc.auth import Principal
 from paysvc.background import run_periodically
 from paysvc.errors import MalformedRequest, NotFound, ValidationFailed
+from paysvc.queries import Q
 from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query, principal,
                         QueryTime, require_offset)
 
@@ -189,9 +190,16 @@ async def entries(request: web.Request) -> web.Response:
             conn, account_prefix=limit_to, account=q.account, kind=q.kind, invoice_id=q.invoice_id,
             payment_id=q.payment_id, settlement_id=q.settlement_id, effective_from=q.effective_from,
             effective_to=q.effective_to, before_id=before, limit=q.limit)
+        if limit_to is not None:
+            # An agency sees its own postings, and only its own invoices' ids: treasury may match one agency's
+            # money to another's invoice, whose id is the only secret of its public pages (found by a security
+            # review).
+            named = sorted({e.invoice_id for e in page if e.invoice_id})
+            own = {r["id"] for r in await conn.fetch(Q.invoice_agencies, named) if f"agency:{r['code']}:" == limit_to}
     if limit_to is not None:
         page = [e.model_copy(update={"postings": tuple(
-            p for p in e.postings if not p.account.startswith("agency:") or p.account.startswith(limit_to))})
+            p for p in e.postings if not p.account.startswith("agency:") or p.account.startswith(limit_to)),
+            "invoice_id": e.invoice_id if e.invoice_id in own else None})
             for e in page]
     return json_response(EntryPage(data=page, next_cursor=_encode(str(nxt)) if nxt else None))
 

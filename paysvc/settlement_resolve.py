@@ -440,7 +440,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
             settlement_id=line["settlement_id"] if line else None)
         entry = await ledger.post_entry(conn, draft)
         entry_id = entry.id
-        await _tell_agencies(conn, entry, exception_id=exception_id, now=now)
+        await _tell_agencies(conn, entry, exception_id=exception_id, exception_invoice_id=e["invoice_id"], now=now)
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         # The refund takes back what treasury had applied of this payment to an invoice; one still open asks for
         # it again (found by review: it kept counting the part as paid, so paying the rest "paid" an invoice
@@ -543,12 +543,21 @@ async def _where_suspense_is(conn: asyncpg.Connection, facts: Facts, exception_i
     return Facts(**{**facts.__dict__, "suspense_now": tuple(moved)})
 
 
-async def _tell_agencies(conn: asyncpg.Connection, entry, *, exception_id: str, now: datetime) -> None:
-    """A ``journal.posted`` event to each agency whose accounts ``entry`` moves, with its own postings only."""
+async def _tell_agencies(conn: asyncpg.Connection, entry, *, exception_id: str, exception_invoice_id: str | None,
+                         now: datetime) -> None:
+    """A ``journal.posted`` event to each agency whose accounts ``entry`` moves, with its own postings only.
+
+    Each names only an invoice of its own: the entry's (the invoice treasury matched the money to) or else the
+    exception's (the invoice the money came from). An invoice's id is the only secret of its public pages, and
+    treasury may match one agency's money to another's invoice (found by a security review: the event to the
+    agency the money left named the other agency's invoice)."""
     codes = sorted({p.account.split(":")[1] for p in entry.postings if p.account.startswith("agency:")})
     if not codes:
         return
     ids = {r["code"]: r["id"] for r in await conn.fetch(Q.agencies_by_code, codes)}
+    candidates = [i for i in (entry.invoice_id, exception_invoice_id) if i]
+    owner = {r["id"]: r["code"] for r in await conn.fetch(Q.invoice_agencies, candidates)} if candidates else {}
     for code in codes:
+        invoice_id = next((i for i in candidates if owner.get(i) == code), None)
         await add_event(conn, agency_id=ids[code], type="journal.posted", occurred_at=now, data=journal_posted(
-            entry, code, payment_id=entry.payment_id, invoice_id=entry.invoice_id, exception_id=exception_id))
+            entry, code, payment_id=entry.payment_id, invoice_id=invoice_id, exception_id=exception_id))

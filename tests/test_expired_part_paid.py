@@ -295,3 +295,34 @@ async def test_a_part_from_a_payment_dated_in_the_future_can_still_be_resolved(a
     assert (await resolve(api, treasury, missing["id"], "write_off")).status == 200  # the provider will not pay
     r = await resolve(api, treasury, exc["id"], "refund_due")
     assert r.status == 200, await r.text()
+
+
+async def test_a_part_carried_to_another_agencys_invoice_names_to_each_agency_only_its_own_invoice(
+        api, portal, treasury, invoice_body):
+    # Found by a security review: the journal.posted event to the agency the money left, and its entry list,
+    # named the other agency's invoice, whose id is the only secret of that invoice's public pages.
+    now = datetime.now(UTC)
+    old = await part_paid(api, portal, treasury, invoice_body, txid="PP-X")
+    await upload(api, treasury, write_settlement_csv([line("PP-X", 400, at=now)]), day=now.date())
+    mpwt = await api.portal("MPWT")
+    new = await new_invoice(api, mpwt, invoice_body, amount=1000)
+    await expire(api, old)
+    [exc] = await exceptions(api, treasury, reason="expired_part_paid")
+    r = await resolve(api, treasury, exc["id"], "match_to_invoice", invoice_id=new["id"])
+    assert r.status == 200, await r.text()
+    resolved = await r.json()
+    assert {(p["account"], p["side"], p["amount"]) for p in resolved["postings"]} == {
+        ("agency:MOI:revenue:KHR", "debit", 400), ("agency:MPWT:revenue:KHR", "credit", 400)}
+    async with connect(api.dsn) as conn:
+        told = {r["code"]: r["data"] for r in await conn.fetch(
+            "SELECT a.code, e.data FROM outbox_events e JOIN agencies a ON a.id = e.agency_id "
+            "WHERE e.type = 'journal.posted' AND e.data->>'exception_id' = $1", exc["id"])}
+    assert {code: (d["invoice_id"], [p["account"] for p in d["postings"]]) for code, d in told.items()} == {
+        "MOI": (old["id"], ["agency:MOI:revenue:KHR"]), "MPWT": (new["id"], ["agency:MPWT:revenue:KHR"])}
+    for key, expected in ((portal, None), (mpwt, new["id"]), (treasury, new["id"])):  # treasury sees every id
+        r = await api.client.get("/v1/ledger/entries", params={"kind": "exception_resolved"}, headers=key)
+        assert r.status == 200, await r.text()
+        [entry] = [e for e in (await r.json())["data"] if e["id"] == resolved["resolution_entry_id"]]
+        assert entry["invoice_id"] == expected
+        if key is portal:
+            assert new["id"] not in await r.text()

@@ -34,5 +34,9 @@ SELECT a.code AS account, sum(p.amount)::bigint AS amount
  GROUP BY a.code
  ORDER BY a.code
 
+-- name: invoice_agencies
+-- Which agency each of these invoices is of.
+SELECT i.id, a.code FROM invoices i JOIN agencies a ON a.id = i.agency_id WHERE i.id = ANY($1::text[])
+
 -- name: agencies_by_code
 SELECT code, id FROM agencies WHERE code = ANY($1::text[])
