@@ -39,8 +39,10 @@ class LineItem(BaseModel):
 class Payer(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: Annotated[_Text, StringConstraints(max_length=200)] | None = None
-    phone: str | None = None
-    email: str | None = None
+    phone: str | None = Field(None, description="6 to 20 digits, optionally starting with + and grouped with "
+                                                "spaces, hyphens, dots or parentheses: +855 12 345 678, 012-345-678",
+                              json_schema_extra={"pattern": f"^{_PHONE.pattern}$", "examples": ["+855 12 345 678"]})
+    email: str | None = Field(None, json_schema_extra={"format": "email", "maxLength": 254})
 
     @field_validator("phone")
     @classmethod
@@ -70,12 +72,16 @@ class InvoiceCreate(BaseModel):
     )
     description: Annotated[_Text, StringConstraints(max_length=500)]
     currency: Currency
-    amount: Annotated[StrictInt, Field(gt=0, description="minor units: riel for KHR, cents for USD")]
+    amount: Annotated[StrictInt, Field(gt=0, description="minor units: riel for KHR, cents for USD; at most "
+                                                         f"{max_amount('KHR')} for KHR and {max_amount('USD')} for "
+                                                         "USD (what a KHQR code's amount can hold)",
+                                       json_schema_extra={"maximum": max_amount("KHR")})]
     line_items: Annotated[list[LineItem], Field(max_length=100)] = []
     payer: Payer | None = None
     expires_in: Annotated[StrictInt, Field(ge=60, le=MAX_EXPIRES_IN)] = DEFAULT_EXPIRES_IN
     metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=40)],
-                   Annotated[str, StringConstraints(max_length=500)]] = {}
+                   Annotated[str, StringConstraints(max_length=500)]] = Field(
+        {}, description="the portal's own string keys and values, at most 20", json_schema_extra={"maxProperties": 20})
 
     @field_validator("reference")
     @classmethod

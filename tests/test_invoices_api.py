@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -430,7 +431,24 @@ async def test_openapi_matches_the_real_routes(api):
     create = spec["paths"]["/v1/invoices"]["post"]
     schema_ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     name = schema_ref.rsplit("/", 1)[1]
-    assert {"reference", "currency", "amount"} <= set(spec["components"]["schemas"][name]["required"])
+    body = spec["components"]["schemas"][name]
+    assert {"reference", "currency", "amount"} <= set(body["required"])
+    # The limits the service enforces, in the schema too (they were in the README only), and each the real one
+    from paysvc.invoices import InvoiceCreate, Payer
+    assert body["properties"]["amount"]["maximum"] == 10**13 - 1 and body["properties"]["metadata"]["maxProperties"] == 20
+    InvoiceCreate(reference="R", description="d", currency="KHR", amount=10**13 - 1)
+    with pytest.raises(ValueError, match="too large"):
+        InvoiceCreate(reference="R", description="d", currency="KHR", amount=10**13)
+    with pytest.raises(ValueError, match="at most 20"):
+        InvoiceCreate(reference="R", description="d", currency="KHR", amount=1, metadata={str(i): "" for i in range(21)})
+    payer = spec["components"]["schemas"]["Payer"]["properties"]
+    assert (payer["email"]["format"], payer["email"]["maxLength"]) == ("email", 254)
+    for phone in payer["phone"]["examples"] + ["012-345-678", "(012) 345.678"]:
+        assert re.fullmatch(payer["phone"]["pattern"], phone) and Payer(phone=phone).phone == phone
+    for phone in ("12 345 678 x", "+855\n12345678"):
+        assert not re.fullmatch(payer["phone"]["pattern"], phone)
+        with pytest.raises(ValueError, match="phone must be"):
+            Payer(phone=phone)
     # What a portal relies on beyond the bodies (a portal developer's walk-through found none of it documented):
     # headers, the error answers by cause, the image's scale
     assert {"Location", "Idempotent-Replayed", "X-Request-Id"} <= set(create["responses"]["201"]["headers"])
