@@ -191,15 +191,16 @@ async def entries(request: web.Request) -> web.Response:
             payment_id=q.payment_id, settlement_id=q.settlement_id, effective_from=q.effective_from,
             effective_to=q.effective_to, before_id=before, limit=q.limit)
         if limit_to is not None:
-            # An agency sees its own postings, and only its own invoices' ids: treasury may match one agency's
+            # An agency sees its own postings, and no other agency's invoice ids: treasury may match one agency's
             # money to another's invoice, whose id is the only secret of its public pages (found by a security
             # review).
             named = sorted({e.invoice_id for e in page if e.invoice_id})
-            own = {r["id"] for r in await conn.fetch(Q.invoice_agencies, named) if f"agency:{r['code']}:" == limit_to}
+            others = {r["id"] for r in await conn.fetch(Q.invoice_agencies, named)
+                      if f"agency:{r['code']}:" != limit_to}
     if limit_to is not None:
         page = [e.model_copy(update={"postings": tuple(
             p for p in e.postings if not p.account.startswith("agency:") or p.account.startswith(limit_to)),
-            "invoice_id": e.invoice_id if e.invoice_id in own else None})
+            "invoice_id": None if e.invoice_id in others else e.invoice_id})
             for e in page]
     return json_response(EntryPage(data=page, next_cursor=_encode(str(nxt)) if nxt else None))
 
