@@ -8,9 +8,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from paysvc import invoicing, qrimage
+from paysvc.auth import Principal
 from paysvc.errors import MalformedRequest, ValidationFailed
 from paysvc.invoices import REFERENCE, InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
-from paysvc.web import (POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
+from paysvc.queries import Q
+from paysvc.web import (AUTH, POOL, PRINCIPAL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
                         QueryTime, require_offset)
 
 CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
@@ -23,6 +25,10 @@ class InvoiceListQuery(BaseModel):
                                                     "space)")
     created_from: QueryTime | None = Field(None, description="inclusive, ISO 8601 with offset")
     created_to: QueryTime | None = Field(None, description="exclusive, ISO 8601 with offset")
+    bill_number: str | None = Field(None, description="the invoice's bill number (KHQR tag 62, on the citizen's "
+                                                      "receipt), e.g. PS00000123", pattern=r"^PS[0-9]{8,23}$")
+    agency: str | None = Field(None, description="treasury keys: whose invoices (an agency's code); a treasury key "
+                                                 "gives agency or bill_number", pattern=r"^[A-Z][A-Z0-9_]{1,15}$")
     cursor: str | None = None
     limit: Annotated[int, Field(ge=1, le=200)] = 50
 
@@ -84,21 +90,46 @@ async def create(request: web.Request) -> web.Response:
     return json_response(response, status=status, headers=headers)
 
 
+async def _reader(request: web.Request) -> Principal:
+    """An agency's key with invoices:read (its own invoices), or a treasury key (every agency's, read only,
+    without their payer: treasury answers for the money, the agency for its citizens)."""
+    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    request[PRINCIPAL] = p
+    p.require("invoices:read" if p.agency_id is not None else "treasury")
+    return p
+
+
 async def get_one(request: web.Request) -> web.Response:
-    p = await principal(request, "invoices:read")
-    inv = await invoicing.get_invoice(request.app[POOL], request.app[CTX], agency_id=p.require_agency(),
-                                      invoice_id=request.match_info["id"])
+    p = await _reader(request)
+    inv = await invoicing.get_invoice(request.app[POOL], request.app[CTX], agency_id=p.agency_id,
+                                      invoice_id=request.match_info["id"], with_payer=p.agency_id is not None)
     return json_response(inv)
 
 
 async def list_(request: web.Request) -> web.Response:
-    p = await principal(request, "invoices:read")
+    p = await _reader(request)
     q = parse_query(InvoiceListQuery, request)
     for name in ("created_from", "created_to"):
         require_offset(name, getattr(q, name))
+    agency_id = p.agency_id
+    if agency_id is not None and q.agency is not None and q.agency != p.agency_code:
+        raise ValidationFailed(f"agency: this key lists {p.agency_code}'s invoices only; leave agency out",
+                               errors=[{"field": "agency", "message": "not this key's agency", "code": "not_yours"}])
+    if agency_id is None:
+        if q.agency is None and q.bill_number is None:
+            raise ValidationFailed("a treasury key lists one agency's invoices at a time: give agency=CODE, or "
+                                   "bill_number= to find one invoice",
+                                   errors=[{"field": "agency", "message": "agency or bill_number is required",
+                                            "code": "missing"}])
+        if q.agency is not None:
+            agency_id = await request.app[POOL].fetchval(Q.agency_id_by_code, q.agency)
+            if agency_id is None:
+                raise ValidationFailed(f"agency: there is no agency {q.agency!r}",
+                                       errors=[{"field": "agency", "message": "no such agency", "code": "unknown"}])
     items, cursor = await invoicing.list_invoices(
-        request.app[POOL], request.app[CTX], agency_id=p.require_agency(), status=q.status, reference=q.reference,
+        request.app[POOL], request.app[CTX], agency_id=agency_id, status=q.status, reference=q.reference,
         created_from=q.created_from, created_to=q.created_to, cursor=q.cursor, limit=q.limit,
+        bill_number=q.bill_number,
     )
     return json_response(InvoicePage(data=items, next_cursor=cursor))
 
@@ -155,12 +186,14 @@ async def qr_svg(request: web.Request) -> web.Response:
     return resp
 
 
+_READERS = "invoices:read (own agency) or treasury (every agency, without the payer)"
+
 ROUTES = [
     Route("POST", "/v1/invoices", create, "Create a fee invoice and its first KHQR code", scope="invoices:write",
           body=InvoiceCreate, response=InvoiceOut, status=201, tags=("invoices",)),
-    Route("GET", "/v1/invoices", list_, "List invoices, newest first", scope="invoices:read",
+    Route("GET", "/v1/invoices", list_, "List invoices, newest first", scope=_READERS,
           query=InvoiceListQuery, response=InvoicePage, tags=("invoices",)),
-    Route("GET", "/v1/invoices/{id}", get_one, "One invoice with its payments", scope="invoices:read",
+    Route("GET", "/v1/invoices/{id}", get_one, "One invoice with its payments", scope=_READERS,
           response=InvoiceOut, tags=("invoices",)),
     Route("POST", "/v1/invoices/{id}/cancel", cancel, "Cancel an open invoice", scope="invoices:write",
           response=InvoiceOut, tags=("invoices",)),

@@ -133,6 +133,7 @@ class InvoiceSummary(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     id: str
+    agency: str = Field(description="the code of the agency whose invoice it is")
     status: Status
     reference: str
     description: str

@@ -138,6 +138,7 @@ def _fields(ctx: InvoiceContext, row, khqr_out: KhqrOut | None = None) -> dict[s
     base = ctx.base_url
     return dict(
         id=row["id"],
+        agency=row["agency_code"],
         status=row["status"],
         reference=row["reference"],
         description=row["description"],
@@ -280,7 +281,8 @@ async def _create_once(
         if body.payer is not None:
             key_id, blob = ctx.cipher.encrypt(body.payer.model_dump(exclude_none=True), aad=invoice_id)
         row = {
-            "id": invoice_id, "status": "open", "reference": body.reference, "description": body.description,
+            "id": invoice_id, "agency_code": agency_code, "status": "open", "reference": body.reference,
+            "description": body.description,
             "currency": body.currency, "amount": body.amount, "amount_paid": 0,
             "line_items": [li.model_dump() for li in body.line_items], "metadata": body.metadata,
             "bill_number": bill, "expires_at": expires_at, "created_at": now, "paid_at": None,
@@ -335,12 +337,18 @@ async def _replay(conn: asyncpg.Connection, ctx: InvoiceContext, record, request
     return record["status"], response, True
 
 
-async def get_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, invoice_id: str) -> InvoiceOut:
+async def get_invoice(pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int | None, invoice_id: str,
+                      with_payer: bool = True) -> InvoiceOut:
+    """One invoice: an agency's own (``agency_id``), or any agency's (None: treasury), then without its payer
+    unless ``with_payer``."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow(Q.invoice_get, invoice_id, agency_id)
         if row is None:
-            raise NotFound(f"no invoice {invoice_id!r} for this agency")
+            raise NotFound(f"no invoice {invoice_id!r}" + (" for this agency" if agency_id is not None else ""))
         payments = await _payments(conn, invoice_id)
+    if not with_payer:
+        return InvoiceOut(**_fields(ctx, row), payer=None, payer_erased_at=row.get("payer_erased_at"),
+                          payments=payments)
     return _out(ctx, row, payments=payments)
 
 
@@ -362,14 +370,24 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 async def list_invoices(
-    pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int, status: str | None, reference: str | None,
+    pool: asyncpg.Pool, ctx: InvoiceContext, *, agency_id: int | None, status: str | None, reference: str | None,
     created_from: datetime | None, created_to: datetime | None, cursor: str | None, limit: int,
+    bill_number: str | None = None,
 ) -> tuple[list[InvoiceSummary], str | None]:
+    """One agency's invoices, newest first; with no ``agency_id``, the invoice of ``bill_number`` (which names
+    its agency), if any."""
     after_ts = after_id = None
     if cursor:
         after_ts, after_id = decode_cursor(cursor)
+    if agency_id is None:
+        if bill_number is None:
+            raise ValueError("list_invoices needs an agency_id or a bill_number")
+        agency_id = await pool.fetchval(Q.invoice_agency_of_bill, bill_number)
+        if agency_id is None:
+            return [], None
     rows = await pool.fetch(
-        Q.invoice_list, agency_id, status, reference, created_from, created_to, after_ts, after_id, limit + 1
+        Q.invoice_list, agency_id, status, reference, created_from, created_to, after_ts, after_id, limit + 1,
+        bill_number,
     )
     more = len(rows) > limit
     rows = rows[:limit]

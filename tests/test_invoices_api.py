@@ -240,6 +240,54 @@ async def test_made_up_key_ids_never_send_a_real_keys_requests_back_to_the_datab
         await pool.close()
 
 
+async def test_treasury_reads_every_agencys_invoices_without_their_payer(api, portal, treasury, invoice_body):
+    # Found by review: a citizen who calls treasury about an invoice could not be answered from the API; a
+    # treasury key now reads any agency's invoice (with its payments), but not the citizen's details.
+    from tests.payments_helpers import pay
+
+    mpwt = await api.portal("MPWT")
+    mine = await (await api.client.post("/v1/invoices", headers=portal, json=invoice_body(
+        reference="PP-1", payer={"name": "Sok Dara", "phone": "+855 12 345 678"}))).json()
+    theirs = await (await api.client.post("/v1/invoices", headers=mpwt, json=invoice_body(reference="VT-1"))).json()
+    assert (mine["agency"], theirs["agency"], mine["payer"]["name"]) == ("MOI", "MPWT", "Sok Dara")
+    await pay(api.client, mine)
+
+    r = await api.client.get(f"/v1/invoices/{mine['id']}", headers=treasury)
+    got = await r.json()
+    assert r.status == 200 and (got["agency"], got["status"], got["payer"]) == ("MOI", "paid", None), got
+    assert len(got["payments"]) == 1 and "Sok Dara" not in await r.text()
+    assert (await (await api.client.get(f"/v1/invoices/{mine['id']}", headers=portal)).json())["payer"]["name"] == "Sok Dara"
+    assert (await api.client.get("/v1/invoices/inv_nosuchinvoice", headers=treasury)).status == 404
+    # read only: no create, cancel, erasure or code with a treasury key
+    assert (await api.client.post(f"/v1/invoices/{theirs['id']}/cancel", headers=treasury)).status == 403
+    assert (await api.client.post("/v1/invoices", headers=treasury, json=invoice_body())).status == 403
+    assert (await api.client.get(f"/v1/invoices/{theirs['id']}/khqr", headers=treasury)).status == 403
+
+    async def listed(headers, **params):
+        r = await api.client.get("/v1/invoices", params=params, headers=headers)
+        return r.status, await r.json()
+
+    status, body = await listed(treasury)
+    assert status == 422 and "agency=CODE" in body["detail"] and "bill_number=" in body["detail"], body
+    status, body = await listed(treasury, agency="MPWT")
+    assert status == 200 and [(i["id"], i["agency"]) for i in body["data"]] == [(theirs["id"], "MPWT")]
+    status, body = await listed(treasury, bill_number=mine["bill_number"])
+    assert status == 200 and [i["id"] for i in body["data"]] == [mine["id"]] and "payer" not in body["data"][0]
+    assert (await listed(treasury, bill_number="PS99999999"))[1]["data"] == []
+    status, body = await listed(treasury, agency="NOPE")
+    assert status == 422 and "no agency 'NOPE'" in body["detail"], body
+    status, body = await listed(treasury, agency="MOI", bill_number=theirs["bill_number"])
+    assert status == 200 and body["data"] == []  # both filters hold
+    # an agency's key: its own only, by bill number too
+    assert [i["id"] for i in (await listed(portal, bill_number=mine["bill_number"]))[1]["data"]] == [mine["id"]]
+    assert (await listed(portal, bill_number=theirs["bill_number"]))[1]["data"] == []
+    status, body = await listed(portal, agency="MPWT")
+    assert status == 422 and "MOI's invoices only" in body["detail"], body
+    assert (await listed(portal, agency="MOI"))[0] == 200
+    status, body = await listed(portal, bill_number="INV-1")
+    assert status == 422 and body["errors"][0]["field"] == "bill_number", body
+
+
 async def test_list_filters_and_cursor_pagination(api, invoice_body):
     h = await api.portal("MOI")
     ids, created = [], []

@@ -35,8 +35,8 @@ SELECT (SELECT count(*) FROM inv) AS created, (SELECT count(*) FROM code) AS cod
 SELECT id FROM invoices WHERE agency_id = $1 AND reference = $2
 
 -- name: invoice_get
-SELECT i.*, k.payload AS khqr_payload, k.expires_at AS khqr_expires_at
-  FROM invoices i LEFT JOIN khqr_codes k ON k.md5 = i.current_khqr_md5
+SELECT i.*, a.code AS agency_code, k.payload AS khqr_payload, k.expires_at AS khqr_expires_at
+  FROM invoices i JOIN agencies a ON a.id = i.agency_id LEFT JOIN khqr_codes k ON k.md5 = i.current_khqr_md5
  WHERE i.id = $1 AND ($2::bigint IS NULL OR i.agency_id = $2)
 
 -- name: invoice_lock
@@ -48,11 +48,13 @@ SELECT * FROM invoices WHERE id = $1 AND ($2::bigint IS NULL OR agency_id = $2) 
 SELECT md5, payload, expires_at, created_at FROM khqr_codes WHERE md5 = $1
 
 -- name: invoice_list
-SELECT i.*, k.payload AS khqr_payload, k.expires_at AS khqr_expires_at
-  FROM invoices i LEFT JOIN khqr_codes k ON k.md5 = i.current_khqr_md5
+-- One agency's invoices, newest first; $9 a bill number.
+SELECT i.*, a.code AS agency_code, k.payload AS khqr_payload, k.expires_at AS khqr_expires_at
+  FROM invoices i JOIN agencies a ON a.id = i.agency_id LEFT JOIN khqr_codes k ON k.md5 = i.current_khqr_md5
  WHERE i.agency_id = $1
    AND ($2::text IS NULL OR i.status = $2)
    AND ($3::text IS NULL OR i.reference = $3)
+   AND ($9::text IS NULL OR i.bill_number = $9)
    AND ($4::timestamptz IS NULL OR i.created_at >= $4)
    AND ($5::timestamptz IS NULL OR i.created_at < $5)
    AND ($6::timestamptz IS NULL OR (i.created_at, i.id) < ($6, $7::text))
@@ -71,7 +73,14 @@ UPDATE invoices SET current_khqr_md5 = $2 WHERE id = $1
 -- name: invoice_cancel
 UPDATE invoices SET status = 'cancelled', cancelled_at = $2
  WHERE id = $1 AND status = 'open'
-RETURNING *
+RETURNING *, (SELECT code FROM agencies WHERE id = agency_id) AS agency_code
+
+-- name: invoice_agency_of_bill
+-- The agency whose invoice has this bill number (bill numbers are unique across agencies).
+SELECT agency_id FROM invoices WHERE bill_number = $1
+
+-- name: agency_id_by_code
+SELECT id FROM agencies WHERE code = $1
 
 -- name: invoices_expire_due
 WITH due AS (
