@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import html
 import importlib.resources
+import re
 import secrets
 import string
 from datetime import UTC, date, timedelta
@@ -28,8 +29,9 @@ import ledger
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
 from paysvc.api_settlements import iso_date, rules_of, stream_csv
 from paysvc.auth import actor
-from paysvc.errors import Problem, pydantic_errors
-from paysvc.invoicing import now_utc
+from paysvc.api_invoices import CTX as INVOICE_CTX
+from paysvc.errors import NotFound, Problem, pydantic_errors
+from paysvc.invoicing import get_invoice, now_utc
 from paysvc.pages import amount_display
 from paysvc.queries import Q
 from paysvc.settlement_days import TIME_ZONE_NAME, business_date
@@ -39,6 +41,8 @@ from paysvc.web import (AUTH, BODY_SECONDS, POOL, PROVIDERS, SETTINGS, UNREADABL
 from pydantic import ValidationError
 
 COOKIE = "paysvc_treasury"
+_BILL = re.compile(r"PS[0-9]{8,23}")
+_INVOICE_ID = re.compile(r"inv_[a-z0-9]{20,40}")
 GRID_DAYS = 14
 LINES_PAGE = 500        # lines of each settlement file on a day page
 EXCEPTIONS_PAGE = 100   # open exceptions on a day page (each carries a resolve form)
@@ -232,8 +236,69 @@ async def grid(request: web.Request) -> web.Response:
         rows.append(f"<tr><th>{d}</th>{''.join(tds)}</tr>")
     body = (f"<h1>Business days</h1><p class=\"note\">Business days are {TIME_ZONE_NAME} days; the last "
             f"{GRID_DAYS} are shown.</p><table id=\"grid\"><thead><tr><th>Business day</th>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>" + _chain_note(chain))
+            f"<tbody>{''.join(rows)}</tbody></table>" + _FIND_FORM + _chain_note(chain))
     return _page(request, "Business days", body, session=session)
+
+
+_FIND_FORM = ('<form method="get" action="/treasury/invoices" class="find"><label>Find an invoice '
+              '<input name="q" maxlength="64" placeholder="bill number (PS…) or invoice id (inv_…)" required>'
+              '</label> <button type="submit">Find</button></form>')
+
+
+async def invoice_page(request: web.Request) -> web.Response:
+    """One invoice, found by its bill number (on the citizen's receipt and in the bank app) or its id: its state,
+    its payments and every exception about it, each linked to its day. Without the payer's details, as through the
+    API: the agency holds those (found by review: treasury could not look up the invoice a citizen called about)."""
+    session = await _require(request)
+    if isinstance(session, web.Response):
+        return session
+    q = request.query.get("q", "").strip()
+
+    def answer(title: str, why: str, status: int) -> web.Response:
+        return _page(request, title, f'<h1>{_e(title)}</h1><p class="error">{_e(why)}</p>{_FIND_FORM}'
+                                     '<p><a href="/treasury">Back to the last 14 days</a></p>',
+                     session=session, status=status)
+
+    if not (_BILL.fullmatch(q) or _INVOICE_ID.fullmatch(q)):
+        return answer("Find an invoice", "Give a bill number (PS and 8 to 23 digits, e.g. PS00000123) or an invoice "
+                                         "id (inv_ and 26 letters and digits).", 400)
+    pool = request.app[POOL]
+    invoice_id = await pool.fetchval(Q.invoice_id_by_bill, q) if q.startswith("PS") else q
+    try:
+        inv = await get_invoice(pool, request.app[INVOICE_CTX], agency_id=None, invoice_id=invoice_id or "",
+                                with_payer=False)
+    except NotFound:
+        return answer("No such invoice", f"No invoice has {'bill number' if q.startswith('PS') else 'id'} {q}.", 404)
+    exceptions = await pool.fetch(Q.exceptions_of_invoice, inv.id, [p.id for p in inv.payments])
+
+    def when(t) -> str:
+        return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if t else "—"
+    facts = [("Agency", inv.agency), ("Bill number", inv.bill_number), ("Status", inv.status),
+             ("Amount", amount_display(inv.currency, inv.amount)),
+             ("Paid so far", amount_display(inv.currency, inv.amount_paid)), ("Description", inv.description),
+             ("Created", when(inv.created_at)), ("Expires", when(inv.expires_at)), ("Paid", when(inv.paid_at)),
+             ("Cancelled", when(inv.cancelled_at)), ("Expired", when(inv.expired_at)), ("Invoice id", inv.id)]
+    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
+    pays = "".join(f"<tr><td>{_e(p.provider)}</td><td>{_e(p.provider_transaction_id)}</td>"
+                   f"<td class=\"num\">{_e(amount_display(p.currency, p.amount))}</td><td>{_e(when(p.paid_at))}</td>"
+                   f"<td>{_e(p.status)}</td></tr>" for p in inv.payments)
+    excs = []
+    for x in exceptions:
+        day_link = (f'<a href="{_e(_day_url(x["business_date"], x["provider"]))}">{x["business_date"]}</a>'
+                    if x["business_date"] else "not dated yet")
+        excs.append(f'<tr data-exception="{_e(x["id"])}"><td>{_e(x["reason"])}</td><td>{_e(x["state"])}'
+                    f'{" (" + _e(x["resolution"]) + ")" if x["resolution"] else ""}</td><td>{_e(x["provider"])}</td>'
+                    f'<td>{day_link}</td><td class="num">{_e(amount_display(x["currency"], x["amount"]))}</td></tr>')
+    body = (f"<h1>Invoice {_e(inv.bill_number)}</h1><table id=\"invoice\">{rows}</table>"
+            "<h2>Payments</h2>" + (f"<table id=\"payments\"><thead><tr><th>Provider</th><th>Transaction</th>"
+                                   f"<th>Amount</th><th>Paid</th><th>Status</th></tr></thead><tbody>{pays}</tbody>"
+                                   "</table>" if pays else "<p>None.</p>")
+            + "<h2>Exceptions</h2>" + (f"<table id=\"exceptions\"><thead><tr><th>Reason</th><th>State</th>"
+                                      f"<th>Provider</th><th>Business day (resolve it there)</th><th>Amount</th></tr>"
+                                      f"</thead><tbody>{''.join(excs)}</tbody></table>" if excs else "<p>None.</p>")
+            + '<p class="note">The payer\'s details are not shown here: the agency holds them.</p>'
+            + _FIND_FORM + '<p><a href="/treasury">Back to the last 14 days</a></p>')
+    return _page(request, f"Invoice {inv.bill_number}", body, session=session)
 
 
 def _chain_note(chain: "ledger.ChainHead | None") -> str:
@@ -479,6 +544,8 @@ ROUTES = [
     Route("GET", "/treasury/", index, "Business days × providers", content_type="text/html", tags=("pages",)),
     Route("GET", "/treasury/days/{date}/{provider}", day, "A day's reconciliation", content_type="text/html",
           tags=("pages",)),
+    Route("GET", "/treasury/invoices", invoice_page, "An invoice found by bill number or id (?q=)",
+          content_type="text/html", tags=("pages",)),
     Route("POST", "/treasury/exceptions/{id}/resolve", resolve_form, "Resolve an exception (form)",
           content_type="text/html", tags=("pages",)),
     Route("GET", "/treasury/settlements/{id}/report.csv", csv_download, "A settlement's report as CSV",

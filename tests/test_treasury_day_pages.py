@@ -245,3 +245,35 @@ async def test_a_lines_exceptions_are_on_the_day_page(api, portal, treasury, tre
                                                         page)}
     assert f"{lines['TX-1']['exception_id']} (open)" in row["TX-1"]                     # its own: amount_mismatch
     assert f"payment: underpaid {lines['TX-SHORT']['payment_exception_id']} (open)" in row["TX-SHORT"]
+
+
+async def test_an_invoice_is_found_by_its_bill_number_with_its_payments_and_exceptions(api, portal, treasury_key,
+                                                                                       invoice_body):
+    # Found by review: a citizen who calls treasury names a bill number; the pages could not find its invoice.
+    from tests.payments_helpers import new_invoice, pay
+
+    inv = await new_invoice(api, portal, invoice_body, payer={"name": "Sok Dara", "phone": "+855 12 345 678"},
+                            amount=50000)
+    r = await pay(api.client, inv, amount=20000, txid="SHORT-1")  # paid short: held, an exception opened
+    assert (await r.json())["payments"][0]["exception"] == "underpaid"
+    await login(api, treasury_key)
+    grid = await (await api.client.get("/treasury")).text()
+    assert 'action="/treasury/invoices"' in grid and 'name="q"' in grid
+    for q in (inv["bill_number"], inv["id"], f"  {inv['bill_number']} "):
+        r = await api.client.get("/treasury/invoices", params={"q": q})
+        page = unescape(await r.text())
+        assert r.status == 200, page
+        assert f"Invoice {inv['bill_number']}" in page and "MOI" in page and "open" in page
+        assert "SHORT-1" in page and "underpaid" in page and "Sok Dara" not in page and "345 678" not in page
+        [exc] = re.findall(r'data-exception="([^"]+)"', page)
+        assert re.search(r'href="/treasury/days/\d{4}-\d{2}-\d{2}/sandbox"', page) or "not dated yet" in page
+    async with connect(api.dsn) as conn:
+        assert await conn.fetchval("SELECT invoice_id FROM reconciliation_exceptions WHERE id = $1", exc) == inv["id"]
+    r = await api.client.get("/treasury/invoices", params={"q": "PS99999999"})
+    assert r.status == 404 and "No invoice has bill number PS99999999" in await r.text()
+    for bad in ("", "<script>", "PS12", "select 1"):
+        r = await api.client.get("/treasury/invoices", params={"q": bad})
+        assert r.status == 400 and "Give a bill number" in await r.text() and "<script>" not in await r.text()
+    api.client.session.cookie_jar.clear()
+    r = await api.client.get("/treasury/invoices", params={"q": inv["bill_number"]}, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/treasury/login"  # not without a session

@@ -204,6 +204,16 @@ async def test_treasury_staff_reconcile_a_day_in_the_browser(api, portal, treasu
             download = await info.value
             path = tmp_path / "report.csv"
             await download.save_as(path)
+            # A citizen calls about a bill: found from the grid's form
+            async with connect_db(api.dsn) as conn:
+                bill = await conn.fetchval("SELECT bill_number FROM invoices ORDER BY number LIMIT 1")
+            await page.goto(f"{base}/treasury")
+            await page.fill("form.find input[name=q]", bill)
+            await page.click("form.find button[type=submit]")
+            await page.wait_for_selector("#invoice")
+            assert bill in await page.locator("h1").inner_text()
+            assert "paid" in await page.locator("#invoice").inner_text()
+            assert await page.locator("#payments tbody tr").count() == 1
         finally:
             await browser.close()
     rows = list(csv.DictReader(io.StringIO(path.read_text())))

@@ -79,6 +79,20 @@ RETURNING *, (SELECT code FROM agencies WHERE id = agency_id) AS agency_code
 -- The agency whose invoice has this bill number (bill numbers are unique across agencies).
 SELECT agency_id FROM invoices WHERE bill_number = $1
 
+-- name: invoice_id_by_bill
+SELECT id FROM invoices WHERE bill_number = $1
+
+-- name: exceptions_of_invoice
+-- Every exception about an invoice ($1) or one of its payments ($2), each found through an index: by its
+-- payment; open on the invoice; an expired invoice's part; money treasury matched to it.
+SELECT id, reason, state, provider, business_date, currency, amount, resolution, opened_at
+  FROM reconciliation_exceptions
+ WHERE id IN (SELECT id FROM reconciliation_exceptions WHERE payment_id = ANY($2::text[])
+              UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND state = 'open'
+              UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND reason = 'expired_part_paid'
+              UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND resolution = 'match_to_invoice')
+ ORDER BY opened_at, id
+
 -- name: agency_id_by_code
 SELECT id FROM agencies WHERE code = $1
 
