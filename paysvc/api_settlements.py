@@ -23,8 +23,8 @@ from paysvc.settlement_days import TIME_ZONE_NAME, business_date, parse_cutoff
 from paysvc.settlement_import import Imported, Rules, SettlementConflict, file_digest, import_settlement
 from paysvc.settlement_report import report, report_csv
 from paysvc.queries import Q
-from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
-                        principal, refuse_encoded_body)
+from paysvc.web import (AUTH, POOL, PRINCIPAL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes,
+                        json_response, parse_query, principal, refuse_encoded_body)
 from providers import ProviderError, SettlementFormatError, Unsupported, available_providers, load_providers
 
 
@@ -257,6 +257,35 @@ async def get_settlement(request: web.Request) -> web.Response:
                                        after_line=q.after_line))
 
 
+class SettledPaymentsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    after_line: Annotated[int, Field(ge=0, description="the last line_no of the previous page")] = 0
+    limit: Annotated[int, Field(ge=1, le=1000)] = 200
+
+
+async def settled_payments(request: web.Request) -> web.Response:
+    """The payments a settlement settled, one per line: an agency's own (its key with invoices:read), or every
+    agency's (a treasury key). What an agency's ``settlement.reconciled`` event counts, payment by payment, so
+    its back office can mark each invoice's money as arrived."""
+    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    request[PRINCIPAL] = p
+    p.require("invoices:read" if p.agency_id is not None else "treasury")
+    q = parse_query(SettledPaymentsQuery, request)
+    settlement_id = request.match_info["id"]
+    async with request.app[POOL].acquire() as conn:
+        found = await conn.fetchrow("SELECT provider, business_date FROM settlements WHERE id = $1", settlement_id)
+        if found is None:
+            raise NotFound(f"no settlement {settlement_id!r}")
+        rows = await conn.fetch(Q.settled_payments_page, settlement_id, p.agency_id, q.after_line, q.limit + 1)
+    more = len(rows) > q.limit
+    rows = rows[: q.limit]
+    return json_response({
+        "settlement_id": settlement_id, "provider": found["provider"],
+        "business_date": found["business_date"].isoformat(), "business_date_time_zone": TIME_ZONE_NAME,
+        "data": [{**dict(r), "paid_at": r["paid_at"].isoformat()} for r in rows],
+        "next_after_line": rows[-1]["line_no"] if more else None})
+
+
 async def stream_csv(request: web.Request, settlement_id: str) -> web.StreamResponse:
     rules = rules_of(request.app[SETTINGS])
     async with request.app[POOL].acquire() as conn:
@@ -316,6 +345,9 @@ ROUTES = [
           query=ListQuery, tags=("settlements",)),
     Route("GET", "/v1/settlements/{id}", get_settlement, "A settlement's reconciliation report", scope="treasury",
           query=ReportQuery, tags=("settlements",)),
+    Route("GET", "/v1/settlements/{id}/payments", settled_payments, "The payments a settlement settled: an "
+          "agency's own, or every agency's for treasury", scope="invoices:read (own agency) or treasury",
+          query=SettledPaymentsQuery, tags=("settlements",)),
     Route("GET", "/v1/settlements/{id}/report.csv", get_csv, "A settlement's report as CSV (every line)",
           scope="treasury", content_type="text/csv", tags=("settlements",)),
 ]

@@ -825,3 +825,51 @@ async def test_a_line_that_settles_a_payment_held_for_treasury_names_its_excepti
     assert (rows["TX-SHORT"]["payment_exception_id"], rows["TX-SHORT"]["payment_exception_reason"]) == \
         (underpaid["id"], "underpaid")
     assert rows["TX-OK"]["payment_exception_id"] == ""
+
+
+async def test_each_agency_reads_which_of_its_payments_a_settlement_settled(api, portal, treasury, invoice_body):
+    # settlement.reconciled gave an agency only counts and totals: its back office could not tell which of its
+    # invoices' money had arrived.
+    mpwt = await api.portal("MPWT")
+    moi1 = await paid(api, portal, invoice_body, "TX-M1")
+    moi2 = await paid(api, portal, invoice_body, "TX-M2")
+    mp = await paid(api, mpwt, invoice_body, "TX-P1", amount=20000)
+    await paid(api, portal, invoice_body, "TX-M3")  # settled short: amount_mismatch, not counted as settled
+    r = await upload(api, treasury, write_settlement_csv([
+        line("TX-M1", 50000, fee=100), line("TX-P1", 20000, fee=40), line("TX-M3", 40000),
+        line("TX-M2", 50000, fee=100), line("TX-NONE", 999)]))
+    assert r.status == 201, await r.text()
+    sid = (await r.json())["id"]
+
+    async def settled(headers, **params):
+        r = await api.client.get(f"/v1/settlements/{sid}/payments", params=params, headers=headers)
+        return r.status, await r.json()
+
+    status, body = await settled(portal)
+    assert status == 200, body
+    assert [(x["line_no"], x["provider_transaction_id"], x["invoice_id"], x["invoice_reference"], x["amount"],
+             x["fee"], x["agency"]) for x in body["data"]] == [
+        (2, "TX-M1", moi1["id"], moi1["reference"], 50000, 100, "MOI"),
+        (5, "TX-M2", moi2["id"], moi2["reference"], 50000, 100, "MOI")]
+    assert (body["provider"], body["business_date"], body["next_after_line"]) == ("sandbox", DAY.isoformat(), None)
+    async with connect(api.dsn) as conn:  # what each agency's settlement.reconciled counts, payment by payment
+        told = {r["code"]: r["data"] for r in await conn.fetch(
+            "SELECT a.code, e.data FROM outbox_events e JOIN agencies a ON a.id = e.agency_id "
+            "WHERE e.type = 'settlement.reconciled'")}
+    assert (told["MOI"]["payments"], told["MOI"]["amount"]) == (2, 100000)
+    status, body = await settled(mpwt)
+    assert [x["invoice_id"] for x in body["data"]] == [mp["id"]] and told["MPWT"]["payments"] == 1
+    status, body = await settled(treasury)
+    assert [x["provider_transaction_id"] for x in body["data"]] == ["TX-M1", "TX-P1", "TX-M2"]
+    # paged by line
+    status, first = await settled(portal, limit="1")
+    assert [x["line_no"] for x in first["data"]] == [2] and first["next_after_line"] == 2
+    status, rest = await settled(portal, limit="1", after_line=str(first["next_after_line"]))
+    assert [x["line_no"] for x in rest["data"]] == [5] and rest["next_after_line"] is None
+    assert (await settled(portal, limit="0"))[0] == 422
+    status, body = await settled(portal, after_line="-1")
+    assert status == 422 and body["errors"][0]["field"] == "after_line"
+    r = await api.client.get("/v1/settlements/stl_nosuch/payments", headers=portal)
+    assert r.status == 404
+    writer = {"Authorization": f"Bearer {await api.key('MOI', scopes=['invoices:write'])}"}
+    assert (await api.client.get(f"/v1/settlements/{sid}/payments", headers=writer)).status == 403
