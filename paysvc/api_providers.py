@@ -100,7 +100,8 @@ async def callback(request: web.Request) -> web.Response:
         return json_response({"status": "not_confirmed", "inbox_id": inbox_id, "detail": outcome.reason})
     if outcome.state == "rejected":
         cls = BadSignature if isinstance(outcome.error, SignatureError) else CallbackRejected
-        raise cls(outcome.reason or "callback refused", inbox_id=inbox_id)
+        # An unsigned callback's sender gets what is wrong with it, not the inbox's row count (found by review)
+        raise cls(outcome.reason or "callback refused", **({} if received else {"inbox_id": inbox_id}))
     if outcome.state == "deferred":
         return json_response({"status": "accepted", "inbox_id": inbox_id}, status=202)
     return json_response({

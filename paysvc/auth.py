@@ -123,6 +123,8 @@ class Authenticator:
             # reached the key lookup and came back as a database error, 400 "out of range", not 401).
             raise Unauthenticated("the API key is malformed: keys are plain ASCII, psk_<id>_<secret>")
         key_id, secret = parts[1], parts[2]
+        if len(key_id) > 32:  # ids are 12 characters: a longer one is no key, and is not looked up nor remembered
+            raise Unauthenticated("unknown or revoked API key")
         now = time.monotonic()
         cached = self._cache.get(key_id)
         if cached is None and self._unknown.get(key_id, 0.0) >= now:

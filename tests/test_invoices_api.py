@@ -235,7 +235,9 @@ async def test_made_up_key_ids_never_send_a_real_keys_requests_back_to_the_datab
         assert counting.lookups == 1 + _UNKNOWN_IDS + 5
         with pytest.raises(Unauthenticated):  # nor is a known id with a wrong secret
             await auth.authenticate(f"Bearer {key[:-3]}xyz")
-        assert counting.lookups == 1 + _UNKNOWN_IDS + 5
+        with pytest.raises(Unauthenticated):  # nor an id longer than any key's (they are 12 characters)
+            await auth.authenticate(f"Bearer psk_{'a' * 33}_secret")
+        assert counting.lookups == 1 + _UNKNOWN_IDS + 5 and len(auth._unknown) <= _UNKNOWN_IDS
     finally:
         await pool.close()
 

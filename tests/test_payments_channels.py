@@ -145,6 +145,7 @@ async def test_payway_callback_that_cannot_be_a_notice_is_refused_and_kept_not_r
                               headers={"Content-Type": "application/json"})
     assert r.status == 400 and r.content_type == "application/problem+json", await r.text()
     assert "NUL" in (await r.json())["detail"]
+    assert "inbox_id" not in await r.json()  # an unsigned callback's sender learns nothing of the inbox
     assert await count(api.dsn, "SELECT state FROM provider_inbox") == "rejected"
     conn = await asyncpg.connect(api.dsn)
     try:  # nothing left for the worker to retry, even once its lease has run out
