@@ -7,6 +7,7 @@ statement for sandbox payments is ``provider=sandbox, format=camt053``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import unicodedata
@@ -147,10 +148,12 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
     fmt = fmt or provider
     parser = parser_for(enabled, fmt, field)
     try:
+        # In a worker thread, as the import reads the lines: a plugin may parse the whole file when called
+        lines = await asyncio.to_thread(parser.parse_settlement, data)
         async with pool.acquire() as conn:
             async with conn.transaction():
                 return await import_settlement(
-                    conn, parser.parse_settlement(data), data_sha256=file_digest(data), file_size=len(data),
+                    conn, lines, data_sha256=file_digest(data), file_size=len(data),
                     provider=provider, fmt=fmt, business_date=day, file_name=file_name, imported_by=imported_by,
                     now=now, rules=rules, timings=timings)
     except SettlementFormatError as exc:

@@ -130,7 +130,9 @@ def _check_utf8(data: bytes) -> None:
 
 
 def _line_of(data: bytes, offset: int) -> int:
-    return data.count(b"\n", 0, max(offset, 0)) + 1
+    """The physical line of ``offset``, with line ends as the reader splits lines: LF, CRLF or CR alone."""
+    end = max(offset, 0)
+    return data.count(b"\n", 0, end) + data.count(b"\r", 0, end) - data.count(b"\r\n", 0, end) + 1
 
 
 class _Reader:

@@ -66,14 +66,19 @@ def test_a_statement_declared_in_another_encoding_is_refused_naming_it(encoding)
         assert f"encoding='{encoding}'" in refused.value.reason and refused.value.line_no == 1
 
 
-def test_a_byte_that_is_not_utf8_is_named_with_its_line():
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(newline):
     text = statement().replace("<Ustrd>", "<Ustrd>caf\N{LATIN SMALL LETTER E WITH ACUTE}", 1)
-    data = text.encode("latin-1")
+    data = text.replace("\n", newline).encode("latin-1")
     with pytest.raises(SettlementFormatError) as refused:
         read(data)
     bad = data.index(b"\xe9")
-    assert refused.value.line_no == data.count(b"\n", 0, bad) + 1 > 1
+    assert refused.value.line_no == len(data[:bad].splitlines()) > 1  # as the reader numbers its lines
     assert f"byte {bad + 1} is not UTF-8 text" in refused.value.reason
+    doctype = with_entities(statement()).replace("\n", newline).encode()
+    with pytest.raises(SettlementFormatError, match="document type") as refused:
+        read(doctype)
+    assert refused.value.line_no == 2
 
 
 async def test_an_entity_file_in_utf16_is_a_clear_422_and_nothing_is_imported(api, treasury):
@@ -110,3 +115,24 @@ async def test_an_import_reads_its_file_off_the_event_loop(api):
     finally:
         await conn.close()
     assert len(threads) == 3 and threading.get_ident() not in threads
+
+
+async def test_a_plugin_that_parses_its_whole_file_when_called_does_so_off_the_event_loop(api):
+    from paysvc.api_settlements import run_import
+    from paysvc.web import POOL, PROVIDERS, SETTINGS
+
+    class Eager:  # parse_settlement returns a list: the whole file is read in the call itself
+        name, pattern, captures_payments = "eager", "signed_push", False
+
+        def __init__(self):
+            self.threads = []
+
+        def parse_settlement(self, data):
+            self.threads.append(threading.get_ident())
+            return [line("TX-1", 5000)]
+
+    eager = Eager()
+    app = api.client.app
+    done = await run_import(app[POOL], {**app[PROVIDERS], "eager": eager}, app[SETTINGS], provider="sandbox",
+                            fmt="eager", day=DAY, data=b"anything", file_name=None, imported_by="test")
+    assert done.created and len(eager.threads) == 1 and threading.get_ident() not in eager.threads
