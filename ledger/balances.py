@@ -105,15 +105,22 @@ async def _fetch_as_of(conn: asyncpg.Connection, as_of: datetime, direct: str, r
     if as_of.tzinfo is None or as_of.utcoffset() is None:
         raise ValueError("as_of needs a timezone offset (e.g. +07:00, or UTC)")
     fetch = conn.fetch if many else conn.fetchrow
-    if conn.is_in_transaction():
-        # The caller's transaction may hold postings not yet folded into the balances (they fold at its commit),
-        # which only the sum of the postings sees (found by review).
-        return await fetch(direct, *args)
-    async with conn.transaction(readonly=True):
-        # A generic plan, which PostgreSQL may switch a prepared statement to after a few executions, does not
-        # know the time, so it cannot use the index on effective_at: it read every posting (found by review).
-        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        return await fetch(read_back if await _read_back(conn, as_of) else direct, *args)
+    # A generic plan, which PostgreSQL may switch a prepared statement to after a few executions, does not know
+    # the time, so it cannot use the index on effective_at: it read every posting (found by review). Hence
+    # plan_cache_mode = force_custom_plan for this read, local to the transaction.
+    if not conn.is_in_transaction():
+        async with conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+            return await fetch(read_back if await _read_back(conn, as_of) else direct, *args)
+    # In the caller's transaction: the setting is put back as it was. A transaction that has written may hold
+    # postings not yet folded into the balances (they fold at its commit), which only the sum of the postings
+    # sees (found by review); one that has not, a report's repeatable-read snapshot say, may read back.
+    wrote = await conn.fetchval("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+    before = await conn.fetchval("SELECT current_setting('plan_cache_mode')")
+    await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
+    rows = await fetch(direct if wrote or not await _read_back(conn, as_of) else read_back, *args)
+    await conn.execute("SELECT set_config('plan_cache_mode', $1, true)", before)  # (an error aborted it anyway)
+    return rows
 
 
 async def _read_back(conn: asyncpg.Connection, as_of: datetime) -> bool:

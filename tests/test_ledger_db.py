@@ -1835,9 +1835,19 @@ async def _compare_as_of_ways(dsn, monkeypatch, batches, moments, on_an_entry):
                     return _way
                 monkeypatch.setattr(balances, "_read_back", real_read_back if way is None else forced)
                 await check(posted, as_of, codes)
+        # Inside a transaction that has not written (a report's repeatable-read snapshot, as the CLI reads): either
+        # way, and the session's plan setting left as it was.
+        for way in (False, True):
+            async def forced_in_tx(conn, as_of, _way=way):
+                return _way
+            monkeypatch.setattr(balances, "_read_back", forced_in_tx)
+            async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                for minutes in moments:
+                    await check(posted, T0 + timedelta(minutes=minutes), codes)
+                assert await conn.fetchval("SELECT current_setting('plan_cache_mode')") == "auto"
         # Read inside a transaction that has posted, before its commit folds the postings into the balances:
         # its own postings count, whichever way would be cheaper (found by review: the read-back missed them).
-        monkeypatch.setattr(balances, "_read_back", real_read_back)
+        monkeypatch.setattr(balances, "_read_back", forced_in_tx)  # would read back: must not
         tx = conn.transaction()
         await tx.start()
         try:
