@@ -275,11 +275,14 @@ async def settled_payments(request: web.Request) -> web.Response:
     p.require("invoices:read" if p.agency_id is not None else "treasury")
     q = parse_query(SettledPaymentsQuery, request)
     settlement_id = request.match_info["id"]
-    async with request.app[POOL].acquire() as conn:
+    async with request.app[POOL].acquire() as conn, conn.transaction(readonly=True):
         found = await conn.fetchrow("SELECT provider, business_date FROM settlements WHERE id = $1", settlement_id)
         if found is None:
             raise NotFound(f"no settlement {settlement_id!r}")
-        rows = await conn.fetch(Q.settled_payments_page, settlement_id, p.agency_id, q.after_line, q.limit + 1)
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        rows = (await conn.fetch(Q.settled_payments_all, settlement_id, q.after_line, q.limit + 1)
+                if p.agency_id is None else
+                await conn.fetch(Q.settled_payments_of_agency, settlement_id, p.agency_id, q.after_line, q.limit + 1))
     more = len(rows) > q.limit
     rows = rows[: q.limit]
     return json_response({

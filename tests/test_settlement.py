@@ -859,8 +859,10 @@ async def test_each_agency_reads_which_of_its_payments_a_settlement_settled(api,
     assert (told["MOI"]["payments"], told["MOI"]["amount"]) == (2, 100000)
     status, body = await settled(mpwt)
     assert [x["invoice_id"] for x in body["data"]] == [mp["id"]] and told["MPWT"]["payments"] == 1
-    status, body = await settled(treasury)
-    assert [x["provider_transaction_id"] for x in body["data"]] == ["TX-M1", "TX-P1", "TX-M2"]
+    status, body = await settled(treasury)  # every agency's, and a payment of none (no code of ours) too
+    assert [(x["provider_transaction_id"], x["agency"], x["category"]) for x in body["data"]] == [
+        ("TX-M1", "MOI", "matched"), ("TX-P1", "MPWT", "matched"), ("TX-M2", "MOI", "matched"),
+        ("TX-NONE", None, "missing_in_ledger")]
     # paged by line
     status, first = await settled(portal, limit="1")
     assert [x["line_no"] for x in first["data"]] == [2] and first["next_after_line"] == 2
