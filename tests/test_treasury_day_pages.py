@@ -266,7 +266,7 @@ async def test_an_invoice_is_found_by_its_bill_number_with_its_payments_and_exce
         assert f"Invoice {inv['bill_number']}" in page and "MOI" in page and "open" in page
         assert "SHORT-1" in page and "underpaid" in page and "Sok Dara" not in page and "345 678" not in page
         [exc] = re.findall(r'data-exception="([^"]+)"', page)
-        assert re.search(r'href="/treasury/days/\d{4}-\d{2}-\d{2}/sandbox"', page) or "not dated yet" in page
+        assert re.search(r'href="/treasury/days/\d{4}-\d{2}-\d{2}/sandbox"', page)  # where it is resolved
     async with connect(api.dsn) as conn:
         assert await conn.fetchval("SELECT invoice_id FROM reconciliation_exceptions WHERE id = $1", exc) == inv["id"]
     r = await api.client.get("/treasury/invoices", params={"q": "PS99999999"})
@@ -277,3 +277,23 @@ async def test_an_invoice_is_found_by_its_bill_number_with_its_payments_and_exce
     api.client.session.cookie_jar.clear()
     r = await api.client.get("/treasury/invoices", params={"q": inv["bill_number"]}, allow_redirects=False)
     assert r.status == 303 and r.headers["Location"] == "/treasury/login"  # not without a session
+
+
+async def test_an_invoice_page_shows_the_expired_invoices_part_treasury_carried_to_it(api, portal, treasury,
+                                                                                    treasury_key, invoice_body):
+    # Found by review: the exception of an expired invoice's part keeps that invoice's id; the invoice the part
+    # was carried to showed its amount paid with no exception to explain it.
+    from tests.payments_helpers import new_invoice
+    from tests.test_expired_part_paid import exceptions, expire, part_paid, resolve
+
+    old = await part_paid(api, portal, treasury, invoice_body, txid="PP-C")
+    await upload(api, treasury, write_settlement_csv([line("PP-C", 400, at=datetime.now(UTC))]),
+                 day=datetime.now(UTC).date())
+    new = await new_invoice(api, portal, invoice_body, amount=1000)
+    await expire(api, old)
+    [part] = await exceptions(api, treasury, reason="expired_part_paid")
+    assert (await resolve(api, treasury, part["id"], "match_to_invoice", invoice_id=new["id"])).status == 200
+    await login(api, treasury_key)
+    page = unescape(await (await api.client.get("/treasury/invoices", params={"q": new["bill_number"]})).text())
+    assert re.findall(r'data-exception="([^"]+)"', page) == [part["id"]], page
+    assert "expired_part_paid" in page and "match_to_invoice" in page

@@ -84,13 +84,16 @@ SELECT id FROM invoices WHERE bill_number = $1
 
 -- name: exceptions_of_invoice
 -- Every exception about an invoice ($1) or one of its payments ($2), each found through an index: by its
--- payment; open on the invoice; an expired invoice's part; money treasury matched to it.
+-- payment; open on the invoice; an expired invoice's part; money treasury matched to it, from a payment or
+-- from another expired invoice's part (whose exception keeps that invoice's id: found by review).
 SELECT id, reason, state, provider, business_date, currency, amount, resolution, opened_at
   FROM reconciliation_exceptions
  WHERE id IN (SELECT id FROM reconciliation_exceptions WHERE payment_id = ANY($2::text[])
               UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND state = 'open'
               UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND reason = 'expired_part_paid'
-              UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND resolution = 'match_to_invoice')
+              UNION SELECT id FROM reconciliation_exceptions WHERE invoice_id = $1 AND resolution = 'match_to_invoice'
+              UNION SELECT id FROM reconciliation_exceptions
+                     WHERE reason = 'expired_part_paid' AND evidence ->> 'matched_to' = $1)
  ORDER BY opened_at, id
 
 -- name: agency_id_by_code
