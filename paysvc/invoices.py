@@ -42,7 +42,10 @@ class Payer(BaseModel):
     phone: str | None = Field(None, description="6 to 20 digits, optionally starting with + and grouped with "
                                                 "spaces, hyphens, dots or parentheses: +855 12 345 678, 012-345-678",
                               json_schema_extra={"pattern": f"^{_PHONE.pattern}$", "examples": ["+855 12 345 678"]})
-    email: str | None = Field(None, json_schema_extra={"format": "email", "maxLength": 254})
+    # The service's own rule as a pattern, not "format": "email", which a validator may read more strictly
+    # (found by review: an address the service accepts, with non-ASCII letters say, could be refused by a portal)
+    email: str | None = Field(None, description="an address such as name@example.com",
+                              json_schema_extra={"pattern": _EMAIL.pattern, "maxLength": 254})
 
     @field_validator("phone")
     @classmethod
