@@ -75,6 +75,11 @@ class PayState(BaseModel):
     payment_reference: str | None = Field(None, description="that payment's transaction id at its provider (the "
                                                             "reference the citizen's bank app shows); null with "
                                                             "paid_with")
+    expires_at: datetime = Field(description="the invoice's deadline (each code lives 10 minutes at most, and a new "
+                                             "one comes by itself until then)")
+    payment_held: bool = Field(False, description="a payment on it does not match what is due (amount, currency, "
+                                                  "account, time) and is held for treasury to resolve: the citizen "
+                                                  "should not pay again, and should contact the agency")
 
 
 def amount_display(currency: str, amount: int) -> str:
@@ -142,6 +147,8 @@ async def _state(request: web.Request, invoice_id: str) -> tuple[PayState, str]:
         paid_at=row["paid_at"] if status == "paid" else None,
         paid_with=provider_title(request, paid_by) if paid_by else None,
         payment_reference=row["payment_reference"] if paid_by else None,
+        expires_at=row["expires_at"],
+        payment_held=row["payment_held"] and status != "paid",
     ), row["bill_number"]
 
 
@@ -189,7 +196,8 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
                   agency_name="", agency_name_km="", amount_display="", currency="", currency_sign="",
                   description="", bill_number="", qr_src="data:,", countdown="00:00",
                   title="រកមិនឃើញវិក្កយបត្រ · Invoice not found", noscript_refresh="", paid_at="",
-                  paid_hidden="hidden", paid_with="", payment_reference="", reference_hidden="hidden")
+                  paid_hidden="hidden", paid_with="", payment_reference="", reference_hidden="hidden",
+                  pay_by="", pay_by_hidden="hidden", held_hidden="hidden", qr_png="", save_name="")
     if state is not None:
         values.update(
             status=state.status, invoice_id=state.invoice_id, server_time=state.server_time.isoformat(),
@@ -203,13 +211,19 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
         if state.payment_reference is not None:
             values.update(paid_with=state.paid_with or "", payment_reference=state.payment_reference,
                           reference_hidden="")
+        if state.status == "open":
+            values.update(pay_by=paid_at_display(state.expires_at), pay_by_hidden="")
+        if state.payment_held:
+            values.update(held_hidden="")
         if state.khqr is not None:
             values.update(
+                qr_png=f"/v1/invoices/{state.invoice_id}/qr.png?scale=8", save_name=f"KHQR-{bill_number}.png",
                 md5=state.khqr.md5, expires_at=state.khqr.expires_at.isoformat(), qr_src=state.qr_svg_url,
                 countdown=_mmss((state.khqr.expires_at - state.server_time).total_seconds()),
             )
     escaped = {k: html.escape(v) for k, v in values.items()}
     escaped["lines"] = _lines(state.line_items) if state is not None else ""
+    escaped["description"] = _in_its_language(values["description"])
     # Without JavaScript (a data-saving browser) an open page reloads itself, so its code and state stay
     # current (found by a citizen's walk-through: it froze, saying it updates by itself)
     refresh = '<noscript><meta http-equiv="refresh" content="30"></noscript>' if values["status"] == "open" else ""
@@ -219,8 +233,26 @@ def _render(page: _Page, state: PayState | None, bill_number: str, poll: int) ->
 def _lines(items: list[PayLine]) -> str:
     """The fee's lines as rows of the facts list (each value escaped here: the template inserts this as is)."""
     return "".join(
-        f'  <div class="line"><dt>{html.escape(li.description)}</dt><dd lang="en">{html.escape(li.amount_display)}'
-        "</dd></div>\n" for li in items)
+        f'  <div class="line"><dt>{_in_its_language(li.description)}</dt><dd lang="en">'
+        f"{html.escape(li.amount_display)}</dd></div>\n" for li in items)
+
+
+_KHMER_RUN = re.compile(r"[\u1780-\u17ff\u19e0-\u19ff][\u1780-\u17ff\u19e0-\u19ff\u200b\s]*")
+
+
+def _in_its_language(text: str) -> str:
+    """A portal's text (a fee's description) as HTML, escaped, each run of Khmer marked ``lang="km"`` and the
+    rest ``lang="en"``: the page's own language follows the citizen's choice, and a screen reader would read a
+    Khmer description with an English voice, or the reverse (found by a citizen's walk-through)."""
+    parts, at = [], 0
+    for m in _KHMER_RUN.finditer(text):
+        if m.start() > at:
+            parts.append(f'<span lang="en">{html.escape(text[at:m.start()])}</span>')
+        parts.append(f'<span lang="km">{html.escape(m.group())}</span>')
+        at = m.end()
+    if at < len(text):
+        parts.append(f'<span lang="en">{html.escape(text[at:])}</span>')
+    return "".join(parts)
 
 
 def _poll_seconds(request: web.Request) -> int:

@@ -23,7 +23,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOT = "/tmp/pay_page.png"
 STATE_FIELDS = {"invoice_id", "status", "currency", "amount", "amount_due", "amount_display", "agency", "description",
                 "line_items", "khqr",
-                "qr_svg_url", "server_time", "paid_at", "paid_with", "payment_reference"}
+                "qr_svg_url", "server_time", "paid_at", "paid_with", "payment_reference", "expires_at",
+                "payment_held"}
 
 
 async def open_invoice(api, invoice_body, h: dict | None = None, **kw) -> tuple[dict, dict]:
@@ -177,9 +178,11 @@ async def test_page_itemises_the_fee_as_the_portal_did(api, invoice_body):
     s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
     assert s["line_items"] == [{**lines[0], "amount_display": "40,000 ៛"}, {**lines[1], "amount_display": "10,000 ៛"}]
     page = await (await api.client.get(f"/pay/{inv['id']}")).text()
-    assert '<div class="line"><dt>លិខិតឆ្លងដែន 48 pages</dt><dd lang="en">40,000 ៛</dd></div>' in page
-    assert ('<div class="line"><dt>Express &lt;b&gt;service&lt;/b&gt; &amp; delivery</dt><dd lang="en">10,000 ៛</dd>'
-            '</div>') in page
+    # each run of Khmer or not in its own language, for a screen reader's voice (found by a citizen's walk-through)
+    assert ('<div class="line"><dt><span lang="km">លិខិតឆ្លងដែន </span><span lang="en">48 pages</span></dt>'
+            '<dd lang="en">40,000 ៛</dd></div>') in page
+    assert ('<div class="line"><dt><span lang="en">Express &lt;b&gt;service&lt;/b&gt; &amp; delivery</span></dt>'
+            '<dd lang="en">10,000 ៛</dd></div>') in page
     assert "<b>service" not in page
     plain, _ = await open_invoice(api, invoice_body, h)  # not itemised: no lines
     assert (await (await api.client.get(f"/pay/{plain['id']}/state")).json())["line_items"] == []
@@ -426,14 +429,18 @@ async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
     assert (await r.json())["payments"][0]["exception"] is None
     await sql(api, "UPDATE invoices SET paid_at='2026-11-27T02:31:00Z' WHERE id=$1", inv["id"])  # a fixed time
     await phone.locator("#card[data-status=paid]").wait_for(state="attached", timeout=10_000)
-    assert await phone.get_by_text("Paid", exact=True).is_visible()
+    assert await phone.locator("#card").get_by_text("Paid", exact=True).is_visible()
     assert await phone.locator("#paid-row").is_visible()  # the receipt says when, in Phnom Penh's time
     assert await phone.locator("#paid-at").text_content() == "27/11/2026 09:31"
     assert await phone.locator("#ref-row").is_visible()   # and the payment's reference at its provider
     assert await phone.locator("#payment-ref").text_content() == txid
     assert await phone.locator("#paid-with").text_content() == "Sandbox"
     assert await phone.title() == "បានបង់ប្រាក់រួចរាល់ / Paid"     # the tab says so too
-    assert await phone.get_by_text("បានបង់ប្រាក់រួចរាល់", exact=True).is_visible()
+    assert await phone.locator("#card").get_by_text("បានបង់ប្រាក់រួចរាល់", exact=True).is_visible()
+    # announced to a screen reader, each language's words marked as such
+    await eventually(phone, "document.querySelector('#live [lang=en]') !== null")
+    assert await phone.locator("#live [lang=km]").text_content() == "បានបង់ប្រាក់រួចរាល់"
+    assert await phone.locator("#live [lang=en]").text_content() == " / Paid"
     assert not await phone.locator("#qr").is_visible()
     assert not await phone.locator("#countdown").is_visible()
     assert await phone.evaluate("window.sameDocument === true")
@@ -454,3 +461,81 @@ async def test_page_back_online_asks_at_once_instead_of_waiting_out_its_back_off
     await phone.context.set_offline(False)
     await eventually(phone, "document.getElementById('card').dataset.status === 'paid'", timeout=4)
     assert await phone.evaluate("window.sameDocument === true")
+
+
+async def test_a_payment_held_for_treasury_tells_the_citizen_not_to_pay_again(api, invoice_body):
+    """Found by a citizen's walk-through: after paying short the page still asked for the whole amount and said
+    nothing, so a citizen would pay it all again."""
+    inv, h = await open_invoice(api, invoice_body, amount=12000)
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert re.search(r'<p id="held" class="held" role="status" hidden>', page)
+    assert (await (await api.client.get(f"/pay/{inv['id']}/state")).json())["payment_held"] is False
+    r = await pay(api.client, inv, amount=5000)
+    assert (await r.json())["payments"][0]["exception"] == "underpaid"
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert (s["status"], s["payment_held"], s["amount_due"]) == ("open", True, 12000)  # nothing applied yet
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert re.search(r'<p id="held" class="held" role="status" >', page) and "Do not pay again" in page
+    # once treasury has resolved it, the notice goes, and the page asks for what is left
+    treasury = {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'])}"}
+    [exc] = (await (await api.client.get("/v1/reconciliation/exceptions", headers=treasury)).json())["data"]
+    r = await api.client.post(f"/v1/reconciliation/exceptions/{exc['id']}/resolve", headers=treasury,
+                              json={"action": "match_to_invoice", "invoice_id": inv["id"], "note": "part"})
+    assert r.status == 200, await r.text()
+    s = await (await api.client.get(f"/pay/{inv['id']}/state")).json()
+    assert (s["payment_held"], s["amount_due"], s["amount_display"]) == (False, 7000, "7,000 ៛")
+
+
+async def test_an_open_page_offers_the_code_as_an_image_and_says_when_to_pay_by(api, invoice_body):
+    """Found by a citizen's walk-through: on one phone a citizen cannot scan its own screen, and the page gave
+    only the code's ten-minute countdown, never the invoice's deadline."""
+    inv, h = await open_invoice(api, invoice_body, expires_in=3600)
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    save = re.search(r'<a id="save" href="([^"]+)" download="([^"]+)">', page)
+    assert save and save.group(1) == f"/v1/invoices/{inv['id']}/qr.png?scale=8"
+    assert save.group(2) == f"KHQR-{inv['bill_number']}.png"
+    r = await api.client.get(save.group(1))
+    assert r.status == 200 and r.content_type == "image/png"
+    from datetime import datetime, timedelta
+    due = datetime.fromisoformat(inv["expires_at"]) + timedelta(hours=7)  # Phnom Penh, no summer time
+    assert re.search(r'<div id="pay-by-row" >.*?<dd lang="en">' + re.escape(due.strftime("%d/%m/%Y %H:%M")), page)
+    await api.client.post(f"/v1/invoices/{inv['id']}/cancel", headers=h)
+    page = await (await api.client.get(f"/pay/{inv['id']}")).text()
+    assert '<div id="pay-by-row" hidden>' in page and 'href="" download=""' in page
+
+
+@needs_chromium
+async def test_page_shows_a_held_payment_and_survives_a_hanging_request(api, invoice_body, phone):
+    inv, _ = await open_invoice(api, invoice_body, amount=12000)
+    await open_pay_page(api, phone, inv["id"])
+    assert not await phone.locator("#held").is_visible()
+    await pay(api.client, inv, amount=5000)
+    await eventually(phone, "!document.getElementById('held').hidden", timeout=10)  # without a reload
+    assert "Do not pay again" in await phone.locator("#held").inner_text()
+    # A request that hangs (found by a citizen's walk-through: the page stopped polling, silently): counted as a
+    # failure after its timeout, the citizen told, and "Try now" asks at once once the service answers again
+    hanging = []
+    await phone.route("**/state", lambda route: hanging.append(route))
+    await eventually(phone, "!document.getElementById('offline').hidden", timeout=25)
+    await phone.unroute("**/state")
+    await sql(api, "UPDATE invoices SET status='cancelled', cancelled_at=now() WHERE id=$1", inv["id"])
+    await phone.locator("#retry").click()
+    await eventually(phone, "document.getElementById('card').dataset.status === 'cancelled'", timeout=4)
+    assert await phone.evaluate("window.sameDocument === true")
+    assert hanging  # the requests that hung were given up by the page itself (its own timeout aborted them)
+
+
+@needs_chromium
+async def test_page_reads_at_200_percent_zoom_on_a_small_phone(api, invoice_body, browser):
+    """Found by a citizen's walk-through: at 180 CSS pixels (a 360 px phone zoomed to 200%) the page scrolled
+    sideways and the bill number broke one character a line."""
+    inv, _ = await open_invoice(api, invoice_body, amount=9_999_999_999_999, description="ការបង់ថ្លៃលិខិតឆ្លងដែន Passport fee")
+    ctx = await browser.new_context(viewport={"width": 180, "height": 640}, is_mobile=True, has_touch=True)
+    try:
+        page = await ctx.new_page()
+        await page.goto(str(api.client.make_url(f"/pay/{inv['id']}")))
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        bill = page.locator(".facts dd.bill")
+        assert (await bill.bounding_box())["height"] < 40  # one line
+    finally:
+        await ctx.close()

@@ -6,7 +6,14 @@
 -- payer typed (camt.053's EndToEndId: found by review).
 SELECT i.id, i.status, i.currency, i.amount, i.amount_paid, i.description, i.bill_number, i.expires_at,
        i.paid_at, i.line_items, a.name AS agency_name, a.name_km AS agency_name_km,
-       p.provider AS paid_with, p.provider_transaction_id AS payment_reference
+       p.provider AS paid_with, p.provider_transaction_id AS payment_reference,
+       -- a payment on it held for treasury, not resolved yet: the citizen must not pay again (found by a citizen's
+       -- walk-through: after paying short the page still asked for the whole amount, and said nothing)
+       EXISTS (SELECT 1 FROM reconciliation_exceptions x
+                WHERE x.invoice_id = i.id AND x.state = 'open'
+                  AND x.reason IN ('underpaid', 'overpaid', 'currency_mismatch', 'account_mismatch', 'invoice_expired',
+                                   'invoice_cancelled', 'duplicate_payment', 'paid_at_implausible', 'unknown_khqr'))
+           AS payment_held
   FROM invoices i JOIN agencies a ON a.id = i.agency_id
   LEFT JOIN LATERAL (SELECT provider, provider_transaction_id FROM payments
                       WHERE invoice_id = i.id AND applied_amount > 0 AND i.status = 'paid'

@@ -30,6 +30,7 @@
   var qr = document.getElementById("qr");
   var countdown = document.getElementById("countdown");
   var offline = document.getElementById("offline");
+  var held = document.getElementById("held");
   var live = document.getElementById("live");
   var stateUrl = "/pay/" + encodeURIComponent(d.invoice) + "/state";
   var opened = Date.now();
@@ -37,11 +38,32 @@
   var expiresAt = Date.parse(d.expiresAt) || 0;
   var failures = 0, retryAfter = 0, timer = 0, ticker = 0, busy = false, blobUrl = "", kicked = 0;
 
-  function say(text) { live.textContent = ""; setTimeout(function () { live.textContent = text; }, 50); }
+  // Announcements keep each language's words marked as such, so a screen reader reads each in its own voice.
+  function say(parts) {
+    live.textContent = "";
+    setTimeout(function () {
+      for (var i = 0; i < parts.length; i++) {
+        var span = document.createElement("span");
+        span.lang = parts[i][0];
+        span.textContent = (i ? " / " : "") + parts[i][1];
+        live.appendChild(span);
+      }
+    }, 50);
+  }
+  function partsOf(el) {
+    var ts = el.querySelectorAll(".t"), out = [];
+    for (var i = 0; i < ts.length; i++) out.push([ts[i].lang, ts[i].textContent]);
+    return out;
+  }
   function textOf(el) {
-    var parts = el.querySelectorAll(".t"), out = [];
-    for (var i = 0; i < parts.length; i++) out.push(parts[i].textContent);
-    return out.join(" / ");
+    return partsOf(el).map(function (p) { return p[1]; }).join(" / ");
+  }
+  // A request that hangs counts as a failure after 15 s (less when polling faster), rather than stopping the page's polling for good
+  // (found by a citizen's walk-through: a stalled request froze it, saying nothing).
+  function fetchWithin(url, options) {
+    var ctl = new AbortController(), t = setTimeout(function () { ctl.abort(); }, Math.min(15000, Math.max(5000, 3 * BASE)));
+    options.signal = ctl.signal;
+    return fetch(url, options).finally(function () { clearTimeout(t); });
   }
 
   function mmss(ms) {
@@ -61,8 +83,8 @@
 
   function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
   function nextDelay() {
-    if (failures) {  // exponential back-off with jitter, at most a minute, or what the server asked
-      var wait = Math.min(60000, BASE * Math.pow(2, failures));
+    if (failures) {  // exponential back-off with jitter, at most 15 s (a code is on screen), or what the server asked
+      var wait = Math.min(15000, BASE * Math.pow(2, failures));
       return Math.max(retryAfter * 1000, wait * (0.75 + Math.random() / 2));
     }
     // Slower the longer the page stays open, and slow while nobody is looking.
@@ -94,14 +116,14 @@
     if (blobUrl) { URL.revokeObjectURL(blobUrl); blobUrl = ""; }
     card.setAttribute("data-status", status);
     var section = card.querySelector(".st-" + status + " h1");
-    if (section) { say(textOf(section)); document.title = textOf(section); }
+    if (section) { say(partsOf(section)); document.title = textOf(section); }
   }
 
   // Load the current code's image; its headers say which code it is, so the md5 and expiry shown always
   // belong to the image on screen.
   async function swap(url) {
     qrbox.classList.add("busy");
-    var r = await fetch(url, {cache: "no-store"});
+    var r = await fetchWithin(url, {cache: "no-store"});
     if (r.status === 409) return false;  // no longer open: the next poll says why
     if (!r.ok) throw new Error("QR image: HTTP " + r.status);
     var md5 = r.headers.get("X-Khqr-Md5"), exp = Date.parse(r.headers.get("X-Khqr-Expires-At"));
@@ -116,7 +138,7 @@
     expiresAt = exp;
     qrbox.classList.remove("busy");
     tick();
-    say("កូដ QR ថ្មី / New QR code");
+    say([["km", "កូដ QR ថ្មី"], ["en", "New QR code"]]);
     return true;
   }
 
@@ -125,7 +147,7 @@
     busy = true;
     var again = true, delay = -1;
     try {
-      var r = await fetch(stateUrl, {cache: "no-store", headers: {Accept: "application/json"}});
+      var r = await fetchWithin(stateUrl, {cache: "no-store", headers: {Accept: "application/json"}});
       if (r.status === 404) { finish("notfound"); again = false; return; }
       if (!r.ok) {
         retryAfter = Number(r.headers.get("Retry-After")) || 0;
@@ -133,6 +155,10 @@
       }
       var s = await r.json();
       skew = Date.parse(s.server_time) - Date.now() || skew;
+      if (held.hidden === !!s.payment_held) {
+        held.hidden = !s.payment_held;
+        if (s.payment_held) say(partsOf(held));
+      }
       if (s.status !== "open") {
         if (s.paid_at) showPaidAt(s.paid_at);
         if (s.payment_reference) showReference(s.paid_with, s.payment_reference);
@@ -149,7 +175,7 @@
       offline.hidden = true;
     } catch (e) {
       failures = Math.min(failures + 1, 10);
-      if (failures > 1 && offline.hidden) { offline.hidden = false; say(textOf(offline)); }
+      if (failures > 1 && offline.hidden) { offline.hidden = false; say(partsOf(offline).slice(0, 2)); }
     } finally {
       busy = false;
       if (again) schedule(delay >= 0 ? delay : nextDelay());
@@ -160,6 +186,12 @@
   document.addEventListener("visibilitychange", onVisible);
   // Back online: ask at once rather than wait out the back-off (up to a minute)
   window.addEventListener("online", function () { failures = 0; schedule(0); });
+  document.getElementById("retry").addEventListener("click", function () { failures = 0; retryAfter = 0; schedule(0); });
+  // The first image may be slow to come: say so rather than show an empty square beside a running countdown
+  if (!qr.complete) {
+    qrbox.classList.add("busy");
+    qr.addEventListener("load", function () { if (expiresAt > Date.now() + skew) qrbox.classList.remove("busy"); });
+  }
   ticker = setInterval(tick, 1000);
   tick();
   schedule(BASE);
