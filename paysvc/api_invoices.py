@@ -8,12 +8,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from paysvc import invoicing, qrimage
-from paysvc.auth import Principal
 from paysvc.errors import MalformedRequest, ValidationFailed
 from paysvc.invoices import REFERENCE, InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
 from paysvc.queries import Q
-from paysvc.web import (AUTH, POOL, PRINCIPAL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
-                        QueryTime, require_offset)
+from paysvc.web import (POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
+                        reader, QueryTime, require_offset)
 
 CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
 
@@ -90,24 +89,17 @@ async def create(request: web.Request) -> web.Response:
     return json_response(response, status=status, headers=headers)
 
 
-async def _reader(request: web.Request) -> Principal:
-    """An agency's key with invoices:read (its own invoices), or a treasury key (every agency's, read only,
-    without their payer: treasury answers for the money, the agency for its citizens)."""
-    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
-    request[PRINCIPAL] = p
-    p.require("invoices:read" if p.agency_id is not None else "treasury")
-    return p
-
-
 async def get_one(request: web.Request) -> web.Response:
-    p = await _reader(request)
+    # An agency's key reads its own invoices; a treasury key every agency's, without their payer: treasury
+    # answers for the money, the agency for its citizens.
+    p = await reader(request)
     inv = await invoicing.get_invoice(request.app[POOL], request.app[CTX], agency_id=p.agency_id,
                                       invoice_id=request.match_info["id"], with_payer=p.agency_id is not None)
     return json_response(inv)
 
 
 async def list_(request: web.Request) -> web.Response:
-    p = await _reader(request)
+    p = await reader(request)
     q = parse_query(InvoiceListQuery, request)
     for name in ("created_from", "created_to"):
         require_offset(name, getattr(q, name))

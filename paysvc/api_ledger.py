@@ -21,7 +21,7 @@ from paysvc.auth import Principal
 from paysvc.background import run_periodically
 from paysvc.errors import MalformedRequest, NotFound, ValidationFailed
 from paysvc.queries import Q
-from paysvc.web import (AUTH, BACKGROUND, POOL, PRINCIPAL, Route, add_routes, json_response, parse_query, principal,
+from paysvc.web import (BACKGROUND, POOL, Route, add_routes, json_response, parse_query, principal, reader,
                         QueryTime, require_offset)
 
 log = logging.getLogger(__name__)
@@ -114,13 +114,8 @@ def _int_cursor(cursor: str, parts: int) -> list[int]:
 
 async def _viewer(request: web.Request) -> tuple[Principal, str | None]:
     """The caller and the account-code prefix it is limited to (None: sees everything)."""
-    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
-    request[PRINCIPAL] = p
-    if p.agency_id is not None:
-        p.require("invoices:read")
-        return p, f"agency:{p.agency_code}:"
-    p.require("treasury")
-    return p, None
+    p = await reader(request)
+    return p, (f"agency:{p.agency_code}:" if p.agency_id is not None else None)
 
 
 def _visible(code: str, prefix: str | None) -> bool:

@@ -24,8 +24,8 @@ from paysvc.settlement_days import TIME_ZONE_NAME, business_date, parse_cutoff
 from paysvc.settlement_import import Imported, Rules, SettlementConflict, file_digest, import_settlement
 from paysvc.settlement_report import report, report_csv
 from paysvc.queries import Q
-from paysvc.web import (AUTH, POOL, PRINCIPAL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes,
-                        json_response, parse_query, principal, refuse_encoded_body)
+from paysvc.web import (POOL, PROVIDERS, SETTINGS, UNREADABLE_FORM, Route, add_routes, json_response, parse_query,
+                        principal, reader, refuse_encoded_body)
 from providers import ProviderError, SettlementFormatError, Unsupported, available_providers, load_providers
 
 
@@ -270,9 +270,7 @@ async def settled_payments(request: web.Request) -> web.Response:
     """The payments a settlement settled, one per line: an agency's own (its key with invoices:read), or every
     agency's (a treasury key). What an agency's ``settlement.reconciled`` event counts, payment by payment, so
     its back office can mark each invoice's money as arrived."""
-    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
-    request[PRINCIPAL] = p
-    p.require("invoices:read" if p.agency_id is not None else "treasury")
+    p = await reader(request)
     q = parse_query(SettledPaymentsQuery, request)
     settlement_id = request.match_info["id"]
     async with request.app[POOL].acquire() as conn, conn.transaction(readonly=True):

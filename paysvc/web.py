@@ -280,6 +280,15 @@ async def principal(request: web.Request, scope: str) -> Principal:
     return p
 
 
+async def reader(request: web.Request) -> Principal:
+    """The caller of a read that an agency's key makes for its own data (with ``invoices:read``) and a treasury key
+    for every agency's."""
+    p = await request.app[AUTH].authenticate(request.headers.get("Authorization"))
+    request[PRINCIPAL] = p
+    p.require("invoices:read" if p.agency_id is not None else "treasury")
+    return p
+
+
 def add_routes(app: web.Application, routes: list[Route]) -> None:
     if ROUTES not in app:
         app[ROUTES] = []
