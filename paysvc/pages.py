@@ -237,7 +237,10 @@ def _lines(items: list[PayLine]) -> str:
         f"{html.escape(li.amount_display)}</dd></div>\n" for li in items)
 
 
-_KHMER_RUN = re.compile(r"[\u1780-\u17ff\u19e0-\u19ff][\u1780-\u17ff\u19e0-\u19ff\u200b\s]*")
+# A run starts with a Khmer letter and goes on through Khmer, the joiners and spaces inside Khmer words, and the
+# punctuation between them, up to the next Latin letter or digit.
+_KHMER_RUN = re.compile(r"[\u1780-\u17ff\u19e0-\u19ff][\u1780-\u17ff\u19e0-\u19ff\u200b-\u200d\s()\[\],.;:!?/'\"-]*"
+                        r"(?<![\s(\[])")
 
 
 def _in_its_language(text: str) -> str:

@@ -179,7 +179,7 @@ async def test_page_itemises_the_fee_as_the_portal_did(api, invoice_body):
     assert s["line_items"] == [{**lines[0], "amount_display": "40,000 ៛"}, {**lines[1], "amount_display": "10,000 ៛"}]
     page = await (await api.client.get(f"/pay/{inv['id']}")).text()
     # each run of Khmer or not in its own language, for a screen reader's voice (found by a citizen's walk-through)
-    assert ('<div class="line"><dt><span lang="km">លិខិតឆ្លងដែន </span><span lang="en">48 pages</span></dt>'
+    assert ('<div class="line"><dt><span lang="km">លិខិតឆ្លងដែន</span><span lang="en"> 48 pages</span></dt>'
             '<dd lang="en">40,000 ៛</dd></div>') in page
     assert ('<div class="line"><dt><span lang="en">Express &lt;b&gt;service&lt;/b&gt; &amp; delivery</span></dt>'
             '<dd lang="en">10,000 ៛</dd></div>') in page
@@ -443,6 +443,7 @@ async def test_page_turns_to_paid_without_reload(api, invoice_body, phone):
     assert await phone.locator("#live [lang=en]").text_content() == " / Paid"
     assert not await phone.locator("#qr").is_visible()
     assert not await phone.locator("#countdown").is_visible()
+    assert not await phone.locator("#pay-by-row").is_visible()  # no deadline on a receipt (found by review)
     assert await phone.evaluate("window.sameDocument === true")
     await phone.screenshot(path="/tmp/pay_page_paid.png")
     assert_only_own_host(api, phone)
@@ -505,24 +506,63 @@ async def test_an_open_page_offers_the_code_as_an_image_and_says_when_to_pay_by(
 
 
 @needs_chromium
-async def test_page_shows_a_held_payment_and_survives_a_hanging_request(api, invoice_body, phone):
+async def test_page_shows_a_held_payment_without_reload(api, invoice_body, phone):
     inv, _ = await open_invoice(api, invoice_body, amount=12000)
     await open_pay_page(api, phone, inv["id"])
     assert not await phone.locator("#held").is_visible()
     await pay(api.client, inv, amount=5000)
-    await eventually(phone, "!document.getElementById('held').hidden", timeout=10)  # without a reload
+    await eventually(phone, "!document.getElementById('held').hidden", timeout=10)
     assert "Do not pay again" in await phone.locator("#held").inner_text()
-    # A request that hangs (found by a citizen's walk-through: the page stopped polling, silently): counted as a
-    # failure after its timeout, the citizen told, and "Try now" asks at once once the service answers again
+    assert await phone.evaluate("window.sameDocument === true")
+
+
+@needs_chromium
+async def test_a_hanging_request_is_given_up_and_try_now_asks_at_once(api, invoice_body, phone):
+    """Found by a citizen's walk-through: a request that hung stopped the page's polling for good, silently."""
+    inv, _ = await open_invoice(api, invoice_body)
+    await phone.goto(str(api.client.make_url(f"/pay/{inv['id']}?poll=10")))  # its next poll is 10 s or more away
+    await phone.evaluate("window.sameDocument = true")
     hanging = []
-    await phone.route("**/state", lambda route: hanging.append(route))
-    await eventually(phone, "!document.getElementById('offline').hidden", timeout=25)
+    await phone.route("**/state", lambda route: hanging.append(route))  # never answered
+    await eventually(phone, "!document.getElementById('offline').hidden", timeout=30)  # given up after 15 s
+    assert len(hanging) == 1
     await phone.unroute("**/state")
     await sql(api, "UPDATE invoices SET status='cancelled', cancelled_at=now() WHERE id=$1", inv["id"])
     await phone.locator("#retry").click()
-    await eventually(phone, "document.getElementById('card').dataset.status === 'cancelled'", timeout=4)
+    await eventually(phone, "document.getElementById('card').dataset.status === 'cancelled'", timeout=3)
     assert await phone.evaluate("window.sameDocument === true")
-    assert hanging  # the requests that hung were given up by the page itself (its own timeout aborted them)
+
+
+@needs_chromium
+async def test_the_code_shows_as_loading_until_its_image_has_come_and_a_failed_one_is_fetched_again(
+        api, invoice_body, phone):
+    """Found by review: the first poll took the loading overlay off an image still on its way, and an image that
+    failed to load stayed broken for the code's ten minutes."""
+    inv, h = await open_invoice(api, invoice_body)
+    seen = []
+
+    async def slow_first(route):
+        seen.append(route.request.resource_type)
+        if len(seen) == 1:  # the page's first image
+            await asyncio.sleep(3)
+        await route.continue_()
+
+    await phone.route("**/qr.svg", slow_first)
+    await phone.goto(str(api.client.make_url(f"/pay/{inv['id']}?poll=1")), wait_until="domcontentloaded")
+    await asyncio.sleep(1.5)  # a poll (every second here) has answered meanwhile, same code
+    assert await phone.evaluate("!document.getElementById('qr').complete")
+    assert await phone.evaluate("document.getElementById('qrbox').classList.contains('busy')")
+    await eventually(phone, "document.getElementById('qr').naturalWidth > 0", timeout=6)
+    await eventually(phone, "!document.getElementById('qrbox').classList.contains('busy')", timeout=3)
+    await phone.unroute("**/qr.svg")
+
+    failed = await open_invoice(api, invoice_body, h)
+    await phone.route("**/qr.svg", lambda route: route.abort() if route.request.resource_type == "image"
+                      else route.continue_())  # the <img> fails; the page's own fetch goes through
+    await open_pay_page(api, phone, failed[0]["id"])
+    await eventually(phone, "document.getElementById('qr').naturalWidth > 0", timeout=6)  # fetched again
+    assert await phone.evaluate("document.getElementById('qr').src.startsWith('blob:')")
+    await eventually(phone, "!document.getElementById('qrbox').classList.contains('busy')", timeout=3)
 
 
 @needs_chromium

@@ -11,8 +11,10 @@ SELECT i.id, i.status, i.currency, i.amount, i.amount_paid, i.description, i.bil
        -- walk-through: after paying short the page still asked for the whole amount, and said nothing)
        EXISTS (SELECT 1 FROM reconciliation_exceptions x
                 WHERE x.invoice_id = i.id AND x.state = 'open'
-                  AND x.reason IN ('underpaid', 'overpaid', 'currency_mismatch', 'account_mismatch', 'invoice_expired',
-                                   'invoice_cancelled', 'duplicate_payment', 'paid_at_implausible', 'unknown_khqr'))
+                  -- what capture holds on an invoice not paid (overpaid and duplicate_payment come on paid ones;
+                  -- unknown_khqr names no invoice)
+                  AND x.reason IN ('underpaid', 'currency_mismatch', 'account_mismatch', 'invoice_expired',
+                                   'invoice_cancelled', 'paid_at_implausible'))
            AS payment_held
   FROM invoices i JOIN agencies a ON a.id = i.agency_id
   LEFT JOIN LATERAL (SELECT provider, provider_transaction_id FROM payments

@@ -60,11 +60,19 @@
   }
   // A request that hangs counts as a failure after 15 s (less when polling faster), rather than stopping the page's polling for good
   // (found by a citizen's walk-through: a stalled request froze it, saying nothing).
-  function fetchWithin(url, options) {
-    var ctl = new AbortController(), t = setTimeout(function () { ctl.abort(); }, Math.min(15000, Math.max(5000, 3 * BASE)));
-    options.signal = ctl.signal;
-    return fetch(url, options).finally(function () { clearTimeout(t); });
+  // The timer runs until the body is read too: a response whose body stalls after its headers also held the
+  // polling (found by review). Resolves to {r: response, body: read(response)}.
+  function fetchWithin(url, options, read) {
+    var ctl = window.AbortController ? new AbortController() : null, t = 0;
+    if (ctl) {
+      options.signal = ctl.signal;
+      t = setTimeout(function () { ctl.abort(); }, Math.min(15000, Math.max(5000, 3 * BASE)));
+    }
+    return fetch(url, options)
+      .then(function (r) { return read(r).then(function (body) { return {r: r, body: body}; }); })
+      .finally(function () { clearTimeout(t); });
   }
+  function qrShown() { return qr.complete && qr.naturalWidth > 0; }
 
   function mmss(ms) {
     var s = Math.max(0, Math.ceil(ms / 1000)), m = Math.floor(s / 60);
@@ -83,9 +91,10 @@
 
   function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
   function nextDelay() {
-    if (failures) {  // exponential back-off with jitter, at most 15 s (a code is on screen), or what the server asked
-      var wait = Math.min(15000, BASE * Math.pow(2, failures));
-      return Math.max(retryAfter * 1000, wait * (0.75 + Math.random() / 2));
+    if (failures) {  // exponential back-off with jitter, at most 15 s (a code is on screen), or what the server
+      // asked (up to a minute), and never sooner than a healthy page asks
+      var wait = Math.min(15000, BASE * Math.pow(2, failures) * (0.75 + Math.random() / 2));
+      return Math.max(BASE, Math.min(60000, retryAfter * 1000), wait);
     }
     // Slower the longer the page stays open, and slow while nobody is looking.
     var delay = BASE * (1 + Math.floor((Date.now() - opened) / 600000));
@@ -113,6 +122,7 @@
   function finish(status) {
     clearTimeout(timer); clearInterval(ticker);
     document.removeEventListener("visibilitychange", onVisible);
+    document.getElementById("pay-by-row").hidden = true;  // no longer a deadline
     if (blobUrl) { URL.revokeObjectURL(blobUrl); blobUrl = ""; }
     card.setAttribute("data-status", status);
     var section = card.querySelector(".st-" + status + " h1");
@@ -123,11 +133,12 @@
   // belong to the image on screen.
   async function swap(url) {
     qrbox.classList.add("busy");
-    var r = await fetchWithin(url, {cache: "no-store"});
+    var got = await fetchWithin(url, {cache: "no-store"}, function (r) { return r.ok ? r.blob() : Promise.resolve(null); });
+    var r = got.r;
     if (r.status === 409) return false;  // no longer open: the next poll says why
     if (!r.ok) throw new Error("QR image: HTTP " + r.status);
     var md5 = r.headers.get("X-Khqr-Md5"), exp = Date.parse(r.headers.get("X-Khqr-Expires-At"));
-    var u = URL.createObjectURL(await r.blob());
+    var u = URL.createObjectURL(got.body);
     var img = new Image();
     img.src = u;
     try { await img.decode(); } catch (e) { URL.revokeObjectURL(u); throw e; }
@@ -147,13 +158,15 @@
     busy = true;
     var again = true, delay = -1;
     try {
-      var r = await fetchWithin(stateUrl, {cache: "no-store", headers: {Accept: "application/json"}});
+      var got = await fetchWithin(stateUrl, {cache: "no-store", headers: {Accept: "application/json"}},
+                                  function (r) { return r.ok ? r.json() : Promise.resolve(null); });
+      var r = got.r;
       if (r.status === 404) { finish("notfound"); again = false; return; }
       if (!r.ok) {
         retryAfter = Number(r.headers.get("Retry-After")) || 0;
         throw new Error("state: HTTP " + r.status);
       }
-      var s = await r.json();
+      var s = got.body;
       skew = Date.parse(s.server_time) - Date.now() || skew;
       if (held.hidden === !!s.payment_held) {
         held.hidden = !s.payment_held;
@@ -169,13 +182,15 @@
         if (!(await swap(s.qr_svg_url))) delay = 500;
       } else if (s.khqr && s.khqr.md5 === card.getAttribute("data-md5")) {
         expiresAt = Date.parse(s.khqr.expires_at);
-        qrbox.classList.remove("busy");
+        if (qrShown()) qrbox.classList.remove("busy");
+        else if (qr.complete) await swap(s.qr_svg_url);  // the image failed to load: fetch it again
       }
       failures = 0; retryAfter = 0;
       offline.hidden = true;
     } catch (e) {
       failures = Math.min(failures + 1, 10);
-      if (failures > 1 && offline.hidden) { offline.hidden = false; say(partsOf(offline).slice(0, 2)); }
+      // At once after a request given up (15 s of nothing already), else from the second failure (no flicker)
+      if ((failures > 1 || e.name === "AbortError") && offline.hidden) { offline.hidden = false; say(partsOf(offline).slice(0, 2)); }
     } finally {
       busy = false;
       if (again) schedule(delay >= 0 ? delay : nextDelay());
@@ -184,7 +199,7 @@
 
   function onVisible() { if (!document.hidden) schedule(0); }
   document.addEventListener("visibilitychange", onVisible);
-  // Back online: ask at once rather than wait out the back-off (up to a minute)
+  // Back online: ask at once rather than wait out the back-off (up to 15 s)
   window.addEventListener("online", function () { failures = 0; schedule(0); });
   document.getElementById("retry").addEventListener("click", function () { failures = 0; retryAfter = 0; schedule(0); });
   // The first image may be slow to come: say so rather than show an empty square beside a running countdown
