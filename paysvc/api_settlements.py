@@ -12,7 +12,7 @@ import base64
 import re
 import unicodedata
 from datetime import date, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import BodyPartReader, web
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -266,6 +266,31 @@ class SettledPaymentsQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=1000)] = 200
 
 
+class SettledPayment(BaseModel):
+    line_no: int = Field(description="the file's line that settled it")
+    category: Literal["matched", "missing_in_ledger"] = Field(
+        description="matched: a payment booked before; missing_in_ledger: booked from this line")
+    payment_id: str
+    provider_transaction_id: str
+    invoice_id: str | None = Field(description="null for a payment of no invoice of ours")
+    invoice_reference: str | None = Field(description="the portal's own reference of that invoice")
+    bill_number: str | None
+    agency: str | None = Field(description="the agency's code; null for a payment of no agency (treasury only)")
+    currency: Literal["KHR", "USD"]
+    amount: int = Field(description="what the line settled, in minor units")
+    fee: int = Field(description="the provider's fee on the line, in minor units")
+    paid_at: datetime
+
+
+class SettledPayments(BaseModel):
+    settlement_id: str
+    provider: str
+    business_date: date
+    business_date_time_zone: str
+    data: list[SettledPayment]
+    next_after_line: int | None = Field(description="pass back as after_line for the next page; null on the last")
+
+
 async def settled_payments(request: web.Request) -> web.Response:
     """The payments a settlement settled, one per line: an agency's own (its key with invoices:read), or every
     agency's (a treasury key). What an agency's ``settlement.reconciled`` event counts, payment by payment, so
@@ -283,11 +308,10 @@ async def settled_payments(request: web.Request) -> web.Response:
                 await conn.fetch(Q.settled_payments_of_agency, settlement_id, p.agency_id, q.after_line, q.limit + 1))
     more = len(rows) > q.limit
     rows = rows[: q.limit]
-    return json_response({
-        "settlement_id": settlement_id, "provider": found["provider"],
-        "business_date": found["business_date"].isoformat(), "business_date_time_zone": TIME_ZONE_NAME,
-        "data": [{**dict(r), "paid_at": r["paid_at"].isoformat()} for r in rows],
-        "next_after_line": rows[-1]["line_no"] if more else None})
+    return json_response(SettledPayments(
+        settlement_id=settlement_id, provider=found["provider"], business_date=found["business_date"],
+        business_date_time_zone=TIME_ZONE_NAME, data=[SettledPayment(**dict(r)) for r in rows],
+        next_after_line=rows[-1]["line_no"] if more else None))
 
 
 async def stream_csv(request: web.Request, settlement_id: str) -> web.StreamResponse:
@@ -351,7 +375,7 @@ ROUTES = [
           query=ReportQuery, tags=("settlements",)),
     Route("GET", "/v1/settlements/{id}/payments", settled_payments, "The payments a settlement settled: an "
           "agency's own, or every agency's for treasury", scope="invoices:read (own agency) or treasury",
-          query=SettledPaymentsQuery, tags=("settlements",)),
+          query=SettledPaymentsQuery, response=SettledPayments, tags=("settlements",)),
     Route("GET", "/v1/settlements/{id}/report.csv", get_csv, "A settlement's report as CSV (every line)",
           scope="treasury", content_type="text/csv", tags=("settlements",)),
 ]

@@ -873,5 +873,10 @@ async def test_each_agency_reads_which_of_its_payments_a_settlement_settled(api,
     assert status == 422 and body["errors"][0]["field"] == "after_line"
     r = await api.client.get("/v1/settlements/stl_nosuch/payments", headers=portal)
     assert r.status == 404
+    spec = await (await api.client.get("/openapi.json")).json()  # documented as it answers
+    ok = spec["paths"]["/v1/settlements/{id}/payments"]["get"]["responses"]["200"]["content"]["application/json"]
+    name = ok["schema"]["$ref"].rsplit("/", 1)[1]
+    item = spec["components"]["schemas"][name]["properties"]["data"]["items"]["$ref"].rsplit("/", 1)[1]
+    assert set(spec["components"]["schemas"][item]["properties"]) == set(first["data"][0])
     writer = {"Authorization": f"Bearer {await api.key('MOI', scopes=['invoices:write'])}"}
     assert (await api.client.get(f"/v1/settlements/{sid}/payments", headers=writer)).status == 403
