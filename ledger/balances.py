@@ -155,7 +155,8 @@ async def fold_pending(conn: asyncpg.Connection) -> None:
 
 
 async def balance(conn: asyncpg.Connection, account_code: str, *, as_of: datetime | None = None) -> int:
-    """Balance signed in the account's normal side: O(1) now; as of a time, summed from its postings."""
+    """Balance signed in the account's normal side: O(1) now; as of a time, from its postings dated up to it, or
+    from the balance now less those dated after it, whichever reads fewer."""
     return (await get_account(conn, account_code, as_of=as_of)).balance
 
 
