@@ -6,7 +6,8 @@
   var card = document.getElementById("card");
   var d = card.dataset;
 
-  // Language: both by default; a choice is remembered on this phone.
+  // Language: both by default, or one; a choice is remembered on this phone. (Pressing the chosen one again used
+  // to bring both back with no button saying so: found by a citizen's walk-through.)
   var langs = document.querySelectorAll(".lang");
   function showLang(lang) {
     if (lang === "km" || lang === "en") { root.setAttribute("data-show", lang); root.lang = lang; }
@@ -16,8 +17,7 @@
   }
   for (var i = 0; i < langs.length; i++) {
     langs[i].addEventListener("click", function (ev) {
-      var lang = ev.currentTarget.dataset.lang;
-      showLang(root.getAttribute("data-show") === lang ? "" : lang);
+      showLang(ev.currentTarget.dataset.lang);
     });
   }
   try { showLang(localStorage.getItem("paysvc.lang") || ""); } catch (e) { /* private mode */ }
