@@ -385,7 +385,7 @@ async def list_invoices(
     if agency_id is None:
         if bill_number is None:
             raise ValueError("list_invoices needs an agency_id or a bill_number")
-        agency_id = await pool.fetchval(Q.invoice_agency_of_bill, bill_number)
+        agency_id = await pool.fetchval(Q.invoice_by_bill, bill_number, column=1)
         if agency_id is None:
             return [], None
     rows = await pool.fetch(

@@ -263,7 +263,7 @@ async def invoice_page(request: web.Request) -> web.Response:
         return answer("Find an invoice", "Give a bill number (PS and 8 to 23 digits, e.g. PS00000123) or an invoice "
                                          "id (inv_ and 26 letters and digits).", 400)
     pool = request.app[POOL]
-    invoice_id = await pool.fetchval(Q.invoice_id_by_bill, q) if q.startswith("PS") else q
+    invoice_id = await pool.fetchval(Q.invoice_by_bill, q) if q.startswith("PS") else q
     try:
         inv = await get_invoice(pool, request.app[INVOICE_CTX], agency_id=None, invoice_id=invoice_id or "",
                                 with_payer=False)

@@ -75,12 +75,9 @@ UPDATE invoices SET status = 'cancelled', cancelled_at = $2
  WHERE id = $1 AND status = 'open'
 RETURNING *, (SELECT code FROM agencies WHERE id = agency_id) AS agency_code
 
--- name: invoice_agency_of_bill
--- The agency whose invoice has this bill number (bill numbers are unique across agencies).
-SELECT agency_id FROM invoices WHERE bill_number = $1
-
--- name: invoice_id_by_bill
-SELECT id FROM invoices WHERE bill_number = $1
+-- name: invoice_by_bill
+-- The invoice with this bill number, and its agency (bill numbers are unique across agencies).
+SELECT id, agency_id FROM invoices WHERE bill_number = $1
 
 -- name: exceptions_of_invoice
 -- Every exception about an invoice ($1) or one of its payments ($2), each found through an index: by its
