@@ -115,8 +115,8 @@ async def _fetch_as_of(conn: asyncpg.Connection, as_of: datetime, direct: str, r
     # In the caller's transaction: the setting is put back as it was. A transaction that has written may hold
     # postings not yet folded into the balances (they fold at its commit), which only the sum of the postings
     # sees (found by review); one that has not, a report's repeatable-read snapshot say, may read back.
-    wrote = await conn.fetchval("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
-    before = await conn.fetchval("SELECT current_setting('plan_cache_mode')")
+    wrote, before = await conn.fetchrow("SELECT pg_current_xact_id_if_assigned() IS NOT NULL, "
+                                        "current_setting('plan_cache_mode')")
     await conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', true)")
     rows = await fetch(direct if wrote or not await _read_back(conn, as_of) else read_back, *args)
     await conn.execute("SELECT set_config('plan_cache_mode', $1, true)", before)  # (an error aborted it anyway)

@@ -123,10 +123,11 @@ def _check_utf8(data: bytes) -> None:
         raise SettlementFormatError(_line_of(data, nul), "a NUL byte (a UTF-16 file?); camt.053 statements are "
                                     "read as UTF-8: convert the file to UTF-8", provider=NAME)
     declared = _DECLARED_ENCODING.match(data)
-    if declared and declared.group(1).decode("ascii", "replace").lower() not in _UTF8_NAMES:
-        raise SettlementFormatError(1, f"the XML declaration says encoding={declared.group(1).decode('ascii', 'replace')!r};"
-                                       " camt.053 statements are read as UTF-8: convert the file to UTF-8 and "
-                                       "declare encoding=\"UTF-8\"", provider=NAME)
+    name = declared.group(1).decode("ascii", "replace") if declared else None
+    if name is not None and name.lower() not in _UTF8_NAMES:
+        raise SettlementFormatError(1, f"the XML declaration says encoding={name!r}; camt.053 statements are read "
+                                       "as UTF-8: convert the file to UTF-8 and declare encoding=\"UTF-8\"",
+                                    provider=NAME)
 
 
 def _line_of(data: bytes, offset: int) -> int:
