@@ -534,6 +534,52 @@ async def test_a_hanging_request_is_given_up_and_try_now_asks_at_once(api, invoi
 
 
 @needs_chromium
+async def test_a_response_whose_body_stalls_after_its_headers_is_given_up_too(api, invoice_body, phone):
+    """Found by review: the page's timer stopped once the headers had come, so an answer whose body then stalled
+    held the polling as a request that never answered had. The stalled answer comes from a server of the test's
+    own, which sends a 200, its headers and the first bytes of a JSON body, then nothing."""
+    from aiohttp import web
+
+    asked, release = [], asyncio.Event()
+
+    async def stall(request):
+        asked.append(request.path)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = 4096
+        await resp.prepare(request)
+        await resp.write(b'{"status": "op')
+        await release.wait()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", stall)
+    runner = web.AppRunner(app, shutdown_timeout=0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]
+        inv, _ = await open_invoice(api, invoice_body)
+        await phone.goto(str(api.client.make_url(f"/pay/{inv['id']}?poll=10")))  # its next poll is 10 s or more away
+        await phone.evaluate("window.sameDocument = true")
+
+        async def to_stall(route):
+            await route.continue_(url=f"http://127.0.0.1:{port}/state")
+
+        await phone.route("**/state", to_stall)
+        await eventually(phone, "!document.getElementById('offline').hidden", timeout=30)  # given up after 15 s
+        assert asked == ["/state"]
+        await phone.unroute("**/state")
+        await sql(api, "UPDATE invoices SET status='cancelled', cancelled_at=now() WHERE id=$1", inv["id"])
+        await phone.locator("#retry").click()
+        await eventually(phone, "document.getElementById('card').dataset.status === 'cancelled'", timeout=3)
+        assert await phone.evaluate("window.sameDocument === true")
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+@needs_chromium
 async def test_the_code_shows_as_loading_until_its_image_has_come_and_a_failed_one_is_fetched_again(
         api, invoice_body, phone):
     """Found by review: the first poll took the loading overlay off an image still on its way, and an image that
