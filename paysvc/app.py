@@ -18,7 +18,7 @@ import prometheus_client
 from aiohttp import web
 
 from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
-from paysvc import api_settlements, outbox, provider_tokens, treasury_pages
+from paysvc import api_settlements, outbox, provider_tokens, settlement_import, treasury_pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
 from providers import ProviderError, UnknownProvider, load_providers
@@ -184,6 +184,8 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
             tasks.append(asyncio.create_task(run_periodically(
                 "expire-invoices", settings.expiry_interval_seconds,
                 lambda: invoicing.expire_due(pool, cutoff=cutoff))))
+            tasks.append(asyncio.create_task(run_periodically(
+                "missing-in-settlement", 3600, settlement_import.overdue_check(pool, api_settlements.rules_of(settings)))))
             tasks.append(asyncio.create_task(run_periodically(
                 "prune-idempotency-keys", 3600, lambda: invoicing.prune_idempotency_keys(
                     pool, retention=timedelta(hours=settings.idempotency_retention_hours)))))

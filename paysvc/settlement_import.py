@@ -222,6 +222,30 @@ async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today
     return len(rows)
 
 
+def overdue_check(pool: asyncpg.Pool, rules: Rules):
+    """The background job that raises ``missing_in_settlement``: a payment whose provider never sends its file
+    has no import to raise it, and that is the case the exception is for (found by a review of the docs: only
+    imports and ``paysvc settlements recheck`` ran the check). Every provider is checked once per business day
+    by each process (the first pass after the day begins, then again only after a failed pass); what the day
+    makes overdue does not change within it, and a payment raised once is not raised again."""
+    from paysvc.invoicing import now_utc
+
+    checked: list[date] = []
+
+    async def check() -> str | None:
+        now = now_utc()
+        today = _today(now, rules)
+        if checked and checked[-1] == today:
+            return None
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                n = await raise_overdue(conn, provider=None, today=today, rules=rules, now=now)
+        checked[:] = [today]
+        return f"raised {n} missing_in_settlement exception(s) for business day {today.isoformat()}" if n else None
+
+    return check
+
+
 class _Clock:
     def __init__(self, timings: dict[str, float] | None) -> None:
         import time as _time

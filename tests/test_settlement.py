@@ -275,6 +275,48 @@ async def test_overdue_payments_are_raised_by_the_recheck(api, portal, treasury,
     assert row["business_date"] == DAY and row["amount"] == 50000
 
 
+async def test_the_service_raises_overdue_payments_by_itself_once_a_business_day(db_dsn, invoice_body):
+    """Found by a review of the docs: only an import of the payment's provider, or ``paysvc settlements recheck``
+    run by hand, raised missing_in_settlement, so the payments of a provider whose files stopped coming, the case
+    the exception is for, were raised by nobody."""
+    from tests.conftest import running_api
+
+    async with running_api(db_dsn) as api:  # background jobs off
+        inv = await paid(api, await api.portal("MOI"), invoice_body, "TX-1")  # 2 June 2025: long past its grace
+    assert await count(db_dsn, "SELECT count(*) FROM reconciliation_exceptions") == 0
+    async with running_api(db_dsn, background=True) as api:  # the job's first pass runs at start
+        async with connect(db_dsn) as conn:
+            for _ in range(100):
+                row = await conn.fetchrow("SELECT id, reason, invoice_id, business_date FROM reconciliation_exceptions")
+                if row is not None:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("no missing_in_settlement was raised by the service's background job")
+            assert (row["reason"], row["invoice_id"], row["business_date"]) == ("missing_in_settlement", inv["id"], DAY)
+            told = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE type = 'reconciliation.exception_opened' "
+                                       "AND data->>'exception_id' = $1", row["id"])
+            assert told == 1  # the agency hears of it as of any other exception
+
+    # Once per business day: what a day makes overdue does not change within it.
+    from paysvc.api_settlements import rules_of
+    from paysvc.db import create_pool
+    from paysvc.settlement_import import overdue_check
+    from tests.conftest import make_settings
+
+    settings = make_settings(db_dsn)
+    pool = await create_pool(db_dsn, settings)
+    try:
+        check = overdue_check(pool, rules_of(settings))
+        assert await check() is None  # raised already: nothing more
+        async with running_api(db_dsn) as api:
+            await paid(api, {"Authorization": f"Bearer {await api.key('MOI')}"}, invoice_body, "TX-2")
+        assert await check() is None  # not looked at again today
+        assert "raised 1 missing_in_settlement" in await overdue_check(pool, rules_of(settings))()
+    finally:
+        await pool.close()
+
+
 async def test_treasury_scope_is_required(api, portal, invoice_body):
     r = await upload(api, portal, write_settlement_csv([line("TX-1", 1)]))
     assert r.status == 403
