@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 from aiohttp import BodyPartReader, web
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from paysvc.errors import Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, ValidationFailed, invalid
+import paysvc.web
+from paysvc.errors import (Conflict, MalformedRequest, NotFound, PayloadTooLarge, Problem, RequestTimeout, ValidationFailed,
+                           invalid)
 from paysvc.invoicing import now_utc
 from paysvc.settings import Settings
 from paysvc.settlement_days import TIME_ZONE_NAME, business_date, parse_cutoff
@@ -195,9 +197,22 @@ async def upload(request: web.Request) -> web.Response:
     fields: dict[str, str] = {}
     data: bytes | None = None
     file_name = None
+    received = 0
+
+    async def arriving(step):
+        """``step`` (a read of the form) within BODY_SECONDS: a file may take long to come whole, but an upload
+        that sends nothing for that long is given up (found by a review of the docs: an upload that stalled held
+        its admission slot for good)."""
+        try:
+            async with asyncio.timeout(paysvc.web.BODY_SECONDS):
+                return await step
+        except TimeoutError:
+            raise RequestTimeout(f"the upload stalled: nothing came for {paysvc.web.BODY_SECONDS:g} s after "
+                                 f"{received} bytes of the file; send it again") from None
+
     try:
-        reader = await request.multipart()
-        async for part in reader:
+        reader = await arriving(request.multipart())
+        while (part := await arriving(reader.next())) is not None:
             if not isinstance(part, BodyPartReader):
                 raise ValidationFailed("a form part is itself multipart; send each field as a plain part, as a "
                                        "browser or curl -F would")
@@ -206,8 +221,9 @@ async def upload(request: web.Request) -> web.Response:
                     raise ValidationFailed("form field 'file' is sent twice; send one settlement file")
                 file_name = _file_name(part.filename)
                 chunks, size = [], 0
-                while chunk := await part.read_chunk(1024**2):
+                while chunk := await arriving(part.read_chunk(1024**2)):
                     size += len(chunk)
+                    received = size
                     if size > settings.settlement_max_bytes:
                         raise PayloadTooLarge(f"the file is larger than {settings.settlement_max_bytes} bytes")
                     chunks.append(chunk)
@@ -215,7 +231,7 @@ async def upload(request: web.Request) -> web.Response:
             elif part.name in ("provider", "business_date", "format"):
                 if part.name in fields:
                     raise ValidationFailed(f"form field {part.name!r} is sent twice; send it once")
-                fields[part.name] = (await part.text()).strip()
+                fields[part.name] = (await arriving(part.text())).strip()
             else:
                 raise ValidationFailed(f"unknown form field {part.name!r}")
     except UNREADABLE_FORM as exc:

@@ -388,3 +388,34 @@ async def test_a_business_date_that_has_not_begun_is_refused(api, treasury):
     assert "has not begun yet: today is " in body["detail"], body
     assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
     assert (await upload(api, treasury, data, day=today)).status == 201
+
+
+@pytest.mark.parametrize("sent", ["headers", "file"])
+async def test_an_upload_that_stalls_is_given_up_with_408_and_frees_its_slot(db_dsn, monkeypatch, sent):
+    """Found by a review of the docs: the file was read with no time limit, so an upload that stopped sending held
+    its admission slot for as long as its client kept the connection open. A file may take long to come whole;
+    one that sends nothing for BODY_SECONDS is given up."""
+    import paysvc.web
+    from tests.conftest import running_api
+
+    monkeypatch.setattr(paysvc.web, "BODY_SECONDS", 1.0)
+    async with running_api(db_dsn, max_concurrent_requests=1, request_queue_seconds=0.2) as api:
+        key = await api.key(None, scopes=["treasury"], name="Treasury desk")
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"provider\"\r\n\r\nsandbox\r\n"
+                b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"day.csv\"\r\n"
+                b"Content-Type: text/csv\r\n\r\n")
+        if sent == "file":
+            body += b"transaction_id,amount,currency\r\nTX-1,5"
+        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
+                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n" + body)
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b"urn:paysvc:problem:request-timeout" in answer and b"nothing came for 1 s" in answer
+        finally:
+            writer.close()
+        r = await api.client.get("/v1/settlements", headers={"Authorization": f"Bearer {key}"})  # the slot is free
+        assert r.status == 200, await r.text()
+        assert await count(db_dsn, "SELECT count(*) FROM settlements") == 0
