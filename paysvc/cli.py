@@ -78,6 +78,20 @@ async def _migrate(dsn: str, settings: Settings | None = None) -> list[str]:
         return await migrate(conn, settings.migrations_dir if settings else None)
 
 
+async def _require_migrated(dsn: str, settings: Settings | None = None) -> None:
+    """For commands that only read (the ledger's verify, reconcile, export, trial-balance, journal): the database
+    must be at this version's migrations, and is never changed, not even by its owner: an auditor checking a
+    restored copy must not alter it (found by a review of the docs: these commands checked nothing, and on a
+    database not yet migrated failed on the old schema, not saying why)."""
+    from paysvc.db import connect
+    from paysvc.migrate import up_to_date
+
+    async with connect(dsn) as conn:
+        if not await up_to_date(conn, settings.migrations_dir if settings else None):
+            raise CliError("the database is not migrated to this version of paysvc: run `paysvc migrate` (as the "
+                           "database's owner) first; this command only reads and changes nothing")
+
+
 def cmd_migrate(settings: Settings, args) -> int:
     with database(settings) as dsn:
         applied = asyncio.run(_migrate(dsn, settings))

@@ -19,7 +19,7 @@ def cmd_reconcile(settings, args) -> int:
     """Every payment booked as recorded, and no capture entry without its payment (found by an auditor's
     walk-through: verify checks the ledger against itself, not against the payments it books); and every other
     entry on its record, every record on its entry (a later walk-through: a forged resolution entry passed)."""
-    from paysvc.cli import database
+    from paysvc.cli import _require_migrated, database
     from paysvc.db import connect
     from paysvc.queries import Q
 
@@ -33,6 +33,7 @@ def cmd_reconcile(settings, args) -> int:
                         await conn.fetch(Q.entries_without_their_record))
 
     with database(settings) as dsn:
+        asyncio.run(_require_migrated(dsn, settings))
         count, problems, others, unexplained = asyncio.run(run(dsn))
     for p in problems[:50]:
         who = f"payment {p['payment_id']}" if p["payment_id"] else "no payment"
@@ -93,9 +94,10 @@ async def _export(dsn: str, out, *, after: int, page: int = 1000) -> int:
 def cmd_export(settings, args) -> int:
     """The sealed chain as JSON lines, for an auditor to check away from the service (found by an auditor's
     walk-through: the only way was paging the API)."""
-    from paysvc.cli import database, reader_gone
+    from paysvc.cli import _require_migrated, database, reader_gone
 
     with database(settings) as dsn:
+        asyncio.run(_require_migrated(dsn, settings))
         try:
             n = asyncio.run(_export(dsn, sys.stdout, after=args.after))
             sys.stdout.flush()
@@ -139,7 +141,7 @@ def cmd_trial_balance(settings, args) -> int:
     only what the chain held up to a recorded head (found by an auditor's walk-through: the trial balance was only
     an API call, and an entry dated back changed a signed-off day's figures)."""
     import ledger
-    from paysvc.cli import CliError, database
+    from paysvc.cli import CliError, _require_migrated, database
     from paysvc.db import connect
 
     as_of = _as_of(args.as_of)
@@ -150,6 +152,7 @@ def cmd_trial_balance(settings, args) -> int:
                 return await ledger.trial_balance(conn, as_of=as_of, sealed_upto=args.sealed_upto)
 
     with database(settings) as dsn:
+        asyncio.run(_require_migrated(dsn, settings))
         try:
             tb = asyncio.run(run(dsn))
         except ValueError as exc:
@@ -213,12 +216,13 @@ async def _journal(dsn: str, out, *, start, end, fmt: str) -> tuple[int, int]:
 def cmd_journal(settings, args) -> int:
     """A period's journal, one row per posting, as CSV or JSON lines (found by an auditor's walk-through: the only
     period listing was the API's, 200 entries a page, JSON only; the export is the whole sealed chain)."""
-    from paysvc.cli import CliError, database, reader_gone
+    from paysvc.cli import CliError, _require_migrated, database, reader_gone
 
     start, end = _as_of(args.effective_from, "--from"), _as_of(args.effective_to, "--to")
     if start and end and end <= start:
         raise CliError("--to must be later than --from (the period is [from, to))")
     with database(settings) as dsn:
+        asyncio.run(_require_migrated(dsn, settings))
         try:
             entries, postings = asyncio.run(_journal(dsn, sys.stdout, start=start, end=end, fmt=args.format))
             sys.stdout.flush()
@@ -230,7 +234,7 @@ def cmd_journal(settings, args) -> int:
 
 def cmd_verify(settings, args) -> int:
     import ledger
-    from paysvc.cli import database
+    from paysvc.cli import _require_migrated, database
 
     try:
         anchors = [ledger.parse_anchor(a) for a in args.anchor]
@@ -238,6 +242,7 @@ def cmd_verify(settings, args) -> int:
         print(f"paysvc ledger verify: {e}", file=sys.stderr)
         return 2
     with database(settings) as dsn:
+        asyncio.run(_require_migrated(dsn, settings))
         report = asyncio.run(_verify(dsn, anchors))
     print(f"entries: {report.entries} ({report.sealed} sealed, {report.unsealed} not sealed yet)")
     if report.head is not None:

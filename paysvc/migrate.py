@@ -74,6 +74,12 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
                              "`paysvc migrate` as the database's owner, then start again") from None
 
 
+async def up_to_date(conn: asyncpg.Connection, directory: Path | None = None) -> bool:
+    """Whether every migration of this version is applied, and no other, reading the history only (no lock,
+    nothing created). A changed file or an unknown version raises ``MigrationError``, as ``migrate`` does."""
+    return await _up_to_date(conn, load_migrations(directory))
+
+
 async def _up_to_date(conn: asyncpg.Connection, migrations: list[Migration]) -> bool:
     """Whether every migration is applied, as it is now, and no other: read without a lock."""
     applied = await _history(conn, migrations)

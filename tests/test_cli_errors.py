@@ -3,10 +3,12 @@ service says it is listening only once it is."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
 
+import asyncpg
 import pytest
 
 from tests.service_process import free_port, service_env
@@ -231,3 +233,26 @@ def test_serve_names_every_missing_required_setting_at_once(db_dsn):
     assert_clean_failure(out, 2, "paysvc: PAYSVC_PII_KEYS: required", "paysvc: PAYSVC_SANDBOX_SECRET: required",
                          "paysvc: PAYSVC_EVENT_SIGNING_KEYS: required")
     assert "listening" not in out.stderr
+
+
+@pytest.mark.parametrize("command", [["ledger", "verify"], ["ledger", "reconcile"], ["ledger", "export"],
+                                     ["ledger", "trial-balance"], ["ledger", "journal"]])
+def test_the_ledgers_read_commands_refuse_a_database_not_migrated_and_change_nothing(db_dsn, command):
+    """Found by a review of the docs: these commands checked no migration, and a new version's verify or journal
+    on a database not yet migrated failed on the old schema without saying why. They only read, so they do not
+    migrate either (an auditor checking a restored copy must not alter it)."""
+    async def newest(drop: bool) -> str:
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+            if drop:  # as if this database were one version behind the code
+                await conn.execute("DELETE FROM schema_migrations WHERE version = $1", version)
+            return version
+        finally:
+            await conn.close()
+
+    last = asyncio.run(newest(drop=True))
+    out = run(db_dsn, *command)
+    assert_clean_failure(out, 1, "not migrated to this version of paysvc", "run `paysvc migrate`")
+    assert out.stdout == ""
+    assert asyncio.run(newest(drop=False)) != last  # not applied
