@@ -1,7 +1,7 @@
 """Events relay benchmark: ``python -m load.events_bench`` (from the repository root).
 
-Uses a scratch database on PostgreSQL (``PAYSVC_BENCH_DATABASE_URL``, default
-postgresql://postgres@127.0.0.1:5432/postgres) and a scratch exchange and queues on RabbitMQ
+Uses a scratch database on PostgreSQL (``PAYSVC_BENCH_DATABASE_URL``, default the local server over its Unix
+socket where there is one, else postgresql://postgres@127.0.0.1:5432/postgres) and a scratch exchange and queues on RabbitMQ
 (``PAYSVC_BENCH_AMQP_URL``, default amqp://guest:guest@127.0.0.1:5672/); drops all of them at the end.
 
   a  throughput: fill the outbox with N events (default 100,000) over 4 agencies, then time the relay
@@ -35,16 +35,11 @@ from paysvc.migrate import migrate
 from paysvc.outbox import add_event
 from paysvc.relay import Relay, queue_name
 from paysvc.settings import Settings
+from load.service import ADMIN_DSN, dsn_for
 
-ADMIN_DSN = os.environ.get("PAYSVC_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_URL = os.environ.get("PAYSVC_BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 AGENCIES = ("MOI", "MPWT", "GDCE", "MOH")
 SEED = base64.b64encode(b"b" * 32).decode()
-
-
-def dsn_for(name: str) -> str:
-    base, _, _ = ADMIN_DSN.rpartition("/")
-    return f"{base}/{name}"
 
 
 async def fill_outbox(dsn: str, n: int) -> None:

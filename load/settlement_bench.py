@@ -1,6 +1,8 @@
 """Settlement reconciliation at scale: 1,000,000 captured payments and a settlement file of ~1,000,000 lines.
 
-    python -m load.settlement_bench [--payments 1000000] [--admin-dsn postgresql://postgres@127.0.0.1:5432/postgres]
+    python -m load.settlement_bench [--payments 1000000] [--admin-dsn URL]
+
+The server is PAYSVC_BENCH_DATABASE_URL's, or the local one (over its Unix socket where there is one).
 
 Creates a scratch database (dropped at the end), builds the fixture set-based, then reconciles end to end
 through the same code the API uses (parse → COPY → match → capture the missing → post → report) and prints
@@ -11,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import tempfile
 import time
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlparse
 
 import asyncpg
 
@@ -29,6 +31,7 @@ from paysvc.settlement_days import TZ
 from paysvc.settlement_import import Rules, file_digest, import_settlement
 from paysvc.settlement_report import report, report_csv
 from providers.sandbox import SETTLEMENT_HEADER, create
+from load.service import ADMIN_DSN
 
 DAY = date.today() - timedelta(days=10)   # past its grace: unsettled payments are raised at import
 BATCH = 10_000
@@ -165,8 +168,7 @@ async def reconcile(dsn: str, path: Path) -> tuple[dict[str, float], dict]:
 
 async def main(total: int, admin_dsn: str) -> None:
     name = f"paysvc_bench_settle_{uuid.uuid4().hex[:8]}"
-    base = admin_dsn.rsplit("/", 1)[0]
-    dsn = f"{base}/{name}"
+    dsn = urlparse(admin_dsn)._replace(path=f"/{name}").geturl()  # keeps a ?host=/socket/dir query
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
@@ -217,8 +219,8 @@ async def main(total: int, admin_dsn: str) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--payments", type=int, default=1_000_000)
-    ap.add_argument("--admin-dsn", default=os.environ.get("PAYSVC_TEST_DATABASE_URL",
-                                                          "postgresql://postgres@127.0.0.1:5432/postgres"))
+    ap.add_argument("--admin-dsn", default=ADMIN_DSN,
+                    help="a database URL on the server to use (default: PAYSVC_BENCH_DATABASE_URL, else the local one)")
     a = ap.parse_args()
     asyncio.run(main(a.payments, a.admin_dsn))
 
