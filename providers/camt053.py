@@ -13,9 +13,12 @@ Mapping (one :class:`SettlementLine` per transaction)
     * ``amount``: ``TxDtls/Amt``, else ``TxDtls/AmtDtls/TxAmt/Amt``, else (one transaction) ``Ntry/Amt``, in
       minor units by the currency's exponent (KHR 0, USD 2; ``12.505`` USD is refused). Currency from ``Ccy``.
     * ``transaction_id``: ``Refs/EndToEndId`` (unless ``NOTPROVIDED``), else ``Refs/TxId``, else
-      ``Refs/AcctSvcrRef``, else the entry's ``AcctSvcrRef``, else ``NtryRef`` (then ``id_is_reference``: the
-      bank's reference, not a transaction id the provider's callbacks give).
-    * ``reference``: the bank's own reference: ``Refs/AcctSvcrRef``, else the entry's ``AcctSvcrRef``.
+      ``Refs/AcctSvcrRef``, else the entry's reference: for an entry of one transaction its ``AcctSvcrRef``,
+      else its ``NtryRef``; for the k-th transaction of a batch entry ``{NtryRef}/{k}`` (else
+      ``{AcctSvcrRef}/{k}``), so that no two lines share it. In these last cases ``id_is_reference``: the
+      bank's reference, not a transaction id the provider's callbacks give.
+    * ``reference``: the bank's own reference: ``Refs/AcctSvcrRef``, else (an entry of one transaction) the
+      entry's ``AcctSvcrRef``.
     * ``bill_number``: ``RmtInf/Strd/CdtrRefInf/Ref``, else a ``PS`` + 8–23 digits token in ``RmtInf/Ustrd``.
     * ``md5``: a 32-hex-digit token in ``RmtInf/Ustrd`` (the KHQR code's md5), when present.
     * ``fee``: ``TxDtls/Chrgs/TtlChrgsAndTaxAmt``, else the sum of ``TxDtls/Chrgs/Rcrd/Amt``; for an entry
@@ -45,6 +48,7 @@ from providers.models import EXPONENT, SettlementLine, first_error, to_minor
 
 NAME = "camt053"
 _NS = re.compile(r"^urn:iso:std:iso:20022:tech:xsd:camt\.053\.001\.[0-9]{2}$")
+_FEED = 1 << 20  # bytes fed to the parser at a time, at most
 _BILL = re.compile(r"\bPS[0-9]{8,23}\b")
 _MD5 = re.compile(r"\b[0-9a-fA-F]{32}\b")
 _CAMBODIA = timezone(timedelta(hours=7))
@@ -144,17 +148,21 @@ class _Reader:
         self._parser = ET.XMLPullParser(events=("start", "end"))
         self._starts: dict[int, int] = {}  # id(element) -> physical line of its start tag
         self._root_checked = False
+        self._last = 0  # the line number of the last line yielded
 
     def lines(self) -> Iterator[SettlementLine]:
         line_no = 0
         for line_no, raw in enumerate(self._data.splitlines(keepends=True), start=1):
-            try:
-                self._parser.feed(raw)
-                events = list(self._parser.read_events())
-            except ET.ParseError as exc:
-                raise SettlementFormatError(exc.position[0] or line_no, f"not well-formed XML: {exc}",
-                                            provider=NAME) from None
-            yield from self._handle(events, line_no)
+            # A file without line breaks is one physical line: fed a piece at a time, so that its entries are
+            # read and cleared as they come rather than all parsed before the first is read.
+            for at in range(0, len(raw), _FEED) if len(raw) > _FEED else (0,):
+                try:
+                    self._parser.feed(raw[at:at + _FEED])
+                    events = list(self._parser.read_events())
+                except ET.ParseError as exc:
+                    raise SettlementFormatError(exc.position[0] or line_no, f"not well-formed XML: {exc}",
+                                                provider=NAME) from None
+                yield from self._handle(events, line_no)
         try:
             self._parser.close()
             events = list(self._parser.read_events())
@@ -196,11 +204,16 @@ class _Reader:
             return
         txs = [tx for d in _children(ntry, "NtryDtls") for tx in _children(d, "TxDtls")]
         single = len(txs) <= 1
-        for tx in txs or [None]:
+        for k, tx in enumerate(txs or [None], start=1):
             line = self._starts.get(id(tx), at) if tx is not None else at
-            yield self._line(ntry, tx, line, single)
+            # Each line needs a number of its own (the import keys lines by it): a transaction that starts on the
+            # physical line of the one before (several on one line, as in a file without line breaks) takes the
+            # next number up. Found by a review: such a file failed its import with a database error.
+            line = max(line, self._last + 1)
+            self._last = line
+            yield self._line(ntry, tx, line, single, k)
 
-    def _line(self, ntry: ET.Element, tx: ET.Element | None, line: int, single: bool) -> SettlementLine:
+    def _line(self, ntry: ET.Element, tx: ET.Element | None, line: int, single: bool, k: int) -> SettlementLine:
         amt = _child(tx, "Amt") if tx is not None else None
         if amt is None and tx is not None:
             amt = _child(tx, "AmtDtls", "TxAmt", "Amt")
@@ -223,7 +236,13 @@ class _Reader:
             e2e = None
         entry_ref = _text(ntry, "AcctSvcrRef") if single else None
         own_id = e2e or _text(refs, "TxId")
-        tx_id = own_id or _text(refs, "AcctSvcrRef") or entry_ref or _text(ntry, "NtryRef")
+        tx_id = own_id or _text(refs, "AcctSvcrRef") or entry_ref
+        if tx_id is None and (named := _text(ntry, "NtryRef") or _text(ntry, "AcctSvcrRef")) is not None:
+            # The entry's reference names the entry, not one of its transactions: a batch entry's k-th is
+            # "{ref}/{k}". Before, every such line of a batch took the same id, and of those that matched no
+            # payment all but the first were raised as duplicate_in_settlement, which treasury may write off as a
+            # listing error, though each was money that arrived (found by a review of the docs).
+            tx_id = named if single else f"{named}/{k}"
         rmt = _child(tx, "RmtInf") if tx is not None else None
         ustrd = " ".join(t.text.strip() for t in _children(rmt, "Ustrd") if t.text)
         bill = _text(rmt, "Strd", "CdtrRefInf", "Ref")

@@ -1,5 +1,5 @@
 """The camt.053 reader refuses what could make its parser expand entities, in any encoding, and the import
-parses off the event loop."""
+parses off the event loop; a batch entry's transactions are told apart."""
 
 from __future__ import annotations
 
@@ -136,3 +136,82 @@ async def test_a_plugin_that_parses_its_whole_file_when_called_does_so_off_the_e
     done = await run_import(app[POOL], {**app[PROVIDERS], "eager": eager}, app[SETTINGS], provider="sandbox",
                             fmt="eager", day=DAY, data=b"anything", file_name=None, imported_by="test")
     assert done.created and len(eager.threads) == 1 and threading.get_ident() not in eager.threads
+
+
+def batch_statement(entry_refs: str, txs: list[str]) -> bytes:
+    """One booked credit entry (a batch) with the given references and one TxDtls per item of ``txs``, each of
+    5,000 riel with no references of its own; an item is the TxDtls's Refs content."""
+    details = "".join(f'<TxDtls><Refs>{refs}</Refs><Amt Ccy="KHR">5000</Amt><RmtInf><Ustrd>fee {k}</Ustrd></RmtInf>'
+                      "</TxDtls>" for k, refs in enumerate(txs, start=1))
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:camt.053.001.08"><BkToCstmrStmt>'
+            "<GrpHdr><MsgId>STMT</MsgId><CreDtTm>2025-06-02T08:00:00+07:00</CreDtTm></GrpHdr>"
+            "<Stmt><Id>S1</Id><Acct><Id><Othr><Id>KH00NBC0001</Id></Othr></Id></Acct>"
+            f'<Ntry><Amt Ccy="KHR">{5000 * len(txs)}</Amt><CdtDbtInd>CRDT</CdtDbtInd><Sts><Cd>BOOK</Cd></Sts>'
+            f"<BookgDt><DtTm>2025-06-02T10:00:00+07:00</DtTm></BookgDt>{entry_refs}"
+            f"<NtryDtls>{details}</NtryDtls></Ntry></Stmt></BkToCstmrStmt></Document>\n").encode()
+
+
+@pytest.mark.parametrize("entry_refs, base", [
+    ("<AcctSvcrRef>BANK7</AcctSvcrRef><NtryRef>N-7</NtryRef>", "N-7"),
+    ("<AcctSvcrRef>BANK7</AcctSvcrRef>", "BANK7"),
+])
+def test_the_transactions_of_a_batch_entry_without_references_of_their_own_are_told_apart(entry_refs, base):
+    """Found by a review of the docs: they all took the entry's NtryRef as their id, so of those that matched no
+    payment all but the first were raised as duplicate_in_settlement, which treasury may write off as a listing
+    error though each was money that arrived. A transaction's own reference still wins."""
+    lines = read(batch_statement(entry_refs, ["", "", "<TxId>T-3</TxId>", "<AcctSvcrRef>B-4</AcctSvcrRef>"]))
+    assert [(x.transaction_id, x.id_is_reference) for x in lines] == [
+        (f"{base}/1", True), (f"{base}/2", True), ("T-3", False), ("B-4", True)]
+    assert [x.reference for x in lines] == [None, None, None, "B-4"]
+
+
+async def test_a_batch_entry_paying_no_invoice_we_know_is_captured_line_by_line_not_as_duplicates(api, treasury):
+    r = await upload(api, treasury, batch_statement("<NtryRef>N-7</NtryRef>", ["", "", ""]), fmt="camt053",
+                     name="stmt.xml")
+    assert r.status == 201, await r.text()
+    by_category = (await r.json())["lines_by_category"]
+    assert {k: v["count"] for k, v in by_category.items() if v["count"]} == {"missing_in_ledger": 3}
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == 3
+
+
+def test_a_statement_without_line_breaks_reads_as_it_would_with_them(monkeypatch):
+    """Found by a review: every transaction of such a file took line number 1, and its import failed with a
+    database error (two lines of one number). Each now takes the next number up; and a long line is fed to the
+    parser a piece at a time, so its entries are read as they come."""
+    import providers.camt053
+    from providers.camt053 import write_statement
+
+    pretty = write_statement([line(f"TX-{i}", 1000 + i) for i in range(1, 6)])
+    flat = pretty.replace(b"\n", b"")
+    monkeypatch.setattr(providers.camt053, "_FEED", 64)
+    got = read(flat)
+    assert [(x.transaction_id, x.amount) for x in got] == [(x.transaction_id, x.amount) for x in read(pretty)]
+    assert [x.line_no for x in got] == [1, 2, 3, 4, 5]
+
+
+async def test_a_statement_without_line_breaks_is_imported(api, treasury):
+    from providers.camt053 import write_statement
+
+    flat = write_statement([line(f"TX-{i}", 1000 + i) for i in range(1, 4)]).replace(b"\n", b"")
+    r = await upload(api, treasury, flat, fmt="camt053", name="stmt.xml")
+    assert r.status == 201, await r.text()
+    assert [ln["line_no"] for ln in (await r.json())["lines"]] == [1, 2, 3]
+
+
+async def test_a_plugin_that_numbers_two_lines_alike_is_refused_as_its_own_defect(api):
+    """Any plugin: lines are keyed by their numbers, and two of one number failed the import with a database error."""
+    from paysvc.api_settlements import rules_of
+    from paysvc.db import connect
+    from paysvc.settlement_import import import_settlement
+    from paysvc.web import SETTINGS
+
+    twice = [line("TX-1", 1000).model_copy(update={"line_no": 2}), line("TX-2", 1000).model_copy(update={"line_no": 2})]
+    async with connect(api.dsn) as conn:
+        with pytest.raises(SettlementFormatError, match="a defect of the plugin, not of the file") as raised:
+            async with conn.transaction():
+                await import_settlement(conn, twice, data_sha256=b"x" * 32, file_size=1, provider="sandbox",
+                                        fmt="sandbox", business_date=DAY, file_name=None, imported_by="test",
+                                        now=datetime.now(UTC), rules=rules_of(api.client.app[SETTINGS]))
+    assert raised.value.line_no == 2
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
