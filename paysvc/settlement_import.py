@@ -19,6 +19,7 @@ import asyncpg
 
 import ledger
 from ledger import accounts
+from ledger.postings import MAX_AMOUNT
 from paysvc.capture import DuplicateCapture, capture, new_id
 from paysvc.outbox import add_event
 from paysvc.queries import Q
@@ -60,7 +61,13 @@ def file_digest(data: bytes) -> bytes:
 
 def _records(lines: Iterable[SettlementLine], provider: str) -> Iterator[tuple]:
     last = 0
+    totals: dict[str, int] = {}
     for ln in lines:
+        totals[ln.currency] = total = totals.get(ln.currency, 0) + ln.amount
+        if total > MAX_AMOUNT:  # the settlement entry posts a currency's total at once (found by fuzzing: a 500)
+            raise SettlementFormatError(
+                ln.line_no, f"the file's {ln.currency} lines add up to more than {MAX_AMOUNT:,} minor units by this "
+                "line, more than one settlement can book: check the amounts, or split the file", provider=provider)
         if ln.line_no <= last:  # lines are keyed by their numbers (found by a review: a database error before)
             raise SettlementFormatError(
                 ln.line_no, f"the {provider} plugin numbered this line {ln.line_no} after line {last}: each line "

@@ -14,7 +14,7 @@ import pytest
 
 from providers.sandbox import write_settlement_csv
 from tests.payments_helpers import new_invoice, sandbox_body, sandbox_headers
-from tests.test_settlement import upload
+from tests.test_settlement import count, upload
 
 YEAR_1 = "0001-01-01T00:00:00+14:00"       # before year 1 once in UTC
 YEAR_9999 = "9999-12-31T23:59:59-14:00"    # after year 9999 once in UTC
@@ -398,3 +398,15 @@ async def test_a_request_the_http_parser_refuses_is_logged_as_info_not_an_error(
     assert records and all(r.levelno == logging.INFO and not r.exc_info for r in records), [
         (r.levelname, r.getMessage()) for r in records]
     assert "malformed HTTP request refused with 400" in records[0].getMessage()
+
+
+async def test_a_settlement_file_whose_lines_add_up_past_what_a_posting_holds_is_422_naming_the_line(api, treasury):
+    """Found by fuzzing: each line was within the limit, their total was not, and the settlement entry's posting
+    of it failed with a 500."""
+    header = write_settlement_csv([]).decode().splitlines()[0]
+    big = "big-{n},,,600000000000000,KHR,2026-11-26T05:00:00+00:00,0"
+    r = await upload(api, treasury, f"{header}\n{big.format(n=1)}\n{big.format(n=2)}\n".encode())
+    body = await r.json()
+    assert r.status == 422, body
+    assert "line 3" in body["detail"] and "KHR lines add up to more than 1,000,000,000,000,000" in body["detail"]
+    assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
