@@ -263,10 +263,14 @@ async def _report(request: web.Request, settlement_id: str, **kw) -> dict[str, A
     return out
 
 
+MAX_LINE_NO = 2**31 - 1  # settlement_lines.line_no is an integer (found by fuzzing: a larger after_line was a 400
+# saying numbers must fit in 64 bits)
+
+
 class ReportQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lines_limit: Annotated[int, Field(ge=0, le=5000)] = 200
-    after_line: Annotated[int, Field(ge=0)] = 0
+    after_line: Annotated[int, Field(ge=0, le=MAX_LINE_NO)] = 0
 
 
 async def get_settlement(request: web.Request) -> web.Response:
@@ -278,7 +282,7 @@ async def get_settlement(request: web.Request) -> web.Response:
 
 class SettledPaymentsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    after_line: Annotated[int, Field(ge=0, description="the last line_no of the previous page")] = 0
+    after_line: Annotated[int, Field(ge=0, le=MAX_LINE_NO, description="the last line_no of the previous page")] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 200
 
 

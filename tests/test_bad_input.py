@@ -410,3 +410,16 @@ async def test_a_settlement_file_whose_lines_add_up_past_what_a_posting_holds_is
     assert r.status == 422, body
     assert "line 3" in body["detail"] and "KHR lines add up to more than 1,000,000,000,000,000" in body["detail"]
     assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+@pytest.mark.parametrize("page", ["", "/payments"])
+async def test_a_line_number_past_what_a_line_can_have_is_422_naming_after_line(api, treasury, page):
+    """Found by fuzzing: after_line of 2^31 or more was a 400 saying numbers must fit in 64 bits, which it did."""
+    r = await upload(api, treasury, write_settlement_csv([]))
+    assert r.status == 201, await r.text()
+    url = f"/v1/settlements/{(await r.json())['id']}{page}"
+    r = await api.client.get(url, params={"after_line": str(2**31)}, headers=treasury)
+    body = await r.json()
+    assert r.status == 422 and body["errors"][0]["field"] == "after_line", body
+    r = await api.client.get(url, params={"after_line": str(2**31 - 1)}, headers=treasury)
+    assert r.status == 200, await r.text()
