@@ -40,6 +40,9 @@ _CONFLICTS = {
 }
 
 
+_LOCATION = {"description": "where to go next", "schema": {"type": "string"}}
+
+
 def build_openapi(routes: list[Route], base_url: str) -> dict[str, Any]:
     models: set[type[BaseModel]] = set()
     for r in routes:
@@ -90,6 +93,23 @@ def build_openapi(routes: list[Route], base_url: str) -> dict[str, Any]:
         # documented. Every answer carries X-Request-Id; the errors a route can give are listed by cause.
         success: dict[str, Any] = {"description": "success", "content": content,
                                    "headers": {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}}
+        if r.status in (204, 303):  # no body (found by fuzzing: a 204 was documented with one)
+            del success["content"]
+        if r.status == 303:
+            success["description"] = "done: on to the page the Location header names"
+            success["headers"]["Location"] = _LOCATION
+        if "pages" in r.tags and r.content_type != "application/json":
+            # Pages answer their errors as pages, not as problem documents (found by fuzzing).
+            responses = {str(r.status): success}
+            if r.path.startswith("/treasury") and r.path != "/treasury/login":
+                responses.setdefault("303", {"description": "without a treasury session (or with an expired one): "
+                                                            "on to the login page",
+                                             "headers": {"Location": _LOCATION}})
+            responses["default"] = {"description": "an error: a page that says what went wrong and what to do",
+                                    "content": {"text/html": {}}}
+            op["responses"] = responses
+            paths.setdefault(r.path, {})[r.method.lower()] = op
+            continue
         if r.method == "POST" and r.path == "/v1/invoices":
             success["headers"].update({
                 "Location": {"description": "the invoice's URL", "schema": {"type": "string"}},

@@ -23,6 +23,7 @@ from datetime import UTC, date, timedelta
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
+from pydantic import BaseModel, Field
 
 import ledger
 
@@ -245,6 +246,12 @@ _FIND_FORM = ('<form method="get" action="/treasury/invoices" class="find"><labe
               '</label> <button type="submit">Find</button></form>')
 
 
+class FindInvoiceQuery(BaseModel):
+    """The query of the "Find an invoice" page (documented; the page reads it itself)."""
+
+    q: str = Field(description="a bill number (PS and 8 to 23 digits, as on the receipt) or an invoice id (inv_…)")
+
+
 async def invoice_page(request: web.Request) -> web.Response:
     """One invoice, found by its bill number (on the citizen's receipt and in the bank app) or its id: its state,
     its payments and every exception about it, each linked to its day. Without the payer's details, as through the
@@ -258,6 +265,9 @@ async def invoice_page(request: web.Request) -> web.Response:
         return _page(request, title, f'<h1>{_e(title)}</h1><p class="error">{_e(why)}</p>{_FIND_FORM}'
                                      '<p><a href="/treasury">Back to the last 14 days</a></p>',
                      session=session, status=status)
+
+    if len(request.query.getall("q", ())) > 1:  # which one to find is not for us to guess (found by fuzzing)
+        return answer("Find an invoice", "Give one bill number or invoice id, not several.", 400)
 
     if not (_BILL.fullmatch(q) or _INVOICE_ID.fullmatch(q)):
         return answer("Find an invoice", "Give a bill number (PS and 8 to 23 digits, e.g. PS00000123) or an invoice "
@@ -538,16 +548,18 @@ async def index(request: web.Request) -> web.Response:
 ROUTES = [
     Route("GET", "/treasury/login", login_form, "Treasury login page", content_type="text/html", tags=("pages",)),
     Route("POST", "/treasury/login", login, "Exchange a treasury key for a session cookie", content_type="text/html",
+          status=303, tags=("pages",)),
+    Route("POST", "/treasury/logout", logout, "End the session", content_type="text/html", status=303,
           tags=("pages",)),
-    Route("POST", "/treasury/logout", logout, "End the session", content_type="text/html", tags=("pages",)),
     Route("GET", "/treasury", grid, "Business days × providers", content_type="text/html", tags=("pages",)),
-    Route("GET", "/treasury/", index, "Business days × providers", content_type="text/html", tags=("pages",)),
+    Route("GET", "/treasury/", index, "Business days × providers", content_type="text/html", status=303,
+          tags=("pages",)),
     Route("GET", "/treasury/days/{date}/{provider}", day, "A day's reconciliation", content_type="text/html",
           tags=("pages",)),
     Route("GET", "/treasury/invoices", invoice_page, "An invoice found by bill number or id (?q=)",
-          content_type="text/html", tags=("pages",)),
+          content_type="text/html", query=FindInvoiceQuery, tags=("pages",)),
     Route("POST", "/treasury/exceptions/{id}/resolve", resolve_form, "Resolve an exception (form)",
-          content_type="text/html", tags=("pages",)),
+          content_type="text/html", status=303, tags=("pages",)),
     Route("GET", "/treasury/settlements/{id}/report.csv", csv_download, "A settlement's report as CSV",
           content_type="text/csv", tags=("pages",)),
 ]

@@ -710,6 +710,36 @@ async def test_a_body_that_stalls_holds_no_slot_and_is_answered_408(db_dsn, monk
             writer.close()
 
 
+async def test_openapi_documents_what_pages_and_bodiless_answers_really_send(api):
+    """Found by fuzzing (schemathesis): the pages' errors were documented as problem documents though they are
+    pages, their redirects not at all, the treasury page's `q` was missing, and a 204 was given a JSON body."""
+    spec = await (await api.client.get("/openapi.json")).json()
+
+    def documented(method: str, path: str, r) -> None:
+        responses = spec["paths"][path][method.lower()]["responses"]
+        entry = responses.get(str(r.status)) or responses["default"]
+        assert ("content" in entry) == (r.content_type != "application/octet-stream"), (path, r.status, entry)
+        if "content" in entry:
+            assert r.content_type in entry["content"], (path, r.status, r.content_type, entry)
+
+    r = await api.client.get("/pay/inv_nope")
+    assert r.status == 404
+    documented("GET", "/pay/{id}", r)
+    for path, real in [("/treasury/days/{date}/{provider}", "/treasury/days/2026-11-26/sandbox"),
+                       ("/treasury/invoices", "/treasury/invoices?q=PS00000001"),
+                       ("/treasury/settlements/{id}/report.csv", "/treasury/settlements/stl_x/report.csv")]:
+        r = await api.client.get(real, allow_redirects=False)
+        assert r.status == 303 and r.headers["Location"] == "/treasury/login"
+        documented("GET", path, r)
+    r = await api.client.post("/treasury/login", data={"key": "psk_nope"}, allow_redirects=False)
+    assert r.status == 403  # no Origin: a page saying so
+    documented("POST", "/treasury/login", r)
+    assert "303" in spec["paths"]["/treasury/login"]["post"]["responses"]
+    assert [p["name"] for p in spec["paths"]["/treasury/invoices"]["get"]["parameters"]] == ["q"]
+    deleted = spec["paths"]["/v1/webhooks/{id}"]["delete"]["responses"]["204"]
+    assert "content" not in deleted
+
+
 async def test_one_invoice_carries_payer_and_payments_and_a_listed_one_neither(api, invoice_body):
     """A list does not decrypt every payer or read every invoice's payments; it leaves both fields out rather
     than show null, which would read as "no payer" and "no payments"."""

@@ -274,6 +274,9 @@ async def test_an_invoice_is_found_by_its_bill_number_with_its_payments_and_exce
     for bad in ("", "<script>", "PS12", "select 1"):
         r = await api.client.get("/treasury/invoices", params={"q": bad})
         assert r.status == 400 and "Give a bill number" in await r.text() and "<script>" not in await r.text()
+    # Two, of which the page read the first (found by fuzzing): which one was meant is not for it to guess
+    r = await api.client.get("/treasury/invoices", params=[("q", inv["bill_number"]), ("q", "PS99999999")])
+    assert r.status == 400 and "Give one bill number or invoice id" in await r.text()
     api.client.session.cookie_jar.clear()
     r = await api.client.get("/treasury/invoices", params={"q": inv["bill_number"]}, allow_redirects=False)
     assert r.status == 303 and r.headers["Location"] == "/treasury/login"  # not without a session
