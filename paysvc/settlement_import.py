@@ -222,14 +222,16 @@ async def lock_provider(conn: asyncpg.Connection, provider: str) -> None:
 
 
 async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today: date, rules: Rules,
-                        now: datetime) -> int:
+                        now: datetime, locked: bool = False) -> int:
     """Raise ``missing_in_settlement`` for payments still unsettled after the grace; returns how many.
 
     Holds the provider's settlement lock (every provider's, in order, when ``provider`` is None) to the end
     of the caller's transaction: an import running meanwhile has lines it has not committed yet, and a check
-    that does not wait for it raised the payments that import settles (found by review)."""
-    for name in [provider] if provider is not None else [r["provider"] for r in await conn.fetch(Q.payment_providers)]:
-        await lock_provider(conn, name)
+    that does not wait for it raised the payments that import settles (found by review). ``locked``: the caller
+    holds the provider's lock already."""
+    if not locked:
+        for name in [provider] if provider is not None else [r["provider"] for r in await conn.fetch(Q.payment_providers)]:
+            await lock_provider(conn, name)
     _, until = window(last_day_in_grace(today, rules.grace_days), rules.cutoff)
     rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now)
     await conn.execute(Q.events_exceptions_opened, [r["id"] for r in rows], now)  # queries/events.sql
@@ -239,23 +241,41 @@ async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today
 def overdue_check(pool: asyncpg.Pool, rules: Rules):
     """The background job that raises ``missing_in_settlement``: a payment whose provider never sends its file
     has no import to raise it, and that is the case the exception is for (found by a review of the docs: only
-    imports and ``paysvc settlements recheck`` ran the check). Every provider is checked once per business day
-    by each process (the first pass after the day begins, then again only after a failed pass); what the day
-    makes overdue does not change within it, and a payment raised once is not raised again."""
+    imports and ``paysvc settlements recheck`` ran the check).
+
+    Each process checks, once per business day, every provider that has had a settlement imported: one that
+    never has is not reconciled here (a provider with no settlement format, a sandbox), and raising its whole
+    history would tell treasury nothing (found by review). Each provider in a transaction of its own, under
+    its settlement lock taken without waiting: a provider whose import is running is skipped, since that
+    import checks it before it commits, and checked again at the next pass (found by review: one pass holding
+    every provider's lock made each wait for the slowest import). A payment captured later in the day with an
+    earlier payment time is raised by the next day's pass, or its provider's next import."""
     from paysvc.invoicing import now_utc
 
-    checked: list[date] = []
+    done: dict[date, set[str]] = {}
 
     async def check() -> str | None:
         now = now_utc()
         today = _today(now, rules)
-        if checked and checked[-1] == today:
-            return None
+        checked = done.setdefault(today, set())
+        for day in [d for d in done if d != today]:
+            del done[day]
+        raised, busy = 0, []
         async with pool.acquire() as conn:
-            async with conn.transaction():
-                n = await raise_overdue(conn, provider=None, today=today, rules=rules, now=now)
-        checked[:] = [today]
-        return f"raised {n} missing_in_settlement exception(s) for business day {today.isoformat()}" if n else None
+            for name in [r["provider"] for r in await conn.fetch(Q.settled_providers)]:
+                if name in checked:
+                    continue
+                async with conn.transaction():
+                    if not await conn.fetchval(Q.provider_try_lock, name):
+                        busy.append(name)
+                        continue
+                    raised += await raise_overdue(conn, provider=name, today=today, rules=rules, now=now,
+                                                  locked=True)
+                checked.add(name)
+        said = [f"raised {raised} missing_in_settlement exception(s) for business day {today.isoformat()}"] if raised else []
+        if busy:
+            said.append(f"{', '.join(busy)} skipped while a settlement import runs (checked again in an hour)")
+        return "; ".join(said) or None
 
     return check
 

@@ -275,14 +275,32 @@ async def test_overdue_payments_are_raised_by_the_recheck(api, portal, treasury,
     assert row["business_date"] == DAY and row["amount"] == 50000
 
 
+async def _old_payment_of(dsn: str, provider: str, payment_id: str) -> None:
+    """A payment of ``provider`` 400 days old, written directly (its provider need not be configured)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET session_replication_role = replica")  # no invoice, agency or inbox row needed
+        await conn.execute(
+            "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
+            "suspense_amount, paid_at, captured_at, source) VALUES ($1, $2, $1, 'KHR', 100, 0, 100, "
+            "now() - interval '400 days', now() - interval '400 days', 'callback')", payment_id, provider)
+    finally:
+        await conn.close()
+
+
 async def test_the_service_raises_overdue_payments_by_itself_once_a_business_day(db_dsn, invoice_body):
     """Found by a review of the docs: only an import of the payment's provider, or ``paysvc settlements recheck``
     run by hand, raised missing_in_settlement, so the payments of a provider whose files stopped coming, the case
-    the exception is for, were raised by nobody."""
+    the exception is for, were raised by nobody. Only providers that have had a settlement imported are checked
+    (found by review: the first pass raised the whole history of providers nobody reconciles)."""
     from tests.conftest import running_api
 
     async with running_api(db_dsn) as api:  # background jobs off
+        treasury = {"Authorization": f"Bearer {await api.key(None, scopes=['treasury'])}"}
+        r = await upload(api, treasury, write_settlement_csv([]), day=DAY - timedelta(days=30))  # its files came once
+        assert r.status == 201, await r.text()
         inv = await paid(api, await api.portal("MOI"), invoice_body, "TX-1")  # 2 June 2025: long past its grace
+    await _old_payment_of(db_dsn, "bakong", "pay_never_reconciled")  # no file of bakong ever imported
     assert await count(db_dsn, "SELECT count(*) FROM reconciliation_exceptions") == 0
     async with running_api(db_dsn, background=True) as api:  # the job's first pass runs at start
         async with connect(db_dsn) as conn:
@@ -297,11 +315,11 @@ async def test_the_service_raises_overdue_payments_by_itself_once_a_business_day
             told = await conn.fetchval("SELECT count(*) FROM outbox_events WHERE type = 'reconciliation.exception_opened' "
                                        "AND data->>'exception_id' = $1", row["id"])
             assert told == 1  # the agency hears of it as of any other exception
+    assert await count(db_dsn, "SELECT count(*) FROM reconciliation_exceptions") == 1  # not bakong's
 
-    # Once per business day: what a day makes overdue does not change within it.
     from paysvc.api_settlements import rules_of
     from paysvc.db import create_pool
-    from paysvc.settlement_import import overdue_check
+    from paysvc.settlement_import import lock_provider, overdue_check
     from tests.conftest import make_settings
 
     settings = make_settings(db_dsn)
@@ -311,8 +329,19 @@ async def test_the_service_raises_overdue_payments_by_itself_once_a_business_day
         assert await check() is None  # raised already: nothing more
         async with running_api(db_dsn) as api:
             await paid(api, {"Authorization": f"Bearer {await api.key('MOI')}"}, invoice_body, "TX-2")
-        assert await check() is None  # not looked at again today
-        assert "raised 1 missing_in_settlement" in await overdue_check(pool, rules_of(settings))()
+        assert await check() is None  # once per business day: not looked at again today
+        # Another process's pass, while an import of sandbox runs: skipped, not waited for; the next pass checks it.
+        other = overdue_check(pool, rules_of(settings))
+        importing = await asyncpg.connect(db_dsn)
+        try:
+            async with importing.transaction():
+                await lock_provider(importing, "sandbox")
+                said = await asyncio.wait_for(other(), 5)
+                assert said is not None and "sandbox skipped while a settlement import runs" in said
+                assert "raised" not in said
+        finally:
+            await importing.close()
+        assert "raised 1 missing_in_settlement" in await other()
     finally:
         await pool.close()
 

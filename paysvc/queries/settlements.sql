@@ -517,6 +517,14 @@ RETURNING e.id
 -- resolutions of the exceptions an import reads or closes (missing_in_settlement, settled_after_resolution).
 SELECT pg_advisory_xact_lock(hashtextextended('paysvc:settlement:' || $1, 0))
 
+-- name: provider_try_lock
+-- provider_lock without waiting: false when another transaction holds it.
+SELECT pg_try_advisory_xact_lock(hashtextextended('paysvc:settlement:' || $1, 0))
+
+-- name: settled_providers
+-- Every provider a settlement was imported for, in order.
+SELECT DISTINCT provider FROM settlements ORDER BY provider
+
 -- name: payment_providers
 -- Every provider that has payments, in order: one index probe per provider (a loose index scan).
 WITH RECURSIVE p AS (
