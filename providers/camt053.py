@@ -14,8 +14,8 @@ Mapping (one :class:`SettlementLine` per transaction)
       minor units by the currency's exponent (KHR 0, USD 2; ``12.505`` USD is refused). Currency from ``Ccy``.
     * ``transaction_id``: ``Refs/EndToEndId`` (unless ``NOTPROVIDED``), else ``Refs/TxId``, else
       ``Refs/AcctSvcrRef``, else the entry's reference: for an entry of one transaction its ``AcctSvcrRef``,
-      else its ``NtryRef``; for the k-th transaction of a batch entry ``{NtryRef}/{k}`` (else
-      ``{AcctSvcrRef}/{k}``), so that no two lines share it. In these last cases ``id_is_reference``: the
+      else its ``NtryRef``; for the k-th transaction of a batch entry ``{AcctSvcrRef}/{k}`` (else
+      ``{NtryRef}/{k}``), so that no two lines share it. In these last cases ``id_is_reference``: the
       bank's reference, not a transaction id the provider's callbacks give.
     * ``reference``: the bank's own reference: ``Refs/AcctSvcrRef``, else (an entry of one transaction) the
       entry's ``AcctSvcrRef``.
@@ -209,11 +209,13 @@ class _Reader:
             # Each line needs a number of its own (the import keys lines by it): a transaction that starts on the
             # physical line of the one before (several on one line, as in a file without line breaks) takes the
             # next number up. Found by a review: such a file failed its import with a database error.
-            line = max(line, self._last + 1)
-            self._last = line
-            yield self._line(ntry, tx, line, single, k)
+            # Errors still name the physical line (found by review: a bumped number pointed past the fault).
+            key = max(line, self._last + 1)
+            self._last = key
+            yield self._line(ntry, tx, line, key, single, k)
 
-    def _line(self, ntry: ET.Element, tx: ET.Element | None, line: int, single: bool, k: int) -> SettlementLine:
+    def _line(self, ntry: ET.Element, tx: ET.Element | None, line: int, key: int, single: bool,
+              k: int) -> SettlementLine:
         amt = _child(tx, "Amt") if tx is not None else None
         if amt is None and tx is not None:
             amt = _child(tx, "AmtDtls", "TxAmt", "Amt")
@@ -237,11 +239,13 @@ class _Reader:
         entry_ref = _text(ntry, "AcctSvcrRef") if single else None
         own_id = e2e or _text(refs, "TxId")
         tx_id = own_id or _text(refs, "AcctSvcrRef") or entry_ref
-        if tx_id is None and (named := _text(ntry, "NtryRef") or _text(ntry, "AcctSvcrRef")) is not None:
+        if tx_id is None and (named := _text(ntry, "AcctSvcrRef") or _text(ntry, "NtryRef")) is not None:
             # The entry's reference names the entry, not one of its transactions: a batch entry's k-th is
             # "{ref}/{k}". Before, every such line of a batch took the same id, and of those that matched no
             # payment all but the first were raised as duplicate_in_settlement, which treasury may write off as a
-            # listing error, though each was money that arrived (found by a review of the docs).
+            # listing error, though each was money that arrived (found by a review of the docs). The bank's own
+            # reference first, as for an entry of one transaction: a NtryRef may only number a statement's
+            # entries, and another day's would then name this one's (found by review).
             tx_id = named if single else f"{named}/{k}"
         rmt = _child(tx, "RmtInf") if tx is not None else None
         ustrd = " ".join(t.text.strip() for t in _children(rmt, "Ustrd") if t.text)
@@ -251,7 +255,7 @@ class _Reader:
         md5 = m.group(0).lower() if (m := _MD5.search(ustrd)) else None
         try:
             return SettlementLine(
-                line_no=line, transaction_id=tx_id, md5=md5, bill_number=bill, amount=amount,
+                line_no=key, transaction_id=tx_id, md5=md5, bill_number=bill, amount=amount,
                 currency=currency,  # type: ignore[arg-type]
                 paid_at=self._paid_at(ntry, tx, line), fee=fee,
                 reference=_text(refs, "AcctSvcrRef") or entry_ref,
