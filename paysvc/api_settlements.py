@@ -170,6 +170,7 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
 
 
 MAX_FILE_NAME = 255  # settlements.file_name
+MIN_UPLOAD_RATE = 16 * 1024  # bytes per second, on average, that a settlement upload must arrive at
 
 
 def _file_name(name: str | None) -> str | None:
@@ -197,18 +198,26 @@ async def upload(request: web.Request) -> web.Response:
     fields: dict[str, str] = {}
     data: bytes | None = None
     file_name = None
-    received = 0
+    started = asyncio.get_running_loop().time()
 
     async def arriving(step):
-        """``step`` (a read of the form) within BODY_SECONDS: a file may take long to come whole, but an upload
-        that sends nothing for that long is given up (found by a review of the docs: an upload that stalled held
-        its admission slot for good)."""
+        """``step`` (a read of the form) within BODY_SECONDS, and the body arriving at MIN_UPLOAD_RATE on average
+        once BODY_SECONDS have passed: a file may take long to come whole, but an upload that stalls, or trickles,
+        holds an admission slot (found by a review of the docs: one that stalled held it for good; and by review:
+        a few bytes every few seconds held it as long)."""
+        seconds = paysvc.web.BODY_SECONDS
         try:
-            async with asyncio.timeout(paysvc.web.BODY_SECONDS):
-                return await step
+            async with asyncio.timeout(seconds):
+                out = await step
         except TimeoutError:
-            raise RequestTimeout(f"the upload stalled: nothing came for {paysvc.web.BODY_SECONDS:g} s after "
-                                 f"{received} bytes of the file; send it again") from None
+            raise RequestTimeout(f"the upload stalled: nothing came for {seconds:g} s after "
+                                 f"{request.content.total_bytes} bytes; send it again") from None
+        elapsed = asyncio.get_running_loop().time() - started
+        if elapsed > seconds and request.content.total_bytes < MIN_UPLOAD_RATE * (elapsed - seconds):
+            raise RequestTimeout(f"the upload is too slow: {request.content.total_bytes} bytes in {elapsed:.0f} s, "
+                                 f"less than {MIN_UPLOAD_RATE // 1024} KiB/s after its first {seconds:g} s; send it "
+                                 "again over a faster connection") from None
+        return out
 
     try:
         reader = await arriving(request.multipart())
@@ -223,7 +232,6 @@ async def upload(request: web.Request) -> web.Response:
                 chunks, size = [], 0
                 while chunk := await arriving(part.read_chunk(1024**2)):
                     size += len(chunk)
-                    received = size
                     if size > settings.settlement_max_bytes:
                         raise PayloadTooLarge(f"the file is larger than {settings.settlement_max_bytes} bytes")
                     chunks.append(chunk)

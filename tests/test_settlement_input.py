@@ -419,3 +419,33 @@ async def test_an_upload_that_stalls_is_given_up_with_408_and_frees_its_slot(db_
         r = await api.client.get("/v1/settlements", headers={"Authorization": f"Bearer {key}"})  # the slot is free
         assert r.status == 200, await r.text()
         assert await count(db_dsn, "SELECT count(*) FROM settlements") == 0
+
+
+async def test_an_upload_that_trickles_is_given_up_with_408_and_frees_its_slot(db_dsn, monkeypatch):
+    """Found by review: the limit was on silence only, so a few bytes every half second held the slot as long as
+    a stalled upload had."""
+    import paysvc.web
+    from tests.conftest import running_api
+
+    monkeypatch.setattr(paysvc.web, "BODY_SECONDS", 1.0)
+    async with running_api(db_dsn, max_concurrent_requests=1, request_queue_seconds=0.2) as api:
+        key = await api.key(None, scopes=["treasury"], name="Treasury desk")
+        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
+                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+                     b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"day.csv\"\r\n\r\n")
+        try:
+            for _ in range(8):  # 256 bytes a second, until the answer comes
+                try:
+                    writer.write(b"x" * 128)
+                    await writer.drain()
+                except ConnectionError:
+                    break
+                await asyncio.sleep(0.5)
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b"the upload is too slow" in answer
+        finally:
+            writer.close()
+        r = await api.client.get("/v1/settlements", headers={"Authorization": f"Bearer {key}"})  # the slot is free
+        assert r.status == 200, await r.text()
