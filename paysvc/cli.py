@@ -87,6 +87,11 @@ async def _require_migrated(dsn: str, settings: Settings | None = None) -> None:
     from paysvc.migrate import up_to_date
 
     async with connect(dsn) as conn:
+        if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL "
+                               "AND NOT has_table_privilege('schema_migrations', 'SELECT')"):
+            # Found by review: such a role (an auditor's, granted the ledger only) was told to migrate.
+            raise CliError("this role may not read schema_migrations, which says whether the database is at this "
+                           "version of paysvc: grant it SELECT on schema_migrations")
         if not await up_to_date(conn, settings.migrations_dir if settings else None):
             raise CliError("the database is not migrated to this version of paysvc: run `paysvc migrate` (as the "
                            "database's owner) first; this command only reads and changes nothing")

@@ -256,3 +256,34 @@ def test_the_ledgers_read_commands_refuse_a_database_not_migrated_and_change_not
     assert_clean_failure(out, 1, "not migrated to this version of paysvc", "run `paysvc migrate`")
     assert out.stdout == ""
     assert asyncio.run(newest(drop=False)) != last  # not applied
+
+
+def test_a_ledger_read_command_as_a_role_that_may_not_read_the_migrations_says_what_to_grant(db_dsn):
+    """Found by review: an auditor's role granted the ledger's tables only was told to migrate the database."""
+    import uuid
+
+    from tests.conftest import ADMIN_DSN
+
+    name = f"paysvc_auditor_{uuid.uuid4().hex[:8]}"
+
+    async def role(create: bool) -> None:
+        admin, db = await asyncpg.connect(ADMIN_DSN), await asyncpg.connect(db_dsn)
+        try:
+            if create:
+                await admin.execute(f'CREATE ROLE "{name}" LOGIN')
+                await db.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{name}"')
+                await db.execute(f'REVOKE SELECT ON schema_migrations FROM "{name}"')
+            else:
+                await db.execute(f'DROP OWNED BY "{name}"')
+                await admin.execute(f'DROP ROLE "{name}"')
+        finally:
+            await admin.close()
+            await db.close()
+
+    asyncio.run(role(create=True))
+    try:
+        base, _, dbname = db_dsn.rpartition("/")
+        out = run(f"{base.replace('postgres@', f'{name}@')}/{dbname}", "ledger", "trial-balance")
+        assert_clean_failure(out, 1, "may not read schema_migrations", "grant it SELECT on schema_migrations")
+    finally:
+        asyncio.run(role(create=False))
