@@ -346,6 +346,32 @@ async def test_the_service_raises_overdue_payments_by_itself_once_a_business_day
         await pool.close()
 
 
+async def test_a_daily_overdue_pass_that_fails_is_tried_again_at_the_next(api, portal, treasury, invoice_body,
+                                                                           monkeypatch):
+    """Found by review: nothing showed that a failed pass leaves the day to do."""
+    import paysvc.settlement_import as si
+    from paysvc.api_settlements import rules_of
+    from paysvc.web import POOL, SETTINGS
+
+    assert (await upload(api, treasury, write_settlement_csv([]), day=DAY - timedelta(days=30))).status == 201
+    await paid(api, portal, invoice_body, "TX-1")
+    real, calls = si.raise_overdue, []
+
+    async def failing_once(*args, **kw):
+        calls.append(kw["provider"])
+        if len(calls) == 1:
+            raise ConnectionError("the database went away")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(si, "raise_overdue", failing_once)
+    check = si.overdue_check(api.client.app[POOL], rules_of(api.client.app[SETTINGS]))
+    with pytest.raises(ConnectionError):
+        await check()
+    assert await count(api.dsn, "SELECT count(*) FROM reconciliation_exceptions") == 0
+    assert "raised 1 missing_in_settlement" in await check()
+    assert calls == ["sandbox", "sandbox"] and await check() is None
+
+
 async def test_treasury_scope_is_required(api, portal, invoice_body):
     r = await upload(api, portal, write_settlement_csv([line("TX-1", 1)]))
     assert r.status == 403
