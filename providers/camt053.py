@@ -15,8 +15,7 @@ Mapping (one :class:`SettlementLine` per transaction)
     * ``transaction_id``: ``Refs/EndToEndId`` (unless ``NOTPROVIDED``), else ``Refs/TxId``, else
       ``Refs/AcctSvcrRef``, else the entry's reference: for an entry of one transaction its ``AcctSvcrRef``,
       else its ``NtryRef``; for the k-th transaction of a batch entry ``{AcctSvcrRef}/{k}`` (else
-      ``{NtryRef}/{k}``), so that no two lines share it. A ``NtryRef`` is prefixed with the statement's
-      ``Stmt/Id`` (``{Id}/{NtryRef}``), as it may only number that statement's entries. In these last cases ``id_is_reference``: the
+      ``{NtryRef}/{k}``), so that no two lines share it. In these last cases ``id_is_reference``: the
       bank's reference, not a transaction id the provider's callbacks give.
     * ``reference``: the bank's own reference: ``Refs/AcctSvcrRef``, else (an entry of one transaction) the
       entry's ``AcctSvcrRef``.
@@ -150,8 +149,6 @@ class _Reader:
         self._starts: dict[int, int] = {}  # id(element) -> physical line of its start tag
         self._root_checked = False
         self._last = 0  # the line number of the last line yielded
-        self._path: list[str] = []  # the local names of the elements open
-        self._stmt_id: str | None = None  # the Stmt/Id of the statement being read
 
     def lines(self) -> Iterator[SettlementLine]:
         line_no = 0
@@ -184,13 +181,7 @@ class _Reader:
                     self._check_root(el, line_no)
                 if name in ("Ntry", "TxDtls"):
                     self._starts[id(el)] = line_no
-                self._path.append(name)
                 continue
-            self._path.pop()
-            if name == "Id" and self._path[-1:] == ["Stmt"]:
-                self._stmt_id = (el.text or "").strip() or None
-            elif name == "Stmt":
-                self._stmt_id = None
             if name == "Ntry":
                 yield from self._entry(el)
                 self._starts = {}
@@ -248,12 +239,7 @@ class _Reader:
         entry_ref = _text(ntry, "AcctSvcrRef") if single else None
         own_id = e2e or _text(refs, "TxId")
         tx_id = own_id or _text(refs, "AcctSvcrRef") or entry_ref
-        ntry_ref = _text(ntry, "NtryRef")
-        if ntry_ref is not None and self._stmt_id is not None:
-            # A NtryRef may only number the statement's entries: the statement's own id makes it the file's
-            # (found by review: another day's statement numbering its entries alike named this one's lines).
-            ntry_ref = f"{self._stmt_id}/{ntry_ref}"
-        if tx_id is None and (named := _text(ntry, "AcctSvcrRef") or ntry_ref) is not None:
+        if tx_id is None and (named := _text(ntry, "AcctSvcrRef") or _text(ntry, "NtryRef")) is not None:
             # The entry's reference names the entry, not one of its transactions: a batch entry's k-th is
             # "{ref}/{k}". Before, every such line of a batch took the same id, and of those that matched no
             # payment all but the first were raised as duplicate_in_settlement, which treasury may write off as a

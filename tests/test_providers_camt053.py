@@ -138,7 +138,7 @@ async def test_a_plugin_that_parses_its_whole_file_when_called_does_so_off_the_e
     assert done.created and len(eager.threads) == 1 and threading.get_ident() not in eager.threads
 
 
-def batch_statement(entry_refs: str, txs: list[str], stmt: str = "S1") -> bytes:
+def batch_statement(entry_refs: str, txs: list[str]) -> bytes:
     """One booked credit entry (a batch) with the given references and one TxDtls per item of ``txs``, each of
     5,000 riel with no references of its own; an item is the TxDtls's Refs content."""
     details = "".join(f'<TxDtls><Refs>{refs}</Refs><Amt Ccy="KHR">5000</Amt><RmtInf><Ustrd>fee {k}</Ustrd></RmtInf>'
@@ -146,7 +146,7 @@ def batch_statement(entry_refs: str, txs: list[str], stmt: str = "S1") -> bytes:
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:camt.053.001.08"><BkToCstmrStmt>'
             "<GrpHdr><MsgId>STMT</MsgId><CreDtTm>2025-06-02T08:00:00+07:00</CreDtTm></GrpHdr>"
-            f"<Stmt><Id>{stmt}</Id><Acct><Id><Othr><Id>KH00NBC0001</Id></Othr></Id></Acct>"
+            "<Stmt><Id>S1</Id><Acct><Id><Othr><Id>KH00NBC0001</Id></Othr></Id></Acct>"
             f'<Ntry><Amt Ccy="KHR">{5000 * len(txs)}</Amt><CdtDbtInd>CRDT</CdtDbtInd><Sts><Cd>BOOK</Cd></Sts>'
             f"<BookgDt><DtTm>2025-06-02T10:00:00+07:00</DtTm></BookgDt>{entry_refs}"
             f"<NtryDtls>{details}</NtryDtls></Ntry></Stmt></BkToCstmrStmt></Document>\n").encode()
@@ -154,7 +154,7 @@ def batch_statement(entry_refs: str, txs: list[str], stmt: str = "S1") -> bytes:
 
 @pytest.mark.parametrize("entry_refs, base", [
     ("<AcctSvcrRef>BANK7</AcctSvcrRef><NtryRef>N-7</NtryRef>", "BANK7"),
-    ("<NtryRef>N-7</NtryRef>", "S1/N-7"),  # the statement's entry 7
+    ("<NtryRef>N-7</NtryRef>", "N-7"),
 ])
 def test_the_transactions_of_a_batch_entry_without_references_of_their_own_are_told_apart(entry_refs, base):
     """Found by a review of the docs: they all took the entry's NtryRef as their id, so of those that matched no
@@ -189,21 +189,6 @@ async def test_batch_lines_of_two_statements_numbering_their_entries_alike_stay_
     got = {k: v["count"] for k, v in (await r.json())["lines_by_category"].items() if v["count"]}
     assert got == {"missing_in_ledger": 2}
     assert await count(api.dsn, "SELECT count(*) FROM payments") == 4
-
-
-async def test_entries_of_two_statements_named_only_by_their_entry_numbers_stay_apart(api, treasury):
-    """Found by review, as for batch lines: an entry of one transaction with no reference but its NtryRef took
-    that number as its id, so the next statement's entry 1 was raised as a duplicate of this one's. The NtryRef
-    is the statement's (Stmt/Id)."""
-    from datetime import timedelta
-
-    day1, day2 = (batch_statement("<NtryRef>1</NtryRef>", [""], stmt=s) for s in ("STMT-0601", "STMT-0602"))
-    assert [x.transaction_id for x in read(day1)] == ["STMT-0601/1"]
-    assert (await upload(api, treasury, day1, fmt="camt053", name="d1.xml")).status == 201
-    r = await upload(api, treasury, day2, fmt="camt053", name="d2.xml", day=DAY + timedelta(days=1))
-    assert r.status == 201, await r.text()
-    got = {k: v["count"] for k, v in (await r.json())["lines_by_category"].items() if v["count"]}
-    assert got == {"missing_in_ledger": 1}
 
 
 def test_a_line_number_moved_up_leaves_errors_naming_the_physical_line():
