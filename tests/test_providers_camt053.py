@@ -138,7 +138,7 @@ async def test_a_plugin_that_parses_its_whole_file_when_called_does_so_off_the_e
     assert done.created and len(eager.threads) == 1 and threading.get_ident() not in eager.threads
 
 
-def batch_statement(entry_refs: str, txs: list[str]) -> bytes:
+def batch_statement(entry_refs: str, txs: list[str], stmt: str = "S1") -> bytes:
     """One booked credit entry (a batch) with the given references and one TxDtls per item of ``txs``, each of
     5,000 riel with no references of its own; an item is the TxDtls's Refs content."""
     details = "".join(f'<TxDtls><Refs>{refs}</Refs><Amt Ccy="KHR">5000</Amt><RmtInf><Ustrd>fee {k}</Ustrd></RmtInf>'
@@ -146,7 +146,7 @@ def batch_statement(entry_refs: str, txs: list[str]) -> bytes:
     return ('<?xml version="1.0" encoding="UTF-8"?>\n'
             '<Document xmlns="urn:iso:std:iso:20022:tech:xsd:camt.053.001.08"><BkToCstmrStmt>'
             "<GrpHdr><MsgId>STMT</MsgId><CreDtTm>2025-06-02T08:00:00+07:00</CreDtTm></GrpHdr>"
-            "<Stmt><Id>S1</Id><Acct><Id><Othr><Id>KH00NBC0001</Id></Othr></Id></Acct>"
+            f"<Stmt><Id>{stmt}</Id><Acct><Id><Othr><Id>KH00NBC0001</Id></Othr></Id></Acct>"
             f'<Ntry><Amt Ccy="KHR">{5000 * len(txs)}</Amt><CdtDbtInd>CRDT</CdtDbtInd><Sts><Cd>BOOK</Cd></Sts>'
             f"<BookgDt><DtTm>2025-06-02T10:00:00+07:00</DtTm></BookgDt>{entry_refs}"
             f"<NtryDtls>{details}</NtryDtls></Ntry></Stmt></BkToCstmrStmt></Document>\n").encode()
@@ -273,3 +273,20 @@ async def test_a_plugin_that_numbers_two_lines_alike_is_refused_as_its_own_defec
                                         now=datetime.now(UTC), rules=rules_of(api.client.app[SETTINGS]))
     assert raised.value.line_no == 2
     assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+
+
+@pytest.mark.parametrize("entry_refs, txs", [
+    ("<NtryRef>1</NtryRef>", [""]),                                   # an entry named only by its number
+    ("<AcctSvcrRef>BANK-9</AcctSvcrRef><NtryRef>1</NtryRef>", ["", ""]),  # a batch named by the bank's reference
+])
+async def test_a_statement_reissued_under_a_new_id_books_its_entries_once(api, treasury, entry_refs, txs):
+    """Found by review: when a line's id took the statement's Stmt/Id, a statement re-issued or corrected under a
+    new one gave its entries new ids, and they were captured and posted a second time."""
+    first = batch_statement(entry_refs, txs, stmt="STMT-0602")
+    again = batch_statement(entry_refs, txs, stmt="STMT-0602-R1")
+    assert (await upload(api, treasury, first, fmt="camt053", name="d.xml")).status == 201
+    r = await upload(api, treasury, again, fmt="camt053", name="d-corrected.xml")
+    assert r.status == 201, await r.text()
+    got = {k: v["count"] for k, v in (await r.json())["lines_by_category"].items() if v["count"]}
+    assert got == {"duplicate_in_settlement": len(txs)}  # raised for treasury, not booked again
+    assert await count(api.dsn, "SELECT count(*) FROM payments") == len(txs)
