@@ -171,6 +171,7 @@ async def run_import(pool, enabled: dict, settings: Settings, *, provider: str, 
 
 MAX_FILE_NAME = 255  # settlements.file_name
 MIN_UPLOAD_RATE = 16 * 1024  # bytes per second, on average, that a settlement upload must arrive at
+MAX_UPLOAD_SECONDS = 900  # and the longest it may take whole (512 MiB, the largest by default, at 600 KB/s)
 
 
 def _file_name(name: str | None) -> str | None:
@@ -213,6 +214,10 @@ async def upload(request: web.Request) -> web.Response:
             raise RequestTimeout(f"the upload stalled: nothing came for {seconds:g} s after "
                                  f"{request.content.total_bytes} bytes; send it again") from None
         elapsed = asyncio.get_running_loop().time() - started
+        if elapsed > MAX_UPLOAD_SECONDS:  # found by review: 16 KiB/s alone let a large file hold a slot for hours
+            raise RequestTimeout(f"the upload took more than {MAX_UPLOAD_SECONDS // 60} minutes "
+                                 f"({request.content.total_bytes} bytes came): send it again over a faster "
+                                 "connection, or split the file") from None
         if elapsed > seconds and request.content.total_bytes < MIN_UPLOAD_RATE * (elapsed - seconds):
             raise RequestTimeout(f"the upload is too slow: {request.content.total_bytes} bytes in {elapsed:.0f} s, "
                                  f"less than {MIN_UPLOAD_RATE // 1024} KiB/s after its first {seconds:g} s; send it "

@@ -449,3 +449,33 @@ async def test_an_upload_that_trickles_is_given_up_with_408_and_frees_its_slot(d
             writer.close()
         r = await api.client.get("/v1/settlements", headers={"Authorization": f"Bearer {key}"})  # the slot is free
         assert r.status == 200, await r.text()
+
+
+async def test_an_upload_that_takes_longer_than_its_limit_is_given_up_even_at_a_steady_rate(db_dsn, monkeypatch):
+    """Found by review: the average rate alone let a client sending 16 KiB/s hold a slot for the 9 hours the
+    largest file takes at that rate."""
+    import paysvc.api_settlements
+    import paysvc.web
+    from tests.conftest import running_api
+
+    monkeypatch.setattr(paysvc.web, "BODY_SECONDS", 0.5)
+    monkeypatch.setattr(paysvc.api_settlements, "MAX_UPLOAD_SECONDS", 2)
+    async with running_api(db_dsn) as api:
+        key = await api.key(None, scopes=["treasury"], name="Treasury desk")
+        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
+                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000000\r\n\r\n"
+                     b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"day.csv\"\r\n\r\n")
+        try:
+            for _ in range(30):  # 64 KiB every 0.1 s: well above the average the rate rule asks
+                try:
+                    writer.write(b"x" * 65536)
+                    await writer.drain()
+                except ConnectionError:
+                    break
+                await asyncio.sleep(0.1)
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b"the upload took more than" in answer
+        finally:
+            writer.close()
