@@ -274,7 +274,8 @@ def overdue_check(pool: asyncpg.Pool, rules: Rules):
                 checked.add(name)
         said = [f"raised {raised} missing_in_settlement exception(s) for business day {today.isoformat()}"] if raised else []
         if busy:
-            said.append(f"{', '.join(busy)} skipped while a settlement import runs (checked again in an hour)")
+            said.append(f"{', '.join(busy)} skipped while an import or a resolution holds its settlement lock "
+                        "(checked again in an hour)")
         return "; ".join(said) or None
 
     return check

@@ -410,6 +410,13 @@ async def test_a_settlement_file_whose_lines_add_up_past_what_a_posting_holds_is
     assert r.status == 422, body
     assert "line 3" in body["detail"] and "KHR lines add up to more than 1,000,000,000,000,000" in body["detail"]
     assert await count(api.dsn, "SELECT count(*) FROM settlements") == 0
+    # The limit itself, and each currency on its own (found by review: no test told > from >=, or per currency
+    # from all currencies summed)
+    line = "{tx},,,{amount},{cur},2026-11-26T05:00:00+00:00,0"
+    at_limit = [line.format(tx="at-1", amount=5 * 10**14, cur="KHR"), line.format(tx="at-2", amount=5 * 10**14, cur="KHR"),
+                line.format(tx="usd-1", amount=6 * 10**14, cur="USD")]
+    r = await upload(api, treasury, "\n".join([header, *at_limit, ""]).encode())
+    assert r.status == 201, await r.text()
 
 
 @pytest.mark.parametrize("page", ["", "/payments"])

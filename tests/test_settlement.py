@@ -337,7 +337,7 @@ async def test_the_service_raises_overdue_payments_by_itself_once_a_business_day
             async with importing.transaction():
                 await lock_provider(importing, "sandbox")
                 said = await asyncio.wait_for(other(), 5)
-                assert said is not None and "sandbox skipped while a settlement import runs" in said
+                assert said is not None and "sandbox skipped while an import or a resolution holds its settlement lock" in said
                 assert "raised" not in said
         finally:
             await importing.close()
