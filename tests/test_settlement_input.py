@@ -390,6 +390,32 @@ async def test_a_business_date_that_has_not_begun_is_refused(api, treasury):
     assert (await upload(api, treasury, data, day=today)).status == 201
 
 
+_FILE_PART = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"day.csv\"\r\n\r\n"
+
+
+async def _upload_by_hand(api, key: str, *, length: int, first: bytes, piece: bytes = b"", every: float = 0,
+                          times: int = 0) -> bytes:
+    """A settlement upload sent over a socket of its own: headers announcing ``length`` bytes of multipart body,
+    ``first``, then ``piece`` at once and every ``every`` seconds, ``times`` times or until the service hangs up;
+    the start of its answer (within 5 s of the last piece)."""
+    reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
+    try:
+        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
+                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: " + str(length).encode() +
+                     b"\r\n\r\n" + first)
+        await writer.drain()
+        for _ in range(times):
+            try:
+                writer.write(piece)
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(every)
+        return await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.close()
+
+
 @pytest.mark.parametrize("sent", ["headers", "file"])
 async def test_an_upload_that_stalls_is_given_up_with_408_and_frees_its_slot(db_dsn, monkeypatch, sent):
     """Found by a review of the docs: the file was read with no time limit, so an upload that stopped sending held
@@ -406,16 +432,9 @@ async def test_an_upload_that_stalls_is_given_up_with_408_and_frees_its_slot(db_
                 b"Content-Type: text/csv\r\n\r\n")
         if sent == "file":
             body += b"transaction_id,amount,currency\r\nTX-1,5"
-        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
-        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
-                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n" + body)
-        await writer.drain()
-        try:
-            answer = await asyncio.wait_for(reader.read(4096), 5)
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
-            assert b"urn:paysvc:problem:request-timeout" in answer and b"nothing came for 1 s" in answer
-        finally:
-            writer.close()
+        answer = await _upload_by_hand(api, key, length=100_000, first=body)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"urn:paysvc:problem:request-timeout" in answer and b"nothing came for 1 s" in answer
         r = await api.client.get("/v1/settlements", headers={"Authorization": f"Bearer {key}"})  # the slot is free
         assert r.status == 200, await r.text()
         assert await count(db_dsn, "SELECT count(*) FROM settlements") == 0
@@ -430,23 +449,10 @@ async def test_an_upload_that_trickles_is_given_up_with_408_and_frees_its_slot(d
     monkeypatch.setattr(paysvc.web, "BODY_SECONDS", 1.0)
     async with running_api(db_dsn, max_concurrent_requests=1, request_queue_seconds=0.2) as api:
         key = await api.key(None, scopes=["treasury"], name="Treasury desk")
-        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
-        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
-                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
-                     b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"day.csv\"\r\n\r\n")
-        try:
-            for _ in range(8):  # 256 bytes a second, until the answer comes
-                try:
-                    writer.write(b"x" * 128)
-                    await writer.drain()
-                except ConnectionError:
-                    break
-                await asyncio.sleep(0.5)
-            answer = await asyncio.wait_for(reader.read(4096), 5)
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
-            assert b"the upload is too slow" in answer
-        finally:
-            writer.close()
+        # 256 bytes a second, until the answer comes
+        answer = await _upload_by_hand(api, key, length=100_000, first=_FILE_PART, piece=b"x" * 128, every=0.5, times=8)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"the upload is too slow" in answer
         r = await api.client.get("/v1/settlements", headers={"Authorization": f"Bearer {key}"})  # the slot is free
         assert r.status == 200, await r.text()
 
@@ -462,20 +468,8 @@ async def test_an_upload_that_takes_longer_than_its_limit_is_given_up_even_at_a_
     monkeypatch.setattr(paysvc.api_settlements, "MAX_UPLOAD_SECONDS", 2)
     async with running_api(db_dsn) as api:
         key = await api.key(None, scopes=["treasury"], name="Treasury desk")
-        reader, writer = await asyncio.open_connection(api.client.server.host, api.client.server.port)
-        writer.write(b"POST /v1/settlements HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
-                     b"\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000000\r\n\r\n"
-                     b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"day.csv\"\r\n\r\n")
-        try:
-            for _ in range(30):  # 64 KiB every 0.1 s: well above the average the rate rule asks
-                try:
-                    writer.write(b"x" * 65536)
-                    await writer.drain()
-                except ConnectionError:
-                    break
-                await asyncio.sleep(0.1)
-            answer = await asyncio.wait_for(reader.read(4096), 5)
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
-            assert b"the upload took more than" in answer
-        finally:
-            writer.close()
+        # 64 KiB every 0.1 s: well above the average the rate rule asks
+        answer = await _upload_by_hand(api, key, length=100_000_000, first=_FILE_PART, piece=b"x" * 65536, every=0.1,
+                                       times=30)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b"the upload took more than" in answer
