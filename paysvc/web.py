@@ -12,7 +12,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Awaitable, Callable
+from types import UnionType
+from typing import Annotated, Any, Awaitable, Callable, Union, get_args, get_origin
 
 import asyncpg
 import prometheus_client
@@ -235,10 +236,34 @@ def _refuse_repeated_query(request: web.Request) -> None:
                                        for k in repeated])
 
 
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def _int_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of a query model that take a whole number (``int`` or ``int | None``)."""
+    def bare(t):
+        return get_args(t)[0] if get_origin(t) is Annotated else t
+
+    out = set()
+    for name, info in model.model_fields.items():
+        ann = bare(info.annotation)
+        if ann is int or (get_origin(ann) in (Union, UnionType) and int in map(bare, get_args(ann))):
+            out.add(info.alias or name)
+    return frozenset(out)
+
+
 def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
     _refuse_repeated_query(request)  # on admission already for API requests; here for whatever calls it
+    query = dict(request.query)
+    for name in _int_fields(model):
+        # pydantic also reads 5.0, +5 and 1_0 as whole numbers (found by fuzzing): a number in a query is
+        # written with digits only
+        if name in query and not _WHOLE_NUMBER.fullmatch(query[name]):
+            raise ValidationFailed(f"{name} must be a whole number written with the digits 0-9, e.g. {name}=50; "
+                                   f"got {query[name][:40]!r}",
+                                   errors=[{"field": name, "message": "not a whole number", "code": "int_parsing"}])
     try:
-        return model.model_validate(dict(request.query))
+        return model.model_validate(query)
     except ValidationError as exc:
         raise invalid(exc, "query parameters") from None
 

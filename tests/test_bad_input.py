@@ -430,3 +430,14 @@ async def test_a_line_number_past_what_a_line_can_have_is_422_naming_after_line(
     assert r.status == 422 and body["errors"][0]["field"] == "after_line", body
     r = await api.client.get(url, params={"after_line": str(2**31 - 1)}, headers=treasury)
     assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("value", ["5.0", "+5", "1_0", " 5", "5 ", "\uff15", "0x5", "5e1"])
+async def test_a_number_in_a_query_is_written_with_digits_only(api, portal, treasury, value):
+    """Found by fuzzing: pydantic read 5.0, +5 and 1_0 (and Python's int() full-width digits) as whole numbers."""
+    for path, headers in (("/v1/invoices", portal), ("/v1/events", portal), ("/v1/settlements", treasury)):
+        r = await api.client.get(path, params={"limit": value}, headers=headers)
+        body = await r.json()
+        assert r.status == 422, (path, value, body)
+        assert body["errors"] == [{"field": "limit", "message": "not a whole number", "code": "int_parsing"}], body
+        assert (await api.client.get(path, params={"limit": "5"}, headers=headers)).status == 200
