@@ -12,7 +12,7 @@ from paysvc.errors import MalformedRequest, ValidationFailed
 from paysvc.invoices import REFERENCE, InvoiceCreate, InvoiceOut, InvoicePage, KhqrOut
 from paysvc.queries import Q
 from paysvc.web import (POOL, Route, add_routes, json_response, parse_model, parse_query, principal, read_json,
-                        reader, QueryTime, require_offset)
+                        reader, QueryTime, WHOLE_NUMBER, require_offset)
 
 CTX = web.AppKey("invoice_ctx", invoicing.InvoiceContext)
 
@@ -160,12 +160,10 @@ def _image_headers(code: KhqrOut) -> dict[str, str]:
 
 async def qr_png(request: web.Request) -> web.Response:
     code = await _public_code(request)
-    try:
-        scale = int(request.query.get("scale", "8"))
-    except ValueError:
-        raise MalformedRequest("scale must be an integer from 2 to 20") from None
-    if not 2 <= scale <= 20:
+    raw = request.query.get("scale", "8")
+    if not WHOLE_NUMBER.fullmatch(raw) or not 2 <= int(raw) <= 20:  # digits only, as any number in a query
         raise MalformedRequest("scale must be an integer from 2 to 20")
+    scale = int(raw)
     png = qrimage.render_png(code.payload, box_size=scale)
     return web.Response(body=png, content_type="image/png", headers=_image_headers(code))
 

@@ -236,7 +236,7 @@ def _refuse_repeated_query(request: web.Request) -> None:
                                        for k in repeated])
 
 
-_WHOLE_NUMBER = re.compile(r"-?[0-9]+")
+WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
 def _int_fields(model: type[BaseModel]) -> frozenset[str]:
@@ -258,7 +258,7 @@ def parse_query(model: type[BaseModel], request: web.Request) -> BaseModel:
     for name in _int_fields(model):
         # pydantic also reads 5.0, +5 and 1_0 as whole numbers (found by fuzzing): a number in a query is
         # written with digits only
-        if name in query and not _WHOLE_NUMBER.fullmatch(query[name]):
+        if name in query and not WHOLE_NUMBER.fullmatch(query[name]):
             raise ValidationFailed(f"{name} must be a whole number written with the digits 0-9, e.g. {name}=50; "
                                    f"got {query[name][:40]!r}",
                                    errors=[{"field": name, "message": "not a whole number", "code": "int_parsing"}])

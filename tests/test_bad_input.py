@@ -441,3 +441,12 @@ async def test_a_number_in_a_query_is_written_with_digits_only(api, portal, trea
         assert r.status == 422, (path, value, body)
         assert body["errors"] == [{"field": "limit", "message": "not a whole number", "code": "int_parsing"}], body
         assert (await api.client.get(path, params={"limit": "5"}, headers=headers)).status == 200
+
+
+async def test_the_qr_images_scale_is_written_with_digits_only_too(api, portal, invoice_body):
+    inv = await (await api.client.post("/v1/invoices", json=invoice_body(), headers=portal)).json()
+    url = f"/v1/invoices/{inv['id']}/qr.png"
+    for bad in ("+5", "1_0", "\uff15", " 5", "5.0", "1", "21"):
+        r = await api.client.get(url, params={"scale": bad})
+        assert r.status == 400 and "scale must be an integer from 2 to 20" in (await r.json())["detail"], bad
+    assert (await api.client.get(url, params={"scale": "5"})).status == 200
