@@ -3,11 +3,13 @@ and stopped with it, also after an earlier run was killed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import psutil
 
-from tests.service_process import ServiceProcess
+from tests.service_process import ServiceProcess, free_port, service_env
 
 
 def _embedded(data_dir) -> ServiceProcess:
@@ -43,3 +45,30 @@ def test_the_embedded_database_stops_with_the_service_even_after_a_run_was_kille
     for p in left:                                       # do not leave it behind if the test fails
         p.terminate()
     assert not left, "the database outlived a clean stop"
+
+
+def test_the_ledgers_read_commands_on_the_embedded_database_check_it_and_stop_it(tmp_path):
+    """verify (like reconcile, export, trial-balance and journal) on the README's database: refused, changing
+    nothing, until it is migrated; then it runs; and the database it started is stopped each time."""
+    data = tmp_path / "data"
+    env = service_env("unused", free_port(), PAYSVC_DATA_DIR=str(data))
+    del env["PAYSVC_DATABASE_URL"]
+
+    def paysvc(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "paysvc", *args], env=env, capture_output=True, text=True,
+                             timeout=120)
+        deadline = time.time() + 15
+        while _postmasters(data) and time.time() < deadline:
+            time.sleep(0.2)
+        left = _postmasters(data)
+        for p in left:
+            p.terminate()
+        assert not left, f"paysvc {' '.join(args)} left its database running"
+        return out
+
+    out = paysvc("ledger", "verify")
+    assert out.returncode == 1 and "not migrated to this version of paysvc" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert paysvc("migrate").returncode == 0
+    out = paysvc("ledger", "verify")
+    assert out.returncode == 0 and "ledger verified" in out.stdout, (out.stdout, out.stderr)
