@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -239,6 +240,7 @@ def _refuse_repeated_query(request: web.Request) -> None:
 WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
+@functools.cache  # per model class: read on every request that parses a query
 def _int_fields(model: type[BaseModel]) -> frozenset[str]:
     """The fields of a query model that take a whole number (``int`` or ``int | None``)."""
     def bare(t):
