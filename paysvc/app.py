@@ -17,7 +17,8 @@ import asyncpg
 import prometheus_client
 from aiohttp import web
 
-from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, inbox, invoicing, pages
+from paysvc import api_events, api_invoices, api_ledger, api_providers, api_reconciliation, api_refunds, inbox
+from paysvc import invoicing, pages
 from paysvc import api_settlements, outbox, provider_tokens, settlement_import, treasury_pages
 from paysvc.poller import Poller, PollPolicy
 from paysvc.provider_settings import provider_config
@@ -207,6 +208,7 @@ def create_app(settings: Settings, dsn: str, *, background: bool = True) -> web.
     api_events.setup(app)
     api_providers.setup(app)
     api_reconciliation.setup(app)
+    api_refunds.setup(app)
     api_settlements.setup(app)
     treasury_pages.setup(app)
     pages.setup(app)

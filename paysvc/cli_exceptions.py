@@ -1,7 +1,9 @@
-"""``paysvc exceptions``: treasury's reconciliation exceptions from the command line: list them, resolve one.
+"""``paysvc exceptions``: treasury's reconciliation exceptions from the command line: list them, resolve one;
+``paysvc refunds``: the refunds still owed back to payers, and recording one paid out.
 
-The same rules and entries as ``POST /v1/reconciliation/exceptions/{id}/resolve`` and the treasury pages (one
-function resolves for all three); the resolution is recorded as made by ``cli:<user>``.
+The same rules and entries as ``POST /v1/reconciliation/exceptions/{id}/resolve``, ``POST
+/v1/reconciliation/refunds`` and the treasury pages (one function does each for all three); what is done is
+recorded as made by ``cli:<user>``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,26 @@ async def _resolve(settings: Settings, dsn: str, args) -> dict:
         return await resolve_exception(args.exception_id, args.body, pool=pool,
                                        bank_account=settings.treasury_bank_account,
                                        by=f"cli:{getpass.getuser()}"[:100])
+    finally:
+        await pool.close()
+
+
+async def _owed(settings: Settings, dsn: str, args) -> list[dict]:
+    from paysvc.db import connect
+    from paysvc.queries import Q
+
+    async with connect(dsn) as conn:
+        return [dict(r) for r in await conn.fetch(Q.refunds_owed, None, None, None, args.limit)]
+
+
+async def _pay(settings: Settings, dsn: str, args) -> tuple[dict, bool]:
+    from paysvc.api_refunds import record
+    from paysvc.db import create_pool
+
+    pool = await create_pool(dsn, settings)
+    try:
+        return await record(args.body, pool=pool, bank_account=settings.treasury_bank_account,
+                            by=f"cli:{getpass.getuser()}"[:100])
     finally:
         await pool.close()
 
@@ -98,6 +120,62 @@ def cmd_resolve(settings: Settings, args) -> int:
     return 0
 
 
+OWED_COLUMNS = ("case_id", "since", "outstanding", "paid", "money_arrived", "exception_ids")
+
+
+def cmd_owed(settings: Settings, args) -> int:
+    from paysvc.pages import amount_display
+
+    rows = _run(settings, _owed, args)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, default=str, ensure_ascii=False))
+        return 0
+    if not rows:
+        print("no refunds are owed", file=sys.stderr)
+        return 0
+    table = [[r["case_id"], r["since"].isoformat(timespec="seconds"), amount_display(r["currency"], r["outstanding"]),
+              amount_display(r["currency"], r["paid"]), "yes" if r["money_arrived"] else "no (not settled yet)",
+              ",".join(r["exception_ids"])] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(OWED_COLUMNS)]
+    for row in [list(OWED_COLUMNS), *table]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    if len(rows) == args.limit:
+        print(f"(the oldest {args.limit}; --limit for more)", file=sys.stderr)
+    return 0
+
+
+def cmd_pay(settings: Settings, args) -> int:
+    from pydantic import ValidationError
+
+    from paysvc.api_refunds import PayoutBody
+    from paysvc.cli import CliError
+    from paysvc.errors import pydantic_errors
+
+    try:
+        args.body = PayoutBody(exception_id=args.exception_id, currency=args.currency, amount=args.amount,
+                               reference=args.reference, note=args.note)
+    except ValidationError as exc:  # the API's own checks, said with the options' names
+        first = pydantic_errors(exc)[0]
+        option = {"exception_id": "exception_id", "currency": "--currency", "amount": "--amount",
+                  "reference": "--reference", "note": "--note"}.get(first["field"])
+        raise CliError(f"{option + ': ' if option else ''}{first['message']}") from None
+    payout, replayed = _run(settings, _pay, args)
+    if replayed:
+        print(f"this transfer was recorded before, as payout {payout['id']}: nothing new was written",
+              file=sys.stderr)
+    print(json.dumps(payout, indent=2, default=str, ensure_ascii=False))
+    return 0
+
+
+def _amount(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or not 1 <= int(text) <= 10**15:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minor units from 1 to 10^15")
+    return int(text)
+
+
 def _limit(text: str) -> int:
     import argparse
 
@@ -123,3 +201,17 @@ def register(sub) -> None:
     p.add_argument("--note", required=True, help="why (kept with the resolution)")
     p.add_argument("--invoice", help="the invoice id, for match_to_invoice only")
     p.set_defaults(func=cmd_resolve)
+    rf = sub.add_parser("refunds", help="treasury: refunds owed back to payers, and recording one paid out"
+                        ).add_subparsers(dest="action_name", required=True)
+    p = rf.add_parser("owed", help="what is still owed back, oldest first, and whether each can be paid yet")
+    p.add_argument("--limit", type=_limit, default=50, metavar="N", help="1 to 1000 (50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_owed)
+    p = rf.add_parser("pay", help="record a refund paid back by bank transfer (posts its entry); the same "
+                                  "--reference again finds the first")
+    p.add_argument("exception_id", help="an exception whose resolution owes money back (any of the payment's)")
+    p.add_argument("--currency", required=True, choices=("KHR", "USD"))
+    p.add_argument("--amount", required=True, type=_amount, help="minor units: riel, or US cents")
+    p.add_argument("--reference", required=True, help="the bank's reference of the transfer")
+    p.add_argument("--note", required=True, help="what was done (kept with the payout)")
+    p.set_defaults(func=cmd_pay)

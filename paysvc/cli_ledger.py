@@ -29,7 +29,7 @@ def cmd_reconcile(settings, args) -> int:
                 return (await conn.fetchval("SELECT count(*) FROM payments"),
                         await conn.fetch(Q.payments_booked_otherwise),
                         await conn.fetchval("SELECT count(*) FROM ledger_entries "
-                                            "WHERE kind IN ('settlement', 'exception_resolved')"),
+                                            "WHERE kind IN ('settlement', 'exception_resolved', 'refund_paid')"),
                         await conn.fetch(Q.entries_without_their_record))
 
     with database(settings) as dsn:
@@ -50,8 +50,8 @@ def cmd_reconcile(settings, args) -> int:
         return 1
     print(f"payments reconciled: each of the {count} payments has one capture entry with its postings, and every "
           "capture entry names a payment")
-    print(f"records reconciled: each of the {others} settlement and resolution entries is named by its settlement "
-          "or resolved exception, and every entry those name exists")
+    print(f"records reconciled: each of the {others} settlement, resolution and refund entries is named by its "
+          "settlement, resolved exception or refund payout, and every entry those name exists")
     return 0
 
 

@@ -1,5 +1,5 @@
 """Treasury pages: log in with a treasury API key, see business days × providers, open a day's report,
-resolve exceptions, download the CSV.
+resolve exceptions, download the CSV, see the refunds owed back to payers and record one paid out.
 
 The key is exchanged once for a session cookie (HttpOnly, SameSite=Strict, Secure when PAYSVC_PUBLIC_URL is
 https, path /treasury). Sessions live server-side (``treasury_sessions``: only the token's SHA-256) until
@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 import ledger
 
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
+from paysvc.api_refunds import PayoutBody, record as record_payout
 from paysvc.api_settlements import iso_date, rules_of, stream_csv
 from paysvc.auth import actor
 from paysvc.api_invoices import CTX as INVOICE_CTX
@@ -47,6 +48,7 @@ _INVOICE_ID = re.compile(r"inv_[a-z0-9]{20,40}")
 GRID_DAYS = 14
 LINES_PAGE = 500        # lines of each settlement file on a day page
 EXCEPTIONS_PAGE = 100   # open exceptions on a day page (each carries a resolve form)
+REFUNDS_PAGE = 200      # refunds owed on the refunds page, oldest first (each carries a payout form)
 TEMPLATE = web.AppKey("treasury_template", tuple)
 FORM = web.RequestKey("treasury_form", object)
 
@@ -237,7 +239,9 @@ async def grid(request: web.Request) -> web.Response:
         rows.append(f"<tr><th>{d}</th>{''.join(tds)}</tr>")
     body = (f"<h1>Business days</h1><p class=\"note\">Business days are {TIME_ZONE_NAME} days; the last "
             f"{GRID_DAYS} are shown.</p><table id=\"grid\"><thead><tr><th>Business day</th>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>" + _FIND_FORM + _chain_note(chain))
+            f"<tbody>{''.join(rows)}</tbody></table>" + _FIND_FORM
+            + '<p><a id="refunds-link" href="/treasury/refunds">Refunds owed back to payers</a></p>'
+            + _chain_note(chain))
     return _page(request, "Business days", body, session=session)
 
 
@@ -534,6 +538,88 @@ async def resolve_form(request: web.Request) -> web.Response:
     return _see_other(f"{back}{sep}msg={quote('Exception ' + request.match_info['id'] + ' resolved')}")
 
 
+async def refunds_page(request: web.Request) -> web.Response:
+    """The refunds still owed back to payers, oldest first, each with a form to record it paid (once its money
+    has reached the bank), and the latest payouts recorded."""
+    session = await _require(request)
+    if isinstance(session, web.Response):
+        return session
+    async with request.app[POOL].acquire() as conn:
+        owed = await conn.fetch(Q.refunds_owed, None, None, None, REFUNDS_PAGE + 1)
+        recent = await conn.fetch(Q.refund_payouts_page, None, None, None, 20)
+    parts = ["<h1>Refunds owed back to payers</h1>"]
+    if flash := request.query.get("msg"):
+        parts.append(f'<p class="note" id="flash">{_e(flash)}</p>')
+    parts.append("<p class=\"note\">What resolutions put in suspense:refunds-due and nobody has paid out yet, per "
+                 "payment (or per exception when it is about no payment). Send the money by the bank, then record "
+                 "the transfer with the bank's reference: its entry moves it from refunds-due to the treasury bank "
+                 "account. A payment's refund is paid once its money has reached the bank.</p>")
+    rows = []
+    for r in owed[:REFUNDS_PAGE]:
+        cur = r["currency"]
+        if r["money_arrived"] and r["exception_ids"]:
+            action = (f"<form class=\"resolve\" method=\"post\" action=\"/treasury/refunds\">{_csrf(session)}"
+                      f"<input type=\"hidden\" name=\"exception_id\" value=\"{_e(r['exception_ids'][0])}\">"
+                      f"<input type=\"hidden\" name=\"currency\" value=\"{_e(cur)}\">"
+                      f"<input name=\"amount\" inputmode=\"numeric\" value=\"{r['outstanding']}\" required "
+                      f"title=\"minor units: riel, or US cents\">"
+                      "<input name=\"reference\" maxlength=\"140\" placeholder=\"bank reference (required)\" required>"
+                      "<textarea name=\"note\" placeholder=\"what was done (required)\" required></textarea>"
+                      "<button type=\"submit\">Record payout</button></form>")
+        else:
+            action = '<span class="note">not settled yet: its provider may still give it back</span>'
+        rows.append(f"<tr id=\"refund-{_e(r['case_id'])}-{_e(cur)}\"><td>{_e(r['case_id'])}</td>"
+                    f"<td>{_e(', '.join(r['exception_ids']))}</td><td>{_e(r['since'].strftime('%Y-%m-%d %H:%M'))}</td>"
+                    f"<td class=\"num\">{_e(amount_display(cur, r['outstanding']))}</td>"
+                    f"<td class=\"num\">{_e(amount_display(cur, r['paid']))}</td><td>{action}</td></tr>")
+    if rows:
+        more = (f"<p class=\"note\">The oldest {REFUNDS_PAGE} are shown; record these and the next appear.</p>"
+                if len(owed) > REFUNDS_PAGE else "")
+        parts.append("<table id=\"refunds\"><thead><tr><th>Payment or exception</th><th>Exceptions</th>"
+                     "<th>Owed since (UTC)</th><th>Outstanding</th><th>Paid</th><th>Record a payout</th></tr></thead>"
+                     f"<tbody>{''.join(rows)}</tbody></table>{more}")
+    else:
+        parts.append('<p id="no-refunds">None: nothing is owed back.</p>')
+    if recent:
+        parts.append("<h2>Latest payouts</h2><table id=\"payouts\"><thead><tr><th>Payout</th><th>Recorded (UTC)"
+                     "</th><th>Amount</th><th>Bank reference</th><th>Payment or exception</th><th>By</th></tr></thead>"
+                     "<tbody>" + "".join(
+                         f"<tr><td>{_e(p['id'])}</td><td>{_e(p['recorded_at'].strftime('%Y-%m-%d %H:%M'))}</td>"
+                         f"<td class=\"num\">{_e(amount_display(p['currency'], p['amount']))}</td>"
+                         f"<td>{_e(p['reference'])}</td><td>{_e(p['payment_id'] or p['exception_id'])}</td>"
+                         f"<td>{_e(p['recorded_by'])}</td></tr>" for p in recent) + "</tbody></table>")
+    parts.append('<p><a href="/treasury">Business days</a></p>')
+    return _page(request, "Refunds owed", "".join(parts), session=session)
+
+
+async def refund_form(request: web.Request) -> web.Response:
+    session = await _require(request, post=True)
+    if isinstance(session, web.Response):
+        return session
+    form = request[FORM]
+    back = '<p><a href="/treasury/refunds">Back</a></p>'
+    fields = {k: form.get(k) for k in ("exception_id", "currency", "amount", "reference", "note")
+              if isinstance(form.get(k), str)}
+    amount = fields.get("amount", "").strip().replace(",", "")
+    if amount.isascii() and amount.isdigit():    # digits only: "1e3", "+5" or "٣" stay text, and are refused
+        fields["amount"] = int(amount)
+    try:
+        body = PayoutBody.model_validate(fields)
+    except ValidationError as exc:
+        msg = "; ".join(f"{e['field']}: {e['message']}" for e in pydantic_errors(exc))
+        return _page(request, "Not recorded", f'<p class="error">{_e(msg)}</p>{back}', session=session, status=422)
+    try:
+        payout, replayed = await record_payout(body, pool=request.app[POOL],
+                                               bank_account=request.app[SETTINGS].treasury_bank_account,
+                                               by=actor(session["key_name"], session["key_id"]))
+    except Problem as p:
+        return _page(request, "Not recorded", f'<p class="error">{_e(p.detail)}</p>{back}', session=session,
+                     status=p.status)
+    said = (f"Payout {payout['id']} was already recorded for this transfer: nothing new" if replayed else
+            f"Payout {payout['id']} recorded: {amount_display(payout['currency'], payout['amount'])}")
+    return _see_other(f"/treasury/refunds?msg={quote(said)}")
+
+
 async def csv_download(request: web.Request) -> web.StreamResponse:
     session = await _require(request)
     if isinstance(session, web.Response):
@@ -560,6 +646,10 @@ ROUTES = [
           content_type="text/html", query=FindInvoiceQuery, tags=("pages",)),
     Route("POST", "/treasury/exceptions/{id}/resolve", resolve_form, "Resolve an exception (form)",
           content_type="text/html", status=303, tags=("pages",)),
+    Route("GET", "/treasury/refunds", refunds_page, "Refunds owed back to payers, and the latest payouts",
+          content_type="text/html", tags=("pages",)),
+    Route("POST", "/treasury/refunds", refund_form, "Record a refund paid out (form)", content_type="text/html",
+          status=303, tags=("pages",)),
     Route("GET", "/treasury/settlements/{id}/report.csv", csv_download, "A settlement's report as CSV",
           content_type="text/csv", tags=("pages",)),
 ]

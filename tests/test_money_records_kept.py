@@ -123,7 +123,7 @@ async def test_reconcile_finds_an_entry_without_its_record_and_a_record_without_
 
     ok = await asyncio.to_thread(_reconcile, api.dsn)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "records reconciled: each of the 2 settlement and resolution entries" in ok.stdout, ok.stdout
+    assert "records reconciled: each of the 2 settlement, resolution and refund entries" in ok.stdout, ok.stdout
     resolved = await history.fetchrow("SELECT id, resolution_entry_id FROM reconciliation_exceptions "
                                       "WHERE resolution_entry_id IS NOT NULL")
     settlement = await history.fetchrow("SELECT id, journal_entry_id FROM settlements")

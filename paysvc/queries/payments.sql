@@ -169,7 +169,8 @@ SELECT coalesce(x.id, c.payment_id) AS payment_id, c.id AS entry_id,
 -- resolved exception, whose id its idempotency key carries; a settlement entry by its settlement, whose id it
 -- carries; an exception's or a settlement's entry exists and is of its kind (a settled_late exception names the
 -- settlement's entry that settled it); a reversal undoes a capture (or a reversal), the only entries the service
--- corrects so (found by review: reversing a settlement or a resolution passed); and no entry is of a kind the
+-- corrects so (found by review: reversing a settlement or a resolution passed); a refund entry is named by its
+-- payout, whose id its idempotency key carries, and moves what the payout says; and no entry is of a kind the
 -- service does not write. The exceptions and settlements naming entries are counted once, grouped, and joined
 -- (found by review: a count per entry read every exception, 105 s at 100,000 entries). One row per problem.
 WITH resolutions AS (
@@ -181,10 +182,12 @@ WITH resolutions AS (
 ), settled AS (
     SELECT journal_entry_id AS entry_id, count(*) AS n, min(id) AS settlement_id
       FROM settlements WHERE journal_entry_id IS NOT NULL GROUP BY journal_entry_id
+), paid_out AS (
+    SELECT entry_id, min(id) AS payout_id FROM refund_payouts GROUP BY entry_id
 )
 SELECT e.id AS entry_id, NULL::text AS record,
        CASE WHEN e.kind NOT IN ('payment.captured', 'payment.suspense', 'settlement', 'exception_resolved',
-                                'reversal')
+                                'reversal', 'refund_paid')
                 THEN 'an entry of kind ' || e.kind || ', which the service never writes'
             WHEN e.kind = 'reversal'
                 THEN 'a reversal of entry ' || e.reverses || ' (' || coalesce(r.kind, 'missing')
@@ -193,6 +196,8 @@ SELECT e.id AS entry_id, NULL::text AS record,
                 THEN 'the resolution entry is named by ' || coalesce(x.n, 0) || ' exceptions ('
                      || coalesce(x.resolved, 0) || ' resolved), not one resolved exception whose id its '
                      || 'idempotency key carries'
+            WHEN e.kind = 'refund_paid'
+                THEN 'the refund entry is named by no refund payout whose id its idempotency key carries'
             ELSE 'the settlement entry is named by ' || coalesce(t.n, 0) || ' settlements, not the one whose id it '
                  || 'carries'
        END AS problem
@@ -200,13 +205,15 @@ SELECT e.id AS entry_id, NULL::text AS record,
   LEFT JOIN ledger_entries r ON r.id = e.reverses
   LEFT JOIN resolutions x ON x.entry_id = e.id::text
   LEFT JOIN settled t ON t.entry_id = e.id
+  LEFT JOIN paid_out o ON o.entry_id = e.id
  WHERE e.kind NOT IN ('payment.captured', 'payment.suspense')
-   AND (e.kind NOT IN ('settlement', 'exception_resolved', 'reversal')
+   AND (e.kind NOT IN ('settlement', 'exception_resolved', 'reversal', 'refund_paid')
         OR (e.kind = 'reversal' AND coalesce(r.kind, '') NOT IN ('payment.captured', 'payment.suspense', 'reversal'))
         -- coalesce: with nothing naming the entry the comparison is null, which NOT would leave out as no problem
         OR (e.kind = 'exception_resolved'
             AND NOT coalesce(x.n = 1 AND x.resolved = 1 AND e.idempotency_key = 'resolution:' || x.exception_id, false))
-        OR (e.kind = 'settlement' AND NOT coalesce(t.n = 1 AND e.settlement_id = t.settlement_id, false)))
+        OR (e.kind = 'settlement' AND NOT coalesce(t.n = 1 AND e.settlement_id = t.settlement_id, false))
+        OR (e.kind = 'refund_paid' AND NOT coalesce(e.idempotency_key = 'refund-payout:' || o.payout_id, false)))
 UNION ALL
 SELECT e.id, 'exception ' || x.id,
        CASE WHEN e.id IS NULL THEN 'the exception''s resolution entry ' || x.resolution_entry_id || ' does not exist'
@@ -223,4 +230,18 @@ SELECT e.id, 'settlement ' || s.id,
   FROM settlements s
   LEFT JOIN ledger_entries e ON e.id = s.journal_entry_id
  WHERE s.journal_entry_id IS NOT NULL AND (e.id IS NULL OR e.kind <> 'settlement')
+UNION ALL
+-- A refund payout's entry moves what the payout says, from refunds-due to the bank account it left from.
+SELECT r.entry_id, 'refund payout ' || r.id,
+       CASE WHEN e.id IS NULL THEN 'the payout''s entry ' || r.entry_id || ' does not exist'
+            WHEN e.kind <> 'refund_paid' THEN 'the payout''s entry is of kind ' || e.kind
+            ELSE 'the payout''s entry does not move ' || r.amount || ' ' || r.currency
+                 || ' from suspense:refunds-due to treasury:bank:' || r.bank_account END
+  FROM refund_payouts r
+  LEFT JOIN ledger_entries e ON e.id = r.entry_id
+ WHERE e.id IS NULL OR e.kind <> 'refund_paid'
+    OR (SELECT array_agg(a.code || ' ' || p.side || ' ' || p.amount ORDER BY p.side DESC, a.code)
+          FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id WHERE p.entry_id = r.entry_id)
+       IS DISTINCT FROM ARRAY['suspense:refunds-due:' || r.currency || ' debit ' || r.amount,
+                              'treasury:bank:' || r.bank_account || ':' || r.currency || ' credit ' || r.amount]
  ORDER BY 1 NULLS FIRST, 2

@@ -1,0 +1,94 @@
+-- Refunds owed back to payers (suspense:refunds-due) and paid out of the treasury bank account.
+--
+-- A refund is counted per case: the payment, when the exception is about one (every entry about the payment,
+-- whichever of its exceptions resolved it, adds to what is owed or takes from it: a refund of a payment missing
+-- from settlement takes back what an earlier resolution put there), else the exception (its resolution entry).
+
+-- name: exception_for_refund
+SELECT id, reason, state, resolution, payment_id, invoice_id, resolution_entry_id
+  FROM reconciliation_exceptions WHERE id = $1
+
+-- name: refund_case_lock
+-- Payouts of one case are recorded one at a time (two treasury staff paying the same refund at once).
+SELECT pg_advisory_xact_lock(hashtextextended('paysvc.refund:' || $1, 0))
+
+-- name: refund_due_of_payment
+-- What the entries about payment $1 put into suspense:refunds-due less what they took from it, per currency
+-- (payouts left out: they are counted from their own records).
+SELECT a.currency, sum(CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END)::bigint AS due
+  FROM ledger_entries e
+  JOIN ledger_postings p ON p.entry_id = e.id
+  JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE e.payment_id = $1 AND e.kind <> 'refund_paid' AND a.code LIKE 'suspense:refunds-due:%'
+ GROUP BY a.currency
+
+-- name: refund_due_of_entry
+-- What resolution entry $1 put into suspense:refunds-due less what it took from it, per currency.
+SELECT a.currency, sum(CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END)::bigint AS due
+  FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE p.entry_id = $1 AND a.code LIKE 'suspense:refunds-due:%'
+ GROUP BY a.currency
+
+-- name: refund_paid_of_payment
+SELECT currency, sum(amount)::bigint AS paid FROM refund_payouts WHERE payment_id = $1 GROUP BY currency
+
+-- name: refund_paid_of_exception
+SELECT currency, sum(amount)::bigint AS paid FROM refund_payouts WHERE exception_id = $1 AND payment_id IS NULL
+ GROUP BY currency
+
+-- name: payment_money_arrived
+SELECT refund_money_arrived($1)
+
+-- name: refund_payout_by_reference
+SELECT id, exception_id, payment_id, currency, amount, reference, bank_account, note, recorded_by, recorded_at,
+       entry_id
+  FROM refund_payouts WHERE reference = $1
+
+-- name: refund_payout_insert
+INSERT INTO refund_payouts (id, exception_id, payment_id, currency, amount, reference, bank_account, note,
+                            recorded_by, recorded_at, entry_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (reference) DO NOTHING
+RETURNING id, exception_id, payment_id, currency, amount, reference, bank_account, note, recorded_by, recorded_at,
+          entry_id
+
+-- name: refund_payouts_page
+-- Payouts newest first; $1 a case (payment or exception id) or NULL, $2/$3 the cursor, $4 the limit.
+SELECT id, exception_id, payment_id, currency, amount, reference, bank_account, note, recorded_by, recorded_at,
+       entry_id
+  FROM refund_payouts
+ WHERE ($1::text IS NULL OR payment_id = $1 OR exception_id = $1)
+   AND ($2::timestamptz IS NULL OR (recorded_at, id) < ($2, $3::text))
+ ORDER BY recorded_at DESC, id DESC
+ LIMIT $4
+
+-- name: refunds_owed
+-- Every case with money still owed back, oldest first: what was put into suspense:refunds-due for it, what
+-- was paid out, and whether its money has reached the bank (a payment's case). Read from the postings of the
+-- refunds-due accounts (the index by account), so its cost follows the number of refunds, not of entries.
+WITH moves AS (
+    SELECT coalesce(e.payment_id, x.id) AS case_id, e.payment_id, x.id AS exception_id, a.currency,
+           CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END AS n, e.recorded_at
+      FROM ledger_accounts a
+      JOIN ledger_postings p ON p.account_id = a.id
+      JOIN ledger_entries e ON e.id = p.entry_id
+      LEFT JOIN reconciliation_exceptions x
+             ON e.idempotency_key LIKE 'resolution:%' AND x.id = substr(e.idempotency_key, 12)
+     WHERE a.code LIKE 'suspense:refunds-due:%' AND e.kind <> 'refund_paid'
+), due AS (
+    SELECT case_id, min(payment_id) AS payment_id, currency, sum(n)::bigint AS due, min(recorded_at) AS since,
+           array_agg(DISTINCT exception_id ORDER BY exception_id) FILTER (WHERE exception_id IS NOT NULL)
+               AS exception_ids
+      FROM moves WHERE case_id IS NOT NULL GROUP BY case_id, currency
+), paid AS (
+    SELECT coalesce(payment_id, exception_id) AS case_id, currency, sum(amount)::bigint AS paid
+      FROM refund_payouts GROUP BY 1, 2
+)
+SELECT d.case_id, d.payment_id, d.currency, d.due, coalesce(p.paid, 0) AS paid,
+       d.due - coalesce(p.paid, 0) AS outstanding, coalesce(d.exception_ids, '{}') AS exception_ids, d.since,
+       d.payment_id IS NULL OR refund_money_arrived(d.payment_id) AS money_arrived
+  FROM due d LEFT JOIN paid p ON p.case_id = d.case_id AND p.currency = d.currency
+ WHERE d.due - coalesce(p.paid, 0) > 0
+   AND ($1::timestamptz IS NULL OR (d.since, d.case_id, d.currency) > ($1, $2::text, $3::text))
+ ORDER BY d.since, d.case_id, d.currency
+ LIMIT $4

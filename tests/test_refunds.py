@@ -1,0 +1,293 @@
+"""Refunds owed back to payers and paid out by treasury: what is owed is listed per case, a payout is recorded
+once per bank transfer, never for more than is owed, never before the payment's money reached the bank, and
+its entry moves it from suspense:refunds-due to the bank. Real PostgreSQL, the API as treasury uses it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+import ledger
+from paysvc.db import connect
+from providers.sandbox import write_settlement_csv
+from tests.test_expired_part_paid import expire, part_paid
+from tests.test_settlement import line, resolve, upload
+from tests.test_settlement_resolve import balances, open_exceptions, overpaid, recheck
+
+REFUNDS = "/v1/reconciliation/refunds"
+ACCTS = ("suspense:refunds-due:KHR", "treasury:bank:nbc-treasury:KHR")
+
+
+async def payout(api, treasury, exception_id: str, amount: int, reference: str, currency: str = "KHR", **kw):
+    return await api.client.post(REFUNDS, headers=treasury, json={
+        "exception_id": exception_id, "currency": currency, "amount": amount, "reference": reference,
+        "note": "sent back by bank transfer", **kw})
+
+
+async def owed(api, treasury) -> list[dict]:
+    r = await api.client.get(f"{REFUNDS}/owed", headers=treasury)
+    assert r.status == 200, await r.text()
+    return (await r.json())["data"]
+
+
+async def reconciled(dsn: str) -> list[asyncpg.Record]:
+    from paysvc.queries import Q
+    async with connect(dsn) as conn:
+        return [*await conn.fetch(Q.entries_without_their_record), *await conn.fetch(Q.payments_booked_otherwise)]
+
+
+async def test_a_refund_is_paid_once_the_money_arrived_in_parts_never_more_than_owed(api, portal, treasury,
+                                                                                    invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    [case] = await owed(api, treasury)
+    assert (case["case_id"], case["payment_id"], case["exception_ids"], case["currency"], case["due"], case["paid"],
+            case["outstanding"], case["money_arrived"]) == (
+        over["payment_id"], over["payment_id"], [over["id"]], "KHR", 3000, 0, 3000, False)
+
+    # Not settled yet: its provider could still give the 36,000 back to the payer itself
+    r = await payout(api, treasury, over["id"], 3000, "BANK-REF-1")
+    body = await r.json()
+    assert r.status == 422 and "has not reached the bank" in body["detail"], body
+    assert body["errors"][0]["field"] == "exception_id"
+
+    r = await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))
+    assert r.status == 201, await r.text()
+    assert (await owed(api, treasury))[0]["money_arrived"] is True
+
+    r = await payout(api, treasury, over["id"], 3001, "BANK-REF-1")
+    body = await r.json()
+    assert r.status == 422 and "more than the 3000 KHR still owed" in body["detail"], body
+    r = await payout(api, treasury, over["id"], 1000, "BANK-REF-1")
+    assert r.status == 201, await r.text()
+    first = await r.json()
+    assert (first["exception_id"], first["payment_id"], first["currency"], first["amount"], first["reference"],
+            first["bank_account"]) == (over["id"], over["payment_id"], "KHR", 1000, "BANK-REF-1", "nbc-treasury")
+    assert first["recorded_by"].startswith("Treasury desk") and first["id"].startswith("rfp_")
+    async with connect(api.dsn) as conn:
+        entry = await ledger.get_entry(conn, first["entry_id"])
+    assert entry.kind == "refund_paid" and entry.payment_id == over["payment_id"]
+    assert {(p.account, p.side, p.amount) for p in entry.postings} == {
+        ("suspense:refunds-due:KHR", "debit", 1000), ("treasury:bank:nbc-treasury:KHR", "credit", 1000)}
+    assert await balances(api.dsn, *ACCTS) == {"suspense:refunds-due:KHR": 2000,
+                                               "treasury:bank:nbc-treasury:KHR": 35000}
+
+    # The same transfer sent again is the same payout; the same reference for another amount is refused
+    again = await payout(api, treasury, over["id"], 1000, "BANK-REF-1")
+    assert again.status == 200 and await again.json() == first
+    r = await payout(api, treasury, over["id"], 2000, "BANK-REF-1")
+    assert r.status == 409 and first["id"] in (await r.json())["detail"]
+    [case] = await owed(api, treasury)
+    assert (case["due"], case["paid"], case["outstanding"]) == (3000, 1000, 2000)
+
+    assert (await payout(api, treasury, over["id"], 2000, "BANK-REF-2")).status == 201
+    assert await owed(api, treasury) == []
+    r = await payout(api, treasury, over["id"], 1, "BANK-REF-3")
+    assert r.status == 422 and "nothing is owed back" in (await r.json())["detail"]
+    assert await balances(api.dsn, *ACCTS) == {"suspense:refunds-due:KHR": 0,
+                                               "treasury:bank:nbc-treasury:KHR": 33000}
+    listed = await (await api.client.get(REFUNDS, headers=treasury, params={"case": over["payment_id"]})).json()
+    assert [(p["reference"], p["amount"]) for p in listed["data"]] == [("BANK-REF-2", 2000), ("BANK-REF-1", 1000)]
+    assert await reconciled(api.dsn) == []
+
+
+async def test_what_the_provider_gave_back_is_not_owed_and_what_settled_after_all_is(api, portal, treasury,
+                                                                                   invoice_body):
+    """The overpaid part is owed back; then the payment is missing from settlement and refunded by its provider
+    (which takes that part back): nothing is owed. Settled after all and taken in: owed again."""
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    assert (await resolve(api, treasury, missing["id"], "refund_due")).status == 200
+    assert await owed(api, treasury) == []
+    r = await payout(api, treasury, over["id"], 3000, "BANK-REF-1")
+    assert r.status == 422 and "nothing is owed back for payment" in (await r.json())["detail"]
+
+    r = await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))
+    assert r.status == 201, await r.text()
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    assert (await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=inv["id"])).status == 200
+    [case] = await owed(api, treasury)
+    assert (case["case_id"], case["outstanding"], case["money_arrived"]) == (over["payment_id"], 3000, True)
+    assert set(case["exception_ids"]) == {over["id"], missing["id"], late["id"]}
+    # Named by any of the payment's exceptions, it is the same case
+    assert (await payout(api, treasury, late["id"], 3000, "BANK-REF-1")).status == 201
+    assert await owed(api, treasury) == []
+    assert await balances(api.dsn, "suspense:refunds-due:KHR") == {"suspense:refunds-due:KHR": 0}
+    assert await reconciled(api.dsn) == []
+
+
+async def test_an_expired_invoices_refunded_part_is_its_exceptions_case(api, portal, treasury, invoice_body):
+    now = datetime.now(UTC)
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-1")
+    await expire(api, inv)
+    [exc] = await open_exceptions(api, treasury, reason="expired_part_paid")
+    r = await payout(api, treasury, exc["id"], 400, "BANK-REF-1")
+    assert r.status == 422 and "still open" in (await r.json())["detail"]
+    assert (await upload(api, treasury, write_settlement_csv([line("PP-1", 400, at=now)]), day=now.date())).status == 201
+    assert (await resolve(api, treasury, exc["id"], "refund_due")).status == 200
+    [case] = await owed(api, treasury)
+    assert (case["case_id"], case["payment_id"], case["outstanding"], case["money_arrived"]) == (
+        exc["id"], None, 400, True)
+    r = await payout(api, treasury, exc["id"], 4, "BANK-REF-1", currency="USD")
+    body = await r.json()
+    assert r.status == 422 and "it is owed 400 KHR" in body["detail"] and body["errors"][0]["field"] == "currency"
+    r = await payout(api, treasury, exc["id"], 400, "BANK-REF-1")
+    assert r.status == 201, await r.text()
+    assert (await r.json())["payment_id"] is None
+    assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
+async def test_two_payouts_at_once_pay_no_more_than_is_owed(api, portal, treasury, invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))).status == 201
+    answers = await asyncio.gather(*(payout(api, treasury, over["id"], 3000, f"BANK-REF-{i}") for i in range(6)))
+    assert sorted(r.status for r in answers) == [201] + [422] * 5
+    assert await balances(api.dsn, "suspense:refunds-due:KHR") == {"suspense:refunds-due:KHR": 0}
+
+
+async def test_bad_payouts_say_what_to_fix(api, portal, treasury, invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    r = await payout(api, treasury, "exc_nope", 1, "R")
+    assert r.status == 404
+    for change, field in [({"amount": 0}, "amount"), ({"amount": "10"}, "amount"), ({"amount": 10**15 + 1}, "amount"),
+                          ({"currency": "EUR"}, "currency"), ({"reference": "  "}, "reference"),
+                          ({"reference": "a\nb"}, "reference"), ({"note": ""}, "note"), ({"extra": 1}, "extra")]:
+        body = {"exception_id": over["id"], "currency": "KHR", "amount": 10, "reference": "R", "note": "n", **change}
+        r = await api.client.post(REFUNDS, headers=treasury, json=body)
+        assert r.status == 422, (change, await r.text())
+        assert (await r.json())["errors"][0]["field"] == field, change
+    r = await api.client.post(REFUNDS, headers=treasury, data=b"{")
+    assert r.status in (400, 415)
+    assert (await api.client.get(f"{REFUNDS}/owed", headers=treasury, params={"cursor": "x"})).status == 400
+    assert (await api.client.get(REFUNDS, headers=portal)).status == 403
+
+
+async def test_a_refund_entry_without_its_payout_and_a_payout_off_its_entry_are_found(api, portal, treasury,
+                                                                                     invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))).status == 201
+    paid = await (await payout(api, treasury, over["id"], 1000, "BANK-REF-1")).json()
+    assert await reconciled(api.dsn) == []
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        forged = await ledger.post_entry(conn, ledger.EntryDraft(
+            kind="refund_paid", description="a refund nobody recorded", effective_at=datetime.now(UTC),
+            idempotency_key="refund-payout:rfp_forged", postings=[
+                ledger.Posting(account="suspense:refunds-due:KHR", side="debit", amount=500, currency="KHR"),
+                ledger.Posting(account="treasury:bank:nbc-treasury:KHR", side="credit", amount=500, currency="KHR")]))
+        # a payout whose record says more than its entry moved (as a superuser, behind the service's back)
+        await conn.execute("ALTER TABLE refund_payouts DISABLE TRIGGER refund_payouts_kept_as_written")
+        await conn.execute("UPDATE refund_payouts SET amount = 2000 WHERE id = $1", paid["id"])
+    finally:
+        await conn.close()
+    found = {(r["entry_id"], r["problem"]) for r in await reconciled(api.dsn)}
+    assert found == {
+        (forged.id, "the refund entry is named by no refund payout whose id its idempotency key carries"),
+        (paid["entry_id"], "the payout's entry does not move 2000 KHR from suspense:refunds-due to "
+                           "treasury:bank:nbc-treasury")}
+
+
+async def test_payouts_are_kept_as_written(api, portal, treasury, invoice_body):
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))).status == 201
+    assert (await payout(api, treasury, over["id"], 1000, "BANK-REF-1")).status == 201
+    conn = await asyncpg.connect(api.dsn)
+    try:
+        for sql in ("DELETE FROM refund_payouts", "UPDATE refund_payouts SET amount = 1", "TRUNCATE refund_payouts"):
+            with pytest.raises(asyncpg.RestrictViolationError):       # whoever asks
+                await conn.execute(sql)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):   # the service may not even ask
+                async with conn.transaction():
+                    await conn.execute("SET LOCAL ROLE paysvc_app")
+                    await conn.execute(sql)
+        assert await conn.fetchval("SELECT count(*) FROM refund_payouts") == 1
+    finally:
+        await conn.close()
+
+
+def refunds_cli(dsn: str, *args: str):
+    import subprocess
+    import sys
+
+    from tests.service_process import free_port, service_env
+
+    return subprocess.run([sys.executable, "-m", "paysvc", "refunds", *args], env=service_env(dsn, free_port()),
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_treasury_sees_and_pays_refunds_from_the_command_line(api, portal, treasury, invoice_body):
+    import getpass
+    import json
+
+    none = await asyncio.to_thread(refunds_cli, api.dsn, "owed")
+    assert none.returncode == 0 and none.stdout == "" and "no refunds are owed" in none.stderr, none.stderr
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    out = await asyncio.to_thread(refunds_cli, api.dsn, "owed")
+    assert out.returncode == 0, out.stderr
+    header, row = out.stdout.splitlines()
+    assert header.split() == ["case_id", "since", "outstanding", "paid", "money_arrived", "exception_ids"]
+    assert over["payment_id"] in row and "3,000 ៛" in row and "no (not settled yet)" in row and over["id"] in row
+
+    early = await asyncio.to_thread(refunds_cli, api.dsn, "pay", over["id"], "--currency", "KHR", "--amount",
+                                    "3000", "--reference", "BANK-REF-1", "--note", "sent")
+    assert early.returncode in (1, 2) and "has not reached the bank" in early.stderr and "Traceback" not in \
+        early.stderr, early.stderr
+    bad = await asyncio.to_thread(refunds_cli, api.dsn, "pay", over["id"], "--currency", "KHR", "--amount", "1.5",
+                                  "--reference", "R", "--note", "sent")
+    assert bad.returncode == 2 and "'1.5' is not a whole number" in bad.stderr, bad.stderr
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))).status == 201
+    args = ("pay", over["id"], "--currency", "KHR", "--amount", "3000", "--reference", "BANK-REF-1", "--note", "sent")
+    done = await asyncio.to_thread(refunds_cli, api.dsn, *args)
+    assert done.returncode == 0, done.stderr
+    paid = json.loads(done.stdout)
+    assert (paid["amount"], paid["recorded_by"]) == (3000, f"cli:{getpass.getuser()}")
+    again = await asyncio.to_thread(refunds_cli, api.dsn, *args)
+    assert again.returncode == 0 and json.loads(again.stdout)["id"] == paid["id"]
+    assert "recorded before" in again.stderr
+    assert await owed(api, treasury) == []
+
+
+async def test_treasury_staff_record_a_payout_on_the_refunds_page(api, portal, treasury, invoice_body):
+    from tests.test_treasury_pages import login, origin
+
+    key = treasury["Authorization"].removeprefix("Bearer ")
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await login(api, key)).status == 303
+    grid = await (await api.client.get("/treasury")).text()
+    assert 'href="/treasury/refunds"' in grid
+    assert 'id="no-refunds"' in await (await api.client.get("/treasury/refunds")).text()
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    page = await (await api.client.get("/treasury/refunds")).text()
+    row = page.split(f'id="refund-{over["payment_id"]}-KHR"')[1].split("</tr>")[0]
+    assert "3,000 ៛" in row and "not settled yet" in row and "<form" not in row
+
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))).status == 201
+    page = await (await api.client.get("/treasury/refunds")).text()
+    row = page.split(f'id="refund-{over["payment_id"]}-KHR"')[1].split("</tr>")[0]
+    assert 'action="/treasury/refunds"' in row and 'value="3000"' in row
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    form = {"csrf": csrf, "exception_id": over["id"], "currency": "KHR", "amount": "3,001", "reference": "BANK-REF-1",
+            "note": "sent by transfer"}
+    r = await api.client.post("/treasury/refunds", data=form, headers={"Origin": origin(api)}, allow_redirects=False)
+    assert r.status == 422 and "more than the 3000 KHR still owed" in await r.text()
+    r = await api.client.post("/treasury/refunds", data={**form, "amount": "3e3"}, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 422 and "amount:" in await r.text()
+    r = await api.client.post("/treasury/refunds", data={**form, "amount": "3000"}, allow_redirects=False)
+    assert r.status == 403                                      # no Origin: not from our page
+    r = await api.client.post("/treasury/refunds", data={**form, "amount": "3,000"}, headers={"Origin": origin(api)},
+                              allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"].startswith("/treasury/refunds?msg=Payout%20rfp_")
+    page = await (await api.client.get(r.headers["Location"])).text()
+    assert 'id="no-refunds"' in page and "BANK-REF-1" in page and 'id="flash"' in page
+    assert await owed(api, treasury) == []
