@@ -23,19 +23,18 @@ CREATE INDEX refund_payouts_by_payment ON refund_payouts (payment_id) WHERE paym
 CREATE INDEX refund_payouts_by_exception ON refund_payouts (exception_id);
 CREATE INDEX refund_payouts_newest ON refund_payouts (recorded_at DESC, id DESC);
 
--- Whether payment $1's money reached the treasury bank: a settlement line settled it (matched, settled for
--- another amount, or captured from the file), or a line that came after its missing_in_settlement was resolved
--- and was then taken in (match_to_invoice or refund_due; write_off says nothing arrived). Until then its provider
--- may still give the money back to the payer, and the refund of that takes back what the payment's case is owed
--- (a payout before it would pay the payer twice). Once true it stays true: a payment with a line is never
--- raised as missing from settlement.
-CREATE FUNCTION refund_money_arrived(payment text) RETURNS boolean
+-- Whether a refund owed for payment `payment` can be paid out: nothing can take it back any more. The only entry
+-- that takes from suspense:refunds-due is the refund of the payment's missing_in_settlement (its provider gave
+-- the money back to the payer, which takes back what a refund_due of its capture exception put there). That
+-- cannot happen once a line has settled the payment (it is then never raised as missing) or once its
+-- missing_in_settlement is resolved (each payment has at most one); before either, a payout could pay the
+-- payer twice.
+CREATE FUNCTION refund_payable(payment text) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, public, pg_temp AS $$
     SELECT EXISTS (SELECT 1 FROM settlement_lines
                     WHERE payment_id = payment AND category IN ('matched', 'amount_mismatch', 'missing_in_ledger'))
-        OR EXISTS (SELECT 1 FROM settlement_lines l JOIN reconciliation_exceptions x ON x.id = l.exception_id
-                    WHERE l.payment_id = payment AND l.category = 'settled_after_resolution'
-                      AND x.state = 'resolved' AND x.resolution IN ('match_to_invoice', 'refund_due'))
+        OR EXISTS (SELECT 1 FROM reconciliation_exceptions
+                    WHERE payment_id = payment AND reason = 'missing_in_settlement' AND state = 'resolved')
 $$;
 
 -- Written once, kept as written, like the other records the ledger's entries stand on.

@@ -120,7 +120,7 @@ def cmd_resolve(settings: Settings, args) -> int:
     return 0
 
 
-OWED_COLUMNS = ("case_id", "since", "outstanding", "paid", "money_arrived", "exception_ids")
+OWED_COLUMNS = ("case_id", "since", "outstanding", "paid", "payable", "exception_ids")
 
 
 def cmd_owed(settings: Settings, args) -> int:
@@ -135,7 +135,7 @@ def cmd_owed(settings: Settings, args) -> int:
         print("no refunds are owed", file=sys.stderr)
         return 0
     table = [[r["case_id"], r["since"].isoformat(timespec="seconds"), amount_display(r["currency"], r["outstanding"]),
-              amount_display(r["currency"], r["paid"]), "yes" if r["money_arrived"] else "no (not settled yet)",
+              amount_display(r["currency"], r["paid"]), "yes" if r["payable"] else "not yet (not settled)",
               ",".join(r["exception_ids"])] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(OWED_COLUMNS)]
     for row in [list(OWED_COLUMNS), *table]:
@@ -171,7 +171,7 @@ def cmd_pay(settings: Settings, args) -> int:
 def _amount(text: str) -> int:
     import argparse
 
-    if not text.isdigit() or not 1 <= int(text) <= 10**15:
+    if not (text.isascii() and text.isdigit()) or len(text) > 16 or not 1 <= int(text) <= 10**15:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minor units from 1 to 10^15")
     return int(text)
 

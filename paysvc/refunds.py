@@ -12,9 +12,10 @@ What is owed is counted per **case**:
 * any other (a ``duplicate_in_settlement`` line of no payment, an ``expired_part_paid`` invoice): the exception,
   by its resolution entry.
 
-A payment's refund is paid only once its money has reached the bank (``refund_money_arrived``): until then its
-provider may still give the money back to the payer itself, and the refund that records that takes back what
-the case was owed; a payout before it would pay the payer twice.
+A payment's refund is paid only once nothing can take it back (``refund_payable``): a line has settled the payment,
+or its ``missing_in_settlement`` is resolved. Until then its provider may still give the money back to the payer
+itself, and the refund that records that takes back what the case was owed; a payout before it would pay the
+payer twice.
 
 The bank's reference of the transfer is unique: recording the same transfer again returns the first record.
 """
@@ -82,7 +83,7 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
     """Record, in the caller's transaction, that ``amount`` was paid back to the payer of ``exception_id``'s case.
 
     Raises ``LookupError`` (no such exception), ``RefundRefused`` (nothing recorded: not resolved, nothing owed in
-    that currency, more than is owed, money not arrived) and ``ReferenceTaken``."""
+    that currency, more than is owed, not payable yet) and ``ReferenceTaken``."""
     exc = await conn.fetchrow(Q.exception_for_refund, exception_id)
     if exc is None:
         raise LookupError(exception_id)
@@ -108,10 +109,11 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
     if amount > left[currency]:
         raise RefundRefused(f"{amount} {currency} is more than the {left[currency]} {currency} still owed back for "
                             f"{whose}: record what left the bank, at most what is owed")
-    if exc["payment_id"] and not await conn.fetchval(Q.payment_money_arrived, exc["payment_id"]):
-        raise RefundRefused(f"payment {exc['payment_id']}'s money has not reached the bank yet (no settlement line "
-                            "settled it): until it does its provider may still give it back to the payer, and paying "
-                            "the refund now could pay them twice. Pay it once the payment is settled",
+    if exc["payment_id"] and not await conn.fetchval(Q.refund_payable, exc["payment_id"]):
+        raise RefundRefused(f"payment {exc['payment_id']} is not settled yet (no settlement line settled it, and its "
+                            "missing_in_settlement, if raised, is not resolved): its provider may still give the "
+                            "money back to the payer, and paying the refund now could pay them twice. Pay it once a "
+                            "file settles the payment or its missing_in_settlement is resolved",
                             field="exception_id")
     payout_id = new_id("rfp")
     bank = accounts.treasury_bank(bank_account, currency)

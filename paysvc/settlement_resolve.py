@@ -51,8 +51,10 @@ exception id) in the same transaction.
   D < 0 debit ``expense:write-offs``. The refund recorded which invoices it lowered and by how much: each
   gets that part back into its ``amount_paid`` as far as it still owes it, the rest of it to
   ``suspense:refunds-due``; revenue it took without lowering an invoice comes back as taken. ``refund_due``:
-  it arrived and is owed back to the payer: debit bank L − F and fees F, credit ``suspense:refunds-due`` L.
-  ``write_off``: a listing error, nothing arrived: no entry.
+  it arrived and is owed back to the payer: debit bank L − F and fees F, credit ``suspense:refunds-due`` L;
+  after a ``write_off`` (which refunded nothing: the invoice stayed paid) it makes good the loss instead, as
+  ``match_to_invoice`` does, credit ``expense:write-offs`` C, and only D > 0 is owed back (D < 0: debit
+  ``expense:write-offs`` −D). ``write_off``: a listing error, nothing arrived: no entry.
 
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
@@ -113,6 +115,7 @@ class Facts:
     line_fee: int = 0
     line_currency: str | None = None
     earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
+    earlier_action: str | None = None                   # ... and the earlier resolution (write_off or refund_due)
     # ... and the invoices that earlier refund lowered: (invoice id, agency code, status now, owed now, lowered by)
     lowered: tuple[tuple[str, str, str, int, int], ...] = ()
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
@@ -301,6 +304,21 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         gross, fee = f.line_amount or f.amount, f.line_fee
         if action == "write_off":
             return Plan(())
+        if action == "refund_due" and f.earlier_action == "write_off" and f.line_currency == cur \
+                and f.payment_amount is not None:
+            # The write-off booked the payment as a loss and left what it paid as it was: its invoice paid, and
+            # what a resolution of its capture exception owed back to the payer still owed. The money that arrived
+            # makes good that loss; only what goes beyond the payment is the payer's (found by review: owing all
+            # of it back as well paid a payer who sent 36,000 back 39,000, the invoice staying paid).
+            if sum(n for _, n in f.earlier_debits) != f.payment_amount:
+                raise ResolutionRefused("the earlier write-off's entry does not account for the payment")
+            diff = gross - f.payment_amount
+            out = [*bank_in(gross, fee), *((a, "credit", n) for a, n in f.earlier_debits)]
+            if diff > 0:
+                out.append((refunds, "credit", diff))
+            if diff < 0:
+                out.append((losses, "debit", -diff))
+            return Plan(tuple(out))
         if action == "refund_due":
             return Plan((*bank_in(gross, fee), (refunds, "credit", gross)))
         if f.payment_invoice is None or target is None or target.invoice_id != f.payment_invoice:
@@ -391,7 +409,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
     if facts.reason == "settled_after_resolution":
-        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"])})
+        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"]),
+                         "earlier_action": _earlier_resolution(e["evidence"]).get("resolution")})
         if action == "match_to_invoice":
             facts = Facts(**{**facts.__dict__,
                              "lowered": await _lowered(conn, e["evidence"], also_lock=invoice_id)})

@@ -539,8 +539,8 @@ async def resolve_form(request: web.Request) -> web.Response:
 
 
 async def refunds_page(request: web.Request) -> web.Response:
-    """The refunds still owed back to payers, oldest first, each with a form to record it paid (once its money
-    has reached the bank), and the latest payouts recorded."""
+    """The refunds still owed back to payers, oldest first, each with a form to record it paid (once nothing can
+    take it back: see ``refund_payable``), and the latest payouts recorded."""
     session = await _require(request)
     if isinstance(session, web.Response):
         return session
@@ -553,11 +553,12 @@ async def refunds_page(request: web.Request) -> web.Response:
     parts.append("<p class=\"note\">What resolutions put in suspense:refunds-due and nobody has paid out yet, per "
                  "payment (or per exception when it is about no payment). Send the money by the bank, then record "
                  "the transfer with the bank's reference: its entry moves it from refunds-due to the treasury bank "
-                 "account. A payment's refund is paid once its money has reached the bank.</p>")
+                 "account. A payment's refund is paid once a file has settled the payment, or its "
+                 "missing_in_settlement is resolved.</p>")
     rows = []
     for r in owed[:REFUNDS_PAGE]:
         cur = r["currency"]
-        if r["money_arrived"] and r["exception_ids"]:
+        if r["payable"] and r["exception_ids"]:
             action = (f"<form class=\"resolve\" method=\"post\" action=\"/treasury/refunds\">{_csrf(session)}"
                       f"<input type=\"hidden\" name=\"exception_id\" value=\"{_e(r['exception_ids'][0])}\">"
                       f"<input type=\"hidden\" name=\"currency\" value=\"{_e(cur)}\">"
@@ -567,7 +568,8 @@ async def refunds_page(request: web.Request) -> web.Response:
                       "<textarea name=\"note\" placeholder=\"what was done (required)\" required></textarea>"
                       "<button type=\"submit\">Record payout</button></form>")
         else:
-            action = '<span class="note">not settled yet: its provider may still give it back</span>'
+            action = ('<span class="note">not settled yet: its provider may still give the money back to the '
+                      'payer</span>')
         rows.append(f"<tr id=\"refund-{_e(r['case_id'])}-{_e(cur)}\"><td>{_e(r['case_id'])}</td>"
                     f"<td>{_e(', '.join(r['exception_ids']))}</td><td>{_e(r['since'].strftime('%Y-%m-%d %H:%M'))}</td>"
                     f"<td class=\"num\">{_e(amount_display(cur, r['outstanding']))}</td>"
@@ -601,8 +603,10 @@ async def refund_form(request: web.Request) -> web.Response:
     fields = {k: form.get(k) for k in ("exception_id", "currency", "amount", "reference", "note")
               if isinstance(form.get(k), str)}
     amount = fields.get("amount", "").strip().replace(",", "")
-    if amount.isascii() and amount.isdigit():    # digits only: "1e3", "+5" or "٣" stay text, and are refused
-        fields["amount"] = int(amount)
+    # digits only ("1e3", "+5" or "٣" stay text, and are refused), and few enough for int() (found by review: 5,000
+    # nines raised ValueError, a 500); more than 16 is refused as out of range by the model either way
+    if amount.isascii() and amount.isdigit():
+        fields["amount"] = int(amount) if len(amount) <= 16 else 10**16
     try:
         body = PayoutBody.model_validate(fields)
     except ValidationError as exc:

@@ -231,17 +231,44 @@ SELECT e.id, 'settlement ' || s.id,
   LEFT JOIN ledger_entries e ON e.id = s.journal_entry_id
  WHERE s.journal_entry_id IS NOT NULL AND (e.id IS NULL OR e.kind <> 'settlement')
 UNION ALL
--- A refund payout's entry moves what the payout says, from refunds-due to the bank account it left from.
+-- A refund payout's entry moves what the payout says, from refunds-due to the bank account it left from, and
+-- names the payout's payment, which is its exception's (found by review: a payout moved to another case passed,
+-- and the case it left could then be paid again).
 SELECT r.entry_id, 'refund payout ' || r.id,
        CASE WHEN e.id IS NULL THEN 'the payout''s entry ' || r.entry_id || ' does not exist'
             WHEN e.kind <> 'refund_paid' THEN 'the payout''s entry is of kind ' || e.kind
+            WHEN x.id IS NULL THEN 'the payout''s exception ' || r.exception_id || ' does not exist'
+            WHEN r.payment_id IS DISTINCT FROM x.payment_id
+                THEN 'the payout names payment ' || coalesce(r.payment_id, 'none') || ', its exception '
+                     || x.id || ' payment ' || coalesce(x.payment_id, 'none')
+            WHEN e.payment_id IS DISTINCT FROM r.payment_id
+                THEN 'the payout''s entry names payment ' || coalesce(e.payment_id, 'none') || ', the payout '
+                     || coalesce(r.payment_id, 'none')
             ELSE 'the payout''s entry does not move ' || r.amount || ' ' || r.currency
                  || ' from suspense:refunds-due to treasury:bank:' || r.bank_account END
   FROM refund_payouts r
   LEFT JOIN ledger_entries e ON e.id = r.entry_id
- WHERE e.id IS NULL OR e.kind <> 'refund_paid'
+  LEFT JOIN reconciliation_exceptions x ON x.id = r.exception_id
+ WHERE e.id IS NULL OR e.kind <> 'refund_paid' OR x.id IS NULL OR r.payment_id IS DISTINCT FROM x.payment_id
+    OR e.payment_id IS DISTINCT FROM r.payment_id
     OR (SELECT array_agg(a.code || ' ' || p.side || ' ' || p.amount ORDER BY p.side DESC, a.code)
           FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id WHERE p.entry_id = r.entry_id)
        IS DISTINCT FROM ARRAY['suspense:refunds-due:' || r.currency || ' debit ' || r.amount,
                               'treasury:bank:' || r.bank_account || ':' || r.currency || ' credit ' || r.amount]
+UNION ALL
+-- No case is paid out more than its resolutions owed it (the payment's entries, else the exception's).
+SELECT NULL, 'refund case ' || c.case_id,
+       'paid out ' || c.paid || ' ' || c.currency || ', more than the ' || c.due || ' owed back'
+  FROM (SELECT o.case_id, o.currency, o.paid,
+               coalesce((SELECT sum(CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END)
+                           FROM ledger_entries e
+                           JOIN ledger_postings p ON p.entry_id = e.id
+                           JOIN ledger_accounts a ON a.id = p.account_id
+                          WHERE a.code = 'suspense:refunds-due:' || o.currency AND e.kind <> 'refund_paid'
+                            AND CASE WHEN o.payment_id IS NOT NULL THEN e.payment_id = o.payment_id
+                                     ELSE e.idempotency_key = 'resolution:' || o.case_id END), 0) AS due
+          FROM (SELECT coalesce(payment_id, exception_id) AS case_id, min(payment_id) AS payment_id, currency,
+                       sum(amount) AS paid
+                  FROM refund_payouts GROUP BY 1, currency) o) c
+ WHERE c.paid > c.due
  ORDER BY 1 NULLS FIRST, 2

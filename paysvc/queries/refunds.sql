@@ -36,8 +36,8 @@ SELECT currency, sum(amount)::bigint AS paid FROM refund_payouts WHERE payment_i
 SELECT currency, sum(amount)::bigint AS paid FROM refund_payouts WHERE exception_id = $1 AND payment_id IS NULL
  GROUP BY currency
 
--- name: payment_money_arrived
-SELECT refund_money_arrived($1)
+-- name: refund_payable
+SELECT refund_payable($1)
 
 -- name: refund_payout_by_reference
 SELECT id, exception_id, payment_id, currency, amount, reference, bank_account, note, recorded_by, recorded_at,
@@ -64,7 +64,7 @@ SELECT id, exception_id, payment_id, currency, amount, reference, bank_account, 
 
 -- name: refunds_owed
 -- Every case with money still owed back, oldest first: what was put into suspense:refunds-due for it, what
--- was paid out, and whether its money has reached the bank (a payment's case). Read from the postings of the
+-- was paid out, and whether it can be paid yet (a payment's case: see refund_payable). Read from the postings of the
 -- refunds-due accounts (the index by account), so its cost follows the number of refunds, not of entries.
 WITH moves AS (
     SELECT coalesce(e.payment_id, x.id) AS case_id, e.payment_id, x.id AS exception_id, a.currency,
@@ -86,7 +86,7 @@ WITH moves AS (
 )
 SELECT d.case_id, d.payment_id, d.currency, d.due, coalesce(p.paid, 0) AS paid,
        d.due - coalesce(p.paid, 0) AS outstanding, coalesce(d.exception_ids, '{}') AS exception_ids, d.since,
-       d.payment_id IS NULL OR refund_money_arrived(d.payment_id) AS money_arrived
+       d.payment_id IS NULL OR refund_payable(d.payment_id) AS payable
   FROM due d LEFT JOIN paid p ON p.case_id = d.case_id AND p.currency = d.currency
  WHERE d.due - coalesce(p.paid, 0) > 0
    AND ($1::timestamptz IS NULL OR (d.since, d.case_id, d.currency) > ($1, $2::text, $3::text))
