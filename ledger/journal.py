@@ -69,15 +69,23 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
             accounts[p.account] = None
     specs = [account_spec(code) for code in accounts]
     try:
-        rows = await conn.fetch(
-            Q.post,
-            [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
-            [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts], [d.payment_id for d in drafts],
-            [d.settlement_id for d in drafts], [d.reverses for d in drafts], hashes,
-            [len(d.postings) for d in drafts],
-            p_entry, p_line, p_account, p_side, p_amount, p_currency,
-            [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
-        )
+        if len(drafts) == 1:  # the common case, sent as scalars where it can (see the post_one block)
+            d = drafts[0]
+            rows = await conn.fetch(
+                Q.post_one, d.kind, d.description, d.effective_at, d.idempotency_key, d.invoice_id, d.payment_id,
+                d.settlement_id, d.reverses, hashes[0], p_account, p_line, p_side, p_amount, p_currency,
+                [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
+            )
+        else:
+            rows = await conn.fetch(
+                Q.post,
+                [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
+                [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts],
+                [d.payment_id for d in drafts], [d.settlement_id for d in drafts], [d.reverses for d in drafts],
+                hashes, [len(d.postings) for d in drafts],
+                p_entry, p_line, p_account, p_side, p_amount, p_currency,
+                [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
+            )
     except asyncpg.PostgresError as exc:  # costs nothing when nothing is raised
         typed = ledger_error(exc, drafts)
         if typed is None:

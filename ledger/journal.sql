@@ -6,6 +6,16 @@ SELECT o_ord, o_id, o_status, o_recorded_at
                    $8::bigint[], $9::bytea[], $10::smallint[], $11::int[], $12::smallint[], $13::text[],
                    $14::text[], $15::bigint[], $16::text[], $17::text[], $18::text[], $19::text[], $20::boolean)
 
+-- name: post_one
+-- As post, for one draft: its fields are sent as scalars and made into ledger_post's one-element arrays here,
+-- which costs the client less than sending them as arrays (asyncpg inspects every array and element it sends).
+SELECT o_ord, o_id, o_status, o_recorded_at
+  FROM ledger_post(ARRAY[$1::text], ARRAY[$2::text], ARRAY[$3::timestamptz], ARRAY[$4::text], ARRAY[$5::text],
+                   ARRAY[$6::text], ARRAY[$7::text], ARRAY[$8::bigint], ARRAY[$9::bytea],
+                   ARRAY[cardinality($10::text[])::smallint], array_fill(1, ARRAY[cardinality($10::text[])]),
+                   $11::smallint[], $10::text[], $12::text[], $13::bigint[], $14::text[], $15::text[], $16::text[],
+                   $17::text[], $18::boolean)
+
 -- name: entries_by_id
 SELECT e.id, e.kind, e.description, e.effective_at, e.recorded_at, e.idempotency_key, e.invoice_id,
        e.payment_id, e.settlement_id, e.reverses, e.content_hash, s.position AS seal_position, s.chain_hash
