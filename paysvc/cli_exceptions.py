@@ -171,7 +171,7 @@ def cmd_pay(settings: Settings, args) -> int:
 def _amount(text: str) -> int:
     import argparse
 
-    if not (text.isascii() and text.isdigit()) or len(text) > 16 or not 1 <= int(text) <= 10**15:
+    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 16 or not 1 <= int(text) <= 10**15:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minor units from 1 to 10^15")
     return int(text)
 

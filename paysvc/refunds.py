@@ -98,8 +98,17 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
     if exc["state"] != "resolved":
         raise RefundRefused(f"exception {exception_id} is still open: resolve it (refund_due says the money is owed "
                             "back) before recording a payout", field="exception_id")
-    left = await owed(conn, exc)
     whose = f"payment {exc['payment_id']} (all its exceptions)" if exc["payment_id"] else f"exception {exception_id}"
+    # Payable first, what is owed second: a provider's refund (the one entry that takes from refunds-due) that
+    # commits between the two is then either seen by the second or keeps the first false (found by review: read
+    # the other way round, a payout could pass on what was owed before that refund took it back)
+    if exc["payment_id"] and not await conn.fetchval(Q.refund_payable, exc["payment_id"]):
+        raise RefundRefused(f"payment {exc['payment_id']} is not settled yet (no settlement line settled it, and its "
+                            "missing_in_settlement, if raised, is not resolved): its provider may still give the "
+                            "money back to the payer, and paying the refund now could pay them twice. Pay it once a "
+                            "file settles the payment or its missing_in_settlement is resolved",
+                            field="exception_id")
+    left = await owed(conn, exc)
     if left.get(currency, 0) <= 0:
         others = ", ".join(f"{n} {c}" for c, n in sorted(left.items()) if n > 0 and c != currency)
         raise RefundRefused(f"nothing is owed back for {whose} in {currency}"
@@ -109,12 +118,6 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
     if amount > left[currency]:
         raise RefundRefused(f"{amount} {currency} is more than the {left[currency]} {currency} still owed back for "
                             f"{whose}: record what left the bank, at most what is owed")
-    if exc["payment_id"] and not await conn.fetchval(Q.refund_payable, exc["payment_id"]):
-        raise RefundRefused(f"payment {exc['payment_id']} is not settled yet (no settlement line settled it, and its "
-                            "missing_in_settlement, if raised, is not resolved): its provider may still give the "
-                            "money back to the payer, and paying the refund now could pay them twice. Pay it once a "
-                            "file settles the payment or its missing_in_settlement is resolved",
-                            field="exception_id")
     payout_id = new_id("rfp")
     bank = accounts.treasury_bank(bank_account, currency)
     entry = await ledger.post_entry(conn, ledger.EntryDraft(

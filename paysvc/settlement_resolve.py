@@ -13,7 +13,8 @@ sits decides what an action can do:
 * **at the bank, not yet in the ledger** (``duplicate_in_settlement``): ``match_to_invoice`` and
   ``refund_due`` bring it in (debit ``treasury:bank`` net + ``expense:provider-fees`` fee) and credit the
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
-  arrived, no entry.
+  arrived, no entry. For a payment whose write-off as never settled no line has made good, the money first
+  makes good that loss (credit ``expense:write-offs``), whichever action takes it in; only the rest goes on.
 * **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
   booked): only ``write_off``, which records that treasury checked it: no entry.
 * **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
@@ -54,7 +55,9 @@ exception id) in the same transaction.
   it arrived and is owed back to the payer: debit bank L − F and fees F, credit ``suspense:refunds-due`` L;
   after a ``write_off`` (which refunded nothing: the invoice stayed paid) it makes good the loss instead, as
   ``match_to_invoice`` does, credit ``expense:write-offs`` C, and only D > 0 is owed back (D < 0: debit
-  ``expense:write-offs`` −D). ``write_off``: a listing error, nothing arrived: no entry.
+  ``expense:write-offs`` −D); with the line in another currency than the payment the loss stays and what
+  arrived is kept, credit ``equity:written-off`` in the line's currency. ``write_off``: a listing error, nothing
+  arrived: no entry.
 
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
@@ -116,6 +119,9 @@ class Facts:
     line_currency: str | None = None
     earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
     earlier_action: str | None = None                   # ... and the earlier resolution (write_off or refund_due)
+    payment_currency: str | None = None
+    # duplicate_in_settlement of a payment: what write-offs of it booked as a loss and no line has made good yet
+    unrecovered_loss: int = 0
     # ... and the invoices that earlier refund lowered: (invoice id, agency code, status now, owed now, lowered by)
     lowered: tuple[tuple[str, str, str, int, int], ...] = ()
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
@@ -206,10 +212,19 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         gross, fee = f.line_amount or f.amount, f.line_fee
         if action == "write_off":
             return Plan(())
+        # A payment written off as never settled whose loss no line has made good (its late line was resolved as a
+        # listing error, say): what arrives makes good that loss first, whichever action takes it in, and only the
+        # rest goes to an invoice or back to the payer (found by review: refund_due owed all of it back, the
+        # invoice staying paid and the loss staying booked)
+        recover = min(gross, f.unrecovered_loss)
+        base = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
+        rest = gross - recover
+        if not rest:
+            return Plan(tuple(base))
         if action == "match_to_invoice":
-            acct, n = to_invoice(gross)
-            return Plan((*bank_in(gross, fee), (acct, "credit", n)), invoice_amount=n)
-        return Plan((*bank_in(gross, fee), (refunds, "credit", gross)))
+            acct, n = to_invoice(rest)
+            return Plan((*base, (acct, "credit", n)), invoice_amount=n)
+        return Plan((*base, (refunds, "credit", rest)))
 
     if f.reason == "amount_mismatch":
         if f.line_amount is None or f.payment_amount is None:
@@ -304,8 +319,14 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         gross, fee = f.line_amount or f.amount, f.line_fee
         if action == "write_off":
             return Plan(())
-        if action == "refund_due" and f.earlier_action == "write_off" and f.line_currency == cur \
-                and f.payment_amount is not None:
+        # The exception is in the line's currency; the payment may be in another (no exchange rate here)
+        fx = f.payment_currency is not None and f.line_currency != f.payment_currency
+        if action == "refund_due" and f.earlier_action == "write_off" and fx:
+            # The loss stays booked in the payment's currency; what arrived is kept in its own, as for an
+            # amount_mismatch in another currency, and treasury books the conversion outside (found by review:
+            # the make-good below credited the write-off from money in another currency, an unbalanced entry)
+            return Plan((*bank_in(gross, fee), (written_off, "credit", gross)))
+        if action == "refund_due" and f.earlier_action == "write_off" and f.payment_amount is not None:
             # The write-off booked the payment as a loss and left what it paid as it was: its invoice paid, and
             # what a resolution of its capture exception owed back to the payer still owed. The money that arrived
             # makes good that loss; only what goes beyond the payment is the payer's (found by review: owing all
@@ -325,7 +346,7 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             raise ResolutionRefused("match_to_invoice here restores the payment's own invoice "
                                     f"({f.payment_invoice or 'it has none'}): name it, or choose refund_due (the "
                                     "money is owed back) or write_off (nothing arrived)")
-        if f.line_currency != cur or f.payment_amount is None:
+        if fx or f.payment_amount is None:
             raise ResolutionRefused("the line and the payment are in different currencies; no action can "
                                     "balance them here (FX is outside the service): refund_due or write_off")
         if sum(n for _, n in f.earlier_debits) != f.payment_amount:
@@ -405,7 +426,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         payment_suspense=pay["suspense_amount"] if pay else 0, payment_agency=pay["agency_code"] if pay else None,
         payment_invoice=pay["invoice_id"] if pay else None,
         line_amount=line["amount"] if line else None, line_fee=line["fee"] if line else 0,
-        line_currency=line["currency"] if line else None)
+        line_currency=line["currency"] if line else None, payment_currency=pay["currency"] if pay else None)
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
     if facts.reason == "settled_after_resolution":
@@ -416,6 +437,10 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
                              "lowered": await _lowered(conn, e["evidence"], also_lock=invoice_id)})
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
+    if facts.reason == "duplicate_in_settlement" and pay is not None and action != "write_off":
+        loss = await conn.fetchval(Q.payment_unrecovered_loss, pay["id"],
+                                   f"expense:write-offs:{facts.provider}:{facts.currency}")
+        facts = Facts(**{**facts.__dict__, "unrecovered_loss": max(loss, 0)})
     if facts.reason == "expired_part_paid":
         # Both invoices locked in id order (the expired one, and the one money is matched to)
         ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})

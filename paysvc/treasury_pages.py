@@ -606,7 +606,7 @@ async def refund_form(request: web.Request) -> web.Response:
     # digits only ("1e3", "+5" or "٣" stay text, and are refused), and few enough for int() (found by review: 5,000
     # nines raised ValueError, a 500); more than 16 is refused as out of range by the model either way
     if amount.isascii() and amount.isdigit():
-        fields["amount"] = int(amount) if len(amount) <= 16 else 10**16
+        fields["amount"] = int(amount) if len(amount.lstrip("0")) <= 16 else 10**16
     try:
         body = PayoutBody.model_validate(fields)
     except ValidationError as exc:

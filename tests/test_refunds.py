@@ -366,8 +366,8 @@ async def test_a_multi_line_note_is_kept_and_a_huge_amount_on_the_page_is_refuse
             "note": "sent by transfer\r\nconfirmed by phone"}
     r = await api.client.post("/treasury/refunds", data=form, headers={"Origin": origin(api)}, allow_redirects=False)
     assert r.status == 422 and "amount:" in await r.text()      # found by review: a 500 (int() of 5,000 digits)
-    r = await api.client.post("/treasury/refunds", data={**form, "amount": "3000"}, headers={"Origin": origin(api)},
-                              allow_redirects=False)
+    r = await api.client.post("/treasury/refunds", data={**form, "amount": "0" * 20 + "3000"},   # leading zeros
+                              headers={"Origin": origin(api)}, allow_redirects=False)
     assert r.status == 303
     [p] = (await (await api.client.get(REFUNDS, headers=treasury)).json())["data"]
     assert p["note"] == "sent by transfer\r\nconfirmed by phone"
@@ -405,3 +405,102 @@ async def test_reconcile_finds_a_payout_moved_to_another_case_and_a_case_paid_mo
         await conn.close()
     found = {(r["record"], r["problem"]) for r in await reconciled(api.dsn)}
     assert found == {(f"refund case {over['payment_id']}", "paid out 6000 KHR, more than the 3000 owed back")}
+
+
+async def _written_off(api, portal, treasury, invoice_body, txid="TX-OVER"):
+    """36,000 paid for a 33,000 invoice, the 3,000 refund_due, never settled and written off."""
+    inv, over = await overpaid(api, portal, treasury, invoice_body, txid)
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    assert (await resolve(api, treasury, missing["id"], "write_off")).status == 200
+    return inv, over, missing
+
+
+async def test_a_late_line_in_another_currency_after_a_write_off_is_kept_in_its_currency(api, portal, treasury,
+                                                                                       invoice_body):
+    """Found by review: the make-good credited the KHR write-off from USD money, an unbalanced entry (a 500), and
+    match_to_invoice was a 500 too."""
+    from datetime import timedelta
+
+    from providers import SettlementLine
+    from tests.test_settlement import AT, DAY
+
+    inv, over, missing = await _written_off(api, portal, treasury, invoice_body)
+    data = write_settlement_csv([SettlementLine(line_no=1, transaction_id="TX-OVER", amount=900, currency="USD",
+                                                paid_at=AT, fee=10)])
+    assert (await upload(api, treasury, data, day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    r = await resolve(api, treasury, late["id"], "match_to_invoice", invoice_id=inv["id"])
+    assert r.status == 422 and "different currencies" in (await r.json())["detail"]
+    r = await resolve(api, treasury, late["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    assert {(p["account"], p["side"], p["amount"]) for p in (await r.json())["postings"]} == {
+        ("treasury:bank:nbc-treasury:USD", "debit", 890), ("expense:provider-fees:sandbox:USD", "debit", 10),
+        ("equity:written-off:USD", "credit", 900)}
+    [case] = await owed(api, treasury)                  # only the overpaid 3,000 is owed back
+    assert (case["currency"], case["outstanding"]) == ("KHR", 3000)
+    assert await reconciled(api.dsn) == []
+
+
+async def test_a_duplicate_line_of_a_written_off_payment_makes_good_the_loss_first(api, portal, treasury,
+                                                                                  invoice_body):
+    """Found by review: after the late line was taken as a listing error, the money arriving as a duplicate line
+    was owed back in full, the invoice staying paid and the write-off's loss staying booked."""
+    from datetime import timedelta
+
+    from tests.test_settlement import AT, DAY, paid
+
+    inv = await paid(api, portal, invoice_body, "TX-1")                  # 50,000, never settled on its day
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    assert (await resolve(api, treasury, missing["id"], "write_off")).status == 200
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]),
+                         day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    assert (await resolve(api, treasury, late["id"], "write_off")).status == 200     # "a listing error"
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 50700, fee=100, at=AT + timedelta(days=6))]),
+                     day=DAY + timedelta(days=6))
+    assert r.status == 201, await r.text()
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    r = await resolve(api, treasury, dup["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    assert {(p["account"], p["side"], p["amount"]) for p in (await r.json())["postings"]} == {
+        ("treasury:bank:nbc-treasury:KHR", "debit", 50600), ("expense:provider-fees:sandbox:KHR", "debit", 100),
+        ("expense:write-offs:sandbox:KHR", "credit", 50000), ("suspense:refunds-due:KHR", "credit", 700)}
+    [case] = await owed(api, treasury)
+    assert (case["outstanding"], case["payable"]) == (700, True)
+    assert await balances(api.dsn, "expense:write-offs:sandbox:KHR") == {"expense:write-offs:sandbox:KHR": 0}
+    assert await reconciled(api.dsn) == []
+
+
+async def test_a_payout_racing_the_providers_refund_of_the_payment_is_refused(api, portal, treasury, invoice_body,
+                                                                             monkeypatch):
+    """Found by review: what was owed was read before whether the case was payable; the provider's refund (which
+    takes the overpaid part back) committing between the two let the payout through, paying the payer twice."""
+    import paysvc.refunds as refunds
+    from paysvc.settlement_resolve import resolve as resolve_exception
+
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    owed_ = refunds.owed
+
+    async def refund_commits_meanwhile(conn, exc):      # another desk's resolution, right after this read
+        left = await owed_(conn, exc)
+        async with connect(api.dsn) as other:
+            async with other.transaction():
+                await resolve_exception(other, missing["id"], action="refund_due", note="the provider returned it",
+                                        invoice_id=None, by="desk B", now=datetime.now(UTC),
+                                        bank_account="nbc-treasury")
+        return left
+
+    monkeypatch.setattr(refunds, "owed", refund_commits_meanwhile)
+    async with connect(api.dsn) as conn:
+        with pytest.raises(refunds.RefundRefused, match="is not settled yet"):
+            async with conn.transaction():
+                await refunds.record_payout(conn, exception_id=over["id"], currency="KHR", amount=3000,
+                                            reference="BANK-REF-1", note="desk A", by="desk A",
+                                            now=datetime.now(UTC), bank_account="nbc-treasury")
+    assert await balances(api.dsn, "suspense:refunds-due:KHR") == {"suspense:refunds-due:KHR": 3000}

@@ -155,14 +155,24 @@ def test_settled_after_resolution_plans_balance_whatever_the_line_says():
     for line_amount, earlier in [(50000, (("expense:write-offs:sandbox:KHR", 50000),)),
                                  (52000, (("agency:MOI:revenue:KHR", 30000), ("suspense:unmatched:KHR", 20000))),
                                  (47000, (("expense:write-offs:sandbox:KHR", 50000),))]:
-        f = Facts(reason="settled_after_resolution", provider="sandbox", currency="KHR", amount=line_amount,
-                  payment_amount=50000, payment_invoice="inv_1", line_amount=line_amount, line_fee=100,
-                  line_currency="KHR", earlier_debits=earlier)
-        for action, target in [("match_to_invoice", own), ("refund_due", None), ("write_off", None)]:
-            p = plan(f, action, target, bank_account="nbc-treasury")
-            debit = sum(n for _, s, n in p.postings if s == "debit")
-            assert debit == sum(n for _, s, n in p.postings if s == "credit"), (line_amount, action)
-            assert not any(a.startswith("provider:") for a, _, _ in p.postings)
-            assert p.invoice_amount == 0
-        with pytest.raises(ResolutionRefused):
-            plan(f, "match_to_invoice", Target("inv_2", "MOI", "KHR", 50000, "open"), bank_account="nbc-treasury")
+        earlier_action = "write_off" if earlier[0][0].startswith("expense:") else "refund_due"
+        for cur, facts_earlier_action in [("KHR", None), ("KHR", earlier_action), ("USD", earlier_action)]:
+            # the exception is in the line's currency; in USD the payment (KHR) is in another
+            f = Facts(reason="settled_after_resolution", provider="sandbox", currency=cur, amount=line_amount,
+                      payment_amount=50000, payment_invoice="inv_1", line_amount=line_amount, line_fee=100,
+                      line_currency=cur, earlier_debits=earlier, earlier_action=facts_earlier_action,
+                      payment_currency="KHR")
+            for action, target in [("match_to_invoice", own), ("refund_due", None), ("write_off", None)]:
+                if cur == "USD" and action == "match_to_invoice":
+                    with pytest.raises(ResolutionRefused, match="different currencies"):
+                        plan(f, action, target, bank_account="nbc-treasury")
+                    continue
+                p = plan(f, action, target, bank_account="nbc-treasury")
+                for c in ("KHR", "USD"):   # balanced in each currency
+                    debit = sum(n for a, s, n in p.postings if s == "debit" and a.endswith(c))
+                    assert debit == sum(n for a, s, n in p.postings if s == "credit" and a.endswith(c)), (
+                        line_amount, action, cur, facts_earlier_action)
+                assert not any(a.startswith("provider:") for a, _, _ in p.postings)
+                assert p.invoice_amount == 0
+            with pytest.raises(ResolutionRefused):
+                plan(f, "match_to_invoice", Target("inv_2", "MOI", "KHR", 50000, "open"), bank_account="nbc-treasury")

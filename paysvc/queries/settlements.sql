@@ -462,6 +462,15 @@ SELECT p.id, p.provider, p.invoice_id, p.amount, p.currency, p.applied_amount, p
        a.code AS agency_code
   FROM payments p LEFT JOIN agencies a ON a.id = p.agency_id WHERE p.id = $1
 
+-- name: payment_unrecovered_loss
+-- What entries about payment $1 booked to the loss account $2 (expense:write-offs:{provider}:{cur}) less what
+-- they credited back: a write-off of it as never settled that no line has made good yet.
+SELECT coalesce(sum(CASE p.side WHEN 'debit' THEN p.amount ELSE -p.amount END), 0)::bigint
+  FROM ledger_entries e
+  JOIN ledger_postings p ON p.entry_id = e.id
+  JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE e.payment_id = $1 AND a.code = $2
+
 -- name: line_of_exception
 SELECT settlement_id, line_no, amount, currency, fee FROM settlement_lines WHERE exception_id = $1
 
