@@ -171,9 +171,10 @@ def cmd_pay(settings: Settings, args) -> int:
 def _amount(text: str) -> int:
     import argparse
 
-    if not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > 16 or not 1 <= int(text) <= 10**15:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minor units from 1 to 10^15")
-    return int(text)
+    digits = text.lstrip("0") or "0"      # int() refuses more than 4,300 digits, zeros included
+    if not (text.isascii() and text.isdigit()) or len(digits) > 16 or not 1 <= int(digits) <= 10**15:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of minor units from 1 to 10^15")
+    return int(digits)
 
 
 def _limit(text: str) -> int:

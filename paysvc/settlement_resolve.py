@@ -13,8 +13,9 @@ sits decides what an action can do:
 * **at the bank, not yet in the ledger** (``duplicate_in_settlement``): ``match_to_invoice`` and
   ``refund_due`` bring it in (debit ``treasury:bank`` net + ``expense:provider-fees`` fee) and credit the
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
-  arrived, no entry. For a payment whose write-off as never settled no line has made good, the money first
-  makes good that loss (credit ``expense:write-offs``), whichever action takes it in; only the rest goes on.
+  arrived, no entry. For a payment written off as never settled of whose loss no line has made good anything,
+  the money first makes good that loss (credit ``expense:write-offs``), whichever action takes it in; only the
+  rest goes on. Resolutions of one payment's exceptions take the payment's lock (its payouts' too).
 * **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
   booked): only ``write_off``, which records that treasury checked it: no entry.
 * **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
@@ -53,9 +54,9 @@ exception id) in the same transaction.
   gets that part back into its ``amount_paid`` as far as it still owes it, the rest of it to
   ``suspense:refunds-due``; revenue it took without lowering an invoice comes back as taken. ``refund_due``:
   it arrived and is owed back to the payer: debit bank L − F and fees F, credit ``suspense:refunds-due`` L;
-  after a ``write_off`` (which refunded nothing: the invoice stayed paid) it makes good the loss instead, as
-  ``match_to_invoice`` does, credit ``expense:write-offs`` C, and only D > 0 is owed back (D < 0: debit
-  ``expense:write-offs`` −D); with the line in another currency than the payment the loss stays and what
+  after a ``write_off`` (which refunded nothing: the invoice stayed paid) it makes good what is left of the loss
+  instead, as ``match_to_invoice`` then does, credit ``expense:write-offs`` up to it (a duplicate line may have
+  made good some), and only the rest is owed back; with the line in another currency than the payment the loss stays and what
   arrived is kept, credit ``equity:written-off`` in the line's currency. ``write_off``: a listing error, nothing
   arrived: no entry.
 
@@ -119,11 +120,13 @@ class Facts:
     line_currency: str | None = None
     earlier_debits: tuple[tuple[str, int], ...] = ()   # settled_after_resolution: what the earlier entry debited
     earlier_action: str | None = None                   # ... and the earlier resolution (write_off or refund_due)
-    payment_currency: str | None = None
-    # duplicate_in_settlement of a payment: what write-offs of it booked as a loss and no line has made good yet
-    unrecovered_loss: int = 0
     # ... and the invoices that earlier refund lowered: (invoice id, agency code, status now, owed now, lowered by)
     lowered: tuple[tuple[str, str, str, int, int], ...] = ()
+    payment_currency: str | None = None
+    # A line of a payment written off as never settled (settled_after_resolution, duplicate_in_settlement): the loss
+    # that write-off booked, and what lines of the payment have made good of it since
+    write_off_loss: int = 0
+    loss_recovered: int = 0
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
@@ -212,14 +215,20 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         gross, fee = f.line_amount or f.amount, f.line_fee
         if action == "write_off":
             return Plan(())
-        # A payment written off as never settled whose loss no line has made good (its late line was resolved as a
-        # listing error, say): what arrives makes good that loss first, whichever action takes it in, and only the
-        # rest goes to an invoice or back to the payer (found by review: refund_due owed all of it back, the
-        # invoice staying paid and the loss staying booked)
-        recover = min(gross, f.unrecovered_loss)
+        # A payment written off as never settled whose loss no line has made good at all (its late line was
+        # resolved as a listing error, say): what arrives makes good that loss first, whichever action takes it in,
+        # and only the rest goes to an invoice or back to the payer (found by review: refund_due owed all of it
+        # back, the invoice staying paid and the loss staying booked). Once any line made good part of it, a further
+        # line is a duplicate like any other: whether it is the rest of a split settlement is treasury's call.
+        recover = min(gross, f.write_off_loss) if f.write_off_loss and not f.loss_recovered \
+            and f.payment_currency == cur else 0
         base = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
         rest = gross - recover
         if not rest:
+            if action == "match_to_invoice":
+                raise ResolutionRefused(f"all {gross} of this line makes good the write-off of its payment (never "
+                                        "settled, then written off): no invoice gets any of it. Resolve it with "
+                                        "refund_due, which books it so and owes nothing back", field="invoice_id")
             return Plan(tuple(base))
         if action == "match_to_invoice":
             acct, n = to_invoice(rest)
@@ -326,19 +335,19 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             # amount_mismatch in another currency, and treasury books the conversion outside (found by review:
             # the make-good below credited the write-off from money in another currency, an unbalanced entry)
             return Plan((*bank_in(gross, fee), (written_off, "credit", gross)))
-        if action == "refund_due" and f.earlier_action == "write_off" and f.payment_amount is not None:
+        if f.earlier_action == "write_off" and not fx and (
+                action == "refund_due" or (action == "match_to_invoice" and f.payment_invoice is not None
+                                           and target is not None and target.invoice_id == f.payment_invoice)):
             # The write-off booked the payment as a loss and left what it paid as it was: its invoice paid, and
             # what a resolution of its capture exception owed back to the payer still owed. The money that arrived
-            # makes good that loss; only what goes beyond the payment is the payer's (found by review: owing all
-            # of it back as well paid a payer who sent 36,000 back 39,000, the invoice staying paid).
-            if sum(n for _, n in f.earlier_debits) != f.payment_amount:
-                raise ResolutionRefused("the earlier write-off's entry does not account for the payment")
-            diff = gross - f.payment_amount
-            out = [*bank_in(gross, fee), *((a, "credit", n) for a, n in f.earlier_debits)]
-            if diff > 0:
-                out.append((refunds, "credit", diff))
-            if diff < 0:
-                out.append((losses, "debit", -diff))
+            # makes good what is left of that loss (a duplicate line may have made good some already); only the
+            # rest is the payer's (found by review: owing all of it back as well paid a payer who sent 36,000 back
+            # 39,000, the invoice staying paid; and crediting back the whole loss after a duplicate had made it good
+            # credited it twice).
+            recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0))
+            out = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
+            if gross - recover:
+                out.append((refunds, "credit", gross - recover))
             return Plan(tuple(out))
         if action == "refund_due":
             return Plan((*bank_in(gross, fee), (refunds, "credit", gross)))
@@ -399,6 +408,12 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # import's order). Found by review: a write_off committed while an import ran, after it had sorted
         # its line as matched, so the import's entry credited the provider's clearing a second time.
         await lock_provider(conn, peek["provider"])
+    if peek is not None and peek["payment_id"] is not None:
+        # One at a time per payment with its other resolutions and its refund payouts (the payouts' lock, taken
+        # before the exception's row lock as a payout takes it before its insert's key locks): two lines of a
+        # written-off payment resolved at once each read the loss as unrecovered and both made it good (found by
+        # review), and a provider's refund takes from what a payout reads as owed.
+        await conn.execute(Q.refund_case_lock, peek["payment_id"])
     e = await conn.fetchrow(Q.exception_for_resolve, exception_id)
     if e is None:
         raise LookupError(exception_id)
@@ -437,10 +452,12 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
                              "lowered": await _lowered(conn, e["evidence"], also_lock=invoice_id)})
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
-    if facts.reason == "duplicate_in_settlement" and pay is not None and action != "write_off":
-        loss = await conn.fetchval(Q.payment_unrecovered_loss, pay["id"],
-                                   f"expense:write-offs:{facts.provider}:{facts.currency}")
-        facts = Facts(**{**facts.__dict__, "unrecovered_loss": max(loss, 0)})
+    if facts.reason in ("duplicate_in_settlement", "settled_after_resolution") and pay is not None \
+            and action != "write_off":
+        loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"],
+                                   f"expense:write-offs:{facts.provider}:{pay['currency']}")
+        facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"],
+                         "loss_recovered": loss["recovered"]})
     if facts.reason == "expired_part_paid":
         # Both invoices locked in id order (the expired one, and the one money is matched to)
         ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})

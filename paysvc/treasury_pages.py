@@ -606,7 +606,8 @@ async def refund_form(request: web.Request) -> web.Response:
     # digits only ("1e3", "+5" or "٣" stay text, and are refused), and few enough for int() (found by review: 5,000
     # nines raised ValueError, a 500); more than 16 is refused as out of range by the model either way
     if amount.isascii() and amount.isdigit():
-        fields["amount"] = int(amount) if len(amount.lstrip("0")) <= 16 else 10**16
+        digits = amount.lstrip("0") or "0"      # int() refuses more than 4,300 digits, zeros included
+        fields["amount"] = int(digits) if len(digits) <= 16 else 10**16
     try:
         body = PayoutBody.model_validate(fields)
     except ValidationError as exc:

@@ -161,7 +161,7 @@ def test_settled_after_resolution_plans_balance_whatever_the_line_says():
             f = Facts(reason="settled_after_resolution", provider="sandbox", currency=cur, amount=line_amount,
                       payment_amount=50000, payment_invoice="inv_1", line_amount=line_amount, line_fee=100,
                       line_currency=cur, earlier_debits=earlier, earlier_action=facts_earlier_action,
-                      payment_currency="KHR")
+                      payment_currency="KHR", write_off_loss=50000 if facts_earlier_action == "write_off" else 0)
             for action, target in [("match_to_invoice", own), ("refund_due", None), ("write_off", None)]:
                 if cur == "USD" and action == "match_to_invoice":
                     with pytest.raises(ResolutionRefused, match="different currencies"):

@@ -462,14 +462,22 @@ SELECT p.id, p.provider, p.invoice_id, p.amount, p.currency, p.applied_amount, p
        a.code AS agency_code
   FROM payments p LEFT JOIN agencies a ON a.id = p.agency_id WHERE p.id = $1
 
--- name: payment_unrecovered_loss
--- What entries about payment $1 booked to the loss account $2 (expense:write-offs:{provider}:{cur}) less what
--- they credited back: a write-off of it as never settled that no line has made good yet.
-SELECT coalesce(sum(CASE p.side WHEN 'debit' THEN p.amount ELSE -p.amount END), 0)::bigint
-  FROM ledger_entries e
-  JOIN ledger_postings p ON p.entry_id = e.id
-  JOIN ledger_accounts a ON a.id = p.account_id
- WHERE e.payment_id = $1 AND a.code = $2
+-- name: payment_write_off_loss
+-- The loss booked to $2 (expense:write-offs:{provider}:{cur}) by the write-off of payment $1's
+-- missing_in_settlement (0 when it was not written off), and what entries about the payment have credited back
+-- to that account since (lines that arrived after all and made it good).
+SELECT coalesce((SELECT p.amount
+                   FROM reconciliation_exceptions x
+                   JOIN ledger_entries e ON e.idempotency_key = 'resolution:' || x.id
+                   JOIN ledger_postings p ON p.entry_id = e.id
+                   JOIN ledger_accounts a ON a.id = p.account_id
+                  WHERE x.payment_id = $1 AND x.reason = 'missing_in_settlement' AND x.resolution = 'write_off'
+                    AND a.code = $2 AND p.side = 'debit'), 0)::bigint AS written_off,
+       coalesce((SELECT sum(p.amount)
+                   FROM ledger_entries e
+                   JOIN ledger_postings p ON p.entry_id = e.id
+                   JOIN ledger_accounts a ON a.id = p.account_id
+                  WHERE e.payment_id = $1 AND a.code = $2 AND p.side = 'credit'), 0)::bigint AS recovered
 
 -- name: line_of_exception
 SELECT settlement_id, line_no, amount, currency, fee FROM settlement_lines WHERE exception_id = $1
@@ -545,8 +553,9 @@ WITH RECURSIVE p AS (
 SELECT provider FROM p WHERE provider IS NOT NULL
 
 -- name: exception_reason_provider
--- Read before the exception's row lock (both never change), to take its provider's lock first.
-SELECT reason, provider FROM reconciliation_exceptions WHERE id = $1
+-- Read before the exception's row lock (none of them ever changes), to take its provider's lock and its
+-- payment's refund lock first.
+SELECT reason, provider, payment_id FROM reconciliation_exceptions WHERE id = $1
 
 -- name: settling_line_of_payment
 SELECT l.settlement_id, l.line_no, l.category, l.exception_id, s.journal_entry_id
