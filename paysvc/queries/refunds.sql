@@ -63,32 +63,12 @@ SELECT id, exception_id, payment_id, currency, amount, reference, bank_account, 
  LIMIT $4
 
 -- name: refunds_owed
--- Every case with money still owed back, oldest first: what was put into suspense:refunds-due for it, what
--- was paid out, and whether it can be paid yet (a payment's case: see refund_payable). Read from the postings of the
--- refunds-due accounts (the index by account), so its cost follows the number of refunds, not of entries.
-WITH moves AS (
-    SELECT coalesce(e.payment_id, x.id) AS case_id, e.payment_id, x.id AS exception_id, a.currency,
-           CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END AS n, e.recorded_at
-      FROM ledger_accounts a
-      JOIN ledger_postings p ON p.account_id = a.id
-      JOIN ledger_entries e ON e.id = p.entry_id
-      LEFT JOIN reconciliation_exceptions x
-             ON e.idempotency_key LIKE 'resolution:%' AND x.id = substr(e.idempotency_key, 12)
-     WHERE a.code LIKE 'suspense:refunds-due:%' AND e.kind <> 'refund_paid'
-), due AS (
-    SELECT case_id, min(payment_id) AS payment_id, currency, sum(n)::bigint AS due, min(recorded_at) AS since,
-           array_agg(DISTINCT exception_id ORDER BY exception_id) FILTER (WHERE exception_id IS NOT NULL)
-               AS exception_ids
-      FROM moves WHERE case_id IS NOT NULL GROUP BY case_id, currency
-), paid AS (
-    SELECT coalesce(payment_id, exception_id) AS case_id, currency, sum(amount)::bigint AS paid
-      FROM refund_payouts GROUP BY 1, 2
-)
-SELECT d.case_id, d.payment_id, d.currency, d.due, coalesce(p.paid, 0) AS paid,
-       d.due - coalesce(p.paid, 0) AS outstanding, coalesce(d.exception_ids, '{}') AS exception_ids, d.since,
-       d.payment_id IS NULL OR refund_payable(d.payment_id) AS payable
-  FROM due d LEFT JOIN paid p ON p.case_id = d.case_id AND p.currency = d.currency
- WHERE d.due - coalesce(p.paid, 0) > 0
-   AND ($1::timestamptz IS NULL OR (d.since, d.case_id, d.currency) > ($1, $2::text, $3::text))
- ORDER BY d.since, d.case_id, d.currency
+-- Every case with money still owed back, oldest first (the refund_cases view), and whether it can be paid yet (a
+-- payment's case: see refund_payable).
+SELECT case_id, payment_id, currency, due, paid, due - paid AS outstanding, exception_ids, since,
+       payment_id IS NULL OR refund_payable(payment_id) AS payable
+  FROM refund_cases
+ WHERE due > paid
+   AND ($1::timestamptz IS NULL OR (since, case_id, currency) > ($1, $2::text, $3::text))
+ ORDER BY since, case_id, currency
  LIMIT $4
