@@ -56,9 +56,9 @@ exception id) in the same transaction.
   it arrived and is owed back to the payer: debit bank L − F and fees F, credit ``suspense:refunds-due`` L;
   after a ``write_off`` (which refunded nothing: the invoice stayed paid) it makes good what is left of the loss
   instead, as ``match_to_invoice`` then does, credit ``expense:write-offs`` up to it (a duplicate line may have
-  made good some), and only the rest is owed back; with the line in another currency than the payment the loss stays and what
-  arrived is kept, credit ``equity:written-off`` in the line's currency. ``write_off``: a listing error, nothing
-  arrived: no entry.
+  made good some), and only the rest is owed back; with the line in another currency than the payment the loss
+  stays and what arrived is kept, credit ``equity:written-off`` in the line's currency. ``write_off``: a listing
+  error, nothing arrived: no entry.
 
 Every entry leaves the provider's clearing account where the day's story says it should be: after every
 exception of a day is resolved, its clearing balance is zero.
