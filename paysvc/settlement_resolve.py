@@ -13,9 +13,9 @@ sits decides what an action can do:
 * **at the bank, not yet in the ledger** (``duplicate_in_settlement``): ``match_to_invoice`` and
   ``refund_due`` bring it in (debit ``treasury:bank`` net + ``expense:provider-fees`` fee) and credit the
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
-  arrived, no entry. For a payment written off as never settled of whose loss no line has made good anything,
-  the money first makes good that loss (credit ``expense:write-offs``), whichever action takes it in; only the
-  rest goes on. Resolutions of one payment's exceptions take the payment's lock (its payouts' too).
+  arrived, no entry. For a payment written off as never settled, the money first makes good what is left of
+  that loss (credit ``expense:write-offs``), whichever action takes it in, as its late line does; only the rest
+  goes on. Resolutions of one payment's exceptions take the payment's lock (its payouts' too).
 * **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
   booked): only ``write_off``, which records that treasury checked it: no entry.
 * **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
@@ -215,13 +215,12 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         gross, fee = f.line_amount or f.amount, f.line_fee
         if action == "write_off":
             return Plan(())
-        # A payment written off as never settled whose loss no line has made good at all (its late line was
-        # resolved as a listing error, say): what arrives makes good that loss first, whichever action takes it in,
-        # and only the rest goes to an invoice or back to the payer (found by review: refund_due owed all of it
-        # back, the invoice staying paid and the loss staying booked). Once any line made good part of it, a further
-        # line is a duplicate like any other: whether it is the rest of a split settlement is treasury's call.
-        recover = min(gross, f.write_off_loss) if f.write_off_loss and not f.loss_recovered \
-            and f.payment_currency == cur else 0
+        # A payment written off as never settled (its late line resolved as a listing error, say): what arrives
+        # makes good what is left of that loss first, whichever action takes it in, as its late line does, and
+        # only the rest goes to an invoice or back to the payer (found by review: refund_due owed all of it back,
+        # the invoice staying paid and the loss booked; and making good only a loss nothing had made good yet
+        # gave another outcome when the late line was resolved first, a short one leaving loss and refund both)
+        recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0)) if f.payment_currency == cur else 0
         base = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
         rest = gross - recover
         if not rest:
@@ -408,6 +407,11 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         # import's order). Found by review: a write_off committed while an import ran, after it had sorted
         # its line as matched, so the import's entry credited the provider's clearing a second time.
         await lock_provider(conn, peek["provider"])
+    if peek is not None and peek["reason"] == "expired_part_paid" and peek["invoice_id"] is not None:
+        # Its invoices before its row, in id order, as a refund of one of its payments takes them (the invoice, then
+        # this row, whose amount it lowers): row first here deadlocked with it (found by review)
+        for i in sorted({peek["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])}):
+            await conn.execute(Q.invoice_lock, i, None)
     if peek is not None and peek["payment_id"] is not None:
         # One at a time per payment with its other resolutions and its refund payouts (the payouts' lock, taken
         # before the exception's row lock as a payout takes it before its insert's key locks): two lines of a

@@ -629,3 +629,60 @@ async def test_a_match_that_would_give_an_invoice_nothing_is_refused(api, portal
     assert r.status == 422 and "makes good the write-off" in (await r.json())["detail"]
     r = await resolve(api, treasury, dup["id"], "refund_due")
     assert r.status == 200 and _postings(await r.json()) == {(BANK, "debit", 50000), (LOSS, "credit", 50000)}
+
+
+@pytest.mark.parametrize("first", ["duplicate", "late"])
+async def test_a_written_off_loss_is_made_good_whichever_line_is_resolved_first(api, portal, treasury,
+                                                                               invoice_body, first):
+    """Found by review: with a short late line resolved first, the duplicate made good nothing and its money was
+    owed back while 20,000 of the loss stayed booked; resolved the other way round, the loss was made good."""
+    from datetime import timedelta
+
+    from tests.test_settlement import DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)
+    r = await upload(api, treasury, write_settlement_csv([line("TX-1", 30000), line("TX-1", 20000)]),
+                     day=DAY + timedelta(days=5))
+    assert r.status == 201, await r.text()
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    for exc in ((dup, late) if first == "duplicate" else (late, dup)):
+        r = await resolve(api, treasury, exc["id"], "refund_due")
+        assert r.status == 200, await r.text()
+    assert await balances(api.dsn, LOSS, BANK, DUE) == {LOSS: 0, BANK: 50000, DUE: 0}
+    assert await owed(api, treasury) == []
+
+
+async def test_an_expired_part_and_its_payments_refund_resolved_at_once_do_not_deadlock(api, portal, treasury,
+                                                                                       invoice_body):
+    """Found by review: the expired_part_paid resolution locked its row then the invoice, the refund of the
+    payment whose money the invoice holds the invoice then that row; lined up, PostgreSQL aborted one (a 500)."""
+    from paysvc.settlement_resolve import resolve as resolve_exception
+    from tests.test_expired_part_paid import expire, part_paid
+    from tests.test_settlement import AT
+
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="TX-P", at=AT)       # 400 of 1,000 applied
+    await expire(api, inv)
+    [part] = await open_exceptions(api, treasury, reason="expired_part_paid")
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    holder = await asyncpg.connect(api.dsn)       # holds the invoice a moment, so that both line up behind it
+    held = holder.transaction()
+    await held.start()
+    await holder.execute("SELECT 1 FROM invoices WHERE id = $1 FOR UPDATE", inv["id"])
+
+    async def resolving(exc):
+        async with connect(api.dsn) as c:
+            async with c.transaction():
+                return await resolve_exception(c, exc["id"], action="refund_due", note="n", by="desk",
+                                               now=datetime.now(UTC), bank_account="nbc-treasury", invoice_id=None)
+
+    refund = asyncio.ensure_future(resolving(missing))
+    await asyncio.sleep(0.5)
+    expired = asyncio.ensure_future(resolving(part))
+    await asyncio.sleep(0.5)
+    await held.commit()
+    await holder.close()
+    got = await asyncio.wait_for(asyncio.gather(refund, expired, return_exceptions=True), 30)
+    assert not any(isinstance(g, asyncpg.DeadlockDetectedError) for g in got), got
+    assert isinstance(got[0], dict) and got[0]["resolution"] == "refund_due"

@@ -555,7 +555,7 @@ SELECT provider FROM p WHERE provider IS NOT NULL
 -- name: exception_reason_provider
 -- Read before the exception's row lock (none of them ever changes), to take its provider's lock and its
 -- payment's refund lock first.
-SELECT reason, provider, payment_id FROM reconciliation_exceptions WHERE id = $1
+SELECT reason, provider, payment_id, invoice_id FROM reconciliation_exceptions WHERE id = $1
 
 -- name: settling_line_of_payment
 SELECT l.settlement_id, l.line_no, l.category, l.exception_id, s.journal_entry_id
