@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from paysvc.errors import Conflict, FieldValueError, MalformedRequest, NotFound, ValidationFailed
-from paysvc.invoicing import now_utc
+from paysvc.errors import Conflict, FieldValueError, NotFound, ValidationFailed
+from paysvc.invoicing import decode_cursor, encode_cursor, now_utc
 from paysvc.settlement_resolve import AlreadyResolved, ResolutionRefused, resolve
 from paysvc.web import POOL, SETTINGS, Route, add_routes, json_response, parse_model, parse_query, principal, read_json
 from paysvc.queries import Q
@@ -58,16 +57,6 @@ class ExceptionPage(BaseModel):
     next_cursor: str | None
 
 
-def _cursor(opened_at: datetime, exc_id: str) -> str:
-    return base64.urlsafe_b64encode(f"{opened_at.isoformat()}|{exc_id}".encode()).decode().rstrip("=")
-
-
-def _uncursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        ts, _, exc_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition("|")
-        return datetime.fromisoformat(ts), exc_id
-    except (ValueError, UnicodeDecodeError):
-        raise MalformedRequest("cursor is not valid: pass back the next_cursor of the previous page unchanged") from None
 
 
 async def list_exceptions(request: web.Request) -> web.Response:
@@ -75,14 +64,14 @@ async def list_exceptions(request: web.Request) -> web.Response:
     q = parse_query(ExceptionQuery, request)
     after_ts = after_id = None
     if q.cursor:
-        after_ts, after_id = _uncursor(q.cursor)
+        after_ts, after_id = decode_cursor(q.cursor)
     rows = await request.app[POOL].fetch(Q.exceptions_list, q.provider, q.business_date, q.reason, q.state,
                                          after_ts, after_id, q.limit + 1)
     more = len(rows) > q.limit
     rows = rows[: q.limit]
     return json_response(ExceptionPage(
         data=[ExceptionOut(**dict(r)) for r in rows],
-        next_cursor=_cursor(rows[-1]["opened_at"], rows[-1]["id"]) if more else None,
+        next_cursor=encode_cursor(rows[-1]["opened_at"], rows[-1]["id"]) if more else None,
     ))
 
 

@@ -171,10 +171,12 @@ def cmd_pay(settings: Settings, args) -> int:
 def _amount(text: str) -> int:
     import argparse
 
-    digits = text.lstrip("0") or "0"      # int() refuses more than 4,300 digits, zeros included
-    if not (text.isascii() and text.isdigit()) or len(digits) > 16 or not 1 <= int(digits) <= 10**15:
+    from paysvc.api_refunds import MAX_AMOUNT, minor_units
+
+    n = minor_units(text)
+    if n is None or not 1 <= n <= MAX_AMOUNT:
         raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number of minor units from 1 to 10^15")
-    return int(digits)
+    return n
 
 
 def _limit(text: str) -> int:

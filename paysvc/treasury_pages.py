@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 import ledger
 
 from paysvc.api_reconciliation import ResolveBody, resolve_exception
-from paysvc.api_refunds import PayoutBody, record as record_payout
+from paysvc.api_refunds import PayoutBody, minor_units, record as record_payout
 from paysvc.api_settlements import iso_date, rules_of, stream_csv
 from paysvc.auth import actor
 from paysvc.api_invoices import CTX as INVOICE_CTX
@@ -603,11 +603,8 @@ async def refund_form(request: web.Request) -> web.Response:
     fields = {k: form.get(k) for k in ("exception_id", "currency", "amount", "reference", "note")
               if isinstance(form.get(k), str)}
     amount = fields.get("amount", "").strip().replace(",", "")
-    # digits only ("1e3", "+5" or "٣" stay text, and are refused), and few enough for int() (found by review: 5,000
-    # nines raised ValueError, a 500); more than 16 is refused as out of range by the model either way
-    if amount.isascii() and amount.isdigit():
-        digits = amount.lstrip("0") or "0"      # int() refuses more than 4,300 digits, zeros included
-        fields["amount"] = int(digits) if len(digits) <= 16 else 10**16
+    if (n := minor_units(amount)) is not None:   # anything else stays text, which the model refuses
+        fields["amount"] = n
     try:
         body = PayoutBody.model_validate(fields)
     except ValidationError as exc:

@@ -686,3 +686,38 @@ async def test_an_expired_part_and_its_payments_refund_resolved_at_once_do_not_d
     got = await asyncio.wait_for(asyncio.gather(refund, expired, return_exceptions=True), 30)
     assert not any(isinstance(g, asyncpg.DeadlockDetectedError) for g in got), got
     assert isinstance(got[0], dict) and got[0]["resolution"] == "refund_due"
+
+
+async def test_the_refund_lists_page_with_their_cursors(api, portal, treasury, invoice_body):
+    from tests.test_expired_part_paid import expire, part_paid
+
+    inv, over = await overpaid(api, portal, treasury, invoice_body, "TX-OVER")
+    assert (await resolve(api, treasury, over["id"], "refund_due")).status == 200
+    now = datetime.now(UTC)
+    part_inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-1")
+    await expire(api, part_inv)
+    [part] = await open_exceptions(api, treasury, reason="expired_part_paid")
+    assert (await upload(api, treasury, write_settlement_csv([line("PP-1", 400, at=now)]), day=now.date())).status \
+        == 201
+    assert (await resolve(api, treasury, part["id"], "refund_due")).status == 200
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-OVER", 36000)]))).status == 201
+
+    async def pages(path: str, **params) -> list[list[dict]]:
+        out, cursor = [], None
+        while True:
+            r = await api.client.get(path, headers=treasury, params={"limit": "1", **params,
+                                                                     **({"cursor": cursor} if cursor else {})})
+            assert r.status == 200, await r.text()
+            body = await r.json()
+            out.append(body["data"])
+            if not (cursor := body["next_cursor"]):
+                return out
+
+    owed_pages = await pages(f"{REFUNDS}/owed")
+    assert [[c["case_id"] for c in p] for p in owed_pages] == [[over["payment_id"]], [part["id"]]]
+    assert (await payout(api, treasury, over["id"], 3000, "BANK-REF-1")).status == 201
+    assert (await payout(api, treasury, part["id"], 400, "BANK-REF-2")).status == 201
+    paid_pages = await pages(REFUNDS)
+    assert [[p["reference"] for p in page] for page in paid_pages] == [["BANK-REF-2"], ["BANK-REF-1"]]
+    r = await api.client.get(REFUNDS, headers=treasury, params={"cursor": "eA"})
+    assert r.status == 400
