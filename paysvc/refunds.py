@@ -57,10 +57,7 @@ class Recorded:
 
 
 def _payout(row: asyncpg.Record) -> dict:
-    return {"id": row["id"], "exception_id": row["exception_id"], "payment_id": row["payment_id"],
-            "currency": row["currency"], "amount": row["amount"], "reference": row["reference"],
-            "bank_account": row["bank_account"], "note": row["note"], "recorded_by": row["recorded_by"],
-            "recorded_at": row["recorded_at"], "entry_id": row["entry_id"]}
+    return dict(row)   # refund_payout_by_reference and refund_payout_insert name exactly the payout's fields
 
 
 async def owed(conn: asyncpg.Connection, exc: asyncpg.Record) -> dict[str, int]:
