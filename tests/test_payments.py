@@ -407,11 +407,13 @@ async def test_a_second_notice_that_contradicts_a_captured_one_is_raised_once_an
     assert (await first.json())["payments"][0]["new"] is True
     ledger_before = await balances(api.dsn)
     answers = []
-    # A conflicting notice, the same again, a plain retry, another: each signed anew, as a provider retries.
+    # A conflicting notice, the same again, a plain retry, another: each signed anew, as a provider retries. Signed
+    # i seconds ahead (within the allowed skew), never at the first callback's second: signed i seconds back, the
+    # plain retry (the first's very body) was a replay whenever these requests began 3 s after it (a slow CI run)
     for i, amount in enumerate((999999, 999999, 50000, 777), start=1):
         body = sandbox_body(inv, txid="TX-C", amount=amount, paid_at=at)
         r = await api.client.post("/v1/providers/sandbox/callbacks", data=body,
-                                  headers=sandbox_headers(body, t=int(time.time()) - i))
+                                  headers=sandbox_headers(body, t=int(time.time()) + i))
         assert r.status == 200, await r.text()
         answers.append((await r.json())["payments"][0])
     assert [a["new"] for a in answers] == [False] * 4
