@@ -127,6 +127,10 @@ class Facts:
     # that write-off booked, and what lines of the payment have made good of it since
     write_off_loss: int = 0
     loss_recovered: int = 0
+    # ... and its late line in another currency (settled_after_resolution): its exception while open, and whether it
+    # was resolved refund_due, its money kept in that currency for treasury to convert against the loss
+    other_currency_open: str | None = None
+    other_currency_kept: bool = False
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
@@ -221,6 +225,17 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         # the invoice staying paid and the loss booked; and making good only a loss nothing had made good yet
         # gave another outcome when the late line was resolved first, a short one leaving loss and refund both)
         recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0)) if f.payment_currency == cur else 0
+        if recover and f.other_currency_open:
+            # The payment's late line came in another currency: whether that money stands for the payment (kept for
+            # treasury to convert against the loss) or was a listing error decides what this line is for
+            raise ResolutionRefused(f"exception {f.other_currency_open}, this payment's line in another currency that "
+                                    "arrived after its write-off, is still open; resolve it first: it decides "
+                                    "whether this line makes good the write-off's loss")
+        if f.other_currency_kept:
+            # That line's money was kept to be converted against the loss (treasury books the conversion outside
+            # the service): making the loss good from this one as well would cover it twice, and this line is the
+            # payer's (a gap named in the last refunds review's notes, closed here)
+            recover = 0
         base = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
         rest = gross - recover
         if not rest:
@@ -459,9 +474,10 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if facts.reason in ("duplicate_in_settlement", "settled_after_resolution") and pay is not None \
             and action != "write_off":
         loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"],
-                                   f"expense:write-offs:{facts.provider}:{pay['currency']}")
+                                   f"expense:write-offs:{facts.provider}:{pay['currency']}", pay["currency"])
         facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"],
-                         "loss_recovered": loss["recovered"]})
+                         "loss_recovered": loss["recovered"], "other_currency_open": loss["other_currency_open"],
+                         "other_currency_kept": loss["other_currency_kept"]})
     if facts.reason == "expired_part_paid":
         # Both invoices locked in id order (the expired one, and the one money is matched to)
         ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})

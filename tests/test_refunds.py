@@ -653,6 +653,44 @@ async def test_a_written_off_loss_is_made_good_whichever_line_is_resolved_first(
     assert await owed(api, treasury) == []
 
 
+@pytest.mark.parametrize("fx_action", ["refund_due", "write_off"])
+async def test_a_duplicate_makes_good_no_loss_that_a_late_line_in_another_currency_stands_for(api, portal, treasury,
+                                                                                            invoice_body, fx_action):
+    """A payment written off as never settled, then its late line in USD, then the same payment again in KHR (a
+    duplicate). Kept in USD (refund_due), the late line stands for the payment, to be converted against the loss
+    by treasury: the duplicate made the KHR loss good as well, covering it twice, and owed the payer nothing. A
+    listing error (write_off), the late line leaves the loss to the duplicate. While the late line is open the
+    duplicate cannot tell, and waits for it."""
+    from datetime import timedelta
+
+    from providers import SettlementLine
+    from tests.test_settlement import AT, DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)          # 50,000 KHR lost
+    usd = SettlementLine(line_no=1, transaction_id="TX-1", amount=1250, currency="USD", paid_at=AT)
+    assert (await upload(api, treasury, write_settlement_csv([usd]), day=DAY + timedelta(days=5))).status == 201
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000, at=AT + timedelta(days=6))]),
+                         day=DAY + timedelta(days=6))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    r = await resolve(api, treasury, dup["id"], "refund_due")
+    assert r.status == 422 and late["id"] in (await r.json())["detail"]
+    assert (await resolve(api, treasury, late["id"], fx_action)).status == 200
+    r = await resolve(api, treasury, dup["id"], "refund_due")
+    assert r.status == 200, await r.text()
+    if fx_action == "refund_due":
+        assert _postings(await r.json()) == {(BANK, "debit", 50000), (DUE, "credit", 50000)}
+        assert await balances(api.dsn, LOSS, DUE, "equity:written-off:USD") == {
+            LOSS: 50000, DUE: 50000, "equity:written-off:USD": 1250}
+        [case] = await owed(api, treasury)
+        assert (case["currency"], case["outstanding"], case["payable"]) == ("KHR", 50000, True)
+    else:
+        assert _postings(await r.json()) == {(BANK, "debit", 50000), (LOSS, "credit", 50000)}
+        assert await balances(api.dsn, LOSS, DUE) == {LOSS: 0, DUE: 0}
+        assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
 async def test_an_expired_part_and_its_payments_refund_resolved_at_once_do_not_deadlock(api, portal, treasury,
                                                                                        invoice_body):
     """Found by review: the expired_part_paid resolution locked its row then the invoice, the refund of the
