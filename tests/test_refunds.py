@@ -691,6 +691,75 @@ async def test_a_duplicate_makes_good_no_loss_that_a_late_line_in_another_curren
     assert await reconciled(api.dsn) == []
 
 
+def _usd(amount: int = 1250, days: int = 0):
+    from datetime import timedelta
+
+    from providers import SettlementLine
+    from tests.test_settlement import AT
+
+    return SettlementLine(line_no=1, transaction_id="TX-1", amount=amount, currency="USD", paid_at=AT + timedelta(days=days))
+
+
+KEPT_USD, DUE_USD = "equity:written-off:USD", "suspense:refunds-due:USD"
+
+
+@pytest.mark.parametrize("listing_error", ["late", "duplicate"])
+async def test_one_usd_settlement_and_one_listing_error_end_the_same_whichever_is_the_error(
+        api, portal, treasury, invoice_body, listing_error):
+    """Found by review: a 50,000 KHR payment written off as never settled, then two USD lines for it in one file,
+    one the real settlement, the other a listing error. With the late line written off as the error, the
+    duplicate's refund_due owed the USD back to the payer, the loss staying booked; with the duplicate the error,
+    the late line kept it. Now the line that is not the error is kept either way, and a duplicate waits for its
+    late line."""
+    from datetime import timedelta
+
+    from tests.test_settlement import DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)
+    assert (await upload(api, treasury, write_settlement_csv([_usd(), _usd()]),
+                         day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    r = await resolve(api, treasury, dup["id"], "refund_due")
+    assert r.status == 422 and late["id"] in (await r.json())["detail"]   # the late line decides first
+    for exc, action in ((late, "write_off" if listing_error == "late" else "refund_due"),
+                        (dup, "refund_due" if listing_error == "late" else "write_off")):
+        r = await resolve(api, treasury, exc["id"], action)
+        assert r.status == 200, await r.text()
+    assert await balances(api.dsn, LOSS, KEPT_USD, DUE_USD) == {LOSS: 50000, KEPT_USD: 1250, DUE_USD: 0}
+    assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
+async def test_the_money_in_usd_after_a_khr_listing_error_stands_for_the_payment(api, portal, treasury,
+                                                                                invoice_body):
+    """Found by review: the KHR late line written off as a listing error, the USD line that then arrived (a
+    duplicate) was owed back to the payer, the loss staying booked. It is kept, to be converted against the loss;
+    a second USD line is then the payer's."""
+    from datetime import timedelta
+
+    from tests.test_settlement import DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]),
+                         day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    assert (await resolve(api, treasury, late["id"], "write_off")).status == 200
+    assert (await upload(api, treasury, write_settlement_csv([_usd(days=6), _usd(days=6)]),
+                         day=DAY + timedelta(days=6))).status == 201
+    first, second = await open_exceptions(api, treasury, reason="duplicate_in_settlement")   # alike: either first
+    r = await resolve(api, treasury, first["id"], "refund_due")
+    assert r.status == 200 and _postings(await r.json()) == {("treasury:bank:nbc-treasury:USD", "debit", 1250),
+                                                             (KEPT_USD, "credit", 1250)}
+    r = await resolve(api, treasury, second["id"], "refund_due")
+    assert r.status == 200 and _postings(await r.json()) == {("treasury:bank:nbc-treasury:USD", "debit", 1250),
+                                                             (DUE_USD, "credit", 1250)}
+    assert await balances(api.dsn, LOSS, KEPT_USD, DUE_USD) == {LOSS: 50000, KEPT_USD: 1250, DUE_USD: 1250}
+    [case] = await owed(api, treasury)
+    assert (case["currency"], case["outstanding"]) == ("USD", 1250)
+    assert await reconciled(api.dsn) == []
+
+
 async def test_an_expired_part_and_its_payments_refund_resolved_at_once_do_not_deadlock(api, portal, treasury,
                                                                                        invoice_body):
     """Found by review: the expired_part_paid resolution locked its row then the invoice, the refund of the
