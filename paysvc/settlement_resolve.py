@@ -15,11 +15,10 @@ sits decides what an action can do:
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
   arrived, no entry. For a payment written off as never settled, the money first makes good what is left of
   that loss (credit ``expense:write-offs``), whichever action takes it in, as its late line does; only the rest
-  goes on. A line in another currency cannot make good the loss: with ``refund_due`` it is kept to stand for the
-  payment (credit ``equity:written-off`` in its currency, for treasury to convert) while some of the loss is
-  left and no such line was kept before, and a line in the payment's currency then makes good nothing; while the late line is open, a duplicate
-  waits for it when either is in another currency. Resolutions of one payment's exceptions take the payment's
-  lock (its payouts' too).
+  goes on. A line in another currency than such a payment cannot make good the loss: ``refund_due`` keeps it
+  (credit ``equity:written-off`` in its currency) for treasury to convert against what is left of the loss, or
+  return, outside the service; ``match_to_invoice`` is refused. Resolutions of one payment's exceptions take the
+  payment's lock (its payouts' too).
 * **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
   booked): only ``write_off``, which records that treasury checked it: no entry.
 * **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
@@ -131,12 +130,6 @@ class Facts:
     # that write-off booked, and what lines of the payment have made good of it since
     write_off_loss: int = 0
     loss_recovered: int = 0
-    # ... and, for a duplicate line, the payment's late line (settled_after_resolution) while it is open, with its
-    # currency, and whether a line of the payment in another currency was kept to stand for it (credited to
-    # equity:written-off in that currency, for treasury to convert against the loss)
-    late_open: str | None = None
-    late_open_currency: str | None = None
-    other_currency_kept: bool = False
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
@@ -230,30 +223,22 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         # only the rest goes to an invoice or back to the payer (found by review: refund_due owed all of it back,
         # the invoice staying paid and the loss booked; and making good only a loss nothing had made good yet
         # gave another outcome when the late line was resolved first, a short one leaving loss and refund both)
-        left = max(f.write_off_loss - f.loss_recovered, 0)   # of the loss, not made good yet
-        if left and f.late_open and f.payment_currency is not None \
-                and (f.payment_currency != cur or f.late_open_currency != f.payment_currency):
-            # A line in another currency (this one, or the payment's late line) cannot make good the loss, only
-            # stand for the payment, to be converted by treasury; which line does is the late line's to decide
-            # first (found by review: a USD duplicate resolved before its USD late line was owed back, and the
-            # late line then written off as a listing error left the only money that arrived owed to the payer)
-            raise ResolutionRefused(f"exception {f.late_open}, the late line of this payment (written off as never "
-                                    "settled), is still open; resolve it first: in another currency than the "
-                                    "payment, it decides whether this line stands for the payment")
-        if f.payment_currency is not None and cur != f.payment_currency:
-            if left and not f.other_currency_kept and action == "refund_due":
-                # Some of the loss is left, and no line in another currency stands for the payment yet: this one
-                # does, kept in its currency for treasury to convert against what is left, as a late line in another
-                # currency is (found by review: it was owed back while the loss stayed booked)
-                return Plan((*bank_in(gross, fee), (f"equity:written-off:{cur}", "credit", gross)))
-            recover = 0
-        elif f.other_currency_kept:
-            # A line in another currency was kept to stand for the payment, to be converted against the loss
-            # (outside the service): making the loss good from this one as well would cover it twice, and this
-            # line is the payer's (a gap named in the last refunds review's notes, closed here)
-            recover = 0
-        else:
-            recover = min(gross, left)
+        if f.write_off_loss and f.payment_currency is not None and cur != f.payment_currency:
+            # A line in another currency cannot make good the loss without an exchange rate, nor can the service
+            # tell whether it stands for the payment or is surplus: it is kept in its currency, as the payment's
+            # late line in another currency is, and treasury converts it against what is left of the loss, or
+            # returns it, outside the service. Always, so that the lines of one payment end the same whatever the
+            # order they are resolved in (found by two review rounds: owed back, it paid the payer the only money
+            # that arrived; kept only while some loss was left, or only the first such line, the outcome hung on
+            # which line a desk resolved first)
+            if action == "match_to_invoice":
+                raise ResolutionRefused(f"this line in {cur} is of a payment in {f.payment_currency} written off as "
+                                        "never settled: without an exchange rate it cannot make good that loss, "
+                                        "and no invoice takes it here. Resolve it with refund_due, which keeps it in "
+                                        f"equity:written-off:{cur} for treasury to convert, or write_off if it is "
+                                        "a listing error", field="action")
+            return Plan((*bank_in(gross, fee), (f"equity:written-off:{cur}", "credit", gross)))
+        recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0)) if f.payment_currency == cur else 0
         base = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
         rest = gross - recover
         if not rest:
@@ -492,10 +477,9 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
     if facts.reason in ("duplicate_in_settlement", "settled_after_resolution") and pay is not None \
             and action != "write_off":
         loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"],
-                                   f"expense:write-offs:{facts.provider}:{pay['currency']}", pay["currency"])
-        facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"], "loss_recovered": loss["recovered"],
-                         "late_open": loss["late_open"], "late_open_currency": loss["late_open_currency"],
-                         "other_currency_kept": loss["other_currency_kept"]})
+                                   f"expense:write-offs:{facts.provider}:{pay['currency']}")
+        facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"],
+                         "loss_recovered": loss["recovered"]})
     if facts.reason == "expired_part_paid":
         # Both invoices locked in id order (the expired one, and the one money is matched to)
         ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})

@@ -653,64 +653,56 @@ async def test_a_written_off_loss_is_made_good_whichever_line_is_resolved_first(
     assert await owed(api, treasury) == []
 
 
-@pytest.mark.parametrize("fx_action", ["refund_due", "write_off"])
-async def test_a_duplicate_makes_good_no_loss_that_a_late_line_in_another_currency_stands_for(api, portal, treasury,
-                                                                                            invoice_body, fx_action):
-    """A payment written off as never settled, then its late line in USD, then the same payment again in KHR (a
-    duplicate). Kept in USD (refund_due), the late line stands for the payment, to be converted against the loss
-    by treasury: the duplicate made the KHR loss good as well, covering it twice, and owed the payer nothing. A
-    listing error (write_off), the late line leaves the loss to the duplicate. While the late line is open the
-    duplicate cannot tell, and waits for it."""
-    from datetime import timedelta
-
-    from providers import SettlementLine
-    from tests.test_settlement import AT, DAY
-
-    await _never_settled_written_off(api, portal, treasury, invoice_body)          # 50,000 KHR lost
-    usd = SettlementLine(line_no=1, transaction_id="TX-1", amount=1250, currency="USD", paid_at=AT)
-    assert (await upload(api, treasury, write_settlement_csv([usd]), day=DAY + timedelta(days=5))).status == 201
-    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000, at=AT + timedelta(days=6))]),
-                         day=DAY + timedelta(days=6))).status == 201
-    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
-    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
-    r = await resolve(api, treasury, dup["id"], "refund_due")
-    assert r.status == 422 and late["id"] in (await r.json())["detail"]
-    assert (await resolve(api, treasury, late["id"], fx_action)).status == 200
-    r = await resolve(api, treasury, dup["id"], "refund_due")
-    assert r.status == 200, await r.text()
-    if fx_action == "refund_due":
-        assert _postings(await r.json()) == {(BANK, "debit", 50000), (DUE, "credit", 50000)}
-        assert await balances(api.dsn, LOSS, DUE, "equity:written-off:USD") == {
-            LOSS: 50000, DUE: 50000, "equity:written-off:USD": 1250}
-        [case] = await owed(api, treasury)
-        assert (case["currency"], case["outstanding"], case["payable"]) == ("KHR", 50000, True)
-    else:
-        assert _postings(await r.json()) == {(BANK, "debit", 50000), (LOSS, "credit", 50000)}
-        assert await balances(api.dsn, LOSS, DUE) == {LOSS: 0, DUE: 0}
-        assert await owed(api, treasury) == []
-    assert await reconciled(api.dsn) == []
-
-
-def _usd(amount: int = 1250, days: int = 0):
+def _usd(amount: int = 1250, days: int = 0, fee: int = 0):
     from datetime import timedelta
 
     from providers import SettlementLine
     from tests.test_settlement import AT
 
-    return SettlementLine(line_no=1, transaction_id="TX-1", amount=amount, currency="USD", paid_at=AT + timedelta(days=days))
+    return SettlementLine(line_no=1, transaction_id="TX-1", amount=amount, currency="USD", fee=fee,
+                          paid_at=AT + timedelta(days=days))
 
 
 KEPT_USD, DUE_USD = "equity:written-off:USD", "suspense:refunds-due:USD"
 
 
+async def _resolve_all(api, treasury, *pairs) -> None:
+    for exc, action in pairs:
+        r = await resolve(api, treasury, exc["id"], action)
+        assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize("first", ["late", "duplicate"])
+async def test_a_usd_late_line_and_a_khr_duplicate_end_the_same_in_either_order(api, portal, treasury, invoice_body,
+                                                                              first):
+    """A 50,000 KHR payment written off as never settled, then its late line in USD and a KHR duplicate, both
+    refund_due. The KHR makes good the loss, the USD is kept in its currency, whichever is resolved first. (Two
+    rules in turn were found order-dependent by review: a duplicate waiting for the late line, then the KHR owed
+    back once a USD line was kept.)"""
+    from datetime import timedelta
+
+    from tests.test_settlement import AT, DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)
+    assert (await upload(api, treasury, write_settlement_csv([_usd(fee=10)]), day=DAY + timedelta(days=5))).status == 201
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000, at=AT + timedelta(days=6))]),
+                         day=DAY + timedelta(days=6))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    pairs = [(late, "refund_due"), (dup, "refund_due")]
+    await _resolve_all(api, treasury, *(pairs if first == "late" else pairs[::-1]))
+    assert await balances(api.dsn, LOSS, DUE, KEPT_USD, DUE_USD, "expense:provider-fees:sandbox:USD") == {
+        LOSS: 0, DUE: 0, KEPT_USD: 1250, DUE_USD: 0, "expense:provider-fees:sandbox:USD": 10}
+    assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
 @pytest.mark.parametrize("listing_error", ["late", "duplicate"])
 async def test_one_usd_settlement_and_one_listing_error_end_the_same_whichever_is_the_error(
         api, portal, treasury, invoice_body, listing_error):
-    """Found by review: a 50,000 KHR payment written off as never settled, then two USD lines for it in one file,
-    one the real settlement, the other a listing error. With the late line written off as the error, the
-    duplicate's refund_due owed the USD back to the payer, the loss staying booked; with the duplicate the error,
-    the late line kept it. Now the line that is not the error is kept either way, and a duplicate waits for its
-    late line."""
+    """Found by review: two USD lines for a KHR payment written off as never settled, one of them a listing error.
+    With the late line the error, the duplicate's refund_due owed the USD back to the payer, the loss staying
+    booked; with the duplicate the error, the late line kept it."""
     from datetime import timedelta
 
     from tests.test_settlement import DAY
@@ -720,43 +712,42 @@ async def test_one_usd_settlement_and_one_listing_error_end_the_same_whichever_i
                          day=DAY + timedelta(days=5))).status == 201
     [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
     [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
-    r = await resolve(api, treasury, dup["id"], "refund_due")
-    assert r.status == 422 and late["id"] in (await r.json())["detail"]   # the late line decides first
-    for exc, action in ((late, "write_off" if listing_error == "late" else "refund_due"),
-                        (dup, "refund_due" if listing_error == "late" else "write_off")):
-        r = await resolve(api, treasury, exc["id"], action)
-        assert r.status == 200, await r.text()
+    await _resolve_all(api, treasury, (late, "write_off" if listing_error == "late" else "refund_due"),
+                       (dup, "refund_due" if listing_error == "late" else "write_off"))
     assert await balances(api.dsn, LOSS, KEPT_USD, DUE_USD) == {LOSS: 50000, KEPT_USD: 1250, DUE_USD: 0}
     assert await owed(api, treasury) == []
     assert await reconciled(api.dsn) == []
 
 
-async def test_the_money_in_usd_after_a_khr_listing_error_stands_for_the_payment(api, portal, treasury,
-                                                                                invoice_body):
-    """Found by review: the KHR late line written off as a listing error, the USD line that then arrived (a
-    duplicate) was owed back to the payer, the loss staying booked. It is kept, to be converted against the loss;
-    a second USD line is then the payer's."""
+@pytest.mark.parametrize("first", ["KHR", "USD-100", "USD-1250"])
+async def test_lines_in_two_currencies_after_a_khr_listing_error_end_the_same_in_any_order(api, portal, treasury,
+                                                                                         invoice_body, first):
+    """Found by review: after the KHR late line was written off as a listing error, duplicates of 30,000 KHR and
+    of 100 and 1,250 USD ended differently by the order a desk resolved them in (30,000 KHR owed back or not; 100
+    or 1,250 USD kept). The KHR makes good what it can of the loss and every USD line is kept, in any order; a USD
+    line cannot be matched to an invoice."""
     from datetime import timedelta
 
-    from tests.test_settlement import DAY
+    from tests.payments_helpers import new_invoice
+    from tests.test_settlement import AT, DAY
 
     await _never_settled_written_off(api, portal, treasury, invoice_body)
     assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000)]),
                          day=DAY + timedelta(days=5))).status == 201
     [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
-    assert (await resolve(api, treasury, late["id"], "write_off")).status == 200
-    assert (await upload(api, treasury, write_settlement_csv([_usd(days=6), _usd(days=6)]),
+    assert (await resolve(api, treasury, late["id"], "write_off")).status == 200          # a listing error
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 30000, at=AT + timedelta(days=6)),
+                                                              _usd(100, days=6), _usd(1250, days=6)]),
                          day=DAY + timedelta(days=6))).status == 201
-    first, second = await open_exceptions(api, treasury, reason="duplicate_in_settlement")   # alike: either first
-    r = await resolve(api, treasury, first["id"], "refund_due")
-    assert r.status == 200 and _postings(await r.json()) == {("treasury:bank:nbc-treasury:USD", "debit", 1250),
-                                                             (KEPT_USD, "credit", 1250)}
-    r = await resolve(api, treasury, second["id"], "refund_due")
-    assert r.status == 200 and _postings(await r.json()) == {("treasury:bank:nbc-treasury:USD", "debit", 1250),
-                                                             (DUE_USD, "credit", 1250)}
-    assert await balances(api.dsn, LOSS, KEPT_USD, DUE_USD) == {LOSS: 50000, KEPT_USD: 1250, DUE_USD: 1250}
-    [case] = await owed(api, treasury)
-    assert (case["currency"], case["outstanding"]) == ("USD", 1250)
+    dups = {f"{d['currency']}-{d['amount']}" if d["currency"] == "USD" else "KHR": d
+            for d in await open_exceptions(api, treasury, reason="duplicate_in_settlement")}
+    usd_invoice = await new_invoice(api, portal, invoice_body, currency="USD", amount=5000)
+    r = await resolve(api, treasury, dups["USD-1250"]["id"], "match_to_invoice", invoice_id=usd_invoice["id"])
+    assert r.status == 422 and "refund_due" in (await r.json())["detail"]
+    order = [first, *sorted(set(dups) - {first})]
+    await _resolve_all(api, treasury, *((dups[k], "refund_due") for k in order))
+    assert await balances(api.dsn, LOSS, DUE, KEPT_USD, DUE_USD) == {LOSS: 20000, DUE: 0, KEPT_USD: 1350, DUE_USD: 0}
+    assert await owed(api, treasury) == []
     assert await reconciled(api.dsn) == []
 
 

@@ -465,10 +465,7 @@ SELECT p.id, p.provider, p.invoice_id, p.amount, p.currency, p.applied_amount, p
 -- name: payment_write_off_loss
 -- The loss booked to $2 (expense:write-offs:{provider}:{cur}) by the write-off of payment $1's
 -- missing_in_settlement (0 when it was not written off), and what entries about the payment have credited back
--- to that account since (lines that arrived after all and made it good). For its duplicate lines, also: the
--- payment's late line (settled_after_resolution) while its exception is open, and that line's currency; and
--- whether a line of the payment in a currency other than $3 (the payment's) was kept, credited to
--- equity:written-off in its own currency to stand for the payment, for treasury to convert against the loss.
+-- to that account since (lines that arrived after all and made it good).
 SELECT coalesce((SELECT p.amount
                    FROM reconciliation_exceptions x
                    JOIN ledger_entries e ON e.idempotency_key = 'resolution:' || x.id
@@ -480,19 +477,7 @@ SELECT coalesce((SELECT p.amount
                    FROM ledger_entries e
                    JOIN ledger_postings p ON p.entry_id = e.id
                    JOIN ledger_accounts a ON a.id = p.account_id
-                  WHERE e.payment_id = $1 AND a.code = $2 AND p.side = 'credit'), 0)::bigint AS recovered,
-       (SELECT x.id FROM reconciliation_exceptions x
-         WHERE x.payment_id = $1 AND x.reason = 'settled_after_resolution' AND x.state = 'open'
-         ORDER BY x.id LIMIT 1) AS late_open,
-       (SELECT l.currency FROM reconciliation_exceptions x JOIN settlement_lines l ON l.exception_id = x.id
-         WHERE x.payment_id = $1 AND x.reason = 'settled_after_resolution' AND x.state = 'open'
-         ORDER BY x.id LIMIT 1) AS late_open_currency,
-       EXISTS (SELECT 1
-                 FROM ledger_entries e
-                 JOIN ledger_postings p ON p.entry_id = e.id
-                 JOIN ledger_accounts a ON a.id = p.account_id
-                WHERE e.payment_id = $1 AND p.side = 'credit' AND a.code LIKE 'equity:written-off:%'
-                  AND a.currency <> $3) AS other_currency_kept
+                  WHERE e.payment_id = $1 AND a.code = $2 AND p.side = 'credit'), 0)::bigint AS recovered
 
 -- name: line_of_exception
 SELECT settlement_id, line_no, amount, currency, fee FROM settlement_lines WHERE exception_id = $1
