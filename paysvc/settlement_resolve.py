@@ -14,10 +14,11 @@ sits decides what an action can do:
   ``refund_due`` bring it in (debit ``treasury:bank`` net + ``expense:provider-fees`` fee) and credit the
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
   arrived, no entry. For a payment written off as never settled, the money first makes good what is left of
-  that loss (credit ``expense:write-offs``), whichever action takes it in, as its late line does; only the rest
-  goes on. A line in another currency than such a payment cannot make good the loss: ``refund_due`` keeps it
-  (credit ``equity:written-off`` in its currency) for treasury to convert against what is left of the loss, or
-  return, outside the service; ``match_to_invoice`` is refused. Resolutions of one payment's exceptions take the
+  that loss (credit ``expense:write-offs`` of the payment's provider) with ``refund_due``, as its late line does;
+  only the rest is owed back, and ``match_to_invoice`` is refused (what it gave would hang on the order the
+  payment's lines are resolved in). A line in another currency than such a payment cannot make good the loss:
+  ``refund_due`` keeps it (credit ``equity:written-off`` in its currency) for treasury to convert against what is
+  left of the loss, or return, outside the service. Resolutions of one payment's exceptions take the
   payment's lock (its payouts' too).
 * **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
   booked): only ``write_off``, which records that treasury checked it: no entry.
@@ -126,6 +127,7 @@ class Facts:
     # ... and the invoices that earlier refund lowered: (invoice id, agency code, status now, owed now, lowered by)
     lowered: tuple[tuple[str, str, str, int, int], ...] = ()
     payment_currency: str | None = None
+    payment_provider: str | None = None   # may differ from the exception's: a line in another provider's file
     # A line of a payment written off as never settled (settled_after_resolution, duplicate_in_settlement): the loss
     # that write-off booked, and what lines of the payment have made good of it since
     write_off_loss: int = 0
@@ -157,6 +159,14 @@ class Plan:
     invoice_amount: int = 0                       # how much the target invoice's amount_paid grows
     restored: tuple[tuple[str, int], ...] = ()    # other invoices whose amount_paid grows back: (id, amount)
     cleared: tuple[str, int] | None = None        # an expired invoice whose amount_paid is lowered: (id, amount)
+
+
+def _write_off_account(f: Facts) -> str:
+    """Where the write-off of the payment's ``missing_in_settlement`` booked its loss: its own provider's account,
+    in its currency, whichever provider's file the line being resolved came in (found by review: a line matched to
+    the payment from another provider's statement read that provider's account, found no loss, and owed all of
+    it back while the loss stayed booked)."""
+    return f"expense:write-offs:{f.payment_provider or f.provider}:{f.payment_currency or f.currency}"
 
 
 def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) -> Plan:
@@ -219,10 +229,20 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         if action == "write_off":
             return Plan(())
         # A payment written off as never settled (its late line resolved as a listing error, say): what arrives
-        # makes good what is left of that loss first, whichever action takes it in, as its late line does, and
-        # only the rest goes to an invoice or back to the payer (found by review: refund_due owed all of it back,
-        # the invoice staying paid and the loss booked; and making good only a loss nothing had made good yet
-        # gave another outcome when the late line was resolved first, a short one leaving loss and refund both)
+        # in its currency makes good what is left of that loss first, as its late line does, and only the rest is
+        # owed back to the payer (found by review: refund_due owed all of it back, the invoice staying paid and the
+        # loss booked; and making good only a loss nothing had made good yet gave another outcome when the late
+        # line was resolved first, a short one leaving loss and refund both)
+        if f.write_off_loss and action == "match_to_invoice":
+            # What such a line gives an invoice would hang on whether the payment's other lines made the loss good
+            # before it or after (found by review: the same lines and actions gave the invoice 60,000 in one order,
+            # 10,000 in the other, the payer 50,000); refund_due makes good the loss and owes back the rest in
+            # any order
+            raise ResolutionRefused("this line is of a payment written off as never settled: what it gives an "
+                                    "invoice would depend on the order its lines are resolved in. Resolve it with "
+                                    "refund_due (it makes good the loss first; the rest is owed back, and the "
+                                    "payer can pay the invoice again), or write_off if it is a listing error",
+                                    field="action")
         if f.write_off_loss and f.payment_currency is not None and cur != f.payment_currency:
             # A line in another currency cannot make good the loss without an exchange rate, nor can the service
             # tell whether it stands for the payment or is surplus: it is kept in its currency, as the payment's
@@ -231,21 +251,11 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             # order they are resolved in (found by two review rounds: owed back, it paid the payer the only money
             # that arrived; kept only while some loss was left, or only the first such line, the outcome hung on
             # which line a desk resolved first)
-            if action == "match_to_invoice":
-                raise ResolutionRefused(f"this line in {cur} is of a payment in {f.payment_currency} written off as "
-                                        "never settled: without an exchange rate it cannot make good that loss, "
-                                        "and no invoice takes it here. Resolve it with refund_due, which keeps it in "
-                                        f"equity:written-off:{cur} for treasury to convert, or write_off if it is "
-                                        "a listing error", field="action")
             return Plan((*bank_in(gross, fee), (f"equity:written-off:{cur}", "credit", gross)))
         recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0)) if f.payment_currency == cur else 0
-        base = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
+        base = [*bank_in(gross, fee), *([(_write_off_account(f), "credit", recover)] if recover else [])]
         rest = gross - recover
         if not rest:
-            if action == "match_to_invoice":
-                raise ResolutionRefused(f"all {gross} of this line makes good the write-off of its payment (never "
-                                        "settled, then written off): no invoice gets any of it. Resolve it with "
-                                        "refund_due, which books it so and owes nothing back", field="invoice_id")
             return Plan(tuple(base))
         if action == "match_to_invoice":
             acct, n = to_invoice(rest)
@@ -362,7 +372,7 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             # 39,000, the invoice staying paid; and crediting back the whole loss after a duplicate had made it good
             # credited it twice).
             recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0))
-            out = [*bank_in(gross, fee), *([(losses, "credit", recover)] if recover else [])]
+            out = [*bank_in(gross, fee), *([(_write_off_account(f), "credit", recover)] if recover else [])]
             if gross - recover:
                 out.append((refunds, "credit", gross - recover))
             return Plan(tuple(out))
@@ -463,7 +473,8 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         payment_suspense=pay["suspense_amount"] if pay else 0, payment_agency=pay["agency_code"] if pay else None,
         payment_invoice=pay["invoice_id"] if pay else None,
         line_amount=line["amount"] if line else None, line_fee=line["fee"] if line else 0,
-        line_currency=line["currency"] if line else None, payment_currency=pay["currency"] if pay else None)
+        line_currency=line["currency"] if line else None, payment_currency=pay["currency"] if pay else None,
+        payment_provider=pay["provider"] if pay else None)
     if facts.reason == "amount_mismatch" and pay is not None:
         facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
     if facts.reason == "settled_after_resolution":
@@ -476,8 +487,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
     if facts.reason in ("duplicate_in_settlement", "settled_after_resolution") and pay is not None \
             and action != "write_off":
-        loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"],
-                                   f"expense:write-offs:{facts.provider}:{pay['currency']}")
+        loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"], _write_off_account(facts))
         facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"],
                          "loss_recovered": loss["recovered"]})
     if facts.reason == "expired_part_paid":

@@ -626,7 +626,7 @@ async def test_a_match_that_would_give_an_invoice_nothing_is_refused(api, portal
                          day=DAY + timedelta(days=6))).status == 201
     [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
     r = await resolve(api, treasury, dup["id"], "match_to_invoice", invoice_id=inv["id"])
-    assert r.status == 422 and "makes good the write-off" in (await r.json())["detail"]
+    assert r.status == 422 and "written off as never settled" in (await r.json())["detail"]
     r = await resolve(api, treasury, dup["id"], "refund_due")
     assert r.status == 200 and _postings(await r.json()) == {(BANK, "debit", 50000), (LOSS, "credit", 50000)}
 
@@ -748,6 +748,90 @@ async def test_lines_in_two_currencies_after_a_khr_listing_error_end_the_same_in
     await _resolve_all(api, treasury, *((dups[k], "refund_due") for k in order))
     assert await balances(api.dsn, LOSS, DUE, KEPT_USD, DUE_USD) == {LOSS: 20000, DUE: 0, KEPT_USD: 1350, DUE_USD: 0}
     assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
+@pytest.mark.parametrize("first", ["late", "duplicate"])
+async def test_a_duplicate_of_a_written_off_payment_goes_to_no_invoice_and_ends_the_same_in_either_order(
+        api, portal, treasury, invoice_body, first):
+    """Found by review: a 60,000 duplicate of a 50,000 payment written off as never settled, matched to another
+    invoice, gave it 60,000 when the late line had made good the loss first and 10,000 when not, the payer then
+    owed 50,000. Such a duplicate is not matched; refund_due makes good the loss and owes back the rest in any
+    order."""
+    from datetime import timedelta
+
+    from tests.payments_helpers import new_invoice
+    from tests.test_settlement import AT, DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)
+    other = await new_invoice(api, portal, invoice_body, amount=100000)
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000),
+                                                              line("TX-1", 60000, at=AT + timedelta(hours=1))]),
+                         day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    r = await resolve(api, treasury, dup["id"], "match_to_invoice", invoice_id=other["id"])
+    assert r.status == 422 and "refund_due" in (await r.json())["detail"]
+    pairs = [(late, "refund_due"), (dup, "refund_due")]
+    await _resolve_all(api, treasury, *(pairs if first == "late" else pairs[::-1]))
+    assert await balances(api.dsn, LOSS, DUE) == {LOSS: 0, DUE: 60000}
+    assert sum(c["outstanding"] for c in await owed(api, treasury)) == 60000
+    assert await reconciled(api.dsn) == []
+
+
+async def test_a_line_in_another_providers_statement_makes_good_the_payments_own_loss(api, portal, treasury,
+                                                                                   invoice_body):
+    """Found by review: a sandbox payment written off as never settled, whose money then came on Bakong's bank
+    statement (matched by its KHQR's md5, raised as a duplicate under bakong): the loss was looked up in bakong's
+    write-off account, found to be nothing, and all 50,000 owed back while the sandbox loss stayed booked."""
+    from providers.camt053 import write_statement
+
+    inv = await _never_settled_written_off(api, portal, treasury, invoice_body)
+    r = await upload(api, treasury, write_statement([line("NBC-1", 50000, md5=inv["khqr"]["md5"])]),
+                     provider="bakong", fmt="camt053", name="stmt.xml")
+    assert r.status == 201, await r.text()
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    assert dup["provider"] == "bakong"
+    r = await resolve(api, treasury, dup["id"], "refund_due")
+    assert r.status == 200 and _postings(await r.json()) == {(BANK, "debit", 50000), (LOSS, "credit", 50000)}
+    assert await balances(api.dsn, LOSS, DUE, "expense:write-offs:bakong:KHR") == {
+        LOSS: 0, DUE: 0, "expense:write-offs:bakong:KHR": 0}
+    assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
+async def test_a_payout_waiting_for_the_resolution_that_makes_it_owed_is_recorded(api, portal, treasury,
+                                                                                invoice_body):
+    """Found by review: a payout read its exception before taking the case's lock, so one that waited there for
+    the resolution making the money owed was refused as "still open" once that resolution had committed."""
+    from datetime import timedelta
+
+    import paysvc.refunds as refunds
+    from paysvc.settlement_resolve import resolve as resolve_exception
+    from tests.test_settlement import DAY
+
+    await _never_settled_written_off(api, portal, treasury, invoice_body)          # 50,000 lost
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 60000)]),
+                         day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    async with connect(api.dsn) as desk_a, connect(api.dsn) as desk_b:
+        resolving = desk_a.transaction()
+        await resolving.start()
+        await resolve_exception(desk_a, late["id"], action="refund_due", note="arrived after all", invoice_id=None,
+                                by="desk A", now=datetime.now(UTC), bank_account="nbc-treasury")
+
+        async def pay_out():
+            async with desk_b.transaction():
+                return await refunds.record_payout(desk_b, exception_id=late["id"], currency="KHR", amount=10000,
+                                                   reference="BANK-REF-W", note="desk B", by="desk B",
+                                                   now=datetime.now(UTC), bank_account="nbc-treasury")
+        payout = asyncio.create_task(pay_out())
+        await asyncio.sleep(0.5)
+        assert not payout.done()                                  # waits for the case's lock
+        await resolving.commit()
+        recorded = await asyncio.wait_for(payout, 10)
+    assert (recorded.payout["amount"], recorded.replayed) == (10000, False)
+    assert await balances(api.dsn, LOSS, DUE) == {LOSS: 0, DUE: 0}
     assert await reconciled(api.dsn) == []
 
 
