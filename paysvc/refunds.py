@@ -86,9 +86,10 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
         raise LookupError(exception_id)
     case = exc["payment_id"] or exc["id"]
     await conn.execute(Q.refund_case_lock, case)
-    # Read again under the lock: a resolution of the case that committed while this waited for it has changed the
-    # row (found by review: a payout waiting on the resolution that made it owed was refused as "still open")
-    exc = await conn.fetchrow(Q.exception_for_refund, exception_id)
+    # Read again under the lock, waiting for a resolution of the row itself: one that committed while this waited
+    # has changed it (found by review: a payout waiting on the resolution that made it owed was refused as "still
+    # open"; an exception about no payment has no case lock to wait on, so the row's own lock is waited for)
+    exc = await conn.fetchrow(Q.exception_for_refund_locked, exception_id)
     earlier = await conn.fetchrow(Q.refund_payout_by_reference, reference)
     if earlier is not None:
         first = _payout(earlier)

@@ -15,8 +15,10 @@ sits decides what an action can do:
   agency's revenue or ``suspense:refunds-due``; ``write_off`` says the line was a listing error: nothing
   arrived, no entry. For a payment written off as never settled, the money first makes good what is left of
   that loss (credit ``expense:write-offs`` of the payment's provider) with ``refund_due``, as its late line does;
-  only the rest is owed back, and ``match_to_invoice`` is refused (what it gave would hang on the order the
-  payment's lines are resolved in). A line in another currency than such a payment cannot make good the loss:
+  only the rest is owed back, and ``match_to_invoice`` is refused while some of the loss is left (what it gave
+  would hang on the order the payment's lines are resolved in). A line in another provider's file can come before
+  the write-off: it is not matched while its payment is neither settled nor its ``missing_in_settlement``
+  resolved, and a later write-off makes good the loss from what such lines left owed back. A line in another currency than such a payment cannot make good the loss:
   ``refund_due`` keeps it (credit ``equity:written-off`` in its currency) for treasury to convert against what is
   left of the loss, or return, outside the service. Resolutions of one payment's exceptions take the
   payment's lock (its payouts' too).
@@ -132,6 +134,8 @@ class Facts:
     # that write-off booked, and what lines of the payment have made good of it since
     write_off_loss: int = 0
     loss_recovered: int = 0
+    payment_payable: bool = True   # a duplicate's payment: settled, or its missing_in_settlement resolved
+    duplicates_owed: int = 0       # missing_in_settlement: what its payment's duplicates left owed back (see below)
     # Where the payment's suspense part is now: (account, amount) pairs. Earlier resolutions of the payment's
     # capture exception moved it (to refunds-due, written-off, an agency's revenue); None: still in suspense.
     suspense_now: tuple[tuple[str, int], ...] | None = None
@@ -233,16 +237,24 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
         # owed back to the payer (found by review: refund_due owed all of it back, the invoice staying paid and the
         # loss booked; and making good only a loss nothing had made good yet gave another outcome when the late
         # line was resolved first, a short one leaving loss and refund both)
-        if f.write_off_loss and action == "match_to_invoice":
-            # What such a line gives an invoice would hang on whether the payment's other lines made the loss good
-            # before it or after (found by review: the same lines and actions gave the invoice 60,000 in one order,
-            # 10,000 in the other, the payer 50,000); refund_due makes good the loss and owes back the rest in
-            # any order
-            raise ResolutionRefused("this line is of a payment written off as never settled: what it gives an "
-                                    "invoice would depend on the order its lines are resolved in. Resolve it with "
-                                    "refund_due (it makes good the loss first; the rest is owed back, and the "
-                                    "payer can pay the invoice again), or write_off if it is a listing error",
-                                    field="action")
+        if action == "match_to_invoice" and not f.payment_payable:
+            # A line in another provider's file, of a payment its own provider has not settled: the payment may
+            # still be written off, and this money then makes good that loss (found by review: matched first, the
+            # invoice got it and the loss stayed booked)
+            raise ResolutionRefused("this line's payment is neither settled nor has its missing_in_settlement "
+                                    "resolved: if it is written off, this money makes good the loss. Resolve it "
+                                    "with refund_due (owed back until then, moved to the loss by a write-off), or "
+                                    "resolve the payment's missing_in_settlement first", field="action")
+        if action == "match_to_invoice" and f.write_off_loss and (
+                cur != f.payment_currency or f.write_off_loss > f.loss_recovered):
+            # While some of the loss is left, what such a line gives an invoice would hang on whether the payment's
+            # other lines made it good before or after (found by review: the same lines and actions gave the
+            # invoice 60,000 in one order, 10,000 in the other, the payer 50,000). Once the loss is made good it
+            # stays so, and a match then takes the whole line in any order (one code paid twice, say)
+            raise ResolutionRefused("this line is of a payment written off as never settled, whose loss is not "
+                                    "made good yet: what it gives an invoice would depend on the order its lines "
+                                    "are resolved in. Resolve it with refund_due (it makes good the loss first; the "
+                                    "rest is owed back), or write_off if it is a listing error", field="action")
         if f.write_off_loss and f.payment_currency is not None and cur != f.payment_currency:
             # A line in another currency cannot make good the loss without an exchange rate, nor can the service
             # tell whether it stands for the payment or is surplus: it is kept in its currency, as the payment's
@@ -333,7 +345,12 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
     if f.reason == "missing_in_settlement":
         a = f.payment_amount or f.amount
         if action == "write_off":
-            return Plan(((losses, "debit", a), (clearing, "credit", a)))
+            # What lines in other providers' files, resolved before this, left owed back makes good the loss now,
+            # as it would have had the write-off come first (found by review: resolved in that order, the payer
+            # was owed back the money the loss needed)
+            x = min(a, f.duplicates_owed)
+            return Plan(((losses, "debit", a), (clearing, "credit", a),
+                         *(((refunds, "debit", x), (losses, "credit", x)) if x else ())))
         if action == "refund_due":
             # The provider returned the whole payment: take back the applied part from the agency's revenue and
             # the suspense part from wherever it is now (an earlier resolution may have moved it), once.
@@ -490,6 +507,11 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"], _write_off_account(facts))
         facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"],
                          "loss_recovered": loss["recovered"]})
+    if facts.reason == "duplicate_in_settlement" and pay is not None and action == "match_to_invoice":
+        facts = Facts(**{**facts.__dict__, "payment_payable": await conn.fetchval(Q.refund_payable, pay["id"])})
+    if facts.reason == "missing_in_settlement" and action == "write_off" and pay is not None:
+        facts = Facts(**{**facts.__dict__, "duplicates_owed": await conn.fetchval(
+            Q.payment_duplicates_owed, pay["id"], f"suspense:refunds-due:{pay['currency']}")})
     if facts.reason == "expired_part_paid":
         # Both invoices locked in id order (the expired one, and the one money is matched to)
         ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})

@@ -835,6 +835,102 @@ async def test_a_payout_waiting_for_the_resolution_that_makes_it_owed_is_recorde
     assert await reconciled(api.dsn) == []
 
 
+async def _bakong_line_while_missing_is_open(api, portal, treasury, invoice_body):
+    """A 50,000 sandbox payment its provider never settled (its missing_in_settlement raised, still open), whose
+    money then appears on Bakong's bank statement, matched by md5: a duplicate_in_settlement under bakong."""
+    from providers.camt053 import write_statement
+    from tests.test_settlement import paid
+
+    inv = await paid(api, portal, invoice_body, "TX-1")
+    assert await recheck(api.dsn, api.client.app) == 1
+    [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
+    r = await upload(api, treasury, write_statement([line("NBC-1", 50000, md5=inv["khqr"]["md5"])]),
+                     provider="bakong", fmt="camt053", name="stmt.xml")
+    assert r.status == 201, await r.text()
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    assert dup["provider"] == "bakong"
+    return missing, dup
+
+
+@pytest.mark.parametrize("first", ["write_off", "duplicate"])
+async def test_another_providers_line_and_the_write_off_end_the_same_in_either_order(api, portal, treasury,
+                                                                                   invoice_body, first):
+    """Found by review: the Bakong line resolved refund_due before the payment's write-off found no loss and was
+    owed back in full; the write-off then booked the loss. The write-off now makes good its loss from what the
+    payment's duplicates left owed back (never paid out: the payment was not payable until then)."""
+    from tests.payments_helpers import new_invoice
+
+    missing, dup = await _bakong_line_while_missing_is_open(api, portal, treasury, invoice_body)
+    other = await new_invoice(api, portal, invoice_body, amount=100000)
+    r = await resolve(api, treasury, dup["id"], "match_to_invoice", invoice_id=other["id"])
+    assert r.status == 422 and "missing_in_settlement" in (await r.json())["detail"]    # it may yet be lost
+    pairs = [(missing, "write_off"), (dup, "refund_due")]
+    await _resolve_all(api, treasury, *(pairs if first == "write_off" else pairs[::-1]))
+    assert await balances(api.dsn, LOSS, DUE) == {LOSS: 0, DUE: 0}
+    assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
+async def test_a_duplicate_is_matched_once_the_written_off_loss_is_made_good(api, portal, treasury, invoice_body):
+    """Found by review: one code paid twice (TX-1 captured, TX-2's notice lost), TX-1 written off as never
+    settled; TX-2's line (paired by md5) made good all the loss, and TX-1's own line, a duplicate, could then not
+    be matched to the invoice the payer meant. With nothing of the loss left, the match no longer depends on any
+    order and is allowed."""
+    from datetime import timedelta
+
+    from tests.payments_helpers import new_invoice
+    from tests.test_settlement import AT, DAY
+
+    inv = await _never_settled_written_off(api, portal, treasury, invoice_body)
+    other = await new_invoice(api, portal, invoice_body, amount=50000)
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-2", 50000, md5=inv["khqr"]["md5"])]),
+                         day=DAY + timedelta(days=5))).status == 201
+    [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
+    assert (await resolve(api, treasury, late["id"], "refund_due")).status == 200
+    assert await balances(api.dsn, LOSS) == {LOSS: 0}
+    assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 50000, at=AT + timedelta(days=6))]),
+                         day=DAY + timedelta(days=6))).status == 201
+    [dup] = await open_exceptions(api, treasury, reason="duplicate_in_settlement")
+    r = await resolve(api, treasury, dup["id"], "match_to_invoice", invoice_id=other["id"])
+    assert r.status == 200, await r.text()
+    assert (await (await api.client.get(f"/v1/invoices/{other['id']}", headers=portal)).json())["status"] == "paid"
+    assert await reconciled(api.dsn) == []
+
+
+async def test_a_payout_waits_for_the_resolution_of_an_exception_about_no_payment(api, portal, treasury,
+                                                                                invoice_body):
+    """Found by review: an expired invoice's part (an exception about no payment) takes no case lock when
+    resolved, so a payout naming it did not wait for the resolution under way and was refused as still open."""
+    import paysvc.refunds as refunds
+    from paysvc.settlement_resolve import resolve as resolve_exception
+
+    now = datetime.now(UTC)
+    inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-1")
+    await expire(api, inv)
+    [exc] = await open_exceptions(api, treasury, reason="expired_part_paid")
+    assert (await upload(api, treasury, write_settlement_csv([line("PP-1", 400, at=now)]),
+                         day=now.date())).status == 201
+    async with connect(api.dsn) as desk_a, connect(api.dsn) as desk_b:
+        resolving = desk_a.transaction()
+        await resolving.start()
+        await resolve_exception(desk_a, exc["id"], action="refund_due", note="refund the part", invoice_id=None,
+                                by="desk A", now=datetime.now(UTC), bank_account="nbc-treasury")
+
+        async def pay_out():
+            async with desk_b.transaction():
+                return await refunds.record_payout(desk_b, exception_id=exc["id"], currency="KHR", amount=400,
+                                                   reference="BANK-REF-P", note="desk B", by="desk B",
+                                                   now=datetime.now(UTC), bank_account="nbc-treasury")
+        payout = asyncio.create_task(pay_out())
+        await asyncio.sleep(0.5)
+        assert not payout.done()                                  # waits for the row being resolved
+        await resolving.commit()
+        recorded = await asyncio.wait_for(payout, 10)
+    assert recorded.payout["amount"] == 400
+    assert await owed(api, treasury) == []
+    assert await reconciled(api.dsn) == []
+
+
 async def test_an_expired_part_and_its_payments_refund_resolved_at_once_do_not_deadlock(api, portal, treasury,
                                                                                        invoice_body):
     """Found by review: the expired_part_paid resolution locked its row then the invoice, the refund of the

@@ -8,6 +8,12 @@
 SELECT id, reason, state, resolution, payment_id, invoice_id, resolution_entry_id
   FROM reconciliation_exceptions WHERE id = $1
 
+-- name: exception_for_refund_locked
+-- As exception_for_refund, read again under the case's lock; FOR SHARE waits for a resolution of the row that has
+-- not committed yet (one of an exception about no payment takes no case lock).
+SELECT id, reason, state, resolution, payment_id, invoice_id, resolution_entry_id
+  FROM reconciliation_exceptions WHERE id = $1 FOR SHARE
+
 -- name: refund_case_lock
 -- Payouts of one case are recorded one at a time (two treasury staff paying the same refund at once).
 SELECT pg_advisory_xact_lock(hashtextextended('paysvc.refund:' || $1, 0))

@@ -673,3 +673,15 @@ UPDATE reconciliation_exceptions x
    SET amount = greatest(i.amount_paid - $2, 0)
   FROM invoices i
  WHERE i.id = $1 AND x.invoice_id = i.id AND x.reason = 'expired_part_paid' AND x.state = 'open'
+
+-- name: payment_duplicates_owed
+-- What resolutions of payment $1's duplicate_in_settlement lines have left owed back in $2 (its refunds-due
+-- account): a line in another provider's file, resolved before the payment's missing_in_settlement was written
+-- off, found no loss to make good. None of it can have been paid out: a payout waits for the payment to be
+-- settled or its missing_in_settlement resolved.
+SELECT coalesce(sum(CASE p.side WHEN 'credit' THEN p.amount ELSE -p.amount END), 0)::bigint
+  FROM reconciliation_exceptions x
+  JOIN ledger_entries e ON e.idempotency_key = 'resolution:' || x.id
+  JOIN ledger_postings p ON p.entry_id = e.id
+  JOIN ledger_accounts a ON a.id = p.account_id
+ WHERE x.payment_id = $1 AND x.reason = 'duplicate_in_settlement' AND a.code = $2
