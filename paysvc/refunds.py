@@ -100,9 +100,10 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
         raise RefundRefused(f"exception {exception_id} is still open: resolve it (refund_due says the money is owed "
                             "back) before recording a payout", field="exception_id")
     whose = f"payment {exc['payment_id']} (all its exceptions)" if exc["payment_id"] else f"exception {exception_id}"
-    # Payable first, what is owed second: a provider's refund (the one entry that takes from refunds-due) that
-    # commits between the two is then either seen by the second or keeps the first false (found by review: read
-    # the other way round, a payout could pass on what was owed before that refund took it back)
+    # Payable first, what is owed second: a resolution of the payment's missing_in_settlement (its provider's
+    # refund, or its write-off: the only entries that take from refunds-due) that commits between the two is then
+    # either seen by the second or keeps the first false (found by review: read the other way round, a payout
+    # could pass on what was owed before that refund took it back)
     if exc["payment_id"] and not await conn.fetchval(Q.refund_payable, exc["payment_id"]):
         raise RefundRefused(f"payment {exc['payment_id']} is not settled yet (no settlement line settled it, and its "
                             "missing_in_settlement, if raised, is not resolved): its provider may still give the "

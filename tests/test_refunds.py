@@ -455,7 +455,7 @@ async def test_a_duplicate_line_of_a_written_off_payment_makes_good_the_loss_fir
 
     from tests.test_settlement import AT, DAY, paid
 
-    inv = await paid(api, portal, invoice_body, "TX-1")                  # 50,000, never settled on its day
+    await paid(api, portal, invoice_body, "TX-1")                  # 50,000, never settled on its day
     assert await recheck(api.dsn, api.client.app) == 1
     [missing] = await open_exceptions(api, treasury, reason="missing_in_settlement")
     assert (await resolve(api, treasury, missing["id"], "write_off")).status == 200
