@@ -16,12 +16,13 @@ sits decides what an action can do:
   arrived, no entry. For a payment written off as never settled, the money first makes good what is left of
   that loss (credit ``expense:write-offs`` of the payment's provider) with ``refund_due``, as its late line does;
   only the rest is owed back, and ``match_to_invoice`` is refused while some of the loss is left (what it gave
-  would hang on the order the payment's lines are resolved in). A line in another provider's file can come before
-  the write-off: it is not matched while its payment is neither settled nor its ``missing_in_settlement``
-  resolved, and a later write-off makes good the loss from what such lines left owed back. A line in another currency than such a payment cannot make good the loss:
-  ``refund_due`` keeps it (credit ``equity:written-off`` in its currency) for treasury to convert against what is
-  left of the loss, or return, outside the service. Resolutions of one payment's exceptions take the
-  payment's lock (its payouts' too).
+  would hang on the order the payment's lines are resolved in). A line in another provider's file can come
+  before the write-off: it is not matched while its payment is neither settled nor its
+  ``missing_in_settlement`` resolved, and a later write-off makes good the loss from what such lines left owed
+  back. A line in another currency than such a payment cannot make good the loss: ``refund_due`` keeps it
+  (credit ``equity:written-off`` in its currency) for treasury to convert against what is left of the loss, or
+  return, outside the service. Resolutions of one payment's exceptions take the payment's lock (its payouts'
+  too).
 * **conflicting_notice** (a second notice for captured money that says something else; nothing of it was
   booked): only ``write_off``, which records that treasury checked it: no entry.
 * **amount_mismatch** (we captured C, the file settled L): every action first settles the line — debit bank
