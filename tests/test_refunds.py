@@ -800,36 +800,43 @@ async def test_a_line_in_another_providers_statement_makes_good_the_payments_own
     assert await reconciled(api.dsn) == []
 
 
+async def _payout_while_resolving(api, exception_id: str, amount: int, reference: str):
+    """Desk A resolves ``exception_id`` refund_due in a transaction it has not committed; desk B records a payout
+    of ``amount`` naming it meanwhile, which must wait for desk A. Returns desk B's recorded payout."""
+    import paysvc.refunds as refunds
+    from paysvc.settlement_resolve import resolve as resolve_exception
+
+    async with connect(api.dsn) as desk_a, connect(api.dsn) as desk_b:
+        resolving = desk_a.transaction()
+        await resolving.start()
+        await resolve_exception(desk_a, exception_id, action="refund_due", note="owed back", invoice_id=None,
+                                by="desk A", now=datetime.now(UTC), bank_account="nbc-treasury")
+
+        async def pay_out():
+            async with desk_b.transaction():
+                return await refunds.record_payout(desk_b, exception_id=exception_id, currency="KHR", amount=amount,
+                                                   reference=reference, note="desk B", by="desk B",
+                                                   now=datetime.now(UTC), bank_account="nbc-treasury")
+        payout = asyncio.create_task(pay_out())
+        await asyncio.sleep(0.5)
+        assert not payout.done()                                  # waits for desk A
+        await resolving.commit()
+        return await asyncio.wait_for(payout, 10)
+
+
 async def test_a_payout_waiting_for_the_resolution_that_makes_it_owed_is_recorded(api, portal, treasury,
                                                                                 invoice_body):
     """Found by review: a payout read its exception before taking the case's lock, so one that waited there for
     the resolution making the money owed was refused as "still open" once that resolution had committed."""
     from datetime import timedelta
 
-    import paysvc.refunds as refunds
-    from paysvc.settlement_resolve import resolve as resolve_exception
     from tests.test_settlement import DAY
 
     await _never_settled_written_off(api, portal, treasury, invoice_body)          # 50,000 lost
     assert (await upload(api, treasury, write_settlement_csv([line("TX-1", 60000)]),
                          day=DAY + timedelta(days=5))).status == 201
     [late] = await open_exceptions(api, treasury, reason="settled_after_resolution")
-    async with connect(api.dsn) as desk_a, connect(api.dsn) as desk_b:
-        resolving = desk_a.transaction()
-        await resolving.start()
-        await resolve_exception(desk_a, late["id"], action="refund_due", note="arrived after all", invoice_id=None,
-                                by="desk A", now=datetime.now(UTC), bank_account="nbc-treasury")
-
-        async def pay_out():
-            async with desk_b.transaction():
-                return await refunds.record_payout(desk_b, exception_id=late["id"], currency="KHR", amount=10000,
-                                                   reference="BANK-REF-W", note="desk B", by="desk B",
-                                                   now=datetime.now(UTC), bank_account="nbc-treasury")
-        payout = asyncio.create_task(pay_out())
-        await asyncio.sleep(0.5)
-        assert not payout.done()                                  # waits for the case's lock
-        await resolving.commit()
-        recorded = await asyncio.wait_for(payout, 10)
+    recorded = await _payout_while_resolving(api, late["id"], 10000, "BANK-REF-W")
     assert (recorded.payout["amount"], recorded.replayed) == (10000, False)
     assert await balances(api.dsn, LOSS, DUE) == {LOSS: 0, DUE: 0}
     assert await reconciled(api.dsn) == []
@@ -901,8 +908,6 @@ async def test_a_payout_waits_for_the_resolution_of_an_exception_about_no_paymen
                                                                                 invoice_body):
     """Found by review: an expired invoice's part (an exception about no payment) takes no case lock when
     resolved, so a payout naming it did not wait for the resolution under way and was refused as still open."""
-    import paysvc.refunds as refunds
-    from paysvc.settlement_resolve import resolve as resolve_exception
 
     now = datetime.now(UTC)
     inv = await part_paid(api, portal, treasury, invoice_body, txid="PP-1")
@@ -910,22 +915,7 @@ async def test_a_payout_waits_for_the_resolution_of_an_exception_about_no_paymen
     [exc] = await open_exceptions(api, treasury, reason="expired_part_paid")
     assert (await upload(api, treasury, write_settlement_csv([line("PP-1", 400, at=now)]),
                          day=now.date())).status == 201
-    async with connect(api.dsn) as desk_a, connect(api.dsn) as desk_b:
-        resolving = desk_a.transaction()
-        await resolving.start()
-        await resolve_exception(desk_a, exc["id"], action="refund_due", note="refund the part", invoice_id=None,
-                                by="desk A", now=datetime.now(UTC), bank_account="nbc-treasury")
-
-        async def pay_out():
-            async with desk_b.transaction():
-                return await refunds.record_payout(desk_b, exception_id=exc["id"], currency="KHR", amount=400,
-                                                   reference="BANK-REF-P", note="desk B", by="desk B",
-                                                   now=datetime.now(UTC), bank_account="nbc-treasury")
-        payout = asyncio.create_task(pay_out())
-        await asyncio.sleep(0.5)
-        assert not payout.done()                                  # waits for the row being resolved
-        await resolving.commit()
-        recorded = await asyncio.wait_for(payout, 10)
+    recorded = await _payout_while_resolving(api, exc["id"], 400, "BANK-REF-P")
     assert recorded.payout["amount"] == 400
     assert await owed(api, treasury) == []
     assert await reconciled(api.dsn) == []
