@@ -86,3 +86,18 @@ def treasury_bank(bank_account: str, currency: str) -> str:
 def provider_fees(provider: str, currency: str) -> str:
     """``expense:provider-fees:{p}:{cur}``: fees a provider kept from a settlement."""
     return f"expense:provider-fees:{provider}:{currency}"
+
+
+def refunds_due(currency: str) -> str:
+    """``suspense:refunds-due:{cur}``: money owed back to payers until treasury pays it out."""
+    return f"suspense:refunds-due:{currency}"
+
+
+def write_offs(provider: str, currency: str) -> str:
+    """``expense:write-offs:{p}:{cur}``: what a provider never paid (a payment never settled, or settled short)."""
+    return f"expense:write-offs:{provider}:{currency}"
+
+
+def written_off(currency: str) -> str:
+    """``equity:written-off:{cur}``: money kept that no one is owed (unclaimed, or in another currency to convert)."""
+    return f"equity:written-off:{currency}"

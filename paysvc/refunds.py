@@ -126,7 +126,7 @@ async def record_payout(conn: asyncpg.Connection, *, exception_id: str, currency
         kind="refund_paid", description=f"refund {payout_id} paid back for {whose}, bank reference {reference}"[:500],
         effective_at=now, idempotency_key=f"refund-payout:{payout_id}", payment_id=exc["payment_id"],
         invoice_id=exc["invoice_id"],
-        postings=[ledger.Posting(account=f"suspense:refunds-due:{currency}", side="debit", amount=amount,
+        postings=[ledger.Posting(account=accounts.refunds_due(currency), side="debit", amount=amount,
                                  currency=currency),
                   ledger.Posting(account=bank, side="credit", amount=amount, currency=currency)]))
     row = await conn.fetchrow(Q.refund_payout_insert, payout_id, exception_id, exc["payment_id"], currency, amount,

@@ -74,7 +74,7 @@ exception of a day is resolved, its clearing balance is zero.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Literal
 
@@ -171,16 +171,16 @@ def _write_off_account(f: Facts) -> str:
     in its currency, whichever provider's file the line being resolved came in (found by review: a line matched to
     the payment from another provider's statement read that provider's account, found no loss, and owed all of
     it back while the loss stayed booked)."""
-    return f"expense:write-offs:{f.payment_provider or f.provider}:{f.payment_currency or f.currency}"
+    return accounts.write_offs(f.payment_provider or f.provider, f.payment_currency or f.currency)
 
 
 def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) -> Plan:
     """The postings of resolving an exception with ``action`` (pure). Raises ``ResolutionRefused``."""
     cur = f.currency
     clearing = accounts.provider_clearing(f.provider, cur)
-    refunds = f"suspense:refunds-due:{cur}"
-    written_off = f"equity:written-off:{cur}"
-    losses = f"expense:write-offs:{f.provider}:{cur}"
+    refunds = accounts.refunds_due(cur)
+    written_off = accounts.written_off(cur)
+    losses = accounts.write_offs(f.provider, cur)
 
     def to_invoice(amount: int) -> tuple[str, int]:
         if target is None:
@@ -264,7 +264,7 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             # order they are resolved in (found by two review rounds: owed back, it paid the payer the only money
             # that arrived; kept only while some loss was left, or only the first such line, the outcome hung on
             # which line a desk resolved first)
-            return Plan((*bank_in(gross, fee), (f"equity:written-off:{cur}", "credit", gross)))
+            return Plan((*bank_in(gross, fee), (written_off, "credit", gross)))
         recover = min(gross, max(f.write_off_loss - f.loss_recovered, 0)) if f.payment_currency == cur else 0
         base = [*bank_in(gross, fee), *([(_write_off_account(f), "credit", recover)] if recover else [])]
         rest = gross - recover
@@ -291,7 +291,7 @@ def plan(f: Facts, action: Action, target: Target | None, *, bank_account: str) 
             lcur = f.line_currency
             return Plan(((losses, "debit", f.payment_amount), (clearing, "credit", f.payment_amount),
                          *bank_in(f.line_amount, f.line_fee, lcur),
-                         (f"equity:written-off:{lcur}", "credit", f.line_amount)))
+                         (accounts.written_off(lcur), "credit", f.line_amount)))
         diff = f.line_amount - f.payment_amount
         base = [*bank_in(f.line_amount, f.line_fee), (clearing, "credit", f.payment_amount)]
         if diff < 0:
@@ -494,25 +494,23 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         line_currency=line["currency"] if line else None, payment_currency=pay["currency"] if pay else None,
         payment_provider=pay["provider"] if pay else None)
     if facts.reason == "amount_mismatch" and pay is not None:
-        facts = Facts(**{**facts.__dict__, "currency": pay["currency"]})
+        facts = replace(facts, currency=pay["currency"])
     if facts.reason == "settled_after_resolution":
-        facts = Facts(**{**facts.__dict__, "earlier_debits": await _earlier_debits(conn, e["evidence"]),
-                         "earlier_action": _earlier_resolution(e["evidence"]).get("resolution")})
+        facts = replace(facts, earlier_debits=await _earlier_debits(conn, e["evidence"]),
+                        earlier_action=_earlier_resolution(e["evidence"]).get("resolution"))
         if action == "match_to_invoice":
-            facts = Facts(**{**facts.__dict__,
-                             "lowered": await _lowered(conn, e["evidence"], also_lock=invoice_id)})
+            facts = replace(facts, lowered=await _lowered(conn, e["evidence"], also_lock=invoice_id))
     if facts.reason == "missing_in_settlement" and action == "refund_due" and pay is not None:
         facts = await _where_suspense_is(conn, facts, exception_id, pay)
     if facts.reason in ("duplicate_in_settlement", "settled_after_resolution") and pay is not None \
             and action != "write_off":
         loss = await conn.fetchrow(Q.payment_write_off_loss, pay["id"], _write_off_account(facts))
-        facts = Facts(**{**facts.__dict__, "write_off_loss": loss["written_off"],
-                         "loss_recovered": loss["recovered"]})
+        facts = replace(facts, write_off_loss=loss["written_off"], loss_recovered=loss["recovered"])
     if facts.reason == "duplicate_in_settlement" and pay is not None and action == "match_to_invoice":
-        facts = Facts(**{**facts.__dict__, "payment_payable": await conn.fetchval(Q.refund_payable, pay["id"])})
+        facts = replace(facts, payment_payable=await conn.fetchval(Q.refund_payable, pay["id"]))
     if facts.reason == "missing_in_settlement" and action == "write_off" and pay is not None:
-        facts = Facts(**{**facts.__dict__, "duplicates_owed": await conn.fetchval(
-            Q.payment_duplicates_owed, pay["id"], f"suspense:refunds-due:{pay['currency']}")})
+        facts = replace(facts, duplicates_owed=await conn.fetchval(
+            Q.payment_duplicates_owed, pay["id"], accounts.refunds_due(pay["currency"])))
     if facts.reason == "expired_part_paid":
         # Both invoices locked in id order (the expired one, and the one money is matched to)
         ids = sorted({e["invoice_id"], *([invoice_id] if action == "match_to_invoice" and invoice_id else [])})
@@ -530,8 +528,7 @@ async def resolve(conn: asyncpg.Connection, exception_id: str, *, action: Action
         part = held["amount_paid"] - await conn.fetchval(Q.part_paid_kept, e["invoice_id"])
         unsettled = tuple(r["payment_id"] for r in await conn.fetch(Q.part_paid_unsettled_payments, e["invoice_id"])) \
             if part > 0 else ()
-        facts = Facts(**{**facts.__dict__, "part_paid": (held["id"], held["agency_code"], max(part, 0)),
-                         "unsettled": unsettled})
+        facts = replace(facts, part_paid=(held["id"], held["agency_code"], max(part, 0)), unsettled=unsettled)
     target = None
     inv = None
     if action == "match_to_invoice":
@@ -650,13 +647,13 @@ async def _where_suspense_is(conn: asyncpg.Connection, facts: Facts, exception_i
     held_by = await conn.fetchval(Q.payment_suspense_holder, pay["id"], exception_id,
                                   [*CAPTURE_REASONS, "missing_in_ledger"])
     if held_by is not None:
-        return Facts(**{**facts.__dict__, "suspense_held_by": held_by})
+        return replace(facts, suspense_held_by=held_by)
     moved = [(r["account"], r["amount"]) for r in
              await conn.fetch(Q.payment_suspense_moves, pay["id"], accounts.suspense(facts.currency))]
     left = facts.payment_suspense - sum(n for _, n in moved)
     if left > 0:
         moved.append((accounts.suspense(facts.currency), left))
-    return Facts(**{**facts.__dict__, "suspense_now": tuple(moved)})
+    return replace(facts, suspense_now=tuple(moved))
 
 
 async def _tell_agencies(conn: asyncpg.Connection, entry, *, exception_id: str, exception_invoice_id: str | None,
