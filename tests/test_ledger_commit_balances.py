@@ -46,7 +46,7 @@ async def test_entries_written_after_constraints_were_checked_early_still_count_
 async def test_fold_pending_shows_this_transactions_postings_without_counting_them_twice(db):
     async with db.transaction():
         await ledger.post_entry(db, capture(1, 100))
-        with_commit_pending = await db.fetchval("SELECT count(*) FROM ledger_balance_slots")
+        with_commit_pending = await db.fetchval("SELECT count(*) FROM ledger_balance_slots WHERE postings > 0")
         await ledger.fold_pending(db)
         assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 100
         await ledger.post_entry(db, capture(2, 5))
@@ -74,7 +74,7 @@ async def test_a_hot_account_is_spread_over_slots_and_read_as_one_balance(db):
         await ledger.post_entry(db, capture(n, n))  # outside a block: each statement is its own transaction
     slots = await db.fetch(
         "SELECT s.slot, s.credits, s.postings FROM ledger_balance_slots s JOIN ledger_accounts a ON a.id = s.account_id"
-        " WHERE a.code = 'agency:MOI:revenue:KHR' ORDER BY s.slot")
+        " WHERE a.code = 'agency:MOI:revenue:KHR' AND s.postings > 0 ORDER BY s.slot")
     assert 1 < len(slots) <= 16  # the slot is the transaction id mod 16: forty transactions use several
     assert sum(r["credits"] for r in slots) == sum(range(1, 41))
     assert sum(r["postings"] for r in slots) == 40
@@ -116,3 +116,32 @@ async def test_a_connection_that_first_posted_on_an_empty_ledger_reads_only_its_
     # One entry, two postings, two accounts, two balance slots, a few index probes: a few dozen rows at most.
     # A plan that scans grows with the 3,000 entries, 6,000 postings and 500 accounts written since.
     assert after - before < 100, f"posting one entry read {after - before} rows"
+
+
+async def test_an_account_has_its_sixteen_balance_slots_from_its_creation(db):
+    """Migration 0055: an account is created with its 16 balance slots, so a fold always updates a row that is
+    there (no insertion, no foreign-key check of a new row), whichever slot its transaction lands on."""
+    await ledger.post_entry(db, capture(1, 100))
+    slots = await db.fetch(
+        "SELECT a.code, count(*) AS n, array_agg(s.slot ORDER BY s.slot) AS which, sum(s.postings) AS postings"
+        "  FROM ledger_balance_slots s JOIN ledger_accounts a ON a.id = s.account_id GROUP BY a.code ORDER BY a.code")
+    assert [(r["code"], r["n"], list(r["which"]), r["postings"]) for r in slots] == [
+        ("agency:MOI:revenue:KHR", 16, list(range(16)), 1), ("provider:sandbox:clearing:KHR", 16, list(range(16)), 1)]
+
+    async def slot_rows_inserted() -> int:  # PostgreSQL's own count, once this connection's counters are flushed
+        await db.execute("SELECT pg_stat_force_next_flush()")
+        await db.execute("SELECT pg_stat_clear_snapshot()")
+        return await db.fetchval("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'ledger_balance_slots'")
+
+    before = await slot_rows_inserted()
+    async with db.transaction():  # folded at commit
+        for n in range(2, 6):
+            await ledger.post_entry(db, capture(n, 10))
+    for n in range(6, 26):  # twenty transactions: twenty transaction ids, so other slots than the first
+        await ledger.post_entry(db, capture(n, 1), fold_now=n % 2 == 0)
+    assert await slot_rows_inserted() == before
+    used = await db.fetchval("SELECT count(DISTINCT slot) FROM ledger_balance_slots WHERE postings > 0")
+    assert used > 1
+    assert await db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 32
+    assert await ledger.balance(db, "agency:MOI:revenue:KHR") == 100 + 40 + 20
+    assert (await ledger.verify(db)).ok

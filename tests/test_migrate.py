@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import asyncpg
 import pytest
@@ -177,3 +178,50 @@ async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, t
         "SELECT (on_code -> -1 ->> 'seq')::int FROM (" + load_blocks("paysvc.queries")["capture_target"] + ") t",
         md5, None, "sandbox", "none")
     assert seq == 3
+
+
+@pytest.mark.parametrize("analyzed", [True, False])
+async def test_ledger_accounts_get_their_slots_and_entries_keep_their_rules(empty_db, tmp_path, analyzed):
+    # Migration 0055, on a ledger written before it: every account gets its 16 balance slots (balances and their
+    # posting counts unchanged), an entry's effective time keeps its rule and constraint name (now a domain's),
+    # and ledger_entries is neither rewritten nor reindexed. Its statistics are gathered again when it had some
+    # (the column's type change drops them); a table never analyzed stays so (plans on a new database, 0017).
+    import shutil
+
+    import ledger
+    from ledger import entries
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for m in sorted(migrations_dir().glob("*.sql")):
+        if m.name < "0055":
+            shutil.copy(m, before / m.name)
+    await migrate(empty_db, before)
+    t0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
+    for n in range(40):
+        await ledger.post_entry(empty_db, entries.payment_captured(
+            provider="sandbox", agency=f"A{n % 3}", amount=100 + n, currency="KHR", effective_at=t0,
+            invoice_id=f"inv_{n}", payment_id=f"pay_{n}"))
+    if analyzed:
+        await empty_db.execute("ANALYZE ledger_entries")
+    balances = await empty_db.fetch("SELECT * FROM ledger_balances ORDER BY account_id")
+    assert await empty_db.fetchval("SELECT count(*) FROM ledger_balance_slots") < 4 * 16
+    files = "SELECT c.relname, c.relfilenode FROM pg_class c WHERE c.relname LIKE 'ledger_entries%' ORDER BY 1"
+    files_before = await empty_db.fetch(files)
+
+    await migrate(empty_db)
+    assert await empty_db.fetch(files) == files_before
+    assert await empty_db.fetch("SELECT * FROM ledger_balances ORDER BY account_id") == balances
+    per_account = await empty_db.fetch(
+        "SELECT account_id, count(*) AS n FROM ledger_balance_slots GROUP BY account_id ORDER BY account_id")
+    assert [r["n"] for r in per_account] == [16] * 4
+    assert (await ledger.verify(empty_db)).ok
+    stats = await empty_db.fetchval(
+        "SELECT count(*) FROM pg_stats WHERE tablename = 'ledger_entries' AND attname = 'effective_at'")
+    reltuples = await empty_db.fetchval("SELECT reltuples FROM pg_class WHERE relname = 'ledger_entries'")
+    assert (stats, reltuples) == ((1, 40) if analyzed else (0, -1))
+    with pytest.raises(asyncpg.CheckViolationError) as err:
+        await empty_db.execute("INSERT INTO ledger_entries (kind, description, effective_at, "
+                               "content_hash, posting_count) VALUES ('raw', 'x', 'infinity', decode(repeat('00', 32), "
+                               "'hex'), 2)")
+    assert err.value.constraint_name == "ledger_entries_effective_at_in_range"
