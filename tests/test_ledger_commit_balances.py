@@ -119,7 +119,7 @@ async def test_a_connection_that_first_posted_on_an_empty_ledger_reads_only_its_
 
 
 async def test_an_account_has_its_sixteen_balance_slots_from_its_creation(db):
-    """Migration 0055: an account is created with its 16 balance slots, so a fold always updates a row that is
+    """Migration 0056: an account is created with its 16 balance slots, so a fold always updates a row that is
     there (no insertion, no foreign-key check of a new row), whichever slot its transaction lands on."""
     await ledger.post_entry(db, capture(1, 100))
     slots = await db.fetch(

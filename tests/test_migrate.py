@@ -182,8 +182,9 @@ async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, t
 
 @pytest.mark.parametrize("analyzed", [True, False])
 async def test_ledger_accounts_get_their_slots_and_entries_keep_their_rules(empty_db, tmp_path, analyzed):
-    # Migration 0055, on a ledger written before it: every account gets its 16 balance slots (balances and their
-    # posting counts unchanged), an entry's effective time keeps its rule and constraint name (now a domain's),
+    # Migrations 0055 and 0056, on a ledger written before them: every account gets its 16 balance slots
+    # (balances and their posting counts unchanged), an entry's effective time keeps its rule and constraint name
+    # (now a domain's),
     # and ledger_entries is neither rewritten nor reindexed. Its statistics are gathered again when it had some
     # (the column's type change drops them); a table never analyzed stays so (plans on a new database, 0017).
     import shutil
@@ -194,7 +195,7 @@ async def test_ledger_accounts_get_their_slots_and_entries_keep_their_rules(empt
     before = tmp_path / "before"
     before.mkdir()
     for m in sorted(migrations_dir().glob("*.sql")):
-        if m.name < "0055":
+        if m.name < "0055":  # before both 0055 and 0056
             shutil.copy(m, before / m.name)
     await migrate(empty_db, before)
     t0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
@@ -225,3 +226,60 @@ async def test_ledger_accounts_get_their_slots_and_entries_keep_their_rules(empt
                                "content_hash, posting_count) VALUES ('raw', 'x', 'infinity', decode(repeat('00', 32), "
                                "'hex'), 2)")
     assert err.value.constraint_name == "ledger_entries_effective_at_in_range"
+
+
+async def test_ledger_migrations_0055_and_0056_while_writers_post(empty_db, db_dsn, tmp_path):
+    # Found by review: as one migration, writing the missing slot rows and then waiting for ledger_entries' lock
+    # deadlocked with writers folding into those rows. Two writers post (folded now and at commit, some to new
+    # accounts) into 1,500 accounts that lack most slots while the two migrations run: none fails.
+    import random
+    import shutil
+
+    import ledger
+    from ledger import entries
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for m in sorted(migrations_dir().glob("*.sql")):
+        if m.name < "0055":
+            shutil.copy(m, before / m.name)
+    await migrate(empty_db, before)
+    t0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
+
+    def capture(n: int, agency: str) -> ledger.EntryDraft:
+        return entries.payment_captured(provider="sandbox", agency=agency, amount=100, currency="KHR",
+                                        effective_at=t0, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
+
+    accounts = 1500
+    for b in range(0, accounts, 100):
+        await ledger.post_entries(empty_db, [capture(i, f"A{i}") for i in range(b, b + 100)])
+    stop = asyncio.Event()
+    errors: list[str] = []
+    posted = [0, 0]
+
+    async def writer(k: int) -> None:
+        conn = await asyncpg.connect(db_dsn)
+        rng, n = random.Random(k), 10**6 * (k + 1)
+        try:
+            while not stop.is_set():
+                n += 1
+                try:
+                    await ledger.post_entry(conn, capture(n, f"A{rng.randrange(accounts + 100)}"),
+                                            fold_now=n % 2 == 0)
+                    posted[k] += 1
+                except asyncpg.PostgresError as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            await conn.close()
+
+    writers = [asyncio.create_task(writer(k)) for k in range(2)]
+    await asyncio.sleep(0.3)
+    applied = await migrate(empty_db)
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*writers)
+    assert [a[:4] for a in applied] == ["0055", "0056"]
+    assert errors == [] and min(posted) > 0
+    assert await empty_db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 16 * await empty_db.fetchval(
+        "SELECT count(*) FROM ledger_accounts")
+    assert (await ledger.verify(empty_db)).ok
