@@ -32,6 +32,18 @@ async def empty_db(db_dsn):
     await conn.close()
 
 
+async def migrate_before(conn: asyncpg.Connection, tmp_path, first: str) -> None:
+    """Apply the project's migrations numbered before ``first`` (e.g. "0038"): a database as it was then."""
+    import shutil
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for m in sorted(migrations_dir().glob("*.sql")):
+        if m.name < first:
+            shutil.copy(m, before / m.name)
+    await migrate(conn, before)
+
+
 async def test_applies_in_order_and_records_checksums(empty_db, mig_dir):
     assert await migrate(empty_db, mig_dir) == ["0001_a", "0002_b"]
     rows = await empty_db.fetch("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
@@ -135,14 +147,7 @@ async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, t
     # Migration 0038: before it, a code's second payment was stored without the code's md5. It takes the md5 its
     # notice named when that is a code of its invoice, numbered after the first (whose number stays NULL, read as
     # 1); other payments keep theirs. A third payment captured after the migration is numbered after them.
-    import shutil
-
-    before = tmp_path / "before"
-    before.mkdir()
-    for m in sorted(migrations_dir().glob("*.sql")):
-        if m.name < "0038":
-            shutil.copy(m, before / m.name)
-    await migrate(empty_db, before)
+    await migrate_before(empty_db, tmp_path, "0038")
     from paysvc.agencies import add_agency
 
     await add_agency(empty_db, code="MOI", name="Interior", name_km="មហាផ្ទៃ", bakong_account="moi@nbcq")
@@ -180,29 +185,26 @@ async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, t
     assert seq == 3
 
 
+def _capture(n: int, agency: str, amount: int = 100):
+    from ledger import entries
+
+    return entries.payment_captured(provider="sandbox", agency=agency, amount=amount, currency="KHR",
+                                    effective_at=datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc),
+                                    invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
+
+
 @pytest.mark.parametrize("analyzed", [True, False])
 async def test_ledger_accounts_get_their_slots_and_entries_keep_their_rules(empty_db, tmp_path, analyzed):
     # Migrations 0055 and 0056, on a ledger written before them: every account gets its 16 balance slots
     # (balances and their posting counts unchanged), an entry's effective time keeps its rule and constraint name
-    # (now a domain's),
-    # and ledger_entries is neither rewritten nor reindexed. Its statistics are gathered again when it had some
-    # (the column's type change drops them); a table never analyzed stays so (plans on a new database, 0017).
-    import shutil
-
+    # (now a domain's), and ledger_entries is neither rewritten nor reindexed. Its statistics are gathered again
+    # when it had some (the column's type change drops them); a table never analyzed stays so (plans on a new
+    # database, 0017).
     import ledger
-    from ledger import entries
 
-    before = tmp_path / "before"
-    before.mkdir()
-    for m in sorted(migrations_dir().glob("*.sql")):
-        if m.name < "0055":  # before both 0055 and 0056
-            shutil.copy(m, before / m.name)
-    await migrate(empty_db, before)
-    t0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
+    await migrate_before(empty_db, tmp_path, "0055")
     for n in range(40):
-        await ledger.post_entry(empty_db, entries.payment_captured(
-            provider="sandbox", agency=f"A{n % 3}", amount=100 + n, currency="KHR", effective_at=t0,
-            invoice_id=f"inv_{n}", payment_id=f"pay_{n}"))
+        await ledger.post_entry(empty_db, _capture(n, f"A{n % 3}", 100 + n))
     if analyzed:
         await empty_db.execute("ANALYZE ledger_entries")
     balances = await empty_db.fetch("SELECT * FROM ledger_balances ORDER BY account_id")
@@ -233,26 +235,13 @@ async def test_ledger_migrations_0055_and_0056_while_writers_post(empty_db, db_d
     # deadlocked with writers folding into those rows. Two writers post (folded now and at commit, some to new
     # accounts) into 1,500 accounts that lack most slots while the two migrations run: none fails.
     import random
-    import shutil
 
     import ledger
-    from ledger import entries
 
-    before = tmp_path / "before"
-    before.mkdir()
-    for m in sorted(migrations_dir().glob("*.sql")):
-        if m.name < "0055":
-            shutil.copy(m, before / m.name)
-    await migrate(empty_db, before)
-    t0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
-
-    def capture(n: int, agency: str) -> ledger.EntryDraft:
-        return entries.payment_captured(provider="sandbox", agency=agency, amount=100, currency="KHR",
-                                        effective_at=t0, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
-
+    await migrate_before(empty_db, tmp_path, "0055")
     accounts = 1500
     for b in range(0, accounts, 100):
-        await ledger.post_entries(empty_db, [capture(i, f"A{i}") for i in range(b, b + 100)])
+        await ledger.post_entries(empty_db, [_capture(i, f"A{i}") for i in range(b, b + 100)])
     stop = asyncio.Event()
     errors: list[str] = []
     posted = [0, 0]
@@ -264,7 +253,7 @@ async def test_ledger_migrations_0055_and_0056_while_writers_post(empty_db, db_d
             while not stop.is_set():
                 n += 1
                 try:
-                    await ledger.post_entry(conn, capture(n, f"A{rng.randrange(accounts + 100)}"),
+                    await ledger.post_entry(conn, _capture(n, f"A{rng.randrange(accounts + 100)}"),
                                             fold_now=n % 2 == 0)
                     posted[k] += 1
                 except asyncpg.PostgresError as exc:
