@@ -61,8 +61,9 @@ async def _recheck(settings: Settings, dsn: str, args) -> int:
     now = now_utc()
     async with connect(dsn) as conn:
         async with conn.transaction():
+            # every payment, not only those since the provider's last check: the recheck is the way to look again
             return await raise_overdue(conn, provider=args.provider, today=args.today or business_date(now, rules.cutoff),
-                                       rules=rules, now=now)
+                                       rules=rules, now=now, full=True)
 
 
 async def _report(settings: Settings, dsn: str, args) -> dict | None:
@@ -166,7 +167,7 @@ def register(sub) -> None:
     p.add_argument("--format", help="parser: a provider plugin name such as camt053 (default: the provider's own)")
     p.add_argument("file")
     p.set_defaults(func=cmd_import)
-    p = st.add_parser("recheck", help="raise missing_in_settlement for payments unsettled after the grace days")
+    p = st.add_parser("recheck", help="raise missing_in_settlement for payments unsettled after the grace days (reads every payment)")
     p.add_argument("--provider", help="only this provider")
     p.add_argument("--today", help="the business day to check as, YYYY-MM-DD, not after today (default: today)")
     p.set_defaults(func=cmd_recheck)

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from itertools import islice
 
 import asyncpg
@@ -221,20 +221,35 @@ async def lock_provider(conn: asyncpg.Connection, provider: str) -> None:
     await conn.execute(Q.provider_lock, provider)
 
 
+_EVERYTHING = datetime.min.replace(tzinfo=UTC)  # read as "from the start": every payment is read
+
+
 async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today: date, rules: Rules,
-                        now: datetime, locked: bool = False) -> int:
+                        now: datetime, locked: bool = False, full: bool = False) -> int:
     """Raise ``missing_in_settlement`` for payments still unsettled after the grace; returns how many.
 
     Holds the provider's settlement lock (every provider's, in order, when ``provider`` is None) to the end
     of the caller's transaction: an import running meanwhile has lines it has not committed yet, and a check
     that does not wait for it raised the payments that import settles (found by review). ``locked``: the caller
-    holds the provider's lock already."""
+    holds the provider's lock already.
+
+    Reads only the payments its provider's mark leaves to check (paid after the last check's end, or recorded
+    since it began, less an hour: migration 0057), and moves the mark. ``full`` (and ``provider`` None) reads
+    every payment, as ``paysvc settlements recheck`` does."""
+    names = [provider] if provider is not None else [r["provider"] for r in await conn.fetch(Q.payment_providers)]
     if not locked:
-        for name in [provider] if provider is not None else [r["provider"] for r in await conn.fetch(Q.payment_providers)]:
+        for name in names:
             await lock_provider(conn, name)
     _, until = window(last_day_in_grace(today, rules.grace_days), rules.cutoff)
-    rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now)
+    paid_after = recorded_after = _EVERYTHING
+    if provider is not None and not full:
+        mark = await conn.fetchrow(Q.overdue_mark, provider)
+        if mark is not None:
+            paid_after, recorded_after = mark["checked_until"], mark["recorded_after"]
+    rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now,
+                            paid_after, recorded_after)
     await conn.execute(Q.events_exceptions_opened, [r["id"] for r in rows], now)  # queries/events.sql
+    await conn.execute(Q.overdue_marks_set, names, until)
     return len(rows)
 
 

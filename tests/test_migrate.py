@@ -267,7 +267,7 @@ async def test_ledger_migrations_0055_and_0056_while_writers_post(empty_db, db_d
     await asyncio.sleep(0.3)
     stop.set()
     await asyncio.gather(*writers)
-    assert [a[:4] for a in applied] == ["0055", "0056"]
+    assert [a[:4] for a in applied][:2] == ["0055", "0056"]  # and any later ones, applied the same way
     assert errors == [] and min(posted) > 0
     assert await empty_db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 16 * await empty_db.fetchval(
         "SELECT count(*) FROM ledger_accounts")
