@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
@@ -29,6 +30,8 @@ from providers import PaymentNotice, SettlementFormatError, SettlementLine
 COPY_CHUNK = 20_000
 STAGING_COLUMNS = ("line_no", "transaction_id", "md5", "bill_number", "amount", "currency", "paid_at", "fee",
                    "reference", "id_is_reference")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,10 @@ async def lock_provider(conn: asyncpg.Connection, provider: str) -> None:
     await conn.execute(Q.provider_lock, provider)
 
 
-_EVERYTHING = datetime.min.replace(tzinfo=UTC)  # read as "from the start": every payment is read
+_EVERYTHING = datetime.min.replace(tzinfo=UTC)  # paid after the start of time: every payment is read
+# The bounded read as a statement of its own: a connection that ran the full read five times would otherwise
+# give the bounded one the full read's cached plan, a sequential scan (found by review).
+_BOUNDED = "-- bounded by the provider's mark\n" + Q.raise_missing_in_settlement
 
 
 async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today: date, rules: Rules,
@@ -234,22 +240,27 @@ async def raise_overdue(conn: asyncpg.Connection, *, provider: str | None, today
     holds the provider's lock already.
 
     Reads only the payments its provider's mark leaves to check (paid after the last check's end, or recorded
-    since it began, less an hour: migration 0057), and moves the mark. ``full`` (and ``provider`` None) reads
-    every payment, as ``paysvc settlements recheck`` does."""
+    by a transaction that check could not see: migration 0057), and moves the mark. ``full`` (and ``provider``
+    None) reads every payment, as ``paysvc settlements recheck`` does, and sets the mark."""
     names = [provider] if provider is not None else [r["provider"] for r in await conn.fetch(Q.payment_providers)]
     if not locked:
         for name in names:
             await lock_provider(conn, name)
     _, until = window(last_day_in_grace(today, rules.grace_days), rules.cutoff)
-    paid_after = recorded_after = _EVERYTHING
-    if provider is not None and not full:
-        mark = await conn.fetchrow(Q.overdue_mark, provider)
-        if mark is not None:
-            paid_after, recorded_after = mark["checked_until"], mark["recorded_after"]
-    rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now,
-                            paid_after, recorded_after)
+    full = full or provider is None
+    mark = await conn.fetchrow(Q.overdue_mark, provider)  # before the read: its xmin is what the read cannot see
+    if full or mark["checked_until"] is None:
+        rows = await conn.fetch(Q.raise_missing_in_settlement, provider, until, TIME_ZONE_NAME, rules.cutoff, now,
+                                _EVERYTHING, 0)
+    else:
+        if until < mark["checked_until"]:
+            log.warning("the overdue mark of %s reaches %s, later than this check's %s (was a clock ahead?); it "
+                        "moves again once checks pass it, or at `paysvc settlements recheck --provider %s`",
+                        provider, mark["checked_until"].isoformat(), until.isoformat(), provider)
+        rows = await conn.fetch(_BOUNDED, provider, until, TIME_ZONE_NAME, rules.cutoff, now,
+                                mark["checked_until"], mark["checked_xmin"])
     await conn.execute(Q.events_exceptions_opened, [r["id"] for r in rows], now)  # queries/events.sql
-    await conn.execute(Q.overdue_marks_set, names, until)
+    await conn.execute(Q.overdue_marks_set, names, until, mark["xmin"], full)
     return len(rows)
 
 

@@ -1,9 +1,10 @@
 """The overdue check reads only what its provider's mark leaves to check (migration 0057): payments paid after
-the last check's end, or recorded since it began (less an hour), so a check does not read a provider's whole
-history each time. ``paysvc settlements recheck`` still reads everything."""
+the last check's end, or recorded by a transaction that check could not see, so a check does not read a
+provider's whole history each time. ``paysvc settlements recheck`` (a full check) reads everything."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime, time, timedelta
 
 import asyncpg
@@ -16,62 +17,90 @@ TODAY = date(2026, 6, 10)
 UNTIL = window(last_day_in_grace(TODAY, RULES.grace_days), RULES.cutoff)[1]  # what a check on TODAY reads up to
 
 
-async def _payment(db: asyncpg.Connection, pid: str, *, paid_at: datetime, recorded_at: datetime | None = None,
-                   provider: str = "sandbox") -> None:
-    """A payment written directly (no invoice, agency or inbox row needed); recorded now unless told."""
+async def _payment(db: asyncpg.Connection, pid: str, *, paid_at: datetime, provider: str = "sandbox") -> None:
+    """A payment written directly (no invoice, agency or inbox row needed)."""
     await db.execute("SET session_replication_role = replica")
     try:
         await db.execute(
             "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
-            "suspense_amount, paid_at, captured_at, source, recorded_at) VALUES ($1, $2, $1, 'KHR', 100, 0, 100, "
-            "$3, $3, 'callback', coalesce($4, now()))", pid, provider, paid_at, recorded_at)
+            "suspense_amount, paid_at, captured_at, source) VALUES ($1, $2, $1, 'KHR', 100, 0, 100, $3, $3, "
+            "'callback')", pid, provider, paid_at)
     finally:
         await db.execute("SET session_replication_role = origin")
+
+
+async def _raised(db: asyncpg.Connection) -> set[str]:
+    return {r["payment_id"] for r in await db.fetch(
+        "SELECT payment_id FROM reconciliation_exceptions WHERE reason = 'missing_in_settlement'")}
 
 
 async def _check(db: asyncpg.Connection, today: date = TODAY, *, full: bool = False) -> set[str]:
     """One check in a transaction of its own, as the import and the daily job run it: the payments it raised."""
     async with db.transaction():
-        before = {r["payment_id"] for r in await db.fetch(
-            "SELECT payment_id FROM reconciliation_exceptions WHERE reason = 'missing_in_settlement'")}
+        before = await _raised(db)
         await raise_overdue(db, provider="sandbox", today=today, rules=RULES, now=datetime.now(UTC), full=full)
-        after = {r["payment_id"] for r in await db.fetch(
-            "SELECT payment_id FROM reconciliation_exceptions WHERE reason = 'missing_in_settlement'")}
-    return after - before
+        return await _raised(db) - before
 
 
 async def _mark(db: asyncpg.Connection):
-    return await db.fetchrow("SELECT checked_until, checked_at FROM settlement_overdue_marks WHERE provider = 'sandbox'")
+    return await db.fetchrow("SELECT checked_until, checked_xmin FROM settlement_overdue_marks "
+                             "WHERE provider = 'sandbox'")
 
 
-async def test_a_check_reads_only_what_its_mark_leaves_and_a_recheck_reads_everything(db):
-    week_ago = datetime.now(UTC) - timedelta(days=7)
+async def test_a_check_reads_what_its_mark_leaves_and_a_recheck_reads_everything(db):
     await _payment(db, "pay_first", paid_at=UNTIL - timedelta(days=3))
     assert await _check(db) == {"pay_first"}  # no mark yet: everything read
-    mark = await _mark(db)
-    assert mark["checked_until"] == UNTIL
+    assert (await _mark(db))["checked_until"] == UNTIL
 
-    # Paid before the mark's end, and recorded more than an hour before the check began: by the mark it was read
-    # then, so the next check does not read it (a payment like this cannot exist unless written behind the
-    # service's back, as here). The recheck reads everything and raises it.
-    await _payment(db, "pay_behind_the_mark", paid_at=UNTIL - timedelta(days=2), recorded_at=week_ago)
-    # Paid before the mark's end too, but recorded now (a bank that reported it late): read, and raised.
+    # A check trusts its mark. Written behind the service's back, a payment paid before the mark's end and
+    # recorded below its transaction id (the mark moved past it by hand) is not read again; the recheck reads
+    # everything, raises it, and sets the mark.
+    await _payment(db, "pay_behind_the_mark", paid_at=UNTIL - timedelta(days=2))
+    await db.execute("UPDATE settlement_overdue_marks SET checked_xmin = pg_snapshot_xmin(pg_current_snapshot())")
+    # Paid before the mark's end, recorded after it (a bank that reported it late): read, and raised.
     await _payment(db, "pay_reported_late", paid_at=UNTIL - timedelta(days=2))
-    # Paid after the mark's end and past its grace by the next day's check: read, and raised.
-    await _payment(db, "pay_next_day", paid_at=UNTIL + timedelta(hours=12), recorded_at=week_ago)
+    # Paid after the mark's end, past its grace by the next day's check: read, and raised.
+    await _payment(db, "pay_next_day", paid_at=UNTIL + timedelta(hours=12))
     assert await _check(db, TODAY + timedelta(days=1)) == {"pay_reported_late", "pay_next_day"}
     assert (await _mark(db))["checked_until"] == UNTIL + timedelta(days=1)
     assert await _check(db, TODAY + timedelta(days=1), full=True) == {"pay_behind_the_mark"}
 
 
-async def test_the_mark_only_moves_forward(db):
+async def test_a_payment_recorded_while_a_check_ran_is_read_by_the_next(db, db_dsn):
+    # Found by review of a first version that marked checks by the clock, with an hour's margin: a recording
+    # transaction open longer than that (a capture waiting for an invoice row another provider's import holds)
+    # committed a payment the check could not see, and later checks never read it. The mark is now the oldest
+    # transaction running when the check read: whatever it could not see is at or above it.
+    assert await _check(db) == set()
+    recording = await asyncpg.connect(db_dsn)
+    try:
+        tx = recording.transaction()
+        await tx.start()
+        await recording.execute("SET LOCAL session_replication_role = replica")
+        await recording.execute(
+            "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
+            "suspense_amount, paid_at, captured_at, source) VALUES ('pay_open', 'sandbox', 'pay_open', 'KHR', 100, "
+            "0, 100, $1, $1, 'callback')", UNTIL - timedelta(days=5))
+        assert await _check(db) == set()  # cannot see it: not committed
+        await tx.commit()
+    finally:
+        await recording.close()
+    assert await _check(db) == {"pay_open"}
+
+
+async def test_a_bounded_check_moves_the_mark_forward_only_and_a_full_one_sets_it(db, caplog):
     await _payment(db, "pay_1", paid_at=UNTIL - timedelta(days=1))
     assert await _check(db) == {"pay_1"}
     mark = await _mark(db)
-    # A check up to an earlier day (a recheck with --today in the past) read less than the mark stands for.
-    assert await _check(db, TODAY - timedelta(days=5), full=True) == set()
+    # A bounded check up to an earlier day read less than the mark stands for: the mark stays, and says so.
+    with caplog.at_level(logging.WARNING, logger="paysvc.settlement_import"):
+        assert await _check(db, TODAY - timedelta(days=5)) == set()
     assert await _mark(db) == mark
-    # A later check moves it, with its own start time.
+    assert "overdue mark of sandbox" in caplog.text
+    # A later one moves it.
     assert await _check(db, TODAY + timedelta(days=1)) == set()
     moved = await _mark(db)
-    assert moved["checked_until"] > mark["checked_until"] and moved["checked_at"] >= mark["checked_at"]
+    assert moved["checked_until"] > mark["checked_until"] and moved["checked_xmin"] >= mark["checked_xmin"]
+    # A full one read everything up to its day: it sets the mark, even back.
+    assert await _check(db, TODAY - timedelta(days=5), full=True) == set()
+    assert (await _mark(db))["checked_until"] == UNTIL - timedelta(days=5)

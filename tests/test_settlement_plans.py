@@ -19,7 +19,7 @@ from ledger.sql import load_blocks
 BLOCKS = load_blocks("paysvc.queries")
 SAMPLE = {"text": "x", "int4": 1, "int8": 1, "int2": 1, "date": date(2026, 11, 26), "time": time(23, 59),
           "timestamptz": datetime(2026, 11, 26, tzinfo=UTC), "bool": True, "bytea": b"x", "_text": ["x"],
-          "_int8": [1], "jsonb": "{}", "numeric": 1}
+          "_int8": [1], "jsonb": "{}", "numeric": 1, "xid8": 1}
 LOOKUPS = sorted(name for name, sql in BLOCKS.items()
                  if "settlement_lines" in sql and "payment_id" in sql and "settlement_lines (" not in sql)
 

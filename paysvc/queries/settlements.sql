@@ -272,8 +272,9 @@ UPDATE reconciliation_exceptions e
 -- name: raise_missing_in_settlement
 -- Payments paid (or, dated later than captured, captured) on or before $2 (the end of the last business day past
 -- its grace) and settled by no line are raised once, dated the business day of the earlier of the two. $1 provider or NULL for all; $3 time zone; $4 cut-off; $5 now.
--- $6, $7: only payments paid after $6 or recorded after $7 (the provider's mark, settlement_overdue_marks;
--- '-infinity' for both reads them all).
+-- $6, $7: only payments paid after $6 or recorded by a transaction at or above $7 (the provider's mark,
+-- settlement_overdue_marks; $6 at the start of time reads them all). raise_overdue sends the bounded read as a
+-- statement of its own, so that neither takes the other's cached plan.
 INSERT INTO reconciliation_exceptions (id, reason, provider, payment_id, invoice_id, agency_id, currency, amount,
                                        business_date, evidence, opened_at)
 SELECT 'exc_' || replace(gen_random_uuid()::text, '-', ''), 'missing_in_settlement', p.provider, p.id,
@@ -291,7 +292,7 @@ SELECT 'exc_' || replace(gen_random_uuid()::text, '-', ''), 'missing_in_settleme
    -- by the reported time, or, for a payment its provider dated later than it reached us (paid_at_implausible),
    -- by its capture: by the reported time it would never be overdue (found by review)
    AND (p.paid_at <= $2 OR (p.paid_at > p.captured_at AND p.captured_at <= $2))
-   AND (p.paid_at > $6 OR p.recorded_at > $7)
+   AND (p.paid_at > $6 OR p.recorded_xid >= $7::xid8)
    AND NOT EXISTS (SELECT 1 FROM settlement_lines sl
                     WHERE sl.payment_id = p.id
                       AND sl.category IN ('matched', 'amount_mismatch', 'missing_in_ledger',
@@ -546,16 +547,20 @@ SELECT pg_try_advisory_xact_lock(hashtextextended('paysvc:settlement:' || $1, 0)
 SELECT DISTINCT provider FROM settlements ORDER BY provider
 
 -- name: overdue_mark
--- The provider's mark of its last overdue check: where the next one may start reading (see raise_overdue).
-SELECT checked_until, checked_at - interval '1 hour' AS recorded_after FROM settlement_overdue_marks WHERE provider = $1
+-- Before an overdue check reads payments: the oldest transaction still running now (every payment this check
+-- cannot see was recorded at or above it), and the provider's mark of its last check, if any ($1 NULL: none).
+SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin, m.checked_until, m.checked_xmin
+  FROM (SELECT) AS one LEFT JOIN settlement_overdue_marks m ON m.provider = $1
 
 -- name: overdue_marks_set
--- After a check of these providers up to $2: the mark moves forward, never back (a check up to an earlier time
--- read less than the mark stands for). checked_at is this transaction's start on the database's clock.
-INSERT INTO settlement_overdue_marks AS m (provider, checked_until, checked_at)
-SELECT provider, $2, now() FROM unnest($1::text[]) AS provider
-ON CONFLICT (provider) DO UPDATE SET checked_until = EXCLUDED.checked_until, checked_at = EXCLUDED.checked_at
- WHERE m.checked_until <= EXCLUDED.checked_until
+-- After a check of these providers up to $2, which read what the transactions below $3 recorded: a bounded
+-- check moves the mark forward, never back (up to an earlier time it read less than the mark stands for); a
+-- check that read every payment ($4) sets it.
+INSERT INTO settlement_overdue_marks AS m (provider, checked_until, checked_xmin, checked_at)
+SELECT provider, $2, $3, now() FROM unnest($1::text[]) AS provider
+ON CONFLICT (provider) DO UPDATE
+   SET checked_until = EXCLUDED.checked_until, checked_xmin = EXCLUDED.checked_xmin, checked_at = EXCLUDED.checked_at
+ WHERE $4 OR m.checked_until <= EXCLUDED.checked_until
 
 -- name: payment_providers
 -- Every provider that has payments, in order: one index probe per provider (a loose index scan).
