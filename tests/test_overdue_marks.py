@@ -56,7 +56,7 @@ async def test_a_check_reads_what_its_mark_leaves_and_a_recheck_reads_everything
     # recorded below its transaction id (the mark moved past it by hand) is not read again; the recheck reads
     # everything, raises it, and sets the mark.
     await _payment(db, "pay_behind_the_mark", paid_at=UNTIL - timedelta(days=2))
-    await db.execute("UPDATE settlement_overdue_marks SET checked_xmin = pg_snapshot_xmin(pg_current_snapshot())")
+    await db.execute("UPDATE settlement_overdue_marks SET checked_xmin = pg_current_xact_id()")  # above it
     # Paid before the mark's end, recorded after it (a bank that reported it late): read, and raised.
     await _payment(db, "pay_reported_late", paid_at=UNTIL - timedelta(days=2))
     # Paid after the mark's end, past its grace by the next day's check: read, and raised.
@@ -86,6 +86,45 @@ async def test_a_payment_recorded_while_a_check_ran_is_read_by_the_next(db, db_d
     finally:
         await recording.close()
     assert await _check(db) == {"pay_open"}
+
+
+class _CommitBeforeTheMark:
+    """The connection a check runs on, which commits another transaction just before the check writes its mark
+    (after its read): the order in which a mark taken after the read would miss that transaction's payment."""
+
+    def __init__(self, conn: asyncpg.Connection, other) -> None:
+        self._conn, self._other = conn, other
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    async def execute(self, sql: str, *args):
+        from paysvc.queries import Q
+
+        if sql == Q.overdue_marks_set:
+            await self._other.commit()
+        return await self._conn.execute(sql, *args)
+
+
+async def test_a_payment_committed_between_a_checks_read_and_its_mark_is_read_by_the_next(db, db_dsn):
+    # Found by review: the tests above would not notice a mark taken after the read instead of before it.
+    assert await _check(db) == set()
+    recording = await asyncpg.connect(db_dsn)
+    try:
+        tx = recording.transaction()
+        await tx.start()
+        await recording.execute("SET LOCAL session_replication_role = replica")
+        await recording.execute(
+            "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
+            "suspense_amount, paid_at, captured_at, source) VALUES ('pay_between', 'sandbox', 'pay_between', "
+            "'KHR', 100, 0, 100, $1, $1, 'callback')", UNTIL - timedelta(days=5))
+        async with db.transaction():
+            await raise_overdue(_CommitBeforeTheMark(db, tx), provider="sandbox", today=TODAY, rules=RULES,
+                                now=datetime.now(UTC))
+    finally:
+        await recording.close()
+    assert "pay_between" not in await _raised(db)  # committed after that check's read
+    assert await _check(db) == {"pay_between"}
 
 
 async def test_a_bounded_check_moves_the_mark_forward_only_and_a_full_one_sets_it(db, caplog):
