@@ -76,11 +76,7 @@ async def test_a_payment_recorded_while_a_check_ran_is_read_by_the_next(db, db_d
     try:
         tx = recording.transaction()
         await tx.start()
-        await recording.execute("SET LOCAL session_replication_role = replica")
-        await recording.execute(
-            "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
-            "suspense_amount, paid_at, captured_at, source) VALUES ('pay_open', 'sandbox', 'pay_open', 'KHR', 100, "
-            "0, 100, $1, $1, 'callback')", UNTIL - timedelta(days=5))
+        await _payment(recording, "pay_open", paid_at=UNTIL - timedelta(days=5))  # in its open transaction
         assert await _check(db) == set()  # cannot see it: not committed
         await tx.commit()
     finally:
@@ -113,11 +109,7 @@ async def test_a_payment_committed_between_a_checks_read_and_its_mark_is_read_by
     try:
         tx = recording.transaction()
         await tx.start()
-        await recording.execute("SET LOCAL session_replication_role = replica")
-        await recording.execute(
-            "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
-            "suspense_amount, paid_at, captured_at, source) VALUES ('pay_between', 'sandbox', 'pay_between', "
-            "'KHR', 100, 0, 100, $1, $1, 'callback')", UNTIL - timedelta(days=5))
+        await _payment(recording, "pay_between", paid_at=UNTIL - timedelta(days=5))  # in its open transaction
         async with db.transaction():
             await raise_overdue(_CommitBeforeTheMark(db, tx), provider="sandbox", today=TODAY, rules=RULES,
                                 now=datetime.now(UTC))
