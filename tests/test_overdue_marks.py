@@ -135,3 +135,29 @@ async def test_a_bounded_check_moves_the_mark_forward_only_and_a_full_one_sets_i
     # A full one read everything up to its day: it sets the mark, even back.
     assert await _check(db, TODAY - timedelta(days=5), full=True) == set()
     assert (await _mark(db))["checked_until"] == UNTIL - timedelta(days=5)
+
+
+async def test_a_bounded_check_keeps_its_index_plan_after_full_checks_on_the_same_connection(db):
+    # Found by review: with one statement for both reads, five full checks on a connection made PostgreSQL give
+    # the bounded read the full read's generic plan, a sequential scan of every payment. Counted in PostgreSQL's
+    # own statistics: payments rows read by sequential scans during the bounded check.
+    await db.execute("SET session_replication_role = replica")
+    await db.execute(
+        "INSERT INTO payments (id, provider, provider_transaction_id, currency, amount, applied_amount, "
+        "suspense_amount, paid_at, captured_at, source) SELECT 'pay_old_' || g, 'sandbox', 'T' || g, 'KHR', 100, "
+        "0, 100, $1::timestamptz - g * interval '1 minute', $1::timestamptz - g * interval '1 minute', 'callback' "
+        "FROM generate_series(1, 20000) g", UNTIL - timedelta(days=30))
+    await db.execute("SET session_replication_role = origin")
+    await db.execute("ANALYZE payments")
+
+    async def seq_rows_read() -> int:
+        await db.execute("SELECT pg_stat_force_next_flush()")
+        await db.execute("SELECT pg_stat_clear_snapshot()")
+        return await db.fetchval("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'payments'")
+
+    for _ in range(6):
+        await _check(db, full=True)
+    await _payment(db, "pay_new", paid_at=UNTIL + timedelta(hours=1))
+    before = await seq_rows_read()
+    assert await _check(db, TODAY + timedelta(days=1)) == {"pay_new"}
+    assert await seq_rows_read() - before < 1000
