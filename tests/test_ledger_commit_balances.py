@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 import ledger
 from ledger import entries
+from tests.pg_stats import table_counter
 
 T0 = datetime(2026, 11, 25, 5, 0, tzinfo=timezone.utc)
 
@@ -99,16 +100,13 @@ async def test_a_connection_that_first_posted_on_an_empty_ledger_reads_only_its_
                                         effective_at=T0, invoice_id=f"inv_{n}", payment_id=f"pay_{n}")
 
     async def rows_read(conn) -> int:
-        await conn.execute("SELECT pg_stat_clear_snapshot()")
-        return await conn.fetchval(
-            "SELECT sum(coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0))::bigint FROM pg_stat_user_tables "
-            "WHERE relname IN ('ledger_entries', 'ledger_postings', 'ledger_accounts', 'ledger_balance_slots')")
+        return await table_counter(conn, "coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)", "ledger_entries",
+                                   "ledger_postings", "ledger_accounts", "ledger_balance_slots")
 
     async with connect(db_dsn) as early, connect(db_dsn) as others:
         await ledger.post_entry(early, spread(0))  # its plans are made now, on an almost empty ledger
         for b in range(30):
             await ledger.post_entries(others, [spread(n) for n in range(1 + 100 * b, 101 + 100 * b)])
-        await others.execute("SELECT pg_stat_force_next_flush()")
         before = await rows_read(others)
         await ledger.post_entry(early, spread(5000))
         await early.execute("SELECT pg_stat_force_next_flush()")  # its counters reach the view when it idles
@@ -128,18 +126,13 @@ async def test_an_account_has_its_sixteen_balance_slots_from_its_creation(db):
     assert [(r["code"], r["n"], list(r["which"]), r["postings"]) for r in slots] == [
         ("agency:MOI:revenue:KHR", 16, list(range(16)), 1), ("provider:sandbox:clearing:KHR", 16, list(range(16)), 1)]
 
-    async def slot_rows_inserted() -> int:  # PostgreSQL's own count, once this connection's counters are flushed
-        await db.execute("SELECT pg_stat_force_next_flush()")
-        await db.execute("SELECT pg_stat_clear_snapshot()")
-        return await db.fetchval("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'ledger_balance_slots'")
-
-    before = await slot_rows_inserted()
+    before = await table_counter(db, "n_tup_ins", "ledger_balance_slots")
     async with db.transaction():  # folded at commit
         for n in range(2, 6):
             await ledger.post_entry(db, capture(n, 10))
     for n in range(6, 26):  # twenty transactions: twenty transaction ids, so other slots than the first
         await ledger.post_entry(db, capture(n, 1), fold_now=n % 2 == 0)
-    assert await slot_rows_inserted() == before
+    assert await table_counter(db, "n_tup_ins", "ledger_balance_slots") == before
     used = await db.fetchval("SELECT count(DISTINCT slot) FROM ledger_balance_slots WHERE postings > 0")
     assert used > 1
     assert await db.fetchval("SELECT count(*) FROM ledger_balance_slots") == 32

@@ -5,12 +5,14 @@ provider's whole history each time. ``paysvc settlements recheck`` (a full check
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, time, timedelta
 
 import asyncpg
 
 from paysvc.settlement_days import last_day_in_grace, window
 from paysvc.settlement_import import Rules, raise_overdue
+from tests.pg_stats import table_counter
 
 RULES = Rules(cutoff=time(17, 0), grace_days=2, bank_account="treasury")
 TODAY = date(2026, 6, 10)
@@ -27,6 +29,20 @@ async def _payment(db: asyncpg.Connection, pid: str, *, paid_at: datetime, provi
             "'callback')", pid, provider, paid_at)
     finally:
         await db.execute("SET session_replication_role = origin")
+
+
+@asynccontextmanager
+async def _recording(db_dsn: str, pid: str):
+    """Another connection recording payment ``pid`` (paid before the mark's end) in a transaction it leaves open:
+    yields that transaction, to commit when the test says."""
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await _payment(conn, pid, paid_at=UNTIL - timedelta(days=5))
+        yield tx
+    finally:
+        await conn.close()
 
 
 async def _raised(db: asyncpg.Connection) -> set[str]:
@@ -72,15 +88,9 @@ async def test_a_payment_recorded_while_a_check_ran_is_read_by_the_next(db, db_d
     # committed a payment the check could not see, and later checks never read it. The mark is now the oldest
     # transaction running when the check read: whatever it could not see is at or above it.
     assert await _check(db) == set()
-    recording = await asyncpg.connect(db_dsn)
-    try:
-        tx = recording.transaction()
-        await tx.start()
-        await _payment(recording, "pay_open", paid_at=UNTIL - timedelta(days=5))  # in its open transaction
+    async with _recording(db_dsn, "pay_open") as tx:
         assert await _check(db) == set()  # cannot see it: not committed
         await tx.commit()
-    finally:
-        await recording.close()
     assert await _check(db) == {"pay_open"}
 
 
@@ -105,16 +115,9 @@ class _CommitBeforeTheMark:
 async def test_a_payment_committed_between_a_checks_read_and_its_mark_is_read_by_the_next(db, db_dsn):
     # Found by review: the tests above would not notice a mark taken after the read instead of before it.
     assert await _check(db) == set()
-    recording = await asyncpg.connect(db_dsn)
-    try:
-        tx = recording.transaction()
-        await tx.start()
-        await _payment(recording, "pay_between", paid_at=UNTIL - timedelta(days=5))  # in its open transaction
-        async with db.transaction():
-            await raise_overdue(_CommitBeforeTheMark(db, tx), provider="sandbox", today=TODAY, rules=RULES,
-                                now=datetime.now(UTC))
-    finally:
-        await recording.close()
+    async with _recording(db_dsn, "pay_between") as tx, db.transaction():
+        await raise_overdue(_CommitBeforeTheMark(db, tx), provider="sandbox", today=TODAY, rules=RULES,
+                            now=datetime.now(UTC))
     assert "pay_between" not in await _raised(db)  # committed after that check's read
     assert await _check(db) == {"pay_between"}
 
@@ -150,14 +153,9 @@ async def test_a_bounded_check_keeps_its_index_plan_after_full_checks_on_the_sam
     await db.execute("SET session_replication_role = origin")
     await db.execute("ANALYZE payments")
 
-    async def seq_rows_read() -> int:
-        await db.execute("SELECT pg_stat_force_next_flush()")
-        await db.execute("SELECT pg_stat_clear_snapshot()")
-        return await db.fetchval("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'payments'")
-
     for _ in range(6):
         await _check(db, full=True)
     await _payment(db, "pay_new", paid_at=UNTIL + timedelta(hours=1))
-    before = await seq_rows_read()
+    before = await table_counter(db, "seq_tup_read", "payments")
     assert await _check(db, TODAY + timedelta(days=1)) == {"pay_new"}
-    assert await seq_rows_read() - before < 1000
+    assert await table_counter(db, "seq_tup_read", "payments") - before < 1000
