@@ -56,36 +56,16 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
     if not drafts:
         return []
     hashes = [content_hash(d) for d in drafts]
-    p_entry, p_line, p_account, p_side, p_amount, p_currency = [], [], [], [], [], []
-    accounts: dict[str, None] = {}
-    for i, d in enumerate(drafts, start=1):
-        for line, p in enumerate(d.postings, start=1):
-            p_entry.append(i)
-            p_line.append(line)
-            p_account.append(p.account)
-            p_side.append(p.side)
-            p_amount.append(p.amount)
-            p_currency.append(p.currency)
-            accounts[p.account] = None
-    specs = [account_spec(code) for code in accounts]
+    pair = _pair(drafts)
     try:
-        if len(drafts) == 1:  # the common case, sent as scalars where it can (see the post_one block)
-            d = drafts[0]
+        if pair is not None:  # the common case: one entry of two postings (see the post_pair block)
+            d, (p, q) = drafts[0], pair
             rows = await conn.fetch(
-                Q.post_one, d.kind, d.description, d.effective_at, d.idempotency_key, d.invoice_id, d.payment_id,
-                d.settlement_id, d.reverses, hashes[0], p_account, p_line, p_side, p_amount, p_currency,
-                [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
+                Q.post_pair, d.kind, d.description, d.effective_at, d.idempotency_key, d.invoice_id, d.payment_id,
+                d.settlement_id, hashes[0], p.account, p.side, q.account, p.amount, p.currency, fold_now,
             )
         else:
-            rows = await conn.fetch(
-                Q.post,
-                [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
-                [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts],
-                [d.payment_id for d in drafts], [d.settlement_id for d in drafts], [d.reverses for d in drafts],
-                hashes, [len(d.postings) for d in drafts],
-                p_entry, p_line, p_account, p_side, p_amount, p_currency,
-                [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
-            )
+            rows = await _post(conn, drafts, hashes, fold_now)
     except asyncpg.PostgresError as exc:  # costs nothing when nothing is raised
         typed = ledger_error(exc, drafts)
         if typed is None:
@@ -124,6 +104,58 @@ async def post_entries(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], *
                     "the same entry, and a new entry needs a new key")
             out[i] = first.model_copy(update={"replayed": True})
     return out  # type: ignore[return-value]
+
+
+def _pair(drafts: Sequence[EntryDraft]) -> tuple[Posting, Posting] | None:
+    """The two postings of a single draft that ledger_post_pair can write (one that reverses no entry, with two
+    postings on opposite sides of one amount and currency, as every valid two-posting draft has), else None."""
+    if len(drafts) != 1:
+        return None
+    d = drafts[0]
+    if d.reverses is not None or len(d.postings) != 2:
+        return None
+    p, q = d.postings
+    if p.side == q.side or p.amount != q.amount or p.currency != q.currency:
+        return None
+    return p, q
+
+
+async def _post(conn: asyncpg.Connection, drafts: Sequence[EntryDraft], hashes: list[bytes],
+                fold_now: bool) -> list[asyncpg.Record]:
+    """The drafts sent to ledger_post: their fields and postings as arrays, with the accounts they name."""
+    p_entry: list[int] = []
+    p_line: list[int] = []
+    p_account: list[str] = []
+    p_side: list[str] = []
+    p_amount: list[int] = []
+    p_currency: list[str] = []
+    accounts: dict[str, None] = {}
+    for i, d in enumerate(drafts, start=1):
+        for line, p in enumerate(d.postings, start=1):
+            p_entry.append(i)
+            p_line.append(line)
+            p_account.append(p.account)
+            p_side.append(p.side)
+            p_amount.append(p.amount)
+            p_currency.append(p.currency)
+            accounts[p.account] = None
+    specs = [account_spec(code) for code in accounts]
+    if len(drafts) == 1:  # sent as scalars where it can (see the post_one block)
+        d = drafts[0]
+        return await conn.fetch(
+            Q.post_one, d.kind, d.description, d.effective_at, d.idempotency_key, d.invoice_id, d.payment_id,
+            d.settlement_id, d.reverses, hashes[0], p_account, p_line, p_side, p_amount, p_currency,
+            [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
+        )
+    return await conn.fetch(
+        Q.post,
+        [d.kind for d in drafts], [d.description for d in drafts], [d.effective_at for d in drafts],
+        [d.idempotency_key for d in drafts], [d.invoice_id for d in drafts],
+        [d.payment_id for d in drafts], [d.settlement_id for d in drafts], [d.reverses for d in drafts],
+        hashes, [len(d.postings) for d in drafts],
+        p_entry, p_line, p_account, p_side, p_amount, p_currency,
+        [s.code for s in specs], [s.type for s in specs], [s.currency for s in specs], fold_now,
+    )
 
 
 def _differences(draft: EntryDraft, first: PostedEntry) -> str:

@@ -16,6 +16,14 @@ SELECT o_ord, o_id, o_status, o_recorded_at
                    $11::smallint[], $10::text[], $12::text[], $13::bigint[], $14::text[], $15::text[], $16::text[],
                    $17::text[], $18::boolean)
 
+-- name: post_pair
+-- One entry of two postings that reverses no other (most entries): ledger_post_pair (migration 0058) writes it
+-- from scalars, by ledger_post's rules; the second posting is the first's other side, of the same amount and
+-- currency. $4 idempotency key, $9 first account, $10 its side, $11 second account, $12 amount, $13 currency.
+SELECT o_ord, o_id, o_status, o_recorded_at
+  FROM ledger_post_pair($1::text, $2::text, $3::timestamptz, $4::text, $5::text, $6::text, $7::text, $8::bytea,
+                        $9::text, $10::text, $11::text, $12::bigint, $13::text, $14::boolean)
+
 -- name: entries_by_id
 SELECT e.id, e.kind, e.description, e.effective_at, e.recorded_at, e.idempotency_key, e.invoice_id,
        e.payment_id, e.settlement_id, e.reverses, e.content_hash, s.position AS seal_position, s.chain_hash

@@ -16,7 +16,7 @@ writers run on uvloop where it is installed, as the service does.
   x  as a, inside BEGIN ... COMMIT                          (reference)
   b  one entry per transaction, every entry on 2 hot accounts  target >= 1,500 entries/s
   c  micro-batches: one statement posts a batch of entries  target >= 15,000 entries/s
-  p  as a, but posted by pgbench (C) calling ledger_post    (reference: the database's own limit for a)
+  p  as a, but posted by pgbench (C) calling ledger_post_pair (reference: the database's own limit for a)
 
 Scenario p sends scenario a's statement (the same function, arguments and fold) from pgbench's 16 clients
 instead of Python's: the gap between a and p is what the Python client costs on the shared cores. Its
@@ -123,21 +123,16 @@ async def _check(dsn: str, r: Result) -> None:
         await conn.close()
 
 
-# One single-entry ledger_post per transaction, scenario a's accounts drawn at random, as pgbench's script.
-# pgbench reads every ':name' in a command as a variable, string literals included, so the account codes are
-# spelled with ';' and translated to ':' by the server.
+# One entry per transaction, scenario a's accounts drawn at random, sent as the library sends a two-posting entry
+# (ledger_post_pair), as pgbench's script. pgbench reads every ':name' in a command as a variable, string
+# literals included, so the account codes are spelled with ';' and translated to ':' by the server.
 _DEBIT = "translate('provider;p' || lpad(:d::text, 5, '0') || ';clearing;KHR', ';', chr(58))"
 _CREDIT = "translate('agency;A' || lpad(:c::text, 5, '0') || ';revenue;KHR', ';', chr(58))"
 _PGBENCH_POST = f"""\\set d random(0, {N_ACCOUNTS // 2 - 1})
 \\set c random(0, {N_ACCOUNTS // 2 - 1})
 \\set amount random(100, 500000)
-SELECT * FROM ledger_post(ARRAY['payment.captured'], ARRAY['bench payment'], ARRAY[now()], ARRAY[NULL::text],
-  ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint],
-  ARRAY[sha256(random()::text::bytea)], ARRAY[2::smallint], ARRAY[1, 1], ARRAY[1, 2]::smallint[],
-  ARRAY[{_DEBIT}, {_CREDIT}],
-  ARRAY['debit', 'credit'], ARRAY[:amount::bigint, :amount::bigint], ARRAY['KHR', 'KHR'],
-  ARRAY[{_DEBIT}, {_CREDIT}],
-  ARRAY['asset', 'revenue'], ARRAY['KHR', 'KHR'], :fold_now::boolean);
+SELECT * FROM ledger_post_pair('payment.captured', 'bench payment', now(), NULL, NULL, NULL, NULL,
+  sha256(random()::text::bytea), {_DEBIT}, 'debit', {_CREDIT}, :amount::bigint, 'KHR', :fold_now::boolean);
 """
 
 
@@ -219,7 +214,7 @@ def _pgbench_env() -> dict[str, str]:
 
 
 def _pgbench_post(db: str, r: Result, seconds: float, fold_now: bool) -> None:
-    """Scenario p: pgbench's clients call ledger_post as scenario a's writers do; fills ``r`` from its logs."""
+    """Scenario p: pgbench's clients call ledger_post_pair as scenario a's writers do; fills ``r`` from its logs."""
     exe = shutil.which("pgbench")
     if exe is None:
         r.errors = 1
@@ -321,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "x": ("x) as a), BEGIN + post + COMMIT", "(reference: 3 round trips)", spread, True),
         "b": ("b) 1 entry/tx, 2 hot accounts", ">= 1,500/s", hot, False),
         "c": (f"c) micro-batch {args.batch} entries/statement", ">= 15,000/s", batch, False),
-        "p": ("p) as a), posted by pgbench calling ledger_post", "(reference: without Python)", None, False),
+        "p": ("p) as a), posted by pgbench calling ledger_post_pair", "(reference: without Python)", None, False),
     }
     fold_now = not args.fold_at_commit
     print(f"ledger benchmark: {WRITERS} writers on {LOOP}, {args.seconds:.0f} s per scenario, {os.cpu_count()} "

@@ -185,6 +185,15 @@ async def test_payments_stored_without_their_code_are_numbered_on_it(empty_db, t
     assert seq == 3
 
 
+async def _post_through_ledger_post(conn: asyncpg.Connection, *drafts, fold_now: bool = False) -> None:
+    """Post as the library did before migration 0058, through ledger_post: on a database migrated only to before
+    it, ledger_post_pair does not exist yet."""
+    from ledger.canonical import content_hash
+    from ledger.journal import _post
+
+    await _post(conn, drafts, [content_hash(d) for d in drafts], fold_now)
+
+
 def _capture(n: int, agency: str, amount: int = 100):
     from ledger import entries
 
@@ -204,7 +213,7 @@ async def test_ledger_accounts_get_their_slots_and_entries_keep_their_rules(empt
 
     await migrate_before(empty_db, tmp_path, "0055")
     for n in range(40):
-        await ledger.post_entry(empty_db, _capture(n, f"A{n % 3}", 100 + n))
+        await _post_through_ledger_post(empty_db, _capture(n, f"A{n % 3}", 100 + n))
     if analyzed:
         await empty_db.execute("ANALYZE ledger_entries")
     balances = await empty_db.fetch("SELECT * FROM ledger_balances ORDER BY account_id")
@@ -241,7 +250,7 @@ async def test_ledger_migrations_0055_and_0056_while_writers_post(empty_db, db_d
     await migrate_before(empty_db, tmp_path, "0055")
     accounts = 1500
     for b in range(0, accounts, 100):
-        await ledger.post_entries(empty_db, [_capture(i, f"A{i}") for i in range(b, b + 100)])
+        await _post_through_ledger_post(empty_db, *[_capture(i, f"A{i}") for i in range(b, b + 100)])
     stop = asyncio.Event()
     errors: list[str] = []
     posted = [0, 0]
@@ -253,8 +262,8 @@ async def test_ledger_migrations_0055_and_0056_while_writers_post(empty_db, db_d
             while not stop.is_set():
                 n += 1
                 try:
-                    await ledger.post_entry(conn, _capture(n, f"A{rng.randrange(accounts + 100)}"),
-                                            fold_now=n % 2 == 0)
+                    await _post_through_ledger_post(conn, _capture(n, f"A{rng.randrange(accounts + 100)}"),
+                                                    fold_now=n % 2 == 0)
                     posted[k] += 1
                 except asyncpg.PostgresError as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,193 @@
+"""ledger_post_pair (migration 0058): an entry of two postings written from scalars, by ledger_post's rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+import ledger
+from ledger import EntryDraft, Posting, entries
+from tests.test_ledger_db import CLEARING, REVENUE, T0, USD_REVENUE, capture, post
+
+NEW_KHR = "agency:NEW:revenue:KHR"  # an account no entry has named yet
+PAIR_SIG = ("ledger_post_pair(text, text, timestamptz, text, text, text, text, bytea, text, text, text, bigint, text, "
+            "boolean)")
+
+_PAIR = ("SELECT o_ord, o_id, o_status FROM ledger_post_pair('raw', 'x', $1, $2, 'inv_raw', NULL, NULL, $3, "
+         "$4, $5, $6, $7, $8, $9)")
+_GENERAL = ("SELECT o_ord, o_id, o_status FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[$1::timestamptz], "
+            "ARRAY[$2::text], ARRAY['inv_raw'], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], "
+            "ARRAY[$3::bytea], ARRAY[2::smallint], ARRAY[1, 1], ARRAY[1, 2]::smallint[], $4::text[], $5::text[], "
+            "$6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[], $11)")
+_OTHER_SIDE = {"debit": "credit", "credit": "debit"}
+
+
+async def _state(conn) -> tuple:
+    """What the ledger holds, apart from ids and times: entries, postings, accounts and balances."""
+    return (
+        tuple(await conn.fetch("SELECT kind, description, effective_at, idempotency_key, invoice_id, payment_id, "
+                               "settlement_id, reverses, content_hash, posting_count, folded FROM ledger_entries "
+                               "ORDER BY id")),
+        tuple(await conn.fetch("SELECT p.line, a.code, p.side, p.amount, p.currency, p.prechecked "
+                               "FROM ledger_postings p JOIN ledger_accounts a ON a.id = p.account_id "
+                               "ORDER BY p.entry_id, p.line")),
+        tuple(await conn.fetch("SELECT code, type, currency, normal_side, "
+                               "(SELECT count(*) FROM ledger_balance_slots s WHERE s.account_id = a.id) AS slots "
+                               "FROM ledger_accounts a ORDER BY code")),
+        tuple(await conn.fetch("SELECT a.code, b.debits, b.credits, b.postings FROM ledger_balances b "
+                               "JOIN ledger_accounts a ON a.id = b.account_id ORDER BY a.code")),
+    )
+
+
+@st.composite
+def _pair_arguments(draw):
+    """A two-posting entry's arguments, often valid, sometimes not: any side, amount, currency or account."""
+    accounts = st.sampled_from([CLEARING, REVENUE, USD_REVENUE, NEW_KHR, "agency:NEW:revenue:USD",
+                                "bogus:x:KHR", None])
+    return dict(
+        first=draw(accounts), second=draw(accounts),
+        side=draw(st.sampled_from(["debit", "credit", "Debit", None])),
+        amount=draw(st.sampled_from([500, 1, 10**15, 10**15 + 1, 0, -500, None])),
+        currency=draw(st.sampled_from(["KHR", "USD", "EUR", None])),
+        key=draw(st.sampled_from([None, "fresh-key", "used-key"])),
+        fold_now=draw(st.sampled_from([True, False, None])),
+    )
+
+
+@given(_pair_arguments())
+# the same account on both sides; the lower account debited, then credited; a new account; a key met
+# before; the fold at commit; a currency the account does not have
+@example(dict(first=REVENUE, second=REVENUE, side="debit", amount=500, currency="KHR", key=None, fold_now=True))
+@example(dict(first=CLEARING, second=REVENUE, side="debit", amount=500, currency="KHR", key=None, fold_now=True))
+@example(dict(first=CLEARING, second=REVENUE, side="credit", amount=500, currency="KHR", key=None, fold_now=True))
+@example(dict(first=NEW_KHR, second=CLEARING, side="debit", amount=7, currency="KHR", key="fresh-key",
+              fold_now=True))
+@example(dict(first=CLEARING, second=REVENUE, side="debit", amount=500, currency="KHR", key="used-key",
+              fold_now=True))
+@example(dict(first=REVENUE, second=CLEARING, side="debit", amount=500, currency="KHR", key=None, fold_now=False))
+@example(dict(first=CLEARING, second=USD_REVENUE, side="debit", amount=500, currency="KHR", key=None,
+              fold_now=True))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_a_pair_is_written_refused_or_replayed_exactly_as_ledger_post_does_it(db_dsn, case):
+    # Whatever the arguments, ledger_post_pair must leave the ledger as ledger_post, given the same entry as
+    # arrays (what the library sent before 0058), leaves it: the same entries, postings, new accounts and
+    # balances once the commit-time check has run, the same answer, or the same SQLSTATE.
+    asyncio.run(_compare(db_dsn, case))
+
+
+async def _compare(dsn, case):
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT count(*) FROM ledger_accounts"):
+            async with conn.transaction():
+                await ledger.post_entry(conn, capture(0))
+                await ledger.post_entry(conn, entries.payment_captured(
+                    provider="sandbox", agency="MOI", amount=100, currency="USD", effective_at=T0,
+                    invoice_id="inv_usd", payment_id="pay_usd"))
+                await ledger.post_entry(conn, EntryDraft(
+                    kind="raw", description="x", effective_at=T0, idempotency_key="used-key",
+                    postings=(Posting(account=CLEARING, side="debit", amount=500, currency="KHR"),
+                              Posting(account=REVENUE, side="credit", amount=500, currency="KHR"))))
+        used = await conn.fetchval("SELECT id FROM ledger_entries WHERE idempotency_key = 'used-key'")
+        first, second, side = case["first"], case["second"], case["side"]
+        amount, currency, key, fold_now = case["amount"], case["currency"], case["key"], case["fold_now"]
+        codes = sorted({c for c in (first, second) if c is not None}) + ([None] if None in (first, second) else [])
+        types = [await conn.fetchval("SELECT ledger_account_type($1)", c) for c in codes]
+        outcomes = []
+        for path in ("pair", "general"):
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await conn.execute("SET LOCAL ROLE paysvc_app")
+                if path == "pair":
+                    rows = await conn.fetch(_PAIR, T0, key, bytes(32), first, side, second, amount, currency,
+                                            fold_now)
+                else:
+                    rows = await conn.fetch(
+                        _GENERAL, T0, key, bytes(32), [first, second], [side, _OTHER_SIDE.get(side)],
+                        [amount, amount], [currency, currency], codes, types,
+                        [c.rsplit(":", 1)[1] if c else None for c in codes], fold_now)
+                await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the commit-time check, run now
+                answer = [(r["o_ord"], r["o_status"], r["o_id"] == used if r["o_status"] == "replayed" else None)
+                          for r in rows]
+                outcome = ("done", answer, await _state(conn))
+            except asyncpg.PostgresError as exc:
+                outcome = ("refused", exc.sqlstate)
+            finally:
+                await tx.rollback()
+            outcomes.append(outcome)
+        event(f"{outcomes[0][0]} {outcomes[0][1] if outcomes[0][0] != 'done' else outcomes[0][1][0][1]}")
+        assert outcomes[0] == outcomes[1], case
+    finally:
+        await conn.close()
+
+
+async def test_only_the_service_role_may_call_ledger_post_pair(db):
+    assert await db.fetchval("SELECT prosecdef FROM pg_proc WHERE oid = $1::regprocedure", PAIR_SIG)
+    assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", PAIR_SIG)
+    assert await db.fetchval("SELECT has_function_privilege('paysvc_app', $1, 'EXECUTE')", PAIR_SIG)
+
+
+async def _functions_called(db, drafts: list[EntryDraft], fold_now: bool = False) -> dict[str, int]:
+    """Which of the ledger's posting functions the library called to post ``drafts`` (PostgreSQL's own
+    per-transaction function counters)."""
+    # counts not yet reported to the statistics system carry over from earlier transactions: the difference
+    calls = ("SELECT funcname, calls FROM pg_stat_xact_user_functions "
+             "WHERE funcname IN ('ledger_post', 'ledger_post_pair')")
+    async with db.transaction():
+        await db.execute("SET LOCAL track_functions = 'pl'")
+        before = {r["funcname"]: r["calls"] for r in await db.fetch(calls)}
+        await ledger.post_entries(db, drafts, fold_now=fold_now)
+        after = {r["funcname"]: r["calls"] for r in await db.fetch(calls)}
+    return {f: n - before.get(f, 0) for f, n in after.items() if n != before.get(f, 0)}
+
+
+async def test_the_library_posts_two_posting_entries_through_ledger_post_pair(db):
+    assert await _functions_called(db, [capture(1)]) == {"ledger_post_pair": 1}  # keyed, folded at commit
+    assert await _functions_called(db, [capture(2)], fold_now=True) == {"ledger_post_pair": 1}
+    assert await _functions_called(db, [capture(3), capture(4)]) == {"ledger_post": 1}  # a batch
+    three = entries.payment_to_suspense(provider="sandbox", amount=900, currency="KHR", effective_at=T0,
+                                        payment_id="pay_5", invoice_id="inv_5", owed=400, agency="MOI")
+    assert len(three.postings) == 3
+    assert await _functions_called(db, [three]) == {"ledger_post": 1}
+    first = await ledger.get_entry(db, (await post(db, capture(6))).id)
+    undo = ledger.reversal_draft(first, description="undo", effective_at=T0)
+    assert await _functions_called(db, [undo]) == {"ledger_post": 1}
+    assert (await ledger.trial_balance(db)).balanced and (await ledger.verify(db)).ok
+
+
+@pytest.mark.parametrize("fold_now", [True, False], ids=["fold_now", "at_commit"])
+async def test_a_pair_replayed_by_its_key_returns_the_first_entry_and_writes_nothing(db, fold_now):
+    e = await post(db, capture(1))
+    before = await _state(db)
+    async with db.transaction():
+        again = await ledger.post_entry(db, capture(1), fold_now=fold_now)
+    assert (again.id, again.replayed) == (e.id, True)
+    assert await _state(db) == before
+    with pytest.raises(ledger.IdempotencyConflict):
+        await post(db, capture(1, amount=7))
+    assert await _state(db) == before
+
+
+async def test_an_account_posted_against_itself_gets_both_sides_once(db):
+    draft = EntryDraft(kind="transfer", description="to itself", effective_at=T0,
+                       postings=(Posting(account=REVENUE, side="credit", amount=300, currency="KHR"),
+                                 Posting(account=REVENUE, side="debit", amount=300, currency="KHR")))
+    async with db.transaction():
+        await ledger.post_entry(db, draft, fold_now=True)
+    row = await db.fetchrow("SELECT b.debits, b.credits, b.postings FROM ledger_balances b "
+                            "JOIN ledger_accounts a ON a.id = b.account_id WHERE a.code = $1", REVENUE)
+    assert dict(row) == {"debits": 300, "credits": 300, "postings": 2}
+    assert (await ledger.verify(db)).ok
+
+
+async def test_fold_now_is_refused_beside_another_entry_of_the_transaction(db):
+    with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError, match="already written journal entries"):
+        async with db.transaction():
+            await ledger.post_entry(db, capture(1))
+            await ledger.post_entry(db, capture(2), fold_now=True)
+    assert await db.fetchval("SELECT count(*) FROM ledger_entries") == 0
