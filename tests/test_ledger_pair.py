@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import ledger
 from ledger import EntryDraft, Posting, entries
+from paysvc.db import connect
 from tests.test_ledger_db import CLEARING, REVENUE, T0, USD_REVENUE, capture, post
 
 NEW_KHR = "agency:NEW:revenue:KHR"  # an account no entry has named yet
@@ -40,6 +41,11 @@ async def _state(conn) -> tuple:
                                "FROM ledger_accounts a ORDER BY code")),
         tuple(await conn.fetch("SELECT a.code, b.debits, b.credits, b.postings FROM ledger_balances b "
                                "JOIN ledger_accounts a ON a.id = b.account_id ORDER BY a.code")),
+        # the last entry folded into each account: this call's (whose id differs from path to path) or another
+        tuple(await conn.fetch("SELECT a.code, CASE WHEN max(s.last_entry_id) = (SELECT max(id) FROM ledger_entries) "
+                               "THEN 'this entry' ELSE max(s.last_entry_id)::text END AS last_entry "
+                               "FROM ledger_balance_slots s JOIN ledger_accounts a ON a.id = s.account_id "
+                               "GROUP BY a.code ORDER BY a.code")),
     )
 
 
@@ -130,6 +136,70 @@ async def test_only_the_service_role_may_call_ledger_post_pair(db):
     assert await db.fetchval("SELECT prosecdef FROM pg_proc WHERE oid = $1::regprocedure", PAIR_SIG)
     assert not await db.fetchval("SELECT has_function_privilege('public', $1, 'EXECUTE')", PAIR_SIG)
     assert await db.fetchval("SELECT has_function_privilege('paysvc_app', $1, 'EXECUTE')", PAIR_SIG)
+
+
+async def test_every_function_that_runs_as_the_ledgers_owner_reads_the_ledgers_own_tables(db):
+    # A SECURITY DEFINER function whose search_path does not end with pg_temp would read a temporary table the
+    # caller made under a journal table's name (migration 0022): found by review, a ledger_post_pair without its
+    # search_path folded an entry into such a table, and the real balances were never updated.
+    rows = await db.fetch("SELECT p.oid::regprocedure::text AS f, p.proconfig FROM pg_proc p "
+                          "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                          "WHERE n.nspname = 'public' AND p.prosecdef ORDER BY 1")
+    assert PAIR_SIG.split("(")[0] in {r["f"].split("(")[0] for r in rows}
+    unpinned = [r["f"] for r in rows
+                if "search_path=pg_catalog, public, pg_temp" not in (r["proconfig"] or [])]
+    assert unpinned == []
+
+
+@pytest.mark.parametrize("first", ["lower", "higher"])
+async def test_a_pair_folded_at_once_locks_its_balance_rows_in_account_order(db_dsn, first):
+    # Found by review: with its two updates the other way round, a pair posted with fold_now while a general
+    # post queued on the lower account's balance row deadlocked with it. A third transaction holds the lower
+    # account's row in the slot both writers fold into (their transaction ids are drawn until they share it);
+    # the general post queues on it, then the pair; once it is released, both must post.
+    admin, c_pair, c_general, burn = [await asyncpg.connect(db_dsn) for _ in range(4)]
+    try:
+        await ledger.post_entry(admin, capture(0))  # both accounts exist
+        low, high = await admin.fetchval("SELECT array_agg(code ORDER BY id) FROM ledger_accounts")
+        low_id = await admin.fetchval("SELECT id FROM ledger_accounts WHERE code = $1", low)
+        for c in (c_pair, c_general):
+            await c.execute("SET ROLE paysvc_app")
+        await c_general.execute("BEGIN")
+        x_general = int(await c_general.fetchval("SELECT pg_current_xact_id()::text"))
+        while True:  # a transaction id in the same slot (other databases on the server draw ids too)
+            await c_pair.execute("BEGIN")
+            x_pair = int(await c_pair.fetchval("SELECT pg_current_xact_id()::text"))
+            if x_pair % 16 == x_general % 16:
+                break
+            await c_pair.execute("ROLLBACK")
+            for _ in range((x_general - x_pair - 1) % 16):
+                await burn.fetchval("SELECT pg_current_xact_id()")
+        await admin.execute("BEGIN")
+        await admin.execute("SELECT 1 FROM ledger_balance_slots WHERE account_id = $1 AND slot = $2 FOR UPDATE",
+                            low_id, x_pair % 16)
+        general = asyncio.create_task(c_general.fetch(
+            "SELECT * FROM ledger_post(ARRAY['t'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], "
+            "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], ARRAY[sha256('g')], "
+            "ARRAY[2::smallint], ARRAY[1, 1], ARRAY[1, 2]::smallint[], ARRAY[$1, $2], ARRAY['debit', 'credit'], "
+            "ARRAY[5, 5]::bigint[], ARRAY['KHR', 'KHR'], ARRAY[$1, $2], ARRAY['asset', 'revenue'], "
+            "ARRAY['KHR', 'KHR'], true)", low, high))
+        await asyncio.sleep(0.3)
+        a, b = (low, high) if first == "lower" else (high, low)
+        pair = asyncio.create_task(c_pair.fetch(
+            "SELECT * FROM ledger_post_pair('t', 'x', now(), NULL, NULL, NULL, NULL, sha256('p'), $1, 'credit', $2, "
+            "5, 'KHR', true)", a, b))
+        await asyncio.sleep(0.3)
+        assert not general.done() and not pair.done()  # both queued behind the held row
+        await admin.execute("COMMIT")
+        for task, conn in ((general, c_general), (pair, c_pair)):
+            await asyncio.wait_for(task, 20)  # a deadlock raises here
+            await conn.execute("COMMIT")
+    finally:
+        for c in (admin, c_pair, c_general, burn):
+            await c.close()
+    async with connect(db_dsn) as conn:  # (the two raw entries carry placeholder hashes: balances only)
+        assert (await ledger.trial_balance(conn)).balanced and (await ledger.verify(conn)).balance_mismatches == []
+        assert await conn.fetchval("SELECT count(*) FROM ledger_entries") == 3
 
 
 async def _functions_called(db, drafts: list[EntryDraft], fold_now: bool = False) -> dict[str, int]:
