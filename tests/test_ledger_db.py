@@ -947,15 +947,23 @@ def test_a_single_entry_posted_with_fold_now_is_refused_exactly_when_the_commit_
     asyncio.run(_compare_single_entry_paths(db_dsn, *case))
 
 
+async def seed_khr_and_usd(conn) -> bool:
+    """A capture in KHR and one in USD, once per database (a hypothesis test's examples share theirs); whether
+    this call wrote them."""
+    if await conn.fetchval("SELECT count(*) FROM ledger_accounts"):
+        return False
+    async with conn.transaction():
+        await ledger.post_entry(conn, capture(0))
+        await ledger.post_entry(conn, entries.payment_captured(
+            provider="sandbox", agency="MOI", amount=100, currency="USD", effective_at=T0,
+            invoice_id="inv_usd", payment_id="pay_usd"))
+    return True
+
+
 async def _compare_single_entry_paths(dsn, postings, count, trim):
     conn = await asyncpg.connect(dsn)
     try:
-        if not await conn.fetchval("SELECT count(*) FROM ledger_accounts"):
-            async with conn.transaction():
-                await ledger.post_entry(conn, capture(0))
-                await ledger.post_entry(conn, entries.payment_captured(
-                    provider="sandbox", agency="MOI", amount=100, currency="USD", effective_at=T0,
-                    invoice_id="inv_usd", payment_id="pay_usd"))
+        await seed_khr_and_usd(conn)
         args = {"p_entry": [p[0] for p in postings], "p_line": [p[1] for p in postings],
                 "p_account": [p[2] for p in postings], "p_side": [p[3] for p in postings],
                 "p_amount": [p[4] for p in postings], "p_currency": [p[5] for p in postings]}

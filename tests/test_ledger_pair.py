@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import ledger
 from ledger import EntryDraft, Posting, entries
 from paysvc.db import connect
-from tests.test_ledger_db import CLEARING, REVENUE, T0, USD_REVENUE, capture, post
+from tests.test_ledger_db import CLEARING, REVENUE, T0, USD_REVENUE, capture, post, seed_khr_and_usd
 
 NEW_KHR = "agency:NEW:revenue:KHR"  # an account no entry has named yet
 PAIR_SIG = ("ledger_post_pair(text, text, timestamptz, text, text, text, text, bytea, text, text, text, bigint, text, "
@@ -88,16 +88,11 @@ def test_a_pair_is_written_refused_or_replayed_exactly_as_ledger_post_does_it(db
 async def _compare(dsn, case):
     conn = await asyncpg.connect(dsn)
     try:
-        if not await conn.fetchval("SELECT count(*) FROM ledger_accounts"):
-            async with conn.transaction():
-                await ledger.post_entry(conn, capture(0))
-                await ledger.post_entry(conn, entries.payment_captured(
-                    provider="sandbox", agency="MOI", amount=100, currency="USD", effective_at=T0,
-                    invoice_id="inv_usd", payment_id="pay_usd"))
-                await ledger.post_entry(conn, EntryDraft(
-                    kind="raw", description="x", effective_at=T0, idempotency_key="used-key",
-                    postings=(Posting(account=CLEARING, side="debit", amount=500, currency="KHR"),
-                              Posting(account=REVENUE, side="credit", amount=500, currency="KHR"))))
+        if await seed_khr_and_usd(conn):
+            await ledger.post_entry(conn, EntryDraft(
+                kind="raw", description="x", effective_at=T0, idempotency_key="used-key",
+                postings=(Posting(account=CLEARING, side="debit", amount=500, currency="KHR"),
+                          Posting(account=REVENUE, side="credit", amount=500, currency="KHR"))))
         used = await conn.fetchval("SELECT id FROM ledger_entries WHERE idempotency_key = 'used-key'")
         first, second, side = case["first"], case["second"], case["side"]
         amount, currency, key, fold_now = case["amount"], case["currency"], case["key"], case["fold_now"]
