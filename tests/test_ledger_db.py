@@ -960,6 +960,22 @@ async def seed_khr_and_usd(conn) -> bool:
     return True
 
 
+async def outcome_as_the_service(conn, call, observe) -> tuple:
+    """What a posting call does as the service's role, in a transaction rolled back afterwards: ("done", what
+    ``observe(rows)`` then reads, once the commit-time check has run) or ("refused", the error's SQLSTATE)."""
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await conn.execute("SET LOCAL ROLE paysvc_app")
+        rows = await call()
+        await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the commit-time check, run now
+        return ("done", await observe(rows))
+    except asyncpg.PostgresError as exc:
+        return ("refused", exc.sqlstate)
+    finally:
+        await tx.rollback()
+
+
 async def _compare_single_entry_paths(dsn, postings, count, trim):
     conn = await asyncpg.connect(dsn)
     try:
@@ -969,29 +985,20 @@ async def _compare_single_entry_paths(dsn, postings, count, trim):
                 "p_amount": [p[4] for p in postings], "p_currency": [p[5] for p in postings]}
         if trim and args[trim]:
             args[trim] = args[trim][:-1]  # one argument shorter than the others
-        outcomes = []
-        for fold_now in (True, False):
-            tx = conn.transaction()
-            await tx.start()
-            try:
-                await conn.execute("SET LOCAL ROLE paysvc_app")
-                await conn.fetch(
-                    "SELECT * FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], "
-                    "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], "
-                    "ARRAY[$1::bytea], ARRAY[$2::smallint], $3::int[], $4::smallint[], $5::text[], $6::text[], "
-                    "$7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12)",
-                    bytes(32), count, args["p_entry"], args["p_line"], args["p_account"], args["p_side"],
-                    args["p_amount"], args["p_currency"], [CLEARING, REVENUE, USD_REVENUE],
-                    ["asset", "revenue", "revenue"], ["KHR", "KHR", "USD"], fold_now)
-                await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the commit-time check, run now
-                outcome = ("posted", tuple(await conn.fetch(
-                    "SELECT a.code, b.debits, b.credits FROM ledger_balances b "
-                    "JOIN ledger_accounts a ON a.id = b.account_id ORDER BY a.code")))
-            except asyncpg.PostgresError as exc:
-                outcome = ("refused", exc.sqlstate)
-            finally:
-                await tx.rollback()
-            outcomes.append(outcome)
+
+        async def balances(_rows) -> tuple:
+            return tuple(await conn.fetch("SELECT a.code, b.debits, b.credits FROM ledger_balances b "
+                                          "JOIN ledger_accounts a ON a.id = b.account_id ORDER BY a.code"))
+
+        outcomes = [await outcome_as_the_service(conn, lambda fold_now=fold_now: conn.fetch(
+            "SELECT * FROM ledger_post(ARRAY['raw'], ARRAY['x'], ARRAY[now()], ARRAY[NULL::text], "
+            "ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::bigint], "
+            "ARRAY[$1::bytea], ARRAY[$2::smallint], $3::int[], $4::smallint[], $5::text[], $6::text[], "
+            "$7::bigint[], $8::text[], $9::text[], $10::text[], $11::text[], $12)",
+            bytes(32), count, args["p_entry"], args["p_line"], args["p_account"], args["p_side"],
+            args["p_amount"], args["p_currency"], [CLEARING, REVENUE, USD_REVENUE],
+            ["asset", "revenue", "revenue"], ["KHR", "KHR", "USD"], fold_now), balances)
+            for fold_now in (True, False)]
         event(f"{outcomes[0][0]} {outcomes[0][1] if outcomes[0][0] == 'refused' else ''}")
         assert outcomes[0] == outcomes[1], (postings, count, trim)
     finally:

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import ledger
 from ledger import EntryDraft, Posting, entries
 from paysvc.db import connect
-from tests.test_ledger_db import CLEARING, REVENUE, T0, USD_REVENUE, capture, post, seed_khr_and_usd
+from tests.test_ledger_db import (CLEARING, REVENUE, T0, USD_REVENUE, capture, outcome_as_the_service, post,
+                                  seed_khr_and_usd)
 
 NEW_KHR = "agency:NEW:revenue:KHR"  # an account no entry has named yet
 PAIR_SIG = ("ledger_post_pair(text, text, timestamptz, text, text, text, text, bytea, text, text, text, bigint, text, "
@@ -98,30 +99,20 @@ async def _compare(dsn, case):
         amount, currency, key, fold_now = case["amount"], case["currency"], case["key"], case["fold_now"]
         codes = sorted({c for c in (first, second) if c is not None}) + ([None] if None in (first, second) else [])
         types = [await conn.fetchval("SELECT ledger_account_type($1)", c) for c in codes]
-        outcomes = []
-        for path in ("pair", "general"):
-            tx = conn.transaction()
-            await tx.start()
-            try:
-                await conn.execute("SET LOCAL ROLE paysvc_app")
-                if path == "pair":
-                    rows = await conn.fetch(_PAIR, T0, key, bytes(32), first, side, second, amount, currency,
-                                            fold_now)
-                else:
-                    rows = await conn.fetch(
-                        _GENERAL, T0, key, bytes(32), [first, second], [side, _OTHER_SIDE.get(side)],
-                        [amount, amount], [currency, currency], codes, types,
-                        [c.rsplit(":", 1)[1] if c else None for c in codes], fold_now)
-                await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")  # the commit-time check, run now
-                answer = [(r["o_ord"], r["o_status"], r["o_id"] == used if r["o_status"] == "replayed" else None)
-                          for r in rows]
-                outcome = ("done", answer, await _state(conn))
-            except asyncpg.PostgresError as exc:
-                outcome = ("refused", exc.sqlstate)
-            finally:
-                await tx.rollback()
-            outcomes.append(outcome)
-        event(f"{outcomes[0][0]} {outcomes[0][1] if outcomes[0][0] != 'done' else outcomes[0][1][0][1]}")
+        async def answer_and_state(rows) -> tuple:
+            return ([(r["o_ord"], r["o_status"], r["o_id"] == used if r["o_status"] == "replayed" else None)
+                     for r in rows], await _state(conn))
+
+        outcomes = [
+            await outcome_as_the_service(conn, lambda: conn.fetch(
+                _PAIR, T0, key, bytes(32), first, side, second, amount, currency, fold_now), answer_and_state),
+            await outcome_as_the_service(conn, lambda: conn.fetch(
+                _GENERAL, T0, key, bytes(32), [first, second], [side, _OTHER_SIDE.get(side)], [amount, amount],
+                [currency, currency], codes, types, [c.rsplit(":", 1)[1] if c else None for c in codes], fold_now),
+                answer_and_state),
+        ]
+        kind, what = outcomes[0]
+        event(f"{kind} {what if kind == 'refused' else what[0][0][1]}")
         assert outcomes[0] == outcomes[1], case
     finally:
         await conn.close()
